@@ -1,0 +1,624 @@
+"""Load a node's TOML configuration into the core's policy objects.
+
+The file follows swanctl.conf's concepts (`[connections.NAME]`, `[secrets.NAME]`, children,
+proposals in strongSwan's syntax). Every mistake stops start-up with one `ConfigError` line
+`<file>: <dotted.key>: <reason>`; unknown keys are mistakes too, so a typo never passes
+silently. Secret values never appear in an error message or a repr.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from .errors import ConfigError
+from .ike.constants import ProtocolId
+from .ike.identity import (
+    Identity,
+    IdentityPattern,
+    cert_matches_identity,
+    parse_identity,
+    parse_identity_pattern,
+)
+from .ike.policy import (
+    ChildConfig,
+    ConnectionConfig,
+    LocalAuth,
+    PrivateKey,
+    RemoteAuth,
+    ResponderPolicy,
+    SharedSecret,
+)
+from .ike.proposals import ConfiguredProposal, parse_proposal
+from .ike.traffic_selectors import TsConfig, parse_ts_config
+
+# `default` in a proposal list stands for these, as in swanctl.conf.
+DEFAULT_IKE_PROPOSALS = ("aes256gcm16-prfsha256-x25519", "aes256-sha256-modp2048")
+DEFAULT_ESP_PROPOSALS = ("aes256gcm16", "aes128gcm16")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Tables that later issues fill in; kept raw in `NodeConfig.extra_tables` until then.
+FUTURE_TABLES = ("cluster", "worker", "metrics")
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    node_id: str  # [node] id
+    addresses: tuple[str, ...]  # [ike] addresses; UDP ike_port and natt_port bound on each
+    policy: ResponderPolicy
+    source: str  # the path the configuration was loaded from
+    ike_port: int = 500  # [ike] port
+    natt_port: int = 4500  # [ike] port_nat_t
+    log_level: str = "info"  # [node] log_level
+    extra_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    """Read and check the configuration at `path`; raise `ConfigError` on any mistake."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    try:
+        document = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: {_describe_toml_error(str(exc))}") from None
+    return _Loader(source, Path(path).resolve().parent).load(document)
+
+
+def _describe_toml_error(message: str) -> str:
+    message = " ".join(message.split())
+    position = _TOML_POSITION.search(message)
+    if position is None:
+        return f"invalid TOML: {message}"
+    reason = message[: position.start()]
+    return f"line {position[1]}: {reason} (column {position[2]})"
+
+
+def _join(prefix: str, name: str) -> str:
+    shown = name if _BARE_KEY.fullmatch(name) else '"' + name.replace('"', '\\"') + '"'
+    return f"{prefix}.{shown}" if prefix else shown
+
+
+def _type_name(value: object) -> str:
+    for kind, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (list, "an array"),
+        (dict, "a table"),
+    ):
+        if isinstance(value, kind):
+            return name
+    return "a date/time"
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+class _Loader:
+    def __init__(self, source: str, base_dir: Path) -> None:
+        self.source = source
+        self.base_dir = base_dir
+
+    def fail(self, key: str, reason: str) -> NoReturn:
+        location = f"{self.source}: {key}" if key else self.source
+        raise ConfigError(f"{location}: {_one_line(reason)}")
+
+    def table(self, key: str, value: object, allowed: Iterable[str]) -> _Table:
+        if not isinstance(value, dict):
+            self.fail(key, f"expected a table, got {_type_name(value)}")
+        return _Table(self, key, value, tuple(allowed))
+
+    def resolve(self, text: str) -> Path:
+        return self.base_dir / Path(text).expanduser()
+
+    # --- the document ---------------------------------------------------------
+
+    def load(self, document: dict[str, Any]) -> NodeConfig:
+        root = self.table(
+            "", document, ("node", "ike", "connections", "secrets", *FUTURE_TABLES)
+        )
+        node = root.table("node", ("id", "log_level"), required=True)
+        node_id = node.required_string("id")
+        if not _NAME.fullmatch(node_id):
+            node.fail("id", f"{node_id!r} is not a valid node id (letters, digits, '_', '-')")
+        log_level = node.string("log_level", "info")
+        if log_level not in LOG_LEVELS:
+            node.fail("log_level", f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+
+        ike = root.table(
+            "ike",
+            ("addresses", "port", "port_nat_t", "legacy_algorithms", "half_open_timeout"),
+            required=True,
+        )
+        addresses = self.addresses(ike)
+        ike_port = ike.port("port", 500)
+        natt_port = ike.port("port_nat_t", 4500)
+        if ike_port == natt_port and ike_port != 0:
+            ike.fail("port_nat_t", f"must differ from port ({ike_port})")
+        legacy = ike.boolean("legacy_algorithms", False)
+        half_open_timeout = ike.number("half_open_timeout", 30.0)
+        if half_open_timeout <= 0:
+            ike.fail("half_open_timeout", "must be a positive number of seconds")
+
+        secrets = tuple(
+            self.secret(_join("secrets", name), value)
+            for name, value in root.named_tables("secrets").items()
+        )
+        connections = tuple(
+            self.connection(name, _join("connections", name), value, legacy)
+            for name, value in root.named_tables("connections").items()
+        )
+        if not connections:
+            root.fail("connections", "no connections defined")
+        policy = ResponderPolicy(
+            connections=connections,
+            secrets=secrets,
+            legacy_algorithms=legacy,
+            half_open_timeout=half_open_timeout,
+        )
+        self.check_psk_secrets(policy, addresses)
+        extra = {name: root.table(name, ()).data for name in FUTURE_TABLES if name in root}
+        return NodeConfig(
+            node_id=node_id,
+            addresses=addresses,
+            policy=policy,
+            source=self.source,
+            ike_port=ike_port,
+            natt_port=natt_port,
+            log_level=log_level,
+            extra_tables=extra,
+        )
+
+    def addresses(self, ike: _Table) -> tuple[str, ...]:
+        texts = ike.strings("addresses", required=True)
+        if not texts:
+            ike.fail("addresses", "needs at least one address")
+        result: list[str] = []
+        for index, text in enumerate(texts):
+            try:
+                address = str(ipaddress.ip_address(text))
+            except ValueError:
+                ike.fail(f"addresses[{index}]", f"{text!r} is not an IPv4 or IPv6 address")
+            if address in result:
+                ike.fail(f"addresses[{index}]", f"{text!r} is listed twice")
+            result.append(address)
+        return tuple(result)
+
+    # --- connections ----------------------------------------------------------
+
+    def connection(
+        self, name: str, key: str, value: object, legacy: bool
+    ) -> ConnectionConfig:
+        conn = self.table(
+            key,
+            value,
+            (
+                "version",
+                "proposals",
+                "local",
+                "remote",
+                "children",
+                "encap",
+                "local_addrs",
+                "remote_addrs",
+            ),
+        )
+        version = conn.integer("version", 2)
+        if version == 1:
+            conn.fail("version", "IKEv1 is not supported yet")
+        if version != 2:
+            conn.fail("version", f"must be 2 (IKEv2), got {version}")
+        proposals = self.proposals(conn, "proposals", DEFAULT_IKE_PROPOSALS, ProtocolId.IKE, legacy)
+        local = self.local_auth(conn)
+        remote = self.remote_auth(conn)
+        children = tuple(
+            self.child(child_name, _join(_join(key, "children"), child_name), child, legacy)
+            for child_name, child in conn.named_tables("children").items()
+        )
+        if not children:
+            conn.fail("children", "needs at least one child ([connections.NAME.children.CHILD])")
+        return ConnectionConfig(
+            name=name,
+            version=version,
+            proposals=proposals,
+            local=local,
+            remote=remote,
+            children=children,
+            encap=conn.boolean("encap", False),
+            local_addrs=self.peer_addrs(conn, "local_addrs"),
+            remote_addrs=self.peer_addrs(conn, "remote_addrs"),
+        )
+
+    def proposals(
+        self,
+        table: _Table,
+        name: str,
+        default: tuple[str, ...],
+        protocol: ProtocolId,
+        legacy: bool,
+    ) -> tuple[ConfiguredProposal, ...]:
+        texts = table.strings(name, default)
+        if not texts:
+            table.fail(name, "needs at least one proposal (or \"default\")")
+        result: list[ConfiguredProposal] = []
+        for index, text in enumerate(texts):
+            # swanctl: the keyword `default` stands for the built-in proposals
+            expanded = default if text == "default" else (text,)
+            for item in expanded:
+                try:
+                    result.append(parse_proposal(item, protocol, legacy))
+                except ValueError as exc:
+                    table.fail(f"{name}[{index}]", str(exc))
+        return tuple(result)
+
+    def peer_addrs(self, conn: _Table, name: str) -> tuple[str, ...]:
+        result: list[str] = []
+        for index, text in enumerate(conn.strings(name, ())):
+            if text == "%any":
+                return ()
+            try:
+                if "/" in text:
+                    result.append(str(ipaddress.ip_network(text, strict=False)))
+                else:
+                    result.append(str(ipaddress.ip_address(text)))
+            except ValueError:
+                conn.fail(
+                    f"{name}[{index}]",
+                    f"{text!r} is not an IP address, a subnet (CIDR) or %any",
+                )
+        return tuple(result)
+
+    def local_auth(self, conn: _Table) -> LocalAuth:
+        local = conn.table("local", ("auth", "id", "cert", "key"), required=True)
+        method = self.auth_method(local)
+        id_text = local.optional_string("id")
+        identity = None if id_text is None else self.identity(local, "id", id_text)
+        if method == "psk":
+            for name in ("cert", "key"):
+                if name in local:
+                    local.fail(name, 'only used with auth = "pubkey"')
+            return LocalAuth(method="psk", identity=identity)
+        chain = self.certificates(local, "cert", local.required_string("cert"))
+        cert, intermediates = chain[0], tuple(chain[1:])
+        key = self.private_key(local, "key", local.required_string("key"))
+        if _spki(key.public_key()) != _spki(cert.public_key()):
+            local.fail("key", "does not belong to the certificate in cert")
+        if identity is not None and not cert_matches_identity(cert, identity):
+            local.fail("id", f"{id_text!r} is not contained in the certificate in cert")
+        return LocalAuth(
+            method="pubkey", identity=identity, cert=cert, key=key, intermediates=intermediates
+        )
+
+    def remote_auth(self, conn: _Table) -> RemoteAuth:
+        remote = conn.table("remote", ("auth", "id", "cacerts"), required=True)
+        method = self.auth_method(remote)
+        id_text = remote.string("id", "%any")
+        try:
+            pattern = parse_identity_pattern(id_text)
+        except ValueError as exc:
+            remote.fail("id", str(exc))
+        if method == "psk":
+            if "cacerts" in remote:
+                remote.fail("cacerts", 'only used with auth = "pubkey"')
+            return RemoteAuth(method="psk", identity=pattern)
+        paths = remote.strings("cacerts", required=True)
+        if not paths:
+            remote.fail("cacerts", "needs at least one CA certificate file")
+        cacerts: list[x509.Certificate] = []
+        for index, text in enumerate(paths):
+            cacerts.extend(self.certificates(remote, f"cacerts[{index}]", text))
+        return RemoteAuth(method="pubkey", identity=pattern, cacerts=tuple(cacerts))
+
+    def auth_method(self, table: _Table) -> Literal["psk", "pubkey"]:
+        # swanctl's default is pubkey
+        method = table.string("auth", "pubkey")
+        if method == "psk":
+            return "psk"
+        if method == "pubkey":
+            return "pubkey"
+        table.fail("auth", f"{method!r} is not supported (use \"psk\" or \"pubkey\")")
+
+    def identity(self, table: _Table, name: str, text: str) -> Identity:
+        try:
+            return parse_identity(text)
+        except ValueError as exc:
+            table.fail(name, str(exc))
+
+    def read_file(self, table: _Table, name: str, text: str) -> bytes:
+        try:
+            return self.resolve(text).read_bytes()
+        except OSError as exc:
+            table.fail(name, f"cannot read {text!r}: {exc.strerror or exc}")
+
+    def certificates(self, table: _Table, name: str, text: str) -> list[x509.Certificate]:
+        """All certificates in a PEM file (a chain, leaf first) or the one in a DER file."""
+        data = self.read_file(table, name, text)
+        try:
+            if b"-----BEGIN" in data:
+                return x509.load_pem_x509_certificates(data)
+            return [x509.load_der_x509_certificate(data)]
+        except ValueError as exc:
+            table.fail(name, f"{text!r} holds no valid certificate: {exc}")
+
+    def private_key(self, table: _Table, name: str, text: str) -> PrivateKey:
+        data = self.read_file(table, name, text)
+        try:
+            if b"-----BEGIN" in data:
+                key = serialization.load_pem_private_key(data, password=None)
+            else:
+                key = serialization.load_der_private_key(data, password=None)
+        except TypeError:
+            table.fail(name, f"{text!r} is encrypted; only unencrypted keys are supported")
+        except (ValueError, binascii.Error) as exc:
+            table.fail(name, f"{text!r} holds no valid private key: {exc}")
+        if not isinstance(
+            key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+        ):
+            table.fail(name, f"{text!r}: only RSA, ECDSA and Ed25519 keys are supported")
+        return key
+
+    # --- children -------------------------------------------------------------
+
+    def child(self, name: str, key: str, value: object, legacy: bool) -> ChildConfig:
+        child = self.table(key, value, ("mode", "local_ts", "remote_ts", "esp_proposals"))
+        mode = child.string("mode", "tunnel")
+        if mode not in ("tunnel", "transport"):
+            child.fail("mode", f"{mode!r} is not supported (use \"tunnel\" or \"transport\")")
+        return ChildConfig(
+            name=name,
+            mode="tunnel" if mode == "tunnel" else "transport",
+            local_ts=self.traffic_selectors(child, "local_ts"),
+            remote_ts=self.traffic_selectors(child, "remote_ts"),
+            esp_proposals=self.proposals(
+                child, "esp_proposals", DEFAULT_ESP_PROPOSALS, ProtocolId.ESP, legacy
+            ),
+        )
+
+    def traffic_selectors(self, child: _Table, name: str) -> tuple[TsConfig, ...]:
+        texts = child.strings(name, ("dynamic",))
+        if not texts:
+            child.fail(name, 'needs at least one traffic selector (or "dynamic")')
+        result: list[TsConfig] = []
+        for index, text in enumerate(texts):
+            try:
+                result.append(parse_ts_config(text))
+            except ValueError as exc:
+                child.fail(f"{name}[{index}]", str(exc))
+        return tuple(result)
+
+    # --- secrets --------------------------------------------------------------
+
+    def secret(self, key: str, value: object) -> SharedSecret:
+        entry = self.table(key, value, ("ids", "secret", "secret_env", "secret_file"))
+        id_texts = entry.strings("ids", required=True)
+        if not id_texts:
+            entry.fail("ids", "needs at least one identity (\"%any\" matches every peer)")
+        ids: list[IdentityPattern] = []
+        for index, text in enumerate(id_texts):
+            try:
+                ids.append(parse_identity_pattern(text))
+            except ValueError as exc:
+                entry.fail(f"ids[{index}]", str(exc))
+        given = [name for name in ("secret", "secret_env", "secret_file") if name in entry]
+        if len(given) != 1:
+            entry.fail(
+                given[1] if given else "secret",
+                "give exactly one of secret, secret_env, secret_file",
+            )
+        name = given[0]
+        # Values read here are secret: error messages name where they came from, never them.
+        if name == "secret":
+            text = entry.required_string("secret")
+        elif name == "secret_env":
+            variable = entry.required_string("secret_env")
+            env_value = os.environ.get(variable)
+            if env_value is None:
+                entry.fail(name, f"environment variable {variable!r} is not set")
+            text = env_value
+        else:
+            path_text = entry.required_string("secret_file")
+            try:
+                text = self.read_file(entry, name, path_text).decode("utf-8")
+            except UnicodeDecodeError:
+                entry.fail(
+                    name, f"{path_text!r} is not UTF-8 text (write binary secrets as 0x<hex>)"
+                )
+            # `echo secret > file` leaves a line break that is not part of the secret
+            text = text.rstrip("\r\n")
+        return SharedSecret(ids=tuple(ids), secret=_decode_secret(entry, name, text))
+
+    def check_psk_secrets(self, policy: ResponderPolicy, addresses: tuple[str, ...]) -> None:
+        """A psk connection without a secret it could ever use is a mistake, not a warning."""
+        for conn in policy.connections:
+            if "psk" not in (conn.local.method, conn.remote.method):
+                continue
+            if conn.local.identity is not None:
+                local_ids: tuple[Identity, ...] = (conn.local.identity,)
+            else:  # our id defaults to our address, as in strongSwan
+                local_ids = tuple(
+                    parse_identity(a) for a in conn.local_addrs or addresses if "/" not in a
+                )
+            if not any(
+                _secret_may_serve(entry, local_ids, conn.remote.identity)
+                for entry in policy.secrets
+            ):
+                side = "local" if conn.local.method == "psk" else "remote"
+                self.fail(
+                    _join(_join("connections", conn.name), side),
+                    "psk authentication, but no [secrets] entry has ids that match "
+                    "this connection's local or remote id",
+                )
+
+
+def _secret_may_serve(
+    entry: SharedSecret, local_ids: tuple[Identity, ...], remote: IdentityPattern
+) -> bool:
+    # ResponderPolicy.find_psk uses an entry when one of its ids matches either end. Of
+    # the remote end we only know a pattern, so count an entry id that could meet it.
+    for pattern in entry.ids:
+        if pattern.any or remote.any:
+            return True
+        if any(pattern.matches(identity) for identity in local_ids):
+            return True
+        if remote.identity is not None and pattern.matches(remote.identity):
+            return True
+        if pattern.identity is not None and remote.matches(pattern.identity):
+            return True
+    return False
+
+
+def _decode_secret(entry: _Table, name: str, text: str) -> bytes:
+    """strongSwan's secret syntax: `0x` hex, `0s` base64, anything else the UTF-8 text."""
+    try:
+        if text[:2].lower() == "0x":
+            secret = bytes.fromhex(text[2:])
+        elif text[:2].lower() == "0s":
+            secret = base64.b64decode(text[2:], validate=True)
+        else:
+            secret = text.encode("utf-8")
+    except (ValueError, binascii.Error):
+        entry.fail(name, "the secret after the 0x/0s prefix is not valid hex/base64")
+    if not secret:
+        entry.fail(name, "the secret is empty")
+    return secret
+
+
+def _spki(key: object) -> bytes:
+    assert isinstance(
+        key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+    )
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+class _Table:
+    """One TOML table and its dotted key; typed getters that fail with that key."""
+
+    def __init__(
+        self, loader: _Loader, key: str, data: dict[str, Any], allowed: tuple[str, ...]
+    ) -> None:
+        self.loader = loader
+        self.key = key
+        self.data = data
+        for name in data:
+            if name not in allowed:
+                close = difflib.get_close_matches(name, allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.fail(name, f"unknown key{hint}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.data
+
+    def fail(self, name: str, reason: str) -> NoReturn:
+        self.loader.fail(_join(self.key, name), reason)
+
+    def _get(self, name: str, required: bool) -> object:
+        if name not in self.data:
+            if required:
+                self.fail(name, "missing (required)")
+            return None
+        return self.data[name]
+
+    def table(self, name: str, allowed: Iterable[str], *, required: bool = False) -> _Table:
+        value = self._get(name, required)
+        if value is None:
+            return _Table(self.loader, _join(self.key, name), {}, ())
+        return self.loader.table(_join(self.key, name), value, allowed)
+
+    def named_tables(self, name: str) -> dict[str, object]:
+        """`[NAME.x]`, `[NAME.y]`...: sub-tables keyed by a name the operator chose."""
+        value = self._get(name, False)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(name, f"expected a table, got {_type_name(value)}")
+        for sub in value:
+            if not _NAME.fullmatch(sub):
+                self.loader.fail(
+                    _join(_join(self.key, name), sub),
+                    "names may only contain letters, digits, '_' and '-'",
+                )
+        return dict(value)
+
+    def string(self, name: str, default: str) -> str:
+        value = self.optional_string(name)
+        return default if value is None else value
+
+    def required_string(self, name: str) -> str:
+        self._get(name, True)
+        value = self.optional_string(name)
+        assert value is not None
+        return value
+
+    def optional_string(self, name: str) -> str | None:
+        value = self._get(name, False)
+        if value is not None and not isinstance(value, str):
+            self.fail(name, f"expected a string, got {_type_name(value)}")
+        return value
+
+    def strings(
+        self, name: str, default: tuple[str, ...] = (), *, required: bool = False
+    ) -> tuple[str, ...]:
+        value = self._get(name, required)
+        if value is None:
+            return default
+        if not isinstance(value, list):
+            self.fail(name, f"expected an array of strings, got {_type_name(value)}")
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                self.fail(f"{name}[{index}]", f"expected a string, got {_type_name(item)}")
+        return tuple(value)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._get(name, False)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.fail(name, f"expected true or false, got {_type_name(value)}")
+        return value
+
+    def integer(self, name: str, default: int) -> int:
+        value = self._get(name, False)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(name, f"expected an integer, got {_type_name(value)}")
+        return value
+
+    def number(self, name: str, default: float) -> float:
+        value = self._get(name, False)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(name, f"expected a number, got {_type_name(value)}")
+        return float(value)
+
+    def port(self, name: str, default: int) -> int:
+        value = self.integer(name, default)
+        if not 0 <= value <= 65535:
+            self.fail(name, f"{value} is not a UDP port (0-65535; 0 picks a free one)")
+        return value
