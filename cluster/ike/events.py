@@ -1,0 +1,88 @@
+"""What a session tells its runtime, as small frozen dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..transforms import EncrAlgorithm, IntegAlgorithm
+from .traffic_selectors import TrafficSelector
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class IkeSaEstablished:
+    spi_i: bytes
+    spi_r: bytes
+    connection: str
+    local_id: str
+    remote_id: str
+    local: Address
+    remote: Address
+    algorithms: str
+    nat: bool
+
+
+@dataclass(frozen=True, slots=True)
+class IkeSaFailed:
+    """The SA never came up (bad proposal, auth failure, timeout)."""
+
+    spi_i: bytes
+    spi_r: bytes
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class IkeSaDeleted:
+    spi_i: bytes
+    spi_r: bytes
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSaEstablished:
+    """A Child SA and its keys: everything a data plane needs to install it."""
+
+    ike_spi_i: bytes
+    ike_spi_r: bytes
+    name: str
+    mode: str  # "tunnel" or "transport"
+    spi_in: bytes  # ours: the peer sends with it
+    spi_out: bytes  # the peer's: we send with it
+    encr: EncrAlgorithm
+    integ: IntegAlgorithm | None
+    esn: bool
+    encr_key_in: bytes = field(repr=False)
+    integ_key_in: bytes = field(repr=False)
+    encr_key_out: bytes = field(repr=False)
+    integ_key_out: bytes = field(repr=False)
+    local_ts: tuple[TrafficSelector, ...] = ()
+    remote_ts: tuple[TrafficSelector, ...] = ()
+    local: Address = ("", 0)
+    remote: Address = ("", 0)
+    encap: bool = False  # ESP in UDP (RFC 3948)
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSaDeleted:
+    ike_spi_i: bytes
+    ike_spi_r: bytes
+    name: str
+    spi_in: bytes
+    spi_out: bytes
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeCompleted:
+    """One request/response pair finished (for metrics)."""
+
+    exchange: int
+    as_responder: bool
+    result: str  # "ok" or the notify name that failed it
+
+
+Event = (
+    IkeSaEstablished | IkeSaFailed | IkeSaDeleted | ChildSaEstablished | ChildSaDeleted
+    | ExchangeCompleted
+)

@@ -1,0 +1,429 @@
+"""IKEv2 payload codecs (RFC 7296 section 3), one pull/push pair per payload type.
+
+The SK payload is framed here but protected in `message.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import ParseError
+from ..wire import Buffer
+from .constants import PayloadType, TransformType, TsType
+from .proposals import Proposal, Transform
+from .traffic_selectors import TrafficSelector
+
+MAX_PROPOSALS = 64
+MAX_TRANSFORMS = 64
+
+
+class Payload:
+    payload_type: ClassVar[int]
+
+
+@dataclass(frozen=True, slots=True)
+class SaPayload(Payload):
+    payload_type = PayloadType.SA
+    proposals: tuple[Proposal, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KePayload(Payload):
+    payload_type = PayloadType.KE
+    group: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NoncePayload(Payload):
+    payload_type = PayloadType.NONCE
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class IdiPayload(Payload):
+    payload_type = PayloadType.IDI
+    id_type: int
+    data: bytes
+
+    def body(self) -> bytes:
+        """RestOfIDPayload, the input of the AUTH computation (RFC 7296 2.15)."""
+        return bytes([self.id_type, 0, 0, 0]) + self.data
+
+
+@dataclass(frozen=True, slots=True)
+class IdrPayload(Payload):
+    payload_type = PayloadType.IDR
+    id_type: int
+    data: bytes
+
+    def body(self) -> bytes:
+        return bytes([self.id_type, 0, 0, 0]) + self.data
+
+
+@dataclass(frozen=True, slots=True)
+class CertPayload(Payload):
+    payload_type = PayloadType.CERT
+    encoding: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CertreqPayload(Payload):
+    payload_type = PayloadType.CERTREQ
+    encoding: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuthPayload(Payload):
+    payload_type = PayloadType.AUTH
+    method: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyPayload(Payload):
+    payload_type = PayloadType.NOTIFY
+    notify_type: int
+    data: bytes = b""
+    protocol: int = 0
+    spi: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class DeletePayload(Payload):
+    payload_type = PayloadType.DELETE
+    protocol: int
+    spis: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class VendorPayload(Payload):
+    payload_type = PayloadType.VENDOR
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TsiPayload(Payload):
+    payload_type = PayloadType.TSI
+    selectors: tuple[TrafficSelector, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TsrPayload(Payload):
+    payload_type = PayloadType.TSR
+    selectors: tuple[TrafficSelector, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CpPayload(Payload):
+    """Configuration payload: kept raw; we do not assign addresses yet."""
+
+    payload_type = PayloadType.CP
+    cfg_type: int
+    attributes: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownPayload(Payload):
+    payload_type = 0
+    type_id: int
+    critical: bool
+    data: bytes
+
+
+# --- SA ---------------------------------------------------------------------------
+
+
+def _pull_transform(buf: Buffer) -> tuple[bool, Transform]:
+    last = buf.pull_uint8()
+    buf.pull_uint8()
+    length = buf.pull_uint16()
+    if length < 8:
+        raise ParseError("transform too short")
+    with buf.pull_block(length - 4):
+        t_type = buf.pull_uint8()
+        buf.pull_uint8()
+        t_id = buf.pull_uint16()
+        key_bits: int | None = None
+        while not buf.eof():
+            attr_type = buf.pull_uint16()
+            if attr_type & 0x8000:  # TV format
+                value = buf.pull_uint16()
+                if attr_type & 0x7FFF == 14:
+                    key_bits = value
+            else:  # TLV: no such attribute is defined for IKEv2; skip it
+                buf.pull_bytes(buf.pull_uint16())
+    if last not in (0, 3):
+        raise ParseError("bad transform last-substructure value")
+    return last == 0, Transform(t_type, t_id, key_bits)
+
+
+def _push_transform(buf: Buffer, t: Transform, last: bool) -> None:
+    attrs = b"" if t.key_bits is None else (0x800E).to_bytes(2, "big") + t.key_bits.to_bytes(2, "big")
+    buf.push_uint8(0 if last else 3)
+    buf.push_uint8(0)
+    buf.push_uint16(8 + len(attrs))
+    buf.push_uint8(t.type)
+    buf.push_uint8(0)
+    buf.push_uint16(t.id)
+    buf.push_bytes(attrs)
+
+
+def _pull_sa(buf: Buffer) -> SaPayload:
+    proposals: list[Proposal] = []
+    while True:
+        last = buf.pull_uint8()
+        buf.pull_uint8()
+        length = buf.pull_uint16()
+        if length < 8:
+            raise ParseError("proposal too short")
+        with buf.pull_block(length - 4):
+            number = buf.pull_uint8()
+            protocol = buf.pull_uint8()
+            spi_size = buf.pull_uint8()
+            count = buf.pull_uint8()
+            spi = buf.pull_bytes(spi_size)
+            transforms: list[Transform] = []
+            for i in range(count):
+                is_last, t = _pull_transform(buf)
+                transforms.append(t)
+                if is_last != (i == count - 1):
+                    raise ParseError("transform count does not match last-substructure")
+        proposals.append(Proposal(number, protocol, spi, tuple(transforms)))
+        if len(proposals) > MAX_PROPOSALS:
+            raise ParseError("too many proposals")
+        if last == 0:
+            break
+        if last != 2:
+            raise ParseError("bad proposal last-substructure value")
+    if not buf.eof():
+        raise ParseError("data after the last proposal")
+    return SaPayload(tuple(proposals))
+
+
+def _push_sa(buf: Buffer, p: SaPayload) -> None:
+    for i, prop in enumerate(p.proposals):
+        inner = Buffer()
+        for j, t in enumerate(prop.transforms):
+            _push_transform(inner, t, j == len(prop.transforms) - 1)
+        body = inner.data()
+        buf.push_uint8(0 if i == len(p.proposals) - 1 else 2)
+        buf.push_uint8(0)
+        buf.push_uint16(8 + len(prop.spi) + len(body))
+        buf.push_uint8(prop.number)
+        buf.push_uint8(prop.protocol)
+        buf.push_uint8(len(prop.spi))
+        buf.push_uint8(len(prop.transforms))
+        buf.push_bytes(prop.spi)
+        buf.push_bytes(body)
+
+
+# --- traffic selectors -----------------------------------------------------------------
+
+
+def _pull_selectors(buf: Buffer) -> tuple[TrafficSelector, ...]:
+    count = buf.pull_uint8()
+    buf.pull_bytes(3)
+    out = []
+    for _ in range(count):
+        ts_type = buf.pull_uint8()
+        protocol = buf.pull_uint8()
+        length = buf.pull_uint16()
+        if ts_type == TsType.IPV4_ADDR_RANGE:
+            size = 4
+        elif ts_type == TsType.IPV6_ADDR_RANGE:
+            size = 16
+        else:
+            raise ParseError(f"unsupported traffic selector type {ts_type}")
+        if length != 8 + 2 * size:
+            raise ParseError("traffic selector length mismatch")
+        start_port = buf.pull_uint16()
+        end_port = buf.pull_uint16()
+        start = buf.pull_bytes(size)
+        end = buf.pull_bytes(size)
+        out.append(TrafficSelector(TsType(ts_type), protocol, start_port, end_port, start, end))
+    if count == 0 or not buf.eof():
+        raise ParseError("traffic selector count mismatch")
+    return tuple(out)
+
+
+def _push_selectors(buf: Buffer, selectors: tuple[TrafficSelector, ...]) -> None:
+    buf.push_uint8(len(selectors))
+    buf.push_bytes(b"\x00\x00\x00")
+    for ts in selectors:
+        buf.push_uint8(ts.ts_type)
+        buf.push_uint8(ts.protocol)
+        buf.push_uint16(8 + 2 * len(ts.start_addr))
+        buf.push_uint16(ts.start_port)
+        buf.push_uint16(ts.end_port)
+        buf.push_bytes(ts.start_addr)
+        buf.push_bytes(ts.end_addr)
+
+
+# --- the rest ----------------------------------------------------------------------
+
+
+def _pull_typed_body(buf: Buffer) -> tuple[int, bytes]:
+    kind = buf.pull_uint8()
+    buf.pull_bytes(3)
+    return kind, buf.pull_rest()
+
+
+def _pull_notify(buf: Buffer) -> NotifyPayload:
+    protocol = buf.pull_uint8()
+    spi_size = buf.pull_uint8()
+    notify_type = buf.pull_uint16()
+    spi = buf.pull_bytes(spi_size)
+    return NotifyPayload(notify_type, buf.pull_rest(), protocol, spi)
+
+
+def _pull_delete(buf: Buffer) -> DeletePayload:
+    protocol = buf.pull_uint8()
+    spi_size = buf.pull_uint8()
+    count = buf.pull_uint16()
+    if protocol == 1 and (spi_size != 0 or count != 0):
+        raise ParseError("IKE SA delete carries no SPIs")
+    if protocol != 1 and spi_size != 4:
+        raise ParseError("child SA delete needs 4-byte SPIs")
+    spis = tuple(buf.pull_bytes(spi_size) for _ in range(count))
+    if not buf.eof():
+        raise ParseError("delete SPI count mismatch")
+    return DeletePayload(protocol, spis)
+
+
+def _pull_nonce(buf: Buffer) -> NoncePayload:
+    data = buf.pull_rest()
+    if not 16 <= len(data) <= 256:  # RFC 7296 3.9
+        raise ParseError(f"nonce of {len(data)} bytes")
+    return NoncePayload(data)
+
+
+def _pull_ke(buf: Buffer) -> KePayload:
+    group = buf.pull_uint16()
+    buf.pull_uint16()
+    return KePayload(group, buf.pull_rest())
+
+
+def _pull_cert_like(buf: Buffer) -> tuple[int, bytes]:
+    return buf.pull_uint8(), buf.pull_rest()
+
+
+_PULL: dict[int, Callable[[Buffer], Payload]] = {
+    PayloadType.SA: _pull_sa,
+    PayloadType.KE: _pull_ke,
+    PayloadType.NONCE: _pull_nonce,
+    PayloadType.IDI: lambda b: IdiPayload(*_pull_typed_body(b)),
+    PayloadType.IDR: lambda b: IdrPayload(*_pull_typed_body(b)),
+    PayloadType.CERT: lambda b: CertPayload(*_pull_cert_like(b)),
+    PayloadType.CERTREQ: lambda b: CertreqPayload(*_pull_cert_like(b)),
+    PayloadType.AUTH: lambda b: AuthPayload(*_pull_typed_body(b)),
+    PayloadType.NOTIFY: _pull_notify,
+    PayloadType.DELETE: _pull_delete,
+    PayloadType.VENDOR: lambda b: VendorPayload(b.pull_rest()),
+    PayloadType.TSI: lambda b: TsiPayload(_pull_selectors(b)),
+    PayloadType.TSR: lambda b: TsrPayload(_pull_selectors(b)),
+    PayloadType.CP: lambda b: CpPayload(*_pull_typed_body(b)),
+}
+
+
+def _push_body(buf: Buffer, p: Payload) -> None:
+    match p:
+        case SaPayload():
+            _push_sa(buf, p)
+        case KePayload(group=group, data=data):
+            buf.push_uint16(group)
+            buf.push_uint16(0)
+            buf.push_bytes(data)
+        case NoncePayload(data=data) | VendorPayload(data=data):
+            buf.push_bytes(data)
+        case IdiPayload() | IdrPayload():
+            buf.push_bytes(p.body())
+        case CertPayload(encoding=kind, data=data) | CertreqPayload(encoding=kind, data=data):
+            buf.push_uint8(kind)
+            buf.push_bytes(data)
+        case AuthPayload(method=kind, data=data) | CpPayload(cfg_type=kind, attributes=data):
+            buf.push_uint8(kind)
+            buf.push_bytes(b"\x00\x00\x00")
+            buf.push_bytes(data)
+        case NotifyPayload():
+            buf.push_uint8(p.protocol)
+            buf.push_uint8(len(p.spi))
+            buf.push_uint16(p.notify_type)
+            buf.push_bytes(p.spi)
+            buf.push_bytes(p.data)
+        case DeletePayload():
+            buf.push_uint8(p.protocol)
+            buf.push_uint8(4 if p.spis else 0)
+            buf.push_uint16(len(p.spis))
+            for spi in p.spis:
+                buf.push_bytes(spi)
+        case TsiPayload(selectors=sel) | TsrPayload(selectors=sel):
+            _push_selectors(buf, sel)
+        case UnknownPayload(data=data):
+            buf.push_bytes(data)
+        case _:
+            raise TypeError(f"cannot encode {type(p).__name__}")
+
+
+def type_of(p: Payload) -> int:
+    return p.type_id if isinstance(p, UnknownPayload) else p.payload_type
+
+
+def push_payloads(buf: Buffer, payloads: list[Payload], trailing_type: int = 0) -> None:
+    """Encode a payload chain; the last one's next-payload is `trailing_type`."""
+    for i, p in enumerate(payloads):
+        body = Buffer()
+        _push_body(body, p)
+        data = body.data()
+        buf.push_uint8(type_of(payloads[i + 1]) if i + 1 < len(payloads) else trailing_type)
+        buf.push_uint8(0x80 if isinstance(p, UnknownPayload) and p.critical else 0)
+        buf.push_uint16(4 + len(data))
+        buf.push_bytes(data)
+
+
+def encode_payloads(payloads: list[Payload]) -> bytes:
+    buf = Buffer()
+    push_payloads(buf, payloads)
+    return buf.data()
+
+
+def pull_payloads_untrusted(buf: Buffer, first: int) -> tuple[list[Payload], int]:
+    """Decode a chain starting with type `first` until the buffer or an SK payload ends it.
+
+    Returns the payloads and, when an SK/SKF payload was reached, its type (the cursor
+    is then left at its generic header); otherwise 0.
+    """
+    payloads: list[Payload] = []
+    next_type = first
+    while next_type != PayloadType.NONE:
+        if next_type in (PayloadType.SK, PayloadType.SKF):
+            return payloads, next_type
+        if len(payloads) >= 128:
+            raise ParseError("too many payloads")
+        following = buf.pull_uint8()
+        critical = bool(buf.pull_uint8() & 0x80)
+        length = buf.pull_uint16()
+        if length < 4:
+            raise ParseError("payload length below header size")
+        with buf.pull_block(length - 4):
+            pull = _PULL.get(next_type)
+            if pull is None:
+                payloads.append(UnknownPayload(next_type, critical, buf.pull_rest()))
+            else:
+                payloads.append(pull(buf))
+        next_type = following
+    if not buf.eof():
+        raise ParseError("data after the last payload")
+    return payloads, 0
+
+
+__all__ = [
+    "AuthPayload", "CertPayload", "CertreqPayload", "CpPayload", "DeletePayload", "IdiPayload",
+    "IdrPayload", "KePayload", "NoncePayload", "NotifyPayload", "Payload", "SaPayload",
+    "TransformType", "TsiPayload", "TsrPayload", "UnknownPayload", "VendorPayload",
+    "encode_payloads", "pull_payloads_untrusted", "push_payloads",
+]

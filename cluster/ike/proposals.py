@@ -1,0 +1,262 @@
+"""SA proposals: strongSwan proposal strings, and the responder's choice (RFC 7296 2.7, 3.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import InvalidKePayload, NoProposalChosen
+from ..key_exchange import DH_NAMES, DhGroup
+from ..transforms import (
+    ENCR_ALGORITHMS,
+    ENCR_ALIASES,
+    INTEG_ALGORITHMS,
+    INTEG_ALIASES,
+    PRF_ALGORITHMS,
+    EncrAlgorithm,
+    Esn,
+    IntegAlgorithm,
+    PrfAlgorithm,
+    find_encr,
+    find_integ,
+    find_prf,
+)
+from .constants import ProtocolId, TransformType
+
+
+@dataclass(frozen=True, slots=True)
+class Transform:
+    """One transform as carried in an SA payload."""
+
+    type: int
+    id: int
+    key_bits: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """One proposal as carried in an SA payload."""
+
+    number: int
+    protocol: int
+    spi: bytes
+    transforms: tuple[Transform, ...]
+
+    def of_type(self, t: TransformType) -> list[Transform]:
+        return [x for x in self.transforms if x.type == t]
+
+
+@dataclass(frozen=True)
+class ConfiguredProposal:
+    """A proposal from configuration: alternatives for each transform type."""
+
+    text: str
+    protocol: ProtocolId
+    encr: tuple[EncrAlgorithm, ...]
+    integ: tuple[IntegAlgorithm, ...]
+    prf: tuple[PrfAlgorithm, ...]
+    dh: tuple[DhGroup, ...]
+    esn: tuple[Esn, ...]
+
+    def to_proposal(self, number: int, spi: bytes) -> Proposal:
+        """The proposal we send when we initiate with this configuration."""
+        ts: list[Transform] = []
+        for e in self.encr:
+            ts.append(Transform(TransformType.ENCR, e.transform_id,
+                                e.key_bits if e.needs_key_length else None))
+        ts += [Transform(TransformType.PRF, p.transform_id) for p in self.prf]
+        ts += [Transform(TransformType.INTEG, i.transform_id) for i in self.integ]
+        ts += [Transform(TransformType.DH, g) for g in self.dh]
+        ts += [Transform(TransformType.ESN, e) for e in self.esn]
+        return Proposal(number, self.protocol, spi, tuple(ts))
+
+
+@dataclass(frozen=True, slots=True)
+class ChosenAlgorithms:
+    """The responder's choice: exactly one of each transform type that applies."""
+
+    encr: EncrAlgorithm
+    integ: IntegAlgorithm | None
+    prf: PrfAlgorithm | None
+    dh: DhGroup | None
+    esn: Esn | None
+
+    def describe(self) -> str:
+        parts = [self.encr.name]
+        if self.integ:
+            parts.append(self.integ.name)
+        if self.prf:
+            parts.append(self.prf.name)
+        if self.dh:
+            parts.append(self.dh.name.lower())
+        if self.esn is Esn.ESN:
+            parts.append("esn")
+        return "-".join(parts)
+
+
+def parse_proposal(text: str, protocol: ProtocolId, legacy_allowed: bool) -> ConfiguredProposal:
+    """Parse a strongSwan proposal keyword string such as `aes256gcm16-prfsha256-x25519`."""
+    encr: list[EncrAlgorithm] = []
+    integ: list[IntegAlgorithm] = []
+    prf: list[PrfAlgorithm] = []
+    dh: list[DhGroup] = []
+    esn: list[Esn] = []
+    if not text:
+        raise ValueError("empty proposal")
+    for token in text.lower().split("-"):
+        name = ENCR_ALIASES.get(token, token)
+        if name in ENCR_ALGORITHMS:
+            encr.append(ENCR_ALGORITHMS[name])
+        elif INTEG_ALIASES.get(token, token) in INTEG_ALGORITHMS:
+            integ.append(INTEG_ALGORITHMS[INTEG_ALIASES.get(token, token)])
+        elif token in PRF_ALGORITHMS:
+            prf.append(PRF_ALGORITHMS[token])
+        elif token in DH_NAMES:
+            dh.append(DH_NAMES[token])
+        elif token in ("esn", "noesn"):
+            esn.append(Esn.ESN if token == "esn" else Esn.NO_ESN)
+        else:
+            raise ValueError(f"unknown algorithm '{token}'")
+    if not encr:
+        raise ValueError("no encryption algorithm")
+    aead = [e.aead for e in encr]
+    if any(aead) and not all(aead):
+        raise ValueError("AEAD and non-AEAD encryption cannot share a proposal")
+    if all(aead) and integ:
+        raise ValueError("an AEAD proposal takes no integrity algorithm")
+    if not all(aead) and not integ:
+        raise ValueError("a non-AEAD proposal needs an integrity algorithm")
+    if not legacy_allowed:
+        for alg in (*encr, *integ, *prf):
+            if alg.legacy:
+                raise ValueError(f"'{alg.name}' is a legacy algorithm (set legacy_algorithms)")
+    if protocol == ProtocolId.IKE:
+        if esn:
+            raise ValueError("esn applies to ESP proposals only")
+        if not prf:  # strongSwan derives the PRF from the integrity algorithm
+            if not integ:
+                raise ValueError("an AEAD IKE proposal needs a PRF (e.g. prfsha256)")
+            prf = [PRF_ALGORITHMS[i.prf_name] for i in integ]
+        if not dh:
+            raise ValueError("an IKE proposal needs a key exchange method (e.g. x25519)")
+    else:
+        if prf:
+            raise ValueError("a PRF applies to IKE proposals only")
+        if not esn:
+            esn = [Esn.NO_ESN]
+    return ConfiguredProposal(
+        text, protocol, tuple(encr), tuple(integ), tuple(prf), tuple(dict.fromkeys(dh)),
+        tuple(esn),
+    )
+
+
+def _match_one(offered: Proposal, conf: ConfiguredProposal, ke_group: int | None,
+               legacy_allowed: bool) -> ChosenAlgorithms | None:
+    def pick_encr() -> EncrAlgorithm | None:
+        for ours in conf.encr:
+            for t in offered.of_type(TransformType.ENCR):
+                alg = find_encr(t.id, t.key_bits)
+                if alg == ours:
+                    return ours
+        return None
+
+    encr = pick_encr()
+    if encr is None or (encr.legacy and not legacy_allowed):
+        return None
+    offered_integ = {t.id for t in offered.of_type(TransformType.INTEG)} - {0}
+    integ = next((i for i in conf.integ if i.transform_id in offered_integ), None)
+    if encr.aead:
+        if offered_integ:
+            return None
+    elif integ is None:
+        return None
+    prf: PrfAlgorithm | None = None
+    if conf.protocol == ProtocolId.IKE:
+        offered_prf = {t.id for t in offered.of_type(TransformType.PRF)}
+        prf = next((p for p in conf.prf if p.transform_id in offered_prf), None)
+        if prf is None:
+            return None
+    offered_dh = [t.id for t in offered.of_type(TransformType.DH)]
+    dh: DhGroup | None = None
+    if conf.dh and offered_dh:
+        common = [g for g in conf.dh if g in offered_dh]
+        if not common:
+            return None
+        # prefer the group whose KE the initiator already sent (RFC 7296 1.2)
+        dh = DhGroup(ke_group) if ke_group in common else common[0]
+    elif conf.protocol == ProtocolId.IKE:
+        return None
+    esn: Esn | None = None
+    if conf.protocol != ProtocolId.IKE:
+        offered_esn = {t.id for t in offered.of_type(TransformType.ESN)} or {Esn.NO_ESN}
+        esn = next((e for e in conf.esn if e in offered_esn), None)
+        if esn is None:
+            return None
+    for t in offered.transforms:  # a transform type we do not know makes the proposal unusable
+        if t.type not in (1, 2, 3, 4, 5):
+            return None
+    for p in (prf, integ):
+        if p is not None and p.legacy and not legacy_allowed:
+            return None
+    return ChosenAlgorithms(encr, integ, prf, dh, esn)
+
+
+def select_proposal(
+    offered: Sequence[Proposal],
+    configured: Sequence[ConfiguredProposal],
+    *,
+    ke_group: int | None = None,
+    legacy_allowed: bool = False,
+) -> tuple[Proposal, ChosenAlgorithms]:
+    """Choose in our configured order (strongSwan's prefer_configured_proposals).
+
+    Raises NoProposalChosen, or InvalidKePayload when the choice needs a different
+    KE group than the initiator sent (RFC 7296 1.2).
+    """
+    for conf in configured:
+        for prop in offered:
+            if prop.protocol != conf.protocol:
+                continue
+            chosen = _match_one(prop, conf, ke_group, legacy_allowed)
+            if chosen is None:
+                continue
+            if conf.protocol == ProtocolId.IKE and ke_group is not None and chosen.dh != ke_group:
+                assert chosen.dh is not None
+                raise InvalidKePayload(chosen.dh)
+            return prop, chosen
+    raise NoProposalChosen("no acceptable proposal")
+
+
+def chosen_to_proposal(number: int, protocol: int, spi: bytes,
+                       chosen: ChosenAlgorithms) -> Proposal:
+    """The single-transform-per-type proposal a responder returns."""
+    ts = [Transform(TransformType.ENCR, chosen.encr.transform_id,
+                    chosen.encr.key_bits if chosen.encr.needs_key_length else None)]
+    if chosen.prf:
+        ts.append(Transform(TransformType.PRF, chosen.prf.transform_id))
+    if chosen.integ:
+        ts.append(Transform(TransformType.INTEG, chosen.integ.transform_id))
+    if chosen.dh:
+        ts.append(Transform(TransformType.DH, chosen.dh))
+    if chosen.esn is not None:
+        ts.append(Transform(TransformType.ESN, chosen.esn))
+    return Proposal(number, protocol, spi, tuple(ts))
+
+
+def chosen_from_response(proposal: Proposal) -> ChosenAlgorithms:
+    """The initiator's reading of a responder's single-choice proposal."""
+    encr_t = proposal.of_type(TransformType.ENCR)
+    if len(encr_t) != 1:
+        raise NoProposalChosen("response must carry exactly one ENCR transform")
+    encr = find_encr(encr_t[0].id, encr_t[0].key_bits)
+    if encr is None:
+        raise NoProposalChosen("unknown ENCR in response")
+    integ_t = [t for t in proposal.of_type(TransformType.INTEG) if t.id != 0]
+    prf_t = proposal.of_type(TransformType.PRF)
+    dh_t = proposal.of_type(TransformType.DH)
+    esn_t = proposal.of_type(TransformType.ESN)
+    integ = find_integ(integ_t[0].id) if integ_t else None
+    prf = find_prf(prf_t[0].id) if prf_t else None
+    dh = DhGroup(dh_t[0].id) if dh_t and dh_t[0].id in DhGroup._value2member_map_ else None
+    esn = Esn(esn_t[0].id) if esn_t and esn_t[0].id in (0, 1) else None
+    return ChosenAlgorithms(encr, integ, prf, dh, esn)

@@ -1,0 +1,106 @@
+"""A byte cursor for network codecs, in aioquic's pull/push shape.
+
+Every `pull_*` raises `ParseError` (never `IndexError` or `struct.error`) when the
+buffer is short, so callers that handle untrusted bytes need catch only one type.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .errors import ParseError
+
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_U64 = struct.Struct("!Q")
+
+
+class Buffer:
+    """A read cursor over immutable bytes, or an append-only write buffer."""
+
+    __slots__ = ("_data", "_end", "_out", "_pos")
+
+    def __init__(self, data: bytes = b"") -> None:
+        self._data = data
+        self._pos = 0
+        self._end = len(data)
+        self._out = bytearray()
+
+    # --- reading -----------------------------------------------------------
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    @property
+    def remaining(self) -> int:
+        return self._end - self._pos
+
+    def eof(self) -> bool:
+        return self._pos >= self._end
+
+    def pull_bytes(self, n: int) -> bytes:
+        if n < 0 or self._pos + n > self._end:
+            raise ParseError(f"need {n} bytes, {self._end - self._pos} left")
+        start = self._pos
+        self._pos += n
+        return self._data[start : self._pos]
+
+    def pull_rest(self) -> bytes:
+        return self.pull_bytes(self._end - self._pos)
+
+    def pull_uint8(self) -> int:
+        if self._pos >= self._end:
+            raise ParseError("need 1 byte, 0 left")
+        v = self._data[self._pos]
+        self._pos += 1
+        return v
+
+    def pull_uint16(self) -> int:
+        return int(_U16.unpack(self.pull_bytes(2))[0])
+
+    def pull_uint32(self) -> int:
+        return int(_U32.unpack(self.pull_bytes(4))[0])
+
+    def pull_uint64(self) -> int:
+        return int(_U64.unpack(self.pull_bytes(8))[0])
+
+    @contextmanager
+    def pull_block(self, length: int) -> Iterator[None]:
+        """Restrict reads to the next `length` bytes; all of them must be consumed."""
+        if length < 0 or self._pos + length > self._end:
+            raise ParseError(f"block of {length} bytes overruns buffer")
+        saved_end = self._end
+        self._end = self._pos + length
+        try:
+            yield
+            if self._pos != self._end:
+                raise ParseError(f"{self._end - self._pos} trailing bytes in block")
+        finally:
+            self._end = saved_end
+
+    # --- writing -----------------------------------------------------------
+    def push_bytes(self, v: bytes) -> None:
+        self._out += v
+
+    def push_uint8(self, v: int) -> None:
+        self._out.append(v)
+
+    def push_uint16(self, v: int) -> None:
+        self._out += _U16.pack(v)
+
+    def push_uint32(self, v: int) -> None:
+        self._out += _U32.pack(v)
+
+    def push_uint64(self, v: int) -> None:
+        self._out += _U64.pack(v)
+
+    def written(self) -> int:
+        return len(self._out)
+
+    def patch_uint16(self, offset: int, v: int) -> None:
+        self._out[offset : offset + 2] = _U16.pack(v)
+
+    def data(self) -> bytes:
+        return bytes(self._out)
