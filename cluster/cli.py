@@ -1,0 +1,110 @@
+"""The `ike-cluster` command: `check-config PATH` and `run --config PATH`.
+
+Exit status: 0 on success or graceful shutdown, 1 when the node fails at run time
+(for example an address it cannot bind), 2 for bad configuration or usage, 130 when
+interrupted before the node took over SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import LOG_LEVELS, NodeConfig, load_config
+from .errors import ConfigError
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2  # argparse uses 2 for usage errors too
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ike-cluster", description="A horizontally scalable IKEv2 responder."
+    )
+    parser.add_argument("--version", action="version", version=f"ike-cluster {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check-config", help="check a configuration file and exit")
+    check.add_argument("path", metavar="PATH")
+
+    run = commands.add_parser("run", help="run a node")
+    run.add_argument("--config", required=True, metavar="PATH", help="the node's TOML file")
+    run.add_argument(
+        "--log-level", choices=LOG_LEVELS, help="overrides [node] log_level from the file"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            return check_config(args.path)
+        return run(args.config, args.log_level)
+    except KeyboardInterrupt:  # Ctrl-C before the node handles signals: no traceback
+        return EXIT_INTERRUPTED
+
+
+def _load(path: str) -> NodeConfig | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
+def check_config(path: str) -> int:
+    config = _load(path)
+    if config is None:
+        return EXIT_CONFIG
+    print(f"{path}: OK ({len(config.policy.connections)} connections)")
+    return EXIT_OK
+
+
+def configure_logging(level: str) -> None:
+    """Log lines to stderr; the node is meant to run under a supervisor that keeps them."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def run(config_path: str, log_level: str | None = None) -> int:
+    config = _load(config_path)
+    if config is None:
+        return EXIT_CONFIG
+    configure_logging(log_level or config.log_level)
+
+    # Imported here so check-config works without the runtime (and its start-up cost).
+    import trio
+
+    from .runtime.node import run_node
+
+    status = EXIT_OK
+    try:
+        trio.run(run_node, config)
+    except* KeyboardInterrupt:
+        status = EXIT_INTERRUPTED
+    except* OSError as group:
+        # Bind failures and the like: one line each, not a traceback.
+        for exc in _leaves(group):
+            logging.getLogger("cluster").error("%s", exc)
+        status = EXIT_FAILURE
+    return status
+
+
+def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
+    leaves: list[OSError] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            leaves.extend(_leaves(exc))
+        else:
+            leaves.append(exc)
+    return leaves
