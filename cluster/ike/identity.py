@@ -244,17 +244,19 @@ def _string_type(oid: ObjectIdentifier, value: str) -> _ASN1Type:
 
 
 def _split_unescaped(text: str, sep: str) -> list[str]:
-    parts, current, escaped = [], [], False
+    """Split on `sep` outside double quotes and not after a backslash (which is dropped)."""
+    parts, current, escaped, quoted = [], [], False, False
     for ch in text:
         if escaped:
             current.append(ch)
             escaped = False
         elif ch == "\\":
             escaped = True
-        elif ch == sep:
+        elif ch == sep and not quoted:
             parts.append("".join(current))
             current = []
         else:
+            quoted ^= ch == '"'
             current.append(ch)
     parts.append("".join(current))
     return parts
