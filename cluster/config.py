@@ -53,7 +53,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 FUTURE_TABLES = ("cluster", "worker", "metrics")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+(\[\d+\])?")  # an array index may follow
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 
 
@@ -180,7 +180,7 @@ class _Loader:
             half_open_timeout=half_open_timeout,
         )
         self.check_psk_secrets(policy, addresses)
-        extra = {name: root.table(name, ()).data for name in FUTURE_TABLES if name in root}
+        extra = {name: root.raw_table(name) for name in FUTURE_TABLES if name in root}
         return NodeConfig(
             node_id=node_id,
             addresses=addresses,
@@ -548,6 +548,13 @@ class _Table:
         if value is None:
             return _Table(self.loader, _join(self.key, name), {}, ())
         return self.loader.table(_join(self.key, name), value, allowed)
+
+    def raw_table(self, name: str) -> dict[str, Any]:
+        """A table whose keys a later issue will check; only its type is checked now."""
+        value = self._get(name, True)
+        if not isinstance(value, dict):
+            self.fail(name, f"expected a table, got {_type_name(value)}")
+        return value
 
     def named_tables(self, name: str) -> dict[str, object]:
         """`[NAME.x]`, `[NAME.y]`...: sub-tables keyed by a name the operator chose."""

@@ -1,0 +1,588 @@
+"""cluster.config: the example loads, every mistake is one line naming file, key and reason."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+
+from cluster.config import (
+    DEFAULT_ESP_PROPOSALS,
+    DEFAULT_IKE_PROPOSALS,
+    NodeConfig,
+    load_config,
+)
+from cluster.errors import ConfigError
+from cluster.ike.identity import parse_identity
+from cluster.ike.traffic_selectors import parse_ts_config
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET = "s3cret-Value-77"
+
+BASE = f"""\
+[node]
+id = "gw1"
+[ike]
+addresses = ["10.99.0.2"]
+[connections.rw]
+version = 2
+proposals = ["aes256gcm16-prfsha256-x25519", "aes128-sha256-modp2048"]
+local = {{ auth = "psk", id = "gw.example.test" }}
+remote = {{ auth = "psk", id = "%any" }}
+[connections.rw.children.net]
+mode = "tunnel"
+local_ts = ["10.99.2.0/24"]
+remote_ts = ["10.99.1.0/24"]
+esp_proposals = ["aes256gcm16", "aes128gcm16"]
+[secrets.rw]
+ids = ["gw.example.test", "%any"]
+secret = "{SECRET}"
+"""
+
+
+def edit(*pairs: tuple[str, str]) -> str:
+    text = BASE
+    for old, new in pairs:
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    return text
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "node.toml") -> Path:
+    path = tmp_path / name
+    if isinstance(text, str):
+        path.write_text(text)
+    else:
+        path.write_bytes(text)
+    return path
+
+
+def load_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return str(info.value)
+
+
+# --- what loads ------------------------------------------------------------------------
+
+
+def test_example_file_loads_as_written() -> None:
+    config = load_config(REPO / "config" / "example.toml")
+    assert config.node_id == "gw1"
+    assert config.addresses == ("10.99.0.2",)
+    assert (config.ike_port, config.natt_port, config.log_level) == (500, 4500, "info")
+    (conn,) = config.policy.connections
+    assert conn.name == "rw" and conn.version == 2
+    assert [p.text for p in conn.proposals] == [
+        "aes256gcm16-prfsha256-x25519",
+        "aes128-sha256-modp2048",
+        "aes256-sha384-ecp384",
+    ]
+    assert conn.local.method == "psk"
+    assert conn.local.identity == parse_identity("gw.example.test")
+    assert conn.remote.method == "psk" and conn.remote.identity.any
+    (child,) = conn.children
+    assert (child.name, child.mode) == ("net", "tunnel")
+    assert child.local_ts == (parse_ts_config("10.99.2.0/24"),)
+    assert child.remote_ts == (parse_ts_config("10.99.1.0/24"),)
+    assert [p.text for p in child.esp_proposals] == ["aes256gcm16", "aes128gcm16"]
+    peer = parse_identity("carol@example.test")
+    assert config.policy.find_psk(conn.local.identity, peer) == b"change-me"
+    assert config.extra_tables == {}
+
+
+def test_local_example_differs_only_in_address() -> None:
+    example = (REPO / "config" / "example.toml").read_text().splitlines()
+    local = (REPO / "config" / "local.toml").read_text().splitlines()
+    differing = [(a, b) for a, b in zip(example, local, strict=True) if a != b]
+    assert differing == [
+        (
+            'addresses = ["10.99.0.2"]          # UDP 500 and 4500 bound on each',
+            'addresses = ["127.0.0.1"]          # UDP 500 and 4500 bound on each',
+        )
+    ]
+    assert load_config(REPO / "config" / "local.toml").addresses == ("127.0.0.1",)
+
+
+def test_omitted_keys_take_swanctl_like_defaults(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""
+[node]
+id = "n"
+[ike]
+addresses = ["::1"]
+[connections.c]
+local = {{ auth = "psk" }}
+remote = {{ auth = "psk" }}
+[connections.c.children.x]
+[secrets.s]
+ids = ["%any"]
+secret = "{SECRET}"
+""",
+    )
+    config = load_config(path)
+    (conn,) = config.policy.connections
+    assert conn.version == 2
+    assert tuple(p.text for p in conn.proposals) == DEFAULT_IKE_PROPOSALS
+    assert conn.local.identity is None
+    assert conn.remote.identity.any
+    assert (conn.encap, conn.local_addrs, conn.remote_addrs) == (False, (), ())
+    (child,) = conn.children
+    assert child.mode == "tunnel"
+    assert [ts.selector for ts in (*child.local_ts, *child.remote_ts)] == [None, None]
+    assert tuple(p.text for p in child.esp_proposals) == DEFAULT_ESP_PROPOSALS
+    assert config.policy.legacy_algorithms is False
+    assert config.policy.half_open_timeout == 30.0
+
+
+def test_default_keyword_expands_in_place(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        edit(
+            ('proposals = ["aes256gcm16-prfsha256-x25519", "aes128-sha256-modp2048"]',
+             'proposals = ["aes128-sha256-modp2048", "default"]'),
+            ('esp_proposals = ["aes256gcm16", "aes128gcm16"]',
+             'esp_proposals = ["default", "aes128-sha256"]'),
+        ),
+    )
+    (conn,) = load_config(path).policy.connections
+    assert [p.text for p in conn.proposals] == ["aes128-sha256-modp2048", *DEFAULT_IKE_PROPOSALS]
+    assert [p.text for p in conn.children[0].esp_proposals] == [
+        *DEFAULT_ESP_PROPOSALS,
+        "aes128-sha256",
+    ]
+
+
+def test_optional_node_ike_and_connection_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        edit(
+            ('id = "gw1"\n', 'id = "gw1"\nlog_level = "debug"\n'),
+            ('addresses = ["10.99.0.2"]\n',
+             'addresses = ["10.99.0.2", "fd99::2"]\nport = 1500\nport_nat_t = 14500\n'
+             "legacy_algorithms = true\nhalf_open_timeout = 2.5\n"),
+            ("version = 2\n",
+             'version = 2\nencap = true\nlocal_addrs = ["10.99.0.2"]\n'
+             'remote_addrs = ["10.99.1.0/24", "fd99:1::1"]\n'),
+            ("[secrets.rw]",
+             '[cluster]\nredis = "redis://r"\n[metrics]\nlisten = "127.0.0.1:9100"\n'
+             "[secrets.rw]"),
+            ('mode = "tunnel"', 'mode = "transport"'),
+        ),
+    )
+    config = load_config(path)
+    assert config.log_level == "debug"
+    assert config.addresses == ("10.99.0.2", "fd99::2")
+    assert (config.ike_port, config.natt_port) == (1500, 14500)
+    assert config.policy.legacy_algorithms is True
+    assert config.policy.half_open_timeout == 2.5
+    (conn,) = config.policy.connections
+    assert conn.encap is True
+    assert conn.local_addrs == ("10.99.0.2",)
+    assert conn.remote_addrs == ("10.99.1.0/24", "fd99:1::1")
+    assert conn.children[0].mode == "transport"
+    assert config.extra_tables == {
+        "cluster": {"redis": "redis://r"},
+        "metrics": {"listen": "127.0.0.1:9100"},
+    }
+
+
+def test_legacy_algorithms_allow_legacy_proposals(tmp_path: Path) -> None:
+    text = edit(('"aes128-sha256-modp2048"', '"aes128-sha1-modp2048"'))
+    assert "legacy" in load_error(write(tmp_path, text))
+    text = text.replace('addresses = ["10.99.0.2"]', 'addresses = ["10.99.0.2"]\n'
+                        "legacy_algorithms = true")
+    config = load_config(write(tmp_path, text))
+    assert config.policy.connections[0].proposals[1].text == "aes128-sha1-modp2048"
+
+
+def test_secret_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IKE_TEST_PSK", "from-the-env")
+    path = write(tmp_path, edit((f'secret = "{SECRET}"', 'secret_env = "IKE_TEST_PSK"')))
+    assert load_config(path).policy.secrets[0].secret == b"from-the-env"
+
+
+def test_secret_file_is_relative_to_the_config_and_loses_its_line_break(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "psk.txt").write_text("from-a-file\n")
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    path = write(conf_dir, edit((f'secret = "{SECRET}"', 'secret_file = "../keys/psk.txt"')))
+    assert load_config(path).policy.secrets[0].secret == b"from-a-file"
+
+
+@pytest.mark.parametrize(
+    ("written", "secret"),
+    [("0x0102ff", b"\x01\x02\xff"), ("0sAQL/", b"\x01\x02\xff"), ("plain text", b"plain text")],
+)
+def test_secret_encodings_follow_strongswan(tmp_path: Path, written: str, secret: bytes) -> None:
+    path = write(tmp_path, edit((f'secret = "{SECRET}"', f'secret = "{written}"')))
+    assert load_config(path).policy.secrets[0].secret == secret
+
+
+def test_secret_never_appears_in_repr(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, BASE))
+    assert config.policy.secrets[0].secret == SECRET.encode()
+    assert SECRET not in repr(config)
+
+
+# --- what does not load: one line, naming file, key and reason -------------------------
+
+NO_SECRETS = BASE[: BASE.index("[secrets.rw]")]
+
+ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
+    # (case, file content, dotted key ("" for the file itself), part of the reason)
+    ("toml syntax", BASE.replace("[node]", "[node"), "line 1", "column"),
+    ("not utf-8", BASE.encode() + b"# \xff\n", "", "not UTF-8"),
+    ("unknown table", BASE.replace("[node]", "[nodes]"), "nodes", "did you mean 'node'"),
+    ("unknown key", BASE.replace("proposals =", "proposal ="),
+     "connections.rw.proposal", "unknown key (did you mean 'proposals'?)"),
+    ("unknown child key", BASE.replace('mode = "tunnel"', 'lifetime = 3600'),
+     "connections.rw.children.net.lifetime", "unknown key"),
+    ("unknown local key", BASE.replace('auth = "psk", id = "gw', 'auth = "psk", idd = "gw'),
+     "connections.rw.local.idd", "unknown key (did you mean 'id'?)"),
+    ("bad ike proposal",
+     BASE.replace('"aes128-sha256-modp2048"', '"aes999-sha256-modp2048"'),
+     "connections.rw.proposals[1]", "unknown algorithm 'aes999'"),
+    ("esp proposal in ike", BASE.replace('"aes128-sha256-modp2048"', '"aes128gcm16"'),
+     "connections.rw.proposals[1]", ""),
+    ("bad esp proposal", BASE.replace('["aes256gcm16", "aes128gcm16"]', '["aes256gcm17"]'),
+     "connections.rw.children.net.esp_proposals[0]", "unknown algorithm"),
+    ("empty proposals", BASE.replace('proposals = ["aes256gcm16-prfsha256-x25519", '
+                                     '"aes128-sha256-modp2048"]', "proposals = []"),
+     "connections.rw.proposals", "at least one"),
+    ("ikev1", BASE.replace("version = 2", "version = 1"),
+     "connections.rw.version", "IKEv1 is not supported yet"),
+    ("version 3", BASE.replace("version = 2", "version = 3"),
+     "connections.rw.version", "must be 2"),
+    ("version type", BASE.replace("version = 2", 'version = "2"'),
+     "connections.rw.version", "expected an integer, got a string"),
+    ("mode", BASE.replace('"tunnel"', '"tunel"'),
+     "connections.rw.children.net.mode", "'tunel' is not supported"),
+    ("local_ts", BASE.replace('["10.99.2.0/24"]', '["10.99.2.0/24", "10.999.2.0/24"]'),
+     "connections.rw.children.net.local_ts[1]", "not an address"),
+    ("remote_ts type", BASE.replace('remote_ts = ["10.99.1.0/24"]', 'remote_ts = "10.99.1.0/24"'),
+     "connections.rw.children.net.remote_ts", "expected an array of strings, got a string"),
+    ("no children",
+     BASE[: BASE.index("[connections.rw.children.net]")] + BASE[BASE.index("[secrets.rw]"):],
+     "connections.rw.children", "needs at least one child"),
+    ("address", BASE.replace('"10.99.0.2"', '"10.99.0.300"'),
+     "ike.addresses[0]", "not an IPv4 or IPv6 address"),
+    ("address twice", BASE.replace('["10.99.0.2"]', '["10.99.0.2", "10.99.0.2"]'),
+     "ike.addresses[1]", "listed twice"),
+    ("addresses type", BASE.replace('["10.99.0.2"]', '"10.99.0.2"'),
+     "ike.addresses", "expected an array of strings"),
+    ("address item type", BASE.replace('["10.99.0.2"]', '["10.99.0.2", 4]'),
+     "ike.addresses[1]", "expected a string, got an integer"),
+    ("no addresses", BASE.replace('["10.99.0.2"]', "[]"), "ike.addresses", "at least one"),
+    ("no node", BASE.replace('[node]\nid = "gw1"\n', ""), "node", "missing (required)"),
+    ("no node id", BASE.replace('id = "gw1"\n', ""), "node.id", "missing (required)"),
+    ("node id", BASE.replace('id = "gw1"', 'id = "gw 1"'), "node.id", "not a valid node id"),
+    ("log level", BASE.replace('id = "gw1"', 'id = "gw1"\nlog_level = "loud"'),
+     "node.log_level", "'loud' is not one of"),
+    ("port", BASE.replace('addresses = ["10.99.0.2"]', 'addresses = ["10.99.0.2"]\nport = 70000'),
+     "ike.port", "not a UDP port"),
+    ("same ports", BASE.replace('addresses = ["10.99.0.2"]',
+                                'addresses = ["10.99.0.2"]\nport = 4500'),
+     "ike.port_nat_t", "must differ"),
+    ("legacy type", BASE.replace('addresses = ["10.99.0.2"]',
+                                 'addresses = ["10.99.0.2"]\nlegacy_algorithms = "no"'),
+     "ike.legacy_algorithms", "expected true or false, got a string"),
+    ("half-open", BASE.replace('addresses = ["10.99.0.2"]',
+                               'addresses = ["10.99.0.2"]\nhalf_open_timeout = 0'),
+     "ike.half_open_timeout", "positive"),
+    ("encap", BASE.replace("version = 2", 'version = 2\nencap = "yes"'),
+     "connections.rw.encap", "expected true or false"),
+    ("remote_addrs", BASE.replace("version = 2", 'version = 2\nremote_addrs = ["peer.test"]'),
+     "connections.rw.remote_addrs[0]", "not an IP address, a subnet"),
+    ("no connections", BASE[: BASE.index("[connections.rw]")], "connections",
+     "no connections defined"),
+    ("connection name", BASE.replace("connections.rw", 'connections."r w"'),
+     'connections."r w"', "names may only contain"),
+    ("connection not a table", BASE[: BASE.index("[connections.rw]")] + "[connections]\nrw = 1\n",
+     "connections.rw", "expected a table, got an integer"),
+    ("future table type", BASE.replace("[node]", 'worker = "tun0"\n[node]'),
+     "worker", "expected a table, got a string"),
+    ("no local", BASE.replace('local = { auth = "psk", id = "gw.example.test" }\n', ""),
+     "connections.rw.local", "missing (required)"),
+    ("auth method", BASE.replace('remote = { auth = "psk"', 'remote = { auth = "eap"'),
+     "connections.rw.remote.auth", "'eap' is not supported"),
+    ("local id", BASE.replace('id = "gw.example.test"', 'id = "C=CH, XX=y"'),
+     "connections.rw.local.id", "unknown DN attribute"),
+    ("remote id", BASE.replace('id = "%any" }', 'id = "%anyone" }'),
+     "connections.rw.remote.id", "pattern"),
+    ("psk with cert", BASE.replace('auth = "psk", id = "gw.example.test"',
+                                   'auth = "psk", id = "gw.example.test", cert = "c.pem"'),
+     "connections.rw.local.cert", 'only used with auth = "pubkey"'),
+    ("psk with cacerts", BASE.replace('{ auth = "psk", id = "%any" }',
+                                      '{ auth = "psk", id = "%any", cacerts = ["ca.pem"] }'),
+     "connections.rw.remote.cacerts", 'only used with auth = "pubkey"'),
+    ("pubkey without cert", BASE.replace('auth = "psk", id = "gw', 'auth = "pubkey", id = "gw'),
+     "connections.rw.local.cert", "missing (required)"),
+    ("pubkey unreadable cert",
+     BASE.replace('auth = "psk", id = "gw.example.test"',
+                  'auth = "pubkey", cert = "missing.pem", key = "k.pem"'),
+     "connections.rw.local.cert", "cannot read 'missing.pem': No such file or directory"),
+    ("psk without secrets", NO_SECRETS, "connections.rw.local", "no [secrets] entry"),
+    ("psk with unrelated secret",
+     BASE.replace('id = "%any" }', 'id = "carol@example.test" }')
+     .replace('ids = ["gw.example.test", "%any"]', 'ids = ["dave@example.test"]'),
+     "connections.rw.local", "no [secrets] entry"),
+    ("secret ids", BASE.replace('ids = ["gw.example.test", "%any"]', "ids = []"),
+     "secrets.rw.ids", "at least one"),
+    ("secret id", BASE.replace('ids = ["gw.example.test", "%any"]', 'ids = ["%any", "dn:"]'),
+     "secrets.rw.ids[1]", "empty"),
+    ("two secret sources", BASE.replace(f'secret = "{SECRET}"',
+                                        f'secret = "{SECRET}"\nsecret_env = "X"'),
+     "secrets.rw.secret_env", "exactly one of secret, secret_env, secret_file"),
+    ("no secret source", BASE.replace(f'secret = "{SECRET}"', ""),
+     "secrets.rw.secret", "exactly one of"),
+    ("secret type", BASE.replace(f'secret = "{SECRET}"', "secret = 77"),
+     "secrets.rw.secret", "expected a string, got an integer"),
+    ("empty secret", BASE.replace(f'secret = "{SECRET}"', 'secret = ""'),
+     "secrets.rw.secret", "empty"),
+    ("bad hex secret", BASE.replace(f'secret = "{SECRET}"', f'secret = "0x{SECRET}"'),
+     "secrets.rw.secret", "not valid hex"),
+    ("unset env", BASE.replace(f'secret = "{SECRET}"', 'secret_env = "IKE_TEST_UNSET_VAR"'),
+     "secrets.rw.secret_env", "environment variable 'IKE_TEST_UNSET_VAR' is not set"),
+    ("missing secret file", BASE.replace(f'secret = "{SECRET}"', 'secret_file = "nope.txt"'),
+     "secrets.rw.secret_file", "cannot read 'nope.txt': No such file or directory"),
+    ("secret key typo", BASE.replace("secret =", "secert ="),
+     "secrets.rw.secert", "unknown key (did you mean 'secret'?)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("content", "key", "reason"),
+    [case[1:] for case in ERROR_CASES],
+    ids=[case[0] for case in ERROR_CASES],
+)
+def test_mistake_is_one_line_naming_file_key_and_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str | bytes, key: str, reason: str
+) -> None:
+    monkeypatch.delenv("IKE_TEST_UNSET_VAR", raising=False)
+    path = write(tmp_path, content)
+    message = load_error(path)
+    assert "\n" not in message
+    prefix = f"{path}: {key}: " if key else f"{path}: "
+    assert message.startswith(prefix), message
+    assert reason in message[len(prefix):], message
+    assert SECRET not in message
+
+
+def test_missing_file_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    assert load_error(path) == f"{path}: cannot read: No such file or directory"
+
+
+def test_message_names_the_path_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, BASE.replace("version = 2", "version = 1"), "x.toml")
+    message = load_error(Path("x.toml"))
+    assert message == "x.toml: connections.rw.version: IKEv1 is not supported yet"
+
+
+def test_secret_file_content_never_in_error(tmp_path: Path) -> None:
+    (tmp_path / "psk.bin").write_bytes(SECRET.encode() + b"\xff\xfe")
+    path = write(tmp_path, edit((f'secret = "{SECRET}"', 'secret_file = "psk.bin"')))
+    message = load_error(path)
+    assert message.startswith(f"{path}: secrets.rw.secret_file: 'psk.bin' is not UTF-8")
+    assert SECRET not in message
+
+
+# --- certificate authentication ---------------------------------------------------------
+
+NOW = datetime.datetime.now(datetime.UTC)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Test"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey,
+    issuer: str,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool,
+    san: list[x509.GeneralName] | None = None,
+) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(days=1))
+        .not_valid_after(NOW + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey,
+    password: bytes | None = None,
+) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(password) if password
+        else serialization.NoEncryption()
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+
+
+KeyMaker = Callable[[], ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey]
+KEY_MAKERS: dict[str, KeyMaker] = {
+    "ecdsa": lambda: ec.generate_private_key(ec.SECP256R1()),
+    "rsa": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    "ed25519": ed25519.Ed25519PrivateKey.generate,
+}
+
+PUBKEY = """\
+[node]
+id = "gw1"
+[ike]
+addresses = ["10.99.0.2"]
+[connections.rw]
+local = {{ auth = "pubkey", {local} }}
+remote = {{ auth = "pubkey", id = "%any", cacerts = ["pki/ca.pem"] }}
+[connections.rw.children.net]
+"""
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """ca.pem; gw.pem (leaf, then intermediate) and gw.key; a stranger key."""
+    directory = tmp_path / "pki"
+    directory.mkdir()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("Test CA", ca_key, "Test CA", ca_key, ca=True)
+    inter_key = ec.generate_private_key(ec.SECP256R1())
+    inter = _cert("Test Intermediate", inter_key, "Test CA", ca_key, ca=True)
+    gw_key = ec.generate_private_key(ec.SECP256R1())
+    gw = _cert("gw.example.test", gw_key, "Test Intermediate", inter_key, ca=False,
+               san=[x509.DNSName("gw.example.test"),
+                    x509.IPAddress(ipaddress.ip_address("10.99.0.2"))])
+    (directory / "ca.pem").write_bytes(_pem(ca))
+    (directory / "gw.pem").write_bytes(_pem(gw) + _pem(inter))
+    (directory / "gw.key").write_bytes(_key_pem(gw_key))
+    (directory / "stranger.key").write_bytes(_key_pem(ec.generate_private_key(ec.SECP256R1())))
+    (directory / "locked.key").write_bytes(_key_pem(gw_key, b"pw"))
+    return directory
+
+
+def test_certificate_auth_loads_chain_key_and_cas(tmp_path: Path, pki: Path) -> None:
+    path = write(tmp_path, PUBKEY.format(local='cert = "pki/gw.pem", key = "pki/gw.key"'))
+    (conn,) = load_config(path).policy.connections
+    local = conn.local
+    assert local.method == "pubkey"
+    assert local.identity is None  # defaults to the certificate's subject
+    assert local.cert is not None and local.key is not None
+    assert local.cert.subject.rfc4514_string() == "CN=gw.example.test,O=Test"
+    assert [c.subject.rfc4514_string() for c in local.intermediates] == [
+        "CN=Test Intermediate,O=Test"
+    ]
+    assert conn.remote.method == "pubkey"
+    assert [c.subject.rfc4514_string() for c in conn.remote.cacerts] == ["CN=Test CA,O=Test"]
+
+
+@pytest.mark.parametrize("local_id", ["gw.example.test", "10.99.0.2", "O=Test, CN=gw.example.test"])
+def test_certificate_auth_accepts_an_id_the_certificate_contains(
+    tmp_path: Path, pki: Path, local_id: str
+) -> None:
+    path = write(tmp_path, PUBKEY.format(
+        local=f'id = "{local_id}", cert = "pki/gw.pem", key = "pki/gw.key"'))
+    (conn,) = load_config(path).policy.connections
+    assert conn.local.identity == parse_identity(local_id)
+
+
+@pytest.mark.parametrize("kind", sorted(KEY_MAKERS))
+def test_certificate_auth_key_types(tmp_path: Path, kind: str) -> None:
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    key = KEY_MAKERS[kind]()
+    (tmp_path / "pki").mkdir()
+    (tmp_path / "pki" / "ca.pem").write_bytes(_pem(_cert("CA", ca_key, "CA", ca_key, ca=True)))
+    (tmp_path / "gw.pem").write_bytes(_pem(_cert("gw", key, "CA", ca_key, ca=False)))
+    (tmp_path / "gw.key").write_bytes(_key_pem(key))
+    path = write(tmp_path, PUBKEY.format(local='cert = "gw.pem", key = "gw.key"'))
+    (conn,) = load_config(path).policy.connections
+    assert conn.local.key is not None
+    assert conn.local.key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ) == key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+CERT_ERRORS = [
+    ("id not in cert", 'id = "other.example.test", cert = "pki/gw.pem", key = "pki/gw.key"',
+     "connections.rw.local.id", "'other.example.test' is not contained in the certificate"),
+    ("wrong key", 'cert = "pki/gw.pem", key = "pki/stranger.key"',
+     "connections.rw.local.key", "does not belong to the certificate"),
+    ("encrypted key", 'cert = "pki/gw.pem", key = "pki/locked.key"',
+     "connections.rw.local.key", "'pki/locked.key' is encrypted"),
+    ("key is a cert", 'cert = "pki/gw.pem", key = "pki/ca.pem"',
+     "connections.rw.local.key", "'pki/ca.pem' holds no valid private key"),
+    ("cert is a key", 'cert = "pki/gw.key", key = "pki/gw.key"',
+     "connections.rw.local.cert", "'pki/gw.key' holds no valid certificate"),
+    ("missing key", 'cert = "pki/gw.pem"', "connections.rw.local.key", "missing (required)"),
+    ("unreadable key", 'cert = "pki/gw.pem", key = "pki/none.key"',
+     "connections.rw.local.key", "cannot read 'pki/none.key': No such file or directory"),
+]
+
+
+@pytest.mark.parametrize(
+    ("local", "key", "reason"), [c[1:] for c in CERT_ERRORS], ids=[c[0] for c in CERT_ERRORS]
+)
+def test_certificate_mistakes(
+    tmp_path: Path, pki: Path, local: str, key: str, reason: str
+) -> None:
+    path = write(tmp_path, PUBKEY.format(local=local))
+    message = load_error(path)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: {key}: {reason}"), message
+
+
+@pytest.mark.parametrize(
+    ("cacerts", "key", "reason"),
+    [
+        ("[]", "connections.rw.remote.cacerts", "needs at least one CA certificate"),
+        ('["pki/nope.pem"]', "connections.rw.remote.cacerts[0]", "cannot read 'pki/nope.pem'"),
+    ],
+)
+def test_remote_pubkey_needs_readable_cacerts(
+    tmp_path: Path, pki: Path, cacerts: str, key: str, reason: str
+) -> None:
+    text = PUBKEY.format(local='cert = "pki/gw.pem", key = "pki/gw.key"').replace(
+        '["pki/ca.pem"]', cacerts
+    )
+    message = load_error(write(tmp_path, text))
+    assert message.startswith(f"{tmp_path / 'node.toml'}: {key}: {reason}"), message
+
+
+def test_pubkey_connection_needs_no_secret(tmp_path: Path, pki: Path) -> None:
+    path = write(tmp_path, PUBKEY.format(local='cert = "pki/gw.pem", key = "pki/gw.key"'))
+    config: NodeConfig = load_config(path)
+    assert config.policy.secrets == ()
