@@ -1,0 +1,170 @@
+"""The ike-cluster command: exit codes and output of check-config, run's wiring, --version."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from cluster import __version__, cli
+from cluster.config import NodeConfig
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "config" / "example.toml"
+
+
+def ike_cluster(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    # PYTHONPATH: the checkout's package, even when it is not installed in this venv
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "cluster", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_config_ok_prints_path_and_connection_count() -> None:
+    result = ike_cluster("check-config", "config/example.toml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "config/example.toml: OK (1 connections)\n"
+    assert result.stderr == ""
+
+
+def test_check_config_error_is_one_line_on_stderr_with_status_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        EXAMPLE.read_text().replace("aes128-sha256-modp2048", "aes999-sha256-modp2048")
+    )
+    result = ike_cluster("check-config", "bad.toml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        "bad.toml: connections.rw.proposals[1]: unknown algorithm 'aes999'\n"
+    )
+
+
+def test_check_config_missing_file_status_2(tmp_path: Path) -> None:
+    result = ike_cluster("check-config", "absent.toml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "absent.toml: cannot read: No such file or directory\n"
+
+
+def test_check_config_error_never_shows_the_secret(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        EXAMPLE.read_text().replace('secret = "change-me"', 'secret = "0xchange-me"')
+    )
+    result = ike_cluster("check-config", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"{bad}: secrets.rw.secret: ")
+    assert "change-me" not in result.stderr
+
+
+def test_run_with_bad_config_exits_2_before_starting(tmp_path: Path) -> None:
+    result = ike_cluster("run", "--config", str(tmp_path / "absent.toml"))
+    assert result.returncode == 2
+    assert result.stderr == f"{tmp_path / 'absent.toml'}: cannot read: No such file or directory\n"
+
+
+def test_version() -> None:
+    result = ike_cluster("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"ike-cluster {__version__}\n"
+
+
+@pytest.mark.parametrize("args", [[], ["run"], ["frobnicate"], ["run", "--log-level", "loud"]])
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    result = ike_cluster(*args)
+    assert result.returncode == 2
+    assert "usage: ike-cluster" in result.stderr
+
+
+# --- run, with the runtime replaced by a fake ---------------------------------------------
+
+
+@pytest.fixture
+def root_logger() -> Iterator[logging.Logger]:
+    """Undo what `run` does to the root logger, so other tests keep pytest's handlers."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield root
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def fake_runtime(monkeypatch: pytest.MonkeyPatch, behaviour: BaseException | None) -> list[object]:
+    calls: list[object] = []
+
+    async def run_node(
+        config: NodeConfig, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        calls.append(config)
+        await trio.sleep(0)
+        if behaviour is not None:
+            raise behaviour
+
+    module = types.ModuleType("cluster.runtime.node")
+    module.run_node = run_node  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cluster.runtime.node", module)
+    return calls
+
+
+def test_run_loads_config_sets_logging_and_runs_the_node(
+    monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger
+) -> None:
+    calls = fake_runtime(monkeypatch, None)
+    assert cli.main(["run", "--config", str(EXAMPLE)]) == 0
+    (config,) = calls
+    assert isinstance(config, NodeConfig) and config.node_id == "gw1"
+    assert root_logger.level == logging.INFO
+    added = [h for h in root_logger.handlers if isinstance(h, logging.StreamHandler)]
+    assert any(
+        h.formatter is not None and h.formatter._fmt == cli.LOG_FORMAT for h in added
+    )
+
+
+def test_run_log_level_option_overrides_the_file(
+    monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger
+) -> None:
+    fake_runtime(monkeypatch, None)
+    assert cli.main(["run", "--config", str(EXAMPLE), "--log-level", "debug"]) == 0
+    assert root_logger.level == logging.DEBUG
+
+
+def test_run_keyboard_interrupt_exits_130_without_traceback(
+    monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake_runtime(monkeypatch, KeyboardInterrupt())
+    assert cli.main(["run", "--config", str(EXAMPLE)]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_run_os_error_is_logged_as_one_line_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake_runtime(monkeypatch, OSError(98, "Address already in use"))
+    assert cli.main(["run", "--config", str(EXAMPLE)]) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        "[Errno 98] Address already in use"
+    ]
+
+
+def test_run_other_errors_are_not_swallowed(
+    monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger
+) -> None:
+    fake_runtime(monkeypatch, RuntimeError("bug"))
+    with pytest.raises(RuntimeError, match="bug"):
+        cli.main(["run", "--config", str(EXAMPLE)])
