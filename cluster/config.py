@@ -492,15 +492,17 @@ def _secret_may_serve(
 
 def _decode_secret(entry: _Table, name: str, text: str) -> bytes:
     """strongSwan's secret syntax: `0x` hex, `0s` base64, anything else the UTF-8 text."""
+    prefix = text[:2].lower()
     try:
-        if text[:2].lower() == "0x":
+        if prefix == "0x":
             secret = bytes.fromhex(text[2:])
-        elif text[:2].lower() == "0s":
+        elif prefix == "0s":
             secret = base64.b64decode(text[2:], validate=True)
         else:
             secret = text.encode("utf-8")
     except (ValueError, binascii.Error):
-        entry.fail(name, "the secret after the 0x/0s prefix is not valid hex/base64")
+        encoding = "hex" if prefix == "0x" else "base64"
+        entry.fail(name, f"the secret after its {prefix!r} prefix is not valid {encoding}")
     if not secret:
         entry.fail(name, "the secret is empty")
     return secret
