@@ -1,0 +1,111 @@
+"""Child SA negotiation shared by IKE_AUTH and CREATE_CHILD_SA (RFC 7296 1.3, 2.9, 2.17)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import NoProposalChosen, TsUnacceptable
+from .constants import NotifyType, ProtocolId
+from .events import ChildSaEstablished
+from .keymat import derive_child_keys
+from .payloads import NotifyPayload, Payload, SaPayload, TsiPayload, TsrPayload
+from .policy import ChildConfig, ConnectionConfig
+from .proposals import ChosenAlgorithms, Proposal, chosen_to_proposal, select_proposal
+from .sa import ChildSa, IkeSa
+from .traffic_selectors import TrafficSelector, narrow
+
+Random = Callable[[int], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class ChildChoice:
+    config: ChildConfig
+    proposal: Proposal
+    chosen: ChosenAlgorithms
+    tsi: tuple[TrafficSelector, ...]
+    tsr: tuple[TrafficSelector, ...]
+    transport: bool
+
+
+def new_child_spi(sa: IkeSa, rng: Random) -> bytes:
+    while True:  # SPIs below 256 are reserved (RFC 4303 2.1)
+        spi = rng(4)
+        if int.from_bytes(spi, "big") >= 256 and spi not in sa.children:
+            return spi
+
+
+def choose_child(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload]) -> ChildChoice:
+    """The responder's pick of child config, ESP proposal and narrowed selectors."""
+    sa_p = next((p for p in payloads if isinstance(p, SaPayload)), None)
+    tsi_p = next((p for p in payloads if isinstance(p, TsiPayload)), None)
+    tsr_p = next((p for p in payloads if isinstance(p, TsrPayload)), None)
+    if sa_p is None or tsi_p is None or tsr_p is None:
+        raise NoProposalChosen("no Child SA requested")
+    transport = any(isinstance(p, NotifyPayload) and p.notify_type == NotifyType.USE_TRANSPORT_MODE
+                    for p in payloads)
+    offered = [p for p in sa_p.proposals if p.protocol == ProtocolId.ESP and len(p.spi) == 4]
+    proposal_error: Exception | None = None
+    for child in conn.children:
+        tsi = narrow(tsi_p.selectors, [t.resolve(sa.remote[0]) for t in child.remote_ts])
+        tsr = narrow(tsr_p.selectors, [t.resolve(sa.local[0]) for t in child.local_ts])
+        if not tsi or not tsr:
+            continue
+        if child.mode == "transport" and not transport:
+            continue  # we insist on transport; the peer asked for a tunnel
+        try:
+            proposal, chosen = select_proposal(offered, child.esp_proposals,
+                                               legacy_allowed=sa.policy.legacy_algorithms)
+        except NoProposalChosen as exc:
+            proposal_error = exc
+            continue
+        return ChildChoice(child, proposal, chosen, tsi, tsr,
+                           transport and child.mode == "transport")
+    if proposal_error is not None:
+        raise NoProposalChosen("no acceptable ESP proposal")
+    raise TsUnacceptable("no child config fits the traffic selectors")
+
+
+def install_child(sa: IkeSa, name: str, mode: str, spi_in: bytes, spi_out: bytes,
+                  chosen: ChosenAlgorithms, nonce_i: bytes, nonce_r: bytes,
+                  local_ts: tuple[TrafficSelector, ...], remote_ts: tuple[TrafficSelector, ...],
+                  shared: bytes = b"") -> ChildSa:
+    """Derive KEYMAT, record the Child SA and emit ChildSaEstablished."""
+    assert sa.chosen is not None and sa.chosen.prf is not None and sa.keys is not None
+    keys = derive_child_keys(sa.chosen.prf, sa.keys.sk_d, chosen.encr, chosen.integ,
+                             nonce_i, nonce_r, shared)
+    child = ChildSa(name, mode, spi_in, spi_out, chosen, keys, local_ts, remote_ts)
+    sa.children[spi_in] = child
+    if sa.is_initiator:
+        key_in, int_in, key_out, int_out = keys.encr_r, keys.integ_r, keys.encr_i, keys.integ_i
+    else:
+        key_in, int_in, key_out, int_out = keys.encr_i, keys.integ_i, keys.encr_r, keys.integ_r
+    sa.events.append(ChildSaEstablished(
+        sa.spi_i, sa.spi_r, name, mode, spi_in, spi_out, chosen.encr, chosen.integ,
+        chosen.esn == 1, key_in, int_in, key_out, int_out, local_ts, remote_ts,
+        sa.local, sa.remote, encap=sa.nat,
+    ))
+    return child
+
+
+def respond_child(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload],
+                  rng: Random) -> list[Payload]:
+    """Child SA part of a response; a refusal is a notify, the IKE SA stays (RFC 7296 2.21.3)."""
+    try:
+        choice = choose_child(sa, conn, payloads)
+    except (NoProposalChosen, TsUnacceptable) as exc:
+        return [NotifyPayload(exc.notify)]
+    spi_in = new_child_spi(sa, rng)
+    mode = "transport" if choice.transport else "tunnel"
+    install_child(sa, choice.config.name, mode, spi_in, choice.proposal.spi, choice.chosen,
+                  sa.nonce_i, sa.nonce_r, choice.tsr, choice.tsi)
+    out: list[Payload] = []
+    if choice.transport:
+        out.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
+    out += [
+        SaPayload((chosen_to_proposal(choice.proposal.number, ProtocolId.ESP, spi_in,
+                                      choice.chosen),)),
+        TsiPayload(choice.tsi),
+        TsrPayload(choice.tsr),
+    ]
+    return out

@@ -1,0 +1,231 @@
+"""The IKE_AUTH exchange (RFC 7296 1.2, 2.15): identities, AUTH, the first Child SA."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from datetime import datetime
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from ..errors import AuthenticationFailed, IkeError, InvalidSyntax, ParseError
+from .auth import (
+    certreq_authority_hashes,
+    choose_auth_method,
+    load_certificate_der_untrusted,
+    psk_auth_data,
+    sign_auth,
+    signed_octets,
+    verify_auth,
+    verify_certificate_chain,
+    verify_psk,
+)
+from .child_sa import Random, install_child, new_child_spi, respond_child
+from .constants import AuthMethod, CertEncoding, IdType, NotifyType, ProtocolId
+from .events import IkeSaEstablished
+from .identity import Identity, cert_matches_identity, identity_from_payload_untrusted
+from .ike_init import candidate_connections, first_of, notifies
+from .payloads import (
+    AuthPayload,
+    CertPayload,
+    CertreqPayload,
+    IdiPayload,
+    IdrPayload,
+    NotifyPayload,
+    Payload,
+    SaPayload,
+    TsiPayload,
+    TsrPayload,
+)
+from .policy import ConnectionConfig, LocalAuth, RemoteAuth
+from .proposals import chosen_from_response
+from .sa import IkeSa
+
+WallClock = Callable[[], datetime]
+
+
+def _local_identity(sa: IkeSa, auth: LocalAuth) -> Identity:
+    if auth.identity is not None:
+        return auth.identity
+    if auth.cert is not None:
+        return Identity(IdType.DER_ASN1_DN, auth.cert.subject.public_bytes())
+    ip = ipaddress.ip_address(sa.local[0])
+    return Identity(IdType.IPV4_ADDR if ip.version == 4 else IdType.IPV6_ADDR, ip.packed)
+
+
+def _our_auth(sa: IkeSa, auth: LocalAuth, ident: Identity, peer_ident: Identity | None,
+              message: bytes, peer_nonce: bytes) -> list[Payload]:
+    """CERT payloads (if any) and our AUTH payload."""
+    chosen, keys = sa.chosen, sa.keys
+    assert chosen is not None and chosen.prf is not None and keys is not None
+    sk_p = keys.sk_pi if sa.is_initiator else keys.sk_pr
+    octets = signed_octets(message, peer_nonce, chosen.prf, sk_p, ident.id_type, ident.data)
+    if auth.method == "psk":
+        secret = sa.policy.find_psk(ident, peer_ident) if peer_ident else None
+        if secret is None:
+            raise AuthenticationFailed("no shared secret for this pair of identities")
+        return [AuthPayload(AuthMethod.PSK, psk_auth_data(chosen.prf, secret, octets))]
+    assert auth.key is not None and auth.cert is not None
+    hashes = frozenset(sa.peer_hashes)
+    method = choose_auth_method(auth.key, hashes)  # type: ignore[arg-type]
+    out: list[Payload] = [CertPayload(CertEncoding.X509_SIGNATURE,
+                                      auth.cert.public_bytes(Encoding.DER))]
+    out += [CertPayload(CertEncoding.X509_SIGNATURE, c.public_bytes(Encoding.DER))
+            for c in auth.intermediates]
+    out.append(AuthPayload(method, sign_auth(auth.key, method, octets, hashes)))  # type: ignore[arg-type]
+    return out
+
+
+def _verify_peer(sa: IkeSa, remote: RemoteAuth, peer_ident: Identity, id_type: int,
+                 id_data: bytes, auth: AuthPayload, certs: list[CertPayload],
+                 local_ident: Identity | None, message: bytes, our_nonce: bytes,
+                 wall_clock: WallClock) -> None:
+    chosen, keys = sa.chosen, sa.keys
+    assert chosen is not None and chosen.prf is not None and keys is not None
+    sk_p = keys.sk_pr if sa.is_initiator else keys.sk_pi
+    octets = signed_octets(message, our_nonce, chosen.prf, sk_p, id_type, id_data)
+    if auth.method == AuthMethod.PSK:
+        if remote.method != "psk":
+            raise AuthenticationFailed("peer used a PSK where a signature is required")
+        secret = sa.policy.find_psk(local_ident, peer_ident)
+        if secret is None or not verify_psk(chosen.prf, secret, octets, auth.data):
+            raise AuthenticationFailed("PSK AUTH does not verify")
+        return
+    if remote.method != "pubkey":
+        raise AuthenticationFailed("peer used a signature where a PSK is required")
+    x509_certs = [c for c in certs if c.encoding == CertEncoding.X509_SIGNATURE]
+    if not x509_certs:
+        raise AuthenticationFailed("no certificate from the peer")
+    try:
+        cert = load_certificate_der_untrusted(x509_certs[0].data)
+        chain = [load_certificate_der_untrusted(c.data) for c in x509_certs[1:]]
+    except ParseError as exc:
+        raise AuthenticationFailed(f"peer certificate: {exc}") from None
+    verify_certificate_chain(cert, chain, remote.cacerts, wall_clock())
+    if not cert_matches_identity(cert, peer_ident):
+        raise AuthenticationFailed(f"certificate does not contain identity {peer_ident}")
+    key = cert.public_key()
+    verify_auth(key, auth.method, auth.data, octets)  # type: ignore[arg-type]
+
+
+def _established(sa: IkeSa) -> None:
+    assert sa.connection is not None and sa.chosen is not None
+    sa.events.append(IkeSaEstablished(
+        sa.spi_i, sa.spi_r, sa.connection.name, str(sa.local_id), str(sa.remote_id),
+        sa.local, sa.remote, sa.chosen.describe(), sa.nat,
+    ))
+
+
+# --- responder -----------------------------------------------------------------------
+
+
+def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
+                 wall_clock: WallClock) -> list[Payload]:
+    idi = first_of(payloads, IdiPayload)
+    auth = first_of(payloads, AuthPayload)
+    if idi is None:
+        raise InvalidSyntax("IKE_AUTH request without IDi")
+    if auth is None:
+        raise AuthenticationFailed("EAP is not supported (no AUTH payload)")
+    try:
+        peer_ident = identity_from_payload_untrusted(idi.id_type, idi.data)
+    except ParseError as exc:
+        raise AuthenticationFailed(f"bad IDi: {exc}") from None
+    idr = first_of(payloads, IdrPayload)
+    certs = [p for p in payloads if isinstance(p, CertPayload)]
+    failure: IkeError = AuthenticationFailed(f"no connection accepts identity {peer_ident}")
+    chosen_conn: ConnectionConfig | None = None
+    for conn in candidate_connections(sa.policy, sa.local, sa.remote):
+        if not conn.remote.identity.matches(peer_ident):
+            continue
+        local_ident = _local_identity(sa, conn.local)
+        if idr is not None and (idr.id_type, idr.data) != (local_ident.id_type, local_ident.data):
+            continue  # the peer asked for another identity of ours
+        try:
+            _verify_peer(sa, conn.remote, peer_ident, idi.id_type, idi.data, auth, certs,
+                         conn.local.identity, sa.init_request, sa.nonce_r, wall_clock)
+        except AuthenticationFailed as exc:
+            failure = exc
+            continue
+        chosen_conn = conn
+        break
+    if chosen_conn is None:
+        raise failure
+    sa.connection = chosen_conn
+    sa.remote_id = peer_ident
+    sa.local_id = _local_identity(sa, chosen_conn.local)
+    response: list[Payload] = [IdrPayload(sa.local_id.id_type, sa.local_id.data)]
+    response += _our_auth(sa, chosen_conn.local, sa.local_id, peer_ident, sa.init_response,
+                          sa.nonce_i)
+    _established(sa)
+    response += respond_child(sa, chosen_conn, payloads, rng)
+    return response
+
+
+# --- initiator -----------------------------------------------------------------------
+
+
+def build_auth_request(sa: IkeSa, rng: Random) -> list[Payload]:
+    conn = sa.connection
+    assert conn is not None
+    sa.local_id = _local_identity(sa, conn.local)
+    peer = conn.remote.identity
+    payloads: list[Payload] = [IdiPayload(sa.local_id.id_type, sa.local_id.data)]
+    if conn.remote.method == "pubkey" and conn.remote.cacerts:
+        payloads.append(CertreqPayload(CertEncoding.X509_SIGNATURE,
+                                       certreq_authority_hashes(conn.remote.cacerts)))
+    if not peer.any and peer.identity is not None:
+        payloads.append(IdrPayload(peer.identity.id_type, peer.identity.data))
+    auth = _our_auth(sa, conn.local, sa.local_id, peer.identity, sa.init_request, sa.nonce_r)
+    # CERT payloads go before AUTH, after IDi (RFC 7296 1.2 ordering)
+    payloads[1:1] = [p for p in auth if isinstance(p, CertPayload)]
+    payloads += [p for p in auth if isinstance(p, AuthPayload)]
+    child = conn.children[0]
+    sa.pending_child_spi = new_child_spi(sa, rng)
+    if child.mode == "transport":
+        payloads.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
+    payloads += [
+        SaPayload(tuple(p.to_proposal(i + 1, sa.pending_child_spi)
+                        for i, p in enumerate(child.esp_proposals))),
+        TsiPayload(tuple(t.resolve(sa.local[0]) for t in child.local_ts)),
+        TsrPayload(tuple(t.resolve(sa.remote[0]) for t in child.remote_ts)),
+    ]
+    return payloads
+
+
+def process_auth_response(sa: IkeSa, payloads: list[Payload], wall_clock: WallClock) -> None:
+    conn = sa.connection
+    assert conn is not None
+    for n in payloads:
+        if isinstance(n, NotifyPayload) and n.notify_type == NotifyType.AUTHENTICATION_FAILED:
+            raise AuthenticationFailed("responder refused our authentication")
+    idr = first_of(payloads, IdrPayload)
+    auth = first_of(payloads, AuthPayload)
+    if idr is None or auth is None:
+        raise AuthenticationFailed("IKE_AUTH response lacks IDr or AUTH")
+    try:
+        peer_ident = identity_from_payload_untrusted(idr.id_type, idr.data)
+    except ParseError as exc:
+        raise AuthenticationFailed(f"bad IDr: {exc}") from None
+    if not conn.remote.identity.matches(peer_ident):
+        raise AuthenticationFailed(f"responder identity {peer_ident} is not the one configured")
+    certs = [p for p in payloads if isinstance(p, CertPayload)]
+    _verify_peer(sa, conn.remote, peer_ident, idr.id_type, idr.data, auth, certs,
+                 sa.local_id, sa.init_response, sa.nonce_i, wall_clock)
+    sa.remote_id = peer_ident
+    _established(sa)
+    refused = [n for n in payloads if isinstance(n, NotifyPayload) and n.notify_type < 16384]
+    sa_p = first_of(payloads, SaPayload)
+    tsi = first_of(payloads, TsiPayload)
+    tsr = first_of(payloads, TsrPayload)
+    if refused or sa_p is None or tsi is None or tsr is None or len(sa_p.proposals) != 1:
+        return  # the IKE SA stands without a Child SA (RFC 7296 2.21.3)
+    proposal = sa_p.proposals[0]
+    if proposal.protocol != ProtocolId.ESP or len(proposal.spi) != 4:
+        return
+    child = conn.children[0]
+    transport = bool(notifies(payloads, NotifyType.USE_TRANSPORT_MODE))
+    install_child(sa, child.name, "transport" if transport else "tunnel",
+                  sa.pending_child_spi, proposal.spi, chosen_from_response(proposal),
+                  sa.nonce_i, sa.nonce_r, tsi.selectors, tsr.selectors)
+
