@@ -163,7 +163,9 @@ def _pull_transform(buf: Buffer) -> tuple[bool, Transform]:
 
 
 def _push_transform(buf: Buffer, t: Transform, last: bool) -> None:
-    attrs = b"" if t.key_bits is None else (0x800E).to_bytes(2, "big") + t.key_bits.to_bytes(2, "big")
+    attrs = b""
+    if t.key_bits is not None:  # TV attribute: AF bit | Key Length (14)
+        attrs = (0x800E).to_bytes(2, "big") + t.key_bits.to_bytes(2, "big")
     buf.push_uint8(0 if last else 3)
     buf.push_uint8(0)
     buf.push_uint16(8 + len(attrs))

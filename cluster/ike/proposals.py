@@ -127,9 +127,10 @@ def parse_proposal(text: str, protocol: ProtocolId, legacy_allowed: bool) -> Con
     if not all(aead) and not integ:
         raise ValueError("a non-AEAD proposal needs an integrity algorithm")
     if not legacy_allowed:
-        for alg in (*encr, *integ, *prf):
-            if alg.legacy:
-                raise ValueError(f"'{alg.name}' is a legacy algorithm (set legacy_algorithms)")
+        names = [a.name for a in encr if a.legacy] + [a.name for a in integ if a.legacy]
+        names += [a.name for a in prf if a.legacy]
+        if names:
+            raise ValueError(f"'{names[0]}' is a legacy algorithm (set legacy_algorithms)")
     if protocol == ProtocolId.IKE:
         if esn:
             raise ValueError("esn applies to ESP proposals only")

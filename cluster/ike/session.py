@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..errors import (
-    AuthenticationFailed,
     IkeError,
-    InvalidSyntax,
     NoAdditionalSas,
     ParseError,
     UnsupportedCriticalPayload,
@@ -204,8 +202,7 @@ class IkeSession:
         if header.message_id != self._peer_next_id:
             self._drop("message_id")
             return
-        trigger = _REQUEST_TRIGGERS.get(ExchangeType(header.exchange)) if header.exchange in (
-            34, 35, 36, 37) else None
+        trigger = _REQUEST_TRIGGERS.get(header.exchange)  # type: ignore[call-overload]
         if trigger is None or (sa.state, trigger) not in TRANSITIONS:
             self._drop("unexpected_exchange")
             return
@@ -328,11 +325,10 @@ class IkeSession:
         elif exchange == ExchangeType.IKE_AUTH:
             process_auth_response(sa, payloads, self._wall_clock)
             sa.transition(Trigger.RECV_AUTH_RESPONSE)
-        elif exchange == ExchangeType.INFORMATIONAL:
-            if pending.deletes_ike:
-                sa.events.append(ExchangeCompleted(exchange, False, "ok"))
-                self._close(Trigger.RECV_DELETE_RESPONSE, "deleted by us")
-                return
+        elif exchange == ExchangeType.INFORMATIONAL and pending.deletes_ike:
+            sa.events.append(ExchangeCompleted(exchange, False, "ok"))
+            self._close(Trigger.RECV_DELETE_RESPONSE, "deleted by us")
+            return
         sa.events.append(ExchangeCompleted(exchange, False, "ok"))
 
     # --- plumbing --------------------------------------------------------------------
@@ -374,4 +370,4 @@ class IkeSession:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
 
-__all__ = ["AuthenticationFailed", "Datagram", "IkeSession", "InvalidSyntax"]
+__all__ = ["Address", "Datagram", "IkeSession"]

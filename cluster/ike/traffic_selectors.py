@@ -37,7 +37,7 @@ class TrafficSelector:
     def __str__(self) -> str:
         start = ipaddress.ip_address(self.start_addr)
         end = ipaddress.ip_address(self.end_addr)
-        nets = list(ipaddress.summarize_address_range(start, end))  # type: ignore[type-var]
+        nets = list(ipaddress.summarize_address_range(start, end))
         text = str(nets[0]) if len(nets) == 1 else f"{start}..{end}"
         if self.protocol or (self.start_port, self.end_port) != (0, 65535):
             ports = ("" if (self.start_port, self.end_port) == (0, 65535)
