@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import re
+import signal
 import subprocess
 import sys
+import threading
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,3 +172,52 @@ def test_run_other_errors_are_not_swallowed(
     fake_runtime(monkeypatch, RuntimeError("bug"))
     with pytest.raises(RuntimeError, match="bug"):
         cli.main(["run", "--config", str(EXAMPLE)])
+
+
+# --- run, for real: start on loopback, stop with a signal ------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_run_serves_until_signal_then_exits_0_without_traceback(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        EXAMPLE.read_text().replace(
+            'addresses = ["10.99.0.2"]', 'addresses = ["127.0.0.1"]\nport = 0\nport_nat_t = 0'
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with subprocess.Popen(
+        [sys.executable, "-m", "cluster", "run", "--config", str(config)],
+        stderr=subprocess.PIPE, text=True, env=env,
+    ) as proc:
+        stderr = proc.stderr
+        assert stderr is not None
+        lines: queue.Queue[str] = queue.Queue()
+
+        def read_lines() -> None:  # a thread, so waiting for a line can time out
+            for line in stderr:
+                lines.put(line)
+
+        reader = threading.Thread(target=read_lines, daemon=True)
+        reader.start()
+        seen: list[str] = []
+        while not any("listening on" in line for line in seen):
+            try:
+                seen.append(lines.get(timeout=30))
+            except queue.Empty:
+                proc.kill()
+                pytest.fail(f"node did not start: {''.join(seen)}")
+        proc.send_signal(signum)
+        proc.wait(timeout=30)
+        reader.join(timeout=30)
+    while not lines.empty():
+        seen.append(lines.get())
+    log = "".join(seen)
+    assert proc.returncode == 0, log
+    assert "Traceback" not in log
+    assert f"{signum.name} received; shutting down" in log
+    # the configured format: time, level, logger name, message
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO cluster\.\S+: node gw1 ", log,
+                     re.MULTILINE), log
