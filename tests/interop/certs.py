@@ -1,0 +1,162 @@
+"""A throw-away PKI for interop tests: a CA and end-entity certificates in PEM.
+
+End-entity certificates carry the IKE identity as a subjectAltName dNSName, which is
+what strongSwan matches an FQDN ID against.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeAlias
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+@dataclass(frozen=True)
+class Credential:
+    cert: Path
+    key: Path
+
+
+def new_key(key_type: str) -> PrivateKey:
+    if key_type == "ecdsa":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    raise ValueError(f"key_type must be 'ecdsa' or 'rsa', not {key_type!r}")
+
+
+def _write_key(key: PrivateKey, path: Path) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+
+
+class TestCa:
+    """A self-signed CA that issues certificates into ``directory``.
+
+    Files are named after ``stem``: ``<stem>.pem`` / ``<stem>key.pem`` for the CA,
+    ``<name>.pem`` / ``<name>key.pem`` for what it issues.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(
+        self, directory: Path, *, stem: str = "ca", common_name: str = "ike-cluster test CA",
+        key_type: str = "ecdsa",
+    ) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.key = new_key(key_type)
+        self.name = x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ike-cluster tests"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ])
+        now = datetime.datetime.now(datetime.UTC)
+        ski = x509.SubjectKeyIdentifier.from_public_key(self.key.public_key())
+        self.certificate = (
+            x509.CertificateBuilder()
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False, content_commitment=False,
+                    key_encipherment=False, data_encipherment=False, key_agreement=False,
+                    key_cert_sign=True, crl_sign=True, encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(ski, critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.cert_path = directory / f"{stem}.pem"
+        self.key_path = directory / f"{stem}key.pem"
+        self.cert_path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
+        _write_key(self.key, self.key_path)
+
+    def issue(
+        self, dns_name: str, *, key_type: str = "ecdsa", name: str | None = None
+    ) -> Credential:
+        """An end-entity certificate for ``dns_name`` (CN and SAN dNSName)."""
+        name = name or dns_name.split(".")[0]
+        key = new_key(key_type)
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ike-cluster tests"),
+                x509.NameAttribute(NameOID.COMMON_NAME, dns_name),
+            ]))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False,
+                    key_encipherment=key_type == "rsa", data_encipherment=False,
+                    key_agreement=False, key_cert_sign=False, crl_sign=False,
+                    encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        cred = Credential(self.directory / f"{name}.pem", self.directory / f"{name}key.pem")
+        cred.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(key, cred.key)
+        return cred
+
+
+@dataclass(frozen=True)
+class Pki:
+    """The credentials the interop tests use, all in one directory."""
+
+    ca: Path
+    gw_ecdsa: Credential
+    client_ecdsa: Credential
+    gw_rsa: Credential
+    client_rsa: Credential
+    other_ca: Path
+    client_from_other_ca: Credential  # client's identity, signed by a CA nobody trusts
+
+
+def make_pki(directory: Path) -> Pki:
+    ca = TestCa(directory)
+    other = TestCa(directory, stem="otherca", common_name="untrusted test CA")
+    return Pki(
+        ca=ca.cert_path,
+        gw_ecdsa=ca.issue("gw.example.test", name="gw"),
+        client_ecdsa=ca.issue("client.example.test", name="client"),
+        gw_rsa=ca.issue("gw.example.test", key_type="rsa", name="gwrsa"),
+        client_rsa=ca.issue("client.example.test", key_type="rsa", name="clientrsa"),
+        other_ca=other.cert_path,
+        client_from_other_ca=other.issue("client.example.test", name="clientother"),
+    )

@@ -1,0 +1,264 @@
+"""A two-namespace lab: strongSwan (or anything) as initiator, a responder opposite.
+
+    with Lab(tmp_path) as lab:
+        initiator, responder = conn_pair()
+        node = lab.node([responder])            # our product in the responder netns
+        charon = lab.charon("initiator")
+        charon.load(initiator)
+        assert charon.initiate("net").returncode == 0
+
+Layout: namespace ``<prefix>-<pid>-<rand>-i`` (10.99.0.1/24, fd99::1/64 on veth0;
+10.99.1.1/32, fd99:1::1/128 on lo) and ``...-r`` (10.99.0.2, fd99::2; 10.99.2.1,
+fd99:2::1). Leaving the ``with`` block stops every process the lab started and
+deletes both namespaces, also when the block raised.
+
+Also used by benchmarks and cluster tests, so it imports nothing from pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from tests.interop.certs import Credential, TestCa
+from tests.interop.charon import PLUGINS, Charon
+from tests.interop.netns import LabError, Netns, create_netns, destroy_netns, run_host
+from tests.interop.node import Node, render_node_config
+from tests.interop.spec import (
+    INITIATOR_ID,
+    INITIATOR_INNER_V4,
+    INITIATOR_INNER_V6,
+    INITIATOR_NETS,
+    INITIATOR_V4,
+    INITIATOR_V6,
+    RESPONDER_ID,
+    RESPONDER_INNER_V4,
+    RESPONDER_INNER_V6,
+    RESPONDER_NETS,
+    RESPONDER_V4,
+    RESPONDER_V6,
+    Child,
+    Conn,
+    End,
+)
+
+__all__ = [
+    "INITIATOR_ID",
+    "INITIATOR_INNER_V4",
+    "INITIATOR_INNER_V6",
+    "INITIATOR_V4",
+    "INITIATOR_V6",
+    "RESPONDER_ID",
+    "RESPONDER_INNER_V4",
+    "RESPONDER_INNER_V6",
+    "RESPONDER_V4",
+    "RESPONDER_V6",
+    "Charon",
+    "Child",
+    "Conn",
+    "Credential",
+    "End",
+    "Lab",
+    "LabError",
+    "Netns",
+    "Node",
+    "TestCa",
+    "conn_pair",
+    "render_node_config",
+]
+
+Side = Literal["initiator", "responder"]
+VETH = "veth0"
+
+
+class Lab:
+    def __init__(self, workdir: Path | None = None, *, prefix: str = "ikc") -> None:
+        self._own_workdir = workdir is None
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-lab-")) if workdir is None else workdir
+        base = f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.names = {"initiator": f"{base}-i", "responder": f"{base}-r"}
+        self._namespaces: list[Netns] = []
+        self.charons: list[Charon] = []
+        self.nodes: list[Node] = []
+
+    # -- namespaces --------------------------------------------------------------
+
+    @property
+    def initiator(self) -> Netns:
+        return self._namespaces[0]
+
+    @property
+    def responder(self) -> Netns:
+        return self._namespaces[1]
+
+    def ns(self, side: Side) -> Netns:
+        return self.initiator if side == "initiator" else self.responder
+
+    def __enter__(self) -> Lab:
+        try:
+            self.setup()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
+
+    def setup(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for side in ("initiator", "responder"):
+            self._namespaces.append(create_netns(self.names[side]))
+        # Create both ends inside their namespaces: no name ever appears on the host.
+        run_host([
+            "ip", "link", "add", VETH, "netns", self.initiator.name, "type", "veth",
+            "peer", "name", VETH, "netns", self.responder.name,
+        ])  # fmt: skip
+        for ns, outer4, outer6, inner4, inner6 in (
+            (self.initiator, INITIATOR_V4, INITIATOR_V6, INITIATOR_INNER_V4, INITIATOR_INNER_V6),
+            (self.responder, RESPONDER_V4, RESPONDER_V6, RESPONDER_INNER_V4, RESPONDER_INNER_V6),
+        ):
+            ns.ip("addr", "add", f"{outer4}/24", "dev", VETH)
+            ns.ip("-6", "addr", "add", f"{outer6}/64", "dev", VETH, "nodad")
+            ns.ip("addr", "add", f"{inner4}/32", "dev", "lo")
+            ns.ip("-6", "addr", "add", f"{inner6}/128", "dev", "lo")
+            ns.ip("link", "set", VETH, "up")
+
+    def teardown(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        for charon in self.charons:
+            charon.stop()
+        for ns in self._namespaces:
+            destroy_netns(ns)
+        self._namespaces.clear()
+        if self._own_workdir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- daemons -----------------------------------------------------------------
+
+    def charon(
+        self,
+        side: Side = "initiator",
+        *,
+        log_level: int = 1,
+        log_levels: dict[str, int] | None = None,
+        settings: dict[str, str] | None = None,
+        plugins: str = PLUGINS,
+        start: bool = True,
+    ) -> Charon:
+        """A charon in ``side``'s namespace, working in its own subdirectory."""
+        workdir = self.dir / f"charon-{side[0]}{len(self.charons)}"
+        workdir.mkdir(parents=True)
+        charon = Charon(
+            self.ns(side), workdir, log_level=log_level, log_levels=log_levels,
+            settings=settings, plugins=plugins,
+        )
+        self.charons.append(charon)
+        if start:
+            charon.start()
+        return charon
+
+    def node(
+        self,
+        conns: Sequence[Conn],
+        *,
+        addresses: Sequence[str] = (RESPONDER_V4,),
+        node_id: str = "gw1",
+        extra_toml: str = "",
+        start: bool = True,
+    ) -> Node:
+        """Our product in the responder namespace, configured with ``conns``."""
+        workdir = self.dir / f"node-{len(self.nodes)}"
+        node = Node(
+            self.responder, workdir, conns, node_id=node_id, addresses=addresses,
+            extra_toml=extra_toml,
+        )
+        self.nodes.append(node)
+        if start:
+            node.start()
+        return node
+
+    def logs(self, tail: int = 200) -> str:
+        """The last lines of every daemon's log, for a failure report."""
+        parts = []
+        for charon in self.charons:
+            lines = (charon.output() + charon.log_text()).splitlines()[-tail:]
+            parts.append(f"--- {charon.dir.name} ({charon.ns.name})\n" + "\n".join(lines))
+        for node in self.nodes:
+            lines = node.log_text().splitlines()[-tail:]
+            parts.append(f"--- {node.dir.name} ({node.ns.name})\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+
+def conn_pair(
+    *,
+    proposals: Sequence[str] = ("aes256gcm16-prfsha256-x25519",),
+    responder_proposals: Sequence[str] | None = None,
+    esp_proposals: Sequence[str] = ("aes256gcm16",),
+    responder_esp_proposals: Sequence[str] = ("aes256gcm16", "aes128gcm16"),
+    mode: str = "tunnel",
+    family: int = 4,
+    psk: str = "change-me",
+    encap: bool = False,
+    ca: Path | None = None,
+    initiator_cred: Credential | None = None,
+    responder_cred: Credential | None = None,
+    initiator_id: str = INITIATOR_ID,
+    responder_id: str = RESPONDER_ID,
+) -> tuple[Conn, Conn]:
+    """Matching (initiator, responder) connections named ``rw`` with child ``net``.
+
+    PSK unless both credentials and ``ca`` are given, then certificates. The
+    responder accepts any remote id. Change one side with ``dataclasses.replace``
+    to build a mismatch.
+    """
+    if family not in (4, 6):
+        raise ValueError("family is 4 or 6")
+    i_addr, r_addr = (INITIATOR_V4, RESPONDER_V4) if family == 4 else (INITIATOR_V6, RESPONDER_V6)
+    if initiator_cred and responder_cred and ca:
+        i_local = End("pubkey", initiator_id, initiator_cred.cert, initiator_cred.key)
+        i_remote = End("pubkey", responder_id, cacerts=(ca,))
+        r_local = End("pubkey", responder_id, responder_cred.cert, responder_cred.key)
+        r_remote = End("pubkey", "%any", cacerts=(ca,))
+        secret: str | None = None
+    elif initiator_cred or responder_cred or ca:
+        raise ValueError("certificates need initiator_cred, responder_cred and ca")
+    else:
+        i_local, i_remote = End("psk", initiator_id), End("psk", responder_id)
+        r_local, r_remote = End("psk", responder_id), End("psk", "%any")
+        secret = psk
+    initiator = Conn(
+        local=i_local,
+        remote=i_remote,
+        proposals=tuple(proposals),
+        children=(Child(
+            mode=mode,
+            local_ts=(INITIATOR_NETS[family],),
+            remote_ts=(RESPONDER_NETS[family],),
+            esp_proposals=tuple(esp_proposals),
+        ),),
+        local_addrs=(i_addr,),
+        remote_addrs=(r_addr,),
+        psk=secret,
+        encap=encap,
+    )  # fmt: skip
+    responder = Conn(
+        local=r_local,
+        remote=r_remote,
+        proposals=tuple(responder_proposals or proposals),
+        children=(Child(
+            mode=mode,
+            local_ts=(RESPONDER_NETS[family],),
+            remote_ts=(INITIATOR_NETS[family],),
+            esp_proposals=tuple(responder_esp_proposals),
+        ),),
+        local_addrs=(r_addr,),
+        psk=secret,
+    )  # fmt: skip
+    return initiator, responder

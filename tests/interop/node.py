@@ -1,0 +1,164 @@
+"""Our product (``python -m cluster run``) as the responder in a lab namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tests.interop.netns import LabError, Netns, stop_process
+from tests.interop.spec import RESPONDER_V4, Conn, End
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _toml(value: object) -> str:
+    """A TOML value for the few types our configs use."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic strings
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def _end_table(end: End, config_dir: Path) -> dict[str, object]:
+    """The inline table for an end; credential files are copied next to the config."""
+    table: dict[str, object] = {"auth": end.auth, "id": end.id}
+    if end.cert is not None:
+        shutil.copy(end.cert, config_dir / end.cert.name)
+        table["cert"] = end.cert.name
+    if end.key is not None:
+        shutil.copy(end.key, config_dir / end.key.name)
+        table["key"] = end.key.name
+    if end.cacerts:
+        for ca in end.cacerts:
+            shutil.copy(ca, config_dir / ca.name)
+        table["cacerts"] = [ca.name for ca in end.cacerts]
+    return table
+
+
+def render_node_config(
+    conns: Sequence[Conn], config_dir: Path, *, node_id: str, addresses: Sequence[str]
+) -> str:
+    """Our TOML for ``conns`` (seen from the node's side)."""
+    out = [
+        "[node]", f"id = {_toml(node_id)}", "",
+        "[ike]", f"addresses = {_toml(list(addresses))}", "",
+    ]  # fmt: skip
+    for conn in conns:
+        out += [
+            f"[connections.{conn.name}]",
+            f"version = {conn.version}",
+            f"proposals = {_toml(conn.proposals)}",
+        ]
+        if conn.encap:
+            out.append("encap = true")
+        out += [
+            f"local = {_toml(_end_table(conn.local, config_dir))}",
+            f"remote = {_toml(_end_table(conn.remote, config_dir))}",
+            "",
+        ]
+        for child in conn.children:
+            out += [
+                f"[connections.{conn.name}.children.{child.name}]",
+                f"mode = {_toml(child.mode)}",
+                f"local_ts = {_toml(child.local_ts)}",
+                f"remote_ts = {_toml(child.remote_ts)}",
+                f"esp_proposals = {_toml(child.esp_proposals)}",
+                "",
+            ]
+        if conn.psk is not None:
+            out += [
+                f"[secrets.{conn.name}]",
+                f"ids = {_toml([conn.local.id, conn.remote.id])}",
+                f"secret = {_toml(conn.psk)}",
+                "",
+            ]
+    return "\n".join(out)
+
+
+class Node:
+    """One ``cluster run`` process; its stderr goes to ``log_path``."""
+
+    def __init__(
+        self,
+        ns: Netns,
+        workdir: Path,
+        conns: Sequence[Conn],
+        *,
+        node_id: str = "gw1",
+        addresses: Sequence[str] = (RESPONDER_V4,),
+        extra_toml: str = "",
+        ports: Sequence[int] = (500, 4500),
+    ) -> None:
+        self.ns = ns
+        self.dir = workdir
+        self.config_path = workdir / "node.toml"
+        self.log_path = workdir / "node.log"
+        self.conns = tuple(conns)
+        self.node_id = node_id
+        self.addresses = tuple(addresses)
+        self.extra_toml = extra_toml
+        self.ports = tuple(ports)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        text = render_node_config(
+            self.conns, self.dir, node_id=self.node_id, addresses=self.addresses
+        )
+        self.config_path.write_text(text + ("\n" + self.extra_toml if self.extra_toml else ""))
+        return self.config_path
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the node and wait until its UDP ports are bound in the namespace."""
+        self.write_config()
+        self.proc = self.ns.spawn(
+            [sys.executable, "-m", "cluster", "run", "--config", str(self.config_path)],
+            output=self.log_path,
+            env=dict(os.environ),
+            cwd=REPO_ROOT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise LabError(
+                    f"node exited with {self.proc.returncode} before binding UDP "
+                    f"{self.ports}; config {self.config_path}; log:\n{self.log_text()}"
+                )
+            if set(self.ports) <= self.ns.udp_ports_bound():
+                return
+            time.sleep(0.05)
+        raise LabError(
+            f"node did not bind UDP {self.ports} within {timeout}s; log:\n{self.log_text()}"
+        )
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """SIGTERM, SIGKILL after ``timeout``; returns the exit code."""
+        if self.proc is None:
+            return None
+        return stop_process(self.proc, timeout)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> Node:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

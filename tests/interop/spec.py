@@ -1,0 +1,72 @@
+"""Connection parameters shared by both peers of an interop test.
+
+One ``Conn`` describes a connection from one side's point of view; ``Charon``
+renders it as swanctl.conf and ``Node`` as our TOML. Names follow swanctl.conf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+# The lab's addressing: a veth pair between the initiator's and the responder's
+# namespace, plus one "inner" address per side on lo for tunnel traffic.
+INITIATOR_V4 = "10.99.0.1"
+RESPONDER_V4 = "10.99.0.2"
+INITIATOR_V6 = "fd99::1"
+RESPONDER_V6 = "fd99::2"
+INITIATOR_INNER_V4 = "10.99.1.1"
+RESPONDER_INNER_V4 = "10.99.2.1"
+INITIATOR_INNER_V6 = "fd99:1::1"
+RESPONDER_INNER_V6 = "fd99:2::1"
+INITIATOR_NETS = {4: "10.99.1.0/24", 6: "fd99:1::/64"}
+RESPONDER_NETS = {4: "10.99.2.0/24", 6: "fd99:2::/64"}
+
+INITIATOR_ID = "client.example.test"
+RESPONDER_ID = "gw.example.test"
+
+
+@dataclass(frozen=True)
+class End:
+    """The ``local`` or ``remote`` authentication round of a connection."""
+
+    auth: str = "psk"  # "psk" or "pubkey"
+    id: str = "%any"
+    cert: Path | None = None  # own certificate (local end, pubkey)
+    key: Path | None = None  # own private key, PEM (local end, pubkey)
+    cacerts: tuple[Path, ...] = ()  # trust anchors for the peer (remote end, pubkey)
+
+
+@dataclass(frozen=True)
+class Child:
+    name: str = "net"
+    mode: str = "tunnel"  # or "transport"
+    local_ts: tuple[str, ...] = ()
+    remote_ts: tuple[str, ...] = ()
+    esp_proposals: tuple[str, ...] = ("aes256gcm16",)
+    rekey_time: str | None = None  # strongSwan duration, e.g. "20s"
+
+
+@dataclass(frozen=True)
+class Conn:
+    local: End
+    remote: End
+    name: str = "rw"
+    version: int = 2
+    proposals: tuple[str, ...] = ("aes256gcm16-prfsha256-x25519",)
+    children: tuple[Child, ...] = (Child(),)
+    local_addrs: tuple[str, ...] = ()
+    remote_addrs: tuple[str, ...] = ()
+    psk: str | None = None  # shared between local.id and remote.id when set
+    encap: bool = False
+    rekey_time: str | None = None
+    dpd_delay: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)  # more swanctl.conf settings
+
+    @property
+    def child(self) -> Child:
+        return self.children[0]
+
+    def with_child(self, **changes: object) -> Conn:
+        """A copy with the first child changed, e.g. ``conn.with_child(mode="transport")``."""
+        return replace(self, children=(replace(self.child, **changes), *self.children[1:]))  # type: ignore[arg-type]
