@@ -1,0 +1,253 @@
+"""UDP sockets of the responder: receive, classify, hand to the router; send.
+
+Per socket one task waits for readiness once and then drains a bounded batch
+with non-blocking `recvfrom` until `BlockingIOError`: an awaited Trio socket
+call per datagram costs 26-28 us, this pattern about 4 us
+(notes/building-blocks.md). Sending is a synchronous non-blocking `sendto`; a
+full socket buffer drops the datagram and counts it, since IKE retransmits
+(RFC 7296 2.1).
+
+On the NAT-T port every IKE message carries a four-zero-byte non-ESP marker
+(RFC 3948 2.2); datagrams without it are ESP, and a single 0xFF byte is a NAT
+keepalive (RFC 3948 2.3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import socket
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from ..errors import ParseError
+from ..ike.constants import NON_ESP_MARKER
+from ..ike.message import Header, peek_header_untrusted
+from ..ike.session import Address, Datagram
+from .stats import RuntimeStats
+
+logger = logging.getLogger(__name__)
+
+# Datagrams handled per readiness wake-up before yielding to other tasks, so a
+# flood on one socket cannot starve the actors or the other sockets.
+RECV_BATCH = 64
+RECV_SIZE = 65535
+# Asked for, the kernel caps it at net.core.rmem_max; bursts of IKE_SA_INIT
+# from many peers should wait in the kernel rather than be dropped there.
+SOCKET_BUFFER = 1 << 21
+
+NATT_KEEPALIVE = b"\xff"
+# Linux value; the constant is exported by the socket module only from 3.12.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr (struct in_pktinfo)
+_IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex (struct in6_pktinfo)
+_ANC_SIZE = socket.CMSG_SPACE(_IN6_PKTINFO.size)
+
+
+class Router(Protocol):
+    def route(
+        self, header: Header, data: bytes, local: Address, remote: Address, now: float
+    ) -> None: ...
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """One bound socket. `wildcard` sockets learn the local address per datagram."""
+
+    sock: socket.socket
+    local: Address
+    natt: bool
+    wildcard: bool
+
+
+def _is_wildcard(host: str) -> bool:
+    return ipaddress.ip_address(host).is_unspecified
+
+
+def _open_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        if family == socket.AF_INET6:
+            # "::" must not also take IPv4: 0.0.0.0 on the same port is bound separately.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        if _is_wildcard(host):
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        # One clear line for the operator (the CLI prints OSError without a traceback).
+        raise OSError(exc.errno, f"cannot bind UDP {host} port {port}: {exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _local_from_ancillary(
+    ancdata: list[tuple[int, int, bytes]], port: int, fallback: Address
+) -> Address:
+    for level, kind, payload in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(payload) >= 12:
+            _, _, addr = _IN_PKTINFO.unpack_from(payload)
+            return (socket.inet_ntop(socket.AF_INET, addr), port)
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(payload) >= 20:
+            addr6, _ = _IN6_PKTINFO.unpack_from(payload)
+            return (socket.inet_ntop(socket.AF_INET6, addr6), port)
+    return fallback
+
+
+def _source_ancillary(endpoint: Endpoint, local_host: str) -> list[tuple[int, int, bytes]]:
+    """Pin the source address of a reply sent from a wildcard socket."""
+    if endpoint.sock.family == socket.AF_INET6:
+        src = socket.inet_pton(socket.AF_INET6, local_host)
+        return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, _IN6_PKTINFO.pack(src, 0))]
+    src = socket.inet_pton(socket.AF_INET, local_host)
+    return [(socket.IPPROTO_IP, IP_PKTINFO, _IN_PKTINFO.pack(0, src, bytes(4)))]
+
+
+class Dispatcher:
+    """Owns the UDP sockets. Build it with `Dispatcher.bind(...)` as a context manager."""
+
+    def __init__(self, endpoints: list[Endpoint], stats: RuntimeStats) -> None:
+        self.endpoints = endpoints
+        self.stats = stats
+        self._by_local: dict[Address, Endpoint] = {ep.local: ep for ep in endpoints}
+        # (family, port) -> wildcard endpoint, for replies from addresses learnt by pktinfo
+        self._wildcards: dict[tuple[int, int], Endpoint] = {
+            (ep.sock.family, ep.local[1]): ep for ep in endpoints if ep.wildcard
+        }
+
+    @classmethod
+    @contextlib.contextmanager
+    def bind(
+        cls, addresses: Iterable[str], ike_port: int, natt_port: int, stats: RuntimeStats
+    ) -> Iterator[Dispatcher]:
+        """Bind `ike_port` and `natt_port` on every address; close them all on exit."""
+        endpoints: list[Endpoint] = []
+        try:
+            for host in addresses:
+                for port, natt in ((ike_port, False), (natt_port, True)):
+                    sock = _open_socket(host, port)
+                    bound = sock.getsockname()
+                    endpoints.append(Endpoint(sock, (bound[0], bound[1]), natt, _is_wildcard(host)))
+            yield cls(endpoints, stats)
+        finally:
+            for ep in endpoints:
+                # Wake any task still parked in wait_readable before the fd goes away.
+                trio.lowlevel.notify_closing(ep.sock)
+                ep.sock.close()
+
+    @property
+    def local_addresses(self) -> list[Address]:
+        return [ep.local for ep in self.endpoints]
+
+    async def serve(
+        self, router: Router, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run one reader task per socket until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for ep in self.endpoints:
+                nursery.start_soon(self._read_loop, ep, router)
+            task_status.started()
+
+    async def _read_loop(self, ep: Endpoint, router: Router) -> None:
+        sock = ep.sock
+        stats = self.stats
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            now = trio.current_time()
+            for _ in range(RECV_BATCH):
+                try:
+                    if ep.wildcard:
+                        data, anc, _flags, addr = sock.recvmsg(RECV_SIZE, _ANC_SIZE)
+                        local = _local_from_ancillary(anc, ep.local[1], ep.local)
+                    else:
+                        data, addr = sock.recvfrom(RECV_SIZE)
+                        local = ep.local
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    # e.g. ECONNREFUSED queued from an ICMP error for an earlier send
+                    stats.dropped_recv_error += 1
+                    logger.debug("recv on %s failed: %s", ep.local, exc)
+                    continue
+                stats.datagrams_in += 1
+                self._received(ep, data, local, (addr[0], addr[1]), now, router)
+            else:
+                # A full batch: more may be waiting, but let others run first.
+                await trio.lowlevel.checkpoint()
+
+    def _received(
+        self,
+        ep: Endpoint,
+        data: bytes,
+        local: Address,
+        remote: Address,
+        now: float,
+        router: Router,
+    ) -> None:
+        stats = self.stats
+        if ep.natt:
+            if data[:4] != NON_ESP_MARKER:
+                if data == NATT_KEEPALIVE:
+                    stats.natt_keepalives += 1
+                elif len(data) < 8:
+                    stats.dropped_malformed += 1
+                else:
+                    # TODO: hand ESP-in-UDP to the data plane once it exists.
+                    stats.dropped_esp_on_natt += 1
+                return
+            data = data[4:]
+        try:
+            header = peek_header_untrusted(data)
+        except ParseError:
+            stats.dropped_malformed += 1
+            return
+        try:
+            router.route(header, data, local, remote, now)
+        except Exception:
+            # A routing bug must not stop this socket's reader.
+            stats.dropped_route_error += 1
+            logger.exception("routing a datagram from %s failed", remote)
+
+    def send(self, datagram: Datagram) -> None:
+        """Send now without blocking; drop and count if the socket cannot take it."""
+        stats = self.stats
+        ep = self._by_local.get(datagram.local)
+        ancillary: list[tuple[int, int, bytes]] | None = None
+        if ep is None:
+            family = socket.AF_INET6 if ":" in datagram.local[0] else socket.AF_INET
+            ep = self._wildcards.get((family, datagram.local[1]))
+            if ep is None:
+                stats.dropped_no_socket += 1
+                logger.warning("no socket bound to %s; datagram dropped", datagram.local)
+                return
+            ancillary = _source_ancillary(ep, datagram.local[0])
+        payload = NON_ESP_MARKER + datagram.data if ep.natt else datagram.data
+        try:
+            if ancillary is None:
+                ep.sock.sendto(payload, datagram.remote)
+            else:
+                ep.sock.sendmsg([payload], ancillary, 0, datagram.remote)
+        except BlockingIOError:
+            stats.dropped_send_blocked += 1
+            return
+        except OSError as exc:
+            stats.dropped_send_error += 1
+            if exc.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED):
+                logger.warning("send to %s failed: %s", datagram.remote, exc)
+            return
+        stats.datagrams_out += 1
