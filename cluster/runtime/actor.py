@@ -1,0 +1,127 @@
+"""One task per IKE SA: feeds its sans-IO session from a bounded mailbox.
+
+The loop waits for the next datagram until the session's timer (or the
+half-open deadline) comes due, steps the session, then sends what it produced
+and drains its events. The clock is `trio.current_time()`, so tests can run
+the loop under `autojump_clock`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+from ..ike.events import Event
+from ..ike.session import Address, Datagram
+
+# (data, local, remote, time received)
+MailboxItem = tuple[bytes, Address, Address, float]
+
+
+class Session(Protocol):
+    """What the actor needs of `cluster.ike.session.IkeSession`."""
+
+    @property
+    def spi_i(self) -> bytes: ...
+    @property
+    def spi_r(self) -> bytes: ...
+    @property
+    def closed(self) -> bool: ...
+
+    def receive_datagram_untrusted(
+        self, data: bytes, local: Address, remote: Address, now: float
+    ) -> None: ...
+    def datagrams_to_send(self) -> list[Datagram]: ...
+    def get_timer(self) -> float | None: ...
+    def handle_timer(self, now: float) -> None: ...
+    def next_event(self) -> Event | None: ...
+
+
+class SessionTimerStuck(RuntimeError):
+    """The session's timer stayed in the past after handling it: stepping again would spin."""
+
+
+class SaActor:
+    """The mailbox, session and routing keys of one IKE SA."""
+
+    __slots__ = (
+        "established",
+        "half_open_deadline",
+        "half_open_key",
+        "inbox",
+        "mailbox",
+        "session",
+        "spi_i",
+        "spi_r",
+    )
+
+    def __init__(
+        self,
+        session: Session,
+        spi_i: bytes,
+        spi_r: bytes,
+        half_open_key: tuple[bytes, Address],
+        half_open_deadline: float,
+        mailbox_size: int,
+    ) -> None:
+        self.session = session
+        self.spi_i = spi_i
+        self.spi_r = spi_r
+        self.half_open_key = half_open_key
+        self.half_open_deadline = half_open_deadline
+        self.established = False
+        send, receive = trio.open_memory_channel[MailboxItem](mailbox_size)
+        self.mailbox: trio.MemorySendChannel[MailboxItem] = send
+        self.inbox: trio.MemoryReceiveChannel[MailboxItem] = receive
+
+    @property
+    def label(self) -> str:
+        return f"{self.spi_i.hex()}_i/{self.spi_r.hex()}_r"
+
+    def close_mailbox(self) -> None:
+        # Synchronous close of both ends: nothing can be delivered to a retired actor.
+        self.mailbox.close()
+        self.inbox.close()
+
+    def _deadline(self) -> float:
+        timer = self.session.get_timer()
+        deadline = math.inf if timer is None else timer
+        if not self.established:
+            deadline = min(deadline, self.half_open_deadline)
+        return deadline
+
+    async def run(
+        self,
+        send: Callable[[Datagram], None],
+        on_event: Callable[[SaActor, Event], None],
+    ) -> bool:
+        """Step the session until it closes. Returns False if it expired half-open."""
+        session = self.session
+        inbox = self.inbox
+        while not session.closed:
+            item: MailboxItem | None = None
+            with trio.move_on_at(self._deadline()):
+                item = await inbox.receive()
+            if item is None:
+                now = trio.current_time()
+                if not self.established and now >= self.half_open_deadline:
+                    return False
+                timer = session.get_timer()
+                if timer is not None and now >= timer:
+                    session.handle_timer(now)
+                    after = session.get_timer()
+                    if after is not None and after <= now:
+                        raise SessionTimerStuck(f"timer {after} not after now {now}")
+            else:
+                data, local, remote, received = item
+                session.receive_datagram_untrusted(data, local, remote, received)
+            for datagram in session.datagrams_to_send():
+                send(datagram)
+            event = session.next_event()
+            while event is not None:
+                on_event(self, event)
+                event = session.next_event()
+        return True
