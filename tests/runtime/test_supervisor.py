@@ -1,0 +1,293 @@
+"""The supervisor on the memory-only path: datagrams in by call, out into a list.
+
+No sockets here, so `autojump_clock` can run the half-open timer in no time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+import trio.testing
+
+from cluster.ike.events import Event, IkeSaDeleted, IkeSaEstablished
+from cluster.ike.session import Address, Datagram, IkeSession
+from cluster.runtime.actor import Session, SessionTimerStuck
+from cluster.runtime.node import responder_factory
+from cluster.runtime.stats import RuntimeStats
+from cluster.runtime.supervisor import Supervisor
+
+from .conftest import Setup
+
+SERVER: Address = ("192.0.2.1", 500)
+CLIENT: Address = ("198.51.100.7", 500)
+
+
+@dataclass
+class Harness:
+    setup: Setup
+    supervisor: Supervisor
+    stats: RuntimeStats
+    sent: list[Datagram] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    def initiator(self, spi_i: bytes = b"\x01" * 8, remote: Address = SERVER) -> IkeSession:
+        return IkeSession.initiator(
+            self.setup.connection,
+            self.setup.initiator_policy,
+            spi_i,
+            CLIENT,
+            remote,
+            trio.current_time(),
+        )
+
+    def to_responder(self, session: IkeSession) -> int:
+        """Route what the initiator wants to send; return how many datagrams."""
+        out = session.datagrams_to_send()
+        for d in out:
+            self.supervisor.route_untrusted(d.data, d.remote, d.local, trio.current_time())
+        return len(out)
+
+    def to_initiator(self, session: IkeSession) -> None:
+        sent = list(self.sent)
+        self.sent.clear()
+        for d in sent:
+            session.receive_datagram_untrusted(d.data, d.remote, d.local, trio.current_time())
+
+    async def establish(self, session: IkeSession) -> IkeSaEstablished:
+        for _ in range(10):
+            self.to_responder(session)
+            await trio.testing.wait_all_tasks_blocked()
+            self.to_initiator(session)
+            event = session.next_event()
+            while event is not None:
+                if isinstance(event, IkeSaEstablished):
+                    return event
+                event = session.next_event()
+        raise AssertionError("IKE SA did not come up")
+
+
+@pytest.fixture
+async def harness(setup: Setup) -> AsyncIterator[Harness]:
+    stats = RuntimeStats()
+    sent: list[Datagram] = []
+    events: list[Event] = []
+    supervisor = Supervisor(
+        session_factory=responder_factory(setup.node_config),
+        send=sent.append,
+        event_sink=events.append,
+        stats=stats,
+        half_open_timeout=30.0,
+    )
+    h = Harness(setup, supervisor, stats, sent, events)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        yield h
+        nursery.cancel_scope.cancel()
+
+
+async def test_new_ike_sa_init_starts_an_actor_with_a_fresh_spi(harness: Harness) -> None:
+    init = harness.initiator()
+    harness.to_responder(init)
+    await trio.testing.wait_all_tasks_blocked()
+    assert harness.stats.actors_started == 1
+    assert harness.supervisor.half_open_count == 1
+    (reply,) = harness.sent
+    spi_r = reply.data[8:16]
+    assert spi_r != bytes(8)
+    assert harness.supervisor.actor_for(spi_r) is not None
+    assert reply.remote == CLIENT and reply.local == SERVER
+
+
+async def test_retransmitted_ike_sa_init_reaches_the_same_actor(harness: Harness) -> None:
+    init = harness.initiator()
+    (first,) = init.datagrams_to_send()
+    for _ in range(3):
+        harness.supervisor.route_untrusted(first.data, SERVER, CLIENT, trio.current_time())
+        await trio.testing.wait_all_tasks_blocked()
+    assert harness.stats.actors_started == 1
+    assert len({d.data[8:16] for d in harness.sent}) == 1  # one responder SPI answered
+
+
+async def test_same_initiator_spi_from_another_peer_is_another_sa(harness: Harness) -> None:
+    init = harness.initiator()
+    (first,) = init.datagrams_to_send()
+    harness.supervisor.route_untrusted(first.data, SERVER, CLIENT, trio.current_time())
+    harness.supervisor.route_untrusted(
+        first.data, SERVER, ("203.0.113.9", 500), trio.current_time()
+    )
+    await trio.testing.wait_all_tasks_blocked()
+    assert harness.stats.actors_started == 2
+    assert harness.supervisor.half_open_count == 2
+
+
+async def test_established_sa_leaves_the_half_open_table(harness: Harness) -> None:
+    event = await harness.establish(harness.initiator())
+    assert harness.supervisor.half_open_count == 0
+    assert harness.supervisor.actor_count == 1
+    assert harness.supervisor.is_routed(event.spi_i, event.spi_r)
+    assert any(isinstance(e, IkeSaEstablished) for e in harness.events)
+    assert harness.stats.ike_sas_established == 1
+
+
+async def test_half_open_timeout_retires_the_actor(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    harness.to_responder(harness.initiator())
+    await trio.testing.wait_all_tasks_blocked()
+    assert harness.supervisor.actor_count == 1
+    await trio.sleep(29.0)
+    assert harness.supervisor.actor_count == 1
+    await trio.sleep(2.0)
+    assert harness.supervisor.actor_count == 0
+    assert harness.supervisor.half_open_count == 0
+    assert harness.stats.half_open_expired == 1
+    assert harness.stats.actors_retired == 1
+
+
+async def test_established_sa_outlives_the_half_open_timeout(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    event = await harness.establish(harness.initiator())
+    await trio.sleep(120.0)
+    assert harness.supervisor.is_routed(event.spi_i, event.spi_r)
+    assert harness.stats.half_open_expired == 0
+
+
+async def test_full_mailbox_drops_and_counts(harness: Harness) -> None:
+    (init,) = harness.initiator().datagrams_to_send()
+    # route() never awaits, so the actor cannot run between these 40 calls.
+    for _ in range(40):
+        harness.supervisor.route_untrusted(init.data, SERVER, CLIENT, trio.current_time())
+    assert harness.stats.dropped_mailbox_full == 40 - harness.supervisor.mailbox_size
+    assert harness.stats.actors_started == 1
+
+
+async def test_unknown_spi_and_garbage_are_dropped(harness: Harness) -> None:
+    event = await harness.establish(harness.initiator())
+    other = b"\x09" * 8
+    header = event.spi_i + other + bytes([0, 0x20, 37, 0x08, 0, 0, 0, 1, 0, 0, 0, 28])
+    harness.supervisor.route_untrusted(header, SERVER, CLIENT, trio.current_time())
+    # right responder SPI, wrong initiator SPI
+    header = b"\x07" * 8 + event.spi_r + bytes([0, 0x20, 37, 0x08, 0, 0, 0, 1, 0, 0, 0, 28])
+    harness.supervisor.route_untrusted(header, SERVER, CLIENT, trio.current_time())
+    harness.supervisor.route_untrusted(b"\x00" * 10, SERVER, CLIENT, trio.current_time())
+    assert harness.stats.dropped_no_sa == 2
+    assert harness.stats.dropped_malformed == 1
+
+
+async def test_exception_in_one_actor_spares_the_others(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    a = await harness.establish(harness.initiator(b"\x0a" * 8))
+    b = await harness.establish(harness.initiator(b"\x0b" * 8))
+    actor = harness.supervisor.actor_for(a.spi_r)
+    assert actor is not None
+
+    broken = actor.session
+    original = IkeSession.receive_datagram_untrusted
+
+    def explode(self: IkeSession, data: bytes, local: Address, remote: Address, now: float) -> None:
+        if self is broken:  # only this SA's session object breaks
+            raise ValueError("boom")
+        original(self, data, local, remote, now)
+
+    monkeypatch.setattr(IkeSession, "receive_datagram_untrusted", explode)
+    header = a.spi_i + a.spi_r + bytes([0, 0x20, 37, 0x08, 0, 0, 0, 2, 0, 0, 0, 28])
+    harness.supervisor.route_untrusted(header, SERVER, CLIENT, trio.current_time())
+    await trio.testing.wait_all_tasks_blocked()
+
+    assert harness.stats.actor_failures == 1
+    assert not harness.supervisor.is_routed(a.spi_i, a.spi_r)
+    assert harness.supervisor.is_routed(b.spi_i, b.spi_r)
+    deleted = [e for e in harness.events if isinstance(e, IkeSaDeleted)]
+    assert [(e.spi_r, e.reason) for e in deleted] == [(a.spi_r, "actor failed")]
+    assert any("boom" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+    # and new SAs still come up
+    c = await harness.establish(harness.initiator(b"\x0c" * 8))
+    assert harness.supervisor.is_routed(c.spi_i, c.spi_r)
+
+
+class StuckTimerSession:
+    """A broken core whose timer never advances: the actor must not spin on it."""
+
+    spi_i = b"\x05" * 8
+    spi_r = b"\x06" * 8
+    closed = False
+
+    def receive_datagram_untrusted(
+        self, data: bytes, local: Address, remote: Address, now: float
+    ) -> None:
+        pass
+
+    def datagrams_to_send(self) -> list[Datagram]:
+        return []
+
+    def get_timer(self) -> float | None:
+        return 0.0
+
+    def handle_timer(self, now: float) -> None:
+        pass
+
+    def next_event(self) -> Event | None:
+        return None
+
+
+async def test_session_timer_that_does_not_advance_fails_only_that_actor(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    stats = RuntimeStats()
+
+    def factory(spi_r: bytes, local: Address, remote: Address) -> Session:
+        return StuckTimerSession()
+
+    supervisor = Supervisor(
+        session_factory=factory,
+        send=lambda d: None,
+        event_sink=lambda e: None,
+        stats=stats,
+        half_open_timeout=30.0,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        init = IkeSession.initiator(
+            setup.connection, setup.initiator_policy, b"\x01" * 8, CLIENT, SERVER, 0.0
+        )
+        (d,) = init.datagrams_to_send()
+        supervisor.route_untrusted(d.data, SERVER, CLIENT, trio.current_time())
+        await trio.testing.wait_all_tasks_blocked()
+        assert stats.actor_failures == 1
+        assert supervisor.actor_count == 0
+        assert any(
+            r.exc_info and isinstance(r.exc_info[1], SessionTimerStuck) for r in caplog.records
+        )
+        nursery.cancel_scope.cancel()
+
+
+async def test_session_factory_failure_is_counted(setup: Setup) -> None:
+    stats = RuntimeStats()
+
+    def factory(spi_r: bytes, local: Address, remote: Address) -> Session:
+        raise RuntimeError("no session today")
+
+    supervisor = Supervisor(
+        session_factory=factory,
+        send=lambda d: None,
+        event_sink=lambda e: None,
+        stats=stats,
+        half_open_timeout=30.0,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        init = IkeSession.initiator(
+            setup.connection, setup.initiator_policy, b"\x01" * 8, CLIENT, SERVER, 0.0
+        )
+        (d,) = init.datagrams_to_send()
+        supervisor.route_untrusted(d.data, SERVER, CLIENT, trio.current_time())
+        assert stats.actor_failures == 1
+        assert supervisor.actor_count == 0
+        nursery.cancel_scope.cancel()
