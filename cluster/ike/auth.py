@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.utils import CryptographyDeprecationWarning
 
 from ..errors import AuthenticationFailed, ParseError
 from .constants import AuthMethod, HashAlgorithm
@@ -33,6 +35,15 @@ PrivateKey = RSAPrivateKey | ec.EllipticCurvePrivateKey | Ed25519PrivateKey
 PublicKey = RSAPublicKey | ec.EllipticCurvePublicKey | Ed25519PublicKey
 
 MAX_CHAIN_DEPTH = 8
+# What cryptography raises for malformed certificates (some parts decode lazily, on access).
+_CERT_ERRORS = (
+    ValueError,
+    UnsupportedAlgorithm,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    CryptographyDeprecationWarning,
+)
 _KEY_PAD = b"Key Pad for IKEv2"  # RFC 7296 2.15
 
 
@@ -279,10 +290,13 @@ def _verify_scheme(public_key: PublicKey, scheme: _Scheme, signature: bytes, dat
 def load_certificate_der_untrusted(data: bytes) -> x509.Certificate:
     """Decode a CERT payload's X.509 certificate, touching the lazily parsed parts now."""
     try:
-        cert = x509.load_der_x509_certificate(data)
+        with warnings.catch_warnings():
+            # e.g. a non-positive serial number: a warning today, an error in later releases
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            cert = x509.load_der_x509_certificate(data)
         _ = (cert.extensions, cert.subject, cert.issuer, cert.public_key())
         _ = (cert.not_valid_before_utc, cert.not_valid_after_utc)
-    except (ValueError, UnsupportedAlgorithm) as exc:
+    except _CERT_ERRORS as exc:
         raise ParseError(f"certificate does not decode: {exc}") from None
     return cert
 
@@ -333,7 +347,7 @@ def _path_from(
 def _validity_problem(cert: x509.Certificate, now: datetime) -> str | None:
     if now < cert.not_valid_before_utc:
         return f"{cert.subject.rfc4514_string()} is not valid before {cert.not_valid_before_utc}"
-    if False:
+    if now > cert.not_valid_after_utc:
         return f"{cert.subject.rfc4514_string()} expired at {cert.not_valid_after_utc}"
     return None
 
@@ -346,7 +360,7 @@ def _issuer_problem(
         constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         return f"{name} has no basicConstraints, so it is not a CA"
-    except ValueError as exc:
+    except _CERT_ERRORS as exc:
         return f"{name} has malformed extensions: {exc}"
     if not constraints.ca:
         return f"{name} is not a CA (basicConstraints CA=false)"
@@ -360,7 +374,7 @@ def _issuer_problem(
         pass
     try:
         cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+    except (InvalidSignature, TypeError, *_CERT_ERRORS):
         return f"signature by {name} does not verify"
     return None
 

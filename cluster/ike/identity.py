@@ -193,7 +193,7 @@ def cert_matches_identity(cert: x509.Certificate, ident: Identity) -> bool:
         return _dn_matches(want, cert.subject, wildcards=False)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (x509.ExtensionNotFound, ValueError):
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
         return False
     if ident.id_type in (IdType.IPV4_ADDR, IdType.IPV6_ADDR):
         addresses = san.get_values_for_type(x509.IPAddress)

@@ -109,8 +109,15 @@ def test_str_prints_strongswan_like_text(ident: Identity, text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["192.0.2.1", "2001:db8::1", "moon.example.test", "carol@example.test", "@#0a0b",
-     "C=CH, O=strongSwan, CN=moon", "C=DE, ST=Bayern, L=M, O=x, OU=y, CN=z, SN=1, DC=org"],
+    [
+        "192.0.2.1",
+        "2001:db8::1",
+        "moon.example.test",
+        "carol@example.test",
+        "@#0a0b",
+        "C=CH, O=strongSwan, CN=moon",
+        "C=DE, ST=Bayern, L=M, O=x, OU=y, CN=z, SN=1, DC=org",
+    ],
 )
 def test_parse_then_print_round_trips(text: str) -> None:
     assert str(parse_identity(text)) == text
