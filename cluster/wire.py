@@ -22,11 +22,19 @@ class Buffer:
 
     __slots__ = ("_data", "_end", "_out", "_pos")
 
-    def __init__(self, data: bytes = b"") -> None:
+    def __init__(self, data: bytes = b"", start: int = 0, end: int | None = None) -> None:
         self._data = data
-        self._pos = 0
-        self._end = len(data)
+        self._pos = start
+        self._end = len(data) if end is None else end
         self._out = bytearray()
+
+    def sub(self, length: int) -> Buffer:
+        """A cursor over the next `length` bytes, which this cursor skips."""
+        pos = self._pos
+        if length < 0 or pos + length > self._end:
+            raise ParseError(f"block of {length} bytes overruns buffer")
+        self._pos = pos + length
+        return Buffer(self._data, pos, pos + length)
 
     # --- reading -----------------------------------------------------------
     @property
@@ -51,20 +59,41 @@ class Buffer:
         return self.pull_bytes(self._end - self._pos)
 
     def pull_uint8(self) -> int:
-        if self._pos >= self._end:
+        pos = self._pos
+        if pos >= self._end:
             raise ParseError("need 1 byte, 0 left")
-        v = self._data[self._pos]
-        self._pos += 1
-        return v
+        self._pos = pos + 1
+        return self._data[pos]
 
     def pull_uint16(self) -> int:
-        return int(_U16.unpack(self.pull_bytes(2))[0])
+        pos = self._pos
+        if pos + 2 > self._end:
+            raise ParseError(f"need 2 bytes, {self._end - pos} left")
+        self._pos = pos + 2
+        data = self._data
+        return (data[pos] << 8) | data[pos + 1]
 
     def pull_uint32(self) -> int:
-        return int(_U32.unpack(self.pull_bytes(4))[0])
+        pos = self._pos
+        if pos + 4 > self._end:
+            raise ParseError(f"need 4 bytes, {self._end - pos} left")
+        self._pos = pos + 4
+        return int(_U32.unpack_from(self._data, pos)[0])
 
     def pull_uint64(self) -> int:
-        return int(_U64.unpack(self.pull_bytes(8))[0])
+        pos = self._pos
+        if pos + 8 > self._end:
+            raise ParseError(f"need 8 bytes, {self._end - pos} left")
+        self._pos = pos + 8
+        return int(_U64.unpack_from(self._data, pos)[0])
+
+    def pull_header(self, fmt: struct.Struct) -> tuple[int, ...]:
+        """Several fixed-size fields at once."""
+        pos = self._pos
+        if pos + fmt.size > self._end:
+            raise ParseError(f"need {fmt.size} bytes, {self._end - pos} left")
+        self._pos = pos + fmt.size
+        return fmt.unpack_from(self._data, pos)
 
     @contextmanager
     def pull_block(self, length: int) -> Iterator[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 from collections.abc import Callable
@@ -33,10 +34,14 @@ T = TypeVar("T", bound=Payload)
 Random = Callable[[int], bytes]
 
 
+@functools.lru_cache(maxsize=4096)
+def _packed(ip: str) -> bytes:
+    return ipaddress.ip_address(ip).packed
+
+
 def nat_hash(spi_i: bytes, spi_r: bytes, addr: Address) -> bytes:
     """SHA-1(SPIi | SPIr | IP | port) (RFC 7296 2.23)."""
-    ip = ipaddress.ip_address(addr[0]).packed
-    return sha1(spi_i + spi_r + ip + addr[1].to_bytes(2, "big"))
+    return sha1(spi_i + spi_r + _packed(addr[0]) + addr[1].to_bytes(2, "big"))
 
 
 def _address_matches(addr: str, allowed: tuple[str, ...]) -> bool:

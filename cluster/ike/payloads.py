@@ -5,6 +5,7 @@ The SK payload is framed here but protected in `message.py`.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -15,6 +16,13 @@ from .constants import PayloadType, TransformType, TsType
 from .proposals import Proposal, Transform
 from .traffic_selectors import TrafficSelector
 
+_GENERIC = struct.Struct("!BBH")  # next payload, critical bit, length
+_SUBSTRUCTURE = struct.Struct("!BxH")  # last flag, reserved, length
+_PROPOSAL = struct.Struct("!BBBB")
+_TRANSFORM = struct.Struct("!BxH")
+_KE_HEAD = struct.Struct("!Hxx")
+_NOTIFY_HEAD = struct.Struct("!BBH")
+_DELETE_HEAD = struct.Struct("!BBH")
 MAX_PROPOSALS = 64
 MAX_TRANSFORMS = 64
 
@@ -139,24 +147,21 @@ class UnknownPayload(Payload):
 
 
 def _pull_transform(buf: Buffer) -> tuple[bool, Transform]:
-    last = buf.pull_uint8()
-    buf.pull_uint8()
-    length = buf.pull_uint16()
+    last, length = buf.pull_header(_SUBSTRUCTURE)
     if length < 8:
         raise ParseError("transform too short")
-    with buf.pull_block(length - 4):
-        t_type = buf.pull_uint8()
-        buf.pull_uint8()
-        t_id = buf.pull_uint16()
-        key_bits: int | None = None
-        while not buf.eof():
-            attr_type = buf.pull_uint16()
+    t_type, t_id = buf.pull_header(_TRANSFORM)
+    key_bits: int | None = None
+    if length > 8:
+        attrs = buf.sub(length - 8)
+        while not attrs.eof():
+            attr_type = attrs.pull_uint16()
             if attr_type & 0x8000:  # TV format
-                value = buf.pull_uint16()
+                value = attrs.pull_uint16()
                 if attr_type & 0x7FFF == 14:
                     key_bits = value
             else:  # TLV: no such attribute is defined for IKEv2; skip it
-                buf.pull_bytes(buf.pull_uint16())
+                attrs.pull_bytes(attrs.pull_uint16())
     if last not in (0, 3):
         raise ParseError("bad transform last-substructure value")
     return last == 0, Transform(t_type, t_id, key_bits)
@@ -178,23 +183,20 @@ def _push_transform(buf: Buffer, t: Transform, last: bool) -> None:
 def _pull_sa(buf: Buffer) -> SaPayload:
     proposals: list[Proposal] = []
     while True:
-        last = buf.pull_uint8()
-        buf.pull_uint8()
-        length = buf.pull_uint16()
+        last, length = buf.pull_header(_SUBSTRUCTURE)
         if length < 8:
             raise ParseError("proposal too short")
-        with buf.pull_block(length - 4):
-            number = buf.pull_uint8()
-            protocol = buf.pull_uint8()
-            spi_size = buf.pull_uint8()
-            count = buf.pull_uint8()
-            spi = buf.pull_bytes(spi_size)
-            transforms: list[Transform] = []
-            for i in range(count):
-                is_last, t = _pull_transform(buf)
-                transforms.append(t)
-                if is_last != (i == count - 1):
-                    raise ParseError("transform count does not match last-substructure")
+        body = buf.sub(length - 4)
+        number, protocol, spi_size, count = body.pull_header(_PROPOSAL)
+        spi = body.pull_bytes(spi_size)
+        transforms: list[Transform] = []
+        for i in range(count):
+            is_last, t = _pull_transform(body)
+            transforms.append(t)
+            if is_last != (i == count - 1):
+                raise ParseError("transform count does not match last-substructure")
+        if not body.eof():
+            raise ParseError("data after the last transform")
         proposals.append(Proposal(number, protocol, spi, tuple(transforms)))
         if len(proposals) > MAX_PROPOSALS:
             raise ParseError("too many proposals")
@@ -332,43 +334,32 @@ _PULL: dict[int, Callable[[Buffer], Payload]] = {
 }
 
 
-def _push_body(buf: Buffer, p: Payload) -> None:
+def _encode_body(p: Payload) -> bytes:
     match p:
         case SaPayload():
+            buf = Buffer()
             _push_sa(buf, p)
+            return buf.data()
         case KePayload(group=group, data=data):
-            buf.push_uint16(group)
-            buf.push_uint16(0)
-            buf.push_bytes(data)
-        case NoncePayload(data=data) | VendorPayload(data=data):
-            buf.push_bytes(data)
+            return _KE_HEAD.pack(group) + data
+        case NoncePayload(data=data) | VendorPayload(data=data) | UnknownPayload(data=data):
+            return data
         case IdiPayload() | IdrPayload():
-            buf.push_bytes(p.body())
+            return p.body()
         case CertPayload(encoding=kind, data=data) | CertreqPayload(encoding=kind, data=data):
-            buf.push_uint8(kind)
-            buf.push_bytes(data)
+            return bytes((kind,)) + data
         case AuthPayload(method=kind, data=data) | CpPayload(cfg_type=kind, attributes=data):
-            buf.push_uint8(kind)
-            buf.push_bytes(b"\x00\x00\x00")
-            buf.push_bytes(data)
+            return bytes((kind, 0, 0, 0)) + data
         case NotifyPayload():
-            buf.push_uint8(p.protocol)
-            buf.push_uint8(len(p.spi))
-            buf.push_uint16(p.notify_type)
-            buf.push_bytes(p.spi)
-            buf.push_bytes(p.data)
+            return _NOTIFY_HEAD.pack(p.protocol, len(p.spi), p.notify_type) + p.spi + p.data
         case DeletePayload():
-            buf.push_uint8(p.protocol)
-            buf.push_uint8(4 if p.spis else 0)
-            buf.push_uint16(len(p.spis))
-            for spi in p.spis:
-                buf.push_bytes(spi)
+            head = _DELETE_HEAD.pack(p.protocol, 4 if p.spis else 0, len(p.spis))
+            return head + b"".join(p.spis)
         case TsiPayload(selectors=sel) | TsrPayload(selectors=sel):
+            buf = Buffer()
             _push_selectors(buf, sel)
-        case UnknownPayload(data=data):
-            buf.push_bytes(data)
-        case _:
-            raise TypeError(f"cannot encode {type(p).__name__}")
+            return buf.data()
+    raise TypeError(f"cannot encode {type(p).__name__}")
 
 
 def type_of(p: Payload) -> int:
@@ -378,12 +369,10 @@ def type_of(p: Payload) -> int:
 def push_payloads(buf: Buffer, payloads: list[Payload], trailing_type: int = 0) -> None:
     """Encode a payload chain; the last one's next-payload is `trailing_type`."""
     for i, p in enumerate(payloads):
-        body = Buffer()
-        _push_body(body, p)
-        data = body.data()
-        buf.push_uint8(type_of(payloads[i + 1]) if i + 1 < len(payloads) else trailing_type)
-        buf.push_uint8(0x80 if isinstance(p, UnknownPayload) and p.critical else 0)
-        buf.push_uint16(4 + len(data))
+        data = _encode_body(p)
+        following = type_of(payloads[i + 1]) if i + 1 < len(payloads) else trailing_type
+        critical = 0x80 if isinstance(p, UnknownPayload) and p.critical else 0
+        buf.push_bytes(_GENERIC.pack(following, critical, 4 + len(data)))
         buf.push_bytes(data)
 
 
@@ -406,17 +395,18 @@ def pull_payloads_untrusted(buf: Buffer, first: int) -> tuple[list[Payload], int
             return payloads, next_type
         if len(payloads) >= 128:
             raise ParseError("too many payloads")
-        following = buf.pull_uint8()
-        critical = bool(buf.pull_uint8() & 0x80)
-        length = buf.pull_uint16()
+        following, flags, length = buf.pull_header(_GENERIC)
+        critical = bool(flags & 0x80)
         if length < 4:
             raise ParseError("payload length below header size")
-        with buf.pull_block(length - 4):
-            pull = _PULL.get(next_type)
-            if pull is None:
-                payloads.append(UnknownPayload(next_type, critical, buf.pull_rest()))
-            else:
-                payloads.append(pull(buf))
+        body = buf.sub(length - 4)
+        pull = _PULL.get(next_type)
+        if pull is None:
+            payloads.append(UnknownPayload(next_type, critical, body.pull_rest()))
+        else:
+            payloads.append(pull(body))
+            if not body.eof():
+                raise ParseError(f"{body.remaining} trailing bytes in payload {next_type}")
         next_type = following
     if not buf.eof():
         raise ParseError("data after the last payload")
