@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Literal
 
 from cluster.ike.constants import ProtocolId
 from cluster.ike.identity import parse_identity, parse_identity_pattern
@@ -14,7 +15,7 @@ from cluster.ike.policy import (
     ResponderPolicy,
     SharedSecret,
 )
-from cluster.ike.proposals import parse_proposal
+from cluster.ike.proposals import ConfiguredProposal, parse_proposal
 from cluster.ike.session import IkeSession
 from cluster.ike.traffic_selectors import parse_ts_config
 
@@ -22,19 +23,22 @@ GW = ("10.99.0.2", 500)
 CLIENT = ("10.99.0.1", 500)
 
 
-def ike(*texts: str) -> tuple:
+def ike(*texts: str) -> tuple[ConfiguredProposal, ...]:
     return tuple(parse_proposal(t, ProtocolId.IKE, True) for t in texts)
 
 
-def esp(*texts: str) -> tuple:
+def esp(*texts: str) -> tuple[ConfiguredProposal, ...]:
     return tuple(parse_proposal(t, ProtocolId.ESP, True) for t in texts)
 
 
-def child(name: str = "net", mode: str = "tunnel", local_ts: str = "10.99.2.0/24",
+Mode = Literal["tunnel", "transport"]
+
+
+def child(name: str = "net", mode: Mode = "tunnel", local_ts: str = "10.99.2.0/24",
           remote_ts: str = "10.99.1.0/24", proposals: tuple[str, ...] = ("aes256gcm16",)
           ) -> ChildConfig:
     return ChildConfig(name, mode, (parse_ts_config(local_ts),), (parse_ts_config(remote_ts),),
-                       esp(*proposals))  # type: ignore[arg-type]
+                       esp(*proposals))
 
 
 def psk_connection(name: str = "rw", proposals: tuple[str, ...] = ("aes256gcm16-prfsha256-x25519",),
@@ -56,7 +60,8 @@ def psk_policy(*connections: ConnectionConfig, secret: bytes = b"change-me",
     )
 
 
-def client_for(gw_conn: ConnectionConfig, client_id: str = "client.example.test") -> ConnectionConfig:
+def client_for(gw_conn: ConnectionConfig,
+               client_id: str = "client.example.test") -> ConnectionConfig:
     """The mirror image of a gateway connection, as the initiator's configuration."""
     gw_local = gw_conn.local.identity
     assert gw_local is not None
