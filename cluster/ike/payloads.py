@@ -31,26 +31,26 @@ class Payload:
     payload_type: ClassVar[int]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SaPayload(Payload):
     payload_type = PayloadType.SA
     proposals: tuple[Proposal, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class KePayload(Payload):
     payload_type = PayloadType.KE
     group: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NoncePayload(Payload):
     payload_type = PayloadType.NONCE
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class IdiPayload(Payload):
     payload_type = PayloadType.IDI
     id_type: int
@@ -61,7 +61,7 @@ class IdiPayload(Payload):
         return bytes([self.id_type, 0, 0, 0]) + self.data
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class IdrPayload(Payload):
     payload_type = PayloadType.IDR
     id_type: int
@@ -71,28 +71,28 @@ class IdrPayload(Payload):
         return bytes([self.id_type, 0, 0, 0]) + self.data
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CertPayload(Payload):
     payload_type = PayloadType.CERT
     encoding: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CertreqPayload(Payload):
     payload_type = PayloadType.CERTREQ
     encoding: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuthPayload(Payload):
     payload_type = PayloadType.AUTH
     method: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NotifyPayload(Payload):
     payload_type = PayloadType.NOTIFY
     notify_type: int
@@ -101,32 +101,32 @@ class NotifyPayload(Payload):
     spi: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeletePayload(Payload):
     payload_type = PayloadType.DELETE
     protocol: int
     spis: tuple[bytes, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class VendorPayload(Payload):
     payload_type = PayloadType.VENDOR
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TsiPayload(Payload):
     payload_type = PayloadType.TSI
     selectors: tuple[TrafficSelector, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TsrPayload(Payload):
     payload_type = PayloadType.TSR
     selectors: tuple[TrafficSelector, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CpPayload(Payload):
     """Configuration payload: kept raw; we do not assign addresses yet."""
 
@@ -135,7 +135,7 @@ class CpPayload(Payload):
     attributes: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UnknownPayload(Payload):
     payload_type = 0
     type_id: int

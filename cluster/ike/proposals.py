@@ -24,7 +24,7 @@ from ..transforms import (
 from .constants import ProtocolId, TransformType
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Transform:
     """One transform as carried in an SA payload."""
 
@@ -33,7 +33,7 @@ class Transform:
     key_bits: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Proposal:
     """One proposal as carried in an SA payload."""
 

@@ -16,6 +16,7 @@ import trio
 
 from ..ike.events import Event
 from ..ike.session import Address, Datagram
+from .mailbox import Mailbox
 
 # (data, local, remote, time received)
 MailboxItem = tuple[bytes, Address, Address, float]
@@ -51,7 +52,6 @@ class SaActor:
         "established",
         "half_open_deadline",
         "half_open_key",
-        "inbox",
         "mailbox",
         "session",
         "spi_i",
@@ -73,18 +73,15 @@ class SaActor:
         self.half_open_key = half_open_key
         self.half_open_deadline = half_open_deadline
         self.established = False
-        send, receive = trio.open_memory_channel[MailboxItem](mailbox_size)
-        self.mailbox: trio.MemorySendChannel[MailboxItem] = send
-        self.inbox: trio.MemoryReceiveChannel[MailboxItem] = receive
+        self.mailbox: Mailbox[MailboxItem] = Mailbox(mailbox_size)
 
     @property
     def label(self) -> str:
         return f"{self.spi_i.hex()}_i/{self.spi_r.hex()}_r"
 
     def close_mailbox(self) -> None:
-        # Synchronous close of both ends: nothing can be delivered to a retired actor.
+        # Synchronous close: nothing can be delivered to a retired actor.
         self.mailbox.close()
-        self.inbox.close()
 
     def _deadline(self) -> float:
         timer = self.session.get_timer()
@@ -100,11 +97,15 @@ class SaActor:
     ) -> bool:
         """Step the session until it closes. Returns False if it expired half-open."""
         session = self.session
-        inbox = self.inbox
+        mailbox = self.mailbox
         while not session.closed:
             item: MailboxItem | None = None
-            with trio.move_on_at(self._deadline()):
-                item = await inbox.receive()
+            deadline = self._deadline()
+            if deadline == math.inf:  # the common case once established: no cancel scope
+                item = await mailbox.get()
+            else:
+                with trio.CancelScope(deadline=deadline):  # cheaper than move_on_at's wrapper
+                    item = await mailbox.get()
             if item is None:
                 now = trio.current_time()
                 if not self.established and now >= self.half_open_deadline:

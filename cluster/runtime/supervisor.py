@@ -127,12 +127,11 @@ class Supervisor:
                 # rate-limited. TODO: add that once a rate limiter exists; count for now.
                 self.stats.dropped_no_sa += 1
                 return
-        try:
-            actor.mailbox.send_nowait((data, local, remote, now))
-        except trio.WouldBlock:
-            self.stats.dropped_mailbox_full += 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.stats.dropped_no_sa += 1  # retiring right now
+        if not actor.mailbox.put_nowait((data, local, remote, now)):
+            if actor.mailbox.closed:
+                self.stats.dropped_no_sa += 1  # retiring right now
+            else:
+                self.stats.dropped_mailbox_full += 1
 
     def _spawn(self, spi_i: bytes, local: Address, remote: Address, now: float) -> SaActor | None:
         nursery = self._nursery
