@@ -80,9 +80,11 @@ def _hash_algorithms_untrusted(payloads: list[Payload]) -> frozenset[int]:
     return frozenset(found)
 
 
+_HASH_ALGORITHMS = b"".join(int(h).to_bytes(2, "big") for h in supported_hash_algorithms())
+
+
 def _hash_algorithms_notify() -> NotifyPayload:
-    data = b"".join(int(h).to_bytes(2, "big") for h in supported_hash_algorithms())
-    return NotifyPayload(NotifyType.SIGNATURE_HASH_ALGORITHMS, data)
+    return NotifyPayload(NotifyType.SIGNATURE_HASH_ALGORITHMS, _HASH_ALGORITHMS)
 
 
 def _detect_nat(sa: IkeSa, payloads: list[Payload], spi_r_in_message: bytes) -> None:

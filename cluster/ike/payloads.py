@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..errors import ParseError
 from ..wire import Buffer
@@ -21,6 +21,7 @@ _SUBSTRUCTURE = struct.Struct("!BxH")  # last flag, reserved, length
 _PROPOSAL = struct.Struct("!BBBB")
 _TRANSFORM = struct.Struct("!BxH")
 _KE_HEAD = struct.Struct("!Hxx")
+_TYPED_HEAD = struct.Struct("!Bxxx")
 _NOTIFY_HEAD = struct.Struct("!BBH")
 _DELETE_HEAD = struct.Struct("!BBH")
 MAX_PROPOSALS = 64
@@ -272,15 +273,12 @@ def _push_selectors(buf: Buffer, selectors: tuple[TrafficSelector, ...]) -> None
 
 
 def _pull_typed_body(buf: Buffer) -> tuple[int, bytes]:
-    kind = buf.pull_uint8()
-    buf.pull_bytes(3)
+    (kind,) = buf.pull_header(_TYPED_HEAD)
     return kind, buf.pull_rest()
 
 
 def _pull_notify(buf: Buffer) -> NotifyPayload:
-    protocol = buf.pull_uint8()
-    spi_size = buf.pull_uint8()
-    notify_type = buf.pull_uint16()
+    protocol, spi_size, notify_type = buf.pull_header(_NOTIFY_HEAD)
     spi = buf.pull_bytes(spi_size)
     return NotifyPayload(notify_type, buf.pull_rest(), protocol, spi)
 
@@ -334,32 +332,41 @@ _PULL: dict[int, Callable[[Buffer], Payload]] = {
 }
 
 
-def _encode_body(p: Payload) -> bytes:
-    match p:
-        case SaPayload():
-            buf = Buffer()
-            _push_sa(buf, p)
-            return buf.data()
-        case KePayload(group=group, data=data):
-            return _KE_HEAD.pack(group) + data
-        case NoncePayload(data=data) | VendorPayload(data=data) | UnknownPayload(data=data):
-            return data
-        case IdiPayload() | IdrPayload():
-            return p.body()
-        case CertPayload(encoding=kind, data=data) | CertreqPayload(encoding=kind, data=data):
-            return bytes((kind,)) + data
-        case AuthPayload(method=kind, data=data) | CpPayload(cfg_type=kind, attributes=data):
-            return bytes((kind, 0, 0, 0)) + data
-        case NotifyPayload():
-            return _NOTIFY_HEAD.pack(p.protocol, len(p.spi), p.notify_type) + p.spi + p.data
-        case DeletePayload():
-            head = _DELETE_HEAD.pack(p.protocol, 4 if p.spis else 0, len(p.spis))
-            return head + b"".join(p.spis)
-        case TsiPayload(selectors=sel) | TsrPayload(selectors=sel):
-            buf = Buffer()
-            _push_selectors(buf, sel)
-            return buf.data()
-    raise TypeError(f"cannot encode {type(p).__name__}")
+def _encode_sa(p: SaPayload) -> bytes:
+    buf = Buffer()
+    _push_sa(buf, p)
+    return buf.data()
+
+
+def _encode_selectors(p: TsiPayload | TsrPayload) -> bytes:
+    buf = Buffer()
+    _push_selectors(buf, p.selectors)
+    return buf.data()
+
+
+def _encode_delete(p: DeletePayload) -> bytes:
+    return _DELETE_HEAD.pack(p.protocol, 4 if p.spis else 0, len(p.spis)) + b"".join(p.spis)
+
+
+# dict dispatch: payload class -> body encoder
+_ENCODE: dict[type, Callable[[Any], bytes]] = {
+    SaPayload: _encode_sa,
+    KePayload: lambda p: _KE_HEAD.pack(p.group) + p.data,
+    NoncePayload: lambda p: p.data,
+    VendorPayload: lambda p: p.data,
+    UnknownPayload: lambda p: p.data,
+    IdiPayload: lambda p: p.body(),
+    IdrPayload: lambda p: p.body(),
+    CertPayload: lambda p: bytes((p.encoding,)) + p.data,
+    CertreqPayload: lambda p: bytes((p.encoding,)) + p.data,
+    AuthPayload: lambda p: bytes((p.method, 0, 0, 0)) + p.data,
+    CpPayload: lambda p: bytes((p.cfg_type, 0, 0, 0)) + p.attributes,
+    NotifyPayload: lambda p: _NOTIFY_HEAD.pack(p.protocol, len(p.spi), p.notify_type)
+    + p.spi + p.data,
+    DeletePayload: _encode_delete,
+    TsiPayload: _encode_selectors,
+    TsrPayload: _encode_selectors,
+}
 
 
 def type_of(p: Payload) -> int:
@@ -369,7 +376,7 @@ def type_of(p: Payload) -> int:
 def push_payloads(buf: Buffer, payloads: list[Payload], trailing_type: int = 0) -> None:
     """Encode a payload chain; the last one's next-payload is `trailing_type`."""
     for i, p in enumerate(payloads):
-        data = _encode_body(p)
+        data = _ENCODE[type(p)](p)
         following = type_of(payloads[i + 1]) if i + 1 < len(payloads) else trailing_type
         critical = 0x80 if isinstance(p, UnknownPayload) and p.critical else 0
         buf.push_bytes(_GENERIC.pack(following, critical, 4 + len(data)))
