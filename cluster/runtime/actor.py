@@ -8,7 +8,6 @@ the loop under `autojump_clock`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -50,6 +49,7 @@ class SaActor:
 
     __slots__ = (
         "established",
+        "expired",
         "half_open_deadline",
         "half_open_key",
         "mailbox",
@@ -73,6 +73,7 @@ class SaActor:
         self.half_open_key = half_open_key
         self.half_open_deadline = half_open_deadline
         self.established = False
+        self.expired = False
         self.mailbox: Mailbox[MailboxItem] = Mailbox(mailbox_size)
 
     @property
@@ -83,12 +84,10 @@ class SaActor:
         # Synchronous close: nothing can be delivered to a retired actor.
         self.mailbox.close()
 
-    def _deadline(self) -> float:
-        timer = self.session.get_timer()
-        deadline = math.inf if timer is None else timer
-        if not self.established:
-            deadline = min(deadline, self.half_open_deadline)
-        return deadline
+    def expire(self) -> None:
+        """Called by the supervisor when the half-open deadline passed: the loop ends."""
+        self.expired = True
+        self.mailbox.close()
 
     async def run(
         self,
@@ -100,16 +99,17 @@ class SaActor:
         mailbox = self.mailbox
         while not session.closed:
             item: MailboxItem | None = None
-            deadline = self._deadline()
-            if deadline == math.inf:  # the common case once established: no cancel scope
-                item = await mailbox.get()
-            else:
-                with trio.CancelScope(deadline=deadline):  # cheaper than move_on_at's wrapper
+            timer = session.get_timer()
+            try:
+                if timer is None:  # the common case for a responder: no cancel scope
                     item = await mailbox.get()
+                else:
+                    with trio.CancelScope(deadline=timer):
+                        item = await mailbox.get()
+            except trio.EndOfChannel:
+                return not self.expired
             if item is None:
                 now = trio.current_time()
-                if not self.established and now >= self.half_open_deadline:
-                    return False
                 timer = session.get_timer()
                 if timer is not None and now >= timer:
                     session.handle_timer(now)

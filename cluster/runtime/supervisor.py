@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable
 
 import trio
@@ -62,6 +63,8 @@ class Supervisor:
         self._new_spi = new_spi
         self._actors: dict[bytes, SaActor] = {}  # our SPI -> actor
         self._half_open: dict[tuple[bytes, Address], SaActor] = {}  # (spi_i, peer) -> actor
+        # actors in spawn order; their half-open deadlines are therefore in order too
+        self._expiry_queue: deque[SaActor] = deque()
         self._nursery: trio.Nursery | None = None
 
     # -- inspection (tests, metrics) ---------------------------------------------
@@ -92,9 +95,23 @@ class Supervisor:
             self._nursery = nursery
             task_status.started()
             try:
-                await trio.sleep_forever()
+                await self._expire_half_open()
             finally:
                 self._nursery = None
+
+    async def _expire_half_open(self) -> None:
+        """One task retires every SA still half-open at its deadline (no timer per actor)."""
+        queue = self._expiry_queue
+        while True:
+            now = trio.current_time()
+            while queue and queue[0].half_open_deadline <= now:
+                actor = queue.popleft()
+                if not actor.established and self._actors.get(actor.spi_r) is actor:
+                    actor.expire()
+            # anything spawned while we sleep has a deadline after our wake-up
+            await trio.sleep_until(
+                queue[0].half_open_deadline if queue else now + self.half_open_timeout
+            )
 
     # -- routing -------------------------------------------------------------------
 
@@ -160,6 +177,7 @@ class Supervisor:
         )
         self._actors[spi_r] = actor
         self._half_open[actor.half_open_key] = actor
+        self._expiry_queue.append(actor)
         self.stats.actors_started += 1
         nursery.start_soon(self._run_actor, actor, name=f"ike-sa {actor.label}")
         return actor
