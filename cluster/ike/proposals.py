@@ -151,36 +151,60 @@ def parse_proposal(text: str, protocol: ProtocolId, legacy_allowed: bool) -> Con
     )
 
 
-def _match_one(offered: Proposal, conf: ConfiguredProposal, ke_group: int | None,
-               legacy_allowed: bool) -> ChosenAlgorithms | None:
-    def pick_encr() -> EncrAlgorithm | None:
-        for ours in conf.encr:
-            for t in offered.of_type(TransformType.ENCR):
-                alg = find_encr(t.id, t.key_bits)
-                if alg == ours:
-                    return ours
-        return None
+class _Offer:
+    """One received proposal, indexed by transform type once for all our proposals."""
 
-    encr = pick_encr()
+    __slots__ = ("dh", "encr", "esn", "integ", "known", "prf", "proposal")
+
+    def __init__(self, proposal: Proposal) -> None:
+        self.proposal = proposal
+        self.encr: set[tuple[int, int | None]] = set()
+        self.integ: set[int] = set()
+        self.prf: set[int] = set()
+        self.dh: list[int] = []
+        self.esn: set[int] = set()
+        self.known = True
+        for t in proposal.transforms:
+            kind = t.type
+            if kind == TransformType.ENCR:
+                self.encr.add((t.id, t.key_bits))
+            elif kind == TransformType.INTEG:
+                if t.id:
+                    self.integ.add(t.id)
+            elif kind == TransformType.PRF:
+                self.prf.add(t.id)
+            elif kind == TransformType.DH:
+                self.dh.append(t.id)
+            elif kind == TransformType.ESN:
+                self.esn.add(t.id)
+            else:  # a transform type we do not know makes the proposal unusable (RFC 7296 3.3.6)
+                self.known = False
+
+    def has_encr(self, alg: EncrAlgorithm) -> bool:
+        if (alg.transform_id, alg.key_bits) in self.encr:
+            return True
+        return not alg.needs_key_length and (alg.transform_id, None) in self.encr
+
+
+def _match_one(offer: _Offer, conf: ConfiguredProposal, ke_group: int | None,
+               legacy_allowed: bool) -> ChosenAlgorithms | None:
+    encr = next((e for e in conf.encr if offer.has_encr(e)), None)
     if encr is None or (encr.legacy and not legacy_allowed):
         return None
-    offered_integ = {t.id for t in offered.of_type(TransformType.INTEG)} - {0}
-    integ = next((i for i in conf.integ if i.transform_id in offered_integ), None)
+    integ = next((i for i in conf.integ if i.transform_id in offer.integ), None)
     if encr.aead:
-        if offered_integ:
+        if offer.integ:
             return None
     elif integ is None:
         return None
     prf: PrfAlgorithm | None = None
     if conf.protocol == ProtocolId.IKE:
-        offered_prf = {t.id for t in offered.of_type(TransformType.PRF)}
-        prf = next((p for p in conf.prf if p.transform_id in offered_prf), None)
+        prf = next((p for p in conf.prf if p.transform_id in offer.prf), None)
         if prf is None:
             return None
-    offered_dh = [t.id for t in offered.of_type(TransformType.DH)]
     dh: DhGroup | None = None
-    if conf.dh and offered_dh:
-        common = [g for g in conf.dh if g in offered_dh]
+    if conf.dh and offer.dh:
+        common = [g for g in conf.dh if g in offer.dh]
         if not common:
             return None
         # prefer the group whose KE the initiator already sent (RFC 7296 1.2)
@@ -189,12 +213,9 @@ def _match_one(offered: Proposal, conf: ConfiguredProposal, ke_group: int | None
         return None
     esn: Esn | None = None
     if conf.protocol != ProtocolId.IKE:
-        offered_esn = {t.id for t in offered.of_type(TransformType.ESN)} or {Esn.NO_ESN}
+        offered_esn = offer.esn or {Esn.NO_ESN}
         esn = next((e for e in conf.esn if e in offered_esn), None)
         if esn is None:
-            return None
-    for t in offered.transforms:  # a transform type we do not know makes the proposal unusable
-        if t.type not in (1, 2, 3, 4, 5):
             return None
     for p in (prf, integ):
         if p is not None and p.legacy and not legacy_allowed:
@@ -214,11 +235,13 @@ def select_proposal(
     Raises NoProposalChosen, or InvalidKePayload when the choice needs a different
     KE group than the initiator sent (RFC 7296 1.2).
     """
+    offers = [_Offer(p) for p in offered]
     for conf in configured:
-        for prop in offered:
-            if prop.protocol != conf.protocol:
+        for offer in offers:
+            prop = offer.proposal
+            if prop.protocol != conf.protocol or not offer.known:
                 continue
-            chosen = _match_one(prop, conf, ke_group, legacy_allowed)
+            chosen = _match_one(offer, conf, ke_group, legacy_allowed)
             if chosen is None:
                 continue
             if conf.protocol == ProtocolId.IKE and ke_group is not None and chosen.dh != ke_group:

@@ -1,8 +1,8 @@
 """One task per IKE SA: feeds its sans-IO session from a bounded mailbox.
 
-The loop waits for the next datagram until the session's timer (or the
-half-open deadline) comes due, steps the session, then sends what it produced
-and drains its events. The clock is `trio.current_time()`, so tests can run
+The loop waits for the next datagram until the session's timer comes due,
+steps the session, then sends what it produced and drains its events. The
+supervisor ends an actor still half-open at its deadline by closing the mailbox. The clock is `trio.current_time()`, so tests can run
 the loop under `autojump_clock`.
 """
 
