@@ -2,8 +2,9 @@
 
 The loop waits for the next datagram until the session's timer comes due,
 steps the session, then sends what it produced and drains its events. The
-supervisor ends an actor still half-open at its deadline by closing the mailbox. The clock is `trio.current_time()`, so tests can run
-the loop under `autojump_clock`.
+supervisor ends an actor still half-open at its deadline by closing the
+mailbox. The clock is `trio.current_time()`, so tests can run the loop under
+`autojump_clock`.
 """
 
 from __future__ import annotations
