@@ -79,7 +79,7 @@ def configure_logging(level: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
 
 
 def run(config_path: str, log_level: str | None = None) -> int:
