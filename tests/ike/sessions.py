@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Literal
 
 from cluster.ike.constants import ProtocolId
+from cluster.ike.events import Address, Event
 from cluster.ike.identity import parse_identity, parse_identity_pattern
 from cluster.ike.policy import (
     ChildConfig,
@@ -88,3 +90,28 @@ def run_handshake(client: IkeSession, gateway: IkeSession, rounds: int = 6) -> N
         moved = transfer(client, gateway) + transfer(gateway, client)
         if not moved:
             return
+
+
+def drain(session: IkeSession) -> list[Event]:
+    """Every event the session has queued, oldest first."""
+    events: list[Event] = []
+    while (event := session.next_event()) is not None:
+        events.append(event)
+    return events
+
+
+def psk_pair(gw_conn: ConnectionConfig | None = None,
+             client_conn: ConnectionConfig | None = None, *,
+             secret: bytes = b"change-me", client_secret: bytes | None = None,
+             client: Address = CLIENT, gateway: Address = GW,
+             ) -> tuple[IkeSession, IkeSession]:
+    """Our initiator (IKE_SA_INIT already queued) and a fresh responder, PSK on both sides."""
+    gw_conn = gw_conn or psk_connection()
+    policy = psk_policy(gw_conn, secret=secret)
+    client_conn = client_conn or client_for(gw_conn)
+    client_policy = psk_policy(client_conn, secret=secret if client_secret is None
+                               else client_secret, ids=(str(client_conn.local.identity), "%any"))
+    initiator = IkeSession.initiator(client_conn, client_policy, os.urandom(8), client, gateway,
+                                     0.0)
+    responder = IkeSession.responder(policy, os.urandom(8), gateway, client)
+    return initiator, responder
