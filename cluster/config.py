@@ -16,7 +16,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
@@ -49,12 +49,28 @@ from .ike.traffic_selectors import TsConfig, parse_ts_config
 DEFAULT_IKE_PROPOSALS = ("aes256gcm16-prfsha256-x25519", "aes256-sha256-modp2048")
 DEFAULT_ESP_PROPOSALS = ("aes256gcm16", "aes128gcm16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+START_ACTIONS = ("none", "start")
+IKE_PORT = 500  # a peer's IKE port unless `remote_port` says otherwise
 # Tables that later issues fill in; kept raw in `NodeConfig.extra_tables` until then.
 FUTURE_TABLES = ("cluster", "worker", "metrics")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+(\[\d+\])?")  # an array index may follow
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+
+
+@dataclass(frozen=True)
+class Initiation:
+    """A connection this node initiates at start-up (a child with `start_action = "start"`)."""
+
+    connection: ConnectionConfig  # a copy with the start child first: IKE_AUTH carries children[0]
+    local: str  # to send from; "0.0.0.0" or "::" (a wildcard [ike] address): the route decides
+    remote: str  # the one address in remote_addrs
+    remote_port: int = IKE_PORT
+
+    @property
+    def child(self) -> str:
+        return self.connection.children[0].name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +82,7 @@ class NodeConfig:
     ike_port: int = 500  # [ike] port
     natt_port: int = 4500  # [ike] port_nat_t
     log_level: str = "info"  # [node] log_level
+    initiations: tuple[Initiation, ...] = ()  # in the order of the connections
     extra_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -167,10 +184,12 @@ class _Loader:
             self.secret(_join("secrets", name), value)
             for name, value in root.named_tables("secrets").items()
         )
-        connections = tuple(
-            self.connection(name, _join("connections", name), value, legacy)
+        loaded = [
+            self.connection(name, _join("connections", name), value, legacy, addresses)
             for name, value in root.named_tables("connections").items()
-        )
+        ]
+        connections = tuple(conn for conn, _ in loaded)
+        initiations = tuple(initiation for _, initiation in loaded if initiation is not None)
         if not connections:
             root.fail("connections", "no connections defined")
         policy = ResponderPolicy(
@@ -189,6 +208,7 @@ class _Loader:
             ike_port=ike_port,
             natt_port=natt_port,
             log_level=log_level,
+            initiations=initiations,
             extra_tables=extra,
         )
 
@@ -210,8 +230,8 @@ class _Loader:
     # --- connections ----------------------------------------------------------
 
     def connection(
-        self, name: str, key: str, value: object, legacy: bool
-    ) -> ConnectionConfig:
+        self, name: str, key: str, value: object, legacy: bool, addresses: tuple[str, ...]
+    ) -> tuple[ConnectionConfig, Initiation | None]:
         conn = self.table(
             key,
             value,
@@ -224,6 +244,7 @@ class _Loader:
                 "encap",
                 "local_addrs",
                 "remote_addrs",
+                "remote_port",
             ),
         )
         version = conn.integer("version", 2)
@@ -240,7 +261,10 @@ class _Loader:
         )
         if not children:
             conn.fail("children", "needs at least one child ([connections.NAME.children.CHILD])")
-        return ConnectionConfig(
+        remote_port = conn.integer("remote_port", IKE_PORT)
+        if not 1 <= remote_port <= 65535:
+            conn.fail("remote_port", f"{remote_port} is not a UDP port (1-65535)")
+        connection = ConnectionConfig(
             name=name,
             version=version,
             proposals=proposals,
@@ -250,6 +274,90 @@ class _Loader:
             encap=conn.boolean("encap", False),
             local_addrs=self.peer_addrs(conn, "local_addrs"),
             remote_addrs=self.peer_addrs(conn, "remote_addrs"),
+        )
+        return connection, self.initiation(conn, connection, remote_port, addresses)
+
+    def initiation(
+        self,
+        conn: _Table,
+        connection: ConnectionConfig,
+        remote_port: int,
+        addresses: tuple[str, ...],
+    ) -> Initiation | None:
+        """What to initiate for a connection with a `start_action = "start"` child, if any."""
+        starting = [c for c in connection.children if c.start_action == "start"]
+        if not starting:
+            return None
+        child = starting[0]
+        if len(starting) > 1:
+            # IKE_AUTH carries one Child SA; more need CREATE_CHILD_SA (RFC 7296 1.3.1)
+            self.fail(
+                _join(_join(_join(conn.key, "children"), starting[1].name), "start_action"),
+                f'only one child per connection may have start_action = "start" for now '
+                f"(children.{child.name} has it)",
+            )
+        why = f'start_action = "start" in children.{child.name}'
+        remote_texts = conn.strings("remote_addrs", ())
+        if len(remote_texts) != 1:
+            conn.fail(
+                "remote_addrs",
+                f"{why} needs exactly one peer address to initiate to, "
+                f"{len(remote_texts)} given",
+            )
+        remote_text = remote_texts[0]
+        if remote_text == "%any" or "/" in remote_text:
+            conn.fail(
+                "remote_addrs[0]",
+                f"{why} needs a concrete peer address to initiate to, not {remote_text!r}",
+            )
+        remote = ipaddress.ip_address(remote_text)  # peer_addrs checked it
+        if remote.is_unspecified:
+            conn.fail("remote_addrs[0]", f"{why}: {remote_text!r} is not a peer address")
+        local = self.initiation_source(conn, remote, addresses, why)
+        others = tuple(c for c in connection.children if c is not child)
+        return Initiation(
+            connection=replace(connection, children=(child, *others)),
+            local=local,
+            remote=str(remote),
+            remote_port=remote_port,
+        )
+
+    def initiation_source(
+        self,
+        conn: _Table,
+        remote: ipaddress.IPv4Address | ipaddress.IPv6Address,
+        addresses: tuple[str, ...],
+        why: str,
+    ) -> str:
+        """The first concrete local_addrs entry of the peer's family, else the first [ike] one."""
+        family = f"IPv{remote.version}"
+        bound = [ipaddress.ip_address(a) for a in addresses]
+        texts = conn.strings("local_addrs", ())
+        if texts and "%any" not in texts:
+            for index, text in enumerate(texts):
+                if "/" in text:
+                    continue
+                address = ipaddress.ip_address(text)
+                if address.version != remote.version:
+                    continue
+                if address not in bound and not any(
+                    b.is_unspecified and b.version == address.version for b in bound
+                ):
+                    conn.fail(
+                        f"local_addrs[{index}]",
+                        f"{why}: {text!r} is not one of the [ike] addresses, "
+                        "so the node cannot send from it",
+                    )
+                return str(address)
+            conn.fail(
+                "local_addrs", f"{why} needs an {family} address here to initiate from"
+            )
+        for address in bound:
+            if address.version == remote.version:
+                return str(address)
+        conn.fail(
+            "remote_addrs[0]",
+            f"{why}: the peer is {family} but no [ike] address is",
         )
 
     def proposals(
@@ -383,10 +491,17 @@ class _Loader:
     # --- children -------------------------------------------------------------
 
     def child(self, name: str, key: str, value: object, legacy: bool) -> ChildConfig:
-        child = self.table(key, value, ("mode", "local_ts", "remote_ts", "esp_proposals"))
+        child = self.table(
+            key, value, ("mode", "local_ts", "remote_ts", "esp_proposals", "start_action")
+        )
         mode = child.string("mode", "tunnel")
         if mode not in ("tunnel", "transport"):
             child.fail("mode", f"{mode!r} is not supported (use \"tunnel\" or \"transport\")")
+        start_action = child.string("start_action", "none")
+        if start_action == "trap":
+            child.fail("start_action", '"trap" is not supported yet (use "none" or "start")')
+        if start_action not in START_ACTIONS:
+            child.fail("start_action", f'{start_action!r} is not one of "none", "start"')
         return ChildConfig(
             name=name,
             mode="tunnel" if mode == "tunnel" else "transport",
@@ -395,6 +510,7 @@ class _Loader:
             esp_proposals=self.proposals(
                 child, "esp_proposals", DEFAULT_ESP_PROPOSALS, ProtocolId.ESP, legacy
             ),
+            start_action="start" if start_action == "start" else "none",
         )
 
     def traffic_selectors(self, child: _Table, name: str) -> tuple[TsConfig, ...]:

@@ -45,6 +45,7 @@ class ChildConfig:
     local_ts: tuple[TsConfig, ...]
     remote_ts: tuple[TsConfig, ...]
     esp_proposals: tuple[ConfiguredProposal, ...]
+    start_action: Literal["none", "start"] = "none"  # swanctl's; "start": initiate at start-up
 
 
 @dataclass(frozen=True)

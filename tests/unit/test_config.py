@@ -16,6 +16,7 @@ from cryptography.x509.oid import NameOID
 from cluster.config import (
     DEFAULT_ESP_PROPOSALS,
     DEFAULT_IKE_PROPOSALS,
+    Initiation,
     NodeConfig,
     load_config,
 )
@@ -137,6 +138,8 @@ secret = "{SECRET}"
     assert (conn.encap, conn.local_addrs, conn.remote_addrs) == (False, (), ())
     (child,) = conn.children
     assert child.mode == "tunnel"
+    assert child.start_action == "none"
+    assert config.initiations == ()
     assert [ts.selector for ts in (*child.local_ts, *child.remote_ts)] == [None, None]
     assert tuple(p.text for p in child.esp_proposals) == DEFAULT_ESP_PROPOSALS
     assert config.policy.legacy_algorithms is False
@@ -234,6 +237,121 @@ def test_secret_never_appears_in_repr(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, BASE))
     assert config.policy.secrets[0].secret == SECRET.encode()
     assert SECRET not in repr(config)
+
+
+# --- start_action = "start": this node initiates ----------------------------------------
+
+START = edit(
+    ("version = 2\n", 'version = 2\nremote_addrs = ["10.99.1.1"]\n'),
+    ('mode = "tunnel"', 'mode = "transport"\nstart_action = "start"'),
+)
+SECOND_CHILD = """
+[connections.rw.children.second]
+mode = "transport"
+"""
+
+
+def test_start_child_makes_an_initiation_from_the_first_ike_address(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, START))
+    (conn,) = config.policy.connections
+    assert conn.children[0].start_action == "start"
+    assert config.initiations == (
+        Initiation(connection=conn, local="10.99.0.2", remote="10.99.1.1", remote_port=500),
+    )
+    assert config.initiations[0].child == "net"
+
+
+def test_start_child_goes_first_in_the_initiated_copy_only(tmp_path: Path) -> None:
+    text = (
+        BASE.replace("version = 2\n", 'version = 2\nremote_addrs = ["10.99.1.1"]\n')
+        .replace("[secrets.rw]", SECOND_CHILD + 'start_action = "start"\n[secrets.rw]')
+    )
+    config = load_config(write(tmp_path, text))
+    (conn,) = config.policy.connections
+    assert [c.name for c in conn.children] == ["net", "second"]  # the responder's view
+    (initiation,) = config.initiations
+    assert [c.name for c in initiation.connection.children] == ["second", "net"]
+    assert initiation.child == "second"
+    assert initiation.connection.proposals == conn.proposals
+
+
+@pytest.mark.parametrize(
+    ("addresses", "extra", "remote", "local"),
+    [
+        ('["10.99.0.2", "fd99::2"]', "", "fd99:1::1", "fd99::2"),
+        ('["fd99::2", "10.99.0.2"]', "", "10.99.1.1", "10.99.0.2"),
+        ('["0.0.0.0"]', "", "10.99.1.1", "0.0.0.0"),  # the route picks the source
+        ('["0.0.0.0"]', 'local_addrs = ["10.99.0.0/24", "fd99::9", "10.99.0.7"]\n',
+         "10.99.1.1", "10.99.0.7"),
+        ('["10.99.0.2", "10.99.0.3"]', 'local_addrs = ["10.99.0.3"]\n', "10.99.1.1",
+         "10.99.0.3"),
+        ('["10.99.0.2"]', 'local_addrs = ["%any"]\n', "10.99.1.1", "10.99.0.2"),
+    ],
+)
+def test_initiation_source_address(
+    tmp_path: Path, addresses: str, extra: str, remote: str, local: str
+) -> None:
+    text = START.replace('addresses = ["10.99.0.2"]', f"addresses = {addresses}").replace(
+        'remote_addrs = ["10.99.1.1"]\n', f'remote_addrs = ["{remote}"]\n{extra}'
+    )
+    (initiation,) = load_config(write(tmp_path, text)).initiations
+    assert (initiation.local, initiation.remote) == (local, remote)
+
+
+def test_remote_port_is_where_the_initiation_goes(tmp_path: Path) -> None:
+    text = START.replace("version = 2\n", "version = 2\nremote_port = 1500\n")
+    (initiation,) = load_config(write(tmp_path, text)).initiations
+    assert initiation.remote_port == 1500
+
+
+START_ERROR_CASES: list[tuple[str, str, str, str]] = [
+    # (case, file content, dotted key, part of the reason)
+    ("trap", START.replace('"start"', '"trap"'),
+     "connections.rw.children.net.start_action", '"trap" is not supported yet'),
+    ("unknown", START.replace('"start"', '"always"'),
+     "connections.rw.children.net.start_action", "'always' is not one of"),
+    ("type", START.replace('"start"', "true"),
+     "connections.rw.children.net.start_action", "expected a string"),
+    ("no remote_addrs", START.replace('remote_addrs = ["10.99.1.1"]\n', ""),
+     "connections.rw.remote_addrs", "exactly one peer address to initiate to, 0 given"),
+    ("two remote_addrs", START.replace('["10.99.1.1"]', '["10.99.1.1", "10.99.1.2"]'),
+     "connections.rw.remote_addrs", "exactly one peer address to initiate to, 2 given"),
+    ("remote %any", START.replace('["10.99.1.1"]', '["%any"]'),
+     "connections.rw.remote_addrs[0]", "concrete peer address to initiate to, not '%any'"),
+    ("remote subnet", START.replace('["10.99.1.1"]', '["10.99.1.0/24"]'),
+     "connections.rw.remote_addrs[0]", "concrete peer address"),
+    ("remote unspecified", START.replace('["10.99.1.1"]', '["0.0.0.0"]'),
+     "connections.rw.remote_addrs[0]", "'0.0.0.0' is not a peer address"),
+    ("no [ike] address of the family", START.replace('["10.99.1.1"]', '["fd99::1"]'),
+     "connections.rw.remote_addrs[0]", "the peer is IPv6 but no [ike] address is"),
+    ("local_addrs not bound",
+     START.replace("version = 2\n", 'version = 2\nlocal_addrs = ["10.99.0.9"]\n'),
+     "connections.rw.local_addrs[0]", "'10.99.0.9' is not one of the [ike] addresses"),
+    ("local_addrs without an address of the family",
+     START.replace("version = 2\n", 'version = 2\nlocal_addrs = ["10.99.0.0/24", "fd::1"]\n'),
+     "connections.rw.local_addrs", "needs an IPv4 address here to initiate from"),
+    ("two start children",
+     START.replace("[secrets.rw]", SECOND_CHILD + 'start_action = "start"\n[secrets.rw]'),
+     "connections.rw.children.second.start_action", "only one child per connection"),
+    ("remote_port", START.replace("version = 2\n", "version = 2\nremote_port = 0\n"),
+     "connections.rw.remote_port", "0 is not a UDP port"),
+]
+
+
+@pytest.mark.parametrize(
+    ("content", "key", "reason"),
+    [case[1:] for case in START_ERROR_CASES],
+    ids=[case[0] for case in START_ERROR_CASES],
+)
+def test_start_action_mistake_names_the_key(
+    tmp_path: Path, content: str, key: str, reason: str
+) -> None:
+    path = write(tmp_path, content)
+    message = load_error(path)
+    assert "\n" not in message
+    prefix = f"{path}: {key}: "
+    assert message.startswith(prefix), message
+    assert reason in message[len(prefix):], message
 
 
 # --- what does not load: one line, naming file, key and reason -------------------------
