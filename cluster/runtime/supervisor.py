@@ -1,7 +1,10 @@
 """Routes each datagram to the actor of its IKE SA; starts, retires and isolates actors.
 
-Routing (we are always the original responder, so our SPI is the responder SPI
-of every message of the SA, whichever side sent it, RFC 7296 2.6):
+Routing. Our SPI is the one we chose: the responder SPI of an SA a peer
+initiated, the initiator SPI of one we initiated, whichever side sent the
+message (RFC 7296 2.6). The header's Initiator flag says which (RFC 7296 3.1):
+- a message with the flag clear comes from the original responder, so the SA
+  is one we initiated: it goes by initiator SPI to the SAs we initiated;
 - an IKE_SA_INIT request with a zero responder SPI goes to the half-open actor
   of (initiator SPI, peer address), so a retransmission reaches the actor that
   answered the first copy; if there is none, a new actor with a fresh SPI;
@@ -11,6 +14,9 @@ Each actor has a bounded mailbox fed with `send_nowait`: a full mailbox drops
 the datagram (the peer retransmits) instead of blocking the socket reader.
 An exception escaping an actor is logged and counted, and only that SA is torn
 down; the other actors and the node keep running.
+
+An SA we initiate (`run_initiated`) runs in the caller's task, which decides
+what to do when it ends; it is subject to the same half-open deadline.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
 from ..errors import ParseError
 from ..ike.constants import ExchangeType
-from ..ike.events import Event, IkeSaDeleted, IkeSaEstablished
+from ..ike.events import Event, IkeSaDeleted, IkeSaEstablished, IkeSaFailed
 from ..ike.message import Header, peek_header_untrusted
 from ..ike.session import Address, Datagram
 from .actor import SaActor, Session
@@ -37,7 +44,19 @@ DEFAULT_MAILBOX_SIZE = 32
 
 # (our responder SPI, local address, remote address) -> a new responder session
 SessionFactory = Callable[[bytes, Address, Address], Session]
+# (our initiator SPI, now) -> a new initiator session, its IKE_SA_INIT request queued
+InitiatorFactory = Callable[[bytes, float], Session]
 EventSink = Callable[[Event], None]
+NO_PEER: Address = ("", 0)
+
+
+@dataclass(frozen=True, slots=True)
+class InitiatedOutcome:
+    """How an SA we initiated ended."""
+
+    spi_i: bytes
+    established: bool  # it came up before it ended
+    reason: str
 
 
 class Supervisor:
@@ -63,6 +82,7 @@ class Supervisor:
         self._new_spi = new_spi
         self._actors: dict[bytes, SaActor] = {}  # our SPI -> actor
         self._half_open: dict[tuple[bytes, Address], SaActor] = {}  # (spi_i, peer) -> actor
+        self._initiated: dict[bytes, SaActor] = {}  # our initiator SPI -> actor
         # actors in spawn order; their half-open deadlines are therefore in order too
         self._expiry_queue: deque[SaActor] = deque()
         self._nursery: trio.Nursery | None = None
@@ -77,13 +97,22 @@ class Supervisor:
     def half_open_count(self) -> int:
         return len(self._half_open)
 
+    @property
+    def initiated_count(self) -> int:
+        return len(self._initiated)
+
     def actor_for(self, spi_r: bytes) -> SaActor | None:
         return self._actors.get(spi_r)
+
+    def initiated_actor_for(self, spi_i: bytes) -> SaActor | None:
+        return self._initiated.get(spi_i)
 
     def is_routed(self, spi_i: bytes, spi_r: bytes) -> bool:
         """Whether any routing table still leads to the SA (spi_i, spi_r)."""
         actor = self._actors.get(spi_r)
         if actor is not None and actor.spi_i == spi_i:
+            return True
+        if spi_i in self._initiated:
             return True
         return any(a.spi_r == spi_r for a in self._half_open.values())
 
@@ -106,7 +135,8 @@ class Supervisor:
             now = trio.current_time()
             while queue and queue[0].half_open_deadline <= now:
                 actor = queue.popleft()
-                if not actor.established and self._actors.get(actor.spi_r) is actor:
+                # a closed mailbox: the actor is retired (or expiring) already
+                if not actor.established and not actor.mailbox.closed:
                     actor.expire()
             # anything spawned while we sleep has a deadline after our wake-up
             await trio.sleep_until(
@@ -127,7 +157,13 @@ class Supervisor:
     def route(
         self, header: Header, data: bytes, local: Address, remote: Address, now: float
     ) -> None:
-        if (
+        if not header.is_initiator:
+            # From the original responder: an SA we initiated, our SPI is spi_i.
+            actor = self._initiated.get(header.spi_i)
+            if actor is None:
+                self.stats.dropped_no_sa += 1
+                return
+        elif (
             header.spi_r == ZERO_SPI
             and header.exchange == ExchangeType.IKE_SA_INIT
             and not header.is_response
@@ -181,6 +217,63 @@ class Supervisor:
         self.stats.actors_started += 1
         nursery.start_soon(self._run_actor, actor, name=f"ike-sa {actor.label}")
         return actor
+
+    async def run_initiated(self, new_session: InitiatorFactory) -> InitiatedOutcome:
+        """Create an initiator session with a fresh SPI and step it until it ends.
+
+        Runs in the caller's task; the peer's messages reach the session by our
+        initiator SPI meanwhile. An SA not established within the half-open
+        timeout is given up, like a responder's. Failures are logged and
+        counted, never raised; cancellation is.
+        """
+        if self._nursery is None:
+            raise RuntimeError("supervisor is not running")
+        spi_i = self._new_spi()
+        while spi_i == ZERO_SPI or spi_i in self._initiated:
+            spi_i = self._new_spi()
+        now = trio.current_time()
+        try:
+            session = new_session(spi_i, now)
+        except Exception:
+            self.stats.actor_failures += 1
+            logger.exception("creating an initiator session failed")
+            return InitiatedOutcome(spi_i, False, "session creation failed")
+        actor = SaActor(
+            session, spi_i, ZERO_SPI, (spi_i, NO_PEER), now + self.half_open_timeout,
+            self.mailbox_size,
+        )
+        self._initiated[spi_i] = actor
+        self._expiry_queue.append(actor)
+        self.stats.actors_started += 1
+        reason = "ended"
+
+        def on_event(actor: SaActor, event: Event) -> None:
+            nonlocal reason
+            if isinstance(event, IkeSaFailed | IkeSaDeleted):
+                reason = event.reason
+            self._on_event(actor, event)
+
+        try:
+            for datagram in session.datagrams_to_send():  # the IKE_SA_INIT request
+                self._send(datagram)
+            if not await actor.run(self._send, on_event):
+                self.stats.half_open_expired += 1
+                reason = f"not established within {self.half_open_timeout:g} s"
+        except Exception:
+            self.stats.actor_failures += 1
+            reason = "actor failed"
+            logger.exception("IKE SA %s_i (initiated) failed; tearing it down", spi_i.hex())
+            if actor.established:
+                try:
+                    self._deliver(IkeSaDeleted(spi_i, session.spi_r, reason=reason))
+                except Exception:
+                    logger.exception("event sink failed for IKE SA %s_i", spi_i.hex())
+        finally:
+            if self._initiated.get(spi_i) is actor:
+                del self._initiated[spi_i]
+            actor.close_mailbox()
+            self.stats.actors_retired += 1
+        return InitiatedOutcome(spi_i, actor.established, reason)
 
     async def _run_actor(self, actor: SaActor) -> None:
         # Nothing but Cancelled may leave this function: the nursery is shared.
