@@ -1,15 +1,18 @@
-"""A single responder node: sockets, supervisor, signals, graceful shutdown."""
+"""A single node: sockets, supervisor, the SAs it initiates, signals, graceful shutdown."""
 
 from __future__ import annotations
 
 import logging
+import random
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
-from ..config import NodeConfig
+from ..config import Initiation, NodeConfig
+from ..ike.constants import NATT_PORT
 from ..ike.events import (
     ChildSaDeleted,
     ChildSaEstablished,
@@ -18,13 +21,20 @@ from ..ike.events import (
     IkeSaEstablished,
     IkeSaFailed,
 )
+from ..ike.policy import ResponderPolicy
 from ..ike.session import Address, IkeSession
 from .actor import Session
 from .dispatcher import Dispatcher
 from .stats import RuntimeStats
-from .supervisor import DEFAULT_MAILBOX_SIZE, EventSink, Supervisor
+from .supervisor import DEFAULT_MAILBOX_SIZE, EventSink, InitiatedOutcome, Supervisor
 
 logger = logging.getLogger(__name__)
+
+# start_action = "start": the wait before the next attempt doubles from the first
+# to the largest; each wait is 80-100 % of it, so nodes started together spread out.
+INITIATE_BACKOFF_FIRST = 1.0
+INITIATE_BACKOFF_MAX = 30.0
+INITIATE_JITTER = 0.2
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,7 @@ class Node:
     dispatcher: Dispatcher
     supervisor: Supervisor
     cancel_scope: trio.CancelScope
+    initiators: tuple[Initiator, ...] = ()  # one per connection with a start child
 
     @property
     def local_addresses(self) -> list[Address]:
@@ -116,6 +127,114 @@ def responder_factory(config: NodeConfig) -> Callable[[bytes, Address, Address],
     return new_session
 
 
+class Initiator:
+    """Keeps one IKE SA of a `start_action = "start"` connection up.
+
+    strongSwan initiates such a connection once at start-up and, with its default
+    `close_action = none`, leaves it down when the peer deletes it. A link between
+    two nodes should come back by itself, so here "start" means: initiate at
+    start-up, retry a failed attempt (timeout, refusal) after a back-off forever,
+    and initiate again when an established SA ends, whoever ended it.
+    """
+
+    def __init__(
+        self,
+        initiation: Initiation,
+        policy: ResponderPolicy,
+        supervisor: Supervisor,
+        dispatcher: Dispatcher,
+        *,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.initiation = initiation
+        self.policy = policy
+        self.supervisor = supervisor
+        self.dispatcher = dispatcher
+        self._jitter = jitter
+        self.remote: Address = (initiation.remote, initiation.remote_port)
+        self.attempts = 0  # IKE SAs initiated so far
+        self.failures = 0  # attempts that ended before they were established
+        self.established = 0  # attempts that came up
+
+    @property
+    def name(self) -> str:
+        return self.initiation.connection.name
+
+    def source(self) -> tuple[Address, int]:
+        """Our IKE address and NAT-T port; raises OSError when no route leads to the peer."""
+        host = self.initiation.local
+        if host in ("0.0.0.0", "::"):
+            host = _route_source(self.initiation.remote)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        ike_port = natt_port = None
+        for ep in self.dispatcher.endpoints:
+            if ep.local[0] == host or (ep.wildcard and ep.sock.family == family):
+                if ep.natt:
+                    natt_port = natt_port or ep.local[1]
+                else:
+                    ike_port = ike_port or ep.local[1]
+        if ike_port is None or natt_port is None:
+            raise OSError(f"no socket bound to {host}")
+        return (host, ike_port), natt_port
+
+    async def run(self) -> None:
+        """Initiate until cancelled."""
+        backoff = INITIATE_BACKOFF_FIRST
+        attempt = 0  # since the last SA that came up, for the log
+        while True:
+            attempt += 1
+            started = trio.current_time()
+            outcome = await self._attempt(attempt)
+            wait = backoff * (1.0 - INITIATE_JITTER * self._jitter())
+            if outcome.established:
+                self.established += 1
+                if trio.current_time() - started >= INITIATE_BACKOFF_MAX:
+                    # a long-lived SA: start over; a peer deleting every SA at once
+                    # keeps the back-off growing instead
+                    backoff = INITIATE_BACKOFF_FIRST
+                    wait = backoff * (1.0 - INITIATE_JITTER * self._jitter())
+                attempt = 0
+                logger.info(
+                    "connection %s: IKE SA %s_i ended (%s); initiating again in %.1f s",
+                    self.name, outcome.spi_i.hex(), outcome.reason, wait,
+                )
+            else:
+                self.failures += 1
+                logger.info(
+                    "connection %s: attempt %d failed (%s); retrying in %.1f s",
+                    self.name, attempt, outcome.reason, wait,
+                )
+            await trio.sleep(wait)
+            backoff = min(backoff * 2, INITIATE_BACKOFF_MAX)
+
+    async def _attempt(self, attempt: int) -> InitiatedOutcome:
+        try:
+            local, natt_port = self.source()
+        except OSError as exc:
+            return InitiatedOutcome(bytes(8), False, f"no source address: {exc}")
+        self.attempts += 1
+        logger.info(
+            "connection %s: initiating IKE SA from %s to %s (attempt %d)",
+            self.name, _format_address(local), _format_address(self.remote), attempt,
+        )
+
+        def new_session(spi_i: bytes, now: float) -> Session:
+            return IkeSession.initiator(
+                self.initiation.connection, self.policy, spi_i, local, self.remote, now,
+                natt_ports=(natt_port, NATT_PORT),
+            )
+
+        return await self.supervisor.run_initiated(new_session)
+
+
+def _route_source(remote_host: str) -> str:
+    """The address the routing table picks towards the peer (a UDP connect sends nothing)."""
+    family = socket.AF_INET6 if ":" in remote_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((remote_host, 500))
+        return str(probe.getsockname()[0])
+
+
 async def run_node(
     config: NodeConfig,
     *,
@@ -125,6 +244,9 @@ async def run_node(
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind, serve until SIGINT/SIGTERM (or `Node.shutdown()`), then shut down cleanly.
+
+    Once the sockets serve, one `Initiator` per `config.initiations` entry starts;
+    the SAs it brings up report to `event_sink` like the ones peers initiate.
 
     Shutdown order: the readers stop, the actors are cancelled, then the sockets
     close; the last log line carries the counters.
@@ -141,11 +263,19 @@ async def run_node(
         )
         try:
             async with trio.open_nursery() as nursery:
-                node = Node(config, stats, dispatcher, supervisor, nursery.cancel_scope)
+                initiators = tuple(
+                    Initiator(initiation, config.policy, supervisor, dispatcher)
+                    for initiation in config.initiations
+                )
+                node = Node(
+                    config, stats, dispatcher, supervisor, nursery.cancel_scope, initiators
+                )
                 if handle_signals:
                     await nursery.start(_shutdown_on_signal, nursery.cancel_scope)
                 await nursery.start(supervisor.run)
                 await nursery.start(dispatcher.serve, supervisor)
+                for initiator in initiators:
+                    nursery.start_soon(initiator.run, name=f"initiate {initiator.name}")
                 logger.info(
                     "node %s listening on %s",
                     config.node_id,

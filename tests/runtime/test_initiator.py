@@ -1,0 +1,417 @@
+"""start_action = "start": a node initiates, retries with back-off and re-initiates.
+
+Two nodes run in this Trio process on loopback: A (127.0.0.1) initiates a
+transport-mode connection to B (127.0.0.2), which only responds. The routing
+tests at the end run the supervisor alone under `autojump_clock`.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import itertools
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from cluster.config import NodeConfig, load_config
+from cluster.ike.events import (
+    ChildSaEstablished,
+    Event,
+    IkeSaDeleted,
+    IkeSaEstablished,
+)
+from cluster.ike.message import Header
+from cluster.ike.session import Datagram, IkeSession
+from cluster.runtime.node import INITIATE_BACKOFF_MAX, Initiator, Node, run_node
+from cluster.runtime.stats import RuntimeStats
+from cluster.runtime.supervisor import Supervisor
+
+from .conftest import PSK
+
+A_HOST = "127.0.0.1"
+B_HOST = "127.0.0.2"
+
+
+def free_ports(host: str) -> tuple[int, int]:
+    """Two distinct UDP ports free on `host` right now."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return socks[0].getsockname()[1], socks[1].getsockname()[1]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def node_config(
+    directory: Path,
+    name: str,
+    address: str,
+    ports: tuple[int, int],
+    peer: str,
+    peer_port: int,
+    *,
+    start: bool,
+    half_open_timeout: float = 30.0,
+) -> NodeConfig:
+    me, other = ("a", "b") if name == "a" else ("b", "a")
+    start_line = 'start_action = "start"' if start else ""
+    path = directory / f"{name}.toml"
+    path.write_text(
+        f"""
+[node]
+id = "{name}"
+[ike]
+addresses = ["{address}"]
+port = {ports[0]}
+port_nat_t = {ports[1]}
+half_open_timeout = {half_open_timeout}
+[connections.link]
+proposals = ["aes256gcm16-prfsha256-x25519"]
+remote_addrs = ["{peer}"]
+remote_port = {peer_port}
+local = {{ auth = "psk", id = "{me}.example.test" }}
+remote = {{ auth = "psk", id = "{other}.example.test" }}
+[connections.link.children.host]
+mode = "transport"
+esp_proposals = ["aes256gcm16"]
+{start_line}
+[secrets.link]
+ids = ["a.example.test", "b.example.test"]
+secret = "{PSK}"
+"""
+    )
+    return load_config(path)
+
+
+@dataclass
+class Pair:
+    a: NodeConfig
+    b: NodeConfig
+    a_events: list[Event] = field(default_factory=list)
+    b_events: list[Event] = field(default_factory=list)
+
+    async def start_a(self, nursery: trio.Nursery) -> Node:
+        return await _start(nursery, self.a, self.a_events)
+
+    async def start_b(self, nursery: trio.Nursery) -> Node:
+        return await _start(nursery, self.b, self.b_events)
+
+
+async def _start(nursery: trio.Nursery, config: NodeConfig, events: list[Event]) -> Node:
+    node: Node = await nursery.start(
+        functools.partial(run_node, config, event_sink=events.append, handle_signals=False)
+    )
+    return node
+
+
+def make_pair(directory: Path, a_half_open_timeout: float = 30.0) -> Pair:
+    a_ports, b_ports = free_ports(A_HOST), free_ports(B_HOST)
+    a = node_config(directory, "a", A_HOST, a_ports, B_HOST, b_ports[0], start=True,
+                    half_open_timeout=a_half_open_timeout)
+    b = node_config(directory, "b", B_HOST, b_ports, A_HOST, a_ports[0], start=False)
+    return Pair(a, b)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Pair:
+    return make_pair(tmp_path)
+
+
+def established(events: list[Event]) -> list[IkeSaEstablished]:
+    return [e for e in events if isinstance(e, IkeSaEstablished)]
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+def ip(selector_addr: bytes) -> str:
+    return str(ipaddress.ip_address(selector_addr))
+
+
+async def test_start_connection_comes_up_without_an_external_initiator(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with trio.open_nursery() as nursery:
+        b = await pair.start_b(nursery)
+        a = await pair.start_a(nursery)
+        await wait_for(lambda: any(isinstance(e, ChildSaEstablished) for e in pair.a_events))
+        await wait_for(lambda: any(isinstance(e, ChildSaEstablished) for e in pair.b_events))
+
+        (a_sa,) = established(pair.a_events)
+        (b_sa,) = established(pair.b_events)
+        assert (a_sa.spi_i, a_sa.spi_r) == (b_sa.spi_i, b_sa.spi_r)
+        assert a_sa.connection == b_sa.connection == "link"
+        assert (a_sa.local_id, a_sa.remote_id) == ("a.example.test", "b.example.test")
+        assert a_sa.remote == (B_HOST, pair.b.ike_port)
+        assert b_sa.remote == (A_HOST, pair.a.ike_port)
+        assert not a_sa.nat
+
+        # A holds it as an SA it initiated, routed by its initiator SPI; B as a responder.
+        actor = a.supervisor.initiated_actor_for(a_sa.spi_i)
+        assert actor is not None and actor.established
+        assert a.supervisor.actor_count == 0 and a.supervisor.initiated_count == 1
+        assert b.supervisor.actor_for(b_sa.spi_r) is not None
+        assert b.supervisor.initiated_count == 0
+
+        # The Child SA is the transport-mode one with "dynamic" selectors, both ends agree.
+        (a_child,) = [e for e in pair.a_events if isinstance(e, ChildSaEstablished)]
+        (b_child,) = [e for e in pair.b_events if isinstance(e, ChildSaEstablished)]
+        assert a_child.mode == b_child.mode == "transport"
+        assert (a_child.spi_in, a_child.spi_out) == (b_child.spi_out, b_child.spi_in)
+        assert a_child.encr_key_in == b_child.encr_key_out
+        assert [ip(ts.start_addr) for ts in a_child.local_ts] == [A_HOST]
+        assert [ip(ts.start_addr) for ts in a_child.remote_ts] == [B_HOST]
+
+        (initiator,) = a.initiators
+        assert (initiator.attempts, initiator.failures, initiator.established) == (1, 0, 0)
+        assert a.stats.ike_sas_established == b.stats.ike_sas_established == 1
+        a.shutdown()
+        b.shutdown()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("connection link: initiating IKE SA" in m and "(attempt 1)" in m
+               for m in messages)
+
+
+async def test_initiator_retries_until_the_peer_is_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    pair = make_pair(tmp_path, a_half_open_timeout=1.0)
+    async with trio.open_nursery() as nursery:
+        a = await pair.start_a(nursery)
+        (initiator,) = a.initiators
+        # B is not running: the first attempt goes unanswered and is given up.
+        await wait_for(lambda: initiator.failures >= 1)
+        assert a.stats.half_open_expired >= 1
+        assert established(pair.a_events) == []
+        failed_attempts = initiator.attempts
+
+        b = await pair.start_b(nursery)
+        await wait_for(lambda: len(established(pair.a_events)) == 1)
+        await wait_for(lambda: len(established(pair.b_events)) == 1)
+        assert established(pair.a_events)[0].spi_i == established(pair.b_events)[0].spi_i
+        assert initiator.attempts > failed_attempts  # it came up on a later attempt
+        a.shutdown()
+        b.shutdown()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("connection link: attempt 1 failed (not established within 1 s)" in m
+               for m in messages)
+    assert any("(attempt 2)" in m for m in messages)
+
+
+async def test_initiator_initiates_again_when_the_peer_deletes_the_sa(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with trio.open_nursery() as nursery:
+        b = await pair.start_b(nursery)
+        a = await pair.start_a(nursery)
+        await wait_for(lambda: len(established(pair.b_events)) == 1)
+        first = established(pair.b_events)[0]
+
+        # B deletes the SA (RFC 7296 1.4.1).
+        _delete_from_b(b, first.spi_r)
+
+        await wait_for(lambda: len(established(pair.a_events)) == 2)
+        await wait_for(lambda: len(established(pair.b_events)) == 2)
+        second = established(pair.a_events)[1]
+        assert second.spi_i != first.spi_i
+        assert any(isinstance(e, IkeSaDeleted) and e.spi_i == first.spi_i
+                   for e in pair.a_events)
+        assert any(isinstance(e, IkeSaDeleted) and e.spi_i == first.spi_i
+                   for e in pair.b_events)
+        assert a.supervisor.initiated_actor_for(first.spi_i) is None
+        assert a.supervisor.initiated_actor_for(second.spi_i) is not None
+        (initiator,) = a.initiators
+        assert (initiator.attempts, initiator.established) == (2, 1)
+        a.shutdown()
+        b.shutdown()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"IKE SA {first.spi_i.hex()}_i ended (deleted by peer); initiating again" in m
+               for m in messages)
+
+
+# --- back-off, under the mock clock ----------------------------------------------------
+
+
+async def test_back_off_doubles_with_jitter_up_to_the_maximum(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only A runs, so nothing ever answers; each attempt expires after 1 s.
+    pair = make_pair(tmp_path, a_half_open_timeout=1.0)
+    starts: list[float] = []
+    original = Initiator._attempt
+
+    async def timed(self: Initiator, attempt: int) -> object:
+        starts.append(trio.current_time())
+        return await original(self, attempt)
+
+    monkeypatch.setattr(Initiator, "_attempt", timed)
+    async with trio.open_nursery() as nursery:
+        a = await pair.start_a(nursery)
+        await wait_for(lambda: len(starts) == 9, timeout=1000)
+        a.shutdown()
+    waits = [later - earlier - 1.0 for earlier, later in itertools.pairwise(starts)]
+    for index, wait in enumerate(waits):
+        backoff = min(2.0**index, INITIATE_BACKOFF_MAX)
+        assert 0.8 * backoff - 1e-6 <= wait <= backoff + 1e-6, (index, waits)
+    assert waits[-1] > 20  # capped, not 128 s
+
+
+def _delete_from_b(b: Node, spi_r: bytes) -> None:
+    actor = b.supervisor.actor_for(spi_r)
+    assert actor is not None
+    session = actor.session
+    assert isinstance(session, IkeSession)
+    session.delete_ike(trio.current_time())
+    for datagram in session.datagrams_to_send():
+        b.dispatcher.send(datagram)
+
+
+async def test_only_a_long_lived_sa_resets_the_back_off(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair = make_pair(tmp_path, a_half_open_timeout=1.0)
+    starts: list[float] = []
+    original = Initiator._attempt
+
+    async def timed(self: Initiator, attempt: int) -> object:
+        starts.append(trio.current_time())
+        return await original(self, attempt)
+
+    monkeypatch.setattr(Initiator, "_attempt", timed)
+    async with trio.open_nursery() as nursery:
+        a = await pair.start_a(nursery)
+        (initiator,) = a.initiators
+        await wait_for(lambda: initiator.failures == 2, timeout=100)  # waited 1 s, then 2 s
+        b = await pair.start_b(nursery)
+        await wait_for(lambda: len(established(pair.b_events)) == 1, timeout=100)
+
+        # Deleted at once: the next wait is the grown back-off (4 s, less jitter).
+        deleted = trio.current_time()
+        _delete_from_b(b, established(pair.b_events)[0].spi_r)
+        await wait_for(lambda: len(established(pair.b_events)) == 2, timeout=100)
+        assert 3.2 - 0.1 <= starts[3] - deleted <= 4.0 + 0.1, (starts, deleted)
+
+        # Up for longer than the largest back-off: the next wait is the first one again.
+        await trio.sleep(INITIATE_BACKOFF_MAX + 1)
+        deleted = trio.current_time()
+        _delete_from_b(b, established(pair.b_events)[1].spi_r)
+        await wait_for(lambda: len(established(pair.b_events)) == 3, timeout=100)
+        assert 0.8 - 0.1 <= starts[4] - deleted <= 1.0 + 0.1, (starts, deleted)
+        assert initiator.established == 2 and initiator.failures == 2
+        a.shutdown()
+        b.shutdown()
+
+
+# --- routing by the Initiator flag ------------------------------------------------------
+
+
+def _header(spi_i: bytes, spi_r: bytes, flags: int, exchange: int = 34) -> Header:
+    return Header(spi_i, spi_r, 33, 0x20, exchange, flags, 0, 28)
+
+
+async def test_message_from_an_original_responder_never_spawns_a_responder(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stats = RuntimeStats()
+
+    def no_responders(spi_r: bytes, local: tuple[str, int], remote: tuple[str, int]) -> IkeSession:
+        raise AssertionError("a responder session was created")
+
+    supervisor = Supervisor(
+        session_factory=no_responders,
+        send=lambda datagram: None,
+        event_sink=lambda event: None,
+        stats=stats,
+        half_open_timeout=5.0,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        # An IKE_SA_INIT response (R set, I clear) and a request from an original
+        # responder (I clear), both for SPIs we never initiated: dropped.
+        for flags in (0x20, 0x00):
+            supervisor.route(_header(b"\x05" * 8, bytes(8), flags), b"", ("h", 1), ("p", 2), 0.0)
+        assert stats.dropped_no_sa == 2
+        assert supervisor.actor_count == supervisor.initiated_count == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_initiated_sa_gets_its_peers_messages_and_expires_half_open(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stats = RuntimeStats()
+    sent: list[Datagram] = []
+    supervisor = Supervisor(
+        session_factory=lambda spi_r, local, remote: None,  # type: ignore[arg-type,return-value]
+        send=sent.append,
+        event_sink=lambda event: None,
+        stats=stats,
+        half_open_timeout=5.0,
+        new_spi=lambda: b"\x07" * 8,
+    )
+
+    class Silent:
+        """A session that never closes and has no timer: only the deadline ends it."""
+
+        spi_i = b"\x07" * 8
+        spi_r = bytes(8)
+        closed = False
+
+        def __init__(self) -> None:
+            self.received: list[bytes] = []
+
+        def receive_datagram_untrusted(self, data: bytes, local: object, remote: object,
+                                       now: float) -> None:
+            self.received.append(data)
+
+        def datagrams_to_send(self) -> list[Datagram]:
+            return []
+
+        def get_timer(self) -> float | None:
+            return None
+
+        def handle_timer(self, now: float) -> None:
+            pass
+
+        def next_event(self) -> None:
+            return None
+
+    silent = Silent()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        outcomes = []
+
+        async def initiate() -> None:
+            outcomes.append(await supervisor.run_initiated(lambda spi_i, now: silent))
+
+        nursery.start_soon(initiate)
+        await trio.testing.wait_all_tasks_blocked()
+        assert supervisor.initiated_count == 1
+        # From the original responder (I clear): by our initiator SPI to the session.
+        supervisor.route(_header(b"\x07" * 8, b"\x09" * 8, 0x20), b"reply", ("h", 1),
+                         ("p", 2), trio.current_time())
+        await trio.testing.wait_all_tasks_blocked()
+        assert silent.received == [b"reply"]
+        start = trio.current_time()
+        await wait_for(lambda: bool(outcomes), timeout=100)
+        assert trio.current_time() - start == pytest.approx(5.0, abs=0.1)
+        (outcome,) = outcomes
+        assert (outcome.spi_i, outcome.established) == (b"\x07" * 8, False)
+        assert outcome.reason == "not established within 5 s"
+        assert supervisor.initiated_count == 0
+        assert stats.half_open_expired == 1
+        nursery.cancel_scope.cancel()
