@@ -61,6 +61,7 @@ def node_config(
     *,
     start: bool,
     half_open_timeout: float = 30.0,
+    encap: bool = False,
 ) -> NodeConfig:
     me, other = ("a", "b") if name == "a" else ("b", "a")
     start_line = 'start_action = "start"' if start else ""
@@ -78,6 +79,7 @@ half_open_timeout = {half_open_timeout}
 proposals = ["aes256gcm16-prfsha256-x25519"]
 remote_addrs = ["{peer}"]
 remote_port = {peer_port}
+encap = {"true" if encap else "false"}
 local = {{ auth = "psk", id = "{me}.example.test" }}
 remote = {{ auth = "psk", id = "{other}.example.test" }}
 [connections.link.children.host]
@@ -113,10 +115,18 @@ async def _start(nursery: trio.Nursery, config: NodeConfig, events: list[Event])
     return node
 
 
-def make_pair(directory: Path, a_half_open_timeout: float = 30.0) -> Pair:
+def make_pair(
+    directory: Path,
+    a_half_open_timeout: float = 30.0,
+    *,
+    encap: bool = False,
+    b_natt_port: int | None = None,
+) -> Pair:
     a_ports, b_ports = free_ports(A_HOST), free_ports(B_HOST)
+    if b_natt_port is not None:
+        b_ports = (b_ports[0], b_natt_port)
     a = node_config(directory, "a", A_HOST, a_ports, B_HOST, b_ports[0], start=True,
-                    half_open_timeout=a_half_open_timeout)
+                    half_open_timeout=a_half_open_timeout, encap=encap)
     b = node_config(directory, "b", B_HOST, b_ports, A_HOST, a_ports[0], start=False)
     return Pair(a, b)
 
@@ -183,6 +193,30 @@ async def test_start_connection_comes_up_without_an_external_initiator(
     messages = [r.getMessage() for r in caplog.records]
     assert any("connection link: initiating IKE SA" in m and "(attempt 1)" in m
                for m in messages)
+
+
+async def test_forced_encapsulation_moves_both_to_the_nat_t_ports(tmp_path: Path) -> None:
+    # The initiator moves to the peer's port 4500 (RFC 7296 2.23), so B must own it.
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind((B_HOST, 4500))
+    except OSError as exc:
+        pytest.skip(f"UDP {B_HOST}:4500 is taken here: {exc}")
+    pair = make_pair(tmp_path, encap=True, b_natt_port=4500)
+    async with trio.open_nursery() as nursery:
+        b = await pair.start_b(nursery)
+        a = await pair.start_a(nursery)
+        await wait_for(lambda: any(isinstance(e, ChildSaEstablished) for e in pair.b_events))
+        (a_sa,) = established(pair.a_events)
+        (b_sa,) = established(pair.b_events)
+        assert a_sa.nat and b_sa.nat
+        assert a_sa.local == (A_HOST, pair.a.natt_port)
+        assert a_sa.remote == (B_HOST, 4500)
+        assert b_sa.remote == (A_HOST, pair.a.natt_port)
+        (b_child,) = [e for e in pair.b_events if isinstance(e, ChildSaEstablished)]
+        assert b_child.encap and b_child.mode == "transport"
+        a.shutdown()
+        b.shutdown()
 
 
 async def test_initiator_retries_until_the_peer_is_up(
