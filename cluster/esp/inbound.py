@@ -1,0 +1,230 @@
+"""Inbound ESP (RFC 4303 3.4): replay check, ICV, decryption, padding, inbound policy.
+
+`decapsulate_untrusted(esp)` takes an ESP packet (SPI .. ICV, as read from UDP/4500
+after classification or from a raw protocol-50 socket) and returns the IP packet to
+write into the TUN device. Every failure raises EspDrop after counting it. The replay
+window is checked before the ICV (a cheap reject) and updated only after it verified.
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+from typing import TYPE_CHECKING, NoReturn
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import CipherContext
+
+from .ciphers import AeadObject
+from .counters import EspDrop, SaCounters
+from .ip import (
+    IPPROTO_IPIP,
+    IPPROTO_IPV6,
+    IPPROTO_NONE,
+    HeaderTemplate,
+    fix_transport_checksum,
+    flow_of,
+)
+from .outbound import NEVER
+from .params import ChildSaParams
+from .replay import ReplayWindow
+from .selector import SelectorSet
+
+if TYPE_CHECKING:
+    from .sa import ChildSa
+
+_U32 = struct.Struct("!I")
+_U16 = struct.Struct("!H")
+_AAD_ESN = struct.Struct("!III")
+_PADDING = tuple(bytes(range(1, n + 1)) for n in range(256))  # RFC 4303 2.4 default content
+
+
+class InboundSa:
+    """The receiving half of a Child SA. Subclasses hold the cipher."""
+
+    __slots__ = ("_alarm_bytes", "_alarm_packets", "_esn", "_fix_checksums", "_header",
+                 "_local", "_local_ip", "_min_len", "_params", "_remote", "_remote_ip",
+                 "_spi", "_transport", "child", "counters", "replay", "spi")
+
+    def __init__(self, child: ChildSa, params: ChildSaParams, local_ip: bytes,
+                 remote_ip: bytes, local: SelectorSet, remote: SelectorSet,
+                 min_len: int) -> None:
+        self.child = child
+        self.counters: SaCounters = child.counters
+        self.spi = params.spi_in
+        self._spi = int.from_bytes(params.spi_in, "big")
+        self._params = params
+        self._esn = params.esn
+        self._transport = params.mode == "transport"
+        self._local = local
+        self._remote = remote
+        self._local_ip = local_ip
+        self._remote_ip = remote_ip
+        # transport mode: the header we rebuild says "from the peer to us"
+        self._header = HeaderTemplate(remote_ip, local_ip)
+        self._fix_checksums = self._transport and params.encap
+        self._min_len = min_len
+        self.replay = ReplayWindow(params.replay_window, params.esn)
+        self._alarm_bytes = NEVER
+        self._alarm_packets = NEVER
+        self.rearm()
+
+    def decapsulate_untrusted(self, data: bytes) -> bytes:
+        raise NotImplementedError
+
+    # --- shared pieces ---------------------------------------------------------------
+
+    def _deliver(self, plain: bytes) -> bytes:
+        """Padding check, next header, inner packet, inbound policy (RFC 4301 5.2)."""
+        size = len(plain)
+        pad = plain[-2]
+        end = size - 2 - pad
+        if end < 0 or plain[end : size - 2] != _PADDING[pad]:
+            self._drop("pad_errors")
+        next_header = plain[-1]
+        if next_header == IPPROTO_NONE:
+            self._drop("dummy_drops")  # RFC 4303 2.6: traffic-flow-confidentiality dummy
+        if self._transport:
+            payload = plain[:end]
+            if self._fix_checksums:
+                payload = fix_transport_checksum(self._remote_ip, self._local_ip, next_header,
+                                                 payload)
+            inner = self._header.build(next_header, len(payload)) + payload
+        else:
+            inner = self._tunnelled(plain, end, next_header)
+        flow = flow_of(inner)
+        if flow is None:
+            self._drop("malformed_drops")
+        version, src, dst, protocol, sport, dport = flow
+        if not (self._remote.covers(version, src, protocol, sport)
+                and self._local.covers(version, dst, protocol, dport)):
+            self._drop("policy_drops")
+        counters = self.counters
+        counters.packets_in += 1
+        counters.bytes_in += len(inner)
+        if counters.bytes_in >= self._alarm_bytes or counters.packets_in >= self._alarm_packets:
+            self._alarm()
+        return inner
+
+    def _tunnelled(self, plain: bytes, end: int, next_header: int) -> bytes:
+        """The inner IP packet, cut at its own length (drops TFC padding, RFC 4303 2.7)."""
+        if next_header == IPPROTO_IPIP:
+            if end < 20 or plain[0] >> 4 != 4:
+                self._drop("malformed_drops")
+            total = _U16.unpack_from(plain, 2)[0]
+        elif next_header == IPPROTO_IPV6:
+            if end < 40 or plain[0] >> 4 != 6:
+                self._drop("malformed_drops")
+            total = 40 + _U16.unpack_from(plain, 4)[0]
+        else:
+            self._drop("policy_drops")  # a tunnel-mode SA carries IP packets only
+        if total > end:
+            self._drop("malformed_drops")
+        return plain if total == len(plain) else plain[:total]
+
+    def _short(self) -> NoReturn:
+        self._drop("expired_drops" if self.child.removed else "malformed_drops")
+
+    def _drop(self, reason: str) -> NoReturn:
+        counters = self.counters
+        setattr(counters, reason, getattr(counters, reason) + 1)
+        raise EspDrop(reason)
+
+    # --- lifetimes -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Refuse everything from now on (the SA left the SAD)."""
+        self._min_len = NEVER
+
+    def rearm(self) -> None:
+        p = self._params
+        bytes_alarm = NEVER if p.hard_bytes is None else p.hard_bytes
+        packets_alarm = NEVER if p.hard_packets is None else p.hard_packets
+        if not self.child.soft_expired:
+            if p.soft_bytes is not None:
+                bytes_alarm = min(bytes_alarm, p.soft_bytes)
+            if p.soft_packets is not None:
+                packets_alarm = min(packets_alarm, p.soft_packets)
+        self._alarm_bytes = bytes_alarm
+        self._alarm_packets = packets_alarm
+
+    def _alarm(self) -> None:
+        p = self._params
+        counters = self.counters
+        if p.hard_packets is not None and counters.packets_in >= p.hard_packets:
+            self.child.hard_expire("packets_in")
+        elif p.hard_bytes is not None and counters.bytes_in >= p.hard_bytes:
+            self.child.hard_expire("bytes_in")
+        elif p.soft_packets is not None and counters.packets_in >= p.soft_packets:
+            self.child.soft_expire("packets_in")
+        elif p.soft_bytes is not None and counters.bytes_in >= p.soft_bytes:
+            self.child.soft_expire("bytes_in")
+
+
+class AeadInbound(InboundSa):
+    """AES-GCM-16 (RFC 4106) and ChaCha20-Poly1305 (RFC 7634)."""
+
+    __slots__ = ("_aead", "_salt")
+
+    def __init__(self, child: ChildSa, params: ChildSaParams, local_ip: bytes,
+                 remote_ip: bytes, local: SelectorSet, remote: SelectorSet,
+                 aead: AeadObject, salt: bytes) -> None:
+        # SPI, sequence number, 8-byte IV, at least pad length and next header, the tag
+        super().__init__(child, params, local_ip, remote_ip, local, remote, 8 + 8 + 2 + 16)
+        self._aead = aead
+        self._salt = salt
+
+    def decapsulate_untrusted(self, data: bytes) -> bytes:
+        if len(data) < self._min_len:
+            self._short()
+        seq_low = _U32.unpack_from(data, 4)[0]
+        replay = self.replay
+        seq = replay.infer(seq_low) if self._esn else seq_low
+        if not replay.check(seq):
+            self._drop("replay_drops")
+        aad = _AAD_ESN.pack(self._spi, seq >> 32, seq_low) if self._esn else data[:8]
+        try:
+            plain = self._aead.decrypt(self._salt + data[8:16], data[16:], aad)
+        except InvalidTag:
+            self._drop("integrity_failures")
+        replay.update(seq)
+        return self._deliver(plain)
+
+
+class CbcInbound(InboundSa):
+    """AES-CBC (RFC 3602) or 3DES-CBC with HMAC (RFC 4868, RFC 2404): encrypt-then-MAC."""
+
+    __slots__ = ("_block", "_decryptor", "_hmac", "_icv_size")
+
+    def __init__(self, child: ChildSa, params: ChildSaParams, local_ip: bytes,
+                 remote_ip: bytes, local: SelectorSet, remote: SelectorSet,
+                 decryptor: CipherContext, mac: hmac.HMAC, icv_size: int) -> None:
+        block = params.encr.block_size
+        # SPI, sequence number, IV, one block, the ICV
+        super().__init__(child, params, local_ip, remote_ip, local, remote,
+                         8 + 2 * block + icv_size)
+        self._block = block
+        self._decryptor = decryptor
+        self._hmac = mac
+        self._icv_size = icv_size
+
+    def decapsulate_untrusted(self, data: bytes) -> bytes:
+        length = len(data)
+        icv_at = length - self._icv_size
+        if length < self._min_len or (icv_at - 8) % self._block:
+            self._short()
+        seq_low = _U32.unpack_from(data, 4)[0]
+        replay = self.replay
+        seq = replay.infer(seq_low) if self._esn else seq_low
+        if not replay.check(seq):
+            self._drop("replay_drops")
+        mac = self._hmac.copy()
+        mac.update(data[:icv_at])
+        if self._esn:
+            mac.update(_U32.pack(seq >> 32))  # RFC 4303 3.3.2.1
+        if not hmac.compare_digest(mac.digest()[: self._icv_size], data[icv_at:]):
+            self._drop("integrity_failures")
+        replay.update(seq)
+        # feed IV | ciphertext; the first block decrypts to garbage (see ciphers.py)
+        plain = self._decryptor.update(data[8:icv_at])[self._block :]
+        return self._deliver(plain)

@@ -1,0 +1,160 @@
+"""The Security Association Database of one worker (RFC 4301 4.4.2).
+
+Inbound lookup is one dict access by SPI. Outbound lookup matches the packet's flow
+against each SA's selectors: SAs whose remote side is single hosts (road warriors,
+transport mode) sit in a dict keyed by address, the rest in a short list, newest
+first. Key install is explicit: `install`, `replace` on rekey (the new SA takes the
+outbound traffic at once, the old one keeps receiving until `remove`), `remove`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Iterator
+
+from .counters import EspDrop, SaCounters, SadCounters
+from .events import EspEvent
+from .inbound import InboundSa
+from .ip import flow_of
+from .outbound import OutboundSa
+from .params import ChildSaParams
+from .sa import ChildSa
+
+_U32 = struct.Struct("!I")
+
+
+class Sad:
+    def __init__(self) -> None:
+        self.counters = SadCounters()
+        self._children: dict[bytes, ChildSa] = {}  # by spi_in
+        self._inbound: dict[int, InboundSa] = {}  # by spi_in as an integer (hot path)
+        self._by_remote_host: dict[bytes, list[ChildSa]] = {}
+        self._ranged: list[ChildSa] = []
+        self._events: deque[EspEvent] = deque()
+        self._removed_totals = SaCounters()  # counters of SAs no longer here
+
+    # --- key install -----------------------------------------------------------------
+
+    def install(self, params: ChildSaParams) -> ChildSa:
+        """Add a Child SA; ValueError if its parameters cannot work or its SPI is taken."""
+        if params.spi_in in self._children:
+            raise ValueError(f"inbound SPI {params.spi_in.hex()} is already installed")
+        if params.spi_in == b"\x00\x00\x00\x00":
+            raise ValueError("SPI 0 is reserved (RFC 4303 2.1)")
+        child = ChildSa(params, self._events.append, self._forget)
+        self._children[params.spi_in] = child
+        self._inbound[_U32.unpack(params.spi_in)[0]] = child.inbound
+        self._index_outbound(child)
+        return child
+
+    def replace(self, old_spi_in: bytes, params: ChildSaParams) -> ChildSa:
+        """Install the rekeyed SA and move outbound traffic to it at once.
+
+        The old SA keeps decrypting what is still in flight until `remove(old_spi_in)`;
+        it no longer sends or asks for a rekey. An unknown old SPI (it may have expired
+        meanwhile) just installs.
+        """
+        new = self.install(params)
+        old = self._children.get(old_spi_in)
+        if old is not None and old is not new:
+            old.retiring = True
+            self._unindex_outbound(old)
+        return new
+
+    def remove(self, spi_in: bytes) -> ChildSa | None:
+        """Delete a Child SA (no event: the caller asked). Returns it, or None if unknown."""
+        child = self._children.get(spi_in)
+        if child is not None:
+            child.close()
+            self._forget(child)
+        return child
+
+    def _forget(self, child: ChildSa) -> None:
+        if self._children.get(child.spi_in) is not child:
+            return
+        del self._children[child.spi_in]
+        del self._inbound[_U32.unpack(child.spi_in)[0]]
+        self._unindex_outbound(child)
+        self._removed_totals.add(child.counters)
+
+    def _index_outbound(self, child: ChildSa) -> None:
+        hosts = child.remote_selectors.hosts()
+        if hosts is None:
+            self._ranged.insert(0, child)
+            return
+        for host in hosts:
+            self._by_remote_host.setdefault(host, []).insert(0, child)
+
+    def _unindex_outbound(self, child: ChildSa) -> None:
+        if child in self._ranged:
+            self._ranged.remove(child)
+        for host in child.remote_selectors.hosts() or ():
+            children = self._by_remote_host.get(host, [])
+            if child in children:
+                children.remove(child)
+                if not children:
+                    del self._by_remote_host[host]
+
+    # --- lookups -----------------------------------------------------------------------
+
+    def get(self, spi_in: bytes) -> ChildSa | None:
+        return self._children.get(spi_in)
+
+    def inbound(self, spi: bytes) -> InboundSa | None:
+        if len(spi) != 4:
+            return None
+        return self._inbound.get(_U32.unpack(spi)[0])
+
+    def outbound_for(self, packet: bytes) -> OutboundSa | None:
+        """The SA that protects `packet` (from the TUN), or None: drop it, never send it clear.
+
+        Misses are counted (`no_sa_out`, or `malformed_out` for a packet that does not parse).
+        """
+        flow = flow_of(packet)
+        if flow is None:
+            self.counters.malformed_out += 1
+            return None
+        version, src, dst, protocol, sport, dport = flow
+        candidates = self._by_remote_host.get(dst)
+        if candidates is not None:
+            for child in candidates:
+                if child.local_selectors.covers(version, src, protocol, sport) and \
+                        child.remote_selectors.covers(version, dst, protocol, dport):
+                    return child.outbound
+        for child in self._ranged:
+            if child.remote_selectors.covers(version, dst, protocol, dport) and \
+                    child.local_selectors.covers(version, src, protocol, sport):
+                return child.outbound
+        self.counters.no_sa_out += 1
+        return None
+
+    def decapsulate_untrusted(self, data: bytes) -> bytes:
+        """The inner packet of an ESP packet for any installed SA; EspDrop (counted) if not."""
+        if len(data) < 8:
+            self.counters.malformed_in += 1
+            raise EspDrop("malformed_in")
+        sa = self._inbound.get(_U32.unpack_from(data)[0])
+        if sa is None:
+            self.counters.no_sa_in += 1
+            raise EspDrop("no_sa_in")
+        return sa.decapsulate_untrusted(data)
+
+    # --- events and counters -----------------------------------------------------------
+
+    def next_event(self) -> EspEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def totals(self) -> SaCounters:
+        """Every SA's counters summed, including SAs already removed."""
+        total = SaCounters()
+        total.add(self._removed_totals)
+        for child in self._children.values():
+            total.add(child.counters)
+        return total
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def __iter__(self) -> Iterator[ChildSa]:
+        return iter(list(self._children.values()))
