@@ -35,6 +35,7 @@ from cluster.ike.payloads import (
     NotifyPayload,
     Payload,
     SaPayload,
+    UnknownPayload,
 )
 from cluster.ike.policy import (
     ConnectionConfig,
@@ -63,6 +64,7 @@ from tests.ike.sessions import (
     ike,
     psk_connection,
     psk_pair,
+    psk_policy,
     run_handshake,
     transfer,
 )
@@ -847,3 +849,161 @@ def test_esp_choice_we_did_not_offer_is_not_installed(monkeypatch: pytest.Monkey
     g_child = one(out.gateway_events, ChildSaEstablished)
     assert g_child.encr.name == "aes128"  # the misbehaving responder did install it
     assert not of_type(out.client_events, ChildSaEstablished)
+
+
+# --- more configuration shapes ---------------------------------------------------------------
+
+def test_second_child_config_is_picked_by_selectors() -> None:
+    gw_conn = psk_connection(children=(child("net1"), child("net2", local_ts="10.50.0.0/16",
+                                                           remote_ts="10.60.0.0/16")))
+    client_conn = replace(client_for(gw_conn), children=(client_for(gw_conn).children[1],))
+    out = handshake(*psk_pair(gw_conn, client_conn))
+    _, g_child = assert_established(out)
+    assert g_child.name == "net2"
+    assert str(g_child.local_ts[0]) == "10.50.0.0/16"
+
+
+def test_connection_is_chosen_by_the_peer_identity() -> None:
+    alice = psk_connection("alice", remote_id="alice.example.test")
+    bob = psk_connection("bob", remote_id="bob.example.test",
+                         children=(child(local_ts="10.70.0.0/16"),))
+    policy = psk_policy(alice, bob)
+    client_conn = client_for(bob, client_id="bob.example.test")
+    client, _ = psk_pair(bob, client_conn)
+    gateway = IkeSession.responder(policy, os.urandom(8), GW, CLIENT)
+    out = handshake(client, gateway)
+    _, g_child = assert_established(out)
+    assert one(out.gateway_events, IkeSaEstablished).connection == "bob"
+    assert str(g_child.local_ts[0]) == "10.70.0.0/16"
+
+
+def test_connection_limited_to_other_peers_is_not_offered() -> None:
+    gw_conn = replace(psk_connection(), remote_addrs=("192.0.2.0/24",))
+    out = handshake(*psk_pair(gw_conn, client_for(psk_connection())))
+    assert out.gateway.state is State.CLOSED and out.client.state is State.CLOSED
+    one(out.client_events, IkeSaFailed)
+
+
+def test_idr_naming_another_gateway_identity_is_refused() -> None:
+    gw_conn = psk_connection()
+    client_conn = replace(client_for(gw_conn),
+                          remote=RemoteAuth("psk", parse_identity_pattern("other.example.test")))
+    out = handshake(*psk_pair(gw_conn, client_conn))
+    assert out.gateway.state is State.CLOSED
+    one(out.gateway_events, IkeSaFailed)
+    assert not of_type(out.gateway_events, IkeSaEstablished)
+
+
+def make_intermediate(root: Issued, kind: str) -> Issued:
+    key = _new_key(kind)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Intermediate CA")])
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(root.cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1)).not_valid_after(NOW + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(root.key, _sign_hash(root.key))
+    )
+    return Issued(cert, key)
+
+
+def test_certificate_chain_through_an_intermediate() -> None:
+    root = pki("p256").ca
+    intermediate = make_intermediate(root, "p256")
+    gw_leaf = make_leaf(intermediate, "p256", "gw.example.test")
+    client, gateway = cert_sessions(gw_leaf, pki("p256").client, root.cert, root.cert)
+    # the gateway sends the intermediate along (LocalAuth.intermediates)
+    gw_conn = gateway.sa.policy.connections[0]
+    gw_conn = replace(gw_conn, local=replace(gw_conn.local, intermediates=(intermediate.cert,)))
+    gateway = IkeSession.responder(ResponderPolicy((gw_conn,)), os.urandom(8), GW, CLIENT)
+    assert_established(handshake(client, gateway))
+
+
+def test_certificate_chain_without_the_intermediate_fails() -> None:
+    root = pki("p256").ca
+    intermediate = make_intermediate(root, "p256")
+    gw_leaf = make_leaf(intermediate, "p256", "gw.example.test")
+    out = handshake(*cert_sessions(gw_leaf, pki("p256").client, root.cert, root.cert))
+    assert out.client.state is State.CLOSED
+    one(out.client_events, IkeSaFailed)
+
+
+def test_expired_certificate_is_refused() -> None:
+    p = pki("ed25519")
+    client, gateway = cert_sessions(p.gateway, p.client, p.ca.cert, p.ca.cert)
+    late = IkeSession.responder(gateway.sa.policy, os.urandom(8), GW, CLIENT,
+                                wall_clock=lambda: NOW + timedelta(days=365))
+    out = handshake(client, late)
+    assert out.gateway.state is State.CLOSED
+    one(out.gateway_events, IkeSaFailed)
+    assert "expired" in out.gateway.last_error
+
+
+# --- more exchanges ----------------------------------------------------------------------------
+
+def test_lost_ike_auth_response_is_recovered_by_retransmission() -> None:
+    client, gateway = psk_pair()
+    transfer(client, gateway)
+    transfer(gateway, client)
+    transfer(client, gateway, 0.1)
+    [lost] = gateway.datagrams_to_send()
+    deadline = client.get_timer()
+    assert deadline is not None
+    client.handle_timer(deadline)
+    transfer(client, gateway, deadline)
+    [again] = gateway.datagrams_to_send()
+    assert again.data == lost.data and gateway.retransmits_answered == 1
+    client.receive_datagram_untrusted(again.data, CLIENT, GW, deadline)
+    assert client.state is State.ESTABLISHED and client.get_timer() is None
+
+
+def test_gateway_liveness_check_is_answered_by_the_client() -> None:
+    r = recorded_handshake()
+    assert r.gateway.check_liveness(1.0)
+    [request] = r.gateway.datagrams_to_send()
+    header = decode_untrusted(request.data).header
+    assert header.message_id == 0 and not header.is_initiator  # the responder's own IDs
+    r.client.receive_datagram_untrusted(request.data, CLIENT, GW, 1.0)
+    transfer(r.client, r.gateway, 1.0)
+    assert r.gateway.get_timer() is None
+    assert r.client.drops == {} and r.gateway.drops == {}
+
+
+def test_simultaneous_delete_closes_both_once() -> None:
+    r = recorded_handshake()
+    r.client.delete_ike(1.0)
+    r.gateway.delete_ike(1.0)
+    [from_client] = r.client.datagrams_to_send()
+    [from_gateway] = r.gateway.datagrams_to_send()
+    r.gateway.receive_datagram_untrusted(from_client.data, GW, CLIENT, 1.0)
+    r.client.receive_datagram_untrusted(from_gateway.data, CLIENT, GW, 1.0)
+    assert r.client.closed and r.gateway.closed
+    run_handshake(r.client, r.gateway)  # the crossing responses change nothing
+    for session in (r.client, r.gateway):
+        events = drain(session)
+        one(events, IkeSaDeleted)
+        one(events, ChildSaDeleted)
+
+
+def test_unknown_critical_payload_in_informational_is_answered() -> None:
+    r = recorded_handshake()
+    sk = r.client.sa.sk
+    assert sk is not None
+    request = sk.protect(Message(r.client.spi_i, r.client.spi_r, ExchangeType.INFORMATIONAL, 2,
+                                 False, True, [UnknownPayload(200, True, b"x")]))
+    r.gateway.receive_datagram_untrusted(request, GW, CLIENT, 1.0)
+    [reply] = r.gateway.datagrams_to_send()
+    inner = sk.unprotect_untrusted(reply.data, decode_untrusted(reply.data))
+    assert inner == [NotifyPayload(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD, bytes([200]))]
+    assert r.gateway.state is State.ESTABLISHED
+
+
+def test_unknown_non_critical_payload_in_informational_is_ignored() -> None:
+    r = recorded_handshake()
+    sk = r.client.sa.sk
+    assert sk is not None
+    request = sk.protect(Message(r.client.spi_i, r.client.spi_r, ExchangeType.INFORMATIONAL, 2,
+                                 False, True, [UnknownPayload(200, False, b"x")]))
+    r.gateway.receive_datagram_untrusted(request, GW, CLIENT, 1.0)
+    [reply] = r.gateway.datagrams_to_send()
+    assert sk.unprotect_untrusted(reply.data, decode_untrusted(reply.data)) == []
