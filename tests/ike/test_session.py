@@ -4,6 +4,7 @@ certificate authentication, failures, retransmission, liveness, deletes and NAT.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -1007,3 +1008,16 @@ def test_unknown_non_critical_payload_in_informational_is_ignored() -> None:
     r.gateway.receive_datagram_untrusted(request, GW, CLIENT, 1.0)
     [reply] = r.gateway.datagrams_to_send()
     assert sk.unprotect_untrusted(reply.data, decode_untrusted(reply.data)) == []
+
+
+@pytest.mark.xfail(strict=True, reason="core bug (hardening): session._on_request answers any "
+                   "message carrying the last request's SPIs and message ID from the response "
+                   "cache, before checking it is that request; 28 unauthenticated bytes get the "
+                   "whole IKE_AUTH response back (reflection amplification)")
+def test_only_a_copy_of_the_last_request_gets_the_cached_response() -> None:
+    r = recorded_handshake()
+    bare = struct.pack("!8s8sBBBBII", r.client.spi_i, r.client.spi_r, 0, 0x20,
+                       ExchangeType.INFORMATIONAL, 0x08, 1, 28)
+    r.gateway.receive_datagram_untrusted(bare, GW, CLIENT, 1.0)
+    assert r.gateway.datagrams_to_send() == []
+    assert r.gateway.retransmits_answered == 0
