@@ -86,14 +86,11 @@ def flow_of(packet: bytes) -> Flow | None:
             return None
     else:
         return None
-    if first and protocol in PORT_PROTOCOLS:
-        if offset + 4 > length:
-            return None
+    # a truncated upper-layer header has no ports either: only "any port" selectors match
+    if first and protocol in PORT_PROTOCOLS and offset + 4 <= length:
         sport, dport = _PORTS.unpack_from(packet, offset)
         return version, src, dst, protocol, sport, dport
-    if first and protocol in (IPPROTO_ICMP, IPPROTO_ICMPV6):
-        if offset + 2 > length:
-            return None
+    if first and protocol in (IPPROTO_ICMP, IPPROTO_ICMPV6) and offset + 2 <= length:
         type_code = (packet[offset] << 8) | packet[offset + 1]
         return version, src, dst, protocol, type_code, type_code
     return version, src, dst, protocol, NO_PORTS, NO_PORTS
