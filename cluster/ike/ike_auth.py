@@ -8,7 +8,7 @@ from datetime import datetime
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from ..errors import AuthenticationFailed, IkeError, InvalidSyntax, ParseError
+from ..errors import AuthenticationFailed, IkeError, InvalidSyntax, NoProposalChosen, ParseError
 from .auth import (
     certreq_authority_hashes,
     choose_auth_method,
@@ -38,7 +38,7 @@ from .payloads import (
     TsrPayload,
 )
 from .policy import ConnectionConfig, LocalAuth, RemoteAuth
-from .proposals import chosen_from_response
+from .proposals import accept_response
 from .sa import IkeSa
 
 WallClock = Callable[[], datetime]
@@ -224,8 +224,12 @@ def process_auth_response(sa: IkeSa, payloads: list[Payload], wall_clock: WallCl
     if proposal.protocol != ProtocolId.ESP or len(proposal.spi) != 4:
         return
     child = conn.children[0]
+    try:
+        chosen = accept_response(proposal, child.esp_proposals, sa.policy.legacy_algorithms)
+    except NoProposalChosen:
+        return  # a choice we did not offer: install nothing (the IKE SA itself is fine)
     transport = bool(notifies(payloads, NotifyType.USE_TRANSPORT_MODE))
     install_child(sa, child.name, "transport" if transport else "tunnel",
-                  sa.pending_child_spi, proposal.spi, chosen_from_response(proposal),
+                  sa.pending_child_spi, proposal.spi, chosen,
                   sa.nonce_i, sa.nonce_r, tsi.selectors, tsr.selectors)
 

@@ -26,7 +26,7 @@ from .payloads import (
     SaPayload,
 )
 from .policy import ConnectionConfig, ResponderPolicy
-from .proposals import chosen_from_response, chosen_to_proposal, select_proposal
+from .proposals import accept_response, chosen_to_proposal, select_proposal
 from .sa import IkeSa
 
 NONCE_SIZE = 32
@@ -203,12 +203,18 @@ class InitRetry:
 def process_init_response(sa: IkeSa, spi_r: bytes,
                           payloads: list[Payload]) -> InitRetry | None:
     """Absorb the responder's IKE_SA_INIT answer; a retry when it asked for one."""
+    conn = sa.connection
+    assert conn is not None
     for n in notifies(payloads, NotifyType.COOKIE):
         return InitRetry(sa.ke.group if sa.ke else 0, n.data)
     for n in notifies(payloads, NotifyType.INVALID_KE_PAYLOAD):
         if len(n.data) != 2:
             raise InvalidSyntax("INVALID_KE_PAYLOAD without a group")
-        return InitRetry(int.from_bytes(n.data, "big"), b"")
+        group = int.from_bytes(n.data, "big")
+        offered = {g for p in conn.proposals for g in p.dh}
+        if group not in offered or (sa.ke is not None and group == sa.ke.group):
+            raise NoProposalChosen(f"responder wants DH group {group}, which we did not offer")
+        return InitRetry(group, b"")
     errors = [p for p in payloads if isinstance(p, NotifyPayload) and p.notify_type < 16384]
     if errors:
         raise NoProposalChosen(f"responder refused with notify {errors[0].notify_type}")
@@ -217,7 +223,10 @@ def process_init_response(sa: IkeSa, spi_r: bytes,
     nonce = first_of(payloads, NoncePayload)
     if sa_p is None or ke is None or nonce is None or len(sa_p.proposals) != 1:
         raise InvalidSyntax("IKE_SA_INIT response lacks SA, KE or Nonce")
-    chosen = chosen_from_response(sa_p.proposals[0])
+    proposal = sa_p.proposals[0]
+    if proposal.protocol != ProtocolId.IKE or proposal.spi:
+        raise NoProposalChosen("IKE_SA_INIT response with a non-IKE proposal")
+    chosen = accept_response(proposal, conn.proposals, sa.policy.legacy_algorithms)
     assert sa.ke is not None
     if chosen.dh != sa.ke.group or ke.group != sa.ke.group or chosen.prf is None:
         raise NoProposalChosen("responder chose another key exchange")

@@ -345,7 +345,8 @@ def _encode_selectors(p: TsiPayload | TsrPayload) -> bytes:
 
 
 def _encode_delete(p: DeletePayload) -> bytes:
-    return _DELETE_HEAD.pack(p.protocol, 4 if p.spis else 0, len(p.spis)) + b"".join(p.spis)
+    spi_size = 0 if p.protocol == 1 else 4  # RFC 7296 3.11: IKE SA 0, ESP/AH 4
+    return _DELETE_HEAD.pack(p.protocol, spi_size, len(p.spis)) + b"".join(p.spis)
 
 
 # dict dispatch: payload class -> body encoder

@@ -267,6 +267,25 @@ def chosen_to_proposal(number: int, protocol: int, spi: bytes,
     return Proposal(number, protocol, spi, tuple(ts))
 
 
+def accept_response(proposal: Proposal, configured: Sequence[ConfiguredProposal],
+                    legacy_allowed: bool = False) -> ChosenAlgorithms:
+    """The initiator's check of a responder's choice (RFC 7296 2.7): one transform of each
+    type, and a combination we offered. Raises NoProposalChosen otherwise."""
+    counts: dict[int, int] = {}
+    for t in proposal.transforms:
+        if t.type != TransformType.INTEG or t.id != 0:
+            counts[t.type] = counts.get(t.type, 0) + 1
+    if any(n != 1 for n in counts.values()):
+        raise NoProposalChosen("the response must carry one transform of each type")
+    ke_group = next((t.id for t in proposal.transforms if t.type == TransformType.DH), None)
+    try:
+        _, chosen = select_proposal([proposal], configured, ke_group=ke_group,
+                                    legacy_allowed=legacy_allowed)
+    except InvalidKePayload:
+        raise NoProposalChosen("the responder chose a group we did not offer") from None
+    return chosen
+
+
 def chosen_from_response(proposal: Proposal) -> ChosenAlgorithms:
     """The initiator's reading of a responder's single-choice proposal."""
     encr_t = proposal.of_type(TransformType.ENCR)

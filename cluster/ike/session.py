@@ -7,6 +7,7 @@ clock (for certificate validity) are injected.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -38,6 +39,10 @@ WallClock = Callable[[], datetime]
 RETRANSMIT_TIMEOUT = 1.0  # strongSwan's retransmit_timeout is 4 s; tests want short
 RETRANSMIT_BASE = 1.8
 RETRANSMIT_TRIES = 5
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _utc_now() -> datetime:
@@ -82,6 +87,7 @@ class IkeSession:
         self._outbox: list[Datagram] = []
         self._peer_next_id = 0  # the next request id we expect from the peer
         self._last_response: bytes | None = None
+        self._last_request_digest = b""
         self._our_next_id = 0
         self._pending: _Outstanding | None = None
         self.drops: dict[str, int] = {}
@@ -195,9 +201,13 @@ class IkeSession:
             self._drop("spi_mismatch")
             return
         if header.message_id == self._peer_next_id - 1 and self._last_response is not None:
-            # RFC 7296 2.1: a retransmitted request gets the same response, byte for byte
-            self.retransmits_answered += 1
-            self._outbox.append(Datagram(self._last_response, local, remote))
+            # RFC 7296 2.1: a retransmitted request gets the same response, byte for byte;
+            # only a copy of that request, or 28 forged bytes would reflect the response
+            if _digest(data) == self._last_request_digest:
+                self.retransmits_answered += 1
+                self._outbox.append(Datagram(self._last_response, local, remote))
+            else:
+                self._drop("message_id")
             return
         if header.message_id != self._peer_next_id:
             self._drop("message_id")
@@ -223,6 +233,7 @@ class IkeSession:
         if header.exchange == ExchangeType.IKE_SA_INIT:
             sa.spi_i = header.spi_i
             sa.init_request = data
+        self._last_request_digest = _digest(data)
         self._answer(header.exchange, header.message_id, payloads, local, remote)
 
     def _answer(self, exchange: int, message_id: int, payloads: list[Payload], local: Address,

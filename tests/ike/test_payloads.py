@@ -352,8 +352,6 @@ def test_malformed_delete(body: bytes) -> None:
         decode(generic(0, body), PayloadType.DELETE)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: payloads._push_body writes SPI size 0 for an "
-                   "ESP Delete without SPIs (RFC 7296 3.11 says 4); its own decoder rejects it")
 def test_empty_esp_delete_round_trips() -> None:
     p = DeletePayload(ProtocolId.ESP, ())
     assert decode(encode_payloads([p]), PayloadType.DELETE) == [p]

@@ -783,9 +783,6 @@ def _fake_choice(transforms: tuple[Transform, ...], group: int = 31) -> list[Pay
             KePayload(group, peer.public_value()), NoncePayload(os.urandom(32))]
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: ike_init.process_init_response passes the "
-                   "INVALID_KE_PAYLOAD group to new_key_exchange unchecked; DhGroup(2) raises "
-                   "ValueError out of receive_datagram_untrusted")
 def test_invalid_ke_naming_an_unsupported_group_fails_cleanly() -> None:
     client, _ = psk_pair()
     client.datagrams_to_send()
@@ -796,8 +793,6 @@ def test_invalid_ke_naming_an_unsupported_group_fails_cleanly() -> None:
     one(drain(client), IkeSaFailed)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: ike_init.process_init_response retries with "
-                   "any supported group the responder names, even one we did not propose")
 def test_invalid_ke_naming_a_group_we_did_not_offer_fails() -> None:
     client, _ = psk_pair()  # offers x25519 only
     client.datagrams_to_send()
@@ -808,9 +803,6 @@ def test_invalid_ke_naming_a_group_we_did_not_offer_fails() -> None:
     assert client.state is State.CLOSED
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: chosen_from_response accepts AES-CBC without "
-                   "an integrity transform; SkProtection.protect then fails an assert, and the "
-                   "AssertionError escapes receive_datagram_untrusted")
 def test_cbc_choice_without_integrity_fails_cleanly() -> None:
     client, _ = psk_pair()
     client.datagrams_to_send()
@@ -821,8 +813,6 @@ def test_cbc_choice_without_integrity_fails_cleanly() -> None:
     assert client.state is State.CLOSED
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: ike_init.process_init_response does not check "
-                   "that the responder's IKE choice is one of our proposals")
 def test_ike_choice_we_did_not_offer_is_refused() -> None:
     client, _ = psk_pair()  # offers aes256gcm16-prfsha256-x25519 only
     client.datagrams_to_send()
@@ -835,8 +825,6 @@ def test_ike_choice_we_did_not_offer_is_refused() -> None:
     one(drain(client), IkeSaFailed)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: ike_auth.process_auth_response installs the "
-                   "responder's ESP choice without checking it against the proposals we sent")
 def test_esp_choice_we_did_not_offer_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     not_offered = parse_proposal("aes128-sha256", ProtocolId.ESP, False)
 
@@ -1010,10 +998,6 @@ def test_unknown_non_critical_payload_in_informational_is_ignored() -> None:
     assert sk.unprotect_untrusted(reply.data, decode_untrusted(reply.data)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="core bug (hardening): session._on_request answers any "
-                   "message carrying the last request's SPIs and message ID from the response "
-                   "cache, before checking it is that request; 28 unauthenticated bytes get the "
-                   "whole IKE_AUTH response back (reflection amplification)")
 def test_only_a_copy_of_the_last_request_gets_the_cached_response() -> None:
     r = recorded_handshake()
     bare = struct.pack("!8s8sBBBBII", r.client.spi_i, r.client.spi_r, 0, 0x20,
