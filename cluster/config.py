@@ -52,7 +52,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 START_ACTIONS = ("none", "start")
 IKE_PORT = 500  # a peer's IKE port unless `remote_port` says otherwise
 # Tables that later issues fill in; kept raw in `NodeConfig.extra_tables` until then.
-FUTURE_TABLES = ("cluster", "worker", "metrics")
+FUTURE_TABLES = ("cluster", "metrics")
+_TUN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # IFNAMSIZ - 1
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+(\[\d+\])?")  # an array index may follow
@@ -74,6 +75,21 @@ class Initiation:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    """`[worker]`: the userspace ESP data plane (TUN device, routes, replay window)."""
+
+    tun: str = "ikec0"  # TUN device name
+    mtu: int = 1400
+    queues: int = 1  # multi-queue TUN, one pump per queue
+    mark: int = 0x1C5  # firewall mark on the worker's own sockets (transport mode)
+    table: int = 1450  # routing table for routes into the TUN
+    priority: int = 1450  # of the policy rule that selects that table
+    replay_window: int = 1024  # packets (RFC 4303 3.4.3)
+    lifetime_bytes: int | None = None  # hard limits per Child SA; soft at 90 %
+    lifetime_packets: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class NodeConfig:
     node_id: str  # [node] id
     addresses: tuple[str, ...]  # [ike] addresses; UDP ike_port and natt_port bound on each
@@ -83,6 +99,7 @@ class NodeConfig:
     natt_port: int = 4500  # [ike] port_nat_t
     log_level: str = "info"  # [node] log_level
     initiations: tuple[Initiation, ...] = ()  # in the order of the connections
+    worker: WorkerConfig | None = None  # None: no data plane in this process
     extra_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -155,7 +172,7 @@ class _Loader:
 
     def load(self, document: dict[str, Any]) -> NodeConfig:
         root = self.table(
-            "", document, ("node", "ike", "connections", "secrets", *FUTURE_TABLES)
+            "", document, ("node", "ike", "connections", "secrets", "worker", *FUTURE_TABLES)
         )
         node = root.table("node", ("id", "log_level"), required=True)
         node_id = node.required_string("id")
@@ -200,6 +217,7 @@ class _Loader:
         )
         self.check_psk_secrets(policy, addresses)
         extra = {name: root.raw_table(name) for name in FUTURE_TABLES if name in root}
+        worker = self.worker(root) if "worker" in root else None
         return NodeConfig(
             node_id=node_id,
             addresses=addresses,
@@ -209,7 +227,42 @@ class _Loader:
             natt_port=natt_port,
             log_level=log_level,
             initiations=initiations,
+            worker=worker,
             extra_tables=extra,
+        )
+
+    def worker(self, root: _Table) -> WorkerConfig:
+        table = root.table("worker", ("tun", "mtu", "queues", "mark", "table", "priority",
+                                      "replay_window", "lifetime_bytes", "lifetime_packets"))
+        tun = table.string("tun", "ikec0")
+        if not _TUN_NAME.fullmatch(tun):
+            table.fail("tun", f"{tun!r} is not a valid interface name (1-15 characters)")
+
+        def bounded(name: str, default: int, low: int, high: int) -> int:
+            value = table.integer(name, default)
+            if not low <= value <= high:
+                table.fail(name, f"must be between {low} and {high}")
+            return value
+
+        def limit(name: str) -> int | None:
+            value = table.integer(name, 0)
+            if value < 0:
+                table.fail(name, "must not be negative (0 or absent: unlimited)")
+            return value or None
+
+        routing_table = bounded("table", 1450, 1, 0xFFFFFFFF)
+        if routing_table in (253, 254, 255):
+            table.fail("table", "253-255 are the kernel's default, main and local tables")
+        return WorkerConfig(
+            tun=tun,
+            mtu=bounded("mtu", 1400, 576, 65535),
+            queues=bounded("queues", 1, 1, 64),
+            mark=bounded("mark", 0x1C5, 1, 0xFFFFFFFF),
+            table=routing_table,
+            priority=bounded("priority", 1450, 1, 32765),
+            replay_window=bounded("replay_window", 1024, 1, 1 << 16),
+            lifetime_bytes=limit("lifetime_bytes"),
+            lifetime_packets=limit("lifetime_packets"),
         )
 
     def addresses(self, ike: _Table) -> tuple[str, ...]:

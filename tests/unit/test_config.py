@@ -706,3 +706,48 @@ def test_pubkey_connection_needs_no_secret(tmp_path: Path, pki: Path) -> None:
     path = write(tmp_path, PUBKEY.format(local='cert = "pki/gw.pem", key = "pki/gw.key"'))
     config: NodeConfig = load_config(path)
     assert config.policy.secrets == ()
+
+
+# --- [worker] -------------------------------------------------------------------------------
+
+
+EXAMPLE = REPO / "config" / "example.toml"
+
+
+def _without_worker() -> str:
+    return EXAMPLE.read_text().split("[worker]")[0]
+
+
+def _with_worker(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "worker.toml"
+    path.write_text(_without_worker() + "\n[worker]\n" + body)
+    return path
+
+
+def test_worker_table_is_parsed_with_defaults(tmp_path: Path) -> None:
+    config = load_config(_with_worker(tmp_path, 'tun = "ikec7"\nmtu = 1380\n'))
+    assert config.worker is not None
+    assert (config.worker.tun, config.worker.mtu, config.worker.table) == ("ikec7", 1380, 1450)
+    assert config.worker.replay_window == 1024 and config.worker.lifetime_bytes is None
+
+
+def test_no_worker_table_means_no_data_plane(tmp_path: Path) -> None:
+    path = tmp_path / "ike-only.toml"
+    path.write_text(_without_worker())
+    assert load_config(path).worker is None
+
+
+@pytest.mark.parametrize(("body", "key", "reason"), [
+    ('tun = "a-name-that-is-too-long"', "worker.tun", "valid interface name"),
+    ("mtu = 100", "worker.mtu", "between 576"),
+    ("table = 254", "worker.table", "main and local"),
+    ("replay_window = 0", "worker.replay_window", "between 1"),
+    ("lifetime_bytes = -1", "worker.lifetime_bytes", "negative"),
+    ("tunnel = 1", "worker.tunnel", "unknown"),
+])
+def test_bad_worker_settings_name_the_key(tmp_path: Path, body: str, key: str,
+                                          reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_with_worker(tmp_path, body + "\n"))
+    message = str(info.value)
+    assert key in message and reason in message and "\n" not in message
