@@ -20,7 +20,7 @@ import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +43,7 @@ RECV_SIZE = 65535
 SOCKET_BUFFER = 1 << 21
 
 NATT_KEEPALIVE = b"\xff"
+SO_MARK = getattr(socket, "SO_MARK", 36)
 # Linux value; the constant is exported by the socket module only from 3.12.
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr (struct in_pktinfo)
@@ -124,6 +125,9 @@ class Dispatcher:
     def __init__(self, endpoints: list[Endpoint], stats: RuntimeStats) -> None:
         self.endpoints = endpoints
         self.stats = stats
+        # ESP in UDP (RFC 3948) arriving on the NAT-T port goes here: the data plane,
+        # wired in by the single-node CLI (runtime never imports worker)
+        self.esp_sink: Callable[[bytes, Address, Address], None] | None = None
         self._by_local: dict[Address, Endpoint] = {ep.local: ep for ep in endpoints}
         # (family, port) -> wildcard endpoint, for replies from addresses learnt by pktinfo
         self._wildcards: dict[tuple[int, int], Endpoint] = {
@@ -206,9 +210,10 @@ class Dispatcher:
                     stats.natt_keepalives += 1
                 elif len(data) < 8:
                     stats.dropped_malformed += 1
+                elif self.esp_sink is None:
+                    stats.dropped_esp_on_natt += 1  # no data plane in this process
                 else:
-                    # TODO: hand ESP-in-UDP to the data plane once it exists.
-                    stats.dropped_esp_on_natt += 1
+                    self.esp_sink(data, local, remote)
                 return
             data = data[4:]
         try:
@@ -222,6 +227,24 @@ class Dispatcher:
             # A routing bug must not stop this socket's reader.
             stats.dropped_route_error += 1
             logger.exception("routing a datagram from %s failed", remote)
+
+    def set_mark(self, mark: int) -> None:
+        """Mark every socket (SO_MARK) so the data plane's policy routing lets it pass."""
+        for ep in self.endpoints:
+            ep.sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+    def send_esp(self, esp: bytes, local: Address, remote: Address) -> bool:
+        """ESP in UDP from our NAT-T socket at `local` (no marker: RFC 3948 2.2)."""
+        ep = self._by_local.get(local)
+        if ep is None or not ep.natt:
+            self.stats.dropped_no_socket += 1
+            return False
+        try:
+            ep.sock.sendto(esp, remote)
+        except OSError:
+            self.stats.dropped_send_error += 1
+            return False
+        return True
 
     def send(self, datagram: Datagram) -> None:
         """Send now without blocking; drop and count if the socket cannot take it."""

@@ -241,6 +241,8 @@ async def run_node(
     event_sink: EventSink = log_event,
     mailbox_size: int = DEFAULT_MAILBOX_SIZE,
     handle_signals: bool = True,
+    esp_sink: Callable[[bytes, Address, Address], None] | None = None,
+    socket_mark: int | None = None,
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind, serve until SIGINT/SIGTERM (or `Node.shutdown()`), then shut down cleanly.
@@ -253,6 +255,11 @@ async def run_node(
     """
     stats = RuntimeStats()
     with Dispatcher.bind(config.addresses, config.ike_port, config.natt_port, stats) as dispatcher:
+        # single node with a data plane: ESP in UDP arriving on the NAT-T port goes to it,
+        # and our sockets carry its firewall mark so policy routing lets them pass
+        dispatcher.esp_sink = esp_sink
+        if socket_mark is not None:
+            dispatcher.set_mark(socket_mark)
         supervisor = Supervisor(
             session_factory=responder_factory(config),
             send=dispatcher.send,

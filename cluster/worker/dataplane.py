@@ -1,0 +1,233 @@
+"""The userspace ESP data plane: TUN <-> SAD <-> ESP (raw protocol 50 or UDP 4500).
+
+Hot loops wait for readiness once, then drain a bounded batch with non-blocking
+calls (see notes/building-blocks.md). A packet the host routes into the TUN that no
+SA covers is dropped and counted, never sent in the clear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import trio
+from pyroute2 import IPRoute
+
+from ..esp import ChildSaParams, EspDrop, Sad, SaHardExpired, SaSequenceExhausted, SaSoftExpired
+from ..esp.params import Address
+from ..ike.events import ChildSaDeleted, ChildSaEstablished, Event, IkeSaDeleted
+from . import IoCounters
+from .keys import Limits, params_from_event
+from .routing import Routes
+from .sockets import EspSocket
+from .tun import TunDevice
+
+logger = logging.getLogger(__name__)
+
+UdpSend = Callable[[bytes, Address, Address], bool]
+BATCH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class DataPlaneSettings:
+    tun: str = "ikec0"
+    mtu: int = 1400
+    queues: int = 1
+    mark: int = 0x1C5
+    table: int = 1450
+    priority: int = 1450
+    limits: Limits = field(default_factory=Limits)
+
+
+def _networks(selector_start: bytes, selector_end: bytes) -> list[str]:
+    start = ipaddress.ip_address(selector_start)
+    end = ipaddress.ip_address(selector_end)
+    return [str(n) for n in ipaddress.summarize_address_range(start, end)]
+
+
+def _local_source(params: ChildSaParams) -> str | None:
+    """An address of this host inside the local selectors: the source hint for routes,
+    so packets this host originates towards the remote side match the SA."""
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            text = msg.get_attr("IFA_ADDRESS")
+            if text is None:
+                continue
+            packed = ipaddress.ip_address(text).packed
+            for sel in params.local_ts:
+                if len(packed) == len(sel.start) and sel.start <= packed <= sel.end:
+                    return str(text)
+    return None
+
+
+class DataPlane:
+    """Owns the SAD, the TUN device, its routes and the raw ESP sockets."""
+
+    def __init__(self, tun: TunDevice, routes: Routes, esp_sockets: list[EspSocket],
+                 limits: Limits) -> None:
+        self.tun = tun
+        self.routes = routes
+        self.esp_sockets = {6 if s.family == socket.AF_INET6 else 4: s for s in esp_sockets}
+        self.limits = limits
+        self.sad = Sad()
+        self.counters: IoCounters = tun.counters
+        self.udp_send: UdpSend | None = None  # ESP in UDP from the NAT-T socket (wired later)
+        self.on_esp_event: Callable[[object], None] = self._log_esp_event
+        self._children_of: dict[tuple[bytes, bytes], list[bytes]] = {}
+        self._routes_of: dict[bytes, list[str]] = {}
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, settings: DataPlaneSettings, addresses: tuple[str, ...]) -> Iterator[DataPlane]:
+        """TUN, policy routing and one raw ESP socket per address; all removed on exit."""
+        with contextlib.ExitStack() as stack:
+            tun = stack.enter_context(TunDevice.open(settings.tun, queues=settings.queues,
+                                                     mtu=settings.mtu))
+            routes = stack.enter_context(Routes.open(tun.ifindex, table=settings.table,
+                                                     priority=settings.priority,
+                                                     mark=settings.mark))
+            sockets = [stack.enter_context(EspSocket.open(a, mark=settings.mark,
+                                                          counters=tun.counters))
+                       for a in addresses]
+            yield cls(tun, routes, sockets, settings.limits)
+
+    # --- the key-install interface ----------------------------------------------------
+
+    def install(self, params: ChildSaParams, ike: tuple[bytes, bytes] | None = None) -> None:
+        self.sad.install(params)
+        if ike is not None:
+            self._children_of.setdefault(ike, []).append(params.spi_in)
+        self._route(params)
+
+    def replace(self, old_spi_in: bytes, params: ChildSaParams,
+                ike: tuple[bytes, bytes] | None = None) -> None:
+        """A rekeyed SA: the new SPIs take outbound traffic at once (no packet lost)."""
+        self.sad.replace(old_spi_in, params)
+        if ike is not None:
+            self._children_of.setdefault(ike, []).append(params.spi_in)
+        self._route(params)
+
+    def remove(self, spi_in: bytes) -> None:
+        self.sad.remove(spi_in)
+        for network in self._routes_of.pop(spi_in, []):
+            with contextlib.suppress(KeyError):
+                self.routes.remove(network)
+
+    def _route(self, params: ChildSaParams) -> None:
+        if params.mode == "transport":
+            networks = [params.remote[0]]
+            source: str | None = params.local[0]
+        else:
+            networks = [n for sel in params.remote_ts for n in _networks(sel.start, sel.end)]
+            source = _local_source(params)
+        added = []
+        for network in networks:
+            hint = source if source and (":" in source) == (":" in network) else None
+            self.routes.add(network, src=hint)
+            added.append(network)
+        self._routes_of[params.spi_in] = added
+
+    def on_ike_event(self, event: Event) -> None:
+        """The responder's events, in-process: install and remove Child SAs."""
+        try:
+            if isinstance(event, ChildSaEstablished):
+                self.install(params_from_event(event, self.limits),
+                             (event.ike_spi_i, event.ike_spi_r))
+            elif isinstance(event, ChildSaDeleted):
+                self.remove(event.spi_in)
+            elif isinstance(event, IkeSaDeleted):
+                for spi_in in self._children_of.pop((event.spi_i, event.spi_r), []):
+                    self.remove(spi_in)
+        except (ValueError, OSError) as exc:
+            # a Child SA the data plane cannot carry must not take the responder down
+            logger.error("data plane: %s for %s", exc, type(event).__name__)
+
+    # --- packets -----------------------------------------------------------------------
+
+    def receive_esp(self, esp: bytes) -> None:
+        """One ESP packet from the network (raw or UDP-encapsulated) into the TUN."""
+        try:
+            inner = self.sad.decapsulate_untrusted(esp)
+        except EspDrop:
+            return  # counted by the SAD
+        self.tun.write(self.tun.fds[0], inner)
+
+    def receive_udp_esp(self, esp: bytes, local: Address, remote: Address) -> None:
+        self.receive_esp(esp)
+
+    def send_packets(self, packets: list[bytes]) -> None:
+        """Packets the host routed into the TUN: protect and send, or drop."""
+        sad = self.sad
+        for packet in packets:
+            sa = sad.outbound_for(packet)
+            if sa is None:
+                continue  # counted: no SA covers it, never sent in the clear
+            try:
+                esp = sa.encapsulate(packet)
+            except EspDrop:
+                continue
+            if sa.encap:
+                if self.udp_send is not None:
+                    self.udp_send(esp, sa.child.params.local, sa.remote)
+            else:
+                sock = self.esp_sockets.get(6 if ":" in sa.remote[0] else 4)
+                if sock is not None:
+                    sock.send(esp, sa.remote[0])
+        self._drain_events()
+
+    def _drain_events(self) -> None:
+        event = self.sad.next_event()
+        while event is not None:
+            self.on_esp_event(event)
+            event = self.sad.next_event()
+
+    @staticmethod
+    def _log_esp_event(event: object) -> None:
+        if isinstance(event, SaSoftExpired):
+            logger.info("CHILD SA %s soft lifetime reached (%s): rekey due",
+                        event.spi_in.hex(), event.reason)
+        elif isinstance(event, SaHardExpired):
+            logger.info("CHILD SA %s hard lifetime reached (%s): removed",
+                        event.spi_in.hex(), event.reason)
+        elif isinstance(event, SaSequenceExhausted):
+            logger.warning("CHILD SA %s sequence numbers exhausted: sending stopped",
+                           event.spi_in.hex())
+
+    # --- the pumps ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        async with trio.open_nursery() as nursery:
+            for fd in self.tun.fds:
+                nursery.start_soon(self._tun_pump, fd)
+            for sock in self.esp_sockets.values():
+                nursery.start_soon(self._esp_pump, sock)
+            task_status.started()
+
+    async def _tun_pump(self, fd: int) -> None:
+        tun = self.tun
+        while True:
+            packets = await tun.read_batch(fd, BATCH)
+            if packets:
+                self.send_packets(packets)
+            if len(packets) == BATCH:
+                await trio.lowlevel.checkpoint()  # a full batch: let the others run
+
+    async def _esp_pump(self, sock: EspSocket) -> None:
+        while True:
+            batch = await sock.recv_batch(BATCH)
+            for esp, _peer in batch:
+                self.receive_esp(esp)
+            self._drain_events()
+            if len(batch) == BATCH:
+                await trio.lowlevel.checkpoint()
+
+    def stats(self) -> dict[str, int]:
+        out = self.counters.as_dict()
+        out.update(self.sad.counters.as_dict())
+        out.update({f"sa_{k}": v for k, v in self.sad.totals().as_dict().items()})
+        return out

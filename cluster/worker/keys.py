@@ -1,0 +1,56 @@
+"""From the responder's Child SA events to the data plane's install requests.
+
+This is the explicit key-install interface between control and data plane: the
+single node calls it in-process; the cluster issue carries the same requests over Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..esp import ChildSaParams, Selector
+from ..ike.events import ChildSaEstablished
+from ..ike.traffic_selectors import TrafficSelector
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-SA lifetime limits the worker applies (hard; soft at 90 %)."""
+
+    replay_window: int = 1024
+    hard_bytes: int | None = None
+    hard_packets: int | None = None
+
+
+def _selector(ts: TrafficSelector) -> Selector:
+    return Selector.from_range(ts.start_addr, ts.end_addr, ts.protocol, ts.start_port,
+                               ts.end_port)
+
+
+def _soft(limit: int | None) -> int | None:
+    return None if limit is None else limit - limit // 10
+
+
+def params_from_event(event: ChildSaEstablished, limits: Limits = Limits()) -> ChildSaParams:
+    return ChildSaParams(
+        spi_in=event.spi_in,
+        spi_out=event.spi_out,
+        encr=event.encr,
+        integ=event.integ,
+        esn=event.esn,
+        encr_key_in=event.encr_key_in,
+        integ_key_in=event.integ_key_in,
+        encr_key_out=event.encr_key_out,
+        integ_key_out=event.integ_key_out,
+        mode=event.mode,
+        local=event.local,
+        remote=event.remote,
+        encap=event.encap,
+        local_ts=tuple(_selector(t) for t in event.local_ts),
+        remote_ts=tuple(_selector(t) for t in event.remote_ts),
+        replay_window=limits.replay_window,
+        soft_bytes=_soft(limits.hard_bytes),
+        hard_bytes=limits.hard_bytes,
+        soft_packets=_soft(limits.hard_packets),
+        hard_packets=limits.hard_packets,
+    )
