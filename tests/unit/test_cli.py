@@ -107,6 +107,14 @@ def root_logger() -> Iterator[logging.Logger]:
     root.setLevel(level)
 
 
+@pytest.fixture
+def ike_only(tmp_path: Path) -> Path:
+    """The example without its [worker] table: `run` then calls only run_node (faked)."""
+    path = tmp_path / "ike-only.toml"
+    path.write_text(EXAMPLE.read_text().split("[worker]")[0])
+    return path
+
+
 def fake_runtime(monkeypatch: pytest.MonkeyPatch, behaviour: BaseException | None) -> list[object]:
     calls: list[object] = []
 
@@ -125,10 +133,10 @@ def fake_runtime(monkeypatch: pytest.MonkeyPatch, behaviour: BaseException | Non
 
 
 def test_run_loads_config_sets_logging_and_runs_the_node(
-    monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger
+    ike_only: Path, monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger
 ) -> None:
     calls = fake_runtime(monkeypatch, None)
-    assert cli.main(["run", "--config", str(EXAMPLE)]) == 0
+    assert cli.main(["run", "--config", str(ike_only)]) == 0
     (config,) = calls
     assert isinstance(config, NodeConfig) and config.node_id == "gw1"
     assert root_logger.level == logging.INFO
@@ -139,39 +147,39 @@ def test_run_loads_config_sets_logging_and_runs_the_node(
 
 
 def test_run_log_level_option_overrides_the_file(
-    monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger
+    ike_only: Path, monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger
 ) -> None:
     fake_runtime(monkeypatch, None)
-    assert cli.main(["run", "--config", str(EXAMPLE), "--log-level", "debug"]) == 0
+    assert cli.main(["run", "--config", str(ike_only), "--log-level", "debug"]) == 0
     assert root_logger.level == logging.DEBUG
 
 
 def test_run_keyboard_interrupt_exits_130_without_traceback(
-    monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger,
+    ike_only: Path, monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     fake_runtime(monkeypatch, KeyboardInterrupt())
-    assert cli.main(["run", "--config", str(EXAMPLE)]) == 130
+    assert cli.main(["run", "--config", str(ike_only)]) == 130
     assert "Traceback" not in capsys.readouterr().err
 
 
 def test_run_os_error_is_logged_as_one_line_and_exits_1(
-    monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger,
+    ike_only: Path, monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     fake_runtime(monkeypatch, OSError(98, "Address already in use"))
-    assert cli.main(["run", "--config", str(EXAMPLE)]) == 1
+    assert cli.main(["run", "--config", str(ike_only)]) == 1
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
         "[Errno 98] Address already in use"
     ]
 
 
 def test_run_other_errors_are_not_swallowed(
-    monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger
+    ike_only: Path, monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger
 ) -> None:
     fake_runtime(monkeypatch, RuntimeError("bug"))
     with pytest.raises(RuntimeError, match="bug"):
-        cli.main(["run", "--config", str(EXAMPLE)])
+        cli.main(["run", "--config", str(ike_only)])
 
 
 # --- run, for real: start on loopback, stop with a signal ------------------------------------
