@@ -91,6 +91,8 @@ def run(config_path: str, log_level: str | None = None) -> int:
     # Imported here so check-config works without the runtime (and its start-up cost).
     import trio
 
+    from .single_node import single_node
+
     status = EXIT_OK
     try:
         trio.run(single_node, config)
@@ -102,53 +104,6 @@ def run(config_path: str, log_level: str | None = None) -> int:
             logging.getLogger("cluster").error("%s", exc)
         status = EXIT_FAILURE
     return status
-
-
-async def single_node(config: NodeConfig) -> None:
-    """The responder and, with a `[worker]` table, the data plane in one process.
-
-    They meet only here (runtime and worker never import each other): Child SA events
-    go to the data plane's key-install interface, ESP in UDP arriving on the NAT-T
-    port goes to its decapsulation, and it sends ESP in UDP from that socket.
-    """
-    import trio
-
-    from .runtime.node import run_node
-
-    if config.worker is None:
-        logging.getLogger("cluster").info(
-            "no [worker] table: Child SAs are negotiated, no data plane runs here")
-        await run_node(config)
-        return
-    from .ike.events import Event
-    from .runtime.node import Node, log_event
-    from .worker.dataplane import DataPlane, DataPlaneSettings
-    from .worker.keys import Limits
-
-    w = config.worker
-    settings = DataPlaneSettings(
-        tun=w.tun, mtu=w.mtu, queues=w.queues, mark=w.mark, table=w.table,
-        priority=w.priority,
-        limits=Limits(w.replay_window, w.lifetime_bytes, w.lifetime_packets),
-    )
-    with DataPlane.open(settings, config.addresses) as plane:
-
-        def sink(event: Event) -> None:
-            log_event(event)
-            plane.on_ike_event(event)
-
-        async with trio.open_nursery() as nursery:
-            await nursery.start(plane.run)
-
-            async def responder(task_status: trio.TaskStatus[Node]) -> None:
-                await run_node(config, event_sink=sink, esp_sink=plane.receive_udp_esp,
-                               socket_mark=w.mark, task_status=task_status)
-                nursery.cancel_scope.cancel()  # the node shut down: stop the pumps too
-
-            node: Node = await nursery.start(responder)
-            plane.udp_send = node.dispatcher.send_esp
-            logging.getLogger("cluster").info(
-                "data plane on %s (mtu %d, table %d, mark %#x)", w.tun, w.mtu, w.table, w.mark)
 
 
 def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:

@@ -26,6 +26,7 @@ LAYERS = {
     "cluster.runtime": 4,
     "cluster.worker": 4,
     "cluster.cli": 5,
+    "cluster.single_node": 5,
     "cluster.__main__": 5,
 }
 SANS_IO = ("cluster.ike", "cluster.ikev1", "cluster.esp")

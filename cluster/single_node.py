@@ -1,0 +1,66 @@
+"""`ike-cluster run`: the responder and, with a `[worker]` table, the data plane in one process.
+
+They meet only here (runtime and worker never import each other): Child SA events go
+to the data plane's key-install interface, ESP in UDP arriving on the NAT-T port goes
+to its decapsulation, and it sends ESP in UDP from that same socket.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from .config import NodeConfig, WorkerConfig
+from .ike.events import Event
+
+if TYPE_CHECKING:
+    from .runtime.node import Node
+
+logger = logging.getLogger("cluster")
+
+
+async def single_node(config: NodeConfig) -> None:
+    # looked up at call time: the CLI tests replace the runtime module
+    from .runtime.node import run_node
+
+    if config.worker is None:
+        logger.info("no [worker] table: Child SAs are negotiated, no data plane runs here")
+        await run_node(config)
+        return
+    await _with_data_plane(config, config.worker)
+
+
+async def _with_data_plane(config: NodeConfig, w: WorkerConfig) -> None:
+    from .runtime.node import log_event, run_node
+    from .worker.dataplane import DataPlane, DataPlaneSettings
+    from .worker.keys import Limits
+
+    settings = DataPlaneSettings(
+        tun=w.tun, mtu=w.mtu, queues=w.queues, mark=w.mark, table=w.table,
+        priority=w.priority,
+        limits=Limits(w.replay_window, w.lifetime_bytes, w.lifetime_packets),
+    )
+    with DataPlane.open(settings, config.addresses) as plane:
+
+        def sink(event: Event) -> None:
+            log_event(event)
+            plane.on_ike_event(event)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(plane.run)
+
+                async def responder(task_status: trio.TaskStatus[Node]) -> None:
+                    await run_node(config, event_sink=sink, esp_sink=plane.receive_udp_esp,
+                                   socket_mark=w.mark, task_status=task_status)
+                    nursery.cancel_scope.cancel()  # the node shut down: stop the pumps
+
+                node: Node = await nursery.start(responder)
+                plane.udp_send = node.dispatcher.send_esp
+                logger.info("data plane on %s (mtu %d, table %d, mark %#x)",
+                            w.tun, w.mtu, w.table, w.mark)
+        finally:
+            counters = " ".join(f"{k}={v}" for k, v in plane.stats().items() if v)
+            logger.info("data plane stopped: %s", counters or "no traffic")
