@@ -34,17 +34,17 @@ if TYPE_CHECKING:
     from .sa import ChildSa
 
 _U32 = struct.Struct("!I")
-_U16 = struct.Struct("!H")
 _AAD_ESN = struct.Struct("!III")
-_PADDING = tuple(bytes(range(1, n + 1)) for n in range(256))  # RFC 4303 2.4 default content
+_PADDING_AND_LENGTH = tuple(bytes([*range(1, n + 1), n]) for n in range(256))
 
 
 class InboundSa:
     """The receiving half of a Child SA. Subclasses hold the cipher."""
 
-    __slots__ = ("_alarm_bytes", "_alarm_packets", "_esn", "_fix_checksums", "_header",
-                 "_local", "_local_ip", "_min_len", "_params", "_remote", "_remote_ip",
-                 "_spi", "_transport", "child", "counters", "replay", "spi")
+    __slots__ = ("_address_only", "_alarm_bytes", "_alarm_packets", "_esn", "_fix_checksums",
+                 "_header", "_local", "_local_ip", "_local_ranges", "_min_len", "_params",
+                 "_remote", "_remote_ip", "_remote_ranges", "_spi", "_transport", "child",
+                 "counters", "replay", "spi")
 
     def __init__(self, child: ChildSa, params: ChildSaParams, local_ip: bytes,
                  remote_ip: bytes, local: SelectorSet, remote: SelectorSet,
@@ -58,6 +58,9 @@ class InboundSa:
         self._transport = params.mode == "transport"
         self._local = local
         self._remote = remote
+        self._address_only = local.address_only and remote.address_only
+        self._local_ranges = local.ranges
+        self._remote_ranges = remote.ranges
         self._local_ip = local_ip
         self._remote_ip = remote_ip
         # transport mode: the header we rebuild says "from the peer to us"
@@ -79,26 +82,47 @@ class InboundSa:
         size = len(plain)
         pad = plain[-2]
         end = size - 2 - pad
-        if end < 0 or plain[end : size - 2] != _PADDING[pad]:
+        # padding 1, 2, 3, ... then the pad length, checked in place (RFC 4303 2.4)
+        if not plain.endswith(_PADDING_AND_LENGTH[pad], 0, size - 1):
             self._drop("pad_errors")
         next_header = plain[-1]
-        if next_header == IPPROTO_NONE:
-            self._drop("dummy_drops")  # RFC 4303 2.6: traffic-flow-confidentiality dummy
         if self._transport:
-            payload = plain[:end]
-            if self._fix_checksums:
-                payload = fix_transport_checksum(self._remote_ip, self._local_ip, next_header,
-                                                 payload)
-            inner = self._header.build(next_header, len(payload)) + payload
+            inner = self._transport_packet(plain, end, next_header)
         else:
-            inner = self._tunnelled(plain, end, next_header)
-        flow = flow_of(inner)
-        if flow is None:
-            self._drop("malformed_drops")
-        version, src, dst, protocol, sport, dport = flow
-        if not (self._remote.covers(version, src, protocol, sport)
-                and self._local.covers(version, dst, protocol, dport)):
-            self._drop("policy_drops")
+            if next_header == IPPROTO_IPIP:
+                if end < 20 or plain[0] >> 4 != 4:
+                    self._drop("malformed_drops")
+                total = plain[2] << 8 | plain[3]
+                if not 20 <= total <= end:
+                    self._drop("malformed_drops")
+                src, dst = plain[12:16], plain[16:20]
+            elif next_header == IPPROTO_IPV6:
+                if end < 40 or plain[0] >> 4 != 6:
+                    self._drop("malformed_drops")
+                total = 40 + (plain[4] << 8 | plain[5])
+                if total > end:
+                    self._drop("malformed_drops")
+                src, dst = plain[8:24], plain[24:40]
+            elif next_header == IPPROTO_NONE:
+                self._drop("dummy_drops")  # RFC 4303 2.6: traffic-flow-confidentiality dummy
+            else:
+                self._drop("policy_drops")  # a tunnel-mode SA carries IP packets only
+            # cut at the inner packet's own length: drops ESP and TFC padding (RFC 4303 2.7)
+            inner = plain[:total]
+            if self._address_only:
+                # inline SelectorSet.covers_address for both sides: the common case
+                for start, stop in self._remote_ranges:
+                    if start <= src <= stop and len(start) == len(src):
+                        break
+                else:
+                    self._drop("policy_drops")
+                for start, stop in self._local_ranges:
+                    if start <= dst <= stop and len(start) == len(dst):
+                        break
+                else:
+                    self._drop("policy_drops")
+            else:
+                self._check_flow(inner)
         counters = self.counters
         counters.packets_in += 1
         counters.bytes_in += len(inner)
@@ -106,21 +130,28 @@ class InboundSa:
             self._alarm()
         return inner
 
-    def _tunnelled(self, plain: bytes, end: int, next_header: int) -> bytes:
-        """The inner IP packet, cut at its own length (drops TFC padding, RFC 4303 2.7)."""
-        if next_header == IPPROTO_IPIP:
-            if end < 20 or plain[0] >> 4 != 4:
-                self._drop("malformed_drops")
-            total = _U16.unpack_from(plain, 2)[0]
-        elif next_header == IPPROTO_IPV6:
-            if end < 40 or plain[0] >> 4 != 6:
-                self._drop("malformed_drops")
-            total = 40 + _U16.unpack_from(plain, 4)[0]
-        else:
-            self._drop("policy_drops")  # a tunnel-mode SA carries IP packets only
-        if total > end:
+    def _transport_packet(self, plain: bytes, end: int, next_header: int) -> bytes:
+        """The payload behind a rebuilt header from the peer to us (RFC 4303 3.4.4.1)."""
+        if next_header == IPPROTO_NONE:
+            self._drop("dummy_drops")
+        payload = plain[:end]
+        if self._fix_checksums:
+            payload = fix_transport_checksum(self._remote_ip, self._local_ip, next_header, payload)
+        inner = self._header.build(next_header, len(payload)) + payload
+        if not self._address_only:
+            # the addresses are the SA's by construction; protocol and ports may be limited
+            self._check_flow(inner)
+        return inner
+
+    def _check_flow(self, inner: bytes) -> None:
+        """Inbound policy on the full flow, for selectors that name protocols or ports."""
+        flow = flow_of(inner)
+        if flow is None:
             self._drop("malformed_drops")
-        return plain if total == len(plain) else plain[:total]
+        version, src, dst, protocol, sport, dport = flow
+        if not (self._remote.covers(version, src, protocol, sport)
+                and self._local.covers(version, dst, protocol, dport)):
+            self._drop("policy_drops")
 
     def _short(self) -> NoReturn:
         self._drop("expired_drops" if self.child.removed else "malformed_drops")
@@ -180,7 +211,7 @@ class AeadInbound(InboundSa):
         seq_low = _U32.unpack_from(data, 4)[0]
         replay = self.replay
         seq = replay.infer(seq_low) if self._esn else seq_low
-        if not replay.check(seq):
+        if seq <= replay.top and not replay.check(seq):  # above the window: new, no call
             self._drop("replay_drops")
         aad = _AAD_ESN.pack(self._spi, seq >> 32, seq_low) if self._esn else data[:8]
         try:
@@ -216,7 +247,7 @@ class CbcInbound(InboundSa):
         seq_low = _U32.unpack_from(data, 4)[0]
         replay = self.replay
         seq = replay.infer(seq_low) if self._esn else seq_low
-        if not replay.check(seq):
+        if seq <= replay.top and not replay.check(seq):  # above the window: new, no call
             self._drop("replay_drops")
         mac = self._hmac.copy()
         mac.update(data[:icv_at])

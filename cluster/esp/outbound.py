@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 _SPI_SEQ = struct.Struct("!II")
 _SPI_SEQ_IV = struct.Struct("!IIQ")  # AEAD: the 8-byte IV is the 64-bit sequence number
 _AAD_ESN = struct.Struct("!III")  # SPI | seq high | seq low (RFC 4106 5, RFC 7634 2.1)
+_NONCE = struct.Struct("!4sQ")  # salt | IV (RFC 4106 4, RFC 7634 2)
 _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
 # tunnel mode: next header for the inner packet's version nibble (0: not an IP packet)
@@ -207,7 +208,13 @@ class AeadOutbound(OutboundSa):
         self._salt = salt
 
     def encapsulate(self, packet: bytes) -> bytes:
-        payload, next_header = self._payload(packet)
+        if self._transport:
+            payload, next_header = self._payload(packet)
+        else:  # the hot path, inline
+            payload = packet
+            next_header = _TUNNEL_NEXT_HEADER[packet[0] >> 4] if packet else 0
+            if not next_header:
+                self._drop("malformed_drops")
         seq = self.seq + 1
         if seq > self._seq_max:
             self._refuse()
@@ -218,7 +225,7 @@ class AeadOutbound(OutboundSa):
         # a counter IV is unique per key, which is all GCM and ChaCha20 ask (RFC 4106 3.1)
         header = _SPI_SEQ_IV.pack(self._spi, seq_low, seq)
         aad = _AAD_ESN.pack(self._spi, seq >> 32, seq_low) if self._esn else header[:8]
-        out = header + self._aead.encrypt(self._salt + header[8:], payload + trailer, aad)
+        out = header + self._aead.encrypt(_NONCE.pack(self._salt, seq), payload + trailer, aad)
         counters = self.counters
         counters.packets_out += 1
         counters.bytes_out += len(packet)

@@ -35,7 +35,8 @@ class ChildSa:
     hard lifetime removes the SA, so the SAD forgets it.
     """
 
-    __slots__ = ("_detach", "_emit", "counters", "inbound", "local_selectors", "outbound",
+    __slots__ = ("_detach", "_emit", "address_only", "counters", "inbound", "local_selectors",
+                 "outbound",
                  "params", "remote_selectors", "removed", "retiring", "soft_expired")
 
     def __init__(self, params: ChildSaParams,
@@ -94,6 +95,7 @@ class ChildSa:
         # what outbound packets must match (transport mode: on the SA's own addresses)
         self.local_selectors = local
         self.remote_selectors = remote
+        self.address_only = local.address_only and remote.address_only
 
     @property
     def spi_in(self) -> bytes:

@@ -31,6 +31,7 @@ class Sad:
         self._inbound: dict[int, InboundSa] = {}  # by spi_in as an integer (hot path)
         self._by_remote_host: dict[bytes, list[ChildSa]] = {}
         self._ranged: list[ChildSa] = []
+        self._port_aware = 0  # indexed SAs whose selectors name protocols or ports
         self._events: deque[EspEvent] = deque()
         self._removed_totals = SaCounters()  # counters of SAs no longer here
 
@@ -79,6 +80,8 @@ class Sad:
         self._removed_totals.add(child.counters)
 
     def _index_outbound(self, child: ChildSa) -> None:
+        if not child.address_only:
+            self._port_aware += 1
         hosts = child.remote_selectors.hosts()
         if hosts is None:
             self._ranged.insert(0, child)
@@ -87,14 +90,19 @@ class Sad:
             self._by_remote_host.setdefault(host, []).insert(0, child)
 
     def _unindex_outbound(self, child: ChildSa) -> None:
+        found = False
         if child in self._ranged:
             self._ranged.remove(child)
+            found = True
         for host in child.remote_selectors.hosts() or ():
             children = self._by_remote_host.get(host, [])
             if child in children:
                 children.remove(child)
+                found = True
                 if not children:
                     del self._by_remote_host[host]
+        if found and not child.address_only:
+            self._port_aware -= 1
 
     # --- lookups -----------------------------------------------------------------------
 
@@ -111,6 +119,31 @@ class Sad:
 
         Misses are counted (`no_sa_out`, or `malformed_out` for a packet that does not parse).
         """
+        if self._port_aware:
+            return self._outbound_by_flow(packet)
+        # every SA matches on addresses alone: no need to parse beyond the IP header
+        length = len(packet)
+        version = packet[0] >> 4 if length >= 20 else 0
+        if version == 4:
+            src, dst = packet[12:16], packet[16:20]
+        elif version == 6 and length >= 40:
+            src, dst = packet[8:24], packet[24:40]
+        else:
+            self.counters.malformed_out += 1
+            return None
+        candidates = self._by_remote_host.get(dst)
+        if candidates is not None:
+            for child in candidates:
+                if child.local_selectors.covers_address(src):
+                    return child.outbound
+        for child in self._ranged:
+            if child.remote_selectors.covers_address(dst) and \
+                    child.local_selectors.covers_address(src):
+                return child.outbound
+        self.counters.no_sa_out += 1
+        return None
+
+    def _outbound_by_flow(self, packet: bytes) -> OutboundSa | None:
         flow = flow_of(packet)
         if flow is None:
             self.counters.malformed_out += 1

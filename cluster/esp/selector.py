@@ -92,13 +92,28 @@ def _covers(c: _Compiled, version: int, address: bytes, protocol: int, port: int
 
 
 class SelectorSet:
-    """Selectors of one side of an SA, precompiled for the per-packet check."""
+    """Selectors of one side of an SA, precompiled for the per-packet check.
 
-    __slots__ = ("_compiled", "selectors")
+    When no selector restricts protocol or ports (the usual subnet-to-subnet SA),
+    `address_only` is true and `covers_address` is all a packet needs: the caller can
+    skip parsing the upper-layer header.
+    """
+
+    __slots__ = ("_compiled", "address_only", "ranges", "selectors")
 
     def __init__(self, selectors: Iterable[Selector]) -> None:
         self.selectors = tuple(selectors)
         self._compiled = tuple(_compile(s) for s in self.selectors)
+        self.ranges = tuple((s.start, s.end) for s in self.selectors)
+        self.address_only = all(s.protocol == 0 and (s.start_port, s.end_port) == (0, 65535)
+                                for s in self.selectors)
+
+    def covers_address(self, address: bytes) -> bool:
+        """Whether an address (4 or 16 bytes) is in one of the ranges, ignoring the rest."""
+        for start, end in self.ranges:
+            if start <= address <= end and len(start) == len(address):
+                return True
+        return False
 
     def covers(self, version: int, address: bytes, protocol: int, port: int) -> bool:
         for ver, start, end, proto, low, high, any_port, opaque in self._compiled:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import ipaddress
 import os
 import struct
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from cluster.esp import ChildSaParams, Sad, Selector
 from cluster.esp.ip import internet_checksum, ip_header
@@ -96,3 +100,32 @@ def packet(src: str, dst: str, protocol: int = 17, payload: bytes = b"x" * 100,
             checksum = 0xFFFF
         segment = segment[:position] + struct.pack("!H", checksum) + segment[position + 2:]
     return ip_header(s, d, protocol, len(segment)) + segment
+
+
+def seal(p: ChildSaParams, seq: int, plaintext: bytes) -> bytes:
+    """An ESP packet from A's outbound keys around a plaintext we choose (trailer included).
+
+    Written with plain `cryptography` calls, apart from the code under test, to craft
+    packets it would never build: bad padding, odd next headers, foreign IVs.
+    """
+    seq_low = struct.pack("!I", seq & 0xFFFFFFFF)
+    high = struct.pack("!I", seq >> 32) if p.esn else b""
+    key_len = p.encr.key_bits // 8
+    key, salt = p.encr_key_out[:key_len], p.encr_key_out[key_len:]
+    if p.encr.aead:
+        aead = AESGCM(key) if "gcm" in p.encr.name else ChaCha20Poly1305(key)
+        iv = struct.pack("!Q", seq ^ 0x5A5A)
+        aad = p.spi_out + high + seq_low
+        return p.spi_out + seq_low + iv + aead.encrypt(salt + iv, plaintext, aad)
+    assert p.integ is not None
+    iv = os.urandom(16)
+    encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+    body = p.spi_out + seq_low + iv + encryptor.update(plaintext) + encryptor.finalize()
+    icv = hmac.new(p.integ_key_out, body + high, p.integ.hash_name).digest()
+    return body + icv[: p.integ.icv_size]
+
+
+def trailer(size: int, next_header: int, block: int = 4) -> bytes:
+    """Default padding for `size` payload bytes, pad length and next header."""
+    pad = -(size + 2) % block
+    return bytes([*range(1, pad + 1), pad, next_header])
