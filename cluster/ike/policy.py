@@ -39,6 +39,46 @@ class RemoteAuth:
 
 
 @dataclass(frozen=True)
+class Lifetime:
+    """strongSwan's rekey_time / life_time / rand_time (seconds; 0 disables rekeying).
+
+    Rekeying starts at rekey_time minus a random part of rand_time; the SA is deleted
+    at life_time if it was not rekeyed by then. Defaults as swanctl: life_time =
+    1.1 x rekey_time, rand_time = life_time - rekey_time.
+    """
+
+    rekey_time: float
+    life_time: float | None = None
+    rand_time: float | None = None
+
+    @property
+    def hard(self) -> float:
+        return self.life_time if self.life_time is not None else 1.1 * self.rekey_time
+
+    @property
+    def jitter(self) -> float:
+        if self.rand_time is not None:
+            return self.rand_time
+        return max(0.0, self.hard - self.rekey_time)
+
+
+@dataclass(frozen=True)
+class Retransmission:
+    """strongSwan's retransmit_timeout / retransmit_base / retransmit_tries."""
+
+    timeout: float = 4.0
+    base: float = 1.8
+    tries: int = 5
+
+    def delay(self, attempt: int) -> float:
+        """Wait after send number `attempt` (0 = the first send)."""
+        return self.timeout * self.base**attempt
+
+    def total(self) -> float:
+        return sum(self.delay(n) for n in range(self.tries + 1))
+
+
+@dataclass(frozen=True)
 class ChildConfig:
     name: str
     mode: Literal["tunnel", "transport"]
@@ -46,6 +86,7 @@ class ChildConfig:
     remote_ts: tuple[TsConfig, ...]
     esp_proposals: tuple[ConfiguredProposal, ...]
     start_action: Literal["none", "start"] = "none"  # swanctl's; "start": initiate at start-up
+    lifetime: Lifetime = field(default_factory=lambda: Lifetime(3600.0))  # strongSwan: 1 h
 
 
 @dataclass(frozen=True)
@@ -59,6 +100,9 @@ class ConnectionConfig:
     encap: bool = False  # pretend NAT so ESP is UDP-encapsulated (strongSwan's `encap`)
     local_addrs: tuple[str, ...] = ()  # empty: any
     remote_addrs: tuple[str, ...] = ()  # empty: any
+    lifetime: Lifetime = field(default_factory=lambda: Lifetime(14400.0))  # strongSwan: 4 h
+    dpd_delay: float = 0.0  # seconds without traffic before a liveness check; 0: off
+    dpd_action: Literal["clear", "restart", "none"] = "clear"
 
 
 @dataclass(frozen=True)
@@ -73,6 +117,7 @@ class ResponderPolicy:
     secrets: tuple[SharedSecret, ...] = ()
     legacy_algorithms: bool = False
     half_open_timeout: float = 30.0
+    retransmission: Retransmission = field(default_factory=Retransmission)
 
     def find_psk(self, local: Identity | None, remote: Identity) -> bytes | None:
         """The best shared secret for this pair of identities (strongSwan's matching)."""
