@@ -1,0 +1,212 @@
+"""The SAD: install / replace / remove, parameter checks, inbound and outbound lookup."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from cluster.esp import ChildSa, EspDrop, Sad, Selector
+from cluster.transforms import ENCR_ALGORITHMS, INTEG_ALGORITHMS
+from tests.esp.pairs import GW6_B, GW_A, GW_B, mirror, packet, pair, params
+
+INNER = packet("10.99.1.5", "10.99.2.7", 17, b"x")
+
+
+def spis(n: int) -> dict[str, bytes]:
+    return {"spi_in": bytes([0xC0, 0, 0, n]), "spi_out": bytes([0xC1, 0, 0, n])}
+
+
+def test_install_lookup_remove() -> None:
+    sad = Sad()
+    p = params()
+    child = sad.install(p)
+    assert isinstance(child, ChildSa)
+    assert len(sad) == 1 and list(sad) == [child] and sad.get(p.spi_in) is child
+    assert sad.inbound(p.spi_in) is child.inbound
+    assert sad.inbound(p.spi_out) is None and sad.inbound(b"\x01") is None
+    assert sad.outbound_for(INNER) is child.outbound
+    assert sad.remove(p.spi_in) is child
+    assert sad.remove(p.spi_in) is None
+    assert len(sad) == 0 and sad.outbound_for(INNER) is None
+    assert sad.counters.no_sa_out == 1
+    assert sad.next_event() is None  # removal on request is not an event
+
+
+def test_duplicate_and_reserved_spis_are_refused() -> None:
+    sad = Sad()
+    sad.install(params())
+    with pytest.raises(ValueError, match="already installed"):
+        sad.install(params(spi_out=b"\x01\x02\x03\x04"))
+    with pytest.raises(ValueError, match="SPI 0"):
+        sad.install(params(spi_in=bytes(4)))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"mode": "beet"}, "mode"),
+    ({"spi_in": b"\x01\x02\x03"}, "4 bytes"),
+    ({"integ": INTEG_ALGORITHMS["sha256"], "integ_key_in": bytes(32),
+      "integ_key_out": bytes(32)}, "combined-mode"),
+    ({"encr_key_in": bytes(16)}, "key material"),
+    ({"local": ("2001:db8::1", 4500)}, "families"),
+    ({"local_ts": ()}, "selectors"),
+    ({"initial_seq": -1}, "negative"),
+    ({"encr": ENCR_ALGORITHMS["aes128"], "encr_key_in": bytes(16), "encr_key_out": bytes(16)},
+     "integrity"),
+])
+def test_bad_parameters(changes: dict[str, object], message: str) -> None:
+    p = dataclasses.replace(params(), **changes)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        Sad().install(p)
+
+
+def test_transport_selectors_of_the_wrong_family_are_refused() -> None:
+    p = params(mode="transport", local_ts=(Selector.from_network("2001:db8::/32"),))
+    with pytest.raises(ValueError, match="family"):
+        Sad().install(p)
+
+
+def test_params_repr_hides_keys() -> None:
+    p = params()
+    text = repr(p)
+    assert p.encr_key_in.hex() not in text and "encr_key_in" not in text
+
+
+def test_replace_moves_outbound_at_once_and_old_inbound_lives_until_remove() -> None:
+    old_p = params(**spis(1))
+    a, b = pair(old_p)
+    old_out = a.outbound_for(INNER)
+    assert old_out is not None
+    late = old_out.encapsulate(INNER)  # in flight while the rekey happens
+    reply_old = b.outbound_for(packet("10.99.2.7", "10.99.1.5", 17, b"r"))
+    assert reply_old is not None
+    in_flight_to_a = reply_old.encapsulate(packet("10.99.2.7", "10.99.1.5", 17, b"r"))
+
+    new_p = params(**spis(2))
+    new = a.replace(old_p.spi_in, new_p)
+    b.replace(old_p.spi_out, mirror(new_p))
+    assert a.outbound_for(INNER) is new.outbound  # new SPIs usable right away
+    esp = new.outbound.encapsulate(INNER)
+    assert esp[:4] == new_p.spi_out and b.decapsulate_untrusted(esp) == INNER
+    assert b.decapsulate_untrusted(late) == INNER  # the old inbound still receives
+    assert a.decapsulate_untrusted(in_flight_to_a)[:1] == b"\x45"
+    assert len(a) == 2
+    a.remove(old_p.spi_in)
+    b.remove(old_p.spi_out)
+    assert len(a) == 1 and a.outbound_for(INNER) is new.outbound
+    with pytest.raises(EspDrop):
+        b.decapsulate_untrusted(late)
+    totals = a.totals()
+    assert totals.packets_out == 2 and totals.packets_in == 1  # removed SA still counted
+
+
+def test_replace_of_an_unknown_sa_just_installs() -> None:
+    sad = Sad()
+    child = sad.replace(b"\x99\x99\x99\x99", params())
+    assert sad.outbound_for(INNER) is child.outbound
+
+
+def test_newest_sa_wins_for_overlapping_selectors() -> None:
+    sad = Sad()
+    first = sad.install(params(**spis(1)))
+    second = sad.install(params(**spis(2)))
+    assert sad.outbound_for(INNER) is second.outbound
+    sad.remove(second.spi_in)
+    assert sad.outbound_for(INNER) is first.outbound
+
+
+def test_outbound_lookup_by_subnet() -> None:
+    sad = Sad()
+    nets = {n: sad.install(params(
+        **spis(n), local_ts=(Selector.from_network("10.99.1.0/24"),),
+        remote_ts=(Selector.from_network(f"10.{n}.0.0/16"),))) for n in range(1, 40)}
+    for n in (1, 17, 39):
+        assert sad.outbound_for(packet("10.99.1.5", f"10.{n}.200.3", 6, b"")) \
+            is nets[n].outbound
+    assert sad.outbound_for(packet("10.99.1.5", "10.40.0.1", 6, b"")) is None
+    assert sad.outbound_for(packet("10.99.9.5", "10.1.0.1", 6, b"")) is None  # wrong source
+    assert sad.counters.no_sa_out == 2
+
+
+def test_outbound_lookup_for_many_road_warriors_uses_host_addresses() -> None:
+    sad = Sad()
+    warriors = {}
+    for n in range(1, 200):
+        warriors[n] = sad.install(params(
+            **spis(n), local_ts=(Selector.from_network("0.0.0.0/0"),),
+            remote_ts=(Selector.from_network(f"10.200.0.{n}/32"),),
+            remote=(f"203.0.113.{n}", 4500)))
+    assert sad.outbound_for(packet("192.0.2.80", "10.200.0.77", 6, b"")) is warriors[77].outbound
+    assert sad.outbound_for(packet("192.0.2.80", "10.200.0.201", 6, b"")) is None
+    assert warriors[77].outbound.remote == ("203.0.113.77", 4500)
+
+
+def test_outbound_lookup_by_protocol_and_port() -> None:
+    sad = Sad()
+    web = sad.install(params(**spis(1), remote_ts=(Selector.from_network("10.99.2.0/24", 6,
+                                                                          443, 443),)))
+    dns = sad.install(params(**spis(2), remote_ts=(Selector.from_network("10.99.2.0/24", 17,
+                                                                          53, 53),)))
+    ping = sad.install(params(**spis(3), remote_ts=(Selector.from_network("10.99.2.0/24", 1,
+                                                                           0x0800, 0x08FF),)))
+    src, dst = "10.99.1.5", "10.99.2.7"
+    assert sad.outbound_for(packet(src, dst, 6, b"", 40000, 443)) is web.outbound
+    assert sad.outbound_for(packet(src, dst, 17, b"", 40000, 53)) is dns.outbound
+    assert sad.outbound_for(packet(src, dst, 1, b"")) is ping.outbound  # echo: type 8
+    assert sad.outbound_for(packet(src, dst, 6, b"", 40000, 80)) is None
+    assert sad.outbound_for(packet(src, dst, 17, b"", 40000, 443)) is None
+    sad.remove(web.spi_in)
+    sad.remove(dns.spi_in)
+    sad.remove(ping.spi_in)
+    plain = sad.install(params(**spis(4)))
+    assert sad.outbound_for(packet(src, dst, 6, b"", 40000, 80)) is plain.outbound
+
+
+def test_opaque_selector_matches_only_packets_without_ports() -> None:
+    sad = Sad()
+    opaque = sad.install(params(**spis(1), remote_ts=(Selector.from_network(
+        "10.99.2.0/24", 17, 65535, 0),)))
+    fragment = bytearray(packet("10.99.1.5", "10.99.2.7", 17, b"x" * 20))
+    fragment[6:8] = b"\x00\x10"  # fragment offset 16 * 8: no UDP header here
+    assert sad.outbound_for(bytes(fragment)) is opaque.outbound
+    assert sad.outbound_for(packet("10.99.1.5", "10.99.2.7", 17, b"x")) is None
+
+
+def test_transport_mode_lookup_by_peer_address() -> None:
+    sad = Sad()
+    v4 = sad.install(params(**spis(1), mode="transport"))
+    v6 = sad.install(params(**spis(2), mode="transport", v6=True))
+    assert sad.outbound_for(packet(GW_A, GW_B, 6, b"")) is v4.outbound
+    assert sad.outbound_for(packet("2001:db8::1", GW6_B, 6, b"")) is v6.outbound
+    assert sad.outbound_for(packet(GW_A, "198.51.100.3", 6, b"")) is None
+
+
+def test_transport_mode_behind_nat_uses_the_sa_addresses_not_the_selectors() -> None:
+    """The peer's selectors name its private address; packets go to its public one."""
+    sad = Sad()
+    child = sad.install(params(mode="transport", encap=True,
+                               remote_ts=(Selector.from_network("10.0.0.2/32"),)))
+    assert sad.outbound_for(packet(GW_A, GW_B, 17, b"")) is child.outbound
+    assert sad.outbound_for(packet(GW_A, "10.0.0.2", 17, b"")) is None
+
+
+def test_malformed_tun_packets_are_counted_not_raised() -> None:
+    sad = Sad()
+    sad.install(params())
+    for junk in (b"", b"\x45", b"\x00" * 40, b"\x60" + bytes(20)):
+        assert sad.outbound_for(junk) is None
+    assert sad.counters.malformed_out == 4
+
+
+def test_events_from_several_sas_come_in_order() -> None:
+    sad = Sad()
+    one = sad.install(params(**spis(1), soft_packets=1))
+    two = sad.install(params(**spis(2), hard_packets=1,
+                             remote_ts=(Selector.from_network("10.99.3.0/24"),)))
+    one.outbound.encapsulate(INNER)
+    two.outbound.encapsulate(packet("10.99.1.5", "10.99.3.1", 17, b""))
+    first, second = sad.next_event(), sad.next_event()
+    assert first is not None and first.spi_in == one.spi_in
+    assert second is not None and second.spi_in == two.spi_in
+    assert sad.next_event() is None
+    assert len(sad) == 1
