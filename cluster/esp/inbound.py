@@ -93,7 +93,7 @@ class InboundSa:
                 if end < 20 or plain[0] >> 4 != 4:
                     self._drop("malformed_drops")
                 total = plain[2] << 8 | plain[3]
-                if not 20 <= total <= end:
+                if not 20 <= (plain[0] & 0x0F) * 4 <= total <= end:
                     self._drop("malformed_drops")
                 src, dst = plain[12:16], plain[16:20]
             elif next_header == IPPROTO_IPV6:

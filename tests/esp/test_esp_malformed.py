@@ -129,6 +129,8 @@ def test_tunnel_mode_refuses_non_ip_next_headers() -> None:
     (4, packet("10.99.1.5", "10.99.2.7", 17, b"x")[:12]),  # shorter than a header
     (4, b"\x45\x00\xff\xff" + packet("10.99.1.5", "10.99.2.7", 17, b"x")[4:]),  # length
     (4, b"\x45\x00\x00\x10" + packet("10.99.1.5", "10.99.2.7", 17, b"x")[4:]),  # < 20
+    (4, b"\x4f\x00\x00\x1d" + packet("10.99.1.5", "10.99.2.7", 17, b"x")[4:]),  # IHL > length
+    (4, b"\x44\x00\x00\x1d" + packet("10.99.1.5", "10.99.2.7", 17, b"x")[4:]),  # IHL < 5
 ])
 def test_tunnel_inner_packet_must_be_sound(next_header: int, inner: bytes) -> None:
     p = params()
