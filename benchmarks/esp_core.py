@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tests.esp.pairs import packet, pair, params  # noqa: E402
+from tests.esp.pairs import packet, pair, params
 
 SIZE = 1400
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from cluster.esp import (
@@ -83,7 +85,8 @@ def test_soft_sequence_event_fires_with_a_sixteenth_left() -> None:
     ("soft_bytes", 450, "bytes_out"),  # crossed by the fifth 100-byte packet
 ])
 def test_soft_outbound_limit_emits_one_event(limit: str, value: int, reason: str) -> None:
-    p = params(**{limit: value})
+    limits: dict[str, Any] = {limit: value}
+    p = params(**limits)
     a, b = pair(p)
     packets = send(a, 4)
     assert events(a) == []
@@ -102,7 +105,8 @@ def test_soft_outbound_limit_emits_one_event(limit: str, value: int, reason: str
 ])
 def test_hard_outbound_limit_removes_the_sa(limit: str, value: int, reason: str,
                                             allowed: int) -> None:
-    p = params(**{limit: value})
+    limits: dict[str, Any] = {limit: value}
+    p = params(**limits)
     a, b = pair(p)
     packets = send(a, allowed)  # the packet that reaches the limit is still sent
     assert events(a) == [SaHardExpired(p.spi_in, p.spi_out, reason)]

@@ -41,7 +41,7 @@ def test_window_edges(size: int) -> None:
 @pytest.mark.parametrize("size", [1, 37, 1024])
 def test_window_slides_and_keeps_what_it_saw(size: int) -> None:
     w = ReplayWindow(size)
-    seen = set()
+    seen: set[int] = set()
     for seq in [10, 12, 11, 15, 13, 14, 20, 17, 19, 18]:
         expected = seq > (max(seen) if seen else 0) - size and seq not in seen
         assert accept(w, seq) == expected, seq

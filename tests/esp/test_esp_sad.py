@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from tests.esp.pairs import GW6_B, GW_A, GW_B, mirror, packet, pair, params
 INNER = packet("10.99.1.5", "10.99.2.7", 17, b"x")
 
 
-def spis(n: int) -> dict[str, bytes]:
+def spis(n: int) -> dict[str, Any]:
     return {"spi_in": bytes([0xC0, 0, 0, n]), "spi_out": bytes([0xC1, 0, 0, n])}
 
 
