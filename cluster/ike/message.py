@@ -1,4 +1,9 @@
-"""IKE message framing and SK payload protection (RFC 7296 3.1, 3.14; RFC 5282)."""
+"""IKE message framing and SK payload protection (RFC 7296 3.1, 3.14; RFC 5282).
+
+Also the sending half of IKE fragmentation (RFC 7383): `SkProtection.protect_fragments`
+splits a message into Encrypted Fragment (SKF) messages, and `unprotect_fragment_untrusted`
+opens one of them; `fragments.Reassembler` puts received ones back together.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,12 @@ from .constants import HEADER_SIZE, IKEV2_VERSION, Flag, PayloadType
 from .payloads import Payload, UnknownPayload, pull_payloads_untrusted, push_payloads, type_of
 
 _HEADER = struct.Struct("!8s8sBBBBII")
+# Encrypted Fragment payload header: next payload, reserved, length, Fragment Number,
+# Total Fragments (RFC 7383 2.5); all of it is authenticated with the fragment.
+_SKF_HEADER = struct.Struct("!BBHHH")
+SKF_HEADER_SIZE = _SKF_HEADER.size
 MAX_MESSAGE_SIZE = 65535
+MAX_TOTAL_FRAGMENTS = 0xFFFF  # a 16-bit field
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +95,16 @@ def encode_plain(msg: Message) -> bytes:
 class Decoded:
     header: Header
     payloads: list[Payload]  # the unencrypted ones
-    sk_offset: int  # where the SK payload's generic header starts; 0 if none
+    sk_offset: int  # where the SK (or SKF) payload's generic header starts; 0 if none
     sk_first: int  # next-payload field of the SK payload: the first inner payload type
+    # RFC 7383 2.5: set in an Encrypted Fragment (SKF) message, 1 <= number <= total;
+    # both 0 for anything else. In an SKF message `sk_first` is meaningful in fragment 1 only.
+    fragment_number: int = 0
+    total_fragments: int = 0
+
+    @property
+    def is_fragment(self) -> bool:
+        return self.total_fragments != 0
 
 
 def decode_untrusted(data: bytes) -> Decoded:
@@ -97,7 +115,15 @@ def decode_untrusted(data: bytes) -> Decoded:
     buf.pull_bytes(HEADER_SIZE)
     payloads, sk_type = pull_payloads_untrusted(buf, header.next_payload)
     if sk_type == PayloadType.SKF:
-        raise ParseError("IKE fragments are not supported yet")
+        offset = buf.position
+        sk_first, _, sk_length, number, total = buf.pull_header(_SKF_HEADER)
+        if offset + sk_length != len(data):
+            raise ParseError("SKF payload must be the last payload")
+        if sk_length <= SKF_HEADER_SIZE:
+            raise ParseError("SKF payload without encrypted content")
+        if not 1 <= number <= total:  # RFC 7383 2.5: neither may be 0, number <= total
+            raise ParseError(f"fragment number {number} of {total}")
+        return Decoded(header, payloads, offset, sk_first, number, total)
     if sk_type:
         offset = buf.position
         sk_first = buf.pull_uint8()
@@ -126,30 +152,97 @@ class SkProtection:
         return 4 + self.encr.iv_size + self._icv_size + self.encr.block_size
 
     def protect(self, msg: Message) -> bytes:
-        inner = Buffer()
-        push_payloads(inner, msg.payloads)
-        plain = inner.data()
-        first = type_of(msg.payloads[0]) if msg.payloads else 0
-        block = 1 if self.encr.aead else self.encr.block_size
-        pad_len = (-(len(plain) + 1)) % block
-        plain += bytes(pad_len) + bytes([pad_len])
-        iv = os.urandom(self.encr.iv_size)
-        sk_len = 4 + len(iv) + len(plain) + self._icv_size
+        plain, first = _inner(msg)
+        sk_len = 4 + self._sealed_size(len(plain))
         head = Buffer()
         _push_header(head, msg, PayloadType.SK, HEADER_SIZE + sk_len)
         head.push_uint8(first)
         head.push_uint8(0)
         head.push_uint16(sk_len)
-        aad = head.data()
-        if self.encr.aead:
-            return aad + iv + self._out.seal(iv, plain, aad)
-        assert self.integ is not None
-        signed = aad + iv + self._out.cbc_encrypt(iv, plain)
-        return signed + self.integ.compute(self._a_out, signed)
+        return self._seal(head.data(), plain)
+
+    def protect_fragments(self, msg: Message, max_message: int) -> list[bytes]:
+        """`msg` protected as one message if it fits in `max_message` bytes, else as fragments.
+
+        `max_message` counts IKE bytes only (no IP or UDP header, no non-ESP marker; see
+        `fragments.ike_message_limit`). RFC 7383 2.5: the inner payload chain is cut into
+        chunks, each sent in its own message (same header, same message ID) with one SKF
+        payload, padded, encrypted and authenticated on its own with a fresh IV.
+        """
+        plain, first = _inner(msg)
+        if HEADER_SIZE + 4 + self._sealed_size(len(plain)) <= max_message:
+            return [self.protect(msg)]
+        capacity = self.fragment_capacity(max_message)
+        if capacity < 1:
+            raise ValueError(f"no fragment fits in {max_message} bytes")
+        total = -(-len(plain) // capacity)
+        if total > MAX_TOTAL_FRAGMENTS:
+            raise ValueError(f"{len(plain)} bytes need {total} fragments")
+        return [
+            self.protect_fragment(msg, plain[(n - 1) * capacity : n * capacity], n, total, first)
+            for n in range(1, total + 1)
+        ]
+
+    def fragment_capacity(self, max_message: int) -> int:
+        """Plaintext bytes one fragment message of at most `max_message` bytes carries."""
+        room = max_message - HEADER_SIZE - SKF_HEADER_SIZE - self.encr.iv_size - self._icv_size
+        block = 1 if self.encr.aead else self.encr.block_size
+        return (room // block) * block - 1  # the pad length byte is always there
+
+    def protect_fragment(self, msg: Message, chunk: bytes, number: int, total: int,
+                         first: int) -> bytes:
+        """Fragment `number` of `total` carrying `chunk` of the encoded inner payloads.
+
+        RFC 7383 2.5: the SKF payload's next-payload field is the first inner payload's
+        type in fragment 1 and 0 in the others. The whole SKF header, Fragment Number and
+        Total Fragments included, is covered by the ICV (the AEAD associated data).
+        """
+        skf_len = SKF_HEADER_SIZE + self._sealed_size(len(chunk))
+        head = Buffer()
+        _push_header(head, msg, PayloadType.SKF, HEADER_SIZE + skf_len)
+        head.push_bytes(_SKF_HEADER.pack(first if number == 1 else 0, 0, skf_len, number, total))
+        return self._seal(head.data(), chunk)
 
     def unprotect_untrusted(self, data: bytes, decoded: Decoded) -> list[Payload] | None:
         """The inner payloads, or None when the integrity check fails (drop silently)."""
-        start = decoded.sk_offset + 4
+        if decoded.is_fragment:
+            raise ParseError("an IKE fragment goes to a Reassembler")
+        plain = self._open_untrusted(data, decoded.sk_offset + 4)
+        if plain is None:
+            return None
+        payloads, nested = pull_payloads_untrusted(Buffer(plain), decoded.sk_first)
+        if nested:
+            raise ParseError("SK payload inside SK payload")
+        return payloads
+
+    def unprotect_fragment_untrusted(self, data: bytes, decoded: Decoded) -> bytes | None:
+        """One fragment's chunk of the inner payloads, or None when its ICV fails."""
+        if not decoded.is_fragment:
+            raise ParseError("not an IKE fragment")
+        return self._open_untrusted(data, decoded.sk_offset + SKF_HEADER_SIZE)
+
+    # --- the shared part of SK and SKF ---------------------------------------------
+
+    def _sealed_size(self, plain_len: int) -> int:
+        """IV, padded ciphertext and ICV for `plain_len` bytes of plaintext."""
+        block = 1 if self.encr.aead else self.encr.block_size
+        padded = plain_len + 1 + (-(plain_len + 1)) % block
+        return self.encr.iv_size + padded + self._icv_size
+
+    def _seal(self, head: bytes, plain: bytes) -> bytes:
+        """`head` (IKE header through the SK/SKF header) followed by IV, ciphertext, ICV."""
+        block = 1 if self.encr.aead else self.encr.block_size
+        pad_len = (-(len(plain) + 1)) % block
+        plain += bytes(pad_len) + bytes([pad_len])
+        iv = os.urandom(self.encr.iv_size)
+        if self.encr.aead:
+            return head + iv + self._out.seal(iv, plain, head)
+        assert self.integ is not None
+        signed = head + iv + self._out.cbc_encrypt(iv, plain)
+        return signed + self.integ.compute(self._a_out, signed)
+
+    def _open_untrusted(self, data: bytes, start: int) -> bytes | None:
+        """The plaintext without padding after the SK/SKF header ending at `start`."""
         iv_size = self.encr.iv_size
         if len(data) - start < iv_size + self._icv_size + 1:
             raise ParseError("SK payload too short")
@@ -169,11 +262,14 @@ class SkProtection:
         pad_len = plain[-1]
         if pad_len + 1 > len(plain):
             raise ParseError("SK pad length exceeds plaintext")
-        inner = Buffer(plain[: len(plain) - pad_len - 1])
-        payloads, nested = pull_payloads_untrusted(inner, decoded.sk_first)
-        if nested:
-            raise ParseError("SK payload inside SK payload")
-        return payloads
+        return plain[: len(plain) - pad_len - 1]
+
+
+def _inner(msg: Message) -> tuple[bytes, int]:
+    """The encoded inner payload chain and the type of its first payload."""
+    inner = Buffer()
+    push_payloads(inner, msg.payloads)
+    return inner.data(), type_of(msg.payloads[0]) if msg.payloads else 0
 
 
 def unknown_critical(payloads: list[Payload]) -> UnknownPayload | None:
