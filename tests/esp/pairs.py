@@ -8,6 +8,7 @@ import ipaddress
 import os
 import struct
 
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
@@ -24,6 +25,7 @@ ALGORITHMS = [
     ("aes256", "sha384"),
     ("aes256", "sha512"),
     ("aes128", "sha1"),
+    ("3des", "sha1"),  # legacy
 ]
 
 GW_A = "192.0.2.1"
@@ -118,8 +120,9 @@ def seal(p: ChildSaParams, seq: int, plaintext: bytes) -> bytes:
         aad = p.spi_out + high + seq_low
         return p.spi_out + seq_low + iv + aead.encrypt(salt + iv, plaintext, aad)
     assert p.integ is not None
-    iv = os.urandom(16)
-    encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+    iv = os.urandom(p.encr.block_size)
+    cipher = TripleDES(key) if p.encr.name == "3des" else algorithms.AES(key)
+    encryptor = Cipher(cipher, modes.CBC(iv)).encryptor()
     body = p.spi_out + seq_low + iv + encryptor.update(plaintext) + encryptor.finalize()
     icv = hmac.new(p.integ_key_out, body + high, p.integ.hash_name).digest()
     return body + icv[: p.integ.icv_size]
