@@ -11,6 +11,20 @@ No sockets, no clock, no trio; `cluster.worker` drives it. The whole API a worke
     event = sad.next_event()                   # SaSoftExpired / SaHardExpired / SaSequenceExhausted
 
 Both packet functions raise only EspDrop (a ParseError), already counted.
+
+Choices worth knowing:
+- AEAD IVs are the 64-bit sequence number (unique per key, RFC 4106 3.1); a restarted
+  worker must jump `initial_seq` past anything it may have sent, or rekey.
+- CBC uses one long-lived cipher context per direction (see ciphers.py); IVs stay random.
+- Tunnel-mode outer headers and transport-mode rebuilt headers use TTL 64, DSCP/ECN 0.
+- Transport mode behind a NAT (encap=True): after decapsulation the TCP/UDP checksum is
+  recomputed for the rebuilt header (RFC 3948 3.1.2 option 2; ESP's ICV covered the
+  segment); an IPv4 UDP checksum of zero stays zero. Without encap it is left alone.
+- Inbound policy (RFC 4301 5.2): a decapsulated packet must match the SA's selectors,
+  otherwise it is dropped as `policy_drops`.
+- Lifetimes count inner-packet bytes and packets per direction; the soft event fires
+  once per SA (also when 1/16 of the sequence space is left), the hard limit removes
+  the SA after the packet that reached it.
 """
 
 from .counters import EspDrop, SaCounters, SadCounters
