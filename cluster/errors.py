@@ -101,3 +101,9 @@ class IntegrityCheckFailed(IkeError):
     """SK payload did not authenticate: RFC 7296 2.21.2 says drop silently."""
 
     notify = 0
+
+
+class NoKeyExchange(IkeError):
+    """A CREATE_CHILD_SA without the KE payload its chosen proposal needs."""
+
+    notify = 17

@@ -69,21 +69,27 @@ def choose_child(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload]) -> 
 def install_child(sa: IkeSa, name: str, mode: str, spi_in: bytes, spi_out: bytes,
                   chosen: ChosenAlgorithms, nonce_i: bytes, nonce_r: bytes,
                   local_ts: tuple[TrafficSelector, ...], remote_ts: tuple[TrafficSelector, ...],
-                  shared: bytes = b"") -> ChildSa:
-    """Derive KEYMAT, record the Child SA and emit ChildSaEstablished."""
+                  shared: bytes = b"", *, we_initiated: bool | None = None,
+                  replaces: bytes = b"") -> ChildSa:
+    """Derive KEYMAT, record the Child SA and emit ChildSaEstablished.
+
+    `we_initiated`: whether we sent the request of this exchange (KEYMAT gives the
+    exchange initiator's outbound keys first, RFC 7296 2.17); IKE_AUTH: our IKE role.
+    `replaces`: the spi_in of the Child SA this one rekeys.
+    """
     assert sa.chosen is not None and sa.chosen.prf is not None and sa.keys is not None
     keys = derive_child_keys(sa.chosen.prf, sa.keys.sk_d, chosen.encr, chosen.integ,
                              nonce_i, nonce_r, shared)
     child = ChildSa(name, mode, spi_in, spi_out, chosen, keys, local_ts, remote_ts)
     sa.children[spi_in] = child
-    if sa.is_initiator:
+    if sa.is_initiator if we_initiated is None else we_initiated:
         key_in, int_in, key_out, int_out = keys.encr_r, keys.integ_r, keys.encr_i, keys.integ_i
     else:
         key_in, int_in, key_out, int_out = keys.encr_i, keys.integ_i, keys.encr_r, keys.integ_r
     sa.events.append(ChildSaEstablished(
         sa.spi_i, sa.spi_r, name, mode, spi_in, spi_out, chosen.encr, chosen.integ,
         chosen.esn == 1, key_in, int_in, key_out, int_out, local_ts, remote_ts,
-        sa.local, sa.remote, encap=sa.nat,
+        sa.local, sa.remote, encap=sa.nat, replaces=replaces,
     ))
     return child
 

@@ -61,6 +61,7 @@ class ChildSaEstablished:
     local: Address = ("", 0)
     remote: Address = ("", 0)
     encap: bool = False  # ESP in UDP (RFC 3948)
+    replaces: bytes = b""  # a rekey: spi_in of the Child SA this one takes over from
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,28 @@ class ChildSaDeleted:
 
 
 @dataclass(frozen=True, slots=True)
+class IkeSaRekeyed:
+    """The IKE SA continues under new SPIs (RFC 7296 2.18); its Child SAs moved along.
+
+    The old SPIs stay valid until the old SA's Delete exchange ends (IkeSaRetired).
+    """
+
+    old_spi_i: bytes
+    old_spi_r: bytes
+    spi_i: bytes
+    spi_r: bytes
+    we_initiated: bool  # whether we are the initiator of the new IKE SA
+
+
+@dataclass(frozen=True, slots=True)
+class IkeSaRetired:
+    """A rekeyed-away IKE SA is gone; its SPIs route nowhere now. Nothing else changes."""
+
+    spi_i: bytes
+    spi_r: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class ExchangeCompleted:
     """One request/response pair finished (for metrics)."""
 
@@ -84,5 +107,5 @@ class ExchangeCompleted:
 
 Event = (
     IkeSaEstablished | IkeSaFailed | IkeSaDeleted | ChildSaEstablished | ChildSaDeleted
-    | ExchangeCompleted
+    | ExchangeCompleted | IkeSaRekeyed | IkeSaRetired
 )

@@ -15,6 +15,8 @@ from .proposals import ChosenAlgorithms
 from .state import State, Trigger, next_state
 from .traffic_selectors import TrafficSelector
 
+INFINITY = float("inf")
+
 
 @dataclass
 class ChildSa:
@@ -26,6 +28,26 @@ class ChildSa:
     keys: ChildKeys = field(repr=False)
     local_ts: tuple[TrafficSelector, ...]
     remote_ts: tuple[TrafficSelector, ...]
+    rekey_at: float = INFINITY  # when we start rekeying it (lifetimes)
+    expire_at: float = INFINITY  # when we delete it if nobody rekeyed it
+    rekeying: bool = False  # our CREATE_CHILD_SA for it is in flight or queued
+    rekey_nonce: bytes = b""  # the lowest nonce of our rekey exchange (RFC 7296 2.8.1)
+    replaced_by: bytes = b""  # spi_in of the SA the peer's rekey created
+    replaced_nonce: bytes = b""  # the lowest nonce of the peer's rekey exchange
+    deleting: bool = False
+    scheduled: bool = False  # lifetimes set
+
+
+@dataclass(slots=True)
+class Outstanding:
+    """Our request awaiting its response (RFC 7296 2.3: window size one)."""
+
+    exchange: int
+    message_id: int
+    data: list[bytes]  # the datagram(s): several when fragmented
+    deadline: float
+    task: object  # what the response completes (see session.py)
+    tries: int = 0
 
 
 @dataclass
@@ -55,6 +77,20 @@ class IkeSa:
     pending_child_spi: bytes = b""
     children: dict[bytes, ChildSa] = field(default_factory=dict)  # by spi_in
     events: deque[Event] = field(default_factory=deque)
+    # message IDs and retransmissions, per IKE SA (RFC 7296 2.1-2.3)
+    peer_next_id: int = 0  # the next request ID we expect from the peer
+    last_response: list[bytes] | None = None  # cached, resent for a retransmitted request
+    last_request_digest: bytes = b""
+    our_next_id: int = 0
+    pending: Outstanding | None = None
+    queue: deque[object] = field(default_factory=deque)  # our requests waiting their turn
+    # lifetimes and liveness
+    last_heard: float = 0.0  # when the peer last sent us an authenticated message
+    rekey_at: float = INFINITY
+    expire_at: float = INFINITY
+    rekeying: bool = False
+    rekey_nonce: bytes = b""
+    fragmentation: bool = False  # both announced IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383)
 
     @property
     def nat(self) -> bool:

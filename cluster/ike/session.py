@@ -1,8 +1,12 @@
-"""One IKE SA as a sans-IO object, in aioquic's shape.
+"""One IKE SA (and its successors after rekeys) as a sans-IO object, in aioquic's shape.
 
 The runtime feeds datagrams and the time in; the session hands back datagrams to send,
 a timer, and events. It never touches a socket or a clock; randomness and the wall
 clock (for certificate validity) are injected.
+
+An IKE rekey (RFC 7296 2.18) creates a successor SA under new SPIs; the old SA stays
+here, answering and retransmitting with its own message IDs, until its Delete exchange
+ends. `spi_i`/`spi_r` always name the current SA.
 """
 
 from __future__ import annotations
@@ -15,20 +19,44 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..errors import (
+    ChildSaNotFound,
     IkeError,
-    NoAdditionalSas,
+    InvalidKePayload,
     ParseError,
+    TemporaryFailure,
     UnsupportedCriticalPayload,
 )
 from .constants import NATT_PORT, ExchangeType, NotifyType, ProtocolId
-from .events import Address, Event, ExchangeCompleted, IkeSaDeleted, IkeSaFailed
+from .create_child import (
+    RekeyChild,
+    RekeyIke,
+    build_rekey_child,
+    build_rekey_ike,
+    process_rekey_child,
+    process_rekey_ike,
+    respond_create_child,
+)
+from .events import (
+    Address,
+    ChildSaDeleted,
+    Event,
+    ExchangeCompleted,
+    IkeSaDeleted,
+    IkeSaFailed,
+    IkeSaRetired,
+)
 from .ike_auth import build_auth_request, process_auth_response, respond_auth
 from .ike_init import build_init_request, process_init_response, respond_init
-from .informational import delete_all_children, respond_informational
+from .informational import (
+    delete_all_children,
+    delete_children_by_outbound,
+    respond_informational,
+)
+from .lifetimes import INFINITY, deadlines, fraction
 from .message import Decoded, Message, decode_untrusted, encode_plain, unknown_critical
 from .payloads import DeletePayload, NotifyPayload, Payload
 from .policy import ConnectionConfig, ResponderPolicy
-from .sa import IkeSa
+from .sa import IkeSa, Outstanding
 from .state import TRANSITIONS, State, Trigger
 
 logger = logging.getLogger(__name__)
@@ -36,17 +64,16 @@ logger = logging.getLogger(__name__)
 Random = Callable[[int], bytes]
 WallClock = Callable[[], datetime]
 
-RETRANSMIT_TIMEOUT = 1.0  # strongSwan's retransmit_timeout is 4 s; tests want short
-RETRANSMIT_BASE = 1.8
-RETRANSMIT_TRIES = 5
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
+RETIRE_AFTER = 30.0  # a rekeyed-away IKE SA the peer never deletes is dropped after this
+RETRY_AFTER = 5.0  # a refused rekey is tried again after about this long
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,23 +83,46 @@ class Datagram:
     remote: Address
 
 
-@dataclass(slots=True)
-class _Outstanding:
-    """Our request awaiting its response (RFC 7296 2.1: window size one)."""
+# What an outstanding request of ours is for (see IkeSession._process_response).
+@dataclass
+class _Init:
+    pass
 
-    exchange: int
-    message_id: int
-    data: bytes
-    deadline: float
-    tries: int = 0
-    deletes_ike: bool = False
 
+@dataclass
+class _Auth:
+    pass
+
+
+@dataclass
+class Liveness:
+    pass
+
+
+@dataclass
+class DeleteIke:
+    pass
+
+
+@dataclass
+class DeleteChild:
+    spi_in: bytes
+
+
+Task = _Init | _Auth | Liveness | DeleteIke | DeleteChild | RekeyChild | RekeyIke
 
 _REQUEST_TRIGGERS = {
     ExchangeType.IKE_SA_INIT: Trigger.RECV_INIT_REQUEST,
     ExchangeType.IKE_AUTH: Trigger.RECV_AUTH_REQUEST,
     ExchangeType.INFORMATIONAL: Trigger.RECV_INFORMATIONAL,
-    ExchangeType.CREATE_CHILD_SA: Trigger.RECV_INFORMATIONAL,  # allowed when established
+    ExchangeType.CREATE_CHILD_SA: Trigger.RECV_CREATE_CHILD,
+}
+_EXCHANGE_OF = {
+    Liveness: ExchangeType.INFORMATIONAL,
+    DeleteIke: ExchangeType.INFORMATIONAL,
+    DeleteChild: ExchangeType.INFORMATIONAL,
+    RekeyChild: ExchangeType.CREATE_CHILD_SA,
+    RekeyIke: ExchangeType.CREATE_CHILD_SA,
 }
 
 
@@ -81,15 +131,11 @@ class IkeSession:
                  wall_clock: WallClock = _utc_now,
                  natt_ports: tuple[int, int] = (NATT_PORT, NATT_PORT)) -> None:
         self._sa = sa
+        self._retiring: list[tuple[IkeSa, float]] = []  # (rekeyed-away SA, drop-by time)
         self._rng = rng
         self._wall_clock = wall_clock
         self._natt_ports = natt_ports
         self._outbox: list[Datagram] = []
-        self._peer_next_id = 0  # the next request id we expect from the peer
-        self._last_response: bytes | None = None
-        self._last_request_digest = b""
-        self._our_next_id = 0
-        self._pending: _Outstanding | None = None
         self.drops: dict[str, int] = {}
         self.retransmits_answered = 0
         self.last_error = ""
@@ -133,27 +179,63 @@ class IkeSession:
     def sa(self) -> IkeSa:
         return self._sa
 
+    def _all(self) -> list[IkeSa]:
+        return [self._sa, *(s for s, _ in self._retiring)]
+
     def datagrams_to_send(self) -> list[Datagram]:
         out, self._outbox = self._outbox, []
         return out
 
     def next_event(self) -> Event | None:
-        return self._sa.events.popleft() if self._sa.events else None
+        events = self._sa.events
+        return events.popleft() if events else None
 
     def get_timer(self) -> float | None:
-        return self._pending.deadline if self._pending else None
+        if self.closed:
+            return None
+        due = [s.pending.deadline for s in self._all() if s.pending is not None]
+        due += [drop_by for _, drop_by in self._retiring]
+        sa = self._sa
+        if sa.state is State.ESTABLISHED:
+            due += [sa.rekey_at, sa.expire_at]
+            for child in sa.children.values():
+                due += [child.rekey_at, child.expire_at]
+            dpd = sa.connection.dpd_delay if sa.connection else 0.0
+            if dpd > 0 and sa.pending is None and not sa.queue:
+                due.append(sa.last_heard + dpd)
+        first = min(due, default=INFINITY)
+        return None if first == INFINITY else first
 
     def handle_timer(self, now: float) -> None:
-        pending = self._pending
-        if pending is None or now < pending.deadline or self.closed:
+        for sa in self._all():
+            self._retransmit(sa, now)
+        for sa, drop_by in list(self._retiring):
+            if now >= drop_by:
+                self._retire(sa)
+        sa = self._sa
+        if sa.state is not State.ESTABLISHED:
             return
-        if pending.tries >= RETRANSMIT_TRIES:  # RFC 7296 2.4: give up, the SA is dead
-            self._pending = None
-            self._close(Trigger.TIMEOUT, "peer not responding")
+        if now >= sa.expire_at:  # not rekeyed in time: delete it (strongSwan's life_time)
+            sa.expire_at = INFINITY
+            self.delete_ike(now)
             return
-        pending.tries += 1
-        pending.deadline = now + RETRANSMIT_TIMEOUT * RETRANSMIT_BASE**pending.tries
-        self._outbox.append(Datagram(pending.data, self._sa.local, self._sa.remote))
+        if now >= sa.rekey_at:
+            sa.rekey_at = INFINITY
+            if not sa.rekeying:
+                sa.queue.append(RekeyIke())
+        for child in list(sa.children.values()):
+            if now >= child.expire_at and not child.deleting:
+                child.deleting, child.expire_at = True, INFINITY
+                sa.queue.append(DeleteChild(child.spi_in))
+            elif now >= child.rekey_at:
+                child.rekey_at = INFINITY
+                if not (child.rekeying or child.deleting or child.replaced_by):
+                    child.rekeying = True
+                    sa.queue.append(RekeyChild(child.spi_in))
+        dpd = sa.connection.dpd_delay if sa.connection else 0.0
+        if dpd > 0 and sa.pending is None and not sa.queue and now >= sa.last_heard + dpd:
+            sa.queue.append(Liveness())  # RFC 7296 2.4: are you there?
+        self._kick(sa, now)
 
     def receive_datagram_untrusted(self, data: bytes, local: Address, remote: Address,
                                    now: float) -> None:
@@ -162,54 +244,117 @@ class IkeSession:
             return
         try:
             decoded = decode_untrusted(data)
-            header = decoded.header
-            if header.spi_i != self._sa.spi_i and not (
-                self._sa.spi_i == bytes(8) and header.exchange == ExchangeType.IKE_SA_INIT
-            ):
+            sa = self._find(decoded)
+            if sa is None:
                 self._drop("spi_mismatch")
-            elif header.is_response:
-                self._on_response(decoded, data, local, remote, now)
+            elif decoded.header.is_response:
+                self._on_response(sa, decoded, data, local, remote, now)
             else:
-                self._on_request(decoded, data, local, remote)
+                self._on_request(sa, decoded, data, local, remote, now)
         except ParseError as exc:
             self.last_error = str(exc)
             self._drop("malformed")
 
-    # --- our own requests ----------------------------------------------------------
+    def _find(self, decoded: Decoded) -> IkeSa | None:
+        header = decoded.header
+        if header.exchange == ExchangeType.IKE_SA_INIT:
+            sa = self._sa
+            if sa.spi_i == header.spi_i or (not sa.is_initiator and sa.spi_i == bytes(8)):
+                return sa
+            return None
+        for sa in self._all():
+            if sa.spi_i == header.spi_i and sa.spi_r == header.spi_r:
+                return sa
+        return None
+
+    # --- requests we make ------------------------------------------------------------
 
     def delete_ike(self, now: float) -> None:
-        """Send a Delete for this IKE SA (RFC 7296 1.4.1)."""
-        if self._sa.state is not State.ESTABLISHED or self._pending is not None:
+        """Delete this IKE SA and its Child SAs (RFC 7296 1.4.1)."""
+        sa = self._sa
+        if sa.state is not State.ESTABLISHED:
             return
-        self._sa.transition(Trigger.SEND_DELETE_IKE)
-        self._send_protected_request(ExchangeType.INFORMATIONAL,
-                                     [DeletePayload(ProtocolId.IKE)], now, deletes_ike=True)
+        sa.queue.clear()
+        sa.queue.append(DeleteIke())
+        self._kick(sa, now)
+
+    def delete_child(self, spi_in: bytes, now: float) -> None:
+        child = self._sa.children.get(spi_in)
+        if child is not None and not child.deleting:
+            child.deleting = True
+            self._sa.queue.append(DeleteChild(spi_in))
+            self._kick(self._sa, now)
+
+    def rekey_child(self, spi_in: bytes, now: float) -> None:
+        child = self._sa.children.get(spi_in)
+        if child is not None and not (child.rekeying or child.deleting or child.replaced_by):
+            child.rekeying = True
+            self._sa.queue.append(RekeyChild(spi_in))
+            self._kick(self._sa, now)
+
+    def rekey_ike(self, now: float) -> None:
+        if self._sa.state is State.ESTABLISHED and not self._sa.rekeying:
+            self._sa.queue.append(RekeyIke())
+            self._kick(self._sa, now)
 
     def check_liveness(self, now: float) -> bool:
-        """Send an empty INFORMATIONAL request; False when one is already outstanding."""
-        if self._sa.state is not State.ESTABLISHED or self._pending is not None:
+        """Send an empty INFORMATIONAL request; False when a request is already under way."""
+        sa = self._sa
+        if sa.state is not State.ESTABLISHED or sa.pending is not None or sa.queue:
             return False
-        self._send_protected_request(ExchangeType.INFORMATIONAL, [], now)
+        sa.queue.append(Liveness())
+        self._kick(sa, now)
         return True
+
+    def _kick(self, sa: IkeSa, now: float) -> None:
+        """Send the next queued request of `sa` if none is outstanding (window size 1)."""
+        while sa.pending is None and sa.queue and not self.closed:
+            task: Task = sa.queue.popleft()  # type: ignore[assignment]
+            try:
+                payloads = self._build(sa, task)
+            except IkeError as exc:  # e.g. its Child SA went away meanwhile
+                self.last_error = str(exc)
+                continue
+            if payloads is None:
+                continue
+            exchange = _EXCHANGE_OF[type(task)]
+            self._send_protected_request(sa, exchange, payloads, task, now)
+
+    def _build(self, sa: IkeSa, task: Task) -> list[Payload] | None:
+        if isinstance(task, Liveness):
+            return []
+        if isinstance(task, DeleteIke):
+            if sa.state not in (State.ESTABLISHED, State.REKEYED):
+                return None
+            sa.transition(Trigger.SEND_DELETE_IKE)
+            return [DeletePayload(ProtocolId.IKE)]
+        if isinstance(task, DeleteChild):
+            if task.spi_in not in sa.children:
+                return None
+            return [DeletePayload(ProtocolId.ESP, (task.spi_in,))]
+        if isinstance(task, RekeyChild):
+            if task.spi_in not in sa.children:
+                return None
+            return build_rekey_child(sa, task, self._rng)
+        if isinstance(task, RekeyIke):
+            return build_rekey_ike(sa, task, self._rng)
+        return None
 
     # --- requests from the peer ---------------------------------------------------
 
-    def _on_request(self, decoded: Decoded, data: bytes, local: Address,
-                    remote: Address) -> None:
-        sa, header = self._sa, decoded.header
-        if header.exchange != ExchangeType.IKE_SA_INIT and header.spi_r != sa.spi_r:
-            self._drop("spi_mismatch")
-            return
-        if header.message_id == self._peer_next_id - 1 and self._last_response is not None:
+    def _on_request(self, sa: IkeSa, decoded: Decoded, data: bytes, local: Address,
+                    remote: Address, now: float) -> None:
+        header = decoded.header
+        if header.message_id == sa.peer_next_id - 1 and sa.last_response is not None:
             # RFC 7296 2.1: a retransmitted request gets the same response, byte for byte;
             # only a copy of that request, or 28 forged bytes would reflect the response
-            if _digest(data) == self._last_request_digest:
+            if _digest(data) == sa.last_request_digest:
                 self.retransmits_answered += 1
-                self._outbox.append(Datagram(self._last_response, local, remote))
+                self._outbox += [Datagram(d, local, remote) for d in sa.last_response]
             else:
                 self._drop("message_id")
             return
-        if header.message_id != self._peer_next_id:
+        if header.message_id != sa.peer_next_id:
             self._drop("message_id")
             return
         trigger = _REQUEST_TRIGGERS.get(header.exchange)  # type: ignore[call-overload]
@@ -226,21 +371,30 @@ class IkeSession:
                 self._drop("integrity")
                 return
             payloads = inner
-            sa.local, sa.remote = local, remote  # follow the peer (RFC 7296 2.23)
+            self._heard_from(sa, local, remote, now)
         elif header.exchange != ExchangeType.IKE_SA_INIT:
             self._drop("unprotected")
             return
         if header.exchange == ExchangeType.IKE_SA_INIT:
             sa.spi_i = header.spi_i
             sa.init_request = data
-        self._last_request_digest = _digest(data)
-        self._answer(header.exchange, header.message_id, payloads, local, remote)
+        sa.last_request_digest = _digest(data)
+        self._answer(sa, header.exchange, header.message_id, payloads, local, remote, now)
 
-    def _answer(self, exchange: int, message_id: int, payloads: list[Payload], local: Address,
-                remote: Address) -> None:
-        sa = self._sa
+    def _heard_from(self, sa: IkeSa, local: Address, remote: Address, now: float) -> None:
+        """An authenticated message: the peer is alive, and we follow its address (2.23)."""
+        sa.last_heard = now
+        if sa.state is State.HALF_OPEN or (sa.local, sa.remote) == (local, remote):
+            sa.local, sa.remote = local, remote
+            return
+        for other in self._all():
+            other.local, other.remote = local, remote
+
+    def _answer(self, sa: IkeSa, exchange: int, message_id: int, payloads: list[Payload],
+                local: Address, remote: Address, now: float) -> None:
         fatal: IkeError | None = None
         deleted = False
+        successor: IkeSa | None = None
         try:
             critical = unknown_critical(payloads)
             if critical is not None:  # RFC 7296 2.5
@@ -252,16 +406,11 @@ class IkeSession:
             elif exchange == ExchangeType.INFORMATIONAL:
                 response, deleted = respond_informational(sa, payloads)
             else:
-                raise NoAdditionalSas("CREATE_CHILD_SA is not supported yet")
+                answer = respond_create_child(sa, payloads, self._rng)
+                response, successor = answer.payloads, answer.new_ike
         except IkeError as exc:
             self.last_error = str(exc)
-            notify = exc.notify or int(NotifyType.INVALID_SYNTAX)
-            data = b""
-            if isinstance(exc, UnsupportedCriticalPayload):
-                data = bytes([exc.payload_type & 0xFF])
-            elif notify == NotifyType.INVALID_KE_PAYLOAD:
-                data = int(getattr(exc, "group", 0)).to_bytes(2, "big")
-            response = [NotifyPayload(notify, data)]
+            response = [_error_notify(exc)]
             if exchange in (ExchangeType.IKE_SA_INIT, ExchangeType.IKE_AUTH):
                 fatal = exc
         spi_r = sa.spi_r
@@ -269,28 +418,47 @@ class IkeSession:
             spi_r = bytes(8)  # we keep no state for a refused IKE_SA_INIT
         msg = Message(sa.spi_i, spi_r, exchange, message_id, True, sa.is_initiator, response)
         if exchange == ExchangeType.IKE_SA_INIT:
-            out = encode_plain(msg)
-            sa.init_response = out
+            out = [encode_plain(msg)]
+            sa.init_response = out[0]
         else:
-            assert sa.sk is not None
-            out = sa.sk.protect(msg)
-        self._last_response = out
-        self._peer_next_id = message_id + 1
-        self._outbox.append(Datagram(out, local, remote))
+            out = self._protect(sa, msg)
+        sa.last_response = out
+        sa.peer_next_id = message_id + 1
+        self._outbox += [Datagram(d, local, remote) for d in out]
         result = "ok" if fatal is None else type(fatal).__name__
         sa.events.append(ExchangeCompleted(exchange, True, result))
         if fatal is not None:
             self._close(Trigger.FAIL, str(fatal))
         elif deleted:
-            self._close(Trigger.RECV_DELETE_IKE, "deleted by peer")
-        elif exchange in (ExchangeType.IKE_SA_INIT, ExchangeType.IKE_AUTH):
-            sa.transition(_REQUEST_TRIGGERS[ExchangeType(exchange)])
+            if sa is self._sa:
+                self._close(Trigger.RECV_DELETE_IKE, "deleted by peer")
+            else:
+                self._retire(sa)
+        elif exchange == ExchangeType.IKE_SA_INIT:
+            sa.transition(Trigger.RECV_INIT_REQUEST)
+        elif exchange == ExchangeType.IKE_AUTH:
+            sa.transition(Trigger.RECV_AUTH_REQUEST)
+            self._established(sa, now)
+        elif successor is not None:
+            self._take_over(sa, successor, now)
+        elif exchange == ExchangeType.CREATE_CHILD_SA:
+            self._schedule_children(sa, now)
+            # a Child SA the peer rekeyed needs no rekey of ours any more
+            sa.queue = type(sa.queue)(
+                t for t in sa.queue
+                if not (isinstance(t, RekeyChild) and t.spi_in in sa.children
+                        and sa.children[t.spi_in].replaced_by)
+            )
+
+    def _protect(self, sa: IkeSa, msg: Message) -> list[bytes]:
+        assert sa.sk is not None
+        return [sa.sk.protect(msg)]
 
     # --- responses to our requests -------------------------------------------------
 
-    def _on_response(self, decoded: Decoded, data: bytes, local: Address, remote: Address,
-                     now: float) -> None:
-        sa, header, pending = self._sa, decoded.header, self._pending
+    def _on_response(self, sa: IkeSa, decoded: Decoded, data: bytes, local: Address,
+                     remote: Address, now: float) -> None:
+        header, pending = decoded.header, sa.pending
         if pending is None or header.message_id != pending.message_id \
                 or header.exchange != pending.exchange:
             self._drop("unexpected_response")
@@ -305,21 +473,26 @@ class IkeSession:
                 self._drop("integrity")
                 return
             payloads = inner
+            self._heard_from(sa, local, remote, now)
         elif header.exchange != ExchangeType.IKE_SA_INIT:
             self._drop("unprotected")
             return
-        self._pending = None
+        sa.pending = None
+        task = pending.task
         try:
-            self._process_response(header.exchange, header.spi_r, payloads, data, pending, now)
+            self._process_response(sa, task, header.spi_r, payloads, data, now)  # type: ignore[arg-type]
         except IkeError as exc:
             self.last_error = str(exc)
             sa.events.append(ExchangeCompleted(header.exchange, False, type(exc).__name__))
-            self._close(Trigger.FAIL, str(exc))
+            self._refused(sa, task, exc, now)  # type: ignore[arg-type]
+        if not self.closed:
+            self._kick(self._sa, now)
+            for old, _ in self._retiring:
+                self._kick(old, now)
 
-    def _process_response(self, exchange: int, spi_r: bytes, payloads: list[Payload],
-                          data: bytes, pending: _Outstanding, now: float) -> None:
-        sa = self._sa
-        if exchange == ExchangeType.IKE_SA_INIT:
+    def _process_response(self, sa: IkeSa, task: Task, spi_r: bytes, payloads: list[Payload],
+                          data: bytes, now: float) -> None:
+        if isinstance(task, _Init):
             retry = process_init_response(sa, spi_r, payloads)
             if retry is not None:  # RFC 7296 1.2 / 2.6: again, with message ID 0
                 sa.transition(Trigger.RECV_INIT_RETRY)
@@ -330,17 +503,125 @@ class IkeSession:
             if sa.nat:  # RFC 7296 2.23: move to port 4500
                 sa.local = (sa.local[0], self._natt_ports[0])
                 sa.remote = (sa.remote[0], self._natt_ports[1])
-            self._our_next_id = 1
-            self._send_protected_request(ExchangeType.IKE_AUTH,
-                                         build_auth_request(sa, self._rng), now)
-        elif exchange == ExchangeType.IKE_AUTH:
+            sa.our_next_id = 1
+            self._send_protected_request(sa, ExchangeType.IKE_AUTH,
+                                         build_auth_request(sa, self._rng), _Auth(), now)
+        elif isinstance(task, _Auth):
             process_auth_response(sa, payloads, self._wall_clock)
             sa.transition(Trigger.RECV_AUTH_RESPONSE)
-        elif exchange == ExchangeType.INFORMATIONAL and pending.deletes_ike:
-            sa.events.append(ExchangeCompleted(exchange, False, "ok"))
-            self._close(Trigger.RECV_DELETE_RESPONSE, "deleted by us")
+            self._established(sa, now)
+        elif isinstance(task, DeleteIke):
+            sa.events.append(ExchangeCompleted(ExchangeType.INFORMATIONAL, False, "ok"))
+            if sa is self._sa:
+                self._close(Trigger.RECV_DELETE_RESPONSE, "deleted by us")
+            else:
+                self._retire(sa)
             return
-        sa.events.append(ExchangeCompleted(exchange, False, "ok"))
+        elif isinstance(task, DeleteChild):
+            child = sa.children.pop(task.spi_in, None)
+            if child is not None:
+                sa.events.append(ChildSaDeleted(sa.spi_i, sa.spi_r, child.name, child.spi_in,
+                                                child.spi_out, "deleted by us"))
+        elif isinstance(task, RekeyChild):
+            self._child_rekeyed(sa, task, payloads, now)
+        elif isinstance(task, RekeyIke):
+            successor = process_rekey_ike(sa, task, payloads)
+            self._take_over(sa, successor, now)
+            sa.queue.append(DeleteIke())  # the rekey's initiator deletes the old SA
+        sa.events.append(ExchangeCompleted(_exchange_of(task), False, "ok"))
+
+    def _child_rekeyed(self, sa: IkeSa, task: RekeyChild, payloads: list[Payload],
+                       now: float) -> None:
+        new = process_rekey_child(sa, task, payloads)
+        old = sa.children[task.spi_in]
+        old.rekeying = False
+        self._schedule_children(sa, now)
+        # both ends rekeyed it (RFC 7296 2.8.1): the exchange with the lowest nonce made
+        # the redundant SA, and its initiator deletes it; the other end deletes the old one
+        if old.replaced_by in sa.children and old.rekey_nonce < old.replaced_nonce:
+            sa.queue.append(DeleteChild(new.spi_in))
+            new.deleting = True
+            return
+        old.deleting = True
+        sa.queue.append(DeleteChild(old.spi_in))  # RFC 7296 1.3.3: we delete the old SA
+
+    def _refused(self, sa: IkeSa, task: Task, exc: IkeError, now: float) -> None:
+        """The peer refused one of our requests, or its answer did not hold."""
+        if isinstance(task, (_Init, _Auth)):
+            self._close(Trigger.FAIL, str(exc))
+            return
+        retry_at = now + RETRY_AFTER * (1 + fraction(self._rng))
+        if isinstance(task, RekeyChild):
+            child = sa.children.get(task.spi_in)
+            if child is None:
+                return
+            child.rekeying = False
+            if isinstance(exc, ChildSaNotFound):  # RFC 7296 2.25: the peer has none
+                del sa.children[task.spi_in]
+                sa.events.append(ChildSaDeleted(sa.spi_i, sa.spi_r, child.name, child.spi_in,
+                                                child.spi_out, "unknown to the peer"))
+            elif isinstance(exc, InvalidKePayload):
+                child.rekeying = True
+                sa.queue.append(RekeyChild(task.spi_in, group=exc.group))
+            else:
+                child.rekey_at = retry_at  # TEMPORARY_FAILURE and the like: later
+        elif isinstance(task, RekeyIke):
+            sa.rekeying = False
+            if isinstance(exc, InvalidKePayload):
+                sa.rekeying = True
+                sa.queue.append(RekeyIke(group=exc.group))
+            elif isinstance(exc, TemporaryFailure) or sa.rekey_at == INFINITY:
+                sa.rekey_at = retry_at
+
+    # --- life of the SA ----------------------------------------------------------------
+
+    def _established(self, sa: IkeSa, now: float) -> None:
+        sa.last_heard = now
+        assert sa.connection is not None
+        sa.rekey_at, sa.expire_at = deadlines(sa.connection.lifetime, now, self._rng)
+        self._schedule_children(sa, now)
+
+    def _schedule_children(self, sa: IkeSa, now: float) -> None:
+        assert sa.connection is not None
+        for child in sa.children.values():
+            if child.scheduled:
+                continue
+            child.scheduled = True
+            config = next((c for c in sa.connection.children if c.name == child.name), None)
+            if config is not None:
+                child.rekey_at, child.expire_at = deadlines(config.lifetime, now, self._rng)
+
+    def _take_over(self, old: IkeSa, new: IkeSa, now: float) -> None:
+        """A rekey made `new` the current IKE SA; `old` waits for its Delete."""
+        old.transition(Trigger.REKEYED)
+        old.rekeying = False
+        new.queue.extend(t for t in old.queue if not isinstance(t, DeleteIke))
+        old.queue.clear()
+        self._sa = new
+        self._retiring.append((old, now + RETIRE_AFTER))
+        self._established(new, now)
+
+    def _retire(self, sa: IkeSa) -> None:
+        self._retiring = [(s, t) for s, t in self._retiring if s is not sa]
+        sa.state = State.CLOSED
+        sa.pending = None
+        self._sa.events.append(IkeSaRetired(sa.spi_i, sa.spi_r))
+
+    def _retransmit(self, sa: IkeSa, now: float) -> None:
+        pending = sa.pending
+        if pending is None or now < pending.deadline or self.closed:
+            return
+        timing = sa.policy.retransmission
+        if pending.tries >= timing.tries:  # RFC 7296 2.4: give up, the peer is dead
+            sa.pending = None
+            if sa is self._sa:
+                self._close(Trigger.TIMEOUT, "peer not responding")
+            else:
+                self._retire(sa)
+            return
+        pending.tries += 1
+        pending.deadline = now + timing.delay(pending.tries)
+        self._outbox += [Datagram(d, sa.local, sa.remote) for d in pending.data]
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -350,28 +631,30 @@ class IkeSession:
         msg = Message(sa.spi_i, bytes(8), ExchangeType.IKE_SA_INIT, 0, False, True, payloads)
         data = encode_plain(msg)
         sa.init_request = data
-        self._pending = _Outstanding(ExchangeType.IKE_SA_INIT, 0, data,
-                                     now + RETRANSMIT_TIMEOUT)
+        sa.pending = Outstanding(ExchangeType.IKE_SA_INIT, 0, [data],
+                                 now + sa.policy.retransmission.delay(0), _Init())
         self._outbox.append(Datagram(data, sa.local, sa.remote))
 
-    def _send_protected_request(self, exchange: int, payloads: list[Payload], now: float,
-                                deletes_ike: bool = False) -> None:
-        sa = self._sa
-        assert sa.sk is not None
-        message_id = self._our_next_id
-        self._our_next_id += 1
+    def _send_protected_request(self, sa: IkeSa, exchange: int, payloads: list[Payload],
+                                task: Task, now: float) -> None:
+        message_id = sa.our_next_id
+        sa.our_next_id += 1
         msg = Message(sa.spi_i, sa.spi_r, exchange, message_id, False, sa.is_initiator,
                       payloads)
-        data = sa.sk.protect(msg)
-        self._pending = _Outstanding(exchange, message_id, data, now + RETRANSMIT_TIMEOUT,
-                                     deletes_ike=deletes_ike)
-        self._outbox.append(Datagram(data, sa.local, sa.remote))
+        data = self._protect(sa, msg)
+        sa.pending = Outstanding(exchange, message_id, data,
+                                 now + sa.policy.retransmission.delay(0), task)
+        self._outbox += [Datagram(d, sa.local, sa.remote) for d in data]
 
     def _close(self, trigger: Trigger, reason: str) -> None:
         sa = self._sa
         was_established = sa.state in (State.ESTABLISHED, State.DELETING)
         delete_all_children(sa, reason)
         sa.transition(trigger)
+        sa.pending = None
+        sa.queue.clear()
+        for old, _ in list(self._retiring):
+            self._retire(old)
         if was_established:
             sa.events.append(IkeSaDeleted(sa.spi_i, sa.spi_r, reason))
         else:
@@ -381,4 +664,23 @@ class IkeSession:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
 
-__all__ = ["Address", "Datagram", "IkeSession"]
+def _exchange_of(task: Task) -> int:
+    if isinstance(task, _Init):
+        return ExchangeType.IKE_SA_INIT
+    if isinstance(task, _Auth):
+        return ExchangeType.IKE_AUTH
+    return _EXCHANGE_OF[type(task)]
+
+
+def _error_notify(exc: IkeError) -> NotifyPayload:
+    notify = exc.notify or int(NotifyType.INVALID_SYNTAX)
+    data = b""
+    if isinstance(exc, UnsupportedCriticalPayload):
+        data = bytes([exc.payload_type & 0xFF])
+    elif notify == NotifyType.INVALID_KE_PAYLOAD:
+        data = int(getattr(exc, "group", 0)).to_bytes(2, "big")
+    return NotifyPayload(notify, data)
+
+
+__all__ = ["Address", "Datagram", "DeleteChild", "DeleteIke", "IkeSession", "Liveness",
+           "delete_children_by_outbound"]

@@ -14,6 +14,7 @@ class State(Enum):
     HALF_OPEN = auto()  # responder: IKE_SA_INIT answered, waiting for IKE_AUTH
     AUTH_SENT = auto()  # initiator: IKE_AUTH request out
     ESTABLISHED = auto()
+    REKEYED = auto()  # replaced by a rekey (RFC 7296 2.18), waiting for its Delete
     DELETING = auto()  # we sent a Delete of the IKE SA
     CLOSED = auto()
 
@@ -26,6 +27,8 @@ class Trigger(Enum):
     RECV_AUTH_REQUEST = auto()
     RECV_AUTH_RESPONSE = auto()
     RECV_INFORMATIONAL = auto()
+    RECV_CREATE_CHILD = auto()
+    REKEYED = auto()  # a successor IKE SA took over
     RECV_DELETE_IKE = auto()
     SEND_DELETE_IKE = auto()
     RECV_DELETE_RESPONSE = auto()
@@ -45,6 +48,11 @@ TRANSITIONS: dict[tuple[State, Trigger], State] = {
     (State.HALF_OPEN, Trigger.RECV_AUTH_REQUEST): State.ESTABLISHED,
     (State.AUTH_SENT, Trigger.RECV_AUTH_RESPONSE): State.ESTABLISHED,
     (State.ESTABLISHED, Trigger.RECV_INFORMATIONAL): State.ESTABLISHED,
+    (State.ESTABLISHED, Trigger.RECV_CREATE_CHILD): State.ESTABLISHED,
+    (State.ESTABLISHED, Trigger.REKEYED): State.REKEYED,
+    (State.REKEYED, Trigger.RECV_INFORMATIONAL): State.REKEYED,
+    (State.REKEYED, Trigger.RECV_DELETE_IKE): State.CLOSED,
+    (State.REKEYED, Trigger.SEND_DELETE_IKE): State.DELETING,
     (State.ESTABLISHED, Trigger.RECV_DELETE_IKE): State.CLOSED,
     (State.DELETING, Trigger.RECV_DELETE_IKE): State.CLOSED,  # simultaneous delete
     (State.ESTABLISHED, Trigger.SEND_DELETE_IKE): State.DELETING,

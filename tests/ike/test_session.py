@@ -44,6 +44,7 @@ from cluster.ike.policy import (
     PrivateKey,
     RemoteAuth,
     ResponderPolicy,
+    Retransmission,
 )
 from cluster.ike.proposals import (
     ChosenAlgorithms,
@@ -52,7 +53,7 @@ from cluster.ike.proposals import (
     Transform,
     parse_proposal,
 )
-from cluster.ike.session import RETRANSMIT_TRIES, Datagram, IkeSession
+from cluster.ike.session import Datagram, IkeSession
 from cluster.ike.state import State
 from cluster.key_exchange import new_key_exchange
 from cluster.transforms import Encr, Esn, Integ
@@ -71,6 +72,8 @@ from tests.ike.sessions import (
 )
 
 E = TypeVar("E")
+
+RETRANSMIT_TRIES = Retransmission().tries
 
 
 def of_type(events: list[Event], kind: type[E]) -> list[E]:
@@ -569,7 +572,7 @@ def test_liveness_check_is_answered() -> None:
     [reply] = r.gateway.datagrams_to_send()
     assert decode_untrusted(reply.data).header.exchange == ExchangeType.INFORMATIONAL
     r.client.receive_datagram_untrusted(reply.data, CLIENT, GW, 5.1)
-    assert r.client.get_timer() is None
+    assert r.client.sa.pending is None
     assert [(e.exchange, e.result) for e in of_type(drain(r.client), ExchangeCompleted)] == [
         (ExchangeType.INFORMATIONAL, "ok")]
     assert [(e.exchange, e.as_responder) for e in of_type(drain(r.gateway),
@@ -659,7 +662,7 @@ def test_delete_of_an_unknown_child_gets_an_empty_answer() -> None:
     assert len(r.gateway.sa.children) == 1
 
 
-def test_create_child_sa_is_refused_politely() -> None:
+def test_empty_create_child_sa_gets_invalid_syntax() -> None:
     r = recorded_handshake()
     sk = r.client.sa.sk
     assert sk is not None
@@ -668,7 +671,7 @@ def test_create_child_sa_is_refused_politely() -> None:
     r.gateway.receive_datagram_untrusted(request, GW, CLIENT, 1.0)
     [reply] = r.gateway.datagrams_to_send()
     inner = sk.unprotect_untrusted(reply.data, decode_untrusted(reply.data))
-    assert inner == [NotifyPayload(NotifyType.NO_ADDITIONAL_SAS)]
+    assert inner == [NotifyPayload(NotifyType.INVALID_SYNTAX)]
     assert r.gateway.state is State.ESTABLISHED
 
 
@@ -943,7 +946,7 @@ def test_lost_ike_auth_response_is_recovered_by_retransmission() -> None:
     [again] = gateway.datagrams_to_send()
     assert again.data == lost.data and gateway.retransmits_answered == 1
     client.receive_datagram_untrusted(again.data, CLIENT, GW, deadline)
-    assert client.state is State.ESTABLISHED and client.get_timer() is None
+    assert client.state is State.ESTABLISHED and client.sa.pending is None
 
 
 def test_gateway_liveness_check_is_answered_by_the_client() -> None:
@@ -954,7 +957,7 @@ def test_gateway_liveness_check_is_answered_by_the_client() -> None:
     assert header.message_id == 0 and not header.is_initiator  # the responder's own IDs
     r.client.receive_datagram_untrusted(request.data, CLIENT, GW, 1.0)
     transfer(r.client, r.gateway, 1.0)
-    assert r.gateway.get_timer() is None
+    assert r.gateway.sa.pending is None
     assert r.client.drops == {} and r.gateway.drops == {}
 
 

@@ -80,18 +80,32 @@ def test_established_is_only_entered_by_authentication() -> None:
         (State.HALF_OPEN, Trigger.RECV_AUTH_REQUEST),
         (State.AUTH_SENT, Trigger.RECV_AUTH_RESPONSE),
         (State.ESTABLISHED, Trigger.RECV_INFORMATIONAL),
+        (State.ESTABLISHED, Trigger.RECV_CREATE_CHILD),
     }
+
+
+def test_a_rekeyed_ike_sa_only_waits_for_its_delete() -> None:
+    assert exits(State.REKEYED) == {
+        Trigger.RECV_INFORMATIONAL: State.REKEYED,
+        Trigger.RECV_DELETE_IKE: State.CLOSED,
+        Trigger.SEND_DELETE_IKE: State.DELETING,
+        Trigger.FAIL: State.CLOSED,
+        Trigger.TIMEOUT: State.CLOSED,
+    }
+    assert entries(State.REKEYED) == {(State.ESTABLISHED, Trigger.REKEYED),
+                                      (State.REKEYED, Trigger.RECV_INFORMATIONAL)}
 
 
 def test_informational_only_once_established() -> None:
     assert {f for (f, t) in TRANSITIONS if t is Trigger.RECV_INFORMATIONAL} == {
-        State.ESTABLISHED, State.DELETING}
+        State.ESTABLISHED, State.REKEYED, State.DELETING}
 
 
-def test_delete_only_from_established() -> None:
-    assert {f for (f, t) in TRANSITIONS if t is Trigger.SEND_DELETE_IKE} == {State.ESTABLISHED}
+def test_delete_only_from_established_or_rekeyed() -> None:
+    assert {f for (f, t) in TRANSITIONS if t is Trigger.SEND_DELETE_IKE} == {
+        State.ESTABLISHED, State.REKEYED}
     assert {f for (f, t) in TRANSITIONS if t is Trigger.RECV_DELETE_IKE} == {
-        State.ESTABLISHED, State.DELETING}
+        State.ESTABLISHED, State.REKEYED, State.DELETING}
 
 
 def test_every_state_is_reachable_from_initial() -> None:
