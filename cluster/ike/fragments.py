@@ -38,8 +38,8 @@ def ike_message_limit(datagram_size: int, *, ipv6: bool, non_esp_marker: bool) -
 class Reassembler:
     """Collects the fragments of one message (one message ID, one direction).
 
-    `add_untrusted` checks a fragment's ICV before anything else, so a forged fragment
-    changes nothing here (it is counted in `integrity_failures`). Authentic fragments
+    `add_untrusted` checks a fragment's ICV before it changes anything, so a forged fragment
+    leaves no trace here (it is counted in `integrity_failures`). Authentic fragments
     that are not kept (duplicates, or a stale Total Fragments) are counted in `discarded`.
     Memory is bounded by `max_fragments` and `max_bytes` of plaintext.
     """
