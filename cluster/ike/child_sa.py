@@ -35,7 +35,8 @@ def new_child_spi(sa: IkeSa, rng: Random) -> bytes:
             return spi
 
 
-def choose_child(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload]) -> ChildChoice:
+def choose_child(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload], *,
+                 key_exchange: bool = True) -> ChildChoice:
     """The responder's pick of child config, ESP proposal and narrowed selectors."""
     sa_p = next((p for p in payloads if isinstance(p, SaPayload)), None)
     tsi_p = next((p for p in payloads if isinstance(p, TsiPayload)), None)
@@ -55,7 +56,8 @@ def choose_child(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload]) -> 
             continue  # we insist on transport; the peer asked for a tunnel
         try:
             proposal, chosen = select_proposal(offered, child.esp_proposals,
-                                               legacy_allowed=sa.policy.legacy_algorithms)
+                                               legacy_allowed=sa.policy.legacy_algorithms,
+                                               key_exchange=key_exchange)
         except NoProposalChosen as exc:
             proposal_error = exc
             continue
@@ -97,8 +99,8 @@ def install_child(sa: IkeSa, name: str, mode: str, spi_in: bytes, spi_out: bytes
 def respond_child(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload],
                   rng: Random) -> list[Payload]:
     """Child SA part of a response; a refusal is a notify, the IKE SA stays (RFC 7296 2.21.3)."""
-    try:
-        choice = choose_child(sa, conn, payloads)
+    try:  # IKE_AUTH: the Child SA has no key exchange of its own (RFC 7296 1.2)
+        choice = choose_child(sa, conn, payloads, key_exchange=False)
     except (NoProposalChosen, TsUnacceptable) as exc:
         return [NotifyPayload(exc.notify)]
     spi_in = new_child_spi(sa, rng)

@@ -185,7 +185,7 @@ def build_auth_request(sa: IkeSa, rng: Random) -> list[Payload]:
     if child.mode == "transport":
         payloads.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
     payloads += [
-        SaPayload(tuple(p.to_proposal(i + 1, sa.pending_child_spi)
+        SaPayload(tuple(p.to_proposal(i + 1, sa.pending_child_spi, key_exchange=False)
                         for i, p in enumerate(child.esp_proposals))),
         TsiPayload(tuple(t.resolve(sa.local[0]) for t in child.local_ts)),
         TsrPayload(tuple(t.resolve(sa.remote[0]) for t in child.remote_ts)),
@@ -225,7 +225,8 @@ def process_auth_response(sa: IkeSa, payloads: list[Payload], wall_clock: WallCl
         return
     child = conn.children[0]
     try:
-        chosen = accept_response(proposal, child.esp_proposals, sa.policy.legacy_algorithms)
+        chosen = accept_response(proposal, child.esp_proposals, sa.policy.legacy_algorithms,
+                                 key_exchange=False)
     except NoProposalChosen:
         return  # a choice we did not offer: install nothing (the IKE SA itself is fine)
     transport = bool(notifies(payloads, NotifyType.USE_TRANSPORT_MODE))

@@ -58,15 +58,19 @@ class ConfiguredProposal:
     dh: tuple[DhGroup, ...]
     esn: tuple[Esn, ...]
 
-    def to_proposal(self, number: int, spi: bytes) -> Proposal:
-        """The proposal we send when we initiate with this configuration."""
+    def to_proposal(self, number: int, spi: bytes, *, key_exchange: bool = True) -> Proposal:
+        """The proposal we send when we initiate with this configuration.
+
+        `key_exchange=False` leaves out the DH transforms: the Child SA of IKE_AUTH
+        reuses the IKE SA's key exchange (RFC 7296 1.2)."""
         ts: list[Transform] = []
         for e in self.encr:
             ts.append(Transform(TransformType.ENCR, e.transform_id,
                                 e.key_bits if e.needs_key_length else None))
         ts += [Transform(TransformType.PRF, p.transform_id) for p in self.prf]
         ts += [Transform(TransformType.INTEG, i.transform_id) for i in self.integ]
-        ts += [Transform(TransformType.DH, g) for g in self.dh]
+        if key_exchange:
+            ts += [Transform(TransformType.DH, g) for g in self.dh]
         ts += [Transform(TransformType.ESN, e) for e in self.esn]
         return Proposal(number, self.protocol, spi, tuple(ts))
 
@@ -187,7 +191,7 @@ class _Offer:
 
 
 def _match_one(offer: _Offer, conf: ConfiguredProposal, ke_group: int | None,
-               legacy_allowed: bool) -> ChosenAlgorithms | None:
+               legacy_allowed: bool, key_exchange: bool = True) -> ChosenAlgorithms | None:
     encr = next((e for e in conf.encr if offer.has_encr(e)), None)
     if encr is None or (encr.legacy and not legacy_allowed):
         return None
@@ -203,14 +207,16 @@ def _match_one(offer: _Offer, conf: ConfiguredProposal, ke_group: int | None,
         if prf is None:
             return None
     dh: DhGroup | None = None
-    if conf.dh and offer.dh:
+    if not key_exchange:
+        pass  # the Child SA of IKE_AUTH: no key exchange of its own (RFC 7296 1.2)
+    elif conf.dh:
         common = [g for g in conf.dh if g in offer.dh]
         if not common:
-            return None
+            return None  # we demand a key exchange (PFS) the peer does not offer
         # prefer the group whose KE the initiator already sent (RFC 7296 1.2)
         dh = DhGroup(ke_group) if ke_group in common else common[0]
-    elif conf.protocol == ProtocolId.IKE:
-        return None
+    elif conf.protocol == ProtocolId.IKE or (offer.dh and 0 not in offer.dh):
+        return None  # the peer demands a key exchange we are not configured for
     esn: Esn | None = None
     if conf.protocol != ProtocolId.IKE:
         offered_esn = offer.esn or {Esn.NO_ESN}
@@ -229,6 +235,7 @@ def select_proposal(
     *,
     ke_group: int | None = None,
     legacy_allowed: bool = False,
+    key_exchange: bool = True,
 ) -> tuple[Proposal, ChosenAlgorithms]:
     """Choose in our configured order (strongSwan's prefer_configured_proposals).
 
@@ -241,7 +248,7 @@ def select_proposal(
             prop = offer.proposal
             if prop.protocol != conf.protocol or not offer.known:
                 continue
-            chosen = _match_one(offer, conf, ke_group, legacy_allowed)
+            chosen = _match_one(offer, conf, ke_group, legacy_allowed, key_exchange)
             if chosen is None:
                 continue
             if conf.protocol == ProtocolId.IKE and ke_group is not None and chosen.dh != ke_group:
@@ -268,7 +275,7 @@ def chosen_to_proposal(number: int, protocol: int, spi: bytes,
 
 
 def accept_response(proposal: Proposal, configured: Sequence[ConfiguredProposal],
-                    legacy_allowed: bool = False) -> ChosenAlgorithms:
+                    legacy_allowed: bool = False, key_exchange: bool = True) -> ChosenAlgorithms:
     """The initiator's check of a responder's choice (RFC 7296 2.7): one transform of each
     type, and a combination we offered. Raises NoProposalChosen otherwise."""
     counts: dict[int, int] = {}
@@ -280,7 +287,7 @@ def accept_response(proposal: Proposal, configured: Sequence[ConfiguredProposal]
     ke_group = next((t.id for t in proposal.transforms if t.type == TransformType.DH), None)
     try:
         _, chosen = select_proposal([proposal], configured, ke_group=ke_group,
-                                    legacy_allowed=legacy_allowed)
+                                    legacy_allowed=legacy_allowed, key_exchange=key_exchange)
     except InvalidKePayload:
         raise NoProposalChosen("the responder chose a group we did not offer") from None
     return chosen

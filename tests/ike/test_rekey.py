@@ -1,0 +1,248 @@
+"""CREATE_CHILD_SA, rekeys, lifetimes and liveness between our initiator and responder."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TypeVar
+
+import pytest
+
+from cluster.ike.events import (
+    ChildSaDeleted,
+    ChildSaEstablished,
+    Event,
+    IkeSaDeleted,
+    IkeSaRekeyed,
+    IkeSaRetired,
+)
+from cluster.ike.policy import ConnectionConfig, Lifetime
+from cluster.ike.session import IkeSession
+from cluster.ike.state import State
+from tests.ike.sessions import child, client_for, drain, psk_connection, psk_pair, transfer
+
+E = TypeVar("E")
+
+
+def of(events: list[Event], kind: type[E]) -> list[E]:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def settle(a: IkeSession, b: IkeSession, now: float) -> None:
+    """Move datagrams both ways until neither side has anything to send."""
+    for _ in range(50):
+        if not (transfer(a, b, now) + transfer(b, a, now)):
+            return
+    raise AssertionError("the exchange did not settle")
+
+
+def established(gw_conn: ConnectionConfig | None = None,
+                client_conn: ConnectionConfig | None = None) -> tuple[IkeSession, IkeSession]:
+    client, gateway = psk_pair(gw_conn, client_conn)
+    settle(client, gateway, 0.0)
+    assert client.state is State.ESTABLISHED and gateway.state is State.ESTABLISHED
+    drain(client)
+    drain(gateway)
+    return client, gateway
+
+
+def only_child(session: IkeSession) -> bytes:
+    [spi] = session.sa.children
+    return spi
+
+
+def assert_mirrored(client_events: list[Event], gateway_events: list[Event]) -> None:
+    [c] = of(client_events, ChildSaEstablished)
+    [g] = of(gateway_events, ChildSaEstablished)
+    assert (c.spi_in, c.spi_out) == (g.spi_out, g.spi_in)
+    assert c.encr_key_in == g.encr_key_out and c.encr_key_out == g.encr_key_in
+
+
+@pytest.mark.parametrize("who", ["client", "gateway"])
+def test_child_rekey_replaces_the_sa_and_deletes_the_old_one(who: str) -> None:
+    client, gateway = established()
+    old_client, old_gateway = only_child(client), only_child(gateway)
+    initiator = client if who == "client" else gateway
+    initiator.rekey_child(only_child(initiator), 1.0)
+    settle(client, gateway, 1.0)
+    c_events, g_events = drain(client), drain(gateway)
+    assert_mirrored(c_events, g_events)
+    [c_new] = of(c_events, ChildSaEstablished)
+    [g_new] = of(g_events, ChildSaEstablished)
+    assert c_new.replaces == old_client and g_new.replaces == old_gateway
+    assert [d.spi_in for d in of(c_events, ChildSaDeleted)] == [old_client]
+    assert [d.spi_in for d in of(g_events, ChildSaDeleted)] == [old_gateway]
+    assert list(client.sa.children) == [c_new.spi_in]
+    assert list(gateway.sa.children) == [g_new.spi_in]
+    assert client.drops == {} and gateway.drops == {}
+
+
+def test_child_rekey_with_pfs_carries_a_key_exchange() -> None:
+    pfs = psk_connection(children=(child(proposals=("aes256gcm16-x25519",)),))
+    client, gateway = established(pfs)
+    before = gateway.sa.children[only_child(gateway)]
+    client.rekey_child(only_child(client), 1.0)
+    settle(client, gateway, 1.0)
+    c_events, g_events = drain(client), drain(gateway)
+    assert_mirrored(c_events, g_events)
+    [g_new] = of(g_events, ChildSaEstablished)
+    after = gateway.sa.children[g_new.spi_in]
+    assert after.chosen.dh == 31 and before.chosen.dh is None  # IKE_AUTH carries no KE
+
+
+def test_pfs_group_mismatch_is_settled_by_invalid_ke() -> None:
+    gw = psk_connection(children=(child(proposals=("aes256gcm16-modp2048",)),))
+    client_conn = replace(client_for(gw), children=(child(
+        local_ts="10.99.1.0/24", remote_ts="10.99.2.0/24",
+        proposals=("aes256gcm16-x25519-modp2048",)),))
+    client, gateway = established(gw, client_conn)
+    client.rekey_child(only_child(client), 1.0)  # its KE is for x25519, the gateway wants 14
+    settle(client, gateway, 1.0)
+    c_events, g_events = drain(client), drain(gateway)
+    assert_mirrored(c_events, g_events)
+    assert gateway.sa.children[only_child(gateway)].chosen.dh == 14
+
+
+def test_pfs_demanded_by_us_is_not_given_up() -> None:
+    gw = psk_connection(children=(child(proposals=("aes256gcm16-x25519",)),))
+    client_conn = replace(client_for(gw), children=(child(
+        local_ts="10.99.1.0/24", remote_ts="10.99.2.0/24", proposals=("aes256gcm16",)),))
+    client, gateway = established(gw, client_conn)
+    old = only_child(gateway)
+    client.rekey_child(only_child(client), 1.0)
+    settle(client, gateway, 1.0)
+    assert only_child(gateway) == old  # NO_PROPOSAL_CHOSEN: the old SA stays
+    assert not of(drain(gateway), ChildSaEstablished)
+
+
+@pytest.mark.parametrize("who", ["client", "gateway"])
+def test_ike_rekey_moves_the_children_to_new_spis(who: str) -> None:
+    client, gateway = established()
+    old = (client.spi_i, client.spi_r)
+    children = (only_child(client), only_child(gateway))
+    initiator = client if who == "client" else gateway
+    initiator.rekey_ike(1.0)
+    settle(client, gateway, 1.0)
+    c_events, g_events = drain(client), drain(gateway)
+    new = (client.spi_i, client.spi_r)
+    assert new != old and new == (gateway.spi_i, gateway.spi_r)
+    for events in (c_events, g_events):
+        [rekeyed] = of(events, IkeSaRekeyed)
+        assert (rekeyed.old_spi_i, rekeyed.old_spi_r) == old
+        assert (rekeyed.spi_i, rekeyed.spi_r) == new
+        assert [(r.spi_i, r.spi_r) for r in of(events, IkeSaRetired)] == [old]
+        assert not of(events, ChildSaDeleted) and not of(events, IkeSaDeleted)
+    assert (only_child(client), only_child(gateway)) == children
+    # the rekey's initiator is the new SA's initiator (RFC 7296 2.18)
+    assert client.sa.is_initiator is (who == "client")
+    assert gateway.sa.is_initiator is (who == "gateway")
+    assert client.sa.our_next_id == 0 or client.sa.our_next_id == 0 + (who == "client") * 0
+    assert client.check_liveness(2.0)
+    settle(client, gateway, 2.0)
+    assert client.drops == {} and gateway.drops == {}
+    assert client.state is State.ESTABLISHED and gateway.state is State.ESTABLISHED
+
+
+def test_child_rekey_after_an_ike_rekey_uses_the_new_keys() -> None:
+    client, gateway = established()
+    client.rekey_ike(1.0)
+    settle(client, gateway, 1.0)
+    gateway.rekey_child(only_child(gateway), 2.0)
+    settle(client, gateway, 2.0)
+    c_events, g_events = drain(client), drain(gateway)
+    assert_mirrored(c_events, g_events)
+    assert client.drops == {} and gateway.drops == {}
+
+
+def test_simultaneous_child_rekeys_leave_one_new_sa_on_both_sides() -> None:
+    client, gateway = established()
+    client.rekey_child(only_child(client), 1.0)
+    gateway.rekey_child(only_child(gateway), 1.0)
+    # both requests cross on the wire before either response
+    c_out, g_out = client.datagrams_to_send(), gateway.datagrams_to_send()
+    for d in c_out:
+        gateway.receive_datagram_untrusted(d.data, d.remote, d.local, 1.0)
+    for d in g_out:
+        client.receive_datagram_untrusted(d.data, d.remote, d.local, 1.0)
+    settle(client, gateway, 1.0)
+    assert len(client.sa.children) == 1 and len(gateway.sa.children) == 1
+    [c_spi], [g_spi] = client.sa.children, gateway.sa.children
+    c_child, g_child = client.sa.children[c_spi], gateway.sa.children[g_spi]
+    assert (c_child.spi_in, c_child.spi_out) == (g_child.spi_out, g_child.spi_in)
+    assert c_child.keys == g_child.keys
+    assert client.drops == {} and gateway.drops == {}
+
+
+def test_lifetimes_make_the_responder_rekey() -> None:
+    short = replace(psk_connection(children=(replace(child(), lifetime=Lifetime(10.0)),)),
+                    lifetime=Lifetime(30.0))
+    client, gateway = established(short)
+    child_rekey = gateway.get_timer()
+    assert child_rekey is not None and 9.0 <= child_rekey <= 10.0  # rand_time: 10 % jitter
+    old = only_child(gateway)
+    gateway.handle_timer(child_rekey)
+    settle(client, gateway, child_rekey)
+    assert only_child(gateway) != old
+    [new] = of(drain(gateway), ChildSaEstablished)
+    assert new.replaces == old
+    ike_rekey = gateway.get_timer()
+    assert ike_rekey is not None
+    spis = (gateway.spi_i, gateway.spi_r)
+    for _ in range(5):  # child rekeys come first; then the IKE SA's turn
+        now = gateway.get_timer()
+        assert now is not None
+        gateway.handle_timer(now)
+        settle(client, gateway, now)
+        if (gateway.spi_i, gateway.spi_r) != spis:
+            break
+    assert (gateway.spi_i, gateway.spi_r) != spis
+    assert gateway.state is State.ESTABLISHED and client.state is State.ESTABLISHED
+
+
+def test_expired_child_is_deleted_when_nobody_rekeys_it() -> None:
+    no_rekey = psk_connection(children=(replace(child(), lifetime=Lifetime(0.0, 5.0)),))
+    client, gateway = established(no_rekey)
+    gateway.handle_timer(5.0)
+    settle(client, gateway, 5.0)
+    assert gateway.sa.children == {} and client.sa.children == {}
+    assert gateway.state is State.ESTABLISHED
+
+
+def test_dpd_checks_liveness_after_silence() -> None:
+    watched = replace(psk_connection(), dpd_delay=2.0)
+    client, gateway = established(watched)
+    assert gateway.get_timer() == 2.0
+    gateway.handle_timer(2.0)
+    [probe] = gateway.datagrams_to_send()
+    client.receive_datagram_untrusted(probe.data, probe.remote, probe.local, 2.0)
+    transfer(client, gateway, 2.0)
+    assert gateway.sa.pending is None and gateway.sa.last_heard == 2.0
+    assert gateway.get_timer() == 4.0
+
+
+def test_dead_peer_is_cleared_after_the_retransmissions() -> None:
+    watched = replace(psk_connection(), dpd_delay=2.0)
+    client, gateway = established(watched)
+    now = 2.0
+    for _ in range(20):
+        gateway.handle_timer(now)
+        gateway.datagrams_to_send()  # the peer is gone: nothing comes back
+        if gateway.closed:
+            break
+        timer = gateway.get_timer()
+        assert timer is not None
+        now = timer
+    assert gateway.closed
+    events = drain(gateway)
+    assert of(events, IkeSaDeleted)[0].reason == "peer not responding"
+    assert len(of(events, ChildSaDeleted)) == 1
+    total = gateway.sa.policy.retransmission.total()
+    assert now == pytest.approx(2.0 + total)
+
+
+def test_delete_child_from_the_responder() -> None:
+    client, gateway = established()
+    gateway.delete_child(only_child(gateway), 1.0)
+    settle(client, gateway, 1.0)
+    assert client.sa.children == {} and gateway.sa.children == {}
+    assert len(of(drain(client), ChildSaDeleted)) == 1
+    assert len(of(drain(gateway), ChildSaDeleted)) == 1
