@@ -167,6 +167,9 @@ def respond_init(sa: IkeSa, payloads: list[Payload], rng: Random) -> list[Payloa
                                        certreq_authority_hashes(cacerts)))
     if sa.peer_hashes:  # RFC 7427 4: announce only to a peer that announced
         response.append(_hash_algorithms_notify())
+    if notifies(payloads, NotifyType.IKEV2_FRAGMENTATION_SUPPORTED):  # RFC 7383 2.3
+        sa.fragmentation = True
+        response.append(NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
     return response
 
 
@@ -188,6 +191,7 @@ def build_init_request(sa: IkeSa, group: int, rng: Random, cookie: bytes = b"") 
         KePayload(group, sa.ke.public_value()),
         NoncePayload(sa.nonce_i),
         *_nat_notifies(sa, bytes(8), fake_source=conn.encap),
+        NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED),
         _hash_algorithms_notify(),
     ]
     sa.nat_local = conn.encap
@@ -235,6 +239,7 @@ def process_init_response(sa: IkeSa, spi_r: bytes,
     sa.nonce_r = nonce.data
     sa.peer_hashes = _hash_algorithms_untrusted(payloads)
     sa.peer_certreq = first_of(payloads, CertreqPayload) is not None
+    sa.fragmentation = bool(notifies(payloads, NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
     _detect_nat(sa, payloads, spi_r)
     try:
         shared = sa.ke.shared_secret_untrusted(ke.data)

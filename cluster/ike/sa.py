@@ -9,6 +9,7 @@ from ..key_exchange import KeyExchange
 from .events import Address, Event
 from .identity import Identity
 from .keymat import ChildKeys, IkeKeys
+from .fragments import Reassembler
 from .message import SkProtection
 from .policy import ConnectionConfig, ResponderPolicy
 from .proposals import ChosenAlgorithms
@@ -91,6 +92,8 @@ class IkeSa:
     rekeying: bool = False
     rekey_nonce: bytes = b""
     fragmentation: bool = False  # both announced IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383)
+    reassembly: dict[bool, Reassembler] = field(default_factory=dict)  # by "is a response"
+    fragment1_digest: bytes = b""  # of the request being reassembled (retransmission check)
 
     @property
     def nat(self) -> bool:

@@ -45,6 +45,7 @@ from .events import (
     IkeSaFailed,
     IkeSaRetired,
 )
+from .fragments import DEFAULT_FRAGMENT_SIZE_V4, Reassembler, ike_message_limit
 from .ike_auth import build_auth_request, process_auth_response, respond_auth
 from .ike_init import build_init_request, process_init_response, respond_init
 from .informational import (
@@ -64,6 +65,8 @@ logger = logging.getLogger(__name__)
 Random = Callable[[int], bytes]
 WallClock = Callable[[], datetime]
 
+FRAGMENT_SIZE = DEFAULT_FRAGMENT_SIZE_V4  # IP datagram bytes (strongSwan's fragment_size)
+REASSEMBLY_TIMEOUT = 30.0  # a partial message older than this is dropped
 RETIRE_AFTER = 30.0  # a rekeyed-away IKE SA the peer never deletes is dropped after this
 RETRY_AFTER = 5.0  # a refused rekey is tried again after about this long
 
@@ -347,7 +350,10 @@ class IkeSession:
         header = decoded.header
         if header.message_id == sa.peer_next_id - 1 and sa.last_response is not None:
             # RFC 7296 2.1: a retransmitted request gets the same response, byte for byte;
-            # only a copy of that request, or 28 forged bytes would reflect the response
+            # only a copy of that request, or 28 forged bytes would reflect the response.
+            # A fragmented one is recognised by its first fragment (RFC 7383 2.6.1).
+            if decoded.is_fragment and decoded.fragment_number != 1:
+                return
             if _digest(data) == sa.last_request_digest:
                 self.retransmits_answered += 1
                 self._outbox += [Datagram(d, local, remote) for d in sa.last_response]
@@ -362,14 +368,21 @@ class IkeSession:
             self._drop("unexpected_exchange")
             return
         payloads = decoded.payloads
+        digest = _digest(data)
         if decoded.sk_offset:
             if sa.sk is None:
                 self._drop("unexpected_exchange")
                 return
-            inner = sa.sk.unprotect_untrusted(data, decoded)
-            if inner is None:  # RFC 7296 2.21.2: drop silently
-                self._drop("integrity")
-                return
+            if decoded.is_fragment:
+                inner = self._reassemble(sa, decoded, data, now)
+                if inner is None:
+                    return  # more fragments to come (or this one was dropped)
+                digest = sa.fragment1_digest
+            else:
+                inner = sa.sk.unprotect_untrusted(data, decoded)
+                if inner is None:  # RFC 7296 2.21.2: drop silently
+                    self._drop("integrity")
+                    return
             payloads = inner
             self._heard_from(sa, local, remote, now)
         elif header.exchange != ExchangeType.IKE_SA_INIT:
@@ -378,7 +391,7 @@ class IkeSession:
         if header.exchange == ExchangeType.IKE_SA_INIT:
             sa.spi_i = header.spi_i
             sa.init_request = data
-        sa.last_request_digest = _digest(data)
+        sa.last_request_digest = digest
         self._answer(sa, header.exchange, header.message_id, payloads, local, remote, now)
 
     def _heard_from(self, sa: IkeSa, local: Address, remote: Address, now: float) -> None:
@@ -452,7 +465,31 @@ class IkeSession:
 
     def _protect(self, sa: IkeSa, msg: Message) -> list[bytes]:
         assert sa.sk is not None
-        return [sa.sk.protect(msg)]
+        if not sa.fragmentation:
+            return [sa.sk.protect(msg)]
+        limit = ike_message_limit(FRAGMENT_SIZE, ipv6=":" in sa.remote[0],
+                                  non_esp_marker=sa.local[1] == self._natt_ports[0])
+        return sa.sk.protect_fragments(msg, limit)  # RFC 7383 2.5: only when too large
+
+    def _reassemble(self, sa: IkeSa, decoded: Decoded, data: bytes,
+                    now: float) -> list[Payload] | None:
+        """One fragment in; the whole message's payloads once complete (RFC 7383 2.6)."""
+        assert sa.sk is not None
+        if not sa.fragmentation:
+            self._drop("unexpected_fragment")
+            return None
+        response = decoded.header.is_response
+        reassembler = sa.reassembly.get(response)
+        if reassembler is None:
+            reassembler = sa.reassembly[response] = Reassembler()
+        elif reassembler.expired(now, REASSEMBLY_TIMEOUT):
+            reassembler.reset()
+        if decoded.fragment_number == 1 and not response:
+            sa.fragment1_digest = _digest(data)
+        payloads = reassembler.add_untrusted(sa.sk, data, decoded, now)
+        if payloads is not None:
+            reassembler.reset()
+        return payloads
 
     # --- responses to our requests -------------------------------------------------
 
@@ -468,10 +505,15 @@ class IkeSession:
             if sa.sk is None:
                 self._drop("unexpected_response")
                 return
-            inner = sa.sk.unprotect_untrusted(data, decoded)
-            if inner is None:
-                self._drop("integrity")
-                return
+            if decoded.is_fragment:
+                inner = self._reassemble(sa, decoded, data, now)
+                if inner is None:
+                    return
+            else:
+                inner = sa.sk.unprotect_untrusted(data, decoded)
+                if inner is None:
+                    self._drop("integrity")
+                    return
             payloads = inner
             self._heard_from(sa, local, remote, now)
         elif header.exchange != ExchangeType.IKE_SA_INIT:
