@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from ..key_exchange import KeyExchange
 from .events import Address, Event
+from .fragments import Reassembler
 from .identity import Identity
 from .keymat import ChildKeys, IkeKeys
-from .fragments import Reassembler
 from .message import SkProtection
 from .policy import ConnectionConfig, ResponderPolicy
 from .proposals import ChosenAlgorithms

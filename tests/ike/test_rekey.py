@@ -221,7 +221,7 @@ def test_dpd_checks_liveness_after_silence() -> None:
 
 def test_dead_peer_is_cleared_after_the_retransmissions() -> None:
     watched = replace(psk_connection(), dpd_delay=2.0)
-    client, gateway = established(watched)
+    _, gateway = established(watched)
     now = 2.0
     for _ in range(20):
         gateway.handle_timer(now)
