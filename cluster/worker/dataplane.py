@@ -19,7 +19,7 @@ from pyroute2 import IPRoute
 
 from ..esp import ChildSaParams, EspDrop, Sad, SaHardExpired, SaSequenceExhausted, SaSoftExpired
 from ..esp.params import Address
-from ..ike.events import ChildSaDeleted, ChildSaEstablished, Event, IkeSaDeleted
+from ..ike.events import ChildSaDeleted, ChildSaEstablished, Event, IkeSaDeleted, IkeSaRekeyed
 from . import IoCounters
 from .keys import Limits, params_from_event
 from .routing import Routes
@@ -77,7 +77,7 @@ class DataPlane:
         self.counters: IoCounters = tun.counters
         self.udp_send: UdpSend | None = None  # ESP in UDP from the NAT-T socket (wired later)
         self.on_esp_event: Callable[[object], None] = self._log_esp_event
-        self._children_of: dict[tuple[bytes, bytes], list[bytes]] = {}
+        self._ike_of: dict[bytes, tuple[bytes, bytes]] = {}  # Child SA spi_in -> its IKE SA
         self._routes_of: dict[bytes, list[str]] = {}
 
     @classmethod
@@ -100,7 +100,7 @@ class DataPlane:
     def install(self, params: ChildSaParams, ike: tuple[bytes, bytes] | None = None) -> None:
         self.sad.install(params)
         if ike is not None:
-            self._children_of.setdefault(ike, []).append(params.spi_in)
+            self._ike_of[params.spi_in] = ike
         self._route(params)
 
     def replace(self, old_spi_in: bytes, params: ChildSaParams,
@@ -108,11 +108,12 @@ class DataPlane:
         """A rekeyed SA: the new SPIs take outbound traffic at once (no packet lost)."""
         self.sad.replace(old_spi_in, params)
         if ike is not None:
-            self._children_of.setdefault(ike, []).append(params.spi_in)
+            self._ike_of[params.spi_in] = ike
         self._route(params)
 
     def remove(self, spi_in: bytes) -> None:
         self.sad.remove(spi_in)
+        self._ike_of.pop(spi_in, None)
         for network in self._routes_of.pop(spi_in, []):
             with contextlib.suppress(KeyError):
                 self.routes.remove(network)
@@ -135,12 +136,22 @@ class DataPlane:
         """The responder's events, in-process: install and remove Child SAs."""
         try:
             if isinstance(event, ChildSaEstablished):
-                self.install(params_from_event(event, self.limits),
-                             (event.ike_spi_i, event.ike_spi_r))
+                params = params_from_event(event, self.limits)
+                ike = (event.ike_spi_i, event.ike_spi_r)
+                if event.replaces:  # a rekey: new SPIs take traffic before the old go
+                    self.replace(event.replaces, params, ike)
+                else:
+                    self.install(params, ike)
+            elif isinstance(event, IkeSaRekeyed):  # the Child SAs moved to the new IKE SA
+                old, new = (event.old_spi_i, event.old_spi_r), (event.spi_i, event.spi_r)
+                for spi_in, ike in self._ike_of.items():
+                    if ike == old:
+                        self._ike_of[spi_in] = new
             elif isinstance(event, ChildSaDeleted):
                 self.remove(event.spi_in)
             elif isinstance(event, IkeSaDeleted):
-                for spi_in in self._children_of.pop((event.spi_i, event.spi_r), []):
+                ike = (event.spi_i, event.spi_r)
+                for spi_in in [s for s, i in self._ike_of.items() if i == ike]:
                     self.remove(spi_in)
         except (ValueError, OSError) as exc:
             # a Child SA the data plane cannot carry must not take the responder down
