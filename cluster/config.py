@@ -90,6 +90,16 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DosConfig:
+    """`[ike]` limits on unauthenticated peers, named and defaulted as in strongSwan."""
+
+    cookie_threshold: int = 30  # half-open IKE SAs from which IKE_SA_INIT needs a cookie; 0: never
+    block_threshold: int = 5  # half-open IKE SAs one peer address may hold; 0: no limit
+    init_limit_half_open: int = 0  # half-open IKE SAs in all; 0: no limit
+    notify_rate: float = 50.0  # unauthenticated notifies per second to one address; 0: no limit
+
+
+@dataclass(frozen=True, kw_only=True)
 class NodeConfig:
     node_id: str  # [node] id
     addresses: tuple[str, ...]  # [ike] addresses; UDP ike_port and natt_port bound on each
@@ -100,6 +110,7 @@ class NodeConfig:
     log_level: str = "info"  # [node] log_level
     initiations: tuple[Initiation, ...] = ()  # in the order of the connections
     worker: WorkerConfig | None = None  # None: no data plane in this process
+    dos: DosConfig = field(default_factory=DosConfig)  # [ike] cookie and half-open limits
     extra_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -184,9 +195,12 @@ class _Loader:
 
         ike = root.table(
             "ike",
-            ("addresses", "port", "port_nat_t", "legacy_algorithms", "half_open_timeout"),
+            (
+                "addresses", "port", "port_nat_t", "legacy_algorithms", "half_open_timeout",
+                "cookie_threshold", "block_threshold", "init_limit_half_open", "notify_rate",
+            ),
             required=True,
-        )
+        )  # fmt: skip
         addresses = self.addresses(ike)
         ike_port = ike.port("port", 500)
         natt_port = ike.port("port_nat_t", 4500)
@@ -196,6 +210,7 @@ class _Loader:
         half_open_timeout = ike.number("half_open_timeout", 30.0)
         if half_open_timeout <= 0:
             ike.fail("half_open_timeout", "must be a positive number of seconds")
+        dos = self.dos(ike)
 
         secrets = tuple(
             self.secret(_join("secrets", name), value)
@@ -228,7 +243,31 @@ class _Loader:
             log_level=log_level,
             initiations=initiations,
             worker=worker,
+            dos=dos,
             extra_tables=extra,
+        )
+
+    def dos(self, ike: _Table) -> DosConfig:
+        def count(name: str, default: int, what: str) -> int:
+            value = ike.integer(name, default)
+            if value < 0:
+                ike.fail(name, f"must not be negative ({what})")
+            return value
+
+        notify_rate = ike.number("notify_rate", DosConfig.notify_rate)
+        if notify_rate < 0 or notify_rate != notify_rate:  # NaN compares unequal
+            ike.fail("notify_rate", "must be a non-negative number per second (0: no limit)")
+        return DosConfig(
+            cookie_threshold=count(
+                "cookie_threshold", DosConfig.cookie_threshold, "0: never ask for cookies"
+            ),
+            block_threshold=count(
+                "block_threshold", DosConfig.block_threshold, "0: no limit per peer"
+            ),
+            init_limit_half_open=count(
+                "init_limit_half_open", DosConfig.init_limit_half_open, "0: no limit"
+            ),
+            notify_rate=notify_rate,
         )
 
     def worker(self, root: _Table) -> WorkerConfig:
