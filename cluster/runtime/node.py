@@ -267,6 +267,10 @@ async def run_node(
             stats=stats,
             half_open_timeout=config.policy.half_open_timeout,
             mailbox_size=mailbox_size,
+            cookie_threshold=config.dos.cookie_threshold,
+            block_threshold=config.dos.block_threshold,
+            init_limit_half_open=config.dos.init_limit_half_open,
+            notify_rate=config.dos.notify_rate,
         )
         try:
             async with trio.open_nursery() as nursery:

@@ -26,7 +26,13 @@ class RuntimeStats:
     # supervisor
     dropped_no_sa: int = 0
     dropped_mailbox_full: int = 0
-    dropped_half_open_limit: int = 0
+    dropped_half_open_limit: int = 0  # init_limit_half_open reached
+    dropped_block_threshold: int = 0  # the peer address holds block_threshold half-open SAs
+    dropped_bad_cookie: int = 0  # a COOKIE we did not make for that request
+    cookies_sent: int = 0  # stateless N(COOKIE) replies (RFC 7296 2.6)
+    cookies_accepted: int = 0  # requests admitted with a valid cookie
+    cookies_expired: int = 0  # cookies of a retired secret, answered with a fresh one
+    notifies_suppressed: int = 0  # unauthenticated notifies over notify_rate
     actors_started: int = 0
     actors_retired: int = 0
     actor_failures: int = 0

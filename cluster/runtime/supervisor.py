@@ -17,10 +17,31 @@ down; the other actors and the node keep running.
 
 An SA we initiate (`run_initiated`) runs in the caller's task, which decides
 what to do when it ends; it is subject to the same half-open deadline.
+
+Admission of a new IKE_SA_INIT (the checks and defaults of strongSwan's
+receiver, in its order):
+- `cookie_threshold`: from that many half-open SAs on, a request must carry a
+  valid COOKIE notify as its first payload (RFC 7296 2.6); without one it gets
+  a stateless HDR + N(COOKIE) reply and no actor. A cookie we did not make is
+  dropped; one whose secret expired gets a fresh cookie.
+- `block_threshold`: a peer address holding that many half-open SAs is ignored.
+- `init_limit_half_open`: a hard cap on half-open SAs; beyond it, ignored.
+Cookie replies and the sessions' refusals of IKE_SA_INIT (INVALID_KE_PAYLOAD,
+NO_PROPOSAL_CHOSEN, ...) go to peers nobody has authenticated, so they pass a
+token bucket per peer address (`notify_rate` per second). Per address, not one
+for all: a spoofed flood must not use up the cookies legitimate peers need,
+while a victim whose address is spoofed still gets a bounded trickle.
+
+Memory under a flood stays bounded: past the cookie threshold only peers that
+receive at their address can create state, each at most `block_threshold` SAs;
+the per-address counters follow the half-open table exactly; the expiry queue
+is compacted when retired actors dominate it; the token buckets live in a
+table of fixed size.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 from collections import deque
@@ -30,9 +51,11 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import ParseError
-from ..ike.constants import ExchangeType
+from ..ike.constants import HEADER_SIZE, ExchangeType, Flag, NotifyType
+from ..ike.cookies import CookieSecrets
 from ..ike.events import Event, IkeSaDeleted, IkeSaEstablished, IkeSaFailed
-from ..ike.message import Header, peek_header_untrusted
+from ..ike.message import Header, Message, decode_untrusted, encode_plain, peek_header_untrusted
+from ..ike.payloads import NoncePayload, NotifyPayload
 from ..ike.session import Address, Datagram
 from .actor import SaActor, Session
 from .stats import RuntimeStats
@@ -41,6 +64,14 @@ logger = logging.getLogger(__name__)
 
 ZERO_SPI = bytes(8)
 DEFAULT_MAILBOX_SIZE = 32
+# strongSwan's charon defaults (strongswan.conf(5)); cluster.config uses the same
+DEFAULT_COOKIE_THRESHOLD = 30
+DEFAULT_BLOCK_THRESHOLD = 5
+DEFAULT_NOTIFY_RATE = 50.0
+# peer addresses with a token bucket; past this, idle buckets and then the oldest go
+NOTIFY_BUCKETS_MAX = 4096
+# the expiry queue is compacted when longer than twice the live SAs plus this
+EXPIRY_QUEUE_SLACK = 64
 
 # (our responder SPI, local address, remote address) -> a new responder session
 SessionFactory = Callable[[bytes, Address, Address], Session]
@@ -59,6 +90,63 @@ class InitiatedOutcome:
     reason: str
 
 
+class NotifyLimiter:
+    """Token buckets keyed by peer address: `rate` per second, bursts of `rate`.
+
+    A bucket that has refilled completely is the same as none, so when the
+    table is full those are forgotten first; if every bucket is busy, the oldest
+    quarter goes (amortised O(1) per call even when every packet brings a new
+    address). `rate` 0 lets everything through.
+    """
+
+    __slots__ = ("_buckets", "burst", "max_entries", "rate")
+
+    def __init__(self, rate: float, max_entries: int = NOTIFY_BUCKETS_MAX) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate)
+        self.max_entries = max_entries
+        self._buckets: dict[str, list[float]] = {}  # address -> [tokens, last refill]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, host: str, now: float) -> bool:
+        if self.rate <= 0:
+            return True
+        bucket = self._buckets.get(host)
+        if bucket is None:
+            if len(self._buckets) >= self.max_entries:
+                self._prune(now)
+            self._buckets[host] = [self.burst - 1.0, now]
+            return True
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    def _prune(self, now: float) -> None:
+        buckets, rate, burst = self._buckets, self.rate, self.burst
+        for host in [h for h, (t, last) in buckets.items() if t + (now - last) * rate >= burst]:
+            del buckets[host]
+        keep = self.max_entries * 3 // 4
+        if len(buckets) > keep:
+            for host in list(itertools.islice(buckets, len(buckets) - keep)):
+                del buckets[host]
+
+
+def _refuses_ike_sa_init(data: bytes) -> bool:
+    """An IKE_SA_INIT response with a zero responder SPI: a stateless refusal."""
+    return (
+        len(data) >= HEADER_SIZE
+        and data[18] == ExchangeType.IKE_SA_INIT
+        and bool(data[19] & Flag.RESPONSE)
+        and data[8:16] == ZERO_SPI
+    )
+
+
 class Supervisor:
     def __init__(
         self,
@@ -69,7 +157,11 @@ class Supervisor:
         stats: RuntimeStats,
         half_open_timeout: float,
         mailbox_size: int = DEFAULT_MAILBOX_SIZE,
-        max_half_open: int | None = None,
+        cookie_threshold: int = DEFAULT_COOKIE_THRESHOLD,  # 0: never ask for cookies
+        block_threshold: int = DEFAULT_BLOCK_THRESHOLD,  # 0: no limit per peer address
+        init_limit_half_open: int = 0,  # 0: no limit
+        notify_rate: float = DEFAULT_NOTIFY_RATE,  # per peer address and second; 0: no limit
+        cookies: CookieSecrets | None = None,
         new_spi: Callable[[], bytes] = lambda: secrets.token_bytes(8),
     ) -> None:
         self._session_factory = session_factory
@@ -78,10 +170,16 @@ class Supervisor:
         self.stats = stats
         self.half_open_timeout = half_open_timeout
         self.mailbox_size = mailbox_size
-        self.max_half_open = max_half_open
+        self.cookie_threshold = cookie_threshold
+        self.block_threshold = block_threshold
+        self.init_limit_half_open = init_limit_half_open
+        self._notify_limiter = NotifyLimiter(notify_rate)
+        self._cookies = cookies if cookies is not None else CookieSecrets()
         self._new_spi = new_spi
         self._actors: dict[bytes, SaActor] = {}  # our SPI -> actor
         self._half_open: dict[tuple[bytes, Address], SaActor] = {}  # (spi_i, peer) -> actor
+        # peer host -> its entries in _half_open; updated wherever _half_open is
+        self._half_open_per_host: dict[str, int] = {}
         self._initiated: dict[bytes, SaActor] = {}  # our initiator SPI -> actor
         # actors in spawn order; their half-open deadlines are therefore in order too
         self._expiry_queue: deque[SaActor] = deque()
@@ -100,6 +198,19 @@ class Supervisor:
     @property
     def initiated_count(self) -> int:
         return len(self._initiated)
+
+    @property
+    def expiry_queue_length(self) -> int:
+        return len(self._expiry_queue)
+
+    @property
+    def half_open_hosts(self) -> dict[str, int]:
+        """Peer host -> half-open SAs it holds (a copy)."""
+        return dict(self._half_open_per_host)
+
+    @property
+    def notify_buckets(self) -> int:
+        return len(self._notify_limiter)
 
     def actor_for(self, spi_r: bytes) -> SaActor | None:
         return self._actors.get(spi_r)
@@ -170,6 +281,8 @@ class Supervisor:
         ):
             actor = self._half_open.get((header.spi_i, remote))
             if actor is None:
+                if not self._admit(header, data, local, remote, now):
+                    return
                 actor = self._spawn(header.spi_i, local, remote, now)
                 if actor is None:
                     return
@@ -186,14 +299,72 @@ class Supervisor:
             else:
                 self.stats.dropped_mailbox_full += 1
 
+    def _admit(
+        self, header: Header, data: bytes, local: Address, remote: Address, now: float
+    ) -> bool:
+        """Whether a new IKE_SA_INIT request may have an actor (see the module docstring)."""
+        half_open = len(self._half_open)
+        cookies_on = bool(self.cookie_threshold) and half_open >= self.cookie_threshold
+        if cookies_on and not self._check_cookie(header, data, local, remote, now):
+            return False
+        host = remote[0]
+        if self.block_threshold and self._half_open_per_host.get(host, 0) >= self.block_threshold:
+            self.stats.dropped_block_threshold += 1
+            return False
+        if self.init_limit_half_open and half_open >= self.init_limit_half_open:
+            self.stats.dropped_half_open_limit += 1
+            return False
+        return True
+
+    def _check_cookie(
+        self, header: Header, data: bytes, local: Address, remote: Address, now: float
+    ) -> bool:
+        """True for a request with our valid cookie; otherwise answer or drop it here."""
+        try:
+            payloads = decode_untrusted(data).payloads
+        except ParseError:
+            self.stats.dropped_malformed += 1
+            return False
+        nonce = next((p for p in payloads if isinstance(p, NoncePayload)), None)
+        if nonce is None:
+            self.stats.dropped_malformed += 1  # the responder would refuse it anyway
+            return False
+        first = payloads[0]
+        if isinstance(first, NotifyPayload) and first.notify_type == NotifyType.COOKIE:
+            # RFC 7296 2.6: the cookie comes first; elsewhere it is no cookie
+            cookie = first.data
+            if self._cookies.check_cookie(cookie, header.spi_i, nonce.data, remote[0], now):
+                self.stats.cookies_accepted += 1
+                return True
+            if self._cookies.version_known(cookie, now):
+                self.stats.dropped_bad_cookie += 1  # made for another request, or forged
+                return False
+            self.stats.cookies_expired += 1  # 2.6: a fresh cookie for a retired secret
+        if not self._notify_limiter.allow(remote[0], now):
+            self.stats.notifies_suppressed += 1
+            return False
+        cookie = self._cookies.make_cookie(header.spi_i, nonce.data, remote[0], now)
+        reply = Message(
+            header.spi_i, ZERO_SPI, ExchangeType.IKE_SA_INIT, 0, is_response=True,
+            is_initiator=False, payloads=[NotifyPayload(NotifyType.COOKIE, cookie)],
+        )  # fmt: skip
+        self._send(Datagram(encode_plain(reply), local, remote))
+        self.stats.cookies_sent += 1
+        return False
+
+    def _send_from_actor(self, datagram: Datagram) -> None:
+        # A session's refusal of IKE_SA_INIT goes to an unauthenticated peer.
+        if _refuses_ike_sa_init(datagram.data) and not self._notify_limiter.allow(
+            datagram.remote[0], trio.current_time()
+        ):
+            self.stats.notifies_suppressed += 1
+            return
+        self._send(datagram)
+
     def _spawn(self, spi_i: bytes, local: Address, remote: Address, now: float) -> SaActor | None:
         nursery = self._nursery
         if nursery is None:
             raise RuntimeError("supervisor is not running")
-        if self.max_half_open is not None and len(self._half_open) >= self.max_half_open:
-            # TODO: RFC 7296 2.6 cookies instead of dropping, past a lower threshold.
-            self.stats.dropped_half_open_limit += 1
-            return None
         spi_r = self._new_spi()
         while spi_r == ZERO_SPI or spi_r in self._actors:
             spi_r = self._new_spi()
@@ -213,10 +384,35 @@ class Supervisor:
         )
         self._actors[spi_r] = actor
         self._half_open[actor.half_open_key] = actor
-        self._expiry_queue.append(actor)
+        host = remote[0]
+        self._half_open_per_host[host] = self._half_open_per_host.get(host, 0) + 1
+        self._queue_for_expiry(actor)
         self.stats.actors_started += 1
         nursery.start_soon(self._run_actor, actor, name=f"ike-sa {actor.label}")
         return actor
+
+    def _queue_for_expiry(self, actor: SaActor) -> None:
+        queue = self._expiry_queue
+        queue.append(actor)
+        # Actors that fail fast (a refused IKE_SA_INIT) would otherwise wait here
+        # for a whole half-open timeout each; drop the retired ones, keep the order.
+        if len(queue) > 2 * (len(self._half_open) + len(self._initiated)) + EXPIRY_QUEUE_SLACK:
+            live = [a for a in queue if not a.established and not a.mailbox.closed]
+            queue.clear()
+            queue.extend(live)
+
+    def _leave_half_open(self, actor: SaActor) -> None:
+        """Forget the actor as half-open: established, expired, failed or retired."""
+        key = actor.half_open_key
+        if self._half_open.get(key) is not actor:
+            return
+        del self._half_open[key]
+        host = key[1][0]
+        left = self._half_open_per_host.get(host, 0) - 1
+        if left > 0:
+            self._half_open_per_host[host] = left
+        else:
+            self._half_open_per_host.pop(host, None)
 
     async def run_initiated(self, new_session: InitiatorFactory) -> InitiatedOutcome:
         """Create an initiator session with a fresh SPI and step it until it ends.
@@ -243,7 +439,7 @@ class Supervisor:
             self.mailbox_size,
         )
         self._initiated[spi_i] = actor
-        self._expiry_queue.append(actor)
+        self._queue_for_expiry(actor)
         self.stats.actors_started += 1
         reason = "ended"
 
@@ -256,7 +452,7 @@ class Supervisor:
         try:
             for datagram in session.datagrams_to_send():  # the IKE_SA_INIT request
                 self._send(datagram)
-            if not await actor.run(self._send, on_event):
+            if not await actor.run(self._send_from_actor, on_event):
                 self.stats.half_open_expired += 1
                 reason = f"not established within {self.half_open_timeout:g} s"
         except Exception:
@@ -278,7 +474,7 @@ class Supervisor:
     async def _run_actor(self, actor: SaActor) -> None:
         # Nothing but Cancelled may leave this function: the nursery is shared.
         try:
-            completed = await actor.run(self._send, self._on_event)
+            completed = await actor.run(self._send_from_actor, self._on_event)
             if not completed:
                 self.stats.half_open_expired += 1
                 logger.info(
@@ -303,8 +499,7 @@ class Supervisor:
     def _retire(self, actor: SaActor) -> None:
         if self._actors.get(actor.spi_r) is actor:
             del self._actors[actor.spi_r]
-        if self._half_open.get(actor.half_open_key) is actor:
-            del self._half_open[actor.half_open_key]
+        self._leave_half_open(actor)
         actor.close_mailbox()
         self.stats.actors_retired += 1
 
@@ -312,8 +507,7 @@ class Supervisor:
         if isinstance(event, IkeSaEstablished) and not actor.established:
             actor.established = True
             # From now on a retransmitted IKE_SA_INIT is stale; only the SPI routes.
-            if self._half_open.get(actor.half_open_key) is actor:
-                del self._half_open[actor.half_open_key]
+            self._leave_half_open(actor)
         self._deliver(event)
 
     def _deliver(self, event: Event) -> None:
