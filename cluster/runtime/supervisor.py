@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -96,13 +97,14 @@ class NotifyLimiter:
     A bucket that has refilled completely is the same as none, so when the
     table is full those are forgotten first; if every bucket is busy, the oldest
     quarter goes (amortised O(1) per call even when every packet brings a new
-    address). `rate` 0 lets everything through.
+    address). `rate` 0 (or infinite) lets everything through.
     """
 
-    __slots__ = ("_buckets", "burst", "max_entries", "rate")
+    __slots__ = ("_buckets", "burst", "max_entries", "rate", "unlimited")
 
     def __init__(self, rate: float, max_entries: int = NOTIFY_BUCKETS_MAX) -> None:
         self.rate = rate
+        self.unlimited = rate <= 0 or math.isinf(rate)
         self.burst = max(1.0, rate)
         self.max_entries = max_entries
         self._buckets: dict[str, list[float]] = {}  # address -> [tokens, last refill]
@@ -111,7 +113,7 @@ class NotifyLimiter:
         return len(self._buckets)
 
     def allow(self, host: str, now: float) -> bool:
-        if self.rate <= 0:
+        if self.unlimited:
             return True
         bucket = self._buckets.get(host)
         if bucket is None:
@@ -119,8 +121,11 @@ class NotifyLimiter:
                 self._prune(now)
             self._buckets[host] = [self.burst - 1.0, now]
             return True
-        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
+        # callers' clocks may differ by a batch; time never runs backwards here
+        elapsed = now - bucket[1]
+        if elapsed > 0:
+            bucket[1] = now
+        tokens = min(self.burst, bucket[0] + max(elapsed, 0.0) * self.rate)
         if tokens < 1.0:
             bucket[0] = tokens
             return False

@@ -7,6 +7,7 @@ into a list), many under `autojump_clock`; one runs a node on loopback sockets.
 from __future__ import annotations
 
 import functools
+import math
 import random
 import socket
 from collections.abc import AsyncIterator
@@ -458,6 +459,18 @@ def test_notify_buckets_stay_bounded_with_ever_new_addresses() -> None:
     # a busy address is limited while the table churns
     allowed = sum(limiter.allow("192.0.2.1", now=1.0) for _ in range(50))
     assert allowed == 10
+
+
+def test_notify_limiter_infinite_rate_and_clock_skew() -> None:
+    unlimited = supervisor_module.NotifyLimiter(math.inf)
+    assert all(unlimited.allow("192.0.2.1", now=0.0) for _ in range(1000))
+    assert len(unlimited) == 0
+    limiter = supervisor_module.NotifyLimiter(2.0)
+    assert limiter.allow("192.0.2.1", now=10.0) and limiter.allow("192.0.2.1", now=10.0)
+    # an earlier `now` (another caller's clock) neither refills nor moves the bucket back
+    assert not limiter.allow("192.0.2.1", now=9.0)
+    assert not limiter.allow("192.0.2.1", now=10.2)
+    assert limiter.allow("192.0.2.1", now=10.5)
 
 
 # --- floods ----------------------------------------------------------------------------
