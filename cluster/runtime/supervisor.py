@@ -295,7 +295,7 @@ class Supervisor:
             actor = self._actors.get(header.spi_r)
             if actor is None or actor.spi_i != header.spi_i:
                 # RFC 7296 2.21.4: we MAY answer with INVALID_IKE_SPI, unprotected and
-                # rate-limited. TODO: add that once a rate limiter exists; count for now.
+                # rate-limited. TODO: send it through self._notify_limiter; count for now.
                 self.stats.dropped_no_sa += 1
                 return
         if not actor.mailbox.put_nowait((data, local, remote, now)):
