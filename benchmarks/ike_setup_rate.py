@@ -164,7 +164,19 @@ def main() -> int:
     _, responder_conn = conn_pair(proposals=(PROPOSAL,))
     results: dict[str, dict[str, float]] = {}
     with Lab() as lab:
-        node = lab.node([responder_conn])
+        node = lab.node([responder_conn], start=False)
+        write_config = node.write_config
+
+        def without_dos_limits() -> Path:
+            # one source address sends everything: like strongSwan below, no cookies or
+            # per-address limits, so both responders only do the handshakes
+            path = write_config()
+            path.write_text(path.read_text().replace(
+                "[ike]\n", "[ike]\ncookie_threshold = 0\nblock_threshold = 0\n", 1))
+            return path
+
+        node.write_config = without_dos_limits  # type: ignore[method-assign]
+        node.start()
         assert node.proc is not None
         results["ike-cluster"] = measure(lab, node.proc.pid, args, "node")
         node.stop()
