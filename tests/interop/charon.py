@@ -190,7 +190,7 @@ class Charon:
             c = [
                 f"mode = {child.mode}",
                 f"esp_proposals = {_csv(child.esp_proposals)}",
-                "start_action = none",
+                f"start_action = {child.start_action}",
             ]
             if child.local_ts:
                 c.append(f"local_ts = {_csv(child.local_ts)}")

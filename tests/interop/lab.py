@@ -17,17 +17,27 @@ Also used by benchmarks and cluster tests, so it imports nothing from pytest.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tests.interop.certs import Credential, TestCa
 from tests.interop.charon import PLUGINS, Charon
-from tests.interop.netns import LabError, Netns, create_netns, destroy_netns, run_host
+from tests.interop.netns import (
+    LabError,
+    Netns,
+    create_netns,
+    destroy_netns,
+    run_host,
+    stop_process,
+)
 from tests.interop.node import Node, render_node_config
 from tests.interop.spec import (
     INITIATOR_ID,
@@ -63,11 +73,13 @@ __all__ = [
     "Conn",
     "Credential",
     "End",
+    "IperfResult",
     "Lab",
     "LabError",
     "Netns",
     "Node",
     "TestCa",
+    "WireCounters",
     "conn_pair",
     "render_node_config",
 ]
@@ -172,17 +184,71 @@ class Lab:
         node_id: str = "gw1",
         extra_toml: str = "",
         start: bool = True,
+        side: Side = "responder",
     ) -> Node:
-        """Our product in the responder namespace, configured with ``conns``."""
-        workdir = self.dir / f"node-{len(self.nodes)}"
+        """Our product in ``side``'s namespace (the responder's unless told), with ``conns``."""
+        workdir = self.dir / f"node-{side[0]}{len(self.nodes)}"
         node = Node(
-            self.responder, workdir, conns, node_id=node_id, addresses=addresses,
+            self.ns(side), workdir, conns, node_id=node_id, addresses=addresses,
             extra_toml=extra_toml,
         )
         self.nodes.append(node)
         if start:
             node.start()
         return node
+
+    # -- measuring traffic ---------------------------------------------------------
+
+    def wire_counters(
+        self, side: Side, rules: Mapping[str, tuple[Direction, str]]
+    ) -> WireCounters:
+        """nftables counters on ``side``'s veth, installed now (see `WireCounters`)."""
+        counters = WireCounters(self.ns(side), rules)
+        counters.install()
+        return counters
+
+    def iperf3(
+        self,
+        *,
+        server: Side,
+        server_addr: str,
+        client_addr: str,
+        seconds: int = 10,
+        reverse: bool = False,
+        port: int = 5201,
+    ) -> IperfResult:
+        """One iperf3 TCP run: a one-off server on ``server_addr`` in ``server``'s
+        namespace, the client in the other one bound to ``client_addr`` (``-R``: the
+        server sends). Raises LabError unless the run completed."""
+        server_ns = self.ns(server)
+        client_ns = self.initiator if server == "responder" else self.responder
+        out = self.dir / f"iperf3-{server[0]}-{port}-{secrets.token_hex(2)}.json"
+        proc = server_ns.spawn(
+            ["iperf3", "--server", "--one-off", "--json", "--bind", server_addr,
+             "--port", str(port)],
+            output=out,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10.0
+        while f"{server_addr}:{port}" not in server_ns.run(["ss", "-H", "-t", "-l", "-n"]).stdout:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_process(proc)
+                raise LabError(f"iperf3 server did not listen on {server_addr}:{port}:\n"
+                               f"{out.read_text(errors='replace')}")
+            time.sleep(0.05)
+        argv = ["iperf3", "--client", server_addr, "--bind", client_addr, "--port", str(port),
+                "--time", str(seconds), "--json", *(["--reverse"] if reverse else [])]
+        try:
+            client = client_ns.run(argv, check=False, timeout=seconds + 30)
+        finally:
+            stop_process(proc, timeout=10.0)
+        try:
+            report: dict[str, Any] = json.loads(client.stdout)
+        except json.JSONDecodeError:
+            report = {"error": f"no JSON report: {client.stdout}{client.stderr}"}
+        if client.returncode != 0 or "error" in report:
+            raise LabError(f"iperf3 {' '.join(argv)} failed ({client.returncode}): "
+                           f"{report.get('error')}\nserver: {out.read_text(errors='replace')}")
+        return IperfResult.from_report(report, reverse=reverse)
 
     def logs(self, tail: int = 200) -> str:
         """The last lines of every daemon's log, for a failure report."""
@@ -262,3 +328,89 @@ def conn_pair(
         psk=secret,
     )  # fmt: skip
     return initiator, responder
+
+
+Direction = Literal["in", "out"]
+WIRE_TABLE = "ikc_wire"
+
+
+class WireCounters:
+    """nftables packet counters on a namespace's veth, independent of every daemon.
+
+    The ``netdev`` family's ingress and egress hooks see each packet as it crosses
+    the interface, after whatever produced it (a TUN, a raw socket, the kernel).
+    ``rules`` maps a counter name to a direction and an nft match, e.g.
+    ``{"esp_udp_out": ("out", "udp dport 4500 @th,64,32 != 0")}``: UDP to 4500
+    whose first payload word is non-zero, i.e. ESP in UDP, not the IKE marker.
+    """
+
+    def __init__(
+        self, ns: Netns, rules: Mapping[str, tuple[Direction, str]], device: str = VETH
+    ) -> None:
+        self.ns = ns
+        self.rules = dict(rules)
+        self.device = device
+
+    def install(self) -> None:
+        chains: dict[Direction, list[str]] = {"in": [], "out": []}
+        for name, (direction, match) in self.rules.items():
+            chains[direction].append(f'        {match} counter name "{name}"\n')
+        script = f"table netdev {WIRE_TABLE} {{\n"
+        script += "".join(f"    counter {name} {{}}\n" for name in self.rules)
+        for direction, hook in (("in", "ingress"), ("out", "egress")):
+            script += (
+                f"    chain {hook} {{\n"
+                f'        type filter hook {hook} device "{self.device}" priority 0;'
+                " policy accept;\n"
+                + "".join(chains[direction])
+                + "    }\n"
+            )  # fmt: skip
+        script += "}\n"
+        path = Path(tempfile.mkstemp(prefix="ikc-nft-", suffix=".nft")[1])
+        try:
+            path.write_text(script)
+            self.ns.run(["nft", "-f", str(path)])
+        finally:
+            path.unlink()
+
+    def read(self) -> dict[str, int]:
+        """Packets counted so far, per counter name."""
+        out = self.ns.run(["nft", "-j", "list", "counters", "table", "netdev", WIRE_TABLE])
+        counts = {}
+        for item in json.loads(out.stdout)["nftables"]:
+            counter = item.get("counter")
+            if counter is not None:
+                counts[counter["name"]] = int(counter["packets"])
+        return counts
+
+    def since(self, before: Mapping[str, int]) -> dict[str, int]:
+        """Packets counted after ``before`` (an earlier `read`)."""
+        return {name: n - before.get(name, 0) for name, n in self.read().items()}
+
+
+@dataclass(frozen=True)
+class IperfResult:
+    """What the iperf3 client reported for one TCP run."""
+
+    seconds: float
+    sent_bytes: int
+    received_bytes: int
+    mbit_s: float  # as received
+    reverse: bool
+
+    @classmethod
+    def from_report(cls, report: Mapping[str, Any], *, reverse: bool) -> IperfResult:
+        end = report["end"]
+        received = end["sum_received"]
+        return cls(
+            seconds=float(received["seconds"]),
+            sent_bytes=int(end["sum_sent"]["bytes"]),
+            received_bytes=int(received["bytes"]),
+            mbit_s=float(received["bits_per_second"]) / 1e6,
+            reverse=reverse,
+        )
+
+    def __str__(self) -> str:
+        direction = "responder -> initiator" if self.reverse else "initiator -> responder"
+        return (f"{direction}: {self.mbit_s:.1f} Mbit/s, {self.received_bytes} bytes "
+                f"in {self.seconds:.1f} s")

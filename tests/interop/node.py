@@ -64,6 +64,9 @@ def render_node_config(
         ]
         if conn.encap:
             out.append("encap = true")
+        if conn.remote_addrs:
+            # only initiating connections have them (conn_pair's responder has none)
+            out.append(f"remote_addrs = {_toml(conn.remote_addrs)}")
         out += [
             f"local = {_toml(_end_table(conn.local, config_dir))}",
             f"remote = {_toml(_end_table(conn.remote, config_dir))}",
@@ -73,11 +76,15 @@ def render_node_config(
             out += [
                 f"[connections.{conn.name}.children.{child.name}]",
                 f"mode = {_toml(child.mode)}",
-                f"local_ts = {_toml(child.local_ts)}",
-                f"remote_ts = {_toml(child.remote_ts)}",
-                f"esp_proposals = {_toml(child.esp_proposals)}",
-                "",
             ]
+            # none given: the node's default, "dynamic" (the outer addresses)
+            if child.local_ts:
+                out.append(f"local_ts = {_toml(child.local_ts)}")
+            if child.remote_ts:
+                out.append(f"remote_ts = {_toml(child.remote_ts)}")
+            if child.start_action != "none":
+                out.append(f"start_action = {_toml(child.start_action)}")
+            out += [f"esp_proposals = {_toml(child.esp_proposals)}", ""]
         if conn.psk is not None:
             out += [
                 f"[secrets.{conn.name}]",
@@ -89,7 +96,11 @@ def render_node_config(
 
 
 class Node:
-    """One ``cluster run`` process; its stderr goes to ``log_path``."""
+    """One ``cluster run`` process; its stderr goes to ``log_path``.
+
+    A responder by default; a connection with ``remote_addrs`` and a child with
+    ``start_action="start"`` makes it initiate at start-up.
+    """
 
     def __init__(
         self,

@@ -45,6 +45,7 @@ class Child:
     remote_ts: tuple[str, ...] = ()
     esp_proposals: tuple[str, ...] = ("aes256gcm16",)
     rekey_time: str | None = None  # strongSwan duration, e.g. "20s"
+    start_action: str = "none"  # "start": the side holding this child initiates it
 
 
 @dataclass(frozen=True)

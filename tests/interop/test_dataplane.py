@@ -1,0 +1,341 @@
+"""Our userspace ESP data plane carries real traffic, and only as ESP (issue 3).
+
+Every verdict comes from outside our node: ping and iperf3 replies, strongSwan's own
+CHILD_SA counters, and nftables counters on the veth (``netdev`` ingress/egress
+hooks), which see each packet as it crosses the wire whichever process made it.
+
+- tunnel mode, strongSwan (kernel-libipsec, always ESP in UDP) initiating to our node;
+- transport mode between two of our nodes, raw ESP and with encapsulation forced;
+- a packet routed into the TUN that no SA covers never leaves the namespace.
+
+Run with ``-rP`` (or ``-s``) to see the ping, iperf3 and counter figures.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from tests.interop.charon import Charon
+from tests.interop.lab import (
+    INITIATOR_INNER_V4,
+    INITIATOR_V4,
+    RESPONDER_INNER_V4,
+    RESPONDER_V4,
+    Child,
+    Conn,
+    End,
+    IperfResult,
+    Lab,
+    Netns,
+    Node,
+    WireCounters,
+    conn_pair,
+)
+from tests.interop.sa_checks import assert_initiated, child_sa
+
+pytestmark = pytest.mark.interop
+
+PSK = "dataplane-test-secret"
+IPERF_PORT = 5201
+IPERF_SECONDS = 10
+PINGS = 20
+# An ESP packet carries at most one TUN-MTU-sized inner packet (1400 by default), so
+# N bytes of TCP payload need more than N / 1500 of them: a bound on counts, not time.
+MAX_PAYLOAD_PER_PACKET = 1500
+# How long daemons get to log an SA they negotiated (they normally take milliseconds).
+SETTLE = 20.0
+
+# Non-zero first payload word: ESP in UDP (RFC 3948), not IKE behind its zero marker.
+ESP_IN_UDP_OUT = "udp dport 4500 @th,64,32 != 0"
+ESP_IN_UDP_IN = "udp sport 4500 @th,64,32 != 0"
+IKE_ON_4500_OUT = "udp dport 4500 @th,64,32 == 0"
+INNER_PAIR = f"{{ {INITIATOR_INNER_V4}, {RESPONDER_INNER_V4} }}"
+OUTER_PAIR = f"{{ {INITIATOR_V4}, {RESPONDER_V4} }}"
+
+
+def worker_toml(tun: str) -> str:
+    return f'[worker]\ntun = "{tun}"\n'
+
+
+def wait_for_log(node: Node, pattern: str, *, count: int = 1) -> list[str]:
+    """The node's log lines matching ``pattern``, once there are ``count`` of them."""
+    deadline = time.monotonic() + SETTLE
+    while True:
+        lines = [line for line in node.log_text().splitlines() if re.search(pattern, line)]
+        if len(lines) >= count:
+            return lines
+        assert node.running(), f"node exited:\n{node.log_text()}"
+        assert time.monotonic() < deadline, (
+            f"no {count} log line(s) matching {pattern!r} within {SETTLE}s:\n{node.log_text()}"
+        )
+        time.sleep(0.05)
+
+
+def ping(ns: Netns, source: str, target: str, count: int = PINGS) -> tuple[int, int, str]:
+    """(transmitted, received, output) of ``ping -c count -i 0.05 -I source target``."""
+    proc = ns.run(
+        ["ping", "-n", "-c", str(count), "-i", "0.05", "-W", "2", "-I", source, target],
+        check=False,
+    )
+    match = re.search(r"(\d+) packets transmitted, (\d+) received", proc.stdout)
+    assert match, f"no ping summary:\n{proc.stdout}{proc.stderr}"
+    return int(match[1]), int(match[2]), proc.stdout
+
+
+def packets_for(result: IperfResult) -> int:
+    """The fewest ESP packets that can have carried ``result``'s payload."""
+    return result.received_bytes // MAX_PAYLOAD_PER_PACKET
+
+
+def data_plane_counters(node: Node) -> dict[str, int]:
+    """The counters in the node's last "data plane stopped:" line (after it stopped)."""
+    lines = [line for line in node.log_text().splitlines() if "data plane stopped:" in line]
+    assert lines, f"the node logged no data plane counters:\n{node.log_text()}"
+    fields = lines[-1].split("data plane stopped:", 1)[1].split()
+    return {k: int(v) for k, _, v in (f.partition("=") for f in fields if "=" in f)}
+
+
+def report(label: str, text: str) -> None:
+    # shown with -s; the figures are the point of these runs, not thresholds
+    print(f"\n[{label}] {text}")
+
+
+# --- tunnel mode with strongSwan ---------------------------------------------------------
+
+
+def child_bytes(charon: Charon) -> tuple[int, int]:
+    """(bytes-in, bytes-out) of strongSwan's one CHILD_SA "net"."""
+    sas = [sa for sa in charon.list_sas() if sa.get("state") == "ESTABLISHED"]
+    assert len(sas) == 1, f"expected one ESTABLISHED IKE SA: {sas}"
+    child: Mapping[str, Any] = child_sa(sas[0])
+    return int(child.get("bytes-in", 0)), int(child.get("bytes-out", 0))
+
+
+def test_tunnel_mode_with_strongswan_libipsec_carries_ping_and_iperf3(
+    lab: Lab, initiator: Charon
+) -> None:
+    initiator_conn, responder_conn = conn_pair(mode="tunnel")
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    wire = lab.wire_counters(
+        "initiator",
+        {
+            "esp_udp_out": ("out", ESP_IN_UDP_OUT),
+            "esp_udp_in": ("in", ESP_IN_UDP_IN),
+            "ike_4500_out": ("out", IKE_ON_4500_OUT),
+            "icmp_out": ("out", "ip protocol icmp"),
+            "icmp_in": ("in", "ip protocol icmp"),
+            "inner_out": ("out", f"ip saddr {INNER_PAIR} ip daddr {INNER_PAIR}"),
+            "inner_in": ("in", f"ip saddr {INNER_PAIR} ip daddr {INNER_PAIR}"),
+        },
+    )
+    initiator.load(initiator_conn)
+    sa = assert_initiated(initiator.initiate("net"), initiator)
+    assert child_sa(sa)["mode"] == "TUNNEL"
+    assert child_sa(sa)["encap"] == "yes"  # libipsec always encapsulates
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    bytes_before = child_bytes(initiator)
+
+    before = wire.read()
+    # The counters tell IKE from ESP on port 4500: IKE_AUTH went there, no ESP yet.
+    assert before["ike_4500_out"] > 0 and before["esp_udp_out"] == 0, before
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    report("tunnel ping", output.strip().splitlines()[-2])
+    assert (sent, received) == (PINGS, PINGS), output
+    after_ping = wire.since(before)
+    assert after_ping["esp_udp_out"] >= PINGS, after_ping
+    assert after_ping["esp_udp_in"] >= PINGS, after_ping
+
+    upload = lab.iperf3(
+        server="responder", server_addr=RESPONDER_INNER_V4, client_addr=INITIATOR_INNER_V4,
+        seconds=IPERF_SECONDS, port=IPERF_PORT,
+    )  # fmt: skip
+    download = lab.iperf3(
+        server="responder", server_addr=RESPONDER_INNER_V4, client_addr=INITIATOR_INNER_V4,
+        seconds=IPERF_SECONDS, port=IPERF_PORT, reverse=True,
+    )  # fmt: skip
+    report("tunnel iperf3", str(upload))
+    report("tunnel iperf3", str(download))
+    for result in (upload, download):
+        assert result.received_bytes > 0 and result.seconds > IPERF_SECONDS / 2, result
+
+    seen = wire.since(before)
+    report("tunnel wire (initiator veth)", str(seen))
+    # Each direction's bulk data crossed the wire as ESP in UDP, nothing in the clear.
+    assert seen["esp_udp_out"] >= PINGS + packets_for(upload), seen
+    assert seen["esp_udp_in"] >= PINGS + packets_for(download), seen
+    assert seen["icmp_out"] == seen["icmp_in"] == 0, seen
+    assert seen["inner_out"] == seen["inner_in"] == 0, seen
+
+    bytes_in, bytes_out = child_bytes(initiator)
+    report("tunnel strongSwan CHILD_SA", f"bytes-in {bytes_in}, bytes-out {bytes_out}")
+    assert bytes_out - bytes_before[1] >= upload.received_bytes
+    assert bytes_in - bytes_before[0] >= download.received_bytes
+    assert node.running(), node.log_text()
+
+
+# --- transport mode between two of our nodes ---------------------------------------------
+
+
+def transport_pair(*, encap: bool) -> tuple[Conn, Conn]:
+    """(A, B): A initiates to B at start-up, host-to-host transport mode."""
+    a_id, b_id = "a.example.test", "b.example.test"
+    a = Conn(
+        local=End("psk", a_id),
+        remote=End("psk", b_id),
+        name="link",
+        children=(Child(name="host", mode="transport", start_action="start"),),
+        remote_addrs=(RESPONDER_V4,),
+        psk=PSK,
+        encap=encap,
+    )
+    b = Conn(
+        local=End("psk", b_id),
+        remote=End("psk", a_id),
+        name="link",
+        children=(Child(name="host", mode="transport"),),
+        psk=PSK,
+    )
+    return a, b
+
+
+@pytest.mark.parametrize("encap", [False, True], ids=["raw-esp", "esp-in-udp"])
+def test_transport_mode_between_two_nodes_is_only_esp_on_the_wire(
+    lab: Lab, encap: bool
+) -> None:
+    a_conn, b_conn = transport_pair(encap=encap)
+    b = lab.node([b_conn], node_id="b", extra_toml=worker_toml("ikecB"))
+    wire = lab.wire_counters(
+        "initiator",
+        {
+            "esp_raw_out": ("out", "ip protocol esp"),
+            "esp_raw_in": ("in", "ip protocol esp"),
+            "esp_udp_out": ("out", ESP_IN_UDP_OUT),
+            "esp_udp_in": ("in", ESP_IN_UDP_IN),
+            "ike_4500_out": ("out", IKE_ON_4500_OUT),
+            "echo_out": ("out", "icmp type { echo-request, echo-reply }"),
+            "echo_in": ("in", "icmp type { echo-request, echo-reply }"),
+            "tcp_out": ("out", f"ip saddr {OUTER_PAIR} tcp dport {IPERF_PORT}"),
+            "tcp_in": ("in", f"ip saddr {OUTER_PAIR} tcp sport {IPERF_PORT}"),
+            "tcp_any_out": ("out", "meta l4proto tcp"),
+            "tcp_any_in": ("in", "meta l4proto tcp"),
+        },
+    )
+    a = lab.node(
+        [a_conn], side="initiator", node_id="a", addresses=(INITIATOR_V4,),
+        extra_toml=worker_toml("ikecA"),
+    )  # fmt: skip
+    suffix = " encap" if encap else ""
+    for node in (a, b):
+        line = wait_for_log(node, r"CHILD SA established: host .* mode=transport")[0]
+        assert line.endswith(f"mode=transport{suffix}"), line
+
+    before = wire.read()
+    # IKE floats to port 4500 only with encapsulation; either way no ESP has moved yet.
+    assert (before["ike_4500_out"] > 0) is encap, before
+    assert before["esp_raw_out"] == before["esp_udp_out"] == 0, before
+    sent, received, output = ping(lab.initiator, INITIATOR_V4, RESPONDER_V4)
+    report(f"transport {'udp' if encap else 'raw'} ping", output.strip().splitlines()[-2])
+    assert (sent, received) == (PINGS, PINGS), output
+    upload = lab.iperf3(
+        server="responder", server_addr=RESPONDER_V4, client_addr=INITIATOR_V4,
+        seconds=IPERF_SECONDS, port=IPERF_PORT,
+    )  # fmt: skip
+    download = lab.iperf3(
+        server="responder", server_addr=RESPONDER_V4, client_addr=INITIATOR_V4,
+        seconds=IPERF_SECONDS, port=IPERF_PORT, reverse=True,
+    )  # fmt: skip
+    report(f"transport {'udp' if encap else 'raw'} iperf3", str(upload))
+    report(f"transport {'udp' if encap else 'raw'} iperf3", str(download))
+    for result in (upload, download):
+        assert result.received_bytes > 0 and result.seconds > IPERF_SECONDS / 2, result
+
+    seen = wire.since(before)
+    report(f"transport {'udp' if encap else 'raw'} wire (initiator veth)", str(seen))
+    carrier, other = ("esp_udp", "esp_raw") if encap else ("esp_raw", "esp_udp")
+    assert seen[f"{carrier}_out"] >= PINGS + packets_for(upload), seen
+    assert seen[f"{carrier}_in"] >= PINGS + packets_for(download), seen
+    assert seen[f"{other}_out"] == seen[f"{other}_in"] == 0, seen
+    assert seen["echo_out"] == seen["echo_in"] == 0, seen
+    assert seen["tcp_out"] == seen["tcp_in"] == 0, seen
+    assert seen["tcp_any_out"] == seen["tcp_any_in"] == 0, seen
+    assert a.running() and b.running()
+
+
+# --- no SA: nothing leaves ----------------------------------------------------------------
+
+TEST_NET = "10.77.0.0/24"
+TEST_TARGET = "10.77.0.5"
+UDP_PROBES = 10
+
+
+def send_udp(ns: Netns, target: str, count: int) -> None:
+    ns.run([
+        "python3", "-c",
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "for _ in range(int(sys.argv[2])): s.sendto(b'x' * 100, (sys.argv[1], 9))\n",
+        target, str(count),
+    ])  # fmt: skip
+
+
+def responder_wire(lab: Lab, target_net: str) -> WireCounters:
+    return lab.wire_counters(
+        "responder",
+        {
+            "ipv4_out": ("out", "meta protocol ip"),
+            "to_target": ("out", f"ip daddr {target_net}"),
+            "esp_raw_out": ("out", "ip protocol esp"),
+            "udp4500_out": ("out", "udp dport 4500"),
+        },
+    )
+
+
+def assert_dropped_without_sa(lab: Lab, node: Node, wire: WireCounters, target: str) -> None:
+    """Pings and UDP to ``target`` (routed into the TUN) leave nothing on the wire."""
+    before = wire.read()
+    sent, received, output = ping(lab.responder, RESPONDER_INNER_V4, target, count=5)
+    assert (sent, received) == (5, 0), output
+    send_udp(lab.responder, target, UDP_PROBES)
+    time.sleep(0.5)  # a packet that did leave has long crossed the veth by now
+    seen = wire.since(before)
+    assert seen == dict.fromkeys(seen, 0), f"packets left the namespace: {seen}"
+    assert node.running(), node.log_text()
+    node.stop()
+    counters = data_plane_counters(node)
+    report("no SA node counters", str(counters))
+    assert counters.get("no_sa_out", 0) >= 5 + UDP_PROBES, counters
+    assert counters.get("tun_read_packets", 0) >= 5 + UDP_PROBES, counters
+
+
+def test_packet_routed_into_the_tun_without_sa_is_not_sent(lab: Lab) -> None:
+    _, responder_conn = conn_pair()
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    wait_for_log(node, r"data plane on ikec0")
+    wire = responder_wire(lab, TEST_NET)
+    lab.responder.ip("route", "add", TEST_NET, "dev", "ikec0", "table", "1450")
+    assert_dropped_without_sa(lab, node, wire, TEST_TARGET)
+    assert "esp_sent_packets" not in data_plane_counters(node)
+
+
+def test_packet_for_a_deleted_sa_is_not_sent(lab: Lab, initiator: Charon) -> None:
+    initiator_conn, responder_conn = conn_pair(mode="tunnel")
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    initiator.load(initiator_conn)
+    assert_initiated(initiator.initiate("net"), initiator)
+    wait_for_log(node, r"CHILD SA established: net")
+    sent, received, output = ping(lab.responder, RESPONDER_INNER_V4, INITIATOR_INNER_V4, 5)
+    assert (sent, received) == (5, 5), output  # the SA worked while it existed
+
+    assert initiator.terminate_ike().returncode == 0
+    wait_for_log(node, r"IKE SA deleted")
+    # The SA's route went with it; put one back so the packets reach the TUN again.
+    routes = lab.responder.ip("route", "show", "table", "1450")
+    assert "10.99.1.0/24" not in routes, routes
+    lab.responder.ip("route", "add", "10.99.1.0/24", "dev", "ikec0", "table", "1450")
+    wire = responder_wire(lab, "10.99.1.0/24")
+    assert_dropped_without_sa(lab, node, wire, INITIATOR_INNER_V4)
