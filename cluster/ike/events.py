@@ -21,6 +21,7 @@ class IkeSaEstablished:
     remote: Address
     algorithms: str
     nat: bool
+    initial_contact: bool = False  # RFC 7296 2.4: the peer holds no other SA with us
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,11 +108,11 @@ def _verify_peer(sa: IkeSa, remote: RemoteAuth, peer_ident: Identity, id_type: i
     verify_auth(key, auth.method, auth.data, octets)  # type: ignore[arg-type]
 
 
-def _established(sa: IkeSa) -> None:
+def _established(sa: IkeSa, initial_contact: bool = False) -> None:
     assert sa.connection is not None and sa.chosen is not None
     sa.events.append(IkeSaEstablished(
         sa.spi_i, sa.spi_r, sa.connection.name, str(sa.local_id), str(sa.remote_id),
-        sa.local, sa.remote, sa.chosen.describe(), sa.nat,
+        sa.local, sa.remote, sa.chosen.describe(), sa.nat, initial_contact,
     ))
 
 
@@ -157,7 +157,7 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
     response: list[Payload] = [IdrPayload(sa.local_id.id_type, sa.local_id.data)]
     response += _our_auth(sa, chosen_conn.local, sa.local_id, peer_ident, sa.init_response,
                           sa.nonce_i)
-    _established(sa)
+    _established(sa, bool(notifies(payloads, NotifyType.INITIAL_CONTACT)))
     response += respond_child(sa, chosen_conn, payloads, rng)
     return response
 

