@@ -36,10 +36,12 @@ from .ike.identity import (
 from .ike.policy import (
     ChildConfig,
     ConnectionConfig,
+    Lifetime,
     LocalAuth,
     PrivateKey,
     RemoteAuth,
     ResponderPolicy,
+    Retransmission,
     SharedSecret,
 )
 from .ike.proposals import ConfiguredProposal, parse_proposal
@@ -53,6 +55,10 @@ START_ACTIONS = ("none", "start")
 IKE_PORT = 500  # a peer's IKE port unless `remote_port` says otherwise
 # Tables that later issues fill in; kept raw in `NodeConfig.extra_tables` until then.
 FUTURE_TABLES = ("cluster", "metrics")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+IKE_REKEY_TIME = 14400.0  # swanctl's defaults: 4 h for IKE SAs, 1 h for Child SAs
+CHILD_REKEY_TIME = 3600.0
 _TUN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # IFNAMSIZ - 1
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -198,6 +204,7 @@ class _Loader:
             (
                 "addresses", "port", "port_nat_t", "legacy_algorithms", "half_open_timeout",
                 "cookie_threshold", "block_threshold", "init_limit_half_open", "notify_rate",
+                "retransmit_timeout", "retransmit_base", "retransmit_tries",
             ),
             required=True,
         )  # fmt: skip
@@ -229,6 +236,7 @@ class _Loader:
             secrets=secrets,
             legacy_algorithms=legacy,
             half_open_timeout=half_open_timeout,
+            retransmission=self.retransmission(ike),
         )
         self.check_psk_secrets(policy, addresses)
         extra = {name: root.raw_table(name) for name in FUTURE_TABLES if name in root}
@@ -269,6 +277,18 @@ class _Loader:
             ),
             notify_rate=notify_rate,
         )
+
+    def retransmission(self, ike: _Table) -> Retransmission:
+        timeout = self.duration(ike, "retransmit_timeout", 4.0)
+        if timeout <= 0:
+            ike.fail("retransmit_timeout", "must be positive")
+        base = ike.number("retransmit_base", 1.8)
+        if not 1.0 <= base <= 10.0:
+            ike.fail("retransmit_base", "must be between 1 and 10")
+        tries = ike.integer("retransmit_tries", 5)
+        if not 0 <= tries <= 20:
+            ike.fail("retransmit_tries", "must be between 0 and 20")
+        return Retransmission(timeout, base, tries)
 
     def worker(self, root: _Table) -> WorkerConfig:
         table = root.table("worker", ("tun", "mtu", "queues", "mark", "table", "priority",
@@ -337,6 +357,12 @@ class _Loader:
                 "local_addrs",
                 "remote_addrs",
                 "remote_port",
+                "rekey_time",
+                "over_time",
+                "life_time",
+                "rand_time",
+                "dpd_delay",
+                "dpd_action",
             ),
         )
         version = conn.integer("version", 2)
@@ -366,8 +392,53 @@ class _Loader:
             encap=conn.boolean("encap", False),
             local_addrs=self.peer_addrs(conn, "local_addrs"),
             remote_addrs=self.peer_addrs(conn, "remote_addrs"),
+            lifetime=self.lifetime(conn, IKE_REKEY_TIME, over_time=True),
+            dpd_delay=self.duration(conn, "dpd_delay", 0.0),
+            dpd_action=self.dpd_action(conn),
         )
         return connection, self.initiation(conn, connection, remote_port, addresses)
+
+    def duration(self, table: _Table, name: str, default: float) -> float:
+        """Seconds, as a number or swanctl's text ("30s", "10m", "4h", "1d")."""
+        value = table.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            table.fail(name, f"expected a duration, got {_type_name(value)}")
+        if isinstance(value, str):
+            match = _DURATION.fullmatch(value.strip())
+            if match is None:
+                table.fail(name, f"{value!r} is not a duration (e.g. 30, \"30s\", \"10m\", \"4h\")")
+            seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+        else:
+            seconds = float(value)
+        if not seconds >= 0 or seconds == float("inf"):
+            table.fail(name, "must be a non-negative number of seconds")
+        return seconds
+
+    def lifetime(self, table: _Table, default_rekey: float, *, over_time: bool = False) -> Lifetime:
+        """strongSwan's rekey_time / life_time (or over_time for IKE) / rand_time."""
+        rekey = self.duration(table, "rekey_time", default_rekey)
+        life: float | None = None
+        if "life_time" in table:
+            life = self.duration(table, "life_time", 0.0)
+        elif over_time and "over_time" in table:
+            life = rekey + self.duration(table, "over_time", 0.0)
+        rand = self.duration(table, "rand_time", 0.0) if "rand_time" in table else None
+        lifetime = Lifetime(rekey, life, rand)
+        if rekey and life is not None and life <= rekey:
+            table.fail("life_time", f"must exceed rekey_time ({rekey:g} s)")
+        if rekey and rand is not None and rand >= rekey:
+            table.fail("rand_time", f"must be below rekey_time ({rekey:g} s)")
+        return lifetime
+
+    def dpd_action(self, table: _Table) -> Literal["clear", "restart", "none"]:
+        action = table.string("dpd_action", "clear")
+        if action == "clear":
+            return "clear"
+        if action in ("restart", "none", "trap"):
+            table.fail("dpd_action", f"{action!r} is not supported yet (use \"clear\")")
+        table.fail("dpd_action", f"{action!r} is not one of \"clear\"")
 
     def initiation(
         self,
@@ -584,7 +655,8 @@ class _Loader:
 
     def child(self, name: str, key: str, value: object, legacy: bool) -> ChildConfig:
         child = self.table(
-            key, value, ("mode", "local_ts", "remote_ts", "esp_proposals", "start_action")
+            key, value, ("mode", "local_ts", "remote_ts", "esp_proposals", "start_action",
+                         "rekey_time", "life_time", "rand_time")
         )
         mode = child.string("mode", "tunnel")
         if mode not in ("tunnel", "transport"):
@@ -603,6 +675,7 @@ class _Loader:
                 child, "esp_proposals", DEFAULT_ESP_PROPOSALS, ProtocolId.ESP, legacy
             ),
             start_action="start" if start_action == "start" else "none",
+            lifetime=self.lifetime(child, CHILD_REKEY_TIME),
         )
 
     def traffic_selectors(self, child: _Table, name: str) -> tuple[TsConfig, ...]:
@@ -745,6 +818,10 @@ class _Table:
 
     def fail(self, name: str, reason: str) -> NoReturn:
         self.loader.fail(_join(self.key, name), reason)
+
+    def raw(self, name: str) -> object:
+        """The value as TOML gave it, or None if absent."""
+        return self._get(name, False)
 
     def _get(self, name: str, required: bool) -> object:
         if name not in self.data:

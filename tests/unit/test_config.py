@@ -751,3 +751,57 @@ def test_bad_worker_settings_name_the_key(tmp_path: Path, body: str, key: str,
         load_config(_with_worker(tmp_path, body + "\n"))
     message = str(info.value)
     assert key in message and reason in message and "\n" not in message
+
+
+# --- lifetimes, DPD and retransmission ------------------------------------------------------
+
+
+def _example_with(tmp_path: Path, connection: str = "", child: str = "", ike: str = "") -> Path:
+    text = _without_worker()
+    text = text.replace("[connections.rw]\n", "[connections.rw]\n" + connection)
+    text = text.replace("[connections.rw.children.net]\n",
+                        "[connections.rw.children.net]\n" + child)
+    text = text.replace("[ike]\n", "[ike]\n" + ike)
+    path = tmp_path / "lifetimes.toml"
+    path.write_text(text)
+    return path
+
+
+def test_lifetimes_default_to_swanctls(tmp_path: Path) -> None:
+    config = load_config(_example_with(tmp_path))
+    conn = config.policy.connections[0]
+    assert conn.lifetime.rekey_time == 14400 and conn.lifetime.hard == pytest.approx(15840)
+    assert conn.children[0].lifetime.rekey_time == 3600
+    assert conn.dpd_delay == 0 and conn.dpd_action == "clear"
+    assert config.policy.retransmission.timeout == 4.0
+    assert config.policy.retransmission.tries == 5
+
+
+def test_lifetimes_dpd_and_retransmission_are_read(tmp_path: Path) -> None:
+    config = load_config(_example_with(
+        tmp_path,
+        connection='rekey_time = "1h"\nover_time = "10m"\ndpd_delay = "2s"\n',
+        child='rekey_time = 20\nlife_time = "30s"\nrand_time = 5\n',
+        ike="retransmit_timeout = 1.5\nretransmit_tries = 3\n"))
+    conn = config.policy.connections[0]
+    assert (conn.lifetime.rekey_time, conn.lifetime.hard) == (3600, 4200)
+    assert conn.dpd_delay == 2.0
+    lifetime = conn.children[0].lifetime
+    assert (lifetime.rekey_time, lifetime.hard, lifetime.jitter) == (20, 30, 5)
+    assert (config.policy.retransmission.timeout, config.policy.retransmission.tries) == (1.5, 3)
+
+
+@pytest.mark.parametrize(("connection", "child", "ike", "key", "reason"), [
+    ('rekey_time = "soon"\n', "", "", "connections.rw.rekey_time", "not a duration"),
+    ("rekey_time = -5\n", "", "", "connections.rw.rekey_time", "non-negative"),
+    ("", "rekey_time = 60\nlife_time = 30\n", "", "children.net.life_time", "exceed"),
+    ("", "rekey_time = 60\nrand_time = 90\n", "", "children.net.rand_time", "below"),
+    ('dpd_action = "restart"\n', "", "", "connections.rw.dpd_action", "not supported"),
+    ("", "", "retransmit_tries = 99\n", "ike.retransmit_tries", "between 0 and 20"),
+])
+def test_bad_lifetime_settings_name_the_key(tmp_path: Path, connection: str, child: str,
+                                            ike: str, key: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_example_with(tmp_path, connection, child, ike))
+    message = str(info.value)
+    assert key in message and reason in message and "\n" not in message
