@@ -8,6 +8,7 @@ to its decapsulation, and it sends ESP in UDP from that same socket.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -19,6 +20,21 @@ if TYPE_CHECKING:
     from .runtime.node import Node
 
 logger = logging.getLogger("cluster")
+
+
+def _lifetime_handler(node: Node, log: Callable[[object], None]) -> Callable[[object], None]:
+    """The data plane's byte/packet lifetimes drive the responder: soft -> rekey, hard or
+    exhausted sequence numbers -> delete (the lifecycle of RFC 4301 4.4.2.1)."""
+    from .esp import SaHardExpired, SaSequenceExhausted, SaSoftExpired
+
+    def handle(event: object) -> None:
+        log(event)
+        if isinstance(event, SaSoftExpired):
+            node.supervisor.rekey_child(event.spi_in)
+        elif isinstance(event, SaHardExpired | SaSequenceExhausted):
+            node.supervisor.delete_child(event.spi_in)
+
+    return handle
 
 
 async def single_node(config: NodeConfig) -> None:
@@ -59,6 +75,7 @@ async def _with_data_plane(config: NodeConfig, w: WorkerConfig) -> None:
 
                 node: Node = await nursery.start(responder)
                 plane.udp_send = node.dispatcher.send_esp
+                plane.on_esp_event = _lifetime_handler(node, plane.on_esp_event)
                 logger.info("data plane on %s (mtu %d, table %d, mark %#x)",
                             w.tun, w.mtu, w.table, w.mark)
         finally:
