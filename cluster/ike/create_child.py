@@ -174,7 +174,7 @@ def _successor(sa: IkeSa, *, is_initiator: bool, spi_i: bytes, spi_r: bytes,
     new = IkeSa(sa.policy, is_initiator, spi_i, spi_r, sa.local, sa.remote,
                 state=State.ESTABLISHED, connection=sa.connection, chosen=chosen,
                 nonce_i=nonce_i, nonce_r=nonce_r, keys=keys, sk=sk,
-                nat_local=sa.nat_local, nat_remote=sa.nat_remote,
+                nat_local=sa.nat_local, nat_remote=sa.nat_remote, behind_nat=sa.behind_nat,
                 peer_hashes=sa.peer_hashes, local_id=sa.local_id, remote_id=sa.remote_id,
                 events=sa.events, fragmentation=sa.fragmentation, last_heard=sa.last_heard)
     new.children, sa.children = sa.children, {}

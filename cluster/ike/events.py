@@ -98,6 +98,16 @@ class IkeSaRetired:
 
 
 @dataclass(frozen=True, slots=True)
+class IkeSaMoved:
+    """The peer's address or port changed (NAT rebinding, RFC 7296 2.23): ESP follows."""
+
+    spi_i: bytes
+    spi_r: bytes
+    local: Address
+    remote: Address
+
+
+@dataclass(frozen=True, slots=True)
 class ExchangeCompleted:
     """One request/response pair finished (for metrics)."""
 
@@ -108,5 +118,5 @@ class ExchangeCompleted:
 
 Event = (
     IkeSaEstablished | IkeSaFailed | IkeSaDeleted | ChildSaEstablished | ChildSaDeleted
-    | ExchangeCompleted | IkeSaRekeyed | IkeSaRetired
+    | ExchangeCompleted | IkeSaRekeyed | IkeSaRetired | IkeSaMoved
 )

@@ -96,7 +96,8 @@ def _detect_nat(sa: IkeSa, payloads: list[Payload], spi_r_in_message: bytes) -> 
     seen_source = nat_hash(sa.spi_i, spi_r_in_message, sa.remote)
     seen_dest = nat_hash(sa.spi_i, spi_r_in_message, sa.local)
     sa.nat_remote = sa.nat_remote or all(n.data != seen_source for n in sources)
-    sa.nat_local = sa.nat_local or all(n.data != seen_dest for n in destinations)
+    sa.behind_nat = all(n.data != seen_dest for n in destinations)
+    sa.nat_local = sa.nat_local or sa.behind_nat
 
 
 def _nat_notifies(sa: IkeSa, spi_r: bytes, fake_source: bool) -> list[Payload]:

@@ -71,6 +71,8 @@ class IkeSa:
     init_response: bytes = b""  # RealMessage2
     nat_local: bool = False  # we are behind a NAT (or pretend to be: encap)
     nat_remote: bool = False  # the peer is behind a NAT
+    behind_nat: bool = False  # a NAT really is in front of us (not faked): send keepalives
+    keepalive_at: float = INFINITY
     peer_hashes: frozenset[int] = frozenset()
     peer_certreq: bool = False
     local_id: Identity | None = None

@@ -43,6 +43,7 @@ from .events import (
     ExchangeCompleted,
     IkeSaDeleted,
     IkeSaFailed,
+    IkeSaMoved,
     IkeSaRetired,
 )
 from .fragments import DEFAULT_FRAGMENT_SIZE_V4, Reassembler, ike_message_limit
@@ -67,6 +68,8 @@ WallClock = Callable[[], datetime]
 
 FRAGMENT_SIZE = DEFAULT_FRAGMENT_SIZE_V4  # IP datagram bytes (strongSwan's fragment_size)
 REASSEMBLY_TIMEOUT = 30.0  # a partial message older than this is dropped
+NAT_KEEPALIVE_INTERVAL = 20.0  # strongSwan's keep_alive
+NAT_KEEPALIVE = b"\xff"
 RETIRE_AFTER = 30.0  # a rekeyed-away IKE SA the peer never deletes is dropped after this
 RETRY_AFTER = 5.0  # a refused rekey is tried again after about this long
 
@@ -84,6 +87,7 @@ class Datagram:
     data: bytes  # the IKE message, without the non-ESP marker
     local: Address
     remote: Address
+    keepalive: bool = False  # a NAT keepalive: the one byte 0xFF, sent as it is (RFC 3948 2.3)
 
 
 # What an outstanding request of ours is for (see IkeSession._process_response).
@@ -206,6 +210,8 @@ class IkeSession:
             dpd = sa.connection.dpd_delay if sa.connection else 0.0
             if dpd > 0 and sa.pending is None and not sa.queue:
                 due.append(sa.last_heard + dpd)
+            if sa.behind_nat:
+                due.append(sa.keepalive_at)
         first = min(due, default=INFINITY)
         return None if first == INFINITY else first
 
@@ -235,6 +241,9 @@ class IkeSession:
                 if not (child.rekeying or child.deleting or child.replaced_by):
                     child.rekeying = True
                     sa.queue.append(RekeyChild(child.spi_in))
+        if sa.behind_nat and now >= sa.keepalive_at:  # RFC 3948 4: keep the NAT mapping
+            sa.keepalive_at = now + NAT_KEEPALIVE_INTERVAL
+            self._outbox.append(Datagram(NAT_KEEPALIVE, sa.local, sa.remote, keepalive=True))
         dpd = sa.connection.dpd_delay if sa.connection else 0.0
         if dpd > 0 and sa.pending is None and not sa.queue and now >= sa.last_heard + dpd:
             sa.queue.append(Liveness())  # RFC 7296 2.4: are you there?
@@ -401,13 +410,18 @@ class IkeSession:
         self._answer(sa, header.exchange, header.message_id, payloads, local, remote, now)
 
     def _heard_from(self, sa: IkeSa, local: Address, remote: Address, now: float) -> None:
-        """An authenticated message: the peer is alive, and we follow its address (2.23)."""
+        """An authenticated message: the peer is alive, and we may follow its address."""
         sa.last_heard = now
-        if sa.state is State.HALF_OPEN or (sa.local, sa.remote) == (local, remote):
+        if (sa.local, sa.remote) == (local, remote):
+            return
+        if sa.state is State.HALF_OPEN:  # the move to port 4500 after NAT detection
             sa.local, sa.remote = local, remote
             return
+        if not sa.nat_remote:
+            return  # RFC 7296 2.23: follow a changing address only for a peer behind a NAT
         for other in self._all():
             other.local, other.remote = local, remote
+        sa.events.append(IkeSaMoved(self._sa.spi_i, self._sa.spi_r, local, remote))
 
     def _answer(self, sa: IkeSa, exchange: int, message_id: int, payloads: list[Payload],
                 local: Address, remote: Address, now: float) -> None:
@@ -625,6 +639,7 @@ class IkeSession:
 
     def _established(self, sa: IkeSa, now: float) -> None:
         sa.last_heard = now
+        sa.keepalive_at = now + NAT_KEEPALIVE_INTERVAL
         assert sa.connection is not None
         sa.rekey_at, sa.expire_at = deadlines(sa.connection.lifetime, now, self._rng)
         self._schedule_children(sa, now)

@@ -259,7 +259,10 @@ class Dispatcher:
                 logger.warning("no socket bound to %s; datagram dropped", datagram.local)
                 return
             ancillary = _source_ancillary(ep, datagram.local[0])
-        payload = NON_ESP_MARKER + datagram.data if ep.natt else datagram.data
+        if datagram.keepalive:
+            payload = datagram.data  # NAT keepalive: no marker (RFC 3948 2.3)
+        else:
+            payload = NON_ESP_MARKER + datagram.data if ep.natt else datagram.data
         try:
             if ancillary is None:
                 ep.sock.sendto(payload, datagram.remote)

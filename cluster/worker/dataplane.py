@@ -19,7 +19,14 @@ from pyroute2 import IPRoute
 
 from ..esp import ChildSaParams, EspDrop, Sad, SaHardExpired, SaSequenceExhausted, SaSoftExpired
 from ..esp.params import Address
-from ..ike.events import ChildSaDeleted, ChildSaEstablished, Event, IkeSaDeleted, IkeSaRekeyed
+from ..ike.events import (
+    ChildSaDeleted,
+    ChildSaEstablished,
+    Event,
+    IkeSaDeleted,
+    IkeSaMoved,
+    IkeSaRekeyed,
+)
 from . import IoCounters
 from .keys import Limits, params_from_event
 from .routing import Routes
@@ -142,6 +149,12 @@ class DataPlane:
                     self.replace(event.replaces, params, ike)
                 else:
                     self.install(params, ike)
+            elif isinstance(event, IkeSaMoved):  # NAT rebinding: ESP follows the peer
+                ike = (event.spi_i, event.spi_r)
+                for spi_in, owner in self._ike_of.items():
+                    child = self.sad.get(spi_in)
+                    if owner == ike and child is not None and child.params.encap:
+                        child.outbound.remote = event.remote
             elif isinstance(event, IkeSaRekeyed):  # the Child SAs moved to the new IKE SA
                 old, new = (event.old_spi_i, event.old_spi_r), (event.spi_i, event.spi_r)
                 for spi_in, ike in self._ike_of.items():

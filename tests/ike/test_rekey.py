@@ -12,13 +12,21 @@ from cluster.ike.events import (
     ChildSaEstablished,
     Event,
     IkeSaDeleted,
+    IkeSaMoved,
     IkeSaRekeyed,
     IkeSaRetired,
 )
 from cluster.ike.policy import ConnectionConfig, Lifetime
 from cluster.ike.session import IkeSession
 from cluster.ike.state import State
-from tests.ike.sessions import child, client_for, drain, psk_connection, psk_pair, transfer
+from tests.ike.sessions import (
+    child,
+    client_for,
+    drain,
+    psk_connection,
+    psk_pair,
+    transfer,
+)
 
 E = TypeVar("E")
 
@@ -246,3 +254,54 @@ def test_delete_child_from_the_responder() -> None:
     assert client.sa.children == {} and gateway.sa.children == {}
     assert len(of(drain(client), ChildSaDeleted)) == 1
     assert len(of(drain(gateway), ChildSaDeleted)) == 1
+
+
+# --- NAT: keepalives and rebinding (RFC 3948 2.3, RFC 7296 2.23) ---------------------------
+
+
+def test_a_responder_behind_a_nat_sends_keepalives() -> None:
+    client, _ = psk_pair()
+    inside = ("192.168.7.2", 500)  # the gateway's own address; the client talks to GW
+    _, gateway = psk_pair(gateway=inside)
+    for _ in range(4):
+        for d in client.datagrams_to_send():
+            gateway.receive_datagram_untrusted(d.data, inside, d.local, 0.0)
+        for d in gateway.datagrams_to_send():
+            client.receive_datagram_untrusted(d.data, d.remote, GW_NATTED, 0.0)
+    assert gateway.state is State.ESTABLISHED and gateway.sa.behind_nat
+    assert not client.sa.behind_nat  # the client sees no NAT in front of itself
+    timer = gateway.get_timer()
+    assert timer == 20.0
+    gateway.handle_timer(timer)
+    [keepalive] = gateway.datagrams_to_send()
+    assert keepalive.keepalive and keepalive.data == b"\xff"
+    assert gateway.get_timer() == 40.0
+
+
+GW_NATTED = ("10.99.0.2", 4500)
+
+
+def test_peer_behind_a_nat_is_followed_to_its_new_port() -> None:
+    gw = psk_connection()
+    client_conn = replace(client_for(gw), encap=True)  # faked NAT: the gateway sees one
+    client, gateway = established(gw, client_conn)
+    assert gateway.sa.nat_remote
+    assert client.check_liveness(1.0)
+    [probe] = client.datagrams_to_send()
+    rebound = (probe.local[0], 61000)  # the NAT gave the client a new port
+    gateway.receive_datagram_untrusted(probe.data, probe.remote, rebound, 1.0)
+    [reply] = gateway.datagrams_to_send()
+    assert reply.remote == rebound and gateway.sa.remote == rebound
+    [moved] = of(drain(gateway), IkeSaMoved)
+    assert moved.remote == rebound
+
+
+def test_peer_without_a_nat_is_not_followed() -> None:
+    client, gateway = established()
+    assert not gateway.sa.nat_remote
+    assert client.check_liveness(1.0)
+    [probe] = client.datagrams_to_send()
+    elsewhere = ("10.99.0.77", 500)
+    gateway.receive_datagram_untrusted(probe.data, probe.remote, elsewhere, 1.0)
+    assert gateway.sa.remote != elsewhere
+    assert not of(drain(gateway), IkeSaMoved)
