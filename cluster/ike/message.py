@@ -15,7 +15,14 @@ from ..errors import ParseError
 from ..transforms import EncrAlgorithm, IntegAlgorithm, SymmetricKey
 from ..wire import Buffer
 from .constants import HEADER_SIZE, IKEV2_VERSION, Flag, PayloadType
-from .payloads import Payload, UnknownPayload, pull_payloads_untrusted, push_payloads, type_of
+from .payloads import (
+    Payload,
+    UnknownPayload,
+    encode_chain,
+    pull_payloads_untrusted,
+    push_payloads,
+    type_of,
+)
 
 _HEADER = struct.Struct("!8s8sBBBBII")
 # Encrypted Fragment payload header: next payload, reserved, length, Fragment Number,
@@ -153,6 +160,9 @@ class SkProtection:
 
     def protect(self, msg: Message) -> bytes:
         plain, first = _inner(msg)
+        return self._protect_encoded(msg, plain, first)
+
+    def _protect_encoded(self, msg: Message, plain: bytes, first: int) -> bytes:
         sk_len = 4 + self._sealed_size(len(plain))
         head = Buffer()
         _push_header(head, msg, PayloadType.SK, HEADER_SIZE + sk_len)
@@ -171,7 +181,7 @@ class SkProtection:
         """
         plain, first = _inner(msg)
         if HEADER_SIZE + 4 + self._sealed_size(len(plain)) <= max_message:
-            return [self.protect(msg)]
+            return [self._protect_encoded(msg, plain, first)]
         capacity = self.fragment_capacity(max_message)
         if capacity < 1:
             raise ValueError(f"no fragment fits in {max_message} bytes")
@@ -267,9 +277,7 @@ class SkProtection:
 
 def _inner(msg: Message) -> tuple[bytes, int]:
     """The encoded inner payload chain and the type of its first payload."""
-    inner = Buffer()
-    push_payloads(inner, msg.payloads)
-    return inner.data(), type_of(msg.payloads[0]) if msg.payloads else 0
+    return encode_chain(msg.payloads), type_of(msg.payloads[0]) if msg.payloads else 0
 
 
 def unknown_critical(payloads: list[Payload]) -> UnknownPayload | None:

@@ -21,6 +21,11 @@ _SUBSTRUCTURE = struct.Struct("!BxH")  # last flag, reserved, length
 _PROPOSAL = struct.Struct("!BBBB")
 _TRANSFORM = struct.Struct("!BxH")
 _KE_HEAD = struct.Struct("!Hxx")
+_TRANSFORM_OUT = struct.Struct("!BxHBxH")  # last, length, type, id
+_KEY_LENGTH = struct.Struct("!HH")  # a TV attribute: AF bit | type 14, value
+_PROPOSAL_OUT = struct.Struct("!BxHBBBB")
+_TS_COUNT = struct.Struct("!B3x")
+_SELECTOR_HEAD = struct.Struct("!BBHHH")
 _TYPED_HEAD = struct.Struct("!Bxxx")
 _NOTIFY_HEAD = struct.Struct("!BBH")
 _DELETE_HEAD = struct.Struct("!BBH")
@@ -168,17 +173,12 @@ def _pull_transform(buf: Buffer) -> tuple[bool, Transform]:
     return last == 0, Transform(t_type, t_id, key_bits)
 
 
-def _push_transform(buf: Buffer, t: Transform, last: bool) -> None:
-    attrs = b""
-    if t.key_bits is not None:  # TV attribute: AF bit | Key Length (14)
-        attrs = (0x800E).to_bytes(2, "big") + t.key_bits.to_bytes(2, "big")
-    buf.push_uint8(0 if last else 3)
-    buf.push_uint8(0)
-    buf.push_uint16(8 + len(attrs))
-    buf.push_uint8(t.type)
-    buf.push_uint8(0)
-    buf.push_uint16(t.id)
-    buf.push_bytes(attrs)
+def _transform_bytes(t: Transform, last: bool) -> bytes:
+    if t.key_bits is None:
+        return _TRANSFORM_OUT.pack(0 if last else 3, 8, t.type, t.id)
+    # TV attribute: AF bit | Key Length (14)
+    head = _TRANSFORM_OUT.pack(0 if last else 3, 12, t.type, t.id)
+    return head + _KEY_LENGTH.pack(0x800E, t.key_bits)
 
 
 def _pull_sa(buf: Buffer) -> SaPayload:
@@ -210,21 +210,17 @@ def _pull_sa(buf: Buffer) -> SaPayload:
     return SaPayload(tuple(proposals))
 
 
-def _push_sa(buf: Buffer, p: SaPayload) -> None:
+def _encode_sa(p: SaPayload) -> bytes:
+    out = []
+    count = len(p.proposals)
     for i, prop in enumerate(p.proposals):
-        inner = Buffer()
-        for j, t in enumerate(prop.transforms):
-            _push_transform(inner, t, j == len(prop.transforms) - 1)
-        body = inner.data()
-        buf.push_uint8(0 if i == len(p.proposals) - 1 else 2)
-        buf.push_uint8(0)
-        buf.push_uint16(8 + len(prop.spi) + len(body))
-        buf.push_uint8(prop.number)
-        buf.push_uint8(prop.protocol)
-        buf.push_uint8(len(prop.spi))
-        buf.push_uint8(len(prop.transforms))
-        buf.push_bytes(prop.spi)
-        buf.push_bytes(body)
+        n = len(prop.transforms)
+        body = b"".join([_transform_bytes(t, j == n - 1) for j, t in enumerate(prop.transforms)])
+        out.append(_PROPOSAL_OUT.pack(0 if i == count - 1 else 2, 8 + len(prop.spi) + len(body),
+                                      prop.number, prop.protocol, len(prop.spi), n))
+        out.append(prop.spi)
+        out.append(body)
+    return b"".join(out)
 
 
 # --- traffic selectors -----------------------------------------------------------------
@@ -256,17 +252,14 @@ def _pull_selectors(buf: Buffer) -> tuple[TrafficSelector, ...]:
     return tuple(out)
 
 
-def _push_selectors(buf: Buffer, selectors: tuple[TrafficSelector, ...]) -> None:
-    buf.push_uint8(len(selectors))
-    buf.push_bytes(b"\x00\x00\x00")
-    for ts in selectors:
-        buf.push_uint8(ts.ts_type)
-        buf.push_uint8(ts.protocol)
-        buf.push_uint16(8 + 2 * len(ts.start_addr))
-        buf.push_uint16(ts.start_port)
-        buf.push_uint16(ts.end_port)
-        buf.push_bytes(ts.start_addr)
-        buf.push_bytes(ts.end_addr)
+def _encode_selectors(p: TsiPayload | TsrPayload) -> bytes:
+    out = [_TS_COUNT.pack(len(p.selectors))]
+    for ts in p.selectors:
+        out.append(_SELECTOR_HEAD.pack(ts.ts_type, ts.protocol, 8 + 2 * len(ts.start_addr),
+                                       ts.start_port, ts.end_port))
+        out.append(ts.start_addr)
+        out.append(ts.end_addr)
+    return b"".join(out)
 
 
 # --- the rest ----------------------------------------------------------------------
@@ -332,18 +325,6 @@ _PULL: dict[int, Callable[[Buffer], Payload]] = {
 }
 
 
-def _encode_sa(p: SaPayload) -> bytes:
-    buf = Buffer()
-    _push_sa(buf, p)
-    return buf.data()
-
-
-def _encode_selectors(p: TsiPayload | TsrPayload) -> bytes:
-    buf = Buffer()
-    _push_selectors(buf, p.selectors)
-    return buf.data()
-
-
 def _encode_delete(p: DeletePayload) -> bytes:
     spi_size = 0 if p.protocol == 1 else 4  # RFC 7296 3.11: IKE SA 0, ESP/AH 4
     return _DELETE_HEAD.pack(p.protocol, spi_size, len(p.spis)) + b"".join(p.spis)
@@ -374,20 +355,25 @@ def type_of(p: Payload) -> int:
     return p.type_id if isinstance(p, UnknownPayload) else p.payload_type
 
 
-def push_payloads(buf: Buffer, payloads: list[Payload], trailing_type: int = 0) -> None:
+def encode_chain(payloads: list[Payload], trailing_type: int = 0) -> bytes:
     """Encode a payload chain; the last one's next-payload is `trailing_type`."""
+    out = []
+    last = len(payloads) - 1
     for i, p in enumerate(payloads):
         data = _ENCODE[type(p)](p)
-        following = type_of(payloads[i + 1]) if i + 1 < len(payloads) else trailing_type
+        following = type_of(payloads[i + 1]) if i < last else trailing_type
         critical = 0x80 if isinstance(p, UnknownPayload) and p.critical else 0
-        buf.push_bytes(_GENERIC.pack(following, critical, 4 + len(data)))
-        buf.push_bytes(data)
+        out.append(_GENERIC.pack(following, critical, 4 + len(data)))
+        out.append(data)
+    return b"".join(out)
+
+
+def push_payloads(buf: Buffer, payloads: list[Payload], trailing_type: int = 0) -> None:
+    buf.push_bytes(encode_chain(payloads, trailing_type))
 
 
 def encode_payloads(payloads: list[Payload]) -> bytes:
-    buf = Buffer()
-    push_payloads(buf, payloads)
-    return buf.data()
+    return encode_chain(payloads)
 
 
 def pull_payloads_untrusted(buf: Buffer, first: int) -> tuple[list[Payload], int]:
