@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 import trio
 from pyroute2 import IPRoute
 
-from ..esp import ChildSaParams, EspDrop, Sad, SaHardExpired, SaSequenceExhausted, SaSoftExpired
+from ..esp import (
+    ChildSaParams,
+    EspDrop,
+    Sad,
+    SaHardExpired,
+    SaSequenceExhausted,
+    SaSoftExpired,
+    Selector,
+)
 from ..esp.params import Address
 from ..ike.events import (
     ChildSaDeleted,
@@ -85,6 +93,7 @@ class DataPlane:
         self.udp_send: UdpSend | None = None  # ESP in UDP from the NAT-T socket (wired later)
         self.on_esp_event: Callable[[object], None] = self._log_esp_event
         self._ike_of: dict[bytes, tuple[bytes, bytes]] = {}  # Child SA spi_in -> its IKE SA
+        self._sources: dict[tuple[Selector, ...], str] = {}  # local selectors -> our address
         self._routes_of: dict[bytes, list[str]] = {}
 
     @classmethod
@@ -131,7 +140,11 @@ class DataPlane:
             source: str | None = params.local[0]
         else:
             networks = [n for sel in params.remote_ts for n in _networks(sel.start, sel.end)]
-            source = _local_source(params)
+            source = self._sources.get(params.local_ts)
+            if source is None:  # one netlink dump per distinct selector set, not per SA
+                source = _local_source(params)
+                if source is not None:
+                    self._sources[params.local_ts] = source
         added = []
         for network in networks:
             hint = source if source and (":" in source) == (":" in network) else None
