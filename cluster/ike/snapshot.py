@@ -1,0 +1,164 @@
+"""An established IKE SA as a plain record, so another node can continue it.
+
+`snapshot_of(session, now)` gives a msgpack-able dict (bytes, ints, strings, lists) with a
+schema version; `SECRET_FIELDS` names the entries a store must seal (DESIGN.md: a Redis
+dump reveals no key). `restore(record, policy, now)` builds a session that answers the
+next request with the right message ID, replays the cached response byte for byte for a
+retransmission (RFC 7296 2.1), and keeps its Child SAs, lifetimes and liveness timers.
+Times are kept relative to `now`, since each node's clock is its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ParseError
+from ..key_exchange import DhGroup
+from ..transforms import ENCR_ALGORITHMS, INTEG_ALGORITHMS, PRF_ALGORITHMS, Esn
+from .constants import IdType, TsType
+from .identity import Identity
+from .keymat import ChildKeys, IkeKeys
+from .lifetimes import INFINITY
+from .message import SkProtection
+from .policy import ResponderPolicy
+from .proposals import ChosenAlgorithms
+from .sa import ChildSa, IkeSa
+from .session import IkeSession, WallClock, _utc_now
+from .state import State
+from .traffic_selectors import TrafficSelector
+
+SCHEMA_VERSION = 1
+# Entries holding key material; a store seals these (their values are bytes).
+SECRET_FIELDS = frozenset({"keys", "children_keys"})
+
+Record = dict[str, Any]
+
+
+def _chosen(c: ChosenAlgorithms) -> list[Any]:
+    return [c.encr.name, c.integ.name if c.integ else None, c.prf.name if c.prf else None,
+            int(c.dh) if c.dh is not None else None, int(c.esn) if c.esn is not None else None]
+
+
+def _chosen_from(v: list[Any]) -> ChosenAlgorithms:
+    encr, integ, prf, dh, esn = v
+    return ChosenAlgorithms(ENCR_ALGORITHMS[encr], INTEG_ALGORITHMS[integ] if integ else None,
+                            PRF_ALGORITHMS[prf] if prf else None,
+                            DhGroup(dh) if dh is not None else None,
+                            Esn(esn) if esn is not None else None)
+
+
+def _ts(t: TrafficSelector) -> list[Any]:
+    return [int(t.ts_type), t.protocol, t.start_port, t.end_port, t.start_addr, t.end_addr]
+
+
+def _ts_from(v: list[Any]) -> TrafficSelector:
+    return TrafficSelector(TsType(v[0]), v[1], v[2], v[3], v[4], v[5])
+
+
+def _rel(t: float, now: float) -> float | None:
+    return None if t == INFINITY else t - now
+
+
+def _abs(t: float | None, now: float) -> float:
+    return INFINITY if t is None else t + now
+
+
+def _ident(i: Identity | None) -> list[Any] | None:
+    return None if i is None else [int(i.id_type), i.data]
+
+
+def snapshot_of(session: IkeSession, now: float) -> Record:
+    """The current IKE SA of `session`; only established SAs are worth persisting."""
+    sa = session.sa
+    if sa.state is not State.ESTABLISHED:
+        raise ValueError(f"only an established IKE SA has a snapshot, not {sa.state.name}")
+    assert sa.keys is not None and sa.chosen is not None and sa.connection is not None
+    k = sa.keys
+    children = []
+    child_keys = []
+    for c in sa.children.values():
+        children.append({
+            "name": c.name, "mode": c.mode, "spi_in": c.spi_in, "spi_out": c.spi_out,
+            "chosen": _chosen(c.chosen), "local_ts": [_ts(t) for t in c.local_ts],
+            "remote_ts": [_ts(t) for t in c.remote_ts], "rekey_in": _rel(c.rekey_at, now),
+            "expire_in": _rel(c.expire_at, now),
+        })
+        child_keys.append([c.keys.encr_i, c.keys.integ_i, c.keys.encr_r, c.keys.integ_r])
+    return {
+        "v": SCHEMA_VERSION,
+        "initiator": sa.is_initiator,
+        "spi_i": sa.spi_i,
+        "spi_r": sa.spi_r,
+        "local": list(sa.local),
+        "remote": list(sa.remote),
+        "connection": sa.connection.name,
+        "chosen": _chosen(sa.chosen),
+        "nat": [sa.nat_local, sa.nat_remote, sa.behind_nat],
+        "fragmentation": sa.fragmentation,
+        "peer_hashes": sorted(sa.peer_hashes),
+        "local_id": _ident(sa.local_id),
+        "remote_id": _ident(sa.remote_id),
+        "peer_next_id": sa.peer_next_id,
+        "our_next_id": sa.our_next_id,
+        "last_response": list(sa.last_response or []),
+        "last_request_digest": sa.last_request_digest,
+        "last_heard_ago": now - sa.last_heard,
+        "rekey_in": _rel(sa.rekey_at, now),
+        "expire_in": _rel(sa.expire_at, now),
+        "children": children,
+        "keys": [k.sk_d, k.sk_ai, k.sk_ar, k.sk_ei, k.sk_er, k.sk_pi, k.sk_pr],
+        "children_keys": child_keys,
+    }
+
+
+def restore(record: Record, policy: ResponderPolicy, now: float, *,
+            wall_clock: WallClock = _utc_now, **kwargs: Any) -> IkeSession:
+    """A session continuing the IKE SA of `record`; ParseError if it does not fit."""
+    try:
+        return _restore(record, policy, now, wall_clock, kwargs)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ParseError(f"unusable IKE SA snapshot: {exc!r}") from None
+
+
+def _restore(record: Record, policy: ResponderPolicy, now: float, wall_clock: WallClock,
+             kwargs: dict[str, Any]) -> IkeSession:
+    if record["v"] != SCHEMA_VERSION:
+        raise ValueError(f"snapshot schema {record['v']}, this node reads {SCHEMA_VERSION}")
+    connection = next((c for c in policy.connections if c.name == record["connection"]), None)
+    if connection is None:
+        raise ValueError(f"connection {record['connection']!r} is not configured here")
+    chosen = _chosen_from(record["chosen"])
+    keys = IkeKeys(*record["keys"])
+    initiator = bool(record["initiator"])
+    if initiator:
+        sk = SkProtection(chosen.encr, chosen.integ, keys.sk_ei, keys.sk_ai, keys.sk_er,
+                          keys.sk_ar)
+    else:
+        sk = SkProtection(chosen.encr, chosen.integ, keys.sk_er, keys.sk_ar, keys.sk_ei,
+                          keys.sk_ai)
+    nat_local, nat_remote, behind_nat = record["nat"]
+    local_id, remote_id = record["local_id"], record["remote_id"]
+    sa = IkeSa(
+        policy, initiator, record["spi_i"], record["spi_r"], tuple(record["local"]),
+        tuple(record["remote"]),
+        state=State.ESTABLISHED, connection=connection, chosen=chosen, keys=keys, sk=sk,
+        nat_local=nat_local, nat_remote=nat_remote, behind_nat=behind_nat,
+        peer_hashes=frozenset(record["peer_hashes"]),
+        local_id=Identity(IdType(local_id[0]), local_id[1]) if local_id else None,
+        remote_id=Identity(IdType(remote_id[0]), remote_id[1]) if remote_id else None,
+        peer_next_id=record["peer_next_id"], our_next_id=record["our_next_id"],
+        last_response=list(record["last_response"]) or None,
+        last_request_digest=record["last_request_digest"],
+        last_heard=now - record["last_heard_ago"],
+        rekey_at=_abs(record["rekey_in"], now), expire_at=_abs(record["expire_in"], now),
+        fragmentation=record["fragmentation"],
+    )
+    for c, ck in zip(record["children"], record["children_keys"], strict=True):
+        child = ChildSa(c["name"], c["mode"], c["spi_in"], c["spi_out"],
+                        _chosen_from(c["chosen"]), ChildKeys(*ck),
+                        tuple(_ts_from(t) for t in c["local_ts"]),
+                        tuple(_ts_from(t) for t in c["remote_ts"]),
+                        rekey_at=_abs(c["rekey_in"], now), expire_at=_abs(c["expire_in"], now),
+                        scheduled=True)
+        sa.children[child.spi_in] = child
+    return IkeSession(sa, wall_clock=wall_clock, **kwargs)

@@ -1,0 +1,84 @@
+"""An IKE SA continued from its snapshot (as another node would after a failover)."""
+
+from __future__ import annotations
+
+import msgpack
+
+from cluster.ike.events import ChildSaEstablished, ExchangeCompleted, IkeSaRekeyed
+from cluster.ike.session import IkeSession
+from cluster.ike.snapshot import SECRET_FIELDS, restore, snapshot_of
+from cluster.ike.state import State
+from tests.ike.sessions import drain, psk_pair, transfer
+
+
+def established() -> tuple[IkeSession, IkeSession]:
+    client, gateway = psk_pair()
+    for _ in range(4):
+        transfer(client, gateway)
+        transfer(gateway, client)
+    drain(client)
+    drain(gateway)
+    return client, gateway
+
+
+def taken_over(gateway: IkeSession, now: float) -> IkeSession:
+    """The gateway's SA through msgpack, as a store would carry it, restored at `now`."""
+    record = msgpack.unpackb(msgpack.packb(snapshot_of(gateway, 0.0)), raw=False)
+    return restore(record, gateway.sa.policy, now)
+
+
+def test_the_snapshot_marks_every_key_as_secret() -> None:
+    _, gateway = established()
+    record = snapshot_of(gateway, 0.0)
+    keys = gateway.sa.keys
+    assert keys is not None
+    public = msgpack.packb({k: v for k, v in record.items() if k not in SECRET_FIELDS})
+    for secret in (keys.sk_d, keys.sk_ei, keys.sk_er, keys.sk_pi, keys.sk_pr):
+        assert secret not in public
+    for child in gateway.sa.children.values():
+        assert child.keys.encr_i not in public and child.keys.encr_r not in public
+
+
+def test_a_restored_responder_answers_the_next_request() -> None:
+    client, gateway = established()
+    other_node = taken_over(gateway, 1000.0)
+    assert other_node.state is State.ESTABLISHED
+    assert (other_node.spi_i, other_node.spi_r) == (gateway.spi_i, gateway.spi_r)
+    assert client.check_liveness(1.0)
+    transfer(client, other_node, 1000.0)
+    transfer(other_node, client, 1000.0)
+    assert client.sa.pending is None and client.drops == {} and other_node.drops == {}
+    assert [e.result for e in drain(other_node) if isinstance(e, ExchangeCompleted)] == ["ok"]
+
+
+def test_a_retransmission_across_the_takeover_gets_the_same_bytes() -> None:
+    client, gateway = established()
+    assert client.check_liveness(1.0)
+    [request] = client.datagrams_to_send()
+    gateway.receive_datagram_untrusted(request.data, request.remote, request.local, 1.0)
+    [held_back] = gateway.datagrams_to_send()  # the response is lost; the node dies
+    other_node = taken_over(gateway, 50.0)
+    other_node.receive_datagram_untrusted(request.data, request.remote, request.local, 50.0)
+    [again] = other_node.datagrams_to_send()
+    assert again.data == held_back.data and other_node.retransmits_answered == 1
+
+
+def test_children_rekeys_and_lifetimes_survive_the_takeover() -> None:
+    client, gateway = established()
+    other_node = taken_over(gateway, 500.0)
+    [spi] = other_node.sa.children
+    timer = other_node.get_timer()
+    assert timer is not None and timer > 500.0  # the lifetimes moved with the clock
+    other_node.rekey_child(spi, 501.0)
+    for _ in range(4):
+        transfer(other_node, client, 501.0)
+        transfer(client, other_node, 501.0)
+    [new] = [e for e in drain(other_node) if isinstance(e, ChildSaEstablished)]
+    assert new.replaces == spi and list(other_node.sa.children) == [new.spi_in]
+    other_node.rekey_ike(502.0)
+    for _ in range(6):
+        transfer(other_node, client, 502.0)
+        transfer(client, other_node, 502.0)
+    assert any(isinstance(e, IkeSaRekeyed) for e in drain(other_node))
+    assert client.drops == {} and other_node.drops == {}
+    assert client.state is State.ESTABLISHED and other_node.state is State.ESTABLISHED
