@@ -2,7 +2,8 @@
 
 Each SA is PSK + x25519 with one Child SA (IKE_SA_INIT + IKE_AUTH). Both responders run
 in the same lab (two network namespaces), one after the other, in one invocation; the
-load comes from our own sans-IO initiator in the other namespace. Prints SAs/s and the
+load comes from our own sans-IO initiator in the other namespace. Both install every
+Child SA into their data plane: charon into kernel-libipsec, ours into its worker. Prints SAs/s and the
 responder's CPU milliseconds per SA (from /proc/PID/stat), and the ratio ours/strongSwan.
 
     sudo .venv/bin/python benchmarks/ike_setup_rate.py --sas 3000 --concurrency 64
@@ -164,7 +165,9 @@ def main() -> int:
     _, responder_conn = conn_pair(proposals=(PROPOSAL,))
     results: dict[str, dict[str, float]] = {}
     with Lab() as lab:
-        node = lab.node([responder_conn], start=False)
+        # with its data plane, as charon installs each Child SA into kernel-libipsec
+        node = lab.node([responder_conn], start=False,
+                        extra_toml='[worker]\ntun = "ikecb0"\n')
         write_config = node.write_config
 
         def without_dos_limits() -> Path:
