@@ -3,8 +3,9 @@
 Each SA is PSK + x25519 with one Child SA (IKE_SA_INIT + IKE_AUTH). Both responders run
 in the same lab (two network namespaces), one after the other, in one invocation; the
 load comes from our own sans-IO initiator in the other namespace. Both install every
-Child SA into their data plane: charon into kernel-libipsec, ours into its worker. Prints SAs/s and the
-responder's CPU milliseconds per SA (from /proc/PID/stat), and the ratio ours/strongSwan.
+Child SA into their data plane: charon into kernel-libipsec, ours into its worker.
+Prints SAs/s and the responder's CPU milliseconds per SA (from /proc/PID/stat), and the
+ratio ours/strongSwan.
 
     sudo .venv/bin/python benchmarks/ike_setup_rate.py --sas 3000 --concurrency 64
 
