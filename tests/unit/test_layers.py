@@ -23,6 +23,7 @@ LAYERS = {
     "cluster.metrics": 3,
     "cluster.config": 3,
     "cluster.relay": 3,
+    "cluster.rendezvous": 3,
     "cluster.runtime": 4,
     "cluster.worker": 4,
     "cluster.cli": 5,
