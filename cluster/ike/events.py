@@ -31,6 +31,7 @@ class IkeSaFailed:
     spi_i: bytes
     spi_r: bytes
     reason: str
+    error: str = ""  # the IkeError subclass that failed it ("" when the peer went silent)
 
 
 @dataclass(frozen=True, slots=True)

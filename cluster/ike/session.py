@@ -145,6 +145,7 @@ class IkeSession:
         self._outbox: list[Datagram] = []
         self.drops: dict[str, int] = {}
         self.retransmits_answered = 0
+        self.retransmits_sent = 0  # our requests sent again after a timeout (RFC 7296 2.1)
         self.last_error = ""
 
     # --- construction --------------------------------------------------------------
@@ -461,7 +462,7 @@ class IkeSession:
         result = "ok" if fatal is None else type(fatal).__name__
         sa.events.append(ExchangeCompleted(exchange, True, result))
         if fatal is not None:
-            self._close(Trigger.FAIL, str(fatal))
+            self._close(Trigger.FAIL, str(fatal), type(fatal).__name__)
         elif deleted:
             if sa is self._sa:
                 self._close(Trigger.RECV_DELETE_IKE, "deleted by peer")
@@ -610,7 +611,7 @@ class IkeSession:
     def _refused(self, sa: IkeSa, task: Task, exc: IkeError, now: float) -> None:
         """The peer refused one of our requests, or its answer did not hold."""
         if isinstance(task, (_Init, _Auth)):
-            self._close(Trigger.FAIL, str(exc))
+            self._close(Trigger.FAIL, str(exc), type(exc).__name__)
             return
         retry_at = now + RETRY_AFTER * (1 + fraction(self._rng))
         if isinstance(task, RekeyChild):
@@ -683,6 +684,7 @@ class IkeSession:
                 self._retire(sa)
             return
         pending.tries += 1
+        self.retransmits_sent += 1
         pending.deadline = now + timing.delay(pending.tries)
         self._outbox += [Datagram(d, sa.local, sa.remote) for d in pending.data]
 
@@ -709,7 +711,7 @@ class IkeSession:
                                  now + sa.policy.retransmission.delay(0), task)
         self._outbox += [Datagram(d, sa.local, sa.remote) for d in data]
 
-    def _close(self, trigger: Trigger, reason: str) -> None:
+    def _close(self, trigger: Trigger, reason: str, error: str = "") -> None:
         sa = self._sa
         was_established = sa.state in (State.ESTABLISHED, State.DELETING)
         delete_all_children(sa, reason)
@@ -721,7 +723,7 @@ class IkeSession:
         if was_established:
             sa.events.append(IkeSaDeleted(sa.spi_i, sa.spi_r, reason))
         else:
-            sa.events.append(IkeSaFailed(sa.spi_i, sa.spi_r, reason))
+            sa.events.append(IkeSaFailed(sa.spi_i, sa.spi_r, reason, error))
 
     def _drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
