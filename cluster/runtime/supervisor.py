@@ -88,6 +88,8 @@ SessionFactory = Callable[[bytes, Address, Address], Session]
 # (our initiator SPI, now) -> a new initiator session, its IKE_SA_INIT request queued
 InitiatorFactory = Callable[[bytes, float], Session]
 EventSink = Callable[[Event], None]
+# (seconds from the first IKE_SA_INIT to the SA's establishment, whether we initiated it)
+HandshakeObserver = Callable[[float, bool], None]
 NO_PEER: Address = ("", 0)
 
 
@@ -203,6 +205,8 @@ class Supervisor:
         # actors in spawn order; their half-open deadlines are therefore in order too
         self._expiry_queue: deque[SaActor] = deque()
         self._nursery: trio.Nursery | None = None
+        self._retired_counts: dict[str, int] = {}  # session_counters() of retired actors
+        self.handshake_observer: HandshakeObserver | None = None  # the metrics' histogram
 
     # -- inspection (tests, metrics) ---------------------------------------------
 
@@ -230,6 +234,18 @@ class Supervisor:
     @property
     def notify_buckets(self) -> int:
         return len(self._notify_limiter)
+
+    def session_counters(self) -> dict[str, int]:
+        """What the sessions count themselves, summed over every SA this supervisor ran.
+
+        `retransmits_sent` (our requests sent again), `retransmits_answered` (the peer's,
+        answered from the cached response) and `dropped_<reason>` (messages a session
+        dropped). Costs O(live SAs): for a periodic metrics publish, not per packet.
+        """
+        totals = dict(self._retired_counts)
+        for actor in {*self._actors.values(), *self._initiated.values()}:
+            _add_session_counts(totals, actor.session)
+        return totals
 
     def actor_for(self, spi_r: bytes) -> SaActor | None:
         return self._actors.get(spi_r)
@@ -488,6 +504,7 @@ class Supervisor:
                 del self._initiated[spi_i]
             self._forget(actor)
             actor.close_mailbox()
+            _add_session_counts(self._retired_counts, session)
             self.stats.actors_retired += 1
         return InitiatedOutcome(spi_i, actor.established, reason)
 
@@ -522,6 +539,7 @@ class Supervisor:
         self._forget(actor)
         self._leave_half_open(actor)
         actor.close_mailbox()
+        _add_session_counts(self._retired_counts, actor.session)
         self.stats.actors_retired += 1
 
     def _on_event(self, actor: SaActor, event: Event) -> None:
@@ -530,6 +548,12 @@ class Supervisor:
             # From now on a retransmitted IKE_SA_INIT is stale; only the SPI routes.
             self._leave_half_open(actor)
             self._identified(actor, event)
+            if self.handshake_observer is not None:
+                # the actor was made for the first IKE_SA_INIT, its deadline counted from then
+                started = actor.half_open_deadline - self.half_open_timeout
+                self.handshake_observer(
+                    trio.current_time() - started, actor.half_open_key[1] == NO_PEER
+                )
         elif isinstance(event, ChildSaEstablished):
             self._child_owner[event.spi_in] = actor
         elif isinstance(event, ChildSaDeleted):
@@ -609,3 +633,13 @@ class Supervisor:
         elif isinstance(event, IkeSaDeleted):
             self.stats.ike_sas_deleted += 1
         self._event_sink(event)
+
+
+def _add_session_counts(totals: dict[str, int], session: Session) -> None:
+    # getattr: the Session protocol does not promise counters (test doubles have none)
+    for name in ("retransmits_sent", "retransmits_answered"):
+        totals[name] = totals.get(name, 0) + getattr(session, name, 0)
+    drops: dict[str, int] = getattr(session, "drops", {})
+    for reason, count in drops.items():
+        key = "dropped_" + reason
+        totals[key] = totals.get(key, 0) + count
