@@ -88,6 +88,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
 @dataclasses.dataclass
 class Side:
     """One data-plane process: who it is and its pid."""
@@ -104,6 +111,7 @@ class Run:
     received_bytes: int
     retransmits: int
     cpu: dict[str, float]  # side label -> CPU seconds during the run
+    machine_busy: float  # share of all CPUs busy during the run (every process, softirqs)
 
     @property
     def gigabits(self) -> float:
@@ -143,10 +151,12 @@ def iperf3(lab: Lab, sides: Sequence[Side], *, seconds: int, reverse: bool,
             "--port", str(port), "--time", str(seconds), "--json",
             *(["--reverse"] if reverse else [])]  # fmt: skip
     before = {side.label: cpu_seconds(side.pid) for side in sides}
+    busy_before, total_before = machine_ticks()
     try:
         client = lab.initiator.run(argv, check=False, timeout=seconds + 30)
     finally:
         after = {side.label: cpu_seconds(side.pid) for side in sides}
+        busy_after, total_after = machine_ticks()
         for spy in spies:
             spy.wait(timeout=seconds + 30)
         server.wait(timeout=10)
@@ -164,6 +174,7 @@ def iperf3(lab: Lab, sides: Sequence[Side], *, seconds: int, reverse: bool,
         received_bytes=int(end["sum_received"]["bytes"]),
         retransmits=int(end["sum_sent"].get("retransmits", 0)),
         cpu={label: after[label] - before[label] for label in before},
+        machine_busy=(busy_after - busy_before) / max(1, total_after - total_before),
     )
 
 
@@ -275,7 +286,8 @@ def print_runs(case: str, sides: list[Side], runs: list[Run]) -> None:
         cpu = "  ".join(f"{label}: {run.cpu[label]:.2f} s = {run.cpu_per_gbit(label):.2f} s/Gbit"
                         for label in run.cpu)
         print(f"  {run.direction:<4} sender {run.sender_mbit:7.1f} Mbit/s  receiver "
-              f"{run.receiver_mbit:7.1f} Mbit/s  retr {run.retransmits:5d}  {cpu}")
+              f"{run.receiver_mbit:7.1f} Mbit/s  retr {run.retransmits:5d}  machine busy "
+              f"{100 * run.machine_busy:3.0f}%  {cpu}")
     sys.stdout.flush()
 
 

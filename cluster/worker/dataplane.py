@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pyroute2 import IPRoute
 from ..esp import (
     ChildSaParams,
     EspDrop,
+    OutboundSa,
     Sad,
     SaHardExpired,
     SaSequenceExhausted,
@@ -95,6 +97,12 @@ class DataPlane:
         self._ike_of: dict[bytes, tuple[bytes, bytes]] = {}  # Child SA spi_in -> its IKE SA
         self._sources: dict[tuple[Selector, ...], str] = {}  # local selectors -> our address
         self._routes_of: dict[bytes, list[str]] = {}
+        # The outbound fast path: the last packet's addresses and the SA the SAD chose
+        # for them. Valid while every SA selects on addresses only (then the addresses
+        # decide) and until the SAD changes: `_sad_changed` clears it.
+        self._address_only = True
+        self._flow_key: bytes | None = None
+        self._flow_sa: OutboundSa | None = None
 
     @classmethod
     @contextlib.contextmanager
@@ -115,6 +123,7 @@ class DataPlane:
 
     def install(self, params: ChildSaParams, ike: tuple[bytes, bytes] | None = None) -> None:
         self.sad.install(params)
+        self._sad_changed()
         if ike is not None:
             self._ike_of[params.spi_in] = ike
         self._route(params)
@@ -123,16 +132,22 @@ class DataPlane:
                 ike: tuple[bytes, bytes] | None = None) -> None:
         """A rekeyed SA: the new SPIs take outbound traffic at once (no packet lost)."""
         self.sad.replace(old_spi_in, params)
+        self._sad_changed()
         if ike is not None:
             self._ike_of[params.spi_in] = ike
         self._route(params)
 
     def remove(self, spi_in: bytes) -> None:
         self.sad.remove(spi_in)
+        self._sad_changed()
         self._ike_of.pop(spi_in, None)
         for network in self._routes_of.pop(spi_in, []):
             with contextlib.suppress(KeyError):
                 self.routes.remove(network)
+
+    def _sad_changed(self) -> None:
+        self._flow_key = self._flow_sa = None
+        self._address_only = all(child.address_only for child in self.sad)
 
     def _route(self, params: ChildSaParams) -> None:
         if params.mode == "transport":
@@ -191,18 +206,36 @@ class DataPlane:
             inner = self.sad.decapsulate_untrusted(esp)
         except EspDrop:
             return  # counted by the SAD
-        self.tun.write(self.tun.fds[0], inner)
+        try:
+            os.write(self.tun.fds[0], inner)
+        except OSError:
+            self.counters.tun_write_errors += 1  # see TunDevice.write: drop, never block
+            return
+        counters = self.counters
+        counters.tun_write_packets += 1
+        counters.tun_write_bytes += len(inner)
 
     def receive_udp_esp(self, esp: bytes, local: Address, remote: Address) -> None:
         self.receive_esp(esp)
 
     def send_packets(self, packets: list[bytes]) -> None:
         """Packets the host routed into the TUN: protect and send, or drop."""
-        sad = self.sad
+        outbound_for = self.sad.outbound_for
+        address_only = self._address_only
+        flow_key = self._flow_key
+        flow_sa = self._flow_sa
         for packet in packets:
-            sa = sad.outbound_for(packet)
-            if sa is None:
-                continue  # counted: no SA covers it, never sent in the clear
+            version = packet[0] >> 4 if packet else 0
+            # the addresses: all an address-only SAD looks at (IPv4 12-20, IPv6 8-40)
+            key = packet[12:20] if version == 4 else packet[8:40] if version == 6 else None
+            sa = flow_sa
+            if key is None or key != flow_key or sa is None or sa.child.removed \
+                    or sa.child.retiring:
+                sa = outbound_for(packet)
+                if sa is None:
+                    continue  # counted: no SA covers it, never sent in the clear
+                if address_only and key is not None:
+                    flow_key, flow_sa = key, sa
             try:
                 esp = sa.encapsulate(packet)
             except EspDrop:
@@ -214,10 +247,13 @@ class DataPlane:
                 sock = self.esp_sockets.get(6 if ":" in sa.remote[0] else 4)
                 if sock is not None:
                     sock.send(esp, sa.remote[0])
+        self._flow_key, self._flow_sa = flow_key, flow_sa
         self._drain_events()
 
     def _drain_events(self) -> None:
         event = self.sad.next_event()
+        if event is not None:
+            self._sad_changed()  # a hard lifetime may have removed an SA
         while event is not None:
             self.on_esp_event(event)
             event = self.sad.next_event()
