@@ -29,7 +29,9 @@ Overhead on an IKE message: 13 + S + R + 14 (IPv4) or 38 (IPv6) + 16 bytes; with
 ids "worker-1" and "responder-2" that is 62 bytes over IPv4, 86 over IPv6.
 
 Authentication: the relay key is HKDF-SHA256(cluster key, info "ike-cluster relay
-v1"), so it is never the key that seals snapshots. HMAC rather than GMAC: GMAC is
+v1"), so it is never the key that seals snapshots. Given a key ring (the store's
+`ClusterKey`, anything with `derive_each`), the first key seals and every key opens,
+so a key rotation does not cut the relay. HMAC rather than GMAC: GMAC is
 about 0.7 us cheaper per datagram here but fails catastrophically (the hash key
 leaks, every envelope becomes forgeable) if a nonce ever repeats, and two
 processes configured with the same node id would repeat them; HMAC has no nonce.
@@ -62,6 +64,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import IntEnum
+from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -98,6 +101,12 @@ class Kind(IntEnum):
     IKE_TO_PEER = 2  # responder -> worker
     PING = 3
     PONG = 4
+
+
+class KeyRing(Protocol):
+    """A cluster key with retired ones (cluster.store.sealing.ClusterKey fits)."""
+
+    def derive_each(self, label: bytes, length: int = 32) -> tuple[bytes, ...]: ...
 
 
 _IKE_KINDS = (Kind.IKE_FROM_PEER, Kind.IKE_TO_PEER)
@@ -177,7 +186,7 @@ class RelayCodec:
 
     def __init__(
         self,
-        key: bytes,
+        key: bytes | KeyRing,
         sender: str,
         *,
         clock: Callable[[], int] = time.time_ns,
@@ -189,7 +198,13 @@ class RelayCodec:
             raise ValueError("window >= 2, max_senders >= 1 and max_skew_ns > 0 are required")
         self.sender = sender
         self._sender_raw = _encode_id(sender)
-        self._mac_base = hmac.new(derive_relay_key(key), digestmod="sha256")
+        if isinstance(key, bytes):
+            relay_keys: tuple[bytes, ...] = (derive_relay_key(key),)
+        else:
+            relay_keys = key.derive_each(RELAY_KEY_INFO, 32)
+        if not relay_keys:
+            raise ValueError("no relay key")
+        self._macs = [hmac.new(k, digestmod="sha256") for k in relay_keys]
         self._clock = clock
         self._max_skew = max_skew_ns
         self._window = window
@@ -243,10 +258,16 @@ class RelayCodec:
             raise ValueError(f"envelope of {len(body) + MAC_SIZE} bytes exceeds {MAX_ENVELOPE}")
         return body + self._tag(body)
 
-    def _tag(self, body: bytes) -> bytes:
-        mac = self._mac_base.copy()
+    def _tag(self, body: bytes, index: int = 0) -> bytes:
+        mac = self._macs[index].copy()
         mac.update(body)
         return mac.digest()[:MAC_SIZE]
+
+    def _authentic(self, body: bytes, tag: bytes) -> bool:
+        # Retired keys are tried only after the current one failed: forgeries pay, not traffic.
+        return any(
+            hmac.compare_digest(self._tag(body, i), tag) for i in range(len(self._macs))
+        )
 
     # --- opening ----------------------------------------------------------------------
 
@@ -260,7 +281,7 @@ class RelayCodec:
             drops.truncated += 1
             raise ParseError(f"relay envelope of {len(data)} bytes")
         body = data[:-MAC_SIZE]
-        if not hmac.compare_digest(self._tag(body), data[-MAC_SIZE:]):
+        if not self._authentic(body, data[-MAC_SIZE:]):
             drops.bad_mac += 1
             raise ParseError("relay envelope failed authentication")
         # Authentic from here on: what fails now is a member's bug or a newer version.

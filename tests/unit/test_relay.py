@@ -228,6 +228,36 @@ def test_every_truncation_is_refused_and_counted() -> None:
     assert responder.accepted == 0
 
 
+class Ring:
+    """A key ring as the store's ClusterKey is one: the first key seals, all open."""
+
+    def __init__(self, *secrets: bytes) -> None:
+        self.secrets = secrets
+
+    def derive_each(self, label: bytes, length: int = 32) -> tuple[bytes, ...]:
+        return tuple(
+            HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=label).derive(s)
+            for s in self.secrets
+        )
+
+
+def test_during_a_key_rotation_the_new_key_seals_and_both_open() -> None:
+    clock = FakeClock()
+    rotated = RelayCodec(Ring(KEY, OTHER_KEY), "responder-2", clock=clock)
+    on_old = RelayCodec(OTHER_KEY, "worker-1", clock=clock)
+    on_new = RelayCodec(KEY, "worker-2", clock=clock)
+    rotated.decode_untrusted(_from_peer(on_old))
+    rotated.decode_untrusted(_from_peer(on_new))
+    ping = rotated.encode(Kind.PING, "worker-2")
+    assert on_new.decode_untrusted(ping).sender == "responder-2"
+    with pytest.raises(ParseError):
+        RelayCodec(OTHER_KEY, "worker-2", clock=clock).decode_untrusted(ping)
+    stranger = RelayCodec(bytes(range(2, 34)), "worker-3", clock=clock)
+    with pytest.raises(ParseError):
+        rotated.decode_untrusted(_from_peer(stranger))
+    assert (rotated.accepted, rotated.drops.bad_mac) == (2, 1)
+
+
 def test_an_unknown_version_is_refused_before_anything_else() -> None:
     _, responder, _ = _pair()
     with pytest.raises(ParseError):
