@@ -15,7 +15,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -54,7 +54,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 START_ACTIONS = ("none", "start")
 IKE_PORT = 500  # a peer's IKE port unless `remote_port` says otherwise
 # Tables that later issues fill in; kept raw in `NodeConfig.extra_tables` until then.
-FUTURE_TABLES = ("cluster", "metrics")
+FUTURE_TABLES = ("cluster",)
+METRICS_PORT = 9464  # [metrics] listen without a port (the OpenTelemetry exporter's port)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 IKE_REKEY_TIME = 14400.0  # swanctl's defaults: 4 h for IKE SAs, 1 h for Child SAs
@@ -106,6 +107,19 @@ class DosConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    """`[metrics]`: where Prometheus scrapes this node, and how fresh the values are."""
+
+    host: str = "127.0.0.1"  # an IPv4 or IPv6 address, without brackets
+    port: int = METRICS_PORT  # 0 picks a free one
+    interval: float = 1.0  # seconds between publishing the runtime's counters
+
+    @property
+    def listen(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class NodeConfig:
     node_id: str  # [node] id
     addresses: tuple[str, ...]  # [ike] addresses; UDP ike_port and natt_port bound on each
@@ -117,6 +131,7 @@ class NodeConfig:
     initiations: tuple[Initiation, ...] = ()  # in the order of the connections
     worker: WorkerConfig | None = None  # None: no data plane in this process
     dos: DosConfig = field(default_factory=DosConfig)  # [ike] cookie and half-open limits
+    metrics: MetricsConfig | None = None  # None: no metrics endpoint
     extra_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -189,7 +204,8 @@ class _Loader:
 
     def load(self, document: dict[str, Any]) -> NodeConfig:
         root = self.table(
-            "", document, ("node", "ike", "connections", "secrets", "worker", *FUTURE_TABLES)
+            "", document,
+            ("node", "ike", "connections", "secrets", "worker", "metrics", *FUTURE_TABLES),
         )
         node = root.table("node", ("id", "log_level"), required=True)
         node_id = node.required_string("id")
@@ -241,6 +257,7 @@ class _Loader:
         self.check_psk_secrets(policy, addresses)
         extra = {name: root.raw_table(name) for name in FUTURE_TABLES if name in root}
         worker = self.worker(root) if "worker" in root else None
+        metrics = self.metrics(root) if "metrics" in root else None
         return NodeConfig(
             node_id=node_id,
             addresses=addresses,
@@ -252,6 +269,7 @@ class _Loader:
             initiations=initiations,
             worker=worker,
             dos=dos,
+            metrics=metrics,
             extra_tables=extra,
         )
 
@@ -323,6 +341,17 @@ class _Loader:
             lifetime_bytes=limit("lifetime_bytes"),
             lifetime_packets=limit("lifetime_packets"),
         )
+
+    def metrics(self, root: _Table) -> MetricsConfig:
+        table = root.table("metrics", ("listen", "interval"))
+        host, port = MetricsConfig.host, MetricsConfig.port
+        listen = table.optional_string("listen")
+        if listen is not None:
+            host, port = _parse_listen(listen, lambda reason: table.fail("listen", reason))
+        interval = self.duration(table, "interval", MetricsConfig.interval)
+        if not 0.01 <= interval <= 3600:
+            table.fail("interval", "must be between 0.01 s and 1 h")
+        return MetricsConfig(host=host, port=port, interval=interval)
 
     def addresses(self, ike: _Table) -> tuple[str, ...]:
         texts = ike.strings("addresses", required=True)
@@ -752,6 +781,32 @@ class _Loader:
                     "psk authentication, but no [secrets] entry has ids that match "
                     "this connection's local or remote id",
                 )
+
+
+def _parse_listen(text: str, fail: Callable[[str], NoReturn]) -> tuple[str, int]:
+    """"host:port", "[v6]:port", or an address alone (then METRICS_PORT)."""
+    port_text: str | None = None
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or ":" not in host or (rest and not rest.startswith(":")):
+            fail(f"{text!r} is not [IPv6 address]:port")
+        if rest:
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" in text:
+        fail(f"{text!r}: an IPv6 address goes in brackets, e.g. \"[::1]:{METRICS_PORT}\"")
+    else:
+        host = text
+    try:
+        address = str(ipaddress.ip_address(host))
+    except ValueError:
+        fail(f"{host!r} is not an IPv4 or IPv6 address")
+    if port_text is None:
+        return address, METRICS_PORT
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
+        fail(f"{port_text!r} is not a TCP port (0-65535; 0 picks a free one)")
+    return address, int(port_text)
 
 
 def _secret_may_serve(
