@@ -1,0 +1,451 @@
+"""Prometheus metrics of a node: what its SAs, sockets and data plane are doing.
+
+Nothing here sits on a packet path. Two kinds of sources feed it, both plain ints:
+- SA events: `Metrics.record` is part of the event sink, one dict update per event
+  (an SA or an exchange, never a packet);
+- the counters the runtime and the data plane keep themselves (`RuntimeStats`,
+  `Supervisor.session_counters()`, `DataPlane.stats()`), handed over as callables
+  because this layer may not import them.
+
+`publish()` runs in the event loop's thread, reads all of them and builds the metric
+families; the HTTP server's thread only serves the last families built. So no thread
+reads a dict the event loop is changing, and a scrape never waits for the loop.
+`serve_metrics` publishes every `interval` seconds.
+
+Label values are bounded: connection names come from the configuration, reasons and
+results are mapped onto small fixed sets, anything unforeseen becomes "other".
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import re
+import socket
+import socketserver
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
+
+import trio
+from prometheus_client import CollectorRegistry, MetricsHandler, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from .errors import IkeError
+from .ike.constants import ExchangeType
+from .ike.events import (
+    ChildSaDeleted,
+    ChildSaEstablished,
+    Event,
+    ExchangeCompleted,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaFailed,
+    IkeSaRekeyed,
+)
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "ike_cluster_"
+# IKE_SA_INIT to established: one round trip plus a few ms of crypto on a LAN, seconds
+# when a peer retransmits or sits behind a slow link
+HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                     10.0, 30.0)
+ROLES = ("responder", "initiator")
+SCRAPE_TIMEOUT = 10.0  # seconds a scraper may take to send its request
+POLL_INTERVAL = 0.1  # the HTTP thread's shutdown check
+
+Reader = Callable[[], Mapping[str, int]]
+IkeKey = tuple[bytes, bytes]  # (spi_i, spi_r)
+
+# Free-text deletion reasons of the session and the supervisor -> label values.
+_DELETE_REASONS = {
+    "deleted by peer": "peer",
+    "deleted by us": "local",  # expiry, rekeyed-away Child SAs, the data plane's limits
+    "peer not responding": "timeout",  # RFC 7296 2.4: retransmissions ran out
+    "actor failed": "actor_failure",
+    "unknown to the peer": "unknown_to_peer",  # RFC 7296 2.25
+    "replaced (INITIAL_CONTACT)": "replaced",  # RFC 7296 2.4
+}
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _ike_errors() -> dict[str, str]:
+    found: dict[str, str] = {}
+    pending: list[type[IkeError]] = [IkeError]
+    while pending:
+        cls = pending.pop()
+        found[cls.__name__] = _snake(cls.__name__)
+        pending += cls.__subclasses__()
+    return found
+
+
+_ERROR_LABELS = _ike_errors()
+
+
+def error_label(name: str) -> str:
+    """An `IkeError` subclass name -> its label ("NoProposalChosen" -> "no_proposal_chosen");
+    "ok" stays; anything else is "other"."""
+    if name == "ok":
+        return name
+    label = _ERROR_LABELS.get(name)
+    if label is None:
+        _ERROR_LABELS.update(_ike_errors())  # a subclass defined since
+        label = _ERROR_LABELS.get(name, "other")
+    return label
+
+
+def delete_label(reason: str) -> str:
+    return _DELETE_REASONS.get(reason, "other")
+
+
+def failure_label(event: IkeSaFailed) -> str:
+    if event.error:
+        return error_label(event.error)
+    return "timeout" if event.reason == "peer not responding" else "other"
+
+
+def exchange_label(exchange: int) -> str:
+    try:
+        return ExchangeType(exchange).name
+    except ValueError:
+        return "other"
+
+
+@dataclass(slots=True)
+class _IkeSaRecord:
+    connection: str
+    children: set[bytes] = field(default_factory=set)  # inbound SPIs of its Child SAs
+
+
+class _Histogram:
+    """Bucket counts of one label set: observed in the loop's thread, read by `publish`."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * size  # per bucket, not cumulative; the last is +Inf
+        self.total = 0.0
+
+
+class Metrics:
+    """The node's metrics; `record` goes into the event sink, `publish` into a timer."""
+
+    def __init__(self, node_id: str = "", *, connections: Iterable[str] = (),
+                 registry: CollectorRegistry | None = None) -> None:
+        if registry is None:
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)  # process_cpu_seconds_total, RSS, open fds
+        self.registry = registry
+        self.node_id = node_id
+        names = tuple(connections)
+        # event-driven counts
+        self._ike_established = dict.fromkeys(names, 0)
+        self._child_established = dict.fromkeys(names, 0)
+        self._ike_failed: dict[str, int] = {}
+        self._ike_deleted: dict[str, int] = {}
+        self._child_deleted: dict[str, int] = {}
+        self._ike_rekeyed = 0
+        self._exchanges: dict[tuple[str, str, str], int] = {
+            (e.name, role, "ok"): 0 for e in ExchangeType for role in ROLES
+        }
+        self._ike: dict[IkeKey, _IkeSaRecord] = {}  # established IKE SAs
+        self._child_ike: dict[bytes, IkeKey] = {}  # Child SA spi_in -> its IKE SA
+        self._handshakes = {role: _Histogram(len(HANDSHAKE_BUCKETS) + 1) for role in ROLES}
+        # what the runtime and the data plane count, read at publish time
+        self._runtime: Reader | None = None
+        self._sessions: Reader | None = None
+        self._half_open: Callable[[], int] | None = None
+        self._data_plane: Reader | None = None
+        self._families: tuple[Metric, ...] = ()
+        registry.register(_Published(self))
+        self.publish()
+
+    # --- sources -----------------------------------------------------------------
+
+    def watch_runtime(self, stats: Reader, sessions: Reader, half_open: Callable[[], int]) -> None:
+        """`RuntimeStats.as_dict`, `Supervisor.session_counters` and its half-open count."""
+        self._runtime, self._sessions, self._half_open = stats, sessions, half_open
+
+    def watch_data_plane(self, stats: Reader) -> None:
+        """`DataPlane.stats`."""
+        self._data_plane = stats
+
+    def observe_handshake(self, seconds: float, we_initiated: bool) -> None:
+        """The supervisor's `handshake_observer`."""
+        histogram = self._handshakes[ROLES[we_initiated]]
+        histogram.counts[bisect.bisect_left(HANDSHAKE_BUCKETS, seconds)] += 1
+        histogram.total += seconds
+
+    def record(self, event: Event) -> None:
+        """The event sink's share: called in the event loop for every SA event."""
+        if isinstance(event, ExchangeCompleted):
+            key = (exchange_label(event.exchange), ROLES[not event.as_responder],
+                   error_label(event.result))
+            self._exchanges[key] = self._exchanges.get(key, 0) + 1
+        elif isinstance(event, IkeSaEstablished):
+            key_ike = (event.spi_i, event.spi_r)
+            if key_ike not in self._ike:
+                self._ike[key_ike] = _IkeSaRecord(event.connection)
+                _count(self._ike_established, event.connection)
+        elif isinstance(event, ChildSaEstablished):
+            if event.spi_in not in self._child_ike:
+                key_ike = (event.ike_spi_i, event.ike_spi_r)
+                self._child_ike[event.spi_in] = key_ike
+                record = self._ike.get(key_ike)
+                if record is not None:
+                    record.children.add(event.spi_in)
+                _count(self._child_established, record.connection if record else "unknown")
+        elif isinstance(event, ChildSaDeleted):
+            self._forget_child(event.spi_in)
+            _count(self._child_deleted, delete_label(event.reason))
+        elif isinstance(event, IkeSaDeleted):
+            label = delete_label(event.reason)
+            record = self._ike.pop((event.spi_i, event.spi_r), None)
+            # the session deletes its Child SAs first; after an actor failure nobody did
+            for spi_in in list(record.children if record else ()):
+                self._forget_child(spi_in)
+                _count(self._child_deleted, label)
+            _count(self._ike_deleted, label)
+        elif isinstance(event, IkeSaFailed):
+            _count(self._ike_failed, failure_label(event))
+        elif isinstance(event, IkeSaRekeyed):
+            self._ike_rekeyed += 1
+            record = self._ike.pop((event.old_spi_i, event.old_spi_r), None)
+            if record is not None:
+                new = (event.spi_i, event.spi_r)
+                self._ike[new] = record
+                for spi_in in record.children:
+                    self._child_ike[spi_in] = new
+
+    def _forget_child(self, spi_in: bytes) -> None:
+        key = self._child_ike.pop(spi_in, None)
+        record = self._ike.get(key) if key is not None else None
+        if record is not None:
+            record.children.discard(spi_in)
+
+    # --- publishing --------------------------------------------------------------
+
+    def publish(self) -> None:
+        """Read every source and build the families a scrape serves (event loop only)."""
+        runtime = dict(self._runtime()) if self._runtime else {}
+        sessions = dict(self._sessions()) if self._sessions else {}
+        families: list[Metric] = []
+        add = families.append
+
+        info = GaugeMetricFamily(PREFIX + "node_info", "This node (value 1).", labels=["node"])
+        info.add_metric([self.node_id], 1)
+        add(info)
+        add(GaugeMetricFamily(PREFIX + "ike_sas", "Established IKE SAs.", len(self._ike)))
+        add(GaugeMetricFamily(PREFIX + "child_sas", "Established Child SAs.",
+                              len(self._child_ike)))
+        add(GaugeMetricFamily(PREFIX + "half_open_ike_sas",
+                              "IKE SAs past IKE_SA_INIT, not yet authenticated.",
+                              self._half_open() if self._half_open else 0))
+        add(GaugeMetricFamily(
+            PREFIX + "sa_actors", "IKE SA actors alive (half-open and established).",
+            runtime.get("actors_started", 0) - runtime.get("actors_retired", 0)))
+        add(_counter("ike_sas_established_total", "IKE SAs established.", "connection",
+                     self._ike_established))
+        failed = dict(self._ike_failed)
+        if runtime.get("half_open_expired"):
+            failed["half_open_timeout"] = runtime["half_open_expired"]
+        add(_counter("ike_sas_failed_total", "IKE SAs that never came up.", "reason", failed))
+        add(_counter("ike_sas_deleted_total", "Established IKE SAs deleted.", "reason",
+                     self._ike_deleted))
+        add(CounterMetricFamily(PREFIX + "ike_sas_rekeyed_total", "IKE SA rekeys completed.",
+                                self._ike_rekeyed))
+        add(_counter("child_sas_established_total", "Child SAs established (rekeys included).",
+                     "connection", self._child_established))
+        add(_counter("child_sas_deleted_total", "Child SAs deleted.", "reason",
+                     self._child_deleted))
+        exchanges = CounterMetricFamily(
+            PREFIX + "exchanges_total", "IKE request/response exchanges completed.",
+            labels=["exchange", "role", "result"])
+        for labels, value in sorted(self._exchanges.items()):
+            exchanges.add_metric(labels, value)
+        add(exchanges)
+        add(self._handshake_family())
+        add(_counter("retransmissions_total",
+                     "IKE requests retransmitted: out, ours after a timeout; in, the peer's,"
+                     " answered again from the cached response.", "direction",
+                     {"out": sessions.get("retransmits_sent", 0),
+                      "in": sessions.get("retransmits_answered", 0)}))
+        add(_counter("datagrams_total", "UDP datagrams on the IKE sockets.", "direction",
+                     {"in": runtime.get("datagrams_in", 0),
+                      "out": runtime.get("datagrams_out", 0)}))
+        add(_counter("datagrams_dropped_total", "IKE datagrams dropped, by reason.", "reason",
+                     _dropped(runtime, sessions)))
+        for name, key, text in _RUNTIME_COUNTERS:
+            add(CounterMetricFamily(PREFIX + name, text, runtime.get(key, 0)))
+        if self._data_plane is not None:
+            families += _data_plane_families(self._data_plane())
+        self._families = tuple(families)
+
+    def _handshake_family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(
+            PREFIX + "handshake_duration_seconds",
+            "From the first IKE_SA_INIT to the IKE SA established (IKE_AUTH done).",
+            labels=["role"])
+        for role, histogram in self._handshakes.items():
+            buckets, cumulative = [], 0
+            for bound, count in zip((*HANDSHAKE_BUCKETS, "+Inf"), histogram.counts, strict=True):
+                cumulative += count
+                buckets.append((str(bound), float(cumulative)))
+            family.add_metric([role], buckets, histogram.total)
+        return family
+
+
+# (metric name, RuntimeStats field, help): counters that are one field each
+_RUNTIME_COUNTERS = (
+    ("cookies_sent_total", "cookies_sent", "Stateless COOKIE replies sent (RFC 7296 2.6)."),
+    ("cookies_accepted_total", "cookies_accepted", "IKE_SA_INIT admitted with a valid cookie."),
+    ("notifies_suppressed_total", "notifies_suppressed",
+     "Notifies to unauthenticated peers not sent (notify_rate)."),
+    ("natt_keepalives_received_total", "natt_keepalives",
+     "NAT-T keepalives received (RFC 3948 2.3)."),
+    ("actor_failures_total", "actor_failures", "IKE SA actors torn down by an exception."),
+)
+# RuntimeStats fields published elsewhere or not at all (tests check every field is placed)
+RUNTIME_FIELDS_USED_OTHERWISE = frozenset({
+    "datagrams_in", "datagrams_out", "actors_started", "actors_retired", "half_open_expired",
+    "cookies_expired",  # a subset of cookies_sent
+    "ike_sas_established", "ike_sas_deleted",  # the events say more (connection, reason)
+})
+
+
+def _dropped(runtime: Mapping[str, int], sessions: Mapping[str, int]) -> dict[str, int]:
+    """`dropped_<reason>` of the runtime (before an SA) and the sessions (inside one)."""
+    out: dict[str, int] = {}
+    for source in (runtime, sessions):
+        for key, value in source.items():
+            if key.startswith("dropped_"):
+                out[key[8:]] = out.get(key[8:], 0) + value
+    return out
+
+
+# DataPlane.stats() key -> esp_dropped_packets_total reason
+_ESP_DROPS = {
+    "sa_replay_drops": "replay",
+    "sa_integrity_failures": "integrity",
+    "sa_pad_errors": "padding",
+    "sa_dummy_drops": "dummy",  # RFC 4303 2.6, dropped on purpose
+    "sa_policy_drops": "policy",
+    "sa_malformed_drops": "malformed",
+    "malformed_in": "malformed",
+    "malformed_out": "malformed",
+    "sa_seq_exhausted_drops": "sequence_exhausted",
+    "sa_expired_drops": "sa_expired",
+    "no_sa_in": "no_sa_inbound",  # an SPI we do not know
+    "no_sa_out": "no_sa_outbound",  # no SA covers the packet: never sent in the clear
+    "esp_send_errors": "send_error",
+    "esp_receive_errors": "receive_error",
+    "tun_write_errors": "tun_write_error",
+}
+# wire-level I/O of the raw sockets and the TUN only (ESP in UDP passes the IKE sockets)
+DATA_PLANE_KEYS_UNUSED = frozenset({
+    "tun_read_packets", "tun_read_bytes", "tun_write_packets", "tun_write_bytes",
+    "esp_sent_packets", "esp_sent_bytes", "esp_received_packets", "esp_received_bytes",
+})
+
+
+def _data_plane_families(stats: Mapping[str, int]) -> list[Metric]:
+    drops: dict[str, int] = {}
+    for key, reason in _ESP_DROPS.items():
+        drops[reason] = drops.get(reason, 0) + stats.get(key, 0)
+    return [
+        _counter("esp_packets_total", "Packets carried by Child SAs (in: decrypted, out:"
+                 " encrypted).", "direction",
+                 {"in": stats.get("sa_packets_in", 0), "out": stats.get("sa_packets_out", 0)}),
+        _counter("esp_bytes_total", "Inner packet bytes carried by Child SAs.", "direction",
+                 {"in": stats.get("sa_bytes_in", 0), "out": stats.get("sa_bytes_out", 0)}),
+        _counter("esp_dropped_packets_total", "ESP and TUN packets dropped, by reason.",
+                 "reason", drops),
+    ]
+
+
+def _count(counts: dict[str, int], label: str) -> None:
+    counts[label] = counts.get(label, 0) + 1
+
+
+def _counter(name: str, text: str, label: str, values: Mapping[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(PREFIX + name, text, labels=[label])
+    for value_label, value in sorted(values.items()):
+        family.add_metric([value_label], value)
+    return family
+
+
+class _Published(Collector):
+    """What a scrape sees: the families of the last `publish()`."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._metrics._families)  # one atomic read of a tuple
+
+
+# --- the HTTP endpoint -----------------------------------------------------------------
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind would look our own name up in DNS
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+
+def open_http_server(registry: CollectorRegistry, host: str, port: int) -> ThreadingHTTPServer:
+    """Bind the scrape endpoint (any path answers; OSError when the address is taken)."""
+    handler = type("Handler", (MetricsHandler,),
+                   {"registry": registry, "timeout": SCRAPE_TIMEOUT})
+    server_class = type("Server", (_HttpServer,), {
+        "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
+    server: ThreadingHTTPServer = server_class((host, port), handler)
+    return server
+
+
+async def serve_metrics(
+    metrics: Metrics,
+    host: str,
+    port: int,
+    interval: float,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `/metrics` from a thread and publish every `interval` s until cancelled.
+
+    `task_status` gets the bound (host, port): port 0 picks a free one."""
+    server = open_http_server(metrics.registry, host, port)
+    thread = threading.Thread(target=server.serve_forever, args=(POLL_INTERVAL,),
+                              name="metrics-http", daemon=True)
+    try:
+        metrics.publish()
+        thread.start()
+        bound = server.server_address
+        task_status.started((str(bound[0]), int(bound[1])))
+        while True:
+            await trio.sleep(interval)
+            try:
+                metrics.publish()
+            except Exception:
+                # a metrics bug must not stop the node; the values just stop moving
+                logger.exception("publishing metrics failed")
+    finally:
+        with trio.CancelScope(shield=True):
+            if thread.is_alive():
+                await trio.to_thread.run_sync(server.shutdown)
+        server.server_close()
