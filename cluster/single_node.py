@@ -2,7 +2,9 @@
 
 They meet only here (runtime and worker never import each other): Child SA events go
 to the data plane's key-install interface, ESP in UDP arriving on the NAT-T port goes
-to its decapsulation, and it sends ESP in UDP from that same socket.
+to its decapsulation, and it sends ESP in UDP from that same socket. With a `[metrics]`
+table the events also go to `cluster.metrics`, which reads the runtime's and the data
+plane's counters through callables and serves Prometheus on `[metrics] listen`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import trio
 
 from .config import NodeConfig, WorkerConfig
 from .ike.events import Event
+from .metrics import Metrics, serve_metrics
 
 if TYPE_CHECKING:
     from .runtime.node import Node
+    from .worker.dataplane import DataPlane
 
 logger = logging.getLogger("cluster")
 
@@ -43,13 +47,15 @@ async def single_node(config: NodeConfig) -> None:
 
     if config.worker is None:
         logger.info("no [worker] table: Child SAs are negotiated, no data plane runs here")
-        await run_node(config)
+        if config.metrics is None:
+            await run_node(config)
+        else:
+            await _run(config, None)
         return
     await _with_data_plane(config, config.worker)
 
 
 async def _with_data_plane(config: NodeConfig, w: WorkerConfig) -> None:
-    from .runtime.node import log_event, run_node
     from .worker.dataplane import DataPlane, DataPlaneSettings
     from .worker.keys import Limits
 
@@ -59,25 +65,55 @@ async def _with_data_plane(config: NodeConfig, w: WorkerConfig) -> None:
         limits=Limits(w.replay_window, w.lifetime_bytes, w.lifetime_packets),
     )
     with DataPlane.open(settings, config.addresses) as plane:
-
-        def sink(event: Event) -> None:
-            log_event(event)
-            plane.on_ike_event(event)
-
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(plane.run)
-
-                async def responder(task_status: trio.TaskStatus[Node]) -> None:
-                    await run_node(config, event_sink=sink, esp_sink=plane.receive_udp_esp,
-                                   socket_mark=w.mark, task_status=task_status)
-                    nursery.cancel_scope.cancel()  # the node shut down: stop the pumps
-
-                node: Node = await nursery.start(responder)
-                plane.udp_send = node.dispatcher.send_esp
-                plane.on_esp_event = _lifetime_handler(node, plane.on_esp_event)
-                logger.info("data plane on %s (mtu %d, table %d, mark %#x)",
-                            w.tun, w.mtu, w.table, w.mark)
+            await _run(config, plane)
         finally:
             counters = " ".join(f"{k}={v}" for k, v in plane.stats().items() if v)
             logger.info("data plane stopped: %s", counters or "no traffic")
+
+
+async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
+    """The responder; beside it the data plane's pumps and the metrics endpoint, if any."""
+    from .runtime.node import log_event, run_node
+
+    metrics = None
+    if config.metrics is not None:
+        names = [c.name for c in config.policy.connections]
+        metrics = Metrics(config.node_id, connections=names)
+
+    def sink(event: Event) -> None:
+        log_event(event)
+        if plane is not None:
+            plane.on_ike_event(event)
+        if metrics is not None:
+            metrics.record(event)
+
+    async with trio.open_nursery() as nursery:
+        if plane is not None:
+            await nursery.start(plane.run)
+
+        async def responder(task_status: trio.TaskStatus[Node]) -> None:
+            await run_node(config, event_sink=sink,
+                           esp_sink=plane.receive_udp_esp if plane is not None else None,
+                           socket_mark=config.worker.mark if config.worker else None,
+                           task_status=task_status)
+            nursery.cancel_scope.cancel()  # the node shut down: stop the pumps
+
+        node: Node = await nursery.start(responder)
+        if plane is not None and config.worker is not None:
+            plane.udp_send = node.dispatcher.send_esp
+            plane.on_esp_event = _lifetime_handler(node, plane.on_esp_event)
+            w = config.worker
+            logger.info("data plane on %s (mtu %d, table %d, mark %#x)",
+                        w.tun, w.mtu, w.table, w.mark)
+        if metrics is not None and config.metrics is not None:
+            metrics.watch_runtime(node.stats.as_dict, node.supervisor.session_counters,
+                                  lambda: node.supervisor.half_open_count)
+            node.supervisor.handshake_observer = metrics.observe_handshake
+            if plane is not None:
+                metrics.watch_data_plane(plane.stats)
+            m = config.metrics
+            host, port = await nursery.start(serve_metrics, metrics, m.host, m.port, m.interval)
+            listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            logger.info("metrics on http://%s/metrics (published every %g s)", listen,
+                        m.interval)
