@@ -14,7 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.config import load_config
 from cluster.ike.constants import NON_ESP_MARKER
+from cluster.ike.policy import ConnectionConfig, ResponderPolicy
 from cluster.single_node import single_node
+from tests.worker.namespaces import netns, require_netns, run_in_netns
 
 from .conftest import Setup, free_port_pair, initiator_settings, write_responder_config
 from .initiator_peer import InitiatorPeer
@@ -43,6 +45,8 @@ TYPES = {
     "ike_cluster_actor_failures": "counter",
 }
 # prometheus-client's process collector, served beside ours
+ESP = {"ike_cluster_esp_packets": "counter", "ike_cluster_esp_bytes": "counter",
+       "ike_cluster_esp_dropped_packets": "counter"}
 PROCESS = {"process_cpu_seconds": "counter", "process_resident_memory_bytes": "gauge",
            "process_open_fds": "gauge"}
 
@@ -185,3 +189,56 @@ async def test_a_handshake_moves_the_scraped_metrics(metrics_setup: tuple[Setup,
         nursery.cancel_scope.cancel()
     with pytest.raises(urllib.error.URLError):
         await scrape(url)  # the endpoint went with the node
+
+
+# --- with the data plane: its counters reach the scrape too (root, in a namespace) --------
+
+
+def _node_with_data_plane(config_path: Path, url: str, connection: ConnectionConfig,
+                          policy: ResponderPolicy) -> tuple[dict[str, str], dict[str, float]]:
+    """In the namespace: a node with [worker] and [metrics], one handshake, one stray ESP."""
+
+    async def main() -> tuple[dict[str, str], dict[str, float]]:
+        config = load_config(config_path)
+        server = (config.addresses[0], config.ike_port)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(single_node, config)
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        before = await scrape(url)
+                        break
+                    except urllib.error.URLError:
+                        await trio.sleep(0.05)
+            peer = await InitiatorPeer.open(server, config.natt_port, connection, policy)
+            try:
+                await peer.establish()
+                # ESP in UDP for an SPI nobody has (no non-ESP marker: RFC 3948 2.2)
+                await peer.sock.sendto(b"\x00\x00\x10\x01" + bytes(24),
+                                       (server[0], config.natt_port))
+            finally:
+                peer.close()
+            after = await scrape_until(url, lambda s: s(
+                "ike_cluster_esp_dropped_packets_total", reason="no_sa_inbound") == 1)
+            nursery.cancel_scope.cancel()
+        return after.types, {
+            "before_no_sa": before("ike_cluster_esp_dropped_packets_total",
+                                   reason="no_sa_inbound"),
+            "child_sas": after("ike_cluster_child_sas"),
+            "packets_in": after("ike_cluster_esp_packets_total", direction="in"),
+        }
+
+    return trio.run(main)
+
+
+def test_the_data_plane_counters_are_scraped(tmp_path: Path) -> None:
+    require_netns()
+    path = write_responder_config(tmp_path, ("127.0.0.1",), 1500, 14500)
+    path.write_text(path.read_text() + '[worker]\ntun = "ikm0"\n'
+                    '[metrics]\nlisten = "127.0.0.1:9464"\ninterval = 0.05\n')
+    connection, policy = initiator_settings(tmp_path)
+    with netns() as name:
+        types, values = run_in_netns(name, _node_with_data_plane, path,
+                                     "http://127.0.0.1:9464/metrics", connection, policy)
+    assert {n: t for n, t in types.items() if n.startswith("ike_cluster_")} == TYPES | ESP
+    assert values == {"before_no_sa": 0, "child_sas": 1, "packets_in": 0}
