@@ -112,7 +112,7 @@ class MetricsConfig:
 
     host: str = "127.0.0.1"  # an IPv4 or IPv6 address, without brackets
     port: int = METRICS_PORT  # 0 picks a free one
-    interval: float = 1.0  # seconds between publishing the runtime's counters
+    interval: float = 1.0  # seconds a scrape may reuse the last values read from the runtime
 
     @property
     def listen(self) -> str:

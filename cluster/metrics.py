@@ -8,9 +8,11 @@ Nothing here sits on a packet path. Two kinds of sources feed it, both plain int
   because this layer may not import them.
 
 `publish()` runs in the event loop's thread, reads all of them and builds the metric
-families; the HTTP server's thread only serves the last families built. So no thread
-reads a dict the event loop is changing, and a scrape never waits for the loop.
-`serve_metrics` publishes every `interval` seconds.
+families; the HTTP server's threads only serialise families already built. So no thread
+reads a dict the event loop is changing. A scrape asks the loop for a `publish()` when
+the last one is older than `interval` and otherwise serves that one: nothing runs while
+nobody scrapes, and a scrape flood costs the loop at most one publish per `interval`
+(reading the sessions' counters is O(live SAs), about 60 ms per 100,000 SAs here).
 
 Label values are bounded: connection names come from the configuration, reasons and
 results are mapped onto small fixed sets, anything unforeseen becomes "other".
@@ -19,11 +21,14 @@ results are mapped onto small fixed sets, anything unforeseen becomes "other".
 from __future__ import annotations
 
 import bisect
+import contextlib
+import functools
 import logging
 import re
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
@@ -139,7 +144,7 @@ class _Histogram:
 
 
 class Metrics:
-    """The node's metrics; `record` goes into the event sink, `publish` into a timer."""
+    """The node's metrics; `record` goes into the event sink, `serve_metrics` serves them."""
 
     def __init__(self, node_id: str = "", *, connections: Iterable[str] = (),
                  registry: CollectorRegistry | None = None) -> None:
@@ -168,7 +173,9 @@ class Metrics:
         self._half_open: Callable[[], int] | None = None
         self._data_plane: Reader | None = None
         self._families: tuple[Metric, ...] = ()
-        registry.register(_Published(self))
+        self._published_at = 0.0  # time.monotonic() of the last publish
+        self._collector = _Published(self)
+        registry.register(self._collector)
         self.publish()
 
     # --- sources -----------------------------------------------------------------
@@ -291,6 +298,22 @@ class Metrics:
         if self._data_plane is not None:
             families += _data_plane_families(self._data_plane())
         self._families = tuple(families)
+        self._published_at = time.monotonic()
+
+    def _publish_logged(self) -> None:
+        try:
+            self.publish()
+        except Exception:
+            # a metrics bug must not stop the node; the values just stop moving
+            logger.exception("publishing metrics failed")
+
+    def refresh_from_thread(self, token: trio.lowlevel.TrioToken, max_age: float) -> None:
+        """From another thread: have the event loop publish if the values are older than
+        `max_age` (waits for it). Once the loop has ended, the last values stay."""
+        if time.monotonic() - self._published_at < max_age:
+            return
+        with contextlib.suppress(trio.RunFinishedError):
+            trio.from_thread.run_sync(self._publish_logged, trio_token=token)
 
     def _handshake_family(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(
@@ -390,8 +413,12 @@ class _Published(Collector):
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        # set by serve_metrics: the scrape threads ask the loop for fresh values
+        self.refresh: Callable[[], None] | None = None
 
     def collect(self) -> Iterator[Metric]:
+        if self.refresh is not None:
+            self.refresh()
         return iter(self._metrics._families)  # one atomic read of a tuple
 
 
@@ -426,25 +453,23 @@ async def serve_metrics(
     *,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `/metrics` from a thread and publish every `interval` s until cancelled.
+    """Serve `/metrics` from a thread until cancelled; values at most `interval` s old.
 
     `task_status` gets the bound (host, port): port 0 picks a free one."""
     server = open_http_server(metrics.registry, host, port)
     thread = threading.Thread(target=server.serve_forever, args=(POLL_INTERVAL,),
                               name="metrics-http", daemon=True)
+    token = trio.lowlevel.current_trio_token()
+    collector = metrics._collector
     try:
         metrics.publish()
+        collector.refresh = functools.partial(metrics.refresh_from_thread, token, interval)
         thread.start()
         bound = server.server_address
         task_status.started((str(bound[0]), int(bound[1])))
-        while True:
-            await trio.sleep(interval)
-            try:
-                metrics.publish()
-            except Exception:
-                # a metrics bug must not stop the node; the values just stop moving
-                logger.exception("publishing metrics failed")
+        await trio.sleep_forever()
     finally:
+        collector.refresh = None
         with trio.CancelScope(shield=True):
             if thread.is_alive():
                 await trio.to_thread.run_sync(server.shutdown)

@@ -115,5 +115,5 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
             m = config.metrics
             host, port = await nursery.start(serve_metrics, metrics, m.host, m.port, m.interval)
             listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            logger.info("metrics on http://%s/metrics (published every %g s)", listen,
+            logger.info("metrics on http://%s/metrics (values at most %g s old)", listen,
                         m.interval)

@@ -338,7 +338,8 @@ def _get(url: str) -> str:
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-async def test_serve_metrics_publishes_periodically_and_stops(host: str) -> None:
+async def test_a_scrape_gets_fresh_values_and_the_endpoint_stops_with_the_task(
+        host: str) -> None:
     metrics = fresh()
     stats = RuntimeStats()
     metrics.watch_runtime(stats.as_dict, dict, lambda: 0)
@@ -357,6 +358,28 @@ async def test_serve_metrics_publishes_periodically_and_stops(host: str) -> None
         nursery.cancel_scope.cancel()
     with pytest.raises(urllib.error.URLError):
         await trio.to_thread.run_sync(_get, url)
+
+
+async def test_scrapes_within_the_interval_reuse_the_last_values() -> None:
+    metrics = fresh()
+    stats = RuntimeStats()
+    reads = 0
+
+    def read() -> dict[str, int]:
+        nonlocal reads
+        reads += 1
+        return stats.as_dict()
+
+    metrics.watch_runtime(read, dict, lambda: 0)
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(serve_metrics, metrics, "127.0.0.1", 0, 3600.0)
+        stats.datagrams_in = 5
+        url = f"http://127.0.0.1:{port}/metrics"
+        for _ in range(3):
+            text = await trio.to_thread.run_sync(_get, url)
+            assert 'ike_cluster_datagrams_total{direction="in"} 0.0' in text
+        assert reads == 1  # the publish at start; scrapes did not make the loop read again
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_taken_address_fails_at_start() -> None:
