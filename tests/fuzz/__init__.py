@@ -1,0 +1,1 @@
+"""Fuzzing a whole responder node over loopback UDP (issue 4: a hostile network)."""
