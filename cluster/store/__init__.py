@@ -70,11 +70,14 @@ __all__ = [
 ]
 
 
-def open_store(url: str | None, **options: Any) -> StateStore:
-    """`None`, "" or "memory://" -> MemoryStore; a Redis URL -> RedisStore.from_url."""
+def open_store(url: str | None, *, prefix: str = "ikec:", **options: Any) -> StateStore:
+    """`None`, "" or "memory://" -> MemoryStore; a Redis URL -> RedisStore.from_url.
+
+    `prefix` names the Redis keys (ignored in memory); other options go to the class.
+    """
     if not url or url in {"memory:", "memory://"}:
         return MemoryStore(**options)
     if url.partition("://")[0].lower() in {"redis", "rediss", "unix", "redis+sentinel",
                                            "rediss+sentinel"}:
-        return RedisStore.from_url(url, **options)
+        return RedisStore.from_url(url, prefix=prefix, **options)
     raise ConfigError(f"store URL {url.partition('://')[0]!r}: expected memory:// or a Redis URL")

@@ -198,7 +198,13 @@ class RedisStore(StateStore):
         return cls(client, prefix=prefix, threads=threads, **options)
 
     async def aclose(self) -> None:
-        await trio.to_thread.run_sync(self.client.close)
+        def close() -> None:
+            self.client.close()
+            manager = getattr(self.client.connection_pool, "sentinel_manager", None)
+            for sentinel in getattr(manager, "sentinels", ()):
+                sentinel.close()
+
+        await trio.to_thread.run_sync(close)
 
     # -- key names -----------------------------------------------------------------------
 
