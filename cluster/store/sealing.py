@@ -112,12 +112,10 @@ class ClusterKey:
             raise ConfigError(f"{origin}: {exc.strerror or exc}") from None
         if len(data) == KEY_SIZE:  # raw bytes; 32 bytes can never be a 64-digit hex key
             return cls._checked(origin, [data])
-        try:
-            text = data.decode("ascii")
-        except UnicodeDecodeError:
+        text = data.decode("latin-1")
+        if not set(text) <= set(string.printable):  # e.g. a raw key with a line break added
             raise ConfigError(
-                f"{origin}: neither {KEY_SIZE} raw bytes nor hex text ({len(data)} bytes)"
-            ) from None
+                f"{origin}: neither {KEY_SIZE} raw bytes nor hex text ({len(data)} bytes)")
         return cls.from_text(text, origin)
 
     @classmethod
