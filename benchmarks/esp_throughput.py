@@ -37,6 +37,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -95,6 +96,29 @@ def machine_ticks() -> tuple[int, int]:
     return sum(values) - idle, sum(values)
 
 
+def all_processes() -> dict[int, tuple[str, float]]:
+    """pid -> (name, CPU seconds) of every process now (for --top)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                text = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text[text.rindex(")") + 2 :].split()
+            out[int(entry.name)] = (name, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    return out
+
+
+def top_during(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+               seconds: float, n: int = 8) -> str:
+    used = sorted(((cpu - before.get(pid, (name, 0.0))[1], pid, name)
+                   for pid, (name, cpu) in after.items()), reverse=True)
+    return "  ".join(f"{name}[{pid}] {100 * cpu / seconds:.0f}%" for cpu, pid, name in used[:n]
+                     if cpu > 0)
+
+
 @dataclasses.dataclass
 class Side:
     """One data-plane process: who it is and its pid."""
@@ -112,6 +136,7 @@ class Run:
     retransmits: int
     cpu: dict[str, float]  # side label -> CPU seconds during the run
     machine_busy: float  # share of all CPUs busy during the run (every process, softirqs)
+    top: str = ""  # the busiest processes during the run (--top)
 
     @property
     def gigabits(self) -> float:
@@ -122,7 +147,7 @@ class Run:
 
 
 def iperf3(lab: Lab, sides: Sequence[Side], *, seconds: int, reverse: bool,
-           profile_dir: Path | None, tag: str) -> Run:
+           profile_dir: Path | None, tag: str, top: bool = False) -> Run:
     """One iperf3 TCP run between the inner addresses, with the sides' CPU use."""
     port = 5201 + secrets.randbelow(1000)
     out = lab.dir / f"iperf3-server-{tag}.json"
@@ -152,11 +177,18 @@ def iperf3(lab: Lab, sides: Sequence[Side], *, seconds: int, reverse: bool,
             *(["--reverse"] if reverse else [])]  # fmt: skip
     before = {side.label: cpu_seconds(side.pid) for side in sides}
     busy_before, total_before = machine_ticks()
+    # iperf3 has exited when the run ends: the busiest processes are sampled at 90 %
+    procs: list[dict[int, tuple[str, float]]] = [all_processes()] if top else []
+    sampler = threading.Timer(0.9 * seconds, lambda: procs.append(all_processes()))
+    if top:
+        sampler.start()
     try:
         client = lab.initiator.run(argv, check=False, timeout=seconds + 30)
     finally:
         after = {side.label: cpu_seconds(side.pid) for side in sides}
         busy_after, total_after = machine_ticks()
+        sampler.cancel()
+        busiest = top_during(procs[0], procs[1], 0.9 * seconds) if len(procs) == 2 else ""
         for spy in spies:
             spy.wait(timeout=seconds + 30)
         server.wait(timeout=10)
@@ -175,6 +207,7 @@ def iperf3(lab: Lab, sides: Sequence[Side], *, seconds: int, reverse: bool,
         retransmits=int(end["sum_sent"].get("retransmits", 0)),
         cpu={label: after[label] - before[label] for label in before},
         machine_busy=(busy_after - busy_before) / max(1, total_after - total_before),
+        top=busiest,
     )
 
 
@@ -288,6 +321,8 @@ def print_runs(case: str, sides: list[Side], runs: list[Run]) -> None:
         print(f"  {run.direction:<4} sender {run.sender_mbit:7.1f} Mbit/s  receiver "
               f"{run.receiver_mbit:7.1f} Mbit/s  retr {run.retransmits:5d}  machine busy "
               f"{100 * run.machine_busy:3.0f}%  {cpu}")
+        if run.top:
+            print(f"       top: {run.top}")
     sys.stdout.flush()
 
 
@@ -301,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="record our node processes with py-spy into DIR")
     parser.add_argument("--harness-plugins", action="store_true",
                         help="charon with the test harness's plugin order (portable AES/GCM)")
+    parser.add_argument("--top", action="store_true",
+                        help="also print the busiest processes of each run (any process)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -323,7 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs = []
                 for direction in directions:
                     per = [iperf3(lab, sides, seconds=args.seconds, reverse=direction == "down",
-                                  profile_dir=args.py_spy, tag=f"{case}-{direction}-{n}")
+                                  profile_dir=args.py_spy, tag=f"{case}-{direction}-{n}",
+                                  top=args.top)
                            for n in range(args.repeat)]
                     runs += per
                     results.setdefault(case, {})[direction] = median_run(per)

@@ -48,7 +48,14 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr (struct in_pktinfo)
 _IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex (struct in6_pktinfo)
-_ANC_SIZE = socket.CMSG_SPACE(_IN6_PKTINFO.size)
+# UDP generic segmentation/receive offload (linux/udp.h): a u16 segment size per
+# sendmsg; a UDP_GRO socket reports the size of coalesced datagrams as an int
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+_GSO_SIZE = struct.Struct("=H")
+_GRO_SIZE = struct.Struct("=i")
+_ANC_SIZE = socket.CMSG_SPACE(_IN6_PKTINFO.size) + socket.CMSG_SPACE(_GRO_SIZE.size)
 
 
 class Router(Protocol):
@@ -108,6 +115,23 @@ def _local_from_ancillary(
             addr6, _ = _IN6_PKTINFO.unpack_from(payload)
             return (socket.inet_ntop(socket.AF_INET6, addr6), port)
     return fallback
+
+
+def _enable_gro(sock: socket.socket) -> bool:
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:  # a kernel before 5.0: datagrams arrive one by one
+        return False
+    return True
+
+
+def _gro_segment(ancdata: list[tuple[int, int, bytes]]) -> int:
+    """The size of each datagram in a coalesced receive (0: a single datagram)."""
+    for level, kind, payload in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO and len(payload) >= _GRO_SIZE.size:
+            size: int = _GRO_SIZE.unpack_from(payload)[0]
+            return size if size > 0 else 0
+    return 0
 
 
 def _source_ancillary(endpoint: Endpoint, local_host: str) -> list[tuple[int, int, bytes]]:
@@ -170,26 +194,44 @@ class Dispatcher:
     async def _read_loop(self, ep: Endpoint, router: Router) -> None:
         sock = ep.sock
         stats = self.stats
+        # ESP in UDP sent with GSO arrives as one buffer of equal-size datagrams (UDP
+        # GRO): one receive call for up to 64 of them. Each is classified on its own.
+        gro = ep.natt and _enable_gro(sock)
+        with_ancillary = ep.wildcard or gro
         while True:
             await trio.lowlevel.wait_readable(sock)
             now = trio.current_time()
-            for _ in range(RECV_BATCH):
+            budget = RECV_BATCH  # datagrams, counting each of a GRO buffer
+            while budget > 0:
                 try:
-                    if ep.wildcard:
+                    if with_ancillary:
                         data, anc, _flags, addr = sock.recvmsg(RECV_SIZE, _ANC_SIZE)
-                        local = _local_from_ancillary(anc, ep.local[1], ep.local)
+                        local = (_local_from_ancillary(anc, ep.local[1], ep.local)
+                                 if ep.wildcard else ep.local)
+                        segment = _gro_segment(anc) if gro and anc else 0
                     else:
                         data, addr = sock.recvfrom(RECV_SIZE)
                         local = ep.local
+                        segment = 0
                 except BlockingIOError:
                     break
                 except OSError as exc:
                     # e.g. ECONNREFUSED queued from an ICMP error for an earlier send
                     stats.dropped_recv_error += 1
+                    budget -= 1
                     logger.debug("recv on %s failed: %s", ep.local, exc)
                     continue
-                stats.datagrams_in += 1
-                self._received(ep, data, local, (addr[0], addr[1]), now, router)
+                remote = (addr[0], addr[1])
+                if segment and len(data) > segment:
+                    starts = range(0, len(data), segment)
+                    for at in starts:
+                        self._received(ep, data[at:at + segment], local, remote, now, router)
+                    count = len(starts)
+                else:
+                    count = 1
+                    self._received(ep, data, local, remote, now, router)
+                stats.datagrams_in += count
+                budget -= count
             else:
                 # A full batch: more may be waiting, but let others run first.
                 await trio.lowlevel.checkpoint()
@@ -233,15 +275,31 @@ class Dispatcher:
         for ep in self.endpoints:
             ep.sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
-    def send_esp(self, esp: bytes, local: Address, remote: Address) -> bool:
-        """ESP in UDP from our NAT-T socket at `local` (no marker: RFC 3948 2.2)."""
+    def send_esp(self, esp: bytes, local: Address, remote: Address, segment: int = 0) -> bool:
+        """ESP in UDP from our NAT-T socket at `local` (no marker: RFC 3948 2.2).
+
+        With `segment`, `esp` is several ESP packets of `segment` bytes each (the last
+        may be shorter): one UDP GSO send (UDP_SEGMENT), and the kernel puts each on
+        the wire as its own datagram, for a fraction of the per-send cost.
+        """
         ep = self._by_local.get(local)
         if ep is None or not ep.natt:
             self.stats.dropped_no_socket += 1
             return False
         try:
-            ep.sock.sendto(esp, remote)
+            if segment and len(esp) > segment:
+                ep.sock.sendmsg([esp], [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(segment))], 0,
+                                remote)
+            else:
+                ep.sock.sendto(esp, remote)
+        except BlockingIOError:
+            self.stats.dropped_send_error += 1
+            return False
         except OSError:
+            if segment and len(esp) > segment:
+                # no GSO on this path (e.g. a segment above the route's MTU): one by one
+                return all([self.send_esp(esp[at:at + segment], local, remote)
+                            for at in range(0, len(esp), segment)])
             self.stats.dropped_send_error += 1
             return False
         return True

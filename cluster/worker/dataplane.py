@@ -14,6 +14,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 from pyroute2 import IPRoute
@@ -38,6 +39,7 @@ from ..ike.events import (
     IkeSaRekeyed,
 )
 from . import IoCounters
+from .gro import coalesce
 from .keys import Limits, params_from_event
 from .routing import Routes
 from .sockets import EspSocket
@@ -45,8 +47,29 @@ from .tun import TunDevice
 
 logger = logging.getLogger(__name__)
 
-UdpSend = Callable[[bytes, Address, Address], bool]
 BATCH = 64
+# Decapsulated packets held for one coalesced TUN write at most (a bound on memory;
+# a receive batch normally ends first).
+WRITE_BATCH = 256
+# One UDP GSO send carries at most this many datagrams (the kernel's UDP_MAX_SEGMENTS
+# is 64 or more) and bytes (an IP datagram's limit, with room for the headers).
+GSO_SEGMENTS = 64
+GSO_BYTES = 65000
+
+
+class UdpSend(Protocol):
+    """`Dispatcher.send_esp`: ESP in UDP from the NAT-T socket at `local` to `remote`;
+    with `segment`, `esp` is several packets of that size (the last may be shorter)."""
+
+    def __call__(self, esp: bytes, local: Address, remote: Address, segment: int = 0
+                 ) -> bool: ...
+
+
+def _send_run(udp_send: UdpSend, sa: OutboundSa, run: list[bytes], size: int) -> None:
+    if len(run) == 1:
+        udp_send(run[0], sa.child.params.local, sa.remote)
+    else:
+        udp_send(b"".join(run), sa.child.params.local, sa.remote, size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +126,10 @@ class DataPlane:
         self._address_only = True
         self._flow_key: bytes | None = None
         self._flow_sa: OutboundSa | None = None
+        # Decapsulated packets wait here until the batch that produced them ends,
+        # then go into the TUN coalesced (gro.py); `_tun_writer` does it.
+        self._pending: list[bytes] = []
+        self._writer = trio.lowlevel.ParkingLot()
 
     @classmethod
     @contextlib.contextmanager
@@ -110,7 +137,7 @@ class DataPlane:
         """TUN, policy routing and one raw ESP socket per address; all removed on exit."""
         with contextlib.ExitStack() as stack:
             tun = stack.enter_context(TunDevice.open(settings.tun, queues=settings.queues,
-                                                     mtu=settings.mtu))
+                                                     mtu=settings.mtu, vnet_hdr=True))
             routes = stack.enter_context(Routes.open(tun.ifindex, table=settings.table,
                                                      priority=settings.priority,
                                                      mark=settings.mark))
@@ -201,29 +228,64 @@ class DataPlane:
     # --- packets -----------------------------------------------------------------------
 
     def receive_esp(self, esp: bytes) -> None:
-        """One ESP packet from the network (raw or UDP-encapsulated) into the TUN."""
+        """One ESP packet from the network (raw or UDP-encapsulated) towards the TUN.
+
+        The inner packet is written when the current receive batch ends (`flush`),
+        so that a run of TCP segments enters the kernel as one superpacket.
+        """
         try:
             inner = self.sad.decapsulate_untrusted(esp)
         except EspDrop:
             return  # counted by the SAD
-        try:
-            os.write(self.tun.fds[0], inner)
-        except OSError:
-            self.counters.tun_write_errors += 1  # see TunDevice.write: drop, never block
+        pending = self._pending
+        pending.append(inner)
+        if len(pending) == 1:
+            self._writer.unpark()  # `_tun_writer` runs once the receiving task yields
+        elif len(pending) >= WRITE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the decapsulated packets waiting for the TUN, TCP runs coalesced."""
+        packets = self._pending
+        if not packets:
             return
+        self._pending = []
         counters = self.counters
-        counters.tun_write_packets += 1
-        counters.tun_write_bytes += len(inner)
+        if not self.tun.vnet_hdr:
+            for packet in packets:
+                self.tun.write(self.tun.fds[0], packet)
+            return
+        fd = self.tun.fds[0]
+        write = os.write
+        for buffer, count, size in coalesce(packets):
+            try:
+                write(fd, buffer)
+            except OSError:
+                # EINVAL for a packet the kernel cannot parse, EIO when the link is
+                # down, EAGAIN under memory pressure: drop, never block (TunDevice.write)
+                counters.tun_write_errors += count
+                continue
+            counters.tun_write_packets += count
+            counters.tun_write_bytes += size
 
     def receive_udp_esp(self, esp: bytes, local: Address, remote: Address) -> None:
         self.receive_esp(esp)
 
     def send_packets(self, packets: list[bytes]) -> None:
-        """Packets the host routed into the TUN: protect and send, or drop."""
+        """Packets the host routed into the TUN: protect and send, or drop.
+
+        ESP in UDP leaves in runs: consecutive packets of one SA with the same length
+        (the last may be shorter) go to the kernel in one UDP GSO send, which puts
+        each on the wire as its own datagram. Order within an SA is kept.
+        """
         outbound_for = self.sad.outbound_for
+        udp_send = self.udp_send
         address_only = self._address_only
         flow_key = self._flow_key
         flow_sa = self._flow_sa
+        run: list[bytes] = []
+        run_sa: OutboundSa | None = None
+        run_size = run_bytes = 0
         for packet in packets:
             version = packet[0] >> 4 if packet else 0
             # the addresses: all an address-only SAD looks at (IPv4 12-20, IPv6 8-40)
@@ -240,13 +302,28 @@ class DataPlane:
                 esp = sa.encapsulate(packet)
             except EspDrop:
                 continue
-            if sa.encap:
-                if self.udp_send is not None:
-                    self.udp_send(esp, sa.child.params.local, sa.remote)
-            else:
+            if not sa.encap:
                 sock = self.esp_sockets.get(6 if ":" in sa.remote[0] else 4)
                 if sock is not None:
                     sock.send(esp, sa.remote[0])
+                continue
+            if udp_send is None:
+                continue
+            size = len(esp)
+            if sa is not run_sa or size > run_size or len(run) == GSO_SEGMENTS \
+                    or run_bytes + size > GSO_BYTES:
+                if run_sa is not None:
+                    _send_run(udp_send, run_sa, run, run_size)
+                run = []
+                run_sa, run_size, run_bytes = sa, size, 0
+            run.append(esp)
+            run_bytes += size
+            if size < run_size:  # a shorter packet can only end a GSO run
+                _send_run(udp_send, sa, run, run_size)
+                run = []
+                run_sa = None
+        if run_sa is not None and udp_send is not None:
+            _send_run(udp_send, run_sa, run, run_size)
         self._flow_key, self._flow_sa = flow_key, flow_sa
         self._drain_events()
 
@@ -277,6 +354,7 @@ class DataPlane:
         async with trio.open_nursery() as nursery:
             for fd in self.tun.fds:
                 nursery.start_soon(self._tun_pump, fd)
+            nursery.start_soon(self._tun_writer)
             for sock in self.esp_sockets.values():
                 nursery.start_soon(self._esp_pump, sock)
             task_status.started()
@@ -290,11 +368,20 @@ class DataPlane:
             if len(packets) == BATCH:
                 await trio.lowlevel.checkpoint()  # a full batch: let the others run
 
+    async def _tun_writer(self) -> None:
+        """Flush what a receive batch decapsulated (the dispatcher's NAT-T reader hands
+        over one datagram at a time; this runs when it yields)."""
+        while True:
+            if not self._pending:
+                await self._writer.park()
+            self.flush()
+
     async def _esp_pump(self, sock: EspSocket) -> None:
         while True:
             batch = await sock.recv_batch(BATCH)
             for esp, _peer in batch:
                 self.receive_esp(esp)
+            self.flush()
             self._drain_events()
             if len(batch) == BATCH:
                 await trio.lowlevel.checkpoint()

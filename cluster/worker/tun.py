@@ -33,6 +33,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import IoCounters
+from .gro import GSO_NONE, PLAIN, VNET_HDR, VNET_HDR_SIZE, VNET_NEEDS_CSUM
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_MULTI_QUEUE = 0x0100
+IFF_VNET_HDR = 0x4000
 # struct ifreq: 16-byte name, then a union whose first member we use is the short flags.
 _IFREQ = struct.Struct("16sH22x")
 IFNAMSIZ = 16
@@ -82,6 +84,7 @@ class TunDevice:
         created: bool,
         ipr: IPRoute,
         counters: IoCounters,
+        vnet_hdr: bool = False,
     ) -> None:
         self.name = name
         self.ifindex = ifindex
@@ -91,6 +94,8 @@ class TunDevice:
         # then closing detaches our queues and leaves the link to its owner.
         self.created = created
         self.counters = counters
+        # every read and write starts with a virtio-net header (see gro.py)
+        self.vnet_hdr = vnet_hdr
         self._ipr = ipr
         self._closed = False
 
@@ -103,11 +108,15 @@ class TunDevice:
         mtu: int = 1400,
         multi_queue: bool | None = None,
         counters: IoCounters | None = None,
+        vnet_hdr: bool = False,
     ) -> TunDevice:
         """Create the TUN `name` (or attach to it), set its MTU and bring it up.
 
         `multi_queue` defaults to `queues > 1`; set it for a single queue that other
-        processes will attach to (they must open with the same flags).
+        processes will attach to (they must open with the same flags). `vnet_hdr`
+        lets `write_buffer` hand the kernel coalesced TCP (gro.py); `drain` and
+        `write` still deal in plain packets. No offloads are enabled for reading,
+        so the kernel segments and checksums what it routes into the TUN.
         """
         if not 1 <= len(name.encode()) < IFNAMSIZ:
             raise ValueError(f"TUN name must be 1-{IFNAMSIZ - 1} bytes: {name!r}")
@@ -118,6 +127,8 @@ class TunDevice:
         if queues > 1 and not multi_queue:
             raise ValueError("more than one queue needs multi_queue")
         flags = IFF_TUN | IFF_NO_PI | (IFF_MULTI_QUEUE if multi_queue else 0)
+        if vnet_hdr:
+            flags |= IFF_VNET_HDR
 
         existed = _link_exists(name)
         fds: list[int] = []
@@ -140,7 +151,7 @@ class TunDevice:
         logger.debug("TUN %s (ifindex %d) up, %d queue(s), mtu %d", name, ifindex, queues, mtu)
         return cls(
             name, ifindex, fds, mtu, not existed, ipr,
-            counters if counters is not None else IoCounters(),
+            counters if counters is not None else IoCounters(), vnet_hdr,
         )
 
     def add_address(self, interface: str) -> None:
@@ -173,6 +184,10 @@ class TunDevice:
                 packets.append(read(fd, READ_SIZE))
         except BlockingIOError:
             pass
+        if self.vnet_hdr:
+            packets = [_plain(p) if p[1] or p[0] & VNET_NEEDS_CSUM else p[VNET_HDR_SIZE:]
+                       for p in packets]
+            packets = [p for p in packets if p]
         counters = self.counters
         counters.tun_read_packets += len(packets)
         counters.tun_read_bytes += sum(map(len, packets))
@@ -186,7 +201,7 @@ class TunDevice:
     def write(self, fd: int, packet: bytes) -> bool:
         """Hand one IP packet to the kernel; a refused packet is dropped and counted."""
         try:
-            os.write(fd, packet)
+            os.write(fd, PLAIN + packet if self.vnet_hdr else packet)
         except OSError:
             # EINVAL for a packet the kernel cannot parse, EIO when the link is down,
             # EAGAIN under memory pressure: the data plane drops, it never blocks.
@@ -230,6 +245,30 @@ class TunDevice:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _plain(buffer: bytes) -> bytes:
+    """A packet read with a virtio-net header that is not "complete, one packet".
+
+    Without TUNSETOFFLOAD the kernel finishes checksums and segmentation itself, so
+    this is a safety net: a partial checksum is completed (RFC 1071 over the bytes
+    from csum_start; the field holds the pseudo-header sum), a GSO packet dropped.
+    """
+    flags, gso_type, _, _, start, offset = VNET_HDR.unpack_from(buffer)
+    packet = buffer[VNET_HDR_SIZE:]
+    if gso_type != GSO_NONE:
+        return b""
+    if flags & VNET_NEEDS_CSUM:
+        at = start + offset
+        if at + 2 > len(packet) or start >= len(packet):
+            return b""
+        covered = packet[start:] + (b"\0" if (len(packet) - start) & 1 else b"")
+        value = int.from_bytes(covered, "big")
+        folded = value % 0xFFFF
+        # a computed zero goes out as all ones (RFC 768; TCP accepts either)
+        checksum = ~(0xFFFF if folded == 0 and value else folded) & 0xFFFF or 0xFFFF
+        packet = packet[:at] + struct.pack("!H", checksum) + packet[at + 2:]
+    return packet
 
 
 def _quiet_ipv6(ipr: IPRoute, ifindex: int) -> None:

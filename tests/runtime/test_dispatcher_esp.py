@@ -1,0 +1,85 @@
+"""ESP in UDP through the dispatcher's NAT-T socket: GSO sends and GRO receives (loopback)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import trio
+import trio.testing
+
+from cluster.ike.constants import HEADER_SIZE, NON_ESP_MARKER
+from cluster.ike.message import Header
+from cluster.ike.session import Address
+from cluster.runtime.dispatcher import SOL_UDP, UDP_SEGMENT, Dispatcher
+from cluster.runtime.stats import RuntimeStats
+
+
+class Router:
+    def __init__(self) -> None:
+        self.routed: list[bytes] = []
+
+    def route(self, header: Header, data: bytes, local: Address, remote: Address,
+              now: float) -> None:
+        self.routed.append(data)
+
+
+def esp(spi: int, seq: int, size: int) -> bytes:
+    return struct.pack("!II", spi, seq) + bytes([seq & 0xFF]) * (size - 8)
+
+
+def ike_message(size: int) -> bytes:
+    """An IKE header (what the dispatcher peeks at) padded to `size` bytes."""
+    header = bytes(16) + bytes((33, 0x20, 34, 0x08)) + struct.pack("!II", 0, size)
+    return header + bytes(size - HEADER_SIZE)
+
+
+def natt_local(dispatcher: Dispatcher) -> Address:
+    (local,) = [ep.local for ep in dispatcher.endpoints if ep.natt]
+    return local
+
+
+async def test_send_esp_with_a_segment_size_sends_each_packet_as_a_datagram() -> None:
+    packets = [esp(0x1000, n, 300) for n in range(1, 6)] + [esp(0x1000, 6, 120)]
+    with Dispatcher.bind(["127.0.0.1"], 0, 0, RuntimeStats()) as dispatcher, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind(("127.0.0.1", 0))
+        peer.settimeout(2)
+        assert dispatcher.send_esp(b"".join(packets), natt_local(dispatcher),
+                                   peer.getsockname(), 300)
+        assert dispatcher.send_esp(packets[0], natt_local(dispatcher), peer.getsockname())
+        received = [peer.recvfrom(2000) for _ in range(7)]
+        local = natt_local(dispatcher)
+    assert [data for data, _ in received] == [*packets, packets[0]]
+    assert {source for _, source in received} == {local}
+
+
+async def test_coalesced_datagrams_are_classified_one_by_one() -> None:
+    router = Router()
+    sunk: list[tuple[bytes, Address, Address]] = []
+    size = 200
+    segments = [esp(0x2000, 1, size), esp(0x2000, 2, size), ike_message(size - 4),
+                esp(0x2000, 3, size), esp(0x2000, 4, 80)]
+    segments[2] = NON_ESP_MARKER + segments[2]
+    stats = RuntimeStats()
+    with Dispatcher.bind(["127.0.0.1"], 0, 0, stats) as dispatcher, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        dispatcher.esp_sink = lambda data, local, remote: sunk.append((data, local, remote))
+        peer.bind(("127.0.0.1", 0))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.serve, router)
+            await trio.testing.wait_all_tasks_blocked()  # the readers have switched on GRO
+            # one GSO send: on loopback it reaches a UDP_GRO socket as one buffer
+            peer.sendmsg([b"".join(segments)], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))],
+                         0, natt_local(dispatcher))
+            peer.sendto(b"\xff", natt_local(dispatcher))  # a NAT keepalive after them
+            with trio.fail_after(5):
+                while stats.natt_keepalives < 1:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        source = peer.getsockname()
+        local = natt_local(dispatcher)
+    assert [data for data, _, _ in sunk] == [segments[i] for i in (0, 1, 3, 4)]
+    assert {(to, sender) for _, to, sender in sunk} == {(local, source)}
+    assert router.routed == [segments[2][4:]]  # the IKE message, marker removed
+    assert stats.datagrams_in == 6
