@@ -89,11 +89,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat."""
+STAT_COLUMNS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def machine_ticks() -> list[int]:
+    """Clock ticks of all CPUs since boot per /proc/stat column (STAT_COLUMNS)."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return sum(values) - idle, sum(values)
+    return values[:len(STAT_COLUMNS)]
+
+
+def machine_split(before: list[int], after: list[int]) -> tuple[float, str]:
+    """The busy share of all CPUs between two samples, and where it went."""
+    delta = dict(zip(STAT_COLUMNS, (b - a for a, b in zip(before, after, strict=True)),
+                     strict=True))
+    total = max(1, sum(delta.values()))
+    busy = total - delta["idle"] - delta["iowait"]
+    split = " ".join(f"{k} {100 * v / total:.0f}%" for k, v in delta.items()
+                     if k not in ("idle", "iowait", "nice") and v)
+    return busy / total, split
 
 
 def all_processes() -> dict[int, tuple[str, float]]:
@@ -137,6 +150,7 @@ class Run:
     cpu: dict[str, float]  # side label -> CPU seconds during the run
     machine_busy: float  # share of all CPUs busy during the run (every process, softirqs)
     top: str = ""  # the busiest processes during the run (--top)
+    machine_detail: str = ""  # user/system/softirq/steal shares of all CPUs
 
     @property
     def gigabits(self) -> float:
@@ -176,7 +190,7 @@ def iperf3(lab: Lab, sides: Sequence[Side], *, seconds: int, reverse: bool,
             "--port", str(port), "--time", str(seconds), "--json",
             *(["--reverse"] if reverse else [])]  # fmt: skip
     before = {side.label: cpu_seconds(side.pid) for side in sides}
-    busy_before, total_before = machine_ticks()
+    ticks_before = machine_ticks()
     # iperf3 has exited when the run ends: the busiest processes are sampled at 90 %
     procs: list[dict[int, tuple[str, float]]] = [all_processes()] if top else []
     sampler = threading.Timer(0.9 * seconds, lambda: procs.append(all_processes()))
@@ -186,7 +200,7 @@ def iperf3(lab: Lab, sides: Sequence[Side], *, seconds: int, reverse: bool,
         client = lab.initiator.run(argv, check=False, timeout=seconds + 30)
     finally:
         after = {side.label: cpu_seconds(side.pid) for side in sides}
-        busy_after, total_after = machine_ticks()
+        busy, detail = machine_split(ticks_before, machine_ticks())
         sampler.cancel()
         busiest = top_during(procs[0], procs[1], 0.9 * seconds) if len(procs) == 2 else ""
         for spy in spies:
@@ -206,7 +220,8 @@ def iperf3(lab: Lab, sides: Sequence[Side], *, seconds: int, reverse: bool,
         received_bytes=int(end["sum_received"]["bytes"]),
         retransmits=int(end["sum_sent"].get("retransmits", 0)),
         cpu={label: after[label] - before[label] for label in before},
-        machine_busy=(busy_after - busy_before) / max(1, total_after - total_before),
+        machine_busy=busy,
+        machine_detail=detail,
         top=busiest,
     )
 
@@ -322,7 +337,7 @@ def print_runs(case: str, sides: list[Side], runs: list[Run]) -> None:
               f"{run.receiver_mbit:7.1f} Mbit/s  retr {run.retransmits:5d}  machine busy "
               f"{100 * run.machine_busy:3.0f}%  {cpu}")
         if run.top:
-            print(f"       top: {run.top}")
+            print(f"       cpus: {run.machine_detail}; top: {run.top}")
     sys.stdout.flush()
 
 

@@ -222,16 +222,19 @@ class Dispatcher:
                     logger.debug("recv on %s failed: %s", ep.local, exc)
                     continue
                 remote = (addr[0], addr[1])
-                if segment and len(data) > segment:
-                    starts = range(0, len(data), segment)
-                    for at in starts:
-                        self._received(ep, data[at:at + segment], local, remote, now, router)
-                    count = len(starts)
-                else:
-                    count = 1
-                    self._received(ep, data, local, remote, now, router)
-                stats.datagrams_in += count
-                budget -= count
+                datagrams = [data[at:at + segment] for at in range(0, len(data), segment)] \
+                    if segment and len(data) > segment else (data,)
+                # ESP (RFC 3948 2.2: no marker, at least SPI and sequence number) goes
+                # straight to the data plane; the rest as `_received` says
+                sink = self.esp_sink if ep.natt else None
+                for datagram in datagrams:
+                    if sink is not None and len(datagram) >= 8 \
+                            and datagram[:4] != NON_ESP_MARKER:
+                        sink(datagram, local, remote)
+                    else:
+                        self._received(ep, datagram, local, remote, now, router)
+                stats.datagrams_in += len(datagrams)
+                budget -= len(datagrams)
             else:
                 # A full batch: more may be waiting, but let others run first.
                 await trio.lowlevel.checkpoint()

@@ -269,7 +269,17 @@ class DataPlane:
             counters.tun_write_bytes += size
 
     def receive_udp_esp(self, esp: bytes, local: Address, remote: Address) -> None:
-        self.receive_esp(esp)
+        """`receive_esp` for ESP in UDP (the dispatcher's NAT-T reader calls it)."""
+        try:
+            inner = self.sad.decapsulate_untrusted(esp)
+        except EspDrop:
+            return  # counted by the SAD
+        pending = self._pending
+        pending.append(inner)
+        if len(pending) == 1:
+            self._writer.unpark()
+        elif len(pending) >= WRITE_BATCH:
+            self.flush()
 
     def send_packets(self, packets: list[bytes]) -> None:
         """Packets the host routed into the TUN: protect and send, or drop.

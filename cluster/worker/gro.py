@@ -80,15 +80,26 @@ def _merge(group: list[bytes], ip_len: int, header: int, mss: int) -> bytes:
     return VNET_HDR.pack(0, gso, header, mss, 0, 0) + ip + merged_tcp + data
 
 
+# The fields kernel GRO compares, in one unpack. IPv4 without options: (version/IHL),
+# TOS, total length, (id), flags/fragment offset, TTL, protocol, (checksum),
+# addresses and ports, sequence number, ack/data offset/flags/window, (checksum,
+# urgent pointer). IPv6: version/class/flow label, payload length, next header, hop
+# limit, addresses and ports, then the same TCP fields.
+_V4 = struct.Struct("!xBH2xHBB2x12sI8s4x")
+_V6 = struct.Struct("!4sHBB36sI8s4x")
+_DF = 0x4000
+
+
 def coalesce(packets: list[bytes]) -> list[tuple[bytes, int, int]]:
     """Buffers to write into an IFF_VNET_HDR TUN, in order, each with the number and
     total size of the packets it carries: merged TCP runs, the rest one by one."""
     out: list[tuple[bytes, int, int]] = []
     group: list[bytes] = []
-    # the open run: its header length, segment size, next sequence number, IP length
-    # so far, and the bytes every further segment must repeat
+    # the open run: its header lengths, segment size, next sequence number, IP length
+    # so far, and what every further segment must repeat
     ip_len = header = mss = next_seq = size = 0
-    flow = middle = options = b""
+    flow: tuple[object, ...] = ()
+    middle = options = b""
     closed = True  # the open run takes no more segments
 
     def flush() -> None:
@@ -100,22 +111,26 @@ def coalesce(packets: list[bytes]) -> list[tuple[bytes, int, int]]:
 
     for packet in packets:
         length = len(packet)
-        version = packet[0] if length else 0
         # what may join a run: TCP with data and only ACK (PSH on the last), in IPv4
         # with DF and no options or fragmenting, or IPv6 without extension headers
+        version = packet[0] if length >= 40 else 0
         if version == 0x45:
+            tos, total, fragment, ttl, protocol, addresses, seq, packet_middle = \
+                _V4.unpack_from(packet)
             t = 20
-            mergeable = length >= 40 and packet[9] == IPPROTO_TCP and packet[6] == 0x40 \
-                and not packet[7] and (packet[2] << 8 | packet[3]) == length
-        elif version >> 4 == 6:
+            mergeable = protocol == IPPROTO_TCP and fragment == _DF and total == length
+            packet_flow: tuple[object, ...] = (tos, ttl, addresses)
+        elif version >> 4 == 6 and length >= 60:
+            first, payload, protocol, hops, addresses, seq, packet_middle = \
+                _V6.unpack_from(packet)
             t = 40
-            mergeable = length >= 60 and packet[6] == IPPROTO_TCP \
-                and (packet[4] << 8 | packet[5]) == length - 40
+            mergeable = protocol == IPPROTO_TCP and payload == length - 40
+            packet_flow = (first, hops, addresses)
         else:
-            t, mergeable = 0, False
+            mergeable = False
         if mergeable:
-            hl = t + (packet[t + 12] >> 4) * 4
-            flags = packet[t + 13]
+            hl = t + (packet_middle[4] >> 4) * 4
+            flags = packet_middle[5]
             data = length - hl
             mergeable = hl >= t + 20 and data > 0 and (flags == TCP_ACK or flags == TCP_ACK
                                                        | TCP_PSH)
@@ -124,15 +139,11 @@ def coalesce(packets: list[bytes]) -> list[tuple[bytes, int, int]]:
             closed = True
             out.append((PLAIN + packet, 1, length))
             continue
-        seq = _U32.unpack_from(packet, t + 4)[0]
         # kernel GRO's test: the same addresses, ports, ack, window, options, TOS/class
         # and TTL/hop limit; flags equal but for PSH
-        packet_flow = packet[:2] + packet[6:9] + packet[12:24] if t == 20 \
-            else packet[:4] + packet[7:44]
-        packet_middle = packet[t + 8:t + 16]
-        if closed or seq != next_seq or data > mss or hl != header or t != ip_len \
+        if closed or seq != next_seq or data > mss or hl != header \
                 or size + data > MAX_SUPERPACKET or packet_flow != flow \
-                or packet[t + 20:hl] != options \
+                or (hl > t + 20 and packet[t + 20:hl] != options) \
                 or (packet_middle != middle and not (
                     flags & TCP_PSH and packet_middle[:5] == middle[:5]
                     and packet_middle[6:] == middle[6:])):

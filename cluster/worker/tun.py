@@ -52,6 +52,11 @@ IN6_ADDR_GEN_MODE_NONE = 1  # <linux/if_link.h>
 # Without IFF_VNET_HDR a read returns one packet of at most the MTU; reading with a
 # larger buffer costs the same (measured) and survives an MTU raised behind our back.
 READ_SIZE = 65535
+# Packets the kernel queues for us to read before it drops (the TUN's ring; the
+# kernel's default is 500). TCP through the TUN backs off at every drop; a burst
+# while the worker is busy elsewhere should wait instead. 1000 packets of 1400 bytes
+# are about 11 ms at 1 Gbit/s.
+TXQUEUELEN = 1000
 # Packets handled per drain before the caller yields, so one busy queue cannot
 # starve the other tasks.
 DEFAULT_BATCH = 64
@@ -109,6 +114,7 @@ class TunDevice:
         multi_queue: bool | None = None,
         counters: IoCounters | None = None,
         vnet_hdr: bool = False,
+        txqueuelen: int = TXQUEUELEN,
     ) -> TunDevice:
         """Create the TUN `name` (or attach to it), set its MTU and bring it up.
 
@@ -141,7 +147,7 @@ class TunDevice:
             ifindex = socket.if_nametoindex(name)
             ipr = IPRoute()
             _quiet_ipv6(ipr, ifindex)
-            ipr.link("set", index=ifindex, mtu=mtu, state="up")
+            ipr.link("set", index=ifindex, mtu=mtu, txqlen=txqueuelen, state="up")
         except BaseException:
             for fd in fds:
                 os.close(fd)
