@@ -234,9 +234,11 @@ class IkeSession:
             if not sa.rekeying:
                 sa.queue.append(RekeyIke())
         for child in list(sa.children.values()):
-            if now >= child.expire_at and not child.deleting:
-                child.deleting, child.expire_at = True, INFINITY
-                sa.queue.append(DeleteChild(child.spi_in))
+            if now >= child.expire_at:
+                child.expire_at = INFINITY  # also when a delete is already under way
+                if not child.deleting:
+                    child.deleting = True
+                    sa.queue.append(DeleteChild(child.spi_in))
             elif now >= child.rekey_at:
                 child.rekey_at = INFINITY
                 if not (child.rekeying or child.deleting or child.replaced_by):
