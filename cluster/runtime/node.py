@@ -20,6 +20,7 @@ from ..ike.events import (
     IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
+    IkeSaRekeyed,
 )
 from ..ike.policy import ResponderPolicy
 from ..ike.session import Address, IkeSession
@@ -79,6 +80,15 @@ def log_event(event: Event) -> None:
             event.spi_i.hex(),
             event.spi_r.hex(),
             event.reason,
+        )
+    elif isinstance(event, IkeSaRekeyed):
+        logger.info(
+            "IKE SA rekeyed: spi_i=%s spi_r=%s -> spi_i=%s spi_r=%s (initiated by %s)",
+            event.old_spi_i.hex(),
+            event.old_spi_r.hex(),
+            event.spi_i.hex(),
+            event.spi_r.hex(),
+            "us" if event.we_initiated else "the peer",
         )
     elif isinstance(event, IkeSaFailed):
         logger.info(

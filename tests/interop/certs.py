@@ -25,11 +25,12 @@ class Credential:
     key: Path
 
 
-def new_key(key_type: str) -> PrivateKey:
+def new_key(key_type: str, key_size: int = 2048) -> PrivateKey:
+    """A P-256 key, or an RSA key of ``key_size`` bits."""
     if key_type == "ecdsa":
         return ec.generate_private_key(ec.SECP256R1())
     if key_type == "rsa":
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return rsa.generate_private_key(public_exponent=65537, key_size=key_size)
     raise ValueError(f"key_type must be 'ecdsa' or 'rsa', not {key_type!r}")
 
 
@@ -48,7 +49,8 @@ class TestCa:
     """A self-signed CA that issues certificates into ``directory``.
 
     Files are named after ``stem``: ``<stem>.pem`` / ``<stem>key.pem`` for the CA,
-    ``<name>.pem`` / ``<name>key.pem`` for what it issues.
+    ``<name>.pem`` / ``<name>key.pem`` for what it issues. With ``parent`` it is an
+    intermediate CA signed by that CA instead (see `intermediate`).
     """
 
     __test__ = False  # not a pytest test class
@@ -56,20 +58,29 @@ class TestCa:
     def __init__(
         self, directory: Path, *, stem: str = "ca", common_name: str = "ike-cluster test CA",
         key_type: str = "ecdsa",
+        key_size: int = 2048,
+        parent: TestCa | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self.key = new_key(key_type)
+        self.key = new_key(key_type, key_size)
+        self.parent = parent
         self.name = x509.Name([
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ike-cluster tests"),
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ])
         now = datetime.datetime.now(datetime.UTC)
         ski = x509.SubjectKeyIdentifier.from_public_key(self.key.public_key())
+        builder = x509.CertificateBuilder()
+        if parent is not None:
+            builder = builder.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()),
+                critical=False,
+            )
         self.certificate = (
-            x509.CertificateBuilder()
+            builder
             .subject_name(self.name)
-            .issuer_name(self.name)
+            .issuer_name(self.name if parent is None else parent.name)
             .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
@@ -85,19 +96,40 @@ class TestCa:
                 critical=True,
             )
             .add_extension(ski, critical=False)
-            .sign(self.key, hashes.SHA256())
+            .sign(self.key if parent is None else parent.key, hashes.SHA256())
         )
         self.cert_path = directory / f"{stem}.pem"
         self.key_path = directory / f"{stem}key.pem"
         self.cert_path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
         _write_key(self.key, self.key_path)
 
+    def intermediate(
+        self, stem: str, common_name: str, *, key_type: str = "ecdsa", key_size: int = 2048
+    ) -> TestCa:
+        """A CA below this one, in the same directory."""
+        return TestCa(self.directory, stem=stem, common_name=common_name, key_type=key_type,
+                      key_size=key_size, parent=self)
+
+    def chain(self) -> list[x509.Certificate]:
+        """This CA's certificate and its parents' below the root (an intermediate's chain)."""
+        out: list[x509.Certificate] = []
+        ca: TestCa | None = self
+        while ca is not None and ca.parent is not None:
+            out.append(ca.certificate)
+            ca = ca.parent
+        return out
+
     def issue(
-        self, dns_name: str, *, key_type: str = "ecdsa", name: str | None = None
+        self, dns_name: str, *, key_type: str = "ecdsa", name: str | None = None,
+        key_size: int = 2048, with_chain: bool = False,
     ) -> Credential:
-        """An end-entity certificate for ``dns_name`` (CN and SAN dNSName)."""
+        """An end-entity certificate for ``dns_name`` (CN and SAN dNSName).
+
+        ``with_chain``: the certificate file holds the intermediate CAs after the end
+        entity's certificate (leaf first, root left out), as our node's ``cert`` reads it.
+        """
         name = name or dns_name.split(".")[0]
-        key = new_key(key_type)
+        key = new_key(key_type, key_size)
         now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()
@@ -130,7 +162,10 @@ class TestCa:
             .sign(self.key, hashes.SHA256())
         )
         cred = Credential(self.directory / f"{name}.pem", self.directory / f"{name}key.pem")
-        cred.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        chain = self.chain() if with_chain else []
+        cred.cert.write_bytes(b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in (cert, *chain)
+        ))
         _write_key(key, cred.key)
         return cred
 

@@ -200,6 +200,10 @@ class Charon:
                 c.append(f"remote_ts = {_csv(child.remote_ts)}")
             if child.rekey_time is not None:
                 c.append(f"rekey_time = {child.rekey_time}")
+            if child.life_time is not None:
+                c.append(f"life_time = {child.life_time}")
+            if child.rand_time is not None:
+                c.append(f"rand_time = {child.rand_time}")
             body = "".join(f"                {line}\n" for line in c)
             children.append(f"            {child.name} {{\n{body}            }}\n")
         head = "".join(f"        {line}\n" for line in lines)

@@ -185,12 +185,14 @@ class Lab:
         extra_toml: str = "",
         start: bool = True,
         side: Side = "responder",
+        settings: Mapping[str, Mapping[str, object]] | None = None,
     ) -> Node:
-        """Our product in ``side``'s namespace (the responder's unless told), with ``conns``."""
+        """Our product in ``side``'s namespace (the responder's unless told), with ``conns``;
+        ``settings`` adds keys to its ``[node]`` and ``[ike]`` tables (`render_node_config`)."""
         workdir = self.dir / f"node-{side[0]}{len(self.nodes)}"
         node = Node(
             self.ns(side), workdir, conns, node_id=node_id, addresses=addresses,
-            extra_toml=extra_toml,
+            extra_toml=extra_toml, settings=settings,
         )
         self.nodes.append(node)
         if start:

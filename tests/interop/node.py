@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tests.interop.netns import LabError, Netns, stop_process
@@ -23,6 +23,8 @@ def _toml(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        return repr(value)  # "1.0", "1.8": valid TOML floats (no inf/nan in our configs)
     if isinstance(value, str):
         return json.dumps(value)  # JSON string escapes are valid TOML basic strings
     if isinstance(value, list | tuple):
@@ -49,13 +51,28 @@ def _end_table(end: End, config_dir: Path) -> dict[str, object]:
 
 
 def render_node_config(
-    conns: Sequence[Conn], config_dir: Path, *, node_id: str, addresses: Sequence[str]
+    conns: Sequence[Conn],
+    config_dir: Path,
+    *,
+    node_id: str,
+    addresses: Sequence[str],
+    settings: Mapping[str, Mapping[str, object]] | None = None,
 ) -> str:
-    """Our TOML for ``conns`` (seen from the node's side)."""
-    out = [
-        "[node]", f"id = {_toml(node_id)}", "",
-        "[ike]", f"addresses = {_toml(list(addresses))}", "",
-    ]  # fmt: skip
+    """Our TOML for ``conns`` (seen from the node's side).
+
+    ``settings`` adds keys to the ``[node]`` and ``[ike]`` tables, e.g.
+    ``{"node": {"log_level": "debug"}, "ike": {"retransmit_tries": 2}}``; other
+    names become tables of their own. (``extra_toml`` cannot reach ``[node]`` or
+    ``[ike]``: TOML forbids defining a table twice.)
+    """
+    settings = settings or {}
+    node_table = {"id": node_id, **settings.get("node", {})}
+    ike_table = {"addresses": list(addresses), **settings.get("ike", {})}
+    tables: dict[str, Mapping[str, object]] = {"node": node_table, "ike": ike_table}
+    tables.update((k, v) for k, v in settings.items() if k not in tables)
+    out: list[str] = []
+    for name, table in tables.items():
+        out += [f"[{name}]", *(f"{k} = {_toml(v)}" for k, v in table.items()), ""]
     for conn in conns:
         out += [
             f"[connections.{conn.name}]",
@@ -64,6 +81,12 @@ def render_node_config(
         ]
         if conn.encap:
             out.append("encap = true")
+        # swanctl's duration strings ("4s") are what our config reads too
+        if conn.rekey_time is not None:
+            out.append(f"rekey_time = {_toml(conn.rekey_time)}")
+        if conn.dpd_delay is not None:
+            out.append(f"dpd_delay = {_toml(conn.dpd_delay)}")
+        out += [f"{k} = {_toml(v)}" for k, v in conn.node_extra.items()]
         if conn.remote_addrs:
             # only initiating connections have them (conn_pair's responder has none)
             out.append(f"remote_addrs = {_toml(conn.remote_addrs)}")
@@ -84,6 +107,11 @@ def render_node_config(
                 out.append(f"remote_ts = {_toml(child.remote_ts)}")
             if child.start_action != "none":
                 out.append(f"start_action = {_toml(child.start_action)}")
+            for key, value in (("rekey_time", child.rekey_time),
+                               ("life_time", child.life_time),
+                               ("rand_time", child.rand_time)):
+                if value is not None:
+                    out.append(f"{key} = {_toml(value)}")
             out += [f"esp_proposals = {_toml(child.esp_proposals)}", ""]
         if conn.psk is not None:
             out += [
@@ -112,6 +140,7 @@ class Node:
         addresses: Sequence[str] = (RESPONDER_V4,),
         extra_toml: str = "",
         ports: Sequence[int] = (500, 4500),
+        settings: Mapping[str, Mapping[str, object]] | None = None,
     ) -> None:
         self.ns = ns
         self.dir = workdir
@@ -122,12 +151,14 @@ class Node:
         self.addresses = tuple(addresses)
         self.extra_toml = extra_toml
         self.ports = tuple(ports)
+        self.settings = settings
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write_config(self) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         text = render_node_config(
-            self.conns, self.dir, node_id=self.node_id, addresses=self.addresses
+            self.conns, self.dir, node_id=self.node_id, addresses=self.addresses,
+            settings=self.settings,
         )
         self.config_path.write_text(text + ("\n" + self.extra_toml if self.extra_toml else ""))
         return self.config_path

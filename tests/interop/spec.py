@@ -46,6 +46,8 @@ class Child:
     esp_proposals: tuple[str, ...] = ("aes256gcm16",)
     rekey_time: str | None = None  # strongSwan duration, e.g. "20s"
     start_action: str = "none"  # "start": the side holding this child initiates it
+    life_time: str | None = None  # strongSwan duration; default 1.1 x rekey_time
+    rand_time: str | None = None  # strongSwan duration; default life_time - rekey_time
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class Conn:
     rekey_time: str | None = None
     dpd_delay: str | None = None
     extra: dict[str, str] = field(default_factory=dict)  # more swanctl.conf settings
+    # more settings of our node's [connections.NAME] table (life_time, over_time, ...)
+    node_extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def child(self) -> Child:
