@@ -34,11 +34,15 @@ class Sad:
         self._port_aware = 0  # indexed SAs whose selectors name protocols or ports
         self._events: deque[EspEvent] = deque()
         self._removed_totals = SaCounters()  # counters of SAs no longer here
+        self._waiting: dict[bytes, bytes] = {}  # receive-only SAs: new spi_in -> old spi_in
 
     # --- key install -----------------------------------------------------------------
 
-    def install(self, params: ChildSaParams) -> ChildSa:
-        """Add a Child SA; ValueError if its parameters cannot work or its SPI is taken."""
+    def install(self, params: ChildSaParams, *, outbound: bool = True) -> ChildSa:
+        """Add a Child SA; ValueError if its parameters cannot work or its SPI is taken.
+
+        `outbound=False` installs it for receiving only, until `activate` (see `succeed`).
+        """
         if params.spi_in in self._children:
             raise ValueError(f"inbound SPI {params.spi_in.hex()} is already installed")
         if params.spi_in == b"\x00\x00\x00\x00":
@@ -46,8 +50,45 @@ class Sad:
         child = ChildSa(params, self._events.append, self._forget)
         self._children[params.spi_in] = child
         self._inbound[_U32.unpack(params.spi_in)[0]] = child.inbound
-        self._index_outbound(child)
+        if outbound:
+            self._index_outbound(child)
+        else:
+            self._waiting[params.spi_in] = b""
         return child
+
+    def succeed(self, old_spi_in: bytes, params: ChildSaParams) -> ChildSa:
+        """A rekey the peer started: the new SA decrypts at once, but we keep sending on
+        the old one until `activate` (the peer used the new SA, or deleted the old one).
+
+        The peer installs its inbound half only after reading our CREATE_CHILD_SA
+        response, so sending on the new SA at once could lose packets (RFC 7296 2.8).
+        """
+        new = self.install(params, outbound=False)
+        self._waiting[params.spi_in] = old_spi_in
+        return new
+
+    def activate(self, spi_in: bytes) -> None:
+        """Send on an SA installed by `succeed`; the one it replaces stops sending."""
+        if spi_in not in self._waiting:
+            return
+        old_spi_in = self._waiting.pop(spi_in)
+        new = self._children.get(spi_in)
+        if new is None:
+            return
+        self._index_outbound(new)
+        old = self._children.get(old_spi_in)
+        if old is not None and old is not new:
+            old.retiring = True
+            self._unindex_outbound(old)
+
+    def successor_of(self, old_spi_in: bytes) -> bytes | None:
+        """The SA waiting (by `succeed`) to take over from `old_spi_in`, if any."""
+        return next((new for new, old in self._waiting.items() if old == old_spi_in), None)
+
+    @property
+    def waiting(self) -> dict[bytes, bytes]:
+        """SAs installed by `succeed` and not yet sending: new spi_in -> old spi_in."""
+        return self._waiting
 
     def replace(self, old_spi_in: bytes, params: ChildSaParams) -> ChildSa:
         """Install the rekeyed SA and move outbound traffic to it at once.
@@ -64,7 +105,13 @@ class Sad:
         return new
 
     def remove(self, spi_in: bytes) -> ChildSa | None:
-        """Delete a Child SA (no event: the caller asked). Returns it, or None if unknown."""
+        """Delete a Child SA (no event: the caller asked). Returns it, or None if unknown.
+
+        An SA waiting to succeed it starts sending now."""
+        successor = self.successor_of(spi_in)
+        if successor is not None:
+            self.activate(successor)
+        self._waiting.pop(spi_in, None)
         child = self._children.get(spi_in)
         if child is not None:
             child.close()
@@ -76,6 +123,7 @@ class Sad:
             return
         del self._children[child.spi_in]
         del self._inbound[_U32.unpack(child.spi_in)[0]]
+        self._waiting.pop(child.spi_in, None)
         self._unindex_outbound(child)
         self._removed_totals.add(child.counters)
 

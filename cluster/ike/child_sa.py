@@ -84,14 +84,16 @@ def install_child(sa: IkeSa, name: str, mode: str, spi_in: bytes, spi_out: bytes
                              nonce_i, nonce_r, shared)
     child = ChildSa(name, mode, spi_in, spi_out, chosen, keys, local_ts, remote_ts)
     sa.children[spi_in] = child
-    if sa.is_initiator if we_initiated is None else we_initiated:
+    if we_initiated is None:
+        we_initiated = sa.is_initiator
+    if we_initiated:
         key_in, int_in, key_out, int_out = keys.encr_r, keys.integ_r, keys.encr_i, keys.integ_i
     else:
         key_in, int_in, key_out, int_out = keys.encr_i, keys.integ_i, keys.encr_r, keys.integ_r
     sa.events.append(ChildSaEstablished(
         sa.spi_i, sa.spi_r, name, mode, spi_in, spi_out, chosen.encr, chosen.integ,
         chosen.esn == 1, key_in, int_in, key_out, int_out, local_ts, remote_ts,
-        sa.local, sa.remote, encap=sa.nat, replaces=replaces,
+        sa.local, sa.remote, encap=sa.nat, replaces=replaces, we_initiated=we_initiated,
     ))
     return child
 

@@ -64,6 +64,7 @@ class ChildSaEstablished:
     remote: Address = ("", 0)
     encap: bool = False  # ESP in UDP (RFC 3948)
     replaces: bytes = b""  # a rekey: spi_in of the Child SA this one takes over from
+    we_initiated: bool = True  # whether we sent the request that created it
 
 
 @dataclass(frozen=True, slots=True)
