@@ -295,14 +295,14 @@ class DataPlane:
         flow_sa = self._flow_sa
         run: list[bytes] = []
         run_sa: OutboundSa | None = None
-        run_size = run_bytes = 0
+        run_size = count = limit = 0
         for packet in packets:
             version = packet[0] >> 4 if packet else 0
             # the addresses: all an address-only SAD looks at (IPv4 12-20, IPv6 8-40)
             key = packet[12:20] if version == 4 else packet[8:40] if version == 6 else None
             sa = flow_sa
-            if key is None or key != flow_key or sa is None or sa.child.removed \
-                    or sa.child.retiring:
+            # (flow_key is None exactly when flow_sa is)
+            if key != flow_key or sa is None or sa.child.removed or sa.child.retiring:
                 sa = outbound_for(packet)
                 if sa is None:
                     continue  # counted: no SA covers it, never sent in the clear
@@ -320,18 +320,18 @@ class DataPlane:
             if udp_send is None:
                 continue
             size = len(esp)
-            if sa is not run_sa or size > run_size or len(run) == GSO_SEGMENTS \
-                    or run_bytes + size > GSO_BYTES:
-                if run_sa is not None:
-                    _send_run(udp_send, run_sa, run, run_size)
-                run = []
-                run_sa, run_size, run_bytes = sa, size, 0
-            run.append(esp)
-            run_bytes += size
-            if size < run_size:  # a shorter packet can only end a GSO run
-                _send_run(udp_send, sa, run, run_size)
-                run = []
-                run_sa = None
+            if sa is run_sa and size <= run_size and count < limit:
+                run.append(esp)
+                count += 1
+                if size < run_size:  # a shorter packet can only end a GSO run
+                    _send_run(udp_send, sa, run, run_size)
+                    run_sa = None
+                continue
+            if run_sa is not None:
+                _send_run(udp_send, run_sa, run, run_size)
+            run = [esp]
+            run_sa, run_size, count = sa, size, 1
+            limit = min(GSO_SEGMENTS, GSO_BYTES // size)
         if run_sa is not None and udp_send is not None:
             _send_run(udp_send, run_sa, run, run_size)
         self._flow_key, self._flow_sa = flow_key, flow_sa

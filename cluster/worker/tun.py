@@ -185,15 +185,22 @@ class TunDevice:
         """Read up to `max_packets` packets without blocking; empty when none is waiting."""
         packets: list[bytes] = []
         read = os.read
+        append = packets.append
         try:
-            while len(packets) < max_packets:
-                packets.append(read(fd, READ_SIZE))
+            if self.vnet_hdr:
+                for _ in range(max_packets):
+                    buffer = read(fd, READ_SIZE)
+                    if buffer[1] or buffer[0] & VNET_NEEDS_CSUM:  # not "one plain packet"
+                        packet = _plain(buffer)
+                        if packet:
+                            append(packet)
+                    else:
+                        append(buffer[VNET_HDR_SIZE:])
+            else:
+                for _ in range(max_packets):
+                    append(read(fd, READ_SIZE))
         except BlockingIOError:
             pass
-        if self.vnet_hdr:
-            packets = [_plain(p) if p[1] or p[0] & VNET_NEEDS_CSUM else p[VNET_HDR_SIZE:]
-                       for p in packets]
-            packets = [p for p in packets if p]
         counters = self.counters
         counters.tun_read_packets += len(packets)
         counters.tun_read_bytes += sum(map(len, packets))

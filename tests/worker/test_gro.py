@@ -7,6 +7,7 @@ arithmetic gro.py uses.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import select
@@ -344,3 +345,39 @@ def test_a_vnet_hdr_tun_reads_and_writes_plain_packets(ns: str) -> None:
     got = run_in_netns(ns, body)
     assert got["first"] == 0x45  # the header was stripped: the packet starts with IPv4
     assert got["written"] and got["data"] == b"out" and tuple(got["source"]) == ("10.99.1.5", 9)
+
+
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM = 0x01
+
+
+def test_drain_completes_a_checksum_the_kernel_left_partial(ns: str) -> None:
+    # With checksum offload switched on (the worker never does) the kernel hands over
+    # UDP with only the pseudo-header summed; drain must finish it, not pass it on.
+    def body() -> dict[str, Any]:
+        with TunDevice.open(TUN, vnet_hdr=True) as tun, Routes.open(tun.ifindex) as routes:
+            tun.add_address("10.99.2.1/32")
+            routes.add("10.99.1.0/24", src="10.99.2.1")
+            fd = tun.fds[0]
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"partial checksum" * 20, ("10.99.1.5", 9))
+                select.select([fd], [], [], 2)
+                raw = os.read(fd, 65535)
+                s.sendto(b"partial checksum" * 20, ("10.99.1.5", 9))
+                select.select([fd], [], [], 2)
+                (packet,) = tun.drain(fd)
+        segment = packet[20:]
+        return {"flags": raw[0], "raw_valid": checksum(
+                    pseudo_udp(raw[VNET_HDR_SIZE + 12:VNET_HDR_SIZE + 20],
+                               raw[VNET_HDR_SIZE + 20:])) == 0,
+                "valid": checksum(pseudo_udp(packet[12:20], segment)) == 0,
+                "data": segment[8:]}
+
+    got = run_in_netns(ns, body)
+    assert got["flags"] & 1 and not got["raw_valid"]  # the kernel did leave it partial
+    assert got["valid"] and got["data"] == b"partial checksum" * 20
+
+
+def pseudo_udp(addresses: bytes, segment: bytes) -> bytes:
+    return addresses + struct.pack("!xBH", 17, len(segment)) + segment

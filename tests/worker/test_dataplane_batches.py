@@ -1,0 +1,138 @@
+"""DataPlane's batch paths without a kernel: GSO runs out, coalesced TUN writes in.
+
+The TUN and the routes are stand-ins; the SAD, the ESP code and the run logic are real.
+The peer's SAD checks what left: every packet protected, sequence numbers used once
+and in order, nothing for a destination no SA covers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from cluster.esp import Sad
+from cluster.esp.params import Address
+from cluster.worker import IoCounters
+from cluster.worker.dataplane import GSO_BYTES, GSO_SEGMENTS, DataPlane
+from cluster.worker.gro import GSO_TCPV4, VNET_HDR, VNET_HDR_SIZE
+from cluster.worker.keys import Limits
+from tests.esp.pairs import mirror, packet, params
+
+from .test_gro import tcp
+
+
+@dataclass
+class FakeTun:
+    fds: list[int]
+    vnet_hdr: bool = True
+    counters: IoCounters = field(default_factory=IoCounters)
+
+
+class FakeRoutes:
+    def add(self, network: str, src: str | None = None) -> None:
+        pass
+
+    def remove(self, network: str) -> None:
+        pass
+
+
+@dataclass
+class Sent:
+    calls: list[tuple[bytes, Address, Address, int]] = field(default_factory=list)
+
+    def __call__(self, esp: bytes, local: Address, remote: Address, segment: int = 0) -> bool:
+        self.calls.append((esp, local, remote, segment))
+        return True
+
+    def datagrams(self) -> list[bytes]:
+        out = []
+        for esp, _, _, segment in self.calls:
+            step = segment or len(esp)
+            out += [esp[at:at + step] for at in range(0, len(esp), step)]
+        return out
+
+
+@pytest.fixture
+def tun_pair() -> Iterator[tuple[int, int]]:
+    """A message-preserving pair: what the data plane writes to the TUN, read back."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    b.setblocking(False)
+    with a, b:
+        yield a.fileno(), b.fileno()
+
+
+def plane_and_peer(fd: int, *, we_are_b: bool = False) -> tuple[DataPlane, Sad, Sent]:
+    """Our data plane as gateway A of tests.esp.pairs (10.99.1.0/24 behind it), or B."""
+    a_side = params(encap=True)
+    ours, theirs = (mirror(a_side), a_side) if we_are_b else (a_side, mirror(a_side))
+    plane = DataPlane(FakeTun([fd]), FakeRoutes(), [], Limits())  # type: ignore[arg-type]
+    plane.install(ours)
+    peer = Sad()
+    peer.install(theirs)
+    sent = Sent()
+    plane.udp_send = sent
+    return plane, peer, sent
+
+
+def sequence(esp: bytes) -> int:
+    return int(struct.unpack_from("!I", esp, 4)[0])
+
+
+def test_runs_of_equal_packets_leave_in_gso_sends_in_order(tun_pair: tuple[int, int]) -> None:
+    plane, peer, sent = plane_and_peer(tun_pair[0])
+    # three small packets, then larger ones: a larger packet must start a new run
+    flow = [packet("10.99.1.5", "10.99.2.7", payload=bytes([n]) * (1300 if n > 2 else 200))
+            for n in range(150)]
+    uncovered = packet("10.99.1.5", "10.77.0.1", payload=b"clear" * 10)
+    short = packet("10.99.1.5", "10.99.2.7", payload=b"end")
+    batch = [*flow[:70], uncovered, *flow[70:], short]
+    plane.send_packets(batch[:64])
+    plane.send_packets(batch[64:])
+    datagrams = sent.datagrams()
+    assert [peer.decapsulate_untrusted(d) for d in datagrams] == [*flow, short]
+    assert [sequence(d) for d in datagrams] == list(range(1, len(flow) + 2))
+    assert plane.sad.counters.no_sa_out == 1
+    for esp, local, remote, segment in sent.calls:
+        assert (local, remote) == (("192.0.2.1", 4500), ("198.51.100.2", 4500))
+        if segment:
+            assert len(esp) > segment and len(esp) <= GSO_BYTES
+            assert -(-len(esp) // segment) <= GSO_SEGMENTS
+    # GSO did happen: far fewer sends than packets, the shorter packet last in its run
+    assert len(sent.calls) <= 8
+    assert sent.calls[-1][0].endswith(datagrams[-1]) and sent.calls[-1][3] > len(datagrams[-1])
+
+
+def test_a_removed_sa_is_not_used_from_the_fast_path(tun_pair: tuple[int, int]) -> None:
+    plane, _, sent = plane_and_peer(tun_pair[0])
+    flow = [packet("10.99.1.5", "10.99.2.7") for _ in range(3)]
+    plane.send_packets(flow)
+    plane.remove(plane.sad.__iter__().__next__().params.spi_in)
+    plane.send_packets(flow)
+    assert len(sent.datagrams()) == 3
+    assert plane.sad.counters.no_sa_out == 3
+
+
+def test_decapsulated_tcp_enters_the_tun_coalesced(tun_pair: tuple[int, int]) -> None:
+    plane, peer, _ = plane_and_peer(tun_pair[0], we_are_b=True)
+    # tcp() sends from 10.99.1.5 to 10.99.2.1: from behind A (the peer) to behind us
+    segments = [tcp(4, 1000 + n * 1360, os.urandom(1360)) for n in range(30)]
+    esp = [peer.outbound_for(s).encapsulate(s) for s in segments]  # type: ignore[union-attr]
+    for datagram in esp:
+        plane.receive_udp_esp(datagram, ("198.51.100.2", 4500), ("192.0.2.1", 4500))
+    plane.receive_udp_esp(esp[3], ("198.51.100.2", 4500), ("192.0.2.1", 4500))  # a replay
+    plane.flush()
+    written = os.read(tun_pair[1], 1 << 17)
+    _, gso, _, gso_size, _, _ = VNET_HDR.unpack_from(written)
+    assert (gso, gso_size) == (GSO_TCPV4, 1360)
+    assert written[VNET_HDR_SIZE + 52:] == b"".join(s[52:] for s in segments)
+    counters = plane.counters
+    assert (counters.tun_write_packets, counters.tun_write_bytes) == (30, sum(map(len, segments)))
+    assert plane.sad.totals().replay_drops == 1
+    with pytest.raises(BlockingIOError):
+        os.read(tun_pair[1], 100)
