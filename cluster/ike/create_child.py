@@ -9,7 +9,7 @@ IKE rekey is in flight (2.25), and the peer retries.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field, replace
 
 from ..errors import (
@@ -234,8 +234,10 @@ def build_rekey_child(sa: IkeSa, task: RekeyChild, rng: Random) -> list[Payload]
 
 def process_rekey_child(sa: IkeSa, task: RekeyChild, payloads: list[Payload]) -> ChildSa:
     """The new Child SA; raises IkeError when the peer refused."""
-    _raise_refusal(payloads)
     old = sa.children.get(task.spi_in)
+    config = _config_of(sa, old.name) if old is not None else None
+    offered: Set[int] = {g for p in config.esp_proposals for g in p.dh} if config else set()
+    _raise_refusal(payloads, offered, task.group)
     sa_p = first_of(payloads, SaPayload)
     nonce = first_of(payloads, NoncePayload)
     tsi = first_of(payloads, TsiPayload)
@@ -283,7 +285,7 @@ def build_rekey_ike(sa: IkeSa, task: RekeyIke, rng: Random) -> list[Payload]:
 
 def process_rekey_ike(sa: IkeSa, task: RekeyIke, payloads: list[Payload]) -> IkeSa:
     assert sa.connection is not None
-    _raise_refusal(payloads)
+    _raise_refusal(payloads, {g for p in sa.connection.proposals for g in p.dh}, task.group)
     sa_p = first_of(payloads, SaPayload)
     nonce = first_of(payloads, NoncePayload)
     ke = first_of(payloads, KePayload)
@@ -304,11 +306,15 @@ def process_rekey_ike(sa: IkeSa, task: RekeyIke, payloads: list[Payload]) -> Ike
                       chosen=chosen, nonce_i=task.nonce, nonce_r=nonce.data, shared=shared)
 
 
-def _raise_refusal(payloads: list[Payload]) -> None:
+def _raise_refusal(payloads: list[Payload], offered: Set[int], sent: int | None) -> None:
     for n in payloads:
         if isinstance(n, NotifyPayload) and n.notify_type < 16384:
             if n.notify_type == NotifyType.INVALID_KE_PAYLOAD and len(n.data) == 2:
-                raise InvalidKePayload(int.from_bytes(n.data, "big"))
+                group = int.from_bytes(n.data, "big")
+                # RFC 7296 1.3: a retry only with a group we offered and did not send
+                if group in offered and group != sent:
+                    raise InvalidKePayload(group)
+                raise NoProposalChosen(f"the peer wants DH group {group}, not one we offered")
             if n.notify_type == NotifyType.TEMPORARY_FAILURE:
                 raise TemporaryFailure("the peer asked us to retry later")
             if n.notify_type == NotifyType.CHILD_SA_NOT_FOUND:

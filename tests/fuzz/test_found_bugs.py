@@ -7,10 +7,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
+from cluster.ike.constants import ExchangeType, NotifyType, PayloadType
+from cluster.ike.message import decode_untrusted
+from cluster.ike.payloads import NotifyPayload, encode_payloads
 from cluster.ike.policy import Lifetime
 from cluster.ike.session import IkeSession
 from cluster.ike.state import State
 from tests.ike.sessions import child, psk_connection, psk_pair, run_handshake
+
+from .mutations import Chain, SaKeys, seal
 
 
 def step_timers(session: IkeSession, until: float) -> float:
@@ -51,3 +58,60 @@ def test_child_sa_expiring_while_its_delete_waits_does_not_stall_the_timer() -> 
     last = step_timers(gateway, until=20.0)
     assert last >= 11.0
     assert gateway.state is State.ESTABLISHED
+
+
+def refuse_with_invalid_ke(client: IkeSession, gateway: IkeSession, group: bytes,
+                           now: float) -> None:
+    """The client answers the gateway's outstanding CREATE_CHILD_SA with
+    N(INVALID_KE_PAYLOAD) naming `group` (RFC 7296 1.3, 3.10.1)."""
+    pending = gateway.sa.pending
+    assert pending is not None and pending.exchange == ExchangeType.CREATE_CHILD_SA
+    gateway.datagrams_to_send()
+    refusal = Chain(PayloadType.NOTIFY, encode_payloads(
+        [NotifyPayload(NotifyType.INVALID_KE_PAYLOAD, group)]))
+    data = seal(SaKeys.of(client), ExchangeType.CREATE_CHILD_SA, pending.message_id, refusal,
+                response=True)
+    gateway.receive_datagram_untrusted(data, gateway.sa.local, gateway.sa.remote, now)
+
+
+@pytest.mark.parametrize("group", [0, 9999, 14, 31])
+def test_ike_rekey_refused_with_a_group_we_did_not_offer_is_retried_later(group: int) -> None:
+    """Seen in the CI fuzz run (seed 42024, cookies off): `ValueError: 0 is not a valid
+    DhGroup` escaped an actor. The peer refused our IKE rekey with INVALID_KE_PAYLOAD
+    naming group 0; we queued a retry with that group and building it raised. Only a group
+    we offered, other than the one we sent, is worth a retry (RFC 7296 1.3, 2.7)."""
+    client, gateway = psk_pair()  # x25519 (31) only
+    run_handshake(client, gateway)
+    gateway.rekey_ike(1.0)
+    refuse_with_invalid_ke(client, gateway, group.to_bytes(2, "big"), 1.0)
+    assert gateway.state is State.ESTABLISHED
+    assert gateway.sa.pending is None and not gateway.sa.queue  # no retry with that group
+    assert not gateway.sa.rekeying and 1.0 < gateway.sa.rekey_at < float("inf")  # later
+
+
+@pytest.mark.parametrize("group", [0, 9999, 19, 31])
+def test_child_rekey_refused_with_a_group_we_did_not_offer_is_retried_later(group: int) -> None:
+    """The same for a Child SA rekey with PFS (x25519 offered and sent)."""
+    gw = psk_connection(children=(child(proposals=("aes256gcm16-x25519",)),))
+    client, gateway = psk_pair(gw)
+    run_handshake(client, gateway)
+    [spi_in] = gateway.sa.children
+    gateway.rekey_child(spi_in, 1.0)
+    refuse_with_invalid_ke(client, gateway, group.to_bytes(2, "big"), 1.0)
+    assert gateway.state is State.ESTABLISHED
+    assert gateway.sa.pending is None and not gateway.sa.queue
+    old = gateway.sa.children[spi_in]
+    assert not old.rekeying and 1.0 < old.rekey_at < float("inf")
+
+
+def test_child_rekey_refused_with_an_offered_group_is_retried_with_it() -> None:
+    """The legitimate case stays: we offered 14 besides x25519 and sent x25519."""
+    gw = psk_connection(children=(child(proposals=("aes256gcm16-x25519-modp2048",)),))
+    client, gateway = psk_pair(gw)
+    run_handshake(client, gateway)
+    [spi_in] = gateway.sa.children
+    gateway.rekey_child(spi_in, 1.0)
+    refuse_with_invalid_ke(client, gateway, (14).to_bytes(2, "big"), 1.0)
+    assert gateway.sa.pending is not None  # the retry went out at once
+    assert decode_untrusted(gateway.datagrams_to_send()[0].data).header.message_id == \
+        gateway.sa.pending.message_id
