@@ -70,8 +70,8 @@ class FuzzOptions:
     # SAs nobody answers for are given up after a few short retransmissions, so the SAs
     # the fuzz leaves behind do not pile up in a long run.
     dpd_delay: float = 2.0
-    ike_rekey_time: float = 4.0
-    child_rekey_time: float = 2.5
+    ike_rekey_time: float = 3.0
+    child_rekey_time: float = 1.5
     retransmission: Retransmission = field(
         default_factory=lambda: Retransmission(timeout=0.5, base=1.5, tries=3))
     sockets_v4: int = 6
@@ -97,6 +97,7 @@ class FuzzReport:
     sas_created: int = 0  # every SA our initiator started (witness, live, half-open, final)
     handshake_failures: int = 0  # of the ones started during the run
     handshake_errors: Counter[str] = field(default_factory=Counter)
+    provoked: int = 0  # requests we made the node start towards our SAs
     unread: int = 0  # datagrams the node had not read when the pacing gave up waiting
     maxima: dict[str, int] = field(default_factory=dict)  # sampled during the run
     settled: dict[str, int] = field(default_factory=dict)  # after a half-open timeout
@@ -142,7 +143,8 @@ class FuzzReport:
                                                sorted(self.strategies.items())))
         lines.append("node: " + " ".join(f"{k}={v}" for k, v in self.stats.items() if v))
         lines.append("events: " + " ".join(f"{k}={v}" for k, v in sorted(self.events.items())))
-        lines.append(f"SAs we started: {self.sas_created}, failed during the run:"
+        lines.append(f"SAs we started: {self.sas_created}, node requests provoked:"
+                     f" {self.provoked}, failed during the run:"
                      f" {self.handshake_failures} {dict(self.handshake_errors)},"
                      f" unread at pacing timeouts: {self.unread}")
         lines.append("maxima: " + " ".join(f"{k}={v}" for k, v in self.maxima.items()))
@@ -342,6 +344,34 @@ class Fuzzer:
             kept.append(sa)
         self.live = kept
 
+    def provoke(self) -> None:
+        """Make the node start a request to one of our SAs, so that its response handling
+        gets fuzzed: our SAs rarely live to see their lifetimes or a liveness check.
+
+        Child SA rekeys and deletes go through the supervisor's commands (what the data
+        plane's lifetimes use); the rest as the same kind of command to the actor."""
+        established = [sa for sa in self.live if sa.established and sa.pending is None]
+        if not established:
+            return
+        sa = self.rng.choice(established)
+        sup = self.node.supervisor
+        actor = sup.actor_for(sa.keys.spi_r)
+        if actor is None or not isinstance(actor.session, IkeSession):
+            return
+        children = list(actor.session.sa.children)
+        kind = self.rng.randrange(5)
+        if kind == 0 and children:
+            sup.rekey_child(self.rng.choice(children))
+        elif kind == 1 and children:
+            sup.delete_child(self.rng.choice(children))
+        elif kind == 2:
+            actor.mailbox.put_nowait(lambda session, now: session.rekey_ike(now))
+        elif kind == 3:
+            actor.mailbox.put_nowait(lambda session, now: session.delete_ike(now))
+        else:
+            actor.mailbox.put_nowait(lambda session, now: session.check_liveness(now))
+        self.report.provoked += 1
+
     # --- sending -------------------------------------------------------------------------
 
     def open_sockets(self) -> None:
@@ -421,6 +451,8 @@ class Fuzzer:
                 break
             self.refresh()
             await self.replenish()
+            if self.rng.random() < 0.03:
+                self.provoke()
             for shot in self.maker.burst(self.live, self.witnesses, list(self.cookies)):
                 self.send(shot)
                 socket_sent += shot.spoofed is None
@@ -450,7 +482,8 @@ class Fuzzer:
         return {"seconds": int(elapsed), "datagrams": self.report.datagrams,
                 "actors": sup.actor_count, "half_open": sup.half_open_count,
                 "expiry_queue": sup.expiry_queue_length, "notify_buckets": sup.notify_buckets,
-                "rss_mib": rss_bytes() >> 20, "actor_failures": self.node.stats.actor_failures,
+                "rss_mib": rss_bytes() >> 20, "cpu_s": int(time.process_time()),
+                "actor_failures": self.node.stats.actor_failures,
                 "sas_created": self.report.sas_created}
 
     async def settle(self) -> None:

@@ -294,6 +294,13 @@ class ShotMaker:
 
     # --- past the integrity check ---------------------------------------------------------
 
+    def _target(self, live: Sequence[LiveSa]) -> LiveSa:
+        """A live SA; often one waiting for our answer, which is rare and short-lived."""
+        waiting = [sa for sa in live if sa.pending is not None]
+        if waiting and self.rng.random() < 0.5:
+            return self.rng.choice(waiting)
+        return self.rng.choice(live)
+
     def _plan(self, sa: LiveSa) -> tuple[int, int, Chain, bool]:
         """(exchange, message ID, plaintext, is a response) for a keyed message to `sa`."""
         rng = self.rng
@@ -309,7 +316,7 @@ class ShotMaker:
             else:
                 chain = sa.auth  # the SA comes up; later bursts reach it established
             return ExchangeType.IKE_AUTH, self._message_id(sa), chain, False
-        if sa.pending is not None and rng.random() < 0.5:
+        if sa.pending is not None and rng.random() < 0.7:
             exchange, message_id = sa.pending
             donors = seeds.chains_of(exchange, True) or seeds.chains
             r = rng.random()
@@ -375,7 +382,7 @@ class ShotMaker:
         rng = self.rng
         if not live:
             return self._bytes()
-        sa = rng.choice(live)
+        sa = self._target(live)
         exchange, message_id, chain, response = self._plan(sa)
         pad = rng.choice((1, 8, 255)) if rng.random() < 0.03 else None
         data = seal(sa.keys, exchange, message_id, chain, response=response, pad_length=pad)
@@ -388,7 +395,7 @@ class ShotMaker:
         rng = self.rng
         if not live:
             return self._bytes()
-        sa = rng.choice(live)
+        sa = self._target(live)
         exchange, message_id, chain, response = self._plan(sa)
         if rng.random() < 0.2:  # strongSwan's own split of its IKE_AUTH, resealed
             split = rng.choice(self.seeds.fragment_chunks)
