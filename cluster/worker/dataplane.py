@@ -164,6 +164,23 @@ class DataPlane:
             self._ike_of[params.spi_in] = ike
         self._route(params)
 
+    def succeed(self, old_spi_in: bytes, params: ChildSaParams,
+                ike: tuple[bytes, bytes] | None = None) -> None:
+        """A rekey the peer started: receive on the new SA now, send on it once the peer
+        uses it or deletes the old one (it installs the new SA after our response)."""
+        self.sad.succeed(old_spi_in, params)
+        self._sad_changed()
+        if ike is not None:
+            self._ike_of[params.spi_in] = ike
+        self._route(params)
+
+    def _peer_switched(self, esp: bytes) -> None:
+        """The peer sent on an SA waiting to take over: it can receive on it too."""
+        spi = esp[:4]
+        if spi in self.sad.waiting:
+            self.sad.activate(spi)
+            self._sad_changed()
+
     def remove(self, spi_in: bytes) -> None:
         self.sad.remove(spi_in)
         self._sad_changed()
@@ -200,8 +217,10 @@ class DataPlane:
             if isinstance(event, ChildSaEstablished):
                 params = params_from_event(event, self.limits)
                 ike = (event.ike_spi_i, event.ike_spi_r)
-                if event.replaces:  # a rekey: new SPIs take traffic before the old go
-                    self.replace(event.replaces, params, ike)
+                if event.replaces and event.we_initiated:
+                    self.replace(event.replaces, params, ike)  # the peer already has it
+                elif event.replaces:
+                    self.succeed(event.replaces, params, ike)
                 else:
                     self.install(params, ike)
             elif isinstance(event, IkeSaMoved):  # NAT rebinding: ESP follows the peer
@@ -237,6 +256,8 @@ class DataPlane:
             inner = self.sad.decapsulate_untrusted(esp)
         except EspDrop:
             return  # counted by the SAD
+        if self.sad.waiting:
+            self._peer_switched(esp)
         pending = self._pending
         pending.append(inner)
         if len(pending) == 1:
@@ -274,6 +295,8 @@ class DataPlane:
             inner = self.sad.decapsulate_untrusted(esp)
         except EspDrop:
             return  # counted by the SAD
+        if self.sad.waiting:
+            self._peer_switched(esp)
         pending = self._pending
         pending.append(inner)
         if len(pending) == 1:
