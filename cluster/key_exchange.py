@@ -168,40 +168,29 @@ class EcpExchange:
             raise ParseError(f"invalid ECP public value: {exc}") from None
 
 
-class X25519Exchange:
-    group = DhGroup.CURVE25519
+class MontgomeryExchange:
+    """X25519 and X448 (RFC 8031): the raw u-coordinate is the public value."""
 
-    def __init__(self) -> None:
-        self._key = x25519.X25519PrivateKey.generate()
+    def __init__(self, group: DhGroup) -> None:
+        self.group = group
+        if group == DhGroup.CURVE25519:
+            self._size, self._public = 32, x25519.X25519PublicKey.from_public_bytes
+            self._key: x25519.X25519PrivateKey | x448.X448PrivateKey = (
+                x25519.X25519PrivateKey.generate())
+        else:
+            self._size, self._public = 56, x448.X448PublicKey.from_public_bytes  # type: ignore[assignment]
+            self._key = x448.X448PrivateKey.generate()
 
     def public_value(self) -> bytes:
         return self._key.public_key().public_bytes_raw()
 
     def shared_secret_untrusted(self, peer_value: bytes) -> bytes:
-        if len(peer_value) != 32:
-            raise ParseError(f"X25519 public value of {len(peer_value)} bytes")
+        if len(peer_value) != self._size:
+            raise ParseError(f"{self.group.name} public value of {len(peer_value)} bytes")
         try:  # an all-zero result (small-order point) raises (RFC 8031 2.3)
-            return self._key.exchange(x25519.X25519PublicKey.from_public_bytes(peer_value))
+            return self._key.exchange(self._public(peer_value))  # type: ignore[arg-type]
         except ValueError as exc:
-            raise ParseError(f"invalid X25519 public value: {exc}") from None
-
-
-class X448Exchange:
-    group = DhGroup.CURVE448
-
-    def __init__(self) -> None:
-        self._key = x448.X448PrivateKey.generate()
-
-    def public_value(self) -> bytes:
-        return self._key.public_key().public_bytes_raw()
-
-    def shared_secret_untrusted(self, peer_value: bytes) -> bytes:
-        if len(peer_value) != 56:
-            raise ParseError(f"X448 public value of {len(peer_value)} bytes")
-        try:
-            return self._key.exchange(x448.X448PublicKey.from_public_bytes(peer_value))
-        except ValueError as exc:
-            raise ParseError(f"invalid X448 public value: {exc}") from None
+            raise ParseError(f"invalid {self.group.name} public value: {exc}") from None
 
 
 def public_value_size(group: DhGroup) -> int:
@@ -219,6 +208,4 @@ def new_key_exchange(group: int) -> KeyExchange:
         return ModpExchange(g)
     if g in _CURVES:
         return EcpExchange(g)
-    if g == DhGroup.CURVE25519:
-        return X25519Exchange()
-    return X448Exchange()
+    return MontgomeryExchange(g)

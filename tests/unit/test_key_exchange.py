@@ -16,8 +16,7 @@ from cluster.key_exchange import (
     DhGroup,
     EcpExchange,
     ModpExchange,
-    X448Exchange,
-    X25519Exchange,
+    MontgomeryExchange,
     new_key_exchange,
     public_value_size,
 )
@@ -160,22 +159,22 @@ X25519_LOW_ORDER = [
 @pytest.mark.parametrize("point", X25519_LOW_ORDER)
 def test_x25519_rejects_low_order_points(point: str) -> None:
     with pytest.raises(ParseError):
-        X25519Exchange().shared_secret_untrusted(bytes.fromhex(point))
+        MontgomeryExchange(DhGroup.CURVE25519).shared_secret_untrusted(bytes.fromhex(point))
 
 
 def test_x25519_and_x448_reject_wrong_lengths() -> None:
     with pytest.raises(ParseError):
-        X25519Exchange().shared_secret_untrusted(bytes(30) + b"\x09")
+        MontgomeryExchange(DhGroup.CURVE25519).shared_secret_untrusted(bytes(30) + b"\x09")
     with pytest.raises(ParseError):
-        X25519Exchange().shared_secret_untrusted(b"\x09" + bytes(32))
+        MontgomeryExchange(DhGroup.CURVE25519).shared_secret_untrusted(b"\x09" + bytes(32))
     with pytest.raises(ParseError):
-        X448Exchange().shared_secret_untrusted(b"\x05" + bytes(54))
+        MontgomeryExchange(DhGroup.CURVE448).shared_secret_untrusted(b"\x05" + bytes(54))
 
 
 @pytest.mark.parametrize("u", [0, 1])
 def test_x448_rejects_low_order_points(u: int) -> None:
     with pytest.raises(ParseError):
-        X448Exchange().shared_secret_untrusted(u.to_bytes(56, "little"))
+        MontgomeryExchange(DhGroup.CURVE448).shared_secret_untrusted(u.to_bytes(56, "little"))
 
 
 # --- RFC 5903 8.1: ECP-256 with fixed private values ------------------------------------------
@@ -224,14 +223,14 @@ BOB_PUBLIC = "de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f"
 SHARED = "4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742"
 
 
-def _x25519_with_private(monkeypatch: pytest.MonkeyPatch, private_hex: str) -> X25519Exchange:
+def _x25519_with_private(monkeypatch: pytest.MonkeyPatch, private_hex: str) -> MontgomeryExchange:
     fixed = x25519.X25519PrivateKey.from_private_bytes(bytes.fromhex(private_hex))
     fake = types.SimpleNamespace(
         X25519PrivateKey=types.SimpleNamespace(generate=lambda: fixed),
         X25519PublicKey=x25519.X25519PublicKey,
     )
     monkeypatch.setattr(key_exchange, "x25519", fake)
-    exchange = X25519Exchange()
+    exchange = MontgomeryExchange(DhGroup.CURVE25519)
     monkeypatch.undo()
     return exchange
 
@@ -246,7 +245,7 @@ def test_x25519_matches_rfc7748_vector(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_x448_public_value_is_the_raw_u_coordinate() -> None:
-    ours = X448Exchange()
+    ours = MontgomeryExchange(DhGroup.CURVE448)
     value = ours.public_value()
     assert len(value) == 56
     x448.X448PublicKey.from_public_bytes(value)  # decodes as a raw key
