@@ -225,8 +225,15 @@ class IkeSession:
         sa = self._sa
         if sa.state is not State.ESTABLISHED:
             return
+        if sa.behind_nat and now >= sa.keepalive_at:  # RFC 3948 4: keep the NAT mapping
+            sa.keepalive_at = now + NAT_KEEPALIVE_INTERVAL
+            self._outbox.append(Datagram(NAT_KEEPALIVE, sa.local, sa.remote, keepalive=True))
         if now >= sa.expire_at:  # not rekeyed in time: delete it (strongSwan's life_time)
-            sa.expire_at = INFINITY
+            # its Child SAs go with it: none of the other deadlines matter any more, and
+            # the delete may have to wait behind a request of ours, still ESTABLISHED
+            sa.expire_at = sa.rekey_at = INFINITY
+            for child in sa.children.values():
+                child.rekey_at = child.expire_at = INFINITY
             self.delete_ike(now)
             return
         if now >= sa.rekey_at:
@@ -235,7 +242,8 @@ class IkeSession:
                 sa.queue.append(RekeyIke())
         for child in list(sa.children.values()):
             if now >= child.expire_at:
-                child.expire_at = INFINITY  # also when a delete is already under way
+                # also when a delete is already under way, or its rekey was due too
+                child.expire_at = child.rekey_at = INFINITY
                 if not child.deleting:
                     child.deleting = True
                     sa.queue.append(DeleteChild(child.spi_in))
@@ -244,9 +252,6 @@ class IkeSession:
                 if not (child.rekeying or child.deleting or child.replaced_by):
                     child.rekeying = True
                     sa.queue.append(RekeyChild(child.spi_in))
-        if sa.behind_nat and now >= sa.keepalive_at:  # RFC 3948 4: keep the NAT mapping
-            sa.keepalive_at = now + NAT_KEEPALIVE_INTERVAL
-            self._outbox.append(Datagram(NAT_KEEPALIVE, sa.local, sa.remote, keepalive=True))
         dpd = sa.connection.dpd_delay if sa.connection else 0.0
         if dpd > 0 and sa.pending is None and not sa.queue and now >= sa.last_heard + dpd:
             sa.queue.append(Liveness())  # RFC 7296 2.4: are you there?

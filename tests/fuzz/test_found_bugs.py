@@ -115,3 +115,37 @@ def test_child_rekey_refused_with_an_offered_group_is_retried_with_it() -> None:
     assert gateway.sa.pending is not None  # the retry went out at once
     assert decode_untrusted(gateway.datagrams_to_send()[0].data).header.message_id == \
         gateway.sa.pending.message_id
+
+
+def test_ike_sa_expiring_while_a_request_is_outstanding_does_not_stall_the_timer() -> None:
+    """Seen in a slow fuzz run (seed 5, cookies on, under tracemalloc): SessionTimerStuck,
+    "timer 98215.937 not after now 98216.415", and the witness SA was torn down with it.
+    When the IKE SA's life_time passed, `handle_timer` queued the delete and returned at
+    once; with the delete waiting behind another request the SA stayed ESTABLISHED, so a
+    Child SA deadline that had passed in the same call stayed due for ever."""
+    gateway_conn = replace(
+        psk_connection(children=(replace(child(), lifetime=Lifetime(5.0, 30.0, 0.0)),)),
+        lifetime=Lifetime(10.0, 11.0, 0.0),
+    )
+    client, gateway = psk_pair(gateway_conn)
+    run_handshake(client, gateway)
+    assert gateway.check_liveness(4.0)  # unanswered: the delete will have to wait
+    # the actor wakes late (a busy node): the child's rekey and the IKE SA's life_time
+    # are both due
+    gateway.handle_timer(12.0)
+    assert gateway.state is State.ESTABLISHED and gateway.sa.queue  # the delete waits
+    timer = gateway.get_timer()
+    assert timer is not None and timer > 12.0
+
+
+def test_child_sa_whose_rekey_and_expiry_both_passed_does_not_stall_the_timer() -> None:
+    """The same kind of stall, found while looking for the one above: an actor woken after
+    both a Child SA's rekey time and its life_time (life_time close to rekey_time, a busy
+    node) deleted the Child SA and left its rekey deadline due."""
+    gateway_conn = psk_connection(children=(replace(child(), lifetime=Lifetime(5.0, 6.0, 0.0)),))
+    client, gateway = psk_pair(gateway_conn)
+    run_handshake(client, gateway)
+    gateway.handle_timer(7.0)
+    assert gateway.sa.pending is not None  # the Child SA's delete went out
+    timer = gateway.get_timer()
+    assert timer is not None and timer > 7.0
