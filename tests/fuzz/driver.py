@@ -5,7 +5,9 @@ families, `block_threshold = 0`), brings up real SAs with our own initiator to h
 keys for, and sends bursts from `strategies.ShotMaker` from several source ports (and
 spoofed loopback sources through `Supervisor.route_untrusted`) until a datagram count
 or a time is reached. Sending is paced by what the node has read, so the kernel drops
-nothing and every datagram is handled.
+nothing and every datagram is handled. SAs the fuzz ends (deleted, rekeyed away, failed
+authentication) are replaced; now and then the node is made to start a request towards
+one of them (rekey, delete, liveness check) so that its response handling is fuzzed too.
 
 Afterwards it waits one half-open timeout for the tables to drain, measures RSS, checks
 a liveness exchange on an SA that existed throughout (the "witness", which saw only
