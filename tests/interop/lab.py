@@ -389,6 +389,25 @@ class WireCounters:
         """Packets counted after ``before`` (an earlier `read`)."""
         return {name: n - before.get(name, 0) for name, n in self.read().items()}
 
+    def read_bytes(self) -> dict[str, int]:
+        """Bytes counted so far, per counter name.
+
+        Packet counts are skbs: a UDP GSO send (the worker's ESP in UDP) crosses the
+        veth as one skb carrying up to 64 datagrams, so bulk transfers are checked by
+        bytes (the ESP bytes on the wire are at least the payload they carried).
+        """
+        out = self.ns.run(["nft", "-j", "list", "counters", "table", "netdev", WIRE_TABLE])
+        counts = {}
+        for item in json.loads(out.stdout)["nftables"]:
+            counter = item.get("counter")
+            if counter is not None:
+                counts[counter["name"]] = int(counter["bytes"])
+        return counts
+
+    def bytes_since(self, before: Mapping[str, int]) -> dict[str, int]:
+        """Bytes counted after ``before`` (an earlier `read_bytes`)."""
+        return {name: n - before.get(name, 0) for name, n in self.read_bytes().items()}
+
 
 @dataclass(frozen=True)
 class IperfResult:
