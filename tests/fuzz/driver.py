@@ -81,6 +81,7 @@ class FuzzOptions:
     live_sas: int = 4  # established SAs we keep keys for (replaced when the fuzz ends one)
     half_open_sas: int = 2  # half-open ones, for IKE_AUTH
     window: int = 128  # datagrams sent but not yet read by the node
+    stall_rate: float = 0.0005  # chance per burst of blocking the event loop for a moment
     rss_limit: int = 96 << 20
     progress_every: float = 0.0  # seconds between `progress` calls; 0: never
     progress: Callable[[dict[str, int]], None] | None = None
@@ -100,6 +101,7 @@ class FuzzReport:
     handshake_failures: int = 0  # of the ones started during the run
     handshake_errors: Counter[str] = field(default_factory=Counter)
     provoked: int = 0  # requests we made the node start towards our SAs
+    stalls: int = 0  # times we blocked the event loop
     unread: int = 0  # datagrams the node had not read when the pacing gave up waiting
     maxima: dict[str, int] = field(default_factory=dict)  # sampled during the run
     settled: dict[str, int] = field(default_factory=dict)  # after a half-open timeout
@@ -146,7 +148,7 @@ class FuzzReport:
         lines.append("node: " + " ".join(f"{k}={v}" for k, v in self.stats.items() if v))
         lines.append("events: " + " ".join(f"{k}={v}" for k, v in sorted(self.events.items())))
         lines.append(f"SAs we started: {self.sas_created}, node requests provoked:"
-                     f" {self.provoked}, failed during the run:"
+                     f" {self.provoked}, loop stalls: {self.stalls}, failed during the run:"
                      f" {self.handshake_failures} {dict(self.handshake_errors)},"
                      f" unread at pacing timeouts: {self.unread}")
         lines.append("maxima: " + " ".join(f"{k}={v}" for k, v in self.maxima.items()))
@@ -455,6 +457,11 @@ class Fuzzer:
             await self.replenish()
             if self.rng.random() < 0.03:
                 self.provoke()
+            if self.rng.random() < options.stall_rate:
+                # the whole event loop stops, as on a busy host: actors wake up late,
+                # after several of their deadlines (two bugs hid there)
+                time.sleep(self.rng.uniform(0.02, 0.3))
+                report.stalls += 1
             for shot in self.maker.burst(self.live, self.witnesses, list(self.cookies)):
                 self.send(shot)
                 socket_sent += shot.spoofed is None
