@@ -17,13 +17,20 @@ responder's, "down" the reverse (iperf3 -R). Then the issue's two ratios:
 (c)/(a) throughput (target >= 3) and, in (b), our worker's CPU per gigabit over
 libipsec's (target <= 0.5).
 
+charon loads openssl before the portable aes/gcm plugins (AES-NI GCM; the harness's
+own order, `--harness-plugins`, makes libipsec about 6x slower here). A process's CPU
+includes the kernel work that runs in its context, on a veth that is much of the
+peer's receive path too (softirqs run where the packet was sent).
+
 Run by hand as root with the dev venv (our node is started with this interpreter):
 
     /tmp/venv-dev/bin/python benchmarks/esp_throughput.py [--cases abc] [--seconds 10]
-        [--directions up,down] [--repeat 1] [--py-spy DIR]
+        [--directions up,down] [--repeat 1] [--top] [--py-spy DIR] [--json FILE]
 
-`--py-spy DIR` records every node process during each run (py-spy raw format).
-The machines are shared and noisy: compare numbers from one invocation.
+`--top` adds the /proc/stat split and the busiest processes of each run (anything
+else running on the machine shows up there); `--py-spy DIR` records every node
+process during each run (py-spy raw format). The machines are shared and noisy:
+compare numbers from one invocation.
 """
 
 from __future__ import annotations
@@ -386,7 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(lab.logs(80), file=sys.stderr)
                 raise
 
-    print("\nsummary (median per direction)")
+    print(f"\nsummary (the median run per direction of {args.repeat}; of an even count, "
+          "the faster middle one)")
     for direction in directions:
         a, b, c = (results.get(k, {}).get(direction) for k in "abc")
         if a and c:
