@@ -149,6 +149,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sas", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--no-data-plane", action="store_true",
+                        help="run our node without its [worker] (IKE only)")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--local", help=argparse.SUPPRESS)
     parser.add_argument("--remote", help=argparse.SUPPRESS)
@@ -168,7 +170,7 @@ def main() -> int:
     with Lab() as lab:
         # with its data plane, as charon installs each Child SA into kernel-libipsec
         node = lab.node([responder_conn], start=False,
-                        extra_toml='[worker]\ntun = "ikecb0"\n')
+                        extra_toml="" if args.no_data_plane else '[worker]\ntun = "ikecb0"\n')
         write_config = node.write_config
 
         def without_dos_limits() -> Path:
