@@ -202,6 +202,9 @@ class Supervisor:
         self._spi_i_of: dict[bytes, bytes] = {}  # rekeyed responder routes: spi_r -> spi_i
         self._child_owner: dict[bytes, SaActor] = {}  # Child SA spi_in -> its IKE SA's actor
         self._by_identity: dict[tuple[str, str], set[SaActor]] = {}  # established SAs
+        # the reverse maps, so retiring one actor costs O(its own entries), not O(all SAs)
+        self._children_of: dict[SaActor, set[bytes]] = {}
+        self._identity_of: dict[SaActor, tuple[str, str]] = {}
         # actors in spawn order; their half-open deadlines are therefore in order too
         self._expiry_queue: deque[SaActor] = deque()
         self._nursery: trio.Nursery | None = None
@@ -556,9 +559,11 @@ class Supervisor:
                 )
         elif isinstance(event, ChildSaEstablished):
             self._child_owner[event.spi_in] = actor
+            self._children_of.setdefault(actor, set()).add(event.spi_in)
         elif isinstance(event, ChildSaDeleted):
             if self._child_owner.get(event.spi_in) is actor:
                 del self._child_owner[event.spi_in]
+                self._children_of.get(actor, set()).discard(event.spi_in)
         elif isinstance(event, IkeSaRekeyed):
             self._route_successor(actor, event)
         elif isinstance(event, IkeSaRetired):
@@ -594,12 +599,15 @@ class Supervisor:
             if routes.get(spi) is actor:
                 del routes[spi]
                 self._spi_i_of.pop(spi, None)
-        for spi_in in [s for s, a in self._child_owner.items() if a is actor]:
-            del self._child_owner[spi_in]
-        for key in [k for k, actors in self._by_identity.items() if actor in actors]:
-            self._by_identity[key].discard(actor)
-            if not self._by_identity[key]:
-                del self._by_identity[key]
+        for spi_in in self._children_of.pop(actor, set()):
+            if self._child_owner.get(spi_in) is actor:
+                del self._child_owner[spi_in]
+        key = self._identity_of.pop(actor, None)
+        if key is not None:
+            actors = self._by_identity.get(key, set())
+            actors.discard(actor)
+            if not actors:
+                self._by_identity.pop(key, None)
 
     def _identified(self, actor: SaActor, event: IkeSaEstablished) -> None:
         key = (event.local_id, event.remote_id)
@@ -610,6 +618,7 @@ class Supervisor:
                 other.mailbox.put_nowait(lambda session, now: session.abandon(
                     "replaced (INITIAL_CONTACT)"))
         others.add(actor)
+        self._identity_of[actor] = key
 
     # -- commands to actors ---------------------------------------------------------------
 
