@@ -180,6 +180,8 @@ def build_auth_request(sa: IkeSa, rng: Random) -> list[Payload]:
     # CERT payloads go before AUTH, after IDi (RFC 7296 1.2 ordering)
     payloads[1:1] = [p for p in auth if isinstance(p, CertPayload)]
     payloads += [p for p in auth if isinstance(p, AuthPayload)]
+    if sa.initial_contact:
+        payloads.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
     child = conn.children[0]
     sa.pending_child_spi = new_child_spi(sa, rng)
     if child.mode == "transport":

@@ -78,6 +78,7 @@ class IkeSa:
     local_id: Identity | None = None
     remote_id: Identity | None = None
     pending_child_spi: bytes = b""
+    initial_contact: bool = False  # send INITIAL_CONTACT in our IKE_AUTH request
     children: dict[bytes, ChildSa] = field(default_factory=dict)  # by spi_in
     events: deque[Event] = field(default_factory=deque)
     # message IDs and retransmissions, per IKE SA (RFC 7296 2.1-2.3)

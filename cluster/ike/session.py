@@ -158,8 +158,11 @@ class IkeSession:
 
     @classmethod
     def initiator(cls, connection: ConnectionConfig, policy: ResponderPolicy, spi_i: bytes,
-                  local: Address, remote: Address, now: float, **kwargs: object) -> IkeSession:
-        sa = IkeSa(policy, True, spi_i, bytes(8), local, remote, connection=connection)
+                  local: Address, remote: Address, now: float, *,
+                  initial_contact: bool = False, **kwargs: object) -> IkeSession:
+        """`initial_contact`: tell the peer we hold no other SA with it (RFC 7296 2.4)."""
+        sa = IkeSa(policy, True, spi_i, bytes(8), local, remote, connection=connection,
+                   initial_contact=initial_contact)
         session = cls(sa, **kwargs)  # type: ignore[arg-type]
         session._send_init(connection.proposals[0].dh[0], b"", now)
         sa.transition(Trigger.SEND_INIT)

@@ -229,9 +229,10 @@ class Initiator:
         )
 
         def new_session(spi_i: bytes, now: float) -> Session:
+            # each attempt replaces whatever the peer still holds from us (RFC 7296 2.4)
             return IkeSession.initiator(
                 self.initiation.connection, self.policy, spi_i, local, self.remote, now,
-                natt_ports=(natt_port, NATT_PORT),
+                natt_ports=(natt_port, NATT_PORT), initial_contact=True,
             )
 
         return await self.supervisor.run_initiated(new_session)

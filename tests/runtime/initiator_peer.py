@@ -33,6 +33,8 @@ class InitiatorPeer:
         natt_port: int,
         connection: ConnectionConfig,
         policy: ResponderPolicy,
+        *,
+        initial_contact: bool = False,
     ) -> InitiatorPeer:
         family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
         sock = trio.socket.socket(family, socket.SOCK_DGRAM)
@@ -45,6 +47,7 @@ class InitiatorPeer:
             (name[0], name[1]),
             server,
             trio.current_time(),
+            initial_contact=initial_contact,
         )
         return cls(sock, session, natt_port)
 

@@ -287,3 +287,28 @@ async def test_wildcard_addresses_learn_the_local_address(setup: Setup, tmp_path
     locals_seen = [e.local for e in seen if isinstance(e, IkeSaEstablished)]
     # The session saw the address the peer really sent to, not the wildcard.
     assert locals_seen == [("127.0.0.1", base.ike_port), ("::1", base.ike_port)]
+
+
+async def test_initial_contact_replaces_the_older_sas_of_the_same_identities(
+    setup: Setup,
+) -> None:
+    config = setup.node_config
+    async with trio.open_nursery() as nursery:
+        node = await start_node(nursery, config)
+        first = await open_peer(setup, "127.0.0.1")
+        second = await InitiatorPeer.open(
+            ("127.0.0.1", config.ike_port), config.natt_port, setup.connection,
+            setup.initiator_policy, initial_contact=True,
+        )
+        try:
+            old = await first.establish()
+            assert node.supervisor.actor_for(old.spi_r) is not None
+            new = await second.establish()
+            # RFC 7296 2.4: the older SA of the same identities goes, quietly
+            await wait_for(lambda: node.supervisor.actor_for(old.spi_r) is None)
+            assert node.supervisor.actor_for(new.spi_r) is not None
+            assert node.stats.ike_sas_deleted == 1
+        finally:
+            first.close()
+            second.close()
+        node.shutdown()
