@@ -154,6 +154,11 @@ class Sad:
 
     # --- lookups -----------------------------------------------------------------------
 
+    @property
+    def address_only(self) -> bool:
+        """Whether every SA that sends matches packets on addresses alone (no ports)."""
+        return self._port_aware == 0
+
     def get(self, spi_in: bytes) -> ChildSa | None:
         return self._children.get(spi_in)
 

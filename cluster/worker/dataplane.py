@@ -191,7 +191,7 @@ class DataPlane:
 
     def _sad_changed(self) -> None:
         self._flow_key = self._flow_sa = None
-        self._address_only = all(child.address_only for child in self.sad)
+        self._address_only = self.sad.address_only  # O(1): installs must not scan every SA
 
     def _route(self, params: ChildSaParams) -> None:
         if params.mode == "transport":
