@@ -12,7 +12,7 @@ import random
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from cluster.config import DosConfig, load_config
 from cluster.errors import ConfigError
 from cluster.ike.constants import ExchangeType, NotifyType, ProtocolId
 from cluster.ike.cookies import CookieSecrets
-from cluster.ike.events import Event, IkeSaEstablished
+from cluster.ike.events import IkeSaEstablished
 from cluster.ike.message import Message, decode_untrusted, encode_plain
 from cluster.ike.payloads import NoncePayload, NotifyPayload
 from cluster.ike.proposals import parse_proposal
@@ -42,21 +42,16 @@ from cluster.runtime.supervisor import (
 )
 
 from .conftest import Setup, free_port_pair, write_responder_config
+from .harness import CLIENT, SERVER
+from .harness import Harness as SupervisorHarness
 from .initiator_peer import InitiatorPeer
-
-SERVER: Address = ("192.0.2.1", 500)
-CLIENT: Address = ("198.51.100.7", 500)
 
 
 @dataclass
-class Harness:
-    setup: Setup
-    supervisor: Supervisor
-    stats: RuntimeStats
-    sent: list[Datagram] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
+class Harness(SupervisorHarness):
+    """The supervisor's test harness with several clients and chosen proposals."""
 
-    def initiator(
+    def initiator(  # type: ignore[override]
         self, spi_i: bytes = b"\x01" * 8, client: Address = CLIENT, proposal: str | None = None
     ) -> IkeSession:
         connection = self.setup.connection
@@ -71,27 +66,12 @@ class Harness:
     def route(self, data: bytes, client: Address = CLIENT) -> None:
         self.supervisor.route_untrusted(data, SERVER, client, trio.current_time())
 
-    def to_responder(self, session: IkeSession) -> None:
-        for d in session.datagrams_to_send():
-            self.supervisor.route_untrusted(d.data, d.remote, d.local, trio.current_time())
-
     def to_initiator(self, session: IkeSession) -> None:
+        """Only the replies addressed to this session's client."""
         mine = [d for d in self.sent if d.remote == session.sa.local]
         self.sent[:] = [d for d in self.sent if d.remote != session.sa.local]
         for d in mine:
             session.receive_datagram_untrusted(d.data, d.remote, d.local, trio.current_time())
-
-    async def establish(self, session: IkeSession) -> IkeSaEstablished:
-        for _ in range(10):
-            self.to_responder(session)
-            await trio.testing.wait_all_tasks_blocked()
-            self.to_initiator(session)
-            event = session.next_event()
-            while event is not None:
-                if isinstance(event, IkeSaEstablished):
-                    return event
-                event = session.next_event()
-        raise AssertionError("IKE SA did not come up")
 
     def check_host_counters(self) -> None:
         """The per-address counters describe the half-open table exactly."""

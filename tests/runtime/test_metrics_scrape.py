@@ -16,37 +16,15 @@ from cluster.config import load_config
 from cluster.ike.constants import NON_ESP_MARKER
 from cluster.ike.policy import ConnectionConfig, ResponderPolicy
 from cluster.single_node import single_node
+from tests.unit.test_metrics import COMMON, DATA_PLANE
 from tests.worker.namespaces import netns, require_netns, run_in_netns
 
 from .conftest import Setup, free_port_pair, initiator_settings, write_responder_config
 from .initiator_peer import InitiatorPeer
 
-TYPES = {
-    "ike_cluster_node_info": "gauge",
-    "ike_cluster_ike_sas": "gauge",
-    "ike_cluster_child_sas": "gauge",
-    "ike_cluster_half_open_ike_sas": "gauge",
-    "ike_cluster_sa_actors": "gauge",
-    "ike_cluster_ike_sas_established": "counter",
-    "ike_cluster_ike_sas_failed": "counter",
-    "ike_cluster_ike_sas_deleted": "counter",
-    "ike_cluster_ike_sas_rekeyed": "counter",
-    "ike_cluster_child_sas_established": "counter",
-    "ike_cluster_child_sas_deleted": "counter",
-    "ike_cluster_exchanges": "counter",
-    "ike_cluster_handshake_duration_seconds": "histogram",
-    "ike_cluster_retransmissions": "counter",
-    "ike_cluster_datagrams": "counter",
-    "ike_cluster_datagrams_dropped": "counter",
-    "ike_cluster_cookies_sent": "counter",
-    "ike_cluster_cookies_accepted": "counter",
-    "ike_cluster_notifies_suppressed": "counter",
-    "ike_cluster_natt_keepalives_received": "counter",
-    "ike_cluster_actor_failures": "counter",
-}
-# prometheus-client's process collector, served beside ours
-ESP = {"ike_cluster_esp_packets": "counter", "ike_cluster_esp_bytes": "counter",
-       "ike_cluster_esp_dropped_packets": "counter"}
+# the expected families, one table for the unit and the scrape tests
+TYPES = COMMON
+ESP = DATA_PLANE
 PROCESS = {"process_cpu_seconds": "counter", "process_resident_memory_bytes": "gauge",
            "process_open_fds": "gauge"}
 
