@@ -14,6 +14,7 @@ import difflib
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -54,7 +55,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 START_ACTIONS = ("none", "start")
 IKE_PORT = 500  # a peer's IKE port unless `remote_port` says otherwise
 # Tables that later issues fill in; kept raw in `NodeConfig.extra_tables` until then.
-FUTURE_TABLES = ("cluster",)
+FUTURE_TABLES: tuple[str, ...] = ()
+RELAY_PORT = 4800  # [cluster] relay without a port
+STORE_SCHEMES = ("memory", "redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 METRICS_PORT = 9464  # [metrics] listen without a port (the OpenTelemetry exporter's port)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -120,6 +123,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """`[cluster]`: the shared store, the cluster key, this node's relay socket, membership."""
+
+    store: str | None = None  # a Redis URL as redis-py takes it; None: the in-memory store
+    key: str | None = None  # the cluster key: a file path or "env:NAME" (ClusterKey.load)
+    relay_host: str = "0.0.0.0"
+    relay_port: int = RELAY_PORT
+    advertise: str | None = None  # "host:port" others reach the relay at; None: derived
+    membership_ttl: float = 5.0  # a member silent this long is gone; heartbeats at a third
+
+    @property
+    def relay(self) -> str:
+        host = self.relay_host
+        return f"[{host}]:{self.relay_port}" if ":" in host else f"{host}:{self.relay_port}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class NodeConfig:
     node_id: str  # [node] id
     addresses: tuple[str, ...]  # [ike] addresses; UDP ike_port and natt_port bound on each
@@ -132,6 +152,7 @@ class NodeConfig:
     worker: WorkerConfig | None = None  # None: no data plane in this process
     dos: DosConfig = field(default_factory=DosConfig)  # [ike] cookie and half-open limits
     metrics: MetricsConfig | None = None  # None: no metrics endpoint
+    cluster: ClusterConfig | None = None  # None: no [cluster] table (single node, memory)
     extra_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -205,10 +226,13 @@ class _Loader:
     def load(self, document: dict[str, Any]) -> NodeConfig:
         root = self.table(
             "", document,
-            ("node", "ike", "connections", "secrets", "worker", "metrics", *FUTURE_TABLES),
+            ("node", "ike", "connections", "secrets", "worker", "metrics", "cluster",
+             *FUTURE_TABLES),
         )
         node = root.table("node", ("id", "log_level"), required=True)
         node_id = node.required_string("id")
+        if node_id == "%hostname":  # one file for every replica of a scaled service
+            node_id = _hostname_id()
         if not _NAME.fullmatch(node_id):
             node.fail("id", f"{node_id!r} is not a valid node id (letters, digits, '_', '-')")
         log_level = node.string("log_level", "info")
@@ -258,6 +282,7 @@ class _Loader:
         extra = {name: root.raw_table(name) for name in FUTURE_TABLES if name in root}
         worker = self.worker(root) if "worker" in root else None
         metrics = self.metrics(root) if "metrics" in root else None
+        cluster = self.cluster(root) if "cluster" in root else None
         return NodeConfig(
             node_id=node_id,
             addresses=addresses,
@@ -270,6 +295,7 @@ class _Loader:
             worker=worker,
             dos=dos,
             metrics=metrics,
+            cluster=cluster,
             extra_tables=extra,
         )
 
@@ -352,6 +378,38 @@ class _Loader:
         if not 0.01 <= interval <= 3600:
             table.fail("interval", "must be between 0.01 s and 1 h")
         return MetricsConfig(host=host, port=port, interval=interval)
+
+    def cluster(self, root: _Table) -> ClusterConfig:
+        table = root.table("cluster", ("store", "key", "relay", "advertise", "membership_ttl"))
+        store = table.optional_string("store") or None
+        if store is not None:
+            scheme = store.partition("://")[0].lower()
+            if "://" not in store or scheme not in STORE_SCHEMES:
+                table.fail("store", f"{store.partition('://')[0]!r} is not one of "
+                           f"{', '.join(s + '://' for s in STORE_SCHEMES)}")
+        key = table.optional_string("key") or None
+        if key is not None and not key.startswith("env:"):
+            key = str(self.resolve(key))
+        if store is not None and store.partition("://")[0].lower() != "memory" and key is None:
+            table.fail("key", "a shared store needs the cluster key (a file or env:NAME)")
+        host, port = ClusterConfig.relay_host, ClusterConfig.relay_port
+        relay = table.optional_string("relay")
+        if relay is not None:
+            host, port = _parse_listen(relay, lambda reason: table.fail("relay", reason),
+                                       default_port=RELAY_PORT)
+        advertise = table.optional_string("advertise") or None
+        if advertise is not None:
+            a_host, a_port = _parse_listen(advertise,
+                                           lambda reason: table.fail("advertise", reason),
+                                           default_port=port)
+            if a_port == 0 or ipaddress.ip_address(a_host).is_unspecified:
+                table.fail("advertise", "must be an address and port others can send to")
+            advertise = f"[{a_host}]:{a_port}" if ":" in a_host else f"{a_host}:{a_port}"
+        ttl = self.duration(table, "membership_ttl", ClusterConfig.membership_ttl)
+        if not 0.5 <= ttl <= 3600:
+            table.fail("membership_ttl", "must be between 0.5 s and 1 h")
+        return ClusterConfig(store=store, key=key, relay_host=host, relay_port=port,
+                             advertise=advertise, membership_ttl=ttl)
 
     def addresses(self, ike: _Table) -> tuple[str, ...]:
         texts = ike.strings("addresses", required=True)
@@ -783,8 +841,9 @@ class _Loader:
                 )
 
 
-def _parse_listen(text: str, fail: Callable[[str], NoReturn]) -> tuple[str, int]:
-    """"host:port", "[v6]:port", or an address alone (then METRICS_PORT)."""
+def _parse_listen(text: str, fail: Callable[[str], NoReturn],
+                  default_port: int = METRICS_PORT) -> tuple[str, int]:
+    """"host:port", "[v6]:port", or an address alone (then `default_port`)."""
     port_text: str | None = None
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
@@ -803,10 +862,15 @@ def _parse_listen(text: str, fail: Callable[[str], NoReturn]) -> tuple[str, int]
     except ValueError:
         fail(f"{host!r} is not an IPv4 or IPv6 address")
     if port_text is None:
-        return address, METRICS_PORT
+        return address, default_port
     if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         fail(f"{port_text!r} is not a TCP port (0-65535; 0 picks a free one)")
     return address, int(port_text)
+
+
+def _hostname_id() -> str:
+    """The host name as a node id (containers get unique ones); other characters -> '-'."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()).strip("-_") or "node"
 
 
 def _secret_may_serve(

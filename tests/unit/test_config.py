@@ -176,7 +176,8 @@ def test_optional_node_ike_and_connection_keys(tmp_path: Path) -> None:
              'version = 2\nencap = true\nlocal_addrs = ["10.99.0.2"]\n'
              'remote_addrs = ["10.99.1.0/24", "fd99:1::1"]\n'),
             ("[secrets.rw]",
-             '[cluster]\nredis = "redis://r"\n[metrics]\nlisten = "127.0.0.1:9100"\n'
+             '[cluster]\nstore = "redis://r"\nkey = "env:K"\nrelay = "10.99.0.2"\n'
+             'membership_ttl = "3s"\n[metrics]\nlisten = "127.0.0.1:9100"\n'
              "[secrets.rw]"),
             ('mode = "tunnel"', 'mode = "transport"'),
         ),
@@ -192,7 +193,11 @@ def test_optional_node_ike_and_connection_keys(tmp_path: Path) -> None:
     assert conn.local_addrs == ("10.99.0.2",)
     assert conn.remote_addrs == ("10.99.1.0/24", "fd99:1::1")
     assert conn.children[0].mode == "transport"
-    assert config.extra_tables == {"cluster": {"redis": "redis://r"}}
+    assert config.extra_tables == {}
+    assert config.cluster is not None
+    assert (config.cluster.store, config.cluster.key) == ("redis://r", "env:K")
+    assert config.cluster.relay == "10.99.0.2:4800"
+    assert config.cluster.membership_ttl == 3.0
     assert config.metrics is not None and config.metrics.listen == "127.0.0.1:9100"
 
 
@@ -801,5 +806,49 @@ def test_bad_lifetime_settings_name_the_key(tmp_path: Path, connection: str, chi
                                             ike: str, key: str, reason: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(_example_with(tmp_path, connection, child, ike))
+    message = str(info.value)
+    assert key in message and reason in message and "\n" not in message
+
+
+# --- [cluster] ---------------------------------------------------------------------------------
+
+
+def _with_cluster(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "cluster.toml"
+    path.write_text(_without_worker() + "\n[cluster]\n" + body)
+    return path
+
+
+def test_cluster_table_defaults_and_key_file_relative_to_the_config(tmp_path: Path) -> None:
+    config = load_config(_with_cluster(tmp_path, 'store = "redis://127.0.0.1:6379/0"\n'
+                                                 'key = "cluster.key"\n'))
+    cluster = config.cluster
+    assert cluster is not None
+    assert cluster.key == str(tmp_path / "cluster.key")
+    assert cluster.relay == "0.0.0.0:4800" and cluster.advertise is None
+    assert cluster.membership_ttl == 5.0
+
+
+def test_node_id_hostname_is_the_host_name(tmp_path: Path) -> None:
+    path = _with_cluster(tmp_path, 'relay = "[::1]:4801"\nadvertise = "[::1]"\n')
+    path.write_text(path.read_text().replace('id = "gw1"', 'id = "%hostname"'))
+    config = load_config(path)
+    assert config.node_id and config.node_id != "%hostname"
+    assert "." not in config.node_id
+    assert config.cluster is not None and config.cluster.advertise == "[::1]:4801"
+
+
+@pytest.mark.parametrize(("body", "key", "reason"), [
+    ('store = "mysql://db"\n', "cluster.store", "not one of"),
+    ('store = "redis://r"\n', "cluster.key", "needs the cluster key"),
+    ('relay = "10.0.0.1:99999"\n', "cluster.relay", "not a TCP port"),
+    ('advertise = "0.0.0.0:4800"\n', "cluster.advertise", "others can send to"),
+    ('membership_ttl = "0.1s"\n', "cluster.membership_ttl", "between 0.5 s"),
+    ('redis = "redis://r"\n', "cluster.redis", "unknown"),
+])
+def test_bad_cluster_settings_name_the_key(tmp_path: Path, body: str, key: str,
+                                           reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_with_cluster(tmp_path, body))
     message = str(info.value)
     assert key in message and reason in message and "\n" not in message
