@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--log-level", choices=LOG_LEVELS, help="overrides [node] log_level from the file"
     )
+
+    for name, text in (("sas", "list the cluster's IKE and Child SAs from the shared store"),
+                       ("nodes", "list the cluster's live members from the shared store")):
+        ops = commands.add_parser(name, help=text)
+        ops.add_argument("--config", required=True, metavar="PATH",
+                         help="a node's TOML file ([cluster] store)")
+        ops.add_argument("--json", action="store_true", help="JSON instead of text")
     return parser
 
 
@@ -46,6 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return check_config(args.path)
+        if args.command in ("sas", "nodes"):
+            from . import ops  # the store client only for the commands that read it
+
+            command = ops.sas_command if args.command == "sas" else ops.nodes_command
+            return command(args.config, args.json)
         return run(args.config, args.log_level)
     except KeyboardInterrupt:  # Ctrl-C before the node handles signals: no traceback
         return EXIT_INTERRUPTED

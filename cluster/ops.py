@@ -1,0 +1,327 @@
+"""The operations commands: `ike-cluster sas` and `ike-cluster nodes`, read from the store.
+
+`sas` lists every IKE SA the cluster has persisted, with its Child SAs, the way
+`swanctl --list-sas` does for one host. It reads only the clear part of each snapshot
+(`peek_snapshot`: no cluster key needed) and copies named fields out of it, so sealed key
+material never reaches the output even if a record carried more than it should. The clear
+part is unauthenticated here: it is shown, never trusted, and a record that does not
+decode is listed as unreadable instead of stopping the listing.
+
+Rows are plain JSON-ready dicts (bytes as hex); `format_*` renders them as text, with
+anything a store could smuggle into a terminal (control characters) escaped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import trio
+
+from .config import load_config
+from .errors import ConfigError
+from .ike.constants import IdType, TsType
+from .ike.identity import Identity
+from .ike.snapshot import SCHEMA_VERSION
+from .ike.traffic_selectors import TrafficSelector
+from .key_exchange import DH_NAMES
+from .store import StateStore, StoredSa, StoreError, open_store, peek_snapshot
+from .transforms import Esn
+
+Row = dict[str, Any]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the store could not be read
+EXIT_CONFIG = 2  # bad configuration, or no shared store named in it
+
+# the first strongSwan keyword of each group ("x25519", not "curve25519")
+_DH_KEYWORDS: dict[int, str] = {}
+for _keyword, _group in DH_NAMES.items():
+    _DH_KEYWORDS.setdefault(int(_group), _keyword)
+
+
+# --- IKE and Child SAs -------------------------------------------------------------------
+
+
+async def list_sas(store: StateStore) -> list[Row]:
+    """Every stored IKE SA as a row: readable ones by connection, owner and SPI, then the
+    unreadable ones (with their store key and the reason) by key."""
+    readable: list[Row] = []
+    unreadable: list[Row] = []
+    async for key, stored in store.scan_sas():
+        row = sa_row(key, stored)
+        (unreadable if "unreadable" in row else readable).append(row)
+    readable.sort(key=lambda r: (r["connection"], r["owner"], r["spi_i"], r["spi_r"]))
+    unreadable.sort(key=lambda r: r["key"])
+    return readable + unreadable
+
+
+def sa_row(key: bytes, stored: StoredSa) -> Row:
+    """One stored SA as a row; {"key", "owner", "fence", "unreadable": reason} when its
+    clear fields do not decode as a snapshot this version writes."""
+    head: Row = {"key": key.hex(), "owner": stored.owner, "fence": stored.fence}
+    try:
+        record = peek_snapshot(stored.snapshot)
+        if record.get("v") != SCHEMA_VERSION:
+            return {**head, "unreadable": f"snapshot schema {record.get('v')!r}, this "
+                                          f"version reads {SCHEMA_VERSION}"}
+        return {**head, **_ike_fields(record)}
+    except StoreError as exc:  # SealError: not a snapshot envelope
+        return {**head, "unreadable": str(exc)}
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        return {**head, "unreadable": f"unexpected snapshot contents ({type(exc).__name__})"}
+
+
+def _ike_fields(record: Mapping[str, Any]) -> Row:
+    """The displayable fields, copied by name: never "keys" or "children_keys"."""
+    nat_local, nat_remote, _ = record["nat"]
+    return {
+        "connection": _text(record["connection"]),
+        "state": "ESTABLISHED",  # only established SAs are persisted
+        "version": 2,
+        "initiator": bool(record["initiator"]),
+        "spi_i": _bytes(record["spi_i"]).hex(),
+        "spi_r": _bytes(record["spi_r"]).hex(),
+        "local": _endpoint(record["local"]),
+        "remote": _endpoint(record["remote"]),
+        "local_id": _identity(record["local_id"]),
+        "remote_id": _identity(record["remote_id"]),
+        "algorithms": _algorithms(record["chosen"]),
+        "nat": {"local": bool(nat_local), "remote": bool(nat_remote)},
+        "peer_next_id": int(record["peer_next_id"]),
+        "our_next_id": int(record["our_next_id"]),
+        "rekey_in": _seconds(record["rekey_in"]),
+        "expire_in": _seconds(record["expire_in"]),
+        "last_heard_ago": _seconds(record["last_heard_ago"]),
+        "children": [_child_fields(c) for c in record["children"]],
+    }
+
+
+def _child_fields(child: Mapping[str, Any]) -> Row:
+    return {
+        "name": _text(child["name"]),
+        "state": "INSTALLED",
+        "mode": _text(child["mode"]),
+        "protocol": "ESP",
+        "spi_in": _bytes(child["spi_in"]).hex(),
+        "spi_out": _bytes(child["spi_out"]).hex(),
+        "algorithms": _algorithms(child["chosen"]),
+        "local_ts": [_traffic_selector(t) for t in child["local_ts"]],
+        "remote_ts": [_traffic_selector(t) for t in child["remote_ts"]],
+        "rekey_in": _seconds(child["rekey_in"]),
+        "expire_in": _seconds(child["expire_in"]),
+    }
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected a string")
+    return value
+
+
+def _bytes(value: Any) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError("expected bytes")
+    return value
+
+
+def _seconds(value: Any) -> float | None:
+    """Seconds relative to when the snapshot was written; None for never."""
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError("expected a number of seconds")
+    return round(float(value), 3)
+
+
+def _endpoint(value: Any) -> Row:
+    host, port = value
+    return {"address": _text(host), "port": int(port)}
+
+
+def _identity(value: Any) -> Row | None:
+    if value is None:
+        return None
+    id_type, data = int(value[0]), _bytes(value[1])
+    try:
+        kind = IdType(id_type)
+    except ValueError:
+        return {"type": str(id_type), "data": data.hex(), "text": f"type{id_type}:#{data.hex()}"}
+    return {"type": kind.name, "data": data.hex(), "text": str(Identity(kind, data))}
+
+
+def _algorithms(chosen: Any) -> Row:
+    encr, integ, prf, dh, esn = chosen
+    return {
+        "encryption": _text(encr),
+        "integrity": None if integ is None else _text(integ),
+        "prf": None if prf is None else _text(prf),
+        "dh": None if dh is None else _DH_KEYWORDS.get(int(dh), f"group{int(dh)}"),
+        "esn": None if esn is None else Esn(int(esn)) is Esn.ESN,
+    }
+
+
+def _traffic_selector(value: Any) -> str:
+    ts_type, protocol, start_port, end_port, start, end = value
+    return str(TrafficSelector(TsType(int(ts_type)), int(protocol), int(start_port),
+                               int(end_port), _bytes(start), _bytes(end)))
+
+
+def format_sas(rows: Sequence[Row]) -> str:
+    """`swanctl --list-sas`-like text; times are as of the snapshot's last write."""
+    if not rows:
+        return "no IKE SAs in the store"
+    lines: list[str] = []
+    for row in rows:
+        if "unreadable" in row:
+            lines.append(f"unreadable snapshot {row['key']}: {_safe(row['unreadable'])}"
+                         f" (owner {_safe(row['owner'])}, fence {row['fence']})")
+            continue
+        ours_i, ours_r = ("*", "") if row["initiator"] else ("", "*")
+        lines.append(f"{_safe(row['connection'])}: #{_safe(row['owner'])}, {row['state']}, "
+                     f"IKEv{row['version']}, {row['spi_i']}_i{ours_i} {row['spi_r']}_r{ours_r}")
+        for side in ("local", "remote"):
+            nat = " (behind NAT)" if row["nat"][side] else ""
+            lines.append(f"  {side:<6} {_identity_text(row[side + '_id'])} @ "
+                         f"{_endpoint_text(row[side])}{nat}")
+        lines.append(f"  {_algorithms_text(row['algorithms'])}")
+        lines.append(f"  message IDs: next request from the peer {row['peer_next_id']}, "
+                     f"next request of ours {row['our_next_id']}")
+        lines.append(f"  at the last snapshot: {_lifetimes_text(row)}, "
+                     f"peer last heard {_duration(row['last_heard_ago'])} before")
+        lines.append(f"  owner {_safe(row['owner'])}, fence {row['fence']}")
+        for child in row["children"]:
+            lines.append(f"  {_safe(child['name'])}: {child['state']}, "
+                         f"{_safe(child['mode']).upper()}, {child['protocol']} SPIs: "
+                         f"{child['spi_in']}_i {child['spi_out']}_o")
+            lines.append(f"    {_algorithms_text(child['algorithms'])}, {_lifetimes_text(child)}")
+            lines.append(f"    {', '.join(child['local_ts'])} === {', '.join(child['remote_ts'])}")
+    return "\n".join(lines)
+
+
+def _identity_text(identity: Row | None) -> str:
+    return "(none)" if identity is None else "'" + _safe(identity["text"]) + "'"
+
+
+def _endpoint_text(endpoint: Row) -> str:
+    host = _safe(endpoint["address"])
+    return f"{host}[{endpoint['port']}]"
+
+
+def _algorithms_text(algorithms: Row) -> str:
+    names = [algorithms[k] for k in ("encryption", "integrity", "prf", "dh") if algorithms[k]]
+    if algorithms["esn"]:
+        names.append("esn")
+    return "/".join(_safe(n) for n in names)
+
+
+def _lifetimes_text(row: Row) -> str:
+    rekey, expire = row["rekey_in"], row["expire_in"]
+    return (f"rekeying in {_duration(rekey) if rekey is not None else 'never'}, "
+            f"expires in {_duration(expire) if expire is not None else 'never'}")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 0:
+        return "-" + _duration(-seconds)
+    whole = int(seconds)
+    if whole < 120:
+        return f"{seconds:.0f}s" if whole >= 10 else f"{seconds:.1f}s"
+    hours, rest = divmod(whole, 3600)
+    return f"{hours}h {rest // 60}m" if hours else f"{rest // 60}m {rest % 60}s"
+
+
+def _safe(value: Any) -> str:
+    """Text from the store, with control characters escaped (no terminal escapes, no lines
+    that look like another SA)."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+# --- members -----------------------------------------------------------------------------
+
+
+async def list_nodes(store: StateStore) -> list[Row]:
+    """Live members by node id: role, last heartbeat (store clock), its age, and info."""
+    return [{"node": m.node, "role": m.role, "last_seen": round(m.last_seen, 3),
+             "age": round(m.age, 3), "info": _json_safe(m.info)} for m in await store.members()]
+
+
+def format_nodes(rows: Sequence[Row]) -> str:
+    if not rows:
+        return "no live members"
+    table = [("NODE", "ROLE", "LAST HEARTBEAT", "INFO")]
+    for row in rows:
+        info = ", ".join(f"{_safe(k)}={_safe(_info_text(v))}" for k, v in row["info"].items())
+        table.append((_safe(row["node"]), _safe(row["role"]), f"{row['age']:.1f}s ago", info))
+    widths = [*(max(len(r[i]) for r in table) for i in range(3)), 0]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True))
+                     .rstrip() for r in table)
+
+
+def _info_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _json_safe(value: Any) -> Any:
+    """msgpack values as JSON: bytes as hex, map keys as strings."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, Mapping):
+        return {str(_json_safe(k)): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# --- the commands ------------------------------------------------------------------------
+
+
+def sas_command(config_path: str, as_json: bool = False) -> int:
+    """`ike-cluster sas --config PATH [--json]`; returns the exit status."""
+    return _command(config_path, as_json, list_sas, format_sas)
+
+
+def nodes_command(config_path: str, as_json: bool = False) -> int:
+    """`ike-cluster nodes --config PATH [--json]`; returns the exit status."""
+    return _command(config_path, as_json, list_nodes, format_nodes)
+
+
+def _command(config_path: str, as_json: bool,
+             read: Callable[[StateStore], Awaitable[list[Row]]],
+             render: Callable[[Sequence[Row]], str]) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    url = config.cluster.store if config.cluster is not None else None
+    if not url or url.partition("://")[0].lower() == "memory":
+        print(f"{config_path}: no [cluster] store: there is no shared store to read",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        store = open_store(url)
+    except (ConfigError, ValueError) as exc:
+        print(f"{config_path}: cluster.store: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def read_and_close() -> list[Row]:
+        try:
+            return await read(store)
+        finally:
+            await store.aclose()
+
+    try:
+        rows = trio.run(read_and_close)
+    except StoreError as exc:  # the URL is not repeated: it may hold a password
+        print(f"reading the cluster store failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(rows, indent=2) if as_json else render(rows))
+    return EXIT_OK
