@@ -27,6 +27,7 @@ LAYERS = {
     "cluster.runtime": 4,
     "cluster.worker": 4,
     "cluster.cli": 5,
+    "cluster.ops": 5,  # the operations commands of the CLI
     "cluster.single_node": 5,
     "cluster.__main__": 5,
 }
