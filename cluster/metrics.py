@@ -5,7 +5,9 @@ Nothing here sits on a packet path. Two kinds of sources feed it, both plain int
   (an SA or an exchange, never a packet);
 - the counters the runtime and the data plane keep themselves (`RuntimeStats`,
   `Supervisor.session_counters()`, `DataPlane.stats()`), handed over as callables
-  because this layer may not import them.
+  because this layer may not import them; likewise the cluster's (`StoreStats`, the
+  relay's and the failover's counters, the membership view), whose families appear
+  only on nodes that watch them.
 
 `publish()` runs in the event loop's thread, reads all of them and builds the metric
 families; the HTTP server's threads only serialise families already built. So no thread
@@ -29,9 +31,10 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from http.server import ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 import trio
 from prometheus_client import CollectorRegistry, MetricsHandler, ProcessCollector
@@ -55,6 +58,10 @@ from .ike.events import (
     IkeSaFailed,
     IkeSaRekeyed,
 )
+from .relay import RelayDrops
+
+if TYPE_CHECKING:  # types only: the store client is not needed to publish its counters
+    from .store import Member, StoreStats
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +180,11 @@ class Metrics:
         self._sessions: Reader | None = None
         self._half_open: Callable[[], int] | None = None
         self._data_plane: Reader | None = None
+        # the cluster's: store client, relay, failover, membership
+        self._store: Callable[[], StoreStats] | None = None
+        self._relay: Reader | None = None
+        self._failover: Reader | None = None
+        self._members: Callable[[], Sequence[Member]] | None = None
         self._families: tuple[Metric, ...] = ()
         self._published_at = 0.0  # time.monotonic() of the last publish
         self._collector = _Published(self)
@@ -188,6 +200,22 @@ class Metrics:
     def watch_data_plane(self, stats: Reader) -> None:
         """`DataPlane.stats`."""
         self._data_plane = stats
+
+    def watch_store(self, stats: Callable[[], StoreStats]) -> None:
+        """The store client's `StoreStats` (e.g. `lambda: store.stats`)."""
+        self._store = stats
+
+    def watch_relay(self, stats: Reader) -> None:
+        """"sent", "received" and "dropped_<reason>" of this node's relay socket."""
+        self._relay = stats
+
+    def watch_failover(self, stats: Reader) -> None:
+        """"takeovers", "takeover_failures", "lease_held" and "persist_failures"."""
+        self._failover = stats
+
+    def watch_members(self, members: Callable[[], Sequence[Member]]) -> None:
+        """The live members as this node last saw them (`Membership.members`)."""
+        self._members = members
 
     def observe_handshake(self, seconds: float, we_initiated: bool) -> None:
         """The supervisor's `handshake_observer`."""
@@ -298,6 +326,14 @@ class Metrics:
             add(CounterMetricFamily(PREFIX + name, text, runtime.get(key, 0)))
         if self._data_plane is not None:
             families += _data_plane_families(self._data_plane())
+        if self._store is not None:
+            families += _store_families(self._store())
+        if self._relay is not None:
+            families += _relay_families(self._relay())
+        if self._failover is not None:
+            families += _failover_families(self._failover())
+        if self._members is not None:
+            add(_members_family(self._members()))
         self._families = tuple(families)
         self._published_at = time.monotonic()
 
@@ -339,6 +375,8 @@ _RUNTIME_COUNTERS = (
     ("natt_keepalives_received_total", "natt_keepalives",
      "NAT-T keepalives received (RFC 3948 2.3)."),
     ("actor_failures_total", "actor_failures", "IKE SA actors torn down by an exception."),
+    ("actors_relinquished_total", "actors_relinquished",
+     "IKE SA actors ended because another node acts for their SA now (failover)."),
 )
 # RuntimeStats fields published elsewhere or not at all (tests check every field is placed)
 RUNTIME_FIELDS_USED_OTHERWISE = frozenset({
@@ -396,6 +434,75 @@ def _data_plane_families(stats: Mapping[str, int]) -> list[Metric]:
         _counter("esp_dropped_packets_total", "ESP and TUN packets dropped, by reason.",
                  "reason", drops),
     ]
+
+
+# --- the cluster -------------------------------------------------------------------------
+
+# "dropped_<reason>" of watch_relay: the envelope checks, then the relay's own
+RELAY_DROP_REASONS = (*(f.name for f in fields(RelayDrops)),
+                      "no_responder", "no_worker", "send_failed")
+# watch_failover key -> (metric name, help)
+_FAILOVER_COUNTERS = (
+    ("takeovers", "takeovers_total",
+     "IKE SAs loaded from the store and continued by this node (failover)."),
+    ("takeover_failures", "takeover_failures_total",
+     "IKE SAs this node tried to load from the store and could not continue."),
+    ("lease_held", "lease_held_dropped_total",
+     "IKE datagrams dropped because another node holds the SA's lease."),
+    ("persist_failures", "persist_failures_total",
+     "IKE responses withheld because the SA's snapshot could not be stored."),
+)
+MEMBER_ROLES = ("responder", "worker")  # always published, 0 when none is alive
+_ROLE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def _store_families(stats: StoreStats) -> list[Metric]:
+    return [
+        CounterMetricFamily(PREFIX + "store_round_trips_total",
+                            "Store round trips completed (one pipeline each).", stats.round_trips),
+        CounterMetricFamily(PREFIX + "store_operations_total",
+                            "Store operations carried by those round trips.", stats.ops),
+        CounterMetricFamily(PREFIX + "store_errors_total",
+                            "Store round trips and subscription reads that failed.",
+                            stats.errors),
+        CounterMetricFamily(PREFIX + "store_lease_lost_total",
+                            "Fenced store writes refused: another node had taken the SA over.",
+                            stats.lease_lost),
+        CounterMetricFamily(PREFIX + "store_round_trip_seconds_total",
+                            "Time spent in completed store round trips (divided by their rate:"
+                            " the mean latency).", stats.seconds),
+    ]
+
+
+def _relay_families(stats: Mapping[str, int]) -> list[Metric]:
+    drops = dict.fromkeys(RELAY_DROP_REASONS, 0)
+    for key, count in stats.items():
+        if key.startswith("dropped_"):
+            reason = key[8:] if key[8:] in drops else "other"
+            drops[reason] = drops.get(reason, 0) + count
+    return [
+        _counter("relay_datagrams_total", "Relay datagrams accepted from other nodes (received)"
+                 " and sent to them.", "direction",
+                 {"sent": stats.get("sent", 0), "received": stats.get("received", 0)}),
+        _counter("relay_dropped_total", "Relay datagrams dropped, by reason.", "reason", drops),
+    ]
+
+
+def _failover_families(stats: Mapping[str, int]) -> list[Metric]:
+    return [CounterMetricFamily(PREFIX + name, text, stats.get(key, 0))
+            for key, name, text in _FAILOVER_COUNTERS]
+
+
+def _members_family(members: Sequence[Member]) -> GaugeMetricFamily:
+    counts = dict.fromkeys(MEMBER_ROLES, 0)
+    for member in members:
+        role = member.role if _ROLE.fullmatch(member.role) else "other"
+        counts[role] = counts.get(role, 0) + 1
+    family = GaugeMetricFamily(PREFIX + "members", "Live cluster members, by role.",
+                               labels=["role"])
+    for role, count in sorted(counts.items()):
+        family.add_metric([role], count)
+    return family
 
 
 def _count(counts: dict[str, int], label: str) -> None:

@@ -30,6 +30,7 @@ from cluster.ike.session import IkeSession
 from cluster.ike.state import State
 from cluster.metrics import (
     DATA_PLANE_KEYS_UNUSED,
+    RELAY_DROP_REASONS,
     RUNTIME_FIELDS_USED_OTHERWISE,
     Metrics,
     delete_label,
@@ -37,7 +38,9 @@ from cluster.metrics import (
     exchange_label,
     serve_metrics,
 )
+from cluster.relay import RelayDrops
 from cluster.runtime.stats import RuntimeStats
+from cluster.store import Member, StoreStats
 from cluster.transforms import ENCR_ALGORITHMS
 from cluster.worker import IoCounters
 from tests.ike.sessions import psk_pair, run_handshake, transfer
@@ -65,11 +68,27 @@ COMMON = {
     "ike_cluster_notifies_suppressed": "counter",
     "ike_cluster_natt_keepalives_received": "counter",
     "ike_cluster_actor_failures": "counter",
+    "ike_cluster_actors_relinquished": "counter",
 }
 DATA_PLANE = {
     "ike_cluster_esp_packets": "counter",
     "ike_cluster_esp_bytes": "counter",
     "ike_cluster_esp_dropped_packets": "counter",
+}
+# a node of a cluster: watch_store, watch_relay, watch_failover, watch_members
+CLUSTER = {
+    "ike_cluster_store_round_trips": "counter",
+    "ike_cluster_store_operations": "counter",
+    "ike_cluster_store_errors": "counter",
+    "ike_cluster_store_lease_lost": "counter",
+    "ike_cluster_store_round_trip_seconds": "counter",
+    "ike_cluster_relay_datagrams": "counter",
+    "ike_cluster_relay_dropped": "counter",
+    "ike_cluster_takeovers": "counter",
+    "ike_cluster_takeover_failures": "counter",
+    "ike_cluster_lease_held_dropped": "counter",
+    "ike_cluster_persist_failures": "counter",
+    "ike_cluster_members": "gauge",
 }
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -167,6 +186,92 @@ def test_every_data_plane_counter_has_a_place() -> None:
         metrics.publish()
         _, samples = scrape(metrics)
         assert 1000003 in samples.values(), f"DataPlane.stats()[{key!r}] is not published"
+
+
+def _member(node: str, role: str) -> Member:
+    return Member(node, role, 0.0, 0.5, {})
+
+
+def test_the_cluster_counters_are_published_and_move() -> None:
+    metrics = fresh()
+    store = StoreStats()
+    relay: dict[str, int] = {}
+    failover: dict[str, int] = {}
+    members: list[Member] = []
+    metrics.watch_store(lambda: store)
+    metrics.watch_relay(lambda: relay)
+    metrics.watch_failover(lambda: failover)
+    metrics.watch_members(lambda: members)
+    metrics.publish()
+    types, samples = scrape(metrics)
+    assert types == COMMON | CLUSTER
+    assert value(samples, "ike_cluster_store_round_trips_total") == 0
+    assert value(samples, "ike_cluster_relay_dropped_total", reason="bad_mac") == 0
+    assert value(samples, "ike_cluster_members", role="responder") == 0
+    assert value(samples, "ike_cluster_members", role="worker") == 0
+
+    store.round_trips, store.ops, store.errors, store.lease_lost = 40, 90, 3, 2
+    store.seconds = 0.125
+    relay.update(sent=11, received=12, dropped_bad_mac=4, dropped_no_responder=5,
+                 dropped_send_failed=1)
+    failover.update(takeovers=7, takeover_failures=1, lease_held=6, persist_failures=2)
+    members += [_member("r1", "responder"), _member("r2", "responder"), _member("w1", "worker")]
+    _, unchanged = scrape(metrics)
+    assert unchanged == samples  # read at publish time only
+    metrics.publish()
+    _, samples = scrape(metrics)
+    assert value(samples, "ike_cluster_store_round_trips_total") == 40
+    assert value(samples, "ike_cluster_store_operations_total") == 90
+    assert value(samples, "ike_cluster_store_errors_total") == 3
+    assert value(samples, "ike_cluster_store_lease_lost_total") == 2
+    assert value(samples, "ike_cluster_store_round_trip_seconds_total") == 0.125
+    assert value(samples, "ike_cluster_relay_datagrams_total", direction="sent") == 11
+    assert value(samples, "ike_cluster_relay_datagrams_total", direction="received") == 12
+    assert value(samples, "ike_cluster_relay_dropped_total", reason="bad_mac") == 4
+    assert value(samples, "ike_cluster_relay_dropped_total", reason="no_responder") == 5
+    assert value(samples, "ike_cluster_relay_dropped_total", reason="send_failed") == 1
+    assert value(samples, "ike_cluster_takeovers_total") == 7
+    assert value(samples, "ike_cluster_takeover_failures_total") == 1
+    assert value(samples, "ike_cluster_lease_held_dropped_total") == 6
+    assert value(samples, "ike_cluster_persist_failures_total") == 2
+    assert value(samples, "ike_cluster_members", role="responder") == 2
+    assert value(samples, "ike_cluster_members", role="worker") == 1
+
+    # a responder dies, the store goes away for a while
+    store.errors += 5
+    failover["takeovers"] += 3
+    del members[0]
+    metrics.publish()
+    _, samples = scrape(metrics)
+    assert value(samples, "ike_cluster_store_errors_total") == 8
+    assert value(samples, "ike_cluster_takeovers_total") == 10
+    assert value(samples, "ike_cluster_members", role="responder") == 1
+
+
+def test_every_relay_drop_reason_has_its_label() -> None:
+    assert {f.name for f in fields(RelayDrops)} < set(RELAY_DROP_REASONS)
+    metrics = fresh()
+    stats: dict[str, int] = {}
+    metrics.watch_relay(lambda: stats)
+    for number, reason in enumerate(RELAY_DROP_REASONS, start=1_000_001):
+        stats["dropped_" + reason] = number
+    stats["dropped_something_new"] = 9
+    metrics.publish()
+    _, samples = scrape(metrics)
+    for number, reason in enumerate(RELAY_DROP_REASONS, start=1_000_001):
+        assert value(samples, "ike_cluster_relay_dropped_total", reason=reason) == number
+    assert value(samples, "ike_cluster_relay_dropped_total", reason="other") == 9
+
+
+def test_member_roles_are_bounded() -> None:
+    metrics = fresh()
+    members = [_member("a", "responder"), _member("b", "Evil\nrole"), _member("c", "x" * 99)]
+    metrics.watch_members(lambda: members)
+    metrics.publish()
+    _, samples = scrape(metrics)
+    roles = {dict(labels)["role"]: v for (name, labels), v in samples.items()
+             if name == "ike_cluster_members"}
+    assert roles == {"responder": 1, "worker": 0, "other": 2}
 
 
 def test_label_values_are_bounded() -> None:
