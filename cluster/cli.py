@@ -1,4 +1,5 @@
-"""The `ike-cluster` command: `check-config PATH` and `run --config PATH`.
+"""The `ike-cluster` command: `check-config PATH`, `run`/`responder`/`worker --config PATH`,
+`keygen`, and the operations commands `sas` and `nodes`.
 
 Exit status: 0 on success or graceful shutdown, 1 when the node fails at run time
 (for example an address it cannot bind), 2 for bad configuration or usage, 130 when
@@ -11,6 +12,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TypeVar
 
 from . import __version__
 from .config import LOG_LEVELS, NodeConfig, load_config
@@ -21,6 +23,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2  # argparse uses 2 for usage errors too
 EXIT_INTERRUPTED = 130
+E = TypeVar("E", bound=BaseException)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,11 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="check a configuration file and exit")
     check.add_argument("path", metavar="PATH")
 
-    run = commands.add_parser("run", help="run a node")
-    run.add_argument("--config", required=True, metavar="PATH", help="the node's TOML file")
-    run.add_argument(
-        "--log-level", choices=LOG_LEVELS, help="overrides [node] log_level from the file"
-    )
+    for name, text in (
+        ("run", "run a single node: responder and data plane in one process"),
+        ("responder", "run a cluster responder (IKE behind the relay, state in the store)"),
+        ("worker", "run a cluster worker (public addresses, relay, ESP through TUN)"),
+    ):
+        role = commands.add_parser(name, help=text)
+        role.add_argument("--config", required=True, metavar="PATH", help="the node's TOML file")
+        role.add_argument(
+            "--log-level", choices=LOG_LEVELS, help="overrides [node] log_level from the file"
+        )
+    commands.add_parser("keygen", help="print a new cluster key (for [cluster] key)")
 
     for name, text in (("sas", "list the cluster's IKE and Child SAs from the shared store"),
                        ("nodes", "list the cluster's live members from the shared store")):
@@ -58,7 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             command = ops.sas_command if args.command == "sas" else ops.nodes_command
             return command(args.config, args.json)
-        return run(args.config, args.log_level)
+        if args.command == "keygen":
+            from .store import ClusterKey
+
+            sys.stdout.write(ClusterKey.generate().to_text())
+            return EXIT_OK
+        return run(args.config, args.log_level, args.command)
     except KeyboardInterrupt:  # Ctrl-C before the node handles signals: no traceback
         return EXIT_INTERRUPTED
 
@@ -94,32 +108,45 @@ def configure_logging(level: str) -> None:
     logging._srcfile = None
 
 
-def run(config_path: str, log_level: str | None = None) -> int:
+def run(config_path: str, log_level: str | None = None, role: str = "run") -> int:
     config = _load(config_path)
     if config is None:
         return EXIT_CONFIG
-    configure_logging(log_level or config.log_level)
 
     # Imported here so check-config works without the runtime (and its start-up cost).
     import trio
 
+    from . import roles
     from .single_node import single_node
 
+    if role != "run":
+        try:
+            roles.cluster_settings(config)  # the key is read before anything starts
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return EXIT_CONFIG
+    configure_logging(log_level or config.log_level)
+    main_task = {"run": single_node, "responder": roles.run_responder,
+                 "worker": roles.run_worker}[role]
     status = EXIT_OK
     try:
-        trio.run(single_node, config)
+        trio.run(main_task, config)
+    except* ConfigError as group:
+        for error in _leaves(group):
+            print(error, file=sys.stderr)
+        status = EXIT_CONFIG
     except* KeyboardInterrupt:
         status = EXIT_INTERRUPTED
     except* OSError as group:
         # Bind failures and the like: one line each, not a traceback.
-        for exc in _leaves(group):
-            logging.getLogger("cluster").error("%s", exc)
+        for failure in _leaves(group):
+            logging.getLogger("cluster").error("%s", failure)
         status = EXIT_FAILURE
     return status
 
 
-def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
-    leaves: list[OSError] = []
+def _leaves(group: BaseExceptionGroup[E]) -> list[E]:
+    leaves: list[E] = []
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
             leaves.extend(_leaves(exc))

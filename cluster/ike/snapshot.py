@@ -16,6 +16,7 @@ from ..errors import ParseError
 from ..key_exchange import DhGroup
 from ..transforms import ENCR_ALGORITHMS, INTEG_ALGORITHMS, PRF_ALGORITHMS, Esn
 from .constants import IdType, TsType
+from .events import ChildSaEstablished
 from .identity import Identity
 from .keymat import ChildKeys, IkeKeys
 from .lifetimes import INFINITY
@@ -30,6 +31,7 @@ from .traffic_selectors import TrafficSelector
 SCHEMA_VERSION = 1
 # Entries holding key material; a store seals these (their values are bytes).
 SECRET_FIELDS = frozenset({"keys", "children_keys"})
+CHILD_SCHEMA_VERSION = 1
 
 Record = dict[str, Any]
 
@@ -162,3 +164,46 @@ def _restore(record: Record, policy: ResponderPolicy, now: float, wall_clock: Wa
                         scheduled=True)
         sa.children[child.spi_in] = child
     return IkeSession(sa, wall_clock=wall_clock, **kwargs)
+
+
+def child_record(event: ChildSaEstablished) -> Record:
+    """A Child SA install request as a msgpack-able record (key distribution to workers).
+
+    All of it is secret (it holds the ESP keys): the caller seals the packed record whole.
+    """
+    return {
+        "v": CHILD_SCHEMA_VERSION,
+        "ike": [event.ike_spi_i, event.ike_spi_r],
+        "name": event.name, "mode": event.mode,
+        "spi_in": event.spi_in, "spi_out": event.spi_out,
+        "encr": event.encr.name, "integ": event.integ.name if event.integ else None,
+        "esn": event.esn,
+        "keys": [event.encr_key_in, event.integ_key_in, event.encr_key_out, event.integ_key_out],
+        "local_ts": [_ts(t) for t in event.local_ts],
+        "remote_ts": [_ts(t) for t in event.remote_ts],
+        "local": list(event.local), "remote": list(event.remote), "encap": event.encap,
+        "replaces": event.replaces, "we_initiated": event.we_initiated,
+    }
+
+
+def child_event(record: Record) -> ChildSaEstablished:
+    """The event `child_record` was made from; ParseError if the record does not fit."""
+    try:
+        if record["v"] != CHILD_SCHEMA_VERSION:
+            raise ValueError(f"child schema {record['v']}, this node reads "
+                             f"{CHILD_SCHEMA_VERSION}")
+        encr_in, integ_in, encr_out, integ_out = record["keys"]
+        local, remote = record["local"], record["remote"]
+        return ChildSaEstablished(
+            record["ike"][0], record["ike"][1], record["name"], record["mode"],
+            record["spi_in"], record["spi_out"], ENCR_ALGORITHMS[record["encr"]],
+            INTEG_ALGORITHMS[record["integ"]] if record["integ"] else None, bool(record["esn"]),
+            encr_in, integ_in, encr_out, integ_out,
+            local_ts=tuple(_ts_from(t) for t in record["local_ts"]),
+            remote_ts=tuple(_ts_from(t) for t in record["remote_ts"]),
+            local=(str(local[0]), int(local[1])), remote=(str(remote[0]), int(remote[1])),
+            encap=bool(record["encap"]), replaces=record["replaces"],
+            we_initiated=bool(record["we_initiated"]),
+        )
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ParseError(f"unusable Child SA record: {exc!r}") from None

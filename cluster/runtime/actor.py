@@ -9,7 +9,7 @@ mailbox. The clock is `trio.current_time()`, so tests can run the loop under
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import trio
@@ -44,6 +44,16 @@ class Session(Protocol):
     def next_event(self) -> Event | None: ...
 
 
+class Relinquished(Exception):
+    """This node no longer acts for the SA (another owns its lease, or it was handed over):
+    the actor ends without a word to the peer or the data plane."""
+
+
+# The cluster's persistence: called after a step with its events, before anything the step
+# produced is sent; False withholds the datagrams (they go out again on retransmission).
+Persist = Callable[["SaActor", list[Event]], Awaitable[bool]]
+
+
 class SessionTimerStuck(RuntimeError):
     """The session's timer stayed in the past after handling it: stepping again would spin."""
 
@@ -57,6 +67,7 @@ class SaActor:
         "half_open_deadline",
         "half_open_key",
         "mailbox",
+        "persisted",
         "session",
         "spi_i",
         "spi_r",
@@ -79,6 +90,7 @@ class SaActor:
         self.established = False
         self.expired = False
         self.mailbox: Mailbox[MailboxItem] = Mailbox(mailbox_size)
+        self.persisted: object = None  # the persistence layer's record of this SA
 
     @property
     def label(self) -> str:
@@ -97,8 +109,13 @@ class SaActor:
         self,
         send: Callable[[Datagram], None],
         on_event: Callable[[SaActor, Event], None],
+        persist: Persist | None = None,
     ) -> bool:
-        """Step the session until it closes. Returns False if it expired half-open."""
+        """Step the session until it closes. Returns False if it expired half-open.
+
+        With `persist` (the cluster), the state a step produced is stored before its
+        datagrams leave, so another node can answer a retransmission byte for byte.
+        """
         session = self.session
         mailbox = self.mailbox
         while not session.closed:
@@ -125,6 +142,9 @@ class SaActor:
             else:
                 data, local, remote, received = item
                 session.receive_datagram_untrusted(data, local, remote, received)
+            if persist is not None:
+                await self._persisted_step(send, on_event, persist)
+                continue
             for datagram in session.datagrams_to_send():
                 send(datagram)
             event = session.next_event()
@@ -132,3 +152,19 @@ class SaActor:
                 on_event(self, event)
                 event = session.next_event()
         return True
+
+    async def _persisted_step(self, send: Callable[[Datagram], None],
+                              on_event: Callable[[SaActor, Event], None],
+                              persist: Persist) -> None:
+        session = self.session
+        datagrams = session.datagrams_to_send()
+        events: list[Event] = []
+        event = session.next_event()
+        while event is not None:
+            events.append(event)
+            event = session.next_event()
+        if (datagrams or events) and await persist(self, events):
+            for datagram in datagrams:
+                send(datagram)
+        for event in events:
+            on_event(self, event)

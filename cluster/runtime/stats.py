@@ -36,6 +36,7 @@ class RuntimeStats:
     actors_started: int = 0
     actors_retired: int = 0
     actor_failures: int = 0
+    actors_relinquished: int = 0  # ended because another node acts for their SA now
     half_open_expired: int = 0
     ike_sas_established: int = 0
     ike_sas_deleted: int = 0

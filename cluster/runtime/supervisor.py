@@ -67,7 +67,7 @@ from ..ike.events import (
 from ..ike.message import Header, Message, decode_untrusted, encode_plain, peek_header_untrusted
 from ..ike.payloads import NoncePayload, NotifyPayload
 from ..ike.session import Address, Datagram
-from .actor import SaActor, Session
+from .actor import Persist, Relinquished, SaActor, Session
 from .stats import RuntimeStats
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,8 @@ InitiatorFactory = Callable[[bytes, float], Session]
 EventSink = Callable[[Event], None]
 # (seconds from the first IKE_SA_INIT to the SA's establishment, whether we initiated it)
 HandshakeObserver = Callable[[float, bool], None]
+# (header, data, local, remote, now) of a datagram for an SA this node does not hold
+UnknownSaHandler = Callable[[Header, bytes, "Address", "Address", float], None]
 NO_PEER: Address = ("", 0)
 
 
@@ -179,6 +181,7 @@ class Supervisor:
         notify_rate: float = DEFAULT_NOTIFY_RATE,  # per peer address and second; 0: no limit
         cookies: CookieSecrets | None = None,
         new_spi: Callable[[], bytes] = lambda: secrets.token_bytes(8),
+        persist: Persist | None = None,
     ) -> None:
         self._session_factory = session_factory
         self._send = send
@@ -210,6 +213,10 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._retired_counts: dict[str, int] = {}  # session_counters() of retired actors
         self.handshake_observer: HandshakeObserver | None = None  # the metrics' histogram
+        # the cluster: state is stored before responses leave; unknown SPIs may be loaded
+        self.persist = persist
+        self.on_unknown_sa: UnknownSaHandler | None = None
+        self.on_actor_retired: Callable[[SaActor], None] | None = None
 
     # -- inspection (tests, metrics) ---------------------------------------------
 
@@ -327,6 +334,9 @@ class Supervisor:
         else:
             actor = self._actors.get(header.spi_r)
             if actor is None or self._spi_i_of.get(header.spi_r, actor.spi_i) != header.spi_i:
+                if actor is None and self.on_unknown_sa is not None:
+                    self.on_unknown_sa(header, data, local, remote, now)  # another node's SA?
+                    return
                 # RFC 7296 2.21.4: we MAY answer with INVALID_IKE_SPI, unprotected and
                 # rate-limited. TODO: send it through self._notify_limiter; count for now.
                 self.stats.dropped_no_sa += 1
@@ -511,10 +521,40 @@ class Supervisor:
             self.stats.actors_retired += 1
         return InitiatedOutcome(spi_i, actor.established, reason)
 
+    def adopt(self, session: Session, now: float) -> SaActor | None:
+        """Run an established SA loaded from the store (a takeover); None if it is routed
+        here already (a racing load) or the supervisor is not running."""
+        nursery = self._nursery
+        spi_i, spi_r = session.spi_i, session.spi_r
+        if nursery is None or spi_r in self._actors:
+            return None
+        sa = getattr(session, "sa", None)  # an IkeSession; test doubles may have none
+        remote: Address = sa.remote if sa is not None else NO_PEER
+        actor = SaActor(session, spi_i, spi_r, (spi_i, remote), now, self.mailbox_size)
+        actor.established = True
+        self._actors[spi_r] = actor
+        for spi_in in sa.children if sa is not None else ():
+            self._child_owner[spi_in] = actor
+            self._children_of.setdefault(actor, set()).add(spi_in)
+        self.stats.actors_started += 1
+        nursery.start_soon(self._run_actor, actor, name=f"ike-sa {actor.label} (taken over)")
+        return actor
+
+    def established_actors(self) -> list[SaActor]:
+        """The established SAs peers initiated (a copy; for hand-over and lease renewal)."""
+        return [a for a in {*self._actors.values()} if a.established]
+
+    def relinquish(self, actor: SaActor) -> bool:
+        """End the actor quietly between two steps: another node acts for its SA now."""
+        def stop(session: object, now: float) -> None:
+            raise Relinquished(actor.label)
+
+        return actor.mailbox.put_nowait(stop)
+
     async def _run_actor(self, actor: SaActor) -> None:
         # Nothing but Cancelled may leave this function: the nursery is shared.
         try:
-            completed = await actor.run(self._send_from_actor, self._on_event)
+            completed = await actor.run(self._send_from_actor, self._on_event, self.persist)
             if not completed:
                 self.stats.half_open_expired += 1
                 logger.info(
@@ -523,6 +563,9 @@ class Supervisor:
                     actor.half_open_key[1],
                     self.half_open_timeout,
                 )
+        except Relinquished:
+            self.stats.actors_relinquished += 1
+            logger.info("IKE SA %s: another node acts for it now", actor.label)
         except Exception:
             self.stats.actor_failures += 1
             # The traceback names code, not values: no key material reaches the log.
@@ -539,6 +582,8 @@ class Supervisor:
     def _retire(self, actor: SaActor) -> None:
         if self._actors.get(actor.spi_r) is actor:
             del self._actors[actor.spi_r]
+        if self.on_actor_retired is not None:
+            self.on_actor_retired(actor)
         self._forget(actor)
         self._leave_half_open(actor)
         actor.close_mailbox()

@@ -11,7 +11,7 @@ A caller cancelled while waiting does not withdraw its op; it may still be appli
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -71,6 +71,21 @@ class StoreWriter:
         if isinstance(pending.result, StoreError):
             raise pending.result
         return cast(T, pending.result)
+
+    async def submit_all(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        """Queue `ops` in order and wait for all: each result, or its StoreError instance.
+
+        They usually share one round trip; when they straddle two, order still holds.
+        """
+        batch = [_Pending(op) for op in ops]
+        try:
+            for pending in batch:
+                await self._send.send(pending)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise StoreError("store writer is closed") from None
+        for pending in batch:
+            await pending.done.wait()
+        return [pending.result for pending in batch]
 
     def close(self) -> None:
         """No more submissions; `run` flushes what is queued and returns."""

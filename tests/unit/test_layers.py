@@ -24,11 +24,13 @@ LAYERS = {
     "cluster.config": 3,
     "cluster.relay": 3,
     "cluster.rendezvous": 3,
+    "cluster.relay_socket": 3,
     "cluster.runtime": 4,
     "cluster.worker": 4,
     "cluster.cli": 5,
     "cluster.ops": 5,  # the operations commands of the CLI
     "cluster.single_node": 5,
+    "cluster.roles": 5,
     "cluster.__main__": 5,
 }
 SANS_IO = ("cluster.ike", "cluster.ikev1", "cluster.esp")

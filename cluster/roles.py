@@ -1,0 +1,238 @@
+"""`ike-cluster responder` and `ike-cluster worker`: the two roles of a cluster node.
+
+A responder runs the supervisor and its actors behind the relay socket; it persists SA
+snapshots and distributes Child SA keys through the shared store, and takes over the SAs
+of responders that died. A worker owns the public addresses (UDP 500/4500, raw ESP), its
+TUN device and SAD: it relays IKE to the responders and installs the keys they store for
+it. Both heartbeat into the store's membership. Runtime and worker never import each
+other; they meet here, as in `single_node`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import urllib.parse
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+
+import trio
+
+from .config import ClusterConfig, NodeConfig
+from .errors import ConfigError
+from .ike.events import Event
+from .metrics import Metrics, serve_metrics
+from .relay import RelayCodec
+from .relay_socket import RelaySocket, format_address
+from .store import ClusterKey, Member, StateStore, open_store, open_store_writer
+from .store.membership import Membership
+
+logger = logging.getLogger("cluster")
+
+
+def cluster_settings(config: NodeConfig) -> tuple[ClusterConfig, ClusterKey]:
+    """The `[cluster]` table and the key it names; ConfigError (one line) otherwise."""
+    if config.cluster is None:
+        raise ConfigError(f"{config.source}: cluster: the responder and worker roles need a "
+                          "[cluster] table")
+    cluster = config.cluster
+    if cluster.key is None:
+        raise ConfigError(f"{config.source}: cluster.key: the roles need the cluster key")
+    try:
+        key = ClusterKey.load(cluster.key)
+    except ConfigError as exc:
+        raise ConfigError(f"{config.source}: cluster.key: {exc}") from None
+    return cluster, key
+
+
+def advertised_relay(cluster: ClusterConfig, bound: tuple[str, int]) -> str:
+    """Where other nodes send to reach our relay socket."""
+    if cluster.advertise is not None:
+        return cluster.advertise
+    host, port = bound
+    if host not in ("0.0.0.0", "::"):
+        return format_address((host, port))
+    return format_address((_source_towards(cluster.store, host == "::"), port))
+
+
+def _source_towards(store_url: str | None, ipv6: bool) -> str:
+    """The address the routing table picks towards the store (a UDP connect sends nothing)."""
+    target = None
+    if store_url:
+        target = urllib.parse.urlsplit(store_url.split(",")[0]).hostname
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    try:
+        if target is None:
+            raise OSError("no store host")
+        address = socket.getaddrinfo(target, 6379, family, socket.SOCK_DGRAM)[0][4]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(address)
+            return str(probe.getsockname()[0])
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
+def _responders(members: Sequence[Member]) -> list[str]:
+    return [m.node for m in members if m.role == "responder"]
+
+
+async def _serve_metrics(nursery: trio.Nursery, config: NodeConfig, metrics: Metrics) -> None:
+    if config.metrics is None:
+        return
+    m = config.metrics
+    host, port = await nursery.start(serve_metrics, metrics, m.host, m.port, m.interval)
+    logger.info("metrics on http://%s/metrics", format_address((host, port)))
+
+
+async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
+                        task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
+                        ) -> None:
+    from .runtime.node import _shutdown_on_signal, log_event, responder_factory
+    from .runtime.persistence import SaPersistence
+    from .runtime.relay_endpoint import ResponderRelay
+    from .runtime.stats import RuntimeStats
+    from .runtime.supervisor import Supervisor
+
+    cluster, key = cluster_settings(config)
+    store = open_store(cluster.store)
+    codec = RelayCodec(key, config.node_id)
+    metrics = Metrics(config.node_id, connections=[c.name for c in config.policy.connections])
+
+    def sink(event: Event) -> None:
+        log_event(event)
+        metrics.record(event)
+
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(store.aclose)
+        relay = stack.enter_context(
+            RelaySocket.open(cluster.relay_host, cluster.relay_port, codec))
+        advertise = advertised_relay(cluster, relay.local)
+        membership = Membership(store, config.node_id, "responder", cluster.membership_ttl,
+                                {"relay": advertise})
+        endpoint = ResponderRelay(relay, membership)
+        writer = await stack.enter_async_context(open_store_writer(store))
+        stats = RuntimeStats()
+        dos = config.dos
+        supervisor = Supervisor(
+            session_factory=responder_factory(config), send=endpoint.send, event_sink=sink,
+            stats=stats, half_open_timeout=config.policy.half_open_timeout,
+            cookie_threshold=dos.cookie_threshold, block_threshold=dos.block_threshold,
+            init_limit_half_open=dos.init_limit_half_open, notify_rate=dos.notify_rate,
+        )
+        persistence = SaPersistence(
+            writer, key, config.node_id, config.policy, supervisor,
+            lease_ttl=cluster.membership_ttl, worker_of=endpoint.worker_of,
+            learn_worker=endpoint.learn_worker,
+        )
+
+        def members_changed(members: Sequence[Member]) -> None:
+            persistence.responders = _responders(members)
+
+        membership.on_change = members_changed
+        try:
+            async with trio.open_nursery() as nursery:
+                if handle_signals:
+                    await nursery.start(_shutdown_on_signal, nursery.cancel_scope)
+                await nursery.start(supervisor.run)
+                await nursery.start(persistence.run)
+                await nursery.start(endpoint.serve, supervisor)
+                await nursery.start(membership.run)
+                metrics.watch_runtime(stats.as_dict, supervisor.session_counters,
+                                      lambda: supervisor.half_open_count)
+                supervisor.handshake_observer = metrics.observe_handshake
+                _watch_cluster(metrics, store, relay.stats, persistence.stats.as_dict,
+                               membership)
+                await _serve_metrics(nursery, config, metrics)
+                logger.info("responder %s: relay on %s (advertised %s), store %s",
+                            config.node_id, format_address(relay.local), advertise,
+                            _describe_store(cluster.store))
+                task_status.started((supervisor, persistence, endpoint, membership))
+        finally:
+            logger.info("responder %s stopped: %s; failover %s", config.node_id,
+                        stats.summary(), _nonzero(persistence.stats.as_dict()))
+
+
+async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
+                     task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
+                     ) -> None:
+    from .runtime.dispatcher import Dispatcher
+    from .runtime.node import _shutdown_on_signal
+    from .runtime.stats import RuntimeStats
+    from .worker.dataplane import DataPlane, DataPlaneSettings
+    from .worker.edge import KeySubscriber, WorkerRelay
+    from .worker.keys import Limits
+
+    cluster, key = cluster_settings(config)
+    w = config.worker
+    if w is None:
+        raise ConfigError(f"{config.source}: worker: the worker role needs a [worker] table")
+    store: StateStore = open_store(cluster.store)
+    codec = RelayCodec(key, config.node_id)
+    metrics = Metrics(config.node_id, connections=[])
+    limits = Limits(w.replay_window, w.lifetime_bytes, w.lifetime_packets)
+    settings = DataPlaneSettings(tun=w.tun, mtu=w.mtu, queues=w.queues, mark=w.mark,
+                                 table=w.table, priority=w.priority, limits=limits)
+    stats = RuntimeStats()
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(store.aclose)
+        plane = stack.enter_context(DataPlane.open(settings, config.addresses))
+        dispatcher = stack.enter_context(
+            Dispatcher.bind(config.addresses, config.ike_port, config.natt_port, stats))
+        relay = stack.enter_context(
+            RelaySocket.open(cluster.relay_host, cluster.relay_port, codec, mark=w.mark))
+        dispatcher.esp_sink = plane.receive_udp_esp
+        dispatcher.set_mark(w.mark)
+        plane.udp_send = dispatcher.send_esp
+        advertise = advertised_relay(cluster, relay.local)
+        membership = Membership(store, config.node_id, "worker", cluster.membership_ttl,
+                                {"relay": advertise})
+        edge = WorkerRelay(relay, membership, dispatcher.send)
+        membership.on_change = lambda members: edge.refresh()
+        keys = KeySubscriber(store, config.node_id, key, plane, limits)
+        try:
+            async with trio.open_nursery() as nursery:
+                if handle_signals:
+                    await nursery.start(_shutdown_on_signal, nursery.cancel_scope)
+                await nursery.start(membership.run)
+                edge.refresh()
+                await nursery.start(plane.run)
+                await nursery.start(keys.run)
+                nursery.start_soon(keys.checkpoints)
+                nursery.start_soon(relay.serve, edge.handle)
+                await nursery.start(dispatcher.serve, edge)
+                metrics.watch_runtime(stats.as_dict, dict, lambda: 0)
+                metrics.watch_data_plane(plane.stats)
+                _watch_cluster(metrics, store, relay.stats, None, membership)
+                await _serve_metrics(nursery, config, metrics)
+                logger.info("worker %s: IKE on %s, relay on %s (advertised %s), TUN %s",
+                            config.node_id,
+                            ", ".join(format_address(a) for a in dispatcher.local_addresses),
+                            format_address(relay.local), advertise, w.tun)
+                task_status.started((plane, keys, edge, membership))
+        finally:
+            counters = " ".join(f"{k}={v}" for k, v in plane.stats().items() if v)
+            logger.info("worker %s stopped: %s; data plane: %s", config.node_id,
+                        stats.summary(), counters or "no traffic")
+
+
+def _watch_cluster(metrics: Metrics, store: StateStore, relay: object, failover: object,
+                   membership: Membership) -> None:
+    """The cluster families, where this version of `cluster.metrics` has them."""
+    for name, source in (("watch_store", lambda: store.stats), ("watch_relay", relay),
+                         ("watch_failover", failover),
+                         ("watch_members", lambda: membership.members)):
+        watch = getattr(metrics, name, None)
+        if watch is not None and source is not None:
+            watch(source)
+
+
+def _describe_store(url: str | None) -> str:
+    if not url:
+        return "in memory"
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}"
+
+
+def _nonzero(counters: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in counters.items() if v) or "nothing"

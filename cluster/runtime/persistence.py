@@ -1,0 +1,425 @@
+"""The responder's side of failover (DESIGN.md, "Failover model") and key distribution.
+
+Persist. After every step that produced a datagram or an event, an established SA's
+snapshot (message IDs, the cached last response, keys sealed under the cluster key) is
+written under the SA's lease, together with the Child SA changes for its worker, and
+only then does the response leave. A write refused for a stale fence means another
+responder took the SA over: the actor ends without a word (`Relinquished`). A store that
+cannot be reached withholds the response (fail closed); the peer retransmits and the
+write is tried again, so nothing is lost, only delayed.
+
+Take over. A datagram for an SPI this node does not hold is looked up in the store; if
+the lease can be had (its owner died and the lease ran out, or it handed the SA over),
+the session is restored and continues with the right message IDs; a retransmitted
+request is answered from the restored cached response, byte for byte. Loads are
+de-duplicated per SA and bounded in number; SPIs the store does not know are
+remembered for a moment so a flood of made-up SPIs costs one lookup each at most.
+
+Leases are renewed in one round trip for all SAs every third of their TTL. SAs that
+rendezvous hashing (on the initiator SPI, as the workers route) now gives to another
+responder, after a membership change or an IKE rekey, are handed over: their lease is
+released once their last state is stored, and the new owner loads them.
+
+Key distribution. Child SA install/remove requests go to the worker that relayed the
+SA: a per-worker durable SAD (sealed records, AAD bound to worker and SPI) plus a
+notification, both queued before the response, so a Child SA is on the worker by the
+time the peer can use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import msgpack
+import trio
+
+from ..errors import ParseError
+from ..ike.events import ChildSaDeleted, ChildSaEstablished, Event, IkeSaDeleted, IkeSaMoved
+from ..ike.message import Header
+from ..ike.policy import ResponderPolicy
+from ..ike.session import Address, IkeSession
+from ..ike.snapshot import SECRET_FIELDS, child_record, restore, snapshot_of
+from ..ike.state import State
+from ..rendezvous import choose
+from ..store import (
+    ClusterKey,
+    DeleteChild,
+    DeleteSa,
+    LeaseLost,
+    Op,
+    Publish,
+    PutChild,
+    PutSa,
+    Release,
+    Renew,
+    StoreError,
+    StoreWriter,
+    pack_snapshot,
+    seal,
+    unpack_snapshot,
+)
+from ..store.sealing import bind
+from .actor import Relinquished, SaActor
+from .supervisor import Supervisor
+
+logger = logging.getLogger(__name__)
+
+CHILD_LABEL = b"ike-cluster child v1"
+MAX_LOADS = 256  # takeovers in flight
+QUEUED_PER_LOAD = 4  # datagrams kept while their SA loads (the peer retransmits anyway)
+MISSING_FOR = 2.0  # seconds an SPI the store does not know is not looked up again
+MISSING_MAX = 8192
+RECORD_GRACE = 60.0  # a stored SA outlives its hard lifetime by this much
+
+
+def sa_key(spi_i: bytes, spi_r: bytes) -> bytes:
+    return spi_i + spi_r
+
+
+def seal_child(key: ClusterKey, worker: str, event: ChildSaEstablished) -> bytes:
+    packed = msgpack.packb(child_record(event), use_bin_type=True)
+    return seal(key, packed, bind(CHILD_LABEL, worker.encode(), event.spi_in))
+
+
+def child_aad(worker: str, spi_in: bytes) -> bytes:
+    return bind(CHILD_LABEL, worker.encode(), spi_in)
+
+
+@dataclass(slots=True)
+class FailoverStats:
+    takeovers: int = 0  # SAs loaded from the store and continued here
+    takeover_failures: int = 0  # records that did not open or restore, store errors
+    not_found: int = 0  # datagrams for SPIs the store does not know
+    lease_held: int = 0  # datagrams dropped while another node holds the SA's lease
+    loads_limited: int = 0  # datagrams dropped because MAX_LOADS loads were in flight
+    persist_failures: int = 0  # steps whose datagrams were withheld: the store failed
+    lease_lost: int = 0  # SAs another node took over while we still held them
+    handovers: int = 0  # SAs released because rendezvous gives them to another node
+    renew_failures: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(slots=True, eq=False)
+class _Held:
+    key: bytes
+    fence: int
+    worker: str
+    written: tuple[Any, ...] | None = None  # what the stored record says, in short
+    children: dict[bytes, ChildSaEstablished | None] = field(default_factory=dict)
+    pending: list[Op[Any]] = field(default_factory=list)  # distribution not yet stored
+    handing_over: bool = False
+
+
+def _summary(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What must be stored again when it changes (times are relative and always move)."""
+    return (record["spi_i"], record["spi_r"], record["peer_next_id"], record["our_next_id"],
+            record["last_request_digest"], tuple(record["local"]), tuple(record["remote"]),
+            tuple(c["spi_in"] for c in record["children"]), record["worker"])
+
+
+class SaPersistence:
+    def __init__(
+        self,
+        writer: StoreWriter,
+        cluster_key: ClusterKey,
+        node: str,
+        policy: ResponderPolicy,
+        supervisor: Supervisor,
+        *,
+        lease_ttl: float,
+        worker_of: Callable[[Address], str | None],
+        learn_worker: Callable[[Address, str], None] = lambda remote, worker: None,
+    ) -> None:
+        self._writer = writer
+        self._key = cluster_key
+        self.node = node
+        self._policy = policy
+        self._supervisor = supervisor
+        self.lease_ttl = lease_ttl
+        self._worker_of = worker_of
+        self._learn_worker = learn_worker
+        self.stats = FailoverStats()
+        self._held: dict[SaActor, _Held] = {}
+        self._loading: dict[bytes, list[tuple[Header, bytes, Address, Address, float]]] = {}
+        self._missing: dict[bytes, float] = {}
+        self._nursery: trio.Nursery | None = None
+        self.responders: Sequence[str] = ()  # the live responders, from membership
+        supervisor.persist = self.persist
+        supervisor.on_unknown_sa = self.on_unknown_sa
+        supervisor.on_actor_retired = self._retired
+
+    @property
+    def held_count(self) -> int:
+        return len(self._held)
+
+    # -- persisting ------------------------------------------------------------------
+
+    async def persist(self, actor: SaActor, events: list[Event]) -> bool:
+        session = actor.session
+        assert isinstance(session, IkeSession)
+        held = self._held.get(actor)
+        if held is None:
+            if session.closed or session.state is not State.ESTABLISHED:
+                return True  # half-open or failed: nothing another node could continue
+            key = sa_key(session.spi_i, session.spi_r)
+            fence = await self._acquire_new(key)
+            if fence is None:
+                return False
+            held = _Held(key, fence, self._worker_of(session.sa.remote) or "")
+            self._held[actor] = held
+        held.pending.extend(self._distribution(held, events))
+        ops: list[Op[Any]] = list(held.pending)
+        summary: tuple[Any, ...] | None = None
+        retired: tuple[bytes, int] | None = None
+        if session.closed:
+            ops += [DeleteSa(held.key, held.fence), Release(held.key, self.node, held.fence)]
+        elif session.state is State.ESTABLISHED:  # DELETING: the store keeps the last state
+            now = trio.current_time()
+            key = sa_key(session.spi_i, session.spi_r)
+            if key != held.key:  # an IKE rekey (RFC 7296 2.18): the SA lives on under new SPIs
+                fence = await self._acquire_new(key)
+                if fence is None:
+                    return False
+                retired = (held.key, held.fence)
+                held.key, held.fence, held.written = key, fence, None
+            record = snapshot_of(session, now)
+            record["worker"] = held.worker
+            summary = _summary(record)
+            if summary != held.written:
+                expire_in = record["expire_in"]
+                ttl = None if expire_in is None else max(expire_in, 0.0) + RECORD_GRACE
+                blob = pack_snapshot(record, SECRET_FIELDS, self._key, held.key)
+                ops.append(PutSa(held.key, blob, self.node, held.fence, ttl))
+            if retired is not None:
+                ops += [DeleteSa(*retired), Release(retired[0], self.node, retired[1])]
+        if not ops:
+            return True
+        if not await self._write(actor, ops):
+            if retired is not None:  # try the whole move again next time
+                held.key, held.fence = retired
+            return False
+        held.pending.clear()
+        if summary is not None:
+            held.written = summary
+        if session.closed:
+            self._held.pop(actor, None)
+        return True
+
+    async def _acquire_new(self, key: bytes) -> int | None:
+        try:
+            fence = await self._writer.acquire(key, self.node, self.lease_ttl)
+        except StoreError as exc:
+            self._store_failed(exc)
+            return None
+        if fence is None:  # an SPI pair someone else holds: not ours to answer for
+            self.stats.lease_held += 1
+            raise Relinquished(key.hex())
+        return fence
+
+    async def _write(self, actor: SaActor, ops: list[Op[Any]]) -> bool:
+        try:
+            results = await self._writer.submit_all(ops)
+        except StoreError as exc:
+            self._store_failed(exc)
+            return False
+        for result in results:
+            if isinstance(result, LeaseLost):
+                self.stats.lease_lost += 1
+                self._held.pop(actor, None)
+                raise Relinquished(actor.label)
+            if isinstance(result, StoreError):
+                self._store_failed(result)
+                return False
+        return True
+
+    def _store_failed(self, exc: StoreError) -> None:
+        self.stats.persist_failures += 1
+        if self.stats.persist_failures == 1 or self.stats.persist_failures % 100 == 0:
+            logger.warning("store write failed (%s): responses wait for the store "
+                           "(%d so far)", exc, self.stats.persist_failures)
+
+    def _distribution(self, held: _Held, events: list[Event]) -> list[Op[Any]]:
+        """The worker's share of this step: Child SAs to install, move or remove."""
+        worker = held.worker
+        if not worker:
+            return []
+        ops: list[Op[Any]] = []
+        for event in events:
+            if isinstance(event, ChildSaEstablished):
+                sealed = seal_child(self._key, worker, event)
+                held.children[event.spi_in] = event
+                ops += [PutChild(worker, event.spi_in, sealed),
+                        Publish(worker, _message("install", event.spi_in, sealed))]
+            elif isinstance(event, ChildSaDeleted):
+                held.children.pop(event.spi_in, None)
+                ops += _removal(worker, event.spi_in)
+            elif isinstance(event, IkeSaDeleted):
+                for spi_in in held.children:
+                    ops += _removal(worker, spi_in)
+                held.children.clear()
+            elif isinstance(event, IkeSaMoved):  # NAT rebinding: ESP follows the peer
+                for spi_in, child in held.children.items():
+                    if child is not None:
+                        child = held.children[spi_in] = _moved(child, event)
+                        ops.append(PutChild(worker, spi_in, seal_child(self._key, worker, child)))
+                    ops.append(Publish(worker, _message("move", spi_in, list(event.remote))))
+        return ops
+
+    # -- taking over -------------------------------------------------------------------
+
+    def on_unknown_sa(self, header: Header, data: bytes, local: Address, remote: Address,
+                      now: float) -> None:
+        """The supervisor's hook for a datagram whose SPI routes nowhere here."""
+        stats = self._supervisor.stats
+        if not header.is_initiator or self._nursery is None:
+            stats.dropped_no_sa += 1  # responders here never initiate: nothing to load
+            return
+        key = sa_key(header.spi_i, header.spi_r)
+        queued = self._loading.get(key)
+        if queued is not None:
+            if len(queued) < QUEUED_PER_LOAD:
+                queued.append((header, data, local, remote, now))
+            return
+        until = self._missing.get(key)
+        if until is not None and until > now:
+            self.stats.not_found += 1
+            stats.dropped_no_sa += 1
+            return
+        if len(self._loading) >= MAX_LOADS:
+            self.stats.loads_limited += 1
+            return
+        self._loading[key] = [(header, data, local, remote, now)]
+        self._nursery.start_soon(self._load, key, name=f"load {key.hex()}")
+
+    async def _load(self, key: bytes) -> None:
+        try:
+            await self._take_over(key)
+        finally:
+            self._loading.pop(key, None)
+
+    async def _take_over(self, key: bytes) -> None:
+        fence: int | None = None
+        try:
+            stored = await self._writer.get_sa(key)
+            if stored is None:
+                self.stats.not_found += 1
+                self._supervisor.stats.dropped_no_sa += 1
+                self._remember_missing(key)
+                return
+            fence = await self._writer.acquire(key, self.node, self.lease_ttl)
+            if fence is None:
+                self.stats.lease_held += 1
+                return
+            record = unpack_snapshot(stored.snapshot, self._key, key)
+            now = trio.current_time()
+            session = restore(record, self._policy, now)
+        except (StoreError, ParseError) as exc:
+            self.stats.takeover_failures += 1
+            logger.warning("taking over IKE SA %s failed: %s", key.hex(), exc)
+            if fence is not None:
+                await self._release(key, fence)
+            return
+        actor = self._supervisor.adopt(session, now)
+        if actor is None:
+            await self._release(key, fence)
+            return
+        worker = str(record.get("worker") or "")
+        held = _Held(key, fence, worker, written=_summary(record))
+        held.children = {c["spi_in"]: None for c in record["children"]}
+        self._held[actor] = held
+        if worker:
+            self._learn_worker(session.sa.remote, worker)
+        self.stats.takeovers += 1
+        logger.info("took over IKE SA %s (owner was %s, fence %d): next message ID %d",
+                    actor.label, stored.owner, fence, record["peer_next_id"])
+        for header, data, local, remote, received in self._loading.get(key, []):
+            self._supervisor.route(header, data, local, remote, received)
+
+    def _remember_missing(self, key: bytes) -> None:
+        now = trio.current_time()
+        if len(self._missing) >= MISSING_MAX:
+            self._missing = {k: t for k, t in self._missing.items() if t > now}
+            if len(self._missing) >= MISSING_MAX:
+                self._missing.clear()
+        self._missing[key] = now + MISSING_FOR
+
+    async def _release(self, key: bytes, fence: int) -> None:
+        with contextlib.suppress(StoreError):  # the lease runs out by itself
+            await self._writer.release(key, self.node, fence)
+
+    # -- leases and hand-over --------------------------------------------------------
+
+    def _retired(self, actor: SaActor) -> None:
+        held = self._held.pop(actor, None)
+        if held is not None and held.handing_over and self._nursery is not None:
+            self.stats.handovers += 1
+            self._nursery.start_soon(self._release, held.key, held.fence)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Loads run here; leases are renewed and SAs handed over until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    await trio.sleep(self.lease_ttl / 3)
+                    await self.renew()
+                    self.hand_over()
+            finally:
+                self._nursery = None
+
+    async def renew(self) -> None:
+        held = list(self._held.items())
+        if not held:
+            return
+        ops = [Renew(h.key, self.node, h.fence, self.lease_ttl) for _, h in held]
+        try:
+            results = await self._writer.submit_all(ops)
+        except StoreError:
+            self.stats.renew_failures += 1
+            return
+        for (actor, h), result in zip(held, results, strict=True):
+            if result is False and self._held.get(actor) is h:
+                self.stats.lease_lost += 1
+                del self._held[actor]
+                self._supervisor.relinquish(actor)
+            elif isinstance(result, StoreError):
+                self.stats.renew_failures += 1
+
+    def hand_over(self) -> None:
+        """Release the SAs rendezvous hashing now gives to another live responder."""
+        responders = self.responders
+        if self.node not in responders:
+            return  # our own view is incomplete (store trouble): move nothing
+        for actor, held in self._held.items():
+            if held.handing_over or held.pending:
+                continue
+            session = actor.session
+            if choose(session.spi_i, responders) == self.node:
+                continue
+            assert isinstance(session, IkeSession)
+            if session.sa.pending is not None or session.sa.queue:
+                continue  # our own request is in flight: finish it first
+            held.handing_over = True
+            self._supervisor.relinquish(actor)
+
+
+def _message(kind: str, spi_in: bytes, *rest: Any) -> bytes:
+    packed: bytes = msgpack.packb([kind, spi_in, *rest], use_bin_type=True)
+    return packed
+
+
+def _removal(worker: str, spi_in: bytes) -> list[Op[Any]]:
+    return [DeleteChild(worker, spi_in), Publish(worker, _message("remove", spi_in))]
+
+
+def _moved(child: ChildSaEstablished, event: IkeSaMoved) -> ChildSaEstablished:
+    return replace(child, local=event.local, remote=event.remote)
+

@@ -1,0 +1,243 @@
+"""The worker's cluster side: IKE relayed to responders, Child SA keys from the store.
+
+Relay. Every IKE datagram a peer sends goes, sealed, to the responder that rendezvous
+hashing of its IKE initiator SPI picks among the live responders (the same choice on
+every worker, so a peer behind any worker reaches the owner of its SA); the answers come
+back from that responder and leave from the address the peer talked to.
+
+Keys. The responders keep this worker's Child SAs in a durable per-worker table in the
+store and announce each change on the worker's notification stream. The worker
+subscribes first, then reads the table, so nothing falls between the two; when the
+stream reports a gap it reads the table again and reconciles.
+
+Sequence numbers. Outbound ESP sequence numbers are not stored per packet. Once a second
+the worker stores a checkpoint (every SA's current number and the time); a worker that
+starts from the table begins each SA at its checkpoint plus `SEQ_MARGIN` plus
+`SEQ_RATE_BOUND` per second since the checkpoint, more than the SA can have sent
+meanwhile, so no (SPI, sequence number) pair is ever sent twice (RFC 4303 3.3.3). A
+32-bit SA pushed near its end by this asks for a rekey like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import msgpack
+import trio
+
+from ..errors import ParseError
+from ..ike.message import Header
+from ..ike.session import Address, Datagram
+from ..ike.snapshot import child_event
+from ..relay import Envelope, Kind
+from ..relay_socket import RelaySocket, parse_address
+from ..rendezvous import choose
+from ..store import ClusterKey, PutChild, StateStore, StoreError, open_sealed
+from ..store.membership import Membership
+from ..store.sealing import bind
+from .dataplane import DataPlane
+from .keys import Limits, params_from_event
+
+logger = logging.getLogger(__name__)
+
+CHILD_LABEL = b"ike-cluster child v1"  # the responders seal with the same label
+CHECKPOINT_FIELD = b"seq"  # in the per-worker table; Child SA fields are 4-byte SPIs
+CHECKPOINT_INTERVAL = 1.0
+SEQ_MARGIN = 1 << 20
+SEQ_RATE_BOUND = 1 << 20  # packets per second one SA can be sent at, generously
+
+
+class WorkerRelay:
+    """The dispatcher's router on a worker: IKE goes to a responder, answers come back."""
+
+    def __init__(self, relay: RelaySocket, membership: Membership,
+                 send_to_peer: Callable[[Datagram], None]) -> None:
+        self.relay = relay
+        self.membership = membership
+        self.send_to_peer = send_to_peer
+        self._responders: list[str] = []
+        self._addresses: dict[str, Address] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the live responders from membership (call on every change)."""
+        responders = self.membership.of_role("responder")
+        addresses = {}
+        for member in responders:
+            relay = member.info.get("relay")
+            if isinstance(relay, str):
+                try:
+                    addresses[member.node] = parse_address(relay)
+                except ValueError:
+                    continue
+        self._addresses = addresses
+        self._responders = sorted(addresses)
+
+    def route(self, header: Header, data: bytes, local: Address, remote: Address,
+              now: float) -> None:
+        if not self._responders:
+            self.relay.drop("no_responder")
+            return
+        responder = choose(header.spi_i, self._responders)
+        envelope = self.relay.codec.encode(Kind.IKE_FROM_PEER, responder, data=data,
+                                           local=local, remote=remote)
+        self.relay.send(envelope, self._addresses[responder])
+
+    def handle(self, envelope: Envelope, source: Address) -> None:
+        if envelope.kind is not Kind.IKE_TO_PEER:
+            self.relay.drop("unexpected_kind")
+            return
+        self.send_to_peer(Datagram(envelope.data, envelope.local, envelope.remote,
+                                   keepalive=envelope.keepalive))
+
+
+def _message_untrusted(data: bytes) -> list[Any]:
+    try:
+        message = msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        raise ParseError("undecodable key message") from None
+    if not (isinstance(message, list) and len(message) >= 2 and isinstance(message[0], str)
+            and isinstance(message[1], bytes)):
+        raise ParseError("key message is not [kind, spi, ...]")
+    return message
+
+
+class KeySubscriber:
+    """Keeps the data plane's SAD equal to this worker's table in the store."""
+
+    def __init__(self, store: StateStore, worker: str, key: ClusterKey, plane: DataPlane,
+                 limits: Limits, *, wall_clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.worker = worker
+        self.key = key
+        self.plane = plane
+        self.limits = limits
+        self._wall_clock = wall_clock
+        self.installed = 0
+        self.removed = 0
+        self.resyncs = 0
+        self.errors = 0  # records or messages that did not open
+        self.restored = 0  # SAs installed from the table at start, with a sequence jump
+
+    def _open(self, spi_in: bytes, sealed: bytes) -> Any:
+        plain = open_sealed(self.key, sealed, bind(CHILD_LABEL, self.worker.encode(), spi_in))
+        return child_event(msgpack.unpackb(plain, raw=False))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Subscribe, load the table (restoring with jumped sequence numbers), follow."""
+        first = True
+        while True:
+            try:
+                async with self.store.subscribe(self.worker) as subscription:
+                    await self.resync(restoring=first)
+                    if first:
+                        first = False
+                        task_status.started()
+                    async for message in subscription:
+                        if message is None:
+                            await self.resync()
+                        else:
+                            self.apply(message)
+            except StoreError as exc:
+                if first:
+                    first = False
+                    task_status.started()
+                logger.warning("key subscription: %s; retrying", exc)
+                await trio.sleep(1.0)
+
+    async def resync(self, *, restoring: bool = False) -> None:
+        self.resyncs += 1
+        table = await self.store.children(self.worker)
+        checkpoint = _checkpoint(table.pop(CHECKPOINT_FIELD, None))
+        sad = self.plane.sad
+        for spi_in in [s for s in self._installed_spis() if s not in table]:
+            self.plane.remove(spi_in)
+            self.removed += 1
+        for spi_in, sealed in table.items():
+            if sad.get(spi_in) is not None:
+                continue
+            try:
+                event = self._open(spi_in, sealed)
+            except (StoreError, ParseError, ValueError) as exc:
+                self.errors += 1
+                logger.warning("Child SA %s in the store does not open: %s", spi_in.hex(), exc)
+                continue
+            params = params_from_event(event, self.limits)
+            if restoring:
+                params = replace(params, initial_seq=self._resume_seq(spi_in, checkpoint))
+                self.restored += 1
+            try:
+                self.plane.install(params, (event.ike_spi_i, event.ike_spi_r))
+            except (ValueError, OSError) as exc:
+                self.errors += 1
+                logger.error("installing Child SA %s failed: %s", spi_in.hex(), exc)
+                continue
+            self.installed += 1
+        if restoring and table:
+            logger.info("restored %d Child SAs from the store (sequence numbers jumped)",
+                        self.restored)
+
+    def _installed_spis(self) -> list[bytes]:
+        return [child.params.spi_in for child in self.plane.sad]
+
+    def _resume_seq(self, spi_in: bytes, checkpoint: tuple[float, dict[bytes, int]] | None
+                    ) -> int:
+        if checkpoint is None:  # never checkpointed: all we know is that time passed
+            return 1 << 31
+        at, seqs = checkpoint
+        elapsed = max(0.0, self._wall_clock() - at)
+        return seqs.get(spi_in, 0) + SEQ_MARGIN + int(SEQ_RATE_BOUND * elapsed)
+
+    def apply(self, data: bytes) -> None:
+        try:
+            message = _message_untrusted(data)
+            kind, spi_in = message[0], message[1]
+            if kind == "install" and len(message) == 3 and isinstance(message[2], bytes):
+                event = self._open(spi_in, message[2])
+                self.plane.on_ike_event(event)
+                self.installed += 1
+            elif kind == "remove":
+                if self.plane.sad.get(spi_in) is not None:
+                    self.plane.remove(spi_in)
+                    self.removed += 1
+            elif kind == "move" and len(message) == 3:
+                child = self.plane.sad.get(spi_in)
+                host, port = message[2]
+                if child is not None and child.params.encap:
+                    child.outbound.remote = (str(host), int(port))
+            else:
+                raise ParseError(f"key message kind {kind!r}")
+        except (StoreError, ParseError, ValueError, TypeError) as exc:
+            self.errors += 1
+            logger.warning("key message dropped: %s", exc)
+
+    async def checkpoint(self) -> None:
+        """Store every outbound sequence number with the time (see the module docstring)."""
+        seqs = {child.params.spi_in: child.outbound.seq for child in self.plane.sad
+                if child.outbound is not None}
+        packed = msgpack.packb([self._wall_clock(), seqs], use_bin_type=True)
+        await self.store.run(PutChild(self.worker, CHECKPOINT_FIELD, packed))
+
+    async def checkpoints(self) -> None:
+        while True:
+            try:
+                await self.checkpoint()
+            except StoreError as exc:
+                self.errors += 1
+                logger.debug("sequence checkpoint not stored: %s", exc)
+            await trio.sleep(CHECKPOINT_INTERVAL)
+
+
+def _checkpoint(packed: bytes | None) -> tuple[float, dict[bytes, int]] | None:
+    if packed is None:
+        return None
+    try:
+        at, seqs = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+        return float(at), {bytes(k): int(v) for k, v in seqs.items()}
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError):
+        return None
