@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 
 import trio
@@ -215,15 +215,14 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
                         stats.summary(), counters or "no traffic")
 
 
-def _watch_cluster(metrics: Metrics, store: StateStore, relay: object, failover: object,
+def _watch_cluster(metrics: Metrics, store: StateStore, relay: Callable[[], dict[str, int]],
+                   failover: Callable[[], dict[str, int]] | None,
                    membership: Membership) -> None:
-    """The cluster families, where this version of `cluster.metrics` has them."""
-    for name, source in (("watch_store", lambda: store.stats), ("watch_relay", relay),
-                         ("watch_failover", failover),
-                         ("watch_members", lambda: membership.members)):
-        watch = getattr(metrics, name, None)
-        if watch is not None and source is not None:
-            watch(source)
+    metrics.watch_store(lambda: store.stats)
+    metrics.watch_relay(relay)
+    if failover is not None:
+        metrics.watch_failover(failover)
+    metrics.watch_members(lambda: membership.members)
 
 
 def _describe_store(url: str | None) -> str:
