@@ -6,7 +6,9 @@ The topology is docker/compose.yml's, as processes in namespaces (tests/interop/
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 import time
 from dataclasses import replace
 
@@ -90,3 +92,83 @@ def test_strongswan_sa_survives_the_death_of_its_responder(tmp_path: object) -> 
         assert takeovers >= 1
         report("cluster", f"after kill -9: {summary}; DPD answered {dpd_answered} times; "
                           f"Child SA rekeyed to {rekeyed['spi-in']}; takeovers {takeovers}")
+
+
+def _keys_from_log(log: str) -> list[bytes]:
+    """Every IKE and Child SA key strongSwan dumped at log level 4."""
+    from tests.vectors.record_strongswan import (
+        CHILD_KEY_NAMES,
+        IKE_KEY_NAMES,
+        key_sets,
+        parse_dumps,
+    )
+
+    dumps = parse_dumps(log)
+    keys = [v for s in key_sets(dumps, IKE_KEY_NAMES, "Sk_d secret") for k, v in s.items()
+            if k.startswith("sk_")]
+    keys += [v for s in key_sets(dumps, CHILD_KEY_NAMES, "encryption initiator key")
+             for k, v in s.items() if k != "seed"]
+    return [k for k in keys if len(k) >= 16]
+
+
+def test_store_holds_no_key_forged_relay_is_dropped_retransmission_crosses_failover() -> None:
+    """Three proofs in one cluster: the Redis dump has none of the SA's key bytes; an
+    envelope sealed with another key is dropped and counted; a retransmitted request that
+    crossed the failover is answered byte for byte by the survivor."""
+    with Lab() as lab, ClusterLab(lab, responders=3) as cluster:
+        initiator, responder = conn_pair()
+        cluster.start([responder])
+        charon = lab.charon("initiator", log_levels={"ike": 4, "chd": 4})
+        charon.load(initiator)
+        assert_initiated(charon.initiate("net"), charon)
+        time.sleep(0.5)  # the snapshot and the Child SA records are written by now
+
+        # 1. a scan of every Redis key: no key of the SA, raw or hex
+        keys = _keys_from_log(charon.log_text())
+        assert len(keys) >= 7, "strongSwan did not log SK_d, SK_e*, SK_p* and the ESP keys"
+        dump = cluster.redis_dump()
+        assert dump, "nothing in Redis"
+        stored = [k for k in dump] + [v for values in dump.values() for v in values]
+        leaks = [key.hex() for key in keys for blob in stored
+                 if key in blob or key.hex().encode() in blob.lower()]
+        assert not leaks, f"key bytes found in Redis: {leaks}"
+        assert any(b"sa:" in k for k in dump), sorted(dump)
+        report("cluster", f"{len(dump)} Redis keys scanned, {len(keys)} SA keys absent")
+
+        # 2. a forged envelope (another cluster key) and garbage at a responder's relay port
+        target = cluster.responders[0]
+        bad_mac = 'ike_cluster_relay_dropped_total{reason="bad_mac"'
+        before = _metric(target.metrics(), "ike_cluster_relay_dropped_total")
+        before_mac = _metric(target.metrics(), bad_mac)
+        forge = (
+            "import socket;from cluster.relay import RelayCodec, Kind;"
+            "c=RelayCodec(bytes(32), 'worker-1');"
+            "d=c.encode(Kind.IKE_FROM_PEER, 'responder-1', data=bytes(28), "
+            "local=('10.99.0.2', 500), remote=('10.99.0.1', 500));"
+            "s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
+            f"s.sendto(d, ({target.host!r}, 4800)); s.sendto(b'x' * 64, ({target.host!r}, 4800))"
+        )
+        lab.responder.run([sys.executable, "-c", forge])
+        deadline = time.monotonic() + 5
+        while (after := _metric(target.metrics(), "ike_cluster_relay_dropped_total")) < before + 2:
+            assert time.monotonic() < deadline, f"forged envelopes not counted: {after}"
+            time.sleep(0.3)
+        assert _metric(target.metrics(), bad_mac) == before_mac + 1  # the forged envelope
+        assert target.running()
+
+        # 3. our probe: an SA, a liveness request answered; kill its owner; retransmit
+        probe = lab.initiator.run([sys.executable, "-m", "tests.interop.ike_probe",
+                                   "establish", "10.99.0.1", "10.99.0.2"], timeout=60)
+        first = json.loads(probe.stdout)
+        owner = _owner(cluster, first["spi_r"])
+        cluster.responders[owner - 1].kill()
+        retry = lab.initiator.run([sys.executable, "-m", "tests.interop.ike_probe", "resend",
+                                   "10.99.0.1", "10.99.0.2", first["request"], "30"],
+                                  timeout=60)
+        assert retry.stdout.strip() == first["response"], (
+            f"the survivor's answer differs:\n{retry.stdout}\n{first}\n{cluster.logs()}")
+        label = f"{first['spi_i']}_i/{first['spi_r']}_r"
+        assert any(f"took over IKE SA {label}" in node.log_text()
+                   for node in cluster.responders if node.running()), cluster.logs()
+        report("cluster", f"retransmission across the failover answered byte for byte "
+                          f"({len(first['response']) // 2} bytes)")
