@@ -172,3 +172,46 @@ def test_store_holds_no_key_forged_relay_is_dropped_retransmission_crosses_failo
                    for node in cluster.responders if node.running()), cluster.logs()
         report("cluster", f"retransmission across the failover answered byte for byte "
                           f"({len(first['response']) // 2} bytes)")
+
+
+def test_dead_peer_sas_leave_the_store_and_the_worker() -> None:
+    """Issue 4's DPD proof, checked in the store: strongSwan is killed, the responder's
+    liveness checks give up, and the SA's snapshot and its Child SA's keys leave Redis and
+    the worker (its route into the TUN goes too)."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        initiator = replace(initiator, dpd_delay="2s")
+        responder = replace(responder, dpd_delay="2s")
+        cluster.start([responder], responder_extra={
+            "ike": {"retransmit_timeout": 1.0, "retransmit_tries": 2}})
+        charon = lab.charon("initiator")
+        charon.load(initiator)
+        sa = assert_initiated(charon.initiate("net"), charon)
+        sa_name = f"sa:{{{sa['initiator-spi']}{sa['responder-spi']}}}".encode()
+        child_spi = bytes.fromhex(child_sa(sa)["spi-out"])  # ours: strongSwan sends with it
+
+        def stored() -> tuple[bool, bool]:
+            dump = cluster.redis_dump()
+            sa_there = any(key.endswith(sa_name) for key in dump)
+            sad = [values for key, values in dump.items() if b"sad:{worker-1}" in key]
+            child_there = any(child_spi in values[0::2] for values in sad)
+            return sa_there, child_there
+
+        time.sleep(1.0)
+        assert stored() == (True, True), sorted(cluster.redis_dump())
+        routes = lab.responder.ip("route", "show", "table", "1450")
+        assert "10.99.1.0/24" in routes
+        time.sleep(5.0)  # DPD both ways while strongSwan lives
+        assert charon.proc is not None
+        charon.proc.kill()
+        charon.proc.wait(5)
+        deadline = time.monotonic() + 30
+        while stored() != (False, False):
+            assert time.monotonic() < deadline, f"still stored: {stored()}\n{cluster.logs()}"
+            time.sleep(0.5)
+        gone_after = 30 - (deadline - time.monotonic())
+        assert "10.99.1.0/24" not in lab.responder.ip("route", "show", "table", "1450")
+        assert any(re.search(r"IKE SA deleted: .*reason=peer not responding",
+                             n.log_text(), re.I) for n in cluster.responders), cluster.logs()
+        report("cluster", f"dead peer's SA and keys gone from Redis and the worker "
+                          f"{gone_after:.1f} s after kill -9")
