@@ -62,13 +62,12 @@ from ..store import (
     seal,
     unpack_snapshot,
 )
-from ..store.sealing import bind
+from ..store.sealing import child_aad
 from .actor import Relinquished, SaActor
 from .supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
-CHILD_LABEL = b"ike-cluster child v1"
 MAX_LOADS = 256  # takeovers in flight
 QUEUED_PER_LOAD = 4  # datagrams kept while their SA loads (the peer retransmits anyway)
 MISSING_FOR = 2.0  # seconds an SPI the store does not know is not looked up again
@@ -82,11 +81,7 @@ def sa_key(spi_i: bytes, spi_r: bytes) -> bytes:
 
 def seal_child(key: ClusterKey, worker: str, event: ChildSaEstablished) -> bytes:
     packed = msgpack.packb(child_record(event), use_bin_type=True)
-    return seal(key, packed, bind(CHILD_LABEL, worker.encode(), event.spi_in))
-
-
-def child_aad(worker: str, spi_in: bytes) -> bytes:
-    return bind(CHILD_LABEL, worker.encode(), spi_in)
+    return seal(key, packed, child_aad(worker, event.spi_in))
 
 
 @dataclass(slots=True)

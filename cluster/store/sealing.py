@@ -46,6 +46,12 @@ def bind(*parts: bytes) -> bytes:
     return b"".join(struct.pack("!I", len(part)) + part for part in parts)
 
 
+def child_aad(worker: str, spi_in: bytes) -> bytes:
+    """What a worker's sealed Child SA record is bound to: it opens for that worker and
+    SPI only (responders seal, the worker opens)."""
+    return bind(b"ike-cluster child v1", worker.encode(), spi_in)
+
+
 class ClusterKey:
     """The cluster's shared secret: the first key seals, it and any retired keys open."""
 

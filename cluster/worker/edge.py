@@ -38,13 +38,12 @@ from ..relay_socket import RelaySocket, parse_address
 from ..rendezvous import choose
 from ..store import ClusterKey, PutChild, StateStore, StoreError, open_sealed
 from ..store.membership import Membership
-from ..store.sealing import bind
+from ..store.sealing import child_aad
 from .dataplane import DataPlane
 from .keys import Limits, params_from_event
 
 logger = logging.getLogger(__name__)
 
-CHILD_LABEL = b"ike-cluster child v1"  # the responders seal with the same label
 CHECKPOINT_FIELD = b"seq"  # in the per-worker table; Child SA fields are 4-byte SPIs
 CHECKPOINT_INTERVAL = 1.0
 SEQ_MARGIN = 1 << 20
@@ -124,7 +123,7 @@ class KeySubscriber:
         self.restored = 0  # SAs installed from the table at start, with a sequence jump
 
     def _open(self, spi_in: bytes, sealed: bytes) -> Any:
-        plain = open_sealed(self.key, sealed, bind(CHILD_LABEL, self.worker.encode(), spi_in))
+        plain = open_sealed(self.key, sealed, child_aad(self.worker, spi_in))
         return child_event(msgpack.unpackb(plain, raw=False))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
