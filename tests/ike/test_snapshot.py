@@ -82,3 +82,24 @@ def test_children_rekeys_and_lifetimes_survive_the_takeover() -> None:
     assert any(isinstance(e, IkeSaRekeyed) for e in drain(other_node))
     assert client.drops == {} and other_node.drops == {}
     assert client.state is State.ESTABLISHED and other_node.state is State.ESTABLISHED
+
+
+def test_a_child_sa_record_gives_back_the_same_event_through_msgpack() -> None:
+    import pytest
+
+    from cluster.errors import ParseError
+    from cluster.ike.snapshot import child_event, child_record
+
+    client, gateway = psk_pair()
+    events = []
+    for _ in range(4):
+        transfer(client, gateway)
+        transfer(gateway, client)
+        while (event := gateway.next_event()) is not None:
+            events.append(event)
+    (child,) = [e for e in events if isinstance(e, ChildSaEstablished)]
+    packed = msgpack.packb(child_record(child), use_bin_type=True)
+    assert child_event(msgpack.unpackb(packed, raw=False)) == child
+    broken = child_record(child) | {"encr": "rot13"}
+    with pytest.raises(ParseError):
+        child_event(broken)
