@@ -76,12 +76,13 @@ class ClusterNode:
 
     def start(self, timeout: float = 20.0) -> None:
         self.write_config()
+        offset = len(self.log_text())  # a restarted node appends to the same log
         self.proc = self.ns.spawn(
             [sys.executable, "-m", "cluster", self.role, "--config", str(self.config_path)],
             output=self.log_path, env=dict(os.environ), cwd=REPO_ROOT)
         ready = "relay on" if self.role == "responder" else "worker " + self.node_id + ": IKE on"
         deadline = time.monotonic() + timeout
-        while ready not in self.log_text():
+        while ready not in self.log_text()[offset:]:
             if self.proc.poll() is not None:
                 raise LabError(f"{self.role} {self.node_id} exited with {self.proc.returncode}:"
                                f"\n{self.log_text()}")
