@@ -264,6 +264,23 @@ class Metrics:
                 for spi_in in record.children:
                     self._child_ike[spi_in] = new
 
+    def sa_arrived(self, spi_i: bytes, spi_r: bytes, connection: str,
+                   children: Sequence[bytes]) -> None:
+        """An established SA this node took over from another: counted as active here,
+        not as established again."""
+        key = (spi_i, spi_r)
+        if key in self._ike:
+            return
+        self._ike[key] = _IkeSaRecord(connection, list(children))
+        for spi_in in children:
+            self._child_ike[spi_in] = key
+
+    def sa_left(self, spi_i: bytes, spi_r: bytes) -> None:
+        """An SA another node acts for now: no longer active here, and not deleted."""
+        record = self._ike.pop((spi_i, spi_r), None)
+        for spi_in in record.children if record is not None else ():
+            self._child_ike.pop(spi_in, None)
+
     def _forget_child(self, spi_in: bytes) -> None:
         key = self._child_ike.pop(spi_in, None)
         record = self._ike.get(key) if key is not None else None

@@ -123,6 +123,10 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
             writer, key, config.node_id, config.policy, supervisor,
             lease_ttl=cluster.membership_ttl, worker_of=endpoint.worker_of,
             learn_worker=endpoint.learn_worker,
+            sa_arrived=lambda s: metrics.sa_arrived(s.spi_i, s.spi_r, s.sa.connection.name
+                                                    if s.sa.connection else "unknown",
+                                                    list(s.sa.children)),
+            sa_left=metrics.sa_left,
         )
 
         def members_changed(members: Sequence[Member]) -> None:

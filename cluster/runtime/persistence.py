@@ -130,6 +130,8 @@ class SaPersistence:
         lease_ttl: float,
         worker_of: Callable[[Address], str | None],
         learn_worker: Callable[[Address, str], None] = lambda remote, worker: None,
+        sa_arrived: Callable[[IkeSession], None] = lambda session: None,
+        sa_left: Callable[[bytes, bytes], None] = lambda spi_i, spi_r: None,
     ) -> None:
         self._writer = writer
         self._key = cluster_key
@@ -139,6 +141,8 @@ class SaPersistence:
         self.lease_ttl = lease_ttl
         self._worker_of = worker_of
         self._learn_worker = learn_worker
+        self._sa_arrived = sa_arrived  # the metrics' gauges follow SAs between nodes
+        self._sa_left = sa_left
         self.stats = FailoverStats()
         self._held: dict[SaActor, _Held] = {}
         self._loading: dict[bytes, list[tuple[Header, bytes, Address, Address, float]]] = {}
@@ -330,6 +334,7 @@ class SaPersistence:
         self._held[actor] = held
         if worker:
             self._learn_worker(session.sa.remote, worker)
+        self._sa_arrived(session)
         self.stats.takeovers += 1
         logger.info("took over IKE SA %s (owner was %s, fence %d): next message ID %d",
                     actor.label, stored.owner, fence, record["peer_next_id"])
@@ -351,6 +356,8 @@ class SaPersistence:
     # -- leases and hand-over --------------------------------------------------------
 
     def _retired(self, actor: SaActor) -> None:
+        if not actor.session.closed and actor.established:
+            self._sa_left(actor.session.spi_i, actor.session.spi_r)  # relinquished
         held = self._held.pop(actor, None)
         if held is not None and held.handing_over and self._nursery is not None:
             self.stats.handovers += 1

@@ -570,3 +570,19 @@ def test_bad_metrics_table_names_key_and_reason(
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value).startswith(f"{path}: {message}")
+
+
+def test_sas_moving_between_responders_move_the_gauges_not_the_counters() -> None:
+    metrics = fresh("rw")
+    metrics.sa_arrived(b"i" * 8, b"r" * 8, "rw", [b"c001", b"c002"])
+    metrics.publish()
+    _, samples = scrape(metrics)
+    assert value(samples, "ike_cluster_ike_sas") == 1
+    assert value(samples, "ike_cluster_child_sas") == 2
+    assert value(samples, "ike_cluster_ike_sas_established_total", connection="rw") == 0
+    metrics.sa_left(b"i" * 8, b"r" * 8)
+    metrics.publish()
+    _, samples = scrape(metrics)
+    assert value(samples, "ike_cluster_ike_sas") == 0
+    assert value(samples, "ike_cluster_child_sas") == 0
+    assert not any(name.endswith("deleted_total") and v for (name, _), v in samples.items())
