@@ -23,6 +23,8 @@ Wire format, version 1 (integers big-endian)::
             rest  the IKE message, without the non-ESP marker (or 0xFF for a keepalive)
       PING: nothing
       PONG: 8     the sequence number of the PING answered
+      CHILD_LIMIT: 8 IKE initiator SPI, 8 IKE responder SPI, 4 Child SA inbound SPI,
+            1 limit (1 soft: rekey it, 2 hard: delete it)
     last    16    tag: HMAC-SHA256 over every byte before it, truncated to 128 bits
 
 Overhead on an IKE message: 13 + S + R + 14 (IPv4) or 38 (IPv6) + 16 bytes; with
@@ -88,6 +90,9 @@ DEFAULT_WINDOW = 256  # sequence numbers remembered per sender
 DEFAULT_MAX_SENDERS = 1024
 
 FLAG_KEEPALIVE = 0x01
+CHILD_LIMIT_SIZE = 21
+LIMIT_SOFT = 1
+LIMIT_HARD = 2
 
 _HEADER = struct.Struct("!BBBBBQ")
 _ADDR4 = struct.Struct("!B4sH")
@@ -101,6 +106,7 @@ class Kind(IntEnum):
     IKE_TO_PEER = 2  # responder -> worker
     PING = 3
     PONG = 4
+    CHILD_LIMIT = 5  # worker -> responder: a Child SA reached a byte/packet/sequence limit
 
 
 class KeyRing(Protocol):
@@ -119,7 +125,7 @@ class Envelope:
     sender: str  # for IKE_FROM_PEER, the worker id; for IKE_TO_PEER, the responder id
     recipient: str
     seq: int
-    data: bytes = b""  # the IKE message (IKE kinds)
+    data: bytes = b""  # the IKE message (IKE kinds); CHILD_LIMIT: see `child_limit`
     local: Address = NO_ADDRESS  # the worker's address the peer talks to (IKE kinds)
     remote: Address = NO_ADDRESS  # the peer's address (IKE kinds)
     keepalive: bool = False  # IKE_TO_PEER: send `data` as a NAT keepalive, no marker
@@ -249,6 +255,10 @@ class RelayCodec:
             _push_address(buf, local)
             _push_address(buf, remote)
             buf.push_bytes(data)
+        elif kind is Kind.CHILD_LIMIT:
+            if len(data) != CHILD_LIMIT_SIZE or local is not None or remote is not None:
+                raise ValueError(f"CHILD_LIMIT carries {CHILD_LIMIT_SIZE} bytes, no addresses")
+            buf.push_bytes(data)
         elif data or local is not None or remote is not None:
             raise ValueError(f"{kind.name} carries no datagram")
         elif kind is Kind.PONG:
@@ -334,6 +344,16 @@ class RelayCodec:
         return len(self._senders)
 
 
+def child_limit(spi_i: bytes, spi_r: bytes, spi_in: bytes, hard: bool) -> bytes:
+    """The body of a CHILD_LIMIT envelope."""
+    return spi_i + spi_r + spi_in + bytes([LIMIT_HARD if hard else LIMIT_SOFT])
+
+
+def parse_child_limit(data: bytes) -> tuple[bytes, bytes, bytes, bool]:
+    """(spi_i, spi_r, spi_in, hard) of a CHILD_LIMIT envelope's data."""
+    return data[:8], data[8:16], data[16:20], data[20] == LIMIT_HARD
+
+
 def overhead(sender: str, recipient: str, ipv6: bool = False) -> int:
     """Bytes an IKE_* envelope adds to the IKE message it carries."""
     address = _ADDR6.size if ipv6 else _ADDR4.size
@@ -393,6 +413,11 @@ def _pull_body(
             raise ParseError(f"{kind.name} without a datagram")
         return Envelope(kind, sender, recipient, seq, data, local, remote,
                         keepalive=bool(flags & FLAG_KEEPALIVE))
+    if kind is Kind.CHILD_LIMIT:
+        data = buf.pull_bytes(CHILD_LIMIT_SIZE)
+        if not buf.eof() or data[-1] not in (LIMIT_SOFT, LIMIT_HARD):
+            raise ParseError("malformed CHILD_LIMIT")
+        return Envelope(kind, sender, recipient, seq, data)
     echo = buf.pull_uint64() if kind is Kind.PONG else 0
     if not buf.eof():
         raise ParseError(f"{buf.remaining} trailing bytes in {kind.name}")

@@ -132,6 +132,20 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
         def members_changed(members: Sequence[Member]) -> None:
             persistence.responders = _responders(members)
 
+        def child_limit(spi_i: bytes, spi_r: bytes, spi_in: bytes, hard: bool) -> None:
+            # the worker's byte/packet/sequence limits: rekey (soft) or delete (hard)
+            command = supervisor.delete_child if hard else supervisor.rekey_child
+
+            def after_load() -> None:
+                if not command(spi_in):
+                    logger.info("Child SA %s: no IKE SA here or in the store owns it",
+                                spi_in.hex())
+
+            if not command(spi_in):  # not held here: load its IKE SA first
+                persistence.load_then(spi_i + spi_r, after_load)
+
+        endpoint.on_child_limit = child_limit
+
         membership.on_change = members_changed
         try:
             async with trio.open_nursery() as nursery:
@@ -163,7 +177,7 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
     from .runtime.node import _shutdown_on_signal
     from .runtime.stats import RuntimeStats
     from .worker.dataplane import DataPlane, DataPlaneSettings
-    from .worker.edge import KeySubscriber, WorkerRelay
+    from .worker.edge import ChildLimits, KeySubscriber, WorkerRelay
     from .worker.keys import Limits
 
     cluster, key = cluster_settings(config)
@@ -191,6 +205,8 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
         membership = Membership(store, config.node_id, "worker", cluster.membership_ttl,
                                 {"relay": advertise})
         edge = WorkerRelay(relay, membership, dispatcher.send)
+        limits_out = ChildLimits(edge, plane)
+        plane.on_esp_event = limits_out.on_esp_event
         membership.on_change = lambda members: edge.refresh()
         keys = KeySubscriber(store, config.node_id, key, plane, limits)
         try:
@@ -202,6 +218,7 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
                 await nursery.start(plane.run)
                 await nursery.start(keys.run)
                 nursery.start_soon(keys.checkpoints)
+                nursery.start_soon(limits_out.run)
                 nursery.start_soon(relay.serve, edge.handle)
                 await nursery.start(dispatcher.serve, edge)
                 metrics.watch_runtime(stats.as_dict, dict, lambda: 0)

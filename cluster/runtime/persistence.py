@@ -111,6 +111,9 @@ class _Held:
     handing_over: bool = False
 
 
+_Waiting = tuple[Header, bytes, Address, Address, float] | Callable[[], None]
+
+
 def _summary(record: dict[str, Any]) -> tuple[Any, ...]:
     """What must be stored again when it changes (times are relative and always move)."""
     return (record["spi_i"], record["spi_r"], record["peer_next_id"], record["our_next_id"],
@@ -145,7 +148,8 @@ class SaPersistence:
         self._sa_left = sa_left
         self.stats = FailoverStats()
         self._held: dict[SaActor, _Held] = {}
-        self._loading: dict[bytes, list[tuple[Header, bytes, Address, Address, float]]] = {}
+        # SAs being loaded -> what waits for them: datagrams to route, or commands
+        self._loading: dict[bytes, list[_Waiting]] = {}
         self._missing: dict[bytes, float] = {}
         self._nursery: trio.Nursery | None = None
         self.responders: Sequence[str] = ()  # the live responders, from membership
@@ -296,6 +300,19 @@ class SaPersistence:
         self._loading[key] = [(header, data, local, remote, now)]
         self._nursery.start_soon(self._load, key, name=f"load {key.hex()}")
 
+    def load_then(self, key: bytes, then: Callable[[], None]) -> None:
+        """Load the SA `key` if the store has it and its lease is free, then call `then`
+        (a command for its actor, e.g. a rekey the worker asked for)."""
+        queued = self._loading.get(key)
+        if queued is not None:
+            if len(queued) < QUEUED_PER_LOAD:
+                queued.append(then)
+            return
+        if self._nursery is None or len(self._loading) >= MAX_LOADS:
+            return
+        self._loading[key] = [then]
+        self._nursery.start_soon(self._load, key, name=f"load {key.hex()}")
+
     async def _load(self, key: bytes) -> None:
         try:
             await self._take_over(key)
@@ -338,8 +355,11 @@ class SaPersistence:
         self.stats.takeovers += 1
         logger.info("took over IKE SA %s (owner was %s, fence %d): next message ID %d",
                     actor.label, stored.owner, fence, record["peer_next_id"])
-        for header, data, local, remote, received in self._loading.get(key, []):
-            self._supervisor.route(header, data, local, remote, received)
+        for waiting in self._loading.get(key, []):
+            if callable(waiting):
+                waiting()
+            else:
+                self._supervisor.route(*waiting)
 
     def _remember_missing(self, key: bytes) -> None:
         now = trio.current_time()

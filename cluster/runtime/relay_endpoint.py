@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 
 import trio
 
 from ..errors import ParseError
 from ..ike.message import peek_header_untrusted
 from ..ike.session import Address, Datagram
-from ..relay import Envelope, Kind
+from ..relay import Envelope, Kind, parse_child_limit
 from ..relay_socket import RelaySocket, parse_address
 from ..store.membership import Membership
 from .dispatcher import Router
@@ -30,6 +31,8 @@ class ResponderRelay:
         self.relay = relay
         self.membership = membership
         self._worker_of: dict[Address, str] = {}
+        # (spi_i, spi_r, spi_in, hard): a worker's Child SA reached a lifetime limit
+        self.on_child_limit: Callable[[bytes, bytes, bytes, bool], None] | None = None
 
     def worker_of(self, remote: Address) -> str | None:
         return self._worker_of.get(remote)
@@ -44,6 +47,9 @@ class ResponderRelay:
     async def serve(self, router: Router, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         def handle(envelope: Envelope, source: Address) -> None:
+            if envelope.kind is Kind.CHILD_LIMIT and self.on_child_limit is not None:
+                self.on_child_limit(*parse_child_limit(envelope.data))
+                return
             if envelope.kind is not Kind.IKE_FROM_PEER:
                 self.relay.drop("unexpected_kind")
                 return

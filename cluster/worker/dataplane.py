@@ -174,6 +174,10 @@ class DataPlane:
             self._ike_of[params.spi_in] = ike
         self._route(params)
 
+    def ike_sa_of(self, spi_in: bytes) -> tuple[bytes, bytes] | None:
+        """(spi_i, spi_r) of the IKE SA a Child SA was installed for."""
+        return self._ike_of.get(spi_in)
+
     def _peer_switched(self, esp: bytes) -> None:
         """The peer sent on an SA waiting to take over: it can receive on it too."""
         spi = esp[:4]

@@ -30,10 +30,11 @@ import msgpack
 import trio
 
 from ..errors import ParseError
+from ..esp import SaHardExpired, SaSequenceExhausted, SaSoftExpired
 from ..ike.message import Header
 from ..ike.session import Address, Datagram
 from ..ike.snapshot import child_event
-from ..relay import Envelope, Kind
+from ..relay import Envelope, Kind, child_limit
 from ..relay_socket import RelaySocket, parse_address
 from ..rendezvous import choose
 from ..store import ClusterKey, PutChild, StateStore, StoreError, open_sealed
@@ -86,12 +87,69 @@ class WorkerRelay:
                                            local=local, remote=remote)
         self.relay.send(envelope, self._addresses[responder])
 
+    def request(self, spi_i: bytes, kind: Kind, data: bytes) -> None:
+        """A message about an IKE SA to the responder that owns it (by rendezvous)."""
+        if not self._responders:
+            self.relay.drop("no_responder")
+            return
+        responder = choose(spi_i, self._responders)
+        self.relay.send(self.relay.codec.encode(kind, responder, data=data),
+                        self._addresses[responder])
+
     def handle(self, envelope: Envelope, source: Address) -> None:
         if envelope.kind is not Kind.IKE_TO_PEER:
             self.relay.drop("unexpected_kind")
             return
         self.send_to_peer(Datagram(envelope.data, envelope.local, envelope.remote,
                                    keepalive=envelope.keepalive))
+
+
+class ChildLimits:
+    """The data plane's lifetimes drive the responders, as in a single node (RFC 4301
+    4.4.2.1): a soft limit asks the responder of the Child SA's IKE SA to rekey it, a hard
+    limit or exhausted sequence numbers to delete it. The responder is the one rendezvous
+    hashing picks for the IKE initiator SPI; the request is repeated a few times while the
+    SA is still here, since that responder may be loading the SA just then (a rekey or a
+    delete already under way makes a repeat a no-op there)."""
+
+    RESEND_INTERVAL = 3.0
+    TRIES = 4
+
+    def __init__(self, relay: WorkerRelay, plane: DataPlane) -> None:
+        self.relay = relay
+        self.plane = plane
+        self.sent = 0
+        self._pending: dict[bytes, tuple[bool, int]] = {}  # spi_in -> (hard, tries left)
+
+    def on_esp_event(self, event: object) -> None:
+        if isinstance(event, SaSoftExpired):
+            hard = False
+        elif isinstance(event, SaHardExpired | SaSequenceExhausted):
+            hard = True
+        else:
+            return
+        spi_in = event.spi_in
+        logger.info("Child SA %s reached its %s limit (%s); asking its responder to %s it",
+                    spi_in.hex(), "hard" if hard else "soft",
+                    getattr(event, "reason", "sequence"), "delete" if hard else "rekey")
+        self._pending[spi_in] = (hard, self.TRIES)
+        self._send(spi_in)
+
+    def _send(self, spi_in: bytes) -> None:
+        hard, tries = self._pending[spi_in]
+        ike = self.plane.ike_sa_of(spi_in)
+        if ike is None or tries <= 0 or self.plane.sad.get(spi_in) is None:
+            del self._pending[spi_in]
+            return
+        self._pending[spi_in] = (hard, tries - 1)
+        self.relay.request(ike[0], Kind.CHILD_LIMIT, child_limit(ike[0], ike[1], spi_in, hard))
+        self.sent += 1
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.RESEND_INTERVAL)
+            for spi_in in list(self._pending):
+                self._send(spi_in)
 
 
 def _message_untrusted(data: bytes) -> list[Any]:

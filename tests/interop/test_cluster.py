@@ -215,3 +215,30 @@ def test_dead_peer_sas_leave_the_store_and_the_worker() -> None:
                              n.log_text(), re.I) for n in cluster.responders), cluster.logs()
         report("cluster", f"dead peer's SA and keys gone from Redis and the worker "
                           f"{gone_after:.1f} s after kill -9")
+
+
+def test_a_workers_packet_limit_makes_the_responder_rekey_the_child_sa() -> None:
+    """The worker's soft lifetime (90 % of lifetime_packets) travels to the responder that
+    owns the IKE SA, which rekeys the Child SA with strongSwan; a ping loses nothing."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        cluster.start([responder], worker_extra={"worker": {"lifetime_packets": 200}})
+        charon = lab.charon("initiator")
+        charon.load(initiator)
+        sa = assert_initiated(charon.initiate("net"), charon)
+        first_spi = child_sa(sa)["spi-in"]
+        proc = lab.initiator.run(["ping", "-n", "-c", "250", "-i", "0.02", "-W", "2", "-I",
+                                  INITIATOR_INNER_V4, RESPONDER_INNER_V4], check=False,
+                                 timeout=60)
+        match = re.search(r"(\d+) packets transmitted, (\d+) received", proc.stdout)
+        assert match and match[1] == match[2], proc.stdout + cluster.logs()
+        log = charon.log_text()
+        # the rekey came from our side: strongSwan parsed the request
+        assert re.search(r"parsed CREATE_CHILD_SA request \d+ \[ N\(REKEY_SA\) SA No TSi TSr \]",
+                         log), cluster.logs()
+        installed = [c for c in established(charon)[0]["child-sas"].values()
+                     if c["state"] == "INSTALLED"]
+        assert len(installed) == 1 and installed[0]["spi-in"] != first_spi, installed
+        assert "reached its soft limit" in cluster.workers[0].log_text()
+        report("cluster", f"worker's packet limit -> responder rekey: {match[0]}, Child SA "
+                          f"{first_spi} -> {installed[0]['spi-in']}")

@@ -442,3 +442,21 @@ def test_mutated_envelopes_raise_only_parse_error(data: st.DataObject) -> None:
         assert responder.drops.total() == 1
     else:
         assert bytes(sealed[:cut]) == _from_peer(RelayCodec(KEY, "worker-1", clock=FakeClock()))
+
+
+def test_child_limit_round_trips_and_refuses_bad_bodies() -> None:
+    from cluster.relay import child_limit, parse_child_limit
+
+    worker, responder, _ = _pair()
+    body = child_limit(b"i" * 8, b"r" * 8, b"\x01\x02\x03\x04", hard=False)
+    envelope = responder.decode_untrusted(worker.encode(Kind.CHILD_LIMIT, "responder-2",
+                                                        data=body))
+    assert envelope.kind is Kind.CHILD_LIMIT and envelope.sender == "worker-1"
+    assert parse_child_limit(envelope.data) == (b"i" * 8, b"r" * 8, b"\x01\x02\x03\x04", False)
+    hard = child_limit(b"i" * 8, b"r" * 8, b"\x01\x02\x03\x04", hard=True)
+    assert parse_child_limit(hard)[3] is True
+    with pytest.raises(ValueError):
+        worker.encode(Kind.CHILD_LIMIT, "responder-2", data=body[:-1])
+    with pytest.raises(ValueError):
+        worker.encode(Kind.CHILD_LIMIT, "responder-2", data=body, local=WORKER_LOCAL,
+                      remote=PEER)
