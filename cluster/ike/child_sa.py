@@ -82,20 +82,28 @@ def install_child(sa: IkeSa, name: str, mode: str, spi_in: bytes, spi_out: bytes
     assert sa.chosen is not None and sa.chosen.prf is not None and sa.keys is not None
     keys = derive_child_keys(sa.chosen.prf, sa.keys.sk_d, chosen.encr, chosen.integ,
                              nonce_i, nonce_r, shared)
-    child = ChildSa(name, mode, spi_in, spi_out, chosen, keys, local_ts, remote_ts)
-    sa.children[spi_in] = child
     if we_initiated is None:
         we_initiated = sa.is_initiator
-    if we_initiated:
+    child = ChildSa(name, mode, spi_in, spi_out, chosen, keys, local_ts, remote_ts,
+                    we_initiated=we_initiated)
+    sa.children[spi_in] = child
+    sa.events.append(child_established(sa, child, replaces))
+    return child
+
+
+def child_established(sa: IkeSa, child: ChildSa, replaces: bytes = b"") -> ChildSaEstablished:
+    """The install request for a Child SA of `sa`: its keys as inbound and outbound."""
+    keys, chosen = child.keys, child.chosen
+    if child.we_initiated:
         key_in, int_in, key_out, int_out = keys.encr_r, keys.integ_r, keys.encr_i, keys.integ_i
     else:
         key_in, int_in, key_out, int_out = keys.encr_i, keys.integ_i, keys.encr_r, keys.integ_r
-    sa.events.append(ChildSaEstablished(
-        sa.spi_i, sa.spi_r, name, mode, spi_in, spi_out, chosen.encr, chosen.integ,
-        chosen.esn == 1, key_in, int_in, key_out, int_out, local_ts, remote_ts,
-        sa.local, sa.remote, encap=sa.nat, replaces=replaces, we_initiated=we_initiated,
-    ))
-    return child
+    return ChildSaEstablished(
+        sa.spi_i, sa.spi_r, child.name, child.mode, child.spi_in, child.spi_out, chosen.encr,
+        chosen.integ, chosen.esn == 1, key_in, int_in, key_out, int_out, child.local_ts,
+        child.remote_ts, sa.local, sa.remote, encap=sa.nat, replaces=replaces,
+        we_initiated=child.we_initiated,
+    )
 
 
 def respond_child(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload],

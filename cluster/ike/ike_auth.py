@@ -158,6 +158,10 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
     response += _our_auth(sa, chosen_conn.local, sa.local_id, peer_ident, sa.init_response,
                           sa.nonce_i)
     _established(sa, bool(notifies(payloads, NotifyType.INITIAL_CONTACT)))
+    if notifies(payloads, NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED):
+        # RFC 6311 3: a cluster may resynchronise message IDs after a failover
+        sa.mid_sync = True
+        response.append(NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))
     response += respond_child(sa, chosen_conn, payloads, rng)
     return response
 
@@ -182,6 +186,7 @@ def build_auth_request(sa: IkeSa, rng: Random) -> list[Payload]:
     payloads += [p for p in auth if isinstance(p, AuthPayload)]
     if sa.initial_contact:
         payloads.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
+    payloads.append(NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))  # RFC 6311 3
     child = conn.children[0]
     sa.pending_child_spi = new_child_spi(sa, rng)
     if child.mode == "transport":
@@ -215,6 +220,7 @@ def process_auth_response(sa: IkeSa, payloads: list[Payload], wall_clock: WallCl
     _verify_peer(sa, conn.remote, peer_ident, idr.id_type, idr.data, auth, certs,
                  sa.local_id, sa.init_response, sa.nonce_i, wall_clock)
     sa.remote_id = peer_ident
+    sa.mid_sync = bool(notifies(payloads, NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))
     _established(sa)
     refused = [n for n in payloads if isinstance(n, NotifyPayload) and n.notify_type < 16384]
     sa_p = first_of(payloads, SaPayload)

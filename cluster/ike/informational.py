@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from .constants import ProtocolId
+import struct
+
+from .constants import NotifyType, ProtocolId
 from .events import ChildSaDeleted
-from .payloads import DeletePayload, Payload
+from .payloads import DeletePayload, NotifyPayload, Payload
 from .sa import IkeSa
 
 
@@ -39,3 +41,25 @@ def delete_all_children(sa: IkeSa, reason: str) -> None:
         del sa.children[spi_in]
         sa.events.append(ChildSaDeleted(sa.spi_i, sa.spi_r, child.name, spi_in, child.spi_out,
                                         reason))
+
+
+# --- RFC 6311: message ID synchronisation after a failover ------------------------------
+
+_MID_SYNC = struct.Struct("!4sII")  # nonce, EXPECTED_SEND_REQ_MESSAGE_ID, _RECV_REQ_
+
+
+def mid_sync_notify(nonce: bytes, send: int, recv: int) -> NotifyPayload:
+    """N(IKEV2_MESSAGE_ID_SYNC) (RFC 6311 4.1): the next request ID we send, the next we
+    expect to receive."""
+    return NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC, _MID_SYNC.pack(nonce, send, recv))
+
+
+def parse_mid_sync_untrusted(payloads: list[Payload]) -> tuple[bytes, int, int] | None:
+    """(nonce, send, recv) of the first IKEV2_MESSAGE_ID_SYNC notify, if a well-formed one."""
+    for p in payloads:
+        if isinstance(p, NotifyPayload) and p.notify_type == NotifyType.IKEV2_MESSAGE_ID_SYNC:
+            if len(p.data) != _MID_SYNC.size:
+                return None
+            nonce, send, recv = _MID_SYNC.unpack(p.data)
+            return nonce, send, recv
+    return None

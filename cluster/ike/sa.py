@@ -37,6 +37,9 @@ class ChildSa:
     replaced_nonce: bytes = b""  # the lowest nonce of the peer's rekey exchange
     deleting: bool = False
     scheduled: bool = False  # lifetimes set
+    # whether we sent the request that created it: KEYMAT's first keys are the exchange
+    # initiator's outbound ones (RFC 7296 2.17)
+    we_initiated: bool = False
 
 
 @dataclass(slots=True)
@@ -95,6 +98,7 @@ class IkeSa:
     rekeying: bool = False
     rekey_nonce: bytes = b""
     fragmentation: bool = False  # both announced IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383)
+    mid_sync: bool = False  # both announced IKEV2_MESSAGE_ID_SYNC_SUPPORTED (RFC 6311)
     reassembly: dict[bool, Reassembler] = field(default_factory=dict)  # by "is a response"
     fragment1_digest: bytes = b""  # of the request being reassembled (retransmission check)
 

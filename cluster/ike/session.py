@@ -22,6 +22,7 @@ from ..errors import (
     ChildSaNotFound,
     IkeError,
     InvalidKePayload,
+    InvalidSyntax,
     ParseError,
     TemporaryFailure,
     UnsupportedCriticalPayload,
@@ -52,6 +53,8 @@ from .ike_init import build_init_request, process_init_response, respond_init
 from .informational import (
     delete_all_children,
     delete_children_by_outbound,
+    mid_sync_notify,
+    parse_mid_sync_untrusted,
     respond_informational,
 )
 from .lifetimes import INFINITY, deadlines, fraction
@@ -116,7 +119,13 @@ class DeleteChild:
     spi_in: bytes
 
 
-Task = _Init | _Auth | Liveness | DeleteIke | DeleteChild | RekeyChild | RekeyIke
+@dataclass
+class SyncMessageIds:
+    nonce: bytes
+
+
+Task = (_Init | _Auth | Liveness | DeleteIke | DeleteChild | RekeyChild | RekeyIke
+        | SyncMessageIds)
 
 _REQUEST_TRIGGERS = {
     ExchangeType.IKE_SA_INIT: Trigger.RECV_INIT_REQUEST,
@@ -126,6 +135,7 @@ _REQUEST_TRIGGERS = {
 }
 _EXCHANGE_OF = {
     Liveness: ExchangeType.INFORMATIONAL,
+    SyncMessageIds: ExchangeType.INFORMATIONAL,
     DeleteIke: ExchangeType.INFORMATIONAL,
     DeleteChild: ExchangeType.INFORMATIONAL,
     RekeyChild: ExchangeType.CREATE_CHILD_SA,
@@ -146,6 +156,7 @@ class IkeSession:
         self.drops: dict[str, int] = {}
         self.retransmits_answered = 0
         self.retransmits_sent = 0  # our requests sent again after a timeout (RFC 7296 2.1)
+        self.message_id_syncs = 0  # RFC 6311 exchanges completed
         self.last_error = ""
 
     # --- construction --------------------------------------------------------------
@@ -335,6 +346,16 @@ class IkeSession:
         self._kick(sa, now)
         return True
 
+    def sync_message_ids(self, now: float) -> bool:
+        """RFC 6311 4: agree with the peer on the next request IDs both ways (a cluster
+        node that took the SA over sends this); False unless both announced support."""
+        sa = self._sa
+        if not sa.mid_sync or sa.state is not State.ESTABLISHED:
+            return False
+        sa.queue.appendleft(SyncMessageIds(self._rng(4)))
+        self._kick(sa, now)
+        return True
+
     def _kick(self, sa: IkeSa, now: float) -> None:
         """Send the next queued request of `sa` if none is outstanding (window size 1)."""
         while sa.pending is None and sa.queue and not self.closed:
@@ -347,11 +368,15 @@ class IkeSession:
             if payloads is None:
                 continue
             exchange = _EXCHANGE_OF[type(task)]
-            self._send_protected_request(sa, exchange, payloads, task, now)
+            # RFC 6311 4.1: the sync request has message ID zero, outside the window
+            message_id = 0 if isinstance(task, SyncMessageIds) else None
+            self._send_protected_request(sa, exchange, payloads, task, now, message_id)
 
     def _build(self, sa: IkeSa, task: Task) -> list[Payload] | None:
         if isinstance(task, Liveness):
             return []
+        if isinstance(task, SyncMessageIds):
+            return [mid_sync_notify(task.nonce, sa.our_next_id, sa.peer_next_id)]
         if isinstance(task, DeleteIke):
             if sa.state not in (State.ESTABLISHED, State.REKEYED):
                 return None
@@ -374,6 +399,11 @@ class IkeSession:
     def _on_request(self, sa: IkeSa, decoded: Decoded, data: bytes, local: Address,
                     remote: Address, now: float) -> None:
         header = decoded.header
+        if (header.message_id == 0 and sa.mid_sync and decoded.sk_offset
+                and header.exchange == ExchangeType.INFORMATIONAL and sa.sk is not None
+                and sa.state is State.ESTABLISHED and not decoded.is_fragment
+                and self._on_mid_sync(sa, decoded, data, local, remote, now)):
+            return
         if header.message_id == sa.peer_next_id - 1 and sa.last_response is not None:
             # RFC 7296 2.1: a retransmitted request gets the same response, byte for byte;
             # only a copy of that request, or 28 forged bytes would reflect the response.
@@ -419,6 +449,35 @@ class IkeSession:
             sa.init_request = data
         sa.last_request_digest = digest
         self._answer(sa, header.exchange, header.message_id, payloads, local, remote, now)
+
+    def _on_mid_sync(self, sa: IkeSa, decoded: Decoded, data: bytes, local: Address,
+                     remote: Address, now: float) -> bool:
+        """RFC 6311 4.2, as the peer of a cluster: a request with message ID zero holding
+        only N(IKEV2_MESSAGE_ID_SYNC). False if it is something else (go on as usual)."""
+        assert sa.sk is not None
+        inner = sa.sk.unprotect_untrusted(data, decoded)
+        if inner is None:
+            self._drop("integrity")
+            return True
+        sync = parse_mid_sync_untrusted(inner)
+        if sync is None or len(inner) != 1:
+            return False
+        nonce, send, recv = sync
+        if send < sa.peer_next_id:  # 5.1: lower than what we have seen: drop silently
+            self._drop("message_id")
+            return True
+        self._heard_from(sa, local, remote, now)
+        sa.peer_next_id = send
+        # our request in flight keeps its ID: the peer is told to expect it
+        ours = sa.our_next_id - 1 if sa.pending is not None else sa.our_next_id
+        sa.our_next_id = max(recv, sa.our_next_id)
+        answer = Message(sa.spi_i, sa.spi_r, ExchangeType.INFORMATIONAL, 0, True,
+                         sa.is_initiator, [mid_sync_notify(nonce, max(recv, ours),
+                                                           sa.peer_next_id)])
+        self._outbox += [Datagram(d, local, remote) for d in self._protect(sa, answer)]
+        self.message_id_syncs += 1
+        sa.events.append(ExchangeCompleted(ExchangeType.INFORMATIONAL, True, "ok"))
+        return True
 
     def _heard_from(self, sa: IkeSa, local: Address, remote: Address, now: float) -> None:
         """An authenticated message: the peer is alive, and we may follow its address."""
@@ -597,11 +656,26 @@ class IkeSession:
                                                 child.spi_out, "deleted by us"))
         elif isinstance(task, RekeyChild):
             self._child_rekeyed(sa, task, payloads, now)
+        elif isinstance(task, SyncMessageIds):
+            self._message_ids_synced(sa, task, payloads)
         elif isinstance(task, RekeyIke):
             successor = process_rekey_ike(sa, task, payloads)
             self._take_over(sa, successor, now)
             sa.queue.append(DeleteIke())  # the rekey's initiator deletes the old SA
         sa.events.append(ExchangeCompleted(_exchange_of(task), False, "ok"))
+
+    def _message_ids_synced(self, sa: IkeSa, task: SyncMessageIds,
+                            payloads: list[Payload]) -> None:
+        """RFC 6311 4.2: the peer's answer; each side continues from the higher values."""
+        answer = parse_mid_sync_untrusted(payloads)
+        if answer is None or answer[0] != task.nonce:
+            raise InvalidSyntax("IKEV2_MESSAGE_ID_SYNC response without our nonce")
+        _, peer_send, peer_recv = answer
+        sa.our_next_id = max(sa.our_next_id, peer_recv)
+        if peer_send > sa.peer_next_id:
+            sa.peer_next_id = peer_send
+            sa.last_response = None  # it answered an ID the peer has moved beyond
+        self.message_id_syncs += 1
 
     def _child_rekeyed(self, sa: IkeSa, task: RekeyChild, payloads: list[Payload],
                        now: float) -> None:
@@ -711,9 +785,10 @@ class IkeSession:
         self._outbox.append(Datagram(data, sa.local, sa.remote))
 
     def _send_protected_request(self, sa: IkeSa, exchange: int, payloads: list[Payload],
-                                task: Task, now: float) -> None:
-        message_id = sa.our_next_id
-        sa.our_next_id += 1
+                                task: Task, now: float, message_id: int | None = None) -> None:
+        if message_id is None:
+            message_id = sa.our_next_id
+            sa.our_next_id += 1
         msg = Message(sa.spi_i, sa.spi_r, exchange, message_id, False, sa.is_initiator,
                       payloads)
         data = self._protect(sa, msg)

@@ -83,7 +83,7 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
             "name": c.name, "mode": c.mode, "spi_in": c.spi_in, "spi_out": c.spi_out,
             "chosen": _chosen(c.chosen), "local_ts": [_ts(t) for t in c.local_ts],
             "remote_ts": [_ts(t) for t in c.remote_ts], "rekey_in": _rel(c.rekey_at, now),
-            "expire_in": _rel(c.expire_at, now),
+            "expire_in": _rel(c.expire_at, now), "we_initiated": c.we_initiated,
         })
         child_keys.append([c.keys.encr_i, c.keys.integ_i, c.keys.encr_r, c.keys.integ_r])
     return {
@@ -97,6 +97,9 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
         "chosen": _chosen(sa.chosen),
         "nat": [sa.nat_local, sa.nat_remote, sa.behind_nat],
         "fragmentation": sa.fragmentation,
+        "mid_sync": sa.mid_sync,
+        # a request of ours may not have reached the peer: our next ID may be ahead of its
+        "in_flight": sa.pending is not None,
         "peer_hashes": sorted(sa.peer_hashes),
         "local_id": _ident(sa.local_id),
         "remote_id": _ident(sa.remote_id),
@@ -154,6 +157,7 @@ def _restore(record: Record, policy: ResponderPolicy, now: float, wall_clock: Wa
         last_heard=now - record["last_heard_ago"],
         rekey_at=_abs(record["rekey_in"], now), expire_at=_abs(record["expire_in"], now),
         fragmentation=record["fragmentation"],
+        mid_sync=bool(record.get("mid_sync", False)),
     )
     for c, ck in zip(record["children"], record["children_keys"], strict=True):
         child = ChildSa(c["name"], c["mode"], c["spi_in"], c["spi_out"],
@@ -161,7 +165,8 @@ def _restore(record: Record, policy: ResponderPolicy, now: float, wall_clock: Wa
                         tuple(_ts_from(t) for t in c["local_ts"]),
                         tuple(_ts_from(t) for t in c["remote_ts"]),
                         rekey_at=_abs(c["rekey_in"], now), expire_at=_abs(c["expire_in"], now),
-                        scheduled=True)
+                        scheduled=True,
+                        we_initiated=bool(c.get("we_initiated", initiator)))
         sa.children[child.spi_in] = child
     return IkeSession(sa, wall_clock=wall_clock, **kwargs)
 

@@ -417,7 +417,9 @@ def test_ts_unacceptable_keeps_the_ike_sa_without_a_child() -> None:
     transfer(gateway, client)
     transfer(client, gateway)
     [reply] = gateway.datagrams_to_send()
-    assert _auth_response_notify(reply, client) == [NotifyType.TS_UNACCEPTABLE]
+    # the IKE SA stands (with RFC 6311 support announced); only its Child SA is refused
+    assert _auth_response_notify(reply, client) == [
+        NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED, NotifyType.TS_UNACCEPTABLE]
     client.receive_datagram_untrusted(reply.data, CLIENT, GW, 0.0)
     out = Outcome(client, gateway, drain(client), drain(gateway))
     assert out.client.state is State.ESTABLISHED and out.gateway.state is State.ESTABLISHED

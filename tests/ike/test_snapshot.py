@@ -103,3 +103,32 @@ def test_a_child_sa_record_gives_back_the_same_event_through_msgpack() -> None:
     broken = child_record(child) | {"encr": "rot13"}
     with pytest.raises(ParseError):
         child_event(broken)
+
+
+def test_rfc6311_sync_repairs_ids_after_a_request_lost_with_its_owner() -> None:
+    """The old owner sent a liveness request (its snapshot says our next ID is 1) that
+    never reached the peer; the new owner's IDs are one ahead of what the peer expects.
+    Without a sync its next request is dropped; after RFC 6311's exchange it is answered."""
+    client, gateway = established()
+    assert client.sa.mid_sync and gateway.sa.mid_sync  # both announced it in IKE_AUTH
+    assert gateway.check_liveness(1.0)
+    gateway.datagrams_to_send()  # lost with the node
+    assert snapshot_of(gateway, 1.0)["in_flight"]  # what tells the new owner to sync
+
+    unsynced = taken_over(gateway, 2.0)
+    assert unsynced.check_liveness(2.0)
+    transfer(unsynced, client, 2.0)
+    assert client.drops.get("message_id") == 1 and not client.datagrams_to_send()
+
+    synced = taken_over(gateway, 3.0)
+    assert synced.sync_message_ids(3.0)
+    transfer(synced, client, 3.0)  # message ID 0, N(IKEV2_MESSAGE_ID_SYNC)
+    transfer(client, synced, 3.0)
+    assert synced.message_id_syncs == 1 and client.message_id_syncs == 1
+    assert client.sa.peer_next_id == synced.sa.our_next_id
+    assert synced.check_liveness(4.0)
+    transfer(synced, client, 4.0)
+    transfer(client, synced, 4.0)
+    assert synced.sa.pending is None  # answered
+    drain(client)
+    assert synced.retransmits_sent == 0
