@@ -38,6 +38,7 @@ import msgpack
 import trio
 
 from ..errors import ParseError
+from ..ike.child_sa import child_established
 from ..ike.events import ChildSaDeleted, ChildSaEstablished, Event, IkeSaDeleted, IkeSaMoved
 from ..ike.message import Header
 from ..ike.policy import ResponderPolicy
@@ -95,6 +96,8 @@ class FailoverStats:
     lease_lost: int = 0  # SAs another node took over while we still held them
     handovers: int = 0  # SAs released because rendezvous gives them to another node
     renew_failures: int = 0
+    reclaimed: int = 0  # SAs stored again after the store lost them
+    message_id_syncs: int = 0  # RFC 6311 exchanges started after a takeover
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -195,10 +198,7 @@ class SaPersistence:
             record["worker"] = held.worker
             summary = _summary(record)
             if summary != held.written:
-                expire_in = record["expire_in"]
-                ttl = None if expire_in is None else max(expire_in, 0.0) + RECORD_GRACE
-                blob = pack_snapshot(record, SECRET_FIELDS, self._key, held.key)
-                ops.append(PutSa(held.key, blob, self.node, held.fence, ttl))
+                ops.append(self._put(held, record))
             if retired is not None:
                 ops += [DeleteSa(*retired), Release(retired[0], self.node, retired[1])]
         if not ops:
@@ -213,6 +213,13 @@ class SaPersistence:
         if session.closed:
             self._held.pop(actor, None)
         return True
+
+    def _put(self, held: _Held, record: dict[str, Any]) -> PutSa:
+        """The snapshot, sealed, under our fence; kept a while past the SA's hard lifetime."""
+        expire_in = record["expire_in"]
+        ttl = None if expire_in is None else max(expire_in, 0.0) + RECORD_GRACE
+        blob = pack_snapshot(record, SECRET_FIELDS, self._key, held.key)
+        return PutSa(held.key, blob, self.node, held.fence, ttl)
 
     async def _acquire_new(self, key: bytes) -> int | None:
         try:
@@ -233,6 +240,9 @@ class SaPersistence:
             return False
         for result in results:
             if isinstance(result, LeaseLost):
+                held = self._held.get(actor)
+                if held is not None and await self._reclaim(actor, held):
+                    return False  # stored anew; the retransmission goes out with it
                 self.stats.lease_lost += 1
                 self._held.pop(actor, None)
                 raise Relinquished(actor.label)
@@ -360,6 +370,12 @@ class SaPersistence:
                 waiting()
             else:
                 self._supervisor.route(*waiting)
+        if record.get("in_flight") and session.sa.mid_sync:
+            # The old owner's own request may never have reached the peer, so our next
+            # request ID may be ahead of what it expects: RFC 6311 settles it. After the
+            # peer's queued requests, so that it has none in flight when the sync arrives.
+            actor.mailbox.put_nowait(lambda s, t: s.sync_message_ids(t))
+            self.stats.message_id_syncs += 1
 
     def _remember_missing(self, key: bytes) -> None:
         now = trio.current_time()
@@ -409,11 +425,61 @@ class SaPersistence:
             return
         for (actor, h), result in zip(held, results, strict=True):
             if result is False and self._held.get(actor) is h:
-                self.stats.lease_lost += 1
-                del self._held[actor]
-                self._supervisor.relinquish(actor)
+                if await self._reclaim(actor, h):
+                    continue
+                if self._held.get(actor) is h:
+                    self.stats.lease_lost += 1
+                    del self._held[actor]
+                    self._supervisor.relinquish(actor)
             elif isinstance(result, StoreError):
                 self.stats.renew_failures += 1
+
+    async def _reclaim(self, actor: SaActor, held: _Held) -> bool:
+        """Our lease is gone. If another node owns the SA now, or deleted it (its fence
+        counter is still there), it is not ours. If the store forgot it (a Redis restart
+        without its data) or the lease ran out during an outage with the record still
+        ours, take the lease again and store the SA and its Child SAs anew."""
+        session = actor.session
+        assert isinstance(session, IkeSession)
+        try:
+            stored = await self._writer.get_sa(held.key)
+            if stored is not None and stored.owner != self.node:
+                return False
+            fence = await self._writer.acquire(held.key, self.node, self.lease_ttl)
+            if fence is None:
+                return False
+            if stored is None and fence != 1:  # a tombstone: someone deleted the SA
+                await self._release(held.key, fence)
+                return False
+        except StoreError:
+            self.stats.renew_failures += 1
+            return True  # keep it; try again next round
+        held.fence, held.written = fence, None
+        ops: list[Op[Any]] = []
+        if held.worker and not session.closed:
+            for child in session.sa.children.values():
+                event = child_established(session.sa, child)
+                held.children[child.spi_in] = event
+                sealed = seal_child(self._key, held.worker, event)
+                ops += [PutChild(held.worker, child.spi_in, sealed),
+                        Publish(held.worker, _message("install", child.spi_in, sealed))]
+        if session.state is State.ESTABLISHED:
+            record = snapshot_of(session, trio.current_time())
+            record["worker"] = held.worker
+            ops.append(self._put(held, record))
+            summary: tuple[Any, ...] | None = _summary(record)
+        else:
+            summary = None
+        try:
+            results = await self._writer.submit_all(ops)
+        except StoreError:
+            return True
+        if not any(isinstance(r, StoreError) for r in results):
+            held.written = summary
+        self.stats.reclaimed += 1
+        logger.warning("IKE SA %s: the store had lost it; stored again (fence %d)",
+                       actor.label, fence)
+        return True
 
     def hand_over(self) -> None:
         """Release the SAs rendezvous hashing now gives to another live responder."""

@@ -21,6 +21,7 @@ meanwhile, so no (SPI, sequence number) pair is ever sent twice (RFC 4303 3.3.3)
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -46,6 +47,7 @@ from .keys import Limits, params_from_event
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FIELD = b"seq"  # in the per-worker table; Child SA fields are 4-byte SPIs
+INCARNATION_FIELD = b"inc"  # written once per worker start: its absence means a lost table
 CHECKPOINT_INTERVAL = 1.0
 SEQ_MARGIN = 1 << 20
 SEQ_RATE_BOUND = 1 << 20  # packets per second one SA can be sent at, generously
@@ -179,6 +181,8 @@ class KeySubscriber:
         self.resyncs = 0
         self.errors = 0  # records or messages that did not open
         self.restored = 0  # SAs installed from the table at start, with a sequence jump
+        self.tables_lost = 0  # resyncs that found the store had forgotten our table
+        self._incarnation = os.urandom(8)
 
     def _open(self, spi_in: bytes, sealed: bytes) -> Any:
         plain = open_sealed(self.key, sealed, child_aad(self.worker, spi_in))
@@ -208,11 +212,23 @@ class KeySubscriber:
                 await trio.sleep(1.0)
 
     async def resync(self, *, restoring: bool = False) -> None:
+        """Make the SAD match the table. A table without our incarnation mark after we
+        wrote it was lost by the store (a Redis restart without its data): then nothing
+        is removed, since the responders store their SAs again (and the marks anew)."""
         self.resyncs += 1
         table = await self.store.children(self.worker)
         checkpoint = _checkpoint(table.pop(CHECKPOINT_FIELD, None))
+        lost = not restoring and table.pop(INCARNATION_FIELD, None) != self._incarnation
+        table.pop(INCARNATION_FIELD, None)
+        if restoring or lost:
+            await self.store.run(PutChild(self.worker, INCARNATION_FIELD, self._incarnation))
+        if lost:
+            self.tables_lost += 1
+            logger.warning("the store lost this worker's Child SA table; keeping the %d "
+                           "installed SAs until the responders store them again",
+                           len(self.plane.sad))
         sad = self.plane.sad
-        for spi_in in [s for s in self._installed_spis() if s not in table]:
+        for spi_in in [s for s in self._installed_spis() if s not in table and not lost]:
             self.plane.remove(spi_in)
             self.removed += 1
         for spi_in, sealed in table.items():
@@ -255,6 +271,8 @@ class KeySubscriber:
             message = _message_untrusted(data)
             kind, spi_in = message[0], message[1]
             if kind == "install" and len(message) == 3 and isinstance(message[2], bytes):
+                if self.plane.sad.get(spi_in) is not None:
+                    return  # stored again after a store restart: keep its counters
                 event = self._open(spi_in, message[2])
                 self.plane.on_ike_event(event)
                 self.installed += 1

@@ -101,12 +101,16 @@ def establish(local: str, remote: str) -> dict[str, str]:
 
 
 def resend(local: str, remote: str, data: bytes, seconds: float) -> bytes | None:
+    """The first response to `data`: the same message ID, the response flag set (other
+    datagrams, e.g. a new owner's own requests, are not the answer)."""
     sock = _socket(local)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         sock.sendto(data, (remote, 500))
-        if select.select([sock], [], [], 1.0)[0]:
-            return sock.recvfrom(65535)[0]
+        while select.select([sock], [], [], 1.0)[0]:
+            reply = sock.recvfrom(65535)[0]
+            if len(reply) >= 28 and reply[19] & 0x20 and reply[20:24] == data[20:24]:
+                return reply
     return None
 
 

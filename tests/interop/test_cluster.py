@@ -242,3 +242,48 @@ def test_a_workers_packet_limit_makes_the_responder_rekey_the_child_sa() -> None
         assert "reached its soft limit" in cluster.workers[0].log_text()
         report("cluster", f"worker's packet limit -> responder rekey: {match[0]}, Child SA "
                           f"{first_spi} -> {installed[0]['spi-in']}")
+
+
+BLOCK_TABLE = "ikc_block"
+
+
+def test_rfc6311_message_id_sync_after_the_owner_died_with_a_request_in_flight() -> None:
+    """The owner's liveness check never reaches strongSwan (dropped on the wire) and the
+    owner dies: the survivor's next request ID is one ahead of what strongSwan expects.
+    strongSwan announced IKEV2_MESSAGE_ID_SYNC_SUPPORTED, so the survivor runs RFC 6311's
+    exchange and its own liveness checks are then answered."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        initiator = replace(initiator, dpd_delay="3s")
+        responder = replace(responder, dpd_delay="2s")
+        cluster.start([responder])
+        charon = lab.charon("initiator")
+        charon.load(initiator)
+        sa = assert_initiated(charon.initiate("net"), charon)
+        owner = _owner(cluster, sa["responder-spi"])
+        # IKE from the worker (UDP 4500, zero non-ESP marker) stops reaching strongSwan
+        lab.initiator.run(["nft", "add", "table", "inet", BLOCK_TABLE])
+        lab.initiator.run(["nft", "add", "chain", "inet", BLOCK_TABLE, "in",
+                           "{ type filter hook input priority -5; }"])
+        lab.initiator.run(["nft", "add", "rule", "inet", BLOCK_TABLE, "in", "udp", "sport",
+                           "4500", "@th,64,32", "==", "0", "drop"])
+        time.sleep(3.0)  # the owner's liveness check (dpd_delay 2 s) is on the wire, lost
+        cluster.responders[owner - 1].kill()
+        lab.initiator.run(["nft", "delete", "table", "inet", BLOCK_TABLE])
+        log_before = len(charon.log_text())
+        deadline = time.monotonic() + 30
+        while "responder requested MID sync" not in charon.log_text()[log_before:]:
+            assert time.monotonic() < deadline, (
+                f"no RFC 6311 sync:\n{charon.log_text()[log_before:]}\n{cluster.logs()}")
+            time.sleep(0.5)
+        time.sleep(6.0)  # the survivor's liveness checks (every 2 s) with the synced IDs
+        after = charon.log_text()[log_before:]
+        sync_at = after.index("responder requested MID sync")
+        answered = re.findall(r"parsed INFORMATIONAL request (\d+) \[ \]", after[sync_at:])
+        assert len(answered) >= 2, after
+        assert "ignored" not in after[sync_at:].lower(), after
+        now = established(charon)
+        assert now and now[0]["responder-spi"] == sa["responder-spi"]
+        line = re.search(r"responder requested MID sync: [^\n]*", after)
+        report("cluster", f"RFC 6311 after the owner died mid-request: {line and line[0]}; "
+                          f"then {len(answered)} liveness checks answered")
