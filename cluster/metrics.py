@@ -502,6 +502,12 @@ def _relay_families(stats: Mapping[str, int]) -> list[Metric]:
                  " and sent to them.", "direction",
                  {"sent": stats.get("sent", 0), "received": stats.get("received", 0)}),
         _counter("relay_dropped_total", "Relay datagrams dropped, by reason.", "reason", drops),
+        CounterMetricFamily(PREFIX + "relay_pings_total",
+                            "PINGs to other nodes answered by a PONG (relay round trips).",
+                            stats.get("rtt_count", 0)),
+        CounterMetricFamily(PREFIX + "relay_ping_seconds_total",
+                            "Time those relay round trips took (divided by their rate: the "
+                            "mean latency).", stats.get("rtt_microseconds", 0) / 1e6),
     ]
 
 

@@ -11,15 +11,19 @@ import contextlib
 import dataclasses
 import logging
 import socket
+import struct
 from collections.abc import Callable, Iterator
 
 import trio
 
 from .errors import ParseError
 from .relay import Address, Envelope, Kind, RelayCodec
+from .store.membership import Membership
 
 logger = logging.getLogger(__name__)
 
+PINGS_MAX = 1024
+_SEQ = struct.Struct("!Q")  # an envelope's sequence number, at offset 5
 RECV_BATCH = 64
 RECV_SIZE = 65535
 SOCKET_BUFFER = 1 << 21
@@ -44,6 +48,9 @@ class RelaySocket:
         self.received = 0
         self.send_failed = 0
         self.dropped: dict[str, int] = {}  # reasons of our own: no_responder, no_worker, ...
+        self._pings: dict[int, float] = {}  # seq of a PING in flight -> when it left
+        self.rtt_count = 0  # PONGs back in time, and their round trips summed
+        self.rtt_sum = 0.0
 
     @classmethod
     @contextlib.contextmanager
@@ -86,7 +93,25 @@ class RelaySocket:
         return True
 
     def ping(self, recipient: str, to: Address) -> bool:
-        return self.send(self.codec.encode(Kind.PING, recipient), to)
+        """A PING whose PONG measures the relay's round trip to `recipient`."""
+        envelope = self.codec.encode(Kind.PING, recipient)
+        if len(self._pings) >= PINGS_MAX:  # unanswered ones: the oldest go
+            for seq in list(self._pings)[:PINGS_MAX // 2]:
+                del self._pings[seq]
+        self._pings[_SEQ.unpack_from(envelope, 5)[0]] = trio.current_time()
+        return self.send(envelope, to)
+
+    async def ping_members(self, membership: Membership, role: str) -> None:
+        """PING every live member of `role` once per heartbeat round, until cancelled."""
+        while True:
+            for member in membership.of_role(role):
+                relay = member.info.get("relay")
+                if isinstance(relay, str):
+                    try:
+                        self.ping(member.node, parse_address(relay))
+                    except ValueError:
+                        continue
+            await trio.sleep(membership.ttl / 3)
 
     async def serve(self, handle: Callable[[Envelope, Address], None]) -> None:
         """Open every datagram and hand the envelopes on, until cancelled.
@@ -113,6 +138,12 @@ class RelaySocket:
                     self.send(codec.encode(Kind.PONG, envelope.sender, echo=envelope.seq),
                               source)
                     continue
+                if envelope.kind is Kind.PONG:
+                    sent = self._pings.pop(envelope.echo, None)
+                    if sent is not None:
+                        self.rtt_count += 1
+                        self.rtt_sum += trio.current_time() - sent
+                    continue
                 try:
                     handle(envelope, source)
                 except Exception:
@@ -125,7 +156,8 @@ class RelaySocket:
     def stats(self) -> dict[str, int]:
         """sent, received, dropped_<reason> (the codec's and ours), for the metrics."""
         result = {"sent": self.sent, "received": self.received,
-                  "dropped_send_failed": self.send_failed}
+                  "dropped_send_failed": self.send_failed, "rtt_count": self.rtt_count,
+                  "rtt_microseconds": int(self.rtt_sum * 1e6)}
         drops = self.codec.drops
         for f in dataclasses.fields(drops):
             result["dropped_" + f.name] = getattr(drops, f.name)

@@ -155,6 +155,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                 await nursery.start(persistence.run)
                 await nursery.start(endpoint.serve, supervisor)
                 await nursery.start(membership.run)
+                nursery.start_soon(relay.ping_members, membership, "worker")
                 metrics.watch_runtime(stats.as_dict, supervisor.session_counters,
                                       lambda: supervisor.half_open_count)
                 supervisor.handshake_observer = metrics.observe_handshake
@@ -220,6 +221,7 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
                 nursery.start_soon(keys.checkpoints)
                 nursery.start_soon(limits_out.run)
                 nursery.start_soon(relay.serve, edge.handle)
+                nursery.start_soon(relay.ping_members, membership, "responder")
                 await nursery.start(dispatcher.serve, edge)
                 metrics.watch_runtime(stats.as_dict, dict, lambda: 0)
                 metrics.watch_data_plane(plane.stats)

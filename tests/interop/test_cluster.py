@@ -155,6 +155,8 @@ def test_store_holds_no_key_forged_relay_is_dropped_retransmission_crosses_failo
             time.sleep(0.3)
         assert _metric(target.metrics(), bad_mac) == before_mac + 1  # the forged envelope
         assert target.running()
+        # the relay's own latency: responders PING the workers every heartbeat round
+        assert _metric(target.metrics(), "ike_cluster_relay_pings_total") > 0
 
         # 3. our probe: an SA, a liveness request answered; kill its owner; retransmit
         probe = lab.initiator.run([sys.executable, "-m", "tests.interop.ike_probe",

@@ -84,6 +84,8 @@ CLUSTER = {
     "ike_cluster_store_round_trip_seconds": "counter",
     "ike_cluster_relay_datagrams": "counter",
     "ike_cluster_relay_dropped": "counter",
+    "ike_cluster_relay_pings": "counter",
+    "ike_cluster_relay_ping_seconds": "counter",
     "ike_cluster_takeovers": "counter",
     "ike_cluster_takeover_failures": "counter",
     "ike_cluster_lease_held_dropped": "counter",
@@ -212,7 +214,8 @@ def test_the_cluster_counters_are_published_and_move() -> None:
 
     store.round_trips, store.ops, store.errors, store.lease_lost = 40, 90, 3, 2
     store.seconds = 0.125
-    relay.update(sent=11, received=12, dropped_bad_mac=4, dropped_no_responder=5,
+    relay.update(sent=11, received=12, rtt_count=3, rtt_microseconds=1500,
+                 dropped_bad_mac=4, dropped_no_responder=5,
                  dropped_send_failed=1)
     failover.update(takeovers=7, takeover_failures=1, lease_held=6, persist_failures=2)
     members += [_member("r1", "responder"), _member("r2", "responder"), _member("w1", "worker")]
@@ -227,6 +230,8 @@ def test_the_cluster_counters_are_published_and_move() -> None:
     assert value(samples, "ike_cluster_store_round_trip_seconds_total") == 0.125
     assert value(samples, "ike_cluster_relay_datagrams_total", direction="sent") == 11
     assert value(samples, "ike_cluster_relay_datagrams_total", direction="received") == 12
+    assert value(samples, "ike_cluster_relay_pings_total") == 3
+    assert value(samples, "ike_cluster_relay_ping_seconds_total") == pytest.approx(0.0015)
     assert value(samples, "ike_cluster_relay_dropped_total", reason="bad_mac") == 4
     assert value(samples, "ike_cluster_relay_dropped_total", reason="no_responder") == 5
     assert value(samples, "ike_cluster_relay_dropped_total", reason="send_failed") == 1
