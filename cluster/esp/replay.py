@@ -10,7 +10,7 @@ _MAX_SEQ = (1 << 64) - 1
 
 
 class ReplayWindow:
-    __slots__ = ("_mask", "bitmap", "esn", "size", "top")
+    __slots__ = ("bitmap", "esn", "mask", "size", "top")
 
     def __init__(self, size: int = 1024, esn: bool = False) -> None:
         if size < 1:
@@ -21,7 +21,7 @@ class ReplayWindow:
         self.esn = esn
         self.top = 0  # the highest authenticated sequence number (0: none yet)
         self.bitmap = 0
-        self._mask = (1 << size) - 1
+        self.mask = (1 << size) - 1
 
     def infer(self, seq_low: int) -> int:
         """The full sequence number of a received low 32 bits (RFC 4303 A2.1).
@@ -63,7 +63,7 @@ class ReplayWindow:
         top = self.top
         if seq > top:
             shift = seq - top
-            self.bitmap = ((self.bitmap << shift) | 1) & self._mask if shift < self.size else 1
+            self.bitmap = ((self.bitmap << shift) | 1) & self.mask if shift < self.size else 1
             self.top = seq
         else:
             self.bitmap |= 1 << (top - seq)

@@ -226,6 +226,28 @@ class Sad:
             raise EspDrop("no_sa_in")
         return sa.decapsulate_untrusted(data)
 
+    def decapsulate_batch(self, datagrams: list[bytes]) -> list[bytes]:
+        """`decapsulate_untrusted` of each, in order: the inner packets of those that
+        pass; the others are dropped and counted."""
+        out: list[bytes] = []
+        append = out.append
+        inbound = self._inbound
+        unpack = _U32.unpack_from
+        counters = self.counters
+        for data in datagrams:
+            if len(data) < 8:
+                counters.malformed_in += 1
+                continue
+            sa = inbound.get(unpack(data)[0])
+            if sa is None:
+                counters.no_sa_in += 1
+                continue
+            try:
+                append(sa.decapsulate_untrusted(data))
+            except EspDrop:
+                continue
+        return out
+
     # --- events and counters -----------------------------------------------------------
 
     def next_event(self) -> EspEvent | None:

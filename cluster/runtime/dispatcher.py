@@ -194,47 +194,62 @@ class Dispatcher:
     async def _read_loop(self, ep: Endpoint, router: Router) -> None:
         sock = ep.sock
         stats = self.stats
+        received = self._received
         # ESP in UDP sent with GSO arrives as one buffer of equal-size datagrams (UDP
         # GRO): one receive call for up to 64 of them. Each is classified on its own.
         gro = ep.natt and _enable_gro(sock)
         with_ancillary = ep.wildcard or gro
+        recvmsg, recvfrom = sock.recvmsg, sock.recvfrom
+        no_ancillary: list[tuple[int, int, bytes]] = []
+        natt, wildcard, ep_local = ep.natt, ep.wildcard, ep.local
+        port = ep_local[1]
         while True:
             await trio.lowlevel.wait_readable(sock)
             now = trio.current_time()
+            # ESP in UDP (RFC 3948 2.2: no marker, at least SPI and sequence number)
+            # goes straight to the data plane; the rest as `_received` says
+            sink = self.esp_sink if natt else None
             budget = RECV_BATCH  # datagrams, counting each of a GRO buffer
             while budget > 0:
                 try:
                     if with_ancillary:
-                        data, anc, _flags, addr = sock.recvmsg(RECV_SIZE, _ANC_SIZE)
-                        local = (_local_from_ancillary(anc, ep.local[1], ep.local)
-                                 if ep.wildcard else ep.local)
-                        segment = _gro_segment(anc) if gro and anc else 0
+                        data, anc, _flags, addr = recvmsg(RECV_SIZE, _ANC_SIZE)
                     else:
-                        data, addr = sock.recvfrom(RECV_SIZE)
-                        local = ep.local
-                        segment = 0
+                        data, addr = recvfrom(RECV_SIZE)
+                        anc = no_ancillary
                 except BlockingIOError:
                     break
                 except OSError as exc:
                     # e.g. ECONNREFUSED queued from an ICMP error for an earlier send
                     stats.dropped_recv_error += 1
                     budget -= 1
-                    logger.debug("recv on %s failed: %s", ep.local, exc)
+                    logger.debug("recv on %s failed: %s", ep_local, exc)
                     continue
-                remote = (addr[0], addr[1])
-                datagrams = [data[at:at + segment] for at in range(0, len(data), segment)] \
-                    if segment and len(data) > segment else (data,)
-                # ESP (RFC 3948 2.2: no marker, at least SPI and sequence number) goes
-                # straight to the data plane; the rest as `_received` says
-                sink = self.esp_sink if ep.natt else None
-                for datagram in datagrams:
-                    if sink is not None and len(datagram) >= 8 \
-                            and datagram[:4] != NON_ESP_MARKER:
-                        sink(datagram, local, remote)
+                # a GRO cmsg comes only with a coalesced buffer; pktinfo with every
+                # datagram of a wildcard socket
+                if anc:
+                    local = _local_from_ancillary(anc, port, ep_local) if wildcard else ep_local
+                    segment = _gro_segment(anc) if gro else 0
+                else:
+                    local, segment = ep_local, 0
+                remote = addr if len(addr) == 2 else (addr[0], addr[1])
+                if segment and len(data) > segment:
+                    datagrams = [data[at:at + segment] for at in range(0, len(data), segment)]
+                    for datagram in datagrams:
+                        if sink is not None and len(datagram) >= 8 \
+                                and datagram[:4] != NON_ESP_MARKER:
+                            sink(datagram, local, remote)
+                        else:
+                            received(ep, datagram, local, remote, now, router)
+                    count = len(datagrams)
+                else:
+                    if sink is not None and len(data) >= 8 and data[:4] != NON_ESP_MARKER:
+                        sink(data, local, remote)
                     else:
-                        self._received(ep, datagram, local, remote, now, router)
-                stats.datagrams_in += len(datagrams)
-                budget -= len(datagrams)
+                        received(ep, data, local, remote, now, router)
+                    count = 1
+                stats.datagrams_in += count
+                budget -= count
             else:
                 # A full batch: more may be waiting, but let others run first.
                 await trio.lowlevel.checkpoint()

@@ -48,8 +48,8 @@ from .tun import TunDevice
 logger = logging.getLogger(__name__)
 
 BATCH = 64
-# Decapsulated packets held for one coalesced TUN write at most (a bound on memory;
-# a receive batch normally ends first).
+# Received packets held for one decapsulation batch and coalesced TUN write at most
+# (a bound on memory; a receive batch normally ends first).
 WRITE_BATCH = 256
 # One UDP GSO send carries at most this many datagrams (the kernel's UDP_MAX_SEGMENTS
 # is 64 or more) and bytes (an IP datagram's limit, with room for the headers).
@@ -126,9 +126,9 @@ class DataPlane:
         self._address_only = True
         self._flow_key: bytes | None = None
         self._flow_sa: OutboundSa | None = None
-        # Decapsulated packets wait here until the batch that produced them ends,
-        # then go into the TUN coalesced (gro.py); `_tun_writer` does it.
-        self._pending: list[bytes] = []
+        # Received ESP packets wait here until the batch that brought them ends, then
+        # are decapsulated and go into the TUN coalesced (gro.py); `_tun_writer` does it.
+        self._incoming: list[bytes] = []
         self._writer = trio.lowlevel.ParkingLot()
 
     @classmethod
@@ -253,28 +253,38 @@ class DataPlane:
     def receive_esp(self, esp: bytes) -> None:
         """One ESP packet from the network (raw or UDP-encapsulated) towards the TUN.
 
-        The inner packet is written when the current receive batch ends (`flush`),
-        so that a run of TCP segments enters the kernel as one superpacket.
+        It is decapsulated and written when the current receive batch ends (`flush`),
+        so that the batch is decrypted in one loop and a run of TCP segments enters
+        the kernel as one superpacket.
         """
-        try:
-            inner = self.sad.decapsulate_untrusted(esp)
-        except EspDrop:
-            return  # counted by the SAD
-        if self.sad.waiting:
-            self._peer_switched(esp)
-        pending = self._pending
-        pending.append(inner)
-        if len(pending) == 1:
+        incoming = self._incoming
+        incoming.append(esp)
+        if len(incoming) == 1:
             self._writer.unpark()  # `_tun_writer` runs once the receiving task yields
-        elif len(pending) >= WRITE_BATCH:
+        elif len(incoming) >= WRITE_BATCH:
             self.flush()
 
     def flush(self) -> None:
-        """Write the decapsulated packets waiting for the TUN, TCP runs coalesced."""
-        packets = self._pending
+        """Decapsulate the ESP packets received since the last flush and write them
+        into the TUN, TCP runs coalesced."""
+        incoming = self._incoming
+        if not incoming:
+            return
+        self._incoming = []
+        sad = self.sad
+        if sad.waiting:  # a rekey in progress: note the peer's first use of the new SA
+            packets = []
+            for esp in incoming:
+                try:
+                    packets.append(sad.decapsulate_untrusted(esp))
+                except EspDrop:
+                    continue  # counted by the SAD
+                if sad.waiting:
+                    self._peer_switched(esp)
+        else:
+            packets = sad.decapsulate_batch(incoming)
         if not packets:
             return
-        self._pending = []
         counters = self.counters
         if not self.tun.vnet_hdr:
             for packet in packets:
@@ -295,17 +305,11 @@ class DataPlane:
 
     def receive_udp_esp(self, esp: bytes, local: Address, remote: Address) -> None:
         """`receive_esp` for ESP in UDP (the dispatcher's NAT-T reader calls it)."""
-        try:
-            inner = self.sad.decapsulate_untrusted(esp)
-        except EspDrop:
-            return  # counted by the SAD
-        if self.sad.waiting:
-            self._peer_switched(esp)
-        pending = self._pending
-        pending.append(inner)
-        if len(pending) == 1:
+        incoming = self._incoming
+        incoming.append(esp)
+        if len(incoming) == 1:
             self._writer.unpark()
-        elif len(pending) >= WRITE_BATCH:
+        elif len(incoming) >= WRITE_BATCH:
             self.flush()
 
     def send_packets(self, packets: list[bytes]) -> None:
@@ -409,7 +413,7 @@ class DataPlane:
         """Flush what a receive batch decapsulated (the dispatcher's NAT-T reader hands
         over one datagram at a time; this runs when it yields)."""
         while True:
-            if not self._pending:
+            if not self._incoming:
                 await self._writer.park()
             self.flush()
 

@@ -211,3 +211,19 @@ def test_events_from_several_sas_come_in_order() -> None:
     assert second is not None and second.spi_in == two.spi_in
     assert sad.next_event() is None
     assert len(sad) == 1
+
+
+def test_decapsulate_batch_keeps_order_and_counts_every_drop() -> None:
+    a, b = pair(params())
+    sa = a.outbound_for(INNER)
+    assert sa is not None
+    inner = [packet("10.99.1.5", "10.99.2.7", 17, bytes([n]) * (10 + n)) for n in range(4)]
+    esp = [sa.encapsulate(p) for p in inner]
+    tampered = esp[1][:-1] + bytes([esp[1][-1] ^ 1])
+    unknown = b"\x01\x02\x03\x04" + esp[2][4:]
+    batch = [esp[0], b"\x00" * 7, tampered, unknown, esp[2], esp[0], esp[3], esp[1]]
+    assert b.decapsulate_batch(batch) == [inner[0], inner[2], inner[3], inner[1]]
+    assert (b.counters.malformed_in, b.counters.no_sa_in) == (1, 1)
+    totals = b.totals()
+    assert (totals.integrity_failures, totals.replay_drops, totals.packets_in) == (1, 1, 4)
+    assert b.decapsulate_batch([]) == []
