@@ -55,6 +55,12 @@ WRITE_BATCH = 256
 # is 64 or more) and bytes (an IP datagram's limit, with room for the headers).
 GSO_SEGMENTS = 64
 GSO_BYTES = 65000
+# A TUN read that found at least TUN_HOLD_AFTER packets means a busy stream: the pump
+# then pauses TUN_HOLD seconds before it waits again, so the next wake-up finds a
+# bigger batch (longer GSO runs, fewer wake-ups per packet). A lone packet (a ping,
+# an ACK) never waits.
+TUN_HOLD = 0.0005
+TUN_HOLD_AFTER = 8
 
 
 class UdpSend(Protocol):
@@ -408,6 +414,8 @@ class DataPlane:
                 self.send_packets(packets)
             if len(packets) == BATCH:
                 await trio.lowlevel.checkpoint()  # a full batch: let the others run
+            elif TUN_HOLD and len(packets) >= TUN_HOLD_AFTER:
+                await trio.sleep(TUN_HOLD)
 
     async def _tun_writer(self) -> None:
         """Flush what a receive batch decapsulated (the dispatcher's NAT-T reader hands

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
+from collections.abc import Callable
 
 import trio
 import trio.testing
@@ -11,7 +13,7 @@ import trio.testing
 from cluster.ike.constants import HEADER_SIZE, NON_ESP_MARKER
 from cluster.ike.message import Header
 from cluster.ike.session import Address
-from cluster.runtime.dispatcher import SOL_UDP, UDP_SEGMENT, Dispatcher
+from cluster.runtime.dispatcher import ESP_HOLD, HOLD_AFTER, SOL_UDP, UDP_SEGMENT, Dispatcher
 from cluster.runtime.stats import RuntimeStats
 
 
@@ -83,3 +85,39 @@ async def test_coalesced_datagrams_are_classified_one_by_one() -> None:
     assert {(to, sender) for _, to, sender in sunk} == {(local, source)}
     assert router.routed == [segments[2][4:]]  # the IKE message, marker removed
     assert stats.datagrams_in == 6
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Let the reader run (real time: the test's clock stands still) until `condition`."""
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline, "the reader did not get there"
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_busy_esp_stream_is_held_a_moment_a_lone_datagram_never(
+        mock_clock: trio.testing.MockClock) -> None:
+    sunk: list[bytes] = []
+    with Dispatcher.bind(["127.0.0.1"], 0, 0, RuntimeStats()) as dispatcher, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        dispatcher.esp_sink = lambda data, local, remote: sunk.append(data)
+        local = natt_local(dispatcher)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.serve, Router())
+            await trio.testing.wait_all_tasks_blocked()
+            peer.sendto(esp(0x3000, 1, 100), local)  # a lone datagram: no hold after it
+            await _until(lambda: len(sunk) == 1)
+            for seq in range(2, 2 + HOLD_AFTER):  # a burst: one wake-up reads them all
+                peer.sendto(esp(0x3000, seq, 100), local)
+            await _until(lambda: len(sunk) == 1 + HOLD_AFTER)
+            peer.sendto(esp(0x3000, 99, 100), local)
+            # the reader pauses for ESP_HOLD of trio's time, which stands still here
+            deadline = time.monotonic() + 0.2
+            while time.monotonic() < deadline:
+                await trio.lowlevel.checkpoint()
+            assert len(sunk) == 1 + HOLD_AFTER
+            mock_clock.jump(ESP_HOLD)
+            await _until(lambda: len(sunk) == 2 + HOLD_AFTER)
+            nursery.cancel_scope.cancel()
+    assert [struct.unpack_from("!I", data, 4)[0] for data in sunk] == \
+        [*range(1, 2 + HOLD_AFTER), 99]

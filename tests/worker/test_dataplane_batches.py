@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+import trio
+import trio.testing
 
 from cluster.esp import Sad
 from cluster.esp.params import Address
 from cluster.worker import IoCounters
-from cluster.worker.dataplane import GSO_BYTES, GSO_SEGMENTS, DataPlane
+from cluster.worker.dataplane import GSO_BYTES, GSO_SEGMENTS, TUN_HOLD, TUN_HOLD_AFTER, DataPlane
 from cluster.worker.gro import GSO_TCPV4, VNET_HDR, VNET_HDR_SIZE
 from cluster.worker.keys import Limits
 from tests.esp.pairs import mirror, packet, params
@@ -136,3 +138,44 @@ def test_decapsulated_tcp_enters_the_tun_coalesced(tun_pair: tuple[int, int]) ->
     assert plane.sad.totals().replay_drops == 1
     with pytest.raises(BlockingIOError):
         os.read(tun_pair[1], 100)
+
+
+class QueuedTun(FakeTun):
+    """A TUN whose reads come from a list of batches, one per wake-up."""
+
+    def __init__(self) -> None:
+        super().__init__([0])
+        self.batches: list[list[bytes]] = []
+        self.reads = 0
+
+    async def read_batch(self, fd: int, max_packets: int) -> list[bytes]:
+        while not self.batches:
+            await trio.lowlevel.checkpoint()
+        self.reads += 1
+        return self.batches.pop(0)
+
+
+async def test_the_tun_pump_holds_after_a_busy_read_never_after_a_lone_packet(
+        mock_clock: trio.testing.MockClock) -> None:
+    tun = QueuedTun()
+    plane = DataPlane(tun, FakeRoutes(), [], Limits())  # type: ignore[arg-type]
+    sent: list[list[bytes]] = []
+    plane.send_packets = sent.append  # type: ignore[method-assign]
+    lone, busy = [b"a"], [b"b"] * TUN_HOLD_AFTER
+
+    async def settle() -> None:
+        for _ in range(50):
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(plane._tun_pump, 0)
+        tun.batches += [lone, lone]
+        await settle()
+        assert sent == [lone, lone]  # no pause after a lone packet
+        tun.batches += [busy, lone]
+        await settle()
+        assert sent == [lone, lone, busy]  # paused: trio's clock stands still here
+        mock_clock.jump(TUN_HOLD)
+        await settle()
+        assert sent == [lone, lone, busy, lone]
+        nursery.cancel_scope.cancel()
