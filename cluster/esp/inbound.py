@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 from cryptography.exceptions import InvalidTag
@@ -74,6 +75,14 @@ class InboundSa:
 
     def decapsulate_untrusted(self, data: bytes) -> bytes:
         raise NotImplementedError
+
+    def decapsulate_run(self, datagrams: list[bytes], at: int,
+                        append: Callable[[bytes], object]) -> int:
+        """Decapsulate `datagrams[at:]` into `append` while each is an ordinary packet
+        of this SA; return the index of the first one left to `decapsulate_untrusted`
+        (another SPI, anything dropped or unusual, or the end). The same outcome, counters
+        and replay state as `decapsulate_untrusted` one by one, for less work."""
+        return at
 
     # --- shared pieces ---------------------------------------------------------------
 
@@ -260,6 +269,70 @@ class AeadInbound(InboundSa):
         if bytes_in >= self._alarm_bytes or counters.packets_in >= self._alarm_packets:
             self._alarm()
         return inner
+
+    def decapsulate_run(self, datagrams: list[bytes], at: int,
+                        append: Callable[[bytes], object]) -> int:
+        # the bulk case only: tunnel mode, IPv4 inside, address selectors, no ESN, every
+        # packet new and in order; anything else (drops included) goes back to the
+        # caller, which decapsulates that one with `decapsulate_untrusted` and counts it
+        if self._esn or self._transport or not self._address_only:
+            return at
+        spi = self.spi
+        min_len = self._min_len
+        decrypt = self._aead.decrypt
+        salt = self._salt
+        replay = self.replay
+        window = replay.size
+        mask = replay.mask
+        counters = self.counters
+        alarm_bytes = self._alarm_bytes
+        alarm_packets = self._alarm_packets
+        unpack = _U32.unpack_from
+        checked = b""  # the last inner addresses that passed the selectors
+        i, n = at, len(datagrams)
+        while i < n:
+            data = datagrams[i]
+            if len(data) < min_len or data[:4] != spi:
+                break
+            seq = unpack(data, 4)[0]
+            top = replay.top
+            shift = seq - top
+            if not 0 < shift < window:  # a replay check that could fail, or a jump
+                break
+            try:
+                plain = decrypt(salt + data[8:16], memoryview(data)[16:], data[:8])
+            except InvalidTag:
+                break
+            # the slow path must see the same state for a packet that fails from
+            # here on: check everything before recording the sequence number
+            size = len(plain)
+            pad = plain[-2]
+            if plain[-1] != IPPROTO_IPIP \
+                    or not plain.endswith(_PADDING_AND_LENGTH[pad], 0, size - 1):
+                break
+            first = plain[0]
+            total = plain[2] << 8 | plain[3]
+            if first >> 4 != 4 or not 20 <= (first & 0x0F) * 4 <= total <= size - 2 - pad:
+                break
+            addresses = plain[12:20]
+            if addresses != checked:
+                src, dst = addresses[:4], addresses[4:]
+                if not any(start <= src <= stop and len(start) == 4
+                           for start, stop in self._remote_ranges) \
+                        or not any(start <= dst <= stop and len(start) == 4
+                                   for start, stop in self._local_ranges):
+                    break
+                checked = addresses
+            replay.bitmap = ((replay.bitmap << shift) | 1) & mask
+            replay.top = seq
+            append(plain[:total])
+            i += 1
+            counters.packets_in += 1
+            counters.bytes_in += total
+            if counters.bytes_in >= alarm_bytes or counters.packets_in >= alarm_packets:
+                self._alarm()  # may remove the SA: the caller looks the next one up
+                break
+        return i
 
 
 class CbcInbound(InboundSa):

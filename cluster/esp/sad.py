@@ -228,24 +228,34 @@ class Sad:
 
     def decapsulate_batch(self, datagrams: list[bytes]) -> list[bytes]:
         """`decapsulate_untrusted` of each, in order: the inner packets of those that
-        pass; the others are dropped and counted."""
+        pass; the others are dropped and counted. Runs of one SA's ordinary packets
+        go through `InboundSa.decapsulate_run`."""
         out: list[bytes] = []
         append = out.append
         inbound = self._inbound
         unpack = _U32.unpack_from
         counters = self.counters
-        for data in datagrams:
+        i, n = 0, len(datagrams)
+        while i < n:
+            data = datagrams[i]
             if len(data) < 8:
                 counters.malformed_in += 1
+                i += 1
                 continue
             sa = inbound.get(unpack(data)[0])
             if sa is None:
                 counters.no_sa_in += 1
+                i += 1
                 continue
+            end = sa.decapsulate_run(datagrams, i, append)
+            if end > i:
+                i = end
+                continue
+            i += 1
             try:
                 append(sa.decapsulate_untrusted(data))
             except EspDrop:
-                continue
+                continue  # counted
         return out
 
     # --- events and counters -----------------------------------------------------------
