@@ -69,6 +69,21 @@ class OutboundSa:
         """The ESP packet for `packet`; raises EspDrop (already counted) when it cannot."""
         raise NotImplementedError
 
+    def encapsulate_many(self, packets: list[bytes]) -> tuple[list[bytes], int]:
+        """`encapsulate` each, in order: the ESP packets of those that passed, and how
+        many of `packets` were used. It stops early only when the SA was removed (a
+        hard lifetime): the caller looks the rest up again."""
+        out: list[bytes] = []
+        child = self.child
+        for n, packet in enumerate(packets):
+            if child.removed:
+                return out, n
+            try:
+                out.append(self.encapsulate(packet))
+            except EspDrop:
+                continue
+        return out, len(packets)
+
     def encapsulate_ip(self, packet: bytes) -> bytes:
         """`encapsulate` with an IP header in front (protocol / next header 50).
 
@@ -232,6 +247,53 @@ class AeadOutbound(OutboundSa):
         if seq >= self._alarm_seq or counters.bytes_out >= self._alarm_bytes:
             self._alarm(seq)
         return out
+
+
+    def encapsulate_many(self, packets: list[bytes]) -> tuple[list[bytes], int]:
+        if self._transport:
+            return super().encapsulate_many(packets)
+        # `encapsulate` in tunnel mode with the lookups done once; a packet that could
+        # raise or reach an alarm takes `encapsulate` itself
+        out: list[bytes] = []
+        append = out.append
+        child = self.child
+        spi = self._spi
+        esn = self._esn
+        encrypt = self._aead.encrypt
+        salt = self._salt
+        trailers = self._trailers
+        counters = self.counters
+        pack_header = _SPI_SEQ_IV.pack
+        pack_nonce = _NONCE.pack
+        # the next sequence number must stay below both to need no check
+        below = min(self._seq_max + 1, self._alarm_seq)
+        alarm_bytes = self._alarm_bytes
+        for n, packet in enumerate(packets):
+            if child.removed:
+                return out, n
+            seq = self.seq + 1
+            next_header = _TUNNEL_NEXT_HEADER[packet[0] >> 4] if packet else 0
+            if seq >= below or not next_header \
+                    or counters.bytes_out + len(packet) >= alarm_bytes:
+                try:
+                    append(self.encapsulate(packet))
+                except EspDrop:
+                    continue
+                finally:  # a lifetime event may have moved the thresholds
+                    below = min(self._seq_max + 1, self._alarm_seq)
+                    alarm_bytes = self._alarm_bytes
+                continue
+            self.seq = seq
+            size = len(packet)
+            pad = -(size + 2) & 3
+            trailer = trailers.get(pad << 8 | next_header) or self._trailer(pad, next_header)
+            seq_low = seq & 0xFFFFFFFF
+            header = pack_header(spi, seq_low, seq)
+            aad = _AAD_ESN.pack(spi, seq >> 32, seq_low) if esn else header[:8]
+            append(header + encrypt(pack_nonce(salt, seq), packet + trailer, aad))
+            counters.packets_out += 1
+            counters.bytes_out += size
+        return out, len(packets)
 
 
 class CbcOutbound(OutboundSa):

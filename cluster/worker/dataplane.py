@@ -333,7 +333,9 @@ class DataPlane:
         run: list[bytes] = []
         run_sa: OutboundSa | None = None
         run_size = count = limit = 0
-        for packet in packets:
+        at, total = 0, len(packets)
+        while at < total:
+            packet = packets[at]
             version = packet[0] >> 4 if packet else 0
             # the addresses: all an address-only SAD looks at (IPv4 12-20, IPv6 8-40)
             key = packet[12:20] if version == 4 else packet[8:40] if version == 6 else None
@@ -342,33 +344,45 @@ class DataPlane:
             if key != flow_key or sa is None or sa.child.removed or sa.child.retiring:
                 sa = outbound_for(packet)
                 if sa is None:
+                    at += 1
                     continue  # counted: no SA covers it, never sent in the clear
                 if address_only and key is not None:
                     flow_key, flow_sa = key, sa
-            try:
-                esp = sa.encapsulate(packet)
-            except EspDrop:
-                continue
+            # the packets of the same flow that follow go to the same SA
+            end = at + 1
+            if address_only and key is not None:
+                if version == 4:
+                    while end < total and packets[end][12:20] == key \
+                            and packets[end][0] >> 4 == 4:
+                        end += 1
+                else:
+                    while end < total and packets[end][8:40] == key \
+                            and packets[end][0] >> 4 == 6:
+                        end += 1
+            esps, used = sa.encapsulate_many(packets[at:end] if end > at + 1 else [packet])
+            at += used  # short of `end` when the SA went away: look the rest up again
             if not sa.encap:
                 sock = self.esp_sockets.get(6 if ":" in sa.remote[0] else 4)
                 if sock is not None:
-                    sock.send(esp, sa.remote[0])
+                    for esp in esps:
+                        sock.send(esp, sa.remote[0])
                 continue
             if udp_send is None:
                 continue
-            size = len(esp)
-            if sa is run_sa and size <= run_size and count < limit:
-                run.append(esp)
-                count += 1
-                if size < run_size:  # a shorter packet can only end a GSO run
-                    _send_run(udp_send, sa, run, run_size)
-                    run_sa = None
-                continue
-            if run_sa is not None:
-                _send_run(udp_send, run_sa, run, run_size)
-            run = [esp]
-            run_sa, run_size, count = sa, size, 1
-            limit = min(GSO_SEGMENTS, GSO_BYTES // size)
+            for esp in esps:
+                size = len(esp)
+                if sa is run_sa and size <= run_size and count < limit:
+                    run.append(esp)
+                    count += 1
+                    if size < run_size:  # a shorter packet can only end a GSO run
+                        _send_run(udp_send, sa, run, run_size)
+                        run_sa = None
+                    continue
+                if run_sa is not None:
+                    _send_run(udp_send, run_sa, run, run_size)
+                run = [esp]
+                run_sa, run_size, count = sa, size, 1
+                limit = min(GSO_SEGMENTS, GSO_BYTES // size)
         if run_sa is not None and udp_send is not None:
             _send_run(udp_send, run_sa, run, run_size)
         self._flow_key, self._flow_sa = flow_key, flow_sa
