@@ -13,7 +13,15 @@ import trio.testing
 from cluster.ike.constants import HEADER_SIZE, NON_ESP_MARKER
 from cluster.ike.message import Header
 from cluster.ike.session import Address
-from cluster.runtime.dispatcher import ESP_HOLD, HOLD_AFTER, SOL_UDP, UDP_SEGMENT, Dispatcher
+from cluster.runtime.dispatcher import (
+    ESP_HOLD,
+    ESP_RECV_BATCH,
+    HOLD_AFTER,
+    RECV_BATCH,
+    SOL_UDP,
+    UDP_SEGMENT,
+    Dispatcher,
+)
 from cluster.runtime.stats import RuntimeStats
 
 
@@ -121,3 +129,30 @@ async def test_a_busy_esp_stream_is_held_a_moment_a_lone_datagram_never(
             nursery.cancel_scope.cancel()
     assert [struct.unpack_from("!I", data, 4)[0] for data in sunk] == \
         [*range(1, 2 + HOLD_AFTER), 99]
+
+
+async def test_the_natt_reader_takes_a_bigger_batch_of_esp_per_wake_up() -> None:
+    rounds = 0
+    seen: list[int] = []  # the scheduler round each datagram was handled in
+
+    async def spin() -> None:
+        nonlocal rounds
+        while True:
+            rounds += 1
+            await trio.lowlevel.checkpoint()
+
+    with Dispatcher.bind(["127.0.0.1"], 0, 0, RuntimeStats()) as dispatcher, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        dispatcher.esp_sink = lambda data, local, remote: seen.append(rounds)
+        local = natt_local(dispatcher)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.serve, Router())
+            await trio.testing.wait_all_tasks_blocked()
+            for seq in range(1, ESP_RECV_BATCH + 11):  # queued before the reader wakes
+                peer.sendto(esp(0x4000, seq, 20), local)
+            nursery.start_soon(spin)
+            await _until(lambda: len(seen) == ESP_RECV_BATCH + 10)
+            nursery.cancel_scope.cancel()
+    assert ESP_RECV_BATCH > RECV_BATCH
+    assert len(set(seen[:ESP_RECV_BATCH])) == 1  # one wake-up, no yield in between
+    assert seen[ESP_RECV_BATCH] > seen[0]  # then it let the others run
