@@ -289,49 +289,58 @@ class AeadInbound(InboundSa):
         alarm_packets = self._alarm_packets
         unpack = _U32.unpack_from
         checked = b""  # the last inner addresses that passed the selectors
+        # the window and the counters live in locals until the run ends
+        top, bitmap = replay.top, replay.bitmap
+        packets_in, bytes_in = counters.packets_in, counters.bytes_in
+        alarm = False
         i, n = at, len(datagrams)
-        while i < n:
-            data = datagrams[i]
-            if len(data) < min_len or data[:4] != spi:
-                break
-            seq = unpack(data, 4)[0]
-            top = replay.top
-            shift = seq - top
-            if not 0 < shift < window:  # a replay check that could fail, or a jump
-                break
-            try:
-                plain = decrypt(salt + data[8:16], memoryview(data)[16:], data[:8])
-            except InvalidTag:
-                break
-            # the slow path must see the same state for a packet that fails from
-            # here on: check everything before recording the sequence number
-            size = len(plain)
-            pad = plain[-2]
-            if plain[-1] != IPPROTO_IPIP \
-                    or not plain.endswith(_PADDING_AND_LENGTH[pad], 0, size - 1):
-                break
-            first = plain[0]
-            total = plain[2] << 8 | plain[3]
-            if first >> 4 != 4 or not 20 <= (first & 0x0F) * 4 <= total <= size - 2 - pad:
-                break
-            addresses = plain[12:20]
-            if addresses != checked:
-                src, dst = addresses[:4], addresses[4:]
-                if not any(start <= src <= stop and len(start) == 4
-                           for start, stop in self._remote_ranges) \
-                        or not any(start <= dst <= stop and len(start) == 4
-                                   for start, stop in self._local_ranges):
+        try:
+            while i < n:
+                data = datagrams[i]
+                if len(data) < min_len or data[:4] != spi:
                     break
-                checked = addresses
-            replay.bitmap = ((replay.bitmap << shift) | 1) & mask
-            replay.top = seq
-            append(plain[:total])
-            i += 1
-            counters.packets_in += 1
-            counters.bytes_in += total
-            if counters.bytes_in >= alarm_bytes or counters.packets_in >= alarm_packets:
-                self._alarm()  # may remove the SA: the caller looks the next one up
-                break
+                seq = unpack(data, 4)[0]
+                shift = seq - top
+                if not 0 < shift < window:  # a replay check that could fail, or a jump
+                    break
+                try:
+                    plain = decrypt(salt + data[8:16], memoryview(data)[16:], data[:8])
+                except InvalidTag:
+                    break
+                # the slow path must see the same state for a packet that fails from
+                # here on: check everything before recording the sequence number
+                size = len(plain)
+                pad = plain[-2]
+                if plain[-1] != IPPROTO_IPIP \
+                        or not plain.endswith(_PADDING_AND_LENGTH[pad], 0, size - 1):
+                    break
+                first = plain[0]
+                total = plain[2] << 8 | plain[3]
+                if first >> 4 != 4 or not 20 <= (first & 0x0F) * 4 <= total <= size - 2 - pad:
+                    break
+                addresses = plain[12:20]
+                if addresses != checked:
+                    src, dst = addresses[:4], addresses[4:]
+                    if not any(start <= src <= stop and len(start) == 4
+                               for start, stop in self._remote_ranges) \
+                            or not any(start <= dst <= stop and len(start) == 4
+                                       for start, stop in self._local_ranges):
+                        break
+                    checked = addresses
+                bitmap = ((bitmap << shift) | 1) & mask
+                top = seq
+                append(plain[:total])
+                i += 1
+                packets_in += 1
+                bytes_in += total
+                if bytes_in >= alarm_bytes or packets_in >= alarm_packets:
+                    alarm = True
+                    break
+        finally:
+            replay.top, replay.bitmap = top, bitmap
+            counters.packets_in, counters.bytes_in = packets_in, bytes_in
+        if alarm:
+            self._alarm()  # may remove the SA: the caller looks the next one up
         return i
 
 
