@@ -123,6 +123,22 @@ def test_store_holds_no_key_forged_relay_is_dropped_retransmission_crosses_failo
         assert_initiated(charon.initiate("net"), charon)
         time.sleep(0.5)  # the snapshot and the Child SA records are written by now
 
+        # 0. the cluster's metrics, scraped over HTTP: names, types, values that moved
+        scrapes = {n.node_id: n.metrics() for n in [*cluster.responders, *cluster.workers]}
+        for text in scrapes.values():
+            assert "# TYPE ike_cluster_members gauge" in text
+            assert "# TYPE ike_cluster_relay_datagrams_total counter" in text
+            assert "# TYPE ike_cluster_store_round_trips_total counter" in text
+            assert _metric(text, 'ike_cluster_members{role="responder"}') == 3
+            assert _metric(text, 'ike_cluster_members{role="worker"}') == 1
+        responders = [scrapes[n.node_id] for n in cluster.responders]
+        assert sum(_metric(t, 'ike_cluster_ike_sas_established_total{connection="rw"}')
+                   for t in responders) == 1
+        assert sum(_metric(t, "ike_cluster_ike_sas ") for t in responders) == 1
+        assert sum(_metric(t, "ike_cluster_store_operations_total") for t in responders) > 0
+        sent = 'ike_cluster_relay_datagrams_total{direction="sent"}'
+        assert _metric(scrapes["worker-1"], sent) >= 2  # IKE_SA_INIT and IKE_AUTH relayed
+
         # 1. a scan of every Redis key: no key of the SA, raw or hex
         keys = _keys_from_log(charon.log_text())
         assert len(keys) >= 7, "strongSwan did not log SK_d, SK_e*, SK_p* and the ESP keys"
