@@ -305,3 +305,50 @@ def test_rfc6311_message_id_sync_after_the_owner_died_with_a_request_in_flight()
         line = re.search(r"responder requested MID sync: [^\n]*", after)
         report("cluster", f"RFC 6311 after the owner died mid-request: {line and line[0]}; "
                           f"then {len(answered)} liveness checks answered")
+
+
+def test_ike_sa_rekey_through_the_cluster_moves_the_sa_to_its_new_owner() -> None:
+    """strongSwan rekeys the IKE SA: the new SPIs may hash to another responder, which
+    takes the SA over once the old owner hands it on; DPD and a Child SA rekey on the new
+    IKE SA work, and a ping keeps every reply."""
+    with Lab() as lab, ClusterLab(lab, responders=3) as cluster:
+        initiator, responder = conn_pair()
+        initiator = replace(initiator, dpd_delay="2s")
+        cluster.start([responder])
+        charon = lab.charon("initiator")
+        charon.load(initiator)
+        sa = assert_initiated(charon.initiate("net"), charon)
+        pinging = BackgroundPing.start(lab, 14.0)
+        for _ in range(2):  # two IKE rekeys: each new SPI pair picks its owner afresh
+            time.sleep(2.0)
+            charon.rekey(ike="rw")
+            deadline = time.monotonic() + 15
+            while True:
+                now = established(charon)
+                if len(now) == 1 and now[0]["initiator-spi"] != sa["initiator-spi"]:
+                    break
+                assert time.monotonic() < deadline, f"{charon.list_sas()}\n{cluster.logs()}"
+                time.sleep(0.3)
+            sa = now[0]
+        charon.rekey(child="net")
+        while pinging.running():
+            time.sleep(0.2)
+        sent, received, summary = pinging.result()
+        assert received == sent, f"ping lost packets across IKE rekeys: {summary}"
+        time.sleep(5.0)  # idle: strongSwan's DPD on the newest IKE SA
+        log = charon.log_text()
+        assert "IKE_AUTH request 1" in log and log.count("IKE_AUTH request") == 1
+        final = established(charon)
+        assert len(final) == 1 and final[0]["initiator-spi"] == sa["initiator-spi"], final
+        installed = [c for c in final[0]["child-sas"].values() if c["state"] == "INSTALLED"]
+        assert len(installed) == 1, final
+        tail = log[log.rindex("CREATE_CHILD_SA"):]
+        assert re.search(r"parsed INFORMATIONAL response \d+ \[ \]", tail), tail
+        owners = [n.node_id for n in cluster.responders
+                  if f"spi_r={sa['responder-spi']}" in n.log_text()
+                  or f"took over IKE SA {sa['initiator-spi']}_i/{sa['responder-spi']}_r"
+                  in n.log_text()]
+        moves = sum(n.log_text().count("another node acts for it now")
+                    for n in cluster.responders)
+        report("cluster", f"two IKE rekeys and a Child SA rekey: {summary}; hand-overs "
+                          f"{moves}; the newest SA at {owners}")
