@@ -194,6 +194,7 @@ class SaPersistence:
                     return False
                 retired = (held.key, held.fence)
                 held.key, held.fence, held.written = key, fence, None
+                ops += self._children_moved(held, session)
             record = snapshot_of(session, now)
             record["worker"] = held.worker
             summary = _summary(record)
@@ -213,6 +214,21 @@ class SaPersistence:
         if session.closed:
             self._held.pop(actor, None)
         return True
+
+    def _children_moved(self, held: _Held, session: IkeSession) -> list[Op[Any]]:
+        """After an IKE rekey the Child SAs belong to the new IKE SA: the worker's table
+        and its view say so, so its lifetime limits reach the new SA's owner."""
+        if not held.worker:
+            return []
+        ops: list[Op[Any]] = []
+        for child in session.sa.children.values():
+            event = child_established(session.sa, child)
+            held.children[child.spi_in] = event
+            ops += [PutChild(held.worker, child.spi_in,
+                             seal_child(self._key, held.worker, event)),
+                    Publish(held.worker, _message("ike", child.spi_in, session.spi_i,
+                                                  session.spi_r))]
+        return ops
 
     def _put(self, held: _Held, record: dict[str, Any]) -> PutSa:
         """The snapshot, sealed, under our fence; kept a while past the SA's hard lifetime."""

@@ -184,6 +184,11 @@ class DataPlane:
         """(spi_i, spi_r) of the IKE SA a Child SA was installed for."""
         return self._ike_of.get(spi_in)
 
+    def set_ike_sa(self, spi_in: bytes, ike: tuple[bytes, bytes]) -> None:
+        """The Child SA's IKE SA continues under new SPIs (an IKE rekey)."""
+        if spi_in in self._ike_of:
+            self._ike_of[spi_in] = ike
+
     def _peer_switched(self, esp: bytes) -> None:
         """The peer sent on an SA waiting to take over: it can receive on it too."""
         spi = esp[:4]

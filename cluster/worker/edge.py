@@ -280,6 +280,11 @@ class KeySubscriber:
                 if self.plane.sad.get(spi_in) is not None:
                     self.plane.remove(spi_in)
                     self.removed += 1
+            elif kind == "ike" and len(message) == 4:  # its IKE SA was rekeyed
+                spi_i, spi_r = message[2], message[3]
+                if not (isinstance(spi_i, bytes) and isinstance(spi_r, bytes)):
+                    raise ParseError("key message 'ike' without SPIs")
+                self.plane.set_ike_sa(spi_in, (spi_i, spi_r))
             elif kind == "move" and len(message) == 3:
                 child = self.plane.sad.get(spi_in)
                 host, port = message[2]

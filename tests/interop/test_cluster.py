@@ -237,14 +237,23 @@ def test_dead_peer_sas_leave_the_store_and_the_worker() -> None:
 
 def test_a_workers_packet_limit_makes_the_responder_rekey_the_child_sa() -> None:
     """The worker's soft lifetime (90 % of lifetime_packets) travels to the responder that
-    owns the IKE SA, which rekeys the Child SA with strongSwan; a ping loses nothing."""
-    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+    owns the IKE SA, which rekeys the Child SA with strongSwan; a ping loses nothing. The
+    IKE SA is rekeyed first, so the Child SA's IKE SA has new SPIs (and likely a new
+    owner): the worker must have learnt them."""
+    with Lab() as lab, ClusterLab(lab, responders=3) as cluster:
         initiator, responder = conn_pair()
         cluster.start([responder], worker_extra={"worker": {"lifetime_packets": 200}})
         charon = lab.charon("initiator")
         charon.load(initiator)
         sa = assert_initiated(charon.initiate("net"), charon)
         first_spi = child_sa(sa)["spi-in"]
+        charon.rekey(ike="rw")
+        deadline = time.monotonic() + 15
+        while not ((now := established(charon)) and
+                   now[0]["initiator-spi"] != sa["initiator-spi"]):
+            assert time.monotonic() < deadline, charon.list_sas()
+            time.sleep(0.3)
+        time.sleep(2.0)  # the hand-over to the new SPIs' owner, if it is another node
         proc = lab.initiator.run(["ping", "-n", "-c", "250", "-i", "0.02", "-W", "2", "-I",
                                   INITIATOR_INNER_V4, RESPONDER_INNER_V4], check=False,
                                  timeout=60)
