@@ -222,13 +222,17 @@ class SaPersistence:
             return []
         ops: list[Op[Any]] = []
         for child in session.sa.children.values():
-            event = child_established(session.sa, child)
-            held.children[child.spi_in] = event
-            ops += [PutChild(held.worker, child.spi_in,
-                             seal_child(self._key, held.worker, event)),
-                    Publish(held.worker, _message("ike", child.spi_in, session.spi_i,
-                                                  session.spi_r))]
+            put, _ = self._record_child(held, child_established(session.sa, child))
+            ops += [put, Publish(held.worker, _message("ike", child.spi_in, session.spi_i,
+                                                       session.spi_r))]
         return ops
+
+    def _record_child(self, held: _Held, event: ChildSaEstablished) -> tuple[PutChild, bytes]:
+        """Remember `event` as one of the SA's Child SAs; its sealed record for the
+        worker's table, and the sealed bytes (for an install notification)."""
+        held.children[event.spi_in] = event
+        sealed = seal_child(self._key, held.worker, event)
+        return PutChild(held.worker, event.spi_in, sealed), sealed
 
     def _put(self, held: _Held, record: dict[str, Any]) -> PutSa:
         """The snapshot, sealed, under our fence; kept a while past the SA's hard lifetime."""
@@ -281,10 +285,8 @@ class SaPersistence:
         ops: list[Op[Any]] = []
         for event in events:
             if isinstance(event, ChildSaEstablished):
-                sealed = seal_child(self._key, worker, event)
-                held.children[event.spi_in] = event
-                ops += [PutChild(worker, event.spi_in, sealed),
-                        Publish(worker, _message("install", event.spi_in, sealed))]
+                put, sealed = self._record_child(held, event)
+                ops += [put, Publish(worker, _message("install", event.spi_in, sealed))]
             elif isinstance(event, ChildSaDeleted):
                 held.children.pop(event.spi_in, None)
                 ops += _removal(worker, event.spi_in)
@@ -293,10 +295,9 @@ class SaPersistence:
                     ops += _removal(worker, spi_in)
                 held.children.clear()
             elif isinstance(event, IkeSaMoved):  # NAT rebinding: ESP follows the peer
-                for spi_in, child in held.children.items():
+                for spi_in, child in list(held.children.items()):
                     if child is not None:
-                        child = held.children[spi_in] = _moved(child, event)
-                        ops.append(PutChild(worker, spi_in, seal_child(self._key, worker, child)))
+                        ops.append(self._record_child(held, _moved(child, event))[0])
                     ops.append(Publish(worker, _message("move", spi_in, list(event.remote))))
         return ops
 
@@ -474,11 +475,8 @@ class SaPersistence:
         ops: list[Op[Any]] = []
         if held.worker and not session.closed:
             for child in session.sa.children.values():
-                event = child_established(session.sa, child)
-                held.children[child.spi_in] = event
-                sealed = seal_child(self._key, held.worker, event)
-                ops += [PutChild(held.worker, child.spi_in, sealed),
-                        Publish(held.worker, _message("install", child.spi_in, sealed))]
+                put, sealed = self._record_child(held, child_established(session.sa, child))
+                ops += [put, Publish(held.worker, _message("install", child.spi_in, sealed))]
         if session.state is State.ESTABLISHED:
             record = snapshot_of(session, trio.current_time())
             record["worker"] = held.worker
