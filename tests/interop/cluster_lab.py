@@ -17,6 +17,7 @@ Every node reaches the others and Redis only over the bridge, as containers do.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -35,6 +36,25 @@ REDIS_HOST = f"{NET}.1"
 WORKER_HOST = f"{NET}.10"
 RELAY_PORT = 4800
 METRICS_PORT = 9464
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of family sample `name` in a Prometheus scrape whose labels
+    include `labels`; AssertionError if there is none."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        sample, _, value = line.rpartition(" ")
+        sample_name, _, rest = sample.partition("{")
+        if sample_name != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(value)
+            found = True
+    assert found, f"{name} {labels} not in the scrape"
+    return total
 
 
 class ClusterNode:

@@ -11,12 +11,15 @@ import re
 import sys
 import time
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
-from tests.interop.cluster_lab import ClusterLab
+from tests.interop.charon import Charon
+from tests.interop.cluster_lab import ClusterLab, metric
 from tests.interop.lab import INITIATOR_INNER_V4, RESPONDER_INNER_V4, Lab, conn_pair
 from tests.interop.sa_checks import assert_initiated, child_sa, established
+from tests.interop.spec import Conn
 from tests.interop.test_lifecycle import BackgroundPing, ping, report
 
 pytestmark = pytest.mark.interop
@@ -30,10 +33,27 @@ def _owner(cluster: ClusterLab, spi_r: str) -> int:
     raise AssertionError(f"no responder established {spi_r}:\n{cluster.logs()}")
 
 
-def _metric(text: str, name: str) -> float:
-    """The sum of a metric family's samples in a scrape."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
+def _connect(lab: Lab, cluster: ClusterLab, initiator: Conn, responder: Conn, *,
+             log_levels: dict[str, int] | None = None,
+             **start: Any) -> tuple[Charon, dict[str, Any]]:
+    """The cluster started with `responder` (`start`: ClusterLab.start's extras), strongSwan
+    initiating `initiator` through the worker; its one ESTABLISHED IKE SA."""
+    cluster.start([responder], **start)
+    charon = lab.charon("initiator", log_levels=log_levels)
+    charon.load(initiator)
+    return charon, assert_initiated(charon.initiate("net"), charon)
+
+
+def _rekey_ike(charon: Charon, sa: dict[str, Any], cluster: ClusterLab) -> dict[str, Any]:
+    """Have strongSwan rekey the IKE SA; the IKE SA that replaced `sa`."""
+    charon.rekey(ike=sa["name"])
+    deadline = time.monotonic() + 15
+    while True:
+        now = established(charon)
+        if len(now) == 1 and now[0]["initiator-spi"] != sa["initiator-spi"]:
+            return now[0]
+        assert time.monotonic() < deadline, f"{charon.list_sas()}\n{cluster.logs()}"
+        time.sleep(0.3)
 
 
 def test_strongswan_sa_survives_the_death_of_its_responder(tmp_path: object) -> None:
@@ -41,10 +61,7 @@ def test_strongswan_sa_survives_the_death_of_its_responder(tmp_path: object) -> 
         initiator, responder = conn_pair()
         initiator = replace(initiator, dpd_delay="2s")
         # our side checks no liveness itself, or strongSwan would never need to
-        cluster.start([responder])
-        charon = lab.charon("initiator")
-        charon.load(initiator)
-        sa = assert_initiated(charon.initiate("net"), charon)
+        charon, sa = _connect(lab, cluster, initiator, responder)
         spi_i, spi_r = sa["initiator-spi"], sa["responder-spi"]
         assert child_sa(sa)["state"] == "INSTALLED"
         sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
@@ -88,7 +105,7 @@ def test_strongswan_sa_survives_the_death_of_its_responder(tmp_path: object) -> 
         assert rekeyed["spi-in"] != child_sa(sa)["spi-in"], (sa, now)
         assert re.search(r"parsed CREATE_CHILD_SA response \d+ \[ SA No TSi TSr \]", after)
         takeovers = sum(
-            _metric(node.metrics(), "ike_cluster_takeovers_total") for node in survivors)
+            metric(node.metrics(), "ike_cluster_takeovers_total") for node in survivors)
         assert takeovers >= 1
         report("cluster", f"after kill -9: {summary}; DPD answered {dpd_answered} times; "
                           f"Child SA rekeyed to {rekeyed['spi-in']}; takeovers {takeovers}")
@@ -117,10 +134,8 @@ def test_store_holds_no_key_forged_relay_is_dropped_retransmission_crosses_failo
     crossed the failover is answered byte for byte by the survivor."""
     with Lab() as lab, ClusterLab(lab, responders=3) as cluster:
         initiator, responder = conn_pair()
-        cluster.start([responder])
-        charon = lab.charon("initiator", log_levels={"ike": 4, "chd": 4})
-        charon.load(initiator)
-        assert_initiated(charon.initiate("net"), charon)
+        charon, _ = _connect(lab, cluster, initiator, responder,
+                             log_levels={"ike": 4, "chd": 4})
         time.sleep(0.5)  # the snapshot and the Child SA records are written by now
 
         # 0. the cluster's metrics, scraped over HTTP: names, types, values that moved
@@ -129,15 +144,15 @@ def test_store_holds_no_key_forged_relay_is_dropped_retransmission_crosses_failo
             assert "# TYPE ike_cluster_members gauge" in text
             assert "# TYPE ike_cluster_relay_datagrams_total counter" in text
             assert "# TYPE ike_cluster_store_round_trips_total counter" in text
-            assert _metric(text, 'ike_cluster_members{role="responder"}') == 3
-            assert _metric(text, 'ike_cluster_members{role="worker"}') == 1
+            assert metric(text, "ike_cluster_members", role="responder") == 3
+            assert metric(text, "ike_cluster_members", role="worker") == 1
         responders = [scrapes[n.node_id] for n in cluster.responders]
-        assert sum(_metric(t, 'ike_cluster_ike_sas_established_total{connection="rw"}')
+        assert sum(metric(t, "ike_cluster_ike_sas_established_total", connection="rw")
                    for t in responders) == 1
-        assert sum(_metric(t, "ike_cluster_ike_sas ") for t in responders) == 1
-        assert sum(_metric(t, "ike_cluster_store_operations_total") for t in responders) > 0
-        sent = 'ike_cluster_relay_datagrams_total{direction="sent"}'
-        assert _metric(scrapes["worker-1"], sent) >= 2  # IKE_SA_INIT and IKE_AUTH relayed
+        assert sum(metric(t, "ike_cluster_ike_sas") for t in responders) == 1
+        assert sum(metric(t, "ike_cluster_store_operations_total") for t in responders) > 0
+        sent = metric(scrapes["worker-1"], "ike_cluster_relay_datagrams_total", direction="sent")
+        assert sent >= 2  # IKE_SA_INIT and IKE_AUTH relayed
 
         # 1. a scan of every Redis key: no key of the SA, raw or hex
         keys = _keys_from_log(charon.log_text())
@@ -153,9 +168,8 @@ def test_store_holds_no_key_forged_relay_is_dropped_retransmission_crosses_failo
 
         # 2. a forged envelope (another cluster key) and garbage at a responder's relay port
         target = cluster.responders[0]
-        bad_mac = 'ike_cluster_relay_dropped_total{reason="bad_mac"'
-        before = _metric(target.metrics(), "ike_cluster_relay_dropped_total")
-        before_mac = _metric(target.metrics(), bad_mac)
+        before = metric(target.metrics(), "ike_cluster_relay_dropped_total")
+        before_mac = metric(target.metrics(), "ike_cluster_relay_dropped_total", reason="bad_mac")
         forge = (
             "import socket;from cluster.relay import RelayCodec, Kind;"
             "c=RelayCodec(bytes(32), 'worker-1');"
@@ -166,13 +180,14 @@ def test_store_holds_no_key_forged_relay_is_dropped_retransmission_crosses_failo
         )
         lab.responder.run([sys.executable, "-c", forge])
         deadline = time.monotonic() + 5
-        while (after := _metric(target.metrics(), "ike_cluster_relay_dropped_total")) < before + 2:
+        while (after := metric(target.metrics(), "ike_cluster_relay_dropped_total")) < before + 2:
             assert time.monotonic() < deadline, f"forged envelopes not counted: {after}"
             time.sleep(0.3)
-        assert _metric(target.metrics(), bad_mac) == before_mac + 1  # the forged envelope
+        assert metric(target.metrics(), "ike_cluster_relay_dropped_total",
+                      reason="bad_mac") == before_mac + 1  # the forged envelope
         assert target.running()
         # the relay's own latency: responders PING the workers every heartbeat round
-        assert _metric(target.metrics(), "ike_cluster_relay_pings_total") > 0
+        assert metric(target.metrics(), "ike_cluster_relay_pings_total") > 0
 
         # 3. our probe: an SA, a liveness request answered; kill its owner; retransmit
         probe = lab.initiator.run([sys.executable, "-m", "tests.interop.ike_probe",
@@ -200,11 +215,8 @@ def test_dead_peer_sas_leave_the_store_and_the_worker() -> None:
         initiator, responder = conn_pair()
         initiator = replace(initiator, dpd_delay="2s")
         responder = replace(responder, dpd_delay="2s")
-        cluster.start([responder], responder_extra={
+        charon, sa = _connect(lab, cluster, initiator, responder, responder_extra={
             "ike": {"retransmit_timeout": 1.0, "retransmit_tries": 2}})
-        charon = lab.charon("initiator")
-        charon.load(initiator)
-        sa = assert_initiated(charon.initiate("net"), charon)
         sa_name = f"sa:{{{sa['initiator-spi']}{sa['responder-spi']}}}".encode()
         child_spi = bytes.fromhex(child_sa(sa)["spi-out"])  # ours: strongSwan sends with it
 
@@ -242,17 +254,10 @@ def test_a_workers_packet_limit_makes_the_responder_rekey_the_child_sa() -> None
     owner): the worker must have learnt them."""
     with Lab() as lab, ClusterLab(lab, responders=3) as cluster:
         initiator, responder = conn_pair()
-        cluster.start([responder], worker_extra={"worker": {"lifetime_packets": 200}})
-        charon = lab.charon("initiator")
-        charon.load(initiator)
-        sa = assert_initiated(charon.initiate("net"), charon)
+        charon, sa = _connect(lab, cluster, initiator, responder,
+                              worker_extra={"worker": {"lifetime_packets": 200}})
         first_spi = child_sa(sa)["spi-in"]
-        charon.rekey(ike="rw")
-        deadline = time.monotonic() + 15
-        while not ((now := established(charon)) and
-                   now[0]["initiator-spi"] != sa["initiator-spi"]):
-            assert time.monotonic() < deadline, charon.list_sas()
-            time.sleep(0.3)
+        _rekey_ike(charon, sa, cluster)
         time.sleep(2.0)  # the hand-over to the new SPIs' owner, if it is another node
         proc = lab.initiator.run(["ping", "-n", "-c", "250", "-i", "0.02", "-W", "2", "-I",
                                   INITIATOR_INNER_V4, RESPONDER_INNER_V4], check=False,
@@ -283,10 +288,7 @@ def test_rfc6311_message_id_sync_after_the_owner_died_with_a_request_in_flight()
         initiator, responder = conn_pair()
         initiator = replace(initiator, dpd_delay="3s")
         responder = replace(responder, dpd_delay="2s")
-        cluster.start([responder])
-        charon = lab.charon("initiator")
-        charon.load(initiator)
-        sa = assert_initiated(charon.initiate("net"), charon)
+        charon, sa = _connect(lab, cluster, initiator, responder)
         owner = _owner(cluster, sa["responder-spi"])
         # IKE from the worker (UDP 4500, zero non-ESP marker) stops reaching strongSwan
         lab.initiator.run(["nft", "add", "table", "inet", BLOCK_TABLE])
@@ -323,22 +325,11 @@ def test_ike_sa_rekey_through_the_cluster_moves_the_sa_to_its_new_owner() -> Non
     with Lab() as lab, ClusterLab(lab, responders=3) as cluster:
         initiator, responder = conn_pair()
         initiator = replace(initiator, dpd_delay="2s")
-        cluster.start([responder])
-        charon = lab.charon("initiator")
-        charon.load(initiator)
-        sa = assert_initiated(charon.initiate("net"), charon)
+        charon, sa = _connect(lab, cluster, initiator, responder)
         pinging = BackgroundPing.start(lab, 14.0)
         for _ in range(2):  # two IKE rekeys: each new SPI pair picks its owner afresh
             time.sleep(2.0)
-            charon.rekey(ike="rw")
-            deadline = time.monotonic() + 15
-            while True:
-                now = established(charon)
-                if len(now) == 1 and now[0]["initiator-spi"] != sa["initiator-spi"]:
-                    break
-                assert time.monotonic() < deadline, f"{charon.list_sas()}\n{cluster.logs()}"
-                time.sleep(0.3)
-            sa = now[0]
+            sa = _rekey_ike(charon, sa, cluster)
         charon.rekey(child="net")
         while pinging.running():
             time.sleep(0.2)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.interop.cluster_lab import ClusterLab, ClusterNode
+from tests.interop.cluster_lab import ClusterLab, ClusterNode, metric
 from tests.interop.lab import INITIATOR_INNER_V4, RESPONDER_INNER_V4, Conn, Lab, conn_pair
 from tests.interop.netns import LabError, Netns
 from tests.interop.node import REPO_ROOT, render_node_config
@@ -98,14 +97,6 @@ class LoadDriver:
             self.proc.wait(5)
 
 
-def metric(text: str, name: str, labels: str = "") -> float:
-    """One sample of a scrape, e.g. metric(text, "ike_cluster_members", 'role="worker"')."""
-    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "")
-    match = re.search(rf"^{pattern} (\S+)$", text, re.MULTILINE)
-    assert match is not None, f"{name}{{{labels}}} not in the scrape"
-    return float(match[1])
-
-
 def established_counts(nodes: Sequence[ClusterNode]) -> list[int]:
     return [node.log_text().count("IKE SA established:") for node in nodes]
 
@@ -114,7 +105,7 @@ def wait_for_responders(cluster: ClusterLab, count: int, timeout: float = 10.0) 
     """Seconds until the worker's membership view holds exactly `count` responders."""
     begin = time.monotonic()
     worker = cluster.workers[0]
-    while metric(worker.metrics(), "ike_cluster_members", 'role="responder"') != count:
+    while metric(worker.metrics(), "ike_cluster_members", role="responder") != count:
         assert time.monotonic() - begin < timeout, (
             f"the worker does not see {count} responders:\n{cluster.logs()}")
         time.sleep(0.2)
