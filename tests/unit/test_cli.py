@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
@@ -107,6 +108,15 @@ def root_logger() -> Iterator[logging.Logger]:
     root.setLevel(level)
 
 
+@pytest.fixture(autouse=True)
+def collector() -> Iterator[None]:
+    """Undo what `run` does to the garbage collector (tune_gc) for the tests after."""
+    thresholds = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
 @pytest.fixture
 def ike_only(tmp_path: Path) -> Path:
     """The example without its [worker] table: `run` then calls only run_node (faked)."""
@@ -144,6 +154,17 @@ def test_run_loads_config_sets_logging_and_runs_the_node(
     assert any(
         h.formatter is not None and h.formatter._fmt == cli.LOG_FORMAT for h in added
     )
+
+
+def test_run_freezes_start_up_objects_and_collects_less_often(
+    ike_only: Path, monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger
+) -> None:
+    fake_runtime(monkeypatch, None)
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    assert cli.main(["run", "--config", str(ike_only)]) == 0
+    assert gc.get_threshold() == cli.GC_THRESHOLDS
+    assert gc.get_freeze_count() > 1000  # the modules and the configuration loaded so far
 
 
 def test_run_log_level_option_overrides_the_file(
