@@ -12,6 +12,7 @@ import argparse
 import gc
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -100,10 +101,28 @@ def check_config(path: str) -> int:
     return EXIT_OK
 
 
+class LineFormatter(logging.Formatter):
+    """LOG_FORMAT, with the date and time formatted once per second instead of once per
+    line (each costs a localtime(), which may stat /etc/localtime; a line per SA is on
+    the setup path)."""
+
+    def __init__(self) -> None:
+        super().__init__(LOG_FORMAT)
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return self.default_msec_format % (self._stamp, record.msecs)
+
+
 def configure_logging(level: str) -> None:
     """Log lines to stderr; the node is meant to run under a supervisor that keeps them."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(LineFormatter())
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level.upper())

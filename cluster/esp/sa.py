@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable
 
@@ -28,6 +29,18 @@ def _no_detach(child: ChildSa) -> None:
     pass
 
 
+# Many Child SAs share addresses and selectors (one gateway, one subnet): parsed and
+# compiled once each, not once per SA (an install is on the IKE setup path).
+@functools.lru_cache(maxsize=4096)
+def _packed(address: str) -> bytes:
+    return ipaddress.ip_address(address).packed
+
+
+@functools.lru_cache(maxsize=1024)
+def _selector_set(selectors: tuple[Selector, ...]) -> SelectorSet:
+    return SelectorSet(selectors)  # immutable once built: shared by the SAs that use it
+
+
 class ChildSa:
     """Built from ChildSaParams; raises ValueError when they cannot work.
 
@@ -50,15 +63,15 @@ class ChildSa:
             raise ValueError("initial_seq is negative")
         check_keys(params.encr, params.integ, params.encr_key_in, params.integ_key_in)
         check_keys(params.encr, params.integ, params.encr_key_out, params.integ_key_out)
-        local_ip = ipaddress.ip_address(params.local[0]).packed
-        remote_ip = ipaddress.ip_address(params.remote[0]).packed
+        local_ip = _packed(params.local[0])
+        remote_ip = _packed(params.remote[0])
         if len(local_ip) != len(remote_ip):
             raise ValueError("local and remote addresses are of different families")
         if params.mode == "tunnel":
             if not params.local_ts or not params.remote_ts:
                 raise ValueError("a tunnel-mode SA needs local and remote selectors")
-            local = SelectorSet(params.local_ts)
-            remote = SelectorSet(params.remote_ts)
+            local = _selector_set(params.local_ts)
+            remote = _selector_set(params.remote_ts)
         else:
             # transport mode: the packets carry the SA's own addresses, whatever private
             # addresses the selectors name behind a NAT; keep their protocol and ports

@@ -8,6 +8,7 @@ SA covers is dropped and counted, never sent in the clear.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -89,10 +90,12 @@ class DataPlaneSettings:
     limits: Limits = field(default_factory=Limits)
 
 
-def _networks(selector_start: bytes, selector_end: bytes) -> list[str]:
+@functools.lru_cache(maxsize=1024)
+def _networks(selector_start: bytes, selector_end: bytes) -> tuple[str, ...]:
+    """The prefixes that make up a selector's address range (cached: SAs share them)."""
     start = ipaddress.ip_address(selector_start)
     end = ipaddress.ip_address(selector_end)
-    return [str(n) for n in ipaddress.summarize_address_range(start, end)]
+    return tuple(str(n) for n in ipaddress.summarize_address_range(start, end))
 
 
 def _local_source(params: ChildSaParams) -> str | None:

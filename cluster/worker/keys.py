@@ -6,6 +6,7 @@ single node calls it in-process; the cluster issue carries the same requests ove
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ..esp import ChildSaParams, Selector
@@ -22,6 +23,7 @@ class Limits:
     hard_packets: int | None = None
 
 
+@functools.lru_cache(maxsize=1024)  # SAs of one subnet share their selectors
 def _selector(ts: TrafficSelector) -> Selector:
     return Selector.from_range(ts.start_addr, ts.end_addr, ts.protocol, ts.start_port,
                                ts.end_port)

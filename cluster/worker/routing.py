@@ -32,6 +32,7 @@ two workers in one namespace different tables and priorities.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import socket
@@ -54,6 +55,12 @@ _ROUTE_GONE = {errno.ESRCH, errno.ENOENT, errno.ENODEV}
 _RULE_GONE = {errno.ENOENT, errno.ESRCH}
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@functools.lru_cache(maxsize=4096)
+def _network(text: str) -> Network:
+    """Parsed once per prefix: every Child SA of a shared subnet adds and removes it."""
+    return ipaddress.ip_network(text, strict=False)
 
 
 class Routes:
@@ -110,7 +117,7 @@ class Routes:
         local address of the same family. Adding a network already routed only
         counts another holder (its first `src` stays).
         """
-        net = ipaddress.ip_network(network, strict=False)
+        net = _network(network)
         if net in self._refs:
             self._refs[net] += 1
             return
@@ -136,7 +143,7 @@ class Routes:
 
     def remove(self, network: str) -> None:
         """Drop one holder of `network`; the route goes with the last. KeyError if unknown."""
-        net = ipaddress.ip_network(network, strict=False)
+        net = _network(network)
         count = self._refs[net]
         if count > 1:
             self._refs[net] = count - 1

@@ -250,3 +250,13 @@ def test_run_serves_until_signal_then_exits_0_without_traceback(
     # the configured format: time, level, logger name, message
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO cluster\.\S+: node gw1 ", log,
                      re.MULTILINE), log
+
+
+def test_line_formatter_writes_what_the_standard_formatter_writes() -> None:
+    ours, standard = cli.LineFormatter(), logging.Formatter(cli.LOG_FORMAT)
+    for created in (1700000000.0, 1700000000.25, 1700000000.999, 1700000001.5, 1699999999.0,
+                    1700086400.125):
+        record = logging.LogRecord("cluster.x", logging.INFO, __file__, 1, "SA %s up",
+                                   ("abc",), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == standard.format(record)
