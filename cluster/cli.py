@@ -116,7 +116,7 @@ class LineFormatter(logging.Formatter):
         if second != self._second:
             self._stamp = time.strftime(self.default_time_format, self.converter(second))
             self._second = second
-        return self.default_msec_format % (self._stamp, record.msecs)
+        return f"{self._stamp},{int(record.msecs):03d}"  # logging's default_msec_format
 
 
 def configure_logging(level: str) -> None:
