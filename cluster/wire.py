@@ -95,6 +95,21 @@ class Buffer:
         self._pos = pos + fmt.size
         return fmt.unpack_from(self._data, pos)
 
+    def pull_payload(self, fmt: struct.Struct, length_index: int) -> tuple[tuple[int, ...], Buffer]:
+        """A header in `fmt` whose field `length_index` counts the header too, and a
+        cursor over the rest of that block (which this cursor skips): a payload or
+        substructure in one call."""
+        pos = self._pos
+        size = fmt.size
+        if pos + size > self._end:
+            raise ParseError(f"need {size} bytes, {self._end - pos} left")
+        fields = fmt.unpack_from(self._data, pos)
+        length = fields[length_index]
+        if length < size or pos + length > self._end:
+            raise ParseError(f"block of {length} bytes overruns buffer or its header")
+        self._pos = pos + length
+        return fields, Buffer(self._data, pos + size, pos + length)
+
     @contextmanager
     def pull_block(self, length: int) -> Iterator[None]:
         """Restrict reads to the next `length` bytes; all of them must be consumed."""

@@ -17,13 +17,11 @@ from .proposals import Proposal, Transform
 from .traffic_selectors import TrafficSelector
 
 _GENERIC = struct.Struct("!BBH")  # next payload, critical bit, length
-_SUBSTRUCTURE = struct.Struct("!BxH")  # last flag, reserved, length
-_PROPOSAL = struct.Struct("!BBBB")
-_TRANSFORM = struct.Struct("!BxH")
 _KE_HEAD = struct.Struct("!Hxx")
-_TRANSFORM_OUT = struct.Struct("!BxHBxH")  # last, length, type, id
+_TRANSFORM_HEAD = struct.Struct("!BxHBxH")  # last, length, type, id (RFC 7296 3.3.2)
 _KEY_LENGTH = struct.Struct("!HH")  # a TV attribute: AF bit | type 14, value
-_PROPOSAL_OUT = struct.Struct("!BxHBBBB")
+# last, length, number, protocol, SPI size, transform count (RFC 7296 3.3.1)
+_PROPOSAL_HEAD = struct.Struct("!BxHBBBB")
 _TS_COUNT = struct.Struct("!B3x")
 _SELECTOR_HEAD = struct.Struct("!BBHHH")
 _TYPED_HEAD = struct.Struct("!Bxxx")
@@ -153,13 +151,9 @@ class UnknownPayload(Payload):
 
 
 def _pull_transform(buf: Buffer) -> tuple[bool, Transform]:
-    last, length = buf.pull_header(_SUBSTRUCTURE)
-    if length < 8:
-        raise ParseError("transform too short")
-    t_type, t_id = buf.pull_header(_TRANSFORM)
+    (last, length, t_type, t_id), attrs = buf.pull_payload(_TRANSFORM_HEAD, 1)
     key_bits: int | None = None
     if length > 8:
-        attrs = buf.sub(length - 8)
         while not attrs.eof():
             attr_type = attrs.pull_uint16()
             if attr_type & 0x8000:  # TV format
@@ -175,20 +169,16 @@ def _pull_transform(buf: Buffer) -> tuple[bool, Transform]:
 
 def _transform_bytes(t: Transform, last: bool) -> bytes:
     if t.key_bits is None:
-        return _TRANSFORM_OUT.pack(0 if last else 3, 8, t.type, t.id)
+        return _TRANSFORM_HEAD.pack(0 if last else 3, 8, t.type, t.id)
     # TV attribute: AF bit | Key Length (14)
-    head = _TRANSFORM_OUT.pack(0 if last else 3, 12, t.type, t.id)
+    head = _TRANSFORM_HEAD.pack(0 if last else 3, 12, t.type, t.id)
     return head + _KEY_LENGTH.pack(0x800E, t.key_bits)
 
 
 def _pull_sa(buf: Buffer) -> SaPayload:
     proposals: list[Proposal] = []
     while True:
-        last, length = buf.pull_header(_SUBSTRUCTURE)
-        if length < 8:
-            raise ParseError("proposal too short")
-        body = buf.sub(length - 4)
-        number, protocol, spi_size, count = body.pull_header(_PROPOSAL)
+        (last, _, number, protocol, spi_size, count), body = buf.pull_payload(_PROPOSAL_HEAD, 1)
         spi = body.pull_bytes(spi_size)
         transforms: list[Transform] = []
         for i in range(count):
@@ -216,7 +206,7 @@ def _encode_sa(p: SaPayload) -> bytes:
     for i, prop in enumerate(p.proposals):
         n = len(prop.transforms)
         body = b"".join([_transform_bytes(t, j == n - 1) for j, t in enumerate(prop.transforms)])
-        out.append(_PROPOSAL_OUT.pack(0 if i == count - 1 else 2, 8 + len(prop.spi) + len(body),
+        out.append(_PROPOSAL_HEAD.pack(0 if i == count - 1 else 2, 8 + len(prop.spi) + len(body),
                                       prop.number, prop.protocol, len(prop.spi), n))
         out.append(prop.spi)
         out.append(body)
@@ -389,11 +379,8 @@ def pull_payloads_untrusted(buf: Buffer, first: int) -> tuple[list[Payload], int
             return payloads, next_type
         if len(payloads) >= 128:
             raise ParseError("too many payloads")
-        following, flags, length = buf.pull_header(_GENERIC)
+        (following, flags, _), body = buf.pull_payload(_GENERIC, 2)
         critical = bool(flags & 0x80)
-        if length < 4:
-            raise ParseError("payload length below header size")
-        body = buf.sub(length - 4)
         pull = _PULL.get(next_type)
         if pull is None:
             payloads.append(UnknownPayload(next_type, critical, body.pull_rest()))
