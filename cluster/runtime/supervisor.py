@@ -337,8 +337,9 @@ class Supervisor:
                 if actor is None and self.on_unknown_sa is not None:
                     self.on_unknown_sa(header, data, local, remote, now)  # another node's SA?
                     return
-                # RFC 7296 2.21.4: we MAY answer with INVALID_IKE_SPI, unprotected and
-                # rate-limited. TODO: send it through self._notify_limiter; count for now.
+                # RFC 7296 2.21.4 allows an unprotected INVALID_IKE_SPI answer; we drop and
+                # count instead: the answer would be unauthenticated traffic towards any
+                # source address, and a peer cannot trust it enough to act on it.
                 self.stats.dropped_no_sa += 1
                 return
         if not actor.mailbox.put_nowait((data, local, remote, now)):
