@@ -127,6 +127,6 @@ class SelectorSet:
 
     def hosts(self) -> tuple[bytes, ...] | None:
         """The single-host addresses when every selector is one host, else None."""
-        if self.selectors and all(s.is_host for s in self.selectors):
-            return tuple(dict.fromkeys(s.start for s in self.selectors))
-        return None
+        if not self.selectors or False in [s.is_host for s in self.selectors]:
+            return None
+        return tuple(dict.fromkeys([s.start for s in self.selectors]))

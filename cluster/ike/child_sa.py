@@ -9,7 +9,7 @@ from ..errors import NoProposalChosen, TsUnacceptable
 from .constants import NotifyType, ProtocolId
 from .events import ChildSaEstablished
 from .keymat import derive_child_keys
-from .payloads import NotifyPayload, Payload, SaPayload, TsiPayload, TsrPayload
+from .payloads import NotifyPayload, Payload, SaPayload, TsiPayload, TsrPayload, first_of
 from .policy import ChildConfig, ConnectionConfig
 from .proposals import ChosenAlgorithms, Proposal, chosen_to_proposal, select_proposal
 from .sa import ChildSa, IkeSa
@@ -38,13 +38,13 @@ def new_child_spi(sa: IkeSa, rng: Random) -> bytes:
 def choose_child(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload], *,
                  key_exchange: bool = True) -> ChildChoice:
     """The responder's pick of child config, ESP proposal and narrowed selectors."""
-    sa_p = next((p for p in payloads if isinstance(p, SaPayload)), None)
-    tsi_p = next((p for p in payloads if isinstance(p, TsiPayload)), None)
-    tsr_p = next((p for p in payloads if isinstance(p, TsrPayload)), None)
+    sa_p = first_of(payloads, SaPayload)
+    tsi_p = first_of(payloads, TsiPayload)
+    tsr_p = first_of(payloads, TsrPayload)
     if sa_p is None or tsi_p is None or tsr_p is None:
         raise NoProposalChosen("no Child SA requested")
-    transport = any(isinstance(p, NotifyPayload) and p.notify_type == NotifyType.USE_TRANSPORT_MODE
-                    for p in payloads)
+    transport = NotifyType.USE_TRANSPORT_MODE in [p.notify_type for p in payloads
+                                                  if isinstance(p, NotifyPayload)]
     offered = [p for p in sa_p.proposals if p.protocol == ProtocolId.ESP and len(p.spi) == 4]
     proposal_error: Exception | None = None
     for child in conn.children:

@@ -24,7 +24,7 @@ from ..key_exchange import KeyExchange, new_key_exchange
 from .child_sa import choose_child, install_child, new_child_spi
 from .constants import NotifyType, ProtocolId
 from .events import IkeSaRekeyed
-from .ike_init import first_of, notifies
+from .ike_init import notifies
 from .keymat import derive_ike_keys, rekey_skeyseed
 from .message import SkProtection
 from .payloads import (
@@ -35,6 +35,7 @@ from .payloads import (
     SaPayload,
     TsiPayload,
     TsrPayload,
+    first_of,
 )
 from .policy import ChildConfig
 from .proposals import ChosenAlgorithms, accept_response, chosen_to_proposal, select_proposal
@@ -60,7 +61,10 @@ def _ke_for(chosen: ChosenAlgorithms, ke: KePayload | None) -> tuple[KeyExchange
 
 def _config_of(sa: IkeSa, name: str) -> ChildConfig | None:
     assert sa.connection is not None
-    return next((c for c in sa.connection.children if c.name == name), None)
+    for config in sa.connection.children:
+        if config.name == name:
+            return config
+    return None
 
 
 # --- responder -----------------------------------------------------------------------

@@ -24,7 +24,7 @@ from .child_sa import Random, install_child, new_child_spi, respond_child
 from .constants import AuthMethod, CertEncoding, IdType, NotifyType, ProtocolId
 from .events import IkeSaEstablished
 from .identity import Identity, cert_matches_identity, identity_from_payload_untrusted
-from .ike_init import candidate_connections, first_of, notifies
+from .ike_init import candidate_connections, notifies
 from .payloads import (
     AuthPayload,
     CertPayload,
@@ -36,6 +36,7 @@ from .payloads import (
     SaPayload,
     TsiPayload,
     TsrPayload,
+    first_of,
 )
 from .policy import ConnectionConfig, LocalAuth, RemoteAuth
 from .proposals import accept_response

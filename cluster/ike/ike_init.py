@@ -7,7 +7,6 @@ import ipaddress
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from ..errors import InvalidKePayload, InvalidSyntax, NoProposalChosen, ParseError
 from ..key_exchange import new_key_exchange
@@ -24,13 +23,13 @@ from .payloads import (
     NotifyPayload,
     Payload,
     SaPayload,
+    first_of,
 )
 from .policy import ConnectionConfig, ResponderPolicy
 from .proposals import accept_response, chosen_to_proposal, select_proposal
 from .sa import IkeSa
 
 NONCE_SIZE = 32
-T = TypeVar("T", bound=Payload)
 Random = Callable[[int], bytes]
 
 
@@ -64,10 +63,6 @@ def candidate_connections(policy: ResponderPolicy, local: Address,
             and _address_matches(remote[0], c.remote_addrs)]
 
 
-def first_of(payloads: list[Payload], kind: type[T]) -> T | None:
-    return next((p for p in payloads if isinstance(p, kind)), None)
-
-
 def notifies(payloads: list[Payload], notify_type: int) -> list[NotifyPayload]:
     return [p for p in payloads if isinstance(p, NotifyPayload) and p.notify_type == notify_type]
 
@@ -95,8 +90,8 @@ def _detect_nat(sa: IkeSa, payloads: list[Payload], spi_r_in_message: bytes) -> 
         return
     seen_source = nat_hash(sa.spi_i, spi_r_in_message, sa.remote)
     seen_dest = nat_hash(sa.spi_i, spi_r_in_message, sa.local)
-    sa.nat_remote = sa.nat_remote or all(n.data != seen_source for n in sources)
-    sa.behind_nat = all(n.data != seen_dest for n in destinations)
+    sa.nat_remote = sa.nat_remote or seen_source not in [n.data for n in sources]
+    sa.behind_nat = seen_dest not in [n.data for n in destinations]
     sa.nat_local = sa.nat_local or sa.behind_nat
 
 

@@ -281,4 +281,7 @@ def _inner(msg: Message) -> tuple[bytes, int]:
 
 
 def unknown_critical(payloads: list[Payload]) -> UnknownPayload | None:
-    return next((p for p in payloads if isinstance(p, UnknownPayload) and p.critical), None)
+    for p in payloads:
+        if isinstance(p, UnknownPayload) and p.critical:
+            return p
+    return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from ..errors import ParseError
 from ..wire import Buffer
@@ -339,6 +339,18 @@ _ENCODE: dict[type, Callable[[Any], bytes]] = {
     TsiPayload: _encode_selectors,
     TsrPayload: _encode_selectors,
 }
+
+
+P = TypeVar("P", bound=Payload)
+
+
+def first_of(payloads: list[Payload], kind: type[P]) -> P | None:
+    """The first payload of a type. (A loop: a generator left unfinished costs a
+    GeneratorExit each, a dozen times per SA on the setup path.)"""
+    for p in payloads:
+        if isinstance(p, kind):
+            return p
+    return None
 
 
 def type_of(p: Payload) -> int:

@@ -125,8 +125,8 @@ class ResponderPolicy:
         for entry in self.secrets:
             score = 0
             for ident in (local, remote):
-                matched = [p for p in entry.ids if ident is not None and p.matches(ident)]
-                if any(not p.any for p in matched):
+                matched = [p.any for p in entry.ids if ident is not None and p.matches(ident)]
+                if False in matched:  # a pattern other than %any matched
                     score += 2
                 elif matched:
                     score += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..errors import InvalidKePayload, NoProposalChosen
 from ..key_exchange import DH_NAMES, DhGroup
@@ -190,12 +191,27 @@ class _Offer:
         return not alg.needs_key_length and (alg.transform_id, None) in self.encr
 
 
+A = TypeVar("A", IntegAlgorithm, PrfAlgorithm)
+
+
+def _first_offered(ours: tuple[A, ...], offered: set[int]) -> A | None:
+    """Our first choice the peer offered (a loop: see payloads.first_of)."""
+    for alg in ours:
+        if alg.transform_id in offered:
+            return alg
+    return None
+
+
 def _match_one(offer: _Offer, conf: ConfiguredProposal, ke_group: int | None,
                legacy_allowed: bool, key_exchange: bool = True) -> ChosenAlgorithms | None:
-    encr = next((e for e in conf.encr if offer.has_encr(e)), None)
+    encr = None
+    for e in conf.encr:
+        if offer.has_encr(e):
+            encr = e
+            break
     if encr is None or (encr.legacy and not legacy_allowed):
         return None
-    integ = next((i for i in conf.integ if i.transform_id in offer.integ), None)
+    integ = _first_offered(conf.integ, offer.integ)
     if encr.aead:
         if offer.integ:
             return None
@@ -203,7 +219,7 @@ def _match_one(offer: _Offer, conf: ConfiguredProposal, ke_group: int | None,
         return None
     prf: PrfAlgorithm | None = None
     if conf.protocol == ProtocolId.IKE:
-        prf = next((p for p in conf.prf if p.transform_id in offer.prf), None)
+        prf = _first_offered(conf.prf, offer.prf)
         if prf is None:
             return None
     dh: DhGroup | None = None
@@ -220,8 +236,10 @@ def _match_one(offer: _Offer, conf: ConfiguredProposal, ke_group: int | None,
     esn: Esn | None = None
     if conf.protocol != ProtocolId.IKE:
         offered_esn = offer.esn or {Esn.NO_ESN}
-        esn = next((e for e in conf.esn if e in offered_esn), None)
-        if esn is None:
+        for esn in conf.esn:
+            if esn in offered_esn:
+                break
+        else:
             return None
     for p in (prf, integ):
         if p is not None and p.legacy and not legacy_allowed:
@@ -284,7 +302,11 @@ def accept_response(proposal: Proposal, configured: Sequence[ConfiguredProposal]
             counts[t.type] = counts.get(t.type, 0) + 1
     if any(n != 1 for n in counts.values()):
         raise NoProposalChosen("the response must carry one transform of each type")
-    ke_group = next((t.id for t in proposal.transforms if t.type == TransformType.DH), None)
+    ke_group = None
+    for t in proposal.transforms:
+        if t.type == TransformType.DH:
+            ke_group = t.id
+            break
     try:
         _, chosen = select_proposal([proposal], configured, ke_group=ke_group,
                                     legacy_allowed=legacy_allowed, key_exchange=key_exchange)

@@ -735,9 +735,10 @@ class IkeSession:
             if child.scheduled:
                 continue
             child.scheduled = True
-            config = next((c for c in sa.connection.children if c.name == child.name), None)
-            if config is not None:
-                child.rekey_at, child.expire_at = deadlines(config.lifetime, now, self._rng)
+            for config in sa.connection.children:
+                if config.name == child.name:
+                    child.rekey_at, child.expire_at = deadlines(config.lifetime, now, self._rng)
+                    break
 
     def _take_over(self, old: IkeSa, new: IkeSa, now: float) -> None:
         """A rekey made `new` the current IKE SA; `old` waits for its Delete."""
