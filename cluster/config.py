@@ -63,6 +63,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 IKE_REKEY_TIME = 14400.0  # swanctl's defaults: 4 h for IKE SAs, 1 h for Child SAs
 CHILD_REKEY_TIME = 3600.0
+DH_REUSE = 10.0
 _TUN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # IFNAMSIZ - 1
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -154,6 +155,9 @@ class NodeConfig:
     metrics: MetricsConfig | None = None  # None: no metrics endpoint
     cluster: ClusterConfig | None = None  # None: no [cluster] table (single node, memory)
     extra_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # [ike] dh_reuse: seconds one DH value of ours may serve several IKE_SA_INIT exchanges
+    # (RFC 7296 2.12; forgotten when any SA that used it ends); 0: a fresh one each time
+    dh_reuse: float = DH_REUSE
 
 
 def load_config(path: str | Path) -> NodeConfig:
@@ -244,7 +248,7 @@ class _Loader:
             (
                 "addresses", "port", "port_nat_t", "legacy_algorithms", "half_open_timeout",
                 "cookie_threshold", "block_threshold", "init_limit_half_open", "notify_rate",
-                "retransmit_timeout", "retransmit_base", "retransmit_tries",
+                "retransmit_timeout", "retransmit_base", "retransmit_tries", "dh_reuse",
             ),
             required=True,
         )  # fmt: skip
@@ -258,6 +262,9 @@ class _Loader:
         if half_open_timeout <= 0:
             ike.fail("half_open_timeout", "must be a positive number of seconds")
         dos = self.dos(ike)
+        dh_reuse = self.duration(ike, "dh_reuse", DH_REUSE)
+        if dh_reuse > 3600:
+            ike.fail("dh_reuse", "at most an hour (0: a fresh DH value for every IKE SA)")
 
         secrets = tuple(
             self.secret(_join("secrets", name), value)
@@ -297,6 +304,7 @@ class _Loader:
             metrics=metrics,
             cluster=cluster,
             extra_tables=extra,
+            dh_reuse=dh_reuse,
         )
 
     def dos(self, ike: _Table) -> DosConfig:

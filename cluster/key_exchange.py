@@ -209,3 +209,45 @@ def new_key_exchange(group: int) -> KeyExchange:
     if g in _CURVES:
         return EcpExchange(g)
     return MontgomeryExchange(g)
+
+
+class ExponentialPool:
+    """The responder's Diffie-Hellman private values, reused across IKE_SA_INIT
+    exchanges (RFC 7296 2.12) without giving up perfect forward secrecy.
+
+    One value per group is handed out for at most `max_age` seconds, and forgotten as
+    soon as any IKE SA that used it ends (`forget`), so the keys of a closed SA can never
+    be recomputed from what this process still holds; the SAs themselves keep only their
+    derived keys. Reused only for the elliptic-curve groups, whose peer values are
+    validated on every exchange (RFC 6989: on the curve, no small-order result); MODP
+    values are made fresh each time. With max_age 0 every exchange gets a fresh value.
+    """
+
+    def __init__(self, max_age: float) -> None:
+        self.max_age = max_age
+        # group -> (the value, its serial, when it was made)
+        self._current: dict[int, tuple[KeyExchange, int, float]] = {}
+        self._serial = 0
+        self.made = 0  # private values generated (for tests and metrics)
+
+    def take(self, group: int, now: float) -> tuple[KeyExchange, int]:
+        """A private value for `group` and its serial (0: not pooled, nothing to forget)."""
+        current = self._current.get(group)
+        if current is not None and now - current[2] < self.max_age:
+            return current[0], current[1]
+        value = new_key_exchange(group)
+        self.made += 1
+        if self.max_age <= 0 or DhGroup(group) in _MODP_PRIMES:
+            self._current.pop(group, None)
+            return value, 0
+        self._serial += 1
+        self._current[group] = (value, self._serial, now)
+        return value, self._serial
+
+    def forget(self, serial: int) -> None:
+        """An SA that used value `serial` ended: that value is never handed out again."""
+        if not serial:
+            return
+        for group, (_, current, _) in list(self._current.items()):
+            if current == serial:
+                del self._current[group]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import InvalidKePayload, InvalidSyntax, NoProposalChosen, ParseError
-from ..key_exchange import new_key_exchange
+from ..key_exchange import ExponentialPool, new_key_exchange
 from ..transforms import sha1
 from .auth import certreq_authority_hashes, supported_hash_algorithms
 from .constants import CertEncoding, NotifyType, ProtocolId
@@ -122,8 +122,13 @@ def _setup_keys(sa: IkeSa, shared: bytes) -> None:
 # --- responder -----------------------------------------------------------------------
 
 
-def respond_init(sa: IkeSa, payloads: list[Payload], rng: Random) -> list[Payload]:
-    """Process an IKE_SA_INIT request and build the response payloads; IkeError on refusal."""
+def respond_init(sa: IkeSa, payloads: list[Payload], rng: Random,
+                 exponentials: ExponentialPool | None = None, now: float = 0.0
+                 ) -> list[Payload]:
+    """Process an IKE_SA_INIT request and build the response payloads; IkeError on refusal.
+
+    With `exponentials`, our DH value may be one shared with other recent SAs (RFC 7296
+    2.12); the SA records which in `sa.exponential` and keeps no reference to it."""
     sa_p = first_of(payloads, SaPayload)
     ke = first_of(payloads, KePayload)
     nonce = first_of(payloads, NoncePayload)
@@ -139,9 +144,12 @@ def respond_init(sa: IkeSa, payloads: list[Payload], rng: Random) -> list[Payloa
         raise InvalidSyntax("IKE_SA_INIT proposal carries an SPI")
     assert chosen.dh is not None
     sa.chosen = chosen
-    sa.ke = new_key_exchange(chosen.dh)
+    if exponentials is None:
+        ours = new_key_exchange(chosen.dh)
+    else:
+        ours, sa.exponential = exponentials.take(chosen.dh, now)
     try:
-        shared = sa.ke.shared_secret_untrusted(ke.data)
+        shared = ours.shared_secret_untrusted(ke.data)
     except ParseError:
         raise InvalidKePayload(chosen.dh) from None  # RFC 6989: an invalid value is refused
     sa.nonce_i = nonce.data
@@ -153,7 +161,7 @@ def respond_init(sa: IkeSa, payloads: list[Payload], rng: Random) -> list[Payloa
     _setup_keys(sa, shared)
     response: list[Payload] = [
         SaPayload((chosen_to_proposal(proposal.number, ProtocolId.IKE, b"", chosen),)),
-        KePayload(chosen.dh, sa.ke.public_value()),
+        KePayload(chosen.dh, ours.public_value()),
         NoncePayload(sa.nonce_r),
         *_nat_notifies(sa, sa.spi_r, fake_source=encap),
     ]

@@ -68,6 +68,7 @@ class IkeSa:
     nonce_i: bytes = b""
     nonce_r: bytes = b""
     ke: KeyExchange | None = None
+    exponential: int = 0  # the pooled DH value IKE_SA_INIT used (ExponentialPool), 0 if none
     keys: IkeKeys | None = field(default=None, repr=False)
     sk: SkProtection | None = field(default=None, repr=False)
     init_request: bytes = b""  # RealMessage1 (RFC 7296 2.15)

@@ -27,6 +27,7 @@ from ..errors import (
     TemporaryFailure,
     UnsupportedCriticalPayload,
 )
+from ..key_exchange import ExponentialPool
 from .constants import NATT_PORT, ExchangeType, NotifyType, ProtocolId
 from .create_child import (
     RekeyChild,
@@ -146,8 +147,10 @@ _EXCHANGE_OF = {
 class IkeSession:
     def __init__(self, sa: IkeSa, *, rng: Random = os.urandom,
                  wall_clock: WallClock = _utc_now,
-                 natt_ports: tuple[int, int] = (NATT_PORT, NATT_PORT)) -> None:
+                 natt_ports: tuple[int, int] = (NATT_PORT, NATT_PORT),
+                 exponentials: ExponentialPool | None = None) -> None:
         self._sa = sa
+        self._exponentials = exponentials  # our DH values, shared by recent IKE_SA_INITs
         self._retiring: list[tuple[IkeSa, float]] = []  # (rekeyed-away SA, drop-by time)
         self._rng = rng
         self._wall_clock = wall_clock
@@ -200,6 +203,13 @@ class IkeSession:
     @property
     def sa(self) -> IkeSa:
         return self._sa
+
+    def forget_key_exchanges(self) -> None:
+        """The SA ends in this process (deleted, failed, expired, handed over): a DH value
+        it shared with other SAs is never handed out again (RFC 7296 2.12)."""
+        if self._exponentials is not None:
+            for sa in self._all():
+                self._exponentials.forget(sa.exponential)
 
     def _all(self) -> list[IkeSa]:
         return [self._sa, *(s for s, _ in self._retiring)]
@@ -503,7 +513,7 @@ class IkeSession:
             if critical is not None:  # RFC 7296 2.5
                 raise UnsupportedCriticalPayload(critical.type_id)
             if exchange == ExchangeType.IKE_SA_INIT:
-                response = respond_init(sa, payloads, self._rng)
+                response = respond_init(sa, payloads, self._rng, self._exponentials, now)
             elif exchange == ExchangeType.IKE_AUTH:
                 response = respond_auth(sa, payloads, self._rng, self._wall_clock)
             elif exchange == ExchangeType.INFORMATIONAL:

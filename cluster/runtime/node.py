@@ -24,6 +24,7 @@ from ..ike.events import (
 )
 from ..ike.policy import ResponderPolicy
 from ..ike.session import Address, IkeSession
+from ..key_exchange import ExponentialPool
 from .actor import Session
 from .dispatcher import Dispatcher
 from .stats import RuntimeStats
@@ -130,9 +131,10 @@ def _format_address(address: Address) -> str:
 
 def responder_factory(config: NodeConfig) -> Callable[[bytes, Address, Address], Session]:
     policy = config.policy
+    exponentials = ExponentialPool(config.dh_reuse)  # one per process, shared by its SAs
 
     def new_session(spi_r: bytes, local: Address, remote: Address) -> Session:
-        return IkeSession.responder(policy, spi_r, local, remote)
+        return IkeSession.responder(policy, spi_r, local, remote, exponentials=exponentials)
 
     return new_session
 

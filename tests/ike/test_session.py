@@ -55,7 +55,7 @@ from cluster.ike.proposals import (
 )
 from cluster.ike.session import Datagram, IkeSession
 from cluster.ike.state import State
-from cluster.key_exchange import new_key_exchange
+from cluster.key_exchange import ExponentialPool, new_key_exchange
 from cluster.transforms import Encr, Esn, Integ
 from tests.ike.sessions import (
     CLIENT,
@@ -1010,3 +1010,39 @@ def test_only_a_copy_of_the_last_request_gets_the_cached_response() -> None:
     r.gateway.receive_datagram_untrusted(bare, GW, CLIENT, 1.0)
     assert r.gateway.datagrams_to_send() == []
     assert r.gateway.retransmits_answered == 0
+
+
+def _responder_ke(pool: ExponentialPool, gw_conn: ConnectionConfig) -> tuple[bytes, Outcome]:
+    """A whole handshake against a responder drawing on `pool`; our KE value and the outcome."""
+    client, _ = psk_pair(gw_conn)
+    gateway = IkeSession.responder(psk_policy(gw_conn), os.urandom(8), GW, CLIENT,
+                                   exponentials=pool)
+    transfer(client, gateway)
+    (reply,) = gateway.datagrams_to_send()
+    ke = next(p for p in decode_untrusted(reply.data).payloads if isinstance(p, KePayload))
+    client.receive_datagram_untrusted(reply.data, reply.remote, reply.local, 0.0)
+    return ke.data, handshake(client, gateway)
+
+
+def test_responders_sharing_a_dh_value_each_derive_their_own_keys() -> None:
+    # RFC 7296 2.12: one DH value of ours serves several IKE_SA_INIT exchanges
+    pool = ExponentialPool(10.0)
+    gw_conn = psk_connection()
+    first_ke, first = _responder_ke(pool, gw_conn)
+    second_ke, second = _responder_ke(pool, gw_conn)
+    assert_established(first)
+    assert_established(second)
+    assert first_ke == second_ke and pool.made == 1
+    assert first.gateway.sa.keys is not None and second.gateway.sa.keys is not None
+    assert first.gateway.sa.keys.sk_d != second.gateway.sa.keys.sk_d  # other nonces, other peer
+    assert first.gateway.sa.ke is None  # the SA keeps its keys, no reference to our DH value
+
+
+def test_a_shared_dh_value_is_never_used_again_once_one_of_its_sas_ends() -> None:
+    pool = ExponentialPool(10.0)
+    gw_conn = psk_connection()
+    first_ke, first = _responder_ke(pool, gw_conn)
+    first.gateway.forget_key_exchanges()  # what the supervisor calls when the actor retires
+    second_ke, second = _responder_ke(pool, gw_conn)
+    assert_established(second)
+    assert second_ke != first_ke and pool.made == 2

@@ -5,6 +5,7 @@ No sockets here, so `autojump_clock` can run the half-open timer in no time.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,6 +14,8 @@ import trio
 import trio.testing
 
 from cluster.ike.events import Event, IkeSaDeleted, IkeSaEstablished
+from cluster.ike.message import decode_untrusted
+from cluster.ike.payloads import KePayload
 from cluster.ike.session import Address, Datagram, IkeSession
 from cluster.runtime.actor import Session, SessionTimerStuck
 from cluster.runtime.node import responder_factory
@@ -243,4 +246,34 @@ async def test_session_factory_failure_is_counted(setup: Setup) -> None:
         supervisor.route_untrusted(d.data, SERVER, CLIENT, trio.current_time())
         assert stats.actor_failures == 1
         assert supervisor.actor_count == 0
+        nursery.cancel_scope.cancel()
+
+
+def _our_ke(datagram: Datagram) -> bytes:
+    payloads = decode_untrusted(datagram.data).payloads
+    return next(p.data for p in payloads if isinstance(p, KePayload))
+
+
+async def test_a_shared_dh_value_goes_when_its_sas_retire(
+    setup: Setup, autojump_clock: trio.testing.MockClock
+) -> None:
+    # reuse allowed for an hour, so only the retirement can end the sharing
+    config = dataclasses.replace(setup.node_config, dh_reuse=3600.0)
+    sent: list[Datagram] = []
+    supervisor = Supervisor(session_factory=responder_factory(config), send=sent.append,
+                            event_sink=lambda event: None, stats=RuntimeStats(),
+                            half_open_timeout=30.0)
+    h = Harness(setup, supervisor, supervisor.stats, sent, [])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        h.to_responder(h.initiator(b"\x01" * 8))
+        h.to_responder(h.initiator(b"\x02" * 8))
+        await trio.testing.wait_all_tasks_blocked()
+        first, second = sent
+        assert _our_ke(first) == _our_ke(second)  # RFC 7296 2.12: one value, two SAs
+        await trio.sleep(31.0)  # both expire half-open: their actors retire
+        assert supervisor.actor_count == 0
+        h.to_responder(h.initiator(b"\x03" * 8))
+        await trio.testing.wait_all_tasks_blocked()
+        assert _our_ke(sent[2]) != _our_ke(first)
         nursery.cancel_scope.cancel()

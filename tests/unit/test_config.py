@@ -144,6 +144,14 @@ secret = "{SECRET}"
     assert tuple(p.text for p in child.esp_proposals) == DEFAULT_ESP_PROPOSALS
     assert config.policy.legacy_algorithms is False
     assert config.policy.half_open_timeout == 30.0
+    assert config.dh_reuse == 10.0
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("0", 0.0), ('"30s"', 30.0), ("2.5", 2.5)])
+def test_dh_reuse_is_a_duration(tmp_path: Path, value: str, seconds: float) -> None:
+    path = write(tmp_path, BASE.replace('addresses = ["10.99.0.2"]',
+                                        f'addresses = ["10.99.0.2"]\ndh_reuse = {value}'))
+    assert load_config(path).dh_reuse == seconds
 
 
 def test_default_keyword_expands_in_place(tmp_path: Path) -> None:
@@ -422,6 +430,12 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
     ("half-open", BASE.replace('addresses = ["10.99.0.2"]',
                                'addresses = ["10.99.0.2"]\nhalf_open_timeout = 0'),
      "ike.half_open_timeout", "positive"),
+    ("dh_reuse negative", BASE.replace('addresses = ["10.99.0.2"]',
+                                       'addresses = ["10.99.0.2"]\ndh_reuse = -1'),
+     "ike.dh_reuse", "non-negative"),
+    ("dh_reuse long", BASE.replace('addresses = ["10.99.0.2"]',
+                                   'addresses = ["10.99.0.2"]\ndh_reuse = "2h"'),
+     "ike.dh_reuse", "at most an hour"),
     ("encap", BASE.replace("version = 2", 'version = 2\nencap = "yes"'),
      "connections.rw.encap", "expected true or false"),
     ("remote_addrs", BASE.replace("version = 2", 'version = 2\nremote_addrs = ["peer.test"]'),

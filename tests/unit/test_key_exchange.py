@@ -15,6 +15,7 @@ from cluster.key_exchange import (
     DH_NAMES,
     DhGroup,
     EcpExchange,
+    ExponentialPool,
     ModpExchange,
     MontgomeryExchange,
     new_key_exchange,
@@ -249,3 +250,48 @@ def test_x448_public_value_is_the_raw_u_coordinate() -> None:
     value = ours.public_value()
     assert len(value) == 56
     x448.X448PublicKey.from_public_bytes(value)  # decodes as a raw key
+
+
+def test_pool_shares_a_curve_value_until_it_is_too_old() -> None:
+    pool = ExponentialPool(10.0)
+    first, serial = pool.take(DhGroup.CURVE25519, 100.0)
+    again, same = pool.take(DhGroup.CURVE25519, 109.9)
+    assert again is first and same == serial != 0
+    later, other = pool.take(DhGroup.CURVE25519, 110.0)
+    assert later is not first and other not in (0, serial)
+    assert pool.take(DhGroup.ECP256, 110.0)[0] is not later  # one value per group
+    assert pool.made == 3
+
+
+def test_pool_forgets_a_value_when_an_sa_that_used_it_ends() -> None:
+    pool = ExponentialPool(10.0)
+    first, serial = pool.take(DhGroup.ECP256, 0.0)
+    pool.forget(serial)
+    second, newer = pool.take(DhGroup.ECP256, 1.0)
+    assert second is not first
+    pool.forget(serial)  # another SA of the old value ending leaves the new one alone
+    assert pool.take(DhGroup.ECP256, 2.0) == (second, newer)
+    pool.forget(0)  # an SA that used no shared value
+    assert pool.take(DhGroup.ECP256, 3.0) == (second, newer)
+
+
+def test_pool_never_shares_modp_values_nor_with_max_age_zero() -> None:
+    pool = ExponentialPool(10.0)
+    a, s = pool.take(DhGroup.MODP2048, 0.0)
+    b, t = pool.take(DhGroup.MODP2048, 0.0)
+    assert a is not b and s == t == 0
+    fresh = ExponentialPool(0.0)
+    c, u = fresh.take(DhGroup.CURVE25519, 0.0)
+    d, v = fresh.take(DhGroup.CURVE25519, 0.0)
+    assert c is not d and u == v == 0
+
+
+@pytest.mark.parametrize("group", [DhGroup.CURVE25519, DhGroup.ECP256])
+def test_a_shared_value_still_refuses_bad_peer_values(group: DhGroup) -> None:
+    pool = ExponentialPool(10.0)
+    ours, _ = pool.take(group, 0.0)
+    peer = new_key_exchange(group)
+    assert ours.shared_secret_untrusted(peer.public_value()) \
+        == peer.shared_secret_untrusted(ours.public_value())
+    with pytest.raises(ParseError):  # u = 0 (small order) / not a point on the curve
+        pool.take(group, 1.0)[0].shared_secret_untrusted(bytes(public_value_size(group)))
