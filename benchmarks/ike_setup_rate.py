@@ -19,6 +19,7 @@ import json
 import os
 import select
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -183,7 +184,7 @@ def main() -> int:
             print(f"CPU per SA, ike-cluster / strongSwan = {ratio_of(ours, theirs):.2f}",
                   flush=True)
     ratios = sorted(ratio_of(ours, theirs) for ours, theirs in rounds)
-    median = ratios[(len(ratios) - 1) // 2]  # of an even count, the lower middle one
+    median = statistics.median(ratios)
     spread = f" (rounds: {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
     print(f"median CPU per SA, ike-cluster / strongSwan = {median:.2f}{spread} "
           f"(target <= 0.50: {'met' if median <= 0.5 else 'NOT met'})")
