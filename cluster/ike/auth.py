@@ -7,6 +7,7 @@ used, which we compare as a blob against the ones we know (RFC 7427 section 3 al
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import warnings
@@ -59,7 +60,13 @@ def signed_octets(
 
 
 def psk_auth_data(prf: Prf, secret: bytes, octets: bytes) -> bytes:
-    return prf(prf(secret, _KEY_PAD), octets)
+    return prf(_padded_secret(prf, secret), octets)
+
+
+@functools.lru_cache(maxsize=256)
+def _padded_secret(prf: Prf, secret: bytes) -> bytes:
+    """prf(Shared Secret, "Key Pad for IKEv2"): the same for every SA of a secret."""
+    return prf(secret, _KEY_PAD)
 
 
 def verify_psk(prf: Prf, secret: bytes, octets: bytes, auth_data: bytes) -> bool:
