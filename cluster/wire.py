@@ -6,11 +6,21 @@ buffer is short, so callers that handle untrusted bytes need catch only one type
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .errors import ParseError
+
+
+@functools.lru_cache(maxsize=4096)
+def packed_address(text: str) -> bytes:
+    """An IPv4 or IPv6 address in network byte order (4 or 16 bytes), parsed once per
+    distinct text: peers and gateways recur on every SA. ValueError if not an address."""
+    return ipaddress.ip_address(text).packed
+
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")

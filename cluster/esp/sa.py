@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import functools
-import ipaddress
 from collections.abc import Callable
 
+from ..wire import packed_address
 from .ciphers import (
     check_keys,
     make_aead,
@@ -29,13 +29,8 @@ def _no_detach(child: ChildSa) -> None:
     pass
 
 
-# Many Child SAs share addresses and selectors (one gateway, one subnet): parsed and
-# compiled once each, not once per SA (an install is on the IKE setup path).
-@functools.lru_cache(maxsize=4096)
-def _packed(address: str) -> bytes:
-    return ipaddress.ip_address(address).packed
-
-
+# Many Child SAs share selectors (one subnet): compiled once each, not once per SA
+# (an install is on the IKE setup path).
 @functools.lru_cache(maxsize=1024)
 def _selector_set(selectors: tuple[Selector, ...]) -> SelectorSet:
     return SelectorSet(selectors)  # immutable once built: shared by the SAs that use it
@@ -63,8 +58,8 @@ class ChildSa:
             raise ValueError("initial_seq is negative")
         check_keys(params.encr, params.integ, params.encr_key_in, params.integ_key_in)
         check_keys(params.encr, params.integ, params.encr_key_out, params.integ_key_out)
-        local_ip = _packed(params.local[0])
-        remote_ip = _packed(params.remote[0])
+        local_ip = packed_address(params.local[0])
+        remote_ip = packed_address(params.remote[0])
         if len(local_ip) != len(remote_ip):
             raise ValueError("local and remote addresses are of different families")
         if params.mode == "tunnel":

@@ -16,13 +16,13 @@ two, as 2.6 allows ("keep the old value of <secret> around for a short time").
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
-import ipaddress
 import os
 import struct
 from collections.abc import Callable
+
+from ..wire import packed_address
 
 SECRET_SIZE = 32
 DEFAULT_LIFETIME = 30.0  # seconds a secret is current; strongSwan's cookies live 10 s
@@ -30,11 +30,6 @@ _VERSION = struct.Struct("!I")
 COOKIE_SIZE = _VERSION.size + hashlib.sha256().digest_size  # 36; RFC 7296 3.10.1: 1-64
 
 Random = Callable[[int], bytes]
-
-
-@functools.lru_cache(maxsize=4096)
-def _packed(ip: str) -> bytes:
-    return ipaddress.ip_address(ip).packed
 
 
 class CookieSecrets:
@@ -108,5 +103,5 @@ class CookieSecrets:
         # Ni | IPi of an IPv4 peer could equal a shorter Ni | IPi of an IPv6 peer
         # whose interface id ends in that IPv4 address, and its cookie would fit.
         return hashlib.sha256(
-            len(nonce_i).to_bytes(2, "big") + nonce_i + _packed(remote_ip) + spi_i + secret
+            len(nonce_i).to_bytes(2, "big") + nonce_i + packed_address(remote_ip) + spi_i + secret
         ).digest()

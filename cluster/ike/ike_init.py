@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import os
 from collections.abc import Callable
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from ..errors import InvalidKePayload, InvalidSyntax, NoProposalChosen, ParseError
 from ..key_exchange import ExponentialPool, new_key_exchange
 from ..transforms import sha1
+from ..wire import packed_address
 from .auth import certreq_authority_hashes, supported_hash_algorithms
 from .constants import CertEncoding, NotifyType, ProtocolId
 from .events import Address
@@ -33,14 +33,9 @@ NONCE_SIZE = 32
 Random = Callable[[int], bytes]
 
 
-@functools.lru_cache(maxsize=4096)
-def _packed(ip: str) -> bytes:
-    return ipaddress.ip_address(ip).packed
-
-
 def nat_hash(spi_i: bytes, spi_r: bytes, addr: Address) -> bytes:
     """SHA-1(SPIi | SPIr | IP | port) (RFC 7296 2.23)."""
-    return sha1(spi_i + spi_r + _packed(addr[0]) + addr[1].to_bytes(2, "big"))
+    return sha1(spi_i + spi_r + packed_address(addr[0]) + addr[1].to_bytes(2, "big"))
 
 
 def _address_matches(addr: str, allowed: tuple[str, ...]) -> bool:
