@@ -61,10 +61,7 @@ def _ke_for(chosen: ChosenAlgorithms, ke: KePayload | None) -> tuple[KeyExchange
 
 def _config_of(sa: IkeSa, name: str) -> ChildConfig | None:
     assert sa.connection is not None
-    for config in sa.connection.children:
-        if config.name == name:
-            return config
-    return None
+    return sa.connection.child(name)
 
 
 # --- responder -----------------------------------------------------------------------

@@ -104,6 +104,13 @@ class ConnectionConfig:
     dpd_delay: float = 0.0  # seconds without traffic before a liveness check; 0: off
     dpd_action: Literal["clear", "restart", "none"] = "clear"
 
+    def child(self, name: str) -> ChildConfig | None:
+        """The child configuration called `name` (a loop: see payloads.first_of)."""
+        for config in self.children:
+            if config.name == name:
+                return config
+        return None
+
 
 @dataclass(frozen=True)
 class SharedSecret:

@@ -745,10 +745,9 @@ class IkeSession:
             if child.scheduled:
                 continue
             child.scheduled = True
-            for config in sa.connection.children:
-                if config.name == child.name:
-                    child.rekey_at, child.expire_at = deadlines(config.lifetime, now, self._rng)
-                    break
+            config = sa.connection.child(child.name)
+            if config is not None:
+                child.rekey_at, child.expire_at = deadlines(config.lifetime, now, self._rng)
 
     def _take_over(self, old: IkeSa, new: IkeSa, now: float) -> None:
         """A rekey made `new` the current IKE SA; `old` waits for its Delete."""
