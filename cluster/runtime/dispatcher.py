@@ -1,11 +1,12 @@
 """UDP sockets of the responder: receive, classify, hand to the router; send.
 
 Per socket one task waits for readiness once and then drains a bounded batch
-with non-blocking `recvfrom` until `BlockingIOError`: an awaited Trio socket
-call per datagram costs 26-28 us, this pattern about 4 us
-(notes/building-blocks.md). Sending is a synchronous non-blocking `sendto`; a
-full socket buffer drops the datagram and counts it, since IKE retransmits
-(RFC 7296 2.1).
+with non-blocking receives until none is left: an awaited Trio socket call per
+datagram costs 26-28 us, this pattern about 4 us (notes/building-blocks.md), and
+taking up to RECV_SLOTS datagrams per system call (recvmmsg, `mmsg.py`) cuts the
+receive itself from about 1.8 to 1.1 us a datagram. Sending is a synchronous
+non-blocking `sendto`; a full socket buffer drops the datagram and counts it,
+since IKE retransmits (RFC 7296 2.1).
 
 On the NAT-T port every IKE message carries a four-zero-byte non-ESP marker
 (RFC 3948 2.2); datagrams without it are ESP, and a single 0xFF byte is a NAT
@@ -30,6 +31,7 @@ from ..errors import ParseError
 from ..ike.constants import NON_ESP_MARKER
 from ..ike.message import Header, peek_header_untrusted
 from ..ike.session import Address, Datagram
+from .mmsg import MessageBatch
 from .stats import RuntimeStats
 
 logger = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ RECV_BATCH = 64
 # The NAT-T socket carries ESP in bulk: a bigger batch per wake-up there (about 1.5 ms
 # of work at most) halves the scheduler rounds per packet; IKE still gets its turn.
 ESP_RECV_BATCH = 256
-RECV_SIZE = 65535
+# Datagrams per receive call (recvmmsg): RECV_BATCH and ESP_RECV_BATCH are multiples.
+RECV_SLOTS = 64
 # Asked for, the kernel caps it at net.core.rmem_max; bursts of IKE_SA_INIT
 # from many peers should wait in the kernel rather than be dropped there.
 SOCKET_BUFFER = 1 << 21
@@ -52,13 +55,11 @@ IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr (struct in_pktinfo)
 _IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex (struct in6_pktinfo)
 # UDP generic segmentation/receive offload (linux/udp.h): a u16 segment size per
-# sendmsg; a UDP_GRO socket reports the size of coalesced datagrams as an int
+# sendmsg; a UDP_GRO socket gets coalesced datagrams (split again by MessageBatch)
 SOL_UDP = 17
 UDP_SEGMENT = 103
 UDP_GRO = 104
 _GSO_SIZE = struct.Struct("=H")
-_GRO_SIZE = struct.Struct("=i")
-_ANC_SIZE = socket.CMSG_SPACE(_IN6_PKTINFO.size) + socket.CMSG_SPACE(_GRO_SIZE.size)
 # ESP on the NAT-T port: a wake-up that found at least HOLD_AFTER datagrams means a
 # busy stream, and the reader then pauses ESP_HOLD seconds before it waits again, so
 # the next wake-up drains a bigger batch (fewer wake-ups and TUN writes per packet,
@@ -134,15 +135,6 @@ def _enable_gro(sock: socket.socket) -> bool:
     return True
 
 
-def _gro_segment(ancdata: list[tuple[int, int, bytes]]) -> int:
-    """The size of each datagram in a coalesced receive (0: a single datagram)."""
-    for level, kind, payload in ancdata:
-        if level == SOL_UDP and kind == UDP_GRO and len(payload) >= _GRO_SIZE.size:
-            size: int = _GRO_SIZE.unpack_from(payload)[0]
-            return size if size > 0 else 0
-    return 0
-
-
 def _source_ancillary(endpoint: Endpoint, local_host: str) -> list[tuple[int, int, bytes]]:
     """Pin the source address of a reply sent from a wildcard socket."""
     if endpoint.sock.family == socket.AF_INET6:
@@ -160,7 +152,7 @@ class Dispatcher:
         self.stats = stats
         # ESP in UDP (RFC 3948) arriving on the NAT-T port goes here: the data plane,
         # wired in by the single-node CLI (runtime never imports worker)
-        self.esp_sink: Callable[[bytes, Address, Address], None] | None = None
+        self.esp_sink: Callable[[list[bytes]], None] | None = None
         self._by_local: dict[Address, Endpoint] = {ep.local: ep for ep in endpoints}
         # (family, port) -> wildcard endpoint, for replies from addresses learnt by pktinfo
         self._wildcards: dict[tuple[int, int], Endpoint] = {
@@ -205,67 +197,59 @@ class Dispatcher:
         stats = self.stats
         received = self._received
         # ESP in UDP sent with GSO arrives as one buffer of equal-size datagrams (UDP
-        # GRO): one receive call for up to 64 of them. Each is classified on its own.
-        gro = ep.natt and _enable_gro(sock)
-        with_ancillary = ep.wildcard or gro
-        recvmsg, recvfrom = sock.recvmsg, sock.recvfrom
-        no_ancillary: list[tuple[int, int, bytes]] = []
+        # GRO); the batch splits it again, and each datagram is classified on its own
+        if ep.natt:
+            _enable_gro(sock)
+        plain_control = 0
+        if ep.wildcard:  # every datagram brings its pktinfo
+            info = _IN6_PKTINFO if sock.family == socket.AF_INET6 else _IN_PKTINFO
+            plain_control = socket.CMSG_SPACE(info.size)
+        batch = MessageBatch(sock, RECV_SLOTS, plain_control)
         natt, wildcard, ep_local = ep.natt, ep.wildcard, ep.local
         port = ep_local[1]
         hold = ESP_HOLD if natt else 0.0
-        batch = ESP_RECV_BATCH if natt else RECV_BATCH
+        limit = ESP_RECV_BATCH if natt else RECV_BATCH
         while True:
             await trio.lowlevel.wait_readable(sock)
             now = trio.current_time()
             # ESP in UDP (RFC 3948 2.2: no marker, at least SPI and sequence number)
-            # goes straight to the data plane; the rest as `_received` says
+            # goes to the data plane in one list per receive; the rest as `_received` says
             sink = self.esp_sink if natt else None
-            budget = batch  # datagrams, counting each of a GRO buffer
+            budget = limit  # datagrams, counting each of a GRO buffer
             while budget > 0:
                 try:
-                    if with_ancillary:
-                        data, anc, _flags, addr = recvmsg(RECV_SIZE, _ANC_SIZE)
-                    else:
-                        data, addr = recvfrom(RECV_SIZE)
-                        anc = no_ancillary
-                except BlockingIOError:
-                    break
+                    datagrams = batch.receive()
                 except OSError as exc:
                     # e.g. ECONNREFUSED queued from an ICMP error for an earlier send
                     stats.dropped_recv_error += 1
                     budget -= 1
                     logger.debug("recv on %s failed: %s", ep_local, exc)
                     continue
-                # a GRO cmsg comes only with a coalesced buffer; pktinfo with every
-                # datagram of a wildcard socket
-                if anc:
-                    local = _local_from_ancillary(anc, port, ep_local) if wildcard else ep_local
-                    segment = _gro_segment(anc) if gro else 0
-                else:
-                    local, segment = ep_local, 0
-                remote = addr if len(addr) == 2 else (addr[0], addr[1])
-                if segment and len(data) > segment:
-                    datagrams = [data[at:at + segment] for at in range(0, len(data), segment)]
-                    for datagram in datagrams:
-                        if sink is not None and len(datagram) >= 8 \
-                                and datagram[:4] != NON_ESP_MARKER:
-                            sink(datagram, local, remote)
-                        else:
-                            received(ep, datagram, local, remote, now, router)
-                    count = len(datagrams)
-                else:
-                    if sink is not None and len(data) >= 8 and data[:4] != NON_ESP_MARKER:
-                        sink(data, local, remote)
-                    else:
-                        received(ep, data, local, remote, now, router)
-                    count = 1
+                if not datagrams:
+                    break
+                count = len(datagrams)
                 stats.datagrams_in += count
                 budget -= count
+                others: list[int] | range = range(count)
+                if sink is not None:
+                    esp = []
+                    others = []
+                    for k, data in enumerate(datagrams):
+                        if len(data) >= 8 and data[:4] != NON_ESP_MARKER:
+                            esp.append(data)
+                        else:
+                            others.append(k)
+                    if esp:
+                        sink(esp)
+                for k in others:
+                    local = _local_from_ancillary(batch.ancillary(k), port, ep_local) \
+                        if wildcard else ep_local
+                    received(ep, datagrams[k], local, batch.source(k), now, router)
             else:
                 # A full batch: more may be waiting, but let others run first.
                 await trio.lowlevel.checkpoint()
                 continue
-            if hold and budget <= batch - HOLD_AFTER:
+            if hold and budget <= limit - HOLD_AFTER:
                 # a busy ESP stream: let the next datagrams gather for a moment, so one
                 # wake-up (and one coalesced TUN write) serves more of them
                 await trio.sleep(hold)
@@ -289,7 +273,7 @@ class Dispatcher:
                 elif self.esp_sink is None:
                     stats.dropped_esp_on_natt += 1  # no data plane in this process
                 else:
-                    self.esp_sink(data, local, remote)
+                    self.esp_sink([data])
                 return
             data = data[4:]
         try:

@@ -254,7 +254,7 @@ async def run_node(
     event_sink: EventSink = log_event,
     mailbox_size: int = DEFAULT_MAILBOX_SIZE,
     handle_signals: bool = True,
-    esp_sink: Callable[[bytes, Address, Address], None] | None = None,
+    esp_sink: Callable[[list[bytes]], None] | None = None,
     socket_mark: int | None = None,
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:

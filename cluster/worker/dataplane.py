@@ -317,13 +317,14 @@ class DataPlane:
             counters.tun_write_packets += count
             counters.tun_write_bytes += size
 
-    def receive_udp_esp(self, esp: bytes, local: Address, remote: Address) -> None:
-        """`receive_esp` for ESP in UDP (the dispatcher's NAT-T reader calls it)."""
+    def receive_udp_esp(self, datagrams: list[bytes]) -> None:
+        """`receive_esp` for the ESP-in-UDP datagrams of one receive call on the NAT-T
+        socket (the dispatcher classified them)."""
         incoming = self._incoming
-        incoming.append(esp)
-        if len(incoming) == 1:
-            self._writer.unpark()
-        elif len(incoming) >= WRITE_BATCH:
+        if not incoming:
+            self._writer.unpark()  # `_tun_writer` runs once the receiving task yields
+        incoming += datagrams
+        if len(incoming) >= WRITE_BATCH:
             self.flush()
 
     def send_packets(self, packets: list[bytes]) -> None:
