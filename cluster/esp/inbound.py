@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 _U32 = struct.Struct("!I")
 _AAD_ESN = struct.Struct("!III")
 _PADDING_AND_LENGTH = tuple(bytes([*range(1, n + 1), n]) for n in range(256))
+# the trailer of a tunnel-mode packet carrying IPv4: padding, pad length, next header
+_IPV4_TRAILERS = tuple(p + bytes([IPPROTO_IPIP]) for p in _PADDING_AND_LENGTH)
+_SPI_SEQ = struct.Struct("!II")
+_INNER_HEAD = struct.Struct("!BxH")  # version and header length, total length
 
 
 class InboundSa:
@@ -272,12 +276,13 @@ class AeadInbound(InboundSa):
 
     def decapsulate_run(self, datagrams: list[bytes], at: int,
                         append: Callable[[bytes], object]) -> int:
-        # the bulk case only: tunnel mode, IPv4 inside, address selectors, no ESN, every
-        # packet new and in order; anything else (drops included) goes back to the
-        # caller, which decapsulates that one with `decapsulate_untrusted` and counts it
+        # the bulk case only: tunnel mode, IPv4 inside without options, address
+        # selectors, no ESN, every packet new and in order; anything else (drops
+        # included) goes back to the caller, which decapsulates that one with
+        # `decapsulate_untrusted` and counts it
         if self._esn or self._transport or not self._address_only:
             return at
-        spi = self.spi
+        spi = self._spi
         min_len = self._min_len
         decrypt = self._aead.decrypt
         salt = self._salt
@@ -285,38 +290,36 @@ class AeadInbound(InboundSa):
         window = replay.size
         mask = replay.mask
         counters = self.counters
-        alarm_bytes = self._alarm_bytes
-        alarm_packets = self._alarm_packets
-        unpack = _U32.unpack_from
+        unpack = _SPI_SEQ.unpack_from
+        inner_head = _INNER_HEAD.unpack_from
         checked = b""  # the last inner addresses that passed the selectors
         # the window and the counters live in locals until the run ends
         top, bitmap = replay.top, replay.bitmap
-        packets_in, bytes_in = counters.packets_in, counters.bytes_in
-        alarm = False
-        i, n = at, len(datagrams)
+        bytes_in = counters.bytes_in
+        alarm_bytes = self._alarm_bytes
+        # no further than the packet that reaches the packet limit (its alarm is due)
+        n = min(len(datagrams), at + max(0, self._alarm_packets - counters.packets_in))
+        i = at
         try:
             while i < n:
                 data = datagrams[i]
-                if len(data) < min_len or data[:4] != spi:
+                if len(data) < min_len:
                     break
-                seq = unpack(data, 4)[0]
+                packet_spi, seq = unpack(data)
                 shift = seq - top
-                if not 0 < shift < window:  # a replay check that could fail, or a jump
-                    break
+                if packet_spi != spi or not 0 < shift < window:  # another SA, a replay check
+                    break  # that could fail, or a jump
                 try:
-                    plain = decrypt(salt + data[8:16], memoryview(data)[16:], data[:8])
+                    plain = decrypt(salt + data[8:16], data[16:], data[:8])
                 except InvalidTag:
                     break
                 # the slow path must see the same state for a packet that fails from
-                # here on: check everything before recording the sequence number
-                size = len(plain)
+                # here on: check everything before recording the sequence number.
+                # Padding, pad length and next header 4 (IPv4) in one comparison.
                 pad = plain[-2]
-                if plain[-1] != IPPROTO_IPIP \
-                        or not plain.endswith(_PADDING_AND_LENGTH[pad], 0, size - 1):
-                    break
-                first = plain[0]
-                total = plain[2] << 8 | plain[3]
-                if first >> 4 != 4 or not 20 <= (first & 0x0F) * 4 <= total <= size - 2 - pad:
+                first, total = inner_head(plain)
+                if not plain.endswith(_IPV4_TRAILERS[pad]) or first != 0x45 \
+                        or not 20 <= total <= len(plain) - 2 - pad:
                     break
                 addresses = plain[12:20]
                 if addresses != checked:
@@ -331,15 +334,14 @@ class AeadInbound(InboundSa):
                 top = seq
                 append(plain[:total])
                 i += 1
-                packets_in += 1
                 bytes_in += total
-                if bytes_in >= alarm_bytes or packets_in >= alarm_packets:
-                    alarm = True
+                if bytes_in >= alarm_bytes:
                     break
         finally:
             replay.top, replay.bitmap = top, bitmap
-            counters.packets_in, counters.bytes_in = packets_in, bytes_in
-        if alarm:
+            counters.packets_in += i - at
+            counters.bytes_in = bytes_in
+        if bytes_in >= alarm_bytes or counters.packets_in >= self._alarm_packets:
             self._alarm()  # may remove the SA: the caller looks the next one up
         return i
 

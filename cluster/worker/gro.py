@@ -49,45 +49,64 @@ MAX_SUPERPACKET = 65535  # the IPv4 total length (and, kept the same, IPv6's)
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 
-def _merge(group: list[bytes], ip_len: int, header: int, mss: int) -> bytes:
-    """One virtio-net header and the superpacket of `group` (at least two segments)."""
-    first = group[0]
-    t = ip_len
-    tcp_len = header - ip_len
-    data = b"".join([p[header:] for p in group])
-    tcp_total = tcp_len + len(data)
-    flags = group[-1][t + 13]
-    # TCP: the sum of every segment's header words (checksum fields included), plus
-    # the pseudo-header words the segments had beyond the merged one's: the same
-    # addresses and protocol, and lengths that exceed their data by tcp_len each
+def _merge(group: list[bytes], t: int, header: int, mss: int, size: int, tcp_sum: int,
+           ip_sum: int) -> bytes:
+    """One virtio-net header and the superpacket of `group` (two segments or more):
+    IP header length `t`, headers `header` long, `size` bytes of IP packet in all;
+    `tcp_sum` and `ip_sum` are what `coalesce` summed over the segments."""
+    first, last = group[0], group[-1]
+    tcp_len = header - t
+    flags = last[t + 13]
     merged_tcp = first[t:t + 13] + bytes((flags,)) + first[t + 14:t + 16] + b"\0\0" \
         + first[t + 18:header]
-    addresses = int.from_bytes(first[12:20] if ip_len == 20 else first[8:40], "big")
-    total = (len(group) - 1) * (addresses + IPPROTO_TCP + tcp_len) \
-        + int.from_bytes(b"".join([p[t:header] for p in group]), "big")
+    # TCP: each segment's header words (checksum field included) sum to the first
+    # one's but for sequence number, checksum and the last one's flags; add the
+    # pseudo-header words the segments had beyond the merged one's: the same addresses
+    # and protocol, and lengths that exceed their data by tcp_len each
+    seq, check = _SEQ_CHECK.unpack_from(first, t + 4)
+    addresses = int.from_bytes(first[12:20] if t == 20 else first[8:40], "big")
+    n = len(group)
+    total = (n - 1) * (addresses + IPPROTO_TCP + tcp_len) + tcp_sum + flags - first[t + 13] \
+        + n * (int.from_bytes(first[t:header], "big") - seq - check)
     tcp_check = (total - int.from_bytes(merged_tcp, "big")) % 0xFFFF
     merged_tcp = merged_tcp[:16] + _U16.pack(tcp_check) + merged_tcp[18:]
-    if ip_len == 20:
-        ip = first[:2] + _U16.pack(20 + tcp_total) + first[4:10] + b"\0\0" + first[12:20]
-        # every segment's header sums to zero when right; the merged one must too
-        ip_total = int.from_bytes(b"".join([p[:20] for p in group]), "big")
+    if t == 20:
+        ip = first[:2] + _U16.pack(size) + first[4:10] + b"\0\0" + first[12:20]
+        # every segment's header sums to zero when right, the merged one must too;
+        # they differ from the first one's in ID, checksum and (the last) length
+        ident, check = _ID_CHECK.unpack_from(first, 4)
+        ip_total = n * (int.from_bytes(first[:20], "big") - ident - check) + ip_sum \
+            + len(last) - len(first)
         ip_check = (ip_total - int.from_bytes(ip, "big")) % 0xFFFF
         ip = ip[:10] + _U16.pack(ip_check) + ip[12:]
         gso = GSO_TCPV4
     else:
-        ip = first[:4] + _U16.pack(tcp_total) + first[6:40]
+        ip = first[:4] + _U16.pack(size - 40) + first[6:40]
         gso = GSO_TCPV6
-    return VNET_HDR.pack(0, gso, header, mss, 0, 0) + ip + merged_tcp + data
+    prefix = VNET_HDR.pack(0, gso, header, mss, 0, 0) + ip + merged_tcp
+    return b"".join([prefix, *[p[header:] for p in group]])
 
 
-# The fields kernel GRO compares, in one unpack. IPv4 without options: (version/IHL),
-# TOS, total length, (id), flags/fragment offset, TTL, protocol, (checksum),
-# addresses and ports, sequence number, ack/data offset/flags/window, (checksum,
-# urgent pointer). IPv6: version/class/flow label, payload length, next header, hop
-# limit, addresses and ports, then the same TCP fields.
-_V4 = struct.Struct("!xBH2xHBB2x12sI8s4x")
-_V6 = struct.Struct("!4sHBB36sI8s4x")
-_DF = 0x4000
+def _emit(out: list[tuple[bytes, int, int]], group: list[bytes], t: int, header: int,
+          mss: int, size: int, tcp_sum: int, ip_sum: int) -> None:
+    if len(group) == 1:
+        out.append((PLAIN + group[0], 1, len(group[0])))
+    elif group:
+        out.append((_merge(group, t, header, mss, size, tcp_sum, ip_sum), len(group),
+                    sum(map(len, group))))
+
+
+# The fixed headers of a TCP segment in one unpack. IPv4 without options: version/IHL
+# and TOS, total length, ID, flags/fragment offset + TTL + protocol, header checksum,
+# addresses and ports, sequence number, ack + data offset + flags + window, TCP
+# checksum, urgent pointer. IPv6 without extension headers: version/class/flow label,
+# payload length, next header + hop limit, addresses and ports, then the same TCP
+# fields. Kernel GRO compares what a run must repeat (net/ipv4/tcp_offload.c).
+_V4 = struct.Struct("!2sHH4sH12sI8sH2s")
+_V6 = struct.Struct("!4sH2s36sI8sH2s")
+_SEQ_CHECK = struct.Struct("!I8xH")  # from the TCP sequence number: it and the checksum
+_ID_CHECK = struct.Struct("!H4xH")  # from the IPv4 ID: it and the header checksum
+_DF = b"\x40\x00"  # flags and fragment offset: DF only
 
 
 def coalesce(packets: list[bytes]) -> list[tuple[bytes, int, int]]:
@@ -95,67 +114,74 @@ def coalesce(packets: list[bytes]) -> list[tuple[bytes, int, int]]:
     total size of the packets it carries: merged TCP runs, the rest one by one."""
     out: list[tuple[bytes, int, int]] = []
     group: list[bytes] = []
-    # the open run: its header lengths, segment size, next sequence number, IP length
-    # so far, and what every further segment must repeat
-    ip_len = header = mss = next_seq = size = 0
-    flow: tuple[object, ...] = ()
+    # the open run: what every further segment repeats (None once it takes no more),
+    # its IP and full header lengths, segment size, next sequence number, IP length
+    # so far, and the sums `_merge` derives the checksums from
+    same: object = None
     middle = options = b""
-    closed = True  # the open run takes no more segments
-
-    def flush() -> None:
-        if len(group) == 1:
-            out.append((PLAIN + group[0], 1, len(group[0])))
-        elif group:
-            out.append((_merge(group, ip_len, header, mss), len(group), sum(map(len, group))))
-        group.clear()
-
+    t = header = mss = next_seq = size = tcp_sum = ip_sum = 0
     for packet in packets:
         length = len(packet)
-        # what may join a run: TCP with data and only ACK (PSH on the last), in IPv4
-        # with DF and no options or fragmenting, or IPv6 without extension headers
         version = packet[0] if length >= 40 else 0
         if version == 0x45:
-            tos, total, fragment, ttl, protocol, addresses, seq, packet_middle = \
+            vt, total, ident, ftp, ip_check, ends, seq, packet_middle, check, urgent = \
                 _V4.unpack_from(packet)
-            t = 20
-            mergeable = protocol == IPPROTO_TCP and fragment == _DF and total == length
-            packet_flow: tuple[object, ...] = (tos, ttl, addresses)
+            packet_same: object = (vt, ftp, ends, urgent)
+            whole = total == length
         elif version >> 4 == 6 and length >= 60:
-            first, payload, protocol, hops, addresses, seq, packet_middle = \
-                _V6.unpack_from(packet)
-            t = 40
-            mergeable = protocol == IPPROTO_TCP and payload == length - 40
-            packet_flow = (first, hops, addresses)
+            vcf, payload, nhh, ends, seq, packet_middle, check, urgent = _V6.unpack_from(packet)
+            ident = ip_check = 0
+            packet_same = (vcf, nhh, ends, urgent)
+            whole = payload == length - 40
         else:
-            mergeable = False
-        if mergeable:
-            hl = t + (packet_middle[4] >> 4) * 4
-            flags = packet_middle[5]
-            data = length - hl
-            mergeable = hl >= t + 20 and data > 0 and (flags == TCP_ACK or flags == TCP_ACK
-                                                       | TCP_PSH)
-        if not mergeable:
-            flush()
-            closed = True
+            _emit(out, group, t, header, mss, size, tcp_sum, ip_sum)
+            group, same = [], None
             out.append((PLAIN + packet, 1, length))
             continue
-        # kernel GRO's test: the same addresses, ports, ack, window, options, TOS/class
-        # and TTL/hop limit; flags equal but for PSH
-        if closed or seq != next_seq or data > mss or hl != header \
-                or size + data > MAX_SUPERPACKET or packet_flow != flow \
-                or (hl > t + 20 and packet[t + 20:hl] != options) \
-                or (packet_middle != middle and not (
-                    flags & TCP_PSH and packet_middle[:5] == middle[:5]
-                    and packet_middle[6:] == middle[6:])):
-            flush()
-            ip_len, header, mss, size = t, hl, data, hl
-            flow, middle, options = packet_flow, packet_middle, packet[t + 20:hl]
-            closed = False
-        group.append(packet)
-        size += data
+        data = length - header
+        # the next segment of the open run: the same addresses, ports, ack, window,
+        # options, flags (PSH only on the last), TOS/class and TTL/hop limit; the
+        # next sequence number; no more data than the first
+        if packet_same == same and seq == next_seq and whole and 0 < data <= mss \
+                and size + data <= MAX_SUPERPACKET \
+                and (not options or packet[header - len(options):header] == options):
+            if packet_middle == middle:
+                group.append(packet)
+                size += data
+                next_seq = (seq + data) & 0xFFFFFFFF
+                tcp_sum += seq + check
+                ip_sum += ident + ip_check
+                if data < mss:  # a short segment can only be the last of a run
+                    same = None
+                continue
+            if packet_middle[5] == TCP_ACK | TCP_PSH and packet_middle[:5] == middle[:5] \
+                    and packet_middle[6:] == middle[6:]:
+                group.append(packet)  # PSH: the last of the run
+                size += data
+                tcp_sum += seq + check
+                ip_sum += ident + ip_check
+                same = None
+                continue
+        _emit(out, group, t, header, mss, size, tcp_sum, ip_sum)
+        # what may start a run: TCP with data and only ACK (PSH ends it at once), in
+        # IPv4 with DF and no options or fragmenting, or IPv6 without extension headers
+        t = 20 if version == 0x45 else 40
+        hl = t + (packet_middle[4] >> 4) * 4
+        flags = packet_middle[5]
+        data = length - hl
+        tcp = ftp[:2] == _DF and ftp[3] == IPPROTO_TCP if t == 20 else nhh[0] == IPPROTO_TCP
+        if not (tcp and whole and hl >= t + 20 and data > 0
+                and (flags == TCP_ACK or flags == TCP_ACK | TCP_PSH)):
+            group, same = [], None
+            out.append((PLAIN + packet, 1, length))
+            continue
+        group = [packet]
+        same, middle, options = packet_same, packet_middle, packet[t + 20:hl]
+        header, mss, size = hl, data, length
         next_seq = (seq + data) & 0xFFFFFFFF
-        # a short or odd-length segment, or PSH, can only be the last of a run
-        if data < mss or data & 1 or flags & TCP_PSH:
-            closed = True
-    flush()
+        tcp_sum, ip_sum = seq + check, ident + ip_check
+        # odd data would misalign the checksum words of the segments after it
+        if data & 1 or flags & TCP_PSH:
+            same = None
+    _emit(out, group, t, header, mss, size, tcp_sum, ip_sum)
     return out
