@@ -232,15 +232,12 @@ class Dispatcher:
                 budget -= count
                 others: list[int] | range = range(count)
                 if sink is not None:
-                    esp = []
-                    others = []
-                    for k, data in enumerate(datagrams):
-                        if len(data) >= 8 and data[:4] != NON_ESP_MARKER:
-                            esp.append(data)
-                        else:
-                            others.append(k)
+                    esp = [d for d in datagrams if d[:4] != NON_ESP_MARKER and len(d) >= 8]
                     if esp:
                         sink(esp)
+                    others = [] if len(esp) == count else \
+                        [k for k, d in enumerate(datagrams)
+                         if d[:4] == NON_ESP_MARKER or len(d) < 8]
                 for k in others:
                     local = _local_from_ancillary(batch.ancillary(k), port, ep_local) \
                         if wildcard else ep_local

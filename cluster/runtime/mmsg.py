@@ -21,7 +21,7 @@ import errno
 import os
 import socket
 import struct
-from typing import Any
+from typing import Any, Literal
 
 Address = tuple[str, int]
 Ancillary = list[tuple[int, int, bytes]]
@@ -58,13 +58,14 @@ class _Mmsghdr(ctypes.Structure):
 
 
 _HEADER = ctypes.sizeof(_Mmsghdr)
-_SIZE_T = "Q" if ctypes.sizeof(ctypes.c_size_t) == 8 else "I"
-# what the kernel fills in per message: control length, flags, payload length
-_RESULT_AT = _Msghdr.controllen.offset
-_RESULT = struct.Struct(
-    f"={_SIZE_T}{_Msghdr.flags.offset - _RESULT_AT - ctypes.sizeof(ctypes.c_size_t)}x"
-    f"i{_Mmsghdr.len.offset - _Msghdr.flags.offset - 4}xI"
-)
+_Format = Literal["i", "I", "Q"]
+_SIZE_T: _Format = "Q" if ctypes.sizeof(ctypes.c_size_t) == 8 else "I"
+# what the kernel fills in per message (control length, flags, payload length), each
+# read as a strided view over the headers: (format, index in units of its size)
+_CONTROL_LENGTH: tuple[_Format, int] = (
+    _SIZE_T, _Msghdr.controllen.offset // ctypes.sizeof(ctypes.c_size_t))
+_FLAGS: tuple[_Format, int] = ("i", _Msghdr.flags.offset // 4)
+_LENGTH: tuple[_Format, int] = ("I", _Mmsghdr.len.offset // 4)
 _CMSG = struct.Struct(f"={_SIZE_T}ii")  # struct cmsghdr: length, level, type
 _ALIGN = ctypes.sizeof(ctypes.c_size_t)
 _SOCKADDR_IN = struct.Struct("!2xH4s")  # family (host order, skipped), port, address
@@ -134,10 +135,21 @@ class MessageBatch:
             hdr.control = controls + i * CONTROL_SIZE
             hdr.controllen = CONTROL_SIZE
         self._headers_at = _address_of(self._headers)
+        self._control_lengths_view = self._field(_CONTROL_LENGTH)
+        self._flags_view = self._field(_FLAGS)
+        self._lengths_view = self._field(_LENGTH)
+        self._offsets = range(0, slots * SLOT_SIZE, SLOT_SIZE)
         self._fd = sock.fileno()
         self._origin: list[int] | None = None  # message of each datagram, after a split
         self._control_lengths: dict[int, int] = {}
         self.truncated = 0  # datagrams that did not fit a slot (delivered empty)
+
+    def _field(self, field: tuple[_Format, int]) -> memoryview:
+        """One field of every header, as a view (index i: the ith message's)."""
+        kind, index = field
+        view: memoryview = memoryview(self._headers).cast("B").cast(kind)
+        step = _HEADER // struct.calcsize(kind)
+        return view[index::step]
 
     def receive(self) -> list[bytes]:
         """The datagrams waiting, up to `slots` messages; [] when none is. OSError for
@@ -152,25 +164,36 @@ class MessageBatch:
                 return []
             raise OSError(code, os.strerror(code))
         view = self._view
-        unpack = _RESULT.unpack_from
-        plain = self.plain_control
-        datagrams: list[bytes] = []
-        origin = self._origin = None
+        self._origin = None
         self._control_lengths = {}
-        for i in range(count):
-            control, flags, length = unpack(headers, i * _HEADER + _RESULT_AT)
-            at = i * SLOT_SIZE
-            if flags & MSG_TRUNC:
+        lengths = self._lengths_view[:count].tolist()
+        datagrams = [view[at:at + length].tobytes()
+                     for at, length in zip(self._offsets[:count], lengths, strict=True)]
+        if any(self._control_lengths_view[:count]) or any(self._flags_view[:count]):
+            self._special(datagrams, lengths)
+        return datagrams
+
+    def _special(self, datagrams: list[bytes], lengths: list[int]) -> None:
+        """Truncated messages made empty, coalesced ones split; ancillary data noted."""
+        view = self._view
+        plain = self.plain_control
+        received = list(datagrams)
+        datagrams.clear()
+        origin: list[int] | None = None
+        flags = self._flags_view
+        controls = self._control_lengths_view[:len(received)]
+        for i, (data, control) in enumerate(zip(received, controls, strict=True)):
+            length = lengths[i]
+            if flags[i] & MSG_TRUNC:
                 self.truncated += 1
                 data = b""
-            else:
-                data = view[at:at + length].tobytes()
-            if control:
+            elif control:
                 self._control_lengths[i] = control
                 segment = self._gro_segment(i, control) if control > plain else 0
                 if 0 < segment < length:
                     if origin is None:
                         origin = self._origin = list(range(len(datagrams)))
+                    at = i * SLOT_SIZE
                     for part in range(at, at + length, segment):
                         datagrams.append(view[part:min(part + segment, at + length)].tobytes())
                         origin.append(i)
@@ -178,7 +201,6 @@ class MessageBatch:
             datagrams.append(data)
             if origin is not None:
                 origin.append(i)
-        return datagrams
 
     def _message(self, k: int) -> int:
         return k if self._origin is None else self._origin[k]
