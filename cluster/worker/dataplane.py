@@ -305,10 +305,10 @@ class DataPlane:
                 self.tun.write(self.tun.fds[0], packet)
             return
         fd = self.tun.fds[0]
-        write = os.write
-        for buffer, count, size in coalesce(packets):
+        writev = os.writev
+        for pieces, count, size in coalesce(packets):
             try:
-                write(fd, buffer)
+                writev(fd, pieces)
             except OSError:
                 # EINVAL for a packet the kernel cannot parse, EIO when the link is
                 # down, EAGAIN under memory pressure: drop, never block (TunDevice.write)

@@ -47,11 +47,13 @@ TCP_PSH = 0x08
 MAX_SUPERPACKET = 65535  # the IPv4 total length (and, kept the same, IPv6's)
 
 _U16 = struct.Struct("!H")
+Pieces = list[bytes | memoryview]
 _U32 = struct.Struct("!I")
 
 def _merge(group: list[bytes], t: int, header: int, mss: int, size: int, tcp_sum: int,
-           ip_sum: int) -> bytes:
-    """One virtio-net header and the superpacket of `group` (two segments or more):
+           ip_sum: int) -> Pieces:
+    """One virtio-net header and the superpacket of `group` (two segments or more), as
+    the pieces one writev() takes: the headers, then each segment's data in place.
     IP header length `t`, headers `header` long, `size` bytes of IP packet in all;
     `tcp_sum` and `ip_sum` are what `coalesce` summed over the segments."""
     first, last = group[0], group[-1]
@@ -84,13 +86,13 @@ def _merge(group: list[bytes], t: int, header: int, mss: int, size: int, tcp_sum
         ip = first[:4] + _U16.pack(size - 40) + first[6:40]
         gso = GSO_TCPV6
     prefix = VNET_HDR.pack(0, gso, header, mss, 0, 0) + ip + merged_tcp
-    return b"".join([prefix, *[p[header:] for p in group]])
+    return [prefix, *[memoryview(p)[header:] for p in group]]
 
 
-def _emit(out: list[tuple[bytes, int, int]], group: list[bytes], t: int, header: int,
+def _emit(out: list[tuple[Pieces, int, int]], group: list[bytes], t: int, header: int,
           mss: int, size: int, tcp_sum: int, ip_sum: int) -> None:
     if len(group) == 1:
-        out.append((PLAIN + group[0], 1, len(group[0])))
+        out.append(([PLAIN, group[0]], 1, len(group[0])))
     elif group:
         out.append((_merge(group, t, header, mss, size, tcp_sum, ip_sum), len(group),
                     sum(map(len, group))))
@@ -109,10 +111,11 @@ _ID_CHECK = struct.Struct("!H4xH")  # from the IPv4 ID: it and the header checks
 _DF = b"\x40\x00"  # flags and fragment offset: DF only
 
 
-def coalesce(packets: list[bytes]) -> list[tuple[bytes, int, int]]:
-    """Buffers to write into an IFF_VNET_HDR TUN, in order, each with the number and
-    total size of the packets it carries: merged TCP runs, the rest one by one."""
-    out: list[tuple[bytes, int, int]] = []
+def coalesce(packets: list[bytes]) -> list[tuple[Pieces, int, int]]:
+    """What to write into an IFF_VNET_HDR TUN, in order: per write the pieces of one
+    buffer (for writev, which saves joining them), with the number and total size of
+    the packets it carries: merged TCP runs, the rest one by one."""
+    out: list[tuple[Pieces, int, int]] = []
     group: list[bytes] = []
     # the open run: what every further segment repeats (None once it takes no more),
     # its IP and full header lengths, segment size, next sequence number, IP length
@@ -136,7 +139,7 @@ def coalesce(packets: list[bytes]) -> list[tuple[bytes, int, int]]:
         else:
             _emit(out, group, t, header, mss, size, tcp_sum, ip_sum)
             group, same = [], None
-            out.append((PLAIN + packet, 1, length))
+            out.append(([PLAIN, packet], 1, length))
             continue
         data = length - header
         # the next segment of the open run: the same addresses, ports, ack, window,
@@ -173,7 +176,7 @@ def coalesce(packets: list[bytes]) -> list[tuple[bytes, int, int]]:
         if not (tcp and whole and hl >= t + 20 and data > 0
                 and (flags == TCP_ACK or flags == TCP_ACK | TCP_PSH)):
             group, same = [], None
-            out.append((PLAIN + packet, 1, length))
+            out.append(([PLAIN, packet], 1, length))
             continue
         group = [packet]
         same, middle, options = packet_same, packet_middle, packet[t + 20:hl]

@@ -25,8 +25,8 @@ from cluster.worker.gro import (
     PLAIN,
     VNET_HDR,
     VNET_HDR_SIZE,
-    coalesce,
 )
+from cluster.worker.gro import coalesce as coalesce_pieces
 from cluster.worker.routing import Routes
 from cluster.worker.tun import TunDevice
 
@@ -37,6 +37,11 @@ SRC4, DST4 = socket.inet_aton("10.99.1.5"), socket.inet_aton("10.99.2.1")
 SRC6 = socket.inet_pton(socket.AF_INET6, "fd99:1::5")
 DST6 = socket.inet_pton(socket.AF_INET6, "fd99:2::1")
 TIMESTAMPS = b"\x01\x01\x08\x0a" + struct.pack("!II", 123456, 654321)
+
+
+def coalesce(packets: list[bytes]) -> list[tuple[bytes, int, int]]:
+    """gro.coalesce with each write's pieces joined: the buffer writev hands the kernel."""
+    return [(b"".join(pieces), count, size) for pieces, count, size in coalesce_pieces(packets)]
 
 
 def checksum(data: bytes) -> int:
@@ -295,8 +300,8 @@ def _superpackets_body(version: int) -> dict[str, Any]:
                 data = os.urandom(10 * 1000)
                 good = [tcp(version, 1000 + i * 1000, data[i * 1000:(i + 1) * 1000], ack=ack,
                             window=4000, options=b"") for i in range(10)]
-                ((buffer, count, _),) = coalesce(good)
-                os.write(fd, buffer)
+                ((pieces, count, _),) = coalesce_pieces(good)
+                os.writev(fd, pieces)  # as DataPlane.flush writes
                 received = b""
                 while len(received) < len(data):
                     received += conn.recv(65536)
@@ -309,8 +314,8 @@ def _superpackets_body(version: int) -> dict[str, Any]:
                 corrupted = bytearray(bad[5])
                 corrupted[-10] ^= 0xFF
                 bad[5] = bytes(corrupted)
-                ((bad_buffer, _, _),) = coalesce(bad)
-                os.write(fd, bad_buffer)
+                ((bad_pieces, _, _),) = coalesce_pieces(bad)
+                os.writev(fd, bad_pieces)
                 try:
                     leaked = conn.recv(65536)
                 except TimeoutError:
