@@ -153,6 +153,9 @@ class Dispatcher:
         # ESP in UDP (RFC 3948) arriving on the NAT-T port goes here: the data plane,
         # wired in by the single-node CLI (runtime never imports worker)
         self.esp_sink: Callable[[list[bytes]], None] | None = None
+        # called once the datagrams of a wake-up are all sunk: the data plane decrypts
+        # and writes them as one batch
+        self.esp_flush: Callable[[], None] | None = None
         self._by_local: dict[Address, Endpoint] = {ep.local: ep for ep in endpoints}
         # (family, port) -> wildcard endpoint, for replies from addresses learnt by pktinfo
         self._wildcards: dict[tuple[int, int], Endpoint] = {
@@ -215,6 +218,7 @@ class Dispatcher:
             # ESP in UDP (RFC 3948 2.2: no marker, at least SPI and sequence number)
             # goes to the data plane in one list per receive; the rest as `_received` says
             sink = self.esp_sink if natt else None
+            flush = self.esp_flush if sink is not None else None
             budget = limit  # datagrams, counting each of a GRO buffer
             while budget > 0:
                 try:
@@ -244,8 +248,12 @@ class Dispatcher:
                     received(ep, datagrams[k], local, batch.source(k), now, router)
             else:
                 # A full batch: more may be waiting, but let others run first.
+                if flush is not None:
+                    flush()
                 await trio.lowlevel.checkpoint()
                 continue
+            if flush is not None:
+                flush()
             if hold and budget <= limit - HOLD_AFTER:
                 # a busy ESP stream: let the next datagrams gather for a moment, so one
                 # wake-up (and one coalesced TUN write) serves more of them

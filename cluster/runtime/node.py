@@ -255,6 +255,7 @@ async def run_node(
     mailbox_size: int = DEFAULT_MAILBOX_SIZE,
     handle_signals: bool = True,
     esp_sink: Callable[[list[bytes]], None] | None = None,
+    esp_flush: Callable[[], None] | None = None,
     socket_mark: int | None = None,
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -271,6 +272,7 @@ async def run_node(
         # single node with a data plane: ESP in UDP arriving on the NAT-T port goes to it,
         # and our sockets carry its firewall mark so policy routing lets them pass
         dispatcher.esp_sink = esp_sink
+        dispatcher.esp_flush = esp_flush
         if socket_mark is not None:
             dispatcher.set_mark(socket_mark)
         supervisor = Supervisor(

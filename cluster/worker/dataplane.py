@@ -136,9 +136,9 @@ class DataPlane:
         self._flow_key: bytes | None = None
         self._flow_sa: OutboundSa | None = None
         # Received ESP packets wait here until the batch that brought them ends, then
-        # are decapsulated and go into the TUN coalesced (gro.py); `_tun_writer` does it.
+        # are decapsulated and go into the TUN coalesced (gro.py): `flush`, which the
+        # receiving task calls (the ESP pump here, the dispatcher's NAT-T reader).
         self._incoming: list[bytes] = []
-        self._writer = trio.lowlevel.ParkingLot()
 
     @classmethod
     @contextlib.contextmanager
@@ -273,9 +273,7 @@ class DataPlane:
         """
         incoming = self._incoming
         incoming.append(esp)
-        if len(incoming) == 1:
-            self._writer.unpark()  # `_tun_writer` runs once the receiving task yields
-        elif len(incoming) >= WRITE_BATCH:
+        if len(incoming) >= WRITE_BATCH:
             self.flush()
 
     def flush(self) -> None:
@@ -319,10 +317,8 @@ class DataPlane:
 
     def receive_udp_esp(self, datagrams: list[bytes]) -> None:
         """`receive_esp` for the ESP-in-UDP datagrams of one receive call on the NAT-T
-        socket (the dispatcher classified them)."""
+        socket (the dispatcher classified them, and calls `flush` when its batch ends)."""
         incoming = self._incoming
-        if not incoming:
-            self._writer.unpark()  # `_tun_writer` runs once the receiving task yields
         incoming += datagrams
         if len(incoming) >= WRITE_BATCH:
             self.flush()
@@ -424,7 +420,6 @@ class DataPlane:
         async with trio.open_nursery() as nursery:
             for fd in self.tun.fds:
                 nursery.start_soon(self._tun_pump, fd)
-            nursery.start_soon(self._tun_writer)
             for sock in self.esp_sockets.values():
                 nursery.start_soon(self._esp_pump, sock)
             task_status.started()
@@ -439,14 +434,6 @@ class DataPlane:
                 await trio.lowlevel.checkpoint()  # a full batch: let the others run
             elif TUN_HOLD and len(packets) >= TUN_HOLD_AFTER:
                 await trio.sleep(TUN_HOLD)
-
-    async def _tun_writer(self) -> None:
-        """Flush what a receive batch decapsulated (the dispatcher's NAT-T reader hands
-        over one datagram at a time; this runs when it yields)."""
-        while True:
-            if not self._incoming:
-                await self._writer.park()
-            self.flush()
 
     async def _esp_pump(self, sock: EspSocket) -> None:
         while True:

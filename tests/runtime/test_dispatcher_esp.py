@@ -75,6 +75,8 @@ async def test_coalesced_datagrams_are_classified_one_by_one() -> None:
     with Dispatcher.bind(["127.0.0.1"], 0, 0, stats) as dispatcher, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
         dispatcher.esp_sink = sunk.extend
+        flushed: list[int] = []  # how many datagrams had been sunk at each flush
+        dispatcher.esp_flush = lambda: flushed.append(len(sunk))
         peer.bind(("127.0.0.1", 0))
         async with trio.open_nursery() as nursery:
             await nursery.start(dispatcher.serve, router)
@@ -88,6 +90,7 @@ async def test_coalesced_datagrams_are_classified_one_by_one() -> None:
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
     assert sunk == [segments[i] for i in (0, 1, 3, 4)]
+    assert flushed and flushed[0] == 4  # once the wake-up's datagrams were all in
     assert router.routed == [segments[2][4:]]  # the IKE message, marker removed
     assert stats.datagrams_in == 6
 
