@@ -21,7 +21,6 @@ import ipaddress
 import logging
 import socket
 import struct
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -67,45 +66,6 @@ _GSO_SIZE = struct.Struct("=H")
 # longer coalesced TCP runs). Light traffic (a ping, IKE) is never held.
 ESP_HOLD = 0.001
 HOLD_AFTER = 8
-# A wake-up with at least BULK_AFTER datagrams means bulk transfer: then the whole event
-# loop pauses instead (LoopPause), once per round, for LOOP_PAUSE seconds.
-BULK_AFTER = 32
-LOOP_PAUSE = 0.001
-
-
-class LoopPause:
-    """Interrupt moderation for the event loop while bulk ESP flows.
-
-    Every wake-up from a blocking wait costs a Trio task about 100 us of CPU on a
-    virtual machine (measured: `await trio.sleep(0.001)`), a blocking `time.sleep`
-    about 35 us. During a bulk transfer the NAT-T reader would wake every
-    millisecond, and the data plane's TUN pump after it for the TCP ACKs its writes
-    produced. Instead the reader requests a pause: one task sleeps the whole loop for
-    `seconds`, once per round however many ask, while every socket and the TUN
-    gather a batch; the next round serves them all from one wake-up. Other tasks
-    (IKE) wait at most that long more while a transfer runs; with no bulk traffic
-    nothing pauses.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.pauses = 0
-        self._requested = False
-        self._lot = trio.lowlevel.ParkingLot()
-
-    def request(self) -> None:
-        if not self._requested:
-            self._requested = True
-            self._lot.unpark()
-
-    async def run(self) -> None:
-        while True:
-            if not self._requested:
-                await self._lot.park()
-            time.sleep(self.seconds)  # deliberately blocking: see the class docstring
-            self.pauses += 1
-            self._requested = False
-            await trio.lowlevel.checkpoint()
 
 
 class Router(Protocol):
@@ -196,7 +156,6 @@ class Dispatcher:
         # called once the datagrams of a wake-up are all sunk: the data plane decrypts
         # and writes them as one batch
         self.esp_flush: Callable[[], None] | None = None
-        self.loop_pause = LoopPause(LOOP_PAUSE)
         self._by_local: dict[Address, Endpoint] = {ep.local: ep for ep in endpoints}
         # (family, port) -> wildcard endpoint, for replies from addresses learnt by pktinfo
         self._wildcards: dict[tuple[int, int], Endpoint] = {
@@ -234,7 +193,6 @@ class Dispatcher:
         async with trio.open_nursery() as nursery:
             for ep in self.endpoints:
                 nursery.start_soon(self._read_loop, ep, router)
-            nursery.start_soon(self.loop_pause.run)
             task_status.started()
 
     async def _read_loop(self, ep: Endpoint, router: Router) -> None:
@@ -296,9 +254,7 @@ class Dispatcher:
                 continue
             if flush is not None:
                 flush()
-            if hold and budget <= limit - BULK_AFTER:
-                self.loop_pause.request()  # bulk: the whole loop gathers a batch
-            elif hold and budget <= limit - HOLD_AFTER:
+            if hold and budget <= limit - HOLD_AFTER:
                 # a busy ESP stream: let the next datagrams gather for a moment, so one
                 # wake-up (and one coalesced TUN write) serves more of them
                 await trio.sleep(hold)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import socket
 import struct
 import time
@@ -15,7 +14,6 @@ from cluster.ike.constants import HEADER_SIZE, NON_ESP_MARKER
 from cluster.ike.message import Header
 from cluster.ike.session import Address
 from cluster.runtime.dispatcher import (
-    BULK_AFTER,
     ESP_HOLD,
     ESP_RECV_BATCH,
     HOLD_AFTER,
@@ -23,7 +21,6 @@ from cluster.runtime.dispatcher import (
     SOL_UDP,
     UDP_SEGMENT,
     Dispatcher,
-    LoopPause,
 )
 from cluster.runtime.stats import RuntimeStats
 
@@ -132,60 +129,6 @@ async def test_a_busy_esp_stream_is_held_a_moment_a_lone_datagram_never(
             nursery.cancel_scope.cancel()
     assert [struct.unpack_from("!I", data, 4)[0] for data in sunk] == \
         [*range(1, 2 + HOLD_AFTER), 99]
-    assert dispatcher.loop_pause.pauses == 0  # a busy stream, not bulk: only the reader waited
-
-
-async def test_bulk_esp_pauses_the_whole_loop_once_per_round() -> None:
-    sunk: list[bytes] = []
-    rounds = 0
-
-    async def spin() -> None:
-        nonlocal rounds
-        while True:
-            rounds += 1
-            await trio.lowlevel.checkpoint()
-
-    with Dispatcher.bind(["127.0.0.1"], 0, 0, RuntimeStats()) as dispatcher, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
-        dispatcher.esp_sink = sunk.extend
-        local = natt_local(dispatcher)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(dispatcher.serve, Router())
-            await trio.testing.wait_all_tasks_blocked()
-            for seq in range(1, BULK_AFTER + 1):  # bulk: one wake-up finds them all
-                peer.sendto(esp(0x5000, seq, 100), local)
-            nursery.start_soon(spin)
-            await _until(lambda: dispatcher.loop_pause.pauses == 1)
-            seen = rounds
-            await _until(lambda: rounds > seen + 10)  # the loop goes on after the pause
-            nursery.cancel_scope.cancel()
-    assert len(sunk) == BULK_AFTER
-    assert dispatcher.loop_pause.pauses == 1
-
-
-async def test_a_loop_pause_blocks_every_task_and_serves_all_requests_of_a_round() -> None:
-    pause = LoopPause(0.02)
-    ticks: list[float] = []
-
-    async def ticker() -> None:
-        while True:
-            ticks.append(time.monotonic())
-            await trio.lowlevel.checkpoint()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pause.run)
-        nursery.start_soon(ticker)
-        for _ in range(3):
-            await trio.lowlevel.checkpoint()
-        pause.request()
-        pause.request()  # the same round: one pause
-        await _until(lambda: pause.pauses == 1)
-        for _ in range(20):
-            await trio.lowlevel.checkpoint()
-        nursery.cancel_scope.cancel()
-    assert pause.pauses == 1
-    # the ticker stood still for the pause: one gap of at least its length
-    assert max(b - a for a, b in itertools.pairwise(ticks)) >= 0.02
 
 
 async def test_the_natt_reader_takes_a_bigger_batch_of_esp_per_wake_up() -> None:
