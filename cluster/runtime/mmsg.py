@@ -3,9 +3,9 @@
 A bulk ESP-in-UDP stream arrives as tens of thousands of datagrams a second, and one
 `recvmsg` each costs about 1.8 us, most of it the system call and the objects Python
 builds around it. `MessageBatch.receive` takes up to `slots` waiting datagrams in one
-call (about 1.1 us each, benchmarks in notes/building-blocks.md style: loopback, 1436
-bytes) and builds nothing but the payloads; a datagram's source and ancillary data
-are decoded only when asked for (IKE, rare next to ESP).
+call (about 1.1 us each, measured on loopback with 1436-byte datagrams) and builds
+nothing but the payloads; a datagram's source and ancillary data are decoded only
+when asked for (IKE, rare next to ESP).
 
 The kernel writes into buffers this object owns: one bytearray per kind (headers,
 iovecs, payload slots, addresses, control data), exported to ctypes so they cannot be
