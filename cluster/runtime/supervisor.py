@@ -581,11 +581,8 @@ class Supervisor:
             self._retire(actor)
 
     def _retire(self, actor: SaActor) -> None:
-        # a DH value this SA shared must not outlive it here (RFC 7296 2.12; test doubles
-        # of a Session have none)
-        forget = getattr(actor.session, "forget_key_exchanges", None)
-        if forget is not None:
-            forget()
+        # a DH value this SA shared must not outlive it here (RFC 7296 2.12)
+        actor.session.forget_key_exchanges()
         if self._actors.get(actor.spi_r) is actor:
             del self._actors[actor.spi_r]
         if self.on_actor_retired is not None:

@@ -427,6 +427,9 @@ async def test_initiated_sa_gets_its_peers_messages_and_expires_half_open(
         def next_event(self) -> None:
             return None
 
+        def forget_key_exchanges(self) -> None:
+            pass
+
     silent = Silent()
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)

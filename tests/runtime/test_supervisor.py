@@ -192,6 +192,9 @@ class StuckTimerSession:
     def next_event(self) -> Event | None:
         return None
 
+    def forget_key_exchanges(self) -> None:
+        pass
+
 
 async def test_session_timer_that_does_not_advance_fails_only_that_actor(
     setup: Setup, caplog: pytest.LogCaptureFixture
