@@ -141,7 +141,6 @@ class MessageBatch:
         self._offsets = range(0, slots * SLOT_SIZE, SLOT_SIZE)
         self._fd = sock.fileno()
         self._origin: list[int] | None = None  # message of each datagram, after a split
-        self._control_lengths: dict[int, int] = {}
         self.truncated = 0  # datagrams that did not fit a slot (delivered empty)
 
     def _field(self, field: tuple[_Format, int]) -> memoryview:
@@ -165,16 +164,17 @@ class MessageBatch:
             raise OSError(code, os.strerror(code))
         view = self._view
         self._origin = None
-        self._control_lengths = {}
         lengths = self._lengths_view[:count].tolist()
         datagrams = [view[at:at + length].tobytes()
                      for at, length in zip(self._offsets[:count], lengths, strict=True)]
-        if any(self._control_lengths_view[:count]) or any(self._flags_view[:count]):
+        # more ancillary data than every datagram brings (a GRO segment size), or flags
+        if max(self._control_lengths_view[:count]) > self.plain_control \
+                or any(self._flags_view[:count]):
             self._special(datagrams, lengths)
         return datagrams
 
     def _special(self, datagrams: list[bytes], lengths: list[int]) -> None:
-        """Truncated messages made empty, coalesced ones split; ancillary data noted."""
+        """Truncated messages made empty, coalesced ones split."""
         view = self._view
         plain = self.plain_control
         received = list(datagrams)
@@ -187,9 +187,8 @@ class MessageBatch:
             if flags[i] & MSG_TRUNC:
                 self.truncated += 1
                 data = b""
-            elif control:
-                self._control_lengths[i] = control
-                segment = self._gro_segment(i, control) if control > plain else 0
+            elif control > plain:
+                segment = self._gro_segment(i, control)
                 if 0 < segment < length:
                     if origin is None:
                         origin = self._origin = list(range(len(datagrams)))
@@ -208,7 +207,7 @@ class MessageBatch:
     def ancillary(self, k: int) -> Ancillary:
         """The ancillary data of the `k`th datagram of the last receive, decoded."""
         i = self._message(k)
-        return self._ancillary(i, self._control_lengths.get(i, 0))
+        return self._ancillary(i, self._control_lengths_view[i])
 
     def _ancillary(self, i: int, length: int) -> Ancillary:
         controls = self._controls
