@@ -275,10 +275,8 @@ class Dispatcher:
                     stats.natt_keepalives += 1
                 elif len(data) < 8:
                     stats.dropped_malformed += 1
-                elif self.esp_sink is None:
-                    stats.dropped_esp_on_natt += 1  # no data plane in this process
-                else:
-                    self.esp_sink([data])
+                else:  # ESP reaches here only when no data plane runs in this process
+                    stats.dropped_esp_on_natt += 1
                 return
             data = data[4:]
         try:
