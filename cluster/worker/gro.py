@@ -48,7 +48,7 @@ MAX_SUPERPACKET = 65535  # the IPv4 total length (and, kept the same, IPv6's)
 
 _U16 = struct.Struct("!H")
 Pieces = list[bytes | memoryview]
-_U32 = struct.Struct("!I")
+
 
 def _merge(group: list[bytes], t: int, header: int, mss: int, size: int, tcp_sum: int,
            ip_sum: int) -> Pieces:
@@ -147,24 +147,19 @@ def coalesce(packets: list[bytes]) -> list[tuple[Pieces, int, int]]:
         # next sequence number; no more data than the first
         if packet_same == same and seq == next_seq and whole and 0 < data <= mss \
                 and size + data <= MAX_SUPERPACKET \
-                and (not options or packet[header - len(options):header] == options):
-            if packet_middle == middle:
-                group.append(packet)
-                size += data
-                next_seq = (seq + data) & 0xFFFFFFFF
-                tcp_sum += seq + check
-                ip_sum += ident + ip_check
-                if data < mss:  # a short segment can only be the last of a run
-                    same = None
-                continue
-            if packet_middle[5] == TCP_ACK | TCP_PSH and packet_middle[:5] == middle[:5] \
-                    and packet_middle[6:] == middle[6:]:
-                group.append(packet)  # PSH: the last of the run
-                size += data
-                tcp_sum += seq + check
-                ip_sum += ident + ip_check
+                and (not options or packet[header - len(options):header] == options) \
+                and (packet_middle == middle or (
+                    packet_middle[5] == TCP_ACK | TCP_PSH and packet_middle[:5] == middle[:5]
+                    and packet_middle[6:] == middle[6:])):
+            group.append(packet)
+            size += data
+            next_seq = (seq + data) & 0xFFFFFFFF
+            tcp_sum += seq + check
+            ip_sum += ident + ip_check
+            # a short segment, or PSH, can only be the last of a run
+            if data < mss or packet_middle[5] & TCP_PSH:
                 same = None
-                continue
+            continue
         _emit(out, group, t, header, mss, size, tcp_sum, ip_sum)
         # what may start a run: TCP with data and only ACK (PSH ends it at once), in
         # IPv4 with DF and no options or fragmenting, or IPv6 without extension headers
