@@ -26,6 +26,13 @@ Run by hand as root with the dev venv (our node is started with this interpreter
 
     /tmp/venv-dev/bin/python benchmarks/esp_throughput.py [--cases abc] [--seconds 10]
         [--directions up,down] [--repeat 1] [--top] [--py-spy DIR] [--json FILE]
+        [--congestion NAME]
+
+iperf3's TCP runs with the machine's congestion control (net.ipv4.tcp_congestion_control;
+bbr on the machine the README's numbers come from, cubic on a stock Debian) unless
+`--congestion` names one; each run prints the one the sender used. It matters: bbr
+keeps sending into the receiver's full socket buffer (tens of thousands of
+retransmits a run down), cubic backs off, the machine is less busy and charon cheaper.
 
 `--top` adds the /proc/stat split and the busiest processes of each run (anything
 else running on the machine shows up there); `--py-spy DIR` records every node
@@ -156,6 +163,7 @@ class Run:
     retransmits: int
     cpu: dict[str, float]  # side label -> CPU seconds during the run
     machine_busy: float  # share of all CPUs busy during the run (every process, softirqs)
+    congestion: str = ""  # the sending TCP's congestion control, as iperf3 reports it
     top: str = ""  # the busiest processes during the run (--top)
     machine_detail: str = ""  # user/system/softirq/steal shares of all CPUs
 
@@ -168,7 +176,8 @@ class Run:
 
 
 def iperf3(lab: Lab, sides: Sequence[Side], *, seconds: int, reverse: bool,
-           profile_dir: Path | None, tag: str, top: bool = False) -> Run:
+           profile_dir: Path | None, tag: str, top: bool = False,
+           congestion: str | None = None) -> Run:
     """One iperf3 TCP run between the inner addresses, with the sides' CPU use."""
     port = 5201 + secrets.randbelow(1000)
     out = lab.dir / f"iperf3-server-{tag}.json"
@@ -195,7 +204,8 @@ def iperf3(lab: Lab, sides: Sequence[Side], *, seconds: int, reverse: bool,
                 ))  # fmt: skip
     argv = ["iperf3", "--client", RESPONDER_INNER_V4, "--bind", INITIATOR_INNER_V4,
             "--port", str(port), "--time", str(seconds), "--json",
-            *(["--reverse"] if reverse else [])]  # fmt: skip
+            *(["--reverse"] if reverse else []),
+            *(["--congestion", congestion] if congestion else [])]  # fmt: skip
     before = {side.label: cpu_seconds(side.pid) for side in sides}
     ticks_before = machine_ticks()
     # iperf3 has exited when the run ends: the busiest processes are sampled at 90 %
@@ -226,6 +236,7 @@ def iperf3(lab: Lab, sides: Sequence[Side], *, seconds: int, reverse: bool,
         receiver_mbit=end["sum_received"]["bits_per_second"] / 1e6,
         received_bytes=int(end["sum_received"]["bytes"]),
         retransmits=int(end["sum_sent"].get("retransmits", 0)),
+        congestion=str(end.get("sender_tcp_congestion", "?")),
         cpu={label: after[label] - before[label] for label in before},
         machine_busy=busy,
         machine_detail=detail,
@@ -341,7 +352,8 @@ def print_runs(case: str, sides: list[Side], runs: list[Run]) -> None:
         cpu = "  ".join(f"{label}: {run.cpu[label]:.2f} s = {run.cpu_per_gbit(label):.2f} s/Gbit"
                         for label in run.cpu)
         print(f"  {run.direction:<4} sender {run.sender_mbit:7.1f} Mbit/s  receiver "
-              f"{run.receiver_mbit:7.1f} Mbit/s  retr {run.retransmits:5d}  machine busy "
+              f"{run.receiver_mbit:7.1f} Mbit/s  retr {run.retransmits:5d} ({run.congestion})  "
+              "machine busy "
               f"{100 * run.machine_busy:3.0f}%  {cpu}")
         if run.top:
             print(f"       cpus: {run.machine_detail}; top: {run.top}")
@@ -361,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", action="store_true",
                         help="also print the busiest processes of each run (any process)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--congestion", default=None, metavar="NAME",
+                        help="TCP congestion control for iperf3 (default: the system's, "
+                             "net.ipv4.tcp_congestion_control)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces, TUN devices)")
@@ -383,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for direction in directions:
                     per = [iperf3(lab, sides, seconds=args.seconds, reverse=direction == "down",
                                   profile_dir=args.py_spy, tag=f"{case}-{direction}-{n}",
-                                  top=args.top)
+                                  top=args.top, congestion=args.congestion)
                            for n in range(args.repeat)]
                     runs += per
                     results.setdefault(case, {})[direction] = median_run(per)
