@@ -132,8 +132,10 @@ class BackgroundPing:
     @classmethod
     def start(cls, lab: Lab, seconds: float) -> BackgroundPing:
         output = lab.dir / f"ping-{time.monotonic_ns()}.out"
-        argv = ["ping", "-n", "-i", "0.2", "-c", str(int(seconds / 0.2)), "-W", "2",
-                "-I", INITIATOR_INNER_V4, RESPONDER_INNER_V4]
+        # -D -O: a timestamp on every line and one for each request left unanswered,
+        # so a loss can be matched against the daemons' logs
+        argv = ["ping", "-n", "-D", "-O", "-i", "0.2", "-c", str(int(seconds / 0.2)),
+                "-W", "2", "-I", INITIATOR_INNER_V4, RESPONDER_INNER_V4]
         return cls(lab.initiator.spawn(argv, output=output), output)
 
     def running(self) -> bool:
@@ -145,7 +147,11 @@ class BackgroundPing:
         text = self.output.read_text(errors="replace")
         match = re.search(r"(\d+) packets transmitted, (\d+) received.*", text)
         assert match, f"no ping summary:\n{text}"
-        return int(match[1]), int(match[2]), match[0]
+        summary = match[0]
+        if match[1] != match[2]:  # which requests went unanswered, and when
+            summary += "".join(f"\n{line}" for line in text.splitlines()
+                               if "no answer yet" in line)
+        return int(match[1]), int(match[2]), summary
 
 
 @dataclass
