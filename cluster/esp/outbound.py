@@ -252,6 +252,11 @@ class AeadOutbound(OutboundSa):
     def encapsulate_many(self, packets: list[bytes]) -> tuple[list[bytes], int]:
         if self._transport:
             return super().encapsulate_many(packets)
+        counters = self.counters
+        if self.seq + len(packets) < min(self._seq_max + 1, self._alarm_seq) \
+                and counters.bytes_out + sum(map(len, packets)) < self._alarm_bytes \
+                and not self.child.removed and b"" not in packets:
+            return self._encapsulate_batch(packets), len(packets)
         # `encapsulate` in tunnel mode with the lookups done once; a packet that could
         # raise or reach an alarm takes `encapsulate` itself
         out: list[bytes] = []
@@ -294,6 +299,46 @@ class AeadOutbound(OutboundSa):
             counters.packets_out += 1
             counters.bytes_out += size
         return out, len(packets)
+
+    def _encapsulate_batch(self, packets: list[bytes]) -> list[bytes]:
+        """`encapsulate_many` for a batch that can reach no alarm and no sequence limit
+        however many of its packets go out (the caller checked): no check per packet
+        but the inner version, the trailer reused while the length stays the same, the
+        counters added once."""
+        out: list[bytes] = []
+        append = out.append
+        spi = self._spi
+        esn = self._esn
+        encrypt = self._aead.encrypt
+        salt = self._salt
+        pack_header = _SPI_SEQ_IV.pack
+        pack_nonce = _NONCE.pack
+        seq = self.seq
+        sent = malformed = 0
+        last_size = last_version = -1
+        trailer = b""
+        for packet in packets:
+            size = len(packet)
+            version = packet[0] >> 4
+            if size != last_size or version != last_version:
+                next_header = _TUNNEL_NEXT_HEADER[version]
+                if not next_header:  # not an IP packet: dropped, no sequence number used
+                    malformed += 1
+                    last_size = -1
+                    continue
+                last_size, last_version = size, version
+                trailer = self._trailer(-(size + 2) & 3, next_header)
+            seq += 1
+            header = pack_header(spi, seq & 0xFFFFFFFF, seq)
+            aad = _AAD_ESN.pack(spi, seq >> 32, seq & 0xFFFFFFFF) if esn else header[:8]
+            append(header + encrypt(pack_nonce(salt, seq), packet + trailer, aad))
+            sent += size
+        self.seq = seq
+        counters = self.counters
+        counters.packets_out += len(out)
+        counters.bytes_out += sent
+        counters.malformed_drops += malformed
+        return out
 
 
 class CbcOutbound(OutboundSa):

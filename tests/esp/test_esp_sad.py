@@ -318,6 +318,12 @@ def test_encapsulate_many_is_encapsulate_one_by_one(changes: dict[str, Any]) -> 
     packets = [packet(src, dst, 17, bytes([n]) * rng.randrange(0, 1400)) for n in range(80)]
     packets[7] = b""
     packets[9] = b"\x10" + packets[9][1:]  # not IP
+    packets[41] = b"\x10" + packets[41][1:]  # the same in a batch without an empty one
+    if p.mode == "tunnel":  # IPv6 between IPv4 packets of the same length (next header 41)
+        data = bytes(600)
+        packets[49] = packet(src, dst, 17, data)
+        packets[50] = packet("fd99:1::5", "fd99:2::7", 17, data[20:])
+        packets[51] = packet(src, dst, 17, data)
     first, second = (sad.outbound_for(packets[0]) for sad in twins)
     assert first is not None and second is not None
     one_by_one: list[bytes] = []
