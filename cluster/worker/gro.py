@@ -126,6 +126,14 @@ def coalesce(packets: list[bytes]) -> list[tuple[Pieces, int, int]]:
     for packet in packets:
         length = len(packet)
         version = packet[0] if length >= 40 else 0
+        if version == 0x45 and length == 20 + (packet[32] >> 4) * 4:
+            # IPv4 TCP (or anything) without data after a 20-byte IP header plus the
+            # TCP header length: a pure ACK most often; it neither joins nor starts a run
+            if group:
+                _emit(out, group, t, header, mss, size, tcp_sum, ip_sum)
+                group, same = [], None
+            out.append(([PLAIN, packet], 1, length))
+            continue
         if version == 0x45:
             vt, total, ident, ftp, ip_check, ends, seq, packet_middle, check, urgent = \
                 _V4.unpack_from(packet)

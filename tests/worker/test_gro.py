@@ -236,6 +236,16 @@ def test_a_run_stops_below_the_ip_length_limit() -> None:
     assert all(len(b) - VNET_HDR_SIZE <= MAX_SUPERPACKET for b, _, _ in out)
 
 
+@pytest.mark.parametrize("version", [4, 6])
+def test_a_pure_ack_ends_a_run_and_goes_alone_in_order(version: int) -> None:
+    run = stream(version, 6, last_flags=ACK)
+    ack = tcp(version, 1, ack=77777, sport=40001)  # the other direction's ACK, no data
+    out = coalesce([*run[:3], ack, ack, *run[3:]])
+    assert [c for _, c, _ in out] == [3, 1, 1, 3]
+    assert out[1][0] == out[2][0] == PLAIN + ack
+    assert all(valid(buffer[VNET_HDR_SIZE:]) for buffer, _, _ in out[1:3])
+
+
 def test_interleaved_flows_keep_their_order() -> None:
     a = stream(4, 2, last_flags=ACK)
     b = tcp(4, 1, b"c" * 1360, sport=40001)
