@@ -250,59 +250,19 @@ class AeadOutbound(OutboundSa):
 
 
     def encapsulate_many(self, packets: list[bytes]) -> tuple[list[bytes], int]:
-        if self._transport:
-            return super().encapsulate_many(packets)
-        counters = self.counters
-        if self.seq + len(packets) < min(self._seq_max + 1, self._alarm_seq) \
-                and counters.bytes_out + sum(map(len, packets)) < self._alarm_bytes \
+        # tunnel mode, a batch that can reach no alarm and no sequence limit however
+        # many of its packets go out, no empty packet: `_encapsulate_batch`. Anything
+        # else (transport mode, the batch that crosses a lifetime threshold) goes
+        # through `encapsulate` one by one.
+        if not self._transport \
+                and self.seq + len(packets) < min(self._seq_max + 1, self._alarm_seq) \
+                and self.counters.bytes_out + sum(map(len, packets)) < self._alarm_bytes \
                 and not self.child.removed and b"" not in packets:
             return self._encapsulate_batch(packets), len(packets)
-        # `encapsulate` in tunnel mode with the lookups done once; a packet that could
-        # raise or reach an alarm takes `encapsulate` itself
-        out: list[bytes] = []
-        append = out.append
-        child = self.child
-        spi = self._spi
-        esn = self._esn
-        encrypt = self._aead.encrypt
-        salt = self._salt
-        trailers = self._trailers
-        counters = self.counters
-        pack_header = _SPI_SEQ_IV.pack
-        pack_nonce = _NONCE.pack
-        # the next sequence number must stay below both to need no check
-        below = min(self._seq_max + 1, self._alarm_seq)
-        alarm_bytes = self._alarm_bytes
-        for n, packet in enumerate(packets):
-            if child.removed:
-                return out, n
-            seq = self.seq + 1
-            next_header = _TUNNEL_NEXT_HEADER[packet[0] >> 4] if packet else 0
-            if seq >= below or not next_header \
-                    or counters.bytes_out + len(packet) >= alarm_bytes:
-                try:
-                    append(self.encapsulate(packet))
-                except EspDrop:
-                    continue
-                finally:  # a lifetime event may have moved the thresholds
-                    below = min(self._seq_max + 1, self._alarm_seq)
-                    alarm_bytes = self._alarm_bytes
-                continue
-            self.seq = seq
-            size = len(packet)
-            pad = -(size + 2) & 3
-            trailer = trailers.get(pad << 8 | next_header) or self._trailer(pad, next_header)
-            seq_low = seq & 0xFFFFFFFF
-            header = pack_header(spi, seq_low, seq)
-            aad = _AAD_ESN.pack(spi, seq >> 32, seq_low) if esn else header[:8]
-            append(header + encrypt(pack_nonce(salt, seq), packet + trailer, aad))
-            counters.packets_out += 1
-            counters.bytes_out += size
-        return out, len(packets)
+        return super().encapsulate_many(packets)
 
     def _encapsulate_batch(self, packets: list[bytes]) -> list[bytes]:
-        """`encapsulate_many` for a batch that can reach no alarm and no sequence limit
-        however many of its packets go out (the caller checked): no check per packet
+        """`encapsulate` for each of a batch the caller checked: no check per packet
         but the inner version, the trailer reused while the length stays the same, the
         counters added once."""
         out: list[bytes] = []
