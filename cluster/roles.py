@@ -199,7 +199,7 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
             Dispatcher.bind(config.addresses, config.ike_port, config.natt_port, stats))
         relay = stack.enter_context(
             RelaySocket.open(cluster.relay_host, cluster.relay_port, codec, mark=w.mark))
-        dispatcher.esp_sink = plane.receive_udp_esp
+        dispatcher.esp_sink = plane.receive_esp
         dispatcher.esp_flush = plane.flush
         dispatcher.set_mark(w.mark)
         plane.udp_send = dispatcher.send_esp

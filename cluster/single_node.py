@@ -94,7 +94,7 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
 
         async def responder(task_status: trio.TaskStatus[Node]) -> None:
             await run_node(config, event_sink=sink,
-                           esp_sink=plane.receive_udp_esp if plane is not None else None,
+                           esp_sink=plane.receive_esp if plane is not None else None,
                            esp_flush=plane.flush if plane is not None else None,
                            socket_mark=config.worker.mark if config.worker else None,
                            task_status=task_status)

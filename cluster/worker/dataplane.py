@@ -264,15 +264,16 @@ class DataPlane:
 
     # --- packets -----------------------------------------------------------------------
 
-    def receive_esp(self, esp: bytes) -> None:
-        """One ESP packet from the network (raw or UDP-encapsulated) towards the TUN.
+    def receive_esp(self, datagrams: list[bytes]) -> None:
+        """ESP packets from the network (raw, or UDP-encapsulated as the dispatcher's
+        NAT-T reader classified them) towards the TUN.
 
-        It is decapsulated and written when the current receive batch ends (`flush`),
-        so that the batch is decrypted in one loop and a run of TCP segments enters
-        the kernel as one superpacket.
+        They are decapsulated and written when the receiving task's batch ends and it
+        calls `flush`, so that the batch is decrypted in one loop and a run of TCP
+        segments enters the kernel as one superpacket.
         """
         incoming = self._incoming
-        incoming.append(esp)
+        incoming += datagrams
         if len(incoming) >= WRITE_BATCH:
             self.flush()
 
@@ -314,14 +315,6 @@ class DataPlane:
                 continue
             counters.tun_write_packets += count
             counters.tun_write_bytes += size
-
-    def receive_udp_esp(self, datagrams: list[bytes]) -> None:
-        """`receive_esp` for the ESP-in-UDP datagrams of one receive call on the NAT-T
-        socket (the dispatcher classified them, and calls `flush` when its batch ends)."""
-        incoming = self._incoming
-        incoming += datagrams
-        if len(incoming) >= WRITE_BATCH:
-            self.flush()
 
     def send_packets(self, packets: list[bytes]) -> None:
         """Packets the host routed into the TUN: protect and send, or drop.
@@ -438,8 +431,7 @@ class DataPlane:
     async def _esp_pump(self, sock: EspSocket) -> None:
         while True:
             batch = await sock.recv_batch(BATCH)
-            for esp, _peer in batch:
-                self.receive_esp(esp)
+            self.receive_esp([esp for esp, _peer in batch])
             self.flush()
             self._drain_events()
             if len(batch) == BATCH:

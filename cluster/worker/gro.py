@@ -126,15 +126,9 @@ def coalesce(packets: list[bytes]) -> list[tuple[Pieces, int, int]]:
     for packet in packets:
         length = len(packet)
         version = packet[0] if length >= 40 else 0
-        if version == 0x45 and length == 20 + (packet[32] >> 4) * 4:
-            # IPv4 TCP (or anything) without data after a 20-byte IP header plus the
-            # TCP header length: a pure ACK most often; it neither joins nor starts a run
-            if group:
-                _emit(out, group, t, header, mss, size, tcp_sum, ip_sum)
-                group, same = [], None
-            out.append(([PLAIN, packet], 1, length))
-            continue
-        if version == 0x45:
+        # IPv4 with nothing beyond a 20-byte header and the TCP header length (a pure
+        # ACK, most often) goes alone at once, as what is not IPv4 or IPv6 does
+        if version == 0x45 and length > 20 + (packet[32] >> 4) * 4:
             vt, total, ident, ftp, ip_check, ends, seq, packet_middle, check, urgent = \
                 _V4.unpack_from(packet)
             packet_same: object = (vt, ftp, ends, urgent)
@@ -145,8 +139,9 @@ def coalesce(packets: list[bytes]) -> list[tuple[Pieces, int, int]]:
             packet_same = (vcf, nhh, ends, urgent)
             whole = payload == length - 40
         else:
-            _emit(out, group, t, header, mss, size, tcp_sum, ip_sum)
-            group, same = [], None
+            if group:
+                _emit(out, group, t, header, mss, size, tcp_sum, ip_sum)
+                group, same = [], None
             out.append(([PLAIN, packet], 1, length))
             continue
         data = length - header

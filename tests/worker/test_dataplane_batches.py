@@ -125,8 +125,8 @@ def test_decapsulated_tcp_enters_the_tun_coalesced(tun_pair: tuple[int, int]) ->
     # tcp() sends from 10.99.1.5 to 10.99.2.1: from behind A (the peer) to behind us
     segments = [tcp(4, 1000 + n * 1360, os.urandom(1360)) for n in range(30)]
     esp = [peer.outbound_for(s).encapsulate(s) for s in segments]  # type: ignore[union-attr]
-    plane.receive_udp_esp(esp[:20])
-    plane.receive_udp_esp([*esp[20:], esp[3]])  # the last a replay
+    plane.receive_esp(esp[:20])
+    plane.receive_esp([*esp[20:], esp[3]])  # the last a replay
     plane.flush()
     written = os.read(tun_pair[1], 1 << 17)
     _, gso, _, gso_size, _, _ = VNET_HDR.unpack_from(written)
