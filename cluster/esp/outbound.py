@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterable
+from itertools import islice
 from typing import TYPE_CHECKING, NoReturn
 
 from cryptography.hazmat.primitives.ciphers import CipherContext
@@ -33,6 +35,26 @@ _U16 = struct.Struct("!H")
 # tunnel mode: next header for the inner packet's version nibble (0: not an IP packet)
 _TUNNEL_NEXT_HEADER = (0, 0, 0, 0, 4, 0, 41, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 NEVER = 1 << 80  # an alarm threshold no counter reaches
+_AEAD_OVERHEAD = 8 + 8 + 16  # SPI and sequence number, IV, ICV (GCM-16, Poly1305)
+
+
+def _flow_end(packets: list[bytes], at: int) -> int:
+    """The index after the packets from `at` on with packets[at]'s IP version and
+    addresses (at + 1 when that one is not an IP packet)."""
+    first = packets[at]
+    version = first[0] >> 4 if first else 0
+    if version == 4:
+        low, high = 12, 20
+    elif version == 6:
+        low, high = 8, 40
+    else:
+        return at + 1
+    key = first[low:high]
+    end, total = at + 1, len(packets)
+    # (a packet too short to hold the addresses cannot match them)
+    while end < total and packets[end][low:high] == key and packets[end][0] >> 4 == version:
+        end += 1
+    return end
 
 
 class OutboundSa:
@@ -69,20 +91,33 @@ class OutboundSa:
         """The ESP packet for `packet`; raises EspDrop (already counted) when it cannot."""
         raise NotImplementedError
 
-    def encapsulate_many(self, packets: list[bytes]) -> tuple[list[bytes], int]:
-        """`encapsulate` each, in order: the ESP packets of those that passed, and how
-        many of `packets` were used. It stops early only when the SA was removed (a
-        hard lifetime): the caller looks the rest up again."""
-        out: list[bytes] = []
+    def encapsulate_flow(self, packets: list[bytes], at: int, flow: bool
+                         ) -> tuple[list[list[bytes]], int]:
+        """`encapsulate` packets[at] and, with `flow`, the packets after it that have its
+        IP version and addresses (for a SAD that selects on addresses only: this SA's).
+
+        Returns the ESP packets in runs of equal length, in order (what one UDP GSO send
+        can carry), and the index of the first packet not used. A packet that cannot go
+        out is dropped and counted. It may stop before the flow ends (always when a hard
+        lifetime removed the SA): the caller looks the next packet up again.
+        """
+        end = _flow_end(packets, at) if flow else at + 1
+        runs: list[list[bytes]] = []
+        run: list[bytes] = []
         child = self.child
-        for n, packet in enumerate(packets):
+        for n in range(at, end):
             if child.removed:
-                return out, n
+                return runs, n
             try:
-                out.append(self.encapsulate(packet))
+                esp = self.encapsulate(packets[n])
             except EspDrop:
                 continue
-        return out, len(packets)
+            if run and len(esp) == len(run[0]):
+                run.append(esp)
+            else:
+                run = [esp]
+                runs.append(run)
+        return runs, end
 
     def encapsulate_ip(self, packet: bytes) -> bytes:
         """`encapsulate` with an IP header in front (protocol / next header 50).
@@ -249,24 +284,26 @@ class AeadOutbound(OutboundSa):
         return out
 
 
-    def encapsulate_many(self, packets: list[bytes]) -> tuple[list[bytes], int]:
-        # tunnel mode, a batch that can reach no alarm and no sequence limit however
-        # many of its packets go out, no empty packet: `_encapsulate_batch`. Anything
-        # else (transport mode, the batch that crosses a lifetime threshold) goes
-        # through `encapsulate` one by one.
-        if not self._transport \
-                and self.seq + len(packets) < min(self._seq_max + 1, self._alarm_seq) \
-                and self.counters.bytes_out + sum(map(len, packets)) < self._alarm_bytes \
-                and not self.child.removed and b"" not in packets:
-            return self._encapsulate_batch(packets), len(packets)
-        return super().encapsulate_many(packets)
-
-    def _encapsulate_batch(self, packets: list[bytes]) -> list[bytes]:
-        """`encapsulate` for each of a batch the caller checked: no check per packet
-        but the inner version, the trailer reused while the length stays the same, the
-        counters added once."""
-        out: list[bytes] = []
-        append = out.append
+    def encapsulate_flow(self, packets: list[bytes], at: int, flow: bool
+                         ) -> tuple[list[list[bytes]], int]:
+        # Tunnel mode, an IP packet first, and no alarm or sequence limit within reach
+        # however many of the packets left go out (each below 128 KiB): the loop below,
+        # with no check per packet but the flow's, the trailer and run kept while the
+        # length stays, the counters added once. Anything else goes through
+        # `encapsulate` one by one.
+        left = len(packets) - at if flow else 1
+        first = packets[at]
+        next_header = _TUNNEL_NEXT_HEADER[first[0] >> 4] if first else 0
+        if self._transport or not next_header or self.child.removed \
+                or self.seq + left >= min(self._seq_max + 1, self._alarm_seq) \
+                or self.counters.bytes_out + (left << 17) >= self._alarm_bytes:
+            return super().encapsulate_flow(packets, at, flow)
+        low, high = (12, 20) if next_header == 4 else (8, 40)  # the addresses
+        key = first[low:high]
+        lead = first[0]  # version (and IPv4 header length, IPv6 traffic class)
+        runs: list[list[bytes]] = []
+        run: list[bytes] = []
+        append = run.append  # the current run's (the first packet starts one)
         spi = self._spi
         esn = self._esn
         encrypt = self._aead.encrypt
@@ -274,31 +311,38 @@ class AeadOutbound(OutboundSa):
         pack_header = _SPI_SEQ_IV.pack
         pack_nonce = _NONCE.pack
         seq = self.seq
-        sent = malformed = 0
-        last_size = last_version = -1
+        sent = 0
+        last_size = run_length = -1
         trailer = b""
-        for packet in packets:
+        todo: Iterable[bytes] = (first,)
+        if flow:
+            todo = islice(packets, at, None) if at else packets
+        for packet in todo:
+            # Another flow ends the loop; so may a change in the first byte alone (IPv4
+            # options, IPv6 traffic class): the caller goes on from that packet.
+            if packet[low:high] != key or packet[0] != lead:
+                break
             size = len(packet)
-            version = packet[0] >> 4
-            if size != last_size or version != last_version:
-                next_header = _TUNNEL_NEXT_HEADER[version]
-                if not next_header:  # not an IP packet: dropped, no sequence number used
-                    malformed += 1
-                    last_size = -1
-                    continue
-                last_size, last_version = size, version
+            if size != last_size:
+                last_size = size
                 trailer = self._trailer(-(size + 2) & 3, next_header)
+                length = _AEAD_OVERHEAD + size + len(trailer)
+                if length != run_length:
+                    run_length = length
+                    run = []
+                    runs.append(run)
+                    append = run.append
             seq += 1
             header = pack_header(spi, seq & 0xFFFFFFFF, seq)
             aad = _AAD_ESN.pack(spi, seq >> 32, seq & 0xFFFFFFFF) if esn else header[:8]
             append(header + encrypt(pack_nonce(salt, seq), packet + trailer, aad))
             sent += size
-        self.seq = seq
+        used = seq - self.seq
         counters = self.counters
-        counters.packets_out += len(out)
+        counters.packets_out += used
         counters.bytes_out += sent
-        counters.malformed_drops += malformed
-        return out
+        self.seq = seq
+        return runs, at + used
 
 
 class CbcOutbound(OutboundSa):

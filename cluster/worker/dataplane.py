@@ -73,10 +73,19 @@ class UdpSend(Protocol):
 
 
 def _send_run(udp_send: UdpSend, sa: OutboundSa, run: list[bytes], size: int) -> None:
+    """A run of ESP packets of `size` bytes (the last may be shorter) in as few UDP GSO
+    sends as the kernel's limits allow."""
+    local, remote = sa.child.params.local, sa.remote
     if len(run) == 1:
-        udp_send(run[0], sa.child.params.local, sa.remote)
-    else:
-        udp_send(b"".join(run), sa.child.params.local, sa.remote, size)
+        udp_send(run[0], local, remote)
+        return
+    limit = min(GSO_SEGMENTS, GSO_BYTES // size)
+    for at in range(0, len(run), limit):
+        piece = run[at:at + limit]
+        if len(piece) == 1:
+            udp_send(piece[0], local, remote)
+        else:
+            udp_send(b"".join(piece), local, remote, size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,9 +337,10 @@ class DataPlane:
         address_only = self._address_only
         flow_key = self._flow_key
         flow_sa = self._flow_sa
-        run: list[bytes] = []
-        run_sa: OutboundSa | None = None
-        run_size = count = limit = 0
+        # the GSO run that waits for more of its SA and length
+        pending: list[bytes] = []
+        pending_sa: OutboundSa | None = None
+        pending_size = 0
         at, total = 0, len(packets)
         while at < total:
             packet = packets[at]
@@ -346,43 +356,35 @@ class DataPlane:
                     continue  # counted: no SA covers it, never sent in the clear
                 if address_only and key is not None:
                     flow_key, flow_sa = key, sa
-            # the packets of the same flow that follow go to the same SA
-            end = at + 1
-            if address_only and key is not None:
-                if version == 4:
-                    while end < total and packets[end][12:20] == key \
-                            and packets[end][0] >> 4 == 4:
-                        end += 1
-                else:
-                    while end < total and packets[end][8:40] == key \
-                            and packets[end][0] >> 4 == 6:
-                        end += 1
-            esps, used = sa.encapsulate_many(packets[at:end] if end > at + 1 else [packet])
-            at += used  # short of `end` when the SA went away: look the rest up again
+            # this packet and those of its flow that follow (the same SA)
+            runs, at = sa.encapsulate_flow(packets, at, address_only and key is not None)
             if not sa.encap:
                 sock = self.esp_sockets.get(6 if ":" in sa.remote[0] else 4)
                 if sock is not None:
-                    for esp in esps:
-                        sock.send(esp, sa.remote[0])
+                    for run in runs:
+                        for esp in run:
+                            sock.send(esp, sa.remote[0])
                 continue
             if udp_send is None:
                 continue
-            for esp in esps:
-                size = len(esp)
-                if sa is run_sa and size <= run_size and count < limit:
-                    run.append(esp)
-                    count += 1
-                    if size < run_size:  # a shorter packet can only end a GSO run
-                        _send_run(udp_send, sa, run, run_size)
-                        run_sa = None
-                    continue
-                if run_sa is not None:
-                    _send_run(udp_send, run_sa, run, run_size)
-                run = [esp]
-                run_sa, run_size, count = sa, size, 1
-                limit = min(GSO_SEGMENTS, GSO_BYTES // size)
-        if run_sa is not None and udp_send is not None:
-            _send_run(udp_send, run_sa, run, run_size)
+            for run in runs:
+                size = len(run[0])
+                if sa is pending_sa:
+                    if size == pending_size:
+                        pending += run
+                        continue
+                    if size < pending_size:  # a shorter packet can only end a GSO run
+                        pending.append(run[0])
+                        run = run[1:]
+                    _send_run(udp_send, sa, pending, pending_size)
+                    pending_sa = None
+                    if not run:
+                        continue
+                elif pending_sa is not None:
+                    _send_run(udp_send, pending_sa, pending, pending_size)
+                pending, pending_sa, pending_size = run, sa, size
+        if pending_sa is not None and udp_send is not None:
+            _send_run(udp_send, pending_sa, pending, pending_size)
         self._flow_key, self._flow_sa = flow_key, flow_sa
         self._drain_events()
 

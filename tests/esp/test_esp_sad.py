@@ -305,20 +305,24 @@ def test_decapsulate_batch_is_decapsulate_untrusted_one_by_one(
     {"hard_packets": 50, "soft_packets": 20}, {"hard_bytes": 30_000, "soft_bytes": 10_000},
     {"encr": "aes128", "integ": "sha256"},
 ])
-def test_encapsulate_many_is_encapsulate_one_by_one(changes: dict[str, Any]) -> None:
+@pytest.mark.parametrize("flow", [True, False])
+def test_encapsulate_flow_is_encapsulate_one_by_one(changes: dict[str, Any], flow: bool) -> None:
     """Twin outbound SAs (GCM's IV is the sequence number, so the output is fixed for
-    AEAD): the same ESP, sequence numbers, counters and events, and `encapsulate_many`
-    stops where a hard lifetime removed the SA."""
+    AEAD): the same ESP, sequence numbers, counters and events; runs of equal length;
+    and `encapsulate_flow` stops where a hard lifetime removed the SA."""
     p = params(**changes)
     twins = [Sad() for _ in range(2)]
     for sad in twins:
         sad.install(p)
     src, dst = ("10.99.1.5", "10.99.2.7") if p.mode == "tunnel" else (p.local[0], p.remote[0])
+    other = "10.99.1.6" if p.mode == "tunnel" else src  # another flow of the same SA
     rng = random.Random(5)
-    packets = [packet(src, dst, 17, bytes([n]) * rng.randrange(0, 1400)) for n in range(80)]
+    packets = [packet(other if n % 11 == 10 else src, dst, 17,
+                      bytes([n]) * (1300 if n % 7 else rng.randrange(0, 1400)))
+               for n in range(80)]
     packets[7] = b""
     packets[9] = b"\x10" + packets[9][1:]  # not IP
-    packets[41] = b"\x10" + packets[41][1:]  # the same in a batch without an empty one
+    packets[41] = b"\x10" + packets[41][1:]
     if p.mode == "tunnel":  # IPv6 between IPv4 packets of the same length (next header 41)
         data = bytes(600)
         packets[49] = packet(src, dst, 17, data)
@@ -334,21 +338,46 @@ def test_encapsulate_many_is_encapsulate_one_by_one(changes: dict[str, Any]) -> 
             break
         with contextlib.suppress(EspDrop):
             one_by_one.append(first.encapsulate(inner))
-    many: list[bytes] = []
-    used = 0
-    for at in range(0, len(packets), 16):
-        esps, took = second.encapsulate_many(packets[at:at + 16])
-        many += esps
-        used += took
-        if took < 16:
+    flowed: list[bytes] = []
+    at = 0
+    while at < len(packets):
+        runs, next_at = second.encapsulate_flow(packets, at, flow)
+        for run in runs:
+            assert run and len({len(esp) for esp in run}) == 1
+        flowed += [esp for run in runs for esp in run]
+        if next_at == at:  # only when the SA went away
+            assert second.child.removed
             break
-    assert used == stopped
+        assert at < next_at <= (len(packets) if flow else at + 1)
+        at = next_at
+    assert at == stopped
     if p.encr.aead:
-        assert many == one_by_one
+        assert flowed == one_by_one
     else:  # CBC: random IVs; the rest must agree
-        assert [len(e) for e in many] == [len(e) for e in one_by_one]
-        assert [e[:8] for e in many] == [e[:8] for e in one_by_one]
+        assert [len(e) for e in flowed] == [len(e) for e in one_by_one]
+        assert [e[:8] for e in flowed] == [e[:8] for e in one_by_one]
     assert first.seq == second.seq
     assert twins[0].totals().as_dict() == twins[1].totals().as_dict()
     assert [e for e in iter(twins[0].next_event, None)] == \
         [e for e in iter(twins[1].next_event, None)]
+
+
+def test_a_flow_ends_where_the_addresses_or_the_ip_version_change() -> None:
+    """What `encapsulate_flow` takes as one flow: the same version and addresses. An
+    IPv6 packet whose bytes 12-20 equal the IPv4 flow's addresses is not part of it
+    (it must go through its own SA lookup)."""
+    sad = Sad()
+    sad.install(params())
+    flow = [packet("10.99.1.5", "10.99.2.7", 6, bytes(1000)) for _ in range(5)]
+    lookalike = packet("fd99:1:a63:105:a63:207::", "fd99:2::7", 6, bytes(1000))
+    assert lookalike[12:20] == flow[0][12:20]
+    other = packet("10.99.1.6", "10.99.2.7", 6, bytes(1000))
+    out = sad.outbound_for(flow[0])
+    assert out is not None
+    for tail, stop in ([lookalike], 5), ([other], 5), ([b""], 5), (flow[:2], 12):
+        packets = [*flow, *tail, *flow]
+        runs, end = out.encapsulate_flow(packets, 0, True)
+        assert end == stop
+        assert sum(map(len, runs)) == stop
+        runs, end = out.encapsulate_flow(packets, 2, False)
+        assert end == 3 and [len(run) for run in runs] == [1]
