@@ -34,6 +34,10 @@ bbr on the machine the README's numbers come from, cubic on a stock Debian) unle
 keeps sending into the receiver's full socket buffer (tens of thousands of
 retransmits a run down), cubic backs off, the machine is less busy and charon cheaper.
 
+Each run also prints "udp drops": datagrams a full UDP socket refused in either
+namespace (Udp RcvbufErrors). Down in (b) they are charon's socket falling behind our
+sends, and they match iperf3's retransmits one for one.
+
 `--top` adds the /proc/stat split and the busiest processes of each run (anything
 else running on the machine shows up there); `--py-spy DIR` records every node
 process during each run (py-spy raw format). The machines are shared and noisy:
@@ -164,6 +168,9 @@ class Run:
     cpu: dict[str, float]  # side label -> CPU seconds during the run
     machine_busy: float  # share of all CPUs busy during the run (every process, softirqs)
     congestion: str = ""  # the sending TCP's congestion control, as iperf3 reports it
+    # UDP datagrams (ESP) dropped at a full socket in either namespace during the run:
+    # the data plane that falls behind loses them there, and TCP sends them again
+    udp_drops: int = 0
     top: str = ""  # the busiest processes during the run (--top)
     machine_detail: str = ""  # user/system/softirq/steal shares of all CPUs
 
@@ -173,6 +180,14 @@ class Run:
 
     def cpu_per_gbit(self, label: str) -> float:
         return self.cpu[label] / self.gigabits if self.gigabits else float("inf")
+
+
+def udp_rcvbuf_errors(ns: Netns) -> int:
+    """The namespace's Udp RcvbufErrors (/proc/net/snmp): datagrams a full socket refused."""
+    lines = [line.split() for line in ns.run(["cat", "/proc/net/snmp"]).stdout.splitlines()
+             if line.startswith("Udp:")]
+    names, values = lines[0], lines[1]
+    return int(values[names.index("RcvbufErrors")])
 
 
 def iperf3(lab: Lab, sides: Sequence[Side], *, seconds: int, reverse: bool,
@@ -207,6 +222,7 @@ def iperf3(lab: Lab, sides: Sequence[Side], *, seconds: int, reverse: bool,
             *(["--reverse"] if reverse else []),
             *(["--congestion", congestion] if congestion else [])]  # fmt: skip
     before = {side.label: cpu_seconds(side.pid) for side in sides}
+    drops_before = udp_rcvbuf_errors(lab.initiator) + udp_rcvbuf_errors(lab.responder)
     ticks_before = machine_ticks()
     # iperf3 has exited when the run ends: the busiest processes are sampled at 90 %
     procs: list[dict[int, tuple[str, float]]] = [all_processes()] if top else []
@@ -218,6 +234,8 @@ def iperf3(lab: Lab, sides: Sequence[Side], *, seconds: int, reverse: bool,
     finally:
         after = {side.label: cpu_seconds(side.pid) for side in sides}
         busy, detail = machine_split(ticks_before, machine_ticks())
+        drops = udp_rcvbuf_errors(lab.initiator) + udp_rcvbuf_errors(lab.responder) \
+            - drops_before
         sampler.cancel()
         busiest = top_during(procs[0], procs[1], 0.9 * seconds) if len(procs) == 2 else ""
         for spy in spies:
@@ -238,6 +256,7 @@ def iperf3(lab: Lab, sides: Sequence[Side], *, seconds: int, reverse: bool,
         retransmits=int(end["sum_sent"].get("retransmits", 0)),
         congestion=str(end.get("sender_tcp_congestion", "?")),
         cpu={label: after[label] - before[label] for label in before},
+        udp_drops=drops,
         machine_busy=busy,
         machine_detail=detail,
         top=busiest,
@@ -353,7 +372,7 @@ def print_runs(case: str, sides: list[Side], runs: list[Run]) -> None:
                         for label in run.cpu)
         print(f"  {run.direction:<4} sender {run.sender_mbit:7.1f} Mbit/s  receiver "
               f"{run.receiver_mbit:7.1f} Mbit/s  retr {run.retransmits:5d} ({run.congestion})  "
-              "machine busy "
+              f"udp drops {run.udp_drops:5d}  machine busy "
               f"{100 * run.machine_busy:3.0f}%  {cpu}")
         if run.top:
             print(f"       cpus: {run.machine_detail}; top: {run.top}")
