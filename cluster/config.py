@@ -25,7 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .errors import ConfigError
+from .errors import ConfigError, ParseError
+from .ike.auth import decode_certificate_fields
 from .ike.constants import ProtocolId
 from .ike.identity import (
     Identity,
@@ -724,10 +725,14 @@ class _Loader:
         data = self.read_file(table, name, text)
         try:
             if b"-----BEGIN" in data:
-                return x509.load_pem_x509_certificates(data)
-            return [x509.load_der_x509_certificate(data)]
-        except ValueError as exc:
+                certs = x509.load_pem_x509_certificates(data)
+            else:
+                certs = [x509.load_der_x509_certificate(data)]
+            for cert in certs:
+                decode_certificate_fields(cert)
+        except (ValueError, ParseError) as exc:
             table.fail(name, f"{text!r} holds no valid certificate: {exc}")
+        return certs
 
     def private_key(self, table: _Table, name: str, text: str) -> PrivateKey:
         data = self.read_file(table, name, text)

@@ -44,6 +44,9 @@ _CERT_ERRORS = (
     x509.DuplicateExtension,
     x509.UnsupportedGeneralNameType,
     CryptographyDeprecationWarning,
+    # a Name attribute whose ASN.1 type the library refuses for its OID (e.g. a
+    # commonName encoded as a BIT STRING): TypeError, when the name is first read
+    TypeError,
 )
 _KEY_PAD = b"Key Pad for IKEv2"  # RFC 7296 2.15
 
@@ -301,11 +304,20 @@ def load_certificate_der_untrusted(data: bytes) -> x509.Certificate:
             # e.g. a non-positive serial number: a warning today, an error in later releases
             warnings.simplefilter("error", CryptographyDeprecationWarning)
             cert = x509.load_der_x509_certificate(data)
+    except _CERT_ERRORS as exc:
+        raise ParseError(f"certificate does not decode: {exc}") from None
+    decode_certificate_fields(cert)
+    return cert
+
+
+def decode_certificate_fields(cert: x509.Certificate) -> None:
+    """Decode the parts cryptography parses on first use (names, extensions, key,
+    validity), so a malformed one raises ParseError here and not in later use."""
+    try:
         _ = (cert.extensions, cert.subject, cert.issuer, cert.public_key())
         _ = (cert.not_valid_before_utc, cert.not_valid_after_utc)
     except _CERT_ERRORS as exc:
         raise ParseError(f"certificate does not decode: {exc}") from None
-    return cert
 
 
 def verify_certificate_chain(
@@ -381,7 +393,7 @@ def _issuer_problem(
         pass
     try:
         cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, TypeError, *_CERT_ERRORS):
+    except (InvalidSignature, *_CERT_ERRORS):
         return f"signature by {name} does not verify"
     return None
 

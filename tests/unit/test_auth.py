@@ -620,6 +620,17 @@ def test_load_certificate_raises_only_parse_error(data: bytes) -> None:
         load_certificate_der_untrusted(data)
 
 
+def test_a_name_attribute_of_a_type_its_oid_cannot_have_is_a_parse_error() -> None:
+    """Found by the test below: the issuer's commonName turned from UTF8String (tag 0x0C)
+    into a BIT STRING (0x03, one flipped byte) made cryptography raise TypeError."""
+    der = LEAF.public_bytes(Encoding.DER)
+    name = b"Intermediate CA"
+    utf8 = bytes([0x0C, len(name)]) + name
+    assert der.count(utf8) == 1
+    with pytest.raises(ParseError):
+        load_certificate_der_untrusted(der.replace(utf8, b"\x03" + utf8[1:]))
+
+
 @settings(max_examples=1000)
 @given(st.integers(min_value=0), st.integers(min_value=1, max_value=255))
 def test_load_certificate_with_a_flipped_byte_raises_only_parse_error(

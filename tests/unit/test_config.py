@@ -866,3 +866,18 @@ def test_bad_cluster_settings_name_the_key(tmp_path: Path, body: str, key: str,
         load_config(_with_cluster(tmp_path, body))
     message = str(info.value)
     assert key in message and reason in message and "\n" not in message
+
+
+def test_a_certificate_whose_names_do_not_decode_is_one_line(tmp_path: Path, pki: Path) -> None:
+    """A commonName with an ASN.1 type its OID cannot have (here a BIT STRING)."""
+    der = x509.load_pem_x509_certificate((pki / "gw.pem").read_bytes()).public_bytes(
+        serialization.Encoding.DER)
+    utf8 = bytes([0x0C, len(b"Test Intermediate")]) + b"Test Intermediate"
+    assert der.count(utf8) == 1  # the issuer's commonName
+    (pki / "garbled.der").write_bytes(der.replace(utf8, b"\x03" + utf8[1:]))
+    path = write(tmp_path, PUBKEY.format(local='cert = "pki/garbled.der", key = "pki/gw.key"'))
+    message = load_error(path)
+    assert "\n" not in message
+    assert message.startswith(
+        f"{path}: connections.rw.local.cert: 'pki/garbled.der' holds no valid certificate"
+    ), message
