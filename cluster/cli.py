@@ -13,8 +13,9 @@ import gc
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TextIO, TypeVar
 
 from . import __version__
 from .config import LOG_LEVELS, NodeConfig, load_config
@@ -119,6 +120,13 @@ class LineFormatter(logging.Formatter):
         return f"{self._stamp},{int(record.msecs):03d}"  # logging's default_msec_format
 
 
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
+    """`warnings.showwarning` for the node: one line of the logger "py.warnings"."""
+    logging.getLogger("py.warnings").warning("%s: %s (%s:%d)", category.__name__, message,
+                                             filename, lineno)
+
+
 def configure_logging(level: str) -> None:
     """Log lines to stderr; the node is meant to run under a supervisor that keeps them."""
     handler = logging.StreamHandler(sys.stderr)
@@ -126,6 +134,9 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Library warnings (e.g. cryptography's about an odd name in a peer's certificate)
+    # become log lines instead of bare two-line text on stderr.
+    warnings.showwarning = _log_warning
     # The format uses none of these; skipping them makes each record cheaper (the
     # logging HOWTO's "Optimization" section). A line per SA is on the setup path.
     logging.logThreads = False

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import types
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,10 +103,11 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 def root_logger() -> Iterator[logging.Logger]:
     """Undo what `run` does to the root logger, so other tests keep pytest's handlers."""
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    handlers, level, show = list(root.handlers), root.level, warnings.showwarning
     yield root
     root.handlers[:] = handlers
     root.setLevel(level)
+    warnings.showwarning = show
 
 
 @pytest.fixture(autouse=True)
@@ -154,6 +156,22 @@ def test_run_loads_config_sets_logging_and_runs_the_node(
     assert any(
         h.formatter is not None and h.formatter._fmt == cli.LOG_FORMAT for h in added
     )
+
+
+def test_run_logs_library_warnings_as_lines_of_its_own_format(
+    ike_only: Path, monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake_runtime(monkeypatch, None)
+    assert cli.main(["run", "--config", str(ike_only)]) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("an odd certificate name", UserWarning, stacklevel=1)
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "an odd certificate name" in line]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING py\.warnings: "
+                        r"UserWarning: an odd certificate name \(.*test_cli\.py:\d+\)", line), line
 
 
 def test_run_freezes_start_up_objects_and_collects_less_often(
