@@ -73,10 +73,8 @@ class Identity:
         if self.id_type in (IdType.FQDN, IdType.RFC822_ADDR):
             return self.data.decode("utf-8", errors="backslashreplace")
         if self.id_type == IdType.DER_ASN1_DN:
-            try:
-                return _format_dn(x509.Name.from_bytes(self.data))
-            except ValueError:
-                return "dn:#" + self.data.hex()
+            name = _decode_dn(self.data)
+            return "dn:#" + self.data.hex() if name is None else _format_dn(name)
         if self.id_type == IdType.KEY_ID:
             return "@#" + self.data.hex()
         return f"{self.id_type.name}:#{self.data.hex()}"
@@ -143,7 +141,7 @@ def identity_from_payload_untrusted(id_type: int, data: bytes) -> Identity:
     if kind == IdType.DER_ASN1_DN:
         try:
             x509.Name.from_bytes(data)
-        except ValueError as exc:
+        except _DN_ERRORS as exc:
             raise ParseError(f"DER_ASN1_DN identity does not decode: {exc}") from None
     return Identity(kind, bytes(data))
 
@@ -168,10 +166,8 @@ class IdentityPattern:
                 return have.endswith(want[1:])
             return have == want
         if pattern.id_type == IdType.DER_ASN1_DN:
-            try:
-                want_dn = x509.Name.from_bytes(pattern.data)
-                have_dn = x509.Name.from_bytes(ident.data)
-            except ValueError:
+            want_dn, have_dn = _decode_dn(pattern.data), _decode_dn(ident.data)
+            if want_dn is None or have_dn is None:
                 return False
             return _dn_matches(want_dn, have_dn)
         return pattern.data == ident.data
@@ -186,9 +182,8 @@ def parse_identity_pattern(text: str) -> IdentityPattern:
 def cert_matches_identity(cert: x509.Certificate, ident: Identity) -> bool:
     """RFC 4945 3.1: the ID must be the subject DN or appear in subjectAltName."""
     if ident.id_type == IdType.DER_ASN1_DN:
-        try:
-            want = x509.Name.from_bytes(ident.data)
-        except ValueError:
+        want = _decode_dn(ident.data)
+        if want is None:
             return False
         return _dn_matches(want, cert.subject, wildcards=False)
     try:
@@ -260,6 +255,18 @@ def _split_unescaped(text: str, sep: str) -> list[str]:
             current.append(ch)
     parts.append("".join(current))
     return parts
+
+
+# What cryptography raises for a DN that does not decode: ValueError, or TypeError for
+# an attribute whose ASN.1 type its OID cannot have (e.g. a commonName as a BIT STRING).
+_DN_ERRORS = (ValueError, TypeError)
+
+
+def _decode_dn(data: bytes) -> x509.Name | None:
+    try:
+        return x509.Name.from_bytes(data)
+    except _DN_ERRORS:
+        return None
 
 
 def _format_dn(name: x509.Name) -> str:

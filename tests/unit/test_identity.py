@@ -329,3 +329,37 @@ def test_cert_without_subject_alt_name_matches_only_its_subject() -> None:
     assert cert_matches_identity(cert, parse_identity("C=CH, O=strongSwan, CN=moon.strongswan.org"))
     assert not cert_matches_identity(cert, parse_identity("moon.strongswan.org"))
     assert not cert_matches_identity(cert, parse_identity("192.0.2.1"))
+
+
+# --- DNs cryptography refuses with TypeError -----------------------------------------
+
+_DN = parse_identity("C=CH, O=strongSwan, CN=moon").data
+_MOON = bytes([0x13, 4]) + b"moon"  # the commonName, a PrintableString as strongSwan writes it
+# the same DN with the commonName as a BIT STRING (tag 3): cryptography raises TypeError
+_BIT_STRING_CN = _DN.replace(_MOON, b"\x03" + _MOON[1:])
+
+
+def test_a_dn_with_an_attribute_of_an_impossible_type_is_a_parse_error() -> None:
+    assert _DN.count(_MOON) == 1
+    with pytest.raises(ParseError):
+        identity_from_payload_untrusted(IdType.DER_ASN1_DN, _BIT_STRING_CN)
+    # built by other means (say, a stored session), it still prints and matches nothing
+    ident = Identity(IdType.DER_ASN1_DN, _BIT_STRING_CN)
+    assert str(ident) == "dn:#" + _BIT_STRING_CN.hex()
+    assert not parse_identity_pattern("C=CH, O=strongSwan, CN=*").matches(ident)
+    assert not IdentityPattern(any=False, identity=ident).matches(parse_identity("CN=moon"))
+    assert not cert_matches_identity(_CERT, ident)
+
+
+def test_every_single_byte_change_of_a_dn_id_raises_only_parse_error() -> None:
+    for at in range(len(_DN)):
+        for xor in range(1, 256):
+            data = bytearray(_DN)
+            data[at] ^= xor
+            try:
+                ident = identity_from_payload_untrusted(IdType.DER_ASN1_DN, bytes(data))
+            except ParseError:
+                continue
+            str(ident)
+            parse_identity_pattern("C=CH, CN=*").matches(ident)
+            cert_matches_identity(_CERT, ident)
