@@ -310,7 +310,18 @@ def test_rfc6311_message_id_sync_after_the_owner_died_with_a_request_in_flight()
         sync_at = after.index("responder requested MID sync")
         answered = re.findall(r"parsed INFORMATIONAL request (\d+) \[ \]", after[sync_at:])
         assert len(answered) >= 2, after
-        assert "ignored" not in after[sync_at:].lower(), after
+        # Nothing of ours is ignored after the sync. A response to the request the sync
+        # made strongSwan abandon may still arrive late (a retransmit of that request
+        # can cross the sync on the wire): strongSwan ignores it, rightly.
+        sync = re.search(r"initiating (\d+)\[(\d+)\]", after)
+        assert sync, after
+        new_initiating, old_initiating = int(sync[1]), int(sync[2])
+        for line in after[sync_at:].splitlines():
+            if "ignored" not in line.lower():
+                continue
+            late = re.search(r"received message ID (\d+), expected (\d+), ignored", line)
+            assert late and old_initiating <= int(late[1]) < new_initiating <= int(late[2]), (
+                f"{line}\n{after}")
         now = established(charon)
         assert now and now[0]["responder-spi"] == sa["responder-spi"]
         line = re.search(r"responder requested MID sync: [^\n]*", after)
