@@ -6,6 +6,7 @@ hooks), which see each packet as it crosses the wire whichever process made it.
 
 - tunnel mode, strongSwan (kernel-libipsec, always ESP in UDP) initiating to our node;
 - transport mode between two of our nodes, raw ESP and with encapsulation forced;
+- every ESP transform we offer, each with strongSwan: ping and iperf3 both ways;
 - a packet routed into the TUN that no SA covers never leaves the namespace.
 
 Run with ``-rP`` (or ``-s``) to see the ping, iperf3 and counter figures.
@@ -35,7 +36,7 @@ from tests.interop.lab import (
     WireCounters,
     conn_pair,
 )
-from tests.interop.sa_checks import assert_initiated, child_sa
+from tests.interop.sa_checks import algorithm, assert_initiated, child_sa
 
 pytestmark = pytest.mark.interop
 
@@ -171,6 +172,58 @@ def test_tunnel_mode_with_strongswan_libipsec_carries_ping_and_iperf3(
     assert bytes_out - bytes_before[1] >= upload.received_bytes
     assert bytes_in - bytes_before[0] >= download.received_bytes
     assert node.running(), node.log_text()
+
+
+ESP_MATRIX_SECONDS = 2
+
+
+@pytest.mark.parametrize(
+    ("proposal", "encr", "integ"),
+    [
+        ("aes128gcm16", "AES_GCM_16-128", None),
+        ("chacha20poly1305", "CHACHA20_POLY1305", None),
+        ("aes128-sha256", "AES_CBC-128", "HMAC_SHA2_256_128"),
+        ("aes256-sha384", "AES_CBC-256", "HMAC_SHA2_384_192"),
+        ("aes256-sha512", "AES_CBC-256", "HMAC_SHA2_512_256"),
+        ("aes128-sha1", "AES_CBC-128", "HMAC_SHA1_96"),  # legacy, opted in
+        ("3des-sha1", "3DES_CBC", "HMAC_SHA1_96"),  # legacy, opted in
+    ],
+)  # fmt: skip
+def test_every_esp_cipher_carries_traffic_with_strongswan_libipsec(
+    lab: Lab, initiator: Charon, proposal: str, encr: str, integ: str | None
+) -> None:
+    """Each ESP transform we offer (RFC 4106, RFC 7634, RFC 3602 + RFC 4868 / 2404)
+    protects a ping and a short iperf3 run each way with strongSwan's own libipsec:
+    every reply comes back and strongSwan's CHILD_SA of that cipher counts the bytes."""
+    initiator_conn, responder_conn = conn_pair(
+        esp_proposals=(proposal,), responder_esp_proposals=(proposal,))
+    legacy = {"ike": {"legacy_algorithms": True}} if "sha1" in proposal else None
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"), settings=legacy)
+    initiator.load(initiator_conn)
+    child = child_sa(assert_initiated(initiator.initiate("net"), initiator))
+    assert (algorithm(child), child.get("integ-alg")) == (encr, integ), child
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    bytes_before = child_bytes(initiator)
+
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4,
+                                  count=10)
+    assert (sent, received) == (10, 10), output
+    runs = [lab.iperf3(server="responder", server_addr=RESPONDER_INNER_V4,
+                       client_addr=INITIATOR_INNER_V4, seconds=ESP_MATRIX_SECONDS,
+                       port=IPERF_PORT, reverse=reverse)
+            for reverse in (False, True)]  # fmt: skip
+    report(f"{proposal} iperf3", f"up {runs[0]}; down {runs[1]}")
+    for result in runs:
+        assert result.received_bytes > 0, result
+    bytes_in, bytes_out = child_bytes(initiator)
+    assert bytes_out - bytes_before[1] >= runs[0].received_bytes
+    assert bytes_in - bytes_before[0] >= runs[1].received_bytes
+    assert node.running(), node.log_text()
+    node.stop()
+    counters = data_plane_counters(node)
+    assert counters.get("sa_packets_in", 0) >= 10 and counters.get("sa_packets_out", 0) >= 10
+    for bad in ("sa_integrity_failures", "sa_pad_errors", "sa_malformed_drops"):
+        assert counters.get(bad, 0) == 0, counters
 
 
 # --- transport mode between two of our nodes ---------------------------------------------
