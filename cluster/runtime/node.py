@@ -100,13 +100,18 @@ def log_event(event: Event) -> None:
         )
     elif isinstance(event, ChildSaEstablished):
         # Field by field: the keys must never reach a log line.
+        # the transforms in the configuration's syntax, e.g. esp=aes128-sha256-esn
+        esp = [event.encr.name, *([event.integ.name] if event.integ else []),
+               *(["esn"] if event.esn else [])]
         logger.info(
-            "CHILD SA established: %s in IKE SA %s_i/%s_r spi_in=%s spi_out=%s mode=%s%s",
+            "CHILD SA established: %s in IKE SA %s_i/%s_r spi_in=%s spi_out=%s esp=%s "
+            "mode=%s%s",
             event.name,
             event.ike_spi_i.hex(),
             event.ike_spi_r.hex(),
             event.spi_in.hex(),
             event.spi_out.hex(),
+            "-".join(esp),
             event.mode,
             " encap" if event.encap else "",
         )

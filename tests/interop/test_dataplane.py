@@ -229,14 +229,15 @@ def test_every_esp_cipher_carries_traffic_with_strongswan_libipsec(
 # --- transport mode between two of our nodes ---------------------------------------------
 
 
-def transport_pair(*, encap: bool) -> tuple[Conn, Conn]:
+def transport_pair(*, encap: bool, esp: str = "aes256gcm16") -> tuple[Conn, Conn]:
     """(A, B): A initiates to B at start-up, host-to-host transport mode."""
     a_id, b_id = "a.example.test", "b.example.test"
     a = Conn(
         local=End("psk", a_id),
         remote=End("psk", b_id),
         name="link",
-        children=(Child(name="host", mode="transport", start_action="start"),),
+        children=(Child(name="host", mode="transport", start_action="start",
+                        esp_proposals=(esp,)),),
         remote_addrs=(RESPONDER_V4,),
         psk=PSK,
         encap=encap,
@@ -245,17 +246,22 @@ def transport_pair(*, encap: bool) -> tuple[Conn, Conn]:
         local=End("psk", b_id),
         remote=End("psk", a_id),
         name="link",
-        children=(Child(name="host", mode="transport"),),
+        children=(Child(name="host", mode="transport", esp_proposals=(esp,)),),
         psk=PSK,
     )
     return a, b
 
 
-@pytest.mark.parametrize("encap", [False, True], ids=["raw-esp", "esp-in-udp"])
+@pytest.mark.parametrize(
+    ("encap", "esp"),
+    [(False, "aes256gcm16"), (True, "aes256gcm16"),
+     (False, "aes256gcm16-esn")],  # 64-bit sequence numbers (RFC 4303 Appendix A)
+    ids=["raw-esp", "esp-in-udp", "raw-esp-esn"],
+)  # fmt: skip
 def test_transport_mode_between_two_nodes_is_only_esp_on_the_wire(
-    lab: Lab, encap: bool
+    lab: Lab, encap: bool, esp: str
 ) -> None:
-    a_conn, b_conn = transport_pair(encap=encap)
+    a_conn, b_conn = transport_pair(encap=encap, esp=esp)
     b = lab.node([b_conn], node_id="b", extra_toml=worker_toml("ikecB"))
     wire = lab.wire_counters(
         "initiator",
@@ -280,7 +286,7 @@ def test_transport_mode_between_two_nodes_is_only_esp_on_the_wire(
     suffix = " encap" if encap else ""
     for node in (a, b):
         line = wait_for_log(node, r"CHILD SA established: host .* mode=transport")[0]
-        assert line.endswith(f"mode=transport{suffix}"), line
+        assert line.endswith(f"esp={esp} mode=transport{suffix}"), line
 
     before = wire.read()
     before_bytes = wire.read_bytes()
