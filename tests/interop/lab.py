@@ -231,7 +231,8 @@ class Lab:
             output=out,
         )  # fmt: skip
         deadline = time.monotonic() + 10.0
-        while f"{server_addr}:{port}" not in server_ns.run(["ss", "-H", "-t", "-l", "-n"]).stdout:
+        listening = f"[{server_addr}]:{port}" if ":" in server_addr else f"{server_addr}:{port}"
+        while listening not in server_ns.run(["ss", "-H", "-t", "-l", "-n"]).stdout:
             if proc.poll() is not None or time.monotonic() > deadline:
                 stop_process(proc)
                 raise LabError(f"iperf3 server did not listen on {server_addr}:{port}:\n"

@@ -7,6 +7,7 @@ hooks), which see each packet as it crosses the wire whichever process made it.
 - tunnel mode, strongSwan (kernel-libipsec, always ESP in UDP) initiating to our node;
 - transport mode between two of our nodes, raw ESP and with encapsulation forced;
 - every ESP transform we offer, each with strongSwan: ping and iperf3 both ways;
+- IPv6 outside, inside or both, with strongSwan: ping and iperf3 both ways;
 - a packet routed into the TUN that no SA covers never leaves the namespace.
 
 Run with ``-rP`` (or ``-s``) to see the ping, iperf3 and counter figures.
@@ -24,9 +25,14 @@ import pytest
 from tests.interop.charon import Charon
 from tests.interop.lab import (
     INITIATOR_INNER_V4,
+    INITIATOR_INNER_V6,
+    INITIATOR_NETS,
     INITIATOR_V4,
     RESPONDER_INNER_V4,
+    RESPONDER_INNER_V6,
+    RESPONDER_NETS,
     RESPONDER_V4,
+    RESPONDER_V6,
     Child,
     Conn,
     End,
@@ -224,6 +230,61 @@ def test_every_esp_cipher_carries_traffic_with_strongswan_libipsec(
     assert counters.get("sa_packets_in", 0) >= 10 and counters.get("sa_packets_out", 0) >= 10
     for bad in ("sa_integrity_failures", "sa_pad_errors", "sa_malformed_drops"):
         assert counters.get(bad, 0) == 0, counters
+
+
+INNER = {4: (INITIATOR_INNER_V4, RESPONDER_INNER_V4), 6: (INITIATOR_INNER_V6, RESPONDER_INNER_V6)}
+
+
+@pytest.mark.parametrize(("outer", "inner"), [(6, 6), (6, 4), (4, 6)],
+                         ids=["v6-in-v6", "v4-in-v6", "v6-in-v4"])
+def test_ipv6_tunnels_with_strongswan_libipsec_carry_ping_and_iperf3(
+    lab: Lab, initiator: Charon, outer: int, inner: int
+) -> None:
+    """IPv6 outside, inside or both: ESP in UDP over IPv6 (RFC 3948) between strongSwan
+    and our worker, IPv6 routes into the TUN, IPv6 TCP segments sealed and coalesced."""
+    initiator_conn, responder_conn = conn_pair(family=outer)
+    initiator_conn = initiator_conn.with_child(local_ts=(INITIATOR_NETS[inner],),
+                                               remote_ts=(RESPONDER_NETS[inner],))
+    responder_conn = responder_conn.with_child(local_ts=(RESPONDER_NETS[inner],),
+                                               remote_ts=(INITIATOR_NETS[inner],))
+    responder_outer = RESPONDER_V6 if outer == 6 else RESPONDER_V4
+    node = lab.node([responder_conn], addresses=(responder_outer,),
+                    extra_toml=worker_toml("ikec0"))
+    ip = "ip6" if outer == 6 else "ip"
+    inner_ip = "ip6" if inner == 6 else "ip"
+    wire = lab.wire_counters(
+        "initiator",
+        {
+            "esp_udp_out": ("out", f"{ip} daddr {responder_outer} {ESP_IN_UDP_OUT}"),
+            "esp_udp_in": ("in", f"{ip} saddr {responder_outer} {ESP_IN_UDP_IN}"),
+            "inner_out": ("out", f"{inner_ip} daddr {RESPONDER_NETS[inner]}"),
+            "inner_in": ("in", f"{inner_ip} saddr {RESPONDER_NETS[inner]}"),
+        },
+    )
+    initiator.load(initiator_conn)
+    child = child_sa(assert_initiated(initiator.initiate("net"), initiator))
+    assert child["encap"] == "yes" and child["remote-ts"] == [RESPONDER_NETS[inner]], child
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    bytes_before = child_bytes(initiator)
+    before, before_bytes = wire.read(), wire.read_bytes()
+
+    source, target = INNER[inner]
+    sent, received, output = ping(lab.initiator, source, target)
+    assert (sent, received) == (PINGS, PINGS), output
+    runs = [lab.iperf3(server="responder", server_addr=target, client_addr=source,
+                       seconds=ESP_MATRIX_SECONDS, port=IPERF_PORT, reverse=reverse)
+            for reverse in (False, True)]  # fmt: skip
+    label = f"v{inner}-in-v{outer} tunnel"
+    report(f"{label} iperf3", f"up {runs[0]}; down {runs[1]}")
+    seen, seen_bytes = wire.since(before), wire.bytes_since(before_bytes)
+    report(f"{label} wire (initiator veth)", f"packets {seen}, bytes {seen_bytes}")
+    assert seen_bytes["esp_udp_out"] >= runs[0].received_bytes, seen_bytes
+    assert seen_bytes["esp_udp_in"] >= runs[1].received_bytes, seen_bytes
+    assert seen["inner_out"] == seen["inner_in"] == 0, seen
+    bytes_in, bytes_out = child_bytes(initiator)
+    assert bytes_out - bytes_before[1] >= runs[0].received_bytes
+    assert bytes_in - bytes_before[0] >= runs[1].received_bytes
+    assert node.running(), node.log_text()
 
 
 # --- transport mode between two of our nodes ---------------------------------------------
