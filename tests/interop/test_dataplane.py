@@ -8,6 +8,7 @@ hooks), which see each packet as it crosses the wire whichever process made it.
 - transport mode between two of our nodes, raw ESP and with encapsulation forced;
 - every ESP transform we offer, each with strongSwan: ping and iperf3 both ways;
 - IPv6 outside, inside or both, with strongSwan: ping and iperf3 both ways;
+- two Child SAs of one IKE SA with strongSwan, each ping on its own SA;
 - a packet routed into the TUN that no SA covers never leaves the namespace.
 
 Run with ``-rP`` (or ``-s``) to see the ping, iperf3 and counter figures.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -284,6 +286,47 @@ def test_ipv6_tunnels_with_strongswan_libipsec_carry_ping_and_iperf3(
     bytes_in, bytes_out = child_bytes(initiator)
     assert bytes_out - bytes_before[1] >= runs[0].received_bytes
     assert bytes_in - bytes_before[0] >= runs[1].received_bytes
+    assert node.running(), node.log_text()
+
+
+def test_two_child_sas_of_one_ike_sa_each_carry_their_own_traffic(
+    lab: Lab, initiator: Charon
+) -> None:
+    """A second Child SA (CREATE_CHILD_SA, RFC 7296 1.3.1) with other selectors: our
+    worker picks the outbound SA by traffic selector, and strongSwan's per-CHILD_SA
+    counters show each ping crossed its own SA and only that one."""
+    second = {"initiator": "10.99.3.1", "responder": "10.99.4.1"}
+    lab.initiator.ip("addr", "add", f"{second['initiator']}/32", "dev", "lo")
+    lab.responder.ip("addr", "add", f"{second['responder']}/32", "dev", "lo")
+    initiator_conn, responder_conn = conn_pair()
+    initiator_conn = replace(initiator_conn, children=(initiator_conn.child, replace(
+        initiator_conn.child, name="net2", local_ts=("10.99.3.0/24",),
+        remote_ts=("10.99.4.0/24",))))
+    responder_conn = replace(responder_conn, children=(responder_conn.child, replace(
+        responder_conn.child, name="net2", local_ts=("10.99.4.0/24",),
+        remote_ts=("10.99.3.0/24",))))
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    initiator.load(initiator_conn)
+    assert_initiated(initiator.initiate("net"), initiator)
+    assert initiator.initiate("net2").returncode == 0, initiator.log_text()
+    wait_for_log(node, r"CHILD SA established: net2? .* mode=tunnel", count=2)
+
+    def counters() -> dict[str, tuple[int, int]]:
+        (sa,) = [sa for sa in initiator.list_sas() if sa.get("state") == "ESTABLISHED"]
+        return {name: (int(child_sa(sa, name).get("bytes-in", 0)),
+                       int(child_sa(sa, name).get("bytes-out", 0)))
+                for name in ("net", "net2")}  # fmt: skip
+
+    for child, source, target in (("net", INITIATOR_INNER_V4, RESPONDER_INNER_V4),
+                                  ("net2", second["initiator"], second["responder"])):
+        before = counters()
+        sent, received, output = ping(lab.initiator, source, target)
+        assert (sent, received) == (PINGS, PINGS), output
+        after = counters()
+        other = "net2" if child == "net" else "net"
+        grown = [a - b for a, b in zip(after[child], before[child], strict=True)]
+        assert min(grown) >= PINGS * 84, (child, before, after)  # 84-byte IPv4 echoes
+        assert after[other] == before[other], (child, before, after)
     assert node.running(), node.log_text()
 
 
