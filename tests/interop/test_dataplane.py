@@ -9,6 +9,7 @@ hooks), which see each packet as it crosses the wire whichever process made it.
 - every ESP transform we offer, each with strongSwan: ping and iperf3 both ways;
 - IPv6 outside, inside or both, with strongSwan: ping and iperf3 both ways;
 - two Child SAs of one IKE SA with strongSwan, each ping on its own SA;
+- strongSwan's ESP captured on the wire, replayed and forged: dropped, counted, harmless;
 - a packet routed into the TUN that no SA covers never leaves the namespace.
 
 Run with ``-rP`` (or ``-s``) to see the ping, iperf3 and counter figures.
@@ -17,12 +18,15 @@ Run with ``-rP`` (or ``-s``) to see the ping, iperf3 and counter figures.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.interop.charon import Charon
 from tests.interop.lab import (
@@ -35,6 +39,7 @@ from tests.interop.lab import (
     RESPONDER_NETS,
     RESPONDER_V4,
     RESPONDER_V6,
+    VETH,
     Child,
     Conn,
     End,
@@ -327,6 +332,67 @@ def test_two_child_sas_of_one_ike_sa_each_carry_their_own_traffic(
         grown = [a - b for a, b in zip(after[child], before[child], strict=True)]
         assert min(grown) >= PINGS * 84, (child, before, after)  # 84-byte IPv4 echoes
         assert after[other] == before[other], (child, before, after)
+    assert node.running(), node.log_text()
+
+
+FORGE = Path(__file__).with_name("esp_forge.py")
+FORGED = 5
+METRICS = "127.0.0.1:9464"  # in the responder's namespace
+
+
+def drop_counts(ns: Netns) -> dict[str, float]:
+    """Our node's drop counters from its Prometheus endpoint: "esp:<reason>" for
+    esp_dropped_packets_total, "ike:<reason>" for datagrams_dropped_total."""
+    text = ns.run([sys.executable, "-c",
+                   "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+                   f"'http://{METRICS}/metrics', timeout=5).read().decode())"]).stdout
+    kinds = {"ike_cluster_esp_dropped_packets": "esp", "ike_cluster_datagrams_dropped": "ike"}
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            kind = kinds.get(family.name)
+            if kind and sample.name.endswith("_total"):
+                counts[f"{kind}:{sample.labels['reason']}"] = sample.value
+    return counts
+
+
+def test_replayed_forged_and_truncated_esp_is_dropped_counted_and_harmless(
+    lab: Lab, initiator: Charon
+) -> None:
+    """ESP captured on the wire and sent again is refused as a replay (RFC 4303 3.4.3);
+    a copy with a sequence number far ahead fails the ICV and must not move the window
+    (else the real packets after it would be "too old"); a datagram cut after the SPI
+    and one with an unknown SPI are dropped. Each shows in the node's metrics, and the
+    SA carries on."""
+    initiator_conn, responder_conn = conn_pair()
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"),
+                    settings={"metrics": {"listen": METRICS, "interval": 0.1}})
+    initiator.load(initiator_conn)
+    assert_initiated(initiator.initiate("net"), initiator)
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    out = lab.dir / "esp-forge.txt"
+    forge = lab.initiator.spawn(
+        [sys.executable, str(FORGE), VETH, RESPONDER_V4, str(FORGED)], output=out)
+    deadline = time.monotonic() + SETTLE
+    while "listening" not in out.read_text():
+        assert forge.poll() is None and time.monotonic() < deadline, out.read_text()
+        time.sleep(0.05)
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    assert forge.wait(timeout=SETTLE) == 0, out.read_text()
+    report("forged ESP", out.read_text().strip().splitlines()[-1])
+    # strongSwan's next packets carry sequence numbers far below the forged one
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    expected = {"esp:replay": FORGED, "esp:integrity": 1, "esp:no_sa_inbound": 1,
+                "ike:malformed": 1}  # too short for ESP, no IKE marker: RFC 3948 2.2
+    deadline = time.monotonic() + SETTLE
+    while {k: drop_counts(lab.responder).get(k) for k in expected} != expected:
+        assert time.monotonic() < deadline, (expected, drop_counts(lab.responder))
+        time.sleep(0.2)
+    counts = drop_counts(lab.responder)
+    report("forged ESP node metrics", str(counts))
+    assert sum(counts.values()) == sum(expected.values()), counts  # nothing else dropped
     assert node.running(), node.log_text()
 
 
