@@ -1,0 +1,131 @@
+"""Libreswan's pluto as an IKE-level interop peer, run from the unpacked package in a netns.
+
+Facts this relies on (see notes/strongswan-here.md):
+- The libreswan package conflicts with strongSwan's, so `scripts/install` unpacks it into
+  `.cache/libreswan` (its libraries are ordinary packages) instead of installing it.
+- pluto runs its helpers (addconn) from the compiled-in /usr/libexec/ipsec: a bind mount
+  inside pluto's own mount namespace (ip netns exec gives it one) puts the unpacked
+  directory there, invisible to the rest of the machine.
+- The kernel has no ESP: once IKE_AUTH has completed, pluto fails to install its Child
+  SA ("netlink response for Add SA ... Function not implemented"), drops the IKE SA
+  without notifying us and starts again. Only the IKE level can be judged here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from tests.interop.netns import LabError, Netns, stop_process
+from tests.interop.spec import Conn
+
+ROOT = Path(os.environ.get(
+    "IKC_LIBRESWAN_ROOT", Path(__file__).resolve().parents[2] / ".cache" / "libreswan"))
+LIBEXEC = ROOT / "usr" / "libexec"
+PLUTO = LIBEXEC / "ipsec" / "pluto"
+WHACK = LIBEXEC / "ipsec" / "whack"
+ADDCONN = LIBEXEC / "ipsec" / "addconn"
+
+# pluto's log line once IKE_AUTH has completed on its side (Libreswan 4.x)
+ESTABLISHED = "initiator established IKE SA; authenticated peer"
+
+
+class Pluto:
+    """One pluto daemon with its own ipsec.conf, secrets, NSS database and control socket."""
+
+    def __init__(self, ns: Netns, workdir: Path) -> None:
+        if not PLUTO.exists():
+            raise LabError(f"no Libreswan at {ROOT}: scripts/install unpacks it there")
+        self.ns = ns
+        self.dir = workdir
+        self.run_dir = workdir / "run"
+        self.ctl = self.run_dir / "pluto.ctl"
+        self.conf_path = workdir / "ipsec.conf"
+        self.secrets_path = workdir / "ipsec.secrets"
+        self.log_path = workdir / "pluto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> None:
+        (self.dir / "nss").mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(exist_ok=True)
+        subprocess.run(["certutil", "-N", "-d", f"sql:{self.dir / 'nss'}", "--empty-password"],
+                       check=True, capture_output=True)
+        self.conf_path.write_text(self._setup())
+        self.secrets_path.write_text("")
+        self.proc = self.ns.spawn(
+            ["/bin/sh", "-c", 'mount --bind "$0" /usr/libexec && shift && exec "$@"',
+             str(LIBEXEC), "pluto", str(PLUTO), "--nofork", "--config", str(self.conf_path),
+             "--secretsfile", str(self.secrets_path), "--nssdir", str(self.dir / "nss"),
+             "--rundir", str(self.run_dir), "--ipsecdir", str(self.dir)],
+            output=self.dir / "pluto.out",
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not self.ctl.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"pluto did not open {self.ctl}:\n{self.log_text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def _setup(self) -> str:
+        return f"config setup\n    logfile={self.log_path}\n    logtime=yes\n\n"
+
+    def load(self, conn: Conn, *, ike: str, esp: str) -> None:
+        """Write ``conn`` (our test spec, seen from pluto's side) with Libreswan's
+        ``ike``/``esp`` strings, reread the secrets and add the connection."""
+        child = conn.child
+        if not conn.local_addrs or not conn.remote_addrs or conn.psk is None:
+            raise ValueError("pluto connections here need addresses on both sides and a PSK")
+        lines = [
+            f"conn {conn.name}",
+            "    ikev2=insist",
+            "    authby=secret",
+            f"    left={conn.local_addrs[0]}",
+            f"    leftid=@{conn.local.id}",
+            f"    right={conn.remote_addrs[0]}",
+            f"    rightid=@{conn.remote.id}",
+            f"    ike={ike}",
+            f"    esp={esp}",
+            f"    type={child.mode}",
+            f"    encapsulation={'yes' if conn.encap else 'no'}",
+            "    auto=add",
+        ]
+        if child.mode == "tunnel":
+            lines += [f"    leftsubnet={','.join(child.local_ts)}",
+                      f"    rightsubnet={','.join(child.remote_ts)}"]
+        self.conf_path.write_text(self._setup() + "\n".join(lines) + "\n")
+        psk = conn.psk.replace('"', '\\"')
+        self.secrets_path.write_text(f'@{conn.local.id} @{conn.remote.id} : PSK "{psk}"\n')
+        self._whack("--rereadsecrets")
+        out = self.ns.run([str(ADDCONN), "--ctlsocket", str(self.ctl), "--config",
+                           str(self.conf_path), conn.name], check=False)
+        if out.returncode != 0:
+            raise LabError(f"addconn {conn.name} failed:\n{out.stdout}{out.stderr}\n"
+                           f"{self.log_text()}")
+
+    def initiate(self, name: str) -> None:
+        """Start the connection (pluto goes on in the background; watch its log)."""
+        self._whack("--name", name, "--initiate", "--asynchronous")
+
+    def _whack(self, *args: str) -> None:
+        out = self.ns.run([str(WHACK), "--ctlsocket", str(self.ctl), *args], check=False)
+        if out.returncode != 0:
+            raise LabError(f"whack {' '.join(args)} failed ({out.returncode}):\n"
+                           f"{out.stdout}{out.stderr}\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, text: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log_text()):
+            if self.proc is not None and self.proc.poll() is not None:
+                raise LabError(f"pluto exited:\n{log}")
+            if time.monotonic() > deadline:
+                raise LabError(f"pluto did not log {text!r} within {timeout}s:\n{log}")
+            time.sleep(0.05)
+        return log

@@ -1,0 +1,120 @@
+"""Libreswan 4.10 (pluto) as the initiator against our node, at the IKE level.
+
+A second independent IKEv2 implementation next to strongSwan. Both sides must say
+so: pluto logs that it established the IKE SA and authenticated our node, and our
+node logs the IKE SA and the Child SA with the transforms pluto proposed. The kernel
+here has no ESP, so pluto cannot install its Child SA afterwards (see pluto.py);
+traffic with Libreswan cannot be checked on this machine.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+
+from tests.interop.lab import RESPONDER_ID, Lab, Node, conn_pair
+from tests.interop.pluto import ESTABLISHED, Pluto
+from tests.interop.test_dataplane import wait_for_log
+
+pytestmark = pytest.mark.interop
+
+PSK = "libreswan-interop-secret"
+
+
+@pytest.fixture
+def pluto(lab: Lab) -> Iterator[Pluto]:
+    daemon = Pluto(lab.initiator, lab.dir / "pluto")
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def connect(lab: Lab, pluto: Pluto, ours: tuple[str, str], theirs: tuple[str, str], *,
+            mode: str = "tunnel", encap: bool = False) -> tuple[Node, str]:
+    """Our node with proposals ``ours`` (IKE, ESP), pluto initiating with ``theirs``."""
+    initiator, responder = conn_pair(proposals=(ours[0],), esp_proposals=(ours[1],),
+                                     responder_esp_proposals=(ours[1],), mode=mode,
+                                     psk=PSK, encap=encap)
+    if mode == "transport":  # our default selectors: the outer addresses ("dynamic")
+        responder = responder.with_child(local_ts=(), remote_ts=())
+    node = lab.node([responder])
+    pluto.load(initiator.with_child(mode=mode), ike=theirs[0], esp=theirs[1])
+    pluto.initiate(initiator.name)
+    log = pluto.wait_for_log(ESTABLISHED)
+    assert f"{ESTABLISHED} using authby=secret and ID_FQDN '@{RESPONDER_ID}'" in log, log
+    return node, log
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "sent"),
+    [
+        (("aes256gcm16-prfsha256-x25519", "aes256gcm16"), ("aes_gcm256-sha2_256-dh31",
+         "aes_gcm256"), "cipher=AES_GCM_16_256 integ=n/a prf=HMAC_SHA2_256 group=DH31"),
+        (("aes256-sha256-modp2048", "aes128-sha256"), ("aes256-sha2_256-modp2048",
+         "aes128-sha2_256"),
+         "cipher=AES_CBC_256 integ=HMAC_SHA2_256_128 prf=HMAC_SHA2_256 group=MODP2048"),
+        (("chacha20poly1305-prfsha512-ecp256", "chacha20poly1305"),
+         ("chacha20_poly1305-sha2_512-dh19", "chacha20_poly1305"),
+         "cipher=CHACHA20_POLY1305_256 integ=n/a prf=HMAC_SHA2_512 group=DH19"),
+        (("aes128gcm16-prfsha384-ecp384", "aes256-sha512"),
+         ("aes_gcm128-sha2_384-dh20", "aes256-sha2_512"),
+         "cipher=AES_GCM_16_128 integ=n/a prf=HMAC_SHA2_384 group=DH20"),
+    ],
+)  # fmt: skip
+def test_libreswan_establishes_with_proposal(
+    lab: Lab, pluto: Pluto, ours: tuple[str, str], theirs: tuple[str, str], sent: str
+) -> None:
+    node, log = connect(lab, pluto, ours, theirs)
+    assert f"sent IKE_AUTH request {{{sent}}}" in log, log
+    wait_for_log(node, r"IKE SA established")
+    line = wait_for_log(node, r"CHILD SA established: net ")[0]
+    assert line.endswith(f"esp={ours[1]} mode=tunnel"), line
+    assert node.running(), node.log_text()
+
+
+def test_libreswan_transport_mode_with_forced_encapsulation(lab: Lab, pluto: Pluto) -> None:
+    ours = ("aes256gcm16-prfsha256-x25519", "aes256gcm16")
+    node, _log = connect(lab, pluto, ours, ("aes_gcm256-sha2_256-dh31", "aes_gcm256"),
+                        mode="transport", encap=True)
+    line = wait_for_log(node, r"CHILD SA established: net ")[0]
+    assert line.endswith("esp=aes256gcm16 mode=transport encap"), line
+    assert node.running(), node.log_text()
+
+
+def test_libreswan_follows_invalid_ke_payload_to_our_group(lab: Lab, pluto: Pluto) -> None:
+    """pluto guesses its first group (ECP-256); we accept only X25519 and answer
+    INVALID_KE_PAYLOAD naming it (RFC 7296 1.2); pluto starts again with X25519."""
+    node, log = connect(lab, pluto, ("aes256gcm16-prfsha256-x25519", "aes256gcm16"),
+                        ("aes_gcm256-sha2_256-dh19+dh31", "aes_gcm256"))
+    assert ("Received unauthenticated INVALID_KE_PAYLOAD response to DH DH19; resending "
+            "with suggested DH DH31") in log, log
+    assert "group=DH31}" in log, log
+    wait_for_log(node, r"CHILD SA established: net ")
+    assert node.running(), node.log_text()
+
+
+def test_libreswan_with_a_wrong_psk_is_refused_and_the_node_serves_on(
+    lab: Lab, pluto: Pluto
+) -> None:
+    """Our AUTHENTICATION_FAILED reaches pluto (RFC 7296 2.21.2); the node stays up and
+    then accepts the same peer with the right key."""
+    proposals = ("aes256gcm16-prfsha256-x25519", "aes256gcm16")
+    initiator, responder = conn_pair(proposals=(proposals[0],), psk=PSK)
+    node = lab.node([responder])
+    theirs = {"ike": "aes_gcm256-sha2_256-dh31", "esp": "aes_gcm256"}
+    pluto.load(replace(initiator, psk="not-" + PSK), **theirs)
+    pluto.initiate(initiator.name)
+    log = pluto.wait_for_log("IKE SA authentication request rejected by peer: "
+                             "AUTHENTICATION_FAILED")
+    assert ESTABLISHED not in log, log
+    assert not re.search(r"IKE SA established", node.log_text()), node.log_text()
+    pluto.load(initiator, **theirs)
+    pluto.initiate(initiator.name)
+    pluto.wait_for_log(ESTABLISHED)
+    wait_for_log(node, r"CHILD SA established: net ")
+    assert node.running(), node.log_text()
