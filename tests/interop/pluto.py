@@ -18,6 +18,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+
 from tests.interop.netns import LabError, Netns, stop_process
 from tests.interop.spec import Conn
 
@@ -78,12 +83,13 @@ class Pluto:
         """Write ``conn`` (our test spec, seen from pluto's side) with Libreswan's
         ``ike``/``esp`` strings, reread the secrets and add the connection."""
         child = conn.child
-        if not conn.local_addrs or not conn.remote_addrs or conn.psk is None:
-            raise ValueError("pluto connections here need addresses on both sides and a PSK")
+        if not conn.local_addrs or not conn.remote_addrs:
+            raise ValueError("pluto connections here need addresses on both sides")
+        auth = ["    authby=secret"] if conn.psk is not None else self._import_credentials(conn)
         lines = [
             f"conn {conn.name}",
             "    ikev2=insist",
-            "    authby=secret",
+            *auth,
             f"    left={conn.local_addrs[0]}",
             f"    leftid=@{conn.local.id}",
             f"    right={conn.remote_addrs[0]}",
@@ -98,14 +104,41 @@ class Pluto:
             lines += [f"    leftsubnet={','.join(child.local_ts)}",
                       f"    rightsubnet={','.join(child.remote_ts)}"]
         self.conf_path.write_text(self._setup() + "\n".join(lines) + "\n")
-        psk = conn.psk.replace('"', '\\"')
-        self.secrets_path.write_text(f'@{conn.local.id} @{conn.remote.id} : PSK "{psk}"\n')
+        if conn.psk is not None:
+            psk = conn.psk.replace('"', '\\"')
+            self.secrets_path.write_text(f'@{conn.local.id} @{conn.remote.id} : PSK "{psk}"\n')
+        else:  # pluto finds the private key in NSS through leftcert
+            self.secrets_path.write_text("")
         self._whack("--rereadsecrets")
         out = self.ns.run([str(ADDCONN), "--ctlsocket", str(self.ctl), "--config",
                            str(self.conf_path), conn.name], check=False)
         if out.returncode != 0:
             raise LabError(f"addconn {conn.name} failed:\n{out.stdout}{out.stderr}\n"
                            f"{self.log_text()}")
+
+    def _import_credentials(self, conn: Conn) -> list[str]:
+        """Our certificate and key (as PKCS#12) and the peer's trust anchors into
+        pluto's NSS database; returns the conn lines that use them."""
+        local = conn.local
+        if local.auth != "pubkey" or local.cert is None or local.key is None:
+            raise ValueError("pluto connections here use a PSK or a local certificate")
+        key = serialization.load_pem_private_key(local.key.read_bytes(), password=None)
+        if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+            raise ValueError(f"{local.key}: not an ECDSA or RSA key")
+        cert = x509.load_pem_x509_certificate(local.cert.read_bytes())
+        nickname = f"{conn.name}-local"
+        p12 = self.dir / f"{nickname}.p12"
+        p12.write_bytes(pkcs12.serialize_key_and_certificates(
+            nickname.encode(), key, cert, None, serialization.NoEncryption()))
+        db = f"sql:{self.dir / 'nss'}"
+        subprocess.run(["pk12util", "-i", str(p12), "-d", db, "-W", ""],
+                       check=True, capture_output=True)
+        for n, ca in enumerate(conn.remote.cacerts):
+            subprocess.run(["certutil", "-A", "-d", db, "-n", f"{conn.name}-ca{n}", "-t", "CT,,",
+                            "-a", "-i", str(ca)], check=True, capture_output=True)
+        # RFC 7427 signatures: ECDSA, or RSA (RSASSA-PSS first)
+        authby = "ecdsa" if isinstance(key, ec.EllipticCurvePrivateKey) else "rsasig"
+        return [f"    authby={authby}", f"    leftcert={nickname}"]
 
     def initiate(self, name: str) -> None:
         """Start the connection (pluto goes on in the background; watch its log)."""

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import pytest
 
+from tests.interop.certs import Pki
 from tests.interop.lab import RESPONDER_ID, Lab, Node, conn_pair
 from tests.interop.pluto import ESTABLISHED, Pluto
 from tests.interop.test_dataplane import wait_for_log
@@ -117,4 +118,43 @@ def test_libreswan_with_a_wrong_psk_is_refused_and_the_node_serves_on(
     pluto.initiate(initiator.name)
     pluto.wait_for_log(ESTABLISHED)
     wait_for_log(node, r"CHILD SA established: net ")
+    assert node.running(), node.log_text()
+
+
+@pytest.mark.parametrize("key_type", ["ecdsa", "rsa"])
+def test_libreswan_certificate_authentication(
+    lab: Lab, pluto: Pluto, pki: Pki, key_type: str
+) -> None:
+    """Certificates both ways (RFC 7427 signatures): pluto verifies our node's
+    signature with our certificate's key, and we verify pluto's."""
+    gw, client = (pki.gw_ecdsa, pki.client_ecdsa) if key_type == "ecdsa" else (
+        pki.gw_rsa, pki.client_rsa)
+    initiator, responder = conn_pair(ca=pki.ca, initiator_cred=client, responder_cred=gw)
+    node = lab.node([responder])
+    pluto.load(initiator, ike="aes_gcm256-sha2_256-dh31", esp="aes_gcm256")
+    pluto.initiate(initiator.name)
+    log = pluto.wait_for_log(ESTABLISHED)
+    scheme = ("P-256 ECDSA with SHA2_256" if key_type == "ecdsa"
+              else "2048-bit PKCS#1 1.5 RSA with SHA2_256")
+    assert (f"{ESTABLISHED} '{scheme}' digital signature using peer certificate "
+            f"'@{RESPONDER_ID}' issued by CA 'O=ike-cluster tests, CN=ike-cluster test CA'"
+            ) in log, log
+    wait_for_log(node, r"CHILD SA established: net ")
+    assert node.running(), node.log_text()
+
+
+def test_libreswan_certificate_from_an_untrusted_ca_is_refused(
+    lab: Lab, pluto: Pluto, pki: Pki
+) -> None:
+    _, responder = conn_pair(ca=pki.ca, initiator_cred=pki.client_ecdsa,
+                             responder_cred=pki.gw_ecdsa)
+    initiator, _ = conn_pair(ca=pki.ca, initiator_cred=pki.client_from_other_ca,
+                             responder_cred=pki.gw_ecdsa)
+    node = lab.node([responder])
+    pluto.load(initiator, ike="aes_gcm256-sha2_256-dh31", esp="aes_gcm256")
+    pluto.initiate(initiator.name)
+    log = pluto.wait_for_log("IKE SA authentication request rejected by peer: "
+                             "AUTHENTICATION_FAILED")
+    assert ESTABLISHED not in log, log
+    assert "IKE SA established" not in node.log_text(), node.log_text()
     assert node.running(), node.log_text()
