@@ -125,11 +125,12 @@ class Pluto:
         key = serialization.load_pem_private_key(local.key.read_bytes(), password=None)
         if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
             raise ValueError(f"{local.key}: not an ECDSA or RSA key")
-        cert = x509.load_pem_x509_certificate(local.cert.read_bytes())
+        # the end entity first, then any intermediates, which pluto sends along
+        cert, *chain = x509.load_pem_x509_certificates(local.cert.read_bytes())
         nickname = f"{conn.name}-local"
         p12 = self.dir / f"{nickname}.p12"
         p12.write_bytes(pkcs12.serialize_key_and_certificates(
-            nickname.encode(), key, cert, None, serialization.NoEncryption()))
+            nickname.encode(), key, cert, chain or None, serialization.NoEncryption()))
         db = f"sql:{self.dir / 'nss'}"
         subprocess.run(["pk12util", "-i", str(p12), "-d", db, "-W", ""],
                        check=True, capture_output=True)
@@ -138,7 +139,8 @@ class Pluto:
                             "-a", "-i", str(ca)], check=True, capture_output=True)
         # RFC 7427 signatures: ECDSA, or RSA (RSASSA-PSS first)
         authby = "ecdsa" if isinstance(key, ec.EllipticCurvePrivateKey) else "rsasig"
-        return [f"    authby={authby}", f"    leftcert={nickname}"]
+        # sendca: the intermediates go along in CERT payloads (pluto sends none by default)
+        return [f"    authby={authby}", f"    leftcert={nickname}", "    sendca=all"]
 
     def initiate(self, name: str) -> None:
         """Start the connection (pluto goes on in the background; watch its log)."""

@@ -15,10 +15,10 @@ from dataclasses import replace
 
 import pytest
 
-from tests.interop.certs import Pki
+from tests.interop.certs import Pki, TestCa
 from tests.interop.lab import RESPONDER_ID, Lab, Node, conn_pair
 from tests.interop.pluto import ESTABLISHED, Pluto
-from tests.interop.test_dataplane import wait_for_log
+from tests.interop.test_dataplane import report, wait_for_log
 
 pytestmark = pytest.mark.interop
 
@@ -157,4 +157,39 @@ def test_libreswan_certificate_from_an_untrusted_ca_is_refused(
                              "AUTHENTICATION_FAILED")
     assert ESTABLISHED not in log, log
     assert "IKE SA established" not in node.log_text(), node.log_text()
+    assert node.running(), node.log_text()
+
+
+def test_libreswan_rsa4096_chain_through_fragmented_ike_auth(lab: Lab, pluto: Pluto) -> None:
+    """RSA-4096 leaf and intermediate each way: our IKE_AUTH response does not fit one
+    datagram and goes in RFC 7383 fragments, which pluto reassembles; no IKE datagram
+    on the wire exceeds 1280 bytes."""
+    pki = lab.dir / "pki"
+    root = TestCa(pki, stem="root", common_name="libreswan root", key_type="rsa",
+                  key_size=4096)
+    intermediate = root.intermediate("inter", "libreswan intermediate", key_type="rsa",
+                                     key_size=4096)
+    gw, client = (intermediate.issue(f"{name}.example.test", key_type="rsa", key_size=4096,
+                                     name=name, with_chain=True)
+                  for name in ("gw", "client"))  # fmt: skip
+    initiator, responder = conn_pair(ca=root.cert_path, initiator_cred=client,
+                                     responder_cred=gw)
+    node = lab.node([responder])
+    wire = lab.wire_counters("initiator", {
+        "ike_out": ("out", "udp dport { 500, 4500 }"),
+        "ike_in": ("in", "udp sport { 500, 4500 }"),
+        "ike_big_out": ("out", "udp dport { 500, 4500 } ip length > 1280"),
+        "ike_big_in": ("in", "udp sport { 500, 4500 } ip length > 1280"),
+    })  # fmt: skip
+    pluto.load(initiator, ike="aes_gcm256-sha2_256-dh31", esp="aes_gcm256")
+    pluto.initiate(initiator.name)
+    log = pluto.wait_for_log(ESTABLISHED)
+    assert (f"{ESTABLISHED} '4096-bit PKCS#1 1.5 RSA with SHA2_256' digital signature using "
+            f"peer certificate '@{RESPONDER_ID}' issued by CA 'O=ike-cluster tests, "
+            "CN=libreswan intermediate'") in log, log
+    wait_for_log(node, r"CHILD SA established: net ")
+    seen = wire.read()
+    report("libreswan fragmentation", f"IKE datagrams {seen}")
+    assert seen["ike_big_out"] == seen["ike_big_in"] == 0, seen
+    assert seen["ike_in"] >= 3, seen  # IKE_SA_INIT and at least two IKE_AUTH fragments
     assert node.running(), node.log_text()
