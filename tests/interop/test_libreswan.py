@@ -16,7 +16,7 @@ from dataclasses import replace
 import pytest
 
 from tests.interop.certs import Pki, TestCa
-from tests.interop.lab import RESPONDER_ID, Lab, Node, conn_pair
+from tests.interop.lab import INITIATOR_V6, RESPONDER_ID, RESPONDER_V6, Lab, Node, conn_pair
 from tests.interop.pluto import ESTABLISHED, Pluto
 from tests.interop.test_dataplane import report, wait_for_log
 
@@ -192,4 +192,16 @@ def test_libreswan_rsa4096_chain_through_fragmented_ike_auth(lab: Lab, pluto: Pl
     report("libreswan fragmentation", f"IKE datagrams {seen}")
     assert seen["ike_big_out"] == seen["ike_big_in"] == 0, seen
     assert seen["ike_in"] >= 3, seen  # IKE_SA_INIT and at least two IKE_AUTH fragments
+    assert node.running(), node.log_text()
+
+
+def test_libreswan_over_ipv6(lab: Lab, pluto: Pluto) -> None:
+    initiator, responder = conn_pair(family=6, psk=PSK)
+    node = lab.node([responder], addresses=(RESPONDER_V6,))
+    pluto.load(initiator, ike="aes_gcm256-sha2_256-dh31", esp="aes_gcm256")
+    pluto.initiate(initiator.name)
+    pluto.wait_for_log(ESTABLISHED)
+    line = wait_for_log(node, r"IKE SA established: rw ")[0]
+    assert f"peer=[{INITIATOR_V6}]:500" in line, line
+    wait_for_log(node, r"CHILD SA established: net ")
     assert node.running(), node.log_text()
