@@ -137,7 +137,7 @@ class Pluto:
         for n, ca in enumerate(conn.remote.cacerts):
             subprocess.run(["certutil", "-A", "-d", db, "-n", f"{conn.name}-ca{n}", "-t", "CT,,",
                             "-a", "-i", str(ca)], check=True, capture_output=True)
-        # RFC 7427 signatures: ECDSA, or RSA (RSASSA-PSS first)
+        # digital signatures (RFC 7427) with the key's algorithm
         authby = "ecdsa" if isinstance(key, ec.EllipticCurvePrivateKey) else "rsasig"
         # sendca: the intermediates go along in CERT payloads (pluto sends none by default)
         return [f"    authby={authby}", f"    leftcert={nickname}", "    sendca=all"]
