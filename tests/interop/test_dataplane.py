@@ -9,6 +9,7 @@ hooks), which see each packet as it crosses the wire whichever process made it.
 - every ESP transform we offer, each with strongSwan: ping and iperf3 both ways;
 - IPv6 outside, inside or both, with strongSwan: ping and iperf3 both ways;
 - two Child SAs of one IKE SA with strongSwan, each ping on its own SA;
+- our node initiating (start_action) to strongSwan as the responder, with traffic;
 - strongSwan's ESP captured on the wire, replayed and forged: dropped, counted, harmless;
 - a packet routed into the TUN that no SA covers never leaves the namespace.
 
@@ -393,6 +394,39 @@ def test_replayed_forged_and_truncated_esp_is_dropped_counted_and_harmless(
     counts = drop_counts(lab.responder)
     report("forged ESP node metrics", str(counts))
     assert sum(counts.values()) == sum(expected.values()), counts  # nothing else dropped
+    assert node.running(), node.log_text()
+
+
+def test_our_node_initiates_to_strongswan_and_carries_traffic(lab: Lab) -> None:
+    """The other way round: our node initiates at start-up (start_action = "start",
+    encapsulation forced, as libipsec needs) and strongSwan responds. strongSwan
+    installs the SA, and ping and iperf3 cross our worker and its libipsec both ways."""
+    ours, theirs = conn_pair(encap=True)
+    charon = lab.charon("responder")
+    charon.load(theirs)
+    node = lab.node([ours.with_child(start_action="start")], side="initiator",
+                    node_id="a", addresses=(INITIATOR_V4,), extra_toml=worker_toml("ikecA"))
+    line = wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")[0]
+    assert line.endswith("esp=aes256gcm16 mode=tunnel encap"), line
+    deadline = time.monotonic() + SETTLE
+    while not (sas := [sa for sa in charon.list_sas() if sa.get("state") == "ESTABLISHED"]):
+        assert time.monotonic() < deadline, charon.log_text()
+        time.sleep(0.1)
+    child = child_sa(sas[0])
+    assert child["state"] == "INSTALLED" and child["encap"] == "yes", child
+    assert sas[0]["remote-id"] == ours.local.id, sas[0]
+
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    runs = [lab.iperf3(server="responder", server_addr=RESPONDER_INNER_V4,
+                       client_addr=INITIATOR_INNER_V4, seconds=ESP_MATRIX_SECONDS,
+                       port=IPERF_PORT, reverse=reverse)
+            for reverse in (False, True)]  # fmt: skip
+    report("our initiator iperf3", f"up {runs[0]}; down {runs[1]}")
+    (sa,) = [sa for sa in charon.list_sas() if sa.get("state") == "ESTABLISHED"]
+    bytes_in = int(child_sa(sa).get("bytes-in", 0))
+    bytes_out = int(child_sa(sa).get("bytes-out", 0))
+    assert bytes_in >= runs[0].received_bytes and bytes_out >= runs[1].received_bytes, sa
     assert node.running(), node.log_text()
 
 
