@@ -19,6 +19,20 @@ class RawParseError(ValueError):
     pass
 
 
+def _list_end(text: str, pos: int) -> int:
+    """The ``]`` closing the list whose items start at ``pos``: items may hold brackets
+    of their own, e.g. a traffic selector ``10.1.0.0/16[tcp/443]``."""
+    depth = 1
+    for at in range(pos, len(text)):
+        if text[at] == "[":
+            depth += 1
+        elif text[at] == "]":
+            depth -= 1
+            if depth == 0:
+                return at
+    raise RawParseError("unterminated list")
+
+
 def _section(text: str, pos: int) -> tuple[dict[str, Any], int]:
     """Parse the body after ``{`` at ``pos``; return it and the position after ``}``."""
     out: dict[str, Any] = {}
@@ -37,7 +51,7 @@ def _section(text: str, pos: int) -> tuple[dict[str, Any], int]:
         if kind == " {":
             out[key], pos = _section(text, pos)
         elif kind == "=[":
-            end = text.index("]", pos)
+            end = _list_end(text, pos)
             out[key] = text[pos:end].split()
             pos = end + 1
         else:

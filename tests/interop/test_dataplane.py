@@ -10,6 +10,7 @@ hooks), which see each packet as it crosses the wire whichever process made it.
 - IPv6 outside, inside or both, with strongSwan: ping and iperf3 both ways;
 - two Child SAs of one IKE SA with strongSwan, each ping on its own SA;
 - our node initiating (start_action) to strongSwan as the responder, with traffic;
+- traffic selectors narrowed by us, or bound to ICMP, with strongSwan;
 - strongSwan's ESP captured on the wire, replayed and forged: dropped, counted, harmless;
 - a packet routed into the TUN that no SA covers never leaves the namespace.
 
@@ -428,6 +429,46 @@ def test_our_node_initiates_to_strongswan_and_carries_traffic(lab: Lab) -> None:
     bytes_out = int(child_sa(sa).get("bytes-out", 0))
     assert bytes_in >= runs[0].received_bytes and bytes_out >= runs[1].received_bytes, sa
     assert node.running(), node.log_text()
+
+
+@pytest.mark.parametrize("case", ["narrowed", "icmp-only"])
+def test_traffic_selectors_narrowed_or_protocol_bound_with_strongswan(
+    lab: Lab, initiator: Charon, case: str
+) -> None:
+    """RFC 7296 2.9. "narrowed": strongSwan asks for everything behind us (0.0.0.0/0) and
+    we narrow to our configured subnet, which strongSwan accepts and routes. "icmp-only":
+    selectors bound to a protocol on both sides; pings cross, and UDP our side routes
+    towards strongSwan matches no SA (our outbound lookup honours the protocol), so it
+    is dropped and counted, never sent in the clear."""
+    initiator_conn, responder_conn = conn_pair()
+    if case == "narrowed":
+        initiator_conn = initiator_conn.with_child(remote_ts=("0.0.0.0/0",))
+        expected = (["10.99.1.0/24"], ["10.99.2.0/24"])
+    else:
+        initiator_conn = initiator_conn.with_child(local_ts=("10.99.1.0/24[icmp]",),
+                                                   remote_ts=("10.99.2.0/24[icmp]",))
+        responder_conn = responder_conn.with_child(local_ts=("10.99.2.0/24[icmp]",),
+                                                   remote_ts=("10.99.1.0/24[icmp]",))
+        expected = (["10.99.1.0/24[icmp]"], ["10.99.2.0/24[icmp]"])
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    initiator.load(initiator_conn)
+    child = child_sa(assert_initiated(initiator.initiate("net"), initiator))
+    assert (child["local-ts"], child["remote-ts"]) == expected, child
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    if case == "narrowed":
+        return
+    wire = lab.wire_counters("responder", {"clear": ("out", f"ip daddr {INITIATOR_NETS[4]}")})
+    before = wire.read()
+    send_udp(lab.responder, INITIATOR_INNER_V4, UDP_PROBES)
+    time.sleep(0.5)  # a datagram that did leave has long crossed the veth by now
+    assert wire.since(before) == {"clear": 0}, wire.since(before)
+    assert node.running(), node.log_text()
+    node.stop()
+    counters = data_plane_counters(node)
+    assert counters.get("no_sa_out", 0) == UDP_PROBES, counters
+    assert counters.get("sa_packets_out", 0) >= PINGS, counters
 
 
 # --- transport mode between two of our nodes ---------------------------------------------

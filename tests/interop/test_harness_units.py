@@ -31,6 +31,16 @@ def test_parse_raw_reads_nested_sections_lists_and_values_with_spaces() -> None:
     assert child["remote-ts"] == ["10.99.2.0/24"]
 
 
+def test_parse_raw_reads_selectors_with_protocols_and_ports() -> None:
+    raw = ("list-sa event {rw {child-sas {net-1 {local-ts=[10.99.1.0/24[icmp] "
+           "10.99.3.0/24[tcp/443]] remote-ts=[10.99.2.0/24[icmp]] state=INSTALLED}}}}\n")
+    (event,) = parse_raw(raw)
+    child = event["rw"]["child-sas"]["net-1"]
+    assert child["local-ts"] == ["10.99.1.0/24[icmp]", "10.99.3.0/24[tcp/443]"]
+    assert child["remote-ts"] == ["10.99.2.0/24[icmp]"]
+    assert child["state"] == "INSTALLED"
+
+
 def test_parse_raw_without_sas_is_empty() -> None:
     assert parse_raw("list-sas reply {}\n") == []
 
