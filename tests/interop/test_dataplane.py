@@ -11,6 +11,7 @@ hooks), which see each packet as it crosses the wire whichever process made it.
 - two Child SAs of one IKE SA with strongSwan, each ping on its own SA;
 - our node initiating (start_action) to strongSwan as the responder, with traffic;
 - traffic selectors narrowed by us, or bound to ICMP, with strongSwan;
+- 4000-byte pings, fragmented before the tunnel, both ways with strongSwan;
 - strongSwan's ESP captured on the wire, replayed and forged: dropped, counted, harmless;
 - a packet routed into the TUN that no SA covers never leaves the namespace.
 
@@ -469,6 +470,31 @@ def test_traffic_selectors_narrowed_or_protocol_bound_with_strongswan(
     counters = data_plane_counters(node)
     assert counters.get("no_sa_out", 0) == UDP_PROBES, counters
     assert counters.get("sa_packets_out", 0) >= PINGS, counters
+
+
+def test_fragmented_inner_packets_cross_both_ways_with_strongswan(
+    lab: Lab, initiator: Charon
+) -> None:
+    """4000-byte pings do not fit either TUN (MTU 1400): each side's host fragments
+    them before the tunnel, every fragment travels in its own ESP packet, and the
+    far host reassembles. Each direction originates its own pings."""
+    initiator_conn, responder_conn = conn_pair()
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    initiator.load(initiator_conn)
+    assert_initiated(initiator.initiate("net"), initiator)
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    for ns, source, target in ((lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4),
+                               (lab.responder, RESPONDER_INNER_V4, INITIATOR_INNER_V4)):
+        proc = ns.run(["ping", "-n", "-c", "10", "-i", "0.05", "-W", "2", "-s", "4000",
+                       "-I", source, target], check=False)
+        assert " 10 received" in proc.stdout, proc.stdout + proc.stderr
+    assert node.running(), node.log_text()
+    node.stop()
+    counters = data_plane_counters(node)
+    # 4008-byte ICMP messages in fragments of at most 1400 bytes: at least 3 per message,
+    # 20 messages each way (10 requests one way and 10 replies, for each side's pings)
+    assert counters.get("sa_packets_in", 0) >= 60 and counters.get("sa_packets_out", 0) >= 60
+    assert counters.get("no_sa_out", 0) == 0 and counters.get("sa_policy_drops", 0) == 0
 
 
 # --- transport mode between two of our nodes ---------------------------------------------
