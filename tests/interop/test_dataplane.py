@@ -12,6 +12,7 @@ hooks), which see each packet as it crosses the wire whichever process made it.
 - our node initiating (start_action) to strongSwan as the responder, with traffic;
 - traffic selectors narrowed by us, or bound to ICMP, with strongSwan;
 - 4000-byte pings, fragmented before the tunnel, both ways with strongSwan;
+- a byte lifetime makes our node rekey with strongSwan, no ping lost;
 - strongSwan's ESP captured on the wire, replayed and forged: dropped, counted, harmless;
 - a packet routed into the TUN that no SA covers never leaves the namespace.
 
@@ -495,6 +496,35 @@ def test_fragmented_inner_packets_cross_both_ways_with_strongswan(
     # 20 messages each way (10 requests one way and 10 replies, for each side's pings)
     assert counters.get("sa_packets_in", 0) >= 60 and counters.get("sa_packets_out", 0) >= 60
     assert counters.get("no_sa_out", 0) == 0 and counters.get("sa_policy_drops", 0) == 0
+
+
+LIFETIME_BYTES = 30_000  # soft limit at 90 %: a rekey about every 26 pings of 1028 bytes
+
+
+def test_byte_lifetime_makes_our_node_rekey_with_strongswan_and_no_ping_is_lost(
+    lab: Lab, initiator: Charon
+) -> None:
+    """[worker] lifetime_bytes: the soft limit (90 %) makes our node rekey the Child SA
+    (CREATE_CHILD_SA, RFC 7296 1.3.3) with strongSwan before the hard limit would remove
+    it; pings running throughout keep every reply and strongSwan ends on new SPIs."""
+    initiator_conn, responder_conn = conn_pair()
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0")
+                    + f"lifetime_bytes = {LIFETIME_BYTES}\n")
+    initiator.load(initiator_conn)
+    first = child_sa(assert_initiated(initiator.initiate("net"), initiator))
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    proc = lab.initiator.run(["ping", "-n", "-c", "80", "-i", "0.05", "-W", "2", "-s", "1000",
+                              "-I", INITIATOR_INNER_V4, RESPONDER_INNER_V4], check=False)
+    assert " 80 received" in proc.stdout, proc.stdout + proc.stderr
+    soft = [line for line in node.log_text().splitlines() if "soft lifetime reached" in line]
+    assert len(soft) >= 2, node.log_text()  # 80 x 1028 bytes each way: 2 or more rekeys
+    assert "hard lifetime reached" not in node.log_text(), node.log_text()
+    (sa,) = [sa for sa in initiator.list_sas() if sa.get("state") == "ESTABLISHED"]
+    # strongSwan keeps the rekeyed ones a while as DELETED (its delete_rekeyed_delay)
+    (last,) = [c for c in sa["child-sas"].values() if c["state"] == "INSTALLED"]
+    assert last["spi-in"] != first["spi-in"], (first, sa)
+    report("byte lifetime", f"{len(soft)} soft limits, first: {soft[0].split(': ', 1)[-1]}")
+    assert node.running(), node.log_text()
 
 
 # --- transport mode between two of our nodes ---------------------------------------------
