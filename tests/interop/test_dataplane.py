@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.interop.certs import Pki
 from tests.interop.charon import Charon
 from tests.interop.lab import (
     INITIATOR_INNER_V4,
@@ -400,11 +401,19 @@ def test_replayed_forged_and_truncated_esp_is_dropped_counted_and_harmless(
     assert node.running(), node.log_text()
 
 
-def test_our_node_initiates_to_strongswan_and_carries_traffic(lab: Lab) -> None:
+@pytest.mark.parametrize("auth", ["psk", "ecdsa"])
+def test_our_node_initiates_to_strongswan_and_carries_traffic(
+    lab: Lab, pki: Pki, auth: str
+) -> None:
     """The other way round: our node initiates at start-up (start_action = "start",
-    encapsulation forced, as libipsec needs) and strongSwan responds. strongSwan
-    installs the SA, and ping and iperf3 cross our worker and its libipsec both ways."""
-    ours, theirs = conn_pair(encap=True)
+    encapsulation forced, as libipsec needs) and strongSwan responds, with a PSK or
+    certificates (then each side verifies the other's signature). strongSwan installs
+    the SA, and ping and iperf3 cross our worker and its libipsec both ways."""
+    if auth == "psk":
+        ours, theirs = conn_pair(encap=True)
+    else:
+        ours, theirs = conn_pair(encap=True, ca=pki.ca, initiator_cred=pki.client_ecdsa,
+                                 responder_cred=pki.gw_ecdsa)
     charon = lab.charon("responder")
     charon.load(theirs)
     node = lab.node([ours.with_child(start_action="start")], side="initiator",
@@ -418,6 +427,9 @@ def test_our_node_initiates_to_strongswan_and_carries_traffic(lab: Lab) -> None:
     child = child_sa(sas[0])
     assert child["state"] == "INSTALLED" and child["encap"] == "yes", child
     assert sas[0]["remote-id"] == ours.local.id, sas[0]
+    if auth == "ecdsa":
+        assert re.search(rf"authentication of '{ours.local.id}' with ECDSA\S* successful",
+                         charon.log_text()), charon.log_text()
 
     sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
     assert (sent, received) == (PINGS, PINGS), output
