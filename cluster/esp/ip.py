@@ -30,6 +30,10 @@ _IPV6_AH = 51
 
 NO_PORTS = -1  # RFC 4301 OPAQUE: a non-first fragment or a protocol without ports
 
+# Where the source and destination addresses lie together, by IP version: what an SAD
+# that selects on addresses alone looks at, so what makes packets one flow.
+ADDRESS_SPANS = {4: (12, 20), 6: (8, 40)}
+
 _PORTS = struct.Struct("!HH")
 _U16 = struct.Struct("!H")
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.ciphers import CipherContext
 
 from .ciphers import AeadObject
 from .counters import EspDrop, SaCounters
-from .ip import IPPROTO_ESP, HeaderTemplate, internet_checksum
+from .ip import ADDRESS_SPANS, IPPROTO_ESP, HeaderTemplate, internet_checksum
 from .params import Address, ChildSaParams
 
 if TYPE_CHECKING:
@@ -38,18 +38,14 @@ NEVER = 1 << 80  # an alarm threshold no counter reaches
 _AEAD_OVERHEAD = 8 + 8 + 16  # SPI and sequence number, IV, ICV (GCM-16, Poly1305)
 
 
-# where the source and destination addresses lie, by IP version
-_ADDRESSES = {4: (12, 20), 6: (8, 40)}
-
-
 def _flow_end(packets: list[bytes], at: int) -> int:
     """The index after the packets from `at` on with packets[at]'s IP version and
     addresses (at + 1 when that one is not an IP packet)."""
     first = packets[at]
     version = first[0] >> 4 if first else 0
-    if version not in _ADDRESSES:
+    if version not in ADDRESS_SPANS:
         return at + 1
-    low, high = _ADDRESSES[version]
+    low, high = ADDRESS_SPANS[version]
     key = first[low:high]
     end, total = at + 1, len(packets)
     # (a packet too short to hold the addresses cannot match them)
@@ -299,7 +295,7 @@ class AeadOutbound(OutboundSa):
                 or self.seq + left >= min(self._seq_max + 1, self._alarm_seq) \
                 or self.counters.bytes_out + (left << 17) >= self._alarm_bytes:
             return super().encapsulate_flow(packets, at, flow)
-        low, high = _ADDRESSES[first[0] >> 4]
+        low, high = ADDRESS_SPANS[first[0] >> 4]
         key = first[low:high]
         lead = first[0]  # version (and IPv4 header length, IPv6 traffic class)
         runs: list[list[bytes]] = []

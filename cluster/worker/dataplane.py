@@ -30,6 +30,7 @@ from ..esp import (
     SaSoftExpired,
     Selector,
 )
+from ..esp.ip import ADDRESS_SPANS
 from ..esp.params import Address
 from ..ike.events import (
     ChildSaDeleted,
@@ -344,9 +345,9 @@ class DataPlane:
         at, total = 0, len(packets)
         while at < total:
             packet = packets[at]
-            version = packet[0] >> 4 if packet else 0
-            # the addresses: all an address-only SAD looks at (IPv4 12-20, IPv6 8-40)
-            key = packet[12:20] if version == 4 else packet[8:40] if version == 6 else None
+            # the addresses: all an address-only SAD looks at, and what makes a flow
+            span = ADDRESS_SPANS.get(packet[0] >> 4) if packet else None
+            key = packet[span[0]:span[1]] if span is not None else None
             sa = flow_sa
             # (flow_key is None exactly when flow_sa is)
             if key != flow_key or sa is None or sa.child.removed or sa.child.retiring:
