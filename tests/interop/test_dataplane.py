@@ -48,6 +48,7 @@ from tests.interop.lab import (
     Child,
     Conn,
     End,
+    IperfResult,
     Lab,
     Netns,
     Node,
@@ -91,10 +92,13 @@ def wait_for_log(node: Node, pattern: str, *, count: int = 1) -> list[str]:
         time.sleep(0.05)
 
 
-def ping(ns: Netns, source: str, target: str, count: int = PINGS) -> tuple[int, int, str]:
-    """(transmitted, received, output) of ``ping -c count -i 0.05 -I source target``."""
+def ping(ns: Netns, source: str, target: str, count: int = PINGS, *, size: int = 56
+         ) -> tuple[int, int, str]:
+    """(transmitted, received, output) of ``ping -c count -i 0.05 -s size -I source
+    target``."""
     proc = ns.run(
-        ["ping", "-n", "-c", str(count), "-i", "0.05", "-W", "2", "-I", source, target],
+        ["ping", "-n", "-c", str(count), "-i", "0.05", "-W", "2", "-s", str(size),
+         "-I", source, target],
         check=False,
     )
     match = re.search(r"(\d+) packets transmitted, (\d+) received", proc.stdout)
@@ -118,11 +122,11 @@ def report(label: str, text: str) -> None:
 # --- tunnel mode with strongSwan ---------------------------------------------------------
 
 
-def child_bytes(charon: Charon) -> tuple[int, int]:
-    """(bytes-in, bytes-out) of strongSwan's one CHILD_SA "net"."""
+def child_bytes(charon: Charon, name: str = "net") -> tuple[int, int]:
+    """(bytes-in, bytes-out) of strongSwan's one CHILD_SA ``name``."""
     sas = [sa for sa in charon.list_sas() if sa.get("state") == "ESTABLISHED"]
     assert len(sas) == 1, f"expected one ESTABLISHED IKE SA: {sas}"
-    child: Mapping[str, Any] = child_sa(sas[0])
+    child: Mapping[str, Any] = child_sa(sas[0], name)
     return int(child.get("bytes-in", 0)), int(child.get("bytes-out", 0))
 
 
@@ -195,6 +199,14 @@ def test_tunnel_mode_with_strongswan_libipsec_carries_ping_and_iperf3(
 ESP_MATRIX_SECONDS = 2
 
 
+def iperf3_both_ways(lab: Lab, initiator_addr: str, responder_addr: str) -> list[IperfResult]:
+    """Short iperf3 runs, the server in the responder's namespace: [up, down]."""
+    return [lab.iperf3(server="responder", server_addr=responder_addr,
+                       client_addr=initiator_addr, seconds=ESP_MATRIX_SECONDS,
+                       port=IPERF_PORT, reverse=reverse)
+            for reverse in (False, True)]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("proposal", "encr", "integ"),
     [
@@ -226,10 +238,7 @@ def test_every_esp_cipher_carries_traffic_with_strongswan_libipsec(
     sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4,
                                   count=10)
     assert (sent, received) == (10, 10), output
-    runs = [lab.iperf3(server="responder", server_addr=RESPONDER_INNER_V4,
-                       client_addr=INITIATOR_INNER_V4, seconds=ESP_MATRIX_SECONDS,
-                       port=IPERF_PORT, reverse=reverse)
-            for reverse in (False, True)]  # fmt: skip
+    runs = iperf3_both_ways(lab, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
     report(f"{proposal} iperf3", f"up {runs[0]}; down {runs[1]}")
     for result in runs:
         assert result.received_bytes > 0, result
@@ -283,9 +292,7 @@ def test_ipv6_tunnels_with_strongswan_libipsec_carry_ping_and_iperf3(
     source, target = INNER[inner]
     sent, received, output = ping(lab.initiator, source, target)
     assert (sent, received) == (PINGS, PINGS), output
-    runs = [lab.iperf3(server="responder", server_addr=target, client_addr=source,
-                       seconds=ESP_MATRIX_SECONDS, port=IPERF_PORT, reverse=reverse)
-            for reverse in (False, True)]  # fmt: skip
+    runs = iperf3_both_ways(lab, source, target)
     label = f"v{inner}-in-v{outer} tunnel"
     report(f"{label} iperf3", f"up {runs[0]}; down {runs[1]}")
     seen, seen_bytes = wire.since(before), wire.bytes_since(before_bytes)
@@ -322,10 +329,7 @@ def test_two_child_sas_of_one_ike_sa_each_carry_their_own_traffic(
     wait_for_log(node, r"CHILD SA established: net2? .* mode=tunnel", count=2)
 
     def counters() -> dict[str, tuple[int, int]]:
-        (sa,) = [sa for sa in initiator.list_sas() if sa.get("state") == "ESTABLISHED"]
-        return {name: (int(child_sa(sa, name).get("bytes-in", 0)),
-                       int(child_sa(sa, name).get("bytes-out", 0)))
-                for name in ("net", "net2")}  # fmt: skip
+        return {name: child_bytes(initiator, name) for name in ("net", "net2")}
 
     for child, source, target in (("net", INITIATOR_INNER_V4, RESPONDER_INNER_V4),
                                   ("net2", second["initiator"], second["responder"])):
@@ -433,15 +437,10 @@ def test_our_node_initiates_to_strongswan_and_carries_traffic(
 
     sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
     assert (sent, received) == (PINGS, PINGS), output
-    runs = [lab.iperf3(server="responder", server_addr=RESPONDER_INNER_V4,
-                       client_addr=INITIATOR_INNER_V4, seconds=ESP_MATRIX_SECONDS,
-                       port=IPERF_PORT, reverse=reverse)
-            for reverse in (False, True)]  # fmt: skip
+    runs = iperf3_both_ways(lab, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
     report("our initiator iperf3", f"up {runs[0]}; down {runs[1]}")
-    (sa,) = [sa for sa in charon.list_sas() if sa.get("state") == "ESTABLISHED"]
-    bytes_in = int(child_sa(sa).get("bytes-in", 0))
-    bytes_out = int(child_sa(sa).get("bytes-out", 0))
-    assert bytes_in >= runs[0].received_bytes and bytes_out >= runs[1].received_bytes, sa
+    bytes_in, bytes_out = child_bytes(charon)
+    assert bytes_in >= runs[0].received_bytes and bytes_out >= runs[1].received_bytes
     assert node.running(), node.log_text()
 
 
@@ -498,9 +497,8 @@ def test_fragmented_inner_packets_cross_both_ways_with_strongswan(
     wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
     for ns, source, target in ((lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4),
                                (lab.responder, RESPONDER_INNER_V4, INITIATOR_INNER_V4)):
-        proc = ns.run(["ping", "-n", "-c", "10", "-i", "0.05", "-W", "2", "-s", "4000",
-                       "-I", source, target], check=False)
-        assert " 10 received" in proc.stdout, proc.stdout + proc.stderr
+        sent, received, output = ping(ns, source, target, 10, size=4000)
+        assert (sent, received) == (10, 10), output
     assert node.running(), node.log_text()
     node.stop()
     counters = data_plane_counters(node)
@@ -525,9 +523,9 @@ def test_byte_lifetime_makes_our_node_rekey_with_strongswan_and_no_ping_is_lost(
     initiator.load(initiator_conn)
     first = child_sa(assert_initiated(initiator.initiate("net"), initiator))
     wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
-    proc = lab.initiator.run(["ping", "-n", "-c", "80", "-i", "0.05", "-W", "2", "-s", "1000",
-                              "-I", INITIATOR_INNER_V4, RESPONDER_INNER_V4], check=False)
-    assert " 80 received" in proc.stdout, proc.stdout + proc.stderr
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4, 80,
+                                  size=1000)
+    assert (sent, received) == (80, 80), output
     soft = [line for line in node.log_text().splitlines() if "soft lifetime reached" in line]
     assert len(soft) >= 2, node.log_text()  # 80 x 1028 bytes each way: 2 or more rekeys
     assert "hard lifetime reached" not in node.log_text(), node.log_text()
