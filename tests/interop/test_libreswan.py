@@ -44,7 +44,7 @@ def connect(lab: Lab, pluto: Pluto, ours: tuple[str, str], theirs: tuple[str, st
     if mode == "transport":  # our default selectors: the outer addresses ("dynamic")
         responder = responder.with_child(local_ts=(), remote_ts=())
     node = lab.node([responder])
-    pluto.load(initiator.with_child(mode=mode), ike=theirs[0], esp=theirs[1])
+    pluto.load(initiator, ike=theirs[0], esp=theirs[1])
     pluto.initiate(initiator.name)
     log = pluto.wait_for_log(ESTABLISHED)
     assert f"{ESTABLISHED} using authby=secret and ID_FQDN '@{RESPONDER_ID}'" in log, log
