@@ -11,6 +11,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import math
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -63,6 +64,10 @@ GSO_BYTES = 65000
 # an ACK) never waits.
 TUN_HOLD = 0.0005
 TUN_HOLD_AFTER = 8
+# A Child SA deleted after a rekey replaced it keeps decrypting this many seconds, for
+# packets the peer sent on it before switching that arrive late (strongSwan's
+# charon.delete_rekeyed_delay, 5 s by default). It sends nothing in that time.
+REKEYED_LINGER = 5.0
 
 
 class UdpSend(Protocol):
@@ -149,6 +154,10 @@ class DataPlane:
         # are decapsulated and go into the TUN coalesced (gro.py): `flush`, which the
         # receiving task calls (the ESP pump here, the dispatcher's NAT-T reader).
         self._incoming: list[bytes] = []
+        # Rekeyed-away SAs still receiving: spi_in -> when they go (`delete`).
+        self.clock: Callable[[], float] = trio.current_time
+        self._lingering: dict[bytes, float] = {}
+        self._linger_added = trio.Event()
 
     @classmethod
     @contextlib.contextmanager
@@ -168,6 +177,7 @@ class DataPlane:
     # --- the key-install interface ----------------------------------------------------
 
     def install(self, params: ChildSaParams, ike: tuple[bytes, bytes] | None = None) -> None:
+        self._end_linger(params.spi_in)
         self.sad.install(params)
         self._sad_changed()
         if ike is not None:
@@ -177,6 +187,7 @@ class DataPlane:
     def replace(self, old_spi_in: bytes, params: ChildSaParams,
                 ike: tuple[bytes, bytes] | None = None) -> None:
         """A rekeyed SA: the new SPIs take outbound traffic at once (no packet lost)."""
+        self._end_linger(params.spi_in)
         self.sad.replace(old_spi_in, params)
         self._sad_changed()
         if ike is not None:
@@ -187,6 +198,7 @@ class DataPlane:
                 ike: tuple[bytes, bytes] | None = None) -> None:
         """A rekey the peer started: receive on the new SA now, send on it once the peer
         uses it or deletes the old one (it installs the new SA after our response)."""
+        self._end_linger(params.spi_in)
         self.sad.succeed(old_spi_in, params)
         self._sad_changed()
         if ike is not None:
@@ -210,9 +222,49 @@ class DataPlane:
             self._sad_changed()
 
     def remove(self, spi_in: bytes) -> None:
+        """Remove a Child SA at once (also one lingering after `delete`)."""
         self.sad.remove(spi_in)
         self._sad_changed()
         self._ike_of.pop(spi_in, None)
+        self._lingering.pop(spi_in, None)
+        self._remove_routes(spi_in)
+
+    def delete(self, spi_in: bytes) -> None:
+        """The Child SA was deleted (RFC 7296 1.4.1). One a rekey replaced stops sending
+        (its successor sends) but decrypts for REKEYED_LINGER seconds more, so packets
+        the peer sent on it before switching are not lost when they arrive late; any
+        other SA goes at once. Deleting a lingering SA again changes nothing."""
+        if spi_in in self._lingering:
+            return
+        successor = self.sad.successor_of(spi_in)
+        if successor is not None:
+            self.sad.activate(successor)
+        child = self.sad.get(spi_in)
+        if child is None or not child.retiring:
+            self.remove(spi_in)
+            return
+        self._sad_changed()
+        self._remove_routes(spi_in)  # its successor holds them
+        self._lingering[spi_in] = self.clock() + REKEYED_LINGER
+        self._linger_added.set()
+
+    @property
+    def lingering(self) -> dict[bytes, float]:
+        """Deleted rekeyed-away SAs still receiving: spi_in -> when they go."""
+        return self._lingering
+
+    def end_lingering(self) -> None:
+        """Remove the lingering SAs whose time is up."""
+        now = self.clock()
+        for spi_in in [s for s, until in self._lingering.items() if until <= now]:
+            self.remove(spi_in)
+
+    def _end_linger(self, spi_in: bytes) -> None:
+        # an SPI the responder gave out again (it forgot the lingering SA): the new SA wins
+        if spi_in in self._lingering:
+            self.remove(spi_in)
+
+    def _remove_routes(self, spi_in: bytes) -> None:
         for network in self._routes_of.pop(spi_in, []):
             with contextlib.suppress(KeyError):
                 self.routes.remove(network)
@@ -263,7 +315,7 @@ class DataPlane:
                     if ike == old:
                         self._ike_of[spi_in] = new
             elif isinstance(event, ChildSaDeleted):
-                self.remove(event.spi_in)
+                self.delete(event.spi_in)
             elif isinstance(event, IkeSaDeleted):
                 ike = (event.spi_i, event.spi_r)
                 for spi_in in [s for s, i in self._ike_of.items() if i == ike]:
@@ -418,7 +470,16 @@ class DataPlane:
                 nursery.start_soon(self._tun_pump, fd)
             for sock in self.esp_sockets.values():
                 nursery.start_soon(self._esp_pump, sock)
+            nursery.start_soon(self._linger_timer)
             task_status.started()
+
+    async def _linger_timer(self) -> None:
+        while True:
+            if not self._lingering:
+                self._linger_added = trio.Event()
+                await self._linger_added.wait()
+            await trio.sleep_until(min(self._lingering.values(), default=-math.inf))
+            self.end_lingering()
 
     async def _tun_pump(self, fd: int) -> None:
         tun = self.tun

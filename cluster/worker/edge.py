@@ -256,7 +256,10 @@ class KeySubscriber:
                         self.restored)
 
     def _installed_spis(self) -> list[bytes]:
-        return [child.params.spi_in for child in self.plane.sad]
+        """What the table should hold: not the deleted SAs still lingering."""
+        lingering = self.plane.lingering
+        return [child.params.spi_in for child in self.plane.sad
+                if child.params.spi_in not in lingering]
 
     def _resume_seq(self, spi_in: bytes, checkpoint: tuple[float, dict[bytes, int]] | None
                     ) -> int:
@@ -277,8 +280,8 @@ class KeySubscriber:
                 self.plane.on_ike_event(event)
                 self.installed += 1
             elif kind == "remove":
-                if self.plane.sad.get(spi_in) is not None:
-                    self.plane.remove(spi_in)
+                if self.plane.sad.get(spi_in) is not None and spi_in not in self.plane.lingering:
+                    self.plane.delete(spi_in)  # a rekeyed-away SA lingers a few seconds
                     self.removed += 1
             elif kind == "ike" and len(message) == 4:  # its IKE SA was rekeyed
                 spi_i, spi_r = message[2], message[3]

@@ -6,6 +6,10 @@ datagrams to PEER:4500 (RFC 3948: a non-zero first word), then sends from anothe
 port: each of them again (replays, RFC 4303 3.4.3), one with a sequence number far
 ahead (so it passes the replay pre-check and fails the ICV), one cut short after the
 SPI, and one under an SPI nobody installed. It prints what it sent as JSON.
+
+``python esp_forge.py --keep IFACE PEER FILE`` captures one such datagram into FILE
+(hex) and ``python esp_forge.py --send PEER FILE`` sends it again, later: ESP the peer
+sent on an SA before a rekey, arriving after it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,18 @@ def capture(iface: str, peer: str, count: int, timeout: float) -> list[bytes]:
 
 
 def main() -> int:
+    if sys.argv[1] == "--keep":
+        iface, peer, path = sys.argv[2:5]
+        kept = capture(iface, peer, 1, timeout=15.0)
+        with open(path, "w") as file:
+            file.write(kept[0].hex() if kept else "")
+        return 0 if kept else 1
+    if sys.argv[1] == "--send":
+        peer, path = sys.argv[2:4]
+        with open(path) as file:
+            datagram = bytes.fromhex(file.read())
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(datagram, (peer, NAT_T))
+        return 0
     iface, peer, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
     captured = capture(iface, peer, count, timeout=15.0)
     if len(captured) < count:

@@ -22,6 +22,7 @@ Run with ``-rP`` (or ``-s``) to see the ping, iperf3 and counter figures.
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.worker.dataplane import REKEYED_LINGER
 from tests.interop.certs import Pki
 from tests.interop.charon import Charon
 from tests.interop.lab import (
@@ -365,6 +367,16 @@ def drop_counts(ns: Netns) -> dict[str, float]:
     return counts
 
 
+def start_forge(lab: Lab, args: list[str], out: Path) -> subprocess.Popen[bytes]:
+    """esp_forge.py in the initiator's namespace, once its capture socket is open."""
+    forge = lab.initiator.spawn([sys.executable, str(FORGE), *args], output=out)
+    deadline = time.monotonic() + SETTLE
+    while "listening" not in out.read_text():
+        assert forge.poll() is None and time.monotonic() < deadline, out.read_text()
+        time.sleep(0.05)
+    return forge
+
+
 def test_replayed_forged_and_truncated_esp_is_dropped_counted_and_harmless(
     lab: Lab, initiator: Charon
 ) -> None:
@@ -380,12 +392,7 @@ def test_replayed_forged_and_truncated_esp_is_dropped_counted_and_harmless(
     assert_initiated(initiator.initiate("net"), initiator)
     wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
     out = lab.dir / "esp-forge.txt"
-    forge = lab.initiator.spawn(
-        [sys.executable, str(FORGE), VETH, RESPONDER_V4, str(FORGED)], output=out)
-    deadline = time.monotonic() + SETTLE
-    while "listening" not in out.read_text():
-        assert forge.poll() is None and time.monotonic() < deadline, out.read_text()
-        time.sleep(0.05)
+    forge = start_forge(lab, [VETH, RESPONDER_V4, str(FORGED)], out)
     sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
     assert (sent, received) == (PINGS, PINGS), output
     assert forge.wait(timeout=SETTLE) == 0, out.read_text()
@@ -402,6 +409,51 @@ def test_replayed_forged_and_truncated_esp_is_dropped_counted_and_harmless(
     counts = drop_counts(lab.responder)
     report("forged ESP node metrics", str(counts))
     assert sum(counts.values()) == sum(expected.values()), counts  # nothing else dropped
+    assert node.running(), node.log_text()
+
+
+def test_esp_on_the_sa_strongswan_rekeyed_away_is_received_for_a_while_after_its_delete(
+    lab: Lab, initiator: Charon
+) -> None:
+    """strongSwan rekeys the Child SA and deletes the old one (RFC 7296 1.3.3, 1.4.1).
+    ESP it sent on the old SA before switching may still be on its way: for
+    REKEYED_LINGER seconds after the Delete our worker still knows the old SA (a packet
+    captured on it and sent again is refused as a replay, so it was looked up and
+    checked), and after that the SPI is gone (no_sa_inbound)."""
+    initiator_conn, responder_conn = conn_pair()
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"),
+                    settings={"metrics": {"listen": METRICS, "interval": 0.1}})
+    initiator.load(initiator_conn)
+    first = child_sa(assert_initiated(initiator.initiate("net"), initiator))
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    kept, out = lab.dir / "old-sa-esp.hex", lab.dir / "esp-keep.txt"
+    keep = start_forge(lab, ["--keep", VETH, RESPONDER_V4, str(kept)], out)
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4, 3)
+    assert (sent, received) == (3, 3), output
+    assert keep.wait(timeout=SETTLE) == 0, out.read_text()
+    assert bytes.fromhex(kept.read_text())[:4].hex() == first["spi-out"], first
+
+    def send_kept_and_count(reason: str, before: float) -> None:
+        lab.initiator.run([sys.executable, str(FORGE), "--send", RESPONDER_V4, str(kept)])
+        deadline = time.monotonic() + SETTLE
+        while drop_counts(lab.responder).get(f"esp:{reason}", 0) != before + 1:
+            assert time.monotonic() < deadline, (reason, drop_counts(lab.responder))
+            time.sleep(0.1)
+
+    initiator.rekey(child="net")
+    deleted = wait_for_log(node, r"CHILD SA deleted: net .* reason=deleted by peer")
+    send_kept_and_count("replay", 0)  # the old SA still checks it
+    counts = drop_counts(lab.responder)
+    assert counts.get("esp:no_sa_inbound", 0) == 0, counts
+    (sa,) = [sa for sa in initiator.list_sas() if sa.get("state") == "ESTABLISHED"]
+    (new,) = [c for c in sa["child-sas"].values() if c["state"] == "INSTALLED"]
+    assert new["spi-out"] != first["spi-out"], (first, sa)
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4, 3)
+    assert (sent, received) == (3, 3), output  # the new SA carries the traffic
+    time.sleep(REKEYED_LINGER + 1)
+    send_kept_and_count("no_sa_inbound", 0)
+    assert drop_counts(lab.responder).get("esp:replay") == 1
+    report("rekeyed SA linger", f"{deleted[0]}; replay within, no SA after")
     assert node.running(), node.log_text()
 
 

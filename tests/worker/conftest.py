@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -23,3 +24,13 @@ def pair() -> Iterator[Pair]:
     require_netns()
     with netns_pair() as the_pair:
         yield the_pair
+
+
+@pytest.fixture
+def tun_pair() -> Iterator[tuple[int, int]]:
+    """A message-preserving pair: what the data plane writes to the TUN, read back."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    b.setblocking(False)
+    with a, b:
+        yield a.fileno(), b.fileno()

@@ -8,9 +8,7 @@ and in order, nothing for a destination no SA covers.
 from __future__ import annotations
 
 import os
-import socket
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -57,16 +55,6 @@ class Sent:
             step = segment or len(esp)
             out += [esp[at:at + step] for at in range(0, len(esp), step)]
         return out
-
-
-@pytest.fixture
-def tun_pair() -> Iterator[tuple[int, int]]:
-    """A message-preserving pair: what the data plane writes to the TUN, read back."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-    b.setblocking(False)
-    with a, b:
-        yield a.fileno(), b.fileno()
 
 
 def plane_and_peer(fd: int, *, we_are_b: bool = False) -> tuple[DataPlane, Sad, Sent]:
