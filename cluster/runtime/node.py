@@ -20,6 +20,7 @@ from ..ike.events import (
     IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
+    IkeSaMoved,
     IkeSaRekeyed,
 )
 from ..ike.policy import ResponderPolicy
@@ -90,6 +91,14 @@ def log_event(event: Event) -> None:
             event.spi_i.hex(),
             event.spi_r.hex(),
             "us" if event.we_initiated else "the peer",
+        )
+    elif isinstance(event, IkeSaMoved):
+        logger.info(
+            "IKE SA moved: spi_i=%s spi_r=%s peer=%s local=%s (NAT mapping changed)",
+            event.spi_i.hex(),
+            event.spi_r.hex(),
+            _format_address(event.remote),
+            _format_address(event.local),
         )
     elif isinstance(event, IkeSaFailed):
         logger.info(

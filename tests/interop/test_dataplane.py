@@ -457,6 +457,75 @@ def test_esp_on_the_sa_strongswan_rekeyed_away_is_received_for_a_while_after_its
     assert node.running(), node.log_text()
 
 
+# --- a real NAT in front of strongSwan --------------------------------------------------
+
+NAT_TABLE = "ikc_nat"
+
+
+def nat_strongswan(lab: Lab, public: str, port_500: int, port_4500: int) -> None:
+    """Source NAT in the initiator's namespace, as a home router would do it: strongSwan's
+    UDP 500 and 4500 towards us leave from `public` and the given ports (conntrack undoes
+    it for the replies). Called again, it is a new mapping: the old table and every
+    conntrack entry are dropped, so the next packet gets the new one."""
+    ns = lab.initiator
+    ns.ip("addr", "replace", f"{public}/32", "dev", VETH)  # it answers ARP for it
+    script = lab.dir / "nat.nft"
+    rules = "".join(
+        f"        ip saddr {INITIATOR_V4} ip daddr {RESPONDER_V4} udp sport {sport} "
+        f"snat to {public}:{port}\n"
+        for sport, port in ((500, port_500), (4500, port_4500)))
+    script.write_text(
+        f"table ip {NAT_TABLE} {{}}\ndelete table ip {NAT_TABLE}\n"
+        f"table ip {NAT_TABLE} {{\n    chain post {{\n"
+        "        type nat hook postrouting priority srcnat; policy accept;\n"
+        f"{rules}    }}\n}}\n")
+    ns.run(["nft", "-f", str(script)])
+    ns.run([sys.executable, "-c", "from pyroute2 import Conntrack; Conntrack().flush()"])
+
+
+def test_strongswan_behind_a_nat_and_its_mapping_changing(lab: Lab, initiator: Charon) -> None:
+    """strongSwan behind a source NAT (new address and ports, conntrack): both sides
+    detect it (RFC 7296 2.23), IKE moves to 4500 and ESP travels in UDP through the NAT
+    both ways, with no forced encapsulation. Then the NAT forgets the mapping and makes a
+    new one (another address, other ports), as home routers do: our replies to the old
+    one are lost until strongSwan's next authenticated message (its DPD) reaches us from
+    the new one; we move the IKE SA and its ESP there, and pings get through again."""
+    initiator_conn, responder_conn = conn_pair()
+    initiator_conn = replace(initiator_conn, dpd_delay="2s")
+    nat_strongswan(lab, "10.99.0.9", 40500, 44500)
+    wire = lab.wire_counters("initiator", {
+        f"esp_{name}_{way}": (way, f"{match} @th,64,32 != 0")
+        for name, public, port in (("a", "10.99.0.9", 44500), ("b", "10.99.0.10", 44501))
+        for way, match in (("out", f"ip saddr {public} udp sport {port} udp dport 4500"),
+                           ("in", f"ip daddr {public} udp dport {port} udp sport 4500"))})
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    initiator.load(initiator_conn)
+    sa = assert_initiated(initiator.initiate("net"), initiator)
+    assert sa.get("nat-local") == "yes" and "nat-fake" not in sa, sa
+    line = wait_for_log(node, r"IKE SA established: rw ")[0]
+    assert "peer=10.99.0.9:" in line and line.endswith("(NAT)"), line
+    line = wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")[0]
+    assert line.endswith(" encap"), line
+    before = wire.read()
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    counts = wire.since(before)
+    assert counts["esp_a_out"] >= PINGS and counts["esp_a_in"] >= PINGS, counts
+
+    nat_strongswan(lab, "10.99.0.10", 40501, 44501)
+    moved = wait_for_log(node, r"IKE SA moved: .* peer=10\.99\.0\.10:44501 ")
+    before = wire.read()
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    counts = wire.since(before)
+    assert counts["esp_b_out"] >= PINGS and counts["esp_b_in"] >= PINGS, counts
+    assert counts["esp_a_out"] == counts["esp_a_in"] == 0, counts
+    (sa,) = [sa for sa in initiator.list_sas() if sa.get("state") == "ESTABLISHED"]
+    assert child_sa(sa)["state"] == "INSTALLED", sa
+    report("NAT rebinding", moved[0])
+    assert node.running(), node.log_text()
+
+
 @pytest.mark.parametrize("auth", ["psk", "ecdsa"])
 def test_our_node_initiates_to_strongswan_and_carries_traffic(
     lab: Lab, pki: Pki, auth: str

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from cluster.ike.events import ChildSaEstablished
+from cluster.ike.events import ChildSaEstablished, IkeSaMoved
 from cluster.runtime.node import log_event
 from cluster.transforms import ENCR_ALGORITHMS, INTEG_ALGORITHMS
 
@@ -41,3 +41,12 @@ def test_child_sa_established_names_its_transforms_and_no_key(
                     f"08090a0b0c0d0e0f_r spi_in=c0000001 spi_out=c1000002 {tail}")
     for key in KEYS:
         assert key.hex() not in line and key.hex()[:8] not in line
+
+
+def test_a_nat_move_names_the_peers_new_address(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    log_event(IkeSaMoved(bytes(range(8)), bytes(range(8, 16)), ("10.99.0.2", 4500),
+                         ("198.51.100.7", 44501)))
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line == ("IKE SA moved: spi_i=0001020304050607 spi_r=08090a0b0c0d0e0f "
+                    "peer=198.51.100.7:44501 local=10.99.0.2:4500 (NAT mapping changed)")
