@@ -250,6 +250,7 @@ class _Loader:
                 "addresses", "port", "port_nat_t", "legacy_algorithms", "half_open_timeout",
                 "cookie_threshold", "block_threshold", "init_limit_half_open", "notify_rate",
                 "retransmit_timeout", "retransmit_base", "retransmit_tries", "dh_reuse",
+                "keep_alive",
             ),
             required=True,
         )  # fmt: skip
@@ -285,6 +286,7 @@ class _Loader:
             legacy_algorithms=legacy,
             half_open_timeout=half_open_timeout,
             retransmission=self.retransmission(ike),
+            keep_alive=self.keep_alive(ike),
         )
         self.check_psk_secrets(policy, addresses)
         extra = {name: root.raw_table(name) for name in FUTURE_TABLES if name in root}
@@ -330,6 +332,12 @@ class _Loader:
             ),
             notify_rate=notify_rate,
         )
+
+    def keep_alive(self, ike: _Table) -> float:
+        interval = self.duration(ike, "keep_alive", 20.0)
+        if interval > 3600:
+            ike.fail("keep_alive", "at most an hour (0: no NAT keepalives)")
+        return interval
 
     def retransmission(self, ike: _Table) -> Retransmission:
         timeout = self.duration(ike, "retransmit_timeout", 4.0)

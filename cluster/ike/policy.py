@@ -125,6 +125,9 @@ class ResponderPolicy:
     legacy_algorithms: bool = False
     half_open_timeout: float = 30.0
     retransmission: Retransmission = field(default_factory=Retransmission)
+    # strongSwan's charon.keep_alive: seconds between NAT keepalives when a NAT is in
+    # front of us (RFC 3948 4); 0: none
+    keep_alive: float = 20.0
 
     def find_psk(self, local: Identity | None, remote: Identity) -> bytes | None:
         """The best shared secret for this pair of identities (strongSwan's matching)."""

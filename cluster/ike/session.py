@@ -72,7 +72,6 @@ WallClock = Callable[[], datetime]
 
 FRAGMENT_SIZE = DEFAULT_FRAGMENT_SIZE_V4  # IP datagram bytes (strongSwan's fragment_size)
 REASSEMBLY_TIMEOUT = 30.0  # a partial message older than this is dropped
-NAT_KEEPALIVE_INTERVAL = 20.0  # strongSwan's keep_alive
 NAT_KEEPALIVE = b"\xff"
 RETIRE_AFTER = 30.0  # a rekeyed-away IKE SA the peer never deletes is dropped after this
 RETRY_AFTER = 5.0  # a refused rekey is tried again after about this long
@@ -250,7 +249,7 @@ class IkeSession:
         if sa.state is not State.ESTABLISHED:
             return
         if sa.behind_nat and now >= sa.keepalive_at:  # RFC 3948 4: keep the NAT mapping
-            sa.keepalive_at = now + NAT_KEEPALIVE_INTERVAL
+            sa.keepalive_at = _next_keepalive(sa, now)
             self._outbox.append(Datagram(NAT_KEEPALIVE, sa.local, sa.remote, keepalive=True))
         if now >= sa.expire_at:  # not rekeyed in time: delete it (strongSwan's life_time)
             # its Child SAs go with it: none of the other deadlines matter any more, and
@@ -734,7 +733,7 @@ class IkeSession:
 
     def _established(self, sa: IkeSa, now: float) -> None:
         sa.last_heard = now
-        sa.keepalive_at = now + NAT_KEEPALIVE_INTERVAL
+        sa.keepalive_at = _next_keepalive(sa, now)
         assert sa.connection is not None
         sa.rekey_at, sa.expire_at = deadlines(sa.connection.lifetime, now, self._rng)
         self._schedule_children(sa, now)
@@ -844,3 +843,8 @@ def _error_notify(exc: IkeError) -> NotifyPayload:
 
 __all__ = ["Address", "Datagram", "DeleteChild", "DeleteIke", "IkeSession", "Liveness",
            "delete_children_by_outbound"]
+
+
+def _next_keepalive(sa: IkeSa, now: float) -> float:
+    interval = sa.policy.keep_alive
+    return now + interval if interval > 0 else INFINITY

@@ -259,10 +259,13 @@ def test_delete_child_from_the_responder() -> None:
 # --- NAT: keepalives and rebinding (RFC 3948 2.3, RFC 7296 2.23) ---------------------------
 
 
-def test_a_responder_behind_a_nat_sends_keepalives() -> None:
+@pytest.mark.parametrize("interval", [20.0, 7.0, 0.0])  # the default, [ike] keep_alive, off
+def test_a_responder_behind_a_nat_sends_keepalives(interval: float) -> None:
     client, _ = psk_pair()
     inside = ("192.168.7.2", 500)  # the gateway's own address; the client talks to GW
     _, gateway = psk_pair(gateway=inside)
+    if interval != 20.0:
+        gateway.sa.policy = replace(gateway.sa.policy, keep_alive=interval)
     for _ in range(4):
         for d in client.datagrams_to_send():
             gateway.receive_datagram_untrusted(d.data, inside, d.local, 0.0)
@@ -271,11 +274,16 @@ def test_a_responder_behind_a_nat_sends_keepalives() -> None:
     assert gateway.state is State.ESTABLISHED and gateway.sa.behind_nat
     assert not client.sa.behind_nat  # the client sees no NAT in front of itself
     timer = gateway.get_timer()
-    assert timer == 20.0
+    if not interval:
+        assert timer is None or timer > 600  # only the lifetimes are due
+        gateway.handle_timer(600.0)
+        assert gateway.datagrams_to_send() == []
+        return
+    assert timer == interval
     gateway.handle_timer(timer)
     [keepalive] = gateway.datagrams_to_send()
     assert keepalive.keepalive and keepalive.data == b"\xff"
-    assert gateway.get_timer() == 40.0
+    assert gateway.get_timer() == 2 * interval
 
 
 GW_NATTED = ("10.99.0.2", 4500)

@@ -462,11 +462,12 @@ def test_esp_on_the_sa_strongswan_rekeyed_away_is_received_for_a_while_after_its
 NAT_TABLE = "ikc_nat"
 
 
-def nat_strongswan(lab: Lab, public: str, port_500: int, port_4500: int) -> None:
-    """Source NAT in the initiator's namespace, as a home router would do it: strongSwan's
-    UDP 500 and 4500 towards us leave from `public` and the given ports (conntrack undoes
-    it for the replies). Called again, it is a new mapping: the old table and every
-    conntrack entry are dropped, so the next packet gets the new one."""
+def source_nat(lab: Lab, public: str, port_500: int, port_4500: int) -> None:
+    """Source NAT in the initiator's namespace, as a home router would do it: UDP 500 and
+    4500 from the initiator's address to the responder's leave from `public` and the
+    given ports (conntrack undoes it for the replies). Called again, it is a new
+    mapping: the old table and every conntrack entry are dropped, so the next packet
+    gets the new one."""
     ns = lab.initiator
     ns.ip("addr", "replace", f"{public}/32", "dev", VETH)  # it answers ARP for it
     script = lab.dir / "nat.nft"
@@ -492,7 +493,7 @@ def test_strongswan_behind_a_nat_and_its_mapping_changing(lab: Lab, initiator: C
     the new one; we move the IKE SA and its ESP there, and pings get through again."""
     initiator_conn, responder_conn = conn_pair()
     initiator_conn = replace(initiator_conn, dpd_delay="2s")
-    nat_strongswan(lab, "10.99.0.9", 40500, 44500)
+    source_nat(lab, "10.99.0.9", 40500, 44500)
     wire = lab.wire_counters("initiator", {
         f"esp_{name}_{way}": (way, f"{match} @th,64,32 != 0")
         for name, public, port in (("a", "10.99.0.9", 44500), ("b", "10.99.0.10", 44501))
@@ -512,7 +513,7 @@ def test_strongswan_behind_a_nat_and_its_mapping_changing(lab: Lab, initiator: C
     counts = wire.since(before)
     assert counts["esp_a_out"] >= PINGS and counts["esp_a_in"] >= PINGS, counts
 
-    nat_strongswan(lab, "10.99.0.10", 40501, 44501)
+    source_nat(lab, "10.99.0.10", 40501, 44501)
     moved = wait_for_log(node, r"IKE SA moved: .* peer=10\.99\.0\.10:44501 ")
     before = wire.read()
     sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
@@ -523,6 +524,41 @@ def test_strongswan_behind_a_nat_and_its_mapping_changing(lab: Lab, initiator: C
     (sa,) = [sa for sa in initiator.list_sas() if sa.get("state") == "ESTABLISHED"]
     assert child_sa(sa)["state"] == "INSTALLED", sa
     report("NAT rebinding", moved[0])
+    assert node.running(), node.log_text()
+
+
+def test_our_node_behind_a_nat_keeps_its_mapping_with_keepalives(lab: Lab) -> None:
+    """The other way: our node initiates from behind the source NAT to strongSwan. Both
+    detect that the NAT is in front of us, and we send the one-byte NAT keepalives (RFC
+    3948 2.3, 4) through it every `[ike] keep_alive` seconds while the Child SA carries
+    traffic; strongSwan, not behind a NAT, sends none."""
+    ours, theirs = conn_pair()
+    charon = lab.charon("responder")
+    charon.load(theirs)
+    source_nat(lab, "10.99.0.9", 40500, 44500)
+    keepalive = "udp length 9 @th,64,8 == 0xff"
+    wire = lab.wire_counters("initiator", {
+        "keepalive_out": ("out", f"ip saddr 10.99.0.9 udp sport 44500 udp dport 4500 {keepalive}"),
+        "keepalive_in": ("in", f"udp sport 4500 {keepalive}"),
+        "esp_out": ("out", f"ip saddr 10.99.0.9 udp sport 44500 {ESP_IN_UDP_OUT}")})
+    node = lab.node([ours.with_child(start_action="start")], side="initiator", node_id="a",
+                    addresses=(INITIATOR_V4,), extra_toml=worker_toml("ikecA"),
+                    settings={"ike": {"keep_alive": 1}})
+    line = wait_for_log(node, r"IKE SA established: rw ")[0]
+    assert line.endswith("(NAT)"), line
+    deadline = time.monotonic() + SETTLE
+    while not (sas := [sa for sa in charon.list_sas() if sa.get("state") == "ESTABLISHED"]):
+        assert time.monotonic() < deadline, charon.log_text()
+        time.sleep(0.1)
+    assert sas[0].get("nat-remote") == "yes" and "nat-fake" not in sas[0], sas[0]
+    assert child_sa(sas[0])["encap"] == "yes", sas[0]
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    before = wire.read()
+    time.sleep(3.5)
+    counts = wire.since(before)
+    assert 2 <= counts["keepalive_out"] <= 5 and counts["keepalive_in"] == 0, counts
+    assert wire.read()["esp_out"] >= PINGS
     assert node.running(), node.log_text()
 
 

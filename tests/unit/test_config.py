@@ -806,6 +806,9 @@ def test_lifetimes_dpd_and_retransmission_are_read(tmp_path: Path) -> None:
     lifetime = conn.children[0].lifetime
     assert (lifetime.rekey_time, lifetime.hard, lifetime.jitter) == (20, 30, 5)
     assert (config.policy.retransmission.timeout, config.policy.retransmission.tries) == (1.5, 3)
+    assert config.policy.keep_alive == 20.0
+    assert load_config(_example_with(tmp_path, ike='keep_alive = "45s"\n')).policy.keep_alive == 45
+    assert load_config(_example_with(tmp_path, ike="keep_alive = 0\n")).policy.keep_alive == 0
 
 
 @pytest.mark.parametrize(("connection", "child", "ike", "key", "reason"), [
@@ -815,6 +818,8 @@ def test_lifetimes_dpd_and_retransmission_are_read(tmp_path: Path) -> None:
     ("", "rekey_time = 60\nrand_time = 90\n", "", "children.net.rand_time", "below"),
     ('dpd_action = "restart"\n', "", "", "connections.rw.dpd_action", "not supported"),
     ("", "", "retransmit_tries = 99\n", "ike.retransmit_tries", "between 0 and 20"),
+    ("", "", 'keep_alive = "2h"\n', "ike.keep_alive", "at most an hour"),
+    ("", "", 'keep_alive = "often"\n', "ike.keep_alive", "not a duration"),
 ])
 def test_bad_lifetime_settings_name_the_key(tmp_path: Path, connection: str, child: str,
                                             ike: str, key: str, reason: str) -> None:
