@@ -20,6 +20,7 @@ from tests.interop.cluster_lab import ClusterLab, metric
 from tests.interop.lab import INITIATOR_INNER_V4, RESPONDER_INNER_V4, Lab, conn_pair
 from tests.interop.sa_checks import assert_initiated, child_sa, established
 from tests.interop.spec import Conn
+from tests.interop.test_dataplane import source_nat
 from tests.interop.test_lifecycle import BackgroundPing, ping, report
 
 pytestmark = pytest.mark.interop
@@ -109,6 +110,51 @@ def test_strongswan_sa_survives_the_death_of_its_responder(tmp_path: object) -> 
         assert takeovers >= 1
         report("cluster", f"after kill -9: {summary}; DPD answered {dpd_answered} times; "
                           f"Child SA rekeyed to {rekeyed['spi-in']}; takeovers {takeovers}")
+
+
+def test_a_nat_rebinding_reaches_the_worker_and_survives_the_owners_death() -> None:
+    """strongSwan behind a real source NAT whose mapping changes (tests/interop/
+    test_dataplane.py has the single-node case): the owning responder follows it on
+    strongSwan's next authenticated message, and the worker's ESP follows through the
+    store's "move" message. Then the owner is killed: the survivor that takes the SA
+    over (on strongSwan's liveness check, from the new mapping) sends its own checks
+    there, strongSwan answers them, and ESP still crosses."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        # ours checks liveness sooner, so strongSwan's own checks start only when the
+        # owner is dead (and bring the SA to a survivor)
+        initiator = replace(initiator, dpd_delay="3s")
+        responder = replace(responder, dpd_delay="1s")
+        source_nat(lab, "10.99.0.9", 40500, 44500)
+        charon, sa = _connect(lab, cluster, initiator, responder)
+        assert sa.get("nat-local") == "yes" and "nat-fake" not in sa, sa
+        sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+        assert received == sent, f"{out}\n{cluster.logs()}"
+        owner = _owner(cluster, sa["responder-spi"])
+
+        source_nat(lab, "10.99.0.10", 40501, 44501)
+        deadline = time.monotonic() + 20
+        moved = r"IKE SA moved: .* peer=10\.99\.0\.10:44501 "
+        while not re.search(moved, cluster.responders[owner - 1].log_text()):
+            assert time.monotonic() < deadline, f"no move:\n{cluster.logs()}"
+            time.sleep(0.3)
+        sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+        assert received == sent, f"ESP did not follow the new mapping:\n{out}\n{cluster.logs()}"
+
+        log_before = len(charon.log_text())
+        cluster.responders[owner - 1].kill()
+        survivor = cluster.responders[2 - owner]
+        deadline = time.monotonic() + 30
+        while not ("took over IKE SA" in survivor.log_text() and re.search(
+                r"parsed INFORMATIONAL request \d+ \[ \]", charon.log_text()[log_before:])):
+            assert time.monotonic() < deadline, f"{charon.log_text()[log_before:]}\n" \
+                                                f"{cluster.logs()}"
+            time.sleep(0.5)
+        assert established(charon)[0]["responder-spi"] == sa["responder-spi"]
+        sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+        assert received == sent, f"{out}\n{cluster.logs()}"
+        report("cluster", "NAT rebinding followed by the owner and the worker; the survivor's "
+                          "liveness checks reach the new mapping")
 
 
 def _keys_from_log(log: str) -> list[bytes]:
