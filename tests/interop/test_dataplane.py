@@ -562,6 +562,46 @@ def test_our_node_behind_a_nat_keeps_its_mapping_with_keepalives(lab: Lab) -> No
     assert node.running(), node.log_text()
 
 
+def test_our_responder_behind_a_one_to_one_nat(lab: Lab, initiator: Charon) -> None:
+    """A cloud's 1:1 NAT in front of our node: strongSwan connects to a public address
+    that no host has (its neighbour entry points at our veth) and the responder's
+    namespace translates it to our own (nftables DNAT, conntrack). We detect that the NAT
+    is in front of us (RFC 7296 2.23: NAT_DETECTION_DESTINATION_IP does not match), send
+    keepalives, and our ESP leaves through the NAT: strongSwan only ever sees the public
+    address."""
+    public = "10.99.0.20"
+    mac = lab.responder.run(["cat", f"/sys/class/net/{VETH}/address"]).stdout.strip()
+    lab.initiator.ip("neigh", "replace", public, "lladdr", mac, "dev", VETH, "nud", "permanent")
+    script = lab.dir / "dnat.nft"
+    script.write_text(
+        f"table ip {NAT_TABLE} {{\n    chain pre {{\n"
+        "        type nat hook prerouting priority dstnat; policy accept;\n"
+        f"        ip daddr {public} dnat to {RESPONDER_V4}\n    }}\n}}\n")
+    lab.responder.run(["nft", "-f", str(script)])
+    wire = lab.wire_counters("initiator", {
+        "keepalive_in": ("in", f"ip saddr {public} udp sport 4500 udp length 9 "
+                               "@th,64,8 == 0xff"),
+        "esp_in": ("in", f"ip saddr {public} {ESP_IN_UDP_IN}"),
+        "private_in": ("in", f"ip saddr {RESPONDER_V4}")})
+    initiator_conn, responder_conn = conn_pair()
+    initiator_conn = replace(initiator_conn, remote_addrs=(public,))
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"),
+                    settings={"ike": {"keep_alive": 1}})
+    initiator.load(initiator_conn)
+    sa = assert_initiated(initiator.initiate("net"), initiator)
+    assert sa.get("nat-remote") == "yes" and "nat-local" not in sa, sa
+    assert sa["remote-host"] == public, sa
+    line = wait_for_log(node, r"IKE SA established: rw ")[0]
+    assert line.endswith("(NAT)"), line
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    time.sleep(2.5)
+    counts = wire.read()
+    assert counts["esp_in"] >= PINGS and counts["keepalive_in"] >= 2, counts
+    assert counts["private_in"] == 0, counts  # nothing left without the NAT
+    assert node.running(), node.log_text()
+
+
 @pytest.mark.parametrize("auth", ["psk", "ecdsa"])
 def test_our_node_initiates_to_strongswan_and_carries_traffic(
     lab: Lab, pki: Pki, auth: str
