@@ -53,7 +53,7 @@ from .ike.traffic_selectors import TsConfig, parse_ts_config
 DEFAULT_IKE_PROPOSALS = ("aes256gcm16-prfsha256-x25519", "aes256-sha256-modp2048")
 DEFAULT_ESP_PROPOSALS = ("aes256gcm16", "aes128gcm16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-START_ACTIONS = ("none", "start")
+START_ACTIONS = ("none", "start", "trap")
 IKE_PORT = 500  # a peer's IKE port unless `remote_port` says otherwise
 # Tables that later issues fill in; kept raw in `NodeConfig.extra_tables` until then.
 FUTURE_TABLES: tuple[str, ...] = ()
@@ -74,12 +74,14 @@ _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 
 @dataclass(frozen=True)
 class Initiation:
-    """A connection this node initiates at start-up (a child with `start_action = "start"`)."""
+    """A connection this node initiates: at start-up (a child with `start_action = "start"`),
+    or when a packet for a `"trap"` child finds no SA (`on_demand`)."""
 
     connection: ConnectionConfig  # a copy with the start child first: IKE_AUTH carries children[0]
     local: str  # to send from; "0.0.0.0" or "::" (a wildcard [ike] address): the route decides
     remote: str  # the one address in remote_addrs
     remote_port: int = IKE_PORT
+    on_demand: bool = False
 
     @property
     def child(self) -> str:
@@ -291,6 +293,12 @@ class _Loader:
         self.check_psk_secrets(policy, addresses)
         extra = {name: root.raw_table(name) for name in FUTURE_TABLES if name in root}
         worker = self.worker(root) if "worker" in root else None
+        for initiation in initiations:
+            if initiation.on_demand and worker is None:
+                conn = initiation.connection
+                self.fail(_join(_join(_join(_join("connections", conn.name), "children"),
+                                      initiation.child), "start_action"),
+                          '"trap" needs the [worker] data plane (its packets start the SA)')
         metrics = self.metrics(root) if "metrics" in root else None
         cluster = self.cluster(root) if "cluster" in root else None
         return NodeConfig(
@@ -551,8 +559,9 @@ class _Loader:
         remote_port: int,
         addresses: tuple[str, ...],
     ) -> Initiation | None:
-        """What to initiate for a connection with a `start_action = "start"` child, if any."""
-        starting = [c for c in connection.children if c.start_action == "start"]
+        """What to initiate for a connection with a `start_action = "start"` or `"trap"`
+        child, if any."""
+        starting = [c for c in connection.children if c.start_action != "none"]
         if not starting:
             return None
         child = starting[0]
@@ -560,10 +569,10 @@ class _Loader:
             # IKE_AUTH carries one Child SA; more need CREATE_CHILD_SA (RFC 7296 1.3.1)
             self.fail(
                 _join(_join(_join(conn.key, "children"), starting[1].name), "start_action"),
-                f'only one child per connection may have start_action = "start" for now '
-                f"(children.{child.name} has it)",
+                f'only one child per connection may have start_action "start" or "trap" for '
+                f"now (children.{child.name} has it)",
             )
-        why = f'start_action = "start" in children.{child.name}'
+        why = f'start_action = "{child.start_action}" in children.{child.name}'
         remote_texts = conn.strings("remote_addrs", ())
         if len(remote_texts) != 1:
             conn.fail(
@@ -587,6 +596,7 @@ class _Loader:
             local=local,
             remote=str(remote),
             remote_port=remote_port,
+            on_demand=child.start_action == "trap",
         )
 
     def initiation_source(
@@ -770,10 +780,10 @@ class _Loader:
         if mode not in ("tunnel", "transport"):
             child.fail("mode", f"{mode!r} is not supported (use \"tunnel\" or \"transport\")")
         start_action = child.string("start_action", "none")
-        if start_action == "trap":
-            child.fail("start_action", '"trap" is not supported yet (use "none" or "start")')
         if start_action not in START_ACTIONS:
-            child.fail("start_action", f'{start_action!r} is not one of "none", "start"')
+            child.fail("start_action", f'{start_action!r} is not one of "none", "start", "trap"')
+        if start_action == "trap" and mode != "tunnel":
+            child.fail("start_action", '"trap" needs mode = "tunnel" for now')
         return ChildConfig(
             name=name,
             mode="tunnel" if mode == "tunnel" else "transport",
@@ -782,7 +792,8 @@ class _Loader:
             esp_proposals=self.proposals(
                 child, "esp_proposals", DEFAULT_ESP_PROPOSALS, ProtocolId.ESP, legacy
             ),
-            start_action="start" if start_action == "start" else "none",
+            start_action="start" if start_action == "start" else
+            "trap" if start_action == "trap" else "none",
             lifetime=self.lifetime(child, CHILD_REKEY_TIME),
         )
 

@@ -102,6 +102,7 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
 
         node: Node = await nursery.start(responder)
         if plane is not None and config.worker is not None:
+            _set_traps(node, plane)
             plane.udp_send = node.dispatcher.send_esp
             plane.on_esp_event = _lifetime_handler(node, plane.on_esp_event)
             w = config.worker
@@ -118,3 +119,26 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
             listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             logger.info("metrics on http://%s/metrics (values at most %g s old)", listen,
                         m.interval)
+
+
+def _set_traps(node: Node, plane: DataPlane) -> None:
+    """Route the remote selectors of each start_action = "trap" child into the TUN; a
+    packet there without an SA makes the node initiate that connection."""
+    from .worker.keys import selectors
+
+    for initiator in node.initiators:
+        initiation = initiator.initiation
+        if not initiation.on_demand:
+            continue
+        try:
+            (local, _), _ = initiator.source()
+        except OSError as exc:
+            logger.error("connection %s: no trap: %s", initiator.name, exc)
+            continue
+        child = initiation.connection.children[0]
+        remote = tuple(ts.resolve(initiation.remote) for ts in child.remote_ts)
+        plane.trap(initiator.name, selectors(tuple(ts.resolve(local) for ts in child.local_ts)),
+                   selectors(remote))
+        logger.info("connection %s: trap on %s (child %s): initiating when a packet needs it",
+                    initiator.name, ", ".join(map(str, remote)), child.name)
+    plane.on_acquire = node.acquire

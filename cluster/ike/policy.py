@@ -85,7 +85,8 @@ class ChildConfig:
     local_ts: tuple[TsConfig, ...]
     remote_ts: tuple[TsConfig, ...]
     esp_proposals: tuple[ConfiguredProposal, ...]
-    start_action: Literal["none", "start"] = "none"  # swanctl's; "start": initiate at start-up
+    # swanctl's: "start" initiates at start-up, "trap" when a packet for it finds no SA
+    start_action: Literal["none", "start", "trap"] = "none"
     lifetime: Lifetime = field(default_factory=lambda: Lifetime(3600.0))  # strongSwan: 1 h
 
 

@@ -59,6 +59,12 @@ class Node:
         """Start the same graceful shutdown as SIGTERM."""
         self.cancel_scope.cancel()
 
+    def acquire(self, connection: str) -> None:
+        """A packet for trapped connection `connection` found no SA: bring it up."""
+        for initiator in self.initiators:
+            if initiator.name == connection:
+                initiator.acquire()
+
 
 def log_event(event: Event) -> None:
     """The single-node event sink: SA life in the log (the interop tests grep it)."""
@@ -154,7 +160,8 @@ def responder_factory(config: NodeConfig) -> Callable[[bytes, Address, Address],
 
 
 class Initiator:
-    """Keeps one IKE SA of a `start_action = "start"` connection up.
+    """Keeps one IKE SA of a `start_action = "start"` connection up, or brings up one of a
+    `"trap"` connection each time a packet for it finds no SA (`acquire`).
 
     strongSwan initiates such a connection once at start-up and, with its default
     `close_action = none`, leaves it down when the peer deletes it. A link between
@@ -178,6 +185,7 @@ class Initiator:
         self.dispatcher = dispatcher
         self._jitter = jitter
         self.remote: Address = (initiation.remote, initiation.remote_port)
+        self._acquired = trio.Event()  # on demand: a packet asked for the SA
         self.attempts = 0  # IKE SAs initiated so far
         self.failures = 0  # attempts that ended before they were established
         self.established = 0  # attempts that came up
@@ -203,14 +211,23 @@ class Initiator:
             raise OSError(f"no socket bound to {host}")
         return (host, ike_port), natt_port
 
+    def acquire(self) -> None:
+        """On demand (start_action = "trap"): a packet needs the SA. Idempotent."""
+        self._acquired.set()
+
     async def run(self) -> None:
-        """Initiate until cancelled."""
+        """Initiate until cancelled (on demand: each time a packet asks for it)."""
         backoff = INITIATE_BACKOFF_FIRST
         attempt = 0  # since the last SA that came up, for the log
         while True:
+            if self.initiation.on_demand:
+                await self._acquired.wait()
+                self._acquired = trio.Event()
             attempt += 1
             started = trio.current_time()
             outcome = await self._attempt(attempt)
+            # on demand, only packets after the SA (or the attempt) ended ask again
+            self._acquired = trio.Event()
             wait = backoff * (1.0 - INITIATE_JITTER * self._jitter())
             if outcome.established:
                 self.established += 1
@@ -221,14 +238,17 @@ class Initiator:
                     wait = backoff * (1.0 - INITIATE_JITTER * self._jitter())
                 attempt = 0
                 logger.info(
-                    "connection %s: IKE SA %s_i ended (%s); initiating again in %.1f s",
-                    self.name, outcome.spi_i.hex(), outcome.reason, wait,
+                    "connection %s: IKE SA %s_i ended (%s); %s in %.1f s",
+                    self.name, outcome.spi_i.hex(), outcome.reason,
+                    "trap armed again" if self.initiation.on_demand else "initiating again",
+                    wait,
                 )
             else:
                 self.failures += 1
                 logger.info(
-                    "connection %s: attempt %d failed (%s); retrying in %.1f s",
-                    self.name, attempt, outcome.reason, wait,
+                    "connection %s: attempt %d failed (%s); %s in %.1f s",
+                    self.name, attempt, outcome.reason,
+                    "trap armed again" if self.initiation.on_demand else "retrying", wait,
                 )
             await trio.sleep(wait)
             backoff = min(backoff * 2, INITIATE_BACKOFF_MAX)

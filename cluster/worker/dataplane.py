@@ -31,8 +31,9 @@ from ..esp import (
     SaSoftExpired,
     Selector,
 )
-from ..esp.ip import ADDRESS_SPANS
+from ..esp.ip import ADDRESS_SPANS, flow_of
 from ..esp.params import Address
+from ..esp.selector import SelectorSet
 from ..ike.events import (
     ChildSaDeleted,
     ChildSaEstablished,
@@ -68,6 +69,24 @@ TUN_HOLD_AFTER = 8
 # packets the peer sent on it before switching that arrive late (strongSwan's
 # charon.delete_rekeyed_delay, 5 s by default). It sends nothing in that time.
 REKEYED_LINGER = 5.0
+
+
+@dataclass(frozen=True)
+class Trap:
+    """A connection brought up on demand (swanctl's start_action = "trap"): a packet
+    from `local` to `remote` that no SA covers asks for it."""
+
+    name: str
+    local: SelectorSet
+    remote: SelectorSet
+
+    def covers(self, packet: bytes) -> bool:
+        flow = flow_of(packet)
+        if flow is None:
+            return False
+        version, src, dst, protocol, sport, dport = flow
+        return self.remote.covers(version, dst, protocol, dport) and \
+            self.local.covers(version, src, protocol, sport)
 
 
 class UdpSend(Protocol):
@@ -158,6 +177,10 @@ class DataPlane:
         self.clock: Callable[[], float] = trio.current_time
         self._lingering: dict[bytes, float] = {}
         self._linger_added = trio.Event()
+        self._traps: list[Trap] = []
+        # called with a trapped connection's name when a packet for it finds no SA
+        self.on_acquire: Callable[[str], None] | None = None
+        self.acquires = 0
 
     @classmethod
     @contextlib.contextmanager
@@ -268,6 +291,24 @@ class DataPlane:
         for network in self._routes_of.pop(spi_in, []):
             with contextlib.suppress(KeyError):
                 self.routes.remove(network)
+
+    def trap(self, name: str, local: tuple[Selector, ...], remote: tuple[Selector, ...]
+             ) -> None:
+        """Route `remote` into the TUN from now on, so that a packet to it that no SA
+        covers (and that comes from `local`) starts connection `name` (`on_acquire`).
+        The packet itself is dropped and counted, like any other without an SA."""
+        self._traps.append(Trap(name, SelectorSet(local), SelectorSet(remote)))
+        for sel in remote:
+            for network in _networks(sel.start, sel.end):
+                self.routes.add(network)
+
+    def _acquire(self, packet: bytes) -> None:
+        for trap in self._traps:
+            if trap.covers(packet):
+                self.acquires += 1
+                if self.on_acquire is not None:
+                    self.on_acquire(trap.name)
+                return
 
     def _sad_changed(self) -> None:
         self._flow_key = self._flow_sa = None
@@ -405,6 +446,8 @@ class DataPlane:
             if key != flow_key or sa is None or sa.child.removed or sa.child.retiring:
                 sa = outbound_for(packet)
                 if sa is None:
+                    if self._traps:
+                        self._acquire(packet)
                     at += 1
                     continue  # counted: no SA covers it, never sent in the clear
                 if address_only and key is not None:

@@ -29,6 +29,11 @@ def _selector(ts: TrafficSelector) -> Selector:
                                ts.end_port)
 
 
+def selectors(ts: tuple[TrafficSelector, ...]) -> tuple[Selector, ...]:
+    """The data plane's form of traffic selectors."""
+    return tuple(_selector(t) for t in ts)
+
+
 def _soft(limit: int | None) -> int | None:
     return None if limit is None else limit - limit // 10
 
@@ -48,8 +53,8 @@ def params_from_event(event: ChildSaEstablished, limits: Limits = Limits()) -> C
         local=event.local,
         remote=event.remote,
         encap=event.encap,
-        local_ts=tuple(_selector(t) for t in event.local_ts),
-        remote_ts=tuple(_selector(t) for t in event.remote_ts),
+        local_ts=selectors(event.local_ts),
+        remote_ts=selectors(event.remote_ts),
         replay_window=limits.replay_window,
         soft_bytes=_soft(limits.hard_bytes),
         hard_bytes=limits.hard_bytes,

@@ -641,6 +641,47 @@ def test_our_node_initiates_to_strongswan_and_carries_traffic(
     assert node.running(), node.log_text()
 
 
+def test_a_trapped_connection_comes_up_when_traffic_needs_it(lab: Lab) -> None:
+    """start_action = "trap" (strongSwan's on-demand policies): our node routes the
+    remote subnet into its TUN and initiates nothing until a packet for it arrives; that
+    packet (dropped, as the kernel drops the one behind an acquire) brings the SA up with
+    strongSwan and the pings after it cross. When strongSwan deletes the SA our node
+    stays quiet until traffic asks again."""
+    ours, theirs = conn_pair(encap=True)
+    charon = lab.charon("responder")
+    charon.load(theirs)
+    node = lab.node([ours.with_child(start_action="trap")], side="initiator", node_id="a",
+                    addresses=(INITIATOR_V4,), extra_toml=worker_toml("ikecA"))
+    wait_for_log(node, r"connection rw: trap on 10\.99\.2\.0/24")
+    time.sleep(2.0)
+    assert charon.list_sas() == [] and "initiating IKE SA" not in node.log_text()
+
+    def up_after_pings() -> dict[str, Any]:
+        ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4, 3)  # some wait for the SA
+        deadline = time.monotonic() + SETTLE
+        while not (sas := [sa for sa in charon.list_sas() if sa.get("state") == "ESTABLISHED"]):
+            assert time.monotonic() < deadline, node.log_text()
+            time.sleep(0.1)
+        (sa,) = sas
+        assert child_sa(sa)["state"] == "INSTALLED", sa
+        sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+        assert (sent, received) == (PINGS, PINGS), output
+        return sa
+
+    first = up_after_pings()
+    charon.terminate_ike("rw")
+    wait_for_log(node, r"connection rw: IKE SA \w+_i ended \(deleted by peer\); trap armed")
+    time.sleep(3.0)
+    assert [sa for sa in charon.list_sas() if sa.get("state") == "ESTABLISHED"] == []
+    assert node.log_text().count("initiating IKE SA") == 1, node.log_text()
+    second = up_after_pings()
+    assert second["initiator-spi"] != first["initiator-spi"]
+    assert node.log_text().count("initiating IKE SA") == 2, node.log_text()
+    report("trap", " | ".join(line.split(": ", 1)[-1] for line in node.log_text().splitlines()
+                              if "connection rw:" in line))
+    assert node.running(), node.log_text()
+
+
 @pytest.mark.parametrize("case", ["narrowed", "icmp-only"])
 def test_traffic_selectors_narrowed_or_protocol_bound_with_strongswan(
     lab: Lab, initiator: Charon, case: str

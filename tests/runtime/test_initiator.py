@@ -7,6 +7,7 @@ tests at the end run the supervisor alone under `autojump_clock`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import itertools
@@ -278,6 +279,39 @@ async def test_initiator_initiates_again_when_the_peer_deletes_the_sa(
         b.shutdown()
     messages = [r.getMessage() for r in caplog.records]
     assert any(f"IKE SA {first.spi_i.hex()}_i ended (deleted by peer); initiating again" in m
+               for m in messages)
+
+
+async def test_an_on_demand_initiator_waits_for_a_packet_each_time(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """start_action = "trap": nothing until the data plane's acquire; after the peer
+    deletes the SA, nothing again until the next one (strongSwan's trap policies)."""
+    caplog.set_level(logging.INFO)
+    pair.a = dataclasses.replace(
+        pair.a, initiations=(dataclasses.replace(pair.a.initiations[0], on_demand=True),))
+    async with trio.open_nursery() as nursery:
+        b = await pair.start_b(nursery)
+        a = await pair.start_a(nursery)
+        (initiator,) = a.initiators
+        await trio.sleep(1.0)
+        assert initiator.attempts == 0 and established(pair.b_events) == []
+        a.acquire("other")  # another connection's trap: not this one
+        a.acquire("link")
+        a.acquire("link")  # more packets before the SA is up: one attempt
+        await wait_for(lambda: len(established(pair.b_events)) == 1)
+        first = established(pair.b_events)[0]
+        _delete_from_b(b, first.spi_r)
+        await wait_for(lambda: any(isinstance(e, IkeSaDeleted) for e in pair.a_events))
+        await trio.sleep(2.0)  # past the re-arm delay (1 s after a deleted SA)
+        assert initiator.attempts == 1 and len(established(pair.b_events)) == 1
+        a.acquire("link")
+        await wait_for(lambda: len(established(pair.b_events)) == 2)
+        assert initiator.attempts == 2
+        a.shutdown()
+        b.shutdown()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"IKE SA {first.spi_i.hex()}_i ended (deleted by peer); trap armed again" in m
                for m in messages)
 
 

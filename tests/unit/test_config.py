@@ -272,6 +272,15 @@ def test_start_child_makes_an_initiation_from_the_first_ike_address(tmp_path: Pa
     assert config.initiations[0].child == "net"
 
 
+def test_trap_child_makes_an_on_demand_initiation(tmp_path: Path) -> None:
+    text = START.replace('"start"', '"trap"').replace('"transport"', '"tunnel"')
+    config = load_config(write(tmp_path, text + '[worker]\ntun = "ikec7"\n'))
+    (conn,) = config.policy.connections
+    assert conn.children[0].start_action == "trap"
+    assert config.initiations == (Initiation(connection=conn, local="10.99.0.2",
+                                             remote="10.99.1.1", on_demand=True),)
+
+
 def test_start_child_goes_first_in_the_initiated_copy_only(tmp_path: Path) -> None:
     text = (
         BASE.replace("version = 2\n", 'version = 2\nremote_addrs = ["10.99.1.1"]\n')
@@ -317,8 +326,14 @@ def test_remote_port_is_where_the_initiation_goes(tmp_path: Path) -> None:
 
 START_ERROR_CASES: list[tuple[str, str, str, str]] = [
     # (case, file content, dotted key, part of the reason)
-    ("trap", START.replace('"start"', '"trap"'),
-     "connections.rw.children.net.start_action", '"trap" is not supported yet'),
+    ("trap in transport mode", START.replace('"start"', '"trap"'),
+     "connections.rw.children.net.start_action", '"trap" needs mode = "tunnel"'),
+    ("trap without a data plane",
+     START.replace('"start"', '"trap"').replace('"transport"', '"tunnel"'),
+     "connections.rw.children.net.start_action", '"trap" needs the [worker] data plane'),
+    ("trap without remote_addrs", START.replace('"start"', '"trap"').replace(
+        '"transport"', '"tunnel"').replace('remote_addrs = ["10.99.1.1"]\n', ""),
+     "connections.rw.remote_addrs", 'start_action = "trap" in children.net needs exactly one'),
     ("unknown", START.replace('"start"', '"always"'),
      "connections.rw.children.net.start_action", "'always' is not one of"),
     ("type", START.replace('"start"', "true"),
