@@ -108,6 +108,15 @@ def ping(ns: Netns, source: str, target: str, count: int = PINGS, *, size: int =
     return int(match[1]), int(match[2]), proc.stdout
 
 
+def established_sas(charon: Charon) -> list[dict[str, Any]]:
+    """strongSwan's ESTABLISHED IKE SAs, once there is one (our node initiated)."""
+    deadline = time.monotonic() + SETTLE
+    while not (sas := [sa for sa in charon.list_sas() if sa.get("state") == "ESTABLISHED"]):
+        assert time.monotonic() < deadline, charon.log_text()
+        time.sleep(0.1)
+    return sas
+
+
 def data_plane_counters(node: Node) -> dict[str, int]:
     """The counters in the node's last "data plane stopped:" line (after it stopped)."""
     lines = [line for line in node.log_text().splitlines() if "data plane stopped:" in line]
@@ -546,10 +555,7 @@ def test_our_node_behind_a_nat_keeps_its_mapping_with_keepalives(lab: Lab) -> No
                     settings={"ike": {"keep_alive": 1}})
     line = wait_for_log(node, r"IKE SA established: rw ")[0]
     assert line.endswith("(NAT)"), line
-    deadline = time.monotonic() + SETTLE
-    while not (sas := [sa for sa in charon.list_sas() if sa.get("state") == "ESTABLISHED"]):
-        assert time.monotonic() < deadline, charon.log_text()
-        time.sleep(0.1)
+    sas = established_sas(charon)
     assert sas[0].get("nat-remote") == "yes" and "nat-fake" not in sas[0], sas[0]
     assert child_sa(sas[0])["encap"] == "yes", sas[0]
     sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
@@ -621,10 +627,7 @@ def test_our_node_initiates_to_strongswan_and_carries_traffic(
                     node_id="a", addresses=(INITIATOR_V4,), extra_toml=worker_toml("ikecA"))
     line = wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")[0]
     assert line.endswith("esp=aes256gcm16 mode=tunnel encap"), line
-    deadline = time.monotonic() + SETTLE
-    while not (sas := [sa for sa in charon.list_sas() if sa.get("state") == "ESTABLISHED"]):
-        assert time.monotonic() < deadline, charon.log_text()
-        time.sleep(0.1)
+    sas = established_sas(charon)
     child = child_sa(sas[0])
     assert child["state"] == "INSTALLED" and child["encap"] == "yes", child
     assert sas[0]["remote-id"] == ours.local.id, sas[0]
@@ -658,11 +661,7 @@ def test_a_trapped_connection_comes_up_when_traffic_needs_it(lab: Lab) -> None:
 
     def up_after_pings() -> dict[str, Any]:
         ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4, 3)  # some wait for the SA
-        deadline = time.monotonic() + SETTLE
-        while not (sas := [sa for sa in charon.list_sas() if sa.get("state") == "ESTABLISHED"]):
-            assert time.monotonic() < deadline, node.log_text()
-            time.sleep(0.1)
-        (sa,) = sas
+        (sa,) = established_sas(charon)
         assert child_sa(sa)["state"] == "INSTALLED", sa
         sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
         assert (sent, received) == (PINGS, PINGS), output
