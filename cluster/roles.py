@@ -94,6 +94,10 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
     from .runtime.supervisor import Supervisor
 
     cluster, key = cluster_settings(config)
+    for initiation in config.initiations:
+        logger.warning("connection %s: start_action of child %s ignored: a cluster responder "
+                       "only responds (initiating is `ike-cluster run`'s)",
+                       initiation.connection.name, initiation.child)
     store = open_store(cluster.store)
     codec = RelayCodec(key, config.node_id)
     metrics = Metrics(config.node_id, connections=[c.name for c in config.policy.connections])

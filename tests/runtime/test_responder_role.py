@@ -1,0 +1,50 @@
+"""`ike-cluster responder` in this process, on the in-memory store: what it says at start."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from cluster.config import load_config
+from cluster.roles import run_responder
+
+CONFIG = """\
+[node]
+id = "r1"
+[ike]
+addresses = ["127.0.0.1"]
+[connections.link]
+remote_addrs = ["127.0.0.9"]
+local = { auth = "psk", id = "gw.example.test" }
+remote = { auth = "psk", id = "peer.example.test" }
+[connections.link.children.net]
+local_ts = ["10.99.2.0/24"]
+remote_ts = ["10.99.1.0/24"]
+start_action = "start"
+[secrets.link]
+ids = ["gw.example.test", "peer.example.test"]
+secret = "change-me"
+[cluster]
+store = "memory://"
+key = "cluster.key"
+relay = "127.0.0.1:0"
+"""
+
+
+async def test_a_cluster_responder_says_it_ignores_start_action(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "cluster.key").write_text(os.urandom(32).hex() + "\n")
+    path = tmp_path / "responder.toml"
+    path.write_text(CONFIG)
+    caplog.set_level(logging.INFO)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: run_responder(
+            load_config(path), handle_signals=False, task_status=task_status))
+        nursery.cancel_scope.cancel()
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert messages == ["connection link: start_action of child net ignored: a cluster "
+                        "responder only responds (initiating is `ike-cluster run`'s)"]
