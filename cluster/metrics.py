@@ -450,6 +450,9 @@ def _data_plane_families(stats: Mapping[str, int]) -> list[Metric]:
                  {"in": stats.get("sa_bytes_in", 0), "out": stats.get("sa_bytes_out", 0)}),
         _counter("esp_dropped_packets_total", "ESP and TUN packets dropped, by reason.",
                  "reason", drops),
+        CounterMetricFamily(PREFIX + "esp_acquires_total",
+                            "Packets that found no SA but a start_action = \"trap\" child:"
+                            " each asked for its connection.", stats.get("acquires", 0)),
     ]
 
 

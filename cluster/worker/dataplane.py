@@ -548,4 +548,5 @@ class DataPlane:
         out = self.counters.as_dict()
         out.update(self.sad.counters.as_dict())
         out.update({f"sa_{k}": v for k, v in self.sad.totals().as_dict().items()})
+        out["acquires"] = self.acquires
         return out

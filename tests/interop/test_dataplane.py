@@ -362,7 +362,8 @@ METRICS = "127.0.0.1:9464"  # in the responder's namespace
 
 def drop_counts(ns: Netns) -> dict[str, float]:
     """Our node's drop counters from its Prometheus endpoint: "esp:<reason>" for
-    esp_dropped_packets_total, "ike:<reason>" for datagrams_dropped_total."""
+    esp_dropped_packets_total, "ike:<reason>" for datagrams_dropped_total, and
+    "acquires" for esp_acquires_total."""
     text = ns.run([sys.executable, "-c",
                    "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
                    f"'http://{METRICS}/metrics', timeout=5).read().decode())"]).stdout
@@ -373,6 +374,8 @@ def drop_counts(ns: Netns) -> dict[str, float]:
             kind = kinds.get(family.name)
             if kind and sample.name.endswith("_total"):
                 counts[f"{kind}:{sample.labels['reason']}"] = sample.value
+            elif family.name == "ike_cluster_esp_acquires" and sample.name.endswith("_total"):
+                counts["acquires"] = sample.value
     return counts
 
 
@@ -654,7 +657,8 @@ def test_a_trapped_connection_comes_up_when_traffic_needs_it(lab: Lab) -> None:
     charon = lab.charon("responder")
     charon.load(theirs)
     node = lab.node([ours.with_child(start_action="trap")], side="initiator", node_id="a",
-                    addresses=(INITIATOR_V4,), extra_toml=worker_toml("ikecA"))
+                    addresses=(INITIATOR_V4,), extra_toml=worker_toml("ikecA"),
+                    settings={"metrics": {"listen": METRICS, "interval": 0.1}})
     wait_for_log(node, r"connection rw: trap on 10\.99\.2\.0/24")
     time.sleep(2.0)
     assert charon.list_sas() == [] and "initiating IKE SA" not in node.log_text()
@@ -668,6 +672,10 @@ def test_a_trapped_connection_comes_up_when_traffic_needs_it(lab: Lab) -> None:
         return sa
 
     first = up_after_pings()
+    asked = drop_counts(lab.initiator)["acquires"]
+    assert asked >= 1, asked  # the pings before the SA; none after it
+    time.sleep(0.3)
+    assert drop_counts(lab.initiator)["acquires"] == asked
     charon.terminate_ike("rw")
     wait_for_log(node, r"connection rw: IKE SA \w+_i ended \(deleted by peer\); trap armed")
     time.sleep(3.0)

@@ -74,6 +74,7 @@ DATA_PLANE = {
     "ike_cluster_esp_packets": "counter",
     "ike_cluster_esp_bytes": "counter",
     "ike_cluster_esp_dropped_packets": "counter",
+    "ike_cluster_esp_acquires": "counter",
 }
 # a node of a cluster: watch_store, watch_relay, watch_failover, watch_members
 CLUSTER = {
