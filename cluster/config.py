@@ -506,7 +506,7 @@ class _Loader:
             remote_addrs=self.peer_addrs(conn, "remote_addrs"),
             lifetime=self.lifetime(conn, IKE_REKEY_TIME, over_time=True),
             dpd_delay=self.duration(conn, "dpd_delay", 0.0),
-            dpd_action=self.dpd_action(conn),
+            dpd_action=self.dpd_action(conn, children),
         )
         return connection, self.initiation(conn, connection, remote_port, addresses)
 
@@ -544,13 +544,24 @@ class _Loader:
             table.fail("rand_time", f"must be below rekey_time ({rekey:g} s)")
         return lifetime
 
-    def dpd_action(self, table: _Table) -> Literal["clear", "restart", "none"]:
+    def dpd_action(self, table: _Table, children: tuple[ChildConfig, ...]
+                   ) -> Literal["clear", "restart", "trap"]:
+        """swanctl's values. "restart" and "trap" concern what we initiate, so they need a
+        child with start_action "start" or "trap"; "trap" keeps an on-demand connection's
+        trap after the SA times out (as it does anyway: swanctl calls that redundant)."""
         action = table.string("dpd_action", "clear")
         if action == "clear":
             return "clear"
-        if action in ("restart", "none", "trap"):
-            table.fail("dpd_action", f"{action!r} is not supported yet (use \"clear\")")
-        table.fail("dpd_action", f"{action!r} is not one of \"clear\"")
+        if action not in ("restart", "trap"):
+            table.fail("dpd_action", f'{action!r} is not one of "clear", "restart", "trap"')
+        starts = {c.start_action for c in children} - {"none"}
+        if not starts:
+            table.fail("dpd_action", f'"{action}" needs a child with start_action = "start" '
+                                     'or "trap" (this node initiates only those)')
+        if action == "trap" and "trap" not in starts:
+            table.fail("dpd_action", '"trap" needs the child\'s start_action = "trap" (a '
+                                     '"start" connection is always initiated again)')
+        return "restart" if action == "restart" else "trap"
 
     def initiation(
         self,

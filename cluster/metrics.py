@@ -49,6 +49,7 @@ from prometheus_client.registry import Collector
 from .errors import IkeError
 from .ike.constants import ExchangeType
 from .ike.events import (
+    PEER_NOT_RESPONDING,
     ChildSaDeleted,
     ChildSaEstablished,
     Event,
@@ -81,7 +82,7 @@ IkeKey = tuple[bytes, bytes]  # (spi_i, spi_r)
 _DELETE_REASONS = {
     "deleted by peer": "peer",
     "deleted by us": "local",  # expiry, rekeyed-away Child SAs, the data plane's limits
-    "peer not responding": "timeout",  # RFC 7296 2.4: retransmissions ran out
+    PEER_NOT_RESPONDING: "timeout",  # RFC 7296 2.4: retransmissions ran out
     "actor failed": "actor_failure",
     "unknown to the peer": "unknown_to_peer",  # RFC 7296 2.25
     "replaced (INITIAL_CONTACT)": "replaced",  # RFC 7296 2.4
@@ -124,7 +125,7 @@ def delete_label(reason: str) -> str:
 def failure_label(event: IkeSaFailed) -> str:
     if event.error:
         return error_label(event.error)
-    return "timeout" if event.reason == "peer not responding" else "other"
+    return "timeout" if event.reason == PEER_NOT_RESPONDING else "other"
 
 
 def exchange_label(exchange: int) -> str:

@@ -34,6 +34,10 @@ class IkeSaFailed:
     error: str = ""  # the IkeError subclass that failed it ("" when the peer went silent)
 
 
+# The reason of an SA that ended because the peer stopped answering (RFC 7296 2.4).
+PEER_NOT_RESPONDING = "peer not responding"
+
+
 @dataclass(frozen=True, slots=True)
 class IkeSaDeleted:
     spi_i: bytes

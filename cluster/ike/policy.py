@@ -103,7 +103,9 @@ class ConnectionConfig:
     remote_addrs: tuple[str, ...] = ()  # empty: any
     lifetime: Lifetime = field(default_factory=lambda: Lifetime(14400.0))  # strongSwan: 4 h
     dpd_delay: float = 0.0  # seconds without traffic before a liveness check; 0: off
-    dpd_action: Literal["clear", "restart", "none"] = "clear"
+    # on a liveness-check timeout (swanctl's): "restart" initiates an on-demand connection
+    # again at once; a "start" connection is initiated again after any end anyway
+    dpd_action: Literal["clear", "restart", "trap"] = "clear"
 
     def child(self, name: str) -> ChildConfig | None:
         """The child configuration called `name` (a loop: see payloads.first_of)."""

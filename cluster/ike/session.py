@@ -39,6 +39,7 @@ from .create_child import (
     respond_create_child,
 )
 from .events import (
+    PEER_NOT_RESPONDING,
     Address,
     ChildSaDeleted,
     Event,
@@ -772,7 +773,7 @@ class IkeSession:
         if pending.tries >= timing.tries:  # RFC 7296 2.4: give up, the peer is dead
             sa.pending = None
             if sa is self._sa:
-                self._close(Trigger.TIMEOUT, "peer not responding")
+                self._close(Trigger.TIMEOUT, PEER_NOT_RESPONDING)
             else:
                 self._retire(sa)
             return

@@ -14,6 +14,7 @@ import trio
 from ..config import Initiation, NodeConfig
 from ..ike.constants import NATT_PORT
 from ..ike.events import (
+    PEER_NOT_RESPONDING,
     ChildSaDeleted,
     ChildSaEstablished,
     Event,
@@ -226,8 +227,14 @@ class Initiator:
             attempt += 1
             started = trio.current_time()
             outcome = await self._attempt(attempt)
-            # on demand, only packets after the SA (or the attempt) ended ask again
+            # on demand, only packets after the SA (or the attempt) ended ask again, unless
+            # the SA timed out and dpd_action = "restart" asks at once (swanctl's)
             self._acquired = trio.Event()
+            restart = self.initiation.on_demand and outcome.established and \
+                outcome.reason == PEER_NOT_RESPONDING and \
+                self.initiation.connection.dpd_action == "restart"
+            if restart:
+                self._acquired.set()
             wait = backoff * (1.0 - INITIATE_JITTER * self._jitter())
             if outcome.established:
                 self.established += 1
@@ -240,7 +247,8 @@ class Initiator:
                 logger.info(
                     "connection %s: IKE SA %s_i ended (%s); %s in %.1f s",
                     self.name, outcome.spi_i.hex(), outcome.reason,
-                    "trap armed again" if self.initiation.on_demand else "initiating again",
+                    "initiating again" if restart or not self.initiation.on_demand
+                    else "trap armed again",
                     wait,
                 )
             else:

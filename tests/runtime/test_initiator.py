@@ -24,12 +24,14 @@ import trio.testing
 
 from cluster.config import NodeConfig, load_config
 from cluster.ike.events import (
+    PEER_NOT_RESPONDING,
     ChildSaEstablished,
     Event,
     IkeSaDeleted,
     IkeSaEstablished,
 )
 from cluster.ike.message import Header
+from cluster.ike.policy import Retransmission
 from cluster.ike.session import Datagram, IkeSession
 from cluster.runtime.node import INITIATE_BACKOFF_MAX, Initiator, Node, run_node
 from cluster.runtime.stats import RuntimeStats
@@ -313,6 +315,36 @@ async def test_an_on_demand_initiator_waits_for_a_packet_each_time(
     messages = [r.getMessage() for r in caplog.records]
     assert any(f"IKE SA {first.spi_i.hex()}_i ended (deleted by peer); trap armed again" in m
                for m in messages)
+
+
+@pytest.mark.parametrize("action", ["restart", "clear"])
+async def test_dpd_action_restart_initiates_an_on_demand_connection_again_at_once(
+    pair: Pair, action: str
+) -> None:
+    """The peer goes silent: our liveness check times out (RFC 7296 2.4). With
+    dpd_action = "restart" the on-demand connection is initiated again without waiting
+    for a packet; with "clear" it waits."""
+    initiation = pair.a.initiations[0]
+    connection = dataclasses.replace(initiation.connection, dpd_delay=0.5, dpd_action=action)
+    policy = dataclasses.replace(pair.a.policy, retransmission=Retransmission(0.3, 1.0, 1))
+    pair.a = dataclasses.replace(pair.a, policy=policy, initiations=(dataclasses.replace(
+        initiation, on_demand=True, connection=connection),))
+    async with trio.open_nursery() as nursery:
+        b = await pair.start_b(nursery)
+        a = await pair.start_a(nursery)
+        (initiator,) = a.initiators
+        a.acquire("link")
+        await wait_for(lambda: len(established(pair.a_events)) == 1)
+        b.shutdown()  # silent from now on: no Delete
+        await wait_for(lambda: any(isinstance(e, IkeSaDeleted) for e in pair.a_events))
+        (deleted,) = [e for e in pair.a_events if isinstance(e, IkeSaDeleted)]
+        assert deleted.reason == PEER_NOT_RESPONDING
+        if action == "restart":
+            await wait_for(lambda: initiator.attempts == 2)
+        else:
+            await trio.sleep(2.0)  # past the re-arm delay
+            assert initiator.attempts == 1
+        a.shutdown()
 
 
 # --- back-off, under the mock clock ----------------------------------------------------

@@ -272,6 +272,25 @@ def test_start_child_makes_an_initiation_from_the_first_ike_address(tmp_path: Pa
     assert config.initiations[0].child == "net"
 
 
+@pytest.mark.parametrize(("start", "action", "error"), [
+    ("start", "restart", None),
+    ("trap", "restart", None),
+    ("trap", "trap", None),
+    ("start", "trap", '"trap" needs the child\'s start_action = "trap"'),
+])
+def test_dpd_action_of_an_initiated_connection(tmp_path: Path, start: str, action: str,
+                                               error: str | None) -> None:
+    text = START.replace('"start"', f'"{start}"').replace('"transport"', '"tunnel"').replace(
+        "version = 2\n", f'version = 2\ndpd_action = "{action}"\n')
+    path = write(tmp_path, text + '[worker]\ntun = "ikec7"\n')
+    if error is None:
+        (conn,) = load_config(path).policy.connections
+        assert conn.dpd_action == action
+    else:
+        message = load_error(path)
+        assert message.startswith(f"{path}: connections.rw.dpd_action: ") and error in message
+
+
 def test_trap_child_makes_an_on_demand_initiation(tmp_path: Path) -> None:
     text = START.replace('"start"', '"trap"').replace('"transport"', '"tunnel"')
     config = load_config(write(tmp_path, text + '[worker]\ntun = "ikec7"\n'))
@@ -831,7 +850,10 @@ def test_lifetimes_dpd_and_retransmission_are_read(tmp_path: Path) -> None:
     ("rekey_time = -5\n", "", "", "connections.rw.rekey_time", "non-negative"),
     ("", "rekey_time = 60\nlife_time = 30\n", "", "children.net.life_time", "exceed"),
     ("", "rekey_time = 60\nrand_time = 90\n", "", "children.net.rand_time", "below"),
-    ('dpd_action = "restart"\n', "", "", "connections.rw.dpd_action", "not supported"),
+    ('dpd_action = "restart"\n', "", "", "connections.rw.dpd_action",
+     'needs a child with start_action = "start" or "trap"'),
+    ('dpd_action = "hold"\n', "", "", "connections.rw.dpd_action",
+     "'hold' is not one of \"clear\", \"restart\", \"trap\""),
     ("", "", "retransmit_tries = 99\n", "ike.retransmit_tries", "between 0 and 20"),
     ("", "", 'keep_alive = "2h"\n', "ike.keep_alive", "at most an hour"),
     ("", "", 'keep_alive = "often"\n', "ike.keep_alive", "not a duration"),
