@@ -689,6 +689,39 @@ def test_a_trapped_connection_comes_up_when_traffic_needs_it(lab: Lab) -> None:
     assert node.running(), node.log_text()
 
 
+def test_a_trapped_connection_with_dpd_action_restart_comes_back_without_traffic(
+    lab: Lab
+) -> None:
+    """strongSwan is killed and started afresh (it forgot the SA): our liveness check
+    times out and, with dpd_action = "restart", our node initiates the trapped connection
+    again at once; the new strongSwan shows the SA established before any packet asked."""
+    ours, theirs = conn_pair(encap=True)
+    ours = replace(ours.with_child(start_action="trap"), dpd_delay="1s",
+                   node_extra={"dpd_action": "restart"})
+    charon = lab.charon("responder")
+    charon.load(theirs)
+    node = lab.node([ours], side="initiator", node_id="a", addresses=(INITIATOR_V4,),
+                    extra_toml=worker_toml("ikecA"),
+                    settings={"ike": {"retransmit_timeout": 0.5, "retransmit_tries": 1}})
+    wait_for_log(node, r"connection rw: trap on ")
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4, 3)
+    first = established_sas(charon)[0]
+    assert charon.proc is not None
+    charon.proc.kill()  # no Delete: gone silent
+    charon.proc.wait(5)
+    again = lab.charon("responder")
+    again.load(theirs)
+    line = wait_for_log(node, r"connection rw: IKE SA \w+_i ended \(peer not responding\); "
+                              r"initiating again")[0]
+    (sa,) = established_sas(again)
+    assert sa["initiator-spi"] != first["initiator-spi"]
+    assert child_sa(sa)["state"] == "INSTALLED", sa
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    report("dpd_action restart", line.split(": ", 1)[-1])
+    assert node.running(), node.log_text()
+
+
 @pytest.mark.parametrize("case", ["narrowed", "icmp-only"])
 def test_traffic_selectors_narrowed_or_protocol_bound_with_strongswan(
     lab: Lab, initiator: Charon, case: str
