@@ -824,6 +824,12 @@ class IkeSession:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
 
+def _next_keepalive(sa: IkeSa, now: float) -> float:
+    """When the next NAT keepalive is due (never with [ike] keep_alive = 0)."""
+    interval = sa.policy.keep_alive
+    return now + interval if interval > 0 else INFINITY
+
+
 def _exchange_of(task: Task) -> int:
     if isinstance(task, _Init):
         return ExchangeType.IKE_SA_INIT
@@ -844,8 +850,3 @@ def _error_notify(exc: IkeError) -> NotifyPayload:
 
 __all__ = ["Address", "Datagram", "DeleteChild", "DeleteIke", "IkeSession", "Liveness",
            "delete_children_by_outbound"]
-
-
-def _next_keepalive(sa: IkeSa, now: float) -> float:
-    interval = sa.policy.keep_alive
-    return now + interval if interval > 0 else INFINITY
