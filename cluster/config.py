@@ -793,8 +793,6 @@ class _Loader:
         start_action = child.string("start_action", "none")
         if start_action not in START_ACTIONS:
             child.fail("start_action", f'{start_action!r} is not one of "none", "start", "trap"')
-        if start_action == "trap" and mode != "tunnel":
-            child.fail("start_action", '"trap" needs mode = "tunnel" for now')
         return ChildConfig(
             name=name,
             mode="tunnel" if mode == "tunnel" else "transport",

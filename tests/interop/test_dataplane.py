@@ -841,6 +841,30 @@ def transport_pair(*, encap: bool, esp: str = "aes256gcm16") -> tuple[Conn, Conn
     return a, b
 
 
+def test_a_trapped_transport_connection_between_two_nodes(lab: Lab) -> None:
+    """start_action = "trap" in transport mode: node A routes B's address into its TUN
+    (its own IKE and ESP sockets carry the worker's mark and bypass that route), and the
+    first ping to B brings the SA up. Nothing crosses in the clear, before or after."""
+    a_conn, b_conn = transport_pair(encap=False)
+    b = lab.node([b_conn], node_id="b", extra_toml=worker_toml("ikecB"))
+    wire = lab.wire_counters("initiator", {
+        "esp_raw_out": ("out", "ip protocol esp"),
+        "echo_out": ("out", "icmp type { echo-request, echo-reply }"),
+        "echo_in": ("in", "icmp type { echo-request, echo-reply }")})
+    a = lab.node([a_conn.with_child(start_action="trap")], side="initiator", node_id="a",
+                 addresses=(INITIATOR_V4,), extra_toml=worker_toml("ikecA"))
+    wait_for_log(a, rf"connection link: trap on {re.escape(RESPONDER_V4)}/32")
+    time.sleep(1.0)
+    assert "initiating IKE SA" not in a.log_text()
+    ping(lab.initiator, INITIATOR_V4, RESPONDER_V4, 3)  # some wait for the SA
+    for node in (a, b):
+        wait_for_log(node, r"CHILD SA established: host .* mode=transport")
+    sent, received, output = ping(lab.initiator, INITIATOR_V4, RESPONDER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    seen = wire.read()
+    assert seen["esp_raw_out"] >= PINGS and seen["echo_out"] == seen["echo_in"] == 0, seen
+
+
 @pytest.mark.parametrize(
     ("encap", "esp"),
     [(False, "aes256gcm16"), (True, "aes256gcm16"),

@@ -345,8 +345,6 @@ def test_remote_port_is_where_the_initiation_goes(tmp_path: Path) -> None:
 
 START_ERROR_CASES: list[tuple[str, str, str, str]] = [
     # (case, file content, dotted key, part of the reason)
-    ("trap in transport mode", START.replace('"start"', '"trap"'),
-     "connections.rw.children.net.start_action", '"trap" needs mode = "tunnel"'),
     ("trap without a data plane",
      START.replace('"start"', '"trap"').replace('"transport"', '"tunnel"'),
      "connections.rw.children.net.start_action", '"trap" needs the [worker] data plane'),
