@@ -41,6 +41,7 @@ from tests.interop.lab import (
     INITIATOR_INNER_V6,
     INITIATOR_NETS,
     INITIATOR_V4,
+    INITIATOR_V6,
     RESPONDER_INNER_V4,
     RESPONDER_INNER_V6,
     RESPONDER_NETS,
@@ -647,27 +648,31 @@ def test_our_node_initiates_to_strongswan_and_carries_traffic(
     assert node.running(), node.log_text()
 
 
-def test_a_trapped_connection_comes_up_when_traffic_needs_it(lab: Lab) -> None:
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_trapped_connection_comes_up_when_traffic_needs_it(lab: Lab, family: int) -> None:
     """start_action = "trap" (strongSwan's on-demand policies): our node routes the
     remote subnet into its TUN and initiates nothing until a packet for it arrives; that
     packet (dropped, as the kernel drops the one behind an acquire) brings the SA up with
     strongSwan and the pings after it cross. When strongSwan deletes the SA our node
-    stays quiet until traffic asks again."""
-    ours, theirs = conn_pair(encap=True)
+    stays quiet until traffic asks again. IPv4, and IPv6 inside and out."""
+    ours, theirs = conn_pair(encap=True, family=family)
     charon = lab.charon("responder")
     charon.load(theirs)
     node = lab.node([ours.with_child(start_action="trap")], side="initiator", node_id="a",
-                    addresses=(INITIATOR_V4,), extra_toml=worker_toml("ikecA"),
+                    addresses=(INITIATOR_V4 if family == 4 else INITIATOR_V6,),
+                    extra_toml=worker_toml("ikecA"),
                     settings={"metrics": {"listen": METRICS, "interval": 0.1}})
-    wait_for_log(node, r"connection rw: trap on 10\.99\.2\.0/24")
+    wait_for_log(node, rf"connection rw: trap on {re.escape(RESPONDER_NETS[family])}")
     time.sleep(2.0)
     assert charon.list_sas() == [] and "initiating IKE SA" not in node.log_text()
+    inner = ((INITIATOR_INNER_V4, RESPONDER_INNER_V4) if family == 4
+             else (INITIATOR_INNER_V6, RESPONDER_INNER_V6))
 
     def up_after_pings() -> dict[str, Any]:
-        ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4, 3)  # some wait for the SA
+        ping(lab.initiator, *inner, 3)  # some wait for the SA
         (sa,) = established_sas(charon)
         assert child_sa(sa)["state"] == "INSTALLED", sa
-        sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+        sent, received, output = ping(lab.initiator, *inner)
         assert (sent, received) == (PINGS, PINGS), output
         return sa
 
