@@ -223,7 +223,6 @@ class Initiator:
         while True:
             if self.initiation.on_demand:
                 await self._acquired.wait()
-                self._acquired = trio.Event()
             attempt += 1
             started = trio.current_time()
             outcome = await self._attempt(attempt)

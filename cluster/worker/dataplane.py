@@ -11,7 +11,6 @@ import contextlib
 import functools
 import ipaddress
 import logging
-import math
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -173,8 +172,8 @@ class DataPlane:
         # are decapsulated and go into the TUN coalesced (gro.py): `flush`, which the
         # receiving task calls (the ESP pump here, the dispatcher's NAT-T reader).
         self._incoming: list[bytes] = []
-        # Rekeyed-away SAs still receiving: spi_in -> when they go (`delete`).
         self.clock: Callable[[], float] = trio.current_time
+        # Rekeyed-away SAs still receiving: spi_in -> when they go, by `clock` (`delete`).
         self._lingering: dict[bytes, float] = {}
         self._linger_added = trio.Event()
         self._traps: list[Trap] = []
@@ -521,7 +520,8 @@ class DataPlane:
             if not self._lingering:
                 self._linger_added = trio.Event()
                 await self._linger_added.wait()
-            await trio.sleep_until(min(self._lingering.values(), default=-math.inf))
+                continue
+            await trio.sleep(max(0.0, min(self._lingering.values()) - self.clock()))
             self.end_lingering()
 
     async def _tun_pump(self, fd: int) -> None:

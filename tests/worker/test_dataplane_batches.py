@@ -34,11 +34,16 @@ class FakeTun:
 
 
 class FakeRoutes:
+    """Records the networks routed into the TUN."""
+
+    def __init__(self) -> None:
+        self.routes: list[str] = []
+
     def add(self, network: str, src: str | None = None) -> None:
-        pass
+        self.routes.append(network)
 
     def remove(self, network: str) -> None:
-        pass
+        self.routes.remove(network)
 
 
 @dataclass

@@ -11,18 +11,7 @@ from cluster.worker.dataplane import DataPlane
 from cluster.worker.keys import Limits
 from tests.esp.pairs import packet, params
 
-from .test_dataplane_batches import FakeTun, Sent
-
-
-class RecordingRoutes:
-    def __init__(self) -> None:
-        self.routes: list[str] = []
-
-    def add(self, network: str, src: str | None = None) -> None:
-        self.routes.append(network)
-
-    def remove(self, network: str) -> None:
-        self.routes.remove(network)
+from .test_dataplane_batches import FakeRoutes, FakeTun, Sent
 
 
 def net(first: str, last: str, protocol: int = 0) -> Selector:
@@ -30,8 +19,8 @@ def net(first: str, last: str, protocol: int = 0) -> Selector:
                                ipaddress.ip_address(last).packed, protocol)
 
 
-def trapped(fd: int) -> tuple[DataPlane, RecordingRoutes, list[str], Sent]:
-    routes = RecordingRoutes()
+def trapped(fd: int) -> tuple[DataPlane, FakeRoutes, list[str], Sent]:
+    routes = FakeRoutes()
     plane = DataPlane(FakeTun([fd]), routes, [], Limits())  # type: ignore[arg-type]
     asked: list[str] = []
     plane.on_acquire = asked.append
