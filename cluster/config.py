@@ -46,6 +46,7 @@ from .ike.policy import (
     Retransmission,
     SharedSecret,
 )
+from .ike.pools import AddressPool
 from .ike.proposals import ConfiguredProposal, parse_proposal
 from .ike.traffic_selectors import TsConfig, parse_ts_config
 
@@ -233,7 +234,7 @@ class _Loader:
     def load(self, document: dict[str, Any]) -> NodeConfig:
         root = self.table(
             "", document,
-            ("node", "ike", "connections", "secrets", "worker", "metrics", "cluster",
+            ("node", "ike", "connections", "secrets", "pools", "worker", "metrics", "cluster",
              *FUTURE_TABLES),
         )
         node = root.table("node", ("id", "log_level"), required=True)
@@ -274,8 +275,12 @@ class _Loader:
             self.secret(_join("secrets", name), value)
             for name, value in root.named_tables("secrets").items()
         )
+        pools = {
+            name: self.pool(name, _join("pools", name), value)
+            for name, value in root.named_tables("pools").items()
+        }
         loaded = [
-            self.connection(name, _join("connections", name), value, legacy, addresses)
+            self.connection(name, _join("connections", name), value, legacy, addresses, pools)
             for name, value in root.named_tables("connections").items()
         ]
         connections = tuple(conn for conn, _ in loaded)
@@ -454,7 +459,8 @@ class _Loader:
     # --- connections ----------------------------------------------------------
 
     def connection(
-        self, name: str, key: str, value: object, legacy: bool, addresses: tuple[str, ...]
+        self, name: str, key: str, value: object, legacy: bool, addresses: tuple[str, ...],
+        pools: dict[str, AddressPool],
     ) -> tuple[ConnectionConfig, Initiation | None]:
         conn = self.table(
             key,
@@ -475,6 +481,7 @@ class _Loader:
                 "rand_time",
                 "dpd_delay",
                 "dpd_action",
+                "pools",
             ),
         )
         version = conn.integer("version", 2)
@@ -507,6 +514,7 @@ class _Loader:
             lifetime=self.lifetime(conn, IKE_REKEY_TIME, over_time=True),
             dpd_delay=self.duration(conn, "dpd_delay", 0.0),
             dpd_action=self.dpd_action(conn, children),
+            pools=self.connection_pools(conn, pools),
         )
         return connection, self.initiation(conn, connection, remote_port, addresses)
 
@@ -781,6 +789,30 @@ class _Loader:
         return key
 
     # --- children -------------------------------------------------------------
+
+    def connection_pools(self, conn: _Table, pools: dict[str, AddressPool]
+                         ) -> tuple[AddressPool, ...]:
+        names = conn.strings("pools")
+        for index, name in enumerate(names):
+            if name not in pools:
+                known = ", ".join(sorted(pools)) or "none defined"
+                conn.fail(f"pools[{index}]", f"no pool {name!r} ([pools.NAME]: {known})")
+        return tuple(pools[name] for name in names)
+
+    def pool(self, name: str, key: str, value: object) -> AddressPool:
+        """`[pools.NAME]`: swanctl's pools (`addrs`: a subnet, a range or one address)."""
+        table = self.table(key, value, ("addrs", "dns"))
+        addrs = table.required_string("addrs")
+        dns = table.strings("dns")
+        for index, text in enumerate(dns):
+            try:
+                ipaddress.ip_address(text)
+            except ValueError:
+                table.fail(f"dns[{index}]", f"{text!r} is not an IP address")
+        try:
+            return AddressPool.parse(name, addrs, dns)
+        except ValueError as exc:
+            table.fail("addrs", f"{addrs!r}: {exc} (a subnet, a range a-b or one address)")
 
     def child(self, name: str, key: str, value: object, legacy: bool) -> ChildConfig:
         child = self.table(

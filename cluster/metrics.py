@@ -59,6 +59,7 @@ from .ike.events import (
     IkeSaFailed,
     IkeSaRekeyed,
 )
+from .ike.pools import AddressPool
 from .relay import RelayDrops
 
 if TYPE_CHECKING:  # types only: the store client is not needed to publish its counters
@@ -186,6 +187,7 @@ class Metrics:
         self._relay: Reader | None = None
         self._failover: Reader | None = None
         self._members: Callable[[], Sequence[Member]] | None = None
+        self._pools: tuple[AddressPool, ...] = ()
         self._families: tuple[Metric, ...] = ()
         self._published_at = 0.0  # time.monotonic() of the last publish
         self._collector = _Published(self)
@@ -217,6 +219,10 @@ class Metrics:
     def watch_members(self, members: Callable[[], Sequence[Member]]) -> None:
         """The live members as this node last saw them (`Membership.members`)."""
         self._members = members
+
+    def watch_pools(self, pools: Iterable[AddressPool]) -> None:
+        """The virtual IP pools whose leases to count (each once)."""
+        self._pools = tuple({id(p): p for p in pools}.values())
 
     def observe_handshake(self, seconds: float, we_initiated: bool) -> None:
         """The supervisor's `handshake_observer`."""
@@ -352,6 +358,8 @@ class Metrics:
             families += _failover_families(self._failover())
         if self._members is not None:
             add(_members_family(self._members()))
+        if self._pools:
+            add(_pools_family(self._pools))
         self._families = tuple(families)
         self._published_at = time.monotonic()
 
@@ -529,6 +537,17 @@ def _members_family(members: Sequence[Member]) -> GaugeMetricFamily:
                                labels=["role"])
     for role, count in sorted(counts.items()):
         family.add_metric([role], count)
+    return family
+
+
+def _pools_family(pools: Sequence[AddressPool]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        PREFIX + "pool_addresses", "Virtual IP pool addresses: size, online (leased to an "
+        "IKE SA), offline (kept for the identity that last had it).", labels=["pool", "state"])
+    for pool in pools:
+        for state, value in (("size", pool.size), ("online", pool.online),
+                             ("offline", pool.offline)):
+            family.add_metric([pool.name, state], value)
     return family
 
 

@@ -94,6 +94,11 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
     from .runtime.supervisor import Supervisor
 
     cluster, key = cluster_settings(config)
+    for conn in config.policy.connections:
+        if conn.pools:  # leases live in one process; two responders would hand out one twice
+            raise ConfigError(f"{config.source}: connections.{conn.name}.pools: virtual IP "
+                              "pools are not shared between cluster nodes yet (use "
+                              "`ike-cluster run`)")
     for initiation in config.initiations:
         logger.warning("connection %s: start_action of child %s ignored: a cluster responder "
                        "only responds (initiating is `ike-cluster run`'s)",

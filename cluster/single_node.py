@@ -80,6 +80,7 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
     if config.metrics is not None:
         names = [c.name for c in config.policy.connections]
         metrics = Metrics(config.node_id, connections=names)
+        metrics.watch_pools(p for c in config.policy.connections for p in c.pools)
 
     def sink(event: Event) -> None:
         log_event(event)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import NoProposalChosen, TsUnacceptable
+from .configuration import dynamic_addresses
 from .constants import NotifyType, ProtocolId
 from .events import ChildSaEstablished
 from .keymat import derive_child_keys
@@ -47,8 +48,9 @@ def choose_child(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload], *,
                                                   if isinstance(p, NotifyPayload)]
     offered = [p for p in sa_p.proposals if p.protocol == ProtocolId.ESP and len(p.spi) == 4]
     proposal_error: Exception | None = None
+    peer = dynamic_addresses(sa)
     for child in conn.children:
-        tsi = narrow(tsi_p.selectors, [t.resolve(sa.remote[0]) for t in child.remote_ts])
+        tsi = narrow(tsi_p.selectors, [t.resolve(a) for t in child.remote_ts for a in peer])
         tsr = narrow(tsr_p.selectors, [t.resolve(sa.local[0]) for t in child.local_ts])
         if not tsi or not tsr:
             continue

@@ -92,6 +92,31 @@ class TsType(IntEnum):
     IPV6_ADDR_RANGE = 8
 
 
+class CfgType(IntEnum):
+    """Configuration payload types (RFC 7296 3.15)."""
+
+    CFG_REQUEST = 1
+    CFG_REPLY = 2
+    CFG_SET = 3
+    CFG_ACK = 4
+
+
+class ConfigAttribute(IntEnum):
+    """Configuration attribute types (RFC 7296 3.15.1)."""
+
+    INTERNAL_IP4_ADDRESS = 1
+    INTERNAL_IP4_NETMASK = 2
+    INTERNAL_IP4_DNS = 3
+    INTERNAL_IP4_NBNS = 4
+    INTERNAL_IP4_DHCP = 6
+    APPLICATION_VERSION = 7
+    INTERNAL_IP6_ADDRESS = 8
+    INTERNAL_IP6_DNS = 10
+    INTERNAL_IP4_SUBNET = 13
+    SUPPORTED_ATTRIBUTES = 14
+    INTERNAL_IP6_SUBNET = 15
+
+
 class HashAlgorithm(IntEnum):
     """RFC 7427 section 7 hash algorithm identifiers."""
 

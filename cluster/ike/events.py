@@ -22,6 +22,7 @@ class IkeSaEstablished:
     algorithms: str
     nat: bool
     initial_contact: bool = False  # RFC 7296 2.4: the peer holds no other SA with us
+    virtual_ips: tuple[str, ...] = ()  # leased to the peer (RFC 7296 2.19)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,14 @@ from datetime import datetime
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from ..errors import AuthenticationFailed, IkeError, InvalidSyntax, NoProposalChosen, ParseError
+from ..errors import (
+    AuthenticationFailed,
+    IkeError,
+    InternalAddressFailure,
+    InvalidSyntax,
+    NoProposalChosen,
+    ParseError,
+)
 from .auth import (
     certreq_authority_hashes,
     choose_auth_method,
@@ -21,6 +28,7 @@ from .auth import (
     verify_psk,
 )
 from .child_sa import Random, install_child, new_child_spi, respond_child
+from .configuration import respond_config
 from .constants import AuthMethod, CertEncoding, IdType, NotifyType, ProtocolId
 from .events import IkeSaEstablished
 from .identity import Identity, cert_matches_identity, identity_from_payload_untrusted
@@ -114,6 +122,7 @@ def _established(sa: IkeSa, initial_contact: bool = False) -> None:
     sa.events.append(IkeSaEstablished(
         sa.spi_i, sa.spi_r, sa.connection.name, str(sa.local_id), str(sa.remote_id),
         sa.local, sa.remote, sa.chosen.describe(), sa.nat, initial_contact,
+        tuple(str(lease.address) for lease in sa.leases),
     ))
 
 
@@ -158,12 +167,19 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
     response: list[Payload] = [IdrPayload(sa.local_id.id_type, sa.local_id.data)]
     response += _our_auth(sa, chosen_conn.local, sa.local_id, peer_ident, sa.init_response,
                           sa.nonce_i)
+    try:  # RFC 7296 2.19: CP(CFG_REPLY) follows AUTH
+        config: list[Payload] = respond_config(sa, chosen_conn, payloads)
+    except InternalAddressFailure as exc:
+        # RFC 7296 3.10.1: no address, no Child SA; the IKE SA itself stands
+        config = [NotifyPayload(exc.notify)]
+    response += config
     _established(sa, bool(notifies(payloads, NotifyType.INITIAL_CONTACT)))
     if notifies(payloads, NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED):
         # RFC 6311 3: a cluster may resynchronise message IDs after a failover
         sa.mid_sync = True
         response.append(NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))
-    response += respond_child(sa, chosen_conn, payloads, rng)
+    if not any(isinstance(p, NotifyPayload) for p in config):
+        response += respond_child(sa, chosen_conn, payloads, rng)
     return response
 
 

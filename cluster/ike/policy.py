@@ -12,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .identity import Identity, IdentityPattern
+from .pools import AddressPool
 from .proposals import ConfiguredProposal
 from .traffic_selectors import TsConfig
 
@@ -106,6 +107,8 @@ class ConnectionConfig:
     # on a liveness-check timeout (swanctl's): "restart" initiates an on-demand connection
     # again at once; a "start" connection is initiated again after any end anyway
     dpd_action: Literal["clear", "restart", "trap"] = "clear"
+    # virtual IPs for peers that ask (swanctl's `pools`), tried in order per family
+    pools: tuple[AddressPool, ...] = ()
 
     def child(self, name: str) -> ChildConfig | None:
         """The child configuration called `name` (a loop: see payloads.first_of)."""

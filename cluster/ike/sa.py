@@ -12,6 +12,7 @@ from .identity import Identity
 from .keymat import ChildKeys, IkeKeys
 from .message import SkProtection
 from .policy import ConnectionConfig, ResponderPolicy
+from .pools import Lease
 from .proposals import ChosenAlgorithms
 from .state import State, Trigger, next_state
 from .traffic_selectors import TrafficSelector
@@ -81,6 +82,7 @@ class IkeSa:
     peer_certreq: bool = False
     local_id: Identity | None = None
     remote_id: Identity | None = None
+    leases: tuple[Lease, ...] = ()  # the peer's virtual IPs (RFC 7296 2.19)
     pending_child_spi: bytes = b""
     initial_contact: bool = False  # send INITIAL_CONTACT in our IKE_AUTH request
     children: dict[bytes, ChildSa] = field(default_factory=dict)  # by spi_in

@@ -28,6 +28,7 @@ from ..errors import (
     UnsupportedCriticalPayload,
 )
 from ..key_exchange import ExponentialPool
+from .configuration import release_leases
 from .constants import NATT_PORT, ExchangeType, NotifyType, ProtocolId
 from .create_child import (
     RekeyChild,
@@ -810,6 +811,7 @@ class IkeSession:
         sa = self._sa
         was_established = sa.state in (State.ESTABLISHED, State.DELETING)
         delete_all_children(sa, reason)
+        release_leases(sa)
         sa.transition(trigger)
         sa.pending = None
         sa.queue.clear()

@@ -26,6 +26,7 @@ from ..ike.events import (
 )
 from ..ike.policy import ResponderPolicy
 from ..ike.session import Address, IkeSession
+from ..ike.traffic_selectors import TrafficSelector
 from ..key_exchange import ExponentialPool
 from .actor import Session
 from .dispatcher import Dispatcher
@@ -67,12 +68,20 @@ class Node:
                 initiator.acquire()
 
 
+def _format_selectors(local: tuple[TrafficSelector, ...], remote: tuple[TrafficSelector, ...]
+                      ) -> str:
+    """`ts=10.99.2.0/24===10.99.3.1/32 ` (strongSwan's notation), or nothing."""
+    if not (local or remote):
+        return ""
+    return f"ts={','.join(map(str, local))}==={','.join(map(str, remote))} "
+
+
 def log_event(event: Event) -> None:
     """The single-node event sink: SA life in the log (the interop tests grep it)."""
     if isinstance(event, IkeSaEstablished):
         logger.info(
             "IKE SA established: %s spi_i=%s spi_r=%s local=%s peer=%s local_id=%s"
-            " remote_id=%s %s%s",
+            " remote_id=%s %s%s%s",
             event.connection,
             event.spi_i.hex(),
             event.spi_r.hex(),
@@ -81,6 +90,7 @@ def log_event(event: Event) -> None:
             event.local_id,
             event.remote_id,
             event.algorithms,
+            "".join(f" vip={address}" for address in event.virtual_ips),
             " (NAT)" if event.nat else "",
         )
     elif isinstance(event, IkeSaDeleted):
@@ -120,13 +130,14 @@ def log_event(event: Event) -> None:
         esp = [event.encr.name, *([event.integ.name] if event.integ else []),
                *(["esn"] if event.esn else [])]
         logger.info(
-            "CHILD SA established: %s in IKE SA %s_i/%s_r spi_in=%s spi_out=%s esp=%s "
+            "CHILD SA established: %s in IKE SA %s_i/%s_r spi_in=%s spi_out=%s %sesp=%s "
             "mode=%s%s",
             event.name,
             event.ike_spi_i.hex(),
             event.ike_spi_r.hex(),
             event.spi_in.hex(),
             event.spi_out.hex(),
+            _format_selectors(event.local_ts, event.remote_ts),
             "-".join(esp),
             event.mode,
             " encap" if event.encap else "",

@@ -75,7 +75,7 @@ class Charon:
         for name in self.log_levels:
             if name not in LOG_SUBSYSTEMS:
                 raise ValueError(f"unknown charon log subsystem {name!r}")
-        self.settings = dict(settings or {})
+        self.settings = {"install_virtual_ip": "no", **(settings or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -92,7 +92,6 @@ class Charon:
     retransmit_timeout = 1.0
     retransmit_base = 1.4
     retransmit_tries = 2
-    install_virtual_ip = no
 {extra}    filelog {{
         lab {{
             path = {self.log_path}

@@ -540,6 +540,45 @@ def test_strongswan_behind_a_nat_and_its_mapping_changing(lab: Lab, initiator: C
     assert node.running(), node.log_text()
 
 
+def test_a_road_warrior_gets_a_virtual_ip_from_the_pool_and_traffic_crosses(
+        lab: Lab) -> None:
+    """strongSwan as a road warrior (`vips = 0.0.0.0`) asks for an address in IKE_AUTH;
+    our node leases one from the connection's pool (RFC 7296 2.19) with the pool's DNS
+    server, narrows the Child SA to it, and routes it into the TUN: strongSwan installs
+    the address and pings from it cross. After strongSwan deletes the SA and comes back,
+    the lease returns to the same identity: the same address again."""
+    charon = lab.charon("initiator", settings={"install_virtual_ip": "yes"})
+    initiator_conn, responder_conn = conn_pair()
+    initiator_conn = replace(initiator_conn, extra={"vips": "0.0.0.0"}).with_child(local_ts=())
+    responder_conn = replace(responder_conn, node_extra={"pools": ["rw"]}).with_child(
+        remote_ts=())
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0") + (
+        '[pools.rw]\naddrs = "10.99.3.0/28"\ndns = ["10.99.2.53"]\n'))
+    charon.load(initiator_conn)
+    wire = lab.wire_counters("initiator", {"esp_out": ("out", ESP_IN_UDP_OUT),
+                                           "esp_in": ("in", ESP_IN_UDP_IN)})
+    for attempt in range(2):
+        sa = assert_initiated(charon.initiate("net"), charon)
+        assert sa.get("local-vips") == ["10.99.3.1"], sa
+        child = child_sa(sa)
+        assert child.get("local-ts") == ["10.99.3.1/32"], child
+        assert child.get("remote-ts") == [RESPONDER_NETS[4]], child
+        line = wait_for_log(node, r"IKE SA established: rw ", count=attempt + 1)[-1]
+        assert " vip=10.99.3.1" in line, line
+        assert re.search(r"CHILD SA established: net .*10\.99\.3\.1/32",
+                         node.log_text()), node.log_text()
+        before = wire.read()
+        sent, received, output = ping(lab.initiator, "10.99.3.1", RESPONDER_INNER_V4)
+        assert (sent, received) == (PINGS, PINGS), output
+        counts = wire.since(before)
+        assert counts["esp_out"] >= PINGS and counts["esp_in"] >= PINGS, counts
+        # the pool's DNS server arrived (this charon loads no plugin that would use it)
+        assert "handling INTERNAL_IP4_DNS attribute" in charon.log_text(), charon.log_text()
+        charon.terminate_ike()
+        wait_for_log(node, r"IKE SA deleted: ", count=attempt + 1)
+    assert node.running(), node.log_text()
+
+
 def test_our_node_behind_a_nat_keeps_its_mapping_with_keepalives(lab: Lab) -> None:
     """The other way: our node initiates from behind the source NAT to strongSwan. Both
     detect that the NAT is in front of us, and we send the one-byte NAT keepalives (RFC

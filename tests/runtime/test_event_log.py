@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 
 from cluster.ike.events import ChildSaEstablished, IkeSaMoved
+from cluster.ike.traffic_selectors import TrafficSelector
 from cluster.runtime.node import log_event
 from cluster.transforms import ENCR_ALGORITHMS, INTEG_ALGORITHMS
 
@@ -41,6 +43,16 @@ def test_child_sa_established_names_its_transforms_and_no_key(
                     f"08090a0b0c0d0e0f_r spi_in=c0000001 spi_out=c1000002 {tail}")
     for key in KEYS:
         assert key.hex() not in line and key.hex()[:8] not in line
+
+
+def test_child_sa_established_names_its_selectors(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    local = (TrafficSelector.from_network("10.99.2.0/24"),
+             TrafficSelector.from_network("fd99:2::/64", 6, 443, 443))
+    log_event(replace(established("aes256gcm16", None, esn=False, encap=False),
+                      local_ts=local, remote_ts=(TrafficSelector.for_host("10.99.3.1"),)))
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert " spi_out=c1000002 ts=10.99.2.0/24,fd99:2::/64[6/443]===10.99.3.1/32 esp=" in line
 
 
 def test_a_nat_move_names_the_peers_new_address(caplog: pytest.LogCaptureFixture) -> None:

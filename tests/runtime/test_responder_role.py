@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from cluster.config import load_config
+from cluster.errors import ConfigError
 from cluster.roles import run_responder
 
 CONFIG = """\
@@ -48,3 +49,16 @@ async def test_a_cluster_responder_says_it_ignores_start_action(
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert messages == ["connection link: start_action of child net ignored: a cluster "
                         "responder only responds (initiating is `ike-cluster run`'s)"]
+
+
+async def test_a_cluster_responder_refuses_pools(tmp_path: Path) -> None:
+    """Leases live in one process: two responders would lease one address twice."""
+    (tmp_path / "cluster.key").write_text(os.urandom(32).hex() + "\n")
+    path = tmp_path / "responder.toml"
+    path.write_text(CONFIG.replace('[connections.link]\n', '[connections.link]\npools = ["rw"]\n')
+                    + '[pools.rw]\naddrs = "10.99.3.0/24"\n')
+    with pytest.raises(ConfigError) as caught:
+        await run_responder(load_config(path), handle_signals=False)
+    assert str(caught.value) == (
+        f"{path}: connections.link.pools: virtual IP pools are not shared between cluster "
+        "nodes yet (use `ike-cluster run`)")

@@ -397,6 +397,20 @@ def test_start_action_mistake_names_the_key(
     assert reason in message[len(prefix):], message
 
 
+def test_pools_are_shared_by_the_connections_naming_them(tmp_path: Path) -> None:
+    text = edit(("version = 2\n", 'version = 2\npools = ["v4", "v6"]\n')) + (
+        '[pools.v4]\naddrs = "10.99.3.0/24"\ndns = ["10.99.2.53"]\n'
+        '[pools.v6]\naddrs = "fd99:3::10-fd99:3::1f"\n')
+    text += text[text.index("[connections.rw]"):text.index("[secrets.rw]")].replace(
+        "connections.rw", "connections.rw2")
+    policy = load_config(write(tmp_path, text)).policy
+    first, second = policy.connections
+    assert [(p.name, str(p.first), p.size) for p in first.pools] == [
+        ("v4", "10.99.3.1", 254), ("v6", "fd99:3::10", 16)]
+    assert [str(d) for d in first.pools[0].dns] == ["10.99.2.53"]
+    assert all(a is b for a, b in zip(first.pools, second.pools, strict=True))
+
+
 # --- what does not load: one line, naming file, key and reason -------------------------
 
 NO_SECRETS = BASE[: BASE.index("[secrets.rw]")]
@@ -528,6 +542,13 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
      "secrets.rw.secret_file", "cannot read 'nope.txt': No such file or directory"),
     ("secret key typo", BASE.replace("secret =", "secert ="),
      "secrets.rw.secert", "unknown key (did you mean 'secret'?)"),
+    ("unknown pool", edit(("version = 2\n", 'version = 2\npools = ["rw"]\n')),
+     "connections.rw.pools[0]", "no pool 'rw' ([pools.NAME]: none defined)"),
+    ("pool without addrs", BASE + "[pools.rw]\ndns = []\n", "pools.rw.addrs", "missing"),
+    ("backwards pool range", BASE + '[pools.rw]\naddrs = "10.3.0.9-10.3.0.1"\n',
+     "pools.rw.addrs", "is not an address range"),
+    ("bad pool dns", BASE + '[pools.rw]\naddrs = "10.3.0.0/24"\ndns = ["ns.example"]\n',
+     "pools.rw.dns[0]", "'ns.example' is not an IP address"),
 ]
 
 

@@ -26,6 +26,8 @@ from cluster.ike.events import (
     IkeSaFailed,
     IkeSaRekeyed,
 )
+from cluster.ike.identity import parse_identity
+from cluster.ike.pools import AddressPool
 from cluster.ike.session import IkeSession
 from cluster.ike.state import State
 from cluster.metrics import (
@@ -158,6 +160,21 @@ def test_the_data_plane_adds_esp_families() -> None:
     assert value(samples, "ike_cluster_esp_dropped_packets_total", reason="replay") == 2
     assert value(samples, "ike_cluster_esp_dropped_packets_total", reason="no_sa_inbound") == 3
     assert value(samples, "ike_cluster_esp_dropped_packets_total", reason="malformed") == 5
+
+
+def test_pools_publish_size_online_and_offline_once_each() -> None:
+    pool = AddressPool.parse("rw", "10.99.3.0/29")
+    metrics = fresh()
+    metrics.watch_pools([pool, pool])  # two connections naming one pool
+    alice, bob = parse_identity("alice@example.test"), parse_identity("bob@example.test")
+    lease = pool.acquire(alice)
+    assert lease is not None and pool.acquire(bob) is not None
+    pool.release(lease)
+    metrics.publish()
+    types, samples = scrape(metrics)
+    assert types["ike_cluster_pool_addresses"] == "gauge"
+    assert [value(samples, "ike_cluster_pool_addresses", pool="rw", state=state)
+            for state in ("size", "online", "offline")] == [6, 1, 1]
 
 
 def test_every_runtime_counter_has_a_place() -> None:

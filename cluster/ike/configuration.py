@@ -1,0 +1,99 @@
+"""The Configuration payload (RFC 7296 2.19, 3.15): virtual IPs for peers that ask.
+
+The responder answers a CFG_REQUEST in IKE_AUTH with a CFG_REPLY carrying an address
+from the connection's pools (and the pool's DNS servers); the Child SA's `dynamic`
+remote selector then stands for that address instead of the peer's outer one.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..errors import InternalAddressFailure, InvalidSyntax, ParseError
+from ..wire import Buffer
+from .constants import CfgType, ConfigAttribute
+from .payloads import CpPayload, Payload, first_of
+from .policy import ConnectionConfig
+from .pools import Lease
+from .sa import IkeSa
+
+_ATTRIBUTE = struct.Struct("!HH")
+_ADDRESS_ATTRIBUTES = {4: ConfigAttribute.INTERNAL_IP4_ADDRESS,
+                       6: ConfigAttribute.INTERNAL_IP6_ADDRESS}
+_DNS_ATTRIBUTES = {4: ConfigAttribute.INTERNAL_IP4_DNS, 6: ConfigAttribute.INTERNAL_IP6_DNS}
+# the value a request may carry: empty, or an address (IPv6 with its prefix length)
+_REQUEST_LENGTHS: dict[int, tuple[int, ...]] = {ConfigAttribute.INTERNAL_IP4_ADDRESS: (0, 4),
+                    ConfigAttribute.INTERNAL_IP6_ADDRESS: (0, 17)}
+
+
+def parse_attributes_untrusted(data: bytes) -> list[tuple[int, bytes]]:
+    """(type, value) pairs of a Configuration payload (RFC 7296 3.15.1)."""
+    buf = Buffer(data)
+    out: list[tuple[int, bytes]] = []
+    try:
+        while not buf.eof():
+            kind, length = buf.pull_header(_ATTRIBUTE)
+            out.append((kind & 0x7FFF, buf.pull_bytes(length)))  # the R bit is ignored
+    except ParseError as exc:
+        raise InvalidSyntax(f"configuration attributes: {exc}") from None
+    return out
+
+
+def encode_attributes(attributes: list[tuple[int, bytes]]) -> bytes:
+    return b"".join(_ATTRIBUTE.pack(kind, len(value)) + value for kind, value in attributes)
+
+
+def respond_config(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload]) -> list[Payload]:
+    """The CFG_REPLY for the peer's CFG_REQUEST, leasing its virtual IPs to `sa`.
+
+    Nothing when the peer asked for no address or the connection has no pools (the
+    request is then ignored, as strongSwan does); InternalAddressFailure when it asked
+    and no pool had an address left for it.
+    """
+    cp = first_of(payloads, CpPayload)
+    if cp is None or cp.cfg_type != CfgType.CFG_REQUEST or not conn.pools:
+        return []
+    wanted: list[int] = []
+    for kind, value in parse_attributes_untrusted(cp.attributes):
+        if kind in _REQUEST_LENGTHS:
+            if len(value) not in _REQUEST_LENGTHS[kind]:
+                raise InvalidSyntax(f"configuration attribute {kind} of {len(value)} bytes")
+            version = 4 if kind == ConfigAttribute.INTERNAL_IP4_ADDRESS else 6
+            if version not in wanted:
+                wanted.append(version)
+    if not wanted:
+        return []
+    assert sa.remote_id is not None
+    leases: list[Lease] = []
+    for version in wanted:  # any requested address is a hint we do not follow
+        for pool in conn.pools:
+            if pool.version == version:
+                lease = pool.acquire(sa.remote_id)
+                if lease is not None:
+                    leases.append(lease)
+                    break
+    if not leases:
+        raise InternalAddressFailure("no virtual IP left in the connection's pools")
+    sa.leases = tuple(leases)
+    reply: list[tuple[int, bytes]] = []
+    for lease in leases:
+        value = lease.address.packed + (b"\x80" if lease.address.version == 6 else b"")
+        reply.append((_ADDRESS_ATTRIBUTES[lease.address.version], value))
+    for lease in leases:
+        reply += [(_DNS_ATTRIBUTES[d.version], d.packed) for d in lease.pool.dns
+                  if d.version == lease.address.version]
+    return [CpPayload(CfgType.CFG_REPLY, encode_attributes(reply))]
+
+
+def release_leases(sa: IkeSa) -> None:
+    """The IKE SA holding the leases ended (its rekeyed successors hold them until then)."""
+    for lease in sa.leases:
+        lease.pool.release(lease)
+    sa.leases = ()
+
+
+def dynamic_addresses(sa: IkeSa) -> tuple[str, ...]:
+    """What a `dynamic` remote selector stands for: the virtual IPs, else the peer."""
+    if sa.leases:
+        return tuple(str(lease.address) for lease in sa.leases)
+    return (sa.remote[0],)

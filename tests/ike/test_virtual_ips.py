@@ -1,0 +1,248 @@
+"""Virtual IPs: address pools and the responder's CFG_REPLY (RFC 7296 2.19, 3.15)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import pytest
+
+from cluster.errors import InvalidSyntax
+from cluster.ike import session as session_module
+from cluster.ike.child_sa import Random
+from cluster.ike.configuration import encode_attributes, parse_attributes_untrusted
+from cluster.ike.constants import CfgType, ConfigAttribute, NotifyType
+from cluster.ike.events import (
+    ChildSaEstablished,
+    Event,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaRekeyed,
+)
+from cluster.ike.identity import parse_identity
+from cluster.ike.ike_auth import build_auth_request
+from cluster.ike.message import decode_untrusted
+from cluster.ike.payloads import CpPayload, NotifyPayload, Payload, SaPayload, TsiPayload
+from cluster.ike.pools import AddressPool
+from cluster.ike.sa import IkeSa
+from cluster.ike.session import IkeSession
+from cluster.ike.state import State
+from cluster.ike.traffic_selectors import TrafficSelector
+from tests.ike.sessions import child, drain, psk_connection, psk_pair, run_handshake, transfer
+
+ALICE = parse_identity("alice@example.test")
+BOB = parse_identity("bob@example.test")
+CAROL = parse_identity("carol@example.test")
+
+# --- pools -----------------------------------------------------------------------------
+
+
+def test_a_subnet_pool_leaves_out_its_network_and_broadcast_address() -> None:
+    pool = AddressPool.parse("p", "10.3.0.0/30")
+    assert (str(pool.first), pool.size) == ("10.3.0.1", 2)
+    leases = [pool.acquire(ident) for ident in (ALICE, BOB, CAROL)]
+    assert [str(lease.address) if lease else None for lease in leases] == [
+        "10.3.0.1", "10.3.0.2", None]
+
+
+def test_ranges_single_addresses_and_ipv6() -> None:
+    assert (str(AddressPool.parse("p", "10.3.0.10-10.3.0.19").first),
+            AddressPool.parse("p", "10.3.0.10 - 10.3.0.19").size) == ("10.3.0.10", 10)
+    assert AddressPool.parse("p", "10.3.0.7").size == 1
+    v6 = AddressPool.parse("p", "fd00:3::/64", ("fd00::53",))
+    assert (v6.version, str(v6.first), v6.size) == (6, "fd00:3::1", 2**64 - 2)
+    assert v6.dns == (ipaddress.ip_address("fd00::53"),)
+    for bad in ("10.3.0.9-10.3.0.1", "10.3.0.1-fd00::1", "banana"):
+        with pytest.raises(ValueError):
+            AddressPool.parse("p", bad)
+
+
+def test_an_identity_keeps_its_address_online_and_offline() -> None:
+    pool = AddressPool.parse("p", "10.3.0.0/24")
+    first = pool.acquire(ALICE)
+    again = pool.acquire(ALICE)  # a second IKE SA of the same identity
+    assert first is not None and first == again and pool.online == 1
+    pool.release(first)
+    assert (pool.online, pool.offline) == (1, 0)  # the other SA still holds it
+    pool.release(first)
+    assert (pool.online, pool.offline) == (0, 1)
+    assert pool.acquire(BOB) != first  # a never used address first
+    back = pool.acquire(ALICE)
+    assert back == first and (pool.online, pool.offline) == (2, 0)
+
+
+def test_a_full_pool_reassigns_the_oldest_offline_lease() -> None:
+    pool = AddressPool.parse("p", "10.3.0.1-10.3.0.2")
+    alice, bob = pool.acquire(ALICE), pool.acquire(BOB)
+    assert alice is not None and bob is not None
+    assert pool.acquire(CAROL) is None  # every address is online
+    pool.release(bob)
+    pool.release(alice)
+    carol = pool.acquire(CAROL)
+    assert carol is not None and carol.address == bob.address  # bob's went offline first
+    assert pool.lease_of(BOB) is None and pool.lease_of(ALICE) == alice.address
+
+
+# --- attributes ------------------------------------------------------------------------
+
+
+def test_attributes_round_trip_and_the_reserved_bit_is_ignored() -> None:
+    data = encode_attributes([(1, b""), (3, bytes(4))])
+    assert parse_attributes_untrusted(data) == [(1, b""), (3, bytes(4))]
+    assert parse_attributes_untrusted(bytes.fromhex("80010000")) == [(1, b"")]
+    for truncated in (bytes.fromhex("0001"), bytes.fromhex("00030004000000")):
+        with pytest.raises(InvalidSyntax):
+            parse_attributes_untrusted(truncated)
+
+
+# --- the exchange ----------------------------------------------------------------------
+
+V4 = (ConfigAttribute.INTERNAL_IP4_ADDRESS, b"")
+V4_DNS = (ConfigAttribute.INTERNAL_IP4_DNS, b"")
+V6 = (ConfigAttribute.INTERNAL_IP6_ADDRESS, b"")
+ANY = ("0.0.0.0/0", "::/0")
+_BUILD = build_auth_request
+
+
+def _ask_for(*kinds: tuple[int, bytes], tsi: tuple[str, ...]
+             ) -> Callable[[IkeSa, Random], list[Payload]]:
+    """Our initiator's IKE_AUTH request with a CFG_REQUEST and TSi for any address, as
+    strongSwan sends it before it knows its virtual IP."""
+    def with_request(sa: IkeSa, rng: Random) -> list[Payload]:
+        selectors = TsiPayload(tuple(TrafficSelector.from_network(n) for n in tsi))
+        payloads = [selectors if isinstance(p, TsiPayload) else p for p in _BUILD(sa, rng)]
+        if kinds:
+            payloads.append(CpPayload(CfgType.CFG_REQUEST, encode_attributes(list(kinds))))
+        return payloads
+
+    return with_request
+
+
+@dataclass
+class Exchange:
+    client: IkeSession
+    gateway: IkeSession
+    reply: list[Payload]  # the IKE_AUTH response's payloads
+    gateway_events: list[Event]
+
+
+def _exchange(monkeypatch: pytest.MonkeyPatch, *pools: AddressPool,
+              ask: tuple[tuple[int, bytes], ...] = (V4, V4_DNS), tsi: tuple[str, ...] = ANY,
+              client_id: str = "client.example.test") -> Exchange:
+    monkeypatch.setattr(session_module, "build_auth_request", _ask_for(*ask, tsi=tsi))
+    gw_conn = replace(psk_connection(children=(child(remote_ts="dynamic"),)), pools=pools)
+    client_conn = psk_connection(
+        local_id=client_id, remote_id="gw.example.test",
+        children=(child(local_ts="dynamic", remote_ts="10.99.2.0/24"),))
+    client, gateway = psk_pair(gw_conn, client_conn)
+    transfer(client, gateway)
+    transfer(gateway, client)
+    transfer(client, gateway)  # IKE_AUTH request
+    [response] = gateway.datagrams_to_send()
+    sk = client.sa.sk
+    assert sk is not None
+    reply = sk.unprotect_untrusted(response.data, decode_untrusted(response.data))
+    assert reply is not None
+    client.receive_datagram_untrusted(response.data, response.remote, response.local, 0.0)
+    return Exchange(client, gateway, reply, drain(gateway))
+
+
+def _config_reply(reply: list[Payload]) -> list[tuple[int, bytes]]:
+    [cp] = [p for p in reply if isinstance(p, CpPayload)]
+    assert cp.cfg_type == CfgType.CFG_REPLY
+    return parse_attributes_untrusted(cp.attributes)
+
+
+def _child(events: list[Event]) -> ChildSaEstablished:
+    [established] = [e for e in events if isinstance(e, ChildSaEstablished)]
+    return established
+
+
+def test_the_peer_gets_an_address_and_the_pools_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = AddressPool.parse("rw", "10.99.3.0/24", ("10.99.2.53", "fd99:2::53"))
+    out = _exchange(monkeypatch, pool)
+    assert _config_reply(out.reply) == [
+        (ConfigAttribute.INTERNAL_IP4_ADDRESS, ipaddress.ip_address("10.99.3.1").packed),
+        (ConfigAttribute.INTERNAL_IP4_DNS, ipaddress.ip_address("10.99.2.53").packed)]
+    # RFC 7296 2.19: CP follows AUTH, before the Child SA's payloads
+    kinds = [type(p).__name__ for p in out.reply]
+    assert kinds.index("CpPayload") == kinds.index("AuthPayload") + 1
+    assert kinds.index("CpPayload") < kinds.index("SaPayload")
+    # "dynamic" on the remote side is now the virtual IP, not the outer address
+    assert [str(ts) for ts in _child(out.gateway_events).remote_ts] == ["10.99.3.1/32"]
+    [established] = [e for e in out.gateway_events if isinstance(e, IkeSaEstablished)]
+    assert established.virtual_ips == ("10.99.3.1",)
+    assert out.client.state is State.ESTABLISHED
+    assert [str(ts) for ts in _child(drain(out.client)).local_ts] == ["10.99.3.1/32"]
+
+
+def test_ipv6_and_both_families(monkeypatch: pytest.MonkeyPatch) -> None:
+    v4 = AddressPool.parse("v4", "10.99.3.0/24")
+    v6 = AddressPool.parse("v6", "fd99:3::/64", ("fd99:2::53",))
+    out = _exchange(monkeypatch, v4, v6, ask=(V4, V6))
+    assert _config_reply(out.reply) == [
+        (ConfigAttribute.INTERNAL_IP4_ADDRESS, ipaddress.ip_address("10.99.3.1").packed),
+        (ConfigAttribute.INTERNAL_IP6_ADDRESS,
+         ipaddress.ip_address("fd99:3::1").packed + bytes([128])),
+        (ConfigAttribute.INTERNAL_IP6_DNS, ipaddress.ip_address("fd99:2::53").packed)]
+    assert [str(ts) for ts in _child(out.gateway_events).remote_ts] == [
+        "10.99.3.1/32", "fd99:3::1/128"]
+
+
+def test_a_family_without_a_pool_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _exchange(monkeypatch, AddressPool.parse("v4", "10.99.3.0/24"), ask=(V4, V6))
+    assert [kind for kind, _ in _config_reply(out.reply)] == [
+        ConfigAttribute.INTERNAL_IP4_ADDRESS]
+
+
+def test_an_exhausted_pool_answers_internal_address_failure(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = AddressPool.parse("one", "10.99.3.7")
+    assert pool.acquire(parse_identity("someone.example.test")) is not None
+    out = _exchange(monkeypatch, pool)
+    notifies = [p.notify_type for p in out.reply if isinstance(p, NotifyPayload)]
+    assert NotifyType.INTERNAL_ADDRESS_FAILURE in notifies
+    # RFC 7296 3.10.1: no Child SA; the IKE SA itself stands
+    assert not any(isinstance(p, CpPayload | SaPayload) for p in out.reply)
+    assert not [e for e in out.gateway_events if isinstance(e, ChildSaEstablished)]
+    assert out.gateway.state is State.ESTABLISHED
+
+
+def test_no_pools_or_no_address_asked_gives_no_reply(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _exchange(monkeypatch, tsi=("10.99.0.1/32",))
+    assert not any(isinstance(p, CpPayload) for p in out.reply)
+    assert [str(ts) for ts in _child(out.gateway_events).remote_ts] == ["10.99.0.1/32"]
+    pool = AddressPool.parse("rw", "10.99.3.0/24")
+    out = _exchange(monkeypatch, pool, ask=(V4_DNS,), tsi=("10.99.0.1/32",))
+    assert not any(isinstance(p, CpPayload) for p in out.reply)
+    assert pool.online == 0
+
+
+def test_a_malformed_request_is_invalid_syntax(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = AddressPool.parse("rw", "10.99.3.0/24")
+    out = _exchange(monkeypatch, pool, ask=((ConfigAttribute.INTERNAL_IP4_ADDRESS, b"\0\0"),))
+    notifies = [p.notify_type for p in out.reply if isinstance(p, NotifyPayload)]
+    assert notifies == [NotifyType.INVALID_SYNTAX]
+    assert out.gateway.state is State.CLOSED and pool.online == 0
+
+
+def test_the_lease_lives_as_long_as_the_ike_sa_and_its_rekeys(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = AddressPool.parse("rw", "10.99.3.0/24")
+    out = _exchange(monkeypatch, pool)
+    client, gateway = out.client, out.gateway
+    assert (pool.online, pool.offline) == (1, 0)
+    client.rekey_ike(1.0)
+    run_handshake(client, gateway)
+    assert [e for e in drain(gateway) if isinstance(e, IkeSaRekeyed)]
+    assert (pool.online, pool.offline) == (1, 0)  # the old SA's Delete kept the lease
+    client.rekey_child(next(iter(client.sa.children)), 2.0)
+    run_handshake(client, gateway)
+    assert [str(ts) for ts in _child(drain(gateway)).remote_ts] == ["10.99.3.1/32"]
+    client.delete_ike(3.0)
+    run_handshake(client, gateway)
+    assert [e for e in drain(gateway) if isinstance(e, IkeSaDeleted)]
+    assert (pool.online, pool.offline) == (0, 1)
+    assert pool.lease_of(parse_identity("client.example.test")) == ipaddress.ip_address(
+        "10.99.3.1")
