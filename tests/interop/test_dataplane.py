@@ -579,6 +579,31 @@ def test_a_road_warrior_gets_a_virtual_ip_from_the_pool_and_traffic_crosses(
     assert node.running(), node.log_text()
 
 
+def test_a_dual_stack_road_warrior_gets_one_address_of_each_family(lab: Lab) -> None:
+    """strongSwan asks for an IPv4 and an IPv6 address (`vips = 0.0.0.0,::`); the
+    connection's two pools each lease one, the Child SA covers both, and pings from
+    each cross the tunnel."""
+    charon = lab.charon("initiator", settings={"install_virtual_ip": "yes"})
+    initiator_conn, responder_conn = conn_pair()
+    both = (RESPONDER_NETS[4], RESPONDER_NETS[6])
+    initiator_conn = replace(initiator_conn, extra={"vips": "0.0.0.0,::"}).with_child(
+        local_ts=(), remote_ts=both)
+    responder_conn = replace(responder_conn, node_extra={"pools": ["v4", "v6"]}).with_child(
+        remote_ts=(), local_ts=both)
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0") + (
+        '[pools.v4]\naddrs = "10.99.3.0/28"\n[pools.v6]\naddrs = "fd99:3::/120"\n'))
+    charon.load(initiator_conn)
+    sa = assert_initiated(charon.initiate("net"), charon)
+    assert sorted(sa.get("local-vips", [])) == ["10.99.3.1", "fd99:3::1"], sa
+    assert sorted(child_sa(sa).get("local-ts", [])) == ["10.99.3.1/32", "fd99:3::1/128"], sa
+    line = wait_for_log(node, r"IKE SA established: rw ")[0]
+    assert " vip=10.99.3.1 vip=fd99:3::1" in line, line
+    for source, target in (("10.99.3.1", RESPONDER_INNER_V4), ("fd99:3::1", RESPONDER_INNER_V6)):
+        sent, received, output = ping(lab.initiator, source, target)
+        assert (sent, received) == (PINGS, PINGS), output
+    assert node.running(), node.log_text()
+
+
 def test_our_node_behind_a_nat_keeps_its_mapping_with_keepalives(lab: Lab) -> None:
     """The other way: our node initiates from behind the source NAT to strongSwan. Both
     detect that the NAT is in front of us, and we send the one-byte NAT keepalives (RFC
