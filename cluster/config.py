@@ -482,6 +482,7 @@ class _Loader:
                 "dpd_delay",
                 "dpd_action",
                 "pools",
+                "mobike",
             ),
         )
         version = conn.integer("version", 2)
@@ -515,6 +516,7 @@ class _Loader:
             dpd_delay=self.duration(conn, "dpd_delay", 0.0),
             dpd_action=self.dpd_action(conn, children),
             pools=self.connection_pools(conn, pools),
+            mobike=conn.boolean("mobike", True),
         )
         return connection, self.initiation(conn, connection, remote_port, addresses)
 

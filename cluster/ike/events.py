@@ -106,12 +106,18 @@ class IkeSaRetired:
 
 @dataclass(frozen=True, slots=True)
 class IkeSaMoved:
-    """The peer's address or port changed (NAT rebinding, RFC 7296 2.23): ESP follows."""
+    """The peer's address or port changed (NAT rebinding, RFC 7296 2.23, or a MOBIKE
+    update, RFC 4555 3.5): tunnel-mode ESP follows."""
 
     spi_i: bytes
     spi_r: bytes
     local: Address
     remote: Address
+    reason: str = "NAT mapping changed"  # or MOBIKE_UPDATE
+
+
+# The reason of a move the peer asked for (RFC 4555 3.5).
+MOBIKE_UPDATE = "MOBIKE address update"
 
 
 @dataclass(frozen=True, slots=True)

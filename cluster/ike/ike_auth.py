@@ -178,6 +178,9 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
         # RFC 6311 3: a cluster may resynchronise message IDs after a failover
         sa.mid_sync = True
         response.append(NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))
+    if chosen_conn.mobike and notifies(payloads, NotifyType.MOBIKE_SUPPORTED):
+        sa.mobike = True  # RFC 4555 3.1: the initiator may now move the SA
+        response.append(NotifyPayload(NotifyType.MOBIKE_SUPPORTED))
     if not any(isinstance(p, NotifyPayload) for p in config):
         response += respond_child(sa, chosen_conn, payloads, rng)
     return response

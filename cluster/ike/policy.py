@@ -107,6 +107,7 @@ class ConnectionConfig:
     # on a liveness-check timeout (swanctl's): "restart" initiates an on-demand connection
     # again at once; a "start" connection is initiated again after any end anyway
     dpd_action: Literal["clear", "restart", "trap"] = "clear"
+    mobike: bool = True  # offer MOBIKE (RFC 4555) to initiators that support it (swanctl's)
     # virtual IPs for peers that ask (swanctl's `pools`), tried in order per family
     pools: tuple[AddressPool, ...] = ()
 

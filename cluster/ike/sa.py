@@ -102,6 +102,7 @@ class IkeSa:
     rekey_nonce: bytes = b""
     fragmentation: bool = False  # both announced IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383)
     mid_sync: bool = False  # both announced IKEV2_MESSAGE_ID_SYNC_SUPPORTED (RFC 6311)
+    mobike: bool = False  # both announced MOBIKE_SUPPORTED (RFC 4555); we are its responder
     reassembly: dict[bool, Reassembler] = field(default_factory=dict)  # by "is a response"
     fragment1_digest: bytes = b""  # of the request being reassembled (retransmission check)
 

@@ -40,6 +40,7 @@ from .create_child import (
     respond_create_child,
 )
 from .events import (
+    MOBIKE_UPDATE,
     PEER_NOT_RESPONDING,
     Address,
     ChildSaDeleted,
@@ -52,7 +53,7 @@ from .events import (
 )
 from .fragments import DEFAULT_FRAGMENT_SIZE_V4, Reassembler, ike_message_limit
 from .ike_auth import build_auth_request, process_auth_response, respond_auth
-from .ike_init import build_init_request, process_init_response, respond_init
+from .ike_init import build_init_request, notifies, process_init_response, respond_init
 from .informational import (
     delete_all_children,
     delete_children_by_outbound,
@@ -62,6 +63,7 @@ from .informational import (
 )
 from .lifetimes import INFINITY, deadlines, fraction
 from .message import Decoded, Message, decode_untrusted, encode_plain, unknown_critical
+from .mobike import MobikeAnswer, answer_mobike
 from .payloads import DeletePayload, NotifyPayload, Payload
 from .policy import ConnectionConfig, ResponderPolicy
 from .sa import IkeSa, Outstanding
@@ -451,7 +453,7 @@ class IkeSession:
                     self._drop("integrity")
                     return
             payloads = inner
-            self._heard_from(sa, local, remote, now)
+            self._heard_from(sa, local, remote, now, payloads)
         elif header.exchange != ExchangeType.IKE_SA_INIT:
             self._drop("unprotected")
             return
@@ -490,7 +492,8 @@ class IkeSession:
         sa.events.append(ExchangeCompleted(ExchangeType.INFORMATIONAL, True, "ok"))
         return True
 
-    def _heard_from(self, sa: IkeSa, local: Address, remote: Address, now: float) -> None:
+    def _heard_from(self, sa: IkeSa, local: Address, remote: Address, now: float,
+                    payloads: list[Payload] | None = None) -> None:
         """An authenticated message: the peer is alive, and we may follow its address."""
         sa.last_heard = now
         if (sa.local, sa.remote) == (local, remote):
@@ -500,15 +503,28 @@ class IkeSession:
             return
         if not sa.nat_remote:
             return  # RFC 7296 2.23: follow a changing address only for a peer behind a NAT
+        if sa.mobike and payloads and notifies(payloads, NotifyType.UPDATE_SA_ADDRESSES):
+            return  # the answer moves it, as the peer asked (RFC 4555 3.5)
+        # With MOBIKE strongSwan's responder leaves address changes to the initiator; we
+        # still follow a NATed peer's new mapping, which a client behind a NAT that
+        # rebinds cannot always see (strongSwan 5.9.8 as the client does not)
+        self._move(local, remote, "NAT mapping changed")
+
+    def _move(self, local: Address, remote: Address, reason: str) -> None:
+        """The IKE SA (and any rekeyed-away one) now lives on these addresses."""
+        if (self._sa.local, self._sa.remote) == (local, remote):
+            return
         for other in self._all():
             other.local, other.remote = local, remote
-        sa.events.append(IkeSaMoved(self._sa.spi_i, self._sa.spi_r, local, remote))
+        self._sa.events.append(IkeSaMoved(self._sa.spi_i, self._sa.spi_r, local, remote,
+                                          reason))
 
     def _answer(self, sa: IkeSa, exchange: int, message_id: int, payloads: list[Payload],
                 local: Address, remote: Address, now: float) -> None:
         fatal: IkeError | None = None
         deleted = False
         successor: IkeSa | None = None
+        mobike: MobikeAnswer | None = None
         try:
             critical = unknown_critical(payloads)
             if critical is not None:  # RFC 7296 2.5
@@ -519,6 +535,9 @@ class IkeSession:
                 response = respond_auth(sa, payloads, self._rng, self._wall_clock)
             elif exchange == ExchangeType.INFORMATIONAL:
                 response, deleted = respond_informational(sa, payloads)
+                if sa.mobike and not deleted:
+                    mobike = answer_mobike(sa, payloads, local, remote)
+                    response += mobike.payloads
             else:
                 answer = respond_create_child(sa, payloads, self._rng)
                 response, successor = answer.payloads, answer.new_ike
@@ -553,6 +572,12 @@ class IkeSession:
         elif exchange == ExchangeType.IKE_AUTH:
             sa.transition(Trigger.RECV_AUTH_REQUEST)
             self._established(sa, now)
+        elif mobike is not None and mobike.update:
+            for other in self._all():  # the NAT state seen from the new addresses
+                other.nat_remote = other.nat_remote or mobike.nat_remote
+                other.behind_nat = mobike.behind_nat
+                other.nat_local = other.nat_local or mobike.behind_nat
+            self._move(local, remote, MOBIKE_UPDATE)
         elif successor is not None:
             self._take_over(sa, successor, now)
         elif exchange == ExchangeType.CREATE_CHILD_SA:
@@ -616,7 +641,7 @@ class IkeSession:
                     self._drop("integrity")
                     return
             payloads = inner
-            self._heard_from(sa, local, remote, now)
+            self._heard_from(sa, local, remote, now, payloads)
         elif header.exchange != ExchangeType.IKE_SA_INIT:
             self._drop("unprotected")
             return

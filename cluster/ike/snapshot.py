@@ -98,6 +98,7 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
         "nat": [sa.nat_local, sa.nat_remote, sa.behind_nat],
         "fragmentation": sa.fragmentation,
         "mid_sync": sa.mid_sync,
+        "mobike": sa.mobike,
         # a request of ours may not have reached the peer: our next ID may be ahead of its
         "in_flight": sa.pending is not None,
         "peer_hashes": sorted(sa.peer_hashes),
@@ -158,6 +159,7 @@ def _restore(record: Record, policy: ResponderPolicy, now: float, wall_clock: Wa
         rekey_at=_abs(record["rekey_in"], now), expire_at=_abs(record["expire_in"], now),
         fragmentation=record["fragmentation"],
         mid_sync=bool(record.get("mid_sync", False)),
+        mobike=bool(record.get("mobike", False)),
     )
     for c, ck in zip(record["children"], record["children_keys"], strict=True):
         child = ChildSa(c["name"], c["mode"], c["spi_in"], c["spi_out"],

@@ -111,11 +111,12 @@ def log_event(event: Event) -> None:
         )
     elif isinstance(event, IkeSaMoved):
         logger.info(
-            "IKE SA moved: spi_i=%s spi_r=%s peer=%s local=%s (NAT mapping changed)",
+            "IKE SA moved: spi_i=%s spi_r=%s peer=%s local=%s (%s)",
             event.spi_i.hex(),
             event.spi_r.hex(),
             _format_address(event.remote),
             _format_address(event.local),
+            event.reason,
         )
     elif isinstance(event, IkeSaFailed):
         logger.info(

@@ -251,6 +251,13 @@ class DataPlane:
         self._lingering.pop(spi_in, None)
         self._remove_routes(spi_in)
 
+    def move(self, spi_in: bytes, remote: tuple[str, int]) -> None:
+        """Send the SA's ESP to the peer's new address: after a NAT rebinding (ESP in UDP,
+        RFC 7296 2.23) or a MOBIKE update (tunnel mode only, RFC 4555 1.1)."""
+        child = self.sad.get(spi_in)
+        if child is not None and (child.params.encap or child.params.mode == "tunnel"):
+            child.outbound.remote = remote
+
     def delete(self, spi_in: bytes) -> None:
         """The Child SA was deleted (RFC 7296 1.4.1). One a rekey replaced stops sending
         (its successor sends) but decrypts for REKEYED_LINGER seconds more, so packets
@@ -343,12 +350,11 @@ class DataPlane:
                     self.succeed(event.replaces, params, ike)
                 else:
                     self.install(params, ike)
-            elif isinstance(event, IkeSaMoved):  # NAT rebinding: ESP follows the peer
+            elif isinstance(event, IkeSaMoved):  # NAT rebinding or MOBIKE: ESP follows
                 ike = (event.spi_i, event.spi_r)
                 for spi_in, owner in self._ike_of.items():
-                    child = self.sad.get(spi_in)
-                    if owner == ike and child is not None and child.params.encap:
-                        child.outbound.remote = event.remote
+                    if owner == ike:
+                        self.move(spi_in, event.remote)
             elif isinstance(event, IkeSaRekeyed):  # the Child SAs moved to the new IKE SA
                 old, new = (event.old_spi_i, event.old_spi_r), (event.spi_i, event.spi_r)
                 for spi_in, ike in self._ike_of.items():

@@ -289,10 +289,8 @@ class KeySubscriber:
                     raise ParseError("key message 'ike' without SPIs")
                 self.plane.set_ike_sa(spi_in, (spi_i, spi_r))
             elif kind == "move" and len(message) == 3:
-                child = self.plane.sad.get(spi_in)
                 host, port = message[2]
-                if child is not None and child.params.encap:
-                    child.outbound.remote = (str(host), int(port))
+                self.plane.move(spi_in, (str(host), int(port)))
             else:
                 raise ParseError(f"key message kind {kind!r}")
         except (StoreError, ParseError, ValueError, TypeError) as exc:

@@ -604,6 +604,52 @@ def test_a_dual_stack_road_warrior_gets_one_address_of_each_family(lab: Lab) -> 
     assert node.running(), node.log_text()
 
 
+def test_strongswan_roams_to_a_new_address_with_mobike(lab: Lab, initiator: Charon) -> None:
+    """MOBIKE (RFC 4555): strongSwan (mobike = yes, its default) loses its address and
+    has another on the same link; it moves the IKE SA there with UPDATE_SA_ADDRESSES,
+    our node moves the IKE SA and its ESP, and the pings get through again on the same
+    IKE SA, without a new IKE_AUTH."""
+    initiator_conn, responder_conn = conn_pair()
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    initiator.load(initiator_conn)
+    sa = assert_initiated(initiator.initiate("net"), initiator)
+    spis = (sa["initiator-spi"], sa["responder-spi"])
+    line = wait_for_log(node, r"IKE SA established: rw ")[0]
+    assert "peer=10.99.0.1:4500" in line, line
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+
+    roamed = "10.99.0.11"
+    # the new address must outlive the old one (not go with it as a secondary would)
+    lab.initiator.run(["sysctl", "-qw", f"net.ipv4.conf.{VETH}.promote_secondaries=1"])
+    lab.initiator.run(["ip", "addr", "add", f"{roamed}/24", "dev", VETH])
+    lab.initiator.run(["ip", "addr", "del", f"{INITIATOR_V4}/24", "dev", VETH])
+    wait_for_log(node, rf"IKE SA moved: .* peer={re.escape(roamed)}:4500 ")
+    # strongSwan asked with UPDATE_SA_ADDRESSES and took our answer (a COOKIE2 it did
+    # not get back would have made it close the IKE SA)
+    log = initiator.log_text()
+    assert re.search(r"generating INFORMATIONAL request \d+ \[ N\(UPD_SA_ADDR\) .*"
+                     r"N\(COOKIE2\)", log), log
+    assert re.search(r"parsed INFORMATIONAL response \d+ \[ N\(NATD_S_IP\) N\(NATD_D_IP\) "
+                     r"N\(COOKIE2\) \]", log), log
+    wire = lab.wire_counters("initiator", {
+        "esp_out": ("out", f"ip saddr {roamed} {ESP_IN_UDP_OUT}"),
+        "esp_in": ("in", f"ip daddr {roamed} {ESP_IN_UDP_IN}")})
+    before = wire.read()
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    counts = wire.since(before)
+    assert counts["esp_out"] >= PINGS and counts["esp_in"] >= PINGS, counts
+    (sa,) = [sa for sa in initiator.list_sas() if sa.get("state") == "ESTABLISHED"]
+    assert (sa["initiator-spi"], sa["responder-spi"]) == spis, sa
+    assert sa.get("local-host") == roamed, sa
+    # libipsec cannot move an SA, so strongSwan rekeyed its Child SA after the update
+    installed = [c for c in sa["child-sas"].values() if c["state"] == "INSTALLED"]
+    assert len(installed) == 1 and int(installed[0]["packets-in"]) >= PINGS, sa
+    assert node.log_text().count("IKE SA established:") == 1, node.log_text()
+    assert node.running(), node.log_text()
+
+
 def test_our_node_behind_a_nat_keeps_its_mapping_with_keepalives(lab: Lab) -> None:
     """The other way: our node initiates from behind the source NAT to strongSwan. Both
     detect that the NAT is in front of us, and we send the one-byte NAT keepalives (RFC

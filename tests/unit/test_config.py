@@ -397,6 +397,12 @@ def test_start_action_mistake_names_the_key(
     assert reason in message[len(prefix):], message
 
 
+def test_mobike_is_on_unless_turned_off(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, BASE)).policy.connections[0].mobike
+    off = edit(("version = 2\n", "version = 2\nmobike = false\n"))
+    assert not load_config(write(tmp_path, off)).policy.connections[0].mobike
+
+
 def test_pools_are_shared_by_the_connections_naming_them(tmp_path: Path) -> None:
     text = edit(("version = 2\n", 'version = 2\npools = ["v4", "v6"]\n')) + (
         '[pools.v4]\naddrs = "10.99.3.0/24"\ndns = ["10.99.2.53"]\n'
@@ -542,6 +548,8 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
      "secrets.rw.secret_file", "cannot read 'nope.txt': No such file or directory"),
     ("secret key typo", BASE.replace("secret =", "secert ="),
      "secrets.rw.secert", "unknown key (did you mean 'secret'?)"),
+    ("mobike not a boolean", edit(("version = 2\n", 'version = 2\nmobike = "no"\n')),
+     "connections.rw.mobike", "expected"),
     ("unknown pool", edit(("version = 2\n", 'version = 2\npools = ["rw"]\n')),
      "connections.rw.pools[0]", "no pool 'rw' ([pools.NAME]: none defined)"),
     ("pool without addrs", BASE + "[pools.rw]\ndns = []\n", "pools.rw.addrs", "missing"),
