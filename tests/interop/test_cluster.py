@@ -17,7 +17,14 @@ import pytest
 
 from tests.interop.charon import Charon
 from tests.interop.cluster_lab import ClusterLab, metric
-from tests.interop.lab import INITIATOR_INNER_V4, RESPONDER_INNER_V4, Lab, conn_pair
+from tests.interop.lab import (
+    INITIATOR_INNER_V4,
+    INITIATOR_V4,
+    RESPONDER_INNER_V4,
+    VETH,
+    Lab,
+    conn_pair,
+)
 from tests.interop.sa_checks import assert_initiated, child_sa, established
 from tests.interop.spec import Conn
 from tests.interop.test_dataplane import source_nat
@@ -155,6 +162,40 @@ def test_a_nat_rebinding_reaches_the_worker_and_survives_the_owners_death() -> N
         assert received == sent, f"{out}\n{cluster.logs()}"
         report("cluster", "NAT rebinding followed by the owner and the worker; the survivor's "
                           "liveness checks reach the new mapping")
+
+
+def test_a_mobike_roam_moves_the_sa_in_the_cluster_and_the_workers_esp() -> None:
+    """strongSwan loses its address and roams to another with MOBIKE: the owning
+    responder answers its UPDATE_SA_ADDRESSES through the worker's relay, the store's
+    "move" message takes the worker's ESP to the new address, and pings cross again on
+    the same IKE SA."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        charon, sa = _connect(lab, cluster, initiator, responder)
+        sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+        assert received == sent, f"{out}\n{cluster.logs()}"
+        owner = cluster.responders[_owner(cluster, sa["responder-spi"]) - 1]
+
+        roamed = "10.99.0.11"
+        lab.initiator.run(["sysctl", "-qw", f"net.ipv4.conf.{VETH}.promote_secondaries=1"])
+        lab.initiator.run(["ip", "addr", "add", f"{roamed}/24", "dev", VETH])
+        lab.initiator.run(["ip", "addr", "del", f"{INITIATOR_V4}/24", "dev", VETH])
+        deadline = time.monotonic() + 20
+        while not re.search(rf"IKE SA moved: .* peer={re.escape(roamed)}:4500 ",
+                            owner.log_text()):
+            assert time.monotonic() < deadline, f"no move:\n{cluster.logs()}"
+            time.sleep(0.3)
+        assert re.search(r"parsed INFORMATIONAL response \d+ \[ N\(NATD_S_IP\) N\(NATD_D_IP\) "
+                         r"N\(COOKIE2\) \]", charon.log_text()), charon.log_text()
+        deadline = time.monotonic() + 20
+        while True:  # strongSwan's libipsec rekeys its Child SA after the move
+            sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+            if received == sent:
+                break
+            assert time.monotonic() < deadline, f"{out}\n{cluster.logs()}"
+        (now,) = established(charon)
+        assert (now["responder-spi"], now.get("local-host")) == (sa["responder-spi"], roamed)
+        report("cluster", "MOBIKE roam followed by the owner and the worker")
 
 
 def _keys_from_log(log: str) -> list[bytes]:
