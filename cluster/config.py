@@ -719,7 +719,7 @@ class _Loader:
         )
 
     def remote_auth(self, conn: _Table) -> RemoteAuth:
-        remote = conn.table("remote", ("auth", "id", "cacerts"), required=True)
+        remote = conn.table("remote", ("auth", "id", "cacerts", "crls"), required=True)
         method = self.auth_method(remote)
         id_text = remote.string("id", "%any")
         try:
@@ -727,8 +727,9 @@ class _Loader:
         except ValueError as exc:
             remote.fail("id", str(exc))
         if method == "psk":
-            if "cacerts" in remote:
-                remote.fail("cacerts", 'only used with auth = "pubkey"')
+            for name in ("cacerts", "crls"):
+                if name in remote:
+                    remote.fail(name, 'only used with auth = "pubkey"')
             return RemoteAuth(method="psk", identity=pattern)
         paths = remote.strings("cacerts", required=True)
         if not paths:
@@ -736,7 +737,20 @@ class _Loader:
         cacerts: list[x509.Certificate] = []
         for index, text in enumerate(paths):
             cacerts.extend(self.certificates(remote, f"cacerts[{index}]", text))
-        return RemoteAuth(method="pubkey", identity=pattern, cacerts=tuple(cacerts))
+        crls = [self.crl(remote, f"crls[{index}]", text)
+                for index, text in enumerate(remote.strings("crls"))]
+        return RemoteAuth(method="pubkey", identity=pattern, cacerts=tuple(cacerts),
+                          crls=tuple(crls))
+
+    def crl(self, table: _Table, name: str, text: str) -> x509.CertificateRevocationList:
+        """A CRL file, PEM or DER (strongSwan's x509crl directory holds either)."""
+        data = self.read_file(table, name, text)
+        try:
+            if b"-----BEGIN" in data:
+                return x509.load_pem_x509_crl(data)
+            return x509.load_der_x509_crl(data)
+        except ValueError as exc:
+            table.fail(name, f"{text!r} holds no valid CRL: {exc}")
 
     def auth_method(self, table: _Table) -> Literal["psk", "pubkey"]:
         # swanctl's default is pubkey

@@ -325,11 +325,17 @@ def verify_certificate_chain(
     intermediates: Sequence[x509.Certificate],
     trust_anchors: Sequence[x509.Certificate],
     now: datetime,
+    crls: Sequence[x509.CertificateRevocationList] = (),
 ) -> None:
-    """Find a path end_entity -> intermediates* -> a trust anchor, or raise with a reason."""
+    """Find a path end_entity -> intermediates* -> a trust anchor, or raise with a reason.
+
+    A certificate on the path that a CRL of its issuer (signed by that issuer) lists is
+    revoked, as strongSwan's revocation plugin decides with its CRLs; a stale CRL still
+    counts, as strongSwan's default (strictcrlpolicy = no) has it.
+    """
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
-    failure = _path_from(end_entity, [end_entity], intermediates, trust_anchors, now)
+    failure = _path_from(end_entity, [end_entity], intermediates, trust_anchors, now, crls)
     if failure is not None:
         subject = end_entity.subject.rfc4514_string()
         raise AuthenticationFailed(f"certificate of {subject}: {failure}")
@@ -341,6 +347,7 @@ def _path_from(
     intermediates: Sequence[x509.Certificate],
     anchors: Sequence[x509.Certificate],
     now: datetime,
+    crls: Sequence[x509.CertificateRevocationList],
 ) -> str | None:
     """Depth-first search; returns None on success, else the reason the best branch failed."""
     problem = _validity_problem(cert, now)
@@ -356,7 +363,9 @@ def _path_from(
             continue
         problem = _issuer_problem(cert, issuer, intermediates_below=len(path) - 1)
         if problem is None:
-            problem = _path_from(issuer, [*path, issuer], intermediates, anchors, now)
+            problem = _revocation_problem(cert, issuer, crls)
+        if problem is None:
+            problem = _path_from(issuer, [*path, issuer], intermediates, anchors, now, crls)
             if problem is None:
                 return None
         failure = problem
@@ -395,6 +404,25 @@ def _issuer_problem(
         cert.verify_directly_issued_by(issuer)
     except (InvalidSignature, *_CERT_ERRORS):
         return f"signature by {name} does not verify"
+    return None
+
+
+def _revocation_problem(cert: x509.Certificate, issuer: x509.Certificate,
+                        crls: Sequence[x509.CertificateRevocationList]) -> str | None:
+    """Whether a CRL `issuer` signed lists `cert` (RFC 5280 6.3, without delta CRLs)."""
+    for crl in crls:
+        if crl.issuer != issuer.subject:
+            continue
+        try:
+            signed = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+        except (TypeError, UnsupportedAlgorithm, *_CERT_ERRORS):
+            signed = False
+        if not signed:
+            continue  # another CA of the same name, or a forgery: not this issuer's word
+        entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+        if entry is not None:
+            return (f"{cert.subject.rfc4514_string()} (serial {cert.serial_number:x}) was "
+                    f"revoked on {entry.revocation_date_utc:%Y-%m-%d %H:%M:%S} UTC")
     return None
 
 

@@ -37,6 +37,7 @@ class RemoteAuth:
     method: Literal["psk", "pubkey"]
     identity: IdentityPattern
     cacerts: tuple[x509.Certificate, ...] = ()
+    crls: tuple[x509.CertificateRevocationList, ...] = ()  # checked on the peer's chain
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,28 @@ class TestCa:
         return TestCa(self.directory, stem=stem, common_name=common_name, key_type=key_type,
                       key_size=key_size, parent=self)
 
+    def revoke(self, *revoked: Credential, stem: str = "ca") -> Path:
+        """A CRL of this CA listing ``revoked`` (PEM, ``<stem>.crl``)."""
+        now = datetime.datetime.now(datetime.UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder().issuer_name(self.name)
+            .last_update(now - datetime.timedelta(hours=1))
+            .next_update(now + datetime.timedelta(days=1))
+            # RFC 5280 5.2.1, 5.2.3: both MUST be there (strongSwan finds CRLs by the AKI)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                self.key.public_key()), critical=False)
+            .add_extension(x509.CRLNumber(1), critical=False)
+        )
+        for cred in revoked:
+            serial = x509.load_pem_x509_certificate(cred.cert.read_bytes()).serial_number
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial)
+                .revocation_date(now - datetime.timedelta(minutes=5)).build())
+        path = self.directory / f"{stem}.crl"
+        path.write_bytes(builder.sign(self.key, hashes.SHA256()).public_bytes(
+            serialization.Encoding.PEM))
+        return path
+
     def chain(self) -> list[x509.Certificate]:
         """This CA's certificate and its parents' below the root (an intermediate's chain)."""
         out: list[x509.Certificate] = []
@@ -181,11 +203,14 @@ class Pki:
     client_rsa: Credential
     other_ca: Path
     client_from_other_ca: Credential  # client's identity, signed by a CA nobody trusts
+    client_revoked: Credential  # client's identity from the CA, listed in `crl`
+    crl: Path  # the CA's CRL
 
 
 def make_pki(directory: Path) -> Pki:
     ca = TestCa(directory)
     other = TestCa(directory, stem="otherca", common_name="untrusted test CA")
+    revoked = ca.issue("client.example.test", name="clientrevoked")
     return Pki(
         ca=ca.cert_path,
         gw_ecdsa=ca.issue("gw.example.test", name="gw"),
@@ -194,4 +219,6 @@ def make_pki(directory: Path) -> Pki:
         client_rsa=ca.issue("client.example.test", key_type="rsa", name="clientrsa"),
         other_ca=other.cert_path,
         client_from_other_ca=other.issue("client.example.test", name="clientother"),
+        client_revoked=revoked,
+        crl=ca.revoke(revoked),
     )

@@ -25,7 +25,7 @@ SWANCTL = "/usr/sbin/swanctl"
 # software AES, as a tuned deployment would (5x the throughput here)
 PLUGINS = (
     "openssl random nonce drbg aes sha1 sha2 md5 hmac xcbc cmac kdf gmp mgf1 curve25519 "
-    "chapoly gcm ccm ctr pem pkcs1 pkcs8 x509 pubkey constraints "
+    "chapoly gcm ccm ctr pem pkcs1 pkcs8 x509 pubkey constraints revocation "
     "kernel-libipsec kernel-netlink socket-default vici"
 )
 
@@ -121,7 +121,7 @@ class Charon:
 
     def start(self, timeout: float = 10.0) -> None:
         (self.dir / "run").mkdir(parents=True, exist_ok=True)
-        for sub in ("x509", "x509ca", "private"):
+        for sub in ("x509", "x509ca", "x509crl", "private"):
             (self.swanctl_dir / sub).mkdir(parents=True, exist_ok=True)
         self.write_strongswan_conf()
         # /run is charon's compiled-in pid file location; ip netns exec already gave
@@ -167,6 +167,8 @@ class Charon:
             for ca in end.cacerts:
                 shutil.copy(ca, self.swanctl_dir / "x509ca" / ca.name)
             out["cacerts"] = _csv(tuple(ca.name for ca in end.cacerts))
+        for crl in end.crls:  # loaded from x509crl by --load-all, used by "revocation"
+            shutil.copy(crl, self.swanctl_dir / "x509crl" / crl.name)
         return out
 
     def render_conn(self, conn: Conn) -> str:

@@ -47,6 +47,10 @@ def _end_table(end: End, config_dir: Path) -> dict[str, object]:
         for ca in end.cacerts:
             shutil.copy(ca, config_dir / ca.name)
         table["cacerts"] = [ca.name for ca in end.cacerts]
+    if end.crls:
+        for crl in end.crls:
+            shutil.copy(crl, config_dir / crl.name)
+        table["crls"] = [crl.name for crl in end.crls]
     return table
 
 

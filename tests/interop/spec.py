@@ -35,6 +35,7 @@ class End:
     cert: Path | None = None  # own certificate (local end, pubkey)
     key: Path | None = None  # own private key, PEM (local end, pubkey)
     cacerts: tuple[Path, ...] = ()  # trust anchors for the peer (remote end, pubkey)
+    crls: tuple[Path, ...] = ()  # revocation lists checked on the peer's chain (remote end)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import pytest
 from tests.interop.certs import Pki
 from tests.interop.charon import Charon
 from tests.interop.lab import RESPONDER_V6, Conn, End, conn_pair
+from tests.interop.node import Node
 from tests.interop.responders import Responder, StartResponder, responder_kind
 from tests.interop.sa_checks import (
     algorithm,
@@ -272,4 +273,29 @@ def test_certificate_from_untrusted_ca_is_rejected(
 
     assert_not_established(result, initiator)
     assert "AUTHENTICATION_FAILED" in result.stdout
+    assert_still_serves(initiator, initiator_conn, responder)
+
+
+def test_a_revoked_certificate_is_refused_and_others_still_pass(
+    start_responder: StartResponder, initiator: Charon, pki: Pki
+) -> None:
+    """The responder reads its CA's CRL (`crls` on the remote end): a client certificate
+    listed there gets AUTHENTICATION_FAILED, another from the same CA is accepted."""
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa
+    )
+    responder_conn = replace(responder_conn, remote=replace(responder_conn.remote,
+                                                            crls=(pki.crl,)))
+    responder = start_responder([responder_conn])
+    revoked = replace(initiator_conn, local=End(
+        "pubkey", "client.example.test", pki.client_revoked.cert, pki.client_revoked.key))
+    initiator.load(revoked)
+
+    result = initiator.initiate("net")
+
+    assert_not_established(result, initiator)
+    assert "AUTHENTICATION_FAILED" in result.stdout
+    if isinstance(responder, Node):
+        assert re.search(r"CN=client\.example\.test,O=ike-cluster tests \(serial [0-9a-f]+\) "
+                         r"was revoked", responder.log_text()), responder.log_text()
     assert_still_serves(initiator, initiator_conn, responder)

@@ -482,6 +482,42 @@ INTERMEDIATE = _cert("Intermediate CA", _INT_KEY, "Root CA", _CA_KEY, ca=True)
 LEAF = _cert("moon", _LEAF_KEY, "Intermediate CA", _INT_KEY, ca=False)
 
 
+def _crl(issuer: str, key: ec.EllipticCurvePrivateKey, *revoked: x509.Certificate,
+         next_update: datetime = NOW + timedelta(days=7)) -> x509.CertificateRevocationList:
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(_name(issuer))
+               .last_update(NOW - timedelta(days=1)).next_update(next_update))
+    for cert in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
+            .revocation_date(NOW - timedelta(hours=1)).build())
+    return builder.sign(key, hashes.SHA256())
+
+
+def test_a_revoked_leaf_or_intermediate_fails_its_chain() -> None:
+    leaf_crl = _crl("Intermediate CA", _INT_KEY, LEAF)
+    with pytest.raises(AuthenticationFailed, match=r"CN=moon,C=CH \(serial [0-9a-f]+\) was "
+                                                   r"revoked on"):
+        verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [leaf_crl])
+    with pytest.raises(AuthenticationFailed, match=r"CN=Intermediate CA,C=CH .* was revoked"):
+        verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW,
+                                 [_crl("Root CA", _CA_KEY, INTERMEDIATE)])
+    # a stale CRL still revokes (strongSwan's strictcrlpolicy = no)
+    stale = _crl("Intermediate CA", _INT_KEY, LEAF, next_update=NOW - timedelta(days=1))
+    with pytest.raises(AuthenticationFailed, match="revoked"):
+        verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [stale])
+
+
+def test_crls_that_do_not_apply_leave_the_chain_valid() -> None:
+    other = _cert("Other", ec.generate_private_key(ec.SECP256R1()), "Intermediate CA", _INT_KEY,
+                  ca=False)
+    forged = _crl("Intermediate CA", ec.generate_private_key(ec.SECP256R1()), LEAF)
+    verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [
+        _crl("Intermediate CA", _INT_KEY, other),  # lists someone else
+        _crl("Root CA", _CA_KEY, LEAF),  # LEAF's serial, but not from LEAF's issuer
+        forged,  # the right issuer name, signed by another key
+        _crl("Intermediate CA", _INT_KEY)])  # empty
+
+
 def test_chain_ca_intermediate_leaf_verifies() -> None:
     verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW)
 

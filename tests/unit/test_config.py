@@ -734,6 +734,30 @@ def test_certificate_auth_key_types(tmp_path: Path, kind: str) -> None:
     )
 
 
+def test_remote_crls_load_pem_and_der(tmp_path: Path, pki: Path) -> None:
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(_name("Test CA"))
+           .last_update(NOW).next_update(NOW + datetime.timedelta(days=1))
+           .add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(77)
+                                    .revocation_date(NOW).build())
+           .sign(ca_key, hashes.SHA256()))
+    (pki / "ca.crl").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    (pki / "ca.der").write_bytes(crl.public_bytes(serialization.Encoding.DER))
+    text = PUBKEY.format(local='cert = "pki/gw.pem", key = "pki/gw.key"').replace(
+        'cacerts = ["pki/ca.pem"]', 'cacerts = ["pki/ca.pem"], crls = ["pki/ca.crl", "pki/ca.der"]')
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    assert [c.get_revoked_certificate_by_serial_number(77) is not None
+            for c in conn.remote.crls] == [True, True]
+    bad = text.replace('"pki/ca.der"]', '"pki/gw.pem"]')
+    assert load_error(write(tmp_path, bad)).startswith(
+        f"{tmp_path / 'node.toml'}: connections.rw.remote.crls[1]: 'pki/gw.pem' holds no "
+        "valid CRL: ")
+    psk = BASE.replace('remote = { auth = "psk", id = "%any" }',
+                       'remote = { auth = "psk", id = "%any", crls = ["x.crl"] }')
+    assert load_error(write(tmp_path, psk)).endswith(
+        'connections.rw.remote.crls: only used with auth = "pubkey"')
+
+
 CERT_ERRORS = [
     ("id not in cert", 'id = "other.example.test", cert = "pki/gw.pem", key = "pki/gw.key"',
      "connections.rw.local.id", "'other.example.test' is not contained in the certificate"),
