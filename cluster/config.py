@@ -719,7 +719,12 @@ class _Loader:
         )
 
     def remote_auth(self, conn: _Table) -> RemoteAuth:
-        remote = conn.table("remote", ("auth", "id", "cacerts", "crls"), required=True)
+        remote = conn.table("remote", ("auth", "id", "cacerts", "crls", "eap_id"),
+                            required=True)
+        if remote.string("auth", "pubkey") == "eap-mschapv2":
+            return self.eap_remote(conn, remote)
+        if "eap_id" in remote:
+            remote.fail("eap_id", 'only used with auth = "eap-mschapv2"')
         method = self.auth_method(remote)
         id_text = remote.string("id", "%any")
         try:
@@ -741,6 +746,23 @@ class _Loader:
                 for index, text in enumerate(remote.strings("crls"))]
         return RemoteAuth(method="pubkey", identity=pattern, cacerts=tuple(cacerts),
                           crls=tuple(crls))
+
+    def eap_remote(self, conn: _Table, remote: _Table) -> RemoteAuth:
+        """EAP-MSCHAPv2 users (RFC 7296 2.16); we authenticate with a certificate."""
+        local = conn.raw("local")
+        if not isinstance(local, dict) or local.get("auth", "pubkey") != "pubkey":
+            conn.fail("local", 'EAP peers need the gateway to authenticate with a certificate '
+                               '(auth = "pubkey")')
+        for name in ("cacerts", "crls"):
+            if name in remote:
+                remote.fail(name, 'only used with auth = "pubkey"')
+        patterns = []
+        for name, default in (("id", "%any"), ("eap_id", "%any")):
+            try:
+                patterns.append(parse_identity_pattern(remote.string(name, default)))
+            except ValueError as exc:
+                remote.fail(name, str(exc))
+        return RemoteAuth(method="eap-mschapv2", identity=patterns[0], eap_id=patterns[1])
 
     def crl(self, table: _Table, name: str, text: str) -> x509.CertificateRevocationList:
         """A CRL file, PEM or DER (strongSwan's x509crl directory holds either)."""
@@ -870,6 +892,8 @@ class _Loader:
 
     def secret(self, key: str, value: object) -> SharedSecret:
         entry = self.table(key, value, ("ids", "secret", "secret_env", "secret_file"))
+        # swanctl's naming: secrets.eap-NAME are EAP passwords, any other is an IKE PSK
+        kind: Literal["ike", "eap"] = "eap" if key.startswith("secrets.eap-") else "ike"
         id_texts = entry.strings("ids", required=True)
         if not id_texts:
             entry.fail("ids", "needs at least one identity (\"%any\" matches every peer)")
@@ -905,7 +929,9 @@ class _Loader:
                 )
             # `echo secret > file` leaves a line break that is not part of the secret
             text = text.rstrip("\r\n")
-        return SharedSecret(ids=tuple(ids), secret=_decode_secret(entry, name, text))
+        if kind == "eap" and all(p.any for p in ids):
+            entry.fail("ids", "an EAP secret needs the user's identity, not only %any")
+        return SharedSecret(ids=tuple(ids), secret=_decode_secret(entry, name, text), kind=kind)
 
     def check_psk_secrets(self, policy: ResponderPolicy, addresses: tuple[str, ...]) -> None:
         """A psk connection without a secret it could ever use is a mistake, not a warning."""
@@ -920,7 +946,7 @@ class _Loader:
                 )
             if not any(
                 _secret_may_serve(entry, local_ids, conn.remote.identity)
-                for entry in policy.secrets
+                for entry in policy.secrets if entry.kind == "ike"
             ):
                 side = "local" if conn.local.method == "psk" else "remote"
                 self.fail(

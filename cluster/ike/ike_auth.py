@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -30,13 +31,20 @@ from .auth import (
 from .child_sa import Random, install_child, new_child_spi, respond_child
 from .configuration import respond_config
 from .constants import AuthMethod, CertEncoding, IdType, NotifyType, ProtocolId
+from .eap import EapMschapv2Server
 from .events import IkeSaEstablished
-from .identity import Identity, cert_matches_identity, identity_from_payload_untrusted
+from .identity import (
+    Identity,
+    cert_matches_identity,
+    identity_from_payload_untrusted,
+    parse_identity,
+)
 from .ike_init import candidate_connections, notifies
 from .payloads import (
     AuthPayload,
     CertPayload,
     CertreqPayload,
+    EapPayload,
     IdiPayload,
     IdrPayload,
     NotifyPayload,
@@ -122,7 +130,7 @@ def _established(sa: IkeSa, initial_contact: bool = False) -> None:
     sa.events.append(IkeSaEstablished(
         sa.spi_i, sa.spi_r, sa.connection.name, str(sa.local_id), str(sa.remote_id),
         sa.local, sa.remote, sa.chosen.describe(), sa.nat, initial_contact,
-        tuple(str(lease.address) for lease in sa.leases),
+        tuple(str(lease.address) for lease in sa.leases), sa.eap_identity,
     ))
 
 
@@ -130,23 +138,26 @@ def _established(sa: IkeSa, initial_contact: bool = False) -> None:
 
 
 def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
-                 wall_clock: WallClock) -> list[Payload]:
+                 wall_clock: WallClock) -> tuple[list[Payload], bool]:
+    """The response, and whether the IKE SA is now established (False while EAP runs)."""
+    if sa.eap is not None:
+        return _continue_eap(sa, sa.eap, payloads, rng)
     idi = first_of(payloads, IdiPayload)
     auth = first_of(payloads, AuthPayload)
     if idi is None:
         raise InvalidSyntax("IKE_AUTH request without IDi")
-    if auth is None:
-        raise AuthenticationFailed("EAP is not supported (no AUTH payload)")
     try:
         peer_ident = identity_from_payload_untrusted(idi.id_type, idi.data)
     except ParseError as exc:
         raise AuthenticationFailed(f"bad IDi: {exc}") from None
     idr = first_of(payloads, IdrPayload)
+    if auth is None:  # RFC 7296 2.16: the peer authenticates with EAP
+        return _start_eap(sa, payloads, idi, idr, peer_ident, rng), False
     certs = [p for p in payloads if isinstance(p, CertPayload)]
     failure: IkeError = AuthenticationFailed(f"no connection accepts identity {peer_ident}")
     chosen_conn: ConnectionConfig | None = None
     for conn in candidate_connections(sa.policy, sa.local, sa.remote):
-        if not conn.remote.identity.matches(peer_ident):
+        if conn.remote.method == "eap-mschapv2" or not conn.remote.identity.matches(peer_ident):
             continue
         local_ident = _local_identity(sa, conn.local)
         if idr is not None and (idr.id_type, idr.data) != (local_ident.id_type, local_ident.data):
@@ -167,6 +178,13 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
     response: list[Payload] = [IdrPayload(sa.local_id.id_type, sa.local_id.data)]
     response += _our_auth(sa, chosen_conn.local, sa.local_id, peer_ident, sa.init_response,
                           sa.nonce_i)
+    return _finish(sa, chosen_conn, payloads, response, rng), True
+
+
+def _finish(sa: IkeSa, chosen_conn: ConnectionConfig, payloads: list[Payload],
+            response: list[Payload], rng: Random) -> list[Payload]:
+    """After both AUTHs: virtual IPs, the SA's extensions and the first Child SA, all
+    from the peer's first IKE_AUTH request (`payloads`)."""
     try:  # RFC 7296 2.19: CP(CFG_REPLY) follows AUTH
         config: list[Payload] = respond_config(sa, chosen_conn, payloads)
     except InternalAddressFailure as exc:
@@ -184,6 +202,81 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
     if not any(isinstance(p, NotifyPayload) for p in config):
         response += respond_child(sa, chosen_conn, payloads, rng)
     return response
+
+
+# --- EAP (RFC 7296 2.16) ----------------------------------------------------------------
+
+
+@dataclass
+class EapExchange:
+    """An IKE_AUTH that runs EAP: the first request, kept for the Child SA at the end."""
+
+    server: EapMschapv2Server
+    first_request: list[Payload]
+    idi: IdiPayload
+
+
+def _start_eap(sa: IkeSa, payloads: list[Payload], idi: IdiPayload, idr: IdrPayload | None,
+               peer_ident: Identity, rng: Random) -> list[Payload]:
+    """Our IDr, certificate and AUTH, and the first EAP request (EAP-Identity)."""
+    for conn in candidate_connections(sa.policy, sa.local, sa.remote):
+        if conn.remote.method != "eap-mschapv2" or not conn.remote.identity.matches(peer_ident):
+            continue
+        local_ident = _local_identity(sa, conn.local)
+        if idr is not None and (idr.id_type, idr.data) != (local_ident.id_type, local_ident.data):
+            continue
+        break
+    else:
+        raise AuthenticationFailed(f"no EAP connection accepts identity {peer_ident} "
+                                   "(and it sent no AUTH)")
+    sa.connection, sa.remote_id, sa.local_id = conn, peer_ident, local_ident
+    eap_id = conn.remote.eap_id
+
+    def secret_of(identity: bytes) -> bytes | None:
+        if not eap_id.any and not any(eap_id.matches(i) for i in _eap_identities(identity)):
+            return None  # not an EAP identity this connection accepts
+        return sa.policy.find_eap_secret(identity)
+
+    server = EapMschapv2Server(rng, secret_of)
+    sa.eap = EapExchange(server, payloads, idi)
+    response: list[Payload] = [IdrPayload(local_ident.id_type, local_ident.data)]
+    response += _our_auth(sa, conn.local, local_ident, peer_ident, sa.init_response,
+                          sa.nonce_i)
+    return [*response, EapPayload(server.start())]
+
+
+def _eap_identities(identity: bytes) -> list[Identity]:
+    """What an EAP identity may be matched as: strongSwan's parse, or failing that none."""
+    try:
+        return [parse_identity(identity.decode("utf-8"))]
+    except (UnicodeDecodeError, ValueError):
+        return []
+
+
+def _continue_eap(sa: IkeSa, exchange: EapExchange, payloads: list[Payload],
+                  rng: Random) -> tuple[list[Payload], bool]:
+    server = exchange.server
+    eap = first_of(payloads, EapPayload)
+    if eap is not None and not server.done:
+        return [EapPayload(server.process(eap.data))], False
+    auth = first_of(payloads, AuthPayload)
+    if auth is None or not server.done or server.msk is None:
+        raise AuthenticationFailed("IKE_AUTH after EAP without the expected AUTH")
+    chosen, keys, conn = sa.chosen, sa.keys, sa.connection
+    assert chosen is not None and chosen.prf is not None and keys is not None
+    assert conn is not None and sa.local_id is not None
+    # RFC 7296 2.16: both AUTH payloads are computed with the EAP method's MSK
+    octets = signed_octets(sa.init_request, sa.nonce_r, chosen.prf, keys.sk_pi,
+                           exchange.idi.id_type, exchange.idi.data)
+    if not verify_psk(chosen.prf, server.msk, octets, auth.data):
+        raise AuthenticationFailed("AUTH with the EAP key does not verify")
+    ours = signed_octets(sa.init_response, sa.nonce_i, chosen.prf, keys.sk_pr,
+                         sa.local_id.id_type, sa.local_id.data)
+    response: list[Payload] = [AuthPayload(AuthMethod.PSK,
+                                           psk_auth_data(chosen.prf, server.msk, ours))]
+    sa.eap_identity = server.identity.decode("utf-8", errors="replace")
+    sa.eap = None
+    return _finish(sa, conn, exchange.first_request, response, rng), True
 
 
 # --- initiator -----------------------------------------------------------------------

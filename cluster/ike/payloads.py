@@ -140,6 +140,14 @@ class CpPayload(Payload):
 
 
 @dataclass(slots=True)
+class EapPayload(Payload):
+    """An EAP packet (RFC 7296 3.16), kept whole."""
+
+    payload_type = PayloadType.EAP
+    data: bytes
+
+
+@dataclass(slots=True)
 class UnknownPayload(Payload):
     payload_type = 0
     type_id: int
@@ -312,6 +320,7 @@ _PULL: dict[int, Callable[[Buffer], Payload]] = {
     PayloadType.TSI: lambda b: TsiPayload(_pull_selectors(b)),
     PayloadType.TSR: lambda b: TsrPayload(_pull_selectors(b)),
     PayloadType.CP: lambda b: CpPayload(*_pull_typed_body(b)),
+    PayloadType.EAP: lambda b: EapPayload(b.pull_rest()),
 }
 
 
@@ -326,6 +335,7 @@ _ENCODE: dict[type, Callable[[Any], bytes]] = {
     KePayload: lambda p: _KE_HEAD.pack(p.group) + p.data,
     NoncePayload: lambda p: p.data,
     VendorPayload: lambda p: p.data,
+    EapPayload: lambda p: p.data,
     UnknownPayload: lambda p: p.data,
     IdiPayload: lambda p: p.body(),
     IdrPayload: lambda p: p.body(),
@@ -407,7 +417,8 @@ def pull_payloads_untrusted(buf: Buffer, first: int) -> tuple[list[Payload], int
 
 
 __all__ = [
-    "AuthPayload", "CertPayload", "CertreqPayload", "CpPayload", "DeletePayload", "IdiPayload",
+    "AuthPayload", "CertPayload", "CertreqPayload", "CpPayload", "DeletePayload", "EapPayload",
+    "IdiPayload",
     "IdrPayload", "KePayload", "NoncePayload", "NotifyPayload", "Payload", "SaPayload",
     "TransformType", "TsiPayload", "TsrPayload", "UnknownPayload", "VendorPayload",
     "encode_payloads", "pull_payloads_untrusted", "push_payloads",

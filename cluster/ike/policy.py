@@ -11,7 +11,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .identity import Identity, IdentityPattern
+from .identity import Identity, IdentityPattern, parse_identity
 from .pools import AddressPool
 from .proposals import ConfiguredProposal
 from .traffic_selectors import TsConfig
@@ -34,10 +34,12 @@ class LocalAuth:
 class RemoteAuth:
     """What we demand of the peer (`remote = {...}` in a connection)."""
 
-    method: Literal["psk", "pubkey"]
+    method: Literal["psk", "pubkey", "eap-mschapv2"]
     identity: IdentityPattern
     cacerts: tuple[x509.Certificate, ...] = ()
     crls: tuple[x509.CertificateRevocationList, ...] = ()  # checked on the peer's chain
+    # EAP: the identities the peer may claim in EAP-Identity (swanctl's eap_id)
+    eap_id: IdentityPattern = field(default_factory=lambda: IdentityPattern(True, None))
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ class ConnectionConfig:
 class SharedSecret:
     ids: tuple[IdentityPattern, ...]
     secret: bytes = field(repr=False)
+    kind: Literal["ike", "eap"] = "ike"  # swanctl's secrets ike-NAME / eap-NAME
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,8 @@ class ResponderPolicy:
         """The best shared secret for this pair of identities (strongSwan's matching)."""
         best: tuple[int, bytes] | None = None
         for entry in self.secrets:
+            if entry.kind != "ike":
+                continue
             score = 0
             for ident in (local, remote):
                 matched = [p.any for p in entry.ids if ident is not None and p.matches(ident)]
@@ -151,3 +156,14 @@ class ResponderPolicy:
             if score and (best is None or score > best[0]):
                 best = (score, entry.secret)
         return best[1] if best else None
+
+    def find_eap_secret(self, identity: bytes) -> bytes | None:
+        """The password of an EAP identity: an eap secret naming it (never via %any)."""
+        try:
+            ident = parse_identity(identity.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+        for entry in self.secrets:
+            if entry.kind == "eap" and any(not p.any and p.matches(ident) for p in entry.ids):
+                return entry.secret
+        return None

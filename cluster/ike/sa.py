@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..key_exchange import KeyExchange
 from .events import Address, Event
@@ -16,6 +17,9 @@ from .pools import Lease
 from .proposals import ChosenAlgorithms
 from .state import State, Trigger, next_state
 from .traffic_selectors import TrafficSelector
+
+if TYPE_CHECKING:
+    from .ike_auth import EapExchange
 
 INFINITY = float("inf")
 
@@ -83,6 +87,8 @@ class IkeSa:
     local_id: Identity | None = None
     remote_id: Identity | None = None
     leases: tuple[Lease, ...] = ()  # the peer's virtual IPs (RFC 7296 2.19)
+    eap: EapExchange | None = None  # an IKE_AUTH running EAP (RFC 7296 2.16)
+    eap_identity: str = ""  # the EAP identity it authenticated
     pending_child_spi: bytes = b""
     initial_contact: bool = False  # send INITIAL_CONTACT in our IKE_AUTH request
     children: dict[bytes, ChildSa] = field(default_factory=dict)  # by spi_in

@@ -525,6 +525,7 @@ class IkeSession:
         deleted = False
         successor: IkeSa | None = None
         mobike: MobikeAnswer | None = None
+        authenticated = False
         try:
             critical = unknown_critical(payloads)
             if critical is not None:  # RFC 7296 2.5
@@ -532,7 +533,8 @@ class IkeSession:
             if exchange == ExchangeType.IKE_SA_INIT:
                 response = respond_init(sa, payloads, self._rng, self._exponentials, now)
             elif exchange == ExchangeType.IKE_AUTH:
-                response = respond_auth(sa, payloads, self._rng, self._wall_clock)
+                response, authenticated = respond_auth(sa, payloads, self._rng,
+                                                       self._wall_clock)
             elif exchange == ExchangeType.INFORMATIONAL:
                 response, deleted = respond_informational(sa, payloads)
                 if sa.mobike and not deleted:
@@ -569,7 +571,7 @@ class IkeSession:
                 self._retire(sa)
         elif exchange == ExchangeType.IKE_SA_INIT:
             sa.transition(Trigger.RECV_INIT_REQUEST)
-        elif exchange == ExchangeType.IKE_AUTH:
+        elif exchange == ExchangeType.IKE_AUTH and authenticated:
             sa.transition(Trigger.RECV_AUTH_REQUEST)
             self._established(sa, now)
         elif mobike is not None and mobike.update:

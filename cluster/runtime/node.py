@@ -90,7 +90,8 @@ def log_event(event: Event) -> None:
             event.local_id,
             event.remote_id,
             event.algorithms,
-            "".join(f" vip={address}" for address in event.virtual_ips),
+            "".join(f" vip={address}" for address in event.virtual_ips)
+            + (f" eap_id={event.eap_identity}" if event.eap_identity else ""),
             " (NAT)" if event.nat else "",
         )
     elif isinstance(event, IkeSaDeleted):

@@ -25,7 +25,8 @@ SWANCTL = "/usr/sbin/swanctl"
 # software AES, as a tuned deployment would (5x the throughput here)
 PLUGINS = (
     "openssl random nonce drbg aes sha1 sha2 md5 hmac xcbc cmac kdf gmp mgf1 curve25519 "
-    "chapoly gcm ccm ctr pem pkcs1 pkcs8 x509 pubkey constraints revocation "
+    "chapoly gcm ccm ctr pem pkcs1 pkcs8 x509 pubkey constraints revocation eap-identity "
+    "eap-mschapv2 "
     "kernel-libipsec kernel-netlink socket-default vici"
 )
 
@@ -174,6 +175,8 @@ class Charon:
     def render_conn(self, conn: Conn) -> str:
         def end_block(name: str, end: End) -> str:
             settings = {"auth": end.auth, "id": _q(end.id), **self._install_credentials(end)}
+            if end.eap_id is not None:
+                settings["eap_id"] = _q(end.eap_id)
             body = "".join(f"            {k} = {v}\n" for k, v in settings.items())
             return f"        {name} {{\n{body}        }}\n"
 
@@ -217,9 +220,12 @@ class Charon:
         )
 
     def render_secrets(self, conn: Conn) -> str:
+        eap = "".join(
+            f"    eap-{conn.name}-{user} {{\n        id = {_q(user)}\n"
+            f"        secret = {_q(password)}\n    }}\n" for user, password in conn.eap_users)
         if conn.psk is None:
-            return ""
-        return (
+            return eap
+        return eap + (
             f"    ike-{conn.name} {{\n"
             f"        id-local = {_q(conn.local.id)}\n"
             f"        id-remote = {_q(conn.remote.id)}\n"

@@ -37,6 +37,8 @@ def _toml(value: object) -> str:
 def _end_table(end: End, config_dir: Path) -> dict[str, object]:
     """The inline table for an end; credential files are copied next to the config."""
     table: dict[str, object] = {"auth": end.auth, "id": end.id}
+    if end.eap_id is not None:
+        table["eap_id"] = end.eap_id
     if end.cert is not None:
         shutil.copy(end.cert, config_dir / end.cert.name)
         table["cert"] = end.cert.name
@@ -117,6 +119,9 @@ def render_node_config(
                 if value is not None:
                     out.append(f"{key} = {_toml(value)}")
             out += [f"esp_proposals = {_toml(child.esp_proposals)}", ""]
+        for user, password in conn.eap_users:
+            out += [f"[secrets.eap-{conn.name}-{user}]", f"ids = {_toml([user])}",
+                    f"secret = {_toml(password)}", ""]
         if conn.psk is not None:
             out += [
                 f"[secrets.{conn.name}]",

@@ -36,6 +36,7 @@ class End:
     key: Path | None = None  # own private key, PEM (local end, pubkey)
     cacerts: tuple[Path, ...] = ()  # trust anchors for the peer (remote end, pubkey)
     crls: tuple[Path, ...] = ()  # revocation lists checked on the peer's chain (remote end)
+    eap_id: str | None = None  # the EAP identity (auth = "eap-mschapv2")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Conn:
     local_addrs: tuple[str, ...] = ()
     remote_addrs: tuple[str, ...] = ()
     psk: str | None = None  # shared between local.id and remote.id when set
+    eap_users: tuple[tuple[str, str], ...] = ()  # (EAP identity, password) secrets
     encap: bool = False
     rekey_time: str | None = None
     dpd_delay: str | None = None

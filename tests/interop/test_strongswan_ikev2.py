@@ -299,3 +299,46 @@ def test_a_revoked_certificate_is_refused_and_others_still_pass(
         assert re.search(r"CN=client\.example\.test,O=ike-cluster tests \(serial [0-9a-f]+\) "
                          r"was revoked", responder.log_text()), responder.log_text()
     assert_still_serves(initiator, initiator_conn, responder)
+
+
+def test_an_eap_mschapv2_user_gets_in_and_a_wrong_password_does_not(
+    start_responder: StartResponder, initiator: Charon, pki: Pki
+) -> None:
+    """The road-warrior set-up of OS VPN clients (RFC 7296 2.16): the gateway proves
+    itself with its certificate, the user with EAP-MSCHAPv2 (EAP-Identity, challenge,
+    success), and both final AUTHs use the EAP key. A wrong password gets
+    AUTHENTICATION_FAILED."""
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa
+    )
+    user = ("carol", "Carol's pa55word")
+    initiator_conn = replace(
+        initiator_conn, eap_users=(user,),
+        local=End("eap-mschapv2", "client.example.test", eap_id="carol"))
+    responder_conn = replace(responder_conn, eap_users=(user,),
+                             remote=End("eap-mschapv2", "%any", eap_id="%any"))
+    responder = start_responder([responder_conn])
+    initiator.load(initiator_conn)
+
+    result = initiator.initiate("net")
+    sa = assert_initiated(result, initiator)
+    assert child_sa(sa)["state"] == "INSTALLED", sa
+    # strongSwan verified the gateway's AUTH made with the EAP key (the MSK)
+    assert "EAP method EAP_MSCHAPV2 succeeded, MSK established" in result.stdout, result.stdout
+    assert "authentication of 'gw.example.test' with EAP successful" in result.stdout, (
+        result.stdout)
+    if isinstance(responder, Node):
+        log = responder.log_text()
+        assert re.search(r"IKE SA established: rw .* eap_id=carol", log), log
+    initiator.terminate_ike()
+
+    initiator.load(replace(initiator_conn, eap_users=(("carol", "not her password"),)))
+    result = initiator.initiate("net")
+    assert_not_established(result, initiator)
+    # ours ends the exchange with AUTHENTICATION_FAILED; a strongSwan responder answers
+    # with an MS-CHAPv2 Failure the client gives up on
+    assert re.search(r"received AUTHENTICATION_FAILED notify error|EAP-MS-CHAPv2 failed",
+                     result.stdout), result.stdout
+    if isinstance(responder, Node):
+        assert "EAP-MSCHAPv2: wrong password for 'carol'" in responder.log_text()
+    assert_still_serves(initiator, initiator_conn, responder)

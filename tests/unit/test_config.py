@@ -758,6 +758,36 @@ def test_remote_crls_load_pem_and_der(tmp_path: Path, pki: Path) -> None:
         'connections.rw.remote.crls: only used with auth = "pubkey"')
 
 
+def test_eap_users_and_their_secrets(tmp_path: Path, pki: Path) -> None:
+    text = PUBKEY.format(local='cert = "pki/gw.pem", key = "pki/gw.key"').replace(
+        'remote = { auth = "pubkey", id = "%any", cacerts = ["pki/ca.pem"] }',
+        'remote = { auth = "eap-mschapv2", eap_id = "*@example.test" }') + (
+        '[secrets.eap-carol]\nids = ["carol@example.test"]\nsecret = "c4rol"\n'
+        '[secrets.ike-rw]\nids = ["%any", "dave@example.test"]\nsecret = "psk"\n')
+    config = load_config(write(tmp_path, text))
+    (conn,) = config.policy.connections
+    assert conn.remote.method == "eap-mschapv2" and conn.remote.identity.any
+    assert conn.remote.eap_id.matches(parse_identity("carol@example.test"))
+    assert not conn.remote.eap_id.matches(parse_identity("carol@elsewhere.test"))
+    policy = config.policy
+    assert policy.find_eap_secret(b"carol@example.test") == b"c4rol"
+    assert policy.find_eap_secret(b"dave@example.test") is None  # an IKE PSK is no password
+    # the PSK for carol is the %any one: her EAP password never serves as a PSK
+    assert policy.find_psk(None, parse_identity("carol@example.test")) == b"psk"
+    errors = {
+        text.replace('local = { auth = "pubkey", cert = "pki/gw.pem", key = "pki/gw.key" }',
+                     'local = { auth = "psk", id = "gw" }'):
+            "connections.rw.local: EAP peers need the gateway to authenticate with a "
+            'certificate (auth = "pubkey")',
+        text.replace('eap_id = "*@example.test"', 'cacerts = ["pki/ca.pem"]'):
+            'connections.rw.remote.cacerts: only used with auth = "pubkey"',
+        text.replace('ids = ["carol@example.test"]', 'ids = ["%any"]'):
+            "secrets.eap-carol.ids: an EAP secret needs the user's identity, not only %any",
+    }
+    for bad, message in errors.items():
+        assert load_error(write(tmp_path, bad)) == f"{tmp_path / 'node.toml'}: {message}"
+
+
 CERT_ERRORS = [
     ("id not in cert", 'id = "other.example.test", cert = "pki/gw.pem", key = "pki/gw.key"',
      "connections.rw.local.id", "'other.example.test' is not contained in the certificate"),
