@@ -579,6 +579,47 @@ def test_a_road_warrior_gets_a_virtual_ip_from_the_pool_and_traffic_crosses(
     assert node.running(), node.log_text()
 
 
+def test_an_os_style_road_warrior_eap_user_virtual_ip_and_traffic(lab: Lab, pki: Pki) -> None:
+    """The set-up of the VPN clients built into Windows, macOS, iOS and Android, played by
+    strongSwan: the gateway's certificate, an EAP-MSCHAPv2 user, a virtual IP from the
+    pool, all traffic (0.0.0.0/0) through the tunnel, and MOBIKE. Pings from the virtual
+    IP cross, as ESP on the wire."""
+    charon = lab.charon("initiator", settings={"install_virtual_ip": "yes"})
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa)
+    user = ("alice", "Alice's passw0rd")
+    initiator_conn = replace(
+        initiator_conn, eap_users=(user,), extra={"vips": "0.0.0.0"},
+        local=End("eap-mschapv2", "client.example.test", eap_id="alice"),
+    ).with_child(local_ts=(), remote_ts=("0.0.0.0/0",))
+    responder_conn = replace(
+        responder_conn, eap_users=(user,), node_extra={"pools": ["rw"]},
+        remote=End("eap-mschapv2", "%any", eap_id="%any"),
+    ).with_child(local_ts=("0.0.0.0/0",), remote_ts=())
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0") + (
+        '[pools.rw]\naddrs = "10.99.3.0/28"\ndns = ["10.99.2.53"]\n'))
+    charon.load(initiator_conn)
+    # libipsec routes 0.0.0.0/0 into its TUN (table 220) with nothing to exempt its own
+    # ESP to the gateway, which an OS client's routing does: this rule plays that part
+    lab.initiator.run(["ip", "rule", "add", "to", RESPONDER_V4, "lookup", "main",
+                       "priority", "100"])
+    wire = lab.wire_counters("initiator", {"esp_out": ("out", ESP_IN_UDP_OUT),
+                                           "esp_in": ("in", ESP_IN_UDP_IN)})
+    result = charon.initiate("net")
+    sa = assert_initiated(result, charon)
+    assert "EAP method EAP_MSCHAPV2 succeeded, MSK established" in result.stdout, result.stdout
+    assert sa.get("local-vips") == ["10.99.3.1"], sa
+    assert child_sa(sa).get("remote-ts") == ["0.0.0.0/0"], sa
+    line = wait_for_log(node, r"IKE SA established: rw ")[0]
+    assert " vip=10.99.3.1 eap_id=alice" in line, line
+    before = wire.read()
+    sent, received, output = ping(lab.initiator, "10.99.3.1", RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    counts = wire.since(before)
+    assert counts["esp_out"] >= PINGS and counts["esp_in"] >= PINGS, counts
+    assert node.running(), node.log_text()
+
+
 def test_a_dual_stack_road_warrior_gets_one_address_of_each_family(lab: Lab) -> None:
     """strongSwan asks for an IPv4 and an IPv6 address (`vips = 0.0.0.0,::`); the
     connection's two pools each lease one, the Child SA covers both, and pings from
