@@ -99,6 +99,7 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
         "fragmentation": sa.fragmentation,
         "mid_sync": sa.mid_sync,
         "mobike": sa.mobike,
+        "eap_id": sa.eap_identity,
         # a request of ours may not have reached the peer: our next ID may be ahead of its
         "in_flight": sa.pending is not None,
         "peer_hashes": sorted(sa.peer_hashes),
@@ -160,6 +161,7 @@ def _restore(record: Record, policy: ResponderPolicy, now: float, wall_clock: Wa
         fragmentation=record["fragmentation"],
         mid_sync=bool(record.get("mid_sync", False)),
         mobike=bool(record.get("mobike", False)),
+        eap_identity=str(record.get("eap_id", "")),
     )
     for c, ck in zip(record["children"], record["children_keys"], strict=True):
         child = ChildSa(c["name"], c["mode"], c["spi_in"], c["spi_out"],

@@ -14,7 +14,7 @@ import trio
 
 from cluster import cli
 from cluster.ike.session import IkeSession
-from cluster.ike.snapshot import SECRET_FIELDS, Record, snapshot_of
+from cluster.ike.snapshot import SECRET_FIELDS, Record, restore, snapshot_of
 from cluster.ike.state import State
 from cluster.ops import format_nodes, format_sas, list_nodes, list_sas
 from cluster.store import ClusterKey, MemoryStore, RedisStore, StateStore, pack_snapshot
@@ -81,6 +81,18 @@ async def test_sas_lists_an_ike_sa_with_its_children_like_swanctl() -> None:
     assert (f"  net: INSTALLED, TUNNEL, ESP SPIs: {child['spi_in'].hex()}_i "
             f"{child['spi_out'].hex()}_o") in lines
     assert "    10.99.2.0/24 === 10.99.1.0/24" in lines
+
+
+async def test_sas_names_the_eap_user_of_an_sa() -> None:
+    gateway, _ = established()
+    gateway.sa.eap_identity = "carol"
+    record = snapshot_of(gateway, 0.0)
+    assert restore(record, gateway.sa.policy, 0.0).sa.eap_identity == "carol"
+    store = MemoryStore()
+    await persist(store, record["spi_i"], blob_of(record))
+    rows = await list_sas(store)
+    assert rows[0]["remote_eap_id"] == "carol"
+    assert "  remote EAP identity: 'carol'" in format_sas(rows).splitlines()
 
 
 async def test_sas_json_carries_the_same_information() -> None:
