@@ -79,9 +79,10 @@ class Pluto:
     def _setup(self) -> str:
         return f"config setup\n    logfile={self.log_path}\n    logtime=yes\n\n"
 
-    def load(self, conn: Conn, *, ike: str, esp: str) -> None:
+    def load(self, conn: Conn, *, ike: str, esp: str, extra: tuple[str, ...] = ()) -> None:
         """Write ``conn`` (our test spec, seen from pluto's side) with Libreswan's
-        ``ike``/``esp`` strings, reread the secrets and add the connection."""
+        ``ike``/``esp`` strings and ``extra`` ipsec.conf lines ("key=value"), reread the
+        secrets and add the connection."""
         child = conn.child
         if not conn.local_addrs or not conn.remote_addrs:
             raise ValueError("pluto connections here need addresses on both sides")
@@ -99,10 +100,13 @@ class Pluto:
             f"    type={child.mode}",
             f"    encapsulation={'yes' if conn.encap else 'no'}",
             "    auto=add",
+            *(f"    {line}" for line in extra),
         ]
-        if child.mode == "tunnel":
-            lines += [f"    leftsubnet={','.join(child.local_ts)}",
-                      f"    rightsubnet={','.join(child.remote_ts)}"]
+        if child.mode == "tunnel":  # none given: pluto's default (its own address)
+            if child.local_ts:
+                lines.append(f"    leftsubnet={','.join(child.local_ts)}")
+            if child.remote_ts:
+                lines.append(f"    rightsubnet={','.join(child.remote_ts)}")
         self.conf_path.write_text(self._setup() + "\n".join(lines) + "\n")
         if conn.psk is not None:
             psk = conn.psk.replace('"', '\\"')

@@ -205,3 +205,24 @@ def test_libreswan_over_ipv6(lab: Lab, pluto: Pluto) -> None:
     assert f"peer=[{INITIATOR_V6}]:500" in line, line
     wait_for_log(node, r"CHILD SA established: net ")
     assert node.running(), node.log_text()
+
+
+def test_libreswan_gets_a_virtual_ip_from_our_pool(lab: Lab, pluto: Pluto) -> None:
+    """Libreswan as a modecfg client (leftmodecfgclient) asks for an address in IKE_AUTH;
+    our node leases one from the pool and narrows the Child SA to it, and pluto takes
+    the address and the DNS server from our CFG_REPLY."""
+    initiator, responder = conn_pair(psk=PSK)
+    responder = replace(responder, node_extra={"pools": ["rw"]}).with_child(remote_ts=())
+    node = lab.node([responder], extra_toml=(
+        '[pools.rw]\naddrs = "10.99.3.0/28"\ndns = ["10.99.2.53"]\n'))
+    pluto.load(initiator.with_child(local_ts=("0.0.0.0/0",)), ike="aes_gcm256-sha2_256-dh31",
+               esp="aes_gcm256", extra=("leftmodecfgclient=yes", "narrowing=yes"))
+    pluto.initiate(initiator.name)
+    log = pluto.wait_for_log(ESTABLISHED)
+    assert re.search(r"received INTERNAL_IP4_ADDRESS 10\.99\.3\.1\b", log), log
+    assert re.search(r"received INTERNAL_IP4_DNS 10\.99\.2\.53\b", log), log
+    line = wait_for_log(node, r"IKE SA established: rw ")[0]
+    assert " vip=10.99.3.1" in line, line
+    line = wait_for_log(node, r"CHILD SA established: net ")[0]
+    assert "===10.99.3.1/32 " in line, line
+    report("libreswan", "virtual IP 10.99.3.1 leased and taken")
