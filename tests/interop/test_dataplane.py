@@ -25,7 +25,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -576,6 +576,53 @@ def test_a_road_warrior_gets_a_virtual_ip_from_the_pool_and_traffic_crosses(
         assert "handling INTERNAL_IP4_DNS attribute" in charon.log_text(), charon.log_text()
         charon.terminate_ike()
         wait_for_log(node, r"IKE SA deleted: ", count=attempt + 1)
+    assert node.running(), node.log_text()
+
+
+def test_a_virtual_ip_survives_rekeys_and_a_reauthentication(lab: Lab) -> None:
+    """strongSwan rekeys the Child SA (its new selectors must be the virtual IP again,
+    RFC 7296 2.19), then the IKE SA, then reauthenticates (a second IKE SA of the same
+    identity, make-before-break): the address stays 10.99.3.1 throughout and pings from it
+    keep crossing."""
+    charon = lab.charon("initiator", settings={"install_virtual_ip": "yes"})
+    initiator_conn, responder_conn = conn_pair()
+    initiator_conn = replace(initiator_conn, extra={"vips": "0.0.0.0"}).with_child(local_ts=())
+    responder_conn = replace(responder_conn, node_extra={"pools": ["rw"]}).with_child(
+        remote_ts=())
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0") + (
+        '[pools.rw]\naddrs = "10.99.3.0/28"\n'))
+    charon.load(initiator_conn)
+    first = assert_initiated(charon.initiate("net"), charon)
+    assert first.get("local-vips") == ["10.99.3.1"], first
+
+    def settled(check: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + SETTLE
+        while True:
+            sas = [sa for sa in charon.list_sas() if sa.get("state") == "ESTABLISHED"]
+            if len(sas) == 1 and check(sas[0]):
+                return sas[0]
+            assert time.monotonic() < deadline, f"{what}: {sas}\n{node.log_text()}"
+            time.sleep(0.1)
+
+    old_child = child_sa(first)["spi-in"]
+    charon.rekey(child="net")
+    sa = settled(lambda sa: [c["spi-in"] for c in sa["child-sas"].values()
+                             if c["state"] == "INSTALLED"] not in ([], [old_child]),
+                 "child rekey")
+    installed = [c for c in sa["child-sas"].values() if c["state"] == "INSTALLED"]
+    assert installed[0]["local-ts"] == ["10.99.3.1/32"], sa
+    charon.rekey(ike="rw")
+    sa = settled(lambda sa: sa["responder-spi"] != first["responder-spi"], "IKE rekey")
+    assert sa.get("local-vips") == ["10.99.3.1"], sa
+    sent, received, output = ping(lab.initiator, "10.99.3.1", RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    before = sa["responder-spi"]
+    charon.swanctl("--rekey", "--ike", "rw", "--reauth")
+    sa = settled(lambda sa: sa["responder-spi"] != before, "reauthentication")
+    assert sa.get("local-vips") == ["10.99.3.1"], sa
+    assert node.log_text().count(" vip=10.99.3.1") == 2, node.log_text()
+    sent, received, output = ping(lab.initiator, "10.99.3.1", RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
     assert node.running(), node.log_text()
 
 
