@@ -18,6 +18,7 @@ from .errors import ParseError
 
 
 class DhGroup(IntEnum):
+    MODP1024 = 2  # legacy: Windows' built-in client proposes it unless told otherwise
     MODP2048 = 14
     MODP3072 = 15
     MODP4096 = 16
@@ -30,6 +31,7 @@ class DhGroup(IntEnum):
 
 # strongSwan keywords
 DH_NAMES: dict[str, DhGroup] = {
+    "modp1024": DhGroup.MODP1024,
     "modp2048": DhGroup.MODP2048,
     "modp3072": DhGroup.MODP3072,
     "modp4096": DhGroup.MODP4096,
@@ -52,6 +54,18 @@ class KeyExchange(Protocol):
 
     def shared_secret_untrusted(self, peer_value: bytes) -> bytes: ...
 
+
+# Offered only with [ike] legacy_algorithms: 1024-bit MODP is too weak for new set-ups.
+LEGACY_GROUPS = frozenset({DhGroup.MODP1024})
+
+# RFC 2409 6.2 group 2 (the Oakley group of IKEv1, 1024 bits)
+_MODP_2 = int(
+    "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74"
+    "020BBEA63B139B22514A08798E3404DDEF9519B3CD3A431B302B0A6DF25F1437"
+    "4FE1356D6D51C245E485B576625E7EC6F44C42E9A637ED6B0BFF5CB6F406B7ED"
+    "EE386BFB5A899FA5AE9F24117C4B1FE649286651ECE65381FFFFFFFFFFFFFFFF",
+    16,
+)
 
 # RFC 3526 groups 14-16 (checked against the RFC's pi formula in the tests).
 _MODP_14 = int(
@@ -101,7 +115,8 @@ _MODP_16 = int(
     "93B4EA988D8FDDC186FFB7DC90A6C08F4DF435C934063199FFFFFFFFFFFFFFFF",
     16,
 )
-_MODP_PRIMES = {DhGroup.MODP2048: _MODP_14, DhGroup.MODP3072: _MODP_15, DhGroup.MODP4096: _MODP_16}
+_MODP_PRIMES = {DhGroup.MODP1024: _MODP_2, DhGroup.MODP2048: _MODP_14,
+                DhGroup.MODP3072: _MODP_15, DhGroup.MODP4096: _MODP_16}
 _MODP_PARAMETERS: dict[DhGroup, dh.DHParameters] = {}
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ..errors import InvalidKePayload, NoProposalChosen
-from ..key_exchange import DH_NAMES, DhGroup
+from ..key_exchange import DH_NAMES, LEGACY_GROUPS, DhGroup
 from ..transforms import (
     ENCR_ALGORITHMS,
     ENCR_ALIASES,
@@ -134,6 +134,8 @@ def parse_proposal(text: str, protocol: ProtocolId, legacy_allowed: bool) -> Con
     if not legacy_allowed:
         names = [a.name for a in encr if a.legacy] + [a.name for a in integ if a.legacy]
         names += [a.name for a in prf if a.legacy]
+        names += [name for name, group in DH_NAMES.items() if group in dh and group in
+                  LEGACY_GROUPS]
         if names:
             raise ValueError(f"'{names[0]}' is a legacy algorithm (set legacy_algorithms)")
     if protocol == ProtocolId.IKE:

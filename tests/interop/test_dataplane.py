@@ -265,6 +265,27 @@ def test_every_esp_cipher_carries_traffic_with_strongswan_libipsec(
         assert counters.get(bad, 0) == 0, counters
 
 
+def test_the_windows_client_default_proposals_with_legacy_algorithms(
+        lab: Lab, initiator: Charon) -> None:
+    """Windows' built-in IKEv2 client proposes AES-CBC-256, SHA-1 and MODP-1024 unless its
+    registry says otherwise; with `legacy_algorithms` our node accepts exactly that (and
+    without it, the config refuses modp1024 as a legacy algorithm)."""
+    windows = ("aes256-sha1-modp1024",)
+    initiator_conn, responder_conn = conn_pair(
+        proposals=windows, esp_proposals=("aes256-sha1",),
+        responder_esp_proposals=("aes256-sha1",))
+    responder_conn = replace(responder_conn, proposals=windows)
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"),
+                    settings={"ike": {"legacy_algorithms": True}})
+    initiator.load(initiator_conn)
+    sa = assert_initiated(initiator.initiate("net"), initiator)
+    assert (algorithm(sa), sa.get("integ-alg"), sa["dh-group"]) == (
+        "AES_CBC-256", "HMAC_SHA1_96", "MODP_1024"), sa
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    assert node.running(), node.log_text()
+
+
 INNER = {4: (INITIATOR_INNER_V4, RESPONDER_INNER_V4), 6: (INITIATOR_INNER_V6, RESPONDER_INNER_V6)}
 
 

@@ -24,7 +24,7 @@ from cluster.key_exchange import (
 
 ALL_GROUPS = list(DhGroup)
 SIZES = {
-    DhGroup.MODP2048: 256, DhGroup.MODP3072: 384, DhGroup.MODP4096: 512,
+    DhGroup.MODP1024: 128, DhGroup.MODP2048: 256, DhGroup.MODP3072: 384, DhGroup.MODP4096: 512,
     DhGroup.ECP256: 64, DhGroup.ECP384: 96, DhGroup.ECP521: 132,
     DhGroup.CURVE25519: 32, DhGroup.CURVE448: 56,
 }
@@ -49,7 +49,7 @@ def test_keyword_table() -> None:
 
 def test_unsupported_group_raises_value_error() -> None:
     with pytest.raises(ValueError):
-        new_key_exchange(2)  # MODP 1024 is not offered
+        new_key_exchange(1)  # MODP 768 is not offered
 
 
 # --- RFC 3526: p = 2^n - 2^(n-64) - 1 + 2^64 * (floor(2^(n-130) * pi) + k) ------------------
