@@ -21,6 +21,7 @@ Run with ``-rP`` (or ``-s``) to see the ping, iperf3 and counter figures.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -561,6 +562,20 @@ def test_strongswan_behind_a_nat_and_its_mapping_changing(lab: Lab, initiator: C
     assert node.running(), node.log_text()
 
 
+def road_warrior(lab: Lab, dns: tuple[str, ...] = ()) -> tuple[Charon, Node]:
+    """strongSwan asking for a virtual IP (`vips = 0.0.0.0`, installed on its TUN) and our
+    node leasing from pool rw (10.99.3.0/28) to the child's dynamic remote selector."""
+    charon = lab.charon("initiator", settings={"install_virtual_ip": "yes"})
+    initiator_conn, responder_conn = conn_pair()
+    initiator_conn = replace(initiator_conn, extra={"vips": "0.0.0.0"}).with_child(local_ts=())
+    responder_conn = replace(responder_conn, node_extra={"pools": ["rw"]}).with_child(
+        remote_ts=())
+    pool = f'[pools.rw]\naddrs = "10.99.3.0/28"\ndns = {json.dumps(list(dns))}\n'
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0") + pool)
+    charon.load(initiator_conn)
+    return charon, node
+
+
 def test_a_road_warrior_gets_a_virtual_ip_from_the_pool_and_traffic_crosses(
         lab: Lab) -> None:
     """strongSwan as a road warrior (`vips = 0.0.0.0`) asks for an address in IKE_AUTH;
@@ -568,14 +583,7 @@ def test_a_road_warrior_gets_a_virtual_ip_from_the_pool_and_traffic_crosses(
     server, narrows the Child SA to it, and routes it into the TUN: strongSwan installs
     the address and pings from it cross. After strongSwan deletes the SA and comes back,
     the lease returns to the same identity: the same address again."""
-    charon = lab.charon("initiator", settings={"install_virtual_ip": "yes"})
-    initiator_conn, responder_conn = conn_pair()
-    initiator_conn = replace(initiator_conn, extra={"vips": "0.0.0.0"}).with_child(local_ts=())
-    responder_conn = replace(responder_conn, node_extra={"pools": ["rw"]}).with_child(
-        remote_ts=())
-    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0") + (
-        '[pools.rw]\naddrs = "10.99.3.0/28"\ndns = ["10.99.2.53"]\n'))
-    charon.load(initiator_conn)
+    charon, node = road_warrior(lab, dns=("10.99.2.53",))
     wire = lab.wire_counters("initiator", {"esp_out": ("out", ESP_IN_UDP_OUT),
                                            "esp_in": ("in", ESP_IN_UDP_IN)})
     for attempt in range(2):
@@ -605,14 +613,7 @@ def test_a_virtual_ip_survives_rekeys_and_a_reauthentication(lab: Lab) -> None:
     RFC 7296 2.19), then the IKE SA, then reauthenticates (a second IKE SA of the same
     identity, make-before-break): the address stays 10.99.3.1 throughout and pings from it
     keep crossing."""
-    charon = lab.charon("initiator", settings={"install_virtual_ip": "yes"})
-    initiator_conn, responder_conn = conn_pair()
-    initiator_conn = replace(initiator_conn, extra={"vips": "0.0.0.0"}).with_child(local_ts=())
-    responder_conn = replace(responder_conn, node_extra={"pools": ["rw"]}).with_child(
-        remote_ts=())
-    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0") + (
-        '[pools.rw]\naddrs = "10.99.3.0/28"\n'))
-    charon.load(initiator_conn)
+    charon, node = road_warrior(lab)
     first = assert_initiated(charon.initiate("net"), charon)
     assert first.get("local-vips") == ["10.99.3.1"], first
 
