@@ -931,7 +931,13 @@ class _Loader:
             text = text.rstrip("\r\n")
         if kind == "eap" and all(p.any for p in ids):
             entry.fail("ids", "an EAP secret needs the user's identity, not only %any")
-        return SharedSecret(ids=tuple(ids), secret=_decode_secret(entry, name, text), kind=kind)
+        secret = _decode_secret(entry, name, text)
+        if kind == "eap":
+            try:  # MS-CHAPv2 hashes the password as text (UTF-16)
+                secret.decode("utf-8")
+            except UnicodeDecodeError:
+                entry.fail(name, "an EAP password must be UTF-8 text")
+        return SharedSecret(ids=tuple(ids), secret=secret, kind=kind)
 
     def check_psk_secrets(self, policy: ResponderPolicy, addresses: tuple[str, ...]) -> None:
         """A psk connection without a secret it could ever use is a mistake, not a warning."""

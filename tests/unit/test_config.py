@@ -783,6 +783,8 @@ def test_eap_users_and_their_secrets(tmp_path: Path, pki: Path) -> None:
             'connections.rw.remote.cacerts: only used with auth = "pubkey"',
         text.replace('ids = ["carol@example.test"]', 'ids = ["%any"]'):
             "secrets.eap-carol.ids: an EAP secret needs the user's identity, not only %any",
+        text.replace('secret = "c4rol"', 'secret = "0xff00"'):
+            "secrets.eap-carol.secret: an EAP password must be UTF-8 text",
     }
     for bad, message in errors.items():
         assert load_error(write(tmp_path, bad)) == f"{tmp_path / 'node.toml'}: {message}"
