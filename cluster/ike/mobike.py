@@ -24,8 +24,8 @@ from .sa import IkeSa
 class MobikeAnswer:
     payloads: list[Payload]  # for the response
     update: bool  # the peer asked to move the SA to this request's addresses
-    nat_remote: bool  # what its NAT detection says about the peer's side
-    behind_nat: bool  # ... and about ours
+    # what its NAT detection says about the peer's side and ours (None: it sent none)
+    nat: tuple[bool, bool] | None
 
 
 def answer_mobike(sa: IkeSa, payloads: list[Payload], local: Address,
@@ -34,14 +34,14 @@ def answer_mobike(sa: IkeSa, payloads: list[Payload], local: Address,
     out: list[Payload] = []
     sources = notifies(payloads, NotifyType.NAT_DETECTION_SOURCE_IP)
     destinations = notifies(payloads, NotifyType.NAT_DETECTION_DESTINATION_IP)
-    nat_remote = behind_nat = False
+    nat: tuple[bool, bool] | None = None
     if sources and destinations:
-        nat_remote = nat_hash(sa.spi_i, sa.spi_r, remote) not in [n.data for n in sources]
-        behind_nat = nat_hash(sa.spi_i, sa.spi_r, local) not in [n.data for n in destinations]
+        nat = (nat_hash(sa.spi_i, sa.spi_r, remote) not in [n.data for n in sources],
+               nat_hash(sa.spi_i, sa.spi_r, local) not in [n.data for n in destinations])
         out += [NotifyPayload(NotifyType.NAT_DETECTION_SOURCE_IP,
                               nat_hash(sa.spi_i, sa.spi_r, local)),
                 NotifyPayload(NotifyType.NAT_DETECTION_DESTINATION_IP,
                               nat_hash(sa.spi_i, sa.spi_r, remote))]
     out += notifies(payloads, NotifyType.COOKIE2)[:1]  # 3.8: copied unmodified
     update = bool(notifies(payloads, NotifyType.UPDATE_SA_ADDRESSES))
-    return MobikeAnswer(out, update, nat_remote, behind_nat)
+    return MobikeAnswer(out, update, nat)

@@ -575,10 +575,12 @@ class IkeSession:
             sa.transition(Trigger.RECV_AUTH_REQUEST)
             self._established(sa, now)
         elif mobike is not None and mobike.update:
-            for other in self._all():  # the NAT state seen from the new addresses
-                other.nat_remote = other.nat_remote or mobike.nat_remote
-                other.behind_nat = mobike.behind_nat
-                other.nat_local = other.nat_local or mobike.behind_nat
+            if mobike.nat is not None:  # the NAT state seen from the new addresses
+                nat_remote, behind_nat = mobike.nat
+                for other in self._all():
+                    other.nat_remote = other.nat_remote or nat_remote
+                    other.behind_nat = behind_nat
+                    other.nat_local = other.nat_local or behind_nat
             self._move(local, remote, MOBIKE_UPDATE)
         elif successor is not None:
             self._take_over(sa, successor, now)

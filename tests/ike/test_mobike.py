@@ -146,3 +146,16 @@ def test_mobike_survives_an_ike_rekey_and_a_snapshot(monkeypatch: pytest.MonkeyP
                      [NotifyPayload(NotifyType.UPDATE_SA_ADDRESSES)], ROAMED)
     assert answer == []
     assert restored.sa.remote == ROAMED != CLIENT
+
+
+def test_an_update_without_nat_detection_keeps_the_nat_state(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    client, gateway = _established(monkeypatch)
+    ours_seen_as = ("203.0.113.5", 4500)  # a NAT in front of us: the peer saw another address
+    _inform(client, gateway, 2, [NotifyPayload(NotifyType.UPDATE_SA_ADDRESSES),
+                                 *_nat_detection(client, ROAMED, ours_seen_as)], ROAMED)
+    assert gateway.sa.behind_nat and gateway.sa.nat_local
+    elsewhere = ("10.99.0.12", 4500)
+    _inform(client, gateway, 3, [NotifyPayload(NotifyType.UPDATE_SA_ADDRESSES)], elsewhere)
+    assert gateway.sa.remote == elsewhere
+    assert gateway.sa.behind_nat and gateway.sa.nat_local  # nothing said otherwise
