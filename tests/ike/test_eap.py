@@ -8,6 +8,8 @@ import struct
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cluster.errors import AuthenticationFailed
 from cluster.ike.eap import Code, EapMschapv2Server, EapType, OpCode, packet
@@ -103,3 +105,20 @@ def test_a_short_mschapv2_response_fails() -> None:
     challenge = eap.process(answer(eap.start(), EapType.IDENTITY, b"carol"))
     with pytest.raises(AuthenticationFailed, match="short response"):
         eap.process(answer(challenge, EapType.MSCHAPV2, bytes((OpCode.RESPONSE, 0, 0, 9, 49))))
+
+
+@given(st.binary(max_size=120))
+def test_any_bytes_from_the_peer_are_an_answer_or_authentication_failed(data: bytes) -> None:
+    """Whatever arrives in the EAP payload, in any step: a next packet or the one error."""
+    for steps in range(3):
+        eap, peer = server(), Peer(b"carol", USERS[b"carol"])
+        request = eap.start()
+        if steps >= 1:
+            request = eap.process(answer(request, EapType.IDENTITY, b"carol"))
+        if steps >= 2:
+            request = eap.process(peer.respond(request))
+        try:
+            out = eap.process(data)
+        except AuthenticationFailed:
+            continue
+        assert out[0] in (Code.REQUEST, Code.SUCCESS)

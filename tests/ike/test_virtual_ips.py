@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cluster.errors import InvalidSyntax
 from cluster.ike import session as session_module
@@ -246,3 +248,14 @@ def test_the_lease_lives_as_long_as_the_ike_sa_and_its_rekeys(
     assert (pool.online, pool.offline) == (0, 1)
     assert pool.lease_of(parse_identity("client.example.test")) == ipaddress.ip_address(
         "10.99.3.1")
+
+
+@given(st.binary(max_size=64))
+def test_any_attribute_bytes_parse_or_are_invalid_syntax(data: bytes) -> None:
+    """Never another exception, and a parse accounts for every byte."""
+    try:
+        attributes = parse_attributes_untrusted(data)
+    except InvalidSyntax:
+        return
+    assert sum(4 + len(value) for _, value in attributes) == len(data)
+    assert all(0 <= kind <= 0x7FFF for kind, _ in attributes)
