@@ -59,6 +59,8 @@ IKE_PORT = 500  # a peer's IKE port unless `remote_port` says otherwise
 # Tables that later issues fill in; kept raw in `NodeConfig.extra_tables` until then.
 FUTURE_TABLES: tuple[str, ...] = ()
 RELAY_PORT = 4800  # [cluster] relay without a port
+UNIQUE_POLICIES: tuple[Literal["no", "never", "replace", "keep"], ...] = (
+    "no", "never", "replace", "keep")
 STORE_SCHEMES = ("memory", "redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 METRICS_PORT = 9464  # [metrics] listen without a port (the OpenTelemetry exporter's port)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
@@ -483,6 +485,7 @@ class _Loader:
                 "dpd_action",
                 "pools",
                 "mobike",
+                "unique",
             ),
         )
         version = conn.integer("version", 2)
@@ -517,6 +520,7 @@ class _Loader:
             dpd_action=self.dpd_action(conn, children),
             pools=self.connection_pools(conn, pools),
             mobike=conn.boolean("mobike", True),
+            unique=self.unique(conn),
         )
         return connection, self.initiation(conn, connection, remote_port, addresses)
 
@@ -827,6 +831,13 @@ class _Loader:
         return key
 
     # --- children -------------------------------------------------------------
+
+    def unique(self, conn: _Table) -> Literal["no", "never", "replace", "keep"]:
+        value = conn.string("unique", "no")
+        for allowed in UNIQUE_POLICIES:
+            if value == allowed:
+                return allowed
+        conn.fail("unique", f"{value!r} is not one of {', '.join(UNIQUE_POLICIES)}")
 
     def connection_pools(self, conn: _Table, pools: dict[str, AddressPool]
                          ) -> tuple[AddressPool, ...]:

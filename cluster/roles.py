@@ -127,6 +127,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
             stats=stats, half_open_timeout=config.policy.half_open_timeout,
             cookie_threshold=dos.cookie_threshold, block_threshold=dos.block_threshold,
             init_limit_half_open=dos.init_limit_half_open, notify_rate=dos.notify_rate,
+            uniqueness={c.name: c.unique for c in config.policy.connections},
         )
         persistence = SaPersistence(
             writer, key, config.node_id, config.policy, supervisor,

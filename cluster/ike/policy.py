@@ -111,6 +111,9 @@ class ConnectionConfig:
     # again at once; a "start" connection is initiated again after any end anyway
     dpd_action: Literal["clear", "restart", "trap"] = "clear"
     mobike: bool = True  # offer MOBIKE (RFC 4555) to initiators that support it (swanctl's)
+    # swanctl's uniqueness policy for SAs of the same identities: "no" (INITIAL_CONTACT
+    # replaces), "never", "replace" (the older ones are deleted), "keep" (the new one is)
+    unique: Literal["no", "never", "replace", "keep"] = "no"
     # virtual IPs for peers that ask (swanctl's `pools`), tried in order per family
     pools: tuple[AddressPool, ...] = ()
 

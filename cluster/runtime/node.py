@@ -340,6 +340,7 @@ async def run_node(
             block_threshold=config.dos.block_threshold,
             init_limit_half_open=config.dos.init_limit_half_open,
             notify_rate=config.dos.notify_rate,
+            uniqueness={c.name: c.unique for c in config.policy.connections},
         )
         try:
             async with trio.open_nursery() as nursery:

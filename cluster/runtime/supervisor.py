@@ -46,7 +46,7 @@ import logging
 import math
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -182,8 +182,10 @@ class Supervisor:
         cookies: CookieSecrets | None = None,
         new_spi: Callable[[], bytes] = lambda: secrets.token_bytes(8),
         persist: Persist | None = None,
+        uniqueness: Mapping[str, str] | None = None,  # connection -> swanctl's `unique`
     ) -> None:
         self._session_factory = session_factory
+        self._uniqueness = dict(uniqueness or {})
         self._send = send
         self._event_sink = event_sink
         self.stats = stats
@@ -660,11 +662,17 @@ class Supervisor:
     def _identified(self, actor: SaActor, event: IkeSaEstablished) -> None:
         key = (event.local_id, event.remote_id)
         others = self._by_identity.setdefault(key, set())
-        if event.initial_contact:
+        unique = self._uniqueness.get(event.connection, "no")  # swanctl's `unique`
+        if event.initial_contact and unique != "never":
             # RFC 7296 2.4: the peer says it holds no other SA with us; drop ours quietly
             for other in list(others):
                 other.mailbox.put_nowait(lambda session, now: session.abandon(
                     "replaced (INITIAL_CONTACT)"))
+        elif others and unique == "replace":  # the older SAs go, with a Delete each
+            for other in list(others):
+                other.mailbox.put_nowait(lambda session, now: session.delete_ike(now))
+        elif others and unique == "keep":  # the older SA stays, the new one is deleted
+            actor.mailbox.put_nowait(lambda session, now: session.delete_ike(now))
         others.add(actor)
         self._identity_of[actor] = key
 

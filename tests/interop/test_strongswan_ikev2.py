@@ -7,13 +7,14 @@ ESTABLISHED and, in tunnel mode, the CHILD_SA INSTALLED with the expected cipher
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import replace
 
 import pytest
 
 from tests.interop.certs import Pki
 from tests.interop.charon import Charon
-from tests.interop.lab import RESPONDER_V6, Conn, End, conn_pair
+from tests.interop.lab import RESPONDER_V6, Conn, End, Lab, conn_pair
 from tests.interop.node import Node
 from tests.interop.responders import Responder, StartResponder, responder_kind
 from tests.interop.sa_checks import (
@@ -342,3 +343,29 @@ def test_an_eap_mschapv2_user_gets_in_and_a_wrong_password_does_not(
     if isinstance(responder, Node):
         assert "EAP-MSCHAPv2: wrong password for 'carol'" in responder.log_text()
     assert_still_serves(initiator, initiator_conn, responder)
+
+
+def test_unique_replace_deletes_the_older_sa_of_a_returning_peer(
+    start_responder: StartResponder, lab: Lab
+) -> None:
+    """swanctl's `unique = replace`: strongSwan (reuse_ikesa = no) sets up a second IKE
+    SA to us without INITIAL_CONTACT (it still holds the first); the responder deletes
+    the first with a Delete, and the second stays."""
+    initiator = lab.charon("initiator", settings={"reuse_ikesa": "no"})
+    initiator_conn, responder_conn = conn_pair()
+    responder_conn = replace(responder_conn, extra={"unique": "replace"},
+                             node_extra={"unique": "replace"})
+    start_responder([responder_conn])
+    initiator.load(initiator_conn)
+    first = assert_initiated(initiator.initiate("net"), initiator)
+    result = initiator.initiate("net")
+    assert result.returncode == 0, result.stdout + result.stderr
+    deadline = time.monotonic() + 10
+    while True:
+        sas = [sa for sa in initiator.list_sas() if sa.get("state") == "ESTABLISHED"]
+        if len(sas) == 1 and sas[0]["responder-spi"] != first["responder-spi"]:
+            break
+        assert time.monotonic() < deadline, f"{sas}\n{initiator.log_text()}"
+        time.sleep(0.1)
+    assert re.search(r"received DELETE for IKE_SA rw\[1\]", initiator.log_text()), (
+        initiator.log_text())

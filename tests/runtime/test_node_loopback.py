@@ -15,7 +15,7 @@ import trio
 
 from cluster.config import NodeConfig, load_config
 from cluster.ike.constants import NON_ESP_MARKER
-from cluster.ike.events import Event, IkeSaEstablished
+from cluster.ike.events import Event, IkeSaDeleted, IkeSaEstablished
 from cluster.ike.session import IkeSession
 from cluster.runtime.node import Node, run_node
 
@@ -311,4 +311,65 @@ async def test_initial_contact_replaces_the_older_sas_of_the_same_identities(
         finally:
             first.close()
             second.close()
+        node.shutdown()
+
+
+def _unique(config: NodeConfig, policy: str) -> NodeConfig:
+    connections = tuple(replace(c, unique=policy) for c in config.policy.connections)
+    return replace(config, policy=replace(config.policy, connections=connections))
+
+
+@pytest.mark.parametrize("policy", ["replace", "keep"])
+async def test_unique_replace_or_keep_deletes_one_of_two_sas_of_the_same_identities(
+    setup: Setup, policy: str,
+) -> None:
+    """swanctl's `unique`: a second IKE SA of the same identities without INITIAL_CONTACT
+    makes the node delete the older one ("replace") or the new one ("keep"), with a
+    Delete the peer answers."""
+    config = _unique(setup.node_config, policy)
+    async with trio.open_nursery() as nursery:
+        node = await start_node(nursery, config)
+        first = await open_peer(setup, "127.0.0.1")
+        second = await open_peer(setup, "127.0.0.1")
+        try:
+            old = await first.establish()
+            new = await second.establish()
+            goes, stays = (first, new) if policy == "replace" else (second, old)
+            gone = old if policy == "replace" else new
+            await goes.run_until(lambda e: isinstance(e, IkeSaDeleted))
+            await wait_for(lambda: node.supervisor.actor_for(gone.spi_r) is None)
+            assert node.supervisor.actor_for(stays.spi_r) is not None
+        finally:
+            first.close()
+            second.close()
+        node.shutdown()
+
+
+@pytest.mark.parametrize("policy", ["no", "never"])
+async def test_without_initial_contact_two_sas_stay_and_never_ignores_it(
+    setup: Setup, policy: str,
+) -> None:
+    config = _unique(setup.node_config, policy)
+    async with trio.open_nursery() as nursery:
+        node = await start_node(nursery, config)
+        first = await open_peer(setup, "127.0.0.1")
+        second = await open_peer(setup, "127.0.0.1")
+        third = await InitiatorPeer.open(
+            ("127.0.0.1", config.ike_port), config.natt_port, setup.connection,
+            setup.initiator_policy, initial_contact=True,
+        )
+        try:
+            sas = [await peer.establish() for peer in (first, second)]
+            await trio.sleep(0.2)
+            assert all(node.supervisor.actor_for(sa.spi_r) is not None for sa in sas)
+            await third.establish()
+            if policy == "never":  # INITIAL_CONTACT does not replace either
+                await trio.sleep(0.2)
+                assert all(node.supervisor.actor_for(sa.spi_r) is not None for sa in sas)
+            else:
+                await wait_for(lambda: all(node.supervisor.actor_for(sa.spi_r) is None
+                                           for sa in sas))
+        finally:
+            for peer in (first, second, third):
+                peer.close()
         node.shutdown()

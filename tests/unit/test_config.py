@@ -397,6 +397,12 @@ def test_start_action_mistake_names_the_key(
     assert reason in message[len(prefix):], message
 
 
+def test_unique_follows_swanctl(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, BASE)).policy.connections[0].unique == "no"
+    text = edit(("version = 2\n", 'version = 2\nunique = "replace"\n'))
+    assert load_config(write(tmp_path, text)).policy.connections[0].unique == "replace"
+
+
 def test_mobike_is_on_unless_turned_off(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, BASE)).policy.connections[0].mobike
     off = edit(("version = 2\n", "version = 2\nmobike = false\n"))
@@ -548,6 +554,8 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
      "secrets.rw.secret_file", "cannot read 'nope.txt': No such file or directory"),
     ("secret key typo", BASE.replace("secret =", "secert ="),
      "secrets.rw.secert", "unknown key (did you mean 'secret'?)"),
+    ("unknown unique policy", edit(("version = 2\n", 'version = 2\nunique = "sometimes"\n')),
+     "connections.rw.unique", "'sometimes' is not one of no, never, replace, keep"),
     ("mobike not a boolean", edit(("version = 2\n", 'version = 2\nmobike = "no"\n')),
      "connections.rw.mobike", "expected"),
     ("unknown pool", edit(("version = 2\n", 'version = 2\npools = ["rw"]\n')),
