@@ -486,6 +486,7 @@ class _Loader:
                 "pools",
                 "mobike",
                 "unique",
+                "reauth_time",
             ),
         )
         version = conn.integer("version", 2)
@@ -521,6 +522,7 @@ class _Loader:
             pools=self.connection_pools(conn, pools),
             mobike=conn.boolean("mobike", True),
             unique=self.unique(conn),
+            reauth_time=self.reauth_time(conn),
         )
         return connection, self.initiation(conn, connection, remote_port, addresses)
 
@@ -831,6 +833,12 @@ class _Loader:
         return key
 
     # --- children -------------------------------------------------------------
+
+    def reauth_time(self, conn: _Table) -> float:
+        seconds = self.duration(conn, "reauth_time", 0.0)
+        if seconds and not 1 <= seconds < 2**32:  # RFC 4478: whole seconds, 32 bits
+            conn.fail("reauth_time", "between a second and 136 years (0: never)")
+        return seconds
 
     def unique(self, conn: _Table) -> Literal["no", "never", "replace", "keep"]:
         value = conn.string("unique", "no")

@@ -196,6 +196,9 @@ def _finish(sa: IkeSa, chosen_conn: ConnectionConfig, payloads: list[Payload],
         # RFC 6311 3: a cluster may resynchronise message IDs after a failover
         sa.mid_sync = True
         response.append(NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))
+    if chosen_conn.reauth_time > 0:  # RFC 4478: authenticate again within this many seconds
+        response.append(NotifyPayload(NotifyType.AUTH_LIFETIME,
+                                      int(chosen_conn.reauth_time).to_bytes(4, "big")))
     if chosen_conn.mobike and notifies(payloads, NotifyType.MOBIKE_SUPPORTED):
         sa.mobike = True  # RFC 4555 3.1: the initiator may now move the SA
         response.append(NotifyPayload(NotifyType.MOBIKE_SUPPORTED))

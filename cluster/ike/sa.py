@@ -104,6 +104,7 @@ class IkeSa:
     last_heard: float = 0.0  # when the peer last sent us an authenticated message
     rekey_at: float = INFINITY
     expire_at: float = INFINITY
+    reauth_at: float = INFINITY  # deleted then unless the peer authenticated anew (RFC 4478)
     rekeying: bool = False
     rekey_nonce: bytes = b""
     fragmentation: bool = False  # both announced IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383)

@@ -232,7 +232,7 @@ class IkeSession:
         due += [drop_by for _, drop_by in self._retiring]
         sa = self._sa
         if sa.state is State.ESTABLISHED:
-            due += [sa.rekey_at, sa.expire_at]
+            due += [sa.rekey_at, sa.expire_at, sa.reauth_at]
             for child in sa.children.values():
                 due += [child.rekey_at, child.expire_at]
             dpd = sa.connection.dpd_delay if sa.connection else 0.0
@@ -255,10 +255,12 @@ class IkeSession:
         if sa.behind_nat and now >= sa.keepalive_at:  # RFC 3948 4: keep the NAT mapping
             sa.keepalive_at = _next_keepalive(sa, now)
             self._outbox.append(Datagram(NAT_KEEPALIVE, sa.local, sa.remote, keepalive=True))
-        if now >= sa.expire_at:  # not rekeyed in time: delete it (strongSwan's life_time)
+        if now >= sa.expire_at or now >= sa.reauth_at:
+            # not rekeyed in time (strongSwan's life_time), or the peer did not authenticate
+            # again within its AUTH_LIFETIME (RFC 4478): delete it
             # its Child SAs go with it: none of the other deadlines matter any more, and
             # the delete may have to wait behind a request of ours, still ESTABLISHED
-            sa.expire_at = sa.rekey_at = INFINITY
+            sa.expire_at = sa.rekey_at = sa.reauth_at = INFINITY
             for child in sa.children.values():
                 child.rekey_at = child.expire_at = INFINITY
             self.delete_ike(now)
@@ -767,6 +769,8 @@ class IkeSession:
         sa.keepalive_at = _next_keepalive(sa, now)
         assert sa.connection is not None
         sa.rekey_at, sa.expire_at = deadlines(sa.connection.lifetime, now, self._rng)
+        if sa.connection.reauth_time > 0:  # swanctl's over_time: a tenth more
+            sa.reauth_at = now + 1.1 * sa.connection.reauth_time
         self._schedule_children(sa, now)
 
     def _schedule_children(self, sa: IkeSa, now: float) -> None:

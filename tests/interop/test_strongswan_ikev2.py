@@ -369,3 +369,33 @@ def test_unique_replace_deletes_the_older_sa_of_a_returning_peer(
         time.sleep(0.1)
     assert re.search(r"received DELETE for IKE_SA rw\[1\]", initiator.log_text()), (
         initiator.log_text())
+
+
+def test_strongswan_reauthenticates_when_told_its_auth_lifetime(
+    start_responder: StartResponder, initiator: Charon
+) -> None:
+    """`reauth_time` on our connection reaches strongSwan as AUTH_LIFETIME (RFC 4478): it
+    schedules a reauthentication and makes a new IKE SA (a new IKE_AUTH) before then."""
+    if responder_kind() == "charon":
+        pytest.skip("strongSwan 5.9.8 as the responder sent no AUTH_LIFETIME here: "
+                    "nothing of ours to check")
+    initiator_conn, responder_conn = conn_pair()
+    responder_conn = replace(responder_conn, node_extra={"reauth_time": "6s"},
+                             extra={"reauth_time": "6s"})
+    # strongSwan starts its reauthentication over_time before the AUTH_LIFETIME ends
+    # (default: a tenth of its own rekey_time, 24 min)
+    initiator_conn = replace(initiator_conn, extra={"over_time": "2s"})
+    start_responder([responder_conn])
+    initiator.load(initiator_conn)
+    first = assert_initiated(initiator.initiate("net"), initiator)
+    log = initiator.log_text()
+    assert re.search(r"received AUTH_LIFETIME of 6s, scheduling reauthentication in 4s",
+                     log), log
+    deadline = time.monotonic() + 15
+    while True:
+        sas = [sa for sa in initiator.list_sas() if sa.get("state") == "ESTABLISHED"]
+        if sas and sas[0]["responder-spi"] != first["responder-spi"]:
+            break
+        assert time.monotonic() < deadline, f"{sas}\n{initiator.log_text()}"
+        time.sleep(0.2)
+    assert initiator.log_text().count("IKE_AUTH request 1") >= 2, initiator.log_text()

@@ -1,0 +1,70 @@
+"""reauth_time as the responder: AUTH_LIFETIME (RFC 4478), and the SA goes if the peer
+does not authenticate again in time."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from cluster.ike.constants import NotifyType
+from cluster.ike.events import IkeSaDeleted
+from cluster.ike.message import decode_untrusted
+from cluster.ike.payloads import DeletePayload, NotifyPayload
+from cluster.ike.snapshot import restore, snapshot_of
+from cluster.ike.state import State
+from tests.ike.sessions import (
+    client_for,
+    drain,
+    psk_connection,
+    psk_pair,
+    psk_policy,
+    run_handshake,
+    transfer,
+)
+
+REAUTH = 600.0
+
+
+def test_the_responder_announces_auth_lifetime_and_deletes_the_sa_after_it() -> None:
+    gw_conn = replace(psk_connection(), reauth_time=REAUTH)
+    client, gateway = psk_pair(gw_conn, client_for(psk_connection()))
+    transfer(client, gateway)
+    transfer(gateway, client)
+    transfer(client, gateway)
+    [response] = gateway.datagrams_to_send()
+    sk = client.sa.sk
+    assert sk is not None
+    inner = sk.unprotect_untrusted(response.data, decode_untrusted(response.data))
+    assert inner is not None
+    assert NotifyPayload(NotifyType.AUTH_LIFETIME, (600).to_bytes(4, "big")) in inner
+    client.receive_datagram_untrusted(response.data, response.remote, response.local, 0.0)
+    assert gateway.state is State.ESTABLISHED
+    # the peer did not authenticate again: a tenth later the SA is deleted
+    assert gateway.get_timer() == 1.1 * REAUTH  # nothing else is due sooner
+    gateway.handle_timer(1.1 * REAUTH - 1)
+    assert not gateway.datagrams_to_send()
+    gateway.handle_timer(1.1 * REAUTH)
+    [delete] = gateway.datagrams_to_send()
+    inner = sk.unprotect_untrusted(delete.data, decode_untrusted(delete.data))
+    assert inner is not None and isinstance(inner[0], DeletePayload)
+
+
+def test_the_deadline_outlives_ike_rekeys_and_snapshots() -> None:
+    gw_conn = replace(psk_connection(), reauth_time=REAUTH)
+    client, gateway = psk_pair(gw_conn, client_for(psk_connection()))
+    run_handshake(client, gateway)
+    deadline = gateway.sa.reauth_at
+    client.rekey_ike(100.0)
+    run_handshake(client, gateway)
+    drain(gateway)
+    assert gateway.sa.reauth_at == deadline  # a rekey is no new authentication
+    restored = restore(snapshot_of(gateway, 200.0), psk_policy(gw_conn), 200.0)
+    assert abs(restored.sa.reauth_at - deadline) < 1e-6
+    restored.handle_timer(deadline)
+    assert restored.state is State.DELETING
+
+
+def test_without_reauth_time_nothing_is_announced_or_due() -> None:
+    client, gateway = psk_pair()
+    run_handshake(client, gateway)
+    assert gateway.sa.reauth_at == float("inf")
+    assert not [e for e in drain(gateway) if isinstance(e, IkeSaDeleted)]
