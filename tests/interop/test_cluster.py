@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.interop.certs import Pki
 from tests.interop.charon import Charon
 from tests.interop.cluster_lab import ClusterLab, metric
 from tests.interop.lab import (
@@ -22,6 +23,7 @@ from tests.interop.lab import (
     INITIATOR_V4,
     RESPONDER_INNER_V4,
     VETH,
+    End,
     Lab,
     conn_pair,
 )
@@ -196,6 +198,34 @@ def test_a_mobike_roam_moves_the_sa_in_the_cluster_and_the_workers_esp() -> None
         (now,) = established(charon)
         assert (now["responder-spi"], now.get("local-host")) == (sa["responder-spi"], roamed)
         report("cluster", "MOBIKE roam followed by the owner and the worker")
+
+
+def test_an_eap_user_through_the_cluster_and_in_its_sa_list(pki: Pki) -> None:
+    """An EAP-MSCHAPv2 user (the gateway on its certificate) logs in through the worker's
+    relay: the four IKE_AUTH round trips reach the one responder holding the half-open
+    SA, traffic crosses, and `ike-cluster sas` names the user."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair(ca=pki.ca, initiator_cred=pki.client_ecdsa,
+                                         responder_cred=pki.gw_ecdsa)
+        user = ("alice", "Alice's passw0rd")
+        initiator = replace(initiator, eap_users=(user,),
+                            local=End("eap-mschapv2", "client.example.test", eap_id="alice"))
+        responder = replace(responder, eap_users=(user,),
+                            remote=End("eap-mschapv2", "%any", eap_id="%any"))
+        _, sa = _connect(lab, cluster, initiator, responder)
+        owner = cluster.responders[_owner(cluster, sa["responder-spi"]) - 1]
+        assert re.search(r"IKE SA established: rw .* eap_id=alice", owner.log_text())
+        sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+        assert received == sent, f"{out}\n{cluster.logs()}"
+        deadline = time.monotonic() + 10
+        while True:  # the snapshot is written a moment after the SA came up
+            listing = owner.ns.run([sys.executable, "-m", "cluster", "sas", "--config",
+                                    str(owner.config_path)]).stdout
+            if "  remote EAP identity: 'alice'" in listing:
+                break
+            assert time.monotonic() < deadline, listing
+            time.sleep(0.3)
+        report("cluster", "EAP-MSCHAPv2 user through the relay, listed by ike-cluster sas")
 
 
 def _keys_from_log(log: str) -> list[bytes]:
