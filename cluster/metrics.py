@@ -49,6 +49,7 @@ from prometheus_client.registry import Collector
 from .errors import IkeError
 from .ike.constants import ExchangeType
 from .ike.events import (
+    MOBIKE_UPDATE,
     PEER_NOT_RESPONDING,
     ChildSaDeleted,
     ChildSaEstablished,
@@ -57,6 +58,7 @@ from .ike.events import (
     IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
+    IkeSaMoved,
     IkeSaRekeyed,
 )
 from .ike.pools import AddressPool
@@ -171,6 +173,8 @@ class Metrics:
         self._ike_deleted: dict[str, int] = {}
         self._child_deleted: dict[str, int] = {}
         self._ike_rekeyed = 0
+        # IKE SAs that moved to new peer addresses: the NAT's new mapping or MOBIKE
+        self._ike_moved = {"nat": 0, "mobike": 0}
         self._exchanges: dict[tuple[str, str, str], int] = {
             (e.name, role, "ok"): 0 for e in ExchangeType for role in ROLES
         }
@@ -262,6 +266,8 @@ class Metrics:
             _count(self._ike_deleted, label)
         elif isinstance(event, IkeSaFailed):
             _count(self._ike_failed, failure_label(event))
+        elif isinstance(event, IkeSaMoved):
+            self._ike_moved["mobike" if event.reason == MOBIKE_UPDATE else "nat"] += 1
         elif isinstance(event, IkeSaRekeyed):
             self._ike_rekeyed += 1
             record = self._ike.pop((event.old_spi_i, event.old_spi_r), None)
@@ -325,6 +331,9 @@ class Metrics:
                      self._ike_deleted))
         add(CounterMetricFamily(PREFIX + "ike_sas_rekeyed_total", "IKE SA rekeys completed.",
                                 self._ike_rekeyed))
+        add(_counter("ike_sas_moved_total", "IKE SAs moved to the peer's new address: its "
+                     "NAT's new mapping (nat) or its MOBIKE update (mobike).", "reason",
+                     self._ike_moved))
         add(_counter("child_sas_established_total", "Child SAs established (rekeys included).",
                      "connection", self._child_established))
         add(_counter("child_sas_deleted_total", "Child SAs deleted.", "reason",

@@ -18,12 +18,14 @@ from cluster.errors import ConfigError
 from cluster.esp.counters import SaCounters, SadCounters
 from cluster.ike.constants import ExchangeType
 from cluster.ike.events import (
+    MOBIKE_UPDATE,
     ChildSaDeleted,
     ChildSaEstablished,
     Event,
     IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
+    IkeSaMoved,
     IkeSaRekeyed,
 )
 from cluster.ike.identity import parse_identity
@@ -58,6 +60,7 @@ COMMON = {
     "ike_cluster_ike_sas_failed": "counter",
     "ike_cluster_ike_sas_deleted": "counter",
     "ike_cluster_ike_sas_rekeyed": "counter",
+    "ike_cluster_ike_sas_moved": "counter",
     "ike_cluster_child_sas_established": "counter",
     "ike_cluster_child_sas_deleted": "counter",
     "ike_cluster_exchanges": "counter",
@@ -160,6 +163,17 @@ def test_the_data_plane_adds_esp_families() -> None:
     assert value(samples, "ike_cluster_esp_dropped_packets_total", reason="replay") == 2
     assert value(samples, "ike_cluster_esp_dropped_packets_total", reason="no_sa_inbound") == 3
     assert value(samples, "ike_cluster_esp_dropped_packets_total", reason="malformed") == 5
+
+
+def test_moves_are_counted_by_what_moved_them() -> None:
+    metrics = fresh()
+    ike = (bytes(range(8)), bytes(range(8, 16)))
+    for reason in ("NAT mapping changed", MOBIKE_UPDATE, MOBIKE_UPDATE):
+        metrics.record(IkeSaMoved(*ike, ("10.0.0.1", 4500), ("192.0.2.9", 4500), reason))
+    metrics.publish()
+    _, samples = scrape(metrics)
+    assert value(samples, "ike_cluster_ike_sas_moved_total", reason="nat") == 1
+    assert value(samples, "ike_cluster_ike_sas_moved_total", reason="mobike") == 2
 
 
 def test_pools_publish_size_online_and_offline_once_each() -> None:
