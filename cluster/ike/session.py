@@ -207,12 +207,14 @@ class IkeSession:
     def sa(self) -> IkeSa:
         return self._sa
 
-    def forget_key_exchanges(self) -> None:
+    def end_here(self) -> None:
         """The SA ends in this process (deleted, failed, expired, handed over): a DH value
-        it shared with other SAs is never handed out again (RFC 7296 2.12)."""
+        it shared with other SAs is never handed out again (RFC 7296 2.12), and its
+        virtual IPs go back to their pools, also when its actor failed before closing."""
         if self._exponentials is not None:
             for sa in self._all():
                 self._exponentials.forget(sa.exponential)
+        release_leases(self._sa)
 
     def _all(self) -> list[IkeSa]:
         return [self._sa, *(s for s, _ in self._retiring)]

@@ -584,7 +584,7 @@ class Supervisor:
 
     def _retire(self, actor: SaActor) -> None:
         # a DH value this SA shared must not outlive it here (RFC 7296 2.12)
-        actor.session.forget_key_exchanges()
+        actor.session.end_here()
         if self._actors.get(actor.spi_r) is actor:
             del self._actors[actor.spi_r]
         if self.on_actor_retired is not None:

@@ -1042,7 +1042,7 @@ def test_a_shared_dh_value_is_never_used_again_once_one_of_its_sas_ends() -> Non
     pool = ExponentialPool(10.0)
     gw_conn = psk_connection()
     first_ke, first = _responder_ke(pool, gw_conn)
-    first.gateway.forget_key_exchanges()  # what the supervisor calls when the actor retires
+    first.gateway.end_here()  # what the supervisor calls when the actor retires
     second_ke, second = _responder_ke(pool, gw_conn)
     assert_established(second)
     assert second_ke != first_ke and pool.made == 2

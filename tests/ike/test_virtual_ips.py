@@ -259,3 +259,15 @@ def test_any_attribute_bytes_parse_or_are_invalid_syntax(data: bytes) -> None:
         return
     assert sum(4 + len(value) for _, value in attributes) == len(data)
     assert all(0 <= kind <= 0x7FFF for kind, _ in attributes)
+
+
+def test_a_session_ending_here_without_closing_returns_its_lease(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the supervisor calls when an actor retires, also after a failure."""
+    pool = AddressPool.parse("rw", "10.99.3.0/24")
+    out = _exchange(monkeypatch, pool)
+    assert (pool.online, out.gateway.state) == (1, State.ESTABLISHED)
+    out.gateway.end_here()
+    assert (pool.online, pool.offline) == (0, 1)
+    out.gateway.end_here()  # twice is harmless
+    assert (pool.online, pool.offline) == (0, 1)

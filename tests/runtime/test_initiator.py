@@ -493,7 +493,7 @@ async def test_initiated_sa_gets_its_peers_messages_and_expires_half_open(
         def next_event(self) -> None:
             return None
 
-        def forget_key_exchanges(self) -> None:
+        def end_here(self) -> None:
             pass
 
     silent = Silent()

@@ -192,7 +192,7 @@ class StuckTimerSession:
     def next_event(self) -> Event | None:
         return None
 
-    def forget_key_exchanges(self) -> None:
+    def end_here(self) -> None:
         pass
 
 
