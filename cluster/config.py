@@ -487,6 +487,7 @@ class _Loader:
                 "mobike",
                 "unique",
                 "reauth_time",
+                "vips",
             ),
         )
         version = conn.integer("version", 2)
@@ -523,6 +524,7 @@ class _Loader:
             mobike=conn.boolean("mobike", True),
             unique=self.unique(conn),
             reauth_time=self.reauth_time(conn),
+            vips=self.vips(conn),
         )
         return connection, self.initiation(conn, connection, remote_port, addresses)
 
@@ -590,8 +592,14 @@ class _Loader:
         child, if any."""
         starting = [c for c in connection.children if c.start_action != "none"]
         if not starting:
+            if connection.vips:
+                conn.fail("vips", "only for a connection this node initiates (a child with "
+                                  'start_action = "start")')
             return None
         child = starting[0]
+        if connection.vips and child.start_action == "trap":
+            conn.fail("vips", 'not with start_action = "trap" yet (its routes need the '
+                              "address before it is assigned)")
         if len(starting) > 1:
             # IKE_AUTH carries one Child SA; more need CREATE_CHILD_SA (RFC 7296 1.3.1)
             self.fail(
@@ -833,6 +841,18 @@ class _Loader:
         return key
 
     # --- children -------------------------------------------------------------
+
+    def vips(self, conn: _Table) -> tuple[int, ...]:
+        """swanctl's vips, as the families to ask an address of: "0.0.0.0" and/or "::"."""
+        families: list[int] = []
+        for index, text in enumerate(conn.strings("vips")):
+            if text not in ("0.0.0.0", "::"):
+                conn.fail(f"vips[{index}]", f'{text!r}: only "0.0.0.0" and "::" (any address '
+                                            "of that version) can be asked for")
+            family = 4 if text == "0.0.0.0" else 6
+            if family not in families:
+                families.append(family)
+        return tuple(families)
 
     def reauth_time(self, conn: _Table) -> float:
         seconds = self.duration(conn, "reauth_time", 0.0)

@@ -7,6 +7,7 @@ remote selector then stands for that address instead of the peer's outer one.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 
 from ..errors import InternalAddressFailure, InvalidSyntax, ParseError
@@ -97,3 +98,35 @@ def dynamic_addresses(sa: IkeSa) -> tuple[str, ...]:
     if sa.leases:
         return tuple(str(lease.address) for lease in sa.leases)
     return (sa.remote[0],)
+
+
+# --- as the initiator --------------------------------------------------------------------
+
+_ANY = {4: "0.0.0.0/0", 6: "::/0"}
+
+
+def config_request(families: tuple[int, ...]) -> CpPayload:
+    """CFG_REQUEST for an address (and the DNS servers) of each family (RFC 7296 3.15.1)."""
+    attributes: list[tuple[int, bytes]] = []
+    for family in families:
+        attributes += [(_ADDRESS_ATTRIBUTES[family], b""), (_DNS_ATTRIBUTES[family], b"")]
+    return CpPayload(CfgType.CFG_REQUEST, encode_attributes(attributes))
+
+
+def any_address(family: int) -> str:
+    """What a `dynamic` local selector stands for before the address is known."""
+    return _ANY[family]
+
+
+def assigned_addresses(payloads: list[Payload]) -> tuple[str, ...]:
+    """The virtual IPs in the responder's CFG_REPLY (none when it sent none)."""
+    cp = first_of(payloads, CpPayload)
+    if cp is None or cp.cfg_type != CfgType.CFG_REPLY:
+        return ()
+    out: list[str] = []
+    for kind, value in parse_attributes_untrusted(cp.attributes):
+        if kind == ConfigAttribute.INTERNAL_IP4_ADDRESS and len(value) == 4:
+            out.append(str(ipaddress.IPv4Address(value)))
+        elif kind == ConfigAttribute.INTERNAL_IP6_ADDRESS and len(value) == 17:
+            out.append(str(ipaddress.IPv6Address(value[:16])))
+    return tuple(out)

@@ -178,7 +178,8 @@ def _successor(sa: IkeSa, *, is_initiator: bool, spi_i: bytes, spi_r: bytes,
                 nat_local=sa.nat_local, nat_remote=sa.nat_remote, behind_nat=sa.behind_nat,
                 peer_hashes=sa.peer_hashes, local_id=sa.local_id, remote_id=sa.remote_id,
                 events=sa.events, fragmentation=sa.fragmentation, last_heard=sa.last_heard,
-                leases=sa.leases, mobike=sa.mobike, reauth_at=sa.reauth_at)
+                leases=sa.leases, mobike=sa.mobike, reauth_at=sa.reauth_at,
+                own_vips=sa.own_vips)
     sa.leases = ()  # the successor holds the virtual IPs now
     new.children, sa.children = sa.children, {}
     sa.events.append(IkeSaRekeyed(sa.spi_i, sa.spi_r, spi_i, spi_r, is_initiator))

@@ -24,6 +24,7 @@ class IkeSaEstablished:
     initial_contact: bool = False  # RFC 7296 2.4: the peer holds no other SA with us
     virtual_ips: tuple[str, ...] = ()  # leased to the peer (RFC 7296 2.19)
     eap_identity: str = ""  # the user the peer authenticated as with EAP, if it did
+    own_virtual_ips: tuple[str, ...] = ()  # ours, assigned by the responder
 
 
 @dataclass(frozen=True, slots=True)

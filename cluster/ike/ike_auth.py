@@ -29,7 +29,7 @@ from .auth import (
     verify_psk,
 )
 from .child_sa import Random, install_child, new_child_spi, respond_child
-from .configuration import respond_config
+from .configuration import any_address, assigned_addresses, config_request, respond_config
 from .constants import AuthMethod, CertEncoding, IdType, NotifyType, ProtocolId
 from .eap import EapMschapv2Server
 from .events import IkeSaEstablished
@@ -57,6 +57,7 @@ from .payloads import (
 from .policy import ConnectionConfig, LocalAuth, RemoteAuth
 from .proposals import accept_response
 from .sa import IkeSa
+from .traffic_selectors import TrafficSelector
 
 WallClock = Callable[[], datetime]
 
@@ -130,7 +131,7 @@ def _established(sa: IkeSa, initial_contact: bool = False) -> None:
     sa.events.append(IkeSaEstablished(
         sa.spi_i, sa.spi_r, sa.connection.name, str(sa.local_id), str(sa.remote_id),
         sa.local, sa.remote, sa.chosen.describe(), sa.nat, initial_contact,
-        tuple(str(lease.address) for lease in sa.leases), sa.eap_identity,
+        tuple(str(lease.address) for lease in sa.leases), sa.eap_identity, sa.own_vips,
     ))
 
 
@@ -307,10 +308,18 @@ def build_auth_request(sa: IkeSa, rng: Random) -> list[Payload]:
     sa.pending_child_spi = new_child_spi(sa, rng)
     if child.mode == "transport":
         payloads.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
+    ours = [sa.local[0]]
+    if conn.vips:  # RFC 7296 2.19: CP(CFG_REQUEST) before the Child SA's payloads
+        payloads.append(config_request(conn.vips))
+        ours = [any_address(family) for family in conn.vips]
+    tsi: list[TrafficSelector] = []
+    for ts in (t.resolve(a) for t in child.local_ts for a in ours):
+        if ts not in tsi:
+            tsi.append(ts)
     payloads += [
         SaPayload(tuple(p.to_proposal(i + 1, sa.pending_child_spi, key_exchange=False)
                         for i, p in enumerate(child.esp_proposals))),
-        TsiPayload(tuple(t.resolve(sa.local[0]) for t in child.local_ts)),
+        TsiPayload(tuple(tsi)),
         TsrPayload(tuple(t.resolve(sa.remote[0]) for t in child.remote_ts)),
     ]
     return payloads
@@ -337,6 +346,8 @@ def process_auth_response(sa: IkeSa, payloads: list[Payload], wall_clock: WallCl
                  sa.local_id, sa.init_response, sa.nonce_i, wall_clock)
     sa.remote_id = peer_ident
     sa.mid_sync = bool(notifies(payloads, NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))
+    if conn.vips:
+        sa.own_vips = assigned_addresses(payloads)
     _established(sa)
     refused = [n for n in payloads if isinstance(n, NotifyPayload) and n.notify_type < 16384]
     sa_p = first_of(payloads, SaPayload)

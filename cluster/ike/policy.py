@@ -119,6 +119,9 @@ class ConnectionConfig:
     unique: Literal["no", "never", "replace", "keep"] = "no"
     # virtual IPs for peers that ask (swanctl's `pools`), tried in order per family
     pools: tuple[AddressPool, ...] = ()
+    # as the initiator: ask the responder for an address of these IP versions (swanctl's
+    # vips = 0.0.0.0 / ::); `dynamic` local selectors then stand for it
+    vips: tuple[int, ...] = ()
 
     def child(self, name: str) -> ChildConfig | None:
         """The child configuration called `name` (a loop: see payloads.first_of)."""

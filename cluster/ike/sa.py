@@ -87,6 +87,7 @@ class IkeSa:
     local_id: Identity | None = None
     remote_id: Identity | None = None
     leases: tuple[Lease, ...] = ()  # the peer's virtual IPs (RFC 7296 2.19)
+    own_vips: tuple[str, ...] = ()  # ours, assigned by the responder (we initiated)
     eap: EapExchange | None = None  # an IKE_AUTH running EAP (RFC 7296 2.16)
     eap_identity: str = ""  # the EAP identity it authenticated
     pending_child_spi: bytes = b""

@@ -686,6 +686,10 @@ class IkeSession:
             process_auth_response(sa, payloads, self._wall_clock)
             sa.transition(Trigger.RECV_AUTH_RESPONSE)
             self._established(sa, now)
+            assert sa.connection is not None
+            if sa.connection.vips and not sa.own_vips:
+                self.last_error = "the responder assigned no virtual IP"
+                self.delete_ike(now)  # what we asked for is missing, as strongSwan does
         elif isinstance(task, DeleteIke):
             sa.events.append(ExchangeCompleted(ExchangeType.INFORMATIONAL, False, "ok"))
             if sa is self._sa:

@@ -91,6 +91,7 @@ def log_event(event: Event) -> None:
             event.remote_id,
             event.algorithms,
             "".join(f" vip={address}" for address in event.virtual_ips)
+            + "".join(f" own_vip={address}" for address in event.own_virtual_ips)
             + (f" eap_id={event.eap_identity}" if event.eap_identity else ""),
             " (NAT)" if event.nat else "",
         )

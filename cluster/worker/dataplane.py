@@ -38,6 +38,7 @@ from ..ike.events import (
     ChildSaEstablished,
     Event,
     IkeSaDeleted,
+    IkeSaEstablished,
     IkeSaMoved,
     IkeSaRekeyed,
 )
@@ -131,6 +132,10 @@ def _networks(selector_start: bytes, selector_end: bytes) -> tuple[str, ...]:
     return tuple(str(n) for n in ipaddress.summarize_address_range(start, end))
 
 
+def _host_interface(address: str) -> str:
+    return f"{address}/{32 if ipaddress.ip_address(address).version == 4 else 128}"
+
+
 def _local_source(params: ChildSaParams) -> str | None:
     """An address of this host inside the local selectors: the source hint for routes,
     so packets this host originates towards the remote side match the SA."""
@@ -160,6 +165,8 @@ class DataPlane:
         self.udp_send: UdpSend | None = None  # ESP in UDP from the NAT-T socket (wired later)
         self.on_esp_event: Callable[[object], None] = self._log_esp_event
         self._ike_of: dict[bytes, tuple[bytes, bytes]] = {}  # Child SA spi_in -> its IKE SA
+        # our virtual IPs on the TUN, by the IKE SA the responder assigned them with
+        self._vips_of: dict[tuple[bytes, bytes], tuple[str, ...]] = {}
         self._sources: dict[tuple[Selector, ...], str] = {}  # local selectors -> our address
         self._routes_of: dict[bytes, list[str]] = {}
         # The outbound fast path: the last packet's addresses and the SA the SAD chose
@@ -341,7 +348,14 @@ class DataPlane:
     def on_ike_event(self, event: Event) -> None:
         """The responder's events, in-process: install and remove Child SAs."""
         try:
-            if isinstance(event, ChildSaEstablished):
+            if isinstance(event, IkeSaEstablished) and event.own_virtual_ips:
+                # the address this host uses inside the tunnel (RFC 7296 2.19): on the TUN,
+                # where the routes of its Child SAs find it as their source
+                for address in event.own_virtual_ips:
+                    self.tun.add_address(_host_interface(address))
+                self._vips_of[(event.spi_i, event.spi_r)] = event.own_virtual_ips
+                self._sources.clear()
+            elif isinstance(event, ChildSaEstablished):
                 params = params_from_event(event, self.limits)
                 ike = (event.ike_spi_i, event.ike_spi_r)
                 if event.replaces and event.we_initiated:
@@ -357,6 +371,8 @@ class DataPlane:
                         self.move(spi_in, event.remote)
             elif isinstance(event, IkeSaRekeyed):  # the Child SAs moved to the new IKE SA
                 old, new = (event.old_spi_i, event.old_spi_r), (event.spi_i, event.spi_r)
+                if old in self._vips_of:
+                    self._vips_of[new] = self._vips_of.pop(old)
                 for spi_in, ike in self._ike_of.items():
                     if ike == old:
                         self._ike_of[spi_in] = new
@@ -366,6 +382,9 @@ class DataPlane:
                 ike = (event.spi_i, event.spi_r)
                 for spi_in in [s for s, i in self._ike_of.items() if i == ike]:
                     self.remove(spi_in)
+                for address in self._vips_of.pop(ike, ()):
+                    self.tun.remove_address(_host_interface(address))
+                self._sources.clear()
         except (ValueError, OSError) as exc:
             # a Child SA the data plane cannot carry must not take the responder down
             logger.error("data plane: %s for %s", exc, type(event).__name__)

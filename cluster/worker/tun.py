@@ -181,6 +181,17 @@ class TunDevice:
             if exc.code != errno.EEXIST:
                 raise OSError(exc.code, f"cannot add {interface} to {self.name}: {exc}") from None
 
+    def remove_address(self, interface: str) -> None:
+        """Remove an address added with `add_address`; already gone is fine."""
+        iface = ipaddress.ip_interface(interface)
+        try:
+            self._ipr.addr("del", index=self.ifindex, address=str(iface.ip),
+                           prefixlen=iface.network.prefixlen)
+        except NetlinkError as exc:
+            if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT):
+                raise OSError(exc.code, f"cannot remove {interface} from {self.name}: {exc}"
+                              ) from None
+
     def drain(self, fd: int, max_packets: int = DEFAULT_BATCH) -> list[bytes]:
         """Read up to `max_packets` packets without blocking; empty when none is waiting."""
         packets: list[bytes] = []

@@ -271,3 +271,35 @@ def test_a_session_ending_here_without_closing_returns_its_lease(
     assert (pool.online, pool.offline) == (0, 1)
     out.gateway.end_here()  # twice is harmless
     assert (pool.online, pool.offline) == (0, 1)
+
+
+# --- as the initiator ------------------------------------------------------------------
+
+
+def _client_pair(*pools: AddressPool, vips: tuple[int, ...] = (4,)
+                 ) -> tuple[IkeSession, IkeSession]:
+    gw_conn = replace(psk_connection(children=(child(remote_ts="dynamic"),)), pools=pools)
+    client_conn = replace(psk_connection(
+        local_id="client.example.test", remote_id="gw.example.test",
+        children=(child(local_ts="dynamic", remote_ts="10.99.2.0/24"),)), vips=vips)
+    return psk_pair(gw_conn, client_conn)
+
+
+def test_our_initiator_asks_for_an_address_and_its_selectors_become_it() -> None:
+    pool = AddressPool.parse("rw", "10.99.3.0/24", ("10.99.2.53",))
+    client, gateway = _client_pair(pool)
+    run_handshake(client, gateway)
+    assert client.state is State.ESTABLISHED and client.sa.own_vips == ("10.99.3.1",)
+    events = drain(client)
+    [established] = [e for e in events if isinstance(e, IkeSaEstablished)]
+    assert established.own_virtual_ips == ("10.99.3.1",)
+    assert [str(ts) for ts in _child(events).local_ts] == ["10.99.3.1/32"]
+    assert [str(ts) for ts in _child(drain(gateway)).remote_ts] == ["10.99.3.1/32"]
+
+
+def test_our_initiator_deletes_an_sa_that_came_without_its_address() -> None:
+    client, gateway = _client_pair()  # the responder has no pool: no CFG_REPLY
+    run_handshake(client, gateway)
+    assert client.sa.own_vips == ()
+    assert client.last_error == "the responder assigned no virtual IP"
+    assert client.state is State.CLOSED and gateway.state is State.CLOSED  # Delete answered

@@ -233,12 +233,16 @@ class Charon:
             "    }\n"
         )
 
-    def load(self, *conns: Conn) -> str:
-        """Write swanctl.conf for ``conns`` and load it all; returns swanctl's output."""
+    def load(self, *conns: Conn, pools: dict[str, str] | None = None) -> str:
+        """Write swanctl.conf for ``conns`` (and address ``pools``: name -> addrs) and load
+        it all; returns swanctl's output."""
         conf = self.swanctl_dir / "swanctl.conf"
+        pool_text = "".join(f"    {name} {{\n        addrs = {addrs}\n    }}\n"
+                            for name, addrs in (pools or {}).items())
         conf.write_text(
             "connections {\n" + "".join(self.render_conn(c) for c in conns) + "}\n"
             "secrets {\n" + "".join(self.render_secrets(c) for c in conns) + "}\n"
+            "pools {\n" + pool_text + "}\n"
         )
         return self.swanctl("--load-all", "--clear", "--file", str(conf)).stdout
 

@@ -868,6 +868,29 @@ def test_our_node_initiates_to_strongswan_and_carries_traffic(
     assert node.running(), node.log_text()
 
 
+def test_our_node_asks_a_strongswan_gateway_for_a_virtual_ip(lab: Lab) -> None:
+    """Our node as the road warrior (`vips = ["0.0.0.0"]`) initiating to strongSwan with an
+    address pool: it asks in IKE_AUTH, puts the address strongSwan assigns on its TUN,
+    and pings from that address cross; strongSwan sees the Child SA narrowed to it."""
+    ours, theirs = conn_pair(encap=True)
+    theirs = replace(theirs, extra={"pools": "rw"}).with_child(remote_ts=())
+    charon = lab.charon("responder")
+    charon.load(theirs, pools={"rw": "10.99.3.0/28"})
+    ours = replace(ours, node_extra={"vips": ["0.0.0.0"]}).with_child(
+        start_action="start", local_ts=())
+    node = lab.node([ours], side="initiator", node_id="a", addresses=(INITIATOR_V4,),
+                    extra_toml=worker_toml("ikecA"))
+    line = wait_for_log(node, r"IKE SA established: rw ")[0]
+    assert " own_vip=10.99.3.1" in line, line
+    wait_for_log(node, r"CHILD SA established: net .*ts=10\.99\.3\.1/32===")
+    sas = established_sas(charon)
+    assert sas[0].get("remote-vips") == ["10.99.3.1"], sas[0]
+    assert child_sa(sas[0]).get("remote-ts") == ["10.99.3.1/32"], sas[0]
+    sent, received, output = ping(lab.initiator, "10.99.3.1", RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    assert node.running(), node.log_text()
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_a_trapped_connection_comes_up_when_traffic_needs_it(lab: Lab, family: int) -> None:
     """start_action = "trap" (strongSwan's on-demand policies): our node routes the

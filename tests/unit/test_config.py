@@ -272,6 +272,13 @@ def test_start_child_makes_an_initiation_from_the_first_ike_address(tmp_path: Pa
     assert config.initiations[0].child == "net"
 
 
+def test_vips_ask_for_each_version_once(tmp_path: Path) -> None:
+    text = START.replace("[connections.rw.children.net]",
+                         'vips = ["0.0.0.0", "::", "0.0.0.0"]\n[connections.rw.children.net]')
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    assert conn.vips == (4, 6)
+
+
 @pytest.mark.parametrize(("start", "action", "error"), [
     ("start", "restart", None),
     ("trap", "restart", None),
@@ -554,6 +561,10 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
      "secrets.rw.secret_file", "cannot read 'nope.txt': No such file or directory"),
     ("secret key typo", BASE.replace("secret =", "secert ="),
      "secrets.rw.secert", "unknown key (did you mean 'secret'?)"),
+    ("vips on a responder connection", edit(("version = 2\n", 'version = 2\nvips = ["0.0.0.0"]\n')),
+     "connections.rw.vips", "only for a connection this node initiates"),
+    ("a specific vip", edit(("version = 2\n", 'version = 2\nvips = ["10.3.0.7"]\n')),
+     "connections.rw.vips[0]", "'10.3.0.7': only \"0.0.0.0\" and \"::\""),
     ("reauth_time below a second", edit(("version = 2\n", 'version = 2\nreauth_time = 0.5\n')),
      "connections.rw.reauth_time", "between a second and 136 years (0: never)"),
     ("unknown unique policy", edit(("version = 2\n", 'version = 2\nunique = "sometimes"\n')),
