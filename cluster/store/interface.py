@@ -155,6 +155,36 @@ class Publish(Op[None]):
     message: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimAddress(Op["int | None"]):
+    """An address of pool `pool` (an offset below `size`) that nobody holds, held by
+    `holder` for `ttl` seconds from now on; None when every one is held."""
+
+    pool: str
+    size: int
+    holder: bytes
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class HoldAddress(Op[bool]):
+    """Hold `offset` for `ttl` more seconds; False if it is not `holder`'s (any more)."""
+
+    pool: str
+    offset: int
+    holder: bytes
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class FreeAddress(Op[bool]):
+    """Let go of `offset`; False if it was not `holder`'s (any more)."""
+
+    pool: str
+    offset: int
+    holder: bytes
+
+
 # -- the store -------------------------------------------------------------------------
 
 Subscription = AsyncIterator["bytes | None"]

@@ -18,9 +18,12 @@ import trio
 from .interface import (
     Acquire,
     Children,
+    ClaimAddress,
     DeleteChild,
     DeleteSa,
+    FreeAddress,
     GetSa,
+    HoldAddress,
     LeaseLost,
     Member,
     Op,
@@ -116,6 +119,9 @@ class MemoryStore(StateStore):
         self._subscriber_buffer = subscriber_buffer
         self._records: dict[bytes, _Record] = {}
         self._leases: dict[bytes, _Lease] = {}
+        # virtual IP pools: (pool, offset) -> (holder, expiry); where each pool's search goes on
+        self._addresses: dict[tuple[str, int], tuple[bytes, float]] = {}
+        self._address_next: dict[str, int] = {}
         self._counters: dict[bytes, _Counter] = {}
         self._members: dict[str, _Heartbeat] = {}
         self._children: dict[str, dict[bytes, bytes]] = {}
@@ -205,6 +211,35 @@ class MemoryStore(StateStore):
         del self._leases[op.key]
         return True
 
+    def _held_by(self, pool: str, offset: int, now: float) -> bytes | None:
+        entry = self._addresses.get((pool, offset))
+        if entry is None or entry[1] <= now:
+            self._addresses.pop((pool, offset), None)
+            return None
+        return entry[0]
+
+    def _claim_address(self, op: ClaimAddress, now: float) -> int | None:
+        start = self._address_next.get(op.pool, 0)
+        for step in range(op.size):
+            offset = (start + step) % op.size
+            if self._held_by(op.pool, offset, now) is None:
+                self._addresses[(op.pool, offset)] = (op.holder, now + op.ttl)
+                self._address_next[op.pool] = offset + 1
+                return offset
+        return None
+
+    def _hold_address(self, op: HoldAddress, now: float) -> bool:
+        if self._held_by(op.pool, op.offset, now) != op.holder:
+            return False
+        self._addresses[(op.pool, op.offset)] = (op.holder, now + op.ttl)
+        return True
+
+    def _free_address(self, op: FreeAddress, now: float) -> bool:
+        if self._held_by(op.pool, op.offset, now) != op.holder:
+            return False
+        del self._addresses[(op.pool, op.offset)]
+        return True
+
     def _put_child(self, op: PutChild, now: float) -> None:
         self._children.setdefault(op.worker, {})[op.spi_in] = op.params
 
@@ -270,6 +305,9 @@ _HANDLERS: dict[type[Op[Any]], Callable[[MemoryStore, Any, float], Any]] = {
     Acquire: MemoryStore._acquire,
     Renew: MemoryStore._renew,
     Release: MemoryStore._release,
+    ClaimAddress: MemoryStore._claim_address,
+    HoldAddress: MemoryStore._hold_address,
+    FreeAddress: MemoryStore._free_address,
     PutChild: MemoryStore._put_child,
     DeleteChild: MemoryStore._delete_child,
     Children: MemoryStore._get_children,

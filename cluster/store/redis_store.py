@@ -39,9 +39,12 @@ from redis.exceptions import NoScriptError, RedisError
 from .interface import (
     Acquire,
     Children,
+    ClaimAddress,
     DeleteChild,
     DeleteSa,
+    FreeAddress,
     GetSa,
+    HoldAddress,
     LeaseLost,
     Member,
     Op,
@@ -129,6 +132,33 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 1 end
 return 0
 """)
 
+# KEYS next; ARGV address key prefix, size, holder, ttl_ms. Every address is a key of
+# its own, expiring with its holder's lease; the search goes on where the last one ended.
+_CLAIM_ADDRESS = _Script("""
+local size = tonumber(ARGV[2])
+for i = 1, size do
+  local offset = (redis.call('INCR', KEYS[1]) - 1) % size
+  if redis.call('SET', ARGV[1] .. offset, ARGV[3], 'NX', 'PX', ARGV[4]) then
+    return offset
+  end
+end
+return -1
+""")
+
+# KEYS address; ARGV holder, ttl_ms
+_HOLD_ADDRESS = _Script("""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+""")
+
+# KEYS address; ARGV holder
+_FREE_ADDRESS = _Script("""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+""")
+
 _NOW_MS = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
@@ -159,7 +189,8 @@ end
 return out
 """)
 
-_SCRIPTS = (_ACQUIRE, _RENEW, _RELEASE, _PUT, _DELETE, _HEARTBEAT, _MEMBERS)
+_SCRIPTS = (_ACQUIRE, _RENEW, _RELEASE, _PUT, _DELETE, _HEARTBEAT, _MEMBERS, _CLAIM_ADDRESS,
+            _HOLD_ADDRESS, _FREE_ADDRESS)
 
 
 def _ms(seconds: float) -> int:
@@ -293,6 +324,20 @@ class RedisStore(StateStore):
         _, fence, lease = self._sa_keys(op.key)
         pipe.evalsha(_RENEW.sha, 2, lease, fence, op.node, op.fence, _ms(op.ttl),
                      self._retention_ms)
+
+    def _address_key(self, pool: str, offset: int | str) -> str:
+        return f"{self.prefix}pool:{{{pool}}}:{offset}"
+
+    def _q_claim_address(self, pipe: Pipeline, op: ClaimAddress) -> None:
+        pipe.evalsha(_CLAIM_ADDRESS.sha, 1, self._address_key(op.pool, "next"),
+                     self._address_key(op.pool, ""), op.size, op.holder, _ms(op.ttl))
+
+    def _q_hold_address(self, pipe: Pipeline, op: HoldAddress) -> None:
+        pipe.evalsha(_HOLD_ADDRESS.sha, 1, self._address_key(op.pool, op.offset), op.holder,
+                     _ms(op.ttl))
+
+    def _q_free_address(self, pipe: Pipeline, op: FreeAddress) -> None:
+        pipe.evalsha(_FREE_ADDRESS.sha, 1, self._address_key(op.pool, op.offset), op.holder)
 
     def _q_release(self, pipe: Pipeline, op: Release) -> None:
         _, _, lease = self._sa_keys(op.key)
@@ -458,6 +503,9 @@ _QUEUE: dict[type[Op[Any]], Callable[[RedisStore, Pipeline, Any], None]] = {
     Acquire: RedisStore._q_acquire,
     Renew: RedisStore._q_renew,
     Release: RedisStore._q_release,
+    ClaimAddress: RedisStore._q_claim_address,
+    HoldAddress: RedisStore._q_hold_address,
+    FreeAddress: RedisStore._q_free_address,
     PutChild: RedisStore._q_put_child,
     DeleteChild: RedisStore._q_delete_child,
     Children: RedisStore._q_children,
@@ -471,6 +519,9 @@ _DECODE: dict[type[Op[Any]], Callable[[Any, Any], Any]] = {
     Acquire: lambda op, reply: None if reply is None else int(reply),
     Renew: lambda op, reply: bool(reply),
     Release: lambda op, reply: bool(reply),
+    ClaimAddress: lambda op, reply: None if int(reply) < 0 else int(reply),
+    HoldAddress: lambda op, reply: bool(reply),
+    FreeAddress: lambda op, reply: bool(reply),
     PutChild: lambda op, reply: None,
     DeleteChild: lambda op, reply: None,
     Children: lambda op, reply: {bytes(k): bytes(v) for k, v in reply.items()},

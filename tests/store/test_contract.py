@@ -12,7 +12,10 @@ import trio
 
 from cluster.store import (
     Acquire,
+    ClaimAddress,
+    FreeAddress,
     GetSa,
+    HoldAddress,
     LeaseLost,
     MemoryStore,
     PutSa,
@@ -321,3 +324,36 @@ async def test_a_waiting_subscriber_wakes_on_publish(store: StateStore) -> None:
                 while not got:
                     await trio.sleep(0.01)
     assert got == [b"install 01020304"]
+
+
+# -- virtual IP pools ---------------------------------------------------------------------
+
+
+async def test_claimed_addresses_are_distinct_until_the_pool_is_full(store: StateStore) -> None:
+    pool = f"p{os.urandom(4).hex()}"
+    offsets = [await store.run(ClaimAddress(pool, 3, f"sa{n}".encode(), 30.0))
+               for n in range(4)]
+    assert sorted(o for o in offsets[:3] if o is not None) == [0, 1, 2]
+    assert offsets[3] is None  # every address is held
+
+
+async def test_freed_or_expired_addresses_are_claimed_again(store: StateStore) -> None:
+    pool = f"p{os.urandom(4).hex()}"
+    first = await store.run(ClaimAddress(pool, 2, b"a", 30.0))
+    second = await store.run(ClaimAddress(pool, 2, b"b", SHORT))
+    assert first is not None and second is not None
+    assert not await store.run(FreeAddress(pool, first, b"someone else"))
+    assert await store.run(FreeAddress(pool, first, b"a"))
+    assert await store.run(ClaimAddress(pool, 2, b"c", 30.0)) == first
+    await trio.sleep(PAST)  # b's hold ran out
+    assert await store.run(ClaimAddress(pool, 2, b"d", 30.0)) == second
+
+
+async def test_holding_an_address_keeps_it_only_for_its_holder(store: StateStore) -> None:
+    pool = f"p{os.urandom(4).hex()}"
+    offset = await store.run(ClaimAddress(pool, 1, b"a", SHORT))
+    assert offset == 0
+    assert not await store.run(HoldAddress(pool, 0, b"b", 30.0))
+    assert await store.run(HoldAddress(pool, 0, b"a", 30.0))
+    await trio.sleep(PAST)  # still held: the hold extended it
+    assert await store.run(ClaimAddress(pool, 1, b"b", 30.0)) is None
