@@ -15,19 +15,33 @@ import socket
 import urllib.parse
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import replace
 
 import trio
 
 from .config import ClusterConfig, NodeConfig
 from .errors import ConfigError
 from .ike.events import Event
+from .ike.pools import AddressPool, SharedPool
 from .metrics import Metrics, serve_metrics
 from .relay import RelayCodec
 from .relay_socket import RelaySocket, format_address
-from .store import ClusterKey, Member, StateStore, open_store, open_store_writer
+from .store import (
+    ClaimAddress,
+    ClusterKey,
+    FreeAddress,
+    Member,
+    StateStore,
+    StoreError,
+    open_store,
+    open_store_writer,
+)
 from .store.membership import Membership
 
 logger = logging.getLogger("cluster")
+
+ADDRESS_CLAIM_HOLD = 3600.0  # a new address is held this long until its SA's record holds it
+ADDRESS_FREE_INTERVAL = 0.5  # seconds between handing back the addresses of ended SAs
 
 
 def cluster_settings(config: NodeConfig) -> tuple[ClusterConfig, ClusterKey]:
@@ -94,18 +108,15 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
     from .runtime.supervisor import Supervisor
 
     cluster, key = cluster_settings(config)
-    for conn in config.policy.connections:
-        if conn.pools:  # leases live in one process; two responders would hand out one twice
-            raise ConfigError(f"{config.source}: connections.{conn.name}.pools: virtual IP "
-                              "pools are not shared between cluster nodes yet (use "
-                              "`ike-cluster run`)")
     for initiation in config.initiations:
         logger.warning("connection %s: start_action of child %s ignored: a cluster responder "
                        "only responds (initiating is `ike-cluster run`'s)",
                        initiation.connection.name, initiation.child)
     store = open_store(cluster.store)
+    config, pools = _share_pools(config, store)
     codec = RelayCodec(key, config.node_id)
     metrics = Metrics(config.node_id, connections=[c.name for c in config.policy.connections])
+    metrics.watch_pools(pools)
 
     def sink(event: Event) -> None:
         log_event(event)
@@ -166,6 +177,8 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                 await nursery.start(endpoint.serve, supervisor)
                 await nursery.start(membership.run)
                 nursery.start_soon(relay.ping_members, membership, "worker")
+                if pools:
+                    nursery.start_soon(_free_addresses, store, pools)
                 metrics.watch_runtime(stats.as_dict, supervisor.session_counters,
                                       lambda: supervisor.half_open_count)
                 supervisor.handshake_observer = metrics.observe_handshake
@@ -179,6 +192,45 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
         finally:
             logger.info("responder %s stopped: %s; failover %s", config.node_id,
                         stats.summary(), _nonzero(persistence.stats.as_dict()))
+
+
+def _share_pools(config: NodeConfig, store: StateStore
+                 ) -> tuple[NodeConfig, list[SharedPool]]:
+    """The configuration with every virtual IP pool handed out through the store, so no
+    two responders lease one address; and those pools."""
+    shared: dict[str, SharedPool] = {}
+
+    async def claim(pool: str, size: int, holder: bytes, ttl: float) -> int | None:
+        try:
+            return await store.run(ClaimAddress(pool, size, holder, ttl))
+        except StoreError as exc:
+            logger.warning("pool %s: no address from the store: %s", pool, exc)
+            return None
+
+    def share(pool: AddressPool) -> AddressPool:
+        if pool.name not in shared:
+            shared[pool.name] = SharedPool(pool, claim, ADDRESS_CLAIM_HOLD)
+        return shared[pool.name]
+
+    connections = tuple(replace(c, pools=tuple(share(p) for p in c.pools))
+                        for c in config.policy.connections)
+    policy = replace(config.policy, connections=connections)
+    return replace(config, policy=policy), list(shared.values())
+
+
+async def _free_addresses(store: StateStore, pools: Sequence[SharedPool]) -> None:
+    """Give back in the store the addresses of SAs that ended here."""
+    while True:
+        ops = []
+        for pool in pools:
+            ops += [FreeAddress(pool.name, offset, holder) for offset, holder in pool.to_free]
+            pool.to_free.clear()
+        if ops:
+            try:
+                await store.execute(ops)
+            except StoreError as exc:  # their holds run out in the store anyway
+                logger.warning("addresses not freed in the store: %s", exc)
+        await trio.sleep(ADDRESS_FREE_INTERVAL)
 
 
 async def run_worker(config: NodeConfig, *, handle_signals: bool = True,

@@ -66,10 +66,11 @@ def respond_config(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload]) -
         return []
     assert sa.remote_id is not None
     leases: list[Lease] = []
+    holder = sa.spi_i + sa.spi_r  # a shared pool's holder: these SPIs, through rekeys too
     for version in wanted:  # any requested address is a hint we do not follow
         for pool in conn.pools:
             if pool.version == version:
-                lease = pool.acquire(sa.remote_id)
+                lease = pool.acquire(sa.remote_id, holder)  # may raise AddressPending
                 if lease is not None:
                     leases.append(lease)
                     break
@@ -86,11 +87,16 @@ def respond_config(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload]) -
     return [CpPayload(CfgType.CFG_REPLY, encode_attributes(reply))]
 
 
-def release_leases(sa: IkeSa) -> None:
-    """The IKE SA holding the leases ended (its rekeyed successors hold them until then)."""
+def release_leases(sa: IkeSa, *, shared: bool = True) -> None:
+    """The IKE SA holding the leases ended (its rekeyed successors hold them until then).
+    `shared=False`: only this process's pools' (the SA may live on at another node)."""
+    kept = []
     for lease in sa.leases:
-        lease.pool.release(lease)
-    sa.leases = ()
+        if shared or not lease.pool.shared:
+            lease.pool.release(lease)
+        else:
+            kept.append(lease)
+    sa.leases = tuple(kept)
 
 
 def dynamic_addresses(sa: IkeSa) -> tuple[str, ...]:

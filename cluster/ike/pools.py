@@ -8,13 +8,15 @@ lease whose last IKE SA ended stays reserved for its identity ("offline") until 
 pool has no address left that was never leased.
 
 An `AddressPool` is the one mutable object the policy holds: its leases live as long
-as the process. It is not shared between processes (one node only).
+as the process. A cluster's responders use `SharedPool`s instead, whose addresses the
+shared store hands out (see its docstring).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .identity import Identity
@@ -26,10 +28,23 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 class Lease:
     pool: AddressPool
     address: IPAddress
+    holder: bytes = b""  # a shared pool's: the IKE SA's first SPIs, kept through rekeys
+
+
+class AddressPending(Exception):
+    """A shared pool has not fetched an address for this IKE SA yet: the exchange waits
+    for `SharedPool.fetch` (the session parks it) and then runs again."""
+
+    def __init__(self, pools: tuple[SharedPool, ...], holder: bytes) -> None:
+        super().__init__(f"waiting for an address from {', '.join(p.name for p in pools)}")
+        self.pools = pools
+        self.holder = holder
 
 
 class AddressPool:
     """The addresses `first`..`last` (inclusive) and the attributes handed out with them."""
+
+    shared = False  # leases live in this process only
 
     def __init__(self, name: str, first: IPAddress, last: IPAddress,
                  dns: tuple[IPAddress, ...] = ()) -> None:
@@ -75,7 +90,7 @@ class AddressPool:
     def _address(self, offset: int) -> IPAddress:
         return ipaddress.ip_address(int(self.first) + offset)
 
-    def acquire(self, identity: Identity) -> Lease | None:
+    def acquire(self, identity: Identity, holder: bytes = b"") -> Lease | None:
         """An address for `identity`: its own lease, a never used one, or the oldest
         offline lease of another identity; None when every address is online."""
         offset = self._by_identity.get(identity)
@@ -104,6 +119,69 @@ class AddressPool:
             del self._online[offset]
             self._offline[offset] = None
 
+    def adopt(self, lease: Lease) -> None:
+        """A lease an SA brings along from another process (shared pools only)."""
+
     def lease_of(self, identity: Identity) -> IPAddress | None:
         offset = self._by_identity.get(identity)
         return None if offset is None else self._address(offset)
+
+
+class SharedPool(AddressPool):
+    """A pool whose addresses the cluster's store hands out, one per IKE SA.
+
+    The sans-IO session cannot wait for the store, so `acquire` answers only for an IKE
+    SA whose address `fetch` (awaited by its actor) already claimed; otherwise it raises
+    AddressPending and the session parks the exchange. Every address is held in the
+    store for a time the SA's snapshot writes renew, so an owner's death frees its
+    addresses once its SAs' records expire, and a survivor that takes an SA over keeps
+    its address. `release` queues the store's free for `free_released`. There is no
+    address per identity here: a client that comes back gets whichever is free.
+    """
+
+    shared = True
+
+    def __init__(self, pool: AddressPool, claim: Claim, hold_time: float) -> None:
+        super().__init__(pool.name, pool.first, pool._address(pool.size - 1), pool.dns)
+        self._claim = claim
+        self.hold_time = hold_time
+        self._fetched: dict[bytes, int | None] = {}  # holder -> offset, None: none left
+        self.to_free: list[tuple[int, bytes]] = []
+        self._held: dict[bytes, int] = {}  # what this process holds (for the gauges)
+
+    @property
+    def online(self) -> int:
+        return len(self._held)
+
+    @property
+    def offline(self) -> int:
+        return 0
+
+    def acquire(self, identity: Identity, holder: bytes = b"") -> Lease | None:
+        if holder not in self._fetched:
+            raise AddressPending((self,), holder)
+        offset = self._fetched.pop(holder)
+        if offset is None:
+            return None
+        self._held[holder] = offset
+        return Lease(self, self._address(offset), holder)
+
+    async def fetch(self, holder: bytes) -> bool:
+        """Claim an address for `holder` in the store; False when none is left (`claim`
+        also answers None when the store cannot be asked: the peer is then told
+        INTERNAL_ADDRESS_FAILURE)."""
+        offset = await self._claim(self.name, self.size, holder, self.hold_time)
+        self._fetched[holder] = offset
+        return offset is not None
+
+    def adopt(self, lease: Lease) -> None:
+        """The lease of an SA taken over from another node (its snapshot had it)."""
+        self._held[lease.holder] = int(lease.address) - int(self.first)
+
+    def release(self, lease: Lease) -> None:
+        offset = self._held.pop(lease.holder, None)
+        if offset is not None:
+            self.to_free.append((offset, lease.holder))
+
+
+Claim = Callable[[str, int, bytes, float], Awaitable["int | None"]]

@@ -66,6 +66,7 @@ from .message import Decoded, Message, decode_untrusted, encode_plain, unknown_c
 from .mobike import MobikeAnswer, answer_mobike
 from .payloads import DeletePayload, NotifyPayload, Payload
 from .policy import ConnectionConfig, ResponderPolicy
+from .pools import AddressPending
 from .sa import IkeSa, Outstanding
 from .state import TRANSITIONS, State, Trigger
 
@@ -155,6 +156,10 @@ class IkeSession:
         self._sa = sa
         self._exponentials = exponentials  # our DH values, shared by recent IKE_SA_INITs
         self._retiring: list[tuple[IkeSa, float]] = []  # (rekeyed-away SA, drop-by time)
+        # an exchange waiting for a shared pool: (sa, exchange, message ID, payloads, local,
+        # remote, what it waits for)
+        self._parked: tuple[IkeSa, int, int, list[Payload], Address, Address,
+                            AddressPending] | None = None
         self._rng = rng
         self._wall_clock = wall_clock
         self._natt_ports = natt_ports
@@ -207,6 +212,18 @@ class IkeSession:
     def sa(self) -> IkeSa:
         return self._sa
 
+    @property
+    def address_pending(self) -> AddressPending | None:
+        """An exchange waits for a shared pool's address (fetch it, then `resume`)."""
+        return self._parked[-1] if self._parked is not None else None
+
+    def resume(self, now: float) -> None:
+        """Answer the parked exchange, now that its pools have fetched."""
+        if self._parked is not None:
+            sa, exchange, message_id, payloads, local, remote, _ = self._parked
+            self._parked = None
+            self._answer(sa, exchange, message_id, payloads, local, remote, now)
+
     def end_here(self) -> None:
         """The SA ends in this process (deleted, failed, expired, handed over): a DH value
         it shared with other SAs is never handed out again (RFC 7296 2.12), and its
@@ -214,7 +231,9 @@ class IkeSession:
         if self._exponentials is not None:
             for sa in self._all():
                 self._exponentials.forget(sa.exponential)
-        release_leases(self._sa)
+        # a shared pool's address stays held: the SA may go on at another node (handed
+        # over, or taken over after a failure); its record's end frees it there
+        release_leases(self._sa, shared=self.closed)
 
     def _all(self) -> list[IkeSa]:
         return [self._sa, *(s for s, _ in self._retiring)]
@@ -547,6 +566,9 @@ class IkeSession:
             else:
                 answer = respond_create_child(sa, payloads, self._rng)
                 response, successor = answer.payloads, answer.new_ike
+        except AddressPending as pending:  # the actor fetches, then resumes this exchange
+            self._parked = (sa, exchange, message_id, payloads, local, remote, pending)
+            return
         except IkeError as exc:
             self.last_error = str(exc)
             response = [_error_notify(exc)]

@@ -10,6 +10,7 @@ Times are kept relative to `now`, since each node's clock is its own.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from ..errors import ParseError
@@ -21,7 +22,8 @@ from .identity import Identity
 from .keymat import ChildKeys, IkeKeys
 from .lifetimes import INFINITY
 from .message import SkProtection
-from .policy import ResponderPolicy
+from .policy import ConnectionConfig, ResponderPolicy
+from .pools import Lease
 from .proposals import ChosenAlgorithms
 from .sa import ChildSa, IkeSa
 from .session import IkeSession, WallClock, _utc_now
@@ -100,6 +102,9 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
         "mid_sync": sa.mid_sync,
         "mobike": sa.mobike,
         "eap_id": sa.eap_identity,
+        # virtual IPs (shared pools): pool, offset, holder
+        "leases": [[lease.pool.name, int(lease.address) - int(lease.pool.first), lease.holder]
+                   for lease in sa.leases],
         # a request of ours may not have reached the peer: our next ID may be ahead of its
         "in_flight": sa.pending is not None,
         "peer_hashes": sorted(sa.peer_hashes),
@@ -164,6 +169,7 @@ def _restore(record: Record, policy: ResponderPolicy, now: float, wall_clock: Wa
         mid_sync=bool(record.get("mid_sync", False)),
         mobike=bool(record.get("mobike", False)),
         eap_identity=str(record.get("eap_id", "")),
+        leases=_leases(connection, record.get("leases", [])),
     )
     for c, ck in zip(record["children"], record["children_keys"], strict=True):
         child = ChildSa(c["name"], c["mode"], c["spi_in"], c["spi_out"],
@@ -218,3 +224,17 @@ def child_event(record: Record) -> ChildSaEstablished:
         )
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise ParseError(f"unusable Child SA record: {exc!r}") from None
+
+
+def _leases(connection: ConnectionConfig, stored: list[Any]) -> tuple[Lease, ...]:
+    """The SA's virtual IPs, in this node's pools of the same names (taken over, held)."""
+    pools = {pool.name: pool for pool in connection.pools}
+    out: list[Lease] = []
+    for name, offset, holder in stored:
+        pool = pools.get(str(name))
+        if pool is None:  # the configuration lost the pool: nothing to hold it in
+            continue
+        lease = Lease(pool, ipaddress.ip_address(int(pool.first) + int(offset)), bytes(holder))
+        pool.adopt(lease)
+        out.append(lease)
+    return tuple(out)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import trio
 
 from ..ike.events import Event
+from ..ike.pools import AddressPending
 from ..ike.session import Address, Datagram
 from .mailbox import Mailbox
 
@@ -43,6 +44,9 @@ class Session(Protocol):
     def handle_timer(self, now: float) -> None: ...
     def next_event(self) -> Event | None: ...
     def end_here(self) -> None: ...
+    @property
+    def address_pending(self) -> AddressPending | None: ...
+    def resume(self, now: float) -> None: ...
 
 
 class Relinquished(Exception):
@@ -143,6 +147,11 @@ class SaActor:
             else:
                 data, local, remote, received = item
                 session.receive_datagram_untrusted(data, local, remote, received)
+            while (pending := session.address_pending) is not None:
+                # a shared pool's address comes from the store: the exchange waits for it
+                for pool in pending.pools:
+                    await pool.fetch(pending.holder)
+                session.resume(trio.current_time())
             if persist is not None:
                 await self._persisted_step(send, on_event, persist)
                 continue

@@ -50,6 +50,7 @@ from ..store import (
     ClusterKey,
     DeleteChild,
     DeleteSa,
+    HoldAddress,
     LeaseLost,
     Op,
     Publish,
@@ -74,6 +75,7 @@ QUEUED_PER_LOAD = 4  # datagrams kept while their SA loads (the peer retransmits
 MISSING_FOR = 2.0  # seconds an SPI the store does not know is not looked up again
 MISSING_MAX = 8192
 RECORD_GRACE = 60.0  # a stored SA outlives its hard lifetime by this much
+ADDRESS_HOLD_WITHOUT_EXPIRY = 86400.0  # an SA that never expires holds its address this long
 
 
 def sa_key(spi_i: bytes, spi_r: bytes) -> bytes:
@@ -199,7 +201,7 @@ class SaPersistence:
             record["worker"] = held.worker
             summary = _summary(record)
             if summary != held.written:
-                ops.append(self._put(held, record))
+                ops += self._put(held, record)
             if retired is not None:
                 ops += [DeleteSa(*retired), Release(retired[0], self.node, retired[1])]
         if not ops:
@@ -234,12 +236,17 @@ class SaPersistence:
         sealed = seal_child(self._key, held.worker, event)
         return PutChild(held.worker, event.spi_in, sealed), sealed
 
-    def _put(self, held: _Held, record: dict[str, Any]) -> PutSa:
-        """The snapshot, sealed, under our fence; kept a while past the SA's hard lifetime."""
+    def _put(self, held: _Held, record: dict[str, Any]) -> list[Op[Any]]:
+        """The snapshot, sealed, under our fence; kept a while past the SA's hard lifetime.
+        Its virtual IPs stay held in the store as long as it (a dead owner's go with its
+        records)."""
         expire_in = record["expire_in"]
         ttl = None if expire_in is None else max(expire_in, 0.0) + RECORD_GRACE
         blob = pack_snapshot(record, SECRET_FIELDS, self._key, held.key)
-        return PutSa(held.key, blob, self.node, held.fence, ttl)
+        hold = ttl if ttl is not None else ADDRESS_HOLD_WITHOUT_EXPIRY
+        return [PutSa(held.key, blob, self.node, held.fence, ttl),
+                *(HoldAddress(str(pool), int(offset), bytes(holder), hold)
+                  for pool, offset, holder in record.get("leases", []))]
 
     async def _acquire_new(self, key: bytes) -> int | None:
         try:
@@ -480,7 +487,7 @@ class SaPersistence:
         if session.state is State.ESTABLISHED:
             record = snapshot_of(session, trio.current_time())
             record["worker"] = held.worker
-            ops.append(self._put(held, record))
+            ops += self._put(held, record)
             summary: tuple[Any, ...] | None = _summary(record)
         else:
             summary = None

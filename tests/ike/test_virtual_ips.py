@@ -26,11 +26,12 @@ from cluster.ike.identity import parse_identity
 from cluster.ike.ike_auth import build_auth_request
 from cluster.ike.message import decode_untrusted
 from cluster.ike.payloads import CpPayload, NotifyPayload, Payload, SaPayload, TsiPayload
-from cluster.ike.pools import AddressPool
+from cluster.ike.pools import AddressPending, AddressPool, Lease, SharedPool
 from cluster.ike.sa import IkeSa
 from cluster.ike.session import IkeSession
 from cluster.ike.state import State
 from cluster.ike.traffic_selectors import TrafficSelector
+from cluster.store import ClaimAddress, MemoryStore
 from tests.ike.sessions import child, drain, psk_connection, psk_pair, run_handshake, transfer
 
 ALICE = parse_identity("alice@example.test")
@@ -303,3 +304,69 @@ def test_our_initiator_deletes_an_sa_that_came_without_its_address() -> None:
     assert client.sa.own_vips == ()
     assert client.last_error == "the responder assigned no virtual IP"
     assert client.state is State.CLOSED and gateway.state is State.CLOSED  # Delete answered
+
+
+# --- shared pools (a cluster) ------------------------------------------------------------
+
+
+def _shared(store: MemoryStore, name: str = "rw", addrs: str = "10.99.3.0/30") -> SharedPool:
+    async def claim(pool: str, size: int, holder: bytes, ttl: float) -> int | None:
+        return await store.run(ClaimAddress(pool, size, holder, ttl))
+
+    return SharedPool(AddressPool.parse(name, addrs), claim, 3600.0)
+
+
+async def test_a_shared_pool_parks_the_exchange_until_the_store_answered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    store = MemoryStore()
+    pool = _shared(store)
+    monkeypatch.setattr(session_module, "build_auth_request", _ask_for(V4, tsi=ANY))
+    gw_conn = replace(psk_connection(children=(child(remote_ts="dynamic"),)), pools=(pool,))
+    client, gateway = psk_pair(gw_conn, psk_connection(
+        local_id="client.example.test", remote_id="gw.example.test",
+        children=(child(local_ts="dynamic", remote_ts="10.99.2.0/24"),)))
+    transfer(client, gateway)
+    transfer(gateway, client)
+    transfer(client, gateway)  # IKE_AUTH: parked, nothing answered yet
+    pending = gateway.address_pending
+    assert pending is not None and pending.pools == (pool,)
+    assert gateway.datagrams_to_send() == [] and gateway.state is not State.ESTABLISHED
+    for waiting in pending.pools:
+        assert await waiting.fetch(pending.holder)
+    gateway.resume(0.0)
+    assert gateway.address_pending is None and gateway.state is State.ESTABLISHED
+    run_handshake(client, gateway)
+    assert client.state is State.ESTABLISHED
+    [lease] = gateway.sa.leases
+    assert (str(lease.address), lease.holder) == ("10.99.3.1", pending.holder)
+    assert pool.online == 1
+    # the SA's end frees its address in the store (through the responder's queue)
+    gateway.delete_ike(1.0)
+    run_handshake(gateway, client)
+    assert pool.to_free == [(0, pending.holder)] and pool.online == 0
+
+
+async def test_two_responders_sharing_a_store_never_lease_one_address_twice() -> None:
+    store = MemoryStore()
+    first, second = _shared(store), _shared(store)  # one pool, two processes
+    assert await first.fetch(b"sa-1") and await second.fetch(b"sa-2")
+    a = first.acquire(ALICE, b"sa-1")
+    b = second.acquire(BOB, b"sa-2")
+    assert a is not None and b is not None and a.address != b.address
+    assert not await first.fetch(b"sa-3")  # a /30: two addresses, both held
+    assert first.acquire(CAROL, b"sa-3") is None
+    with pytest.raises(AddressPending):
+        second.acquire(CAROL, b"sa-4")  # never fetched: the exchange must wait
+
+
+async def test_a_taken_over_sa_keeps_its_address_and_frees_it_at_its_end() -> None:
+    store = MemoryStore()
+    owner, survivor = _shared(store), _shared(store)
+    assert await owner.fetch(b"sa-1")
+    lease = owner.acquire(ALICE, b"sa-1")
+    assert lease is not None
+    adopted = Lease(survivor, lease.address, lease.holder)
+    survivor.adopt(adopted)
+    assert survivor.online == 1
+    survivor.release(adopted)
+    assert survivor.to_free == [(0, b"sa-1")]

@@ -228,6 +228,54 @@ def test_an_eap_user_through_the_cluster_and_in_its_sa_list(pki: Pki) -> None:
         report("cluster", "EAP-MSCHAPv2 user through the relay, listed by ike-cluster sas")
 
 
+def test_virtual_ips_from_a_pool_the_responders_share() -> None:
+    """Two road warriors (one strongSwan, two identities) get distinct addresses from the
+    pool, whichever responders own their SAs: the store hands them out. The owner of one
+    is killed: the survivor that takes its SA over keeps its address (pings from it
+    cross), and when strongSwan ends that SA the survivor frees the address in the store."""
+    pools = {"pools.rw": {"addrs": "10.99.3.0/28"}}
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        pairs = [conn_pair(initiator_id=f"client{n}.example.test") for n in (1, 2)]
+        initiators = [replace(i, name=f"rw{n}", dpd_delay="2s", extra={"vips": "0.0.0.0"}
+                              ).with_child(local_ts=()) for n, (i, _) in enumerate(pairs, 1)]
+        responder = replace(pairs[0][1], node_extra={"pools": ["rw"]}).with_child(
+            remote_ts=())
+        cluster.start([responder], worker_extra=pools, responder_extra=pools)
+        charon = lab.charon("initiator", settings={"install_virtual_ip": "yes"})
+        charon.load(*initiators)
+        vips = {}
+        for conn in initiators:
+            result = charon.initiate("net", ike=conn.name)
+            assert result.returncode == 0, result.stdout + result.stderr
+        for sa in established(charon):
+            vips[sa["name"]] = (sa["local-vips"][0], sa["responder-spi"])
+        assert sorted(v for v, _ in vips.values()) == ["10.99.3.1", "10.99.3.2"], vips
+        for vip, _ in vips.values():
+            sent, received, out = ping(lab.initiator, vip, RESPONDER_INNER_V4)
+            assert received == sent, f"{out}\n{cluster.logs()}"
+
+        vip, spi_r = vips["rw1"]
+        owner = _owner(cluster, spi_r)
+        cluster.responders[owner - 1].kill()
+        survivor = cluster.responders[2 - owner]
+        deadline = time.monotonic() + 30
+        while "took over IKE SA" not in survivor.log_text():
+            assert time.monotonic() < deadline, cluster.logs()
+            time.sleep(0.3)
+        sent, received, out = ping(lab.initiator, vip, RESPONDER_INNER_V4)
+        assert received == sent, f"{out}\n{cluster.logs()}"
+        held = cluster.redis_cli("--scan", "--pattern", "ikec:pool:{rw}:[0-9]*").split()
+        assert sorted(held) == ["ikec:pool:{rw}:0", "ikec:pool:{rw}:1"], held
+        charon.terminate_ike("rw1")
+        deadline = time.monotonic() + 10
+        offset = f"ikec:pool:{{rw}}:{int(vip.rsplit('.', 1)[1]) - 1}"
+        while offset in cluster.redis_cli("--scan", "--pattern", "ikec:pool:{rw}:[0-9]*"):
+            assert time.monotonic() < deadline, cluster.logs()
+            time.sleep(0.3)
+        report("cluster", f"shared pool: {sorted(v for v, _ in vips.values())}; {vip} kept "
+                          "through a takeover, freed at its end")
+
+
 def _keys_from_log(log: str) -> list[bytes]:
     """Every IKE and Child SA key strongSwan dumped at log level 4."""
     from tests.vectors.record_strongswan import (

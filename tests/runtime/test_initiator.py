@@ -496,6 +496,11 @@ async def test_initiated_sa_gets_its_peers_messages_and_expires_half_open(
         def end_here(self) -> None:
             pass
 
+        address_pending = None  # its exchanges never wait for a shared pool
+
+        def resume(self, now: float) -> None:
+            pass
+
     silent = Silent()
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)

@@ -10,7 +10,6 @@ import pytest
 import trio
 
 from cluster.config import load_config
-from cluster.errors import ConfigError
 from cluster.roles import run_responder
 
 CONFIG = """\
@@ -51,14 +50,18 @@ async def test_a_cluster_responder_says_it_ignores_start_action(
                         "responder only responds (initiating is `ike-cluster run`'s)"]
 
 
-async def test_a_cluster_responder_refuses_pools(tmp_path: Path) -> None:
-    """Leases live in one process: two responders would lease one address twice."""
+async def test_a_cluster_responder_hands_out_its_pools_through_the_store(
+        tmp_path: Path) -> None:
+    """Pools are shared: the responder's connections use the store's pools."""
     (tmp_path / "cluster.key").write_text(os.urandom(32).hex() + "\n")
     path = tmp_path / "responder.toml"
     path.write_text(CONFIG.replace('[connections.link]\n', '[connections.link]\npools = ["rw"]\n')
                     + '[pools.rw]\naddrs = "10.99.3.0/24"\n')
-    with pytest.raises(ConfigError) as caught:
-        await run_responder(load_config(path), handle_signals=False)
-    assert str(caught.value) == (
-        f"{path}: connections.link.pools: virtual IP pools are not shared between cluster "
-        "nodes yet (use `ike-cluster run`)")
+    async with trio.open_nursery() as nursery:
+        started = await nursery.start(lambda task_status: run_responder(
+            load_config(path), handle_signals=False, task_status=task_status))
+        _, persistence, _, _ = started
+        (conn,) = persistence._policy.connections
+        assert [(type(p).__name__, p.name, p.size) for p in conn.pools] == [
+            ("SharedPool", "rw", 254)]
+        nursery.cancel_scope.cancel()

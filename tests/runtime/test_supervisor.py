@@ -195,6 +195,11 @@ class StuckTimerSession:
     def end_here(self) -> None:
         pass
 
+    address_pending = None  # its exchanges never wait for a shared pool
+
+    def resume(self, now: float) -> None:
+        pass
+
 
 async def test_session_timer_that_does_not_advance_fails_only_that_actor(
     setup: Setup, caplog: pytest.LogCaptureFixture
