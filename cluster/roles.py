@@ -200,9 +200,10 @@ def _share_pools(config: NodeConfig, store: StateStore
     two responders lease one address; and those pools."""
     shared: dict[str, SharedPool] = {}
 
-    async def claim(pool: str, size: int, holder: bytes, ttl: float) -> int | None:
+    async def claim(pool: str, size: int, holder: bytes, identity: bytes,
+                    ttl: float) -> int | None:
         try:
-            return await store.run(ClaimAddress(pool, size, holder, ttl))
+            return await store.run(ClaimAddress(pool, size, holder, identity, ttl))
         except StoreError as exc:
             logger.warning("pool %s: no address from the store: %s", pool, exc)
             return None

@@ -35,10 +35,12 @@ class AddressPending(Exception):
     """A shared pool has not fetched an address for this IKE SA yet: the exchange waits
     for `SharedPool.fetch` (the session parks it) and then runs again."""
 
-    def __init__(self, pools: tuple[SharedPool, ...], holder: bytes) -> None:
+    def __init__(self, pools: tuple[SharedPool, ...], holder: bytes, identity: Identity
+                 ) -> None:
         super().__init__(f"waiting for an address from {', '.join(p.name for p in pools)}")
         self.pools = pools
         self.holder = holder
+        self.identity = identity
 
 
 class AddressPool:
@@ -135,8 +137,9 @@ class SharedPool(AddressPool):
     AddressPending and the session parks the exchange. Every address is held in the
     store for a time the SA's snapshot writes renew, so an owner's death frees its
     addresses once its SAs' records expire, and a survivor that takes an SA over keeps
-    its address. `release` queues the store's free for `free_released`. There is no
-    address per identity here: a client that comes back gets whichever is free.
+    its address. `release` queues the store's free (the responder role sends them). As
+    in one process, an identity gets its last address again when nobody else holds it,
+    and SAs of one identity share it.
     """
 
     shared = True
@@ -158,19 +161,23 @@ class SharedPool(AddressPool):
         return 0
 
     def acquire(self, identity: Identity, holder: bytes = b"") -> Lease | None:
+        if holder in self._held:  # an exchange that waited runs again
+            return Lease(self, self._address(self._held[holder]), holder)
         if holder not in self._fetched:
-            raise AddressPending((self,), holder)
+            raise AddressPending((self,), holder, identity)
         offset = self._fetched.pop(holder)
         if offset is None:
             return None
         self._held[holder] = offset
         return Lease(self, self._address(offset), holder)
 
-    async def fetch(self, holder: bytes) -> bool:
-        """Claim an address for `holder` in the store; False when none is left (`claim`
-        also answers None when the store cannot be asked: the peer is then told
+    async def fetch(self, holder: bytes, identity: Identity) -> bool:
+        """Claim an address for `holder` in the store, `identity`'s last one if it is
+        free or held by its own SAs only; False when none is left (`claim` also answers
+        None when the store cannot be asked: the peer is then told
         INTERNAL_ADDRESS_FAILURE)."""
-        offset = await self._claim(self.name, self.size, holder, self.hold_time)
+        key = bytes((identity.id_type,)) + identity.data
+        offset = await self._claim(self.name, self.size, holder, key, self.hold_time)
         self._fetched[holder] = offset
         return offset is not None
 
@@ -184,4 +191,5 @@ class SharedPool(AddressPool):
             self.to_free.append((offset, lease.holder))
 
 
-Claim = Callable[[str, int, bytes, float], Awaitable["int | None"]]
+# (pool, size, holder, identity, hold time) -> offset or None
+Claim = Callable[[str, int, bytes, bytes, float], Awaitable["int | None"]]

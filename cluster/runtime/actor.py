@@ -150,7 +150,7 @@ class SaActor:
             while (pending := session.address_pending) is not None:
                 # a shared pool's address comes from the store: the exchange waits for it
                 for pool in pending.pools:
-                    await pool.fetch(pending.holder)
+                    await pool.fetch(pending.holder, pending.identity)
                 session.resume(trio.current_time())
             if persist is not None:
                 await self._persisted_step(send, on_event, persist)

@@ -157,12 +157,15 @@ class Publish(Op[None]):
 
 @dataclass(frozen=True, slots=True)
 class ClaimAddress(Op["int | None"]):
-    """An address of pool `pool` (an offset below `size`) that nobody holds, held by
-    `holder` for `ttl` seconds from now on; None when every one is held."""
+    """An address of pool `pool` (an offset below `size`) for `identity`, held by `holder`
+    for `ttl` seconds from now on: the one `identity` had last if nobody else holds it
+    (other SAs of `identity` may: they share it), else one nobody holds, going round
+    the pool; None when every one is held."""
 
     pool: str
     size: int
     holder: bytes
+    identity: bytes
     ttl: float
 
 

@@ -119,9 +119,11 @@ class MemoryStore(StateStore):
         self._subscriber_buffer = subscriber_buffer
         self._records: dict[bytes, _Record] = {}
         self._leases: dict[bytes, _Lease] = {}
-        # virtual IP pools: (pool, offset) -> (holder, expiry); where each pool's search goes on
-        self._addresses: dict[tuple[str, int], tuple[bytes, float]] = {}
+        # virtual IP pools: (pool, offset) -> its identity and holders' expiries; where each
+        # pool's search goes on; each identity's last address
+        self._addresses: dict[tuple[str, int], tuple[bytes, dict[bytes, float]]] = {}
         self._address_next: dict[str, int] = {}
+        self._address_of: dict[tuple[str, bytes], int] = {}
         self._counters: dict[bytes, _Counter] = {}
         self._members: dict[str, _Heartbeat] = {}
         self._children: dict[str, dict[bytes, bytes]] = {}
@@ -211,33 +213,50 @@ class MemoryStore(StateStore):
         del self._leases[op.key]
         return True
 
-    def _held_by(self, pool: str, offset: int, now: float) -> bytes | None:
-        entry = self._addresses.get((pool, offset))
-        if entry is None or entry[1] <= now:
+    def _holders(self, pool: str, offset: int, now: float) -> tuple[bytes, dict[bytes, float]]:
+        """The address's identity and live holders (expired ones dropped)."""
+        identity, holders = self._addresses.get((pool, offset), (b"", {}))
+        live = {h: t for h, t in holders.items() if t > now}
+        if live:
+            self._addresses[(pool, offset)] = (identity, live)
+        else:
             self._addresses.pop((pool, offset), None)
-            return None
-        return entry[0]
+        return identity, live
 
     def _claim_address(self, op: ClaimAddress, now: float) -> int | None:
+        def take(offset: int) -> int:
+            _, holders = self._holders(op.pool, offset, now)
+            self._addresses[(op.pool, offset)] = (op.identity,
+                                                  {**holders, op.holder: now + op.ttl})
+            self._address_of[(op.pool, op.identity)] = offset
+            return offset
+
+        hint = self._address_of.get((op.pool, op.identity))
+        if hint is not None:
+            identity, holders = self._holders(op.pool, hint, now)
+            if not holders or identity == op.identity:
+                return take(hint)
         start = self._address_next.get(op.pool, 0)
         for step in range(op.size):
             offset = (start + step) % op.size
-            if self._held_by(op.pool, offset, now) is None:
-                self._addresses[(op.pool, offset)] = (op.holder, now + op.ttl)
+            if not self._holders(op.pool, offset, now)[1]:
                 self._address_next[op.pool] = offset + 1
-                return offset
+                return take(offset)
         return None
 
     def _hold_address(self, op: HoldAddress, now: float) -> bool:
-        if self._held_by(op.pool, op.offset, now) != op.holder:
+        _, holders = self._holders(op.pool, op.offset, now)
+        if op.holder not in holders:
             return False
-        self._addresses[(op.pool, op.offset)] = (op.holder, now + op.ttl)
+        holders[op.holder] = now + op.ttl
         return True
 
     def _free_address(self, op: FreeAddress, now: float) -> bool:
-        if self._held_by(op.pool, op.offset, now) != op.holder:
+        _, holders = self._holders(op.pool, op.offset, now)
+        if holders.pop(op.holder, None) is None:
             return False
-        del self._addresses[(op.pool, op.offset)]
+        if not holders:
+            del self._addresses[(op.pool, op.offset)]
         return True
 
     def _put_child(self, op: PutChild, now: float) -> None:

@@ -66,6 +66,7 @@ T = TypeVar("T")
 RECORD_VERSION = b"1"
 MEMBER_VERSION = 1
 RESUBSCRIBE_MIN, RESUBSCRIBE_MAX = 0.05, 2.0  # subscription retry backoff (s)
+IDENTITY_MEMORY = 7 * 86400.0  # how long a pool remembers an identity's last address (s)
 
 
 @dataclass(frozen=True)
@@ -132,38 +133,70 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 1 end
 return 0
 """)
 
-# KEYS next; ARGV address key prefix, size, holder, ttl_ms. Every address is a key of
-# its own, expiring with its holder's lease; the search goes on where the last one ended.
-_CLAIM_ADDRESS = _Script("""
-local size = tonumber(ARGV[2])
-for i = 1, size do
-  local offset = (redis.call('INCR', KEYS[1]) - 1) % size
-  if redis.call('SET', ARGV[1] .. offset, ARGV[3], 'NX', 'PX', ARGV[4]) then
-    return offset
-  end
-end
-return -1
-""")
-
-# KEYS address; ARGV holder, ttl_ms
-_HOLD_ADDRESS = _Script("""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-""")
-
-# KEYS address; ARGV holder
-_FREE_ADDRESS = _Script("""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-return 1
-""")
-
 _NOW_MS = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
+
+# Each address is a hash: "id" (the identity it went to) and one "h:<holder>" field per
+# IKE SA holding it, valued with its expiry; the key itself expires with the last one.
+# "id:<identity>" remembers an identity's last address. Redis's clock decides.
+_ADDRESS_FUNCTIONS = """
+local function holders(key, now)
+  local all = redis.call('HGETALL', key)
+  local count, id = 0, false
+  for i = 1, #all, 2 do
+    if all[i] == 'id' then id = all[i + 1]
+    elseif tonumber(all[i + 1]) <= now then redis.call('HDEL', key, all[i])
+    else count = count + 1 end
+  end
+  return count, id
+end
+local function extend(key, ttl)
+  local left = redis.call('PTTL', key)
+  if left < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+"""
+
+# KEYS next; ARGV prefix, size, holder, ttl_ms, identity (hex), identity memory ms
+_CLAIM_ADDRESS = _Script(_NOW_MS + _ADDRESS_FUNCTIONS + """
+local prefix, size, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
+local function take(offset)
+  local key = prefix .. offset
+  redis.call('HSET', key, 'id', ARGV[5], 'h:' .. ARGV[3], now + ttl)
+  extend(key, ttl)
+  redis.call('SET', prefix .. 'id:' .. ARGV[5], offset, 'PX', ARGV[6])
+  return offset
+end
+local hint = redis.call('GET', prefix .. 'id:' .. ARGV[5])
+if hint then
+  local count, id = holders(prefix .. hint, now)
+  if count == 0 or id == ARGV[5] then return take(tonumber(hint)) end
+end
+for i = 1, size do
+  local offset = (redis.call('INCR', KEYS[1]) - 1) % size
+  local count = holders(prefix .. offset, now)
+  if count == 0 then return take(offset) end
+end
+return -1
+""")
+
+# KEYS address; ARGV holder, ttl_ms
+_HOLD_ADDRESS = _Script(_NOW_MS + _ADDRESS_FUNCTIONS + """
+if redis.call('HEXISTS', KEYS[1], 'h:' .. ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'h:' .. ARGV[1], now + tonumber(ARGV[2]))
+extend(KEYS[1], tonumber(ARGV[2]))
+return 1
+""")
+
+# KEYS address; ARGV holder
+_FREE_ADDRESS = _Script(_NOW_MS + _ADDRESS_FUNCTIONS + """
+if redis.call('HDEL', KEYS[1], 'h:' .. ARGV[1]) == 0 then return 0 end
+if holders(KEYS[1], now) == 0 then redis.call('DEL', KEYS[1]) end
+return 1
+""")
+
 
 # KEYS expiry, info; ARGV node, ttl_ms, blob. The Redis clock, so node clocks may differ.
 _HEARTBEAT = _Script(_NOW_MS + """
@@ -330,7 +363,8 @@ class RedisStore(StateStore):
 
     def _q_claim_address(self, pipe: Pipeline, op: ClaimAddress) -> None:
         pipe.evalsha(_CLAIM_ADDRESS.sha, 1, self._address_key(op.pool, "next"),
-                     self._address_key(op.pool, ""), op.size, op.holder, _ms(op.ttl))
+                     self._address_key(op.pool, ""), op.size, op.holder, _ms(op.ttl),
+                     op.identity.hex(), _ms(IDENTITY_MEMORY))
 
     def _q_hold_address(self, pipe: Pipeline, op: HoldAddress) -> None:
         pipe.evalsha(_HOLD_ADDRESS.sha, 1, self._address_key(op.pool, op.offset), op.holder,

@@ -310,8 +310,9 @@ def test_our_initiator_deletes_an_sa_that_came_without_its_address() -> None:
 
 
 def _shared(store: MemoryStore, name: str = "rw", addrs: str = "10.99.3.0/30") -> SharedPool:
-    async def claim(pool: str, size: int, holder: bytes, ttl: float) -> int | None:
-        return await store.run(ClaimAddress(pool, size, holder, ttl))
+    async def claim(pool: str, size: int, holder: bytes, identity: bytes,
+                    ttl: float) -> int | None:
+        return await store.run(ClaimAddress(pool, size, holder, identity, ttl))
 
     return SharedPool(AddressPool.parse(name, addrs), claim, 3600.0)
 
@@ -331,8 +332,9 @@ async def test_a_shared_pool_parks_the_exchange_until_the_store_answered(
     pending = gateway.address_pending
     assert pending is not None and pending.pools == (pool,)
     assert gateway.datagrams_to_send() == [] and gateway.state is not State.ESTABLISHED
+    assert pending.identity == parse_identity("client.example.test")
     for waiting in pending.pools:
-        assert await waiting.fetch(pending.holder)
+        assert await waiting.fetch(pending.holder, pending.identity)
     gateway.resume(0.0)
     assert gateway.address_pending is None and gateway.state is State.ESTABLISHED
     run_handshake(client, gateway)
@@ -349,20 +351,24 @@ async def test_a_shared_pool_parks_the_exchange_until_the_store_answered(
 async def test_two_responders_sharing_a_store_never_lease_one_address_twice() -> None:
     store = MemoryStore()
     first, second = _shared(store), _shared(store)  # one pool, two processes
-    assert await first.fetch(b"sa-1") and await second.fetch(b"sa-2")
+    assert await first.fetch(b"sa-1", ALICE) and await second.fetch(b"sa-2", BOB)
     a = first.acquire(ALICE, b"sa-1")
     b = second.acquire(BOB, b"sa-2")
     assert a is not None and b is not None and a.address != b.address
-    assert not await first.fetch(b"sa-3")  # a /30: two addresses, both held
+    assert not await first.fetch(b"sa-3", CAROL)  # a /30: two addresses, both held
     assert first.acquire(CAROL, b"sa-3") is None
+    # alice's second SA, at the other responder, shares her address (a reauthentication)
+    assert await second.fetch(b"sa-4", ALICE)
+    again = second.acquire(ALICE, b"sa-4")
+    assert again is not None and again.address == a.address
     with pytest.raises(AddressPending):
-        second.acquire(CAROL, b"sa-4")  # never fetched: the exchange must wait
+        second.acquire(CAROL, b"sa-5")  # never fetched: the exchange must wait
 
 
 async def test_a_taken_over_sa_keeps_its_address_and_frees_it_at_its_end() -> None:
     store = MemoryStore()
     owner, survivor = _shared(store), _shared(store)
-    assert await owner.fetch(b"sa-1")
+    assert await owner.fetch(b"sa-1", ALICE)
     lease = owner.acquire(ALICE, b"sa-1")
     assert lease is not None
     adopted = Lease(survivor, lease.address, lease.holder)

@@ -232,7 +232,8 @@ def test_virtual_ips_from_a_pool_the_responders_share() -> None:
     """Two road warriors (one strongSwan, two identities) get distinct addresses from the
     pool, whichever responders own their SAs: the store hands them out. The owner of one
     is killed: the survivor that takes its SA over keeps its address (pings from it
-    cross), and when strongSwan ends that SA the survivor frees the address in the store."""
+    cross), and when strongSwan ends that SA the survivor frees the address in the store;
+    when it comes back it gets the same address."""
     pools = {"pools.rw": {"addrs": "10.99.3.0/28"}}
     with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
         pairs = [conn_pair(initiator_id=f"client{n}.example.test") for n in (1, 2)]
@@ -272,8 +273,13 @@ def test_virtual_ips_from_a_pool_the_responders_share() -> None:
         while offset in cluster.redis_cli("--scan", "--pattern", "ikec:pool:{rw}:[0-9]*"):
             assert time.monotonic() < deadline, cluster.logs()
             time.sleep(0.3)
+        # the client comes back (to whichever responder): its address again
+        result = charon.initiate("net", ike="rw1")
+        assert result.returncode == 0, result.stdout + result.stderr
+        (back,) = [sa for sa in established(charon) if sa["name"] == "rw1"]
+        assert back["local-vips"] == [vip], back
         report("cluster", f"shared pool: {sorted(v for v, _ in vips.values())}; {vip} kept "
-                          "through a takeover, freed at its end")
+                          "through a takeover, freed at its end, the same again on return")
 
 
 def _keys_from_log(log: str) -> list[bytes]:

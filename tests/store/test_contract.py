@@ -329,31 +329,50 @@ async def test_a_waiting_subscriber_wakes_on_publish(store: StateStore) -> None:
 # -- virtual IP pools ---------------------------------------------------------------------
 
 
+def claim(pool: str, size: int, holder: bytes, identity: bytes = b"",
+          ttl: float = 30.0) -> ClaimAddress:
+    return ClaimAddress(pool, size, holder, identity or holder, ttl)
+
+
 async def test_claimed_addresses_are_distinct_until_the_pool_is_full(store: StateStore) -> None:
     pool = f"p{os.urandom(4).hex()}"
-    offsets = [await store.run(ClaimAddress(pool, 3, f"sa{n}".encode(), 30.0))
-               for n in range(4)]
+    offsets = [await store.run(claim(pool, 3, f"sa{n}".encode())) for n in range(4)]
     assert sorted(o for o in offsets[:3] if o is not None) == [0, 1, 2]
     assert offsets[3] is None  # every address is held
 
 
 async def test_freed_or_expired_addresses_are_claimed_again(store: StateStore) -> None:
     pool = f"p{os.urandom(4).hex()}"
-    first = await store.run(ClaimAddress(pool, 2, b"a", 30.0))
-    second = await store.run(ClaimAddress(pool, 2, b"b", SHORT))
+    first = await store.run(claim(pool, 2, b"a"))
+    second = await store.run(claim(pool, 2, b"b", ttl=SHORT))
     assert first is not None and second is not None
     assert not await store.run(FreeAddress(pool, first, b"someone else"))
     assert await store.run(FreeAddress(pool, first, b"a"))
-    assert await store.run(ClaimAddress(pool, 2, b"c", 30.0)) == first
+    assert await store.run(claim(pool, 2, b"c")) == first
     await trio.sleep(PAST)  # b's hold ran out
-    assert await store.run(ClaimAddress(pool, 2, b"d", 30.0)) == second
+    assert await store.run(claim(pool, 2, b"d")) == second
 
 
 async def test_holding_an_address_keeps_it_only_for_its_holder(store: StateStore) -> None:
     pool = f"p{os.urandom(4).hex()}"
-    offset = await store.run(ClaimAddress(pool, 1, b"a", SHORT))
-    assert offset == 0
+    assert await store.run(claim(pool, 1, b"a", ttl=SHORT)) == 0
     assert not await store.run(HoldAddress(pool, 0, b"b", 30.0))
     assert await store.run(HoldAddress(pool, 0, b"a", 30.0))
     await trio.sleep(PAST)  # still held: the hold extended it
-    assert await store.run(ClaimAddress(pool, 1, b"b", 30.0)) is None
+    assert await store.run(claim(pool, 1, b"b")) is None
+
+
+async def test_an_identity_gets_its_address_back_and_shares_it(store: StateStore) -> None:
+    pool = f"p{os.urandom(4).hex()}"
+    alice = await store.run(claim(pool, 4, b"sa-1", b"alice"))
+    bob = await store.run(claim(pool, 4, b"sa-2", b"bob"))
+    assert alice is not None and bob is not None and alice != bob
+    # a second SA of alice's (a reauthentication before the first ends) shares it
+    assert await store.run(claim(pool, 4, b"sa-3", b"alice")) == alice
+    assert await store.run(FreeAddress(pool, alice, b"sa-1"))
+    assert await store.run(claim(pool, 4, b"sa-4", b"carol")) not in (alice, bob)
+    assert await store.run(FreeAddress(pool, alice, b"sa-3"))  # now nobody holds it
+    # alice comes back later: her address again, although others were never used
+    assert await store.run(claim(pool, 4, b"sa-5", b"alice")) == alice
+    # bob's address is his while he holds it: alice's other SAs never get it
+    assert await store.run(claim(pool, 4, b"sa-6", b"dave")) not in (alice, bob)
