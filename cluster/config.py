@@ -564,21 +564,30 @@ class _Loader:
 
     def dpd_action(self, table: _Table, children: tuple[ChildConfig, ...]
                    ) -> Literal["clear", "restart", "trap"]:
-        """swanctl's values. "restart" and "trap" concern what we initiate, so they need a
-        child with start_action "start" or "trap"; "trap" keeps an on-demand connection's
-        trap after the SA times out (as it does anyway: swanctl calls that redundant)."""
+        """swanctl's values, on the connection or (swanctl's place) on a child. "restart"
+        and "trap" concern what we initiate, so they need a child with start_action
+        "start" or "trap"; "trap" keeps an on-demand connection's trap after the SA times
+        out (as it does anyway: swanctl calls that redundant)."""
+        key = _join(table.key, "dpd_action")
         action = table.string("dpd_action", "clear")
+        for child in children:
+            if child.dpd_action is None:
+                continue
+            child_key = _join(_join(_join(table.key, "children"), child.name), "dpd_action")
+            if "dpd_action" in table:
+                self.fail(key, f"also given in {child_key}: give it once")
+            key, action = child_key, child.dpd_action
         if action == "clear":
             return "clear"
         if action not in ("restart", "trap"):
-            table.fail("dpd_action", f'{action!r} is not one of "clear", "restart", "trap"')
+            self.fail(key, f'{action!r} is not one of "clear", "restart", "trap"')
         starts = {c.start_action for c in children} - {"none"}
         if not starts:
-            table.fail("dpd_action", f'"{action}" needs a child with start_action = "start" '
-                                     'or "trap" (this node initiates only those)')
+            self.fail(key, f'"{action}" needs a child with start_action = "start" or "trap" '
+                           "(this node initiates only those)")
         if action == "trap" and "trap" not in starts:
-            table.fail("dpd_action", '"trap" needs the child\'s start_action = "trap" (a '
-                                     '"start" connection is always initiated again)')
+            self.fail(key, '"trap" needs the child\'s start_action = "trap" (a "start" '
+                           "connection is always initiated again)")
         return "restart" if action == "restart" else "trap"
 
     def initiation(
@@ -894,7 +903,7 @@ class _Loader:
     def child(self, name: str, key: str, value: object, legacy: bool) -> ChildConfig:
         child = self.table(
             key, value, ("mode", "local_ts", "remote_ts", "esp_proposals", "start_action",
-                         "rekey_time", "life_time", "rand_time")
+                         "rekey_time", "life_time", "rand_time", "dpd_action")
         )
         mode = child.string("mode", "tunnel")
         if mode not in ("tunnel", "transport"):
@@ -913,6 +922,7 @@ class _Loader:
             start_action="start" if start_action == "start" else
             "trap" if start_action == "trap" else "none",
             lifetime=self.lifetime(child, CHILD_REKEY_TIME),
+            dpd_action=child.optional_string("dpd_action"),
         )
 
     def traffic_selectors(self, child: _Table, name: str) -> tuple[TsConfig, ...]:

@@ -92,6 +92,8 @@ class ChildConfig:
     # swanctl's: "start" initiates at start-up, "trap" when a packet for it finds no SA
     start_action: Literal["none", "start", "trap"] = "none"
     lifetime: Lifetime = field(default_factory=lambda: Lifetime(3600.0))  # strongSwan: 1 h
+    # swanctl's place for dpd_action (the config folds it into the connection's)
+    dpd_action: str | None = None
 
 
 @dataclass(frozen=True)

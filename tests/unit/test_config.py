@@ -298,6 +298,20 @@ def test_dpd_action_of_an_initiated_connection(tmp_path: Path, start: str, actio
         assert message.startswith(f"{path}: connections.rw.dpd_action: ") and error in message
 
 
+def test_dpd_action_on_the_child_as_in_swanctl(tmp_path: Path) -> None:
+    text = START.replace('start_action = "start"', 'start_action = "start"\ndpd_action = "restart"')
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    assert conn.dpd_action == "restart"
+    both = text.replace("version = 2\n", 'version = 2\ndpd_action = "restart"\n')
+    path = write(tmp_path, both)
+    assert load_error(path) == (f"{path}: connections.rw.dpd_action: also given in "
+                                "connections.rw.children.net.dpd_action: give it once")
+    wrong = text.replace('dpd_action = "restart"', 'dpd_action = "hold"')
+    path = write(tmp_path, wrong)
+    assert load_error(path).startswith(
+        f"{path}: connections.rw.children.net.dpd_action: 'hold' is not one of")
+
+
 def test_trap_child_makes_an_on_demand_initiation(tmp_path: Path) -> None:
     text = START.replace('"start"', '"trap"').replace('"transport"', '"tunnel"')
     config = load_config(write(tmp_path, text + '[worker]\ntun = "ikec7"\n'))
