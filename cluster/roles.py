@@ -222,15 +222,18 @@ def _share_pools(config: NodeConfig, store: StateStore
 async def _free_addresses(store: StateStore, pools: Sequence[SharedPool]) -> None:
     """Give back in the store the addresses of SAs that ended here."""
     while True:
-        ops = []
-        for pool in pools:
-            ops += [FreeAddress(pool.name, offset, holder) for offset, holder in pool.to_free]
+        taken = [(pool, list(pool.to_free)) for pool in pools if pool.to_free]
+        for pool, _ in taken:
             pool.to_free.clear()
+        ops = [FreeAddress(pool.name, offset, holder)
+               for pool, entries in taken for offset, holder in entries]
         if ops:
             try:
                 await store.execute(ops)
-            except StoreError as exc:  # their holds run out in the store anyway
-                logger.warning("addresses not freed in the store: %s", exc)
+            except StoreError as exc:  # try again: a held address is one nobody gets
+                logger.warning("addresses not freed in the store yet: %s", exc)
+                for pool, entries in taken:
+                    pool.to_free.extend(entries)
         await trio.sleep(ADDRESS_FREE_INTERVAL)
 
 

@@ -65,3 +65,45 @@ async def test_a_cluster_responder_hands_out_its_pools_through_the_store(
         assert [(type(p).__name__, p.name, p.size) for p in conn.pools] == [
             ("SharedPool", "rw", 254)]
         nursery.cancel_scope.cancel()
+
+
+async def test_ended_sas_addresses_are_freed_in_the_store_also_after_a_failure() -> None:
+    """The responder's free loop hands back what its pools queued, and tries again when
+    the store fails (a held address is one nobody gets)."""
+    from cluster.ike.identity import parse_identity
+    from cluster.ike.pools import AddressPool, SharedPool
+    from cluster.roles import _free_addresses
+    from cluster.store import ClaimAddress, HoldAddress, MemoryStore, StoreError
+
+    class Flaky(MemoryStore):
+        failures = 1
+
+        async def execute(self, ops):  # type: ignore[no-untyped-def]
+            if self.failures:
+                self.failures -= 1
+                raise StoreError("the store is away")
+            return await super().execute(ops)
+
+    store = Flaky()
+
+    async def claim(pool: str, size: int, holder: bytes, identity: bytes,
+                    ttl: float) -> int | None:
+        results = await MemoryStore.execute(store, [ClaimAddress(pool, size, holder, identity,
+                                                                 ttl)])
+        return results[0]  # type: ignore[no-any-return]
+
+    pool = SharedPool(AddressPool.parse("rw", "10.99.3.0/30"), claim, 3600.0)
+    alice = parse_identity("alice@example.test")
+    assert await pool.fetch(b"sa-1", alice)
+    lease = pool.acquire(alice, b"sa-1")
+    assert lease is not None
+    pool.release(lease)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_free_addresses, store, [pool])
+        with trio.fail_after(5):
+            while pool.to_free or store.failures:
+                await trio.sleep(0.05)
+            await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    # freed in the store: sa-1 holds nothing any more
+    assert not (await MemoryStore.execute(store, [HoldAddress("rw", 0, b"sa-1", 60.0)]))[0]
