@@ -102,9 +102,9 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
         "mid_sync": sa.mid_sync,
         "mobike": sa.mobike,
         "eap_id": sa.eap_identity,
-        # virtual IPs (shared pools): pool, offset, holder
-        "leases": [[lease.pool.name, int(lease.address) - int(lease.pool.first), lease.holder]
-                   for lease in sa.leases],
+        # virtual IPs (shared pools): pool, offset, holder, and the address (for `sas`)
+        "leases": [[lease.pool.name, int(lease.address) - int(lease.pool.first), lease.holder,
+                    str(lease.address)] for lease in sa.leases],
         # a request of ours may not have reached the peer: our next ID may be ahead of its
         "in_flight": sa.pending is not None,
         "peer_hashes": sorted(sa.peer_hashes),
@@ -230,7 +230,7 @@ def _leases(connection: ConnectionConfig, stored: list[Any]) -> tuple[Lease, ...
     """The SA's virtual IPs, in this node's pools of the same names (taken over, held)."""
     pools = {pool.name: pool for pool in connection.pools}
     out: list[Lease] = []
-    for name, offset, holder in stored:
+    for name, offset, holder, *_ in stored:
         pool = pools.get(str(name))
         if pool is None:  # the configuration lost the pool: nothing to hold it in
             continue

@@ -246,7 +246,7 @@ class SaPersistence:
         hold = ttl if ttl is not None else ADDRESS_HOLD_WITHOUT_EXPIRY
         return [PutSa(held.key, blob, self.node, held.fence, ttl),
                 *(HoldAddress(str(pool), int(offset), bytes(holder), hold)
-                  for pool, offset, holder in record.get("leases", []))]
+                  for pool, offset, holder, *_ in record.get("leases", []))]
 
     async def _acquire_new(self, key: bytes) -> int | None:
         try:

@@ -257,6 +257,15 @@ def test_virtual_ips_from_a_pool_the_responders_share() -> None:
 
         vip, spi_r = vips["rw1"]
         owner = _owner(cluster, spi_r)
+        node = cluster.responders[owner - 1]
+        deadline = time.monotonic() + 10
+        while True:  # `ike-cluster sas` names each SA's address
+            listing = node.ns.run([sys.executable, "-m", "cluster", "sas", "--config",
+                                   str(node.config_path)]).stdout
+            if all(f"  remote virtual IPs: {v}" in listing for v, _ in vips.values()):
+                break
+            assert time.monotonic() < deadline, listing
+            time.sleep(0.3)
         cluster.responders[owner - 1].kill()
         survivor = cluster.responders[2 - owner]
         deadline = time.monotonic() + 30

@@ -13,6 +13,8 @@ import pytest
 import trio
 
 from cluster import cli
+from cluster.ike.identity import parse_identity
+from cluster.ike.pools import AddressPool
 from cluster.ike.session import IkeSession
 from cluster.ike.snapshot import SECRET_FIELDS, Record, restore, snapshot_of
 from cluster.ike.state import State
@@ -93,6 +95,20 @@ async def test_sas_names_the_eap_user_of_an_sa() -> None:
     rows = await list_sas(store)
     assert rows[0]["remote_eap_id"] == "carol"
     assert "  remote EAP identity: 'carol'" in format_sas(rows).splitlines()
+
+
+async def test_sas_names_the_virtual_ips_of_an_sa() -> None:
+    gateway, _ = established()
+    pool = AddressPool.parse("rw", "10.99.3.0/24")
+    lease = pool.acquire(parse_identity("client.example.test"))
+    assert lease is not None
+    gateway.sa.leases = (lease,)
+    record = snapshot_of(gateway, 0.0)
+    store = MemoryStore()
+    await persist(store, record["spi_i"], blob_of(record))
+    rows = await list_sas(store)
+    assert rows[0]["remote_vips"] == ["10.99.3.1"]
+    assert "  remote virtual IPs: 10.99.3.1" in format_sas(rows).splitlines()
 
 
 async def test_sas_json_carries_the_same_information() -> None:
