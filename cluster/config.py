@@ -755,9 +755,7 @@ class _Loader:
         except ValueError as exc:
             remote.fail("id", str(exc))
         if method == "psk":
-            for name in ("cacerts", "crls"):
-                if name in remote:
-                    remote.fail(name, 'only used with auth = "pubkey"')
+            _only_for_pubkey(remote)
             return RemoteAuth(method="psk", identity=pattern)
         paths = remote.strings("cacerts", required=True)
         if not paths:
@@ -776,9 +774,7 @@ class _Loader:
         if not isinstance(local, dict) or local.get("auth", "pubkey") != "pubkey":
             conn.fail("local", 'EAP peers need the gateway to authenticate with a certificate '
                                '(auth = "pubkey")')
-        for name in ("cacerts", "crls"):
-            if name in remote:
-                remote.fail(name, 'only used with auth = "pubkey"')
+        _only_for_pubkey(remote)
         patterns = []
         for name, default in (("id", "%any"), ("eap_id", "%any")):
             try:
@@ -1009,6 +1005,13 @@ class _Loader:
                     "psk authentication, but no [secrets] entry has ids that match "
                     "this connection's local or remote id",
                 )
+
+
+def _only_for_pubkey(remote: _Table) -> None:
+    """A peer that does not sign needs no CAs or CRLs to check it with."""
+    for name in ("cacerts", "crls"):
+        if name in remote:
+            remote.fail(name, 'only used with auth = "pubkey"')
 
 
 def _parse_listen(text: str, fail: Callable[[str], NoReturn],

@@ -23,8 +23,8 @@ _ADDRESS_ATTRIBUTES = {4: ConfigAttribute.INTERNAL_IP4_ADDRESS,
                        6: ConfigAttribute.INTERNAL_IP6_ADDRESS}
 _DNS_ATTRIBUTES = {4: ConfigAttribute.INTERNAL_IP4_DNS, 6: ConfigAttribute.INTERNAL_IP6_DNS}
 # the value a request may carry: empty, or an address (IPv6 with its prefix length)
-_REQUEST_LENGTHS: dict[int, tuple[int, ...]] = {ConfigAttribute.INTERNAL_IP4_ADDRESS: (0, 4),
-                    ConfigAttribute.INTERNAL_IP6_ADDRESS: (0, 17)}
+_REQUEST_LENGTHS: dict[int, tuple[int, ...]] = {
+    ConfigAttribute.INTERNAL_IP4_ADDRESS: (0, 4), ConfigAttribute.INTERNAL_IP6_ADDRESS: (0, 17)}
 
 
 def parse_attributes_untrusted(data: bytes) -> list[tuple[int, bytes]]:

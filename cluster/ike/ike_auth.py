@@ -37,7 +37,6 @@ from .identity import (
     Identity,
     cert_matches_identity,
     identity_from_payload_untrusted,
-    parse_identity,
 )
 from .ike_init import candidate_connections, notifies
 from .payloads import (
@@ -235,26 +234,12 @@ def _start_eap(sa: IkeSa, payloads: list[Payload], idi: IdiPayload, idr: IdrPayl
                                    "(and it sent no AUTH)")
     sa.connection, sa.remote_id, sa.local_id = conn, peer_ident, local_ident
     eap_id = conn.remote.eap_id
-
-    def secret_of(identity: bytes) -> bytes | None:
-        if not eap_id.any and not any(eap_id.matches(i) for i in _eap_identities(identity)):
-            return None  # not an EAP identity this connection accepts
-        return sa.policy.find_eap_secret(identity)
-
-    server = EapMschapv2Server(rng, secret_of)
+    server = EapMschapv2Server(rng, lambda user: sa.policy.find_eap_secret(user, eap_id))
     sa.eap = EapExchange(server, payloads, idi)
     response: list[Payload] = [IdrPayload(local_ident.id_type, local_ident.data)]
     response += _our_auth(sa, conn.local, local_ident, peer_ident, sa.init_response,
                           sa.nonce_i)
     return [*response, EapPayload(server.start())]
-
-
-def _eap_identities(identity: bytes) -> list[Identity]:
-    """What an EAP identity may be matched as: strongSwan's parse, or failing that none."""
-    try:
-        return [parse_identity(identity.decode("utf-8"))]
-    except (UnicodeDecodeError, ValueError):
-        return []
 
 
 def _continue_eap(sa: IkeSa, exchange: EapExchange, payloads: list[Payload],

@@ -168,11 +168,15 @@ class ResponderPolicy:
                 best = (score, entry.secret)
         return best[1] if best else None
 
-    def find_eap_secret(self, identity: bytes) -> bytes | None:
-        """The password of an EAP identity: an eap secret naming it (never via %any)."""
+    def find_eap_secret(self, identity: bytes,
+                        allowed: IdentityPattern | None = None) -> bytes | None:
+        """The password of an EAP identity: an eap secret naming it (never via %any);
+        none for an identity the connection's `allowed` (its eap_id) does not match."""
         try:
             ident = parse_identity(identity.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
+            return None
+        if allowed is not None and not allowed.matches(ident):
             return None
         for entry in self.secrets:
             if entry.kind == "eap" and any(not p.any and p.matches(ident) for p in entry.ids):

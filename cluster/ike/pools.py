@@ -130,7 +130,7 @@ class AddressPool:
 
 
 class SharedPool(AddressPool):
-    """A pool whose addresses the cluster's store hands out, one per IKE SA.
+    """A pool whose addresses the cluster's store hands out.
 
     The sans-IO session cannot wait for the store, so `acquire` answers only for an IKE
     SA whose address `fetch` (awaited by its actor) already claimed; otherwise it raises

@@ -382,9 +382,11 @@ class DataPlane:
                 ike = (event.spi_i, event.spi_r)
                 for spi_in in [s for s, i in self._ike_of.items() if i == ike]:
                     self.remove(spi_in)
-                for address in self._vips_of.pop(ike, ()):
+                vips = self._vips_of.pop(ike, ())
+                for address in vips:
                     self.tun.remove_address(_host_interface(address))
-                self._sources.clear()
+                if vips:  # a route source may have been one of them
+                    self._sources.clear()
         except (ValueError, OSError) as exc:
             # a Child SA the data plane cannot carry must not take the responder down
             logger.error("data plane: %s for %s", exc, type(event).__name__)
