@@ -190,6 +190,7 @@ class Metrics:
         self._store: Callable[[], StoreStats] | None = None
         self._relay: Reader | None = None
         self._failover: Reader | None = None
+        self._identities: Reader | None = None
         self._members: Callable[[], Sequence[Member]] | None = None
         self._pools: tuple[AddressPool, ...] = ()
         self._families: tuple[Metric, ...] = ()
@@ -219,6 +220,11 @@ class Metrics:
     def watch_failover(self, stats: Reader) -> None:
         """"takeovers", "takeover_failures", "lease_held" and "persist_failures"."""
         self._failover = stats
+
+    def watch_identities(self, stats: Reader) -> None:
+        """A cluster responder's `IdentityStats`: announcements of SAs that end the other
+        SAs of their identities (INITIAL_CONTACT, unique = "replace")."""
+        self._identities = stats
 
     def watch_members(self, members: Callable[[], Sequence[Member]]) -> None:
         """The live members as this node last saw them (`Membership.members`)."""
@@ -365,6 +371,8 @@ class Metrics:
             families += _relay_families(self._relay())
         if self._failover is not None:
             families += _failover_families(self._failover())
+        if self._identities is not None:
+            families += _identity_families(self._identities())
         if self._members is not None:
             add(_members_family(self._members()))
         if self._pools:
@@ -535,6 +543,19 @@ def _relay_families(stats: Mapping[str, int]) -> list[Metric]:
 def _failover_families(stats: Mapping[str, int]) -> list[Metric]:
     return [CounterMetricFamily(PREFIX + name, text, stats.get(key, 0))
             for key, name, text in _FAILOVER_COUNTERS]
+
+
+def _identity_families(stats: Mapping[str, int]) -> list[Metric]:
+    return [
+        _counter("identity_announcements_total", "Announcements of IKE SAs that end the other"
+                 " SAs of their identities on every responder (INITIAL_CONTACT, unique ="
+                 " replace): sent, received from other responders, lost (not sent),"
+                 " malformed.", "event",
+                 {k: stats.get(k, 0) for k in ("sent", "received", "lost", "malformed")}),
+        CounterMetricFamily(PREFIX + "identity_replaced_ike_sas_total",
+                            "IKE SAs of this responder ended by another responder's"
+                            " announcement.", stats.get("ended", 0)),
+    ]
 
 
 def _members_family(members: Sequence[Member]) -> GaugeMetricFamily:

@@ -101,6 +101,7 @@ async def _serve_metrics(nursery: trio.Nursery, config: NodeConfig, metrics: Met
 async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                         task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
                         ) -> None:
+    from .runtime.identities import IdentityAnnouncer
     from .runtime.node import _shutdown_on_signal, log_event, responder_factory
     from .runtime.persistence import SaPersistence
     from .runtime.relay_endpoint import ResponderRelay
@@ -150,6 +151,10 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
             sa_left=metrics.sa_left,
         )
 
+        identities = IdentityAnnouncer(store, config.node_id, supervisor.replace_identity)
+        supervisor.on_identified = identities.identified
+        metrics.watch_identities(identities.stats.as_dict)
+
         def members_changed(members: Sequence[Member]) -> None:
             persistence.responders = _responders(members)
 
@@ -174,6 +179,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                     await nursery.start(_shutdown_on_signal, nursery.cancel_scope)
                 await nursery.start(supervisor.run)
                 await nursery.start(persistence.run)
+                await nursery.start(identities.run)
                 await nursery.start(endpoint.serve, supervisor)
                 await nursery.start(membership.run)
                 nursery.start_soon(relay.ping_members, membership, "worker")

@@ -82,6 +82,11 @@ DEFAULT_NOTIFY_RATE = 50.0
 NOTIFY_BUCKETS_MAX = 4096
 # the expiry queue is compacted when longer than twice the live SAs plus this
 EXPIRY_QUEUE_SLACK = 64
+# What an established SA does to the other SAs of its identities, on every responder:
+# INITIAL_CONTACT (RFC 7296 2.4) drops them quietly, swanctl's unique = "replace"
+# deletes them. ("keep" deletes the new SA; it only sees the SAs on its own responder.)
+INITIAL_CONTACT = "initial_contact"
+CLUSTER_POLICIES = (INITIAL_CONTACT, "replace")
 
 # (our responder SPI, local address, remote address) -> a new responder session
 SessionFactory = Callable[[bytes, Address, Address], Session]
@@ -219,6 +224,9 @@ class Supervisor:
         self.persist = persist
         self.on_unknown_sa: UnknownSaHandler | None = None
         self.on_actor_retired: Callable[[SaActor], None] | None = None
+        # the cluster: tells the other responders of an SA that ends their SAs of its
+        # identities (key, policy, its responder SPI); they call `replace_identity`
+        self.on_identified: Callable[[tuple[str, str], str, bytes], None] | None = None
 
     # -- inspection (tests, metrics) ---------------------------------------------
 
@@ -539,6 +547,9 @@ class Supervisor:
         for spi_in in sa.children if sa is not None else ():
             self._child_owner[spi_in] = actor
             self._children_of.setdefault(actor, set()).add(spi_in)
+        if sa is not None and sa.local_id is not None and sa.remote_id is not None:
+            # so that INITIAL_CONTACT or `unique` on another SA of its peer reaches it
+            self._register_identity(actor, (str(sa.local_id), str(sa.remote_id)))
         self.stats.actors_started += 1
         nursery.start_soon(self._run_actor, actor, name=f"ike-sa {actor.label} (taken over)")
         return actor
@@ -661,19 +672,38 @@ class Supervisor:
 
     def _identified(self, actor: SaActor, event: IkeSaEstablished) -> None:
         key = (event.local_id, event.remote_id)
-        others = self._by_identity.setdefault(key, set())
         unique = self._uniqueness.get(event.connection, "no")  # swanctl's `unique`
-        if event.initial_contact and unique != "never":
-            # RFC 7296 2.4: the peer says it holds no other SA with us; drop ours quietly
-            for other in list(others):
-                other.mailbox.put_nowait(lambda session, now: session.abandon(
-                    "replaced (INITIAL_CONTACT)"))
-        elif others and unique == "replace":  # the older SAs go, with a Delete each
-            for other in list(others):
-                other.mailbox.put_nowait(lambda session, now: session.delete_ike(now))
-        elif others and unique == "keep":  # the older SA stays, the new one is deleted
+        # RFC 7296 2.4: with INITIAL_CONTACT the peer says it holds no other SA with us
+        policy = INITIAL_CONTACT if event.initial_contact and unique != "never" else unique
+        others = self._by_identity.get(key, set())
+        if others and policy == "keep":  # the older SA stays, the new one is deleted
             actor.mailbox.put_nowait(lambda session, now: session.delete_ike(now))
-        others.add(actor)
+        else:
+            self.replace_identity(key, policy, actor.spi_r)
+        self._register_identity(actor, key)
+        if policy in CLUSTER_POLICIES and self.on_identified is not None:
+            self.on_identified(key, policy, actor.spi_r)
+
+    def replace_identity(self, key: tuple[str, str], policy: str, newest: bytes) -> int:
+        """An SA with the identities `key` was established (SPI `newest`, here or on
+        another responder) under `policy`: INITIAL_CONTACT drops our other SAs of it
+        quietly, "replace" deletes them with a Delete each. How many it ended."""
+        if policy not in CLUSTER_POLICIES:
+            return 0
+        ended = 0
+        for other in list(self._by_identity.get(key, ())):
+            if other.spi_r == newest:
+                continue
+            if policy == INITIAL_CONTACT:
+                put = other.mailbox.put_nowait(lambda session, now: session.abandon(
+                    "replaced (INITIAL_CONTACT)"))
+            else:  # the older SAs go, with a Delete each
+                put = other.mailbox.put_nowait(lambda session, now: session.delete_ike(now))
+            ended += put
+        return ended
+
+    def _register_identity(self, actor: SaActor, key: tuple[str, str]) -> None:
+        self._by_identity.setdefault(key, set()).add(actor)
         self._identity_of[actor] = key
 
     # -- commands to actors ---------------------------------------------------------------

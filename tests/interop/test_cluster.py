@@ -427,6 +427,56 @@ def test_dead_peer_sas_leave_the_store_and_the_worker() -> None:
                           f"{gone_after:.1f} s after kill -9")
 
 
+def test_initial_contact_ends_the_old_sa_on_the_other_responder() -> None:
+    """strongSwan is killed (no Delete) and comes back: its new IKE SA, with INITIAL_CONTACT
+    (RFC 7296 2.4), is owned by the other responder (it is tried again until rendezvous
+    puts it there), which announces it; the old SA's responder drops it quietly, so its
+    record and its Child SA's keys leave Redis and the worker keeps only the new SA's."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        charon, sa = _connect(lab, cluster, initiator, responder)
+        old_owner = _owner(cluster, sa["responder-spi"])
+        tries = 0
+        while True:  # each try lands on either responder with even odds
+            tries += 1
+            assert tries <= 12, cluster.logs()
+            assert charon.proc is not None
+            charon.proc.kill()
+            charon.proc.wait(5)
+            charon = lab.charon("initiator")
+            charon.load(initiator)
+            new = assert_initiated(charon.initiate("net"), charon)
+            new_owner = _owner(cluster, new["responder-spi"])
+            if new_owner != old_owner:
+                break
+            # the same responder: it dropped the older SA itself; go again from this one
+            sa, old_owner = new, new_owner
+
+        def stored() -> tuple[set[str], int]:
+            dump = cluster.redis_dump()
+            sas = {key.decode().rsplit("{", 1)[1].rstrip("}") for key in dump
+                   if b":sa:{" in key}
+            sad = [values for key, values in dump.items() if b"sad:{worker-1}" in key]
+            return sas, sum(len(v[0::2]) for v in sad)
+
+        new_key = new["initiator-spi"] + new["responder-spi"]
+        deadline = time.monotonic() + 15
+        while stored()[0] != {new_key}:
+            assert time.monotonic() < deadline, f"{stored()}\n{cluster.logs()}"
+            time.sleep(0.3)
+        log = cluster.responders[old_owner - 1].log_text()
+        assert re.search(rf"IKE SA deleted: .*spi_r={sa['responder-spi']}.*replaced "
+                         r"\(INITIAL_CONTACT\)", log), log
+        assert f"established IKE SA {new['responder-spi']} (initial_contact)" in log, log
+        announcements = metric(cluster.responders[new_owner - 1].metrics(),
+                               "ike_cluster_identity_announcements_total", event="sent")
+        assert announcements >= 1
+        sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+        assert received == sent, f"{out}\n{cluster.logs()}"
+        report("cluster", f"INITIAL_CONTACT on responder {new_owner} ended the old SA on "
+                          f"responder {old_owner} (try {tries}); store holds only the new SA")
+
+
 def test_a_workers_packet_limit_makes_the_responder_rekey_the_child_sa() -> None:
     """The worker's soft lifetime (90 % of lifetime_packets) travels to the responder that
     owns the IKE SA, which rekeys the Child SA with strongSwan; a ping loses nothing. The

@@ -43,6 +43,7 @@ from cluster.metrics import (
     serve_metrics,
 )
 from cluster.relay import RelayDrops
+from cluster.runtime.identities import IdentityStats
 from cluster.runtime.stats import RuntimeStats
 from cluster.store import Member, StoreStats
 from cluster.transforms import ENCR_ALGORITHMS
@@ -97,6 +98,8 @@ CLUSTER = {
     "ike_cluster_lease_held_dropped": "counter",
     "ike_cluster_persist_failures": "counter",
     "ike_cluster_members": "gauge",
+    "ike_cluster_identity_announcements": "counter",
+    "ike_cluster_identity_replaced_ike_sas": "counter",
 }
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -236,6 +239,8 @@ def test_the_cluster_counters_are_published_and_move() -> None:
     metrics.watch_relay(lambda: relay)
     metrics.watch_failover(lambda: failover)
     metrics.watch_members(lambda: members)
+    identities = IdentityStats()
+    metrics.watch_identities(identities.as_dict)
     metrics.publish()
     types, samples = scrape(metrics)
     assert types == COMMON | CLUSTER
@@ -250,6 +255,8 @@ def test_the_cluster_counters_are_published_and_move() -> None:
                  dropped_bad_mac=4, dropped_no_responder=5,
                  dropped_send_failed=1)
     failover.update(takeovers=7, takeover_failures=1, lease_held=6, persist_failures=2)
+    identities.sent, identities.received, identities.lost = 8, 9, 1
+    identities.malformed, identities.ended = 2, 5
     members += [_member("r1", "responder"), _member("r2", "responder"), _member("w1", "worker")]
     _, unchanged = scrape(metrics)
     assert unchanged == samples  # read at publish time only
@@ -273,6 +280,9 @@ def test_the_cluster_counters_are_published_and_move() -> None:
     assert value(samples, "ike_cluster_persist_failures_total") == 2
     assert value(samples, "ike_cluster_members", role="responder") == 2
     assert value(samples, "ike_cluster_members", role="worker") == 1
+    for event, count in (("sent", 8), ("received", 9), ("lost", 1), ("malformed", 2)):
+        assert value(samples, "ike_cluster_identity_announcements_total", event=event) == count
+    assert value(samples, "ike_cluster_identity_replaced_ike_sas_total") == 5
 
     # a responder dies, the store goes away for a while
     store.errors += 5

@@ -1,0 +1,145 @@
+"""One peer identity, one IKE SA, across the cluster's responders.
+
+A road warrior that comes back with INITIAL_CONTACT (RFC 7296 2.4) usually lands on
+another responder than its old SA (rendezvous hashing of a fresh SPI). The responder that
+establishes the new SA ends its own other SAs of those identities (the supervisor) and
+announces the SA on the store's responder channel; every other responder then ends its
+SAs of them the same way: quietly for INITIAL_CONTACT, with a Delete for swanctl's
+`unique = "replace"`. Their Child SAs leave the workers and their shared addresses are
+freed as for any ended SA.
+
+An announcement that cannot be published (the store is down) is counted and logged,
+not retried: the old SA then ends as it would without one (DPD, its lifetime).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import msgpack
+import trio
+
+from ..store.interface import StateStore, StoreError
+from .supervisor import CLUSTER_POLICIES
+
+logger = logging.getLogger(__name__)
+
+# The channel every responder follows (node ids cannot start with "@", so no worker's
+# channel has this name).
+RESPONDERS_CHANNEL = "@responders"
+VERSION = 1
+QUEUE = 256  # announcements waiting for the store; more are lost (and counted)
+RETRY = 1.0  # seconds before following the channel again after a store error
+
+# (identities, policy, the new SA's responder SPI) -> how many SAs that ended here
+Replace = Callable[[tuple[str, str], str, bytes], int]
+
+
+@dataclass(slots=True)
+class IdentityStats:
+    sent: int = 0  # announcements published
+    received: int = 0  # announcements from other responders
+    lost: int = 0  # not published: queue full or store error
+    malformed: int = 0  # messages on the channel that did not decode
+    ended: int = 0  # SAs of ours that other responders' announcements ended
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def encode(origin: str, key: tuple[str, str], policy: str, spi_r: bytes) -> bytes:
+    packed: bytes = msgpack.packb([VERSION, origin, key[0], key[1], policy, spi_r],
+                                  use_bin_type=True)
+    return packed
+
+
+def decode_untrusted(data: bytes) -> tuple[str, tuple[str, str], str, bytes] | None:
+    """(origin, identities, policy, SPI) of an announcement; None when it is not one."""
+    try:
+        fields: Any = msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return None
+    if not isinstance(fields, list) or len(fields) != 6 or fields[0] != VERSION:
+        return None
+    _, origin, local_id, remote_id, policy, spi_r = fields
+    if not all(isinstance(f, str) for f in (origin, local_id, remote_id, policy)) \
+            or policy not in CLUSTER_POLICIES or not isinstance(spi_r, bytes) \
+            or len(spi_r) != 8:
+        return None
+    return origin, (local_id, remote_id), policy, spi_r
+
+
+class IdentityAnnouncer:
+    """Publishes this responder's announcements and applies the others' (`run`)."""
+
+    def __init__(self, store: StateStore, node_id: str, replace: Replace) -> None:
+        self.store = store
+        self.node_id = node_id
+        self._replace = replace
+        self.stats = IdentityStats()
+        self._send, self._receive = trio.open_memory_channel[bytes](QUEUE)
+
+    def identified(self, key: tuple[str, str], policy: str, spi_r: bytes) -> None:
+        """The supervisor's `on_identified`: queue the announcement (never blocks)."""
+        try:
+            self._send.send_nowait(encode(self.node_id, key, policy, spi_r))
+        except trio.WouldBlock:
+            self.stats.lost += 1
+            logger.warning("IKE SA %s: %s not announced to the other responders (queue "
+                           "full)", spi_r.hex(), policy)
+
+    def apply(self, message: bytes) -> None:
+        """One message from the channel (ours are skipped)."""
+        decoded = decode_untrusted(message)
+        if decoded is None:
+            self.stats.malformed += 1
+            return
+        origin, key, policy, spi_r = decoded
+        if origin == self.node_id:
+            return
+        self.stats.received += 1
+        ended = self._replace(key, policy, spi_r)
+        if ended:
+            self.stats.ended += ended
+            logger.info("%d IKE SA(s) of %s === %s ended here: responder %s established "
+                        "IKE SA %s (%s)", ended, key[0], key[1], origin, spi_r.hex(), policy)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._follow)
+            nursery.start_soon(self._publish)
+            task_status.started()
+
+    async def _publish(self) -> None:
+        async for message in self._receive:
+            try:
+                await self.store.publish(RESPONDERS_CHANNEL, message)
+            except StoreError as exc:
+                self.stats.lost += 1
+                logger.warning("an IKE SA's identities not announced to the other "
+                               "responders: %s", exc)
+            else:
+                self.stats.sent += 1
+
+    async def _follow(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                      ) -> None:
+        started = False
+        while True:
+            try:
+                async with self.store.subscribe(RESPONDERS_CHANNEL) as subscription:
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async for message in subscription:
+                        if message is not None:  # None: some missed, nothing to re-read
+                            self.apply(message)
+            except StoreError as exc:
+                if not started:
+                    started = True
+                    task_status.started()
+                logger.warning("responder channel: %s; following again in %.0f s", exc, RETRY)
+                await trio.sleep(RETRY)

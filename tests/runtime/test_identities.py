@@ -1,0 +1,106 @@
+"""INITIAL_CONTACT and unique = "replace" across the cluster's responders: the
+announcement on the store's responder channel, and a supervisor acting on another
+responder's announcement."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import trio
+
+from cluster.ike.events import IkeSaDeleted
+from cluster.runtime.identities import (
+    RESPONDERS_CHANNEL,
+    IdentityAnnouncer,
+    decode_untrusted,
+    encode,
+)
+from cluster.store import MemoryStore
+from cluster.store.interface import StoreError
+
+from .conftest import Setup
+from .test_node_loopback import open_peer, start_node, wait_for
+
+KEY = ("gw.example.test", "client.example.test")
+SPI = bytes(range(8))
+
+
+def test_an_announcement_round_trips_and_junk_is_refused() -> None:
+    assert decode_untrusted(encode("r1", KEY, "replace", SPI)) == ("r1", KEY, "replace", SPI)
+    good = [1, "r1", KEY[0], KEY[1], "initial_contact", SPI]
+    for bad in ([2, *good[1:]], good[:5], [*good[:4], "keep", SPI], [*good[:5], SPI[:7]],
+                [1, 7, *good[2:]], {"a": 1}, "text"):
+        assert decode_untrusted(msgpack.packb(bad)) is None, bad
+    assert decode_untrusted(b"\xc1") is None
+    assert decode_untrusted(b"") is None
+
+
+async def test_one_responders_announcement_reaches_the_others_not_itself() -> None:
+    store = MemoryStore()
+    calls: dict[str, list[tuple[tuple[str, str], str, bytes]]] = {"r1": [], "r2": [], "r3": []}
+
+    def replacer(node: str):  # type: ignore[no-untyped-def]
+        def replace(key: tuple[str, str], policy: str, spi: bytes) -> int:
+            calls[node].append((key, policy, spi))
+            return 2 if node == "r2" else 0
+        return replace
+
+    announcers = {n: IdentityAnnouncer(store, n, replacer(n)) for n in calls}
+    async with trio.open_nursery() as nursery:
+        for announcer in announcers.values():
+            await nursery.start(announcer.run)
+        announcers["r1"].identified(KEY, "initial_contact", SPI)
+        await store.publish(RESPONDERS_CHANNEL, b"junk")
+        await wait_for(lambda: bool(calls["r2"] and calls["r3"]))
+        await wait_for(lambda: announcers["r3"].stats.malformed == 1)
+        nursery.cancel_scope.cancel()
+    assert calls == {"r1": [], "r2": [(KEY, "initial_contact", SPI)],
+                     "r3": [(KEY, "initial_contact", SPI)]}
+    stats = {n: a.stats.as_dict() for n, a in announcers.items()}
+    assert stats["r1"] == {"sent": 1, "received": 0, "lost": 0, "malformed": 1, "ended": 0}
+    assert stats["r2"] == {"sent": 0, "received": 1, "lost": 0, "malformed": 1, "ended": 2}
+    assert stats["r3"] == {"sent": 0, "received": 1, "lost": 0, "malformed": 1, "ended": 0}
+
+
+class _DownStore(MemoryStore):
+    async def execute(self, ops):  # type: ignore[no-untyped-def]
+        raise StoreError("connection refused")
+
+
+async def test_an_announcement_the_store_refuses_is_counted_lost() -> None:
+    announcer = IdentityAnnouncer(_DownStore(), "r1", lambda key, policy, spi: 0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(announcer.run)
+        announcer.identified(KEY, "replace", SPI)
+        await wait_for(lambda: announcer.stats.lost == 1)
+        nursery.cancel_scope.cancel()
+    assert announcer.stats.sent == 0
+
+
+@pytest.mark.parametrize("policy", ["initial_contact", "replace", "keep"])
+async def test_another_responders_announcement_ends_this_nodes_sa_of_the_identities(
+        setup: Setup, policy: str) -> None:
+    """INITIAL_CONTACT drops the SA quietly, "replace" deletes it (the peer sees the
+    Delete); the announced SA itself and other policies are left alone."""
+    async with trio.open_nursery() as nursery:
+        node = await start_node(nursery, setup.node_config)
+        peer = await open_peer(setup, "127.0.0.1")
+        try:
+            sa = await peer.establish()
+            key = (sa.remote_id, sa.local_id)  # the node's view: (local, remote)
+            supervisor = node.supervisor
+            assert supervisor.replace_identity(key, policy, sa.spi_r) == 0  # itself
+            assert supervisor.replace_identity(("x", "y"), policy, SPI) == 0
+            ended = supervisor.replace_identity(key, policy, SPI)
+            if policy == "keep":
+                assert ended == 0
+                await trio.sleep(0.2)
+                assert supervisor.actor_for(sa.spi_r) is not None
+            else:
+                assert ended == 1
+                if policy == "replace":
+                    await peer.run_until(lambda e: isinstance(e, IkeSaDeleted))
+                await wait_for(lambda: supervisor.actor_for(sa.spi_r) is None)
+        finally:
+            peer.close()
+        node.shutdown()
