@@ -21,6 +21,7 @@ from cluster.runtime.actor import Session, SessionTimerStuck
 from cluster.runtime.node import responder_factory
 from cluster.runtime.stats import RuntimeStats
 from cluster.runtime.supervisor import Supervisor
+from tests.ike.sessions import drain, psk_pair, run_handshake
 
 from .conftest import Setup
 from .harness import CLIENT, SERVER, Harness
@@ -285,3 +286,19 @@ async def test_a_shared_dh_value_goes_when_its_sas_retire(
         await trio.testing.wait_all_tasks_blocked()
         assert _our_ke(sent[2]) != _our_ke(first)
         nursery.cancel_scope.cancel()
+
+
+async def test_an_adopted_sa_is_ended_by_an_announcement_of_its_identities(
+        harness: Harness) -> None:
+    """A taken-over SA knows its identities: INITIAL_CONTACT from another responder
+    reaches it like an SA established here."""
+    client, gateway = psk_pair()
+    run_handshake(client, gateway)
+    (established,) = [e for e in drain(gateway) if isinstance(e, IkeSaEstablished)]
+    supervisor = harness.supervisor
+    actor = supervisor.adopt(gateway, trio.current_time())
+    assert actor is not None
+    key = (established.local_id, established.remote_id)
+    assert supervisor.replace_identity(key, "initial_contact", bytes(8)) == 1
+    await trio.testing.wait_all_tasks_blocked()
+    assert supervisor.actor_for(gateway.spi_r) is None
