@@ -105,6 +105,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
     from .runtime.node import _shutdown_on_signal, log_event, responder_factory
     from .runtime.persistence import SaPersistence
     from .runtime.relay_endpoint import ResponderRelay
+    from .runtime.reload import reload_on_signal
     from .runtime.stats import RuntimeStats
     from .runtime.supervisor import Supervisor
 
@@ -134,8 +135,9 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
         writer = await stack.enter_async_context(open_store_writer(store))
         stats = RuntimeStats()
         dos = config.dos
+        factory = responder_factory(config)
         supervisor = Supervisor(
-            session_factory=responder_factory(config), send=endpoint.send, event_sink=sink,
+            session_factory=factory, send=endpoint.send, event_sink=sink,
             stats=stats, half_open_timeout=config.policy.half_open_timeout,
             cookie_threshold=dos.cookie_threshold, block_threshold=dos.block_threshold,
             init_limit_half_open=dos.init_limit_half_open, notify_rate=dos.notify_rate,
@@ -150,6 +152,14 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                                                     list(s.sa.children)),
             sa_left=metrics.sa_left,
         )
+
+        def reconfigure(new: NodeConfig) -> None:
+            nonlocal config
+            config, added = _share_pools(new, store, pools)
+            pools.extend(added)
+            metrics.watch_pools(pools)
+            factory.policy = persistence.policy = config.policy
+            supervisor.set_uniqueness({c.name: c.unique for c in config.policy.connections})
 
         identities = IdentityAnnouncer(store, config.node_id, supervisor.replace_identity)
         supervisor.on_identified = identities.identified
@@ -177,6 +187,8 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
             async with trio.open_nursery() as nursery:
                 if handle_signals:
                     await nursery.start(_shutdown_on_signal, nursery.cancel_scope)
+                    await nursery.start(reload_on_signal, config.source, lambda: config,
+                                        reconfigure)
                 await nursery.start(supervisor.run)
                 await nursery.start(persistence.run)
                 await nursery.start(identities.run)
@@ -200,11 +212,13 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                         stats.summary(), _nonzero(persistence.stats.as_dict()))
 
 
-def _share_pools(config: NodeConfig, store: StateStore
+def _share_pools(config: NodeConfig, store: StateStore, existing: Sequence[SharedPool] = ()
                  ) -> tuple[NodeConfig, list[SharedPool]]:
     """The configuration with every virtual IP pool handed out through the store, so no
-    two responders lease one address; and those pools."""
-    shared: dict[str, SharedPool] = {}
+    two responders lease one address; and the pools it added to `existing` (those in use
+    before a reload, which it keeps)."""
+    shared: dict[str, SharedPool] = {p.name: p for p in existing}
+    added: list[SharedPool] = []
 
     async def claim(pool: str, size: int, holder: bytes, identity: bytes,
                     ttl: float) -> int | None:
@@ -215,14 +229,17 @@ def _share_pools(config: NodeConfig, store: StateStore
             return None
 
     def share(pool: AddressPool) -> AddressPool:
+        if isinstance(pool, SharedPool):  # carried over by a reload
+            return pool
         if pool.name not in shared:
             shared[pool.name] = SharedPool(pool, claim, ADDRESS_CLAIM_HOLD)
+            added.append(shared[pool.name])
         return shared[pool.name]
 
     connections = tuple(replace(c, pools=tuple(share(p) for p in c.pools))
                         for c in config.policy.connections)
     policy = replace(config.policy, connections=connections)
-    return replace(config, policy=policy), list(shared.values())
+    return replace(config, policy=policy), added
 
 
 async def _free_addresses(store: StateStore, pools: Sequence[SharedPool]) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import signal
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import trio
 
@@ -30,6 +31,7 @@ from ..ike.traffic_selectors import TrafficSelector
 from ..key_exchange import ExponentialPool
 from .actor import Session
 from .dispatcher import Dispatcher
+from .reload import reload_on_signal
 from .stats import RuntimeStats
 from .supervisor import DEFAULT_MAILBOX_SIZE, EventSink, InitiatedOutcome, Supervisor
 
@@ -42,16 +44,45 @@ INITIATE_BACKOFF_MAX = 30.0
 INITIATE_JITTER = 0.2
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Node:
     """Handed to `task_status.started()`: what a test or the CLI may look at."""
 
-    config: NodeConfig
+    config: NodeConfig  # the one in force (replaced by `reconfigure`)
     stats: RuntimeStats
     dispatcher: Dispatcher
     supervisor: Supervisor
     cancel_scope: trio.CancelScope
-    initiators: tuple[Initiator, ...] = ()  # one per connection with a start child
+    initiators: list[Initiator] = field(default_factory=list)  # per connection it starts
+    factory: ResponderFactory | None = None  # the supervisor's, when it is one
+    nursery: trio.Nursery | None = None  # where initiators run
+
+    def reconfigure(self, config: NodeConfig) -> None:
+        """Use a reloaded configuration (`reload.carry_over` made it) for what comes next:
+        new SAs, `unique`, and the connections this node starts. Established SAs keep
+        theirs."""
+        if self.factory is not None:
+            self.factory.policy = config.policy
+        self.supervisor.set_uniqueness({c.name: c.unique for c in config.policy.connections})
+        starts = {i.connection.name: i for i in config.initiations if not i.on_demand}
+        for initiator in list(self.initiators):
+            initiator.policy = config.policy
+            if initiator.initiation.on_demand:
+                continue  # traps are routed in the data plane: a restart changes them
+            fresh = starts.pop(initiator.name, None)
+            if fresh is not None:
+                initiator.initiation = fresh  # from its next attempt
+                continue
+            initiator.stop()
+            self.initiators.remove(initiator)
+            logger.info("connection %s: no longer in the configuration; not initiated "
+                        "again (its SA stays up)", initiator.name)
+        for initiation in starts.values():
+            initiator = Initiator(initiation, config.policy, self.supervisor, self.dispatcher)
+            self.initiators.append(initiator)
+            if self.nursery is not None:
+                self.nursery.start_soon(initiator.run, name=f"initiate {initiator.name}")
+        self.config = config
 
     @property
     def local_addresses(self) -> list[Address]:
@@ -164,14 +195,22 @@ def _format_address(address: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def responder_factory(config: NodeConfig) -> Callable[[bytes, Address, Address], Session]:
-    policy = config.policy
-    exponentials = ExponentialPool(config.dh_reuse)  # one per process, shared by its SAs
+class ResponderFactory:
+    """The supervisor's session factory: a responder session under `policy`, which a
+    configuration reload replaces (SAs set up before keep theirs)."""
 
-    def new_session(spi_r: bytes, local: Address, remote: Address) -> Session:
-        return IkeSession.responder(policy, spi_r, local, remote, exponentials=exponentials)
+    def __init__(self, config: NodeConfig) -> None:
+        self.policy = config.policy
+        # one per process, shared by its SAs
+        self._exponentials = ExponentialPool(config.dh_reuse)
 
-    return new_session
+    def __call__(self, spi_r: bytes, local: Address, remote: Address) -> Session:
+        return IkeSession.responder(self.policy, spi_r, local, remote,
+                                    exponentials=self._exponentials)
+
+
+def responder_factory(config: NodeConfig) -> ResponderFactory:
+    return ResponderFactory(config)
 
 
 class Initiator:
@@ -199,8 +238,9 @@ class Initiator:
         self.supervisor = supervisor
         self.dispatcher = dispatcher
         self._jitter = jitter
-        self.remote: Address = (initiation.remote, initiation.remote_port)
         self._acquired = trio.Event()  # on demand: a packet asked for the SA
+        self._stopped = False  # `stop`: no attempt after the current one
+        self._idle: trio.CancelScope | None = None  # the wait between attempts, if any
         self.attempts = 0  # IKE SAs initiated so far
         self.failures = 0  # attempts that ended before they were established
         self.established = 0  # attempts that came up
@@ -208,6 +248,24 @@ class Initiator:
     @property
     def name(self) -> str:
         return self.initiation.connection.name
+
+    @property
+    def remote(self) -> Address:
+        return self.initiation.remote, self.initiation.remote_port
+
+    def stop(self) -> None:
+        """Initiate no more (a reload removed the connection). An SA it brought up stays
+        until it ends, as in strongSwan; it is not initiated again."""
+        self._stopped = True
+        if self._idle is not None:
+            self._idle.cancel()
+
+    async def _pause(self, wait: Callable[[], Awaitable[object]]) -> None:
+        """`wait` unless `stop` comes first."""
+        with trio.CancelScope() as self._idle:
+            if not self._stopped:
+                await wait()
+        self._idle = None
 
     def source(self) -> tuple[Address, int]:
         """Our IKE address and NAT-T port; raises OSError when no route leads to the peer."""
@@ -231,12 +289,14 @@ class Initiator:
         self._acquired.set()
 
     async def run(self) -> None:
-        """Initiate until cancelled (on demand: each time a packet asks for it)."""
+        """Initiate until cancelled or stopped (on demand: each time a packet asks for it)."""
         backoff = INITIATE_BACKOFF_FIRST
         attempt = 0  # since the last SA that came up, for the log
         while True:
             if self.initiation.on_demand:
-                await self._acquired.wait()
+                await self._pause(self._acquired.wait)
+            if self._stopped:
+                return
             attempt += 1
             started = trio.current_time()
             outcome = await self._attempt(attempt)
@@ -271,7 +331,7 @@ class Initiator:
                     self.name, attempt, outcome.reason,
                     "trap armed again" if self.initiation.on_demand else "retrying", wait,
                 )
-            await trio.sleep(wait)
+            await self._pause(functools.partial(trio.sleep, wait))
             backoff = min(backoff * 2, INITIATE_BACKOFF_MAX)
 
     async def _attempt(self, attempt: int) -> InitiatedOutcome:
@@ -330,8 +390,9 @@ async def run_node(
         dispatcher.esp_flush = esp_flush
         if socket_mark is not None:
             dispatcher.set_mark(socket_mark)
+        factory = responder_factory(config)
         supervisor = Supervisor(
-            session_factory=responder_factory(config),
+            session_factory=factory,
             send=dispatcher.send,
             event_sink=event_sink,
             stats=stats,
@@ -345,15 +406,16 @@ async def run_node(
         )
         try:
             async with trio.open_nursery() as nursery:
-                initiators = tuple(
+                initiators = [
                     Initiator(initiation, config.policy, supervisor, dispatcher)
                     for initiation in config.initiations
-                )
-                node = Node(
-                    config, stats, dispatcher, supervisor, nursery.cancel_scope, initiators
-                )
+                ]
+                node = Node(config, stats, dispatcher, supervisor, nursery.cancel_scope,
+                            initiators, factory, nursery)
                 if handle_signals:
                     await nursery.start(_shutdown_on_signal, nursery.cancel_scope)
+                    await nursery.start(reload_on_signal, config.source, lambda: node.config,
+                                        node.reconfigure)
                 await nursery.start(supervisor.run)
                 await nursery.start(dispatcher.serve, supervisor)
                 for initiator in initiators:

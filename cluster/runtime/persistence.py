@@ -144,7 +144,7 @@ class SaPersistence:
         self._writer = writer
         self._key = cluster_key
         self.node = node
-        self._policy = policy
+        self.policy = policy  # replaced by a configuration reload
         self._supervisor = supervisor
         self.lease_ttl = lease_ttl
         self._worker_of = worker_of
@@ -368,7 +368,7 @@ class SaPersistence:
                 return
             record = unpack_snapshot(stored.snapshot, self._key, key)
             now = trio.current_time()
-            session = restore(record, self._policy, now)
+            session = restore(record, self.policy, now)
         except (StoreError, ParseError) as exc:
             self.stats.takeover_failures += 1
             logger.warning("taking over IKE SA %s failed: %s", key.hex(), exc)

@@ -228,6 +228,10 @@ class Supervisor:
         # identities (key, policy, its responder SPI); they call `replace_identity`
         self.on_identified: Callable[[tuple[str, str], str, bytes], None] | None = None
 
+    def set_uniqueness(self, uniqueness: Mapping[str, str]) -> None:
+        """swanctl's `unique` per connection, for SAs established from now on (a reload)."""
+        self._uniqueness = dict(uniqueness)
+
     # -- inspection (tests, metrics) ---------------------------------------------
 
     @property

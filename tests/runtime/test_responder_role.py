@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,7 @@ async def test_a_cluster_responder_hands_out_its_pools_through_the_store(
         started = await nursery.start(lambda task_status: run_responder(
             load_config(path), handle_signals=False, task_status=task_status))
         _, persistence, _, _ = started
-        (conn,) = persistence._policy.connections
+        (conn,) = persistence.policy.connections
         assert [(type(p).__name__, p.name, p.size) for p in conn.pools] == [
             ("SharedPool", "rw", 254)]
         nursery.cancel_scope.cancel()
@@ -107,3 +108,34 @@ async def test_ended_sas_addresses_are_freed_in_the_store_also_after_a_failure()
         nursery.cancel_scope.cancel()
     # freed in the store: sa-1 holds nothing any more
     assert not (await MemoryStore.execute(store, [HoldAddress("rw", 0, b"sa-1", 60.0)]))[0]
+
+
+async def test_sighup_reloads_a_cluster_responder_and_its_pools_stay_shared(
+        tmp_path: Path) -> None:
+    """A pool that stays is the same SharedPool (its leases), a new one is shared too."""
+    from cluster.ike.pools import SharedPool
+
+    (tmp_path / "cluster.key").write_text(os.urandom(32).hex() + "\n")
+    path = tmp_path / "responder.toml"
+    base = CONFIG.replace('[connections.link]\n', '[connections.link]\npools = ["rw"]\n')
+    path.write_text(base + '[pools.rw]\naddrs = "10.99.3.0/24"\n')
+    async with trio.open_nursery() as nursery:
+        started = await nursery.start(lambda task_status: run_responder(
+            load_config(path), handle_signals=True, task_status=task_status))
+        supervisor, persistence, _, _ = started
+        (before,) = persistence.policy.connections[0].pools
+        path.write_text(base.replace('pools = ["rw"]', 'pools = ["rw", "more"]')
+                        .replace('"change-me"', '"changed"')
+                        + '[pools.rw]\naddrs = "10.99.3.0/24"\n'
+                        + '[pools.more]\naddrs = "10.99.4.0/24"\n')
+        policy = persistence.policy
+        os.kill(os.getpid(), signal.SIGHUP)
+        with trio.fail_after(5):
+            while persistence.policy is policy:
+                await trio.sleep(0.01)
+        rw, more = persistence.policy.connections[0].pools
+        assert rw is before
+        assert isinstance(more, SharedPool) and more.name == "more"
+        assert persistence.policy.secrets[0].secret == b"changed"
+        assert supervisor._session_factory.policy is persistence.policy
+        nursery.cancel_scope.cancel()
