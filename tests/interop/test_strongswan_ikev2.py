@@ -7,6 +7,7 @@ ESTABLISHED and, in tunnel mode, the CHILD_SA INSTALLED with the expected cipher
 from __future__ import annotations
 
 import re
+import signal
 import time
 from dataclasses import replace
 
@@ -397,3 +398,48 @@ def test_strongswan_reauthenticates_when_told_its_auth_lifetime(
         assert time.monotonic() < deadline, f"{sas}\n{initiator.log_text()}"
         time.sleep(0.2)
     assert initiator.log_text().count("IKE_AUTH request 1") >= 2, initiator.log_text()
+
+
+def test_sighup_reloads_secrets_while_the_established_sa_stays(
+    lab: Lab, initiator: Charon
+) -> None:
+    """A second strongSwan connection with a PSK our node does not know is refused; the
+    secret is added to the file and the node gets SIGHUP (swanctl --load-all's job): the
+    same connection now comes up, and the SA set up before the reload is still there
+    with its SPIs. A file that does not load leaves everything as it was."""
+    first_conn, responder_conn = conn_pair()
+    second_conn, _ = conn_pair(initiator_id="second.example.test", psk="second-secret")
+    second_conn = replace(second_conn, name="second")
+    node = lab.node([responder_conn])
+    initiator.load(first_conn, second_conn)
+    first = assert_initiated(initiator.initiate("net", ike="rw"), initiator)
+    refused = initiator.initiate("net", ike="second")
+    assert refused.returncode != 0, refused.stdout
+
+    def hup_and_wait(line: str) -> None:
+        count = node.log_text().count(line)
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while node.log_text().count(line) == count:
+            assert time.monotonic() < deadline, node.log_text()
+            time.sleep(0.1)
+
+    node.extra_toml = ('[secrets.second]\nids = ["gw.example.test", "second.example.test"]\n'
+                       'secret = "second-secret"\n')
+    node.write_config()
+    hup_and_wait("configuration reloaded from")
+    result = initiator.initiate("net", ike="second")
+    assert result.returncode == 0, result.stdout + node.log_text()
+    sas = {sa["name"]: sa for sa in initiator.list_sas() if sa.get("state") == "ESTABLISHED"}
+    assert sas["rw"]["responder-spi"] == first["responder-spi"], sas
+    assert child_sa(sas["second"])["state"] == "INSTALLED", sas
+    assert "second-secret" not in node.log_text()
+
+    node.config_path.write_text(node.config_path.read_text() + "[connections.rw\n")
+    hup_and_wait("configuration not reloaded")
+    result = initiator.terminate_ike("second")
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = initiator.initiate("net", ike="second")  # the secret is still known
+    assert result.returncode == 0, result.stdout + node.log_text()
+    assert node.running()
