@@ -63,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
         ops.add_argument("--config", required=True, metavar="PATH",
                          help="a node's TOML file ([cluster] store)")
         ops.add_argument("--json", action="store_true", help="JSON instead of text")
+    terminate = commands.add_parser(
+        "terminate", help="delete IKE SAs of the cluster (with a Delete to the peer)")
+    terminate.add_argument("--config", required=True, metavar="PATH",
+                           help="a node's TOML file ([cluster] store)")
+    which = terminate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ike", metavar="SPI",
+                       help="the IKE SA with this SPI, or both (SPI_I/SPI_R) as `sas` shows")
+    which.add_argument("--id", metavar="IDENTITY",
+                       help="every IKE SA whose remote identity or EAP user this is")
+    terminate.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                           help="how long to wait for the SAs to leave the store (10)")
     return parser
 
 
@@ -76,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             command = ops.sas_command if args.command == "sas" else ops.nodes_command
             return command(args.config, args.json)
+        if args.command == "terminate":
+            from . import ops
+
+            return ops.terminate_command(args.config, ike=args.ike, identity=args.id,
+                                         timeout=args.timeout)
         if args.command == "keygen":
             from .store import ClusterKey
 

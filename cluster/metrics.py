@@ -190,7 +190,7 @@ class Metrics:
         self._store: Callable[[], StoreStats] | None = None
         self._relay: Reader | None = None
         self._failover: Reader | None = None
-        self._identities: Reader | None = None
+        self._channel: Reader | None = None
         self._members: Callable[[], Sequence[Member]] | None = None
         self._pools: tuple[AddressPool, ...] = ()
         self._families: tuple[Metric, ...] = ()
@@ -221,10 +221,10 @@ class Metrics:
         """"takeovers", "takeover_failures", "lease_held" and "persist_failures"."""
         self._failover = stats
 
-    def watch_identities(self, stats: Reader) -> None:
-        """A cluster responder's `IdentityStats`: announcements of SAs that end the other
-        SAs of their identities (INITIAL_CONTACT, unique = "replace")."""
-        self._identities = stats
+    def watch_channel(self, stats: Reader) -> None:
+        """A cluster responder's `ChannelStats`: announcements of SAs that end the other
+        SAs of their identities (INITIAL_CONTACT, unique = "replace"), terminations."""
+        self._channel = stats
 
     def watch_members(self, members: Callable[[], Sequence[Member]]) -> None:
         """The live members as this node last saw them (`Membership.members`)."""
@@ -371,8 +371,8 @@ class Metrics:
             families += _relay_families(self._relay())
         if self._failover is not None:
             families += _failover_families(self._failover())
-        if self._identities is not None:
-            families += _identity_families(self._identities())
+        if self._channel is not None:
+            families += _channel_families(self._channel())
         if self._members is not None:
             add(_members_family(self._members()))
         if self._pools:
@@ -545,7 +545,7 @@ def _failover_families(stats: Mapping[str, int]) -> list[Metric]:
             for key, name, text in _FAILOVER_COUNTERS]
 
 
-def _identity_families(stats: Mapping[str, int]) -> list[Metric]:
+def _channel_families(stats: Mapping[str, int]) -> list[Metric]:
     return [
         _counter("identity_announcements_total", "Announcements of IKE SAs that end the other"
                  " SAs of their identities on every responder (INITIAL_CONTACT, unique ="
@@ -555,6 +555,9 @@ def _identity_families(stats: Mapping[str, int]) -> list[Metric]:
         CounterMetricFamily(PREFIX + "identity_replaced_ike_sas_total",
                             "IKE SAs of this responder ended by another responder's"
                             " announcement.", stats.get("ended", 0)),
+        CounterMetricFamily(PREFIX + "terminations_total",
+                            "IKE SAs this responder deleted because `ike-cluster terminate`"
+                            " asked.", stats.get("terminated", 0)),
     ]
 
 

@@ -1,4 +1,4 @@
-"""The operations commands: `ike-cluster sas` and `ike-cluster nodes`, read from the store.
+"""The operations commands: `ike-cluster sas`, `nodes` and `terminate`, through the store.
 
 `sas` lists every IKE SA the cluster has persisted, with its Child SAs, the way
 `swanctl --list-sas` does for one host. It reads only the clear part of each snapshot
@@ -9,6 +9,10 @@ decode is listed as unreadable instead of stopping the listing.
 
 Rows are plain JSON-ready dicts (bytes as hex); `format_*` renders them as text, with
 anything a store could smuggle into a terminal (control characters) escaped.
+
+`terminate` picks SAs from that listing and asks the responders, on their channel
+(runtime/channel.py), to delete them; it reports each as terminated once its record has
+left the store.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ from .ike.identity import Identity
 from .ike.snapshot import SCHEMA_VERSION
 from .ike.traffic_selectors import TrafficSelector
 from .key_exchange import DH_NAMES
+from .runtime.channel import CLI_ORIGIN, RESPONDERS_CHANNEL, encode_terminate
 from .store import StateStore, StoredSa, StoreError, open_store, peek_snapshot
 from .transforms import Esn
 
 Row = dict[str, Any]
 
 EXIT_OK = 0
-EXIT_FAILURE = 1  # the store could not be read
+EXIT_FAILURE = 1  # the store could not be read; terminate: not (all) terminated
 EXIT_CONFIG = 2  # bad configuration, or no shared store named in it
 
 # the first strongSwan keyword of each group ("x25519", not "curve25519")
@@ -299,9 +304,90 @@ def nodes_command(config_path: str, as_json: bool = False) -> int:
     return _command(config_path, as_json, list_nodes, format_nodes)
 
 
-def _command(config_path: str, as_json: bool,
-             read: Callable[[StateStore], Awaitable[list[Row]]],
-             render: Callable[[Sequence[Row]], str]) -> int:
+def terminate_command(config_path: str, *, ike: str | None = None,
+                      identity: str | None = None, timeout: float = 10.0) -> int:
+    """`ike-cluster terminate --config PATH (--ike SPI | --id ID) [--timeout S]`."""
+    store = _open(config_path)
+    if isinstance(store, int):
+        return store
+    spis = _spis(ike) if ike is not None else None
+    if ike is not None and spis is None:
+        print(f"--ike {_safe(ike)}: not an IKE SPI (16 hex digits), nor both (SPI_I/SPI_R)",
+              file=sys.stderr)
+        return EXIT_CONFIG
+
+    def chosen(row: Row) -> bool:
+        if "unreadable" in row:
+            return False
+        if spis is not None:
+            return all(spi in (row["spi_i"], row["spi_r"]) for spi in spis) and \
+                (len(spis) == 1 or spis == (row["spi_i"], row["spi_r"]))
+        remote = row["remote_id"]
+        return identity in ((remote or {}).get("text"), row["remote_eap_id"])
+
+    async def run() -> tuple[list[Row], list[Row]]:
+        try:
+            return await terminate(store, chosen, timeout)
+        finally:
+            await store.aclose()
+
+    try:
+        gone, left = trio.run(run)
+    except StoreError as exc:
+        print(f"the cluster store failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if not gone and not left:
+        print("no IKE SA in the store matches", file=sys.stderr)
+        return EXIT_FAILURE
+    for row in gone:
+        print(f"terminated {_sa_text(row)}")
+    for row in left:
+        print(f"still in the store after {timeout:g} s: {_sa_text(row)}", file=sys.stderr)
+    return EXIT_FAILURE if left else EXIT_OK
+
+
+async def terminate(store: StateStore, chosen: Callable[[Row], bool], timeout: float,
+                    poll: float = 0.2) -> tuple[list[Row], list[Row]]:
+    """Ask the responders to delete the stored SAs `chosen` picks; (those whose records
+    left the store within `timeout` seconds, those still there)."""
+    rows = [row for row in await list_sas(store) if chosen(row)]
+    for row in rows:
+        message = encode_terminate(CLI_ORIGIN, bytes.fromhex(row["spi_i"]),
+                                   bytes.fromhex(row["spi_r"]))
+        await store.publish(RESPONDERS_CHANNEL, message)
+    left = rows
+    with trio.move_on_after(timeout):
+        while left:
+            stored = {row["key"] for row in await list_sas(store)}
+            left = [row for row in left if row["key"] in stored]
+            if left:
+                await trio.sleep(poll)
+    return [row for row in rows if row not in left], left
+
+
+def _spis(text: str) -> tuple[str, ...] | None:
+    """One SPI or both, as `ike-cluster sas` and the log print them (`..._i/..._r`)."""
+    parts = [p.strip().lower().removesuffix("_i").removesuffix("_r")
+             for p in text.replace("/", " ").split()]
+    if len(parts) == 1 and len(parts[0]) == 32:
+        parts = [parts[0][:16], parts[0][16:]]
+    if not 1 <= len(parts) <= 2 or any(len(p) != 16 for p in parts):
+        return None
+    try:
+        for part in parts:
+            bytes.fromhex(part)
+    except ValueError:
+        return None
+    return tuple(parts)
+
+
+def _sa_text(row: Row) -> str:
+    return (f"IKE SA {_safe(row['connection'])} {row['spi_i']}_i/{row['spi_r']}_r, remote "
+            f"{_identity_text(row['remote_id'])}, owner {_safe(row['owner'])}")
+
+
+def _open(config_path: str) -> StateStore | int:
+    """The store `[cluster] store` names, or the exit status after saying why not."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -313,10 +399,18 @@ def _command(config_path: str, as_json: bool,
               file=sys.stderr)
         return EXIT_CONFIG
     try:
-        store = open_store(url)
+        return open_store(url)
     except (ConfigError, ValueError) as exc:
         print(f"{config_path}: cluster.store: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _command(config_path: str, as_json: bool,
+             read: Callable[[StateStore], Awaitable[list[Row]]],
+             render: Callable[[Sequence[Row]], str]) -> int:
+    store = _open(config_path)
+    if isinstance(store, int):
+        return store
 
     async def read_and_close() -> list[Row]:
         try:

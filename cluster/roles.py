@@ -101,7 +101,7 @@ async def _serve_metrics(nursery: trio.Nursery, config: NodeConfig, metrics: Met
 async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                         task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
                         ) -> None:
-    from .runtime.identities import IdentityAnnouncer
+    from .runtime.channel import ResponderChannel
     from .runtime.node import _shutdown_on_signal, log_event, responder_factory
     from .runtime.persistence import SaPersistence
     from .runtime.relay_endpoint import ResponderRelay
@@ -161,9 +161,26 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
             factory.policy = persistence.policy = config.policy
             supervisor.set_uniqueness({c.name: c.unique for c in config.policy.connections})
 
-        identities = IdentityAnnouncer(store, config.node_id, supervisor.replace_identity)
-        supervisor.on_identified = identities.identified
-        metrics.watch_identities(identities.stats.as_dict)
+        def terminate(spi_i: bytes, spi_r: bytes) -> bool:
+            # `ike-cluster terminate`: the holder deletes it; if none does, the responder
+            # rendezvous gives it to loads it first
+            if supervisor.delete_ike(spi_i, spi_r):
+                return True
+            if not persistence.ours_by_rendezvous(spi_i):
+                return False
+
+            def after_load() -> None:
+                if not supervisor.delete_ike(spi_i, spi_r):
+                    logger.info("IKE SA %s_i/%s_r: not in the store, nothing to terminate",
+                                spi_i.hex(), spi_r.hex())
+
+            persistence.load_then(spi_i + spi_r, after_load)
+            return True
+
+        channel = ResponderChannel(store, config.node_id, supervisor.replace_identity,
+                                   terminate)
+        supervisor.on_identified = channel.identified
+        metrics.watch_channel(channel.stats.as_dict)
 
         def members_changed(members: Sequence[Member]) -> None:
             persistence.responders = _responders(members)
@@ -191,7 +208,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                                         reconfigure)
                 await nursery.start(supervisor.run)
                 await nursery.start(persistence.run)
-                await nursery.start(identities.run)
+                await nursery.start(channel.run)
                 await nursery.start(endpoint.serve, supervisor)
                 await nursery.start(membership.run)
                 nursery.start_soon(relay.ping_members, membership, "worker")

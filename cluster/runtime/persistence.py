@@ -502,6 +502,10 @@ class SaPersistence:
                        actor.label, fence)
         return True
 
+    def ours_by_rendezvous(self, spi_i: bytes) -> bool:
+        """Whether rendezvous hashing gives an SA with this initiator SPI to this node."""
+        return self.node in self.responders and choose(spi_i, self.responders) == self.node
+
     def hand_over(self) -> None:
         """Release the SAs rendezvous hashing now gives to another live responder."""
         responders = self.responders

@@ -712,6 +712,14 @@ class Supervisor:
 
     # -- commands to actors ---------------------------------------------------------------
 
+    def delete_ike(self, spi_i: bytes, spi_r: bytes) -> bool:
+        """Delete the IKE SA a peer set up with these SPIs, with a Delete to the peer (an
+        operator's terminate); False when it is not here."""
+        actor = self._actors.get(spi_r)
+        if actor is None or actor.session.spi_i != spi_i:
+            return False
+        return actor.mailbox.put_nowait(lambda session, now: session.delete_ike(now))
+
     def rekey_child(self, spi_in: bytes) -> bool:
         """Ask the IKE SA owning this Child SA to rekey it (the data plane's soft limit)."""
         actor = self._child_owner.get(spi_in)

@@ -477,6 +477,56 @@ def test_initial_contact_ends_the_old_sa_on_the_other_responder() -> None:
                           f"responder {old_owner} (try {tries}); store holds only the new SA")
 
 
+def test_terminate_deletes_an_sa_from_its_owner_or_after_the_owner_died() -> None:
+    """`ike-cluster terminate` (swanctl's --terminate for the cluster): by identity, the
+    owner deletes strongSwan's SA with a Delete; by SPI after kill -9 of the owner, the
+    survivor loads the SA from the store and deletes it the same way."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        charon, sa = _connect(lab, cluster, initiator, responder)
+
+        def terminate(node: Any, *args: str) -> Any:
+            return node.ns.run([sys.executable, "-m", "cluster", "terminate", "--config",
+                                str(node.config_path), *args], check=False)
+
+        def deleted(count: int) -> None:
+            deadline = time.monotonic() + 10
+            while charon.log_text().count("received DELETE for IKE_SA") < count \
+                    or established(charon):
+                assert time.monotonic() < deadline, f"{charon.log_text()}\n{cluster.logs()}"
+                time.sleep(0.2)
+
+        result = terminate(cluster.responders[0], "--id", "client.example.test")
+        assert result.returncode == 0, result.stdout + result.stderr + cluster.logs()
+        assert f"terminated IKE SA rw {sa['initiator-spi']}_i/{sa['responder-spi']}_r" in \
+            result.stdout, result.stdout
+        deleted(1)
+        missing = terminate(cluster.responders[0], "--id", "client.example.test")
+        assert missing.returncode == 1 and "no IKE SA" in missing.stderr, missing.stderr
+
+        sa = assert_initiated(charon.initiate("net"), charon)
+        owner = _owner(cluster, sa["responder-spi"])
+        dead = cluster.responders[owner - 1]
+        survivor = cluster.responders[2 - owner]
+        dead.kill()
+        deadline = time.monotonic() + 15
+        while True:  # the survivor sees the owner gone: rendezvous gives it the SA
+            views = re.findall(r"members: (.*)", survivor.log_text())
+            if views and dead.node_id not in views[-1]:
+                break
+            assert time.monotonic() < deadline, survivor.log_text()
+            time.sleep(0.2)
+        spis = f"{sa['initiator-spi']}_i/{sa['responder-spi']}_r"
+        result = terminate(survivor, "--ike", spis)
+        assert result.returncode == 0, result.stdout + result.stderr + cluster.logs()
+        deleted(2)
+        assert "took over IKE SA" in survivor.log_text()
+        assert metric(survivor.metrics(), "ike_cluster_terminations_total") >= 1
+        report("cluster", "ike-cluster terminate: by identity from the owner, by SPI from "
+                          "the survivor after the owner's kill -9; strongSwan got a Delete "
+                          "each time")
+
+
 def test_a_workers_packet_limit_makes_the_responder_rekey_the_child_sa() -> None:
     """The worker's soft lifetime (90 % of lifetime_packets) travels to the responder that
     owns the IKE SA, which rekeys the Child SA with strongSwan; a ping loses nothing. The

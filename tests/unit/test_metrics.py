@@ -43,7 +43,7 @@ from cluster.metrics import (
     serve_metrics,
 )
 from cluster.relay import RelayDrops
-from cluster.runtime.identities import IdentityStats
+from cluster.runtime.channel import ChannelStats
 from cluster.runtime.stats import RuntimeStats
 from cluster.store import Member, StoreStats
 from cluster.transforms import ENCR_ALGORITHMS
@@ -100,6 +100,7 @@ CLUSTER = {
     "ike_cluster_members": "gauge",
     "ike_cluster_identity_announcements": "counter",
     "ike_cluster_identity_replaced_ike_sas": "counter",
+    "ike_cluster_terminations": "counter",
 }
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -239,8 +240,8 @@ def test_the_cluster_counters_are_published_and_move() -> None:
     metrics.watch_relay(lambda: relay)
     metrics.watch_failover(lambda: failover)
     metrics.watch_members(lambda: members)
-    identities = IdentityStats()
-    metrics.watch_identities(identities.as_dict)
+    identities = ChannelStats()
+    metrics.watch_channel(identities.as_dict)
     metrics.publish()
     types, samples = scrape(metrics)
     assert types == COMMON | CLUSTER
@@ -256,7 +257,7 @@ def test_the_cluster_counters_are_published_and_move() -> None:
                  dropped_send_failed=1)
     failover.update(takeovers=7, takeover_failures=1, lease_held=6, persist_failures=2)
     identities.sent, identities.received, identities.lost = 8, 9, 1
-    identities.malformed, identities.ended = 2, 5
+    identities.malformed, identities.ended, identities.terminated = 2, 5, 3
     members += [_member("r1", "responder"), _member("r2", "responder"), _member("w1", "worker")]
     _, unchanged = scrape(metrics)
     assert unchanged == samples  # read at publish time only
@@ -283,6 +284,7 @@ def test_the_cluster_counters_are_published_and_move() -> None:
     for event, count in (("sent", 8), ("received", 9), ("lost", 1), ("malformed", 2)):
         assert value(samples, "ike_cluster_identity_announcements_total", event=event) == count
     assert value(samples, "ike_cluster_identity_replaced_ike_sas_total") == 5
+    assert value(samples, "ike_cluster_terminations_total") == 3
 
     # a responder dies, the store goes away for a while
     store.errors += 5

@@ -339,3 +339,50 @@ def test_sas_and_nodes_read_redis_end_to_end(
         assert line.split()[1] == "responder" and line.endswith("relay=192.0.2.9:4800")
     finally:
         trio.run(cleanup, fence)
+
+
+# --- terminate ---------------------------------------------------------------------------
+
+
+async def test_terminate_asks_the_responders_and_reports_what_left_the_store() -> None:
+    """The request goes out on the responders' channel with the SA's SPIs; an SA whose
+    record leaves the store is terminated, one that stays is reported as left."""
+    from cluster.ops import terminate
+    from cluster.runtime.channel import RESPONDERS_CHANNEL, decode_untrusted
+
+    store = MemoryStore()
+    records = [established()[1] for _ in range(2)]
+    keys = [r["spi_i"] + r["spi_r"] for r in records]
+    for key, record in zip(keys, records, strict=True):
+        await persist(store, key, blob_of(record))
+    asked: list[object] = []
+
+    async def responder(task_status: trio.TaskStatus[None]) -> None:
+        async with store.subscribe(RESPONDERS_CHANNEL) as subscription:
+            task_status.started()
+            async for message in subscription:
+                assert message is not None
+                origin, spi_i, spi_r = decode_untrusted(message)  # type: ignore[misc]
+                asked.append((origin, spi_i + spi_r))
+                if spi_i + spi_r == keys[0]:  # the first goes, the second stays
+                    await store.delete_sa(spi_i + spi_r, 1)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(responder)
+        gone, left = await terminate(store, lambda row: True, timeout=1.0, poll=0.05)
+        nursery.cancel_scope.cancel()
+    assert sorted(asked) == sorted(("@cli", key) for key in keys)  # type: ignore[type-var]
+    assert [row["key"] for row in gone] == [keys[0].hex()]
+    assert [row["key"] for row in left] == [keys[1].hex()]
+
+
+def test_terminate_reads_spis_as_sas_and_the_log_print_them() -> None:
+    from cluster.ops import _spis
+
+    a, b = "0011223344556677", "8899aabbccddeeff"
+    assert _spis(a) == (a,)
+    assert _spis(f"{a}_i/{b}_r") == (a, b)
+    assert _spis(f"{a.upper()} {b}") == (a, b)
+    assert _spis(a + b) == (a, b)
+    for bad in ("", "0011", a + "0", f"{a}/{b}/{a}", "zz" * 8):
+        assert _spis(bad) is None, bad

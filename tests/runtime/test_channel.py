@@ -1,6 +1,5 @@
-"""INITIAL_CONTACT and unique = "replace" across the cluster's responders: the
-announcement on the store's responder channel, and a supervisor acting on another
-responder's announcement."""
+"""The responders' channel: INITIAL_CONTACT and unique = "replace" across the cluster's
+responders, and `ike-cluster terminate`'s requests; a supervisor acting on them."""
 
 from __future__ import annotations
 
@@ -9,11 +8,12 @@ import pytest
 import trio
 
 from cluster.ike.events import IkeSaDeleted
-from cluster.runtime.identities import (
+from cluster.runtime.channel import (
     RESPONDERS_CHANNEL,
-    IdentityAnnouncer,
+    ResponderChannel,
     decode_untrusted,
-    encode,
+    encode_identity,
+    encode_terminate,
 )
 from cluster.store import MemoryStore
 from cluster.store.interface import StoreError
@@ -26,10 +26,15 @@ SPI = bytes(range(8))
 
 
 def test_an_announcement_round_trips_and_junk_is_refused() -> None:
-    assert decode_untrusted(encode("r1", KEY, "replace", SPI)) == ("r1", KEY, "replace", SPI)
-    good = [1, "r1", KEY[0], KEY[1], "initial_contact", SPI]
-    for bad in ([2, *good[1:]], good[:5], [*good[:4], "keep", SPI], [*good[:5], SPI[:7]],
-                [1, 7, *good[2:]], {"a": 1}, "text"):
+    assert decode_untrusted(encode_identity("r1", KEY, "replace", SPI)) == (
+        "r1", KEY, "replace", SPI)
+    assert decode_untrusted(encode_terminate("@cli", SPI, SPI[::-1])) == (
+        "@cli", SPI, SPI[::-1])
+    good = [1, "identity", "r1", KEY[0], KEY[1], "initial_contact", SPI]
+    for bad in ([2, *good[1:]], good[:6], [*good[:5], "keep", SPI], [*good[:6], SPI[:7]],
+                [1, "identity", 7, *good[3:]], [1, "identity", "r1", 7, *good[4:]],
+                [1, "terminate", "@cli", SPI], [1, "terminate", "@cli", SPI, "x" * 8],
+                [1, "other", "r1", SPI, SPI], [1], {"a": 1}, "text"):
         assert decode_untrusted(msgpack.packb(bad)) is None, bad
     assert decode_untrusted(b"\xc1") is None
     assert decode_untrusted(b"") is None
@@ -45,7 +50,8 @@ async def test_one_responders_announcement_reaches_the_others_not_itself() -> No
             return 2 if node == "r2" else 0
         return replace
 
-    announcers = {n: IdentityAnnouncer(store, n, replacer(n)) for n in calls}
+    announcers = {n: ResponderChannel(store, n, replacer(n), lambda i, r: False)
+                  for n in calls}
     async with trio.open_nursery() as nursery:
         for announcer in announcers.values():
             await nursery.start(announcer.run)
@@ -57,9 +63,10 @@ async def test_one_responders_announcement_reaches_the_others_not_itself() -> No
     assert calls == {"r1": [], "r2": [(KEY, "initial_contact", SPI)],
                      "r3": [(KEY, "initial_contact", SPI)]}
     stats = {n: a.stats.as_dict() for n, a in announcers.items()}
-    assert stats["r1"] == {"sent": 1, "received": 0, "lost": 0, "malformed": 1, "ended": 0}
-    assert stats["r2"] == {"sent": 0, "received": 1, "lost": 0, "malformed": 1, "ended": 2}
-    assert stats["r3"] == {"sent": 0, "received": 1, "lost": 0, "malformed": 1, "ended": 0}
+    none = {"sent": 0, "received": 0, "lost": 0, "malformed": 1, "ended": 0, "terminated": 0}
+    assert stats["r1"] == {**none, "sent": 1}
+    assert stats["r2"] == {**none, "received": 1, "ended": 2}
+    assert stats["r3"] == {**none, "received": 1}
 
 
 class _DownStore(MemoryStore):
@@ -68,7 +75,8 @@ class _DownStore(MemoryStore):
 
 
 async def test_an_announcement_the_store_refuses_is_counted_lost() -> None:
-    announcer = IdentityAnnouncer(_DownStore(), "r1", lambda key, policy, spi: 0)
+    announcer = ResponderChannel(_DownStore(), "r1", lambda key, policy, spi: 0,
+                                 lambda i, r: False)
     async with trio.open_nursery() as nursery:
         await nursery.start(announcer.run)
         announcer.identified(KEY, "replace", SPI)
@@ -101,6 +109,45 @@ async def test_another_responders_announcement_ends_this_nodes_sa_of_the_identit
                 if policy == "replace":
                     await peer.run_until(lambda e: isinstance(e, IkeSaDeleted))
                 await wait_for(lambda: supervisor.actor_for(sa.spi_r) is None)
+        finally:
+            peer.close()
+        node.shutdown()
+
+
+async def test_a_terminate_request_reaches_every_responder_and_is_counted_where_done() -> None:
+    store = MemoryStore()
+    asked: dict[str, list[tuple[bytes, bytes]]] = {"r1": [], "r2": []}
+
+    def terminator(node: str):  # type: ignore[no-untyped-def]
+        def terminate(spi_i: bytes, spi_r: bytes) -> bool:
+            asked[node].append((spi_i, spi_r))
+            return node == "r2"
+        return terminate
+
+    channels = {n: ResponderChannel(store, n, lambda k, p, s: 0, terminator(n)) for n in asked}
+    async with trio.open_nursery() as nursery:
+        for channel in channels.values():
+            await nursery.start(channel.run)
+        await store.publish(RESPONDERS_CHANNEL, encode_terminate("@cli", SPI, SPI[::-1]))
+        await wait_for(lambda: bool(asked["r1"] and asked["r2"]))
+        nursery.cancel_scope.cancel()
+    assert asked == {"r1": [(SPI, SPI[::-1])], "r2": [(SPI, SPI[::-1])]}
+    assert (channels["r1"].stats.terminated, channels["r2"].stats.terminated) == (0, 1)
+
+
+async def test_delete_ike_deletes_a_held_sa_with_a_delete_and_nothing_else(
+        setup: Setup) -> None:
+    async with trio.open_nursery() as nursery:
+        node = await start_node(nursery, setup.node_config)
+        peer = await open_peer(setup, "127.0.0.1")
+        try:
+            sa = await peer.establish()
+            supervisor = node.supervisor
+            assert not supervisor.delete_ike(SPI, sa.spi_r)  # the wrong initiator SPI
+            assert not supervisor.delete_ike(sa.spi_i, SPI)
+            assert supervisor.delete_ike(sa.spi_i, sa.spi_r)
+            await peer.run_until(lambda e: isinstance(e, IkeSaDeleted))
+            await wait_for(lambda: supervisor.actor_for(sa.spi_r) is None)
         finally:
             peer.close()
         node.shutdown()

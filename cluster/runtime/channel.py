@@ -1,15 +1,22 @@
-"""One peer identity, one IKE SA, across the cluster's responders.
+"""The responders' channel: a store stream every cluster responder follows.
 
-A road warrior that comes back with INITIAL_CONTACT (RFC 7296 2.4) usually lands on
-another responder than its old SA (rendezvous hashing of a fresh SPI). The responder that
-establishes the new SA ends its own other SAs of those identities (the supervisor) and
-announces the SA on the store's responder channel; every other responder then ends its
-SAs of them the same way: quietly for INITIAL_CONTACT, with a Delete for swanctl's
-`unique = "replace"`. Their Child SAs leave the workers and their shared addresses are
-freed as for any ended SA.
+Two kinds of message travel on it.
 
-An announcement that cannot be published (the store is down) is counted and logged,
-not retried: the old SA then ends as it would without one (DPD, its lifetime).
+"identity": one peer identity, one IKE SA, across the responders. A road warrior that
+comes back with INITIAL_CONTACT (RFC 7296 2.4) usually lands on another responder than
+its old SA (rendezvous hashing of a fresh SPI). The responder that establishes the new
+SA ends its own other SAs of those identities (the supervisor) and announces the SA
+here; every other responder then ends its SAs of them the same way: quietly for
+INITIAL_CONTACT, with a Delete for swanctl's `unique = "replace"`. Their Child SAs
+leave the workers and their shared addresses are freed as for any ended SA.
+
+"terminate": `ike-cluster terminate` asks for an IKE SA to be deleted (swanctl's
+`--terminate`). The responder that holds it deletes it with a Delete to the peer; if
+none holds it (its owner died and no datagram brought it back yet), the responder
+rendezvous hashing gives it to loads it from the store first.
+
+A message that cannot be published (the store is down) is counted and logged, not
+retried: an old SA then ends as it would without one (DPD, its lifetime).
 """
 
 from __future__ import annotations
@@ -30,72 +37,105 @@ logger = logging.getLogger(__name__)
 # The channel every responder follows (node ids cannot start with "@", so no worker's
 # channel has this name).
 RESPONDERS_CHANNEL = "@responders"
+CLI_ORIGIN = "@cli"  # the origin of `ike-cluster terminate`'s messages
 VERSION = 1
 QUEUE = 256  # announcements waiting for the store; more are lost (and counted)
 RETRY = 1.0  # seconds before following the channel again after a store error
 
 # (identities, policy, the new SA's responder SPI) -> how many SAs that ended here
 Replace = Callable[[tuple[str, str], str, bytes], int]
+# (spi_i, spi_r) -> whether this responder deletes it (held, or loaded to delete)
+Terminate = Callable[[bytes, bytes], bool]
 
 
 @dataclass(slots=True)
-class IdentityStats:
+class ChannelStats:
     sent: int = 0  # announcements published
     received: int = 0  # announcements from other responders
     lost: int = 0  # not published: queue full or store error
     malformed: int = 0  # messages on the channel that did not decode
     ended: int = 0  # SAs of ours that other responders' announcements ended
+    terminated: int = 0  # IKE SAs this responder deleted for `ike-cluster terminate`
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
 
-def encode(origin: str, key: tuple[str, str], policy: str, spi_r: bytes) -> bytes:
-    packed: bytes = msgpack.packb([VERSION, origin, key[0], key[1], policy, spi_r],
+def encode_identity(origin: str, key: tuple[str, str], policy: str, spi_r: bytes) -> bytes:
+    packed: bytes = msgpack.packb([VERSION, "identity", origin, key[0], key[1], policy,
+                                   spi_r], use_bin_type=True)
+    return packed
+
+
+def encode_terminate(origin: str, spi_i: bytes, spi_r: bytes) -> bytes:
+    packed: bytes = msgpack.packb([VERSION, "terminate", origin, spi_i, spi_r],
                                   use_bin_type=True)
     return packed
 
 
-def decode_untrusted(data: bytes) -> tuple[str, tuple[str, str], str, bytes] | None:
-    """(origin, identities, policy, SPI) of an announcement; None when it is not one."""
+Identity = tuple[str, tuple[str, str], str, bytes]  # origin, identities, policy, SPI
+Termination = tuple[str, bytes, bytes]  # origin, spi_i, spi_r
+
+
+def decode_untrusted(data: bytes) -> Identity | Termination | None:
+    """An "identity" (origin, identities, policy, SPI) or a "terminate" (origin, spi_i,
+    spi_r) message; None when it is neither."""
     try:
         fields: Any = msgpack.unpackb(data, raw=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
         return None
-    if not isinstance(fields, list) or len(fields) != 6 or fields[0] != VERSION:
+    if not isinstance(fields, list) or len(fields) < 3 or fields[0] != VERSION \
+            or not isinstance(fields[2], str):
         return None
-    _, origin, local_id, remote_id, policy, spi_r = fields
-    if not all(isinstance(f, str) for f in (origin, local_id, remote_id, policy)) \
-            or policy not in CLUSTER_POLICIES or not isinstance(spi_r, bytes) \
-            or len(spi_r) != 8:
+    kind, origin, rest = fields[1], fields[2], fields[3:]
+    if kind == "terminate" and len(rest) == 2 and _spis(*rest):
+        return origin, rest[0], rest[1]
+    if kind != "identity" or len(rest) != 4:
+        return None
+    local_id, remote_id, policy, spi_r = rest
+    if not (isinstance(local_id, str) and isinstance(remote_id, str)) \
+            or policy not in CLUSTER_POLICIES or not _spis(spi_r):
         return None
     return origin, (local_id, remote_id), policy, spi_r
 
 
-class IdentityAnnouncer:
-    """Publishes this responder's announcements and applies the others' (`run`)."""
+def _spis(*values: object) -> bool:
+    return all(isinstance(v, bytes) and len(v) == 8 for v in values)
 
-    def __init__(self, store: StateStore, node_id: str, replace: Replace) -> None:
+
+class ResponderChannel:
+    """Publishes this responder's announcements and applies what others send (`run`)."""
+
+    def __init__(self, store: StateStore, node_id: str, replace: Replace,
+                 terminate: Terminate) -> None:
         self.store = store
         self.node_id = node_id
         self._replace = replace
-        self.stats = IdentityStats()
+        self._terminate = terminate
+        self.stats = ChannelStats()
         self._send, self._receive = trio.open_memory_channel[bytes](QUEUE)
 
     def identified(self, key: tuple[str, str], policy: str, spi_r: bytes) -> None:
         """The supervisor's `on_identified`: queue the announcement (never blocks)."""
         try:
-            self._send.send_nowait(encode(self.node_id, key, policy, spi_r))
+            self._send.send_nowait(encode_identity(self.node_id, key, policy, spi_r))
         except trio.WouldBlock:
             self.stats.lost += 1
             logger.warning("IKE SA %s: %s not announced to the other responders (queue "
                            "full)", spi_r.hex(), policy)
 
     def apply(self, message: bytes) -> None:
-        """One message from the channel (ours are skipped)."""
+        """One message from the channel (our own announcements are skipped)."""
         decoded = decode_untrusted(message)
         if decoded is None:
             self.stats.malformed += 1
+            return
+        if len(decoded) == 3:
+            origin, spi_i, spi_r = decoded
+            if self._terminate(spi_i, spi_r):
+                self.stats.terminated += 1
+                logger.info("IKE SA %s_i/%s_r: terminating (asked by %s)", spi_i.hex(),
+                            spi_r.hex(), origin)
             return
         origin, key, policy, spi_r = decoded
         if origin == self.node_id:
