@@ -63,10 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         ops.add_argument("--config", required=True, metavar="PATH",
                          help="a node's TOML file ([cluster] store)")
         ops.add_argument("--json", action="store_true", help="JSON instead of text")
+    reload = commands.add_parser(
+        "reload", help="make the running node with this file's id reload it (as SIGHUP)")
+    reload.add_argument("--config", required=True, metavar="PATH", help="the node's TOML file")
     terminate = commands.add_parser(
         "terminate", help="delete IKE SAs of the cluster (with a Delete to the peer)")
     terminate.add_argument("--config", required=True, metavar="PATH",
-                           help="a node's TOML file ([cluster] store)")
+                           help="a node's TOML file (its [cluster] store, or a single node's id)")
     which = terminate.add_mutually_exclusive_group(required=True)
     which.add_argument("--ike", metavar="SPI",
                        help="the IKE SA with this SPI, or both (SPI_I/SPI_R) as `sas` shows")
@@ -87,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             command = ops.sas_command if args.command == "sas" else ops.nodes_command
             return command(args.config, args.json)
+        if args.command == "reload":
+            from . import ops
+
+            return ops.reload_command(args.config)
         if args.command == "terminate":
             from . import ops
 

@@ -155,6 +155,7 @@ class NodeConfig:
     ike_port: int = 500  # [ike] port
     natt_port: int = 4500  # [ike] port_nat_t
     log_level: str = "info"  # [node] log_level
+    control: bool = True  # [node] control: the control socket (cluster/control.py)
     initiations: tuple[Initiation, ...] = ()  # in the order of the connections
     worker: WorkerConfig | None = None  # None: no data plane in this process
     dos: DosConfig = field(default_factory=DosConfig)  # [ike] cookie and half-open limits
@@ -239,12 +240,13 @@ class _Loader:
             ("node", "ike", "connections", "secrets", "pools", "worker", "metrics", "cluster",
              *FUTURE_TABLES),
         )
-        node = root.table("node", ("id", "log_level"), required=True)
+        node = root.table("node", ("id", "log_level", "control"), required=True)
         node_id = node.required_string("id")
         if node_id == "%hostname":  # one file for every replica of a scaled service
             node_id = _hostname_id()
         if not _NAME.fullmatch(node_id):
             node.fail("id", f"{node_id!r} is not a valid node id (letters, digits, '_', '-')")
+        control = node.boolean("control", True)
         log_level = node.string("log_level", "info")
         if log_level not in LOG_LEVELS:
             node.fail("log_level", f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -316,6 +318,7 @@ class _Loader:
             ike_port=ike_port,
             natt_port=natt_port,
             log_level=log_level,
+            control=control,
             initiations=initiations,
             worker=worker,
             dos=dos,

@@ -25,13 +25,18 @@ from typing import Any
 import trio
 
 from .config import load_config
+from .control import Answer, ControlError, Handler, Request, request
 from .errors import ConfigError
 from .ike.constants import IdType, TsType
 from .ike.identity import Identity
-from .ike.snapshot import SCHEMA_VERSION
+from .ike.session import IkeSession
+from .ike.snapshot import SCHEMA_VERSION, snapshot_of
 from .ike.traffic_selectors import TrafficSelector
 from .key_exchange import DH_NAMES
+from .runtime.actor import Session
 from .runtime.channel import CLI_ORIGIN, RESPONDERS_CHANNEL, encode_terminate
+from .runtime.reload import ReloadResult
+from .runtime.supervisor import Supervisor
 from .store import StateStore, StoredSa, StoreError, open_store, peek_snapshot
 from .transforms import Esn
 
@@ -176,10 +181,10 @@ def _traffic_selector(value: Any) -> str:
                                int(end_port), _bytes(start), _bytes(end)))
 
 
-def format_sas(rows: Sequence[Row]) -> str:
+def format_sas(rows: Sequence[Row], empty: str = "no IKE SAs in the store") -> str:
     """`swanctl --list-sas`-like text; times are as of the snapshot's last write."""
     if not rows:
-        return "no IKE SAs in the store"
+        return empty
     lines: list[str] = []
     for row in rows:
         if "unreadable" in row:
@@ -306,44 +311,72 @@ def nodes_command(config_path: str, as_json: bool = False) -> int:
 
 def terminate_command(config_path: str, *, ike: str | None = None,
                       identity: str | None = None, timeout: float = 10.0) -> int:
-    """`ike-cluster terminate --config PATH (--ike SPI | --id ID) [--timeout S]`."""
-    store = _open(config_path)
-    if isinstance(store, int):
-        return store
-    spis = _spis(ike) if ike is not None else None
-    if ike is not None and spis is None:
+    """`ike-cluster terminate --config PATH (--ike SPI | --id ID) [--timeout S]`: through
+    the store in a cluster, through the node's control socket otherwise."""
+    if ike is not None and _spis(ike) is None:
         print(f"--ike {_safe(ike)}: not an IKE SPI (16 hex digits), nor both (SPI_I/SPI_R)",
               file=sys.stderr)
         return EXIT_CONFIG
+    chosen = _chooser(ike, identity)
+    assert chosen is not None  # argparse asks for one of the two
+    target = _open(config_path)
+    if isinstance(target, int):
+        return target
+    if isinstance(target, str):  # a single node
+        answer = _ask(target, "terminate", ike=ike, id=identity, timeout=timeout)
+        if answer is None:
+            return EXIT_FAILURE
+        gone, left = answer["terminated"], answer["left"]
+    else:
+        store = target
 
-    def chosen(row: Row) -> bool:
-        if "unreadable" in row:
-            return False
-        if spis is not None:
-            return all(spi in (row["spi_i"], row["spi_r"]) for spi in spis) and \
-                (len(spis) == 1 or spis == (row["spi_i"], row["spi_r"]))
-        remote = row["remote_id"]
-        return identity in ((remote or {}).get("text"), row["remote_eap_id"])
+        async def run() -> tuple[list[Row], list[Row]]:
+            try:
+                return await terminate(store, chosen, timeout)
+            finally:
+                await store.aclose()
 
-    async def run() -> tuple[list[Row], list[Row]]:
         try:
-            return await terminate(store, chosen, timeout)
-        finally:
-            await store.aclose()
-
-    try:
-        gone, left = trio.run(run)
-    except StoreError as exc:
-        print(f"the cluster store failed: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+            gone, left = trio.run(run)
+        except StoreError as exc:
+            print(f"the cluster store failed: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
     if not gone and not left:
-        print("no IKE SA in the store matches", file=sys.stderr)
+        print("no IKE SA matches", file=sys.stderr)
         return EXIT_FAILURE
     for row in gone:
         print(f"terminated {_sa_text(row)}")
     for row in left:
-        print(f"still in the store after {timeout:g} s: {_sa_text(row)}", file=sys.stderr)
+        print(f"still there after {timeout:g} s: {_sa_text(row)}", file=sys.stderr)
     return EXIT_FAILURE if left else EXIT_OK
+
+
+def reload_command(config_path: str) -> int:
+    """`ike-cluster reload --config PATH`: the node with that file's id reloads it."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:  # checked here first: the node would refuse it too
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    answer = _ask(config.node_id, "reload")
+    if answer is None:
+        return EXIT_FAILURE
+    if not answer["reloaded"]:
+        print(f"not reloaded: {answer['error']}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(answer["summary"])
+    for name in answer["restart"]:
+        print(f"{name} changed: takes effect after a restart")
+    return EXIT_OK
+
+
+def _ask(node_id: str, command: str, **fields: Any) -> Answer | None:
+    """The node's answer, or None after saying why there is none."""
+    try:
+        return request(node_id, command, **fields)
+    except ControlError as exc:
+        print(f"node {node_id}: {exc}", file=sys.stderr)
+        return None
 
 
 async def terminate(store: StateStore, chosen: Callable[[Row], bool], timeout: float,
@@ -363,6 +396,86 @@ async def terminate(store: StateStore, chosen: Callable[[Row], bool], timeout: f
             if left:
                 await trio.sleep(poll)
     return [row for row in rows if row not in left], left
+
+
+# --- a running node, through its control socket (control.py) ---------------------------
+
+
+def session_rows(sessions: Sequence[Session], owner: str, now: float) -> list[Row]:
+    """The rows `sas` shows for SAs a node holds in memory (a single node)."""
+    rows = []
+    for session in sessions:
+        if not isinstance(session, IkeSession):
+            continue
+        record = snapshot_of(session, now)
+        key = record["spi_i"] + record["spi_r"]
+        rows.append({"key": key.hex(), "owner": owner, "fence": 0, **_ike_fields(record)})
+    rows.sort(key=lambda r: (r["connection"], r["spi_i"], r["spi_r"]))
+    return rows
+
+
+def control_handlers(node_id: str, supervisor: Supervisor,
+                     reload: Callable[[], ReloadResult] | None) -> dict[str, Handler]:
+    """What a node's control socket answers: "sas", "terminate" and, given `reload`,
+    "reload"."""
+
+    def rows() -> list[Row]:
+        return session_rows(supervisor.established_sessions(), node_id, trio.current_time())
+
+    async def sas(request: Request) -> Answer:
+        return {"sas": rows()}
+
+    async def terminate(request: Request) -> Answer:
+        chosen = _chooser(request.get("ike"), request.get("id"))
+        if chosen is None:
+            return {"error": "name an IKE SA by SPI or identity"}
+        picked = [row for row in rows() if chosen(row)]
+        for row in picked:
+            supervisor.delete_ike(bytes.fromhex(row["spi_i"]), bytes.fromhex(row["spi_r"]))
+
+        def held(row: Row) -> bool:
+            return supervisor.holder_of(bytes.fromhex(row["spi_i"]),
+                                        bytes.fromhex(row["spi_r"])) is not None
+
+        left = picked
+        with trio.move_on_after(float(request.get("timeout", 10.0))):
+            while left := [row for row in left if held(row)]:
+                await trio.sleep(0.05)
+        return {"terminated": [r for r in picked if r not in left], "left": left}
+
+    handlers: dict[str, Handler] = {"sas": sas, "terminate": terminate}
+    if reload is not None:
+        handlers["reload"] = reload_handler(reload)
+    return handlers
+
+
+def reload_handler(reload: Callable[[], ReloadResult]) -> Handler:
+    """The control socket's "reload" (a cluster responder has only this one)."""
+    async def reloaded(request: Request) -> Answer:
+        result = reload()
+        return {"reloaded": bool(result), "error": result.error,
+                "restart": list(result.restart), "summary": result.summary}
+
+    return reloaded
+
+
+def _chooser(ike: Any, identity: Any) -> Callable[[Row], bool] | None:
+    """Which rows `terminate` means: `ike` one or two SPIs (text), or `identity` a remote
+    identity or EAP user; None when neither is usable."""
+    spis = _spis(ike) if isinstance(ike, str) else None
+    if spis is None and not isinstance(identity, str):
+        return None
+
+    def chosen(row: Row) -> bool:
+        if "unreadable" in row:
+            return False
+        if spis is not None:
+            return all(spi in (row["spi_i"], row["spi_r"]) for spi in spis) and \
+                (len(spis) == 1 or spis == (row["spi_i"], row["spi_r"]))
+        remote = row["remote_id"]
+        return identity in ((remote or {}).get("text"), row["remote_eap_id"])
+
+    return chosen
 
 
 def _spis(text: str) -> tuple[str, ...] | None:
@@ -386,8 +499,9 @@ def _sa_text(row: Row) -> str:
             f"{_identity_text(row['remote_id'])}, owner {_safe(row['owner'])}")
 
 
-def _open(config_path: str) -> StateStore | int:
-    """The store `[cluster] store` names, or the exit status after saying why not."""
+def _open(config_path: str) -> StateStore | str | int:
+    """The store `[cluster] store` names; without one the node id (a single node, asked
+    through its control socket); or the exit status after saying why neither."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -395,9 +509,7 @@ def _open(config_path: str) -> StateStore | int:
         return EXIT_CONFIG
     url = config.cluster.store if config.cluster is not None else None
     if not url or url.partition("://")[0].lower() == "memory":
-        print(f"{config_path}: no [cluster] store: there is no shared store to read",
-              file=sys.stderr)
-        return EXIT_CONFIG
+        return config.node_id
     try:
         return open_store(url)
     except (ConfigError, ValueError) as exc:
@@ -411,6 +523,18 @@ def _command(config_path: str, as_json: bool,
     store = _open(config_path)
     if isinstance(store, int):
         return store
+    if isinstance(store, str):  # a single node: its SAs, through its control socket
+        if read is not list_sas:
+            print(f"{config_path}: no [cluster] store: a single node has no members to list",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        answer = _ask(store, "sas")
+        if answer is None:
+            return EXIT_FAILURE
+        rows: list[Row] = answer["sas"]
+        print(json.dumps(rows, indent=2) if as_json
+              else format_sas(rows, f"no IKE SAs on node {store}"))
+        return EXIT_OK
 
     async def read_and_close() -> list[Row]:
         try:

@@ -101,11 +101,13 @@ async def _serve_metrics(nursery: trio.Nursery, config: NodeConfig, metrics: Met
 async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                         task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
                         ) -> None:
+    from .control import serve_control
+    from .ops import reload_handler
     from .runtime.channel import ResponderChannel
     from .runtime.node import _shutdown_on_signal, log_event, responder_factory
     from .runtime.persistence import SaPersistence
     from .runtime.relay_endpoint import ResponderRelay
-    from .runtime.reload import reload_on_signal
+    from .runtime.reload import reload_from, reload_on_signal
     from .runtime.stats import RuntimeStats
     from .runtime.supervisor import Supervisor
 
@@ -209,6 +211,10 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                 await nursery.start(supervisor.run)
                 await nursery.start(persistence.run)
                 await nursery.start(channel.run)
+                if config.control:  # `ike-cluster reload`; `sas`/`terminate` use the store
+                    await nursery.start(serve_control, config.node_id, {
+                        "reload": reload_handler(lambda: reload_from(
+                            config.source, lambda: config, reconfigure))})
                 await nursery.start(endpoint.serve, supervisor)
                 await nursery.start(membership.run)
                 nursery.start_soon(relay.ping_members, membership, "worker")

@@ -47,7 +47,7 @@ async def single_node(config: NodeConfig) -> None:
 
     if config.worker is None:
         logger.info("no [worker] table: Child SAs are negotiated, no data plane runs here")
-        if config.metrics is None:
+        if config.metrics is None and not config.control:
             await run_node(config)
         else:
             await _run(config, None)
@@ -74,7 +74,10 @@ async def _with_data_plane(config: NodeConfig, w: WorkerConfig) -> None:
 
 async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
     """The responder; beside it the data plane's pumps and the metrics endpoint, if any."""
+    from .control import serve_control
+    from .ops import control_handlers
     from .runtime.node import log_event, run_node
+    from .runtime.reload import reload_from
 
     metrics = None
     if config.metrics is not None:
@@ -102,6 +105,10 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
             nursery.cancel_scope.cancel()  # the node shut down: stop the pumps
 
         node: Node = await nursery.start(responder)
+        if config.control:
+            await nursery.start(serve_control, config.node_id, control_handlers(
+                config.node_id, node.supervisor,
+                lambda: reload_from(config.source, lambda: node.config, node.reconfigure)))
         if plane is not None and config.worker is not None:
             _set_traps(node, plane)
             plane.udp_send = node.dispatcher.send_esp

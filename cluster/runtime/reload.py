@@ -6,11 +6,11 @@ initiates (`start_action = "start"`: new ones start, removed ones stop initiatin
 changed ones use the new settings from their next attempt). Established SAs keep the
 settings they were set up with and stay up, as in strongSwan.
 
-What needs a restart: the node id, addresses and ports, the `[worker]`, `[cluster]`,
-`[metrics]` tables, the `[ike]` DoS limits and dh_reuse, a pool whose addresses changed,
-and on-demand (trap) connections. A reload that changes any of those applies the rest
-and names each in a warning. A file that does not load changes nothing: the error is
-logged in one line and the node runs on with what it had.
+What needs a restart: the node id and control socket, addresses and ports, the
+`[worker]`, `[cluster]`, `[metrics]` tables, the `[ike]` DoS limits and dh_reuse, a
+pool whose addresses changed, and on-demand (trap) connections. A reload that changes
+any of those applies the rest and names each in a warning. A file that does not load
+changes nothing: the error is logged in one line and the node runs on with what it had.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -34,6 +34,7 @@ RESTART_ONLY = (
     ("[node] id", "node_id"), ("[ike] addresses", "addresses"), ("[ike] port", "ike_port"),
     ("[ike] port_nat_t", "natt_port"), ("[worker]", "worker"), ("[cluster]", "cluster"),
     ("[metrics]", "metrics"), ("[ike] DoS limits", "dos"), ("[ike] dh_reuse", "dh_reuse"),
+    ("[node] control", "control"),
 )
 
 
@@ -83,20 +84,34 @@ async def reload_on_signal(source: str, current: Callable[[], NodeConfig],
             reload_from(source, current, apply)
 
 
+@dataclass(frozen=True)
+class ReloadResult:
+    """What a reload did: `error` when the file did not load (then nothing changed),
+    else the changes that wait for a restart. True when it applied."""
+
+    error: str = ""
+    restart: tuple[str, ...] = ()
+    summary: str = ""
+
+    def __bool__(self) -> bool:
+        return not self.error
+
+
 def reload_from(source: str, current: Callable[[], NodeConfig],
-                apply: Callable[[NodeConfig], None]) -> bool:
-    """Load `source` and `apply` it; False (logged, nothing changed) when it does not load."""
+                apply: Callable[[NodeConfig], None]) -> ReloadResult:
+    """Load `source` and `apply` it; when it does not load, nothing changes (logged)."""
     try:
         loaded = load_config(source)
     except ConfigError as exc:
         logger.error("configuration not reloaded: %s", exc)
-        return False
+        return ReloadResult(error=str(exc))
     new, restart = carry_over(current(), loaded)
     apply(new)
     policy = new.policy
-    logger.info("configuration reloaded from %s: %d connection(s), %d secret(s)", source,
-                len(policy.connections), len(policy.secrets))
+    summary = (f"configuration reloaded from {source}: {len(policy.connections)} "
+               f"connection(s), {len(policy.secrets)} secret(s)")
+    logger.info("%s", summary)
     for name in restart:
         logger.warning("configuration reloaded: %s changed, which takes effect after a "
                        "restart", name)
-    return True
+    return ReloadResult(restart=tuple(restart), summary=summary)

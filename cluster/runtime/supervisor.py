@@ -562,6 +562,11 @@ class Supervisor:
         """The established SAs peers initiated (a copy; for hand-over and lease renewal)."""
         return [a for a in {*self._actors.values()} if a.established]
 
+    def established_sessions(self) -> list[Session]:
+        """Every established IKE SA here, peers' and ours (a copy; for listing them)."""
+        actors = {*self._actors.values(), *self._initiated.values()}
+        return [a.session for a in actors if a.established and not a.session.closed]
+
     def relinquish(self, actor: SaActor) -> bool:
         """End the actor quietly between two steps: another node acts for its SA now."""
         def stop(session: object, now: float) -> None:
@@ -713,12 +718,20 @@ class Supervisor:
     # -- commands to actors ---------------------------------------------------------------
 
     def delete_ike(self, spi_i: bytes, spi_r: bytes) -> bool:
-        """Delete the IKE SA a peer set up with these SPIs, with a Delete to the peer (an
-        operator's terminate); False when it is not here."""
-        actor = self._actors.get(spi_r)
-        if actor is None or actor.session.spi_i != spi_i:
+        """Delete the IKE SA with these SPIs (a peer's or one we initiated), with a Delete
+        to the peer (an operator's terminate); False when it is not here."""
+        actor = self.holder_of(spi_i, spi_r)
+        if actor is None:
             return False
         return actor.mailbox.put_nowait(lambda session, now: session.delete_ike(now))
+
+    def holder_of(self, spi_i: bytes, spi_r: bytes) -> SaActor | None:
+        """The actor of the IKE SA with exactly these SPIs now, if it runs here."""
+        for actor in (self._actors.get(spi_r), self._initiated.get(spi_i)):
+            if actor is not None and actor.session.spi_i == spi_i \
+                    and actor.session.spi_r == spi_r:
+                return actor
+        return None
 
     def rekey_child(self, spi_in: bytes) -> bool:
         """Ask the IKE SA owning this Child SA to rekey it (the data plane's soft limit)."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -23,6 +25,7 @@ from tests.interop.sa_checks import (
     assert_initiated,
     assert_not_established,
     child_sa,
+    established,
 )
 
 pytestmark = pytest.mark.interop
@@ -443,3 +446,38 @@ def test_sighup_reloads_secrets_while_the_established_sa_stays(
     result = initiator.initiate("net", ike="second")  # the secret is still known
     assert result.returncode == 0, result.stdout + node.log_text()
     assert node.running()
+
+
+def test_sas_terminate_and_reload_reach_a_single_node(lab: Lab, initiator: Charon) -> None:
+    """The operations commands against `ike-cluster run` (its control socket, in the
+    node's network namespace): `sas` lists strongSwan's SA with strongSwan's SPIs,
+    `reload` takes a new connection's secret, `terminate` deletes the SA with a Delete
+    strongSwan receives."""
+    initiator_conn, responder_conn = conn_pair()
+    node = lab.node([responder_conn])
+    initiator.load(initiator_conn)
+    sa = assert_initiated(initiator.initiate("net"), initiator)
+
+    def command(*args: str) -> subprocess.CompletedProcess[str]:
+        return node.ns.run([sys.executable, "-m", "cluster", *args, "--config",
+                            str(node.config_path)], check=False)
+
+    listing = command("sas")
+    assert listing.returncode == 0, listing.stderr
+    assert f"{sa['initiator-spi']}_i" in listing.stdout, listing.stdout
+    assert f"{sa['responder-spi']}_r" in listing.stdout, listing.stdout
+    assert "'client.example.test'" in listing.stdout, listing.stdout
+
+    node.extra_toml = '[secrets.other]\nids = ["other.example.test"]\nsecret = "x"\n'
+    node.write_config()
+    reloaded = command("reload")
+    assert reloaded.returncode == 0, reloaded.stderr
+    assert "2 secret(s)" in reloaded.stdout, reloaded.stdout
+
+    done = command("terminate", "--id", "client.example.test")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"terminated IKE SA rw {sa['initiator-spi']}_i/{sa['responder-spi']}_r" in \
+        done.stdout, done.stdout
+    assert "received DELETE for IKE_SA rw[1]" in initiator.log_text()
+    assert established(initiator) == []
+    assert command("sas").stdout == "no IKE SAs on node gw1\n", command("sas").stdout

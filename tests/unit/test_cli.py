@@ -121,9 +121,12 @@ def collector() -> Iterator[None]:
 
 @pytest.fixture
 def ike_only(tmp_path: Path) -> Path:
-    """The example without its [worker] table: `run` then calls only run_node (faked)."""
+    """The example without its [worker] table and control socket: `run` then calls only
+    run_node (faked)."""
     path = tmp_path / "ike-only.toml"
-    path.write_text(EXAMPLE.read_text().split("[worker]")[0])
+    text = EXAMPLE.read_text().split("[worker]")[0]
+    assert "[node]\n" in text
+    path.write_text(text.replace("[node]\n", "[node]\ncontrol = false\n", 1))
     return path
 
 

@@ -29,6 +29,7 @@ LAYERS = {
     "cluster.worker": 4,
     "cluster.cli": 5,
     "cluster.ops": 5,  # the operations commands of the CLI
+    "cluster.control": 5,  # a running node's control socket (ops' way to a single node)
     "cluster.single_node": 5,
     "cluster.roles": 5,
     "cluster.__main__": 5,

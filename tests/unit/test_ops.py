@@ -253,14 +253,19 @@ def write_config(tmp_path: Path, cluster: str) -> str:
     '[cluster]\nrelay = "0.0.0.0:4800"\n',
     '[cluster]\nstore = "memory://"\n',
 ])
-@pytest.mark.parametrize("command", ["sas", "nodes"])
-def test_without_a_shared_store_there_is_nothing_to_read(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], cluster: str, command: str) -> None:
+def test_without_a_shared_store_sas_asks_the_single_node_and_nodes_has_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], cluster: str) -> None:
+    """A single node's SAs are in its memory: `sas` asks its control socket (no node with
+    this id runs here, so that fails), `nodes` has no members to list."""
     path = write_config(tmp_path, cluster)
-    assert cli.main([command, "--config", path]) == cli.EXIT_CONFIG
+    assert cli.main(["nodes", "--config", path]) == cli.EXIT_CONFIG
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == f"{path}: no [cluster] store: there is no shared store to read\n"
+    assert err == f"{path}: no [cluster] store: a single node has no members to list\n"
+    assert cli.main(["sas", "--config", path]) == cli.EXIT_FAILURE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("node ") and "runs in this network namespace" in err, err
 
 
 def test_a_bad_configuration_is_a_config_error(
