@@ -76,11 +76,12 @@ async def serve_control(node_id: str, handlers: Mapping[str, Handler], *,
 async def _answer(conn: trio.socket.SocketType, handlers: Mapping[str, Handler]) -> None:
     with conn:
         try:
-            if not _allowed(conn):
-                await _send(conn, {"ok": False, "error": "permission denied"})
-                return
+            line = None
             with trio.move_on_after(IO_TIMEOUT):
                 line = await _read_line(conn, MAX_REQUEST)
+            if not _allowed(conn):  # (after the read: the client hears the refusal)
+                await _send(conn, {"ok": False, "error": "permission denied"})
+                return
             request = _parse(line) if line is not None else None
             if request is None:
                 await _send(conn, {"ok": False, "error": "not a request"})
