@@ -300,6 +300,7 @@ class _Loader:
             keep_alive=self.keep_alive(ike),
         )
         self.check_psk_secrets(policy, addresses)
+        self.check_ppks(policy)
         extra = {name: root.raw_table(name) for name in FUTURE_TABLES if name in root}
         worker = self.worker(root) if "worker" in root else None
         for initiation in initiations:
@@ -491,6 +492,8 @@ class _Loader:
                 "unique",
                 "reauth_time",
                 "vips",
+                "ppk_id",
+                "ppk_required",
             ),
         )
         version = conn.integer("version", 2)
@@ -528,8 +531,19 @@ class _Loader:
             unique=self.unique(conn),
             reauth_time=self.reauth_time(conn),
             vips=self.vips(conn),
+            ppk_id=self.ppk_id(conn),
+            ppk_required=conn.boolean("ppk_required", False),
         )
         return connection, self.initiation(conn, connection, remote_port, addresses)
+
+    def ppk_id(self, conn: _Table) -> bytes | None:
+        text = conn.string("ppk_id", "")
+        if not text:
+            return None
+        try:  # strongSwan sends the identity's encoding (the text, for a name)
+            return parse_identity(text).data
+        except ValueError as exc:
+            conn.fail("ppk_id", str(exc))
 
     def duration(self, table: _Table, name: str, default: float) -> float:
         """Seconds, as a number or swanctl's text ("30s", "10m", "4h", "1d")."""
@@ -940,8 +954,13 @@ class _Loader:
 
     def secret(self, key: str, value: object) -> SharedSecret:
         entry = self.table(key, value, ("ids", "secret", "secret_env", "secret_file"))
-        # swanctl's naming: secrets.eap-NAME are EAP passwords, any other is an IKE PSK
-        kind: Literal["ike", "eap"] = "eap" if key.startswith("secrets.eap-") else "ike"
+        # swanctl's naming: secrets.eap-NAME are EAP passwords, secrets.ppk-NAME
+        # post-quantum preshared keys (RFC 8784, ids are their PPK_IDs), any other an IKE PSK
+        kind: Literal["ike", "eap", "ppk"] = "ike"
+        if key.startswith("secrets.eap-"):
+            kind = "eap"
+        elif key.startswith("secrets.ppk-"):
+            kind = "ppk"
         id_texts = entry.strings("ids", required=True)
         if not id_texts:
             entry.fail("ids", "needs at least one identity (\"%any\" matches every peer)")
@@ -979,6 +998,8 @@ class _Loader:
             text = text.rstrip("\r\n")
         if kind == "eap" and all(p.any for p in ids):
             entry.fail("ids", "an EAP secret needs the user's identity, not only %any")
+        if kind == "ppk" and any(p.any for p in ids):
+            entry.fail("ids", "a PPK is named by its PPK_IDs; %any names none")
         secret = _decode_secret(entry, name, text)
         if kind == "eap":
             try:  # MS-CHAPv2 hashes the password as text (UTF-16)
@@ -986,6 +1007,21 @@ class _Loader:
             except UnicodeDecodeError:
                 entry.fail(name, "an EAP password must be UTF-8 text")
         return SharedSecret(ids=tuple(ids), secret=secret, kind=kind)
+
+    def check_ppks(self, policy: ResponderPolicy) -> None:
+        """A connection that names or needs a PPK must have one to use."""
+        for conn in policy.connections:
+            key = _join("connections", conn.name)
+            if conn.ppk_id is not None and policy.find_ppk(conn.ppk_id) is None:
+                self.fail(_join(key, "ppk_id"),
+                          "no [secrets.ppk-NAME] entry has this PPK_ID in its ids")
+            if conn.ppk_required and not policy.has_ppk:
+                self.fail(_join(key, "ppk_required"),
+                          "a PPK is required, but no [secrets.ppk-NAME] entry gives one")
+            if (conn.ppk_id is not None or conn.ppk_required) and \
+                    conn.remote.method == "eap-mschapv2":
+                self.fail(_join(key, "ppk_id" if conn.ppk_id is not None else "ppk_required"),
+                          "PPKs are not supported with EAP yet")
 
     def check_psk_secrets(self, policy: ResponderPolicy, addresses: tuple[str, ...]) -> None:
         """A psk connection without a secret it could ever use is a mistake, not a warning."""

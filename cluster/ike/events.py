@@ -25,6 +25,7 @@ class IkeSaEstablished:
     virtual_ips: tuple[str, ...] = ()  # leased to the peer (RFC 7296 2.19)
     eap_identity: str = ""  # the user the peer authenticated as with EAP, if it did
     own_virtual_ips: tuple[str, ...] = ()  # ours, assigned by the responder
+    ppk: bool = False  # a post-quantum preshared key was mixed into its keys (RFC 8784)
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ from .identity import (
     identity_from_payload_untrusted,
 )
 from .ike_init import candidate_connections, notifies
+from .keymat import IkeKeys, mix_ppk
 from .payloads import (
     AuthPayload,
     CertPayload,
@@ -71,9 +72,10 @@ def _local_identity(sa: IkeSa, auth: LocalAuth) -> Identity:
 
 
 def _our_auth(sa: IkeSa, auth: LocalAuth, ident: Identity, peer_ident: Identity | None,
-              message: bytes, peer_nonce: bytes) -> list[Payload]:
-    """CERT payloads (if any) and our AUTH payload."""
-    chosen, keys = sa.chosen, sa.keys
+              message: bytes, peer_nonce: bytes, keys: IkeKeys | None = None
+              ) -> list[Payload]:
+    """CERT payloads (if any) and our AUTH payload; `keys` when not the SA's."""
+    chosen, keys = sa.chosen, keys or sa.keys
     assert chosen is not None and chosen.prf is not None and keys is not None
     sk_p = keys.sk_pi if sa.is_initiator else keys.sk_pr
     octets = signed_octets(message, peer_nonce, chosen.prf, sk_p, ident.id_type, ident.data)
@@ -96,8 +98,9 @@ def _our_auth(sa: IkeSa, auth: LocalAuth, ident: Identity, peer_ident: Identity 
 def _verify_peer(sa: IkeSa, remote: RemoteAuth, peer_ident: Identity, id_type: int,
                  id_data: bytes, auth: AuthPayload, certs: list[CertPayload],
                  local_ident: Identity | None, message: bytes, our_nonce: bytes,
-                 wall_clock: WallClock) -> None:
-    chosen, keys = sa.chosen, sa.keys
+                 wall_clock: WallClock, keys: IkeKeys | None = None) -> None:
+    """Check the peer's AUTH; `keys` when they are not the SA's (a PPK mixed in)."""
+    chosen, keys = sa.chosen, keys or sa.keys
     assert chosen is not None and chosen.prf is not None and keys is not None
     sk_p = keys.sk_pr if sa.is_initiator else keys.sk_pi
     octets = signed_octets(message, our_nonce, chosen.prf, sk_p, id_type, id_data)
@@ -131,6 +134,7 @@ def _established(sa: IkeSa, initial_contact: bool = False) -> None:
         sa.spi_i, sa.spi_r, sa.connection.name, str(sa.local_id), str(sa.remote_id),
         sa.local, sa.remote, sa.chosen.describe(), sa.nat, initial_contact,
         tuple(str(lease.address) for lease in sa.leases), sa.eap_identity, sa.own_vips,
+        sa.ppk,
     ))
 
 
@@ -154,8 +158,11 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
     if auth is None:  # RFC 7296 2.16: the peer authenticates with EAP
         return _start_eap(sa, payloads, idi, idr, peer_ident, rng), False
     certs = [p for p in payloads if isinstance(p, CertPayload)]
+    ppk_id = _ppk_identity_untrusted(payloads) if sa.use_ppk else None
+    no_ppk = notifies(payloads, NotifyType.NO_PPK_AUTH) if sa.use_ppk else []
     failure: IkeError = AuthenticationFailed(f"no connection accepts identity {peer_ident}")
     chosen_conn: ConnectionConfig | None = None
+    ppk: bytes | None = None
     for conn in candidate_connections(sa.policy, sa.local, sa.remote):
         if conn.remote.method == "eap-mschapv2" or not conn.remote.identity.matches(peer_ident):
             continue
@@ -163,8 +170,13 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
         if idr is not None and (idr.id_type, idr.data) != (local_ident.id_type, local_ident.data):
             continue  # the peer asked for another identity of ours
         try:
-            _verify_peer(sa, conn.remote, peer_ident, idi.id_type, idi.data, auth, certs,
-                         conn.local.identity, sa.init_request, sa.nonce_r, wall_clock)
+            ppk = _ppk_for(sa, conn, ppk_id)
+            keys = None if ppk is None else _mixed(sa, ppk)
+            # RFC 8784 3: without the PPK, the AUTH made without one (if the peer sent it)
+            peer_auth = auth if ppk is not None or not no_ppk else \
+                AuthPayload(auth.method, no_ppk[0].data)
+            _verify_peer(sa, conn.remote, peer_ident, idi.id_type, idi.data, peer_auth, certs,
+                         conn.local.identity, sa.init_request, sa.nonce_r, wall_clock, keys)
         except AuthenticationFailed as exc:
             failure = exc
             continue
@@ -175,10 +187,66 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
     sa.connection = chosen_conn
     sa.remote_id = peer_ident
     sa.local_id = _local_identity(sa, chosen_conn.local)
+    if ppk is not None:  # our AUTH, the Child SAs and rekeys all use the mixed keys
+        sa.keys, sa.ppk = _mixed(sa, ppk), True
     response: list[Payload] = [IdrPayload(sa.local_id.id_type, sa.local_id.data)]
     response += _our_auth(sa, chosen_conn.local, sa.local_id, peer_ident, sa.init_response,
                           sa.nonce_i)
+    if ppk is not None:
+        response.append(NotifyPayload(NotifyType.PPK_IDENTITY))
     return _finish(sa, chosen_conn, payloads, response, rng), True
+
+
+PPK_ID_OPAQUE, PPK_ID_FIXED = 1, 2  # RFC 8784 3: the PPK_ID types
+
+
+def _ppk_identity_untrusted(payloads: list[Payload]) -> bytes | None:
+    """The PPK_ID of the first PPK_IDENTITY notify; None when there is none we can read
+    (as strongSwan, a malformed one counts as none)."""
+    found = notifies(payloads, NotifyType.PPK_IDENTITY)
+    if not found:
+        return None
+    data = found[0].data
+    if len(data) < 2 or data[0] not in (PPK_ID_OPAQUE, PPK_ID_FIXED):
+        return None
+    return data[1:]
+
+
+def _ppk_for(sa: IkeSa, conn: ConnectionConfig, ppk_id: bytes | None) -> bytes | None:
+    """The PPK this connection uses with the peer, None for none; AuthenticationFailed
+    when it requires one it cannot have (RFC 8784 3, strongSwan's ppk_id/ppk_required)."""
+    if not sa.use_ppk:
+        if conn.ppk_required:
+            raise AuthenticationFailed("PPK required, but the peer does not support PPK")
+        return None
+    if ppk_id is None:
+        if conn.ppk_required:
+            raise AuthenticationFailed("PPK required, but no PPK_IDENTITY received")
+        return None
+    if conn.ppk_id is not None and ppk_id != conn.ppk_id:
+        raise AuthenticationFailed(f"PPK_ID {ppk_id!r} received, {conn.ppk_id!r} required")
+    ppk = sa.policy.find_ppk(ppk_id)
+    if ppk is None and conn.ppk_required:
+        raise AuthenticationFailed(f"PPK required, but none for PPK_ID {ppk_id!r}")
+    return ppk
+
+
+def _our_ppk(sa: IkeSa) -> bytes | None:
+    """As the initiator: the PPK we use, if the responder supports PPKs and we have one;
+    AuthenticationFailed when our connection requires one it cannot have."""
+    conn = sa.connection
+    assert conn is not None
+    if not sa.use_ppk or conn.ppk_id is None:
+        if conn.ppk_required:
+            raise AuthenticationFailed("PPK required, but the responder does not support "
+                                       "PPK" if not sa.use_ppk else "PPK required, no ppk_id")
+        return None
+    return sa.policy.find_ppk(conn.ppk_id)
+
+
+def _mixed(sa: IkeSa, ppk: bytes) -> IkeKeys:
+    assert sa.chosen is not None and sa.chosen.prf is not None and sa.keys is not None
+    return mix_ppk(sa.chosen.prf, ppk, sa.keys)
 
 
 def _finish(sa: IkeSa, chosen_conn: ConnectionConfig, payloads: list[Payload],
@@ -283,10 +351,20 @@ def build_auth_request(sa: IkeSa, rng: Random) -> list[Payload]:
                                        certreq_authority_hashes(conn.remote.cacerts)))
     if not peer.any and peer.identity is not None:
         payloads.append(IdrPayload(peer.identity.id_type, peer.identity.data))
-    auth = _our_auth(sa, conn.local, sa.local_id, peer.identity, sa.init_request, sa.nonce_r)
+    ppk = _our_ppk(sa)
+    auth = _our_auth(sa, conn.local, sa.local_id, peer.identity, sa.init_request, sa.nonce_r,
+                     None if ppk is None else _mixed(sa, ppk))
     # CERT payloads go before AUTH, after IDi (RFC 7296 1.2 ordering)
     payloads[1:1] = [p for p in auth if isinstance(p, CertPayload)]
     payloads += [p for p in auth if isinstance(p, AuthPayload)]
+    if ppk is not None and conn.ppk_id is not None:  # RFC 8784 3
+        payloads.append(NotifyPayload(NotifyType.PPK_IDENTITY,
+                                      bytes([PPK_ID_FIXED]) + conn.ppk_id))
+        if not conn.ppk_required:  # a responder without the PPK may check this one
+            (plain,) = [p for p in _our_auth(sa, conn.local, sa.local_id, peer.identity,
+                                             sa.init_request, sa.nonce_r)
+                        if isinstance(p, AuthPayload)]
+            payloads.append(NotifyPayload(NotifyType.NO_PPK_AUTH, plain.data))
     if sa.initial_contact:
         payloads.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
     payloads.append(NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))  # RFC 6311 3
@@ -328,8 +406,16 @@ def process_auth_response(sa: IkeSa, payloads: list[Payload], wall_clock: WallCl
     if not conn.remote.identity.matches(peer_ident):
         raise AuthenticationFailed(f"responder identity {peer_ident} is not the one configured")
     certs = [p for p in payloads if isinstance(p, CertPayload)]
+    ppk = _our_ppk(sa)
+    if ppk is not None and not notifies(payloads, NotifyType.PPK_IDENTITY):
+        if conn.ppk_required:  # RFC 8784 3: the responder did not use our PPK
+            raise AuthenticationFailed("PPK required, but the responder did not use it")
+        ppk = None
+    keys = None if ppk is None else _mixed(sa, ppk)
     _verify_peer(sa, conn.remote, peer_ident, idr.id_type, idr.data, auth, certs,
-                 sa.local_id, sa.init_response, sa.nonce_i, wall_clock)
+                 sa.local_id, sa.init_response, sa.nonce_i, wall_clock, keys)
+    if keys is not None:
+        sa.keys, sa.ppk = keys, True
     sa.remote_id = peer_ident
     sa.mid_sync = bool(notifies(payloads, NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))
     if conn.vips:

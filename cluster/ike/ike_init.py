@@ -169,6 +169,9 @@ def respond_init(sa: IkeSa, payloads: list[Payload], rng: Random,
     if notifies(payloads, NotifyType.IKEV2_FRAGMENTATION_SUPPORTED):  # RFC 7383 2.3
         sa.fragmentation = True
         response.append(NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
+    if notifies(payloads, NotifyType.USE_PPK) and sa.policy.has_ppk:  # RFC 8784 3
+        sa.use_ppk = True
+        response.append(NotifyPayload(NotifyType.USE_PPK))
     return response
 
 
@@ -193,6 +196,8 @@ def build_init_request(sa: IkeSa, group: int, rng: Random, cookie: bytes = b"") 
         NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED),
         _hash_algorithms_notify(),
     ]
+    if conn.ppk_id is not None or conn.ppk_required:  # RFC 8784 3
+        payloads.append(NotifyPayload(NotifyType.USE_PPK))
     sa.nat_local = conn.encap
     return payloads
 
@@ -239,6 +244,8 @@ def process_init_response(sa: IkeSa, spi_r: bytes,
     sa.peer_hashes = _hash_algorithms_untrusted(payloads)
     sa.peer_certreq = first_of(payloads, CertreqPayload) is not None
     sa.fragmentation = bool(notifies(payloads, NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
+    sa.use_ppk = bool(notifies(payloads, NotifyType.USE_PPK)) and \
+        (conn.ppk_id is not None or conn.ppk_required)
     _detect_nat(sa, payloads, spi_r)
     try:
         shared = sa.ke.shared_secret_untrusted(ke.data)

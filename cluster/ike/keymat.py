@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..transforms import EncrAlgorithm, IntegAlgorithm, PrfAlgorithm
 
@@ -44,6 +44,16 @@ def derive_ike_keys(prf: PrfAlgorithm, encr: EncrAlgorithm, integ: IntegAlgorith
         parts.append(stream[pos : pos + size])
         pos += size
     return IkeKeys(*parts)
+
+
+def mix_ppk(prf: PrfAlgorithm, ppk: bytes, keys: IkeKeys) -> IkeKeys:
+    """SK_d, SK_pi and SK_pr each become prf+(PPK, the old key), of its length (RFC 8784
+    3); the keys that protect IKE messages stay."""
+    def mixed(key: bytes) -> bytes:
+        return prf.plus(ppk, key, len(key))
+
+    return replace(keys, sk_d=mixed(keys.sk_d), sk_pi=mixed(keys.sk_pi),
+                   sk_pr=mixed(keys.sk_pr))
 
 
 @dataclass(frozen=True)

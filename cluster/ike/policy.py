@@ -124,6 +124,11 @@ class ConnectionConfig:
     # as the initiator: ask the responder for an address of these IP versions (swanctl's
     # vips = 0.0.0.0 / ::); `dynamic` local selectors then stand for it
     vips: tuple[int, ...] = ()
+    # RFC 8784 post-quantum preshared key (swanctl's ppk_id / ppk_required): the PPK_ID
+    # the peer must name (None: any we hold a PPK for), and whether an SA without a PPK
+    # is refused
+    ppk_id: bytes | None = None
+    ppk_required: bool = False
 
     def child(self, name: str) -> ChildConfig | None:
         """The child configuration called `name` (a loop: see payloads.first_of)."""
@@ -137,7 +142,7 @@ class ConnectionConfig:
 class SharedSecret:
     ids: tuple[IdentityPattern, ...]
     secret: bytes = field(repr=False)
-    kind: Literal["ike", "eap"] = "ike"  # swanctl's secrets ike-NAME / eap-NAME
+    kind: Literal["ike", "eap", "ppk"] = "ike"  # swanctl's secrets ike-/eap-/ppk-NAME
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,18 @@ class ResponderPolicy:
             if score and (best is None or score > best[0]):
                 best = (score, entry.secret)
         return best[1] if best else None
+
+    @property
+    def has_ppk(self) -> bool:
+        return any(entry.kind == "ppk" for entry in self.secrets)
+
+    def find_ppk(self, ppk_id: bytes) -> bytes | None:
+        """The post-quantum preshared key named `ppk_id` (RFC 8784), if we hold it."""
+        for entry in self.secrets:
+            if entry.kind == "ppk" and any(
+                    p.identity is not None and p.identity.data == ppk_id for p in entry.ids):
+                return entry.secret
+        return None
 
     def find_eap_secret(self, identity: bytes,
                         allowed: IdentityPattern | None = None) -> bytes | None:

@@ -123,7 +123,8 @@ def log_event(event: Event) -> None:
             event.algorithms,
             "".join(f" vip={address}" for address in event.virtual_ips)
             + "".join(f" own_vip={address}" for address in event.own_virtual_ips)
-            + (f" eap_id={event.eap_identity}" if event.eap_identity else ""),
+            + (f" eap_id={event.eap_identity}" if event.eap_identity else "")
+            + (" ppk" if event.ppk else ""),
             " (NAT)" if event.nat else "",
         )
     elif isinstance(event, IkeSaDeleted):

@@ -223,6 +223,10 @@ class Charon:
         eap = "".join(
             f"    eap-{conn.name}-{user} {{\n        id = {_q(user)}\n"
             f"        secret = {_q(password)}\n    }}\n" for user, password in conn.eap_users)
+        eap += "".join(
+            f"    ppk-{conn.name}-{n} {{\n        id = {_q(ppk_id)}\n"
+            f"        secret = {_q(secret)}\n    }}\n"
+            for n, (ppk_id, secret) in enumerate(conn.ppks))
         if conn.psk is None:
             return eap
         return eap + (

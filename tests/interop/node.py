@@ -122,6 +122,9 @@ def render_node_config(
         for user, password in conn.eap_users:
             out += [f"[secrets.eap-{conn.name}-{user}]", f"ids = {_toml([user])}",
                     f"secret = {_toml(password)}", ""]
+        for n, (ppk_id, secret) in enumerate(conn.ppks):
+            out += [f"[secrets.ppk-{conn.name}-{n}]", f"ids = {_toml([ppk_id])}",
+                    f"secret = {_toml(secret)}", ""]
         if conn.psk is not None:
             out += [
                 f"[secrets.{conn.name}]",

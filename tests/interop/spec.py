@@ -64,6 +64,7 @@ class Conn:
     remote_addrs: tuple[str, ...] = ()
     psk: str | None = None  # shared between local.id and remote.id when set
     eap_users: tuple[tuple[str, str], ...] = ()  # (EAP identity, password) secrets
+    ppks: tuple[tuple[str, str], ...] = ()  # (PPK_ID, secret) post-quantum keys (RFC 8784)
     encap: bool = False
     rekey_time: str | None = None
     dpd_delay: str | None = None

@@ -1257,3 +1257,48 @@ def test_packet_for_a_deleted_sa_is_not_sent(lab: Lab, initiator: Charon) -> Non
     lab.responder.ip("route", "add", "10.99.1.0/24", "dev", "ikec0", "table", "1450")
     wire = responder_wire(lab, "10.99.1.0/24")
     assert_dropped_without_sa(lab, node, wire, INITIATOR_INNER_V4)
+
+
+PPK = ("pq-1", "0x" + "5a" * 32)
+
+
+@pytest.mark.parametrize("case", ["shared", "responder lacks it", "different keys"])
+def test_a_post_quantum_ppk_is_mixed_in_and_traffic_crosses(
+        lab: Lab, initiator: Charon, case: str) -> None:
+    """RFC 8784 with strongSwan's ppk_id / ppk_required. Shared: strongSwan logs that it
+    used the PPK, our node marks the SA `ppk`, pings cross (the Child SA keys come from
+    the PPK-mixed SK_d) and still do after a Child SA rekey. Our node without that PPK
+    while strongSwan's is optional: it checks strongSwan's NO_PPK_AUTH and the SA comes
+    up without one. Different PPK values under one PPK_ID: refused."""
+    initiator_conn, responder_conn = conn_pair()
+    required = case != "responder lacks it"
+    initiator_conn = replace(initiator_conn, ppks=(PPK,), extra={
+        "ppk_id": PPK[0], "ppk_required": "yes" if required else "no"})
+    theirs = {"shared": PPK, "responder lacks it": ("pq-2", PPK[1]),
+              "different keys": (PPK[0], "0x" + "a5" * 32)}[case]
+    responder_conn = replace(responder_conn, ppks=(theirs,))
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    initiator.load(initiator_conn)
+    result = initiator.initiate("net")
+    if case == "different keys":
+        assert result.returncode != 0, result.stdout
+        wait_for_log(node, r"IKE SA failed: .* reason=PSK AUTH does not verify")
+        return
+    sa = assert_initiated(result, initiator)
+    log = initiator.log_text()
+    if case == "shared":
+        assert "using PPK for PPK_ID 'pq-1'" in log, log
+        wait_for_log(node, rf"IKE SA established: rw spi_i={sa['initiator-spi']} .* ppk")
+    else:
+        assert "using PPK" not in log, log
+        wait_for_log(node, rf"IKE SA established: rw spi_i={sa['initiator-spi']} .*")
+        assert " ppk" not in node.log_text()
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert received == sent, output
+    if case == "shared":
+        initiator.rekey(child="net")
+        wait_for_log(node, r"CHILD SA established: net ", count=2)
+        wait_for_log(node, r"CHILD SA deleted: net .* reason=deleted by peer")
+        sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+        assert received == sent, output

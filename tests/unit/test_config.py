@@ -418,6 +418,17 @@ def test_start_action_mistake_names_the_key(
     assert reason in message[len(prefix):], message
 
 
+def test_ppks_follow_swanctl(tmp_path: Path) -> None:
+    text = edit(("version = 2\n", 'version = 2\nppk_id = "pq-1"\nppk_required = true\n'))
+    config = load_config(write(tmp_path, text + '[secrets.ppk-1]\nids = ["pq-1"]\n'
+                                              'secret = "0x00112233"\n'))
+    (conn,) = config.policy.connections
+    assert (conn.ppk_id, conn.ppk_required) == (b"pq-1", True)
+    assert config.policy.find_ppk(b"pq-1") == bytes.fromhex("00112233")
+    assert config.policy.find_ppk(b"pq-2") is None
+    assert config.policy.find_psk(None, conn.local.identity) != bytes.fromhex("00112233")
+
+
 def test_unique_follows_swanctl(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, BASE)).policy.connections[0].unique == "no"
     text = edit(("version = 2\n", 'version = 2\nunique = "replace"\n'))
@@ -592,6 +603,12 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
      "pools.rw.addrs", "is not an address range"),
     ("bad pool dns", BASE + '[pools.rw]\naddrs = "10.3.0.0/24"\ndns = ["ns.example"]\n',
      "pools.rw.dns[0]", "'ns.example' is not an IP address"),
+    ("ppk_id without its ppk", edit(("version = 2\n", 'version = 2\nppk_id = "pq-1"\n')),
+     "connections.rw.ppk_id", "no [secrets.ppk-NAME] entry has this PPK_ID in its ids"),
+    ("ppk_required without a ppk", edit(("version = 2\n", 'version = 2\nppk_required = true\n')),
+     "connections.rw.ppk_required", "a PPK is required, but no [secrets.ppk-NAME] entry gives"),
+    ("a ppk for %any", BASE + '[secrets.ppk-1]\nids = ["%any"]\nsecret = "0x0102"\n',
+     "secrets.ppk-1.ids", "a PPK is named by its PPK_IDs; %any names none"),
 ]
 
 

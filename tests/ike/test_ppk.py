@@ -1,0 +1,138 @@
+"""RFC 8784 post-quantum preshared keys, both roles in memory."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from dataclasses import replace
+
+import pytest
+
+from cluster.ike.constants import NotifyType
+from cluster.ike.events import IkeSaEstablished, IkeSaFailed
+from cluster.ike.identity import parse_identity_pattern
+from cluster.ike.keymat import IkeKeys, mix_ppk
+from cluster.ike.policy import ConnectionConfig, ResponderPolicy, SharedSecret
+from cluster.ike.session import IkeSession
+from cluster.ike.state import State
+from cluster.transforms import PRF_ALGORITHMS
+from tests.ike.sessions import (
+    CLIENT,
+    GW,
+    client_for,
+    drain,
+    psk_connection,
+    psk_policy,
+    run_handshake,
+)
+
+PPK = bytes(range(32))
+
+
+def _with_ppks(policy: ResponderPolicy, *ppks: tuple[str, bytes]) -> ResponderPolicy:
+    extra = tuple(SharedSecret((parse_identity_pattern(i),), key, "ppk") for i, key in ppks)
+    return replace(policy, secrets=policy.secrets + extra)
+
+
+def _pair(gw: ConnectionConfig, client: ConnectionConfig, gw_ppks: tuple[tuple[str, bytes], ...],
+          client_ppks: tuple[tuple[str, bytes], ...]) -> tuple[IkeSession, IkeSession]:
+    gw_policy = _with_ppks(psk_policy(gw), *gw_ppks)
+    client_policy = _with_ppks(psk_policy(client, ids=("client.example.test", "%any")),
+                               *client_ppks)
+    initiator = IkeSession.initiator(client, client_policy, os.urandom(8), CLIENT, GW, 0.0)
+    responder = IkeSession.responder(gw_policy, os.urandom(8), GW, CLIENT)
+    run_handshake(initiator, responder)
+    return initiator, responder
+
+
+def _established(session: IkeSession) -> IkeSaEstablished | None:
+    found = [e for e in drain(session) if isinstance(e, IkeSaEstablished)]
+    return found[0] if found else None
+
+
+def test_mixing_follows_rfc_8784_prf_plus_of_the_ppk_over_each_key() -> None:
+    prf = PRF_ALGORITHMS["prfsha256"]
+    keys = IkeKeys(*(bytes([n]) * 32 for n in range(1, 8)))
+    mixed = mix_ppk(prf, PPK, keys)
+
+    def prf_plus_32(seed: bytes) -> bytes:  # one block: T1 = prf(PPK, seed | 0x01)
+        return hmac.new(PPK, seed + b"\x01", hashlib.sha256).digest()
+
+    assert mixed.sk_d == prf_plus_32(keys.sk_d)
+    assert mixed.sk_pi == prf_plus_32(keys.sk_pi)
+    assert mixed.sk_pr == prf_plus_32(keys.sk_pr)
+    assert (mixed.sk_ai, mixed.sk_ar, mixed.sk_ei, mixed.sk_er) == (
+        keys.sk_ai, keys.sk_ar, keys.sk_ei, keys.sk_er)
+
+
+def test_a_shared_ppk_is_mixed_into_both_sides_keys() -> None:
+    gw = psk_connection()
+    client = replace(client_for(gw), ppk_id=b"pq-1")
+    initiator, responder = _pair(gw, client, (("pq-1", PPK),), (("pq-1", PPK),))
+    assert initiator.state is State.ESTABLISHED and responder.state is State.ESTABLISHED
+    assert initiator.sa.ppk and responder.sa.ppk
+    assert initiator.sa.keys == responder.sa.keys
+    plain = _pair(gw, client_for(gw), (), ())  # the same exchange without a PPK
+    assert not plain[0].sa.ppk
+    event = _established(responder)
+    assert event is not None and event.ppk
+    (child_i,) = initiator.sa.children.values()
+    (child_r,) = responder.sa.children.values()
+    assert child_i.keys == child_r.keys  # derived from the mixed SK_d on both sides
+
+
+def test_a_responder_without_the_ppk_checks_no_ppk_auth_when_it_is_optional() -> None:
+    gw = psk_connection()
+    client = replace(client_for(gw), ppk_id=b"pq-1")
+    initiator, responder = _pair(gw, client, (("other", PPK),), (("pq-1", PPK),))
+    assert initiator.state is State.ESTABLISHED and responder.state is State.ESTABLISHED
+    assert not initiator.sa.ppk and not responder.sa.ppk
+
+
+@pytest.mark.parametrize("case", ["responder requires", "initiator requires",
+                                  "different ppk", "wrong ppk_id"])
+def test_a_ppk_that_cannot_be_used_fails_the_sa(case: str) -> None:
+    gw = psk_connection()
+    client = replace(client_for(gw), ppk_id=b"pq-1")
+    gw_ppks: tuple[tuple[str, bytes], ...] = (("pq-1", PPK),)
+    client_ppks: tuple[tuple[str, bytes], ...] = (("pq-1", PPK),)
+    if case == "responder requires":
+        gw = replace(gw, ppk_required=True)
+        client = client_for(psk_connection())  # no ppk_id: it sends no PPK
+        client_ppks = ()
+    elif case == "initiator requires":
+        client = replace(client, ppk_required=True)
+        gw_ppks = ()
+    elif case == "different ppk":
+        client_ppks = (("pq-1", bytes(32)),)
+    else:
+        gw = replace(gw, ppk_id=b"pq-2")
+        gw_ppks = (("pq-1", PPK), ("pq-2", PPK))
+    initiator, responder = _pair(gw, client, gw_ppks, client_ppks)
+    assert initiator.state is not State.ESTABLISHED
+    assert responder.state is not State.ESTABLISHED
+    failed = [e for e in drain(initiator) if isinstance(e, IkeSaFailed)]
+    assert failed, case
+
+
+def test_ppk_notifies_only_where_both_announce() -> None:
+    """USE_PPK in IKE_SA_INIT only back to a peer that sent it, and only with a PPK."""
+    from cluster.ike.message import decode_untrusted
+
+    gw = psk_connection()
+    client = replace(client_for(gw), ppk_id=b"pq-1")
+    for gw_ppks, expected in (((), False), ((("pq-1", PPK),), True)):
+        gw_policy = _with_ppks(psk_policy(gw), *gw_ppks)
+        client_policy = _with_ppks(psk_policy(client, ids=("client.example.test", "%any")),
+                                   ("pq-1", PPK))
+        initiator = IkeSession.initiator(client, client_policy, os.urandom(8), CLIENT, GW, 0.0)
+        responder = IkeSession.responder(gw_policy, os.urandom(8), GW, CLIENT)
+        (request,) = initiator.datagrams_to_send()
+        assert any(getattr(p, "notify_type", None) == NotifyType.USE_PPK
+                   for p in decode_untrusted(request.data).payloads)
+        responder.receive_datagram_untrusted(request.data, request.remote, request.local, 0.0)
+        (reply,) = responder.datagrams_to_send()
+        announced = any(getattr(p, "notify_type", None) == NotifyType.USE_PPK
+                        for p in decode_untrusted(reply.data).payloads)
+        assert announced is expected
