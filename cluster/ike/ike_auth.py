@@ -270,7 +270,9 @@ def _finish(sa: IkeSa, chosen_conn: ConnectionConfig, payloads: list[Payload],
     if chosen_conn.mobike and notifies(payloads, NotifyType.MOBIKE_SUPPORTED):
         sa.mobike = True  # RFC 4555 3.1: the initiator may now move the SA
         response.append(NotifyPayload(NotifyType.MOBIKE_SUPPORTED))
-    if not any(isinstance(p, NotifyPayload) for p in config):
+    if sa.childless and first_of(payloads, SaPayload) is None:
+        pass  # RFC 6023 3: an IKE SA alone; CREATE_CHILD_SA brings its Child SAs
+    elif not any(isinstance(p, NotifyPayload) for p in config):
         response += respond_child(sa, chosen_conn, payloads, rng)
     return response
 

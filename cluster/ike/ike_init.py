@@ -169,6 +169,10 @@ def respond_init(sa: IkeSa, payloads: list[Payload], rng: Random,
     if notifies(payloads, NotifyType.IKEV2_FRAGMENTATION_SUPPORTED):  # RFC 7383 2.3
         sa.fragmentation = True
         response.append(NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
+    # RFC 6023 3: announced to every initiator (strongSwan's childless = force sends
+    # nothing itself and waits for it); a status notify others ignore
+    sa.childless = True
+    response.append(NotifyPayload(NotifyType.CHILDLESS_IKEV2_SUPPORTED))
     if notifies(payloads, NotifyType.USE_PPK) and sa.policy.has_ppk:  # RFC 8784 3
         sa.use_ppk = True
         response.append(NotifyPayload(NotifyType.USE_PPK))

@@ -112,6 +112,7 @@ class IkeSa:
     mid_sync: bool = False  # both announced IKEV2_MESSAGE_ID_SYNC_SUPPORTED (RFC 6311)
     mobike: bool = False  # both announced MOBIKE_SUPPORTED (RFC 4555); we are its responder
     use_ppk: bool = False  # both announced USE_PPK in IKE_SA_INIT (RFC 8784 3)
+    childless: bool = False  # the initiator may set it up without a Child SA (RFC 6023)
     ppk: bool = False  # a post-quantum preshared key is mixed into SK_d, SK_pi, SK_pr
     reassembly: dict[bool, Reassembler] = field(default_factory=dict)  # by "is a response"
     fragment1_digest: bytes = b""  # of the request being reassembled (retransmission check)

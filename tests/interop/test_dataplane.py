@@ -1302,3 +1302,24 @@ def test_a_post_quantum_ppk_is_mixed_in_and_traffic_crosses(
         wait_for_log(node, r"CHILD SA deleted: net .* reason=deleted by peer")
         sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
         assert received == sent, output
+
+
+def test_a_childless_ike_sa_gets_its_child_sa_by_create_child_sa(
+        lab: Lab, initiator: Charon) -> None:
+    """RFC 6023 with strongSwan's `childless = force`: we announce the extension, its
+    IKE_AUTH carries no SA or selectors and our answer none either; the Child SA comes
+    with the next CREATE_CHILD_SA and carries pings."""
+    initiator_conn, responder_conn = conn_pair()
+    initiator_conn = replace(initiator_conn, extra={"childless": "force"})
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    initiator.load(initiator_conn)
+    child = child_sa(assert_initiated(initiator.initiate("net"), initiator))
+    assert child["state"] == "INSTALLED", child
+    log = initiator.log_text()
+    assert re.search(r"parsed IKE_SA_INIT response 0 \[[^]]*N\(CHDLESS_SUP\)", log), log
+    auth = re.search(r"generating IKE_AUTH request 1 \[([^]]*)\]", log)
+    assert auth is not None and "SA" not in auth.group(1).split() and "TSi" not in auth.group(1)
+    assert re.search(r"generating CREATE_CHILD_SA request 2 \[[^]]*SA No TSi TSr", log), log
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert received == sent, output
