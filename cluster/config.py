@@ -165,6 +165,12 @@ class NodeConfig:
     # [ike] dh_reuse: seconds one DH value of ours may serve several IKE_SA_INIT exchanges
     # (RFC 7296 2.12; forgotten when any SA that used it ends); 0: a fresh one each time
     dh_reuse: float = DH_REUSE
+    # [ike] crl_refresh: seconds between downloads of each CRL URI (sooner when the CRL
+    # says its next update comes sooner)
+    crl_refresh: float = 3600.0
+
+
+CRL_REFRESH = 3600.0  # [ike] crl_refresh's default: an hour
 
 
 def load_config(path: str | Path) -> NodeConfig:
@@ -257,7 +263,7 @@ class _Loader:
                 "addresses", "port", "port_nat_t", "legacy_algorithms", "half_open_timeout",
                 "cookie_threshold", "block_threshold", "init_limit_half_open", "notify_rate",
                 "retransmit_timeout", "retransmit_base", "retransmit_tries", "dh_reuse",
-                "keep_alive",
+                "keep_alive", "crl_refresh",
             ),
             required=True,
         )  # fmt: skip
@@ -327,6 +333,7 @@ class _Loader:
             cluster=cluster,
             extra_tables=extra,
             dh_reuse=dh_reuse,
+            crl_refresh=self.crl_refresh(ike),
         )
 
     def dos(self, ike: _Table) -> DosConfig:
@@ -351,6 +358,12 @@ class _Loader:
             ),
             notify_rate=notify_rate,
         )
+
+    def crl_refresh(self, ike: _Table) -> float:
+        seconds = self.duration(ike, "crl_refresh", CRL_REFRESH)
+        if not 1 <= seconds <= 7 * 86400:
+            ike.fail("crl_refresh", "between a second and a week")
+        return seconds
 
     def keep_alive(self, ike: _Table) -> float:
         interval = self.duration(ike, "keep_alive", 20.0)
@@ -780,10 +793,14 @@ class _Loader:
         cacerts: list[x509.Certificate] = []
         for index, text in enumerate(paths):
             cacerts.extend(self.certificates(remote, f"cacerts[{index}]", text))
-        crls = [self.crl(remote, f"crls[{index}]", text)
-                for index, text in enumerate(remote.strings("crls"))]
+        crls, uris = [], []
+        for index, text in enumerate(remote.strings("crls")):
+            if text.partition("://")[0].lower() in ("http", "https"):
+                uris.append(text)  # fetched at run time (runtime/crl_fetch.py)
+            else:
+                crls.append(self.crl(remote, f"crls[{index}]", text))
         return RemoteAuth(method="pubkey", identity=pattern, cacerts=tuple(cacerts),
-                          crls=tuple(crls))
+                          crls=tuple(crls), crl_uris=tuple(uris))
 
     def eap_remote(self, conn: _Table, remote: _Table) -> RemoteAuth:
         """EAP-MSCHAPv2 users (RFC 7296 2.16); we authenticate with a certificate."""

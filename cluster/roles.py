@@ -104,6 +104,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
     from .control import serve_control
     from .ops import reload_handler
     from .runtime.channel import ResponderChannel
+    from .runtime.crl_fetch import fetch_crls
     from .runtime.node import _shutdown_on_signal, log_event, responder_factory
     from .runtime.persistence import SaPersistence
     from .runtime.relay_endpoint import ResponderRelay
@@ -209,6 +210,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                     await nursery.start(reload_on_signal, config.source, lambda: config,
                                         reconfigure)
                 await nursery.start(supervisor.run)
+                await nursery.start(fetch_crls, lambda: config.policy, config.crl_refresh)
                 await nursery.start(persistence.run)
                 await nursery.start(channel.run)
                 if config.control:  # `ike-cluster reload`; `sas`/`terminate` use the store

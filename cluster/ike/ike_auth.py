@@ -121,7 +121,8 @@ def _verify_peer(sa: IkeSa, remote: RemoteAuth, peer_ident: Identity, id_type: i
         chain = [load_certificate_der_untrusted(c.data) for c in x509_certs[1:]]
     except ParseError as exc:
         raise AuthenticationFailed(f"peer certificate: {exc}") from None
-    verify_certificate_chain(cert, chain, remote.cacerts, wall_clock(), remote.crls)
+    crls = remote.crls + sa.policy.fetched_crls.of(remote.crl_uris)
+    verify_certificate_chain(cert, chain, remote.cacerts, wall_clock(), crls)
     if not cert_matches_identity(cert, peer_ident):
         raise AuthenticationFailed(f"certificate does not contain identity {peer_ident}")
     key = cert.public_key()

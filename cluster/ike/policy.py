@@ -38,6 +38,7 @@ class RemoteAuth:
     identity: IdentityPattern
     cacerts: tuple[x509.Certificate, ...] = ()
     crls: tuple[x509.CertificateRevocationList, ...] = ()  # checked on the peer's chain
+    crl_uris: tuple[str, ...] = ()  # CRLs the runtime fetches (ResponderPolicy.fetched_crls)
     # EAP: the identities the peer may claim in EAP-Identity (swanctl's eap_id)
     eap_id: IdentityPattern = field(default_factory=lambda: IdentityPattern(True, None))
 
@@ -145,6 +146,20 @@ class SharedSecret:
     kind: Literal["ike", "eap", "ppk"] = "ike"  # swanctl's secrets ike-/eap-/ppk-NAME
 
 
+class FetchedCrls:
+    """CRLs downloaded from the URIs of `RemoteAuth.crl_uris` (by runtime/crl_fetch.py),
+    the newest of each; certificate checks read them with the configured ones."""
+
+    def __init__(self) -> None:
+        self._by_uri: dict[str, x509.CertificateRevocationList] = {}
+
+    def put(self, uri: str, crl: x509.CertificateRevocationList) -> None:
+        self._by_uri[uri] = crl
+
+    def of(self, uris: tuple[str, ...]) -> tuple[x509.CertificateRevocationList, ...]:
+        return tuple(self._by_uri[u] for u in uris if u in self._by_uri)
+
+
 @dataclass(frozen=True)
 class ResponderPolicy:
     connections: tuple[ConnectionConfig, ...]
@@ -155,6 +170,8 @@ class ResponderPolicy:
     # strongSwan's charon.keep_alive: seconds between NAT keepalives when a NAT is in
     # front of us (RFC 3948 4); 0: none
     keep_alive: float = 20.0
+    # shared with the runtime that fills it, kept across configuration reloads
+    fetched_crls: FetchedCrls = field(default_factory=FetchedCrls, compare=False)
 
     def find_psk(self, local: Identity | None, remote: Identity) -> bytes | None:
         """The best shared secret for this pair of identities (strongSwan's matching)."""

@@ -30,6 +30,7 @@ from ..ike.session import Address, IkeSession
 from ..ike.traffic_selectors import TrafficSelector
 from ..key_exchange import ExponentialPool
 from .actor import Session
+from .crl_fetch import fetch_crls
 from .dispatcher import Dispatcher
 from .reload import reload_on_signal
 from .stats import RuntimeStats
@@ -418,6 +419,7 @@ async def run_node(
                     await nursery.start(reload_on_signal, config.source, lambda: node.config,
                                         node.reconfigure)
                 await nursery.start(supervisor.run)
+                await nursery.start(fetch_crls, lambda: node.config.policy, config.crl_refresh)
                 await nursery.start(dispatcher.serve, supervisor)
                 for initiator in initiators:
                     nursery.start_soon(initiator.run, name=f"initiate {initiator.name}")

@@ -34,7 +34,7 @@ RESTART_ONLY = (
     ("[node] id", "node_id"), ("[ike] addresses", "addresses"), ("[ike] port", "ike_port"),
     ("[ike] port_nat_t", "natt_port"), ("[worker]", "worker"), ("[cluster]", "cluster"),
     ("[metrics]", "metrics"), ("[ike] DoS limits", "dos"), ("[ike] dh_reuse", "dh_reuse"),
-    ("[node] control", "control"),
+    ("[node] control", "control"), ("[ike] crl_refresh", "crl_refresh"),
 )
 
 
@@ -66,7 +66,9 @@ def carry_over(old: NodeConfig, new: NodeConfig) -> tuple[NodeConfig, list[str]]
     # (an initiation holds its own copy of the connection, the start child first)
     initiations = tuple(replace(i, connection=connection(i.connection))
                         for i in new.initiations)
-    policy = replace(new.policy, connections=connections)
+    # the CRLs downloaded so far stay in use until their URIs are fetched again
+    policy = replace(new.policy, connections=connections,
+                     fetched_crls=old.policy.fetched_crls)
     restart += [f"[pools.{name}]" for name in sorted(changed)]
     if [i for i in old.initiations if i.on_demand] != [i for i in initiations if i.on_demand]:
         restart.append("trap connections")

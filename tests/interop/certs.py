@@ -205,6 +205,7 @@ class Pki:
     client_from_other_ca: Credential  # client's identity, signed by a CA nobody trusts
     client_revoked: Credential  # client's identity from the CA, listed in `crl`
     crl: Path  # the CA's CRL
+    authority: TestCa  # the CA itself, for more CRLs (`revoke`)
 
 
 def make_pki(directory: Path) -> Pki:
@@ -221,4 +222,5 @@ def make_pki(directory: Path) -> Pki:
         client_from_other_ca=other.issue("client.example.test", name="clientother"),
         client_revoked=revoked,
         crl=ca.revoke(revoked),
+        authority=ca,
     )

@@ -53,6 +53,8 @@ def _end_table(end: End, config_dir: Path) -> dict[str, object]:
         for crl in end.crls:
             shutil.copy(crl, config_dir / crl.name)
         table["crls"] = [crl.name for crl in end.crls]
+    if end.crl_uris:
+        table["crls"] = [*table.get("crls", []), *end.crl_uris]  # type: ignore[list-item]
     return table
 
 

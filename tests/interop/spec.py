@@ -36,6 +36,7 @@ class End:
     key: Path | None = None  # own private key, PEM (local end, pubkey)
     cacerts: tuple[Path, ...] = ()  # trust anchors for the peer (remote end, pubkey)
     crls: tuple[Path, ...] = ()  # revocation lists checked on the peer's chain (remote end)
+    crl_uris: tuple[str, ...] = ()  # and ones our node downloads (remote end)
     eap_id: str | None = None  # the EAP identity (auth = "eap-mschapv2")
 
 

@@ -7,17 +7,19 @@ ESTABLISHED and, in tunnel mode, the CHILD_SA INSTALLED with the expected cipher
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from tests.interop.certs import Pki
 from tests.interop.charon import Charon
-from tests.interop.lab import RESPONDER_V6, Conn, End, Lab, conn_pair
+from tests.interop.lab import RESPONDER_V4, RESPONDER_V6, Conn, End, Lab, conn_pair
 from tests.interop.node import Node
 from tests.interop.responders import Responder, StartResponder, responder_kind
 from tests.interop.sa_checks import (
@@ -481,3 +483,45 @@ def test_sas_terminate_and_reload_reach_a_single_node(lab: Lab, initiator: Charo
     assert "received DELETE for IKE_SA rw[1]" in initiator.log_text()
     assert established(initiator) == []
     assert command("sas").stdout == "no IKE SAs on node gw1\n", command("sas").stdout
+
+
+def test_a_crl_fetched_from_its_uri_revokes_a_client_once_it_lists_it(
+        lab: Lab, initiator: Charon, pki: Pki, tmp_path: Path) -> None:
+    """`remote.crls = ["http://..."]`: our node downloads the CA's CRL (an HTTP server in
+    its namespace) and again every crl_refresh. While the CRL lists nothing, strongSwan's
+    certificate gets in; once the CA publishes a CRL listing it, the next download takes
+    effect and the same client gets AUTHENTICATION_FAILED."""
+    www = tmp_path / "www"
+    www.mkdir()
+    shutil.copy(pki.authority.revoke(stem="empty"), www / "ca.crl")
+    server = lab.responder.spawn(
+        [sys.executable, "-m", "http.server", "8080", "--bind", RESPONDER_V4,
+         "--directory", str(www)], output=tmp_path / "http.log")
+    deadline = time.monotonic() + 10
+    while "8080" not in lab.responder.run(["ss", "-H", "-t", "-l", "-n"]).stdout:
+        assert server.poll() is None and time.monotonic() < deadline, \
+            (tmp_path / "http.log").read_text()
+        time.sleep(0.05)
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=pki.client_revoked, responder_cred=pki.gw_ecdsa)
+    uri = f"http://{RESPONDER_V4}:8080/ca.crl"
+    responder_conn = replace(responder_conn, remote=replace(responder_conn.remote,
+                                                            crl_uris=(uri,)))
+    node = lab.node([responder_conn], settings={"ike": {"crl_refresh": 1}})
+    deadline = time.monotonic() + 15
+    while f"CRL {uri} fetched" not in node.log_text():
+        assert time.monotonic() < deadline, node.log_text()
+        time.sleep(0.1)
+    initiator.load(initiator_conn)
+    assert_initiated(initiator.initiate("net"), initiator)  # nothing revoked yet
+
+    shutil.copy(pki.authority.revoke(pki.client_revoked, stem="listing"), www / "ca.crl")
+    deadline = time.monotonic() + 20
+    while not re.search(rf"CRL {re.escape(uri)} fetched: .*, 1 revoked", node.log_text()):
+        assert time.monotonic() < deadline, node.log_text()
+        time.sleep(0.2)
+    result = initiator.terminate_ike("rw")
+    assert result.returncode == 0, result.stdout
+    refused = initiator.initiate("net")
+    assert refused.returncode != 0 and "AUTHENTICATION_FAILED" in refused.stdout, refused.stdout
+    assert re.search(r"\(serial [0-9a-f]+\) was revoked", node.log_text()), node.log_text()

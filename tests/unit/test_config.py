@@ -603,6 +603,8 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
      "pools.rw.addrs", "is not an address range"),
     ("bad pool dns", BASE + '[pools.rw]\naddrs = "10.3.0.0/24"\ndns = ["ns.example"]\n',
      "pools.rw.dns[0]", "'ns.example' is not an IP address"),
+    ("crl_refresh of zero", edit(("[ike]\n", "[ike]\ncrl_refresh = 0\n")),
+     "ike.crl_refresh", "between a second and a week"),
     ("ppk_id without its ppk", edit(("version = 2\n", 'version = 2\nppk_id = "pq-1"\n')),
      "connections.rw.ppk_id", "no [secrets.ppk-NAME] entry has this PPK_ID in its ids"),
     ("ppk_required without a ppk", edit(("version = 2\n", 'version = 2\nppk_required = true\n')),

@@ -1,0 +1,91 @@
+"""Downloading the CRLs that connections name by URI (`remote.crls = ["http://..."]`).
+
+Each URI is fetched at start-up and again every `[ike] crl_refresh` seconds, or at the
+CRL's own nextUpdate if that comes first; a failed download is tried again after a
+minute, and until one succeeds the last good CRL (or none) stays in use, as strongSwan
+does with `strictcrlpolicy = no`. What arrives is only a candidate: a CRL counts for a
+certificate only if its issuer signed it (auth.py), so whoever answers on the URI can
+withhold revocations but never invent them. Downloads run in a worker thread, never on
+the IKE path; the certificate checks read the newest CRL of each URI from
+`ResponderPolicy.fetched_crls`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import trio
+from cryptography import x509
+
+from ..ike.policy import ResponderPolicy
+
+logger = logging.getLogger(__name__)
+
+RETRY = 60.0  # seconds after a failed download
+POLL = 5.0  # seconds between looks at the configuration (a reload may add URIs)
+TIMEOUT = 10.0  # seconds one download may take
+MAX_SIZE = 16 * 1024 * 1024  # bytes of one CRL
+
+
+class CrlFetchError(Exception):
+    pass
+
+
+def download(uri: str) -> x509.CertificateRevocationList:
+    """The CRL at `uri` (DER or PEM), or CrlFetchError saying why not (blocking)."""
+    try:
+        with urllib.request.urlopen(uri, timeout=TIMEOUT) as answer:
+            data = answer.read(MAX_SIZE + 1)
+    except urllib.error.HTTPError as exc:
+        raise CrlFetchError(f"HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise CrlFetchError(str(getattr(exc, "reason", exc))) from None
+    if len(data) > MAX_SIZE:
+        raise CrlFetchError(f"larger than {MAX_SIZE} bytes")
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_crl(data)
+        return x509.load_der_x509_crl(data)
+    except ValueError as exc:
+        raise CrlFetchError(f"not a CRL: {exc}") from None
+
+
+async def fetch_crls(current: Callable[[], ResponderPolicy], refresh: float,
+                     fetch: Callable[[str], x509.CertificateRevocationList] = download,
+                     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                     ) -> None:
+    """Keep `current().fetched_crls` filled from every connection's CRL URIs."""
+    due: dict[str, float] = {}  # URI -> when to download it next
+    task_status.started()
+    while True:
+        policy = current()
+        uris = sorted({u for c in policy.connections for u in c.remote.crl_uris})
+        for uri in uris:
+            if due.get(uri, 0.0) > trio.current_time():
+                continue
+            try:
+                crl = await trio.to_thread.run_sync(fetch, uri)
+            except CrlFetchError as exc:
+                logger.warning("CRL %s not fetched: %s; trying again in %.0f s", uri, exc,
+                               RETRY)
+                due[uri] = trio.current_time() + RETRY
+                continue
+            policy.fetched_crls.put(uri, crl)
+            wait = min(refresh, _until_next_update(crl))
+            due[uri] = trio.current_time() + wait
+            logger.info("CRL %s fetched: %s, %d revoked; next download in %.0f s", uri,
+                        crl.issuer.rfc4514_string(), len(crl), wait)
+        await trio.sleep(min(POLL, refresh))
+
+
+def _until_next_update(crl: x509.CertificateRevocationList) -> float:
+    """Seconds until the CRL says a newer one is out (at least RETRY; no date: never)."""
+    next_update = crl.next_update_utc
+    if next_update is None:
+        return float("inf")
+    left = (next_update - datetime.datetime.now(datetime.UTC)).total_seconds()
+    return max(RETRY, left)
