@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     reload = commands.add_parser(
         "reload", help="make the running node with this file's id reload it (as SIGHUP)")
     reload.add_argument("--config", required=True, metavar="PATH", help="the node's TOML file")
+    redirect = commands.add_parser(
+        "redirect", help="send a single node's peers to another gateway (RFC 5685)")
+    redirect.add_argument("--config", required=True, metavar="PATH", help="the node's TOML file")
+    where = redirect.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", metavar="GATEWAY", help="an IP address or a DNS name")
+    where.add_argument("--stop", action="store_true", help="answer new IKE SAs again")
+    redirect.add_argument("--existing", action="store_true",
+                          help="also ask the established IKE SAs to move there")
     terminate = commands.add_parser(
         "terminate", help="delete IKE SAs of the cluster (with a Delete to the peer)")
     terminate.add_argument("--config", required=True, metavar="PATH",
@@ -94,6 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import ops
 
             return ops.reload_command(args.config)
+        if args.command == "redirect":
+            from . import ops
+
+            return ops.redirect_command(args.config, "" if args.stop else args.to,
+                                        args.existing)
         if args.command == "terminate":
             from . import ops
 

@@ -61,6 +61,16 @@ class InvalidKePayload(IkeError):
         self.group = group
 
 
+class Redirected(IkeError):
+    """RFC 5685 4: we send the initiator to another gateway instead of answering."""
+
+    notify = 16407  # REDIRECT
+
+    def __init__(self, data: bytes, gateway: str) -> None:
+        super().__init__(f"redirected to {gateway}")
+        self.data = data
+
+
 class AuthenticationFailed(IkeError):
     notify = 24
 

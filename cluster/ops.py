@@ -17,7 +17,9 @@ left the store.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -29,18 +31,21 @@ from .control import Answer, ControlError, Handler, Request, request
 from .errors import ConfigError
 from .ike.constants import IdType, TsType
 from .ike.identity import Identity
+from .ike.ike_init import redirect_data
 from .ike.session import IkeSession
 from .ike.snapshot import SCHEMA_VERSION, snapshot_of
 from .ike.traffic_selectors import TrafficSelector
 from .key_exchange import DH_NAMES
 from .runtime.actor import Session
 from .runtime.channel import CLI_ORIGIN, RESPONDERS_CHANNEL, encode_terminate
+from .runtime.node import ResponderFactory
 from .runtime.reload import ReloadResult
 from .runtime.supervisor import Supervisor
 from .store import StateStore, StoredSa, StoreError, open_store, peek_snapshot
 from .transforms import Esn
 
 Row = dict[str, Any]
+logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the store could not be read; terminate: not (all) terminated
@@ -370,6 +375,35 @@ def reload_command(config_path: str) -> int:
     return EXIT_OK
 
 
+def redirect_command(config_path: str, gateway: str, existing: bool) -> int:
+    """`ike-cluster redirect --config PATH (--to GATEWAY [--existing] | --stop)`."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    if config.cluster is not None and config.cluster.store:
+        print(f"{config_path}: redirecting is for a single node (`ike-cluster run`) so far",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    answer = _ask(config.node_id, "redirect", to=gateway, existing=existing)
+    if answer is None:
+        return EXIT_FAILURE
+    if "error" in answer:
+        print(f"not redirecting: {answer['error']}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not gateway:
+        print("new IKE SAs are answered again")
+        return EXIT_OK
+    print(f"new IKE SAs go to {_safe(gateway)}")
+    for row in answer["asked"]:
+        print(f"asked to move: IKE SA {row['spi_i']}_i/{row['spi_r']}_r")
+    for row in answer["unsupported"]:
+        print(f"cannot be moved (no REDIRECT_SUPPORTED): IKE SA {row['spi_i']}_i/"
+              f"{row['spi_r']}_r")
+    return EXIT_OK
+
+
 def _ask(node_id: str, command: str, **fields: Any) -> Answer | None:
     """The node's answer, or None after saying why there is none."""
     try:
@@ -415,9 +449,10 @@ def session_rows(sessions: Sequence[Session], owner: str, now: float) -> list[Ro
 
 
 def control_handlers(node_id: str, supervisor: Supervisor,
-                     reload: Callable[[], ReloadResult] | None) -> dict[str, Handler]:
+                     reload: Callable[[], ReloadResult] | None,
+                     factory: ResponderFactory | None = None) -> dict[str, Handler]:
     """What a node's control socket answers: "sas", "terminate" and, given `reload`,
-    "reload"."""
+    "reload", given the supervisor's `factory`, "redirect"."""
 
     def rows() -> list[Row]:
         return session_rows(supervisor.established_sessions(), node_id, trio.current_time())
@@ -443,10 +478,46 @@ def control_handlers(node_id: str, supervisor: Supervisor,
                 await trio.sleep(0.05)
         return {"terminated": [r for r in picked if r not in left], "left": left}
 
+    async def redirect(request: Request) -> Answer:
+        gateway = request.get("to")
+        if not isinstance(gateway, str):
+            return {"error": "name the gateway to redirect to"}
+        try:
+            if gateway:
+                redirect_data(gateway)
+        except ValueError as exc:
+            return {"error": str(exc)}
+        assert factory is not None
+        factory.redirect_to = gateway  # "" ends it
+        moved, unable = [], []
+        if gateway and request.get("existing"):
+            for session in supervisor.established_sessions():
+                if not isinstance(session, IkeSession) or session.sa.is_initiator:
+                    continue
+                row = {"spi_i": session.spi_i.hex(), "spi_r": session.spi_r.hex()}
+                if not session.sa.redirect_supported:
+                    unable.append(row)
+                    continue
+                supervisor.send_command(session.spi_i, session.spi_r, functools.partial(
+                    _redirect_one, gateway))
+                moved.append(row)
+        logger.info("redirect: new IKE SAs %s; %d established SA(s) asked to move, %d "
+                    "cannot be (no REDIRECT_SUPPORTED)",
+                    f"go to {gateway}" if gateway else "are answered again", len(moved),
+                    len(unable))
+        return {"redirecting": gateway, "asked": moved, "unsupported": unable}
+
     handlers: dict[str, Handler] = {"sas": sas, "terminate": terminate}
     if reload is not None:
         handlers["reload"] = reload_handler(reload)
+    if factory is not None:
+        handlers["redirect"] = redirect
     return handlers
+
+
+def _redirect_one(gateway: str, session: Session, now: float) -> None:
+    if isinstance(session, IkeSession):
+        session.redirect(gateway, now)
 
 
 def reload_handler(reload: Callable[[], ReloadResult]) -> Handler:

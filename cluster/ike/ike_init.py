@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import InvalidKePayload, InvalidSyntax, NoProposalChosen, ParseError
+from ..errors import InvalidKePayload, InvalidSyntax, NoProposalChosen, ParseError, Redirected
 from ..key_exchange import ExponentialPool, new_key_exchange
 from ..transforms import sha1
 from ..wire import packed_address
@@ -129,6 +129,9 @@ def respond_init(sa: IkeSa, payloads: list[Payload], rng: Random,
     nonce = first_of(payloads, NoncePayload)
     if sa_p is None or ke is None or nonce is None:
         raise InvalidSyntax("IKE_SA_INIT request lacks SA, KE or Nonce")
+    sa.redirect_supported = bool(notifies(payloads, NotifyType.REDIRECT_SUPPORTED))
+    if sa.redirect_to and sa.redirect_supported:  # RFC 5685 4: go there, with your nonce
+        raise Redirected(redirect_data(sa.redirect_to, nonce.data), sa.redirect_to)
     connections = candidate_connections(sa.policy, sa.local, sa.remote)
     configured = [p for c in connections for p in c.proposals]
     if not configured:
@@ -180,6 +183,22 @@ def respond_init(sa: IkeSa, payloads: list[Payload], rng: Random,
 
 
 # --- initiator -----------------------------------------------------------------------
+
+
+def redirect_data(gateway: str, nonce: bytes = b"") -> bytes:
+    """REDIRECT notification data (RFC 5685 9.2): the new gateway as an IPv4 or IPv6
+    address or an FQDN, then (in an IKE_SA_INIT response) the initiator's nonce."""
+    try:
+        address = ipaddress.ip_address(gateway)
+    except ValueError:
+        ident = gateway.encode("idna")
+        kind = 3  # FQDN
+    else:
+        ident = address.packed
+        kind = 1 if address.version == 4 else 2
+    if not 0 < len(ident) < 256:
+        raise ValueError(f"{gateway!r} is not a gateway address or name")
+    return bytes([kind, len(ident)]) + ident + nonce
 
 
 def build_init_request(sa: IkeSa, group: int, rng: Random, cookie: bytes = b"") -> list[Payload]:

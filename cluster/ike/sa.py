@@ -113,6 +113,8 @@ class IkeSa:
     mobike: bool = False  # both announced MOBIKE_SUPPORTED (RFC 4555); we are its responder
     use_ppk: bool = False  # both announced USE_PPK in IKE_SA_INIT (RFC 8784 3)
     childless: bool = False  # the initiator may set it up without a Child SA (RFC 6023)
+    redirect_supported: bool = False  # the initiator announced REDIRECT_SUPPORTED (RFC 5685)
+    redirect_to: str = ""  # send IKE_SA_INIT initiators to this gateway instead (RFC 5685 4)
     ppk: bool = False  # a post-quantum preshared key is mixed into SK_d, SK_pi, SK_pr
     reassembly: dict[bool, Reassembler] = field(default_factory=dict)  # by "is a response"
     fragment1_digest: bytes = b""  # of the request being reassembled (retransmission check)

@@ -24,6 +24,7 @@ from ..errors import (
     InvalidKePayload,
     InvalidSyntax,
     ParseError,
+    Redirected,
     TemporaryFailure,
     UnsupportedCriticalPayload,
 )
@@ -53,7 +54,13 @@ from .events import (
 )
 from .fragments import DEFAULT_FRAGMENT_SIZE_V4, Reassembler, ike_message_limit
 from .ike_auth import build_auth_request, process_auth_response, respond_auth
-from .ike_init import build_init_request, notifies, process_init_response, respond_init
+from .ike_init import (
+    build_init_request,
+    notifies,
+    process_init_response,
+    redirect_data,
+    respond_init,
+)
 from .informational import (
     delete_all_children,
     delete_children_by_outbound,
@@ -129,8 +136,13 @@ class SyncMessageIds:
     nonce: bytes
 
 
+@dataclass
+class Redirect:
+    data: bytes  # the REDIRECT notification's (RFC 5685 9.2), no nonce
+
+
 Task = (_Init | _Auth | Liveness | DeleteIke | DeleteChild | RekeyChild | RekeyIke
-        | SyncMessageIds)
+        | SyncMessageIds | Redirect)
 
 _REQUEST_TRIGGERS = {
     ExchangeType.IKE_SA_INIT: Trigger.RECV_INIT_REQUEST,
@@ -140,6 +152,7 @@ _REQUEST_TRIGGERS = {
 }
 _EXCHANGE_OF = {
     Liveness: ExchangeType.INFORMATIONAL,
+    Redirect: ExchangeType.INFORMATIONAL,
     SyncMessageIds: ExchangeType.INFORMATIONAL,
     DeleteIke: ExchangeType.INFORMATIONAL,
     DeleteChild: ExchangeType.INFORMATIONAL,
@@ -382,6 +395,16 @@ class IkeSession:
         self._kick(sa, now)
         return True
 
+    def redirect(self, gateway: str, now: float) -> bool:
+        """Ask the peer to move to `gateway` (RFC 5685 6: it sets up a new IKE SA there
+        and deletes this one); False unless it announced REDIRECT_SUPPORTED."""
+        sa = self._sa
+        if not sa.redirect_supported or sa.state is not State.ESTABLISHED or sa.is_initiator:
+            return False
+        sa.queue.append(Redirect(redirect_data(gateway)))
+        self._kick(sa, now)
+        return True
+
     def sync_message_ids(self, now: float) -> bool:
         """RFC 6311 4: agree with the peer on the next request IDs both ways (a cluster
         node that took the SA over sends this); False unless both announced support."""
@@ -411,6 +434,8 @@ class IkeSession:
     def _build(self, sa: IkeSa, task: Task) -> list[Payload] | None:
         if isinstance(task, Liveness):
             return []
+        if isinstance(task, Redirect):
+            return [NotifyPayload(NotifyType.REDIRECT, task.data)]
         if isinstance(task, SyncMessageIds):
             return [mid_sync_notify(task.nonce, sa.our_next_id, sa.peer_next_id)]
         if isinstance(task, DeleteIke):
@@ -908,6 +933,8 @@ def _error_notify(exc: IkeError) -> NotifyPayload:
         data = bytes([exc.payload_type & 0xFF])
     elif notify == NotifyType.INVALID_KE_PAYLOAD:
         data = int(getattr(exc, "group", 0)).to_bytes(2, "big")
+    elif isinstance(exc, Redirected):
+        data = exc.data
     return NotifyPayload(notify, data)
 
 

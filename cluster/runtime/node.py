@@ -205,10 +205,13 @@ class ResponderFactory:
         self.policy = config.policy
         # one per process, shared by its SAs
         self._exponentials = ExponentialPool(config.dh_reuse)
+        self.redirect_to = ""  # RFC 5685 4: send new initiators to this gateway instead
 
     def __call__(self, spi_r: bytes, local: Address, remote: Address) -> Session:
-        return IkeSession.responder(self.policy, spi_r, local, remote,
-                                    exponentials=self._exponentials)
+        session = IkeSession.responder(self.policy, spi_r, local, remote,
+                                       exponentials=self._exponentials)
+        session.sa.redirect_to = self.redirect_to
+        return session
 
 
 def responder_factory(config: NodeConfig) -> ResponderFactory:

@@ -717,6 +717,12 @@ class Supervisor:
 
     # -- commands to actors ---------------------------------------------------------------
 
+    def send_command(self, spi_i: bytes, spi_r: bytes,
+                     command: Callable[[Session, float], None]) -> bool:
+        """Run `command(session, now)` in the actor of that IKE SA, between its steps."""
+        actor = self.holder_of(spi_i, spi_r)
+        return actor is not None and actor.mailbox.put_nowait(command)
+
     def delete_ike(self, spi_i: bytes, spi_r: bytes) -> bool:
         """Delete the IKE SA with these SPIs (a peer's or one we initiated), with a Delete
         to the peer (an operator's terminate); False when it is not here."""

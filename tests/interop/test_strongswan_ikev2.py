@@ -19,7 +19,7 @@ import pytest
 
 from tests.interop.certs import Pki
 from tests.interop.charon import Charon
-from tests.interop.lab import RESPONDER_V4, RESPONDER_V6, Conn, End, Lab, conn_pair
+from tests.interop.lab import RESPONDER_V4, RESPONDER_V6, VETH, Conn, End, Lab, conn_pair
 from tests.interop.node import Node
 from tests.interop.responders import Responder, StartResponder, responder_kind
 from tests.interop.sa_checks import (
@@ -31,6 +31,8 @@ from tests.interop.sa_checks import (
 )
 
 pytestmark = pytest.mark.interop
+
+OTHER_GATEWAY = "10.99.0.3"  # a second node's address in the responder namespace
 
 
 @pytest.mark.parametrize(
@@ -525,3 +527,53 @@ def test_a_crl_fetched_from_its_uri_revokes_a_client_once_it_lists_it(
     refused = initiator.initiate("net")
     assert refused.returncode != 0 and "AUTHENTICATION_FAILED" in refused.stdout, refused.stdout
     assert re.search(r"\(serial [0-9a-f]+\) was revoked", node.log_text()), node.log_text()
+
+
+def test_redirect_sends_established_and_new_peers_to_another_gateway(
+        lab: Lab, initiator: Charon) -> None:
+    """RFC 5685 with strongSwan (it announces REDIRECT_SUPPORTED and follows): `ike-cluster
+    redirect --to B --existing` on node A moves strongSwan's established SA to node B (a
+    REDIRECT in an INFORMATIONAL; strongSwan sets up a new SA there and deletes the old),
+    and a new connection to A gets a REDIRECT in the IKE_SA_INIT response and comes up on
+    B. After --stop, A answers again."""
+    lab.responder.ip("addr", "add", f"{OTHER_GATEWAY}/24", "dev", VETH)
+    initiator_conn, responder_conn = conn_pair()
+    node_a = lab.node([responder_conn])
+    node_b = lab.node([responder_conn], addresses=(OTHER_GATEWAY,), node_id="gw2")
+    second = replace(initiator_conn, name="second")
+    initiator.load(initiator_conn, second)
+    first = assert_initiated(initiator.initiate("net", ike="rw"), initiator)
+    assert first["remote-host"] == RESPONDER_V4
+
+    def command(*args: str) -> subprocess.CompletedProcess[str]:
+        return node_a.ns.run([sys.executable, "-m", "cluster", "redirect", "--config",
+                              str(node_a.config_path), *args], check=False)
+
+    moved = command("--to", OTHER_GATEWAY, "--existing")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert f"asked to move: IKE SA {first['initiator-spi']}_i" in moved.stdout, moved.stdout
+    deadline = time.monotonic() + 15
+    while True:
+        sas = {sa["name"]: sa for sa in established(initiator)}
+        if sas.get("rw", {}).get("remote-host") == OTHER_GATEWAY:
+            break
+        assert time.monotonic() < deadline, f"{sas}\n{initiator.log_text()}"
+        time.sleep(0.2)
+    assert re.search(rf"IKE SA deleted: spi_i={first['initiator-spi']} .*reason=deleted by "
+                     r"peer", node_a.log_text()), node_a.log_text()
+    initiator.terminate_ike("rw")  # (strongSwan would not install the same selectors twice)
+
+    result = initiator.initiate("net", ike="second")
+    assert result.returncode == 0, result.stdout
+    sas = {sa["name"]: sa for sa in established(initiator)}
+    assert sas["second"]["remote-host"] == OTHER_GATEWAY, sas
+    assert "reason=redirected to 10.99.0.3" in node_a.log_text(), node_a.log_text()
+    assert node_b.log_text().count("IKE SA established") == 2, node_b.log_text()
+
+    stopped = command("--stop")
+    assert stopped.returncode == 0, stopped.stderr
+    initiator.terminate_ike("second")
+    result = initiator.initiate("net", ike="second")
+    assert result.returncode == 0, result.stdout
+    sas = {sa["name"]: sa for sa in established(initiator)}
+    assert sas["second"]["remote-host"] == RESPONDER_V4, sas
