@@ -104,6 +104,7 @@ def _ike_fields(record: Mapping[str, Any]) -> Row:
         "local_id": _identity(record["local_id"]),
         "remote_id": _identity(record["remote_id"]),
         "remote_eap_id": _text(record.get("eap_id", "")) or None,
+        "ppk": bool(record.get("ppk", False)),  # RFC 8784: a PPK is mixed into its keys
         "remote_vips": [_text(lease[3]) for lease in record.get("leases", [])],
         "algorithms": _algorithms(record["chosen"]),
         "nat": {"local": bool(nat_local), "remote": bool(nat_remote)},
@@ -207,7 +208,8 @@ def format_sas(rows: Sequence[Row], empty: str = "no IKE SAs in the store") -> s
             lines.append(f"  remote EAP identity: '{_safe(row['remote_eap_id'])}'")
         if row["remote_vips"]:
             lines.append(f"  remote virtual IPs: {', '.join(map(_safe, row['remote_vips']))}")
-        lines.append(f"  {_algorithms_text(row['algorithms'])}")
+        lines.append(f"  {_algorithms_text(row['algorithms'])}"
+                     + (", post-quantum preshared key" if row.get("ppk") else ""))
         lines.append(f"  message IDs: next request from the peer {row['peer_next_id']}, "
                      f"next request of ours {row['our_next_id']}")
         lines.append(f"  at the last snapshot: {_lifetimes_text(row)}, "

@@ -101,6 +101,8 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
         "fragmentation": sa.fragmentation,
         "mid_sync": sa.mid_sync,
         "mobike": sa.mobike,
+        "ppk": sa.ppk,
+        "redirect": sa.redirect_supported,
         "eap_id": sa.eap_identity,
         # virtual IPs (shared pools): pool, offset, holder, and the address (for `sas`)
         "leases": [[lease.pool.name, int(lease.address) - int(lease.pool.first), lease.holder,
@@ -168,6 +170,8 @@ def _restore(record: Record, policy: ResponderPolicy, now: float, wall_clock: Wa
         fragmentation=record["fragmentation"],
         mid_sync=bool(record.get("mid_sync", False)),
         mobike=bool(record.get("mobike", False)),
+        ppk=bool(record.get("ppk", False)),
+        redirect_supported=bool(record.get("redirect", False)),
         eap_identity=str(record.get("eap_id", "")),
         leases=_leases(connection, record.get("leases", [])),
     )

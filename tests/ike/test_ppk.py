@@ -136,3 +136,17 @@ def test_ppk_notifies_only_where_both_announce() -> None:
         announced = any(getattr(p, "notify_type", None) == NotifyType.USE_PPK
                         for p in decode_untrusted(reply.data).payloads)
         assert announced is expected
+
+
+def test_a_takeover_keeps_the_ppk_mark_and_the_mixed_keys() -> None:
+    from cluster.ike.snapshot import restore, snapshot_of
+
+    gw = psk_connection()
+    client = replace(client_for(gw), ppk_id=b"pq-1")
+    _, responder = _pair(gw, client, (("pq-1", PPK),), (("pq-1", PPK),))
+    responder.sa.redirect_supported = True
+    record = snapshot_of(responder, 0.0)
+    assert record["ppk"] is True and record["redirect"] is True
+    survivor = restore(record, _with_ppks(psk_policy(gw), ("pq-1", PPK)), 0.0)
+    assert survivor.sa.ppk and survivor.sa.redirect_supported
+    assert survivor.sa.keys == responder.sa.keys
