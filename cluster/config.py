@@ -168,6 +168,8 @@ class NodeConfig:
     # [ike] crl_refresh: seconds between downloads of each CRL URI (sooner when the CRL
     # says its next update comes sooner)
     crl_refresh: float = 3600.0
+    # [ike] crl_from_certificates: fetch the CRLs peers' certificates point to (strongSwan's)
+    crl_from_certificates: bool = True
 
 
 CRL_REFRESH = 3600.0  # [ike] crl_refresh's default: an hour
@@ -263,7 +265,7 @@ class _Loader:
                 "addresses", "port", "port_nat_t", "legacy_algorithms", "half_open_timeout",
                 "cookie_threshold", "block_threshold", "init_limit_half_open", "notify_rate",
                 "retransmit_timeout", "retransmit_base", "retransmit_tries", "dh_reuse",
-                "keep_alive", "crl_refresh",
+                "keep_alive", "crl_refresh", "crl_from_certificates",
             ),
             required=True,
         )  # fmt: skip
@@ -334,6 +336,7 @@ class _Loader:
             extra_tables=extra,
             dh_reuse=dh_reuse,
             crl_refresh=self.crl_refresh(ike),
+            crl_from_certificates=ike.boolean("crl_from_certificates", True),
         )
 
     def dos(self, ike: _Table) -> DosConfig:

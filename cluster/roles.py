@@ -10,6 +10,7 @@ other; they meet here, as in `single_node`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import urllib.parse
@@ -210,7 +211,9 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                     await nursery.start(reload_on_signal, config.source, lambda: config,
                                         reconfigure)
                 await nursery.start(supervisor.run)
-                await nursery.start(fetch_crls, lambda: config.policy, config.crl_refresh)
+                await nursery.start(functools.partial(
+                    fetch_crls, lambda: config.policy, config.crl_refresh,
+                    from_certificates=config.crl_from_certificates))
                 await nursery.start(persistence.run)
                 await nursery.start(channel.run)
                 if config.control:  # `ike-cluster reload`; `sas`/`terminate` use the store

@@ -426,6 +426,18 @@ def _revocation_problem(cert: x509.Certificate, issuer: x509.Certificate,
     return None
 
 
+def crl_uris_of(cert: x509.Certificate) -> tuple[str, ...]:
+    """The http(s) URIs of a certificate's CRL distribution points (RFC 5280 4.2.1.13)."""
+    try:
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
+        return ()
+    return tuple(
+        name.value for point in points for name in point.full_name or ()
+        if isinstance(name, x509.UniformResourceIdentifier)
+        and name.value.partition("://")[0].lower() in ("http", "https"))
+
+
 def _spki_sha1(cert: x509.Certificate) -> bytes:
     spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha1(spki).digest()

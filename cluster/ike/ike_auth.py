@@ -20,6 +20,7 @@ from ..errors import (
 from .auth import (
     certreq_authority_hashes,
     choose_auth_method,
+    crl_uris_of,
     load_certificate_der_untrusted,
     psk_auth_data,
     sign_auth,
@@ -54,7 +55,7 @@ from .payloads import (
     TsrPayload,
     first_of,
 )
-from .policy import ConnectionConfig, LocalAuth, RemoteAuth
+from .policy import ConnectionConfig, CrlPending, LocalAuth, RemoteAuth
 from .proposals import accept_response
 from .sa import IkeSa
 from .traffic_selectors import TrafficSelector
@@ -98,8 +99,10 @@ def _our_auth(sa: IkeSa, auth: LocalAuth, ident: Identity, peer_ident: Identity 
 def _verify_peer(sa: IkeSa, remote: RemoteAuth, peer_ident: Identity, id_type: int,
                  id_data: bytes, auth: AuthPayload, certs: list[CertPayload],
                  local_ident: Identity | None, message: bytes, our_nonce: bytes,
-                 wall_clock: WallClock, keys: IkeKeys | None = None) -> None:
-    """Check the peer's AUTH; `keys` when they are not the SA's (a PPK mixed in)."""
+                 wall_clock: WallClock, keys: IkeKeys | None = None,
+                 may_wait: bool = False) -> None:
+    """Check the peer's AUTH; `keys` when they are not the SA's (a PPK mixed in).
+    `may_wait`: CrlPending for CRLs its certificates name that were not fetched yet."""
     chosen, keys = sa.chosen, keys or sa.keys
     assert chosen is not None and chosen.prf is not None and keys is not None
     sk_p = keys.sk_pr if sa.is_initiator else keys.sk_pi
@@ -121,7 +124,11 @@ def _verify_peer(sa: IkeSa, remote: RemoteAuth, peer_ident: Identity, id_type: i
         chain = [load_certificate_der_untrusted(c.data) for c in x509_certs[1:]]
     except ParseError as exc:
         raise AuthenticationFailed(f"peer certificate: {exc}") from None
-    crls = remote.crls + sa.policy.fetched_crls.of(remote.crl_uris)
+    fetched = sa.policy.fetched_crls
+    points = tuple(u for c in (cert, *chain) for u in crl_uris_of(c))
+    if may_wait and (missing := fetched.missing(points, wall_clock())):
+        raise CrlPending(fetched, missing, wall_clock())
+    crls = remote.crls + fetched.of(remote.crl_uris + points)
     verify_certificate_chain(cert, chain, remote.cacerts, wall_clock(), crls)
     if not cert_matches_identity(cert, peer_ident):
         raise AuthenticationFailed(f"certificate does not contain identity {peer_ident}")
@@ -177,7 +184,8 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
             peer_auth = auth if ppk is not None or not no_ppk else \
                 AuthPayload(auth.method, no_ppk[0].data)
             _verify_peer(sa, conn.remote, peer_ident, idi.id_type, idi.data, peer_auth, certs,
-                         conn.local.identity, sa.init_request, sa.nonce_r, wall_clock, keys)
+                         conn.local.identity, sa.init_request, sa.nonce_r, wall_clock, keys,
+                         may_wait=True)
         except AuthenticationFailed as exc:
             failure = exc
             continue

@@ -5,6 +5,8 @@ The session core reads only these frozen objects; it never sees TOML or file pat
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -12,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .identity import Identity, IdentityPattern, parse_identity
+from .pending import Pending
 from .pools import AddressPool
 from .proposals import ConfiguredProposal
 from .traffic_selectors import TsConfig
@@ -146,18 +149,60 @@ class SharedSecret:
     kind: Literal["ike", "eap", "ppk"] = "ike"  # swanctl's secrets ike-/eap-/ppk-NAME
 
 
+# A CRL URI that could not be fetched is not waited for again before this long.
+CRL_RETRY = datetime.timedelta(seconds=60)
+CrlFetcher = Callable[[str], Awaitable["x509.CertificateRevocationList | None"]]
+
+
 class FetchedCrls:
-    """CRLs downloaded from the URIs of `RemoteAuth.crl_uris` (by runtime/crl_fetch.py),
-    the newest of each; certificate checks read them with the configured ones."""
+    """CRLs downloaded from URIs (runtime/crl_fetch.py), the newest of each: those of
+    `RemoteAuth.crl_uris`, and, with a `fetcher`, those the peers' certificates name in
+    their CRL distribution points (`learned`, fetched when first seen: CrlPending).
+    Certificate checks read them with the configured ones."""
 
     def __init__(self) -> None:
         self._by_uri: dict[str, x509.CertificateRevocationList] = {}
+        self._failed: dict[str, datetime.datetime] = {}
+        self.learned: set[str] = set()  # distribution points seen in certificates
+        self.fetcher: CrlFetcher | None = None  # set by the runtime; None: learn nothing
 
     def put(self, uri: str, crl: x509.CertificateRevocationList) -> None:
         self._by_uri[uri] = crl
+        self._failed.pop(uri, None)
 
     def of(self, uris: tuple[str, ...]) -> tuple[x509.CertificateRevocationList, ...]:
         return tuple(self._by_uri[u] for u in uris if u in self._by_uri)
+
+    def missing(self, uris: tuple[str, ...], now: datetime.datetime) -> tuple[str, ...]:
+        """Distribution points worth waiting for: never fetched, not failing lately."""
+        if self.fetcher is None:
+            return ()
+        return tuple(u for u in dict.fromkeys(uris) if u not in self._by_uri
+                     and now - self._failed.get(u, now - 2 * CRL_RETRY) > CRL_RETRY)
+
+    async def fetch(self, uris: tuple[str, ...], now: datetime.datetime) -> None:
+        assert self.fetcher is not None
+        for uri in uris:
+            self.learned.add(uri)  # kept fresh from now on with the configured ones
+            crl = await self.fetcher(uri)
+            if crl is None:
+                self._failed[uri] = now
+            else:
+                self.put(uri, crl)
+
+
+class CrlPending(Pending):
+    """A peer's certificate names CRLs not fetched yet: the exchange waits for them
+    (strongSwan fetches them during the check too); one that cannot be had is not
+    waited for (strictcrlpolicy = no)."""
+
+    def __init__(self, crls: FetchedCrls, uris: tuple[str, ...], now: datetime.datetime
+                 ) -> None:
+        super().__init__(f"waiting for the CRLs at {', '.join(uris)}")
+        self.crls, self.uris, self.now = crls, uris, now
+
+    async def fetch(self) -> None:
+        await self.crls.fetch(self.uris, self.now)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .identity import Identity
+from .pending import Pending
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -31,7 +32,7 @@ class Lease:
     holder: bytes = b""  # a shared pool's: the IKE SA's first SPIs, kept through rekeys
 
 
-class AddressPending(Exception):
+class AddressPending(Pending):
     """A shared pool has not fetched an address for this IKE SA yet: the exchange waits
     for `SharedPool.fetch` (the session parks it) and then runs again."""
 
@@ -41,6 +42,10 @@ class AddressPending(Exception):
         self.pools = pools
         self.holder = holder
         self.identity = identity
+
+    async def fetch(self) -> None:
+        for pool in self.pools:
+            await pool.fetch(self.holder, self.identity)
 
 
 class AddressPool:

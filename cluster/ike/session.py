@@ -72,8 +72,8 @@ from .lifetimes import INFINITY, deadlines, fraction
 from .message import Decoded, Message, decode_untrusted, encode_plain, unknown_critical
 from .mobike import MobikeAnswer, answer_mobike
 from .payloads import DeletePayload, NotifyPayload, Payload
+from .pending import Pending
 from .policy import ConnectionConfig, ResponderPolicy
-from .pools import AddressPending
 from .sa import IkeSa, Outstanding
 from .state import TRANSITIONS, State, Trigger
 
@@ -172,7 +172,7 @@ class IkeSession:
         # an exchange waiting for a shared pool: (sa, exchange, message ID, payloads, local,
         # remote, what it waits for)
         self._parked: tuple[IkeSa, int, int, list[Payload], Address, Address,
-                            AddressPending] | None = None
+                            Pending] | None = None
         self._rng = rng
         self._wall_clock = wall_clock
         self._natt_ports = natt_ports
@@ -226,12 +226,12 @@ class IkeSession:
         return self._sa
 
     @property
-    def address_pending(self) -> AddressPending | None:
-        """An exchange waits for a shared pool's address (fetch it, then `resume`)."""
+    def pending(self) -> Pending | None:
+        """An exchange waits for the runtime (await its `fetch`, then `resume`)."""
         return self._parked[-1] if self._parked is not None else None
 
     def resume(self, now: float) -> None:
-        """Answer the parked exchange, now that its pools have fetched."""
+        """Answer the parked exchange, now that what it waited for was fetched."""
         if self._parked is not None:
             sa, exchange, message_id, payloads, local, remote, _ = self._parked
             self._parked = None
@@ -591,7 +591,7 @@ class IkeSession:
             else:
                 answer = respond_create_child(sa, payloads, self._rng)
                 response, successor = answer.payloads, answer.new_ike
-        except AddressPending as pending:  # the actor fetches, then resumes this exchange
+        except Pending as pending:  # the actor fetches, then resumes this exchange
             self._parked = (sa, exchange, message_id, payloads, local, remote, pending)
             return
         except IkeError as exc:

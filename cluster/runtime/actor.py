@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import trio
 
 from ..ike.events import Event
-from ..ike.pools import AddressPending
+from ..ike.pending import Pending
 from ..ike.session import Address, Datagram
 from .mailbox import Mailbox
 
@@ -45,7 +45,7 @@ class Session(Protocol):
     def next_event(self) -> Event | None: ...
     def end_here(self) -> None: ...
     @property
-    def address_pending(self) -> AddressPending | None: ...
+    def pending(self) -> Pending | None: ...
     def resume(self, now: float) -> None: ...
 
 
@@ -147,10 +147,9 @@ class SaActor:
             else:
                 data, local, remote, received = item
                 session.receive_datagram_untrusted(data, local, remote, received)
-            while (pending := session.address_pending) is not None:
-                # a shared pool's address comes from the store: the exchange waits for it
-                for pool in pending.pools:
-                    await pool.fetch(pending.holder, pending.identity)
+            while (pending := session.pending) is not None:
+                # an address from the store, a CRL from its URI: the exchange waits for it
+                await pending.fetch()
                 session.resume(trio.current_time())
             if persist is not None:
                 await self._persisted_step(send, on_event, persist)

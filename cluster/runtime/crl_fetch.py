@@ -1,4 +1,5 @@
-"""Downloading the CRLs that connections name by URI (`remote.crls = ["http://..."]`).
+"""Downloading the CRLs that connections name by URI (`remote.crls = ["http://..."]`)
+and those that the peers' certificates name in their CRL distribution points.
 
 Each URI is fetched at start-up and again every `[ike] crl_refresh` seconds, or at the
 CRL's own nextUpdate if that comes first; a failed download is tried again after a
@@ -56,14 +57,36 @@ def download(uri: str) -> x509.CertificateRevocationList:
 
 async def fetch_crls(current: Callable[[], ResponderPolicy], refresh: float,
                      fetch: Callable[[str], x509.CertificateRevocationList] = download,
-                     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                     *, from_certificates: bool = True,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                      ) -> None:
-    """Keep `current().fetched_crls` filled from every connection's CRL URIs."""
+    """Keep `current().fetched_crls` filled from every connection's CRL URIs and, with
+    `from_certificates`, from the distribution points the peers' certificates name (the
+    first time one is seen, the exchange that saw it waits for it: CrlPending)."""
     due: dict[str, float] = {}  # URI -> when to download it next
+
+    async def fetch_now(uri: str) -> x509.CertificateRevocationList | None:
+        try:
+            crl = await trio.to_thread.run_sync(fetch, uri)
+        except CrlFetchError as exc:
+            logger.warning("CRL %s (a certificate's distribution point) not fetched: %s",
+                           uri, exc)
+            due[uri] = trio.current_time() + RETRY
+            return None
+        due[uri] = trio.current_time() + min(refresh, _until_next_update(crl))
+        logger.info("CRL %s fetched: %s, %d revoked (a certificate's distribution point)",
+                    uri, crl.issuer.rfc4514_string(), len(crl))
+        return crl
+
+    if from_certificates:  # before the first IKE_AUTH can need it
+        current().fetched_crls.fetcher = fetch_now
     task_status.started()
     while True:
         policy = current()
-        uris = sorted({u for c in policy.connections for u in c.remote.crl_uris})
+        if from_certificates:  # (a reload's policy shares the cache; set it all the same)
+            policy.fetched_crls.fetcher = fetch_now
+        uris = sorted({u for c in policy.connections for u in c.remote.crl_uris}
+                      | policy.fetched_crls.learned)
         for uri in uris:
             if due.get(uri, 0.0) > trio.current_time():
                 continue

@@ -422,7 +422,9 @@ async def run_node(
                     await nursery.start(reload_on_signal, config.source, lambda: node.config,
                                         node.reconfigure)
                 await nursery.start(supervisor.run)
-                await nursery.start(fetch_crls, lambda: node.config.policy, config.crl_refresh)
+                await nursery.start(functools.partial(
+                    fetch_crls, lambda: node.config.policy, config.crl_refresh,
+                    from_certificates=config.crl_from_certificates))
                 await nursery.start(dispatcher.serve, supervisor)
                 for initiator in initiators:
                     nursery.start_soon(initiator.run, name=f"initiate {initiator.name}")

@@ -35,6 +35,7 @@ RESTART_ONLY = (
     ("[ike] port_nat_t", "natt_port"), ("[worker]", "worker"), ("[cluster]", "cluster"),
     ("[metrics]", "metrics"), ("[ike] DoS limits", "dos"), ("[ike] dh_reuse", "dh_reuse"),
     ("[node] control", "control"), ("[ike] crl_refresh", "crl_refresh"),
+    ("[ike] crl_from_certificates", "crl_from_certificates"),
 )
 
 

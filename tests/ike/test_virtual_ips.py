@@ -329,14 +329,14 @@ async def test_a_shared_pool_parks_the_exchange_until_the_store_answered(
     transfer(client, gateway)
     transfer(gateway, client)
     transfer(client, gateway)  # IKE_AUTH: parked, nothing answered yet
-    pending = gateway.address_pending
+    pending = gateway.pending
     assert pending is not None and pending.pools == (pool,)
     assert gateway.datagrams_to_send() == [] and gateway.state is not State.ESTABLISHED
     assert pending.identity == parse_identity("client.example.test")
     for waiting in pending.pools:
         assert await waiting.fetch(pending.holder, pending.identity)
     gateway.resume(0.0)
-    assert gateway.address_pending is None and gateway.state is State.ESTABLISHED
+    assert gateway.pending is None and gateway.state is State.ESTABLISHED
     run_handshake(client, gateway)
     assert client.state is State.ESTABLISHED
     [lease] = gateway.sa.leases

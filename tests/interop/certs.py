@@ -143,7 +143,7 @@ class TestCa:
 
     def issue(
         self, dns_name: str, *, key_type: str = "ecdsa", name: str | None = None,
-        key_size: int = 2048, with_chain: bool = False,
+        key_size: int = 2048, with_chain: bool = False, crl_uri: str | None = None,
     ) -> Credential:
         """An end-entity certificate for ``dns_name`` (CN and SAN dNSName).
 
@@ -153,7 +153,7 @@ class TestCa:
         name = name or dns_name.split(".")[0]
         key = new_key(key_type, key_size)
         now = datetime.datetime.now(datetime.UTC)
-        cert = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ike-cluster tests"),
@@ -181,8 +181,11 @@ class TestCa:
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,
             )
-            .sign(self.key, hashes.SHA256())
         )
+        if crl_uri is not None:  # a CRL distribution point (RFC 5280 4.2.1.13)
+            builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+                [x509.UniformResourceIdentifier(crl_uri)], None, None, None)]), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
         cred = Credential(self.directory / f"{name}.pem", self.directory / f"{name}key.pem")
         chain = self.chain() if with_chain else []
         cred.cert.write_bytes(b"".join(

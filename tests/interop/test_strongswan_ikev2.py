@@ -577,3 +577,38 @@ def test_redirect_sends_established_and_new_peers_to_another_gateway(
     assert result.returncode == 0, result.stdout
     sas = {sa["name"]: sa for sa in established(initiator)}
     assert sas["second"]["remote-host"] == RESPONDER_V4, sas
+
+
+def test_a_crl_named_in_the_peers_certificate_is_fetched_before_it_is_accepted(
+        lab: Lab, initiator: Charon, pki: Pki, tmp_path: Path) -> None:
+    """A client certificate with a CRL distribution point (no CRL configured on our
+    side): the first IKE_AUTH that shows it waits while the node downloads that CRL, so
+    a revoked certificate is refused the first time already, and one the CRL does not
+    list gets in, checked against the same (now cached) CRL."""
+    www = tmp_path / "www"
+    www.mkdir()
+    uri = f"http://{RESPONDER_V4}:8080/ca.crl"
+    revoked = pki.authority.issue("client.example.test", name="clientcdp1", crl_uri=uri)
+    good = pki.authority.issue("client.example.test", name="clientcdp2", crl_uri=uri)
+    shutil.copy(pki.authority.revoke(revoked, stem="cdp"), www / "ca.crl")
+    server = lab.responder.spawn(
+        [sys.executable, "-m", "http.server", "8080", "--bind", RESPONDER_V4,
+         "--directory", str(www)], output=tmp_path / "http.log")
+    deadline = time.monotonic() + 10
+    while "8080" not in lab.responder.run(["ss", "-H", "-t", "-l", "-n"]).stdout:
+        assert server.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=revoked, responder_cred=pki.gw_ecdsa)
+    node = lab.node([responder_conn])
+    initiator.load(initiator_conn)
+    refused = initiator.initiate("net")
+    assert refused.returncode != 0 and "AUTHENTICATION_FAILED" in refused.stdout, refused.stdout
+    log = node.log_text()
+    assert re.search(rf"CRL {re.escape(uri)} fetched: .*, 1 revoked \(a certificate's "
+                     r"distribution point\)", log), log
+    assert re.search(r"\(serial [0-9a-f]+\) was revoked", log), log
+    initiator.load(replace(initiator_conn, local=End(
+        "pubkey", "client.example.test", good.cert, good.key)))
+    assert_initiated(initiator.initiate("net"), initiator)
+    assert node.log_text().count(f"CRL {uri} fetched") == 1  # cached, not fetched again

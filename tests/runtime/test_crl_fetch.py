@@ -110,3 +110,45 @@ def test_download_reads_pem_or_der_over_http_and_says_why_not(tmp_path: Path) ->
     finally:
         server.shutdown()
         server.server_close()
+
+
+async def test_a_distribution_point_is_waited_for_once_and_a_failing_one_not_again() -> None:
+    from cluster.ike.policy import CRL_RETRY, CrlPending, FetchedCrls
+
+    cache = FetchedCrls()
+    now = datetime.datetime.now(datetime.UTC)
+    assert cache.missing(("http://a/1.crl",), now) == ()  # no fetcher: nothing to wait for
+    answers = {"http://a/1.crl": crl(revoked=1), "http://a/2.crl": None}
+
+    async def fetcher(uri: str) -> x509.CertificateRevocationList | None:
+        return answers[uri]
+
+    cache.fetcher = fetcher
+    uris = ("http://a/1.crl", "http://a/2.crl", "http://a/1.crl")
+    assert cache.missing(uris, now) == ("http://a/1.crl", "http://a/2.crl")
+    await CrlPending(cache, cache.missing(uris, now), now).fetch()
+    assert [len(c) for c in cache.of(uris[:2])] == [1]
+    assert cache.learned == {"http://a/1.crl", "http://a/2.crl"}
+    assert cache.missing(uris, now) == ()  # one fetched, one failed just now
+    assert cache.missing(uris, now + CRL_RETRY * 2) == ("http://a/2.crl",)
+
+
+def test_crl_distribution_points_are_read_from_a_certificate() -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from cluster.ike.auth import crl_uris_of
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(NAME).issuer_name(NAME)
+               .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+               .not_valid_after(now + datetime.timedelta(days=1)))
+    assert crl_uris_of(builder.sign(key, hashes.SHA256())) == ()
+    points = x509.CRLDistributionPoints([
+        x509.DistributionPoint([x509.UniformResourceIdentifier("http://ca/1.crl"),
+                                x509.UniformResourceIdentifier("ldap://ca/cn=x")],
+                               None, None, None),
+        x509.DistributionPoint([x509.UniformResourceIdentifier("HTTPS://ca/2.crl")],
+                               None, None, None)])
+    cert = builder.add_extension(points, critical=False).sign(key, hashes.SHA256())
+    assert crl_uris_of(cert) == ("http://ca/1.crl", "HTTPS://ca/2.crl")

@@ -496,7 +496,7 @@ async def test_initiated_sa_gets_its_peers_messages_and_expires_half_open(
         def end_here(self) -> None:
             pass
 
-        address_pending = None  # its exchanges never wait for a shared pool
+        pending = None  # its exchanges never wait for the runtime
 
         def resume(self, now: float) -> None:
             pass

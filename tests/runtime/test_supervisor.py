@@ -196,7 +196,7 @@ class StuckTimerSession:
     def end_here(self) -> None:
         pass
 
-    address_pending = None  # its exchanges never wait for a shared pool
+    pending = None  # its exchanges never wait for the runtime
 
     def resume(self, now: float) -> None:
         pass
