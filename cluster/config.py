@@ -170,6 +170,7 @@ class NodeConfig:
     crl_refresh: float = 3600.0
     # [ike] crl_from_certificates: fetch the CRLs peers' certificates point to (strongSwan's)
     crl_from_certificates: bool = True
+    ocsp: bool = True  # [ike] ocsp: ask the OCSP responders certificates name (RFC 6960)
 
 
 CRL_REFRESH = 3600.0  # [ike] crl_refresh's default: an hour
@@ -265,7 +266,7 @@ class _Loader:
                 "addresses", "port", "port_nat_t", "legacy_algorithms", "half_open_timeout",
                 "cookie_threshold", "block_threshold", "init_limit_half_open", "notify_rate",
                 "retransmit_timeout", "retransmit_base", "retransmit_tries", "dh_reuse",
-                "keep_alive", "crl_refresh", "crl_from_certificates",
+                "keep_alive", "crl_refresh", "crl_from_certificates", "ocsp",
             ),
             required=True,
         )  # fmt: skip
@@ -337,6 +338,7 @@ class _Loader:
             dh_reuse=dh_reuse,
             crl_refresh=self.crl_refresh(ike),
             crl_from_certificates=ike.boolean("crl_from_certificates", True),
+            ocsp=ike.boolean("ocsp", True),
         )
 
     def dos(self, ike: _Table) -> DosConfig:

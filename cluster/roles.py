@@ -213,7 +213,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                 await nursery.start(supervisor.run)
                 await nursery.start(functools.partial(
                     fetch_crls, lambda: config.policy, config.crl_refresh,
-                    from_certificates=config.crl_from_certificates))
+                    from_certificates=config.crl_from_certificates, ocsp=config.ocsp))
                 await nursery.start(persistence.run)
                 await nursery.start(channel.run)
                 if config.control:  # `ike-cluster reload`; `sas`/`terminate` use the store

@@ -320,12 +320,18 @@ def decode_certificate_fields(cert: x509.Certificate) -> None:
         raise ParseError(f"certificate does not decode: {exc}") from None
 
 
+# a certificate -> "good", why it is revoked, or None (the CRLs decide): OCSP's answer
+Verdict = Callable[[x509.Certificate], "str | None"]
+OCSP_GOOD = "good"
+
+
 def verify_certificate_chain(
     end_entity: x509.Certificate,
     intermediates: Sequence[x509.Certificate],
     trust_anchors: Sequence[x509.Certificate],
     now: datetime,
     crls: Sequence[x509.CertificateRevocationList] = (),
+    ocsp: Verdict | None = None,
 ) -> None:
     """Find a path end_entity -> intermediates* -> a trust anchor, or raise with a reason.
 
@@ -335,7 +341,8 @@ def verify_certificate_chain(
     """
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
-    failure = _path_from(end_entity, [end_entity], intermediates, trust_anchors, now, crls)
+    failure = _path_from(end_entity, [end_entity], intermediates, trust_anchors, now, crls,
+                         ocsp)
     if failure is not None:
         subject = end_entity.subject.rfc4514_string()
         raise AuthenticationFailed(f"certificate of {subject}: {failure}")
@@ -348,6 +355,7 @@ def _path_from(
     anchors: Sequence[x509.Certificate],
     now: datetime,
     crls: Sequence[x509.CertificateRevocationList],
+    ocsp: Verdict | None = None,
 ) -> str | None:
     """Depth-first search; returns None on success, else the reason the best branch failed."""
     problem = _validity_problem(cert, now)
@@ -363,9 +371,14 @@ def _path_from(
             continue
         problem = _issuer_problem(cert, issuer, intermediates_below=len(path) - 1)
         if problem is None:
-            problem = _revocation_problem(cert, issuer, crls)
+            verdict = ocsp(cert) if ocsp is not None else None  # RFC 6960, before the CRLs
+            if verdict is None:
+                problem = _revocation_problem(cert, issuer, crls)
+            elif verdict != OCSP_GOOD:
+                problem = verdict
         if problem is None:
-            problem = _path_from(issuer, [*path, issuer], intermediates, anchors, now, crls)
+            problem = _path_from(issuer, [*path, issuer], intermediates, anchors, now, crls,
+                                 ocsp)
             if problem is None:
                 return None
         failure = problem

@@ -41,6 +41,7 @@ from .identity import (
 )
 from .ike_init import candidate_connections, notifies
 from .keymat import IkeKeys, mix_ppk
+from .ocsp import OcspPending, ocsp_uris_of
 from .payloads import (
     AuthPayload,
     CertPayload,
@@ -124,12 +125,17 @@ def _verify_peer(sa: IkeSa, remote: RemoteAuth, peer_ident: Identity, id_type: i
         chain = [load_certificate_der_untrusted(c.data) for c in x509_certs[1:]]
     except ParseError as exc:
         raise AuthenticationFailed(f"peer certificate: {exc}") from None
-    fetched = sa.policy.fetched_crls
+    fetched, answers, now = sa.policy.fetched_crls, sa.policy.ocsp, wall_clock()
     points = tuple(u for c in (cert, *chain) for u in crl_uris_of(c))
-    if may_wait and (missing := fetched.missing(points, wall_clock())):
-        raise CrlPending(fetched, missing, wall_clock())
+    queries = [(c, issuer, uris[0]) for c in (cert, *chain) if (uris := ocsp_uris_of(c))
+               for issuer in (*chain, *remote.cacerts) if issuer.subject == c.issuer]
+    if may_wait and (asks := answers.missing(queries, now)):
+        raise OcspPending(answers, asks, now)
+    if may_wait and (missing := fetched.missing(points, now)):
+        raise CrlPending(fetched, missing, now)
     crls = remote.crls + fetched.of(remote.crl_uris + points)
-    verify_certificate_chain(cert, chain, remote.cacerts, wall_clock(), crls)
+    verify_certificate_chain(cert, chain, remote.cacerts, now, crls,
+                             lambda c: answers.verdict(c, now))
     if not cert_matches_identity(cert, peer_ident):
         raise AuthenticationFailed(f"certificate does not contain identity {peer_ident}")
     key = cert.public_key()

@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .identity import Identity, IdentityPattern, parse_identity
+from .ocsp import OcspCache
 from .pending import Pending
 from .pools import AddressPool
 from .proposals import ConfiguredProposal
@@ -217,6 +218,7 @@ class ResponderPolicy:
     keep_alive: float = 20.0
     # shared with the runtime that fills it, kept across configuration reloads
     fetched_crls: FetchedCrls = field(default_factory=FetchedCrls, compare=False)
+    ocsp: OcspCache = field(default_factory=OcspCache, compare=False)
 
     def find_psk(self, local: Identity | None, remote: Identity) -> bytes | None:
         """The best shared secret for this pair of identities (strongSwan's matching)."""

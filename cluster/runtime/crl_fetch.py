@@ -1,5 +1,6 @@
 """Downloading the CRLs that connections name by URI (`remote.crls = ["http://..."]`)
-and those that the peers' certificates name in their CRL distribution points.
+and those that the peers' certificates name in their CRL distribution points; asking
+the OCSP responders the certificates name (`ask_ocsp`, RFC 6960).
 
 Each URI is fetched at start-up and again every `[ike] crl_refresh` seconds, or at the
 CRL's own nextUpdate if that comes first; a failed download is tried again after a
@@ -22,6 +23,7 @@ from collections.abc import Callable
 import trio
 from cryptography import x509
 
+from ..ike.ocsp import OcspAnswer, ocsp_answer_untrusted, ocsp_request
 from ..ike.policy import ResponderPolicy
 
 logger = logging.getLogger(__name__)
@@ -55,9 +57,40 @@ def download(uri: str) -> x509.CertificateRevocationList:
         raise CrlFetchError(f"not a CRL: {exc}") from None
 
 
+def post_ocsp(uri: str, request: bytes) -> bytes:
+    """An OCSP responder's DER answer to `request` (RFC 6960 A.1: HTTP POST; blocking)."""
+    message = urllib.request.Request(uri, data=request, method="POST",
+                                     headers={"Content-Type": "application/ocsp-request"})
+    try:
+        with urllib.request.urlopen(message, timeout=TIMEOUT) as answer:
+            data: bytes = answer.read(MAX_SIZE + 1)
+    except urllib.error.HTTPError as exc:
+        raise CrlFetchError(f"HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise CrlFetchError(str(getattr(exc, "reason", exc))) from None
+    if len(data) > MAX_SIZE:
+        raise CrlFetchError(f"larger than {MAX_SIZE} bytes")
+    return data
+
+
+async def ask_ocsp(cert: x509.Certificate, issuer: x509.Certificate, uri: str,
+                   post: Callable[[str, bytes], bytes] = post_ocsp) -> OcspAnswer | None:
+    """The checked answer of `uri` about `cert`, or None (logged) when there is none."""
+    subject = cert.subject.rfc4514_string()
+    try:
+        der = await trio.to_thread.run_sync(post, uri, ocsp_request(cert, issuer))
+        answer = ocsp_answer_untrusted(der, cert, issuer, datetime.datetime.now(datetime.UTC))
+    except (CrlFetchError, ValueError) as exc:
+        logger.warning("OCSP %s about %s: no usable answer: %s", uri, subject, exc)
+        return None
+    logger.info("OCSP %s: %s (serial %x) is %s", uri, subject, cert.serial_number,
+                answer.status)
+    return answer
+
+
 async def fetch_crls(current: Callable[[], ResponderPolicy], refresh: float,
                      fetch: Callable[[str], x509.CertificateRevocationList] = download,
-                     *, from_certificates: bool = True,
+                     *, from_certificates: bool = True, ocsp: bool = True,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                      ) -> None:
     """Keep `current().fetched_crls` filled from every connection's CRL URIs and, with
@@ -78,13 +111,18 @@ async def fetch_crls(current: Callable[[], ResponderPolicy], refresh: float,
                     uri, crl.issuer.rfc4514_string(), len(crl))
         return crl
 
-    if from_certificates:  # before the first IKE_AUTH can need it
-        current().fetched_crls.fetcher = fetch_now
+    def enable(policy: ResponderPolicy) -> None:
+        # (a reload's policy shares the caches; set them all the same)
+        if from_certificates:
+            policy.fetched_crls.fetcher = fetch_now
+        if ocsp:
+            policy.ocsp.fetcher = ask_ocsp
+
+    enable(current())  # before the first IKE_AUTH can need them
     task_status.started()
     while True:
         policy = current()
-        if from_certificates:  # (a reload's policy shares the cache; set it all the same)
-            policy.fetched_crls.fetcher = fetch_now
+        enable(policy)
         uris = sorted({u for c in policy.connections for u in c.remote.crl_uris}
                       | policy.fetched_crls.learned)
         for uri in uris:

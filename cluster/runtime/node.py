@@ -424,7 +424,7 @@ async def run_node(
                 await nursery.start(supervisor.run)
                 await nursery.start(functools.partial(
                     fetch_crls, lambda: node.config.policy, config.crl_refresh,
-                    from_certificates=config.crl_from_certificates))
+                    from_certificates=config.crl_from_certificates, ocsp=config.ocsp))
                 await nursery.start(dispatcher.serve, supervisor)
                 for initiator in initiators:
                     nursery.start_soon(initiator.run, name=f"initiate {initiator.name}")

@@ -35,7 +35,7 @@ RESTART_ONLY = (
     ("[ike] port_nat_t", "natt_port"), ("[worker]", "worker"), ("[cluster]", "cluster"),
     ("[metrics]", "metrics"), ("[ike] DoS limits", "dos"), ("[ike] dh_reuse", "dh_reuse"),
     ("[node] control", "control"), ("[ike] crl_refresh", "crl_refresh"),
-    ("[ike] crl_from_certificates", "crl_from_certificates"),
+    ("[ike] crl_from_certificates", "crl_from_certificates"), ("[ike] ocsp", "ocsp"),
 )
 
 
@@ -69,7 +69,7 @@ def carry_over(old: NodeConfig, new: NodeConfig) -> tuple[NodeConfig, list[str]]
                         for i in new.initiations)
     # the CRLs downloaded so far stay in use until their URIs are fetched again
     policy = replace(new.policy, connections=connections,
-                     fetched_crls=old.policy.fetched_crls)
+                     fetched_crls=old.policy.fetched_crls, ocsp=old.policy.ocsp)
     restart += [f"[pools.{name}]" for name in sorted(changed)]
     if [i for i in old.initiations if i.on_demand] != [i for i in initiations if i.on_demand]:
         restart.append("trap connections")

@@ -7,6 +7,7 @@ what strongSwan matches an FQDN ID against.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
@@ -132,6 +133,22 @@ class TestCa:
             serialization.Encoding.PEM))
         return path
 
+    def ocsp_index(self, good: Sequence[Credential], revoked: Sequence[Credential]) -> str:
+        """An `openssl ocsp -index` database: these certificates valid or revoked."""
+        lines = []
+        now = datetime.datetime.now(datetime.UTC)
+        for status, creds in (("V", good), ("R", revoked)):
+            for cred in creds:
+                cert = x509.load_pem_x509_certificate(cred.cert.read_bytes())
+                revoked_at = (now - datetime.timedelta(minutes=5)).strftime("%y%m%d%H%M%SZ") \
+                    if status == "R" else ""
+                serial = f"{cert.serial_number:X}"
+                serial = "0" * (len(serial) % 2) + serial
+                lines.append("\t".join((
+                    status, cert.not_valid_after_utc.strftime("%y%m%d%H%M%SZ"), revoked_at,
+                    serial, "unknown", "/" + cert.subject.rfc4514_string().replace(",", "/"))))
+        return "".join(line + "\n" for line in lines)
+
     def chain(self) -> list[x509.Certificate]:
         """This CA's certificate and its parents' below the root (an intermediate's chain)."""
         out: list[x509.Certificate] = []
@@ -144,6 +161,7 @@ class TestCa:
     def issue(
         self, dns_name: str, *, key_type: str = "ecdsa", name: str | None = None,
         key_size: int = 2048, with_chain: bool = False, crl_uri: str | None = None,
+        ocsp_uri: str | None = None,
     ) -> Credential:
         """An end-entity certificate for ``dns_name`` (CN and SAN dNSName).
 
@@ -185,6 +203,11 @@ class TestCa:
         if crl_uri is not None:  # a CRL distribution point (RFC 5280 4.2.1.13)
             builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
                 [x509.UniformResourceIdentifier(crl_uri)], None, None, None)]), critical=False)
+        if ocsp_uri is not None:  # an OCSP responder (authorityInfoAccess, RFC 5280 4.2.2.1)
+            builder = builder.add_extension(x509.AuthorityInformationAccess([
+                x509.AccessDescription(x509.oid.AuthorityInformationAccessOID.OCSP,
+                                       x509.UniformResourceIdentifier(ocsp_uri))]),
+                critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         cred = Credential(self.directory / f"{name}.pem", self.directory / f"{name}key.pem")
         chain = self.chain() if with_chain else []

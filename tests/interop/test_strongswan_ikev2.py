@@ -612,3 +612,39 @@ def test_a_crl_named_in_the_peers_certificate_is_fetched_before_it_is_accepted(
         "pubkey", "client.example.test", good.cert, good.key)))
     assert_initiated(initiator.initiate("net"), initiator)
     assert node.log_text().count(f"CRL {uri} fetched") == 1  # cached, not fetched again
+
+
+def test_ocsp_answers_decide_before_any_crl(
+        lab: Lab, initiator: Charon, pki: Pki, tmp_path: Path) -> None:
+    """Client certificates naming an OCSP responder (OpenSSL's `openssl ocsp`, signing
+    with the CA's key, in our node's namespace): the first IKE_AUTH waits for its
+    answer; "revoked" is refused, "good" gets in, with no CRL anywhere."""
+    uri = f"http://{RESPONDER_V4}:8888"
+    revoked = pki.authority.issue("client.example.test", name="clientocsp1", ocsp_uri=uri)
+    good = pki.authority.issue("client.example.test", name="clientocsp2", ocsp_uri=uri)
+    index = tmp_path / "index.txt"
+    index.write_text(pki.authority.ocsp_index(good=[good], revoked=[revoked]))
+    ca = pki.authority
+    responder = lab.responder.spawn(
+        ["openssl", "ocsp", "-index", str(index), "-port", "8888",
+         "-rsigner", str(ca.cert_path), "-rkey", str(ca.key_path), "-CA", str(ca.cert_path),
+         "-nmin", "5"], output=tmp_path / "ocsp.log")
+    deadline = time.monotonic() + 10
+    while "8888" not in lab.responder.run(["ss", "-H", "-t", "-l", "-n"]).stdout:
+        assert responder.poll() is None and time.monotonic() < deadline, \
+            (tmp_path / "ocsp.log").read_text()
+        time.sleep(0.05)
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=revoked, responder_cred=pki.gw_ecdsa)
+    node = lab.node([responder_conn])
+    initiator.load(initiator_conn)
+    refused = initiator.initiate("net")
+    assert refused.returncode != 0 and "AUTHENTICATION_FAILED" in refused.stdout, refused.stdout
+    log = node.log_text()
+    assert re.search(rf"OCSP {re.escape(uri)}: CN=client\.example\.test.* is revoked", log), log
+    assert re.search(r"was revoked on .* \(OCSP\)", log), log
+    initiator.load(replace(initiator_conn, local=End(
+        "pubkey", "client.example.test", good.cert, good.key)))
+    assert_initiated(initiator.initiate("net"), initiator)
+    assert re.search(rf"OCSP {re.escape(uri)}: CN=client\.example\.test.* is good",
+                     node.log_text()), node.log_text()
