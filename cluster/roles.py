@@ -165,21 +165,26 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
             factory.policy = persistence.policy = config.policy
             supervisor.set_uniqueness({c.name: c.unique for c in config.policy.connections})
 
-        def terminate(spi_i: bytes, spi_r: bytes) -> bool:
-            # `ike-cluster terminate`: the holder deletes it; if none does, the responder
-            # rendezvous gives it to loads it first
-            if supervisor.delete_ike(spi_i, spi_r):
-                return True
-            if not persistence.ours_by_rendezvous(spi_i):
-                return False
+        async def terminate(spi_i: bytes, spi_r: bytes) -> bool:
+            # `ike-cluster terminate`: the holder deletes it; an SA whose owner died is
+            # loaded by the responder rendezvous gives it to, once the dead owner's lease
+            # has run out (tried again until then), and deleted
+            deleted = trio.Event()
 
-            def after_load() -> None:
-                if not supervisor.delete_ike(spi_i, spi_r):
-                    logger.info("IKE SA %s_i/%s_r: not in the store, nothing to terminate",
-                                spi_i.hex(), spi_r.hex())
+            def delete() -> None:
+                if supervisor.delete_ike(spi_i, spi_r):
+                    deleted.set()
 
-            persistence.load_then(spi_i + spi_r, after_load)
-            return True
+            with trio.move_on_after(TERMINATE_PATIENCE * cluster.membership_ttl):
+                while True:
+                    delete()
+                    if deleted.is_set():
+                        return True
+                    if persistence.ours_by_rendezvous(spi_i):
+                        persistence.load_then(spi_i + spi_r, delete)
+                    with trio.move_on_after(TERMINATE_RETRY):
+                        await deleted.wait()
+            return False
 
         channel = ResponderChannel(store, config.node_id, supervisor.replace_identity,
                                    terminate)
@@ -238,6 +243,12 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
         finally:
             logger.info("responder %s stopped: %s; failover %s", config.node_id,
                         stats.summary(), _nonzero(persistence.stats.as_dict()))
+
+
+# `ike-cluster terminate` of an SA whose owner died: how many membership TTLs a
+# responder keeps trying to load it, and how often
+TERMINATE_PATIENCE = 4
+TERMINATE_RETRY = 0.5
 
 
 def _share_pools(config: NodeConfig, store: StateStore, existing: Sequence[SharedPool] = ()

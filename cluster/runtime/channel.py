@@ -22,7 +22,7 @@ retried: an old SA then ends as it would without one (DPD, its lifetime).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,8 +44,9 @@ RETRY = 1.0  # seconds before following the channel again after a store error
 
 # (identities, policy, the new SA's responder SPI) -> how many SAs that ended here
 Replace = Callable[[tuple[str, str], str, bytes], int]
-# (spi_i, spi_r) -> whether this responder deletes it (held, or loaded to delete)
-Terminate = Callable[[bytes, bytes], bool]
+# (spi_i, spi_r) -> whether this responder deleted it (held, or loaded to delete); it
+# may take a while (a dead owner's lease runs out first)
+Terminate = Callable[[bytes, bytes], Awaitable[bool]]
 
 
 @dataclass(slots=True)
@@ -114,6 +115,7 @@ class ResponderChannel:
         self._terminate = terminate
         self.stats = ChannelStats()
         self._send, self._receive = trio.open_memory_channel[bytes](QUEUE)
+        self._nursery: trio.Nursery | None = None  # where terminations run
 
     def identified(self, key: tuple[str, str], policy: str, spi_r: bytes) -> None:
         """The supervisor's `on_identified`: queue the announcement (never blocks)."""
@@ -131,11 +133,8 @@ class ResponderChannel:
             self.stats.malformed += 1
             return
         if len(decoded) == 3:
-            origin, spi_i, spi_r = decoded
-            if self._terminate(spi_i, spi_r):
-                self.stats.terminated += 1
-                logger.info("IKE SA %s_i/%s_r: terminating (asked by %s)", spi_i.hex(),
-                            spi_r.hex(), origin)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._terminate_one, *decoded)
             return
         origin, key, policy, spi_r = decoded
         if origin == self.node_id:
@@ -147,9 +146,16 @@ class ResponderChannel:
             logger.info("%d IKE SA(s) of %s === %s ended here: responder %s established "
                         "IKE SA %s (%s)", ended, key[0], key[1], origin, spi_r.hex(), policy)
 
+    async def _terminate_one(self, origin: str, spi_i: bytes, spi_r: bytes) -> None:
+        if await self._terminate(spi_i, spi_r):
+            self.stats.terminated += 1
+            logger.info("IKE SA %s_i/%s_r: terminated (asked by %s)", spi_i.hex(),
+                        spi_r.hex(), origin)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self._follow)
             nursery.start_soon(self._publish)
             task_status.started()

@@ -22,6 +22,10 @@ from .conftest import Setup
 from .test_node_loopback import open_peer, start_node, wait_for
 
 KEY = ("gw.example.test", "client.example.test")
+
+
+async def _never(spi_i: bytes, spi_r: bytes) -> bool:
+    return False
 SPI = bytes(range(8))
 
 
@@ -50,7 +54,7 @@ async def test_one_responders_announcement_reaches_the_others_not_itself() -> No
             return 2 if node == "r2" else 0
         return replace
 
-    announcers = {n: ResponderChannel(store, n, replacer(n), lambda i, r: False)
+    announcers = {n: ResponderChannel(store, n, replacer(n), _never)
                   for n in calls}
     async with trio.open_nursery() as nursery:
         for announcer in announcers.values():
@@ -76,7 +80,7 @@ class _DownStore(MemoryStore):
 
 async def test_an_announcement_the_store_refuses_is_counted_lost() -> None:
     announcer = ResponderChannel(_DownStore(), "r1", lambda key, policy, spi: 0,
-                                 lambda i, r: False)
+                                 _never)
     async with trio.open_nursery() as nursery:
         await nursery.start(announcer.run)
         announcer.identified(KEY, "replace", SPI)
@@ -119,7 +123,7 @@ async def test_a_terminate_request_reaches_every_responder_and_is_counted_where_
     asked: dict[str, list[tuple[bytes, bytes]]] = {"r1": [], "r2": []}
 
     def terminator(node: str):  # type: ignore[no-untyped-def]
-        def terminate(spi_i: bytes, spi_r: bytes) -> bool:
+        async def terminate(spi_i: bytes, spi_r: bytes) -> bool:
             asked[node].append((spi_i, spi_r))
             return node == "r2"
         return terminate
@@ -129,7 +133,8 @@ async def test_a_terminate_request_reaches_every_responder_and_is_counted_where_
         for channel in channels.values():
             await nursery.start(channel.run)
         await store.publish(RESPONDERS_CHANNEL, encode_terminate("@cli", SPI, SPI[::-1]))
-        await wait_for(lambda: bool(asked["r1"] and asked["r2"]))
+        await wait_for(lambda: bool(asked["r1"] and asked["r2"])
+                       and channels["r2"].stats.terminated == 1)
         nursery.cancel_scope.cancel()
     assert asked == {"r1": [(SPI, SPI[::-1])], "r2": [(SPI, SPI[::-1])]}
     assert (channels["r1"].stats.terminated, channels["r2"].stats.terminated) == (0, 1)
