@@ -139,3 +139,25 @@ async def test_sighup_reloads_a_cluster_responder_and_its_pools_stay_shared(
         assert persistence.policy.secrets[0].secret == b"changed"
         assert supervisor._session_factory.policy is persistence.policy
         nursery.cancel_scope.cancel()
+
+
+async def test_ike_cluster_reload_reaches_a_responder_through_its_control_socket(
+        tmp_path: Path) -> None:
+    import secrets
+
+    from cluster import control
+
+    node_id = f"r-{os.getpid()}-{secrets.token_hex(3)}"
+    (tmp_path / "cluster.key").write_text(os.urandom(32).hex() + "\n")
+    path = tmp_path / "responder.toml"
+    path.write_text(CONFIG.replace('id = "r1"', f'id = "{node_id}"'))
+    async with trio.open_nursery() as nursery:
+        _, persistence, _, _ = await nursery.start(lambda task_status: run_responder(
+            load_config(path), handle_signals=False, task_status=task_status))
+        path.write_text(path.read_text().replace('"change-me"', '"changed"'))
+        answer = await trio.to_thread.run_sync(lambda: control.request(node_id, "reload"))
+        assert answer["reloaded"] and answer["restart"] == []
+        assert persistence.policy.secrets[0].secret == b"changed"
+        with pytest.raises(control.ControlError, match="unknown command 'sas'"):
+            await trio.to_thread.run_sync(lambda: control.request(node_id, "sas"))
+        nursery.cancel_scope.cancel()
