@@ -191,6 +191,7 @@ class Metrics:
         self._relay: Reader | None = None
         self._failover: Reader | None = None
         self._channel: Reader | None = None
+        self._revocation: Reader | None = None
         self._members: Callable[[], Sequence[Member]] | None = None
         self._pools: tuple[AddressPool, ...] = ()
         self._families: tuple[Metric, ...] = ()
@@ -220,6 +221,10 @@ class Metrics:
     def watch_failover(self, stats: Reader) -> None:
         """"takeovers", "takeover_failures", "lease_held" and "persist_failures"."""
         self._failover = stats
+
+    def watch_revocation(self, stats: Reader) -> None:
+        """`RevocationStats`: CRL downloads and OCSP questions, and how they went."""
+        self._revocation = stats
 
     def watch_channel(self, stats: Reader) -> None:
         """A cluster responder's `ChannelStats`: announcements of SAs that end the other
@@ -373,6 +378,8 @@ class Metrics:
             families += _failover_families(self._failover())
         if self._channel is not None:
             families += _channel_families(self._channel())
+        if self._revocation is not None:
+            families.append(_revocation_family(self._revocation()))
         if self._members is not None:
             add(_members_family(self._members()))
         if self._pools:
@@ -543,6 +550,18 @@ def _relay_families(stats: Mapping[str, int]) -> list[Metric]:
 def _failover_families(stats: Mapping[str, int]) -> list[Metric]:
     return [CounterMetricFamily(PREFIX + name, text, stats.get(key, 0))
             for key, name, text in _FAILOVER_COUNTERS]
+
+
+def _revocation_family(stats: Mapping[str, int]) -> Metric:
+    family = CounterMetricFamily(
+        PREFIX + "revocation_checks", "CRL downloads and OCSP questions about peers' "
+        "certificates: ok, or failed (no answer, or one that does not count).",
+        labels=["source", "result"])
+    for source, ok, failed in (("crl", "crl_fetched", "crl_failed"),
+                               ("ocsp", "ocsp_answered", "ocsp_failed")):
+        family.add_metric([source, "ok"], stats.get(ok, 0))
+        family.add_metric([source, "failed"], stats.get(failed, 0))
+    return family
 
 
 def _channel_families(stats: Mapping[str, int]) -> list[Metric]:

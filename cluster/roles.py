@@ -105,7 +105,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
     from .control import serve_control
     from .ops import reload_handler
     from .runtime.channel import ResponderChannel
-    from .runtime.crl_fetch import fetch_crls
+    from .runtime.crl_fetch import RevocationStats, fetch_crls
     from .runtime.node import _shutdown_on_signal, log_event, responder_factory
     from .runtime.persistence import SaPersistence
     from .runtime.relay_endpoint import ResponderRelay
@@ -190,6 +190,8 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                                    terminate)
         supervisor.on_identified = channel.identified
         metrics.watch_channel(channel.stats.as_dict)
+        revocation = RevocationStats()
+        metrics.watch_revocation(revocation.as_dict)
 
         def members_changed(members: Sequence[Member]) -> None:
             persistence.responders = _responders(members)
@@ -218,7 +220,8 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                 await nursery.start(supervisor.run)
                 await nursery.start(functools.partial(
                     fetch_crls, lambda: config.policy, config.crl_refresh,
-                    from_certificates=config.crl_from_certificates, ocsp=config.ocsp))
+                    from_certificates=config.crl_from_certificates, ocsp=config.ocsp,
+                    stats=revocation))
                 await nursery.start(persistence.run)
                 await nursery.start(channel.run)
                 if config.control:  # `ike-cluster reload`; `sas`/`terminate` use the store

@@ -15,10 +15,12 @@ the IKE path; the certificate checks read the newest CRL of each URI from
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import trio
 from cryptography import x509
@@ -36,6 +38,19 @@ MAX_SIZE = 16 * 1024 * 1024  # bytes of one CRL
 
 class CrlFetchError(Exception):
     pass
+
+
+@dataclass(slots=True)
+class RevocationStats:
+    """Downloads and OCSP questions, for the metrics."""
+
+    crl_fetched: int = 0
+    crl_failed: int = 0
+    ocsp_answered: int = 0
+    ocsp_failed: int = 0  # no answer, or one that does not count
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
 
 
 def download(uri: str) -> x509.CertificateRevocationList:
@@ -74,15 +89,19 @@ def post_ocsp(uri: str, request: bytes) -> bytes:
 
 
 async def ask_ocsp(cert: x509.Certificate, issuer: x509.Certificate, uri: str,
-                   post: Callable[[str, bytes], bytes] = post_ocsp) -> OcspAnswer | None:
+                   post: Callable[[str, bytes], bytes] = post_ocsp,
+                   stats: RevocationStats | None = None) -> OcspAnswer | None:
     """The checked answer of `uri` about `cert`, or None (logged) when there is none."""
+    stats = stats if stats is not None else RevocationStats()
     subject = cert.subject.rfc4514_string()
     try:
         der = await trio.to_thread.run_sync(post, uri, ocsp_request(cert, issuer))
         answer = ocsp_answer_untrusted(der, cert, issuer, datetime.datetime.now(datetime.UTC))
     except (CrlFetchError, ValueError) as exc:
+        stats.ocsp_failed += 1
         logger.warning("OCSP %s about %s: no usable answer: %s", uri, subject, exc)
         return None
+    stats.ocsp_answered += 1
     logger.info("OCSP %s: %s (serial %x) is %s", uri, subject, cert.serial_number,
                 answer.status)
     return answer
@@ -91,21 +110,25 @@ async def ask_ocsp(cert: x509.Certificate, issuer: x509.Certificate, uri: str,
 async def fetch_crls(current: Callable[[], ResponderPolicy], refresh: float,
                      fetch: Callable[[str], x509.CertificateRevocationList] = download,
                      *, from_certificates: bool = True, ocsp: bool = True,
+                     stats: RevocationStats | None = None,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                      ) -> None:
     """Keep `current().fetched_crls` filled from every connection's CRL URIs and, with
     `from_certificates`, from the distribution points the peers' certificates name (the
     first time one is seen, the exchange that saw it waits for it: CrlPending)."""
     due: dict[str, float] = {}  # URI -> when to download it next
+    counts = stats if stats is not None else RevocationStats()
 
     async def fetch_now(uri: str) -> x509.CertificateRevocationList | None:
         try:
             crl = await trio.to_thread.run_sync(fetch, uri)
         except CrlFetchError as exc:
+            counts.crl_failed += 1
             logger.warning("CRL %s (a certificate's distribution point) not fetched: %s",
                            uri, exc)
             due[uri] = trio.current_time() + RETRY
             return None
+        counts.crl_fetched += 1
         due[uri] = trio.current_time() + min(refresh, _until_next_update(crl))
         logger.info("CRL %s fetched: %s, %d revoked (a certificate's distribution point)",
                     uri, crl.issuer.rfc4514_string(), len(crl))
@@ -116,7 +139,7 @@ async def fetch_crls(current: Callable[[], ResponderPolicy], refresh: float,
         if from_certificates:
             policy.fetched_crls.fetcher = fetch_now
         if ocsp:
-            policy.ocsp.fetcher = ask_ocsp
+            policy.ocsp.fetcher = functools.partial(ask_ocsp, stats=counts)
 
     enable(current())  # before the first IKE_AUTH can need them
     task_status.started()
@@ -131,11 +154,13 @@ async def fetch_crls(current: Callable[[], ResponderPolicy], refresh: float,
             try:
                 crl = await trio.to_thread.run_sync(fetch, uri)
             except CrlFetchError as exc:
+                counts.crl_failed += 1
                 logger.warning("CRL %s not fetched: %s; trying again in %.0f s", uri, exc,
                                RETRY)
                 due[uri] = trio.current_time() + RETRY
                 continue
             policy.fetched_crls.put(uri, crl)
+            counts.crl_fetched += 1
             wait = min(refresh, _until_next_update(crl))
             due[uri] = trio.current_time() + wait
             logger.info("CRL %s fetched: %s, %d revoked; next download in %.0f s", uri,

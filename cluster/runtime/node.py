@@ -30,7 +30,7 @@ from ..ike.session import Address, IkeSession
 from ..ike.traffic_selectors import TrafficSelector
 from ..key_exchange import ExponentialPool
 from .actor import Session
-from .crl_fetch import fetch_crls
+from .crl_fetch import RevocationStats, fetch_crls
 from .dispatcher import Dispatcher
 from .reload import reload_on_signal
 from .stats import RuntimeStats
@@ -57,6 +57,7 @@ class Node:
     initiators: list[Initiator] = field(default_factory=list)  # per connection it starts
     factory: ResponderFactory | None = None  # the supervisor's, when it is one
     nursery: trio.Nursery | None = None  # where initiators run
+    revocation: RevocationStats = field(default_factory=RevocationStats)  # CRL/OCSP fetches
 
     def reconfigure(self, config: NodeConfig) -> None:
         """Use a reloaded configuration (`reload.carry_over` made it) for what comes next:
@@ -424,7 +425,8 @@ async def run_node(
                 await nursery.start(supervisor.run)
                 await nursery.start(functools.partial(
                     fetch_crls, lambda: node.config.policy, config.crl_refresh,
-                    from_certificates=config.crl_from_certificates, ocsp=config.ocsp))
+                    from_certificates=config.crl_from_certificates, ocsp=config.ocsp,
+                    stats=node.revocation))
                 await nursery.start(dispatcher.serve, supervisor)
                 for initiator in initiators:
                     nursery.start_soon(initiator.run, name=f"initiate {initiator.name}")

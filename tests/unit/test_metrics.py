@@ -44,6 +44,7 @@ from cluster.metrics import (
 )
 from cluster.relay import RelayDrops
 from cluster.runtime.channel import ChannelStats
+from cluster.runtime.crl_fetch import RevocationStats
 from cluster.runtime.stats import RuntimeStats
 from cluster.store import Member, StoreStats
 from cluster.transforms import ENCR_ALGORITHMS
@@ -102,6 +103,8 @@ CLUSTER = {
     "ike_cluster_identity_replaced_ike_sas": "counter",
     "ike_cluster_terminations": "counter",
 }
+# watch_revocation: every running node (single node and cluster responder)
+REVOCATION = {"ike_cluster_revocation_checks": "counter"}
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -242,9 +245,11 @@ def test_the_cluster_counters_are_published_and_move() -> None:
     metrics.watch_members(lambda: members)
     identities = ChannelStats()
     metrics.watch_channel(identities.as_dict)
+    revocation = RevocationStats()
+    metrics.watch_revocation(revocation.as_dict)
     metrics.publish()
     types, samples = scrape(metrics)
-    assert types == COMMON | CLUSTER
+    assert types == COMMON | CLUSTER | REVOCATION
     assert value(samples, "ike_cluster_store_round_trips_total") == 0
     assert value(samples, "ike_cluster_relay_dropped_total", reason="bad_mac") == 0
     assert value(samples, "ike_cluster_members", role="responder") == 0
@@ -258,6 +263,7 @@ def test_the_cluster_counters_are_published_and_move() -> None:
     failover.update(takeovers=7, takeover_failures=1, lease_held=6, persist_failures=2)
     identities.sent, identities.received, identities.lost = 8, 9, 1
     identities.malformed, identities.ended, identities.terminated = 2, 5, 3
+    revocation.crl_fetched, revocation.ocsp_failed = 4, 1
     members += [_member("r1", "responder"), _member("r2", "responder"), _member("w1", "worker")]
     _, unchanged = scrape(metrics)
     assert unchanged == samples  # read at publish time only
@@ -285,6 +291,9 @@ def test_the_cluster_counters_are_published_and_move() -> None:
         assert value(samples, "ike_cluster_identity_announcements_total", event=event) == count
     assert value(samples, "ike_cluster_identity_replaced_ike_sas_total") == 5
     assert value(samples, "ike_cluster_terminations_total") == 3
+    assert value(samples, "ike_cluster_revocation_checks_total", source="crl", result="ok") == 4
+    assert value(samples, "ike_cluster_revocation_checks_total", source="ocsp",
+                 result="failed") == 1
 
     # a responder dies, the store goes away for a while
     store.errors += 5
