@@ -443,7 +443,10 @@ def session_rows(sessions: Sequence[Session], owner: str, now: float) -> list[Ro
     for session in sessions:
         if not isinstance(session, IkeSession):
             continue
-        record = snapshot_of(session, now)
+        try:
+            record = snapshot_of(session, now)
+        except ValueError:  # being deleted or rekeyed away right now
+            continue
         key = record["spi_i"] + record["spi_r"]
         rows.append({"key": key.hex(), "owner": owner, "fence": 0, **_ike_fields(record)})
     rows.sort(key=lambda r: (r["connection"], r["spi_i"], r["spi_r"]))
