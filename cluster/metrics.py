@@ -554,7 +554,7 @@ def _failover_families(stats: Mapping[str, int]) -> list[Metric]:
 
 def _revocation_family(stats: Mapping[str, int]) -> Metric:
     family = CounterMetricFamily(
-        PREFIX + "revocation_checks", "CRL downloads and OCSP questions about peers' "
+        PREFIX + "revocation_checks_total", "CRL downloads and OCSP questions about peers' "
         "certificates: ok, or failed (no answer, or one that does not count).",
         labels=["source", "result"])
     for source, ok, failed in (("crl", "crl_fetched", "crl_failed"),
