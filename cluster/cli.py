@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reload", help="make the running node with this file's id reload it (as SIGHUP)")
     reload.add_argument("--config", required=True, metavar="PATH", help="the node's TOML file")
     redirect = commands.add_parser(
-        "redirect", help="send a single node's peers to another gateway (RFC 5685)")
+        "redirect", help="send peers to another gateway (RFC 5685)")
     redirect.add_argument("--config", required=True, metavar="PATH", help="the node's TOML file")
     where = redirect.add_mutually_exclusive_group(required=True)
     where.add_argument("--to", metavar="GATEWAY", help="an IP address or a DNS name")

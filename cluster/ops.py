@@ -17,7 +17,6 @@ left the store.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -37,8 +36,13 @@ from .ike.snapshot import SCHEMA_VERSION, snapshot_of
 from .ike.traffic_selectors import TrafficSelector
 from .key_exchange import DH_NAMES
 from .runtime.actor import Session
-from .runtime.channel import CLI_ORIGIN, RESPONDERS_CHANNEL, encode_terminate
-from .runtime.node import ResponderFactory
+from .runtime.channel import (
+    CLI_ORIGIN,
+    RESPONDERS_CHANNEL,
+    encode_redirect,
+    encode_terminate,
+)
+from .runtime.node import ResponderFactory, redirect_node
 from .runtime.reload import ReloadResult
 from .runtime.supervisor import Supervisor
 from .store import StateStore, StoredSa, StoreError, open_store, peek_snapshot
@@ -384,10 +388,17 @@ def redirect_command(config_path: str, gateway: str, existing: bool) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
-    if config.cluster is not None and config.cluster.store:
-        print(f"{config_path}: redirecting is for a single node (`ike-cluster run`) so far",
-              file=sys.stderr)
-        return EXIT_CONFIG
+    if gateway:
+        try:
+            redirect_data(gateway)
+        except ValueError as exc:
+            print(f"--to: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    store = _open(config_path)
+    if isinstance(store, int):
+        return store
+    if not isinstance(store, str):  # a cluster: every responder, through their channel
+        return _redirect_cluster(store, gateway, existing)
     answer = _ask(config.node_id, "redirect", to=gateway, existing=existing)
     if answer is None:
         return EXIT_FAILURE
@@ -403,6 +414,27 @@ def redirect_command(config_path: str, gateway: str, existing: bool) -> int:
     for row in answer["unsupported"]:
         print(f"cannot be moved (no REDIRECT_SUPPORTED): IKE SA {row['spi_i']}_i/"
               f"{row['spi_r']}_r")
+    return EXIT_OK
+
+
+def _redirect_cluster(store: StateStore, gateway: str, existing: bool) -> int:
+    async def publish() -> None:
+        try:
+            await store.publish(RESPONDERS_CHANNEL,
+                                encode_redirect(CLI_ORIGIN, gateway, existing))
+        finally:
+            await store.aclose()
+
+    try:
+        trio.run(publish)
+    except StoreError as exc:
+        print(f"the cluster store failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if gateway:
+        print(f"asked every responder: new IKE SAs go to {_safe(gateway)}"
+              + ("; established ones are asked to move" if existing else ""))
+    else:
+        print("asked every responder: new IKE SAs are answered again")
     return EXIT_OK
 
 
@@ -493,23 +525,8 @@ def control_handlers(node_id: str, supervisor: Supervisor,
         except ValueError as exc:
             return {"error": str(exc)}
         assert factory is not None
-        factory.redirect_to = gateway  # "" ends it
-        moved, unable = [], []
-        if gateway and request.get("existing"):
-            for session in supervisor.established_sessions():
-                if not isinstance(session, IkeSession) or session.sa.is_initiator:
-                    continue
-                row = {"spi_i": session.spi_i.hex(), "spi_r": session.spi_r.hex()}
-                if not session.sa.redirect_supported:
-                    unable.append(row)
-                    continue
-                supervisor.send_command(session.spi_i, session.spi_r, functools.partial(
-                    _redirect_one, gateway))
-                moved.append(row)
-        logger.info("redirect: new IKE SAs %s; %d established SA(s) asked to move, %d "
-                    "cannot be (no REDIRECT_SUPPORTED)",
-                    f"go to {gateway}" if gateway else "are answered again", len(moved),
-                    len(unable))
+        moved, unable = redirect_node(supervisor, factory, gateway,
+                                      bool(request.get("existing")))
         return {"redirecting": gateway, "asked": moved, "unsupported": unable}
 
     handlers: dict[str, Handler] = {"sas": sas, "terminate": terminate}
@@ -520,9 +537,6 @@ def control_handlers(node_id: str, supervisor: Supervisor,
     return handlers
 
 
-def _redirect_one(gateway: str, session: Session, now: float) -> None:
-    if isinstance(session, IkeSession):
-        session.redirect(gateway, now)
 
 
 def reload_handler(reload: Callable[[], ReloadResult]) -> Handler:

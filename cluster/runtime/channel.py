@@ -10,6 +10,9 @@ here; every other responder then ends its SAs of them the same way: quietly for
 INITIAL_CONTACT, with a Delete for swanctl's `unique = "replace"`. Their Child SAs
 leave the workers and their shared addresses are freed as for any ended SA.
 
+"redirect": `ike-cluster redirect` with a cluster's configuration: every responder sends
+new initiators to the gateway (RFC 5685) and, if asked, its established SAs too.
+
 "terminate": `ike-cluster terminate` asks for an IKE SA to be deleted (swanctl's
 `--terminate`). The responder that holds it deletes it with a Delete to the peer; if
 none holds it (its owner died and no datagram brought it back yet), the responder
@@ -68,19 +71,32 @@ def encode_identity(origin: str, key: tuple[str, str], policy: str, spi_r: bytes
     return packed
 
 
+def encode_redirect(origin: str, gateway: str, existing: bool) -> bytes:
+    packed: bytes = msgpack.packb([VERSION, "redirect", origin, gateway, existing],
+                                  use_bin_type=True)
+    return packed
+
+
 def encode_terminate(origin: str, spi_i: bytes, spi_r: bytes) -> bytes:
     packed: bytes = msgpack.packb([VERSION, "terminate", origin, spi_i, spi_r],
                                   use_bin_type=True)
     return packed
 
 
+@dataclass(frozen=True)
+class Redirection:
+    origin: str
+    gateway: str  # "" ends the redirection
+    existing: bool  # the established SAs are asked to move too
+
+
 Identity = tuple[str, tuple[str, str], str, bytes]  # origin, identities, policy, SPI
 Termination = tuple[str, bytes, bytes]  # origin, spi_i, spi_r
 
 
-def decode_untrusted(data: bytes) -> Identity | Termination | None:
-    """An "identity" (origin, identities, policy, SPI) or a "terminate" (origin, spi_i,
-    spi_r) message; None when it is neither."""
+def decode_untrusted(data: bytes) -> Identity | Termination | Redirection | None:
+    """An "identity" (origin, identities, policy, SPI), a "terminate" (origin, spi_i,
+    spi_r) or a "redirect" message; None when it is none of them."""
     try:
         fields: Any = msgpack.unpackb(data, raw=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
@@ -91,6 +107,9 @@ def decode_untrusted(data: bytes) -> Identity | Termination | None:
     kind, origin, rest = fields[1], fields[2], fields[3:]
     if kind == "terminate" and len(rest) == 2 and _spis(*rest):
         return origin, rest[0], rest[1]
+    if kind == "redirect" and len(rest) == 2 and isinstance(rest[0], str) \
+            and len(rest[0]) < 256 and isinstance(rest[1], bool):
+        return Redirection(origin, rest[0], rest[1])
     if kind != "identity" or len(rest) != 4:
         return None
     local_id, remote_id, policy, spi_r = rest
@@ -108,11 +127,13 @@ class ResponderChannel:
     """Publishes this responder's announcements and applies what others send (`run`)."""
 
     def __init__(self, store: StateStore, node_id: str, replace: Replace,
-                 terminate: Terminate) -> None:
+                 terminate: Terminate,
+                 redirect: Callable[[str, bool], None] | None = None) -> None:
         self.store = store
         self.node_id = node_id
         self._replace = replace
         self._terminate = terminate
+        self._redirect = redirect  # (gateway, existing): `ike-cluster redirect`
         self.stats = ChannelStats()
         self._send, self._receive = trio.open_memory_channel[bytes](QUEUE)
         self._nursery: trio.Nursery | None = None  # where terminations run
@@ -131,6 +152,14 @@ class ResponderChannel:
         decoded = decode_untrusted(message)
         if decoded is None:
             self.stats.malformed += 1
+            return
+        if isinstance(decoded, Redirection):
+            if self._redirect is not None:
+                try:
+                    self._redirect(decoded.gateway, decoded.existing)
+                except ValueError as exc:  # not a gateway we can name in a REDIRECT
+                    self.stats.malformed += 1
+                    logger.warning("redirect from %s ignored: %s", decoded.origin, exc)
             return
         if len(decoded) == 3:
             if self._nursery is not None:

@@ -215,6 +215,37 @@ class ResponderFactory:
         return session
 
 
+def redirect_node(supervisor: Supervisor, factory: ResponderFactory, gateway: str,
+                  existing: bool) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """RFC 5685 on this node: new IKE_SA_INITs go to `gateway` ("" ends it) and, with
+    `existing`, the established SAs of peers that support it are asked to move there.
+    The SAs asked, and those whose peer did not announce REDIRECT_SUPPORTED."""
+    factory.redirect_to = gateway
+    moved: list[dict[str, str]] = []
+    unable: list[dict[str, str]] = []
+    if gateway and existing:
+        for session in supervisor.established_sessions():
+            if not isinstance(session, IkeSession) or session.sa.is_initiator:
+                continue
+            row = {"spi_i": session.spi_i.hex(), "spi_r": session.spi_r.hex()}
+            if not session.sa.redirect_supported:
+                unable.append(row)
+                continue
+            supervisor.send_command(session.spi_i, session.spi_r,
+                                    functools.partial(_redirect_one, gateway))
+            moved.append(row)
+    logger.info("redirect: new IKE SAs %s; %d established SA(s) asked to move, %d cannot "
+                "be (no REDIRECT_SUPPORTED)",
+                f"go to {gateway}" if gateway else "are answered again", len(moved),
+                len(unable))
+    return moved, unable
+
+
+def _redirect_one(gateway: str, session: Session, now: float) -> None:
+    if isinstance(session, IkeSession):
+        session.redirect(gateway, now)
+
+
 def responder_factory(config: NodeConfig) -> ResponderFactory:
     return ResponderFactory(config)
 

@@ -527,6 +527,47 @@ def test_terminate_deletes_an_sa_from_its_owner_or_after_the_owner_died() -> Non
                           "each time")
 
 
+def test_redirect_sends_the_clusters_peers_to_another_gateway() -> None:
+    """`ike-cluster redirect` with a cluster's configuration reaches every responder
+    through the store: strongSwan's established SA (whichever responder owns it) moves
+    to a single node at another address, and a new connection to the cluster comes up
+    there too; after --stop the cluster answers again."""
+    other = "10.99.0.3"
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        charon, _ = _connect(lab, cluster, initiator, responder)
+        lab.responder.ip("addr", "add", f"{other}/24", "dev", VETH)
+        node_b = lab.node([responder], addresses=(other,), node_id="gw2")
+        charon.load(initiator, replace(initiator, name="second"))
+        node = cluster.responders[0]
+
+        def command(*args: str) -> Any:
+            return node.ns.run([sys.executable, "-m", "cluster", "redirect", "--config",
+                                str(node.config_path), *args], check=False)
+
+        result = command("--to", other, "--existing")
+        assert result.returncode == 0, result.stdout + result.stderr
+        deadline = time.monotonic() + 15
+        while {s["name"]: s for s in established(charon)}.get("rw", {}).get(
+                "remote-host") != other:
+            assert time.monotonic() < deadline, f"{charon.list_sas()}\n{cluster.logs()}"
+            time.sleep(0.2)
+        charon.terminate_ike("rw")
+        second = charon.initiate("net", ike="second")
+        assert second.returncode == 0, second.stdout
+        sas = {s["name"]: s for s in established(charon)}
+        assert sas["second"]["remote-host"] == other, sas
+        assert node_b.log_text().count("IKE SA established") == 2, node_b.log_text()
+        assert command("--stop").returncode == 0
+        charon.terminate_ike("second")
+        again = charon.initiate("net", ike="second")
+        assert again.returncode == 0, again.stdout
+        sas = {s["name"]: s for s in established(charon)}
+        assert sas["second"]["remote-host"] == "10.99.0.2", sas
+        report("cluster", "ike-cluster redirect moved the cluster's SA and a new one to "
+                          "another gateway; --stop ended it")
+
+
 def test_a_workers_packet_limit_makes_the_responder_rekey_the_child_sa() -> None:
     """The worker's soft lifetime (90 % of lifetime_packets) travels to the responder that
     owns the IKE SA, which rekeys the Child SA with strongSwan; a ping loses nothing. The

@@ -156,3 +156,26 @@ async def test_delete_ike_deletes_a_held_sa_with_a_delete_and_nothing_else(
         finally:
             peer.close()
         node.shutdown()
+
+
+def test_a_redirect_message_reaches_the_responders_callback() -> None:
+    from cluster.runtime.channel import Redirection, encode_redirect
+
+    assert decode_untrusted(encode_redirect("@cli", "10.99.0.3", True)) == \
+        Redirection("@cli", "10.99.0.3", True)
+    for bad in ([1, "redirect", "@cli", "x" * 300, True], [1, "redirect", "@cli", 7, True],
+                [1, "redirect", "@cli", "gw", "yes"]):
+        assert decode_untrusted(msgpack.packb(bad)) is None, bad
+    calls: list[tuple[str, bool]] = []
+
+    def redirect(gateway: str, existing: bool) -> None:
+        if gateway == "bad":
+            raise ValueError("not a gateway")
+        calls.append((gateway, existing))
+
+    channel = ResponderChannel(MemoryStore(), "r1", lambda k, p, s: 0, _never, redirect)
+    channel.apply(encode_redirect("@cli", "10.99.0.3", True))
+    channel.apply(encode_redirect("@cli", "", False))
+    channel.apply(encode_redirect("@cli", "bad", False))
+    assert calls == [("10.99.0.3", True), ("", False)]
+    assert channel.stats.malformed == 1
