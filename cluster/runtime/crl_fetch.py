@@ -53,17 +53,23 @@ class RevocationStats:
         return asdict(self)
 
 
-def download(uri: str) -> x509.CertificateRevocationList:
-    """The CRL at `uri` (DER or PEM), or CrlFetchError saying why not (blocking)."""
+def _http(request: str | urllib.request.Request) -> bytes:
+    """The body of an http(s) answer, or CrlFetchError saying why not (blocking)."""
     try:
-        with urllib.request.urlopen(uri, timeout=TIMEOUT) as answer:
-            data = answer.read(MAX_SIZE + 1)
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as answer:
+            data: bytes = answer.read(MAX_SIZE + 1)
     except urllib.error.HTTPError as exc:
         raise CrlFetchError(f"HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise CrlFetchError(str(getattr(exc, "reason", exc))) from None
     if len(data) > MAX_SIZE:
         raise CrlFetchError(f"larger than {MAX_SIZE} bytes")
+    return data
+
+
+def download(uri: str) -> x509.CertificateRevocationList:
+    """The CRL at `uri` (DER or PEM), or CrlFetchError saying why not (blocking)."""
+    data = _http(uri)
     try:
         if b"-----BEGIN" in data:
             return x509.load_pem_x509_crl(data)
@@ -74,18 +80,8 @@ def download(uri: str) -> x509.CertificateRevocationList:
 
 def post_ocsp(uri: str, request: bytes) -> bytes:
     """An OCSP responder's DER answer to `request` (RFC 6960 A.1: HTTP POST; blocking)."""
-    message = urllib.request.Request(uri, data=request, method="POST",
-                                     headers={"Content-Type": "application/ocsp-request"})
-    try:
-        with urllib.request.urlopen(message, timeout=TIMEOUT) as answer:
-            data: bytes = answer.read(MAX_SIZE + 1)
-    except urllib.error.HTTPError as exc:
-        raise CrlFetchError(f"HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise CrlFetchError(str(getattr(exc, "reason", exc))) from None
-    if len(data) > MAX_SIZE:
-        raise CrlFetchError(f"larger than {MAX_SIZE} bytes")
-    return data
+    return _http(urllib.request.Request(uri, data=request, method="POST", headers={
+        "Content-Type": "application/ocsp-request"}))
 
 
 async def ask_ocsp(cert: x509.Certificate, issuer: x509.Certificate, uri: str,

@@ -35,6 +35,17 @@ pytestmark = pytest.mark.interop
 OTHER_GATEWAY = "10.99.0.3"  # a second node's address in the responder namespace
 
 
+def _serve(lab: Lab, argv: list[str], port: int, log: Path) -> None:
+    """Start a server in the responder's namespace and wait until it listens on `port`
+    (the namespace's process list stops it with the lab)."""
+    server = lab.responder.spawn(argv, output=log)
+    deadline = time.monotonic() + 10
+    while f":{port}" not in lab.responder.run(["ss", "-H", "-t", "-l", "-n"]).stdout:
+        assert server.poll() is None and time.monotonic() < deadline, \
+            log.read_text() if log.exists() else "no output"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize(
     ("proposal", "encr", "integ", "prf", "group"),
     [
@@ -496,14 +507,8 @@ def test_a_crl_fetched_from_its_uri_revokes_a_client_once_it_lists_it(
     www = tmp_path / "www"
     www.mkdir()
     shutil.copy(pki.authority.revoke(stem="empty"), www / "ca.crl")
-    server = lab.responder.spawn(
-        [sys.executable, "-m", "http.server", "8080", "--bind", RESPONDER_V4,
-         "--directory", str(www)], output=tmp_path / "http.log")
-    deadline = time.monotonic() + 10
-    while "8080" not in lab.responder.run(["ss", "-H", "-t", "-l", "-n"]).stdout:
-        assert server.poll() is None and time.monotonic() < deadline, \
-            (tmp_path / "http.log").read_text()
-        time.sleep(0.05)
+    _serve(lab, [sys.executable, "-m", "http.server", "8080", "--bind", RESPONDER_V4,
+                 "--directory", str(www)], 8080, tmp_path / "http.log")
     initiator_conn, responder_conn = conn_pair(
         ca=pki.ca, initiator_cred=pki.client_revoked, responder_cred=pki.gw_ecdsa)
     uri = f"http://{RESPONDER_V4}:8080/ca.crl"
@@ -591,13 +596,8 @@ def test_a_crl_named_in_the_peers_certificate_is_fetched_before_it_is_accepted(
     revoked = pki.authority.issue("client.example.test", name="clientcdp1", crl_uri=uri)
     good = pki.authority.issue("client.example.test", name="clientcdp2", crl_uri=uri)
     shutil.copy(pki.authority.revoke(revoked, stem="cdp"), www / "ca.crl")
-    server = lab.responder.spawn(
-        [sys.executable, "-m", "http.server", "8080", "--bind", RESPONDER_V4,
-         "--directory", str(www)], output=tmp_path / "http.log")
-    deadline = time.monotonic() + 10
-    while "8080" not in lab.responder.run(["ss", "-H", "-t", "-l", "-n"]).stdout:
-        assert server.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    _serve(lab, [sys.executable, "-m", "http.server", "8080", "--bind", RESPONDER_V4,
+                 "--directory", str(www)], 8080, tmp_path / "http.log")
     initiator_conn, responder_conn = conn_pair(
         ca=pki.ca, initiator_cred=revoked, responder_cred=pki.gw_ecdsa)
     node = lab.node([responder_conn])
@@ -625,15 +625,9 @@ def test_ocsp_answers_decide_before_any_crl(
     index = tmp_path / "index.txt"
     index.write_text(pki.authority.ocsp_index(good=[good], revoked=[revoked]))
     ca = pki.authority
-    responder = lab.responder.spawn(
-        ["openssl", "ocsp", "-index", str(index), "-port", "8888",
-         "-rsigner", str(ca.cert_path), "-rkey", str(ca.key_path), "-CA", str(ca.cert_path),
-         "-nmin", "5"], output=tmp_path / "ocsp.log")
-    deadline = time.monotonic() + 10
-    while "8888" not in lab.responder.run(["ss", "-H", "-t", "-l", "-n"]).stdout:
-        assert responder.poll() is None and time.monotonic() < deadline, \
-            (tmp_path / "ocsp.log").read_text()
-        time.sleep(0.05)
+    _serve(lab, ["openssl", "ocsp", "-index", str(index), "-port", "8888",
+                 "-rsigner", str(ca.cert_path), "-rkey", str(ca.key_path),
+                 "-CA", str(ca.cert_path), "-nmin", "5"], 8888, tmp_path / "ocsp.log")
     initiator_conn, responder_conn = conn_pair(
         ca=pki.ca, initiator_cred=revoked, responder_cred=pki.gw_ecdsa)
     node = lab.node([responder_conn])
