@@ -519,14 +519,12 @@ def control_handlers(node_id: str, supervisor: Supervisor,
         gateway = request.get("to")
         if not isinstance(gateway, str):
             return {"error": "name the gateway to redirect to"}
+        assert factory is not None
         try:
-            if gateway:
-                redirect_data(gateway)
+            moved, unable = redirect_node(supervisor, factory, gateway,
+                                          bool(request.get("existing")))
         except ValueError as exc:
             return {"error": str(exc)}
-        assert factory is not None
-        moved, unable = redirect_node(supervisor, factory, gateway,
-                                      bool(request.get("existing")))
         return {"redirecting": gateway, "asked": moved, "unsupported": unable}
 
     handlers: dict[str, Handler] = {"sas": sas, "terminate": terminate}
@@ -535,8 +533,6 @@ def control_handlers(node_id: str, supervisor: Supervisor,
     if factory is not None:
         handlers["redirect"] = redirect
     return handlers
-
-
 
 
 def reload_handler(reload: Callable[[], ReloadResult]) -> Handler:

@@ -103,7 +103,6 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                         task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
                         ) -> None:
     from .control import serve_control
-    from .ike.ike_init import redirect_data
     from .ops import reload_handler
     from .runtime.channel import ResponderChannel
     from .runtime.crl_fetch import RevocationStats, fetch_crls
@@ -187,13 +186,9 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                         await deleted.wait()
             return False
 
-        def redirect(gateway: str, existing: bool) -> None:
-            if gateway:
-                redirect_data(gateway)  # ValueError: not a gateway a REDIRECT can name
-            redirect_node(supervisor, factory, gateway, existing)
-
-        channel = ResponderChannel(store, config.node_id, supervisor.replace_identity,
-                                   terminate, redirect)
+        channel = ResponderChannel(
+            store, config.node_id, supervisor.replace_identity, terminate,
+            lambda gateway, existing: redirect_node(supervisor, factory, gateway, existing))
         supervisor.on_identified = channel.identified
         metrics.watch_channel(channel.stats.as_dict)
         revocation = RevocationStats()

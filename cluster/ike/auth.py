@@ -11,7 +11,7 @@ import functools
 import hashlib
 import hmac
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -439,16 +439,20 @@ def _revocation_problem(cert: x509.Certificate, issuer: x509.Certificate,
     return None
 
 
+def http_uris(names: Iterable[x509.GeneralName]) -> tuple[str, ...]:
+    """The http(s) URIs among `names` (what this node can fetch)."""
+    return tuple(name.value for name in names
+                 if isinstance(name, x509.UniformResourceIdentifier)
+                 and name.value.partition("://")[0].lower() in ("http", "https"))
+
+
 def crl_uris_of(cert: x509.Certificate) -> tuple[str, ...]:
     """The http(s) URIs of a certificate's CRL distribution points (RFC 5280 4.2.1.13)."""
     try:
         points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
     except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
         return ()
-    return tuple(
-        name.value for point in points for name in point.full_name or ()
-        if isinstance(name, x509.UniformResourceIdentifier)
-        and name.value.partition("://")[0].lower() in ("http", "https"))
+    return http_uris(name for point in points for name in point.full_name or ())
 
 
 def _spki_sha1(cert: x509.Certificate) -> bytes:

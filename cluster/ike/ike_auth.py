@@ -176,7 +176,7 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
     no_ppk = notifies(payloads, NotifyType.NO_PPK_AUTH) if sa.use_ppk else []
     failure: IkeError = AuthenticationFailed(f"no connection accepts identity {peer_ident}")
     chosen_conn: ConnectionConfig | None = None
-    ppk: bytes | None = None
+    mixed: IkeKeys | None = None  # the keys with the chosen connection's PPK, if any
     for conn in candidate_connections(sa.policy, sa.local, sa.remote):
         if conn.remote.method == "eap-mschapv2" or not conn.remote.identity.matches(peer_ident):
             continue
@@ -185,12 +185,12 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
             continue  # the peer asked for another identity of ours
         try:
             ppk = _ppk_for(sa, conn, ppk_id)
-            keys = None if ppk is None else _mixed(sa, ppk)
+            mixed = None if ppk is None else _mixed(sa, ppk)
             # RFC 8784 3: without the PPK, the AUTH made without one (if the peer sent it)
-            peer_auth = auth if ppk is not None or not no_ppk else \
+            peer_auth = auth if mixed is not None or not no_ppk else \
                 AuthPayload(auth.method, no_ppk[0].data)
             _verify_peer(sa, conn.remote, peer_ident, idi.id_type, idi.data, peer_auth, certs,
-                         conn.local.identity, sa.init_request, sa.nonce_r, wall_clock, keys,
+                         conn.local.identity, sa.init_request, sa.nonce_r, wall_clock, mixed,
                          may_wait=True)
         except AuthenticationFailed as exc:
             failure = exc
@@ -202,12 +202,12 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
     sa.connection = chosen_conn
     sa.remote_id = peer_ident
     sa.local_id = _local_identity(sa, chosen_conn.local)
-    if ppk is not None:  # our AUTH, the Child SAs and rekeys all use the mixed keys
-        sa.keys, sa.ppk = _mixed(sa, ppk), True
+    if mixed is not None:  # our AUTH, the Child SAs and rekeys all use the mixed keys
+        sa.keys, sa.ppk = mixed, True
     response: list[Payload] = [IdrPayload(sa.local_id.id_type, sa.local_id.data)]
     response += _our_auth(sa, chosen_conn.local, sa.local_id, peer_ident, sa.init_response,
                           sa.nonce_i)
-    if ppk is not None:
+    if mixed is not None:
         response.append(NotifyPayload(NotifyType.PPK_IDENTITY))
     return _finish(sa, chosen_conn, payloads, response, rng), True
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
-from .auth import OCSP_GOOD
+from .auth import OCSP_GOOD, http_uris
 from .pending import Pending
 
 SKEW = datetime.timedelta(minutes=5)  # clock difference tolerated on thisUpdate/nextUpdate
@@ -38,11 +38,8 @@ def ocsp_uris_of(cert: x509.Certificate) -> tuple[str, ...]:
         access = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
     except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
         return ()
-    return tuple(
-        d.access_location.value for d in access
-        if d.access_method == AuthorityInformationAccessOID.OCSP
-        and isinstance(d.access_location, x509.UniformResourceIdentifier)
-        and d.access_location.value.partition("://")[0].lower() in ("http", "https"))
+    return http_uris(d.access_location for d in access
+                     if d.access_method == AuthorityInformationAccessOID.OCSP)
 
 
 def ocsp_request(cert: x509.Certificate, issuer: x509.Certificate) -> bytes:

@@ -169,8 +169,8 @@ class IkeSession:
         self._sa = sa
         self._exponentials = exponentials  # our DH values, shared by recent IKE_SA_INITs
         self._retiring: list[tuple[IkeSa, float]] = []  # (rekeyed-away SA, drop-by time)
-        # an exchange waiting for a shared pool: (sa, exchange, message ID, payloads, local,
-        # remote, what it waits for)
+        # an exchange waiting for the runtime (an address, a CRL, an OCSP answer): (sa,
+        # exchange, message ID, payloads, local, remote, what it waits for)
         self._parked: tuple[IkeSa, int, int, list[Payload], Address, Address,
                             Pending] | None = None
         self._rng = rng

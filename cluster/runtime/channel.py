@@ -65,22 +65,21 @@ class ChannelStats:
         return asdict(self)
 
 
-def encode_identity(origin: str, key: tuple[str, str], policy: str, spi_r: bytes) -> bytes:
-    packed: bytes = msgpack.packb([VERSION, "identity", origin, key[0], key[1], policy,
-                                   spi_r], use_bin_type=True)
+def _encode(kind: str, origin: str, *fields: object) -> bytes:
+    packed: bytes = msgpack.packb([VERSION, kind, origin, *fields], use_bin_type=True)
     return packed
+
+
+def encode_identity(origin: str, key: tuple[str, str], policy: str, spi_r: bytes) -> bytes:
+    return _encode("identity", origin, key[0], key[1], policy, spi_r)
 
 
 def encode_redirect(origin: str, gateway: str, existing: bool) -> bytes:
-    packed: bytes = msgpack.packb([VERSION, "redirect", origin, gateway, existing],
-                                  use_bin_type=True)
-    return packed
+    return _encode("redirect", origin, gateway, existing)
 
 
 def encode_terminate(origin: str, spi_i: bytes, spi_r: bytes) -> bytes:
-    packed: bytes = msgpack.packb([VERSION, "terminate", origin, spi_i, spi_r],
-                                  use_bin_type=True)
-    return packed
+    return _encode("terminate", origin, spi_i, spi_r)
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,7 @@ class ResponderChannel:
 
     def __init__(self, store: StateStore, node_id: str, replace: Replace,
                  terminate: Terminate,
-                 redirect: Callable[[str, bool], None] | None = None) -> None:
+                 redirect: Callable[[str, bool], object] | None = None) -> None:
         self.store = store
         self.node_id = node_id
         self._replace = replace

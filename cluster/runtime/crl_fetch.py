@@ -116,18 +116,22 @@ async def fetch_crls(current: Callable[[], ResponderPolicy], refresh: float,
     counts = stats if stats is not None else RevocationStats()
 
     async def fetch_now(uri: str) -> x509.CertificateRevocationList | None:
+        """One download (logged, counted, its next one scheduled); None when it failed."""
+        learned = " (a certificate's distribution point)" \
+            if uri in current().fetched_crls.learned else ""
         try:
             crl = await trio.to_thread.run_sync(fetch, uri)
         except CrlFetchError as exc:
             counts.crl_failed += 1
-            logger.warning("CRL %s (a certificate's distribution point) not fetched: %s",
-                           uri, exc)
             due[uri] = trio.current_time() + RETRY
+            logger.warning("CRL %s%s not fetched: %s; trying again in %.0f s", uri, learned,
+                           exc, RETRY)
             return None
         counts.crl_fetched += 1
-        due[uri] = trio.current_time() + min(refresh, _until_next_update(crl))
-        logger.info("CRL %s fetched: %s, %d revoked (a certificate's distribution point)",
-                    uri, crl.issuer.rfc4514_string(), len(crl))
+        wait = min(refresh, _until_next_update(crl))
+        due[uri] = trio.current_time() + wait
+        logger.info("CRL %s fetched: %s, %d revoked%s; next download in %.0f s", uri,
+                    crl.issuer.rfc4514_string(), len(crl), learned, wait)
         return crl
 
     def enable(policy: ResponderPolicy) -> None:
@@ -147,20 +151,9 @@ async def fetch_crls(current: Callable[[], ResponderPolicy], refresh: float,
         for uri in uris:
             if due.get(uri, 0.0) > trio.current_time():
                 continue
-            try:
-                crl = await trio.to_thread.run_sync(fetch, uri)
-            except CrlFetchError as exc:
-                counts.crl_failed += 1
-                logger.warning("CRL %s not fetched: %s; trying again in %.0f s", uri, exc,
-                               RETRY)
-                due[uri] = trio.current_time() + RETRY
-                continue
-            policy.fetched_crls.put(uri, crl)
-            counts.crl_fetched += 1
-            wait = min(refresh, _until_next_update(crl))
-            due[uri] = trio.current_time() + wait
-            logger.info("CRL %s fetched: %s, %d revoked; next download in %.0f s", uri,
-                        crl.issuer.rfc4514_string(), len(crl), wait)
+            crl = await fetch_now(uri)
+            if crl is not None:
+                policy.fetched_crls.put(uri, crl)
         await trio.sleep(min(POLL, refresh))
 
 

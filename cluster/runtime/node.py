@@ -25,6 +25,7 @@ from ..ike.events import (
     IkeSaMoved,
     IkeSaRekeyed,
 )
+from ..ike.ike_init import redirect_data
 from ..ike.policy import ResponderPolicy
 from ..ike.session import Address, IkeSession
 from ..ike.traffic_selectors import TrafficSelector
@@ -219,7 +220,10 @@ def redirect_node(supervisor: Supervisor, factory: ResponderFactory, gateway: st
                   existing: bool) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """RFC 5685 on this node: new IKE_SA_INITs go to `gateway` ("" ends it) and, with
     `existing`, the established SAs of peers that support it are asked to move there.
-    The SAs asked, and those whose peer did not announce REDIRECT_SUPPORTED."""
+    The SAs asked, and those whose peer did not announce REDIRECT_SUPPORTED; ValueError
+    (nothing changed) for a gateway a REDIRECT cannot name."""
+    if gateway:
+        redirect_data(gateway)
     factory.redirect_to = gateway
     moved: list[dict[str, str]] = []
     unable: list[dict[str, str]] = []

@@ -67,7 +67,7 @@ from ..ike.events import (
 from ..ike.message import Header, Message, decode_untrusted, encode_plain, peek_header_untrusted
 from ..ike.payloads import NoncePayload, NotifyPayload
 from ..ike.session import Address, Datagram
-from .actor import Persist, Relinquished, SaActor, Session
+from .actor import Command, Persist, Relinquished, SaActor, Session
 from .stats import RuntimeStats
 
 logger = logging.getLogger(__name__)
@@ -717,8 +717,7 @@ class Supervisor:
 
     # -- commands to actors ---------------------------------------------------------------
 
-    def send_command(self, spi_i: bytes, spi_r: bytes,
-                     command: Callable[[Session, float], None]) -> bool:
+    def send_command(self, spi_i: bytes, spi_r: bytes, command: Command) -> bool:
         """Run `command(session, now)` in the actor of that IKE SA, between its steps."""
         actor = self.holder_of(spi_i, spi_r)
         return actor is not None and actor.mailbox.put_nowait(command)
@@ -726,10 +725,7 @@ class Supervisor:
     def delete_ike(self, spi_i: bytes, spi_r: bytes) -> bool:
         """Delete the IKE SA with these SPIs (a peer's or one we initiated), with a Delete
         to the peer (an operator's terminate); False when it is not here."""
-        actor = self.holder_of(spi_i, spi_r)
-        if actor is None:
-            return False
-        return actor.mailbox.put_nowait(lambda session, now: session.delete_ike(now))
+        return self.send_command(spi_i, spi_r, lambda session, now: session.delete_ike(now))
 
     def holder_of(self, spi_i: bytes, spi_r: bytes) -> SaActor | None:
         """The actor of the IKE SA with exactly these SPIs now, if it runs here."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.certs import Pki
+from tests.interop.certs import Credential, Pki
 from tests.interop.charon import Charon
 from tests.interop.lab import RESPONDER_V4, RESPONDER_V6, VETH, Conn, End, Lab, conn_pair
 from tests.interop.node import Node
@@ -584,6 +584,23 @@ def test_redirect_sends_established_and_new_peers_to_another_gateway(
     assert sas["second"]["remote-host"] == RESPONDER_V4, sas
 
 
+def _revoked_then_good(lab: Lab, initiator: Charon, pki: Pki, revoked: Credential,
+                       good: Credential) -> tuple[Node, str]:
+    """strongSwan with `revoked` is refused on its first try; the node's log then; with
+    `good` it gets in."""
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=revoked, responder_cred=pki.gw_ecdsa)
+    node = lab.node([responder_conn])
+    initiator.load(initiator_conn)
+    refused = initiator.initiate("net")
+    assert refused.returncode != 0 and "AUTHENTICATION_FAILED" in refused.stdout, refused.stdout
+    log = node.log_text()
+    initiator.load(replace(initiator_conn, local=End(
+        "pubkey", "client.example.test", good.cert, good.key)))
+    assert_initiated(initiator.initiate("net"), initiator)
+    return node, log
+
+
 def test_a_crl_named_in_the_peers_certificate_is_fetched_before_it_is_accepted(
         lab: Lab, initiator: Charon, pki: Pki, tmp_path: Path) -> None:
     """A client certificate with a CRL distribution point (no CRL configured on our
@@ -598,19 +615,10 @@ def test_a_crl_named_in_the_peers_certificate_is_fetched_before_it_is_accepted(
     shutil.copy(pki.authority.revoke(revoked, stem="cdp"), www / "ca.crl")
     _serve(lab, [sys.executable, "-m", "http.server", "8080", "--bind", RESPONDER_V4,
                  "--directory", str(www)], 8080, tmp_path / "http.log")
-    initiator_conn, responder_conn = conn_pair(
-        ca=pki.ca, initiator_cred=revoked, responder_cred=pki.gw_ecdsa)
-    node = lab.node([responder_conn])
-    initiator.load(initiator_conn)
-    refused = initiator.initiate("net")
-    assert refused.returncode != 0 and "AUTHENTICATION_FAILED" in refused.stdout, refused.stdout
-    log = node.log_text()
+    node, log = _revoked_then_good(lab, initiator, pki, revoked, good)
     assert re.search(rf"CRL {re.escape(uri)} fetched: .*, 1 revoked \(a certificate's "
                      r"distribution point\)", log), log
     assert re.search(r"\(serial [0-9a-f]+\) was revoked", log), log
-    initiator.load(replace(initiator_conn, local=End(
-        "pubkey", "client.example.test", good.cert, good.key)))
-    assert_initiated(initiator.initiate("net"), initiator)
     assert node.log_text().count(f"CRL {uri} fetched") == 1  # cached, not fetched again
 
 
@@ -628,17 +636,8 @@ def test_ocsp_answers_decide_before_any_crl(
     _serve(lab, ["openssl", "ocsp", "-index", str(index), "-port", "8888",
                  "-rsigner", str(ca.cert_path), "-rkey", str(ca.key_path),
                  "-CA", str(ca.cert_path), "-nmin", "5"], 8888, tmp_path / "ocsp.log")
-    initiator_conn, responder_conn = conn_pair(
-        ca=pki.ca, initiator_cred=revoked, responder_cred=pki.gw_ecdsa)
-    node = lab.node([responder_conn])
-    initiator.load(initiator_conn)
-    refused = initiator.initiate("net")
-    assert refused.returncode != 0 and "AUTHENTICATION_FAILED" in refused.stdout, refused.stdout
-    log = node.log_text()
+    node, log = _revoked_then_good(lab, initiator, pki, revoked, good)
     assert re.search(rf"OCSP {re.escape(uri)}: CN=client\.example\.test.* is revoked", log), log
     assert re.search(r"was revoked on .* \(OCSP\)", log), log
-    initiator.load(replace(initiator_conn, local=End(
-        "pubkey", "client.example.test", good.cert, good.key)))
-    assert_initiated(initiator.initiate("net"), initiator)
     assert re.search(rf"OCSP {re.escape(uri)}: CN=client\.example\.test.* is good",
                      node.log_text()), node.log_text()
