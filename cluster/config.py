@@ -48,6 +48,7 @@ from .ike.policy import (
 )
 from .ike.pools import AddressPool
 from .ike.proposals import ConfiguredProposal, parse_proposal
+from .ike.radius import RadiusServer, RadiusSettings
 from .ike.traffic_selectors import TsConfig, parse_ts_config
 
 # `default` in a proposal list stands for these, as in swanctl.conf.
@@ -247,7 +248,7 @@ class _Loader:
         root = self.table(
             "", document,
             ("node", "ike", "connections", "secrets", "pools", "worker", "metrics", "cluster",
-             *FUTURE_TABLES),
+             "radius", *FUTURE_TABLES),
         )
         node = root.table("node", ("id", "log_level", "control"), required=True)
         node_id = node.required_string("id")
@@ -307,7 +308,9 @@ class _Loader:
             half_open_timeout=half_open_timeout,
             retransmission=self.retransmission(ike),
             keep_alive=self.keep_alive(ike),
+            radius=self.radius(root) if "radius" in root else None,
         )
+        self.check_radius(policy)
         self.check_psk_secrets(policy, addresses)
         self.check_ppks(policy)
         extra = {name: root.raw_table(name) for name in FUTURE_TABLES if name in root}
@@ -779,10 +782,13 @@ class _Loader:
     def remote_auth(self, conn: _Table) -> RemoteAuth:
         remote = conn.table("remote", ("auth", "id", "cacerts", "crls", "eap_id"),
                             required=True)
-        if remote.string("auth", "pubkey") == "eap-mschapv2":
-            return self.eap_remote(conn, remote)
+        method = remote.string("auth", "pubkey")
+        if method == "eap-mschapv2":
+            return self.eap_remote(conn, remote, "eap-mschapv2")
+        if method == "eap-radius":
+            return self.eap_remote(conn, remote, "eap-radius")
         if "eap_id" in remote:
-            remote.fail("eap_id", 'only used with auth = "eap-mschapv2"')
+            remote.fail("eap_id", 'only used with auth = "eap-mschapv2" or "eap-radius"')
         method = self.auth_method(remote)
         id_text = remote.string("id", "%any")
         try:
@@ -807,8 +813,10 @@ class _Loader:
         return RemoteAuth(method="pubkey", identity=pattern, cacerts=tuple(cacerts),
                           crls=tuple(crls), crl_uris=tuple(uris))
 
-    def eap_remote(self, conn: _Table, remote: _Table) -> RemoteAuth:
-        """EAP-MSCHAPv2 users (RFC 7296 2.16); we authenticate with a certificate."""
+    def eap_remote(self, conn: _Table, remote: _Table,
+                   method: Literal["eap-mschapv2", "eap-radius"]) -> RemoteAuth:
+        """EAP users (RFC 7296 2.16): EAP-MSCHAPv2 against our [secrets.eap-NAME], or any
+        EAP method through the [radius] servers; we authenticate with a certificate."""
         local = conn.raw("local")
         if not isinstance(local, dict) or local.get("auth", "pubkey") != "pubkey":
             conn.fail("local", 'EAP peers need the gateway to authenticate with a certificate '
@@ -820,7 +828,7 @@ class _Loader:
                 patterns.append(parse_identity_pattern(remote.string(name, default)))
             except ValueError as exc:
                 remote.fail(name, str(exc))
-        return RemoteAuth(method="eap-mschapv2", identity=patterns[0], eap_id=patterns[1])
+        return RemoteAuth(method=method, identity=patterns[0], eap_id=patterns[1])
 
     def crl(self, table: _Table, name: str, text: str) -> x509.CertificateRevocationList:
         """A CRL file, PEM or DER (strongSwan's x509crl directory holds either)."""
@@ -992,6 +1000,21 @@ class _Loader:
                 ids.append(parse_identity_pattern(text))
             except ValueError as exc:
                 entry.fail(f"ids[{index}]", str(exc))
+        name, text = self.secret_text(entry)
+        if kind == "eap" and all(p.any for p in ids):
+            entry.fail("ids", "an EAP secret needs the user's identity, not only %any")
+        if kind == "ppk" and any(p.any for p in ids):
+            entry.fail("ids", "a PPK is named by its PPK_IDs; %any names none")
+        secret = _decode_secret(entry, name, text)
+        if kind == "eap":
+            try:  # MS-CHAPv2 hashes the password as text (UTF-16)
+                secret.decode("utf-8")
+            except UnicodeDecodeError:
+                entry.fail(name, "an EAP password must be UTF-8 text")
+        return SharedSecret(ids=tuple(ids), secret=secret, kind=kind)
+
+    def secret_text(self, entry: _Table) -> tuple[str, str]:
+        """The key that gave the secret (`secret`, `secret_env` or `secret_file`) and its text."""
         given = [name for name in ("secret", "secret_env", "secret_file") if name in entry]
         if len(given) != 1:
             entry.fail(
@@ -1018,17 +1041,47 @@ class _Loader:
                 )
             # `echo secret > file` leaves a line break that is not part of the secret
             text = text.rstrip("\r\n")
-        if kind == "eap" and all(p.any for p in ids):
-            entry.fail("ids", "an EAP secret needs the user's identity, not only %any")
-        if kind == "ppk" and any(p.any for p in ids):
-            entry.fail("ids", "a PPK is named by its PPK_IDs; %any names none")
-        secret = _decode_secret(entry, name, text)
-        if kind == "eap":
-            try:  # MS-CHAPv2 hashes the password as text (UTF-16)
-                secret.decode("utf-8")
-            except UnicodeDecodeError:
-                entry.fail(name, "an EAP password must be UTF-8 text")
-        return SharedSecret(ids=tuple(ids), secret=secret, kind=kind)
+        return name, text
+
+    def radius(self, root: _Table) -> RadiusSettings:
+        """[radius]: the servers eap-radius connections relay EAP to (strongSwan's
+        charon.plugins.eap-radius), tried in the order written."""
+        table = root.table("radius", ("servers", "nas_identifier", "retransmit_timeout",
+                                      "retransmit_base", "retransmit_tries"))
+        servers = []
+        for name, value in table.named_tables("servers").items():
+            key = _join("radius.servers", name)
+            entry = self.table(key, value, ("address", "auth_port", "secret", "secret_env",
+                                            "secret_file"))
+            address = entry.required_string("address")
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                entry.fail("address", f"{address!r} is not an IP address")
+            secret_name, text = self.secret_text(entry)
+            servers.append(RadiusServer(name, address, entry.port("auth_port", 1812),
+                                        _decode_secret(entry, secret_name, text)))
+        if not servers:
+            table.fail("servers", "needs at least one [radius.servers.NAME]")
+        nas_identifier = table.string("nas_identifier", "ike-cluster")
+        if not 0 < len(nas_identifier.encode()) <= 253:
+            table.fail("nas_identifier", "must be 1 to 253 bytes")
+        timeout = self.duration(table, "retransmit_timeout", 2.0)
+        if not 0 < timeout <= 60:
+            table.fail("retransmit_timeout", "between a moment and a minute")
+        base = table.number("retransmit_base", 1.4)
+        if not 1.0 <= base <= 10.0:
+            table.fail("retransmit_base", "must be between 1 and 10")
+        tries = table.integer("retransmit_tries", 4)
+        if not 1 <= tries <= 20:
+            table.fail("retransmit_tries", "must be between 1 and 20")
+        return RadiusSettings(tuple(servers), nas_identifier, timeout, base, tries)
+
+    def check_radius(self, policy: ResponderPolicy) -> None:
+        for conn in policy.connections:
+            if conn.remote.method == "eap-radius" and policy.radius is None:
+                self.fail(_join(_join(_join("connections", conn.name), "remote"), "auth"),
+                          '"eap-radius" needs a [radius] table with its servers')
 
     def check_ppks(self, policy: ResponderPolicy) -> None:
         """A connection that names or needs a PPK must have one to use."""
@@ -1041,7 +1094,7 @@ class _Loader:
                 self.fail(_join(key, "ppk_required"),
                           "a PPK is required, but no [secrets.ppk-NAME] entry gives one")
             if (conn.ppk_id is not None or conn.ppk_required) and \
-                    conn.remote.method == "eap-mschapv2":
+                    conn.remote.method in ("eap-mschapv2", "eap-radius"):
                 self.fail(_join(key, "ppk_id" if conn.ppk_id is not None else "ppk_required"),
                           "PPKs are not supported with EAP yet")
 

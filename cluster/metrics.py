@@ -192,6 +192,7 @@ class Metrics:
         self._failover: Reader | None = None
         self._channel: Reader | None = None
         self._revocation: Reader | None = None
+        self._radius: Reader | None = None
         self._members: Callable[[], Sequence[Member]] | None = None
         self._pools: tuple[AddressPool, ...] = ()
         self._families: tuple[Metric, ...] = ()
@@ -225,6 +226,10 @@ class Metrics:
     def watch_revocation(self, stats: Reader) -> None:
         """`RevocationStats`: CRL downloads and OCSP questions, and how they went."""
         self._revocation = stats
+
+    def watch_radius(self, stats: Reader) -> None:
+        """`RadiusStats`: round trips to the RADIUS servers of eap-radius connections."""
+        self._radius = stats
 
     def watch_channel(self, stats: Reader) -> None:
         """A cluster responder's `ChannelStats`: announcements of SAs that end the other
@@ -380,6 +385,14 @@ class Metrics:
             families += _channel_families(self._channel())
         if self._revocation is not None:
             families.append(_revocation_family(self._revocation()))
+        if self._radius is not None:
+            stats = self._radius()
+            families.append(_counter(
+                "radius_requests_total", "Round trips to the RADIUS servers of eap-radius "
+                "connections: answered, timeout (no server answered any try), and the "
+                "datagrams sent again or refused as no valid answer.", "result",
+                {k: stats.get(k, 0) for k in ("answered", "timeouts", "retransmits",
+                                              "invalid")}))
         if self._members is not None:
             add(_members_family(self._members()))
         if self._pools:

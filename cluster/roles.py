@@ -108,6 +108,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
     from .runtime.crl_fetch import RevocationStats, fetch_crls
     from .runtime.node import _shutdown_on_signal, log_event, redirect_node, responder_factory
     from .runtime.persistence import SaPersistence
+    from .runtime.radius_client import RadiusClient
     from .runtime.relay_endpoint import ResponderRelay
     from .runtime.reload import reload_from, reload_on_signal
     from .runtime.stats import RuntimeStats
@@ -193,6 +194,9 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
         metrics.watch_channel(channel.stats.as_dict)
         revocation = RevocationStats()
         metrics.watch_revocation(revocation.as_dict)
+        radius = RadiusClient()
+        radius.install(config.policy.radius_backend)
+        metrics.watch_radius(radius.stats.as_dict)
 
         def members_changed(members: Sequence[Member]) -> None:
             persistence.responders = _responders(members)

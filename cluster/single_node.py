@@ -121,6 +121,7 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
             metrics.watch_runtime(node.stats.as_dict, node.supervisor.session_counters,
                                   lambda: node.supervisor.half_open_count)
             metrics.watch_revocation(node.revocation.as_dict)
+            metrics.watch_radius(node.radius.as_dict)
             node.supervisor.handshake_observer = metrics.observe_handshake
             if plane is not None:
                 metrics.watch_data_plane(plane.stats)

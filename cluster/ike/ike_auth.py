@@ -58,6 +58,7 @@ from .payloads import (
 )
 from .policy import ConnectionConfig, CrlPending, LocalAuth, RemoteAuth
 from .proposals import accept_response
+from .radius import EapRadiusServer, Station
 from .sa import IkeSa
 from .traffic_selectors import TrafficSelector
 
@@ -178,7 +179,7 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
     chosen_conn: ConnectionConfig | None = None
     mixed: IkeKeys | None = None  # the keys with the chosen connection's PPK, if any
     for conn in candidate_connections(sa.policy, sa.local, sa.remote):
-        if conn.remote.method == "eap-mschapv2" or not conn.remote.identity.matches(peer_ident):
+        if conn.remote.method in EAP_METHODS or not conn.remote.identity.matches(peer_ident):
             continue
         local_ident = _local_identity(sa, conn.local)
         if idr is not None and (idr.id_type, idr.data) != (local_ident.id_type, local_ident.data):
@@ -294,12 +295,15 @@ def _finish(sa: IkeSa, chosen_conn: ConnectionConfig, payloads: list[Payload],
 
 # --- EAP (RFC 7296 2.16) ----------------------------------------------------------------
 
+EAP_METHODS = ("eap-mschapv2", "eap-radius")
+EapServer = EapMschapv2Server | EapRadiusServer
+
 
 @dataclass
 class EapExchange:
     """An IKE_AUTH that runs EAP: the first request, kept for the Child SA at the end."""
 
-    server: EapMschapv2Server
+    server: EapServer
     first_request: list[Payload]
     idi: IdiPayload
 
@@ -308,7 +312,7 @@ def _start_eap(sa: IkeSa, payloads: list[Payload], idi: IdiPayload, idr: IdrPayl
                peer_ident: Identity, rng: Random) -> list[Payload]:
     """Our IDr, certificate and AUTH, and the first EAP request (EAP-Identity)."""
     for conn in candidate_connections(sa.policy, sa.local, sa.remote):
-        if conn.remote.method != "eap-mschapv2" or not conn.remote.identity.matches(peer_ident):
+        if conn.remote.method not in EAP_METHODS or not conn.remote.identity.matches(peer_ident):
             continue
         local_ident = _local_identity(sa, conn.local)
         if idr is not None and (idr.id_type, idr.data) != (local_ident.id_type, local_ident.data):
@@ -319,7 +323,15 @@ def _start_eap(sa: IkeSa, payloads: list[Payload], idi: IdiPayload, idr: IdrPayl
                                    "(and it sent no AUTH)")
     sa.connection, sa.remote_id, sa.local_id = conn, peer_ident, local_ident
     eap_id = conn.remote.eap_id
-    server = EapMschapv2Server(rng, lambda user: sa.policy.find_eap_secret(user, eap_id))
+    server: EapServer
+    if conn.remote.method == "eap-radius":
+        if sa.policy.radius is None:
+            raise AuthenticationFailed("eap-radius without a [radius] server")
+        station = Station(sa.local, sa.remote, int.from_bytes(sa.spi_r[:4]))
+        server = EapRadiusServer(rng, sa.policy.radius, sa.policy.radius_backend, station,
+                                 eap_id)
+    else:
+        server = EapMschapv2Server(rng, lambda user: sa.policy.find_eap_secret(user, eap_id))
     sa.eap = EapExchange(server, payloads, idi)
     response: list[Payload] = [IdrPayload(local_ident.id_type, local_ident.data)]
     response += _our_auth(sa, conn.local, local_ident, peer_ident, sa.init_response,

@@ -18,6 +18,7 @@ from .ocsp import OcspCache
 from .pending import Pending
 from .pools import AddressPool
 from .proposals import ConfiguredProposal
+from .radius import RadiusBackend, RadiusSettings
 from .traffic_selectors import TsConfig
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -38,7 +39,7 @@ class LocalAuth:
 class RemoteAuth:
     """What we demand of the peer (`remote = {...}` in a connection)."""
 
-    method: Literal["psk", "pubkey", "eap-mschapv2"]
+    method: Literal["psk", "pubkey", "eap-mschapv2", "eap-radius"]
     identity: IdentityPattern
     cacerts: tuple[x509.Certificate, ...] = ()
     crls: tuple[x509.CertificateRevocationList, ...] = ()  # checked on the peer's chain
@@ -219,6 +220,8 @@ class ResponderPolicy:
     # shared with the runtime that fills it, kept across configuration reloads
     fetched_crls: FetchedCrls = field(default_factory=FetchedCrls, compare=False)
     ocsp: OcspCache = field(default_factory=OcspCache, compare=False)
+    radius: RadiusSettings | None = None  # [radius]: the servers eap-radius relays to
+    radius_backend: RadiusBackend = field(default_factory=RadiusBackend, compare=False)
 
     def find_psk(self, local: Identity | None, remote: Identity) -> bytes | None:
         """The best shared secret for this pair of identities (strongSwan's matching)."""

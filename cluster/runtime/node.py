@@ -33,6 +33,7 @@ from ..key_exchange import ExponentialPool
 from .actor import Session
 from .crl_fetch import RevocationStats, fetch_crls
 from .dispatcher import Dispatcher
+from .radius_client import RadiusClient, RadiusStats
 from .reload import reload_on_signal
 from .stats import RuntimeStats
 from .supervisor import DEFAULT_MAILBOX_SIZE, EventSink, InitiatedOutcome, Supervisor
@@ -59,6 +60,7 @@ class Node:
     factory: ResponderFactory | None = None  # the supervisor's, when it is one
     nursery: trio.Nursery | None = None  # where initiators run
     revocation: RevocationStats = field(default_factory=RevocationStats)  # CRL/OCSP fetches
+    radius: RadiusStats = field(default_factory=RadiusStats)  # eap-radius round trips
 
     def reconfigure(self, config: NodeConfig) -> None:
         """Use a reloaded configuration (`reload.carry_over` made it) for what comes next:
@@ -458,6 +460,7 @@ async def run_node(
                     await nursery.start(reload_on_signal, config.source, lambda: node.config,
                                         node.reconfigure)
                 await nursery.start(supervisor.run)
+                RadiusClient(node.radius).install(config.policy.radius_backend)
                 await nursery.start(functools.partial(
                     fetch_crls, lambda: node.config.policy, config.crl_refresh,
                     from_certificates=config.crl_from_certificates, ocsp=config.ocsp,

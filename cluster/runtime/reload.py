@@ -69,7 +69,8 @@ def carry_over(old: NodeConfig, new: NodeConfig) -> tuple[NodeConfig, list[str]]
                         for i in new.initiations)
     # the CRLs downloaded so far stay in use until their URIs are fetched again
     policy = replace(new.policy, connections=connections,
-                     fetched_crls=old.policy.fetched_crls, ocsp=old.policy.ocsp)
+                     fetched_crls=old.policy.fetched_crls, ocsp=old.policy.ocsp,
+                     radius_backend=old.policy.radius_backend)
     restart += [f"[pools.{name}]" for name in sorted(changed)]
     if [i for i in old.initiations if i.on_demand] != [i for i in initiations if i.on_demand]:
         restart.append("trap connections")

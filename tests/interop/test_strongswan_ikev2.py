@@ -19,6 +19,7 @@ import pytest
 
 from tests.interop.certs import Credential, Pki
 from tests.interop.charon import Charon
+from tests.interop.freeradius import FreeRadius
 from tests.interop.lab import RESPONDER_V4, RESPONDER_V6, VETH, Conn, End, Lab, conn_pair
 from tests.interop.node import Node
 from tests.interop.responders import Responder, StartResponder, responder_kind
@@ -641,3 +642,46 @@ def test_ocsp_answers_decide_before_any_crl(
     assert re.search(r"was revoked on .* \(OCSP\)", log), log
     assert re.search(rf"OCSP {re.escape(uri)}: CN=client\.example\.test.* is good",
                      node.log_text()), node.log_text()
+
+
+def test_eap_radius_relays_strongswans_eap_to_freeradius(
+        lab: Lab, initiator: Charon, pki: Pki, tmp_path: Path) -> None:
+    """`remote.auth = "eap-radius"` (strongSwan's eap-radius): our node asks strongSwan
+    for its EAP identity, then relays the EAP conversation to FreeRADIUS (in the node's
+    namespace), which runs EAP-MSCHAPv2 against its users file. The Access-Accept's
+    MS-MPPE keys are the MSK both AUTHs are made with: strongSwan verifies ours and the
+    SA is installed. A wrong password is rejected by FreeRADIUS and strongSwan gets
+    AUTHENTICATION_FAILED; the secret never appears in our log."""
+    radius = FreeRadius(lab.responder, tmp_path / "radius", address=RESPONDER_V4,
+                        client=RESPONDER_V4, secret="radius-shared-secret",
+                        users={"carol": "Carol's pa55word"}).start()
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa)
+    initiator_conn = replace(
+        initiator_conn, eap_users=(("carol", "Carol's pa55word"),),
+        local=End("eap-mschapv2", "client.example.test", eap_id="carol"))
+    responder_conn = replace(responder_conn, remote=End("eap-radius", "%any", eap_id="%any"))
+    node = lab.node([responder_conn], extra_toml=(
+        f'[radius.servers.lab]\naddress = "{RESPONDER_V4}"\n'
+        'secret = "radius-shared-secret"\n'))
+    initiator.load(initiator_conn)
+
+    result = initiator.initiate("net")
+    sa = assert_initiated(result, initiator)
+    assert child_sa(sa)["state"] == "INSTALLED", sa
+    assert "EAP method EAP_MSCHAPV2 succeeded, MSK established" in result.stdout, result.stdout
+    assert "authentication of 'gw.example.test' with EAP successful" in result.stdout, (
+        result.stdout)
+    assert re.search(r"IKE SA established: rw .* eap_id=carol", node.log_text()), \
+        node.log_text()
+    assert "Login OK: [carol]" in radius.log_text(), radius.log_text()
+    initiator.terminate_ike()
+
+    initiator.load(replace(initiator_conn, eap_users=(("carol", "not her password"),)))
+    result = initiator.initiate("net")
+    assert_not_established(result, initiator)
+    assert "received AUTHENTICATION_FAILED notify error" in result.stdout, result.stdout
+    assert "RADIUS: lab rejected 'carol'" in node.log_text(), node.log_text()
+    assert "Login incorrect" in radius.log_text(), radius.log_text()
+    assert "radius-shared-secret" not in node.log_text()
+    assert_still_serves(initiator, initiator_conn, node)

@@ -16,14 +16,14 @@ from cluster.config import load_config
 from cluster.ike.constants import NON_ESP_MARKER
 from cluster.ike.policy import ConnectionConfig, ResponderPolicy
 from cluster.single_node import single_node
-from tests.unit.test_metrics import COMMON, DATA_PLANE, REVOCATION
+from tests.unit.test_metrics import COMMON, DATA_PLANE, RADIUS, REVOCATION
 from tests.worker.namespaces import netns, require_netns, run_in_netns
 
 from .conftest import Setup, free_port_pair, initiator_settings, write_responder_config
 from .initiator_peer import InitiatorPeer
 
 # the expected families, one table for the unit and the scrape tests
-TYPES = COMMON | REVOCATION
+TYPES = COMMON | REVOCATION | RADIUS
 ESP = DATA_PLANE
 PROCESS = {"process_cpu_seconds": "counter", "process_resident_memory_bytes": "gauge",
            "process_open_fds": "gauge"}

@@ -844,6 +844,46 @@ def test_eap_users_and_their_secrets(tmp_path: Path, pki: Path) -> None:
         assert load_error(write(tmp_path, bad)) == f"{tmp_path / 'node.toml'}: {message}"
 
 
+
+def test_eap_radius_servers_follow_strongswans_eap_radius(
+        tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IKE_TEST_RADIUS", "0x0a0b")
+    text = PUBKEY.format(local='cert = "pki/gw.pem", key = "pki/gw.key"').replace(
+        'remote = { auth = "pubkey", id = "%any", cacerts = ["pki/ca.pem"] }',
+        'remote = { auth = "eap-radius", eap_id = "*@example.test" }') + (
+        '[radius]\nnas_identifier = "vpn-gw"\nretransmit_tries = 2\n'
+        '[radius.servers.first]\naddress = "10.9.0.1"\nsecret = "s3cret"\n'
+        '[radius.servers.second]\naddress = "fd00::9"\nauth_port = 11812\n'
+        'secret_env = "IKE_TEST_RADIUS"\n')
+    config = load_config(write(tmp_path, text))
+    (conn,) = config.policy.connections
+    assert conn.remote.method == "eap-radius"
+    assert conn.remote.eap_id.matches(parse_identity("carol@example.test"))
+    radius = config.policy.radius
+    assert radius is not None
+    assert [(s.name, s.address, s.port, s.secret) for s in radius.servers] == [
+        ("first", "10.9.0.1", 1812, b"s3cret"), ("second", "fd00::9", 11812, b"\x0a\x0b")]
+    assert (radius.nas_identifier, radius.timeout, radius.base, radius.tries) == (
+        "vpn-gw", 2.0, 1.4, 2)
+    assert "s3cret" not in repr(config)
+    start = text.index("[radius]")
+    errors = {
+        text[:start]: 'connections.rw.remote.auth: "eap-radius" needs a [radius] table with '
+                      "its servers",
+        text[:start] + "[radius]\n": "radius.servers: needs at least one [radius.servers.NAME]",
+        text.replace('"10.9.0.1"', '"radius.example"'):
+            "radius.servers.first.address: 'radius.example' is not an IP address",
+        text.replace('secret = "s3cret"\n', ""):
+            "radius.servers.first.secret: give exactly one of secret, secret_env, secret_file",
+        text.replace("retransmit_tries = 2", "retransmit_tries = 0"):
+            "radius.retransmit_tries: must be between 1 and 20",
+        text.replace('remote = { auth = "eap-radius"', 'remote = { auth = "eap-radius", '
+                     'cacerts = ["pki/ca.pem"]'):
+            'connections.rw.remote.cacerts: only used with auth = "pubkey"',
+    }
+    for bad, message in errors.items():
+        assert load_error(write(tmp_path, bad)) == f"{tmp_path / 'node.toml'}: {message}"
+
 CERT_ERRORS = [
     ("id not in cert", 'id = "other.example.test", cert = "pki/gw.pem", key = "pki/gw.key"',
      "connections.rw.local.id", "'other.example.test' is not contained in the certificate"),

@@ -1,0 +1,387 @@
+"""EAP through a RADIUS server (RFC 2865, RFC 3579), as strongSwan's eap-radius does it.
+
+Sans-IO: the gateway asks the peer for its EAP identity itself, then relays each EAP
+response to the server in an Access-Request and the server's EAP request (from an
+Access-Challenge) back to the peer, until an Access-Accept brings EAP-Success and the
+MSK in MS-MPPE-Recv-Key / MS-MPPE-Send-Key (RFC 2548 2.4.2-3), or an Access-Reject
+ends the exchange. So any EAP method the server runs (MSCHAPv2, TLS, TTLS, PEAP...)
+works without the gateway knowing it. The round trips are the runtime's: a request
+raises `RadiusPending`, whose `fetch` sends it through the transport the runtime set
+on `RadiusBackend`, and the exchange runs again with the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..errors import AuthenticationFailed
+from .eap import Code, EapType, packet, parse_response_untrusted
+from .identity import IdentityPattern, parse_identity
+from .pending import Pending
+
+Random = Callable[[int], bytes]
+_HEAD = struct.Struct("!BBH16s")  # code, identifier, length, authenticator
+_VENDOR = struct.Struct("!IBB")  # vendor id, vendor type, vendor length
+_U32 = struct.Struct("!I")
+
+
+class Packet:
+    """RFC 2865 3: packet codes."""
+
+    ACCESS_REQUEST = 1
+    ACCESS_ACCEPT = 2
+    ACCESS_REJECT = 3
+    ACCESS_CHALLENGE = 11
+
+
+class Attr:
+    """RFC 2865 5, RFC 3579 3: the attribute types the relay sends or reads."""
+
+    USER_NAME = 1
+    NAS_IP_ADDRESS = 4
+    NAS_PORT = 5
+    SERVICE_TYPE = 6
+    REPLY_MESSAGE = 18
+    STATE = 24
+    VENDOR_SPECIFIC = 26
+    CALLED_STATION_ID = 30
+    CALLING_STATION_ID = 31
+    NAS_IDENTIFIER = 32
+    NAS_PORT_TYPE = 61
+    EAP_MESSAGE = 79
+    MESSAGE_AUTHENTICATOR = 80
+    NAS_IPV6_ADDRESS = 95
+
+
+SERVICE_FRAMED = 2  # RFC 2865 5.6
+PORT_TYPE_VIRTUAL = 5  # RFC 2865 5.41
+VENDOR_MICROSOFT = 311  # RFC 2548
+MS_MPPE_SEND_KEY = 16
+MS_MPPE_RECV_KEY = 17
+MAX_VALUE = 253
+
+
+@dataclass(frozen=True)
+class RadiusServer:
+    """One server of `[radius.servers.NAME]`."""
+
+    name: str
+    address: str
+    port: int = 1812
+    secret: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True)
+class RadiusSettings:
+    """`[radius]`: the servers, tried in order, and strongSwan's retransmission defaults
+    (charon.plugins.eap-radius: retransmit_timeout 2 s, base 1.4, tries 4)."""
+
+    servers: tuple[RadiusServer, ...]
+    nas_identifier: str = "ike-cluster"
+    timeout: float = 2.0
+    base: float = 1.4
+    tries: int = 4
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait for an answer to try `attempt` (0-based)."""
+        return self.timeout * self.base ** attempt
+
+
+class RadiusTransport(Protocol):
+    """Send `request` to `server` (again, as `settings` say) until `accept` takes a
+    datagram from it; None when no answer came."""
+
+    async def __call__(self, server: RadiusServer, request: bytes, settings: RadiusSettings,
+                       accept: Callable[[bytes], bool]) -> bytes | None: ...
+
+
+class RadiusBackend:
+    """What the runtime provides (kept across configuration reloads)."""
+
+    def __init__(self) -> None:
+        self.transport: RadiusTransport | None = None  # set by the runtime
+
+
+# --- the codec --------------------------------------------------------------------------
+
+
+def attribute(attr_type: int, value: bytes) -> bytes:
+    return bytes((attr_type, 2 + len(value))) + value
+
+
+def encode_request(identifier: int, authenticator: bytes, attributes: list[bytes],
+                   secret: bytes) -> bytes:
+    """An Access-Request with Message-Authenticator (RFC 3579 3.2) as its first attribute
+    (so that a forged answer cannot be spliced in front of it: BlastRADIUS, RFC 9765)."""
+    body = attribute(Attr.MESSAGE_AUTHENTICATOR, bytes(16)) + b"".join(attributes)
+    head = _HEAD.pack(Packet.ACCESS_REQUEST, identifier, _HEAD.size + len(body),
+                      authenticator)
+    mac = hmac.digest(secret, head + body, "md5")
+    return head + body[:2] + mac + body[18:]
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    attributes: list[tuple[int, bytes]]
+
+    def values(self, attr_type: int) -> list[bytes]:
+        return [value for kind, value in self.attributes if kind == attr_type]
+
+    def first(self, attr_type: int) -> bytes | None:
+        found = self.values(attr_type)
+        return found[0] if found else None
+
+    def vendor(self, vendor_id: int, vendor_type: int) -> bytes | None:
+        for value in self.values(Attr.VENDOR_SPECIFIC):
+            if len(value) < _VENDOR.size:
+                continue
+            vid, vtype, vlength = _VENDOR.unpack_from(value)
+            if vid == vendor_id and vtype == vendor_type and vlength == len(value) - 4:
+                return value[_VENDOR.size:]
+        return None
+
+
+def parse_reply_untrusted(data: bytes, identifier: int, request_authenticator: bytes,
+                          secret: bytes) -> Reply | None:
+    """The server's answer to our request, or None for a datagram that is not one:
+    malformed, another identifier, or failing the Response Authenticator (RFC 2865 3)
+    or the Message-Authenticator (RFC 3579 3.2, required in every answer here)."""
+    if len(data) < _HEAD.size:
+        return None
+    code, ident, length, authenticator = _HEAD.unpack_from(data)
+    if ident != identifier or length != len(data) or code not in (
+            Packet.ACCESS_ACCEPT, Packet.ACCESS_REJECT, Packet.ACCESS_CHALLENGE):
+        return None
+    body = data[_HEAD.size:]
+    expected = hashlib.md5(data[:4] + request_authenticator + body + secret).digest()
+    if not hmac.compare_digest(expected, authenticator):
+        return None
+    attributes: list[tuple[int, bytes]] = []
+    at, mac_at = 0, -1
+    while at < len(body):
+        if at + 2 > len(body) or body[at + 1] < 2 or at + body[at + 1] > len(body):
+            return None
+        kind, size = body[at], body[at + 1]
+        if kind == Attr.MESSAGE_AUTHENTICATOR:
+            if size != 18 or mac_at >= 0:
+                return None
+            mac_at = at
+        attributes.append((kind, body[at + 2:at + size]))
+        at += size
+    if mac_at < 0:
+        return None
+    zeroed = body[:mac_at + 2] + bytes(16) + body[mac_at + 18:]
+    mac = hmac.digest(secret, data[:4] + request_authenticator + zeroed, "md5")
+    if not hmac.compare_digest(mac, body[mac_at + 2:mac_at + 18]):
+        return None
+    return Reply(code, attributes)
+
+
+def mppe_key_untrusted(value: bytes, secret: bytes, request_authenticator: bytes) -> bytes:
+    """An MS-MPPE-Send-Key or -Recv-Key in the clear (RFC 2548 2.4.2): a salt, then the
+    key's length, the key and padding, each 16 bytes XORed with an MD5 chain."""
+    salt, cipher = value[:2], value[2:]
+    if len(value) < 2 or not salt[0] & 0x80 or not cipher or len(cipher) % 16:
+        raise AuthenticationFailed("RADIUS: malformed MS-MPPE key")
+    plain = bytearray()
+    chain = request_authenticator + salt
+    for at in range(0, len(cipher), 16):
+        block = cipher[at:at + 16]
+        pad = hashlib.md5(secret + chain).digest()
+        plain += bytes(a ^ b for a, b in zip(block, pad, strict=True))
+        chain = block
+    if plain[0] > len(plain) - 1:
+        raise AuthenticationFailed("RADIUS: MS-MPPE key longer than its attribute")
+    return bytes(plain[1:1 + plain[0]])
+
+
+# --- the relay --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Station:
+    """Who talks to whom, for the request's NAS and station attributes (strongSwan sends
+    the same: the gateway's and the peer's address with port)."""
+
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    nas_port: int
+
+
+class RadiusPending(Pending):
+    """An EAP response waits for the RADIUS server's answer."""
+
+    def __init__(self, relay: EapRadiusServer, request: bytes) -> None:
+        super().__init__(f"waiting for RADIUS server {relay.server.name}")
+        self.relay, self.request = relay, request
+
+    async def fetch(self) -> None:
+        await self.relay.ask(self.request)
+
+
+class EapRadiusServer:
+    """One peer's EAP conversation relayed to RADIUS (the interface of EapMschapv2Server:
+    `start`, `process`, `done`, `msk`, `identity`)."""
+
+    def __init__(self, rng: Random, settings: RadiusSettings, backend: RadiusBackend,
+                 station: Station, eap_id: IdentityPattern) -> None:
+        if not settings.servers:
+            raise AuthenticationFailed("RADIUS: no server configured")
+        self._rng = rng
+        self._settings = settings
+        self._backend = backend
+        self._station = station
+        self._eap_id = eap_id
+        self._server = 0
+        self._id = rng(1)[0]
+        self._radius_id = rng(1)[0]
+        self._state: bytes | None = None
+        self._asked: bytes | None = None  # the EAP response whose answer is below
+        self._answer: tuple[bytes, bytes, Reply | None] | None = None  # request auth, reply
+        self._step = "identity"
+        self.identity = b""
+        self.msk: bytes | None = None
+
+    @property
+    def server(self) -> RadiusServer:
+        return self._settings.servers[self._server]
+
+    @property
+    def done(self) -> bool:
+        return self._step == "done"
+
+    def start(self) -> bytes:
+        return packet(Code.REQUEST, self._id, EapType.IDENTITY, b"")
+
+    def process(self, data: bytes) -> bytes:
+        """The next EAP packet for the peer's response `data` (raises RadiusPending
+        until the server answered it)."""
+        if self._answer is not None and self._asked == data:
+            return self._answered(data)
+        eap_type, body = parse_response_untrusted(data, self._id)
+        if self._step == "identity":
+            if eap_type != EapType.IDENTITY:
+                raise AuthenticationFailed(f"EAP: expected an identity, got type {eap_type}")
+            # RFC 3748 5.1: the identity may end in NULs some clients add
+            self.identity = body.rstrip(b"\x00")
+            if not self._eap_id.any and not _matches(self._eap_id, self.identity):
+                raise AuthenticationFailed(
+                    f"EAP identity {self.identity.decode(errors='replace')!r} "
+                    "does not match eap_id")
+        self._asked, self._answer = data, None
+        raise RadiusPending(self, data)
+
+    def _attributes(self, eap: bytes) -> list[bytes]:
+        station, settings = self._station, self._settings
+        out = [attribute(Attr.USER_NAME, self.identity),
+               attribute(Attr.NAS_IDENTIFIER, settings.nas_identifier.encode()),
+               attribute(Attr.SERVICE_TYPE, _U32.pack(SERVICE_FRAMED)),
+               attribute(Attr.NAS_PORT_TYPE, _U32.pack(PORT_TYPE_VIRTUAL)),
+               attribute(Attr.NAS_PORT, _U32.pack(station.nas_port & 0xFFFFFFFF)),
+               attribute(Attr.CALLED_STATION_ID, _station_id(station.local)),
+               attribute(Attr.CALLING_STATION_ID, _station_id(station.remote))]
+        address = station.local[0]
+        if ":" in address:
+            out.append(attribute(Attr.NAS_IPV6_ADDRESS, _packed(address)))
+        else:
+            out.append(attribute(Attr.NAS_IP_ADDRESS, _packed(address)))
+        out += [attribute(Attr.EAP_MESSAGE, eap[at:at + MAX_VALUE])
+                for at in range(0, len(eap), MAX_VALUE)]  # RFC 3579 3.1: split
+        if self._state is not None:
+            out.append(attribute(Attr.STATE, self._state))
+        return out
+
+    async def ask(self, eap: bytes) -> None:
+        """The round trip for `eap` (awaited by the runtime): each server in turn until
+        one answers; none answering ends the exchange when `process` runs again."""
+        transport = self._backend.transport
+        if transport is None:
+            raise AuthenticationFailed("RADIUS: the runtime gave no transport")
+        servers = self._settings.servers
+        # a conversation with State belongs to the server that issued it
+        order = [self._server] if self._state is not None else list(range(len(servers)))
+        for index in order:
+            server = servers[index]
+            self._radius_id = (self._radius_id + 1) & 0xFF
+            authenticator = self._rng(16)
+            request = encode_request(self._radius_id, authenticator, self._attributes(eap),
+                                     server.secret)
+            found: list[Reply] = []
+            accept = _acceptor(self._radius_id, authenticator, server.secret, found)
+            await transport(server, request, self._settings, accept)
+            if found:
+                self._server = index
+                self._answer = (authenticator, server.secret, found[0])
+                return
+        self._answer = (b"", b"", None)
+
+    def _answered(self, data: bytes) -> bytes:
+        assert self._answer is not None
+        authenticator, secret, reply = self._answer
+        self._answer = self._asked = None
+        if reply is None:
+            raise AuthenticationFailed(
+                f"RADIUS: no answer from {', '.join(s.name for s in self._settings.servers)}")
+        eap = b"".join(reply.values(Attr.EAP_MESSAGE))
+        if reply.code == Packet.ACCESS_REJECT:
+            message = b" ".join(reply.values(Attr.REPLY_MESSAGE)).decode(errors="replace")
+            raise AuthenticationFailed(
+                f"RADIUS: {self.server.name} rejected "
+                f"{self.identity.decode(errors='replace')!r}" + (f": {message}" if message
+                                                                  else ""))
+        if len(eap) < 4 or eap[2] << 8 | eap[3] != len(eap):
+            raise AuthenticationFailed(f"RADIUS: {self.server.name} sent no usable EAP message")
+        if reply.code == Packet.ACCESS_CHALLENGE:
+            if eap[0] != Code.REQUEST:
+                raise AuthenticationFailed("RADIUS: a challenge without an EAP request")
+            self._state = reply.first(Attr.STATE)
+            self._step = "relay"
+            self._id = eap[1]
+            return eap
+        # Access-Accept: EAP-Success and the MSK (strongSwan's order: receive, send key)
+        if eap[0] != Code.SUCCESS:
+            raise AuthenticationFailed("RADIUS: access accepted without EAP-Success")
+        recv = reply.vendor(VENDOR_MICROSOFT, MS_MPPE_RECV_KEY)
+        send = reply.vendor(VENDOR_MICROSOFT, MS_MPPE_SEND_KEY)
+        if recv is None or send is None:
+            raise AuthenticationFailed(
+                f"RADIUS: {self.server.name} accepted without MS-MPPE keys (the EAP method "
+                "must derive an MSK)")
+        self.msk = mppe_key_untrusted(recv, secret, authenticator) + \
+            mppe_key_untrusted(send, secret, authenticator)
+        self._step = "done"
+        return eap
+
+
+def _acceptor(identifier: int, authenticator: bytes, secret: bytes, found: list[Reply]
+              ) -> Callable[[bytes], bool]:
+    """For the transport: whether a datagram is the answer, which is kept in `found`."""
+    def accept(data: bytes) -> bool:
+        reply = parse_reply_untrusted(data, identifier, authenticator, secret)
+        if reply is not None:
+            found.append(reply)
+        return reply is not None
+    return accept
+
+
+def _matches(pattern: IdentityPattern, identity: bytes) -> bool:
+    """An EAP identity against eap_id, parsed as strongSwan parses identities."""
+    try:
+        return pattern.matches(parse_identity(identity.decode("utf-8")))
+    except (UnicodeDecodeError, ValueError):
+        return False
+
+
+def _station_id(address: tuple[str, int]) -> bytes:
+    return f"{address[0]}[{address[1]}]".encode()
+
+
+def _packed(address: str) -> bytes:
+    return ipaddress.ip_address(address).packed

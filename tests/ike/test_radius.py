@@ -1,0 +1,268 @@
+"""The eap-radius relay, driven by a RADIUS server written here from RFC 2865, RFC 3579
+and RFC 2548 (FreeRADIUS with strongSwan in tests/interop is the judge)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from collections.abc import Callable
+
+import pytest
+import trio
+
+from cluster.errors import AuthenticationFailed
+from cluster.ike.eap import Code, EapType, packet
+from cluster.ike.identity import parse_identity_pattern
+from cluster.ike.radius import (
+    Attr,
+    EapRadiusServer,
+    Packet,
+    RadiusBackend,
+    RadiusPending,
+    RadiusServer,
+    RadiusSettings,
+    Station,
+    mppe_key_untrusted,
+    parse_reply_untrusted,
+)
+
+SECRET = b"shared between gateway and server"
+STATION = Station(("192.0.2.1", 4500), ("198.51.100.7", 61000), 0x1234)
+MSK_RECV, MSK_SEND = os.urandom(32), os.urandom(32)
+
+
+def attributes_of(data: bytes) -> list[tuple[int, bytes]]:
+    out, at = [], 20
+    while at < len(data):
+        out.append((data[at], data[at + 2:at + data[at + 1]]))
+        at += data[at + 1]
+    return out
+
+
+def hide_key(key: bytes, secret: bytes, request_authenticator: bytes) -> bytes:
+    """RFC 2548 2.4.2, the server's side."""
+    salt = bytes((0x80 | os.urandom(1)[0], os.urandom(1)[0]))
+    plain = bytes((len(key),)) + key
+    plain += bytes(-len(plain) % 16)
+    out, chain = b"", request_authenticator + salt
+    for at in range(0, len(plain), 16):
+        block = bytes(a ^ b for a, b in zip(plain[at:at + 16],
+                                            hashlib.md5(secret + chain).digest(), strict=True))
+        out += block
+        chain = block
+    return salt + out
+
+
+def reply(request: bytes, code: int, attributes: list[tuple[int, bytes]],
+          secret: bytes = SECRET, *, message_authenticator: bool = True) -> bytes:
+    """An answer as a server builds it (RFC 3579 3.2, then RFC 2865 3)."""
+    body = b"".join(bytes((kind, 2 + len(value))) + value for kind, value in attributes)
+    if message_authenticator:
+        body += bytes((Attr.MESSAGE_AUTHENTICATOR, 18)) + bytes(16)
+    head = struct.pack("!BBH", code, request[1], 20 + len(body))
+    if message_authenticator:
+        mac = hmac.digest(secret, head + request[4:20] + body, "md5")
+        body = body[:-16] + mac
+    authenticator = hashlib.md5(head + request[4:20] + body + secret).digest()
+    return head + authenticator + body
+
+
+def eap_of(request: bytes) -> bytes:
+    return b"".join(v for k, v in attributes_of(request) if k == Attr.EAP_MESSAGE)
+
+
+class Server:
+    """Answers each Access-Request with `answer(request)` (None: silence); checks what a
+    server checks: our Message-Authenticator, first among the attributes."""
+
+    def __init__(self, answer: Callable[[bytes], bytes | None]) -> None:
+        self.answer = answer
+        self.requests: list[tuple[str, bytes]] = []
+
+    async def __call__(self, server: RadiusServer, request: bytes, settings: RadiusSettings,
+                       accept: Callable[[bytes], bool]) -> bytes | None:
+        self.requests.append((server.name, request))
+        assert request[0] == Packet.ACCESS_REQUEST
+        assert request[20] == Attr.MESSAGE_AUTHENTICATOR  # first (BlastRADIUS)
+        zeroed = request[:22] + bytes(16) + request[38:]
+        assert hmac.compare_digest(hmac.digest(server.secret, zeroed, "md5"), request[22:38])
+        data = self.answer(request)
+        if data is None or not accept(data):
+            return None
+        return data
+
+
+def relay(answer: Callable[[bytes], bytes | None], servers: tuple[str, ...] = ("one",),
+          eap_id: str = "%any") -> tuple[EapRadiusServer, Server]:
+    transport = Server(answer)
+    backend = RadiusBackend()
+    backend.transport = transport
+    settings = RadiusSettings(tuple(RadiusServer(name, "192.0.2.9", secret=SECRET)
+                                    for name in servers))
+    return EapRadiusServer(os.urandom, settings, backend, STATION,
+                           parse_identity_pattern(eap_id)), transport
+
+
+def step(server: EapRadiusServer, eap: bytes) -> bytes:
+    """What the session and the actor do: process, fetch when it waits, process again."""
+    try:
+        return server.process(eap)
+    except RadiusPending as pending:
+        trio.run(pending.fetch)
+    return server.process(eap)
+
+
+def identity_response(server: EapRadiusServer, user: bytes) -> bytes:
+    request = server.start()
+    assert request[0] == Code.REQUEST and request[4] == EapType.IDENTITY
+    return packet(Code.RESPONSE, request[1], EapType.IDENTITY, user)
+
+
+def md5_challenge(identifier: int) -> bytes:
+    return packet(Code.REQUEST, identifier, 4, b"\x10" + os.urandom(16))
+
+
+def conversation(request: bytes) -> bytes | None:
+    """Identity -> challenge (with State); the answer to it -> accept with the keys."""
+    attrs = dict(attributes_of(request))
+    eap = eap_of(request)
+    if eap[4] == EapType.IDENTITY:
+        assert attrs[Attr.USER_NAME] == b"carol"
+        assert Attr.STATE not in attrs
+        return reply(request, Packet.ACCESS_CHALLENGE, [
+            (Attr.EAP_MESSAGE, md5_challenge(eap[1] + 1)), (Attr.STATE, b"state-1")])
+    assert attrs[Attr.STATE] == b"state-1"
+    return reply(request, Packet.ACCESS_ACCEPT, [
+        (Attr.EAP_MESSAGE, packet(Code.SUCCESS, eap[1])),
+        (Attr.VENDOR_SPECIFIC, struct.pack("!IBB", 311, 17, 2 + 34 + 16) +
+         hide_key(MSK_RECV, SECRET, request[4:20])),
+        (Attr.VENDOR_SPECIFIC, struct.pack("!IBB", 311, 16, 2 + 34 + 16) +
+         hide_key(MSK_SEND, SECRET, request[4:20]))])
+
+
+def test_a_conversation_is_relayed_and_the_msk_comes_from_the_mppe_keys() -> None:
+    server, transport = relay(conversation)
+    challenge = step(server, identity_response(server, b"carol"))
+    assert challenge[0] == Code.REQUEST and challenge[4] == 4  # the server's method
+    assert not server.done
+    success = step(server, packet(Code.RESPONSE, challenge[1], 4, b"\x10" + bytes(16)))
+    assert success[0] == Code.SUCCESS
+    assert server.done and server.msk == MSK_RECV + MSK_SEND
+    first = dict(attributes_of(transport.requests[0][1]))
+    assert first[Attr.NAS_IP_ADDRESS] == bytes((192, 0, 2, 1))
+    assert first[Attr.CALLING_STATION_ID] == b"198.51.100.7[61000]"
+    assert first[Attr.CALLED_STATION_ID] == b"192.0.2.1[4500]"
+    assert first[Attr.NAS_PORT] == b"\x00\x00\x12\x34"
+    assert first[Attr.NAS_IDENTIFIER] == b"ike-cluster"
+
+
+def test_a_long_eap_message_is_split_and_joined() -> None:
+    big = os.urandom(700)
+
+    def answer(request: bytes) -> bytes:
+        chunks = packet(Code.REQUEST, eap_of(request)[1] + 1, 13, big)
+        return reply(request, Packet.ACCESS_CHALLENGE,
+                     [(Attr.EAP_MESSAGE, chunks[at:at + 253]) for at in range(0, len(chunks), 253)])
+
+    server, transport = relay(answer)
+    challenge = step(server, identity_response(server, b"carol"))
+    assert challenge[5:] == big
+    response = packet(Code.RESPONSE, challenge[1], 13, os.urandom(600))
+    step(server, response)
+    sent = [v for k, v in attributes_of(transport.requests[1][1]) if k == Attr.EAP_MESSAGE]
+    assert [len(v) for v in sent] == [253, 253, 99] and b"".join(sent) == response
+
+
+def test_a_reject_ends_the_exchange_with_its_reply_message() -> None:
+    def answer(request: bytes) -> bytes:
+        return reply(request, Packet.ACCESS_REJECT, [
+            (Attr.EAP_MESSAGE, packet(Code.FAILURE, eap_of(request)[1])),
+            (Attr.REPLY_MESSAGE, b"account locked")])
+
+    server, _ = relay(answer)
+    with pytest.raises(AuthenticationFailed, match="one rejected 'carol': account locked"):
+        step(server, identity_response(server, b"carol"))
+
+
+def test_an_accept_without_keys_is_refused() -> None:
+    def answer(request: bytes) -> bytes:
+        return reply(request, Packet.ACCESS_ACCEPT,
+                     [(Attr.EAP_MESSAGE, packet(Code.SUCCESS, eap_of(request)[1]))])
+
+    server, _ = relay(answer)
+    with pytest.raises(AuthenticationFailed, match="without MS-MPPE keys"):
+        step(server, identity_response(server, b"carol"))
+    assert server.msk is None and not server.done
+
+
+@pytest.mark.parametrize("forgery", ["secret", "no message authenticator", "identifier",
+                                     "truncated", "tampered"])
+def test_answers_that_do_not_verify_are_not_taken(forgery: str) -> None:
+    def answer(request: bytes) -> bytes:
+        attrs = [(Attr.EAP_MESSAGE, md5_challenge(eap_of(request)[1] + 1))]
+        if forgery == "secret":
+            return reply(request, Packet.ACCESS_CHALLENGE, attrs, b"another secret")
+        if forgery == "no message authenticator":
+            return reply(request, Packet.ACCESS_CHALLENGE, attrs, message_authenticator=False)
+        good = reply(request, Packet.ACCESS_CHALLENGE, attrs)
+        if forgery == "identifier":
+            return good[:1] + bytes(((good[1] + 1) & 0xFF,)) + good[2:]
+        if forgery == "truncated":
+            return good[:-1]
+        return good[:-1] + bytes((good[-1] ^ 1,))
+
+    server, transport = relay(answer)
+    with pytest.raises(AuthenticationFailed, match="RADIUS: no answer from one"):
+        step(server, identity_response(server, b"carol"))
+    assert len(transport.requests) == 1
+
+
+def test_a_silent_server_is_passed_over_for_the_next_until_a_state_binds() -> None:
+    def answer(request: bytes) -> bytes | None:
+        return None if transport.requests[-1][0] == "down" else conversation(request)
+
+    server, transport = relay(answer, servers=("down", "up"))
+    challenge = step(server, identity_response(server, b"carol"))
+    assert [name for name, _ in transport.requests] == ["down", "up"]
+    step(server, packet(Code.RESPONSE, challenge[1], 4, b"\x10" + bytes(16)))
+    # the answer to the challenge goes where the State came from, not to the first again
+    assert [name for name, _ in transport.requests] == ["down", "up", "up"]
+    assert server.done
+
+
+def test_an_identity_outside_eap_id_never_reaches_the_server() -> None:
+    server, transport = relay(conversation, eap_id="*@example.test")
+    with pytest.raises(AuthenticationFailed, match="does not match eap_id"):
+        server.process(identity_response(server, b"carol@elsewhere.test"))
+    assert transport.requests == []
+
+
+def test_an_answer_to_another_request_is_not_reused() -> None:
+    """A parked answer belongs to the EAP response it was fetched for."""
+    server, _ = relay(conversation)
+    first = identity_response(server, b"carol")
+    with pytest.raises(RadiusPending) as pending:
+        server.process(first)
+    trio.run(pending.value.fetch)
+    other = packet(Code.RESPONSE, first[1], EapType.IDENTITY, b"mallory")
+    with pytest.raises(RadiusPending):
+        server.process(other)
+
+
+def test_mppe_keys_check_their_form() -> None:
+    authenticator = os.urandom(16)
+    hidden = hide_key(b"k" * 32, SECRET, authenticator)
+    assert mppe_key_untrusted(hidden, SECRET, authenticator) == b"k" * 32
+    for bad in (hidden[:1], b"\x00" + hidden[1:], hidden[:-3]):
+        with pytest.raises(AuthenticationFailed):
+            mppe_key_untrusted(bad, SECRET, authenticator)
+
+
+def test_parse_reply_needs_an_answer_code() -> None:
+    request = bytes((1, 7)) + bytes(18)
+    data = reply(request, Packet.ACCESS_REQUEST, [])
+    assert parse_reply_untrusted(data, 7, request[4:20], SECRET) is None
+    data = reply(request, Packet.ACCESS_CHALLENGE, [])
+    assert parse_reply_untrusted(data, 7, request[4:20], SECRET) is not None
