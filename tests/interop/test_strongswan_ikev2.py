@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.interop.certs import Credential, Pki
-from tests.interop.charon import Charon
-from tests.interop.freeradius import FreeRadius
+from tests.interop.charon import PLUGINS, Charon
+from tests.interop.freeradius import FreeRadius, Tls
 from tests.interop.lab import RESPONDER_V4, RESPONDER_V6, VETH, Conn, End, Lab, conn_pair
 from tests.interop.node import Node
 from tests.interop.responders import Responder, StartResponder, responder_kind
@@ -685,3 +685,36 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
     assert "Login incorrect" in radius.log_text(), radius.log_text()
     assert "radius-shared-secret" not in node.log_text()
     assert_still_serves(initiator, initiator_conn, node)
+
+
+def test_eap_radius_carries_eap_tls_the_gateway_does_not_know(
+        lab: Lab, pki: Pki, tmp_path: Path) -> None:
+    """The point of a RADIUS back end: a method our node does not implement. strongSwan
+    logs in with EAP-TLS (its client certificate inside EAP), FreeRADIUS runs the TLS
+    handshake over a dozen relayed round trips (EAP-TLS fragments larger than a RADIUS
+    attribute), and the MSK it derives arrives in the MS-MPPE keys: strongSwan accepts
+    our AUTH made with it."""
+    initiator = lab.charon("initiator", plugins=PLUGINS.replace("eap-mschapv2",
+                                                                "eap-mschapv2 eap-tls"))
+    radius = FreeRadius(lab.responder, tmp_path / "radius", address=RESPONDER_V4,
+                        client=RESPONDER_V4, secret="radius-shared-secret", users={},
+                        tls=Tls(pki.gw_ecdsa.cert, pki.gw_ecdsa.key, pki.ca)).start()
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa)
+    initiator_conn = replace(initiator_conn, local=replace(initiator_conn.local,
+                                                           auth="eap-tls"))
+    responder_conn = replace(responder_conn, remote=End("eap-radius", "%any", eap_id="%any"))
+    node = lab.node([responder_conn], extra_toml=(
+        f'[radius.servers.lab]\naddress = "{RESPONDER_V4}"\n'
+        'secret = "radius-shared-secret"\n'))
+    initiator.load(initiator_conn)
+
+    result = initiator.initiate("net")
+    sa = assert_initiated(result, initiator)
+    assert child_sa(sa)["state"] == "INSTALLED", sa
+    assert "EAP method EAP_TLS succeeded, MSK established" in result.stdout, result.stdout
+    assert "authentication of 'gw.example.test' with EAP successful" in result.stdout, (
+        result.stdout)
+    assert re.search(r"IKE SA established: rw .* eap_id=client\.example\.test",
+                     node.log_text()), node.log_text()
+    assert "Login OK: [client.example.test]" in radius.log_text(), radius.log_text()
