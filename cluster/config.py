@@ -46,7 +46,7 @@ from .ike.policy import (
     Retransmission,
     SharedSecret,
 )
-from .ike.pools import AddressPool
+from .ike.pools import AddressPool, FramedPool
 from .ike.proposals import ConfiguredProposal, parse_proposal
 from .ike.radius import RadiusServer, RadiusSettings
 from .ike.traffic_selectors import TsConfig, parse_ts_config
@@ -229,6 +229,7 @@ class _Loader:
     def __init__(self, source: str, base_dir: Path) -> None:
         self.source = source
         self.base_dir = base_dir
+        self.framed_pool = FramedPool()  # pools = ["radius"], one for all connections
 
     def fail(self, key: str, reason: str) -> NoReturn:
         location = f"{self.source}: {key}" if key else self.source
@@ -547,7 +548,7 @@ class _Loader:
             lifetime=self.lifetime(conn, IKE_REKEY_TIME, over_time=True),
             dpd_delay=self.duration(conn, "dpd_delay", 0.0),
             dpd_action=self.dpd_action(conn, children),
-            pools=self.connection_pools(conn, pools),
+            pools=self.connection_pools(conn, pools, remote),
             mobike=conn.boolean("mobike", True),
             unique=self.unique(conn),
             reauth_time=self.reauth_time(conn),
@@ -919,11 +920,17 @@ class _Loader:
                 return allowed
         conn.fail("unique", f"{value!r} is not one of {', '.join(UNIQUE_POLICIES)}")
 
-    def connection_pools(self, conn: _Table, pools: dict[str, AddressPool]
-                         ) -> tuple[AddressPool, ...]:
+    def connection_pools(self, conn: _Table, pools: dict[str, AddressPool],
+                         remote: RemoteAuth) -> tuple[AddressPool, ...]:
         names = conn.strings("pools")
+        pools = dict(pools)
         for index, name in enumerate(names):
-            if name not in pools:
+            if name == FramedPool.NAME:  # strongSwan's: the address the server assigns
+                if remote.method != "eap-radius":
+                    conn.fail(f"pools[{index}]", '"radius" (the RADIUS server\'s '
+                              'Framed-IP-Address) needs remote auth = "eap-radius"')
+                pools[name] = self.framed_pool
+            elif name not in pools:
                 known = ", ".join(sorted(pools)) or "none defined"
                 conn.fail(f"pools[{index}]", f"no pool {name!r} ([pools.NAME]: {known})")
         return tuple(pools[name] for name in names)
@@ -931,6 +938,9 @@ class _Loader:
     def pool(self, name: str, key: str, value: object) -> AddressPool:
         """`[pools.NAME]`: swanctl's pools (`addrs`: a subnet, a range or one address)."""
         table = self.table(key, value, ("addrs", "dns"))
+        if name == FramedPool.NAME:
+            self.fail(key, '"radius" names the addresses a RADIUS server assigns; '
+                           "choose another name")
         addrs = table.required_string("addrs")
         dns = table.strings("dns")
         for index, text in enumerate(dns):

@@ -23,7 +23,7 @@ import trio
 from .config import ClusterConfig, NodeConfig
 from .errors import ConfigError
 from .ike.events import Event
-from .ike.pools import AddressPool, SharedPool
+from .ike.pools import AddressPool, FramedPool, SharedPool
 from .metrics import Metrics, serve_metrics
 from .relay import RelayCodec
 from .relay_socket import RelaySocket, format_address
@@ -276,7 +276,7 @@ def _share_pools(config: NodeConfig, store: StateStore, existing: Sequence[Share
             return None
 
     def share(pool: AddressPool) -> AddressPool:
-        if isinstance(pool, SharedPool):  # carried over by a reload
+        if isinstance(pool, SharedPool | FramedPool):  # carried over; the RADIUS server's
             return pool
         if pool.name not in shared:
             shared[pool.name] = SharedPool(pool, claim, ADDRESS_CLAIM_HOLD)

@@ -361,6 +361,8 @@ def _continue_eap(sa: IkeSa, exchange: EapExchange, payloads: list[Payload],
     response: list[Payload] = [AuthPayload(AuthMethod.PSK,
                                            psk_auth_data(chosen.prf, server.msk, ours))]
     sa.eap_identity = server.identity.decode("utf-8", errors="replace")
+    if isinstance(server, EapRadiusServer):
+        sa.framed_addresses = server.addresses
     response = _finish(sa, conn, exchange.first_request, response, rng)  # AddressPending
     sa.eap = None  # (after: a parked exchange runs this again)
     return response, True

@@ -196,5 +196,45 @@ class SharedPool(AddressPool):
             self.to_free.append((offset, lease.holder))
 
 
+class FramedPool(AddressPool):
+    """`pools = ["radius", ...]` on an eap-radius connection (strongSwan's name for it):
+    the address the RADIUS server's Access-Accept assigned the user (Framed-IP-Address,
+    Framed-IPv6-Address of RFC 6911), when it gave one of the family asked for. The
+    server owns that address plan: nothing is reserved here, the pool only counts the
+    addresses its SAs hold. One object serves every connection (and every node)."""
+
+    NAME = "radius"
+
+    def __init__(self) -> None:
+        super().__init__(self.NAME, ipaddress.IPv4Address(0), ipaddress.IPv4Address(0))
+        self.size = 0
+        self._held: dict[tuple[bytes, IPAddress], int] = {}
+
+    def __repr__(self) -> str:
+        return "FramedPool()"
+
+    @property
+    def online(self) -> int:
+        return len(self._held)
+
+    def acquire(self, identity: Identity, holder: bytes = b"") -> Lease | None:
+        return None  # (respond_config leases what the server gave: `lease`)
+
+    def lease(self, address: IPAddress, holder: bytes) -> Lease:
+        lease = Lease(self, address, holder)
+        self.adopt(lease)
+        return lease
+
+    def adopt(self, lease: Lease) -> None:
+        key = (lease.holder, lease.address)
+        self._held[key] = self._held.get(key, 0) + 1
+
+    def release(self, lease: Lease) -> None:
+        key = (lease.holder, lease.address)
+        held = self._held.pop(key, 0)
+        if held > 1:
+            self._held[key] = held - 1
+
+
 # (pool, size, holder, identity, hold time) -> offset or None
 Claim = Callable[[str, int, bytes, bytes, float], Awaitable["int | None"]]

@@ -24,6 +24,7 @@ from ..errors import AuthenticationFailed
 from .eap import Code, EapType, packet, parse_response_untrusted
 from .identity import IdentityPattern, parse_identity
 from .pending import Pending
+from .pools import IPAddress
 
 Random = Callable[[int], bytes]
 _HEAD = struct.Struct("!BBH16s")  # code, identifier, length, authenticator
@@ -48,6 +49,7 @@ class Attr:
     NAS_PORT = 5
     SERVICE_TYPE = 6
     REPLY_MESSAGE = 18
+    FRAMED_IP_ADDRESS = 8
     STATE = 24
     VENDOR_SPECIFIC = 26
     CALLED_STATION_ID = 30
@@ -57,6 +59,7 @@ class Attr:
     EAP_MESSAGE = 79
     MESSAGE_AUTHENTICATOR = 80
     NAS_IPV6_ADDRESS = 95
+    FRAMED_IPV6_ADDRESS = 168  # RFC 6911
 
 
 SERVICE_FRAMED = 2  # RFC 2865 5.6
@@ -248,6 +251,7 @@ class EapRadiusServer:
         self._step = "identity"
         self.identity = b""
         self.msk: bytes | None = None
+        self.addresses: tuple[IPAddress, ...] = ()  # Framed-IP(v6)-Address of the accept
 
     @property
     def server(self) -> RadiusServer:
@@ -356,8 +360,22 @@ class EapRadiusServer:
                 "must derive an MSK)")
         self.msk = mppe_key_untrusted(recv, secret, authenticator) + \
             mppe_key_untrusted(send, secret, authenticator)
+        self.addresses = framed_addresses(reply)
         self._step = "done"
         return eap
+
+
+def framed_addresses(reply: Reply) -> tuple[IPAddress, ...]:
+    """The user's addresses in an Access-Accept: Framed-IP-Address unless it is one of
+    RFC 2865 5.8's "let the NAS (or the user) choose" values, and Framed-IPv6-Address."""
+    out: list[IPAddress] = []
+    v4 = reply.first(Attr.FRAMED_IP_ADDRESS)
+    if v4 is not None and len(v4) == 4 and v4 not in (b"\xff\xff\xff\xff", b"\xff\xff\xff\xfe"):
+        out.append(ipaddress.IPv4Address(v4))
+    v6 = reply.first(Attr.FRAMED_IPV6_ADDRESS)
+    if v6 is not None and len(v6) == 16:
+        out.append(ipaddress.IPv6Address(v6))
+    return tuple(out)
 
 
 def _acceptor(identifier: int, authenticator: bytes, secret: bytes, found: list[Reply]

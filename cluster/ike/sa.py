@@ -13,7 +13,7 @@ from .identity import Identity
 from .keymat import ChildKeys, IkeKeys
 from .message import SkProtection
 from .policy import ConnectionConfig, ResponderPolicy
-from .pools import Lease
+from .pools import IPAddress, Lease
 from .proposals import ChosenAlgorithms
 from .state import State, Trigger, next_state
 from .traffic_selectors import TrafficSelector
@@ -90,6 +90,8 @@ class IkeSa:
     own_vips: tuple[str, ...] = ()  # ours, assigned by the responder (we initiated)
     eap: EapExchange | None = None  # an IKE_AUTH running EAP (RFC 7296 2.16)
     eap_identity: str = ""  # the EAP identity it authenticated
+    # the virtual IPs a RADIUS server assigned that identity (pools = ["radius"])
+    framed_addresses: tuple[IPAddress, ...] = ()
     pending_child_spi: bytes = b""
     initial_contact: bool = False  # send INITIAL_CONTACT in our IKE_AUTH request
     children: dict[bytes, ChildSa] = field(default_factory=dict)  # by spi_in

@@ -23,7 +23,7 @@ from .keymat import ChildKeys, IkeKeys
 from .lifetimes import INFINITY
 from .message import SkProtection
 from .policy import ConnectionConfig, ResponderPolicy
-from .pools import Lease
+from .pools import FramedPool, Lease
 from .proposals import ChosenAlgorithms
 from .sa import ChildSa, IkeSa
 from .session import IkeSession, WallClock, _utc_now
@@ -104,9 +104,10 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
         "ppk": sa.ppk,
         "redirect": sa.redirect_supported,
         "eap_id": sa.eap_identity,
-        # virtual IPs (shared pools): pool, offset, holder, and the address (for `sas`)
-        "leases": [[lease.pool.name, int(lease.address) - int(lease.pool.first), lease.holder,
-                    str(lease.address)] for lease in sa.leases],
+        # virtual IPs (shared pools): pool, offset, holder, and the address (for `sas`;
+        # a RADIUS server's address is only that)
+        "leases": [[lease.pool.name, _offset(lease), lease.holder, str(lease.address)]
+                   for lease in sa.leases],
         # a request of ours may not have reached the peer: our next ID may be ahead of its
         "in_flight": sa.pending is not None,
         "peer_hashes": sorted(sa.peer_hashes),
@@ -230,15 +231,24 @@ def child_event(record: Record) -> ChildSaEstablished:
         raise ParseError(f"unusable Child SA record: {exc!r}") from None
 
 
+def _offset(lease: Lease) -> int:
+    return 0 if isinstance(lease.pool, FramedPool) else \
+        int(lease.address) - int(lease.pool.first)
+
+
 def _leases(connection: ConnectionConfig, stored: list[Any]) -> tuple[Lease, ...]:
     """The SA's virtual IPs, in this node's pools of the same names (taken over, held)."""
     pools = {pool.name: pool for pool in connection.pools}
     out: list[Lease] = []
-    for name, offset, holder, *_ in stored:
+    for name, offset, holder, *rest in stored:
         pool = pools.get(str(name))
         if pool is None:  # the configuration lost the pool: nothing to hold it in
             continue
-        lease = Lease(pool, ipaddress.ip_address(int(pool.first) + int(offset)), bytes(holder))
+        if isinstance(pool, FramedPool):  # the RADIUS server's address, as it was
+            address = ipaddress.ip_address(str(rest[0]))
+        else:
+            address = ipaddress.ip_address(int(pool.first) + int(offset))
+        lease = Lease(pool, address, bytes(holder))
         pool.adopt(lease)
         out.append(lease)
     return tuple(out)

@@ -24,6 +24,7 @@ from cluster.ike.radius import (
     RadiusServer,
     RadiusSettings,
     Station,
+    framed_addresses,
     mppe_key_untrusted,
     parse_reply_untrusted,
 )
@@ -266,3 +267,21 @@ def test_parse_reply_needs_an_answer_code() -> None:
     assert parse_reply_untrusted(data, 7, request[4:20], SECRET) is None
     data = reply(request, Packet.ACCESS_CHALLENGE, [])
     assert parse_reply_untrusted(data, 7, request[4:20], SECRET) is not None
+
+
+def test_framed_addresses_leave_the_choice_values_to_the_pools() -> None:
+    request = bytes((1, 7)) + bytes(18)
+
+    def framed(*attributes: tuple[int, bytes]) -> list[str]:
+        data = reply(request, Packet.ACCESS_ACCEPT, list(attributes))
+        parsed = parse_reply_untrusted(data, 7, request[4:20], SECRET)
+        assert parsed is not None
+        return [str(a) for a in framed_addresses(parsed)]
+
+    v6 = (Attr.FRAMED_IPV6_ADDRESS, bytes.fromhex("fd990003" + "00" * 11 + "99"))
+    assert framed((Attr.FRAMED_IP_ADDRESS, bytes((10, 99, 3, 9))), v6) == [
+        "10.99.3.9", "fd99:3::99"]
+    # RFC 2865 5.8: 255.255.255.254 "the NAS should select", ...255 "the user may"
+    assert framed((Attr.FRAMED_IP_ADDRESS, b"\xff\xff\xff\xfe")) == []
+    assert framed((Attr.FRAMED_IP_ADDRESS, b"\xff\xff\xff\xff")) == []
+    assert framed((Attr.FRAMED_IP_ADDRESS, b"\x0a\x00")) == []  # malformed: ignored

@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,9 +27,10 @@ from cluster.ike.identity import parse_identity
 from cluster.ike.ike_auth import build_auth_request
 from cluster.ike.message import decode_untrusted
 from cluster.ike.payloads import CpPayload, NotifyPayload, Payload, SaPayload, TsiPayload
-from cluster.ike.pools import AddressPending, AddressPool, Lease, SharedPool
+from cluster.ike.pools import AddressPending, AddressPool, FramedPool, Lease, SharedPool
 from cluster.ike.sa import IkeSa
 from cluster.ike.session import IkeSession
+from cluster.ike.snapshot import restore, snapshot_of
 from cluster.ike.state import State
 from cluster.ike.traffic_selectors import TrafficSelector
 from cluster.store import ClaimAddress, MemoryStore
@@ -132,7 +134,8 @@ class Exchange:
 
 def _exchange(monkeypatch: pytest.MonkeyPatch, *pools: AddressPool,
               ask: tuple[tuple[int, bytes], ...] = (V4, V4_DNS), tsi: tuple[str, ...] = ANY,
-              client_id: str = "client.example.test") -> Exchange:
+              client_id: str = "client.example.test", framed: tuple[str, ...] = ()
+              ) -> Exchange:
     monkeypatch.setattr(session_module, "build_auth_request", _ask_for(*ask, tsi=tsi))
     gw_conn = replace(psk_connection(children=(child(remote_ts="dynamic"),)), pools=pools)
     client_conn = psk_connection(
@@ -141,6 +144,8 @@ def _exchange(monkeypatch: pytest.MonkeyPatch, *pools: AddressPool,
     client, gateway = psk_pair(gw_conn, client_conn)
     transfer(client, gateway)
     transfer(gateway, client)
+    # what an eap-radius exchange takes from the Access-Accept (Framed-IP-Address)
+    gateway.sa.framed_addresses = tuple(ipaddress.ip_address(a) for a in framed)
     transfer(client, gateway)  # IKE_AUTH request
     [response] = gateway.datagrams_to_send()
     sk = client.sa.sk
@@ -191,6 +196,28 @@ def test_ipv6_and_both_families(monkeypatch: pytest.MonkeyPatch) -> None:
         (ConfigAttribute.INTERNAL_IP6_DNS, ipaddress.ip_address("fd99:2::53").packed)]
     assert [str(ts) for ts in _child(out.gateway_events).remote_ts] == [
         "10.99.3.1/32", "fd99:3::1/128"]
+
+
+def test_the_radius_servers_address_comes_first_and_a_pool_serves_the_other_family(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """pools = ["radius", "v4"]: the server assigned only an IPv6 address; the IPv4 one
+    comes from the pool. The lease survives a snapshot (msgpack) and a takeover."""
+    framed, v4 = FramedPool(), AddressPool.parse("v4", "10.99.3.0/24")
+    out = _exchange(monkeypatch, framed, v4, ask=(V4, V6), framed=("fd99:3::99",))
+    assert _config_reply(out.reply) == [
+        (ConfigAttribute.INTERNAL_IP4_ADDRESS, ipaddress.ip_address("10.99.3.1").packed),
+        (ConfigAttribute.INTERNAL_IP6_ADDRESS,
+         ipaddress.ip_address("fd99:3::99").packed + bytes([128]))]
+    assert [str(ts) for ts in _child(out.gateway_events).remote_ts] == [
+        "10.99.3.1/32", "fd99:3::99/128"]
+    assert (framed.online, framed.size) == (1, 0)
+    record = msgpack.unpackb(msgpack.packb(snapshot_of(out.gateway, 1.0)))
+    taken = restore(record, out.gateway.sa.policy, 1.0)
+    assert [str(lease.address) for lease in taken.sa.leases] == ["10.99.3.1", "fd99:3::99"]
+    assert taken.sa.leases[1].pool is framed and framed.online == 1  # the same holder
+    out.gateway.end_here()
+    taken.end_here()
+    assert framed.online == 0
 
 
 def test_a_family_without_a_pool_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.worker.dataplane import REKEYED_LINGER
 from tests.interop.certs import Pki
 from tests.interop.charon import Charon
+from tests.interop.freeradius import FreeRadius
 from tests.interop.lab import (
     INITIATOR_INNER_V4,
     INITIATOR_INNER_V6,
@@ -1323,3 +1324,43 @@ def test_a_childless_ike_sa_gets_its_child_sa_by_create_child_sa(
     wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
     sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
     assert received == sent, output
+
+
+def test_a_radius_server_assigns_the_virtual_ip_and_a_pool_serves_the_others(
+        lab: Lab, pki: Pki, tmp_path: Path) -> None:
+    """`pools = ["radius", "rw"]` (strongSwan's eap-radius attribute provider): carol's
+    Access-Accept from FreeRADIUS carries Framed-IP-Address 10.99.3.9, which becomes her
+    virtual IP (the Child SA narrowed to it, pings from it cross); dave's carries none,
+    and he gets the pool's first address."""
+    radius = FreeRadius(lab.responder, tmp_path / "radius", address=RESPONDER_V4,
+                        client=RESPONDER_V4, secret="radius-shared-secret",
+                        users={"carol": "Carol's pa55word", "dave": "Dave's pa55word"},
+                        framed={"carol": "10.99.3.9"}).start()
+    charon = lab.charon("initiator", settings={"install_virtual_ip": "yes"})
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa)
+    responder_conn = replace(
+        responder_conn, node_extra={"pools": ["radius", "rw"]},
+        remote=End("eap-radius", "%any", eap_id="%any")).with_child(remote_ts=())
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0") + (
+        '[pools.rw]\naddrs = "10.99.3.0/28"\n'
+        f'[radius.servers.lab]\naddress = "{RESPONDER_V4}"\n'
+        'secret = "radius-shared-secret"\n'))
+    for count, (user, password, vip) in enumerate(
+            (("carol", "Carol's pa55word", "10.99.3.9"),
+             ("dave", "Dave's pa55word", "10.99.3.1")), start=1):
+        charon.load(replace(
+            initiator_conn, eap_users=((user, password),), extra={"vips": "0.0.0.0"},
+            local=End("eap-mschapv2", "client.example.test", eap_id=user),
+        ).with_child(local_ts=()))
+        sa = assert_initiated(charon.initiate("net"), charon)
+        assert sa.get("local-vips") == [vip], sa
+        assert child_sa(sa).get("local-ts") == [f"{vip}/32"], sa
+        line = wait_for_log(node, r"IKE SA established: rw ", count=count)[-1]
+        assert f" vip={vip} eap_id={user}" in line, line
+        sent, received, output = ping(lab.initiator, vip, RESPONDER_INNER_V4)
+        assert (sent, received) == (PINGS, PINGS), output
+        charon.terminate_ike()
+        wait_for_log(node, r"IKE SA deleted: ", count=count)
+    assert "Login OK: [dave]" in radius.log_text(), radius.log_text()
+    assert node.running(), node.log_text()

@@ -866,6 +866,9 @@ def test_eap_radius_servers_follow_strongswans_eap_radius(
     assert (radius.nas_identifier, radius.timeout, radius.base, radius.tries) == (
         "vpn-gw", 2.0, 1.4, 2)
     assert "s3cret" not in repr(config)
+    with_pool = text.replace("[connections.rw]\n", "[connections.rw]\npools = [\"radius\"]\n", 1)
+    (conn,) = load_config(write(tmp_path, with_pool)).policy.connections
+    assert [type(p).__name__ for p in conn.pools] == ["FramedPool"]
     start = text.index("[radius]")
     errors = {
         text[:start]: 'connections.rw.remote.auth: "eap-radius" needs a [radius] table with '
@@ -877,6 +880,12 @@ def test_eap_radius_servers_follow_strongswans_eap_radius(
             "radius.servers.first.secret: give exactly one of secret, secret_env, secret_file",
         text.replace("retransmit_tries = 2", "retransmit_tries = 0"):
             "radius.retransmit_tries: must be between 1 and 20",
+        with_pool.replace('auth = "eap-radius"', 'auth = "eap-mschapv2"'):
+            'connections.rw.pools[0]: "radius" (the RADIUS server\'s Framed-IP-Address) '
+            'needs remote auth = "eap-radius"',
+        with_pool + '[pools.radius]\naddrs = "10.3.0.0/24"\n':
+            'pools.radius: "radius" names the addresses a RADIUS server assigns; choose '
+            "another name",
         text.replace('remote = { auth = "eap-radius"', 'remote = { auth = "eap-radius", '
                      'cacerts = ["pki/ca.pem"]'):
             'connections.rw.remote.cacerts: only used with auth = "pubkey"',
