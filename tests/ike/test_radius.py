@@ -3,6 +3,7 @@ and RFC 2548 (FreeRADIUS with strongSwan in tests/interop is the judge)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -11,6 +12,8 @@ from collections.abc import Callable
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cluster.errors import AuthenticationFailed
 from cluster.ike.eap import Code, EapType, packet
@@ -285,3 +288,28 @@ def test_framed_addresses_leave_the_choice_values_to_the_pools() -> None:
     assert framed((Attr.FRAMED_IP_ADDRESS, b"\xff\xff\xff\xfe")) == []
     assert framed((Attr.FRAMED_IP_ADDRESS, b"\xff\xff\xff\xff")) == []
     assert framed((Attr.FRAMED_IP_ADDRESS, b"\x0a\x00")) == []  # malformed: ignored
+
+
+@given(st.binary(max_size=300))
+def test_any_datagram_is_an_answer_or_none(data: bytes) -> None:
+    request = bytes((1, 7)) + bytes(18)
+    assert parse_reply_untrusted(data, 7, request[4:20], SECRET) is None
+
+
+@given(st.lists(st.tuples(st.sampled_from([Attr.FRAMED_IP_ADDRESS, Attr.FRAMED_IPV6_ADDRESS,
+                                           Attr.VENDOR_SPECIFIC, Attr.EAP_MESSAGE]),
+                          st.binary(max_size=60)), max_size=6))
+def test_authentic_answers_with_any_attribute_values_never_raise_elsewhere(
+        attributes: list[tuple[int, bytes]]) -> None:
+    """Past both authenticators the values are still the server's to get wrong: the
+    relay's readers refuse them with AuthenticationFailed or ignore them."""
+    request = bytes((1, 7)) + bytes(18)
+    data = reply(request, Packet.ACCESS_ACCEPT, attributes)
+    parsed = parse_reply_untrusted(data, 7, request[4:20], SECRET)
+    assert parsed is not None and parsed.attributes[:len(attributes)] == attributes
+    framed_addresses(parsed)
+    for vendor_type in (16, 17):
+        value = parsed.vendor(311, vendor_type)
+        if value is not None:
+            with contextlib.suppress(AuthenticationFailed):
+                mppe_key_untrusted(value, SECRET, request[4:20])
