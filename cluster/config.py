@@ -1057,12 +1057,12 @@ class _Loader:
         """[radius]: the servers eap-radius connections relay EAP to (strongSwan's
         charon.plugins.eap-radius), tried in the order written."""
         table = root.table("radius", ("servers", "nas_identifier", "retransmit_timeout",
-                                      "retransmit_base", "retransmit_tries"))
+                                      "retransmit_base", "retransmit_tries", "accounting"))
         servers = []
         for name, value in table.named_tables("servers").items():
             key = _join("radius.servers", name)
-            entry = self.table(key, value, ("address", "auth_port", "secret", "secret_env",
-                                            "secret_file"))
+            entry = self.table(key, value, ("address", "auth_port", "acct_port", "secret",
+                                            "secret_env", "secret_file"))
             address = entry.required_string("address")
             try:
                 ipaddress.ip_address(address)
@@ -1070,7 +1070,8 @@ class _Loader:
                 entry.fail("address", f"{address!r} is not an IP address")
             secret_name, text = self.secret_text(entry)
             servers.append(RadiusServer(name, address, entry.port("auth_port", 1812),
-                                        _decode_secret(entry, secret_name, text)))
+                                        _decode_secret(entry, secret_name, text),
+                                        entry.port("acct_port", 1813)))
         if not servers:
             table.fail("servers", "needs at least one [radius.servers.NAME]")
         nas_identifier = table.string("nas_identifier", "ike-cluster")
@@ -1085,7 +1086,8 @@ class _Loader:
         tries = table.integer("retransmit_tries", 4)
         if not 1 <= tries <= 20:
             table.fail("retransmit_tries", "must be between 1 and 20")
-        return RadiusSettings(tuple(servers), nas_identifier, timeout, base, tries)
+        return RadiusSettings(tuple(servers), nas_identifier, timeout, base, tries,
+                              table.boolean("accounting", False))
 
     def check_radius(self, policy: ResponderPolicy) -> None:
         for conn in policy.connections:

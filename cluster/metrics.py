@@ -193,6 +193,7 @@ class Metrics:
         self._channel: Reader | None = None
         self._revocation: Reader | None = None
         self._radius: Reader | None = None
+        self._accounting: Reader | None = None
         self._members: Callable[[], Sequence[Member]] | None = None
         self._pools: tuple[AddressPool, ...] = ()
         self._families: tuple[Metric, ...] = ()
@@ -227,9 +228,10 @@ class Metrics:
         """`RevocationStats`: CRL downloads and OCSP questions, and how they went."""
         self._revocation = stats
 
-    def watch_radius(self, stats: Reader) -> None:
-        """`RadiusStats`: round trips to the RADIUS servers of eap-radius connections."""
-        self._radius = stats
+    def watch_radius(self, stats: Reader, accounting: Reader | None = None) -> None:
+        """`RadiusStats`: round trips to the RADIUS servers of eap-radius connections;
+        `AccountingStats`: the accounting requests and how they went."""
+        self._radius, self._accounting = stats, accounting
 
     def watch_channel(self, stats: Reader) -> None:
         """A cluster responder's `ChannelStats`: announcements of SAs that end the other
@@ -393,6 +395,12 @@ class Metrics:
                 "datagrams sent again or refused as no valid answer.", "result",
                 {k: stats.get(k, 0) for k in ("answered", "timeouts", "retransmits",
                                               "invalid")}))
+        if self._accounting is not None:
+            stats = self._accounting()
+            families.append(_counter(
+                "radius_accounting_total", "RADIUS Accounting-Requests (Start, Stop): sent "
+                "(a server answered), failed (none did), dropped (queue full).", "result",
+                {k: stats.get(k, 0) for k in ("sent", "failed", "dropped")}))
         if self._members is not None:
             add(_members_family(self._members()))
         if self._pools:

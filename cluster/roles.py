@@ -108,6 +108,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
     from .runtime.crl_fetch import RevocationStats, fetch_crls
     from .runtime.node import _shutdown_on_signal, log_event, redirect_node, responder_factory
     from .runtime.persistence import SaPersistence
+    from .runtime.radius_accounting import Accounting
     from .runtime.radius_client import RadiusClient
     from .runtime.relay_endpoint import ResponderRelay
     from .runtime.reload import reload_from, reload_on_signal
@@ -125,8 +126,12 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
     metrics = Metrics(config.node_id, connections=[c.name for c in config.policy.connections])
     metrics.watch_pools(pools)
 
+    # (no data plane here: the workers count the traffic, accounting carries none)
+    accounting = Accounting(lambda: config.policy, RadiusClient())
+
     def sink(event: Event) -> None:
         log_event(event)
+        accounting.record(event)
         metrics.record(event)
 
     async with AsyncExitStack() as stack:
@@ -196,7 +201,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
         metrics.watch_revocation(revocation.as_dict)
         radius = RadiusClient()
         radius.install(config.policy.radius_backend)
-        metrics.watch_radius(radius.stats.as_dict)
+        metrics.watch_radius(radius.stats.as_dict, accounting.stats.as_dict)
 
         def members_changed(members: Sequence[Member]) -> None:
             persistence.responders = _responders(members)
@@ -223,6 +228,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                     await nursery.start(reload_on_signal, config.source, lambda: config,
                                         reconfigure)
                 await nursery.start(supervisor.run)
+                await nursery.start(accounting.run)
                 await nursery.start(functools.partial(
                     fetch_crls, lambda: config.policy, config.crl_refresh,
                     from_certificates=config.crl_from_certificates, ocsp=config.ocsp,

@@ -18,6 +18,8 @@ import trio
 from .config import NodeConfig, WorkerConfig
 from .ike.events import Event
 from .metrics import Metrics, serve_metrics
+from .runtime.radius_accounting import Accounting, Traffic
+from .runtime.radius_client import RadiusClient
 
 if TYPE_CHECKING:
     from .runtime.node import Node
@@ -85,8 +87,13 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
         metrics = Metrics(config.node_id, connections=names)
         metrics.watch_pools(p for c in config.policy.connections for p in c.pools)
 
+    node: Node | None = None
+    accounting = Accounting(lambda: (node.config if node is not None else config).policy,
+                            RadiusClient(), traffic=_traffic_of(plane))
+
     def sink(event: Event) -> None:
         log_event(event)
+        accounting.record(event)  # (before the data plane forgets a deleted SA's counters)
         if plane is not None:
             plane.on_ike_event(event)
         if metrics is not None:
@@ -95,6 +102,7 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
     async with trio.open_nursery() as nursery:
         if plane is not None:
             await nursery.start(plane.run)
+        await nursery.start(accounting.run)
 
         async def responder(task_status: trio.TaskStatus[Node]) -> None:
             await run_node(config, event_sink=sink,
@@ -104,7 +112,8 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
                            task_status=task_status)
             nursery.cancel_scope.cancel()  # the node shut down: stop the pumps
 
-        node: Node = await nursery.start(responder)
+        node = await nursery.start(responder)
+        assert node is not None
         if config.control:
             await nursery.start(serve_control, config.node_id, control_handlers(
                 config.node_id, node.supervisor,
@@ -121,7 +130,7 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
             metrics.watch_runtime(node.stats.as_dict, node.supervisor.session_counters,
                                   lambda: node.supervisor.half_open_count)
             metrics.watch_revocation(node.revocation.as_dict)
-            metrics.watch_radius(node.radius.as_dict)
+            metrics.watch_radius(node.radius.as_dict, accounting.stats.as_dict)
             node.supervisor.handshake_observer = metrics.observe_handshake
             if plane is not None:
                 metrics.watch_data_plane(plane.stats)
@@ -130,6 +139,21 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
             listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             logger.info("metrics on http://%s/metrics (values at most %g s old)", listen,
                         m.interval)
+
+
+def _traffic_of(plane: DataPlane | None) -> Traffic | None:
+    """A Child SA's (bytes in, bytes out, packets in, packets out) for accounting."""
+    if plane is None:
+        return None
+    sad = plane.sad
+
+    def traffic(spi_in: bytes) -> tuple[int, int, int, int] | None:
+        child = sad.get(spi_in)
+        if child is None:
+            return None
+        c = child.counters
+        return c.bytes_in, c.bytes_out, c.packets_in, c.packets_out
+    return traffic
 
 
 def _set_traps(node: Node, plane: DataPlane) -> None:

@@ -26,6 +26,7 @@ class IkeSaEstablished:
     eap_identity: str = ""  # the user the peer authenticated as with EAP, if it did
     own_virtual_ips: tuple[str, ...] = ()  # ours, assigned by the responder
     ppk: bool = False  # a post-quantum preshared key was mixed into its keys (RFC 8784)
+    radius_classes: tuple[bytes, ...] = ()  # Class of its Access-Accept (eap-radius)
 
 
 @dataclass(frozen=True, slots=True)

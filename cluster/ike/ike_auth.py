@@ -149,7 +149,7 @@ def _established(sa: IkeSa, initial_contact: bool = False) -> None:
         sa.spi_i, sa.spi_r, sa.connection.name, str(sa.local_id), str(sa.remote_id),
         sa.local, sa.remote, sa.chosen.describe(), sa.nat, initial_contact,
         tuple(str(lease.address) for lease in sa.leases), sa.eap_identity, sa.own_vips,
-        sa.ppk,
+        sa.ppk, sa.radius_classes,
     ))
 
 
@@ -362,7 +362,7 @@ def _continue_eap(sa: IkeSa, exchange: EapExchange, payloads: list[Payload],
                                            psk_auth_data(chosen.prf, server.msk, ours))]
     sa.eap_identity = server.identity.decode("utf-8", errors="replace")
     if isinstance(server, EapRadiusServer):
-        sa.framed_addresses = server.addresses
+        sa.framed_addresses, sa.radius_classes = server.addresses, server.classes
     response = _finish(sa, conn, exchange.first_request, response, rng)  # AddressPending
     sa.eap = None  # (after: a parked exchange runs this again)
     return response, True

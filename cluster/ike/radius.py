@@ -39,6 +39,8 @@ class Packet:
     ACCESS_ACCEPT = 2
     ACCESS_REJECT = 3
     ACCESS_CHALLENGE = 11
+    ACCOUNTING_REQUEST = 4  # RFC 2866 3
+    ACCOUNTING_RESPONSE = 5
 
 
 class Attr:
@@ -51,10 +53,21 @@ class Attr:
     REPLY_MESSAGE = 18
     FRAMED_IP_ADDRESS = 8
     STATE = 24
+    CLASS = 25
     VENDOR_SPECIFIC = 26
     CALLED_STATION_ID = 30
     CALLING_STATION_ID = 31
     NAS_IDENTIFIER = 32
+    ACCT_STATUS_TYPE = 40  # RFC 2866 5
+    ACCT_INPUT_OCTETS = 42
+    ACCT_OUTPUT_OCTETS = 43
+    ACCT_SESSION_ID = 44
+    ACCT_SESSION_TIME = 46
+    ACCT_INPUT_PACKETS = 47
+    ACCT_OUTPUT_PACKETS = 48
+    ACCT_TERMINATE_CAUSE = 49
+    ACCT_INPUT_GIGAWORDS = 52  # RFC 2869 5.1
+    ACCT_OUTPUT_GIGAWORDS = 53
     NAS_PORT_TYPE = 61
     EAP_MESSAGE = 79
     MESSAGE_AUTHENTICATOR = 80
@@ -78,6 +91,7 @@ class RadiusServer:
     address: str
     port: int = 1812
     secret: bytes = field(default=b"", repr=False)
+    acct_port: int = 1813
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,9 @@ class RadiusSettings:
     timeout: float = 2.0
     base: float = 1.4
     tries: int = 4
+    # RFC 2866 Start and Stop for the IKE SAs of eap-radius users (strongSwan's
+    # eap-radius accounting = yes)
+    accounting: bool = False
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait for an answer to try `attempt` (0-based)."""
@@ -129,6 +146,15 @@ def encode_request(identifier: int, authenticator: bytes, attributes: list[bytes
     return head + body[:2] + mac + body[18:]
 
 
+def encode_accounting(identifier: int, attributes: list[bytes], secret: bytes) -> bytes:
+    """An Accounting-Request (RFC 2866 3): its authenticator is the MD5 of the packet
+    with sixteen zero octets in its place, then the secret."""
+    body = b"".join(attributes)
+    head = struct.pack("!BBH", Packet.ACCOUNTING_REQUEST, identifier, _HEAD.size + len(body))
+    authenticator = hashlib.md5(head + bytes(16) + body + secret).digest()
+    return head + authenticator + body
+
+
 @dataclass(frozen=True)
 class Reply:
     code: int
@@ -151,16 +177,20 @@ class Reply:
         return None
 
 
+_ACCESS_ANSWERS = (Packet.ACCESS_ACCEPT, Packet.ACCESS_REJECT, Packet.ACCESS_CHALLENGE)
+
+
 def parse_reply_untrusted(data: bytes, identifier: int, request_authenticator: bytes,
-                          secret: bytes) -> Reply | None:
+                          secret: bytes, *, accounting: bool = False) -> Reply | None:
     """The server's answer to our request, or None for a datagram that is not one:
     malformed, another identifier, or failing the Response Authenticator (RFC 2865 3)
-    or the Message-Authenticator (RFC 3579 3.2, required in every answer here)."""
+    or the Message-Authenticator (RFC 3579 3.2, required in every answer to an
+    Access-Request here; checked in an Accounting-Response when present)."""
     if len(data) < _HEAD.size:
         return None
     code, ident, length, authenticator = _HEAD.unpack_from(data)
-    if ident != identifier or length != len(data) or code not in (
-            Packet.ACCESS_ACCEPT, Packet.ACCESS_REJECT, Packet.ACCESS_CHALLENGE):
+    codes = (Packet.ACCOUNTING_RESPONSE,) if accounting else _ACCESS_ANSWERS
+    if ident != identifier or length != len(data) or code not in codes:
         return None
     body = data[_HEAD.size:]
     expected = hashlib.md5(data[:4] + request_authenticator + body + secret).digest()
@@ -179,7 +209,7 @@ def parse_reply_untrusted(data: bytes, identifier: int, request_authenticator: b
         attributes.append((kind, body[at + 2:at + size]))
         at += size
     if mac_at < 0:
-        return None
+        return Reply(code, attributes) if accounting else None
     zeroed = body[:mac_at + 2] + bytes(16) + body[mac_at + 18:]
     mac = hmac.digest(secret, data[:4] + request_authenticator + zeroed, "md5")
     if not hmac.compare_digest(mac, body[mac_at + 2:mac_at + 18]):
@@ -252,6 +282,7 @@ class EapRadiusServer:
         self.identity = b""
         self.msk: bytes | None = None
         self.addresses: tuple[IPAddress, ...] = ()  # Framed-IP(v6)-Address of the accept
+        self.classes: tuple[bytes, ...] = ()
 
     @property
     def server(self) -> RadiusServer:
@@ -283,19 +314,7 @@ class EapRadiusServer:
         raise RadiusPending(self, data)
 
     def _attributes(self, eap: bytes) -> list[bytes]:
-        station, settings = self._station, self._settings
-        out = [attribute(Attr.USER_NAME, self.identity),
-               attribute(Attr.NAS_IDENTIFIER, settings.nas_identifier.encode()),
-               attribute(Attr.SERVICE_TYPE, _U32.pack(SERVICE_FRAMED)),
-               attribute(Attr.NAS_PORT_TYPE, _U32.pack(PORT_TYPE_VIRTUAL)),
-               attribute(Attr.NAS_PORT, _U32.pack(station.nas_port & 0xFFFFFFFF)),
-               attribute(Attr.CALLED_STATION_ID, _station_id(station.local)),
-               attribute(Attr.CALLING_STATION_ID, _station_id(station.remote))]
-        address = station.local[0]
-        if ":" in address:
-            out.append(attribute(Attr.NAS_IPV6_ADDRESS, _packed(address)))
-        else:
-            out.append(attribute(Attr.NAS_IP_ADDRESS, _packed(address)))
+        out = nas_attributes(self._settings, self._station, self.identity)
         out += [attribute(Attr.EAP_MESSAGE, eap[at:at + MAX_VALUE])
                 for at in range(0, len(eap), MAX_VALUE)]  # RFC 3579 3.1: split
         if self._state is not None:
@@ -361,8 +380,26 @@ class EapRadiusServer:
         self.msk = mppe_key_untrusted(recv, secret, authenticator) + \
             mppe_key_untrusted(send, secret, authenticator)
         self.addresses = framed_addresses(reply)
+        self.classes = tuple(reply.values(Attr.CLASS))  # echoed in accounting (RFC 2865 5.25)
         self._step = "done"
         return eap
+
+
+def nas_attributes(settings: RadiusSettings, station: Station, user: bytes) -> list[bytes]:
+    """Who asks about whom, in every request (strongSwan sends the same set)."""
+    out = [attribute(Attr.USER_NAME, user),
+           attribute(Attr.NAS_IDENTIFIER, settings.nas_identifier.encode()),
+           attribute(Attr.SERVICE_TYPE, _U32.pack(SERVICE_FRAMED)),
+           attribute(Attr.NAS_PORT_TYPE, _U32.pack(PORT_TYPE_VIRTUAL)),
+           attribute(Attr.NAS_PORT, _U32.pack(station.nas_port & 0xFFFFFFFF)),
+           attribute(Attr.CALLED_STATION_ID, _station_id(station.local)),
+           attribute(Attr.CALLING_STATION_ID, _station_id(station.remote))]
+    address = station.local[0]
+    if ":" in address:
+        out.append(attribute(Attr.NAS_IPV6_ADDRESS, _packed(address)))
+    else:
+        out.append(attribute(Attr.NAS_IP_ADDRESS, _packed(address)))
+    return out
 
 
 def framed_addresses(reply: Reply) -> tuple[IPAddress, ...]:

@@ -92,6 +92,7 @@ class IkeSa:
     eap_identity: str = ""  # the EAP identity it authenticated
     # the virtual IPs a RADIUS server assigned that identity (pools = ["radius"])
     framed_addresses: tuple[IPAddress, ...] = ()
+    radius_classes: tuple[bytes, ...] = ()  # its Access-Accept's Class, for accounting
     pending_child_spi: bytes = b""
     initial_contact: bool = False  # send INITIAL_CONTACT in our IKE_AUTH request
     children: dict[bytes, ChildSa] = field(default_factory=dict)  # by spi_in

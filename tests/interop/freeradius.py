@@ -1,6 +1,7 @@
 """A FreeRADIUS 3 server for the eap-radius tests: its own small configuration in a
 temporary directory (nothing of /etc/freeradius is used), EAP with MSCHAPv2 and MD5
-against a users file, and optionally EAP-TLS with the test PKI."""
+against a users file, optionally EAP-TLS with the test PKI, and accounting (on the
+port after the authentication port) written to a detail file."""
 
 from __future__ import annotations
 
@@ -88,6 +89,10 @@ modules {{
   files {{
     filename = {directory}/users
   }}
+  detail {{
+    filename = {directory}/detail
+    header = "%t"
+  }}
   mschap {{
   }}
   eap {{
@@ -106,6 +111,11 @@ server default {{
     ipaddr = {address}
     port = {port}
   }}
+  listen {{
+    type = acct
+    ipaddr = {address}
+    port = {port + 1}
+  }}
   authorize {{
     eap {{
       ok = return
@@ -121,6 +131,9 @@ server default {{
     }}
   }}
   post-auth {{
+  }}
+  accounting {{
+    detail
   }}
 }}
 """
@@ -156,6 +169,11 @@ class FreeRadius:
             assert self.proc.poll() is None and time.monotonic() < deadline, self.log_text()
             time.sleep(0.05)
         return self
+
+    def accounting(self) -> str:
+        """The detail file: one block per Accounting-Request, "Attribute = value" lines."""
+        detail = self.directory / "detail"
+        return detail.read_text(errors="replace") if detail.exists() else ""
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -1331,7 +1331,9 @@ def test_a_radius_server_assigns_the_virtual_ip_and_a_pool_serves_the_others(
     """`pools = ["radius", "rw"]` (strongSwan's eap-radius attribute provider): carol's
     Access-Accept from FreeRADIUS carries Framed-IP-Address 10.99.3.9, which becomes her
     virtual IP (the Child SA narrowed to it, pings from it cross); dave's carries none,
-    and he gets the pool's first address."""
+    and he gets the pool's first address. With `accounting = true` FreeRADIUS records
+    a Start and a Stop for each: the user, the virtual IP, one session id for both,
+    the pings' packets and octets both ways, and strongSwan's Delete as User-Request."""
     radius = FreeRadius(lab.responder, tmp_path / "radius", address=RESPONDER_V4,
                         client=RESPONDER_V4, secret="radius-shared-secret",
                         users={"carol": "Carol's pa55word", "dave": "Dave's pa55word"},
@@ -1343,7 +1345,7 @@ def test_a_radius_server_assigns_the_virtual_ip_and_a_pool_serves_the_others(
         responder_conn, node_extra={"pools": ["radius", "rw"]},
         remote=End("eap-radius", "%any", eap_id="%any")).with_child(remote_ts=())
     node = lab.node([responder_conn], extra_toml=worker_toml("ikec0") + (
-        '[pools.rw]\naddrs = "10.99.3.0/28"\n'
+        '[pools.rw]\naddrs = "10.99.3.0/28"\n[radius]\naccounting = true\n'
         f'[radius.servers.lab]\naddress = "{RESPONDER_V4}"\n'
         'secret = "radius-shared-secret"\n'))
     for count, (user, password, vip) in enumerate(
@@ -1362,5 +1364,26 @@ def test_a_radius_server_assigns_the_virtual_ip_and_a_pool_serves_the_others(
         assert (sent, received) == (PINGS, PINGS), output
         charon.terminate_ike()
         wait_for_log(node, r"IKE SA deleted: ", count=count)
+        deadline = time.monotonic() + 10
+        while radius.accounting().count("Acct-Status-Type = Stop") < count:
+            assert time.monotonic() < deadline, radius.accounting() + node.log_text()
+            time.sleep(0.1)
+        start, stop = [_detail(block) for block in radius.accounting().split("\n\n")
+                       if f'User-Name = "{user}"' in block]
+        assert start["Acct-Status-Type"] == "Start" and stop["Acct-Status-Type"] == "Stop"
+        for record in (start, stop):
+            assert record["Framed-IP-Address"] == vip, record
+            assert record["Calling-Station-Id"].startswith(f'"{INITIATOR_V4}['), record
+        assert start["Acct-Session-Id"] == stop["Acct-Session-Id"], (start, stop)
+        assert stop["Acct-Terminate-Cause"] == "User-Request", stop
+        # the pings (and nothing else) crossed: PINGS packets each way, 84 octets each
+        assert int(stop["Acct-Input-Packets"]) == int(stop["Acct-Output-Packets"]) == PINGS
+        assert int(stop["Acct-Input-Octets"]) == int(stop["Acct-Output-Octets"]) == 84 * PINGS
     assert "Login OK: [dave]" in radius.log_text(), radius.log_text()
     assert node.running(), node.log_text()
+
+
+def _detail(block: str) -> dict[str, str]:
+    """One record of FreeRADIUS's detail file."""
+    pairs = (line.strip().partition(" = ") for line in block.splitlines()[1:] if " = " in line)
+    return {name: value for name, _, value in pairs}

@@ -45,6 +45,7 @@ from cluster.metrics import (
 from cluster.relay import RelayDrops
 from cluster.runtime.channel import ChannelStats
 from cluster.runtime.crl_fetch import RevocationStats
+from cluster.runtime.radius_accounting import AccountingStats
 from cluster.runtime.radius_client import RadiusStats
 from cluster.runtime.stats import RuntimeStats
 from cluster.store import Member, StoreStats
@@ -107,7 +108,7 @@ CLUSTER = {
 # watch_revocation: every running node (single node and cluster responder)
 REVOCATION = {"ike_cluster_revocation_checks": "counter"}
 # watch_radius: likewise (eap-radius round trips)
-RADIUS = {"ike_cluster_radius_requests": "counter"}
+RADIUS = {"ike_cluster_radius_requests": "counter", "ike_cluster_radius_accounting": "counter"}
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -250,8 +251,8 @@ def test_the_cluster_counters_are_published_and_move() -> None:
     metrics.watch_channel(identities.as_dict)
     revocation = RevocationStats()
     metrics.watch_revocation(revocation.as_dict)
-    radius = RadiusStats()
-    metrics.watch_radius(radius.as_dict)
+    radius, accounting = RadiusStats(), AccountingStats()
+    metrics.watch_radius(radius.as_dict, accounting.as_dict)
     metrics.publish()
     types, samples = scrape(metrics)
     assert types == COMMON | CLUSTER | REVOCATION | RADIUS
@@ -270,6 +271,7 @@ def test_the_cluster_counters_are_published_and_move() -> None:
     identities.malformed, identities.ended, identities.terminated = 2, 5, 3
     revocation.crl_fetched, revocation.ocsp_failed = 4, 1
     radius.answered, radius.timeouts, radius.retransmits, radius.invalid = 6, 1, 2, 3
+    accounting.sent, accounting.failed, accounting.dropped = 9, 2, 1
     members += [_member("r1", "responder"), _member("r2", "responder"), _member("w1", "worker")]
     _, unchanged = scrape(metrics)
     assert unchanged == samples  # read at publish time only
@@ -302,6 +304,8 @@ def test_the_cluster_counters_are_published_and_move() -> None:
                  result="failed") == 1
     for result, count in (("answered", 6), ("timeouts", 1), ("retransmits", 2), ("invalid", 3)):
         assert value(samples, "ike_cluster_radius_requests_total", result=result) == count
+    for result, count in (("sent", 9), ("failed", 2), ("dropped", 1)):
+        assert value(samples, "ike_cluster_radius_accounting_total", result=result) == count
 
     # a responder dies, the store goes away for a while
     store.errors += 5

@@ -1,0 +1,224 @@
+"""RADIUS accounting (RFC 2866) of eap-radius users, as strongSwan's eap-radius sends it
+with `accounting = yes`: an Accounting-Request Start when a user's IKE SA is
+established, Stop when it ends, with its session time, virtual IPs, Class and, where
+the data plane runs in this process, the traffic of its Child SAs.
+
+The event sink calls `record` (before the data plane sees the event, so a Child SA's
+counters can still be read when it is deleted); `run` sends the requests, each to the
+servers in order until one answers, without holding anything else up.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import trio
+
+from ..ike.events import (
+    PEER_NOT_RESPONDING,
+    ChildSaDeleted,
+    ChildSaEstablished,
+    Event,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaRekeyed,
+)
+from ..ike.policy import ResponderPolicy
+from ..ike.radius import (
+    Attr,
+    RadiusSettings,
+    Station,
+    attribute,
+    encode_accounting,
+    nas_attributes,
+    parse_reply_untrusted,
+)
+from .radius_client import RadiusClient
+
+logger = logging.getLogger(__name__)
+
+START, STOP = 1, 2  # Acct-Status-Type (RFC 2866 5.1)
+# Acct-Terminate-Cause (RFC 2866 5.10)
+USER_REQUEST, LOST_CARRIER, SESSION_TIMEOUT, ADMIN_RESET, NAS_REQUEST = 1, 2, 5, 6, 10
+QUEUE = 1024  # requests waiting to be sent; beyond it they are dropped and counted
+IN_FLIGHT = 32  # requests sent at once
+# (bytes in, bytes out, packets in, packets out) of a Child SA by its inbound SPI
+Traffic = Callable[[bytes], "tuple[int, int, int, int] | None"]
+
+
+def terminate_cause(reason: str) -> int:
+    """The cause of an IKE SA's end, from the reason its session gave."""
+    if reason == "deleted by peer":
+        return USER_REQUEST
+    if reason == PEER_NOT_RESPONDING:
+        return LOST_CARRIER
+    if "terminate" in reason or "redirect" in reason or "replaced" in reason:
+        return ADMIN_RESET
+    if "lifetime" in reason or "expired" in reason:
+        return SESSION_TIMEOUT
+    return NAS_REQUEST
+
+
+@dataclass
+class _Session:
+    id: bytes
+    user: bytes
+    station: Station
+    start: float
+    virtual_ips: tuple[str, ...]
+    classes: tuple[bytes, ...]
+    traffic: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    children: set[bytes] = field(default_factory=set)  # inbound SPIs
+
+
+@dataclass
+class AccountingStats:
+    sent: int = 0  # answered by a server
+    failed: int = 0  # no server answered
+    dropped: int = 0  # the queue was full
+
+    def as_dict(self) -> dict[str, int]:
+        return {"sent": self.sent, "failed": self.failed, "dropped": self.dropped}
+
+
+class Accounting:
+    def __init__(self, policy: Callable[[], ResponderPolicy], client: RadiusClient, *,
+                 traffic: Traffic | None = None, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self._policy = policy
+        self._client = client
+        self._traffic = traffic
+        self._clock = clock
+        self._sessions: dict[bytes, _Session] = {}  # by the IKE SA's SPIs
+        self._child_of: dict[bytes, bytes] = {}  # Child SA inbound SPI -> IKE SA's SPIs
+        self._send, self._receive = trio.open_memory_channel[list[bytes]](QUEUE)
+        self.stats = AccountingStats()
+
+    # --- events ------------------------------------------------------------------------
+
+    def record(self, event: Event) -> None:
+        if isinstance(event, IkeSaEstablished):
+            self._started(event)
+        elif isinstance(event, ChildSaEstablished):
+            key = event.ike_spi_i + event.ike_spi_r
+            if key in self._sessions:
+                self._child_of[event.spi_in] = key
+                self._sessions[key].children.add(event.spi_in)
+        elif isinstance(event, ChildSaDeleted):
+            self._child_ended(event.spi_in)
+        elif isinstance(event, IkeSaRekeyed):
+            session = self._sessions.pop(event.old_spi_i + event.old_spi_r, None)
+            if session is not None:  # one accounting session through rekeys
+                key = event.spi_i + event.spi_r
+                self._sessions[key] = session
+                for spi in session.children:
+                    self._child_of[spi] = key
+        elif isinstance(event, IkeSaDeleted):
+            self._stopped(event)
+
+    def _started(self, event: IkeSaEstablished) -> None:
+        radius = self._policy().radius
+        if radius is None or not radius.accounting or not event.eap_identity:
+            return
+        conn = next((c for c in self._policy().connections if c.name == event.connection),
+                    None)
+        if conn is None or conn.remote.method != "eap-radius":
+            return
+        key = event.spi_i + event.spi_r
+        station = Station(event.local, event.remote, int.from_bytes(event.spi_r[:4]))
+        session = _Session(key.hex().encode(), event.eap_identity.encode(), station,
+                           self._clock(), event.virtual_ips, event.radius_classes)
+        self._sessions[key] = session
+        self._queue(radius, session, [attribute(Attr.ACCT_STATUS_TYPE, _u32(START))])
+
+    def _child_ended(self, spi_in: bytes, session: _Session | None = None) -> None:
+        key = self._child_of.pop(spi_in, None)
+        if session is None:
+            session = self._sessions.get(key) if key is not None else None
+        if session is None:
+            return
+        session.children.discard(spi_in)
+        counts = self._traffic(spi_in) if self._traffic is not None else None
+        if counts is not None:
+            session.traffic = [a + b for a, b in zip(session.traffic, counts, strict=True)]
+
+    def _stopped(self, event: IkeSaDeleted) -> None:
+        session = self._sessions.pop(event.spi_i + event.spi_r, None)
+        radius = self._policy().radius
+        if session is None or radius is None:
+            return
+        for spi in list(session.children):
+            self._child_ended(spi, session)
+        seconds = int(self._clock() - session.start)
+        octets_in, octets_out, packets_in, packets_out = session.traffic
+        extra = [attribute(Attr.ACCT_STATUS_TYPE, _u32(STOP)),
+                 attribute(Attr.ACCT_SESSION_TIME, _u32(seconds)),
+                 attribute(Attr.ACCT_TERMINATE_CAUSE, _u32(terminate_cause(event.reason)))]
+        if self._traffic is not None:  # (the data plane is in this process)
+            extra += [attribute(Attr.ACCT_INPUT_OCTETS, _u32(octets_in)),
+                      attribute(Attr.ACCT_INPUT_GIGAWORDS, _u32(octets_in >> 32)),
+                      attribute(Attr.ACCT_OUTPUT_OCTETS, _u32(octets_out)),
+                      attribute(Attr.ACCT_OUTPUT_GIGAWORDS, _u32(octets_out >> 32)),
+                      attribute(Attr.ACCT_INPUT_PACKETS, _u32(packets_in)),
+                      attribute(Attr.ACCT_OUTPUT_PACKETS, _u32(packets_out))]
+        self._queue(radius, session, extra)
+
+    def _queue(self, radius: RadiusSettings, session: _Session, extra: list[bytes]) -> None:
+        attributes = [*extra, attribute(Attr.ACCT_SESSION_ID, session.id),
+                      *nas_attributes(radius, session.station, session.user)]
+        for address in session.virtual_ips:
+            kind = Attr.FRAMED_IPV6_ADDRESS if ":" in address else Attr.FRAMED_IP_ADDRESS
+            attributes.append(attribute(kind, _packed(address)))
+        attributes += [attribute(Attr.CLASS, value) for value in session.classes]
+        try:
+            self._send.send_nowait(attributes)
+        except trio.WouldBlock:
+            self.stats.dropped += 1
+            logger.warning("RADIUS accounting: queue full, a request for %s dropped",
+                           session.user.decode(errors="replace"))
+
+    # --- sending -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        limit = trio.Semaphore(IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async for attributes in self._receive:
+                await limit.acquire()
+                nursery.start_soon(self._deliver, attributes, limit)
+
+    async def _deliver(self, attributes: list[bytes], limit: trio.Semaphore) -> None:
+        try:
+            radius = self._policy().radius
+            if radius is None:
+                return
+            for server in radius.servers:
+                identifier = os.urandom(1)[0]
+                request = encode_accounting(identifier, attributes, server.secret)
+                target = replace(server, port=server.acct_port)
+
+                def accept(data: bytes, identifier: int = identifier, request: bytes = request,
+                           secret: bytes = server.secret) -> bool:
+                    return parse_reply_untrusted(data, identifier, request[4:20], secret,
+                                                 accounting=True) is not None
+
+                if await self._client.exchange(target, request, radius, accept) is not None:
+                    self.stats.sent += 1
+                    return
+            self.stats.failed += 1
+        finally:
+            limit.release()
+
+
+def _u32(value: int) -> bytes:
+    return (value & 0xFFFFFFFF).to_bytes(4, "big")
+
+
+def _packed(address: str) -> bytes:
+    return ipaddress.ip_address(address).packed

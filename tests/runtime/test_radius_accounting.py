@@ -1,0 +1,160 @@
+"""RADIUS accounting from SA events: what is sent when, and what a server would record."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable
+from dataclasses import replace
+
+import trio
+
+from cluster.ike.events import (
+    PEER_NOT_RESPONDING,
+    ChildSaDeleted,
+    ChildSaEstablished,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaRekeyed,
+)
+from cluster.ike.identity import parse_identity_pattern
+from cluster.ike.policy import RemoteAuth, ResponderPolicy
+from cluster.ike.radius import Attr, Packet, RadiusServer, RadiusSettings
+from cluster.runtime.radius_accounting import QUEUE, Accounting
+from cluster.runtime.radius_client import RadiusClient
+from cluster.transforms import ENCR_ALGORITHMS
+from tests.ike.sessions import psk_connection, psk_policy
+
+SECRET = b"accounting secret"
+SERVERS = (RadiusServer("down", "192.0.2.8", secret=SECRET),
+           RadiusServer("up", "192.0.2.9", secret=SECRET, acct_port=11813))
+
+
+def policy(accounting: bool = True, servers: tuple[RadiusServer, ...] = SERVERS
+           ) -> ResponderPolicy:
+    conn = replace(psk_connection(), remote=RemoteAuth("eap-radius",
+                                                       parse_identity_pattern("%any")))
+    plain = psk_connection(name="site")
+    return replace(psk_policy(conn, plain), radius=RadiusSettings(
+        servers, tries=1, accounting=accounting))
+
+
+class Recorder(RadiusClient):
+    """A server at "up" that checks the Request Authenticator and answers; "down" is
+    silent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[dict[int, list[bytes]]] = []
+        self.ports: list[tuple[str, int]] = []
+
+    async def exchange(self, server: RadiusServer, request: bytes, settings: RadiusSettings,
+                       accept: Callable[[bytes], bool]) -> bytes | None:
+        self.ports.append((server.name, server.port))
+        assert request[0] == Packet.ACCOUNTING_REQUEST
+        assert request[4:20] == hashlib.md5(request[:4] + bytes(16) + request[20:]
+                                            + SECRET).digest()
+        if server.name == "down":
+            return None
+        record: dict[int, list[bytes]] = {}
+        at = 20
+        while at < len(request):
+            record.setdefault(request[at], []).append(request[at + 2:at + request[at + 1]])
+            at += request[at + 1]
+        self.records.append(record)
+        head = struct.pack("!BBH", Packet.ACCOUNTING_RESPONSE, request[1], 20)
+        answer = head + hashlib.md5(head + request[4:20] + SECRET).digest()
+        assert accept(answer)
+        return answer
+
+
+def established(spi: bytes, conn: str = "rw", user: str = "carol") -> IkeSaEstablished:
+    return IkeSaEstablished(spi, b"R" * 8, conn, "gw", "client", ("192.0.2.1", 4500),
+                            ("198.51.100.7", 4500), "aes", True, virtual_ips=("10.3.0.9",),
+                            eap_identity=user, radius_classes=(b"group-a",))
+
+
+def child(spi_in: bytes, ike: bytes) -> ChildSaEstablished:
+    return ChildSaEstablished(ike, b"R" * 8, "net", "tunnel", spi_in, b"out!",
+                              ENCR_ALGORITHMS["aes256gcm16"], None, False, b"", b"", b"", b"")
+
+
+def u32(value: bytes) -> int:
+    return int.from_bytes(value, "big")
+
+
+async def run(events: list[object], *, accounting: bool = True,
+              traffic: dict[bytes, tuple[int, int, int, int]] | None = None,
+              servers: tuple[RadiusServer, ...] = SERVERS) -> tuple[Recorder, Accounting]:
+    now = [100.0]
+    client = Recorder()
+    acct = Accounting(lambda: policy(accounting, servers), client,
+                      traffic=None if traffic is None else traffic.get, clock=lambda: now[0])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(acct.run)
+        for event in events:
+            if event == "later":
+                now[0] += 75.4
+            else:
+                acct.record(event)  # type: ignore[arg-type]
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    return client, acct
+
+
+async def test_start_and_stop_carry_the_session_its_traffic_and_why_it_ended() -> None:
+    first, second = b"I" * 8, b"J" * 8
+    client, acct = await run([
+        established(first), child(b"c1c1", first), "later",
+        IkeSaRekeyed(first, b"R" * 8, second, b"R" * 8, False),  # the same session goes on
+        ChildSaDeleted(first, b"R" * 8, "net", b"c1c1", b"out!", "rekeyed"),
+        child(b"c2c2", second),
+        IkeSaDeleted(second, b"R" * 8, PEER_NOT_RESPONDING),
+    ], traffic={b"c1c1": (1000, 2000, 10, 20), b"c2c2": (2**32 + 5, 7, 3, 1)})
+    start, stop = client.records
+    assert u32(start[Attr.ACCT_STATUS_TYPE][0]) == 1 and u32(stop[Attr.ACCT_STATUS_TYPE][0]) == 2
+    assert start[Attr.ACCT_SESSION_ID] == stop[Attr.ACCT_SESSION_ID] == [(first + b"R" * 8)
+                                                                          .hex().encode()]
+    for record in (start, stop):
+        assert record[Attr.USER_NAME] == [b"carol"]
+        assert record[Attr.FRAMED_IP_ADDRESS] == [bytes((10, 3, 0, 9))]
+        assert record[Attr.CLASS] == [b"group-a"]
+        assert record[Attr.CALLING_STATION_ID] == [b"198.51.100.7[4500]"]
+    assert u32(stop[Attr.ACCT_SESSION_TIME][0]) == 75
+    assert u32(stop[Attr.ACCT_TERMINATE_CAUSE][0]) == 2  # Lost-Carrier
+    # input is what the user sent: the Child SAs' inbound bytes, over 2^32 in gigawords
+    assert (u32(stop[Attr.ACCT_INPUT_GIGAWORDS][0]), u32(stop[Attr.ACCT_INPUT_OCTETS][0])) \
+        == (1, 1005)
+    assert u32(stop[Attr.ACCT_OUTPUT_OCTETS][0]) == 2007
+    assert (u32(stop[Attr.ACCT_INPUT_PACKETS][0]), u32(stop[Attr.ACCT_OUTPUT_PACKETS][0])) \
+        == (13, 21)
+    # each request tried "down" first, then "up" at its accounting port
+    assert client.ports == [("down", 1813), ("up", 11813)] * 2
+    assert acct.stats.as_dict() == {"sent": 2, "failed": 0, "dropped": 0}
+
+
+async def test_only_eap_radius_users_are_accounted_and_only_when_asked() -> None:
+    client, _ = await run([established(b"I" * 8, conn="site"),
+                           IkeSaDeleted(b"I" * 8, b"R" * 8, "deleted by peer")])
+    assert client.records == []
+    client, _ = await run([established(b"I" * 8), IkeSaDeleted(b"I" * 8, b"R" * 8, "x")],
+                          accounting=False)
+    assert client.records == []
+
+
+async def test_without_a_data_plane_here_a_stop_carries_no_traffic() -> None:
+    client, _ = await run([established(b"I" * 8),
+                           IkeSaDeleted(b"I" * 8, b"R" * 8, "deleted by peer")])
+    stop = client.records[1]
+    assert Attr.ACCT_INPUT_OCTETS not in stop and Attr.ACCT_OUTPUT_PACKETS not in stop
+    assert u32(stop[Attr.ACCT_TERMINATE_CAUSE][0]) == 1  # User-Request
+
+
+async def test_requests_no_server_answers_or_that_find_the_queue_full_are_counted() -> None:
+    client, acct = await run([established(b"I" * 8)], servers=SERVERS[:1])
+    assert client.records == [] and acct.stats.as_dict() == {"sent": 0, "failed": 1,
+                                                              "dropped": 0}
+    idle = Accounting(policy, Recorder())  # nothing sends: the queue fills up
+    for n in range(QUEUE + 2):
+        idle.record(established(n.to_bytes(8, "big")))
+    assert idle.stats.dropped == 2
