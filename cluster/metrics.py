@@ -49,8 +49,11 @@ from prometheus_client.registry import Collector
 from .errors import IkeError
 from .ike.constants import ExchangeType
 from .ike.events import (
+    KEPT,
     MOBIKE_UPDATE,
     PEER_NOT_RESPONDING,
+    REPLACED,
+    TERMINATED,
     ChildSaDeleted,
     ChildSaEstablished,
     Event,
@@ -89,6 +92,9 @@ _DELETE_REASONS = {
     "actor failed": "actor_failure",
     "unknown to the peer": "unknown_to_peer",  # RFC 7296 2.25
     "replaced (INITIAL_CONTACT)": "replaced",  # RFC 7296 2.4
+    REPLACED: "replaced",
+    KEPT: "refused",
+    TERMINATED: "terminated",
 }
 
 

@@ -41,6 +41,10 @@ class IkeSaFailed:
 
 # The reason of an SA that ended because the peer stopped answering (RFC 7296 2.4).
 PEER_NOT_RESPONDING = "peer not responding"
+# why we deleted an IKE SA, besides "deleted by us" (expiry, a failed reauthentication...)
+TERMINATED = "terminated by an operator"  # ike-cluster terminate
+REPLACED = "replaced (unique = replace)"  # a newer SA of the same identities
+KEPT = "refused (unique = keep)"  # the newer SA, an older one of its identities stays
 
 
 @dataclass(frozen=True, slots=True)

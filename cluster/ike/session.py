@@ -123,7 +123,7 @@ class Liveness:
 
 @dataclass
 class DeleteIke:
-    pass
+    reason: str = "deleted by us"  # the IkeSaDeleted event's, once the peer answered
 
 
 @dataclass
@@ -352,13 +352,14 @@ class IkeSession:
 
     # --- requests we make ------------------------------------------------------------
 
-    def delete_ike(self, now: float) -> None:
-        """Delete this IKE SA and its Child SAs (RFC 7296 1.4.1)."""
+    def delete_ike(self, now: float, reason: str = "deleted by us") -> None:
+        """Delete this IKE SA and its Child SAs (RFC 7296 1.4.1); `reason` goes in the
+        IkeSaDeleted event."""
         sa = self._sa
         if sa.state is not State.ESTABLISHED:
             return
         sa.queue.clear()
-        sa.queue.append(DeleteIke())
+        sa.queue.append(DeleteIke(reason))
         self._kick(sa, now)
 
     def delete_child(self, spi_in: bytes, now: float) -> None:
@@ -740,7 +741,7 @@ class IkeSession:
         elif isinstance(task, DeleteIke):
             sa.events.append(ExchangeCompleted(ExchangeType.INFORMATIONAL, False, "ok"))
             if sa is self._sa:
-                self._close(Trigger.RECV_DELETE_RESPONSE, "deleted by us")
+                self._close(Trigger.RECV_DELETE_RESPONSE, task.reason)
             else:
                 self._retire(sa)
             return

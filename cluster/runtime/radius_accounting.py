@@ -21,6 +21,8 @@ import trio
 
 from ..ike.events import (
     PEER_NOT_RESPONDING,
+    REPLACED,
+    TERMINATED,
     ChildSaDeleted,
     ChildSaEstablished,
     Event,
@@ -44,24 +46,26 @@ logger = logging.getLogger(__name__)
 
 START, STOP = 1, 2  # Acct-Status-Type (RFC 2866 5.1)
 # Acct-Terminate-Cause (RFC 2866 5.10)
-USER_REQUEST, LOST_CARRIER, SESSION_TIMEOUT, ADMIN_RESET, NAS_REQUEST = 1, 2, 5, 6, 10
+USER_REQUEST, LOST_CARRIER, ADMIN_RESET, NAS_REQUEST, PORT_PREEMPTED = 1, 2, 6, 10, 13
 QUEUE = 1024  # requests waiting to be sent; beyond it they are dropped and counted
 IN_FLIGHT = 32  # requests sent at once
 # (bytes in, bytes out, packets in, packets out) of a Child SA by its inbound SPI
 Traffic = Callable[[bytes], "tuple[int, int, int, int] | None"]
 
 
+_CAUSES = {
+    "deleted by peer": USER_REQUEST,
+    PEER_NOT_RESPONDING: LOST_CARRIER,
+    TERMINATED: ADMIN_RESET,
+    REPLACED: PORT_PREEMPTED,  # the user's newer session took over
+    "replaced (INITIAL_CONTACT)": PORT_PREEMPTED,
+}
+
+
 def terminate_cause(reason: str) -> int:
-    """The cause of an IKE SA's end, from the reason its session gave."""
-    if reason == "deleted by peer":
-        return USER_REQUEST
-    if reason == PEER_NOT_RESPONDING:
-        return LOST_CARRIER
-    if "terminate" in reason or "redirect" in reason or "replaced" in reason:
-        return ADMIN_RESET
-    if "lifetime" in reason or "expired" in reason:
-        return SESSION_TIMEOUT
-    return NAS_REQUEST
+    """The cause of an IKE SA's end, from the reason its session gave (otherwise our
+    own decision: expiry, unique = keep, a failure)."""
+    return _CAUSES.get(reason, NAS_REQUEST)
 
 
 @dataclass

@@ -55,6 +55,9 @@ from ..errors import ParseError
 from ..ike.constants import HEADER_SIZE, ExchangeType, Flag, NotifyType
 from ..ike.cookies import CookieSecrets
 from ..ike.events import (
+    KEPT,
+    REPLACED,
+    TERMINATED,
     ChildSaDeleted,
     ChildSaEstablished,
     Event,
@@ -686,7 +689,7 @@ class Supervisor:
         policy = INITIAL_CONTACT if event.initial_contact and unique != "never" else unique
         others = self._by_identity.get(key, set())
         if others and policy == "keep":  # the older SA stays, the new one is deleted
-            actor.mailbox.put_nowait(lambda session, now: session.delete_ike(now))
+            actor.mailbox.put_nowait(lambda session, now: session.delete_ike(now, KEPT))
         else:
             self.replace_identity(key, policy, actor.spi_r)
         self._register_identity(actor, key)
@@ -707,7 +710,8 @@ class Supervisor:
                 put = other.mailbox.put_nowait(lambda session, now: session.abandon(
                     "replaced (INITIAL_CONTACT)"))
             else:  # the older SAs go, with a Delete each
-                put = other.mailbox.put_nowait(lambda session, now: session.delete_ike(now))
+                put = other.mailbox.put_nowait(
+                    lambda session, now: session.delete_ike(now, REPLACED))
             ended += put
         return ended
 
@@ -725,7 +729,8 @@ class Supervisor:
     def delete_ike(self, spi_i: bytes, spi_r: bytes) -> bool:
         """Delete the IKE SA with these SPIs (a peer's or one we initiated), with a Delete
         to the peer (an operator's terminate); False when it is not here."""
-        return self.send_command(spi_i, spi_r, lambda session, now: session.delete_ike(now))
+        return self.send_command(spi_i, spi_r,
+                                 lambda session, now: session.delete_ike(now, TERMINATED))
 
     def holder_of(self, spi_i: bytes, spi_r: bytes) -> SaActor | None:
         """The actor of the IKE SA with exactly these SPIs now, if it runs here."""

@@ -10,7 +10,10 @@ from dataclasses import replace
 import trio
 
 from cluster.ike.events import (
+    KEPT,
     PEER_NOT_RESPONDING,
+    REPLACED,
+    TERMINATED,
     ChildSaDeleted,
     ChildSaEstablished,
     IkeSaDeleted,
@@ -20,7 +23,7 @@ from cluster.ike.events import (
 from cluster.ike.identity import parse_identity_pattern
 from cluster.ike.policy import RemoteAuth, ResponderPolicy
 from cluster.ike.radius import Attr, Packet, RadiusServer, RadiusSettings
-from cluster.runtime.radius_accounting import QUEUE, Accounting
+from cluster.runtime.radius_accounting import QUEUE, Accounting, terminate_cause
 from cluster.runtime.radius_client import RadiusClient
 from cluster.transforms import ENCR_ALGORITHMS
 from tests.ike.sessions import psk_connection, psk_policy
@@ -158,3 +161,9 @@ async def test_requests_no_server_answers_or_that_find_the_queue_full_are_counte
     for n in range(QUEUE + 2):
         idle.record(established(n.to_bytes(8, "big")))
     assert idle.stats.dropped == 2
+
+
+def test_terminate_causes_follow_why_the_session_ended() -> None:
+    assert [terminate_cause(r) for r in ("deleted by peer", PEER_NOT_RESPONDING, TERMINATED,
+                                         REPLACED, "replaced (INITIAL_CONTACT)", KEPT,
+                                         "deleted by us")] == [1, 2, 6, 13, 13, 10, 10]
