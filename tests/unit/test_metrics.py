@@ -18,7 +18,10 @@ from cluster.errors import ConfigError
 from cluster.esp.counters import SaCounters, SadCounters
 from cluster.ike.constants import ExchangeType
 from cluster.ike.events import (
+    KEPT,
     MOBIKE_UPDATE,
+    REPLACED,
+    TERMINATED,
     ChildSaDeleted,
     ChildSaEstablished,
     Event,
@@ -353,6 +356,8 @@ def test_label_values_are_bounded() -> None:
     assert error_label("<script>") == "other"
     assert delete_label("deleted by peer") == "peer"
     assert delete_label("replaced (INITIAL_CONTACT)") == "replaced"
+    assert [delete_label(r) for r in (TERMINATED, REPLACED, KEPT)] == [
+        "terminated", "replaced", "refused"]
     assert delete_label("anything a peer could make us write") == "other"
     assert exchange_label(ExchangeType.IKE_AUTH) == "IKE_AUTH"
     assert exchange_label(240) == "other"
