@@ -49,6 +49,7 @@ from prometheus_client.registry import Collector
 from .errors import IkeError
 from .ike.constants import ExchangeType
 from .ike.events import (
+    AUTH_EXPIRED,
     KEPT,
     MOBIKE_UPDATE,
     PEER_NOT_RESPONDING,
@@ -95,6 +96,7 @@ _DELETE_REASONS = {
     REPLACED: "replaced",
     KEPT: "refused",
     TERMINATED: "terminated",
+    AUTH_EXPIRED: "auth_expired",
 }
 
 

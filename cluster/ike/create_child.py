@@ -179,7 +179,8 @@ def _successor(sa: IkeSa, *, is_initiator: bool, spi_i: bytes, spi_r: bytes,
                 peer_hashes=sa.peer_hashes, local_id=sa.local_id, remote_id=sa.remote_id,
                 events=sa.events, fragmentation=sa.fragmentation, last_heard=sa.last_heard,
                 leases=sa.leases, mobike=sa.mobike, reauth_at=sa.reauth_at,
-                own_vips=sa.own_vips)
+                own_vips=sa.own_vips, eap_identity=sa.eap_identity, ppk=sa.ppk,
+                session_timeout=sa.session_timeout)
     sa.leases = ()  # the successor holds the virtual IPs now
     new.children, sa.children = sa.children, {}
     sa.events.append(IkeSaRekeyed(sa.spi_i, sa.spi_r, spi_i, spi_r, is_initiator))

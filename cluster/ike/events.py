@@ -45,6 +45,7 @@ PEER_NOT_RESPONDING = "peer not responding"
 TERMINATED = "terminated by an operator"  # ike-cluster terminate
 REPLACED = "replaced (unique = replace)"  # a newer SA of the same identities
 KEPT = "refused (unique = keep)"  # the newer SA, an older one of its identities stays
+AUTH_EXPIRED = "not authenticated again in time"  # RFC 4478 AUTH_LIFETIME, Session-Timeout
 
 
 @dataclass(frozen=True, slots=True)

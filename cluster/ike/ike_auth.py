@@ -143,6 +143,20 @@ def _verify_peer(sa: IkeSa, remote: RemoteAuth, peer_ident: Identity, id_type: i
     verify_auth(key, auth.method, auth.data, octets)  # type: ignore[arg-type]
 
 
+def auth_lifetime(sa: IkeSa) -> tuple[float, float]:
+    """(what AUTH_LIFETIME tells the peer, when the SA is deleted unless it authenticated
+    anew), in seconds; (0, 0) for no limit. swanctl's reauth_time is told as it is and
+    enforced a tenth later (its over_time); a RADIUS Session-Timeout (RFC 2865 5.27) is
+    the end of service, so the peer is told a tenth earlier."""
+    assert sa.connection is not None
+    limits = []
+    if sa.connection.reauth_time > 0:
+        limits.append((sa.connection.reauth_time, 1.1 * sa.connection.reauth_time))
+    if sa.session_timeout > 0:
+        limits.append((0.9 * sa.session_timeout, sa.session_timeout))
+    return min(limits, key=lambda limit: limit[1]) if limits else (0.0, 0.0)
+
+
 def _established(sa: IkeSa, initial_contact: bool = False) -> None:
     assert sa.connection is not None and sa.chosen is not None
     sa.events.append(IkeSaEstablished(
@@ -280,9 +294,10 @@ def _finish(sa: IkeSa, chosen_conn: ConnectionConfig, payloads: list[Payload],
         # RFC 6311 3: a cluster may resynchronise message IDs after a failover
         sa.mid_sync = True
         response.append(NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))
-    if chosen_conn.reauth_time > 0:  # RFC 4478: authenticate again within this many seconds
+    told, _ = auth_lifetime(sa)
+    if told > 0:  # RFC 4478: authenticate again within this many seconds
         response.append(NotifyPayload(NotifyType.AUTH_LIFETIME,
-                                      int(chosen_conn.reauth_time).to_bytes(4, "big")))
+                                      max(1, int(told)).to_bytes(4, "big")))
     if chosen_conn.mobike and notifies(payloads, NotifyType.MOBIKE_SUPPORTED):
         sa.mobike = True  # RFC 4555 3.1: the initiator may now move the SA
         response.append(NotifyPayload(NotifyType.MOBIKE_SUPPORTED))
@@ -363,6 +378,7 @@ def _continue_eap(sa: IkeSa, exchange: EapExchange, payloads: list[Payload],
     sa.eap_identity = server.identity.decode("utf-8", errors="replace")
     if isinstance(server, EapRadiusServer):
         sa.framed_addresses, sa.radius_classes = server.addresses, server.classes
+        sa.session_timeout = server.session_timeout
     response = _finish(sa, conn, exchange.first_request, response, rng)  # AddressPending
     sa.eap = None  # (after: a parked exchange runs this again)
     return response, True

@@ -54,6 +54,7 @@ class Attr:
     FRAMED_IP_ADDRESS = 8
     STATE = 24
     CLASS = 25
+    SESSION_TIMEOUT = 27
     VENDOR_SPECIFIC = 26
     CALLED_STATION_ID = 30
     CALLING_STATION_ID = 31
@@ -283,6 +284,7 @@ class EapRadiusServer:
         self.msk: bytes | None = None
         self.addresses: tuple[IPAddress, ...] = ()  # Framed-IP(v6)-Address of the accept
         self.classes: tuple[bytes, ...] = ()
+        self.session_timeout = 0  # seconds of service the server grants (0: no limit)
 
     @property
     def server(self) -> RadiusServer:
@@ -381,6 +383,8 @@ class EapRadiusServer:
             mppe_key_untrusted(send, secret, authenticator)
         self.addresses = framed_addresses(reply)
         self.classes = tuple(reply.values(Attr.CLASS))  # echoed in accounting (RFC 2865 5.25)
+        timeout = reply.first(Attr.SESSION_TIMEOUT)  # RFC 2865 5.27
+        self.session_timeout = int.from_bytes(timeout) if timeout and len(timeout) == 4 else 0
         self._step = "done"
         return eap
 

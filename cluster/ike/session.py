@@ -41,6 +41,7 @@ from .create_child import (
     respond_create_child,
 )
 from .events import (
+    AUTH_EXPIRED,
     MOBIKE_UPDATE,
     PEER_NOT_RESPONDING,
     Address,
@@ -53,7 +54,7 @@ from .events import (
     IkeSaRetired,
 )
 from .fragments import DEFAULT_FRAGMENT_SIZE_V4, Reassembler, ike_message_limit
-from .ike_auth import build_auth_request, process_auth_response, respond_auth
+from .ike_auth import auth_lifetime, build_auth_request, process_auth_response, respond_auth
 from .ike_init import (
     build_init_request,
     notifies,
@@ -294,10 +295,11 @@ class IkeSession:
             # again within its AUTH_LIFETIME (RFC 4478): delete it
             # its Child SAs go with it: none of the other deadlines matter any more, and
             # the delete may have to wait behind a request of ours, still ESTABLISHED
+            reason = AUTH_EXPIRED if now >= sa.reauth_at else "deleted by us"
             sa.expire_at = sa.rekey_at = sa.reauth_at = INFINITY
             for child in sa.children.values():
                 child.rekey_at = child.expire_at = INFINITY
-            self.delete_ike(now)
+            self.delete_ike(now, reason)
             return
         if now >= sa.rekey_at:
             sa.rekey_at = INFINITY
@@ -823,8 +825,9 @@ class IkeSession:
         sa.keepalive_at = _next_keepalive(sa, now)
         assert sa.connection is not None
         sa.rekey_at, sa.expire_at = deadlines(sa.connection.lifetime, now, self._rng)
-        if sa.connection.reauth_time > 0:  # swanctl's over_time: a tenth more
-            sa.reauth_at = now + 1.1 * sa.connection.reauth_time
+        _, deadline = auth_lifetime(sa)  # RFC 4478
+        if deadline > 0:
+            sa.reauth_at = now + deadline
         self._schedule_children(sa, now)
 
     def _schedule_children(self, sa: IkeSa, now: float) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 import trio
 
 from ..ike.events import (
+    AUTH_EXPIRED,
     PEER_NOT_RESPONDING,
     REPLACED,
     TERMINATED,
@@ -46,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 START, STOP = 1, 2  # Acct-Status-Type (RFC 2866 5.1)
 # Acct-Terminate-Cause (RFC 2866 5.10)
-USER_REQUEST, LOST_CARRIER, ADMIN_RESET, NAS_REQUEST, PORT_PREEMPTED = 1, 2, 6, 10, 13
+USER_REQUEST, LOST_CARRIER, SESSION_TIMEOUT, ADMIN_RESET, NAS_REQUEST, PORT_PREEMPTED = (
+    1, 2, 5, 6, 10, 13)
 QUEUE = 1024  # requests waiting to be sent; beyond it they are dropped and counted
 IN_FLIGHT = 32  # requests sent at once
 # (bytes in, bytes out, packets in, packets out) of a Child SA by its inbound SPI
@@ -57,6 +59,7 @@ _CAUSES = {
     "deleted by peer": USER_REQUEST,
     PEER_NOT_RESPONDING: LOST_CARRIER,
     TERMINATED: ADMIN_RESET,
+    AUTH_EXPIRED: SESSION_TIMEOUT,
     REPLACED: PORT_PREEMPTED,  # the user's newer session took over
     "replaced (INITIAL_CONTACT)": PORT_PREEMPTED,
 }

@@ -313,3 +313,19 @@ def test_authentic_answers_with_any_attribute_values_never_raise_elsewhere(
         if value is not None:
             with contextlib.suppress(AuthenticationFailed):
                 mppe_key_untrusted(value, SECRET, request[4:20])
+
+
+def test_the_accept_brings_its_class_and_session_timeout() -> None:
+    def answer(request: bytes) -> bytes | None:
+        accepted = conversation(request)
+        if accepted is None or accepted[0] != Packet.ACCESS_ACCEPT:
+            return accepted
+        attributes = [*attributes_of(accepted)[:-1], (Attr.CLASS, b"staff"),
+                      (Attr.SESSION_TIMEOUT, (7200).to_bytes(4, "big"))]
+        return reply(request, Packet.ACCESS_ACCEPT, attributes)
+
+    server, _ = relay(answer)
+    challenge = step(server, identity_response(server, b"carol"))
+    step(server, packet(Code.RESPONSE, challenge[1], 4, b"\x10" + bytes(16)))
+    assert server.done and server.msk == MSK_RECV + MSK_SEND
+    assert (server.classes, server.session_timeout) == ((b"staff",), 7200)

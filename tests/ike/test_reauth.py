@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from cluster.ike.constants import NotifyType
-from cluster.ike.events import IkeSaDeleted
+from cluster.ike.events import AUTH_EXPIRED, IkeSaDeleted
 from cluster.ike.message import decode_untrusted
 from cluster.ike.payloads import DeletePayload, NotifyPayload
 from cluster.ike.snapshot import restore, snapshot_of
@@ -68,3 +70,31 @@ def test_without_reauth_time_nothing_is_announced_or_due() -> None:
     run_handshake(client, gateway)
     assert gateway.sa.reauth_at == float("inf")
     assert not [e for e in drain(gateway) if isinstance(e, IkeSaDeleted)]
+
+
+def test_a_radius_session_timeout_is_the_end_of_service_and_the_earlier_limit_wins() -> None:
+    """A RADIUS Session-Timeout (what eap-radius takes from the Access-Accept): the peer
+    is told a tenth earlier, the SA ends at the timeout itself (AUTH_EXPIRED); with a
+    reauth_time too, whichever ends sooner decides."""
+    for reauth_time, timeout, told, deadline in ((0.0, 300.0, 270, 300.0),
+                                                 (REAUTH, 300.0, 270, 300.0),
+                                                 (200.0, 300.0, 200, 220.0)):
+        gw_conn = replace(psk_connection(), reauth_time=reauth_time)
+        client, gateway = psk_pair(gw_conn, client_for(psk_connection()))
+        transfer(client, gateway)
+        transfer(gateway, client)
+        gateway.sa.session_timeout = timeout
+        transfer(client, gateway)
+        [response] = gateway.datagrams_to_send()
+        sk = client.sa.sk
+        assert sk is not None
+        inner = sk.unprotect_untrusted(response.data, decode_untrusted(response.data))
+        assert inner is not None
+        assert NotifyPayload(NotifyType.AUTH_LIFETIME, told.to_bytes(4, "big")) in inner
+        client.receive_datagram_untrusted(response.data, response.remote, response.local, 0.0)
+        assert gateway.get_timer() == pytest.approx(deadline)
+        gateway.handle_timer(deadline + 0.001)
+        transfer(gateway, client, deadline)
+        transfer(client, gateway, deadline)
+        [deleted] = [e for e in drain(gateway) if isinstance(e, IkeSaDeleted)]
+        assert deleted.reason == AUTH_EXPIRED

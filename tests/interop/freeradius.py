@@ -141,20 +141,20 @@ server default {{
 
 class FreeRadius:
     """`start` runs it in `ns` (listening on address:port for the gateway at `client`),
-    `users` with their passwords, `framed` addresses for some of them; the namespace's
-    process list stops it with the lab."""
+    `users` with their passwords, `replies` ("Attribute = value") for some of them; the
+    namespace's process list stops it with the lab."""
 
     def __init__(self, ns: Netns, directory: Path, *, address: str, port: int = 1812,
                  client: str, secret: str, users: dict[str, str], tls: Tls | None = None,
-                 framed: dict[str, str] | None = None) -> None:
+                 replies: dict[str, tuple[str, ...]] | None = None) -> None:
         self.ns, self.directory, self.address, self.port = ns, directory, address, port
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "radiusd.conf").write_text(
             _config(directory, address, port, client, secret, tls))
-        framed = framed or {}  # user -> the Framed-IP-Address of their Access-Accept
+        replies = replies or {}  # user -> attributes of their Access-Accept
         (directory / "users").write_text("".join(
             f'"{user}"\tCleartext-Password := "{password}"\n'
-            + (f"\tFramed-IP-Address = {framed[user]}\n" if user in framed else "")
+            + "".join(f"\t{item},\n" for item in replies.get(user, ()))[:-2] + "\n"
             for user, password in users.items()))
         self.log = directory / "radiusd.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -1337,7 +1337,7 @@ def test_a_radius_server_assigns_the_virtual_ip_and_a_pool_serves_the_others(
     radius = FreeRadius(lab.responder, tmp_path / "radius", address=RESPONDER_V4,
                         client=RESPONDER_V4, secret="radius-shared-secret",
                         users={"carol": "Carol's pa55word", "dave": "Dave's pa55word"},
-                        framed={"carol": "10.99.3.9"}).start()
+                        replies={"carol": ("Framed-IP-Address = 10.99.3.9",)}).start()
     charon = lab.charon("initiator", settings={"install_virtual_ip": "yes"})
     initiator_conn, responder_conn = conn_pair(
         ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa)

@@ -650,11 +650,13 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
     for its EAP identity, then relays the EAP conversation to FreeRADIUS (in the node's
     namespace), which runs EAP-MSCHAPv2 against its users file. The Access-Accept's
     MS-MPPE keys are the MSK both AUTHs are made with: strongSwan verifies ours and the
-    SA is installed. A wrong password is rejected by FreeRADIUS and strongSwan gets
-    AUTHENTICATION_FAILED; the secret never appears in our log."""
+    SA is installed; its Session-Timeout (an hour) reaches strongSwan as AUTH_LIFETIME a
+    tenth earlier (RFC 4478). A wrong password is rejected by FreeRADIUS and strongSwan
+    gets AUTHENTICATION_FAILED; the secret never appears in our log."""
     radius = FreeRadius(lab.responder, tmp_path / "radius", address=RESPONDER_V4,
                         client=RESPONDER_V4, secret="radius-shared-secret",
-                        users={"carol": "Carol's pa55word"}).start()
+                        users={"carol": "Carol's pa55word"},
+                        replies={"carol": ("Session-Timeout = 3600",)}).start()
     initiator_conn, responder_conn = conn_pair(
         ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa)
     initiator_conn = replace(
@@ -675,6 +677,7 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
     assert re.search(r"IKE SA established: rw .* eap_id=carol", node.log_text()), \
         node.log_text()
     assert "Login OK: [carol]" in radius.log_text(), radius.log_text()
+    assert "received AUTH_LIFETIME of 3240s" in result.stdout, result.stdout
     initiator.terminate_ike()
 
     initiator.load(replace(initiator_conn, eap_users=(("carol", "not her password"),)))

@@ -10,6 +10,7 @@ from dataclasses import replace
 import trio
 
 from cluster.ike.events import (
+    AUTH_EXPIRED,
     KEPT,
     PEER_NOT_RESPONDING,
     REPLACED,
@@ -166,4 +167,5 @@ async def test_requests_no_server_answers_or_that_find_the_queue_full_are_counte
 def test_terminate_causes_follow_why_the_session_ended() -> None:
     assert [terminate_cause(r) for r in ("deleted by peer", PEER_NOT_RESPONDING, TERMINATED,
                                          REPLACED, "replaced (INITIAL_CONTACT)", KEPT,
-                                         "deleted by us")] == [1, 2, 6, 13, 13, 10, 10]
+                                         "deleted by us", AUTH_EXPIRED)] == [
+        1, 2, 6, 13, 13, 10, 10, 5]
