@@ -25,6 +25,7 @@ from tests.ike.sessions import (
     drain,
     psk_connection,
     psk_pair,
+    run_handshake,
     transfer,
 )
 
@@ -313,3 +314,16 @@ def test_peer_without_a_nat_is_not_followed() -> None:
     gateway.receive_datagram_untrusted(probe.data, probe.remote, elsewhere, 1.0)
     assert gateway.sa.remote != elsewhere
     assert not of(drain(gateway), IkeSaMoved)
+
+
+def test_an_ike_rekey_keeps_who_authenticated_and_how() -> None:
+    """The user an EAP exchange authenticated, the RADIUS Session-Timeout and the PPK
+    mark stay with the SA through its rekey (sas, snapshots, accounting read them)."""
+    client, gateway = psk_pair()
+    run_handshake(client, gateway)
+    gateway.sa.eap_identity, gateway.sa.session_timeout, gateway.sa.ppk = "carol", 60.0, True
+    client.rekey_ike(1.0)
+    run_handshake(client, gateway)
+    assert [e for e in drain(gateway) if isinstance(e, IkeSaRekeyed)]
+    assert (gateway.sa.eap_identity, gateway.sa.session_timeout, gateway.sa.ppk) == (
+        "carol", 60.0, True)
