@@ -308,6 +308,8 @@ class EapRadiusServer:
                 raise AuthenticationFailed(f"EAP: expected an identity, got type {eap_type}")
             # RFC 3748 5.1: the identity may end in NULs some clients add
             self.identity = body.rstrip(b"\x00")
+            if not 0 < len(self.identity) <= MAX_VALUE:  # RFC 2865 5.1: User-Name
+                raise AuthenticationFailed(f"EAP: an identity of {len(self.identity)} bytes")
             if not self._eap_id.any and not _matches(self._eap_id, self.identity):
                 raise AuthenticationFailed(
                     f"EAP identity {self.identity.decode(errors='replace')!r} "
@@ -327,8 +329,9 @@ class EapRadiusServer:
         """The round trip for `eap` (awaited by the runtime): each server in turn until
         one answers; none answering ends the exchange when `process` runs again."""
         transport = self._backend.transport
-        if transport is None:
-            raise AuthenticationFailed("RADIUS: the runtime gave no transport")
+        if transport is None:  # (a runtime without RADIUS: `process` fails the exchange)
+            self._answer = (b"", b"", None)
+            return
         servers = self._settings.servers
         # a conversation with State belongs to the server that issued it
         order = [self._server] if self._state is not None else list(range(len(servers)))

@@ -47,7 +47,13 @@ class RadiusClient:
         stats = self.stats
         family = socket.AF_INET6 if ":" in server.address else socket.AF_INET
         with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
-            await sock.connect((server.address, server.port))
+            try:
+                await sock.connect((server.address, server.port))
+            except OSError as exc:  # no route to it: as if it did not answer
+                stats.timeouts += 1
+                logger.warning("RADIUS server %s (%s port %d): %s", server.name,
+                               server.address, server.port, exc)
+                return None
             for attempt in range(settings.tries):
                 if attempt:
                     stats.retransmits += 1

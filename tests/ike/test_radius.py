@@ -329,3 +329,18 @@ def test_the_accept_brings_its_class_and_session_timeout() -> None:
     step(server, packet(Code.RESPONSE, challenge[1], 4, b"\x10" + bytes(16)))
     assert server.done and server.msk == MSK_RECV + MSK_SEND
     assert (server.classes, server.session_timeout) == ((b"staff",), 7200)
+
+
+@pytest.mark.parametrize("user", [b"", b"\x00\x00", b"u" * 254])
+def test_an_identity_no_user_name_can_carry_is_refused(user: bytes) -> None:
+    server, transport = relay(conversation)
+    with pytest.raises(AuthenticationFailed, match="an identity of"):
+        server.process(identity_response(server, user))
+    assert transport.requests == []
+
+
+def test_without_a_transport_the_exchange_fails_cleanly() -> None:
+    server = EapRadiusServer(os.urandom, RadiusSettings((RadiusServer("one", "192.0.2.9"),)),
+                             RadiusBackend(), STATION, parse_identity_pattern("%any"))
+    with pytest.raises(AuthenticationFailed, match="no answer from one"):
+        step(server, identity_response(server, b"carol"))
