@@ -11,13 +11,15 @@ import re
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.interop.certs import Pki
 from tests.interop.charon import Charon
-from tests.interop.cluster_lab import ClusterLab, metric
+from tests.interop.cluster_lab import NET, REDIS_HOST, ClusterLab, metric
+from tests.interop.freeradius import FreeRadius
 from tests.interop.lab import (
     INITIATOR_INNER_V4,
     INITIATOR_V4,
@@ -226,6 +228,42 @@ def test_an_eap_user_through_the_cluster_and_in_its_sa_list(pki: Pki) -> None:
             assert time.monotonic() < deadline, listing
             time.sleep(0.3)
         report("cluster", "EAP-MSCHAPv2 user through the relay, listed by ike-cluster sas")
+
+
+def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_path: Path
+                                                               ) -> None:
+    """eap-radius in a cluster: the responder holding the half-open SA relays strongSwan's
+    EAP-MSCHAPv2 to FreeRADIUS (on the compose network, every responder its client),
+    the SA comes up, traffic crosses, and FreeRADIUS records the responder's accounting
+    Start with the user and the session id `sas` shows."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        assert cluster.compose is not None
+        radius = FreeRadius(cluster.compose, tmp_path / "radius", address=REDIS_HOST,
+                            client=f"{NET}.0/24", secret="radius-shared-secret",
+                            users={"alice": "Alice's passw0rd"}).start()
+        initiator, responder = conn_pair(ca=pki.ca, initiator_cred=pki.client_ecdsa,
+                                         responder_cred=pki.gw_ecdsa)
+        initiator = replace(initiator, eap_users=(("alice", "Alice's passw0rd"),),
+                            local=End("eap-mschapv2", "client.example.test", eap_id="alice"))
+        responder = replace(responder, remote=End("eap-radius", "%any", eap_id="%any"))
+        # (one configuration for every role, as in compose: the worker checks it too)
+        extra = {"radius": {"accounting": True, "servers": {"compose": {
+            "address": REDIS_HOST, "secret": "radius-shared-secret"}}}}
+        _, sa = _connect(lab, cluster, initiator, responder, responder_extra=extra,
+                         worker_extra=extra)
+        owner = cluster.responders[_owner(cluster, sa["responder-spi"]) - 1]
+        assert re.search(r"IKE SA established: rw .* eap_id=alice", owner.log_text())
+        assert "Login OK: [alice]" in radius.log_text(), radius.log_text()
+        sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+        assert received == sent, f"{out}\n{cluster.logs()}"
+        deadline = time.monotonic() + 10
+        while "Acct-Status-Type = Start" not in radius.accounting():
+            assert time.monotonic() < deadline, radius.log_text()
+            time.sleep(0.2)
+        session = f"{sa['initiator-spi']}{sa['responder-spi']}"
+        assert f'Acct-Session-Id = "{session}"' in radius.accounting(), radius.accounting()
+        assert 'User-Name = "alice"' in radius.accounting()
+        report("cluster", "eap-radius user through a responder, accounting Start recorded")
 
 
 def test_virtual_ips_from_a_pool_the_responders_share() -> None:
