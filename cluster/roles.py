@@ -194,7 +194,8 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
 
         channel = ResponderChannel(
             store, config.node_id, supervisor.replace_identity, terminate,
-            lambda gateway, existing: redirect_node(supervisor, factory, gateway, existing))
+            lambda gateway, existing: redirect_node(supervisor, factory, gateway, existing),
+            keep=supervisor)
         supervisor.on_identified = channel.identified
         metrics.watch_channel(channel.stats.as_dict)
         revocation = RevocationStats()

@@ -10,6 +10,11 @@ here; every other responder then ends its SAs of them the same way: quietly for
 INITIAL_CONTACT, with a Delete for swanctl's `unique = "replace"`. Their Child SAs
 leave the workers and their shared addresses are freed as for any ended SA.
 
+For `unique = "keep"` the announcement carries when the SA was established; a responder
+that holds an older SA of the identities answers with "refuse" and the new SA's
+responder deletes it (if both came up at once, each side orders the two by time, then
+SPI, and the later one goes).
+
 "redirect": `ike-cluster redirect` with a cluster's configuration: every responder sends
 new initiators to the gateway (RFC 5685) and, if asked, its established SAs too.
 
@@ -25,9 +30,10 @@ retried: an old SA then ends as it would without one (DPD, its lifetime).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import trio
@@ -47,6 +53,14 @@ RETRY = 1.0  # seconds before following the channel again after a store error
 
 # (identities, policy, the new SA's responder SPI) -> how many SAs that ended here
 Replace = Callable[[tuple[str, str], str, bytes], int]
+class KeepPolicy(Protocol):
+    """What `unique = "keep"` needs of the supervisor."""
+
+    def since_of(self, spi_r: bytes) -> float: ...
+    def keep_identity(self, key: tuple[str, str], newest: bytes, since: float) -> bool: ...
+    def refuse_identity(self, key: tuple[str, str], spi_r: bytes) -> bool: ...
+
+
 # (spi_i, spi_r) -> whether this responder deleted it (held, or loaded to delete); it
 # may take a while (a dead owner's lease runs out first)
 Terminate = Callable[[bytes, bytes], Awaitable[bool]]
@@ -70,8 +84,15 @@ def _encode(kind: str, origin: str, *fields: object) -> bytes:
     return packed
 
 
-def encode_identity(origin: str, key: tuple[str, str], policy: str, spi_r: bytes) -> bytes:
+def encode_identity(origin: str, key: tuple[str, str], policy: str, spi_r: bytes,
+                    since: float | None = None) -> bytes:
+    if since is not None:  # unique = "keep": when it was established
+        return _encode("identity", origin, key[0], key[1], policy, spi_r, since)
     return _encode("identity", origin, key[0], key[1], policy, spi_r)
+
+
+def encode_refuse(origin: str, key: tuple[str, str], spi_r: bytes) -> bytes:
+    return _encode("refuse", origin, key[0], key[1], spi_r)
 
 
 def encode_redirect(origin: str, gateway: str, existing: bool) -> bytes:
@@ -93,9 +114,30 @@ Identity = tuple[str, tuple[str, str], str, bytes]  # origin, identities, policy
 Termination = tuple[str, bytes, bytes]  # origin, spi_i, spi_r
 
 
-def decode_untrusted(data: bytes) -> Identity | Termination | Redirection | None:
-    """An "identity" (origin, identities, policy, SPI), a "terminate" (origin, spi_i,
-    spi_r) or a "redirect" message; None when it is none of them."""
+@dataclass(frozen=True)
+class Kept:
+    """unique = "keep": an SA established at `since` (its responder's wall clock)."""
+
+    origin: str
+    key: tuple[str, str]
+    spi_r: bytes
+    since: float
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """unique = "keep": an older SA of `key` lives elsewhere, `spi_r` must go."""
+
+    origin: str
+    key: tuple[str, str]
+    spi_r: bytes
+
+
+def decode_untrusted(data: bytes
+                     ) -> Identity | Termination | Redirection | Kept | Refusal | None:
+    """An "identity" (origin, identities, policy, SPI; Kept for unique = "keep"), a
+    "refuse", a "terminate" (origin, spi_i, spi_r) or a "redirect" message; None when it
+    is none of them."""
     try:
         fields: Any = msgpack.unpackb(data, raw=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
@@ -109,13 +151,24 @@ def decode_untrusted(data: bytes) -> Identity | Termination | Redirection | None
     if kind == "redirect" and len(rest) == 2 and isinstance(rest[0], str) \
             and len(rest[0]) < 256 and isinstance(rest[1], bool):
         return Redirection(origin, rest[0], rest[1])
-    if kind != "identity" or len(rest) != 4:
+    if kind == "refuse" and len(rest) == 3 and _names(*rest[:2]) and _spis(rest[2]):
+        return Refusal(origin, (rest[0], rest[1]), rest[2])
+    if kind != "identity" or len(rest) not in (4, 5):
         return None
-    local_id, remote_id, policy, spi_r = rest
-    if not (isinstance(local_id, str) and isinstance(remote_id, str)) \
-            or policy not in CLUSTER_POLICIES or not _spis(spi_r):
+    local_id, remote_id, policy, spi_r, *since = rest
+    if not _names(local_id, remote_id) or policy not in CLUSTER_POLICIES or not _spis(spi_r):
+        return None
+    if policy == "keep":
+        if len(since) != 1 or not isinstance(since[0], float) or not math.isfinite(since[0]):
+            return None
+        return Kept(origin, (local_id, remote_id), spi_r, since[0])
+    if since:
         return None
     return origin, (local_id, remote_id), policy, spi_r
+
+
+def _names(*values: object) -> bool:
+    return all(isinstance(v, str) for v in values)
 
 
 def _spis(*values: object) -> bool:
@@ -127,24 +180,34 @@ class ResponderChannel:
 
     def __init__(self, store: StateStore, node_id: str, replace: Replace,
                  terminate: Terminate,
-                 redirect: Callable[[str, bool], object] | None = None) -> None:
+                 redirect: Callable[[str, bool], object] | None = None,
+                 keep: KeepPolicy | None = None) -> None:
         self.store = store
         self.node_id = node_id
         self._replace = replace
         self._terminate = terminate
         self._redirect = redirect  # (gateway, existing): `ike-cluster redirect`
+        self._keep = keep  # unique = "keep" (the supervisor)
         self.stats = ChannelStats()
         self._send, self._receive = trio.open_memory_channel[bytes](QUEUE)
         self._nursery: trio.Nursery | None = None  # where terminations run
 
     def identified(self, key: tuple[str, str], policy: str, spi_r: bytes) -> None:
         """The supervisor's `on_identified`: queue the announcement (never blocks)."""
+        since = None
+        if policy == "keep":
+            if self._keep is None:
+                return
+            since = self._keep.since_of(spi_r)
+        self._queue(encode_identity(self.node_id, key, policy, spi_r, since), spi_r, policy)
+
+    def _queue(self, message: bytes, spi_r: bytes, what: str) -> None:
         try:
-            self._send.send_nowait(encode_identity(self.node_id, key, policy, spi_r))
+            self._send.send_nowait(message)
         except trio.WouldBlock:
             self.stats.lost += 1
             logger.warning("IKE SA %s: %s not announced to the other responders (queue "
-                           "full)", spi_r.hex(), policy)
+                           "full)", spi_r.hex(), what)
 
     def apply(self, message: bytes) -> None:
         """One message from the channel (our own announcements are skipped)."""
@@ -160,6 +223,10 @@ class ResponderChannel:
                     self.stats.malformed += 1
                     logger.warning("redirect from %s ignored: %s", decoded.origin, exc)
             return
+        if isinstance(decoded, Kept | Refusal):
+            if decoded.origin != self.node_id and self._keep is not None:
+                self._apply_keep(decoded)
+            return
         if len(decoded) == 3:
             if self._nursery is not None:
                 self._nursery.start_soon(self._terminate_one, *decoded)
@@ -173,6 +240,20 @@ class ResponderChannel:
             self.stats.ended += ended
             logger.info("%d IKE SA(s) of %s === %s ended here: responder %s established "
                         "IKE SA %s (%s)", ended, key[0], key[1], origin, spi_r.hex(), policy)
+
+    def _apply_keep(self, message: Kept | Refusal) -> None:
+        assert self._keep is not None
+        self.stats.received += 1
+        key = message.key
+        if isinstance(message, Refusal):
+            if self._keep.refuse_identity(key, message.spi_r):
+                self.stats.ended += 1
+                logger.info("IKE SA %s of %s === %s refused: responder %s holds an older one "
+                            "(unique = keep)", message.spi_r.hex(), key[0], key[1],
+                            message.origin)
+        elif self._keep.keep_identity(key, message.spi_r, message.since):
+            self._queue(encode_refuse(self.node_id, key, message.spi_r), message.spi_r,
+                        "refuse (unique = keep)")
 
     async def _terminate_one(self, origin: str, spi_i: bytes, spi_r: bytes) -> None:
         if await self._terminate(spi_i, spi_r):

@@ -45,6 +45,7 @@ import itertools
 import logging
 import math
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -89,7 +90,9 @@ EXPIRY_QUEUE_SLACK = 64
 # INITIAL_CONTACT (RFC 7296 2.4) drops them quietly, swanctl's unique = "replace"
 # deletes them. ("keep" deletes the new SA; it only sees the SAs on its own responder.)
 INITIAL_CONTACT = "initial_contact"
-CLUSTER_POLICIES = (INITIAL_CONTACT, "replace")
+# announced to the other responders: they end their SAs of the identities (the first
+# two), or, for "keep", say whether theirs are older (the new SA is then refused)
+CLUSTER_POLICIES = (INITIAL_CONTACT, "replace", "keep")
 
 # (our responder SPI, local address, remote address) -> a new responder session
 SessionFactory = Callable[[bytes, Address, Address], Session]
@@ -218,6 +221,8 @@ class Supervisor:
         # the reverse maps, so retiring one actor costs O(its own entries), not O(all SAs)
         self._children_of: dict[SaActor, set[bytes]] = {}
         self._identity_of: dict[SaActor, tuple[str, str]] = {}
+        self._since: dict[SaActor, float] = {}  # wall-clock time it was identified here
+        self.wall_clock: Callable[[], float] = time.time  # (compared across responders)
         # actors in spawn order; their half-open deadlines are therefore in order too
         self._expiry_queue: deque[SaActor] = deque()
         self._nursery: trio.Nursery | None = None
@@ -676,6 +681,7 @@ class Supervisor:
             if self._child_owner.get(spi_in) is actor:
                 del self._child_owner[spi_in]
         key = self._identity_of.pop(actor, None)
+        self._since.pop(actor, None)
         if key is not None:
             actors = self._by_identity.get(key, set())
             actors.discard(actor)
@@ -690,8 +696,8 @@ class Supervisor:
         others = self._by_identity.get(key, set())
         if others and policy == "keep":  # the older SA stays, the new one is deleted
             actor.mailbox.put_nowait(lambda session, now: session.delete_ike(now, KEPT))
-        else:
-            self.replace_identity(key, policy, actor.spi_r)
+            return
+        self.replace_identity(key, policy, actor.spi_r)
         self._register_identity(actor, key)
         if policy in CLUSTER_POLICIES and self.on_identified is not None:
             self.on_identified(key, policy, actor.spi_r)
@@ -700,7 +706,7 @@ class Supervisor:
         """An SA with the identities `key` was established (SPI `newest`, here or on
         another responder) under `policy`: INITIAL_CONTACT drops our other SAs of it
         quietly, "replace" deletes them with a Delete each. How many it ended."""
-        if policy not in CLUSTER_POLICIES:
+        if policy not in (INITIAL_CONTACT, "replace"):
             return 0
         ended = 0
         for other in list(self._by_identity.get(key, ())):
@@ -715,9 +721,40 @@ class Supervisor:
             ended += put
         return ended
 
+    def keep_identity(self, key: tuple[str, str], newest: bytes, since: float) -> bool:
+        """Another responder established `newest` with the identities `key` at `since`
+        (its wall clock) under `unique = "keep"`. True when an older SA of them is here:
+        `newest` must go (its responder is told). If ours came up later (both at once,
+        neither knowing the other), ours goes instead; both responders order the two SAs
+        the same way, by time, then SPI."""
+        mine = [a for a in self._by_identity.get(key, ()) if a.spi_r != newest]
+        if not mine:
+            return False
+        oldest = min(mine, key=lambda a: (self._since.get(a, 0.0), a.spi_r))
+        if (self._since.get(oldest, 0.0), oldest.spi_r) < (since, newest):
+            return True
+        for actor in mine:
+            actor.mailbox.put_nowait(lambda session, now: session.delete_ike(now, KEPT))
+        return False
+
+    def since_of(self, spi_r: bytes) -> float:
+        """When the SA with responder SPI `spi_r` was identified here (0: unknown)."""
+        actor = self._actors.get(spi_r)
+        return self._since.get(actor, 0.0) if actor is not None else 0.0
+
+    def refuse_identity(self, key: tuple[str, str], spi_r: bytes) -> bool:
+        """Another responder holds an older SA of `key`: delete ours with SPI `spi_r`
+        (`unique = "keep"`). False when it is not here."""
+        for actor in self._by_identity.get(key, ()):
+            if actor.spi_r == spi_r:
+                return actor.mailbox.put_nowait(
+                    lambda session, now: session.delete_ike(now, KEPT))
+        return False
+
     def _register_identity(self, actor: SaActor, key: tuple[str, str]) -> None:
         self._by_identity.setdefault(key, set()).add(actor)
         self._identity_of[actor] = key
+        self._since[actor] = self.wall_clock()
 
     # -- commands to actors ---------------------------------------------------------------
 

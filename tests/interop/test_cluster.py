@@ -515,6 +515,44 @@ def test_initial_contact_ends_the_old_sa_on_the_other_responder() -> None:
                           f"responder {old_owner} (try {tries}); store holds only the new SA")
 
 
+def test_unique_keep_refuses_a_second_sa_on_the_other_responder() -> None:
+    """swanctl's `unique = keep` across the cluster: strongSwan (reuse_ikesa = no) sets up
+    a second IKE SA of the same identity (tried until rendezvous puts it on the other
+    responder); that responder announces it, the first SA's responder answers that it
+    holds an older one, and the second SA is deleted; the first stays and carries
+    traffic."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        responder = replace(responder, node_extra={"unique": "keep"})
+        cluster.start([responder])
+        charon = lab.charon("initiator", settings={"reuse_ikesa": "no"})
+        charon.load(initiator)
+        first = assert_initiated(charon.initiate("net"), charon)
+        first_owner = _owner(cluster, first["responder-spi"])
+        other = cluster.responders[2 - first_owner]
+        tries = 0
+        while "holds an older one (unique = keep)" not in other.log_text():
+            # each try lands on either responder with even odds; on the first SA's own
+            # responder it is refused there
+            tries += 1
+            assert tries <= 12, f"never on the other responder:\n{cluster.logs()}"
+            result = charon.initiate("net")
+            assert result.returncode == 0, result.stdout + result.stderr
+            deadline = time.monotonic() + 15
+            while True:  # the second SA comes up, then is deleted (here or by the other)
+                sas = established(charon)
+                if [sa["responder-spi"] for sa in sas] == [first["responder-spi"]]:
+                    break
+                assert time.monotonic() < deadline, f"{sas}\n{cluster.logs()}"
+                time.sleep(0.2)
+        assert re.search(r"IKE SA deleted: .*refused \(unique = keep\)", other.log_text())
+        assert "received DELETE for IKE_SA rw" in charon.log_text()
+        sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+        assert received == sent, f"{out}\n{cluster.logs()}"
+        report("cluster", f"unique = keep: the second SA refused across responders (try "
+                          f"{tries}); the first carries traffic")
+
+
 def test_terminate_deletes_an_sa_from_its_owner_or_after_the_owner_died() -> None:
     """`ike-cluster terminate` (swanctl's --terminate for the cluster): by identity, the
     owner deletes strongSwan's SA with a Delete; by SPI after kill -9 of the owner, the

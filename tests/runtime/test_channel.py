@@ -10,9 +10,12 @@ import trio
 from cluster.ike.events import IkeSaDeleted
 from cluster.runtime.channel import (
     RESPONDERS_CHANNEL,
+    Kept,
+    Refusal,
     ResponderChannel,
     decode_untrusted,
     encode_identity,
+    encode_refuse,
     encode_terminate,
 )
 from cluster.store import MemoryStore
@@ -42,6 +45,56 @@ def test_an_announcement_round_trips_and_junk_is_refused() -> None:
         assert decode_untrusted(msgpack.packb(bad)) is None, bad
     assert decode_untrusted(b"\xc1") is None
     assert decode_untrusted(b"") is None
+
+
+def test_keep_announcements_carry_their_time_and_refusals_round_trip() -> None:
+    assert decode_untrusted(encode_identity("r1", KEY, "keep", SPI, 1234.5)) == Kept(
+        "r1", KEY, SPI, 1234.5)
+    assert decode_untrusted(encode_refuse("r2", KEY, SPI)) == Refusal("r2", KEY, SPI)
+    keep = [1, "identity", "r1", KEY[0], KEY[1], "keep", SPI, 1234.5]
+    for bad in (keep[:7], [*keep[:7], 1234], [*keep[:7], float("inf")],
+                [*keep[:5], "replace", SPI, 1234.5], [1, "refuse", "r2", KEY[0], KEY[1]],
+                [1, "refuse", "r2", KEY[0], 7, SPI], [1, "refuse", "r2", *KEY, SPI[:7]]):
+        assert decode_untrusted(msgpack.packb(bad)) is None, bad
+
+
+class _Keeper:
+    """A supervisor's unique = "keep" side: `older` says whether it holds an older SA."""
+
+    def __init__(self, older: bool, held: bytes = b"") -> None:
+        self.older, self.held = older, held
+        self.asked: list[tuple[bytes, float]] = []
+        self.refused: list[bytes] = []
+
+    def since_of(self, spi_r: bytes) -> float:
+        return 1000.25
+
+    def keep_identity(self, key: tuple[str, str], newest: bytes, since: float) -> bool:
+        self.asked.append((newest, since))
+        return self.older
+
+    def refuse_identity(self, key: tuple[str, str], spi_r: bytes) -> bool:
+        if spi_r != self.held:
+            return False
+        self.refused.append(spi_r)
+        return True
+
+
+async def test_a_responder_with_an_older_sa_refuses_the_new_one() -> None:
+    store = MemoryStore()
+    keepers = {"r1": _Keeper(older=False, held=SPI), "r2": _Keeper(older=True),
+               "r3": _Keeper(older=False)}
+    channels = {n: ResponderChannel(store, n, lambda k, p, s: 0, _never, keep=keeper)
+                for n, keeper in keepers.items()}
+    async with trio.open_nursery() as nursery:
+        for channel in channels.values():
+            await nursery.start(channel.run)
+        channels["r1"].identified(KEY, "keep", SPI)
+        await wait_for(lambda: keepers["r1"].refused == [SPI])
+        nursery.cancel_scope.cancel()
+    assert keepers["r2"].asked == keepers["r3"].asked == [(SPI, 1000.25)]
+    assert keepers["r1"].asked == [] and keepers["r2"].refused == keepers["r3"].refused == []
+    assert channels["r1"].stats.ended == 1 and channels["r2"].stats.sent == 1
 
 
 async def test_one_responders_announcement_reaches_the_others_not_itself() -> None:
@@ -179,3 +232,37 @@ def test_a_redirect_message_reaches_the_responders_callback() -> None:
     channel.apply(encode_redirect("@cli", "bad", False))
     assert calls == [("10.99.0.3", True), ("", False)]
     assert channel.stats.malformed == 1
+
+
+async def test_keep_orders_two_sas_of_an_identity_by_time_and_the_later_one_goes(
+        setup: Setup) -> None:
+    """The supervisor's side of unique = "keep" in a cluster: an announced SA newer than
+    ours must go (True: its responder is told); one older than ours means ours goes,
+    with a Delete the peer sees; `refuse_identity` deletes ours when another responder
+    holds an older one."""
+    async with trio.open_nursery() as nursery:
+        node = await start_node(nursery, setup.node_config)
+        supervisor = node.supervisor
+        peers = []
+        try:
+            for _ in range(2):
+                peer = await open_peer(setup, "127.0.0.1")
+                peers.append(peer)
+                sa = await peer.establish()
+                key = (sa.remote_id, sa.local_id)
+                since = supervisor.since_of(sa.spi_r)
+                assert since > 0
+                assert supervisor.keep_identity(key, SPI, since + 1.0)  # ours is older
+                assert supervisor.keep_identity(("x", "y"), SPI, since + 1.0) is False
+                if len(peers) == 1:
+                    assert supervisor.keep_identity(key, SPI, since - 1.0) is False
+                else:
+                    assert supervisor.refuse_identity(key, sa.spi_r)
+                await peer.run_until(lambda e: isinstance(e, IkeSaDeleted))
+                spi_r = sa.spi_r
+                await wait_for(lambda: supervisor.actor_for(spi_r) is None)  # noqa: B023
+            assert supervisor.refuse_identity(key, SPI) is False
+        finally:
+            for peer in peers:
+                peer.close()
+        node.shutdown()
