@@ -48,7 +48,7 @@ from .ike.policy import (
 )
 from .ike.pools import AddressPool, FramedPool
 from .ike.proposals import ConfiguredProposal, parse_proposal
-from .ike.radius import RadiusServer, RadiusSettings
+from .ike.radius import DaeSettings, RadiusServer, RadiusSettings
 from .ike.traffic_selectors import TsConfig, parse_ts_config
 
 # `default` in a proposal list stands for these, as in swanctl.conf.
@@ -63,6 +63,7 @@ RELAY_PORT = 4800  # [cluster] relay without a port
 UNIQUE_POLICIES: tuple[Literal["no", "never", "replace", "keep"], ...] = (
     "no", "never", "replace", "keep")
 STORE_SCHEMES = ("memory", "redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+DAE_PORT = 3799  # [radius.dae] listen without a port (RFC 5176)
 METRICS_PORT = 9464  # [metrics] listen without a port (the OpenTelemetry exporter's port)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -1057,7 +1058,8 @@ class _Loader:
         """[radius]: the servers eap-radius connections relay EAP to (strongSwan's
         charon.plugins.eap-radius), tried in the order written."""
         table = root.table("radius", ("servers", "nas_identifier", "retransmit_timeout",
-                                      "retransmit_base", "retransmit_tries", "accounting"))
+                                      "retransmit_base", "retransmit_tries", "accounting",
+                                      "dae"))
         servers = []
         for name, value in table.named_tables("servers").items():
             key = _join("radius.servers", name)
@@ -1087,7 +1089,16 @@ class _Loader:
         if not 1 <= tries <= 20:
             table.fail("retransmit_tries", "must be between 1 and 20")
         return RadiusSettings(tuple(servers), nas_identifier, timeout, base, tries,
-                              table.boolean("accounting", False))
+                              table.boolean("accounting", False),
+                              self.dae(table) if "dae" in table else None)
+
+    def dae(self, radius: _Table) -> DaeSettings:
+        """[radius.dae]: RFC 5176 Disconnect-Requests (strongSwan's eap-radius dae)."""
+        table = radius.table("dae", ("listen", "secret", "secret_env", "secret_file"))
+        host, port = _parse_listen(table.required_string("listen"),
+                                   lambda reason: table.fail("listen", reason), DAE_PORT)
+        name, text = self.secret_text(table)
+        return DaeSettings(host, port, _decode_secret(table, name, text))
 
     def check_radius(self, policy: ResponderPolicy) -> None:
         for conn in policy.connections:

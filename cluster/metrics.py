@@ -202,6 +202,7 @@ class Metrics:
         self._revocation: Reader | None = None
         self._radius: Reader | None = None
         self._accounting: Reader | None = None
+        self._dae: Reader | None = None
         self._members: Callable[[], Sequence[Member]] | None = None
         self._pools: tuple[AddressPool, ...] = ()
         self._families: tuple[Metric, ...] = ()
@@ -236,10 +237,12 @@ class Metrics:
         """`RevocationStats`: CRL downloads and OCSP questions, and how they went."""
         self._revocation = stats
 
-    def watch_radius(self, stats: Reader, accounting: Reader | None = None) -> None:
+    def watch_radius(self, stats: Reader, accounting: Reader | None = None,
+                     dae: Reader | None = None) -> None:
         """`RadiusStats`: round trips to the RADIUS servers of eap-radius connections;
-        `AccountingStats`: the accounting requests and how they went."""
-        self._radius, self._accounting = stats, accounting
+        `AccountingStats`: the accounting requests and how they went; `DaeStats`: the
+        Disconnect-Requests taken (when [radius.dae] is set)."""
+        self._radius, self._accounting, self._dae = stats, accounting, dae
 
     def watch_channel(self, stats: Reader) -> None:
         """A cluster responder's `ChannelStats`: announcements of SAs that end the other
@@ -409,6 +412,14 @@ class Metrics:
                 "radius_accounting_total", "RADIUS Accounting-Requests (Start, Stop): sent "
                 "(a server answered), failed (none did), dropped (queue full).", "result",
                 {k: stats.get(k, 0) for k in ("sent", "failed", "dropped")}))
+        if self._dae is not None:
+            stats = self._dae()
+            families.append(_counter(
+                "radius_dae_requests_total", "RADIUS Dynamic Authorization requests (RFC "
+                "5176): disconnected (ACK), not_found (NAK), unsupported (CoA, NAK), invalid "
+                "(dropped: the secret did not verify).", "result",
+                {k: stats.get(k, 0) for k in ("disconnected", "not_found", "unsupported",
+                                              "invalid")}))
         if self._members is not None:
             add(_members_family(self._members()))
         if self._pools:

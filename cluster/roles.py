@@ -17,6 +17,7 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -38,6 +39,9 @@ from .store import (
     open_store_writer,
 )
 from .store.membership import Membership
+
+if TYPE_CHECKING:
+    from .runtime.radius_dae import Disconnect
 
 logger = logging.getLogger("cluster")
 
@@ -110,6 +114,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
     from .runtime.persistence import SaPersistence
     from .runtime.radius_accounting import Accounting
     from .runtime.radius_client import RadiusClient
+    from .runtime.radius_dae import dae_server
     from .runtime.relay_endpoint import ResponderRelay
     from .runtime.reload import reload_from, reload_on_signal
     from .runtime.stats import RuntimeStats
@@ -202,7 +207,9 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
         metrics.watch_revocation(revocation.as_dict)
         radius = RadiusClient()
         radius.install(config.policy.radius_backend)
-        metrics.watch_radius(radius.stats.as_dict, accounting.stats.as_dict)
+        dae = dae_server(config, lambda: config, _cluster_disconnect(store, config.node_id))
+        metrics.watch_radius(radius.stats.as_dict, accounting.stats.as_dict,
+                             dae.stats.as_dict if dae is not None else None)
 
         def members_changed(members: Sequence[Member]) -> None:
             persistence.responders = _responders(members)
@@ -236,6 +243,8 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                     stats=revocation))
                 await nursery.start(persistence.run)
                 await nursery.start(channel.run)
+                if dae is not None:
+                    await nursery.start(dae.run)
                 if config.control:  # `ike-cluster reload`; `sas`/`terminate` use the store
                     await nursery.start(serve_control, config.node_id, {
                         "reload": reload_handler(lambda: reload_from(
@@ -264,6 +273,40 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
 # responder keeps trying to load it, and how often
 TERMINATE_PATIENCE = 4
 TERMINATE_RETRY = 0.5
+
+
+def _cluster_disconnect(store: StateStore, node_id: str) -> Disconnect:
+    """A Disconnect-Request in a cluster: whichever responder holds the named SAs deletes
+    them (the store's records say which exist; the responders' channel asks, as
+    `ike-cluster terminate` does)."""
+    from .ops import list_sas
+    from .runtime.channel import RESPONDERS_CHANNEL, encode_terminate
+
+    async def disconnect(user: bytes | None, session_id: bytes | None) -> int:
+        try:
+            rows = await list_sas(store)
+        except StoreError as exc:
+            logger.warning("RADIUS Disconnect-Request: the store cannot list SAs: %s", exc)
+            return 0
+        ended = 0
+        for row in rows:
+            if "unreadable" in row:
+                continue
+            names = {row["remote_eap_id"], (row["remote_id"] or {}).get("text")}
+            if user is not None and user.decode(errors="replace") not in names:
+                continue
+            if session_id is not None and \
+                    session_id.decode(errors="replace") != row["spi_i"] + row["spi_r"]:
+                continue
+            try:
+                await store.publish(RESPONDERS_CHANNEL, encode_terminate(
+                    node_id, bytes.fromhex(row["spi_i"]), bytes.fromhex(row["spi_r"])))
+            except StoreError as exc:
+                logger.warning("RADIUS Disconnect-Request: not published: %s", exc)
+                continue
+            ended += 1
+        return ended
+    return disconnect
 
 
 def _share_pools(config: NodeConfig, store: StateStore, existing: Sequence[SharedPool] = ()

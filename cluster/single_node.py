@@ -20,6 +20,7 @@ from .ike.events import Event
 from .metrics import Metrics, serve_metrics
 from .runtime.radius_accounting import Accounting, Traffic
 from .runtime.radius_client import RadiusClient
+from .runtime.radius_dae import dae_server, local_disconnect
 
 if TYPE_CHECKING:
     from .runtime.node import Node
@@ -114,6 +115,10 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
 
         node = await nursery.start(responder)
         assert node is not None
+        dae = dae_server(config, lambda: node.config if node is not None else config,
+                          local_disconnect(node.supervisor))
+        if dae is not None:
+            await nursery.start(dae.run)
         if config.control:
             await nursery.start(serve_control, config.node_id, control_handlers(
                 config.node_id, node.supervisor,
@@ -130,7 +135,8 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
             metrics.watch_runtime(node.stats.as_dict, node.supervisor.session_counters,
                                   lambda: node.supervisor.half_open_count)
             metrics.watch_revocation(node.revocation.as_dict)
-            metrics.watch_radius(node.radius.as_dict, accounting.stats.as_dict)
+            metrics.watch_radius(node.radius.as_dict, accounting.stats.as_dict,
+                                 dae.stats.as_dict if dae is not None else None)
             node.supervisor.handshake_observer = metrics.observe_handshake
             if plane is not None:
                 metrics.watch_data_plane(plane.stats)

@@ -41,6 +41,12 @@ class Packet:
     ACCESS_CHALLENGE = 11
     ACCOUNTING_REQUEST = 4  # RFC 2866 3
     ACCOUNTING_RESPONSE = 5
+    DISCONNECT_REQUEST = 40  # RFC 5176 3
+    DISCONNECT_ACK = 41
+    DISCONNECT_NAK = 42
+    COA_REQUEST = 43
+    COA_ACK = 44
+    COA_NAK = 45
 
 
 class Attr:
@@ -70,6 +76,7 @@ class Attr:
     ACCT_INPUT_GIGAWORDS = 52  # RFC 2869 5.1
     ACCT_OUTPUT_GIGAWORDS = 53
     NAS_PORT_TYPE = 61
+    ERROR_CAUSE = 101  # RFC 5176 3.6
     EAP_MESSAGE = 79
     MESSAGE_AUTHENTICATOR = 80
     NAS_IPV6_ADDRESS = 95
@@ -96,6 +103,15 @@ class RadiusServer:
 
 
 @dataclass(frozen=True)
+class DaeSettings:
+    """`[radius.dae]`: where Disconnect-Requests (RFC 5176) are taken, with what secret."""
+
+    host: str
+    port: int = 3799
+    secret: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True)
 class RadiusSettings:
     """`[radius]`: the servers, tried in order, and strongSwan's retransmission defaults
     (charon.plugins.eap-radius: retransmit_timeout 2 s, base 1.4, tries 4)."""
@@ -108,6 +124,7 @@ class RadiusSettings:
     # RFC 2866 Start and Stop for the IKE SAs of eap-radius users (strongSwan's
     # eap-radius accounting = yes)
     accounting: bool = False
+    dae: DaeSettings | None = None
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait for an answer to try `attempt` (0-based)."""
@@ -187,14 +204,43 @@ def parse_reply_untrusted(data: bytes, identifier: int, request_authenticator: b
     malformed, another identifier, or failing the Response Authenticator (RFC 2865 3)
     or the Message-Authenticator (RFC 3579 3.2, required in every answer to an
     Access-Request here; checked in an Accounting-Response when present)."""
+    if len(data) < _HEAD.size or data[1] != identifier:
+        return None
+    codes = (Packet.ACCOUNTING_RESPONSE,) if accounting else _ACCESS_ANSWERS
+    return _verified_untrusted(data, codes, request_authenticator, secret,
+                               need_mac=not accounting)
+
+
+def parse_dae_request_untrusted(data: bytes, secret: bytes) -> tuple[Reply, int, bytes] | None:
+    """A Disconnect-Request or CoA-Request (RFC 5176 3.5: its authenticator is the MD5 of
+    the packet with sixteen zero octets in its place, then the secret; a
+    Message-Authenticator is checked when present): (the request, its identifier, its
+    authenticator), or None."""
     if len(data) < _HEAD.size:
         return None
-    code, ident, length, authenticator = _HEAD.unpack_from(data)
-    codes = (Packet.ACCOUNTING_RESPONSE,) if accounting else _ACCESS_ANSWERS
-    if ident != identifier or length != len(data) or code not in codes:
+    request = _verified_untrusted(data, (Packet.DISCONNECT_REQUEST, Packet.COA_REQUEST),
+                                  bytes(16), secret, need_mac=False)
+    return None if request is None else (request, data[1], data[4:20])
+
+
+def encode_dae_answer(code: int, identifier: int, request_authenticator: bytes,
+                      attributes: list[bytes], secret: bytes) -> bytes:
+    """An ACK or NAK to a DAE request (its Response Authenticator as in RFC 2865 3)."""
+    body = b"".join(attributes)
+    head = struct.pack("!BBH", code, identifier, _HEAD.size + len(body))
+    return head + hashlib.md5(head + request_authenticator + body + secret).digest() + body
+
+
+def _verified_untrusted(data: bytes, codes: tuple[int, ...], base: bytes, secret: bytes, *,
+                        need_mac: bool) -> Reply | None:
+    """`data` if its code is one of `codes`, its authenticator the MD5 of the packet with
+    `base` in its place (the request's authenticator, or zeros), then the secret, and its
+    Message-Authenticator (required with `need_mac`) the HMAC of the packet with `base`."""
+    code, _, length, authenticator = _HEAD.unpack_from(data)
+    if length != len(data) or code not in codes:
         return None
     body = data[_HEAD.size:]
-    expected = hashlib.md5(data[:4] + request_authenticator + body + secret).digest()
+    expected = hashlib.md5(data[:4] + base + body + secret).digest()
     if not hmac.compare_digest(expected, authenticator):
         return None
     attributes: list[tuple[int, bytes]] = []
@@ -210,9 +256,9 @@ def parse_reply_untrusted(data: bytes, identifier: int, request_authenticator: b
         attributes.append((kind, body[at + 2:at + size]))
         at += size
     if mac_at < 0:
-        return Reply(code, attributes) if accounting else None
+        return None if need_mac else Reply(code, attributes)
     zeroed = body[:mac_at + 2] + bytes(16) + body[mac_at + 18:]
-    mac = hmac.digest(secret, data[:4] + request_authenticator + zeroed, "md5")
+    mac = hmac.digest(secret, data[:4] + base + zeroed, "md5")
     if not hmac.compare_digest(mac, body[mac_at + 2:mac_at + 18]):
         return None
     return Reply(code, attributes)

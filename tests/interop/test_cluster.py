@@ -235,7 +235,9 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
     """eap-radius in a cluster: the responder holding the half-open SA relays strongSwan's
     EAP-MSCHAPv2 to FreeRADIUS (on the compose network, every responder its client),
     the SA comes up, traffic crosses, and FreeRADIUS records the responder's accounting
-    Start with the user and the session id `sas` shows."""
+    Start with the user and the session id `sas` shows. A Disconnect-Request (RFC 5176)
+    sent to the responder that does not hold the SA is answered with an ACK and the
+    owner deletes it (the responders' channel)."""
     with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
         assert cluster.compose is not None
         radius = FreeRadius(cluster.compose, tmp_path / "radius", address=REDIS_HOST,
@@ -248,9 +250,10 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
         responder = replace(responder, remote=End("eap-radius", "%any", eap_id="%any"))
         # (one configuration for every role, as in compose: the worker checks it too)
         extra = {"radius": {"accounting": True, "servers": {"compose": {
-            "address": REDIS_HOST, "secret": "radius-shared-secret"}}}}
-        _, sa = _connect(lab, cluster, initiator, responder, responder_extra=extra,
-                         worker_extra=extra)
+            "address": REDIS_HOST, "secret": "radius-shared-secret"}},
+            "dae": {"listen": "0.0.0.0", "secret": "dae-secret"}}}
+        charon, sa = _connect(lab, cluster, initiator, responder, responder_extra=extra,
+                              worker_extra=extra)
         owner = cluster.responders[_owner(cluster, sa["responder-spi"]) - 1]
         assert re.search(r"IKE SA established: rw .* eap_id=alice", owner.log_text())
         assert "Login OK: [alice]" in radius.log_text(), radius.log_text()
@@ -263,7 +266,19 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
         session = f"{sa['initiator-spi']}{sa['responder-spi']}"
         assert f'Acct-Session-Id = "{session}"' in radius.accounting(), radius.accounting()
         assert 'User-Name = "alice"' in radius.accounting()
-        report("cluster", "eap-radius user through a responder, accounting Start recorded")
+        other = 3 - _owner(cluster, sa["responder-spi"])
+        disconnect = cluster.compose.run(
+            ["sh", "-c", "echo 'User-Name = \"alice\"' | radclient -r 2 -t 2 -x "
+                         f"{cluster.responder_host(other)}:3799 disconnect dae-secret"],
+            check=False)
+        assert "Received Disconnect-ACK" in disconnect.stdout, disconnect.stdout
+        deadline = time.monotonic() + 15
+        while established(charon):
+            assert time.monotonic() < deadline, cluster.logs()
+            time.sleep(0.2)
+        assert re.search(r"IKE SA deleted: .*terminated by an operator", owner.log_text())
+        report("cluster", "eap-radius user through a responder, accounting Start recorded, "
+                          "disconnected through the other responder (RFC 5176)")
 
 
 def test_virtual_ips_from_a_pool_the_responders_share() -> None:

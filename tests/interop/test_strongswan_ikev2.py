@@ -651,8 +651,10 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
     namespace), which runs EAP-MSCHAPv2 against its users file. The Access-Accept's
     MS-MPPE keys are the MSK both AUTHs are made with: strongSwan verifies ours and the
     SA is installed; its Session-Timeout (an hour) reaches strongSwan as AUTH_LIFETIME a
-    tenth earlier (RFC 4478). A wrong password is rejected by FreeRADIUS and strongSwan
-    gets AUTHENTICATION_FAILED; the secret never appears in our log."""
+    tenth earlier (RFC 4478). FreeRADIUS's radclient then sends a Disconnect-Request for
+    carol (RFC 5176, [radius.dae]): our node answers Disconnect-ACK and deletes the SA
+    (strongSwan gets the Delete). A wrong password is rejected by FreeRADIUS and
+    strongSwan gets AUTHENTICATION_FAILED; no secret appears in our log."""
     radius = FreeRadius(lab.responder, tmp_path / "radius", address=RESPONDER_V4,
                         client=RESPONDER_V4, secret="radius-shared-secret",
                         users={"carol": "Carol's pa55word"},
@@ -665,7 +667,8 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
     responder_conn = replace(responder_conn, remote=End("eap-radius", "%any", eap_id="%any"))
     node = lab.node([responder_conn], extra_toml=(
         f'[radius.servers.lab]\naddress = "{RESPONDER_V4}"\n'
-        'secret = "radius-shared-secret"\n'))
+        'secret = "radius-shared-secret"\n'
+        f'[radius.dae]\nlisten = "{RESPONDER_V4}:3799"\nsecret = "dae-secret"\n'))
     initiator.load(initiator_conn)
 
     result = initiator.initiate("net")
@@ -678,7 +681,17 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
         node.log_text()
     assert "Login OK: [carol]" in radius.log_text(), radius.log_text()
     assert "received AUTH_LIFETIME of 3240s" in result.stdout, result.stdout
-    initiator.terminate_ike()
+    for user, answer in (("dave", "Disconnect-NAK"), ("carol", "Disconnect-ACK")):
+        disconnect = lab.responder.run(
+            ["sh", "-c", f"echo 'User-Name = \"{user}\"' | radclient -r 2 -t 2 -x "
+                         f"{RESPONDER_V4}:3799 disconnect dae-secret"], check=False)
+        assert f"Received {answer}" in disconnect.stdout, disconnect.stdout + disconnect.stderr
+    deadline = time.monotonic() + 10
+    while established(initiator):
+        assert time.monotonic() < deadline, initiator.log_text() + node.log_text()
+        time.sleep(0.1)
+    assert "received DELETE for IKE_SA rw" in initiator.log_text()
+    assert "dae-secret" not in node.log_text()
 
     initiator.load(replace(initiator_conn, eap_users=(("carol", "not her password"),)))
     result = initiator.initiate("net")

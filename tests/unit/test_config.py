@@ -866,6 +866,11 @@ def test_eap_radius_servers_follow_strongswans_eap_radius(
     assert (radius.nas_identifier, radius.timeout, radius.base, radius.tries) == (
         "vpn-gw", 2.0, 1.4, 2)
     assert "s3cret" not in repr(config)
+    assert radius.dae is None
+    with_dae = text + '[radius.dae]\nlisten = "10.99.0.2"\nsecret = "d4e"\n'
+    dae = load_config(write(tmp_path, with_dae)).policy.radius.dae  # type: ignore[union-attr]
+    assert dae is not None and (dae.host, dae.port, dae.secret) == ("10.99.0.2", 3799, b"d4e")
+    assert "d4e" not in repr(dae)
     with_pool = text.replace("[connections.rw]\n", "[connections.rw]\npools = [\"radius\"]\n", 1)
     (conn,) = load_config(write(tmp_path, with_pool)).policy.connections
     assert [type(p).__name__ for p in conn.pools] == ["FramedPool"]
@@ -883,6 +888,10 @@ def test_eap_radius_servers_follow_strongswans_eap_radius(
         with_pool.replace('auth = "eap-radius"', 'auth = "eap-mschapv2"'):
             'connections.rw.pools[0]: "radius" (the RADIUS server\'s Framed-IP-Address) '
             'needs remote auth = "eap-radius"',
+        with_dae.replace('listen = "10.99.0.2"', 'listen = "gw:3799"'):
+            "radius.dae.listen: 'gw' is not an IPv4 or IPv6 address",
+        with_dae.replace('secret = "d4e"\n', ""):
+            "radius.dae.secret: give exactly one of secret, secret_env, secret_file",
         with_pool + '[pools.radius]\naddrs = "10.3.0.0/24"\n':
             'pools.radius: "radius" names the addresses a RADIUS server assigns; choose '
             "another name",

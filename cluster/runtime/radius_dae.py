@@ -1,0 +1,170 @@
+"""RADIUS Dynamic Authorization (RFC 5176), as strongSwan's eap-radius `dae`: a RADIUS
+server (or an operator with radclient) ends a user's sessions with a Disconnect-Request
+naming the User-Name or the Acct-Session-Id our accounting gave it.
+
+Requests whose authenticator does not verify with the shared secret are dropped
+silently (RFC 5176 3.5); a retransmitted request gets the answer sent before. CoA
+(changing a session's authorizations) is not supported and answered CoA-NAK.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import trio
+
+from ..config import NodeConfig
+from ..ike.events import TERMINATED
+from ..ike.radius import (
+    Attr,
+    Packet,
+    attribute,
+    encode_dae_answer,
+    parse_dae_request_untrusted,
+)
+from ..ike.session import IkeSession
+from .supervisor import Supervisor
+
+logger = logging.getLogger(__name__)
+
+# RFC 5176 3.6 Error-Cause values
+MISSING_ATTRIBUTE, UNSUPPORTED_SERVICE, SESSION_NOT_FOUND = 402, 405, 503
+REMEMBER = 30.0  # seconds an answer is kept for a retransmitted request
+MAX_DATAGRAM = 4096
+
+Peer = tuple[object, ...]  # a socket address
+# (User-Name, Acct-Session-Id), either may be None -> how many IKE SAs are being ended
+Disconnect = Callable[[bytes | None, bytes | None], Awaitable[int]]
+
+
+@dataclass
+class DaeStats:
+    disconnected: int = 0  # Disconnect-ACKs: IKE SAs were ended
+    not_found: int = 0  # Disconnect-NAKs: no such session (or nothing named one)
+    unsupported: int = 0  # CoA-NAKs
+    invalid: int = 0  # datagrams dropped: not a request, or the secret does not verify
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class DaeServer:
+    def __init__(self, host: str, port: int, secret: Callable[[], bytes],
+                 disconnect: Disconnect, *, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.host, self.port = host, port
+        self._secret = secret  # (the current configuration's: a reload may change it)
+        self._disconnect = disconnect
+        self._clock = clock
+        self._answered: dict[tuple[Peer, int, bytes], tuple[float, bytes]] = {}
+        self.stats = DaeStats()
+
+    async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]]
+                  = trio.TASK_STATUS_IGNORED) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
+            await sock.bind((self.host, self.port))
+            bound = sock.getsockname()
+            logger.info("RADIUS DAE on udp %s port %d", bound[0], bound[1])
+            task_status.started((bound[0], bound[1]))
+            async with trio.open_nursery() as nursery:
+                while True:
+                    data, peer = await sock.recvfrom(MAX_DATAGRAM)
+                    nursery.start_soon(self._answer, sock, data, peer)
+
+    async def _answer(self, sock: trio.socket.SocketType, data: bytes, peer: Peer) -> None:
+        secret = self._secret()
+        parsed = parse_dae_request_untrusted(data, secret)
+        if parsed is None:
+            self.stats.invalid += 1
+            return
+        request, identifier, authenticator = parsed
+        now = self._clock()
+        self._answered = {k: v for k, v in self._answered.items() if v[0] > now}
+        key = (peer, identifier, authenticator)
+        if key in self._answered:  # RFC 5176 2.3: a retransmission gets the same answer
+            await _send(sock, self._answered[key][1], peer)
+            return
+        if request.code == Packet.COA_REQUEST:
+            self.stats.unsupported += 1
+            code, cause = Packet.COA_NAK, UNSUPPORTED_SERVICE
+        else:
+            user = request.first(Attr.USER_NAME)
+            session = request.first(Attr.ACCT_SESSION_ID)
+            ended = 0 if user is None and session is None else \
+                await self._disconnect(user, session)
+            what = " ".join(f"{name}={value.decode(errors='replace')!r}" for name, value in
+                            (("user", user), ("session", session)) if value is not None)
+            if ended:
+                self.stats.disconnected += 1
+                code, cause = Packet.DISCONNECT_ACK, 0
+                logger.info("RADIUS Disconnect-Request (%s) from %s: ending %d IKE SA(s)",
+                            what, _text(peer), ended)
+            else:
+                self.stats.not_found += 1
+                code = Packet.DISCONNECT_NAK
+                cause = SESSION_NOT_FOUND if what else MISSING_ATTRIBUTE
+                logger.info("RADIUS Disconnect-Request (%s) from %s: no such session",
+                            what or "naming nobody", _text(peer))
+        attributes = [attribute(Attr.ERROR_CAUSE, cause.to_bytes(4, "big"))] if cause else []
+        answer = encode_dae_answer(code, identifier, authenticator, attributes, secret)
+        self._answered[key] = (now + REMEMBER, answer)
+        await _send(sock, answer, peer)
+
+
+async def _send(sock: trio.socket.SocketType, data: bytes, peer: Peer) -> None:
+    try:
+        await sock.sendto(data, peer)
+    except OSError as exc:
+        logger.warning("RADIUS DAE answer to %s not sent: %s", _text(peer), exc)
+
+
+def _text(peer: Peer) -> str:
+    return f"{peer[0]} port {peer[1]}"
+
+
+def dae_server(config: NodeConfig, current: Callable[[], NodeConfig],
+                disconnect: Disconnect) -> DaeServer | None:
+    """[radius.dae]'s listener, if configured (its secret follows reloads, its address
+    needs a restart)."""
+    radius = config.policy.radius
+    if radius is None or radius.dae is None:
+        return None
+    first = radius.dae
+
+    def secret() -> bytes:
+        now = current().policy.radius
+        return now.dae.secret if now is not None and now.dae is not None else first.secret
+    return DaeServer(first.host, first.port, secret, disconnect)
+
+
+def matching(sessions: Sequence[object], user: bytes | None, session_id: bytes | None
+             ) -> list[tuple[bytes, bytes]]:
+    """The SPIs of the established IKE SAs a Disconnect-Request names: its user (the EAP
+    identity, or the peer's IKE identity) and its Acct-Session-Id, each where given."""
+    found = []
+    for session in sessions:
+        if not isinstance(session, IkeSession):
+            continue
+        sa = session.sa
+        names = {sa.eap_identity.encode(), str(sa.remote_id).encode()}
+        if user is not None and user not in names:
+            continue
+        if session_id is not None and session_id != (sa.spi_i + sa.spi_r).hex().encode():
+            continue
+        found.append((sa.spi_i, sa.spi_r))
+    return found
+
+
+def local_disconnect(supervisor: Supervisor) -> Disconnect:
+    """A node's own SAs: deleted with a Delete to the peer."""
+    async def disconnect(user: bytes | None, session_id: bytes | None) -> int:
+        chosen = matching(supervisor.established_sessions(), user, session_id)
+        return sum(supervisor.send_command(
+            spi_i, spi_r, lambda session, now: session.delete_ike(now, TERMINATED))
+            for spi_i, spi_r in chosen)
+    return disconnect
