@@ -50,8 +50,8 @@ async def single_node(config: NodeConfig) -> None:
 
     if config.worker is None:
         logger.info("no [worker] table: Child SAs are negotiated, no data plane runs here")
-        if config.metrics is None and not config.control:
-            await run_node(config)
+        if config.metrics is None and not config.control and config.policy.radius is None:
+            await run_node(config)  # nothing beside the responder
         else:
             await _run(config, None)
         return

@@ -67,7 +67,11 @@ class DaeServer:
                   = trio.TASK_STATUS_IGNORED) -> None:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
-            await sock.bind((self.host, self.port))
+            try:
+                await sock.bind((self.host, self.port))
+            except OSError as exc:  # (the CLI prints it as the one line that stops start-up)
+                raise OSError(exc.errno, f"[radius.dae] listen {self.host} port {self.port}: "
+                                         f"{exc.strerror}") from None
             bound = sock.getsockname()
             logger.info("RADIUS DAE on udp %s port %d", bound[0], bound[1])
             task_status.started((bound[0], bound[1]))
