@@ -50,6 +50,7 @@ from cluster.runtime.channel import ChannelStats
 from cluster.runtime.crl_fetch import RevocationStats
 from cluster.runtime.radius_accounting import AccountingStats
 from cluster.runtime.radius_client import RadiusStats
+from cluster.runtime.radius_dae import DaeStats
 from cluster.runtime.stats import RuntimeStats
 from cluster.store import Member, StoreStats
 from cluster.transforms import ENCR_ALGORITHMS
@@ -112,6 +113,7 @@ CLUSTER = {
 REVOCATION = {"ike_cluster_revocation_checks": "counter"}
 # watch_radius: likewise (eap-radius round trips)
 RADIUS = {"ike_cluster_radius_requests": "counter", "ike_cluster_radius_accounting": "counter"}
+DAE = {"ike_cluster_radius_dae_requests": "counter"}  # with [radius.dae]
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -254,11 +256,11 @@ def test_the_cluster_counters_are_published_and_move() -> None:
     metrics.watch_channel(identities.as_dict)
     revocation = RevocationStats()
     metrics.watch_revocation(revocation.as_dict)
-    radius, accounting = RadiusStats(), AccountingStats()
-    metrics.watch_radius(radius.as_dict, accounting.as_dict)
+    radius, accounting, dae = RadiusStats(), AccountingStats(), DaeStats()
+    metrics.watch_radius(radius.as_dict, accounting.as_dict, dae.as_dict)
     metrics.publish()
     types, samples = scrape(metrics)
-    assert types == COMMON | CLUSTER | REVOCATION | RADIUS
+    assert types == COMMON | CLUSTER | REVOCATION | RADIUS | DAE
     assert value(samples, "ike_cluster_store_round_trips_total") == 0
     assert value(samples, "ike_cluster_relay_dropped_total", reason="bad_mac") == 0
     assert value(samples, "ike_cluster_members", role="responder") == 0
@@ -275,6 +277,7 @@ def test_the_cluster_counters_are_published_and_move() -> None:
     revocation.crl_fetched, revocation.ocsp_failed = 4, 1
     radius.answered, radius.timeouts, radius.retransmits, radius.invalid = 6, 1, 2, 3
     accounting.sent, accounting.failed, accounting.dropped = 9, 2, 1
+    dae.disconnected, dae.invalid = 4, 5
     members += [_member("r1", "responder"), _member("r2", "responder"), _member("w1", "worker")]
     _, unchanged = scrape(metrics)
     assert unchanged == samples  # read at publish time only
@@ -309,6 +312,8 @@ def test_the_cluster_counters_are_published_and_move() -> None:
         assert value(samples, "ike_cluster_radius_requests_total", result=result) == count
     for result, count in (("sent", 9), ("failed", 2), ("dropped", 1)):
         assert value(samples, "ike_cluster_radius_accounting_total", result=result) == count
+    for result, count in (("disconnected", 4), ("not_found", 0), ("invalid", 5)):
+        assert value(samples, "ike_cluster_radius_dae_requests_total", result=result) == count
 
     # a responder dies, the store goes away for a while
     store.errors += 5
