@@ -1059,7 +1059,7 @@ class _Loader:
         charon.plugins.eap-radius), tried in the order written."""
         table = root.table("radius", ("servers", "nas_identifier", "retransmit_timeout",
                                       "retransmit_base", "retransmit_tries", "accounting",
-                                      "dae"))
+                                      "accounting_interval", "dae"))
         servers = []
         for name, value in table.named_tables("servers").items():
             key = _join("radius.servers", name)
@@ -1088,8 +1088,11 @@ class _Loader:
         tries = table.integer("retransmit_tries", 4)
         if not 1 <= tries <= 20:
             table.fail("retransmit_tries", "must be between 1 and 20")
+        interval = self.duration(table, "accounting_interval", 0.0)
+        if interval and not 60 <= interval <= 86400:
+            table.fail("accounting_interval", "0 (none), or from a minute to a day")
         return RadiusSettings(tuple(servers), nas_identifier, timeout, base, tries,
-                              table.boolean("accounting", False),
+                              table.boolean("accounting", False), interval,
                               self.dae(table) if "dae" in table else None)
 
     def dae(self, radius: _Table) -> DaeSettings:

@@ -27,6 +27,7 @@ class IkeSaEstablished:
     own_virtual_ips: tuple[str, ...] = ()  # ours, assigned by the responder
     ppk: bool = False  # a post-quantum preshared key was mixed into its keys (RFC 8784)
     radius_classes: tuple[bytes, ...] = ()  # Class of its Access-Accept (eap-radius)
+    radius_interim: int = 0  # and its Acct-Interim-Interval (seconds; 0: none)
 
 
 @dataclass(frozen=True, slots=True)

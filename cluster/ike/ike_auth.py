@@ -163,7 +163,7 @@ def _established(sa: IkeSa, initial_contact: bool = False) -> None:
         sa.spi_i, sa.spi_r, sa.connection.name, str(sa.local_id), str(sa.remote_id),
         sa.local, sa.remote, sa.chosen.describe(), sa.nat, initial_contact,
         tuple(str(lease.address) for lease in sa.leases), sa.eap_identity, sa.own_vips,
-        sa.ppk, sa.radius_classes,
+        sa.ppk, sa.radius_classes, sa.radius_interim,
     ))
 
 
@@ -378,7 +378,7 @@ def _continue_eap(sa: IkeSa, exchange: EapExchange, payloads: list[Payload],
     sa.eap_identity = server.identity.decode("utf-8", errors="replace")
     if isinstance(server, EapRadiusServer):
         sa.framed_addresses, sa.radius_classes = server.addresses, server.classes
-        sa.session_timeout = server.session_timeout
+        sa.session_timeout, sa.radius_interim = server.session_timeout, server.interim_interval
     response = _finish(sa, conn, exchange.first_request, response, rng)  # AddressPending
     sa.eap = None  # (after: a parked exchange runs this again)
     return response, True

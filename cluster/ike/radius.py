@@ -76,6 +76,7 @@ class Attr:
     ACCT_INPUT_GIGAWORDS = 52  # RFC 2869 5.1
     ACCT_OUTPUT_GIGAWORDS = 53
     NAS_PORT_TYPE = 61
+    ACCT_INTERIM_INTERVAL = 85  # RFC 2869 5.16
     ERROR_CAUSE = 101  # RFC 5176 3.6
     EAP_MESSAGE = 79
     MESSAGE_AUTHENTICATOR = 80
@@ -124,6 +125,7 @@ class RadiusSettings:
     # RFC 2866 Start and Stop for the IKE SAs of eap-radius users (strongSwan's
     # eap-radius accounting = yes)
     accounting: bool = False
+    accounting_interval: float = 0.0  # seconds between Interim-Updates (0: none)
     dae: DaeSettings | None = None
 
     def delay(self, attempt: int) -> float:
@@ -331,6 +333,7 @@ class EapRadiusServer:
         self.addresses: tuple[IPAddress, ...] = ()  # Framed-IP(v6)-Address of the accept
         self.classes: tuple[bytes, ...] = ()
         self.session_timeout = 0  # seconds of service the server grants (0: no limit)
+        self.interim_interval = 0  # the server's Acct-Interim-Interval (0: ours)
 
     @property
     def server(self) -> RadiusServer:
@@ -434,6 +437,10 @@ class EapRadiusServer:
         self.classes = tuple(reply.values(Attr.CLASS))  # echoed in accounting (RFC 2865 5.25)
         timeout = reply.first(Attr.SESSION_TIMEOUT)  # RFC 2865 5.27
         self.session_timeout = int.from_bytes(timeout) if timeout and len(timeout) == 4 else 0
+        interim = reply.first(Attr.ACCT_INTERIM_INTERVAL)
+        # RFC 2869 5.16: not below 60 seconds
+        self.interim_interval = max(60, int.from_bytes(interim)) \
+            if interim and len(interim) == 4 and int.from_bytes(interim) else 0
         self._step = "done"
         return eap
 

@@ -94,6 +94,7 @@ class IkeSa:
     framed_addresses: tuple[IPAddress, ...] = ()
     radius_classes: tuple[bytes, ...] = ()  # its Access-Accept's Class, for accounting
     session_timeout: float = 0.0  # its Access-Accept's Session-Timeout (0: none)
+    radius_interim: int = 0  # its Access-Accept's Acct-Interim-Interval (0: none)
     pending_child_spi: bytes = b""
     initial_contact: bool = False  # send INITIAL_CONTACT in our IKE_AUTH request
     children: dict[bytes, ChildSa] = field(default_factory=dict)  # by spi_in

@@ -45,7 +45,8 @@ from .radius_client import RadiusClient
 
 logger = logging.getLogger(__name__)
 
-START, STOP = 1, 2  # Acct-Status-Type (RFC 2866 5.1)
+START, STOP, INTERIM = 1, 2, 3  # Acct-Status-Type (RFC 2866 5.1, RFC 2869 5.1)
+TICK = 1.0  # seconds between looks for Interim-Updates that are due
 # Acct-Terminate-Cause (RFC 2866 5.10)
 USER_REQUEST, LOST_CARRIER, SESSION_TIMEOUT, ADMIN_RESET, NAS_REQUEST, PORT_PREEMPTED = (
     1, 2, 5, 6, 10, 13)
@@ -79,6 +80,8 @@ class _Session:
     start: float
     virtual_ips: tuple[str, ...]
     classes: tuple[bytes, ...]
+    interval: float = 0.0  # seconds between Interim-Updates (0: none)
+    next_interim: float = 0.0
     traffic: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     children: set[bytes] = field(default_factory=set)  # inbound SPIs
 
@@ -138,8 +141,10 @@ class Accounting:
             return
         key = event.spi_i + event.spi_r
         station = Station(event.local, event.remote, int.from_bytes(event.spi_r[:4]))
-        session = _Session(key.hex().encode(), event.eap_identity.encode(), station,
-                           self._clock(), event.virtual_ips, event.radius_classes)
+        interval = float(event.radius_interim or radius.accounting_interval)
+        now = self._clock()
+        session = _Session(key.hex().encode(), event.eap_identity.encode(), station, now,
+                           event.virtual_ips, event.radius_classes, interval, now + interval)
         self._sessions[key] = session
         self._queue(radius, session, [attribute(Attr.ACCT_STATUS_TYPE, _u32(START))])
 
@@ -161,19 +166,42 @@ class Accounting:
             return
         for spi in list(session.children):
             self._child_ended(spi, session)
-        seconds = int(self._clock() - session.start)
-        octets_in, octets_out, packets_in, packets_out = session.traffic
-        extra = [attribute(Attr.ACCT_STATUS_TYPE, _u32(STOP)),
-                 attribute(Attr.ACCT_SESSION_TIME, _u32(seconds)),
-                 attribute(Attr.ACCT_TERMINATE_CAUSE, _u32(terminate_cause(event.reason)))]
+        self._queue(radius, session, [
+            attribute(Attr.ACCT_STATUS_TYPE, _u32(STOP)),
+            attribute(Attr.ACCT_TERMINATE_CAUSE, _u32(terminate_cause(event.reason))),
+            *self._usage(session, session.traffic)])
+
+    def interim(self) -> None:
+        """Interim-Updates (RFC 2869 2.1) for the sessions whose interval is up: the
+        session time and the traffic so far (strongSwan's accounting_interval, or the
+        Access-Accept's Acct-Interim-Interval)."""
+        radius = self._policy().radius
+        if radius is None:
+            return
+        now = self._clock()
+        for session in self._sessions.values():
+            if not session.interval or now < session.next_interim:
+                continue
+            session.next_interim = now + session.interval
+            traffic = list(session.traffic)
+            for spi in session.children:  # the Child SAs still up: their counts so far
+                counts = self._traffic(spi) if self._traffic is not None else None
+                if counts is not None:
+                    traffic = [a + b for a, b in zip(traffic, counts, strict=True)]
+            self._queue(radius, session, [attribute(Attr.ACCT_STATUS_TYPE, _u32(INTERIM)),
+                                          *self._usage(session, traffic)])
+
+    def _usage(self, session: _Session, traffic: list[int]) -> list[bytes]:
+        out = [attribute(Attr.ACCT_SESSION_TIME, _u32(int(self._clock() - session.start)))]
+        octets_in, octets_out, packets_in, packets_out = traffic
         if self._traffic is not None:  # (the data plane is in this process)
-            extra += [attribute(Attr.ACCT_INPUT_OCTETS, _u32(octets_in)),
-                      attribute(Attr.ACCT_INPUT_GIGAWORDS, _u32(octets_in >> 32)),
-                      attribute(Attr.ACCT_OUTPUT_OCTETS, _u32(octets_out)),
-                      attribute(Attr.ACCT_OUTPUT_GIGAWORDS, _u32(octets_out >> 32)),
-                      attribute(Attr.ACCT_INPUT_PACKETS, _u32(packets_in)),
-                      attribute(Attr.ACCT_OUTPUT_PACKETS, _u32(packets_out))]
-        self._queue(radius, session, extra)
+            out += [attribute(Attr.ACCT_INPUT_OCTETS, _u32(octets_in)),
+                    attribute(Attr.ACCT_INPUT_GIGAWORDS, _u32(octets_in >> 32)),
+                    attribute(Attr.ACCT_OUTPUT_OCTETS, _u32(octets_out)),
+                    attribute(Attr.ACCT_OUTPUT_GIGAWORDS, _u32(octets_out >> 32)),
+                    attribute(Attr.ACCT_INPUT_PACKETS, _u32(packets_in)),
+                    attribute(Attr.ACCT_OUTPUT_PACKETS, _u32(packets_out))]
+        return out
 
     def _queue(self, radius: RadiusSettings, session: _Session, extra: list[bytes]) -> None:
         attributes = [*extra, attribute(Attr.ACCT_SESSION_ID, session.id),
@@ -195,10 +223,16 @@ class Accounting:
                   ) -> None:
         limit = trio.Semaphore(IN_FLIGHT)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._tick)
             task_status.started()
             async for attributes in self._receive:
                 await limit.acquire()
                 nursery.start_soon(self._deliver, attributes, limit)
+
+    async def _tick(self) -> None:
+        while True:
+            await trio.sleep(TICK)
+            self.interim()
 
     async def _deliver(self, attributes: list[bytes], limit: trio.Semaphore) -> None:
         try:

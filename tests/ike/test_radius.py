@@ -321,7 +321,8 @@ def test_the_accept_brings_its_class_and_session_timeout() -> None:
         if accepted is None or accepted[0] != Packet.ACCESS_ACCEPT:
             return accepted
         attributes = [*attributes_of(accepted)[:-1], (Attr.CLASS, b"staff"),
-                      (Attr.SESSION_TIMEOUT, (7200).to_bytes(4, "big"))]
+                      (Attr.SESSION_TIMEOUT, (7200).to_bytes(4, "big")),
+                      (Attr.ACCT_INTERIM_INTERVAL, (30).to_bytes(4, "big"))]
         return reply(request, Packet.ACCESS_ACCEPT, attributes)
 
     server, _ = relay(answer)
@@ -329,6 +330,7 @@ def test_the_accept_brings_its_class_and_session_timeout() -> None:
     step(server, packet(Code.RESPONSE, challenge[1], 4, b"\x10" + bytes(16)))
     assert server.done and server.msk == MSK_RECV + MSK_SEND
     assert (server.classes, server.session_timeout) == ((b"staff",), 7200)
+    assert server.interim_interval == 60  # RFC 2869 5.16: at least a minute
 
 
 @pytest.mark.parametrize("user", [b"", b"\x00\x00", b"u" * 254])

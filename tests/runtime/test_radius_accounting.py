@@ -99,6 +99,8 @@ async def run(events: list[object], *, accounting: bool = True,
         for event in events:
             if event == "later":
                 now[0] += 75.4
+            elif event == "interim":
+                acct.interim()
             else:
                 acct.record(event)  # type: ignore[arg-type]
         await trio.testing.wait_all_tasks_blocked()
@@ -169,3 +171,19 @@ def test_terminate_causes_follow_why_the_session_ended() -> None:
                                          REPLACED, "replaced (INITIAL_CONTACT)", KEPT,
                                          "deleted by us", AUTH_EXPIRED)] == [
         1, 2, 6, 13, 13, 10, 10, 5]
+
+
+async def test_interim_updates_come_at_the_servers_interval_with_the_traffic_so_far() -> None:
+    first = b"I" * 8
+    start = replace(established(first), radius_interim=120)
+    client, _ = await run([start, child(b"c1c1", first), "later", "interim", "later",
+                           "interim", "interim"],
+                          traffic={b"c1c1": (500, 600, 5, 6)})
+    start_record, interim = client.records  # one update: at 150.8 s, not at 75.4 s
+    assert u32(interim[Attr.ACCT_STATUS_TYPE][0]) == 3
+    assert u32(interim[Attr.ACCT_SESSION_TIME][0]) == 150
+    assert u32(interim[Attr.ACCT_INPUT_OCTETS][0]) == 500
+    assert interim[Attr.ACCT_SESSION_ID] == start_record[Attr.ACCT_SESSION_ID]
+    # without an interval from the server or the configuration: none
+    client, _ = await run([established(first), "later", "later", "interim"])
+    assert [u32(r[Attr.ACCT_STATUS_TYPE][0]) for r in client.records] == [1]

@@ -852,6 +852,7 @@ def test_eap_radius_servers_follow_strongswans_eap_radius(
         'remote = { auth = "pubkey", id = "%any", cacerts = ["pki/ca.pem"] }',
         'remote = { auth = "eap-radius", eap_id = "*@example.test" }') + (
         '[radius]\nnas_identifier = "vpn-gw"\nretransmit_tries = 2\n'
+        'accounting = true\naccounting_interval = "10m"\n'
         '[radius.servers.first]\naddress = "10.9.0.1"\nsecret = "s3cret"\n'
         '[radius.servers.second]\naddress = "fd00::9"\nauth_port = 11812\n'
         'secret_env = "IKE_TEST_RADIUS"\n')
@@ -865,6 +866,7 @@ def test_eap_radius_servers_follow_strongswans_eap_radius(
         ("first", "10.9.0.1", 1812, b"s3cret"), ("second", "fd00::9", 11812, b"\x0a\x0b")]
     assert (radius.nas_identifier, radius.timeout, radius.base, radius.tries) == (
         "vpn-gw", 2.0, 1.4, 2)
+    assert (radius.accounting, radius.accounting_interval) == (True, 600.0)
     assert "s3cret" not in repr(config)
     assert radius.dae is None
     with_dae = text + '[radius.dae]\nlisten = "10.99.0.2"\nsecret = "d4e"\n'
@@ -885,6 +887,8 @@ def test_eap_radius_servers_follow_strongswans_eap_radius(
             "radius.servers.first.secret: give exactly one of secret, secret_env, secret_file",
         text.replace("retransmit_tries = 2", "retransmit_tries = 0"):
             "radius.retransmit_tries: must be between 1 and 20",
+        text.replace('"10m"', '"30s"'):
+            "radius.accounting_interval: 0 (none), or from a minute to a day",
         with_pool.replace('auth = "eap-radius"', 'auth = "eap-mschapv2"'):
             'connections.rw.pools[0]: "radius" (the RADIUS server\'s Framed-IP-Address) '
             'needs remote auth = "eap-radius"',
