@@ -382,16 +382,21 @@ class _Loader:
         return interval
 
     def retransmission(self, ike: _Table) -> Retransmission:
-        timeout = self.duration(ike, "retransmit_timeout", 4.0)
-        if timeout <= 0:
-            ike.fail("retransmit_timeout", "must be positive")
-        base = ike.number("retransmit_base", 1.8)
-        if not 1.0 <= base <= 10.0:
-            ike.fail("retransmit_base", "must be between 1 and 10")
-        tries = ike.integer("retransmit_tries", 5)
-        if not 0 <= tries <= 20:
-            ike.fail("retransmit_tries", "must be between 0 and 20")
-        return Retransmission(timeout, base, tries)
+        return Retransmission(*self.retransmit_keys(ike, 4.0, 1.8, 5, min_tries=0))
+
+    def retransmit_keys(self, table: _Table, timeout: float, base: float, tries: int, *,
+                        min_tries: int) -> tuple[float, float, int]:
+        """strongSwan's retransmit_timeout, retransmit_base and retransmit_tries."""
+        seconds = self.duration(table, "retransmit_timeout", timeout)
+        if seconds <= 0:
+            table.fail("retransmit_timeout", "must be positive")
+        factor = table.number("retransmit_base", base)
+        if not 1.0 <= factor <= 10.0:
+            table.fail("retransmit_base", "must be between 1 and 10")
+        count = table.integer("retransmit_tries", tries)
+        if not min_tries <= count <= 20:
+            table.fail("retransmit_tries", f"must be between {min_tries} and 20")
+        return seconds, factor, count
 
     def worker(self, root: _Table) -> WorkerConfig:
         table = root.table("worker", ("tun", "mtu", "queues", "mark", "table", "priority",
@@ -1079,15 +1084,7 @@ class _Loader:
         nas_identifier = table.string("nas_identifier", "ike-cluster")
         if not 0 < len(nas_identifier.encode()) <= 253:
             table.fail("nas_identifier", "must be 1 to 253 bytes")
-        timeout = self.duration(table, "retransmit_timeout", 2.0)
-        if not 0 < timeout <= 60:
-            table.fail("retransmit_timeout", "between a moment and a minute")
-        base = table.number("retransmit_base", 1.4)
-        if not 1.0 <= base <= 10.0:
-            table.fail("retransmit_base", "must be between 1 and 10")
-        tries = table.integer("retransmit_tries", 4)
-        if not 1 <= tries <= 20:
-            table.fail("retransmit_tries", "must be between 1 and 20")
+        timeout, base, tries = self.retransmit_keys(table, 2.0, 1.4, 4, min_tries=1)
         interval = self.duration(table, "accounting_interval", 0.0)
         if interval and not 60 <= interval <= 86400:
             table.fail("accounting_interval", "0 (none), or from a minute to a day")

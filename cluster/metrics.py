@@ -398,28 +398,12 @@ class Metrics:
             families += _channel_families(self._channel())
         if self._revocation is not None:
             families.append(_revocation_family(self._revocation()))
-        if self._radius is not None:
-            stats = self._radius()
-            families.append(_counter(
-                "radius_requests_total", "Round trips to the RADIUS servers of eap-radius "
-                "connections: answered, timeout (no server answered any try), and the "
-                "datagrams sent again or refused as no valid answer.", "result",
-                {k: stats.get(k, 0) for k in ("answered", "timeouts", "retransmits",
-                                              "invalid")}))
-        if self._accounting is not None:
-            stats = self._accounting()
-            families.append(_counter(
-                "radius_accounting_total", "RADIUS Accounting-Requests (Start, Stop): sent "
-                "(a server answered), failed (none did), dropped (queue full).", "result",
-                {k: stats.get(k, 0) for k in ("sent", "failed", "dropped")}))
-        if self._dae is not None:
-            stats = self._dae()
-            families.append(_counter(
-                "radius_dae_requests_total", "RADIUS Dynamic Authorization requests (RFC "
-                "5176): disconnected (ACK), not_found (NAK), unsupported (CoA, NAK), invalid "
-                "(dropped: the secret did not verify).", "result",
-                {k: stats.get(k, 0) for k in ("disconnected", "not_found", "unsupported",
-                                              "invalid")}))
+        for reader, (name, text, results) in zip(
+                (self._radius, self._accounting, self._dae), _RADIUS_FAMILIES, strict=True):
+            if reader is not None:
+                stats = reader()
+                families.append(_counter(name, text, "result",
+                                         {k: stats.get(k, 0) for k in results}))
         if self._members is not None:
             add(_members_family(self._members()))
         if self._pools:
@@ -590,6 +574,20 @@ def _relay_families(stats: Mapping[str, int]) -> list[Metric]:
 def _failover_families(stats: Mapping[str, int]) -> list[Metric]:
     return [CounterMetricFamily(PREFIX + name, text, stats.get(key, 0))
             for key, name, text in _FAILOVER_COUNTERS]
+
+
+# watch_radius's readers: (name, help, the results counted)
+_RADIUS_FAMILIES = (
+    ("radius_requests_total", "Round trips to the RADIUS servers of eap-radius connections: "
+     "answered, timeout (no server answered any try), and the datagrams sent again or "
+     "refused as no valid answer.", ("answered", "timeouts", "retransmits", "invalid")),
+    ("radius_accounting_total", "RADIUS Accounting-Requests (Start, Interim-Update, Stop): "
+     "sent (a server answered), failed (none did), dropped (queue full).",
+     ("sent", "failed", "dropped")),
+    ("radius_dae_requests_total", "RADIUS Dynamic Authorization requests (RFC 5176): "
+     "disconnected (ACK), not_found (NAK), unsupported (CoA, NAK), invalid (dropped: the "
+     "secret did not verify).", ("disconnected", "not_found", "unsupported", "invalid")),
+)
 
 
 def _revocation_family(stats: Mapping[str, int]) -> Metric:

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -322,6 +323,29 @@ def test_a_revoked_certificate_is_refused_and_others_still_pass(
     assert_still_serves(initiator, initiator_conn, responder)
 
 
+def _eap_user(pki: Pki, user: str, password: str, remote: End, method: str = "eap-mschapv2"
+              ) -> tuple[Conn, Conn]:
+    """strongSwan as an EAP user behind the gateway's certificate; our end's `remote`."""
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa)
+    local = End(method, "client.example.test", eap_id=user) if method != "eap-tls" else \
+        replace(initiator_conn.local, auth=method)
+    users = ((user, password),) if password else ()  # (EAP-TLS: the certificate)
+    return (replace(initiator_conn, eap_users=users, local=local),
+            replace(responder_conn, remote=remote))
+
+
+def _assert_eap_established(result: subprocess.CompletedProcess[str], initiator: Charon,
+                            method: str) -> dict[str, Any]:
+    """strongSwan's SA is up and it verified the gateway's AUTH made with the MSK."""
+    sa = assert_initiated(result, initiator)
+    assert child_sa(sa)["state"] == "INSTALLED", sa
+    assert f"EAP method {method} succeeded, MSK established" in result.stdout, result.stdout
+    assert "authentication of 'gw.example.test' with EAP successful" in result.stdout, (
+        result.stdout)
+    return sa
+
+
 def test_an_eap_mschapv2_user_gets_in_and_a_wrong_password_does_not(
     start_responder: StartResponder, initiator: Charon, pki: Pki
 ) -> None:
@@ -329,25 +353,14 @@ def test_an_eap_mschapv2_user_gets_in_and_a_wrong_password_does_not(
     itself with its certificate, the user with EAP-MSCHAPv2 (EAP-Identity, challenge,
     success), and both final AUTHs use the EAP key. A wrong password gets
     AUTHENTICATION_FAILED."""
-    initiator_conn, responder_conn = conn_pair(
-        ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa
-    )
     user = ("carol", "Carol's pa55word")
-    initiator_conn = replace(
-        initiator_conn, eap_users=(user,),
-        local=End("eap-mschapv2", "client.example.test", eap_id="carol"))
-    responder_conn = replace(responder_conn, eap_users=(user,),
-                             remote=End("eap-mschapv2", "%any", eap_id="%any"))
+    initiator_conn, responder_conn = _eap_user(pki, *user,
+                                               End("eap-mschapv2", "%any", eap_id="%any"))
+    responder_conn = replace(responder_conn, eap_users=(user,))
     responder = start_responder([responder_conn])
     initiator.load(initiator_conn)
 
-    result = initiator.initiate("net")
-    sa = assert_initiated(result, initiator)
-    assert child_sa(sa)["state"] == "INSTALLED", sa
-    # strongSwan verified the gateway's AUTH made with the EAP key (the MSK)
-    assert "EAP method EAP_MSCHAPV2 succeeded, MSK established" in result.stdout, result.stdout
-    assert "authentication of 'gw.example.test' with EAP successful" in result.stdout, (
-        result.stdout)
+    _assert_eap_established(initiator.initiate("net"), initiator, "EAP_MSCHAPV2")
     if isinstance(responder, Node):
         log = responder.log_text()
         assert re.search(r"IKE SA established: rw .* eap_id=carol", log), log
@@ -659,12 +672,8 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
                         client=RESPONDER_V4, secret="radius-shared-secret",
                         users={"carol": "Carol's pa55word"},
                         replies={"carol": ("Session-Timeout = 3600",)}).start()
-    initiator_conn, responder_conn = conn_pair(
-        ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa)
-    initiator_conn = replace(
-        initiator_conn, eap_users=(("carol", "Carol's pa55word"),),
-        local=End("eap-mschapv2", "client.example.test", eap_id="carol"))
-    responder_conn = replace(responder_conn, remote=End("eap-radius", "%any", eap_id="%any"))
+    initiator_conn, responder_conn = _eap_user(pki, "carol", "Carol's pa55word",
+                                               End("eap-radius", "%any", eap_id="%any"))
     node = lab.node([responder_conn], extra_toml=(
         f'[radius.servers.lab]\naddress = "{RESPONDER_V4}"\n'
         'secret = "radius-shared-secret"\n'
@@ -672,11 +681,7 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
     initiator.load(initiator_conn)
 
     result = initiator.initiate("net")
-    sa = assert_initiated(result, initiator)
-    assert child_sa(sa)["state"] == "INSTALLED", sa
-    assert "EAP method EAP_MSCHAPV2 succeeded, MSK established" in result.stdout, result.stdout
-    assert "authentication of 'gw.example.test' with EAP successful" in result.stdout, (
-        result.stdout)
+    _assert_eap_established(result, initiator, "EAP_MSCHAPV2")
     assert re.search(r"IKE SA established: rw .* eap_id=carol", node.log_text()), \
         node.log_text()
     assert "Login OK: [carol]" in radius.log_text(), radius.log_text()
@@ -715,22 +720,14 @@ def test_eap_radius_carries_eap_tls_the_gateway_does_not_know(
     radius = FreeRadius(lab.responder, tmp_path / "radius", address=RESPONDER_V4,
                         client=RESPONDER_V4, secret="radius-shared-secret", users={},
                         tls=Tls(pki.gw_ecdsa.cert, pki.gw_ecdsa.key, pki.ca)).start()
-    initiator_conn, responder_conn = conn_pair(
-        ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa)
-    initiator_conn = replace(initiator_conn, local=replace(initiator_conn.local,
-                                                           auth="eap-tls"))
-    responder_conn = replace(responder_conn, remote=End("eap-radius", "%any", eap_id="%any"))
+    initiator_conn, responder_conn = _eap_user(
+        pki, "client.example.test", "", End("eap-radius", "%any", eap_id="%any"), "eap-tls")
     node = lab.node([responder_conn], extra_toml=(
         f'[radius.servers.lab]\naddress = "{RESPONDER_V4}"\n'
         'secret = "radius-shared-secret"\n'))
     initiator.load(initiator_conn)
 
-    result = initiator.initiate("net")
-    sa = assert_initiated(result, initiator)
-    assert child_sa(sa)["state"] == "INSTALLED", sa
-    assert "EAP method EAP_TLS succeeded, MSK established" in result.stdout, result.stdout
-    assert "authentication of 'gw.example.test' with EAP successful" in result.stdout, (
-        result.stdout)
+    _assert_eap_established(initiator.initiate("net"), initiator, "EAP_TLS")
     assert re.search(r"IKE SA established: rw .* eap_id=client\.example\.test",
                      node.log_text()), node.log_text()
     assert "Login OK: [client.example.test]" in radius.log_text(), radius.log_text()
