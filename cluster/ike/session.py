@@ -826,7 +826,7 @@ class IkeSession:
         assert sa.connection is not None
         sa.rekey_at, sa.expire_at = deadlines(sa.connection.lifetime, now, self._rng)
         _, deadline = auth_lifetime(sa)  # RFC 4478
-        if deadline > 0:
+        if deadline > 0 and sa.reauth_at == INFINITY:  # (a rekeyed SA keeps its deadline)
             sa.reauth_at = now + deadline
         self._schedule_children(sa, now)
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from cluster.ike.constants import NotifyType
-from cluster.ike.events import AUTH_EXPIRED, IkeSaDeleted
+from cluster.ike.events import AUTH_EXPIRED, IkeSaDeleted, IkeSaRekeyed
 from cluster.ike.message import decode_untrusted
 from cluster.ike.payloads import DeletePayload, NotifyPayload
 from cluster.ike.snapshot import restore, snapshot_of
@@ -56,8 +56,10 @@ def test_the_deadline_outlives_ike_rekeys_and_snapshots() -> None:
     run_handshake(client, gateway)
     deadline = gateway.sa.reauth_at
     client.rekey_ike(100.0)
-    run_handshake(client, gateway)
-    drain(gateway)
+    for _ in range(4):  # the rekey, 100 s later
+        transfer(client, gateway, 100.0)
+        transfer(gateway, client, 100.0)
+    assert [e for e in drain(gateway) if isinstance(e, IkeSaRekeyed)]
     assert gateway.sa.reauth_at == deadline  # a rekey is no new authentication
     restored = restore(snapshot_of(gateway, 200.0), psk_policy(gw_conn), 200.0)
     assert abs(restored.sa.reauth_at - deadline) < 1e-6
