@@ -31,6 +31,24 @@ class IkeSaEstablished:
 
 
 @dataclass(frozen=True, slots=True)
+class IkeSaAdopted:
+    """An established IKE SA this node took over from another (its responder died): what
+    goes on with it here, such as its RADIUS accounting session, without a new Start."""
+
+    spi_i: bytes
+    spi_r: bytes
+    connection: str
+    local: Address
+    remote: Address
+    virtual_ips: tuple[str, ...]
+    eap_identity: str
+    radius_classes: tuple[bytes, ...]
+    radius_interim: int
+    authenticated_at: float  # wall-clock seconds
+    children: tuple[bytes, ...]  # inbound SPIs of its Child SAs
+
+
+@dataclass(frozen=True, slots=True)
 class IkeSaFailed:
     """The SA never came up (bad proposal, auth failure, timeout)."""
 
@@ -141,5 +159,5 @@ class ExchangeCompleted:
 
 Event = (
     IkeSaEstablished | IkeSaFailed | IkeSaDeleted | ChildSaEstablished | ChildSaDeleted
-    | ExchangeCompleted | IkeSaRekeyed | IkeSaRetired | IkeSaMoved
+    | ExchangeCompleted | IkeSaRekeyed | IkeSaRetired | IkeSaMoved | IkeSaAdopted
 )

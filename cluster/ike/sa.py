@@ -95,6 +95,7 @@ class IkeSa:
     radius_classes: tuple[bytes, ...] = ()  # its Access-Accept's Class, for accounting
     session_timeout: float = 0.0  # its Access-Accept's Session-Timeout (0: none)
     radius_interim: int = 0  # its Access-Accept's Acct-Interim-Interval (0: none)
+    authenticated_at: float = 0.0  # wall-clock time the peer authenticated (kept by rekeys)
     pending_child_spi: bytes = b""
     initial_contact: bool = False  # send INITIAL_CONTACT in our IKE_AUTH request
     children: dict[bytes, ChildSa] = field(default_factory=dict)  # by spi_in

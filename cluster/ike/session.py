@@ -828,6 +828,8 @@ class IkeSession:
         _, deadline = auth_lifetime(sa)  # RFC 4478
         if deadline > 0 and sa.reauth_at == INFINITY:  # (a rekeyed SA keeps its deadline)
             sa.reauth_at = now + deadline
+        if not sa.authenticated_at:  # (and when its peer authenticated)
+            sa.authenticated_at = self._wall_clock().timestamp()
         self._schedule_children(sa, now)
 
     def _schedule_children(self, sa: IkeSa, now: float) -> None:

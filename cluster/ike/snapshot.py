@@ -104,6 +104,9 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
         "ppk": sa.ppk,
         "redirect": sa.redirect_supported,
         "eap_id": sa.eap_identity,
+        # for RADIUS accounting wherever the SA goes on
+        "auth_at": sa.authenticated_at,
+        "radius": [list(sa.radius_classes), sa.radius_interim],
         # virtual IPs (shared pools): pool, offset, holder, and the address (for `sas`;
         # a RADIUS server's address is only that)
         "leases": [[lease.pool.name, _offset(lease), lease.holder, str(lease.address)]
@@ -174,6 +177,9 @@ def _restore(record: Record, policy: ResponderPolicy, now: float, wall_clock: Wa
         ppk=bool(record.get("ppk", False)),
         redirect_supported=bool(record.get("redirect", False)),
         eap_identity=str(record.get("eap_id", "")),
+        authenticated_at=float(record.get("auth_at", 0.0)),
+        radius_classes=tuple(bytes(c) for c in record.get("radius", [[], 0])[0]),
+        radius_interim=int(record.get("radius", [[], 0])[1]),
         leases=_leases(connection, record.get("leases", [])),
     )
     for c, ck in zip(record["children"], record["children_keys"], strict=True):

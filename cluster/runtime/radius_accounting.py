@@ -27,6 +27,7 @@ from ..ike.events import (
     ChildSaDeleted,
     ChildSaEstablished,
     Event,
+    IkeSaAdopted,
     IkeSaDeleted,
     IkeSaEstablished,
     IkeSaRekeyed,
@@ -98,12 +99,13 @@ class AccountingStats:
 
 class Accounting:
     def __init__(self, policy: Callable[[], ResponderPolicy], client: RadiusClient, *,
-                 traffic: Traffic | None = None, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+                 traffic: Traffic | None = None, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self._policy = policy
         self._client = client
         self._traffic = traffic
         self._clock = clock
+        self._wall_clock = wall_clock
         self._sessions: dict[bytes, _Session] = {}  # by the IKE SA's SPIs
         self._child_of: dict[bytes, bytes] = {}  # Child SA inbound SPI -> IKE SA's SPIs
         self._send, self._receive = trio.open_memory_channel[list[bytes]](QUEUE)
@@ -114,6 +116,8 @@ class Accounting:
     def record(self, event: Event) -> None:
         if isinstance(event, IkeSaEstablished):
             self._started(event)
+        elif isinstance(event, IkeSaAdopted):
+            self._adopted(event)
         elif isinstance(event, ChildSaEstablished):
             key = event.ike_spi_i + event.ike_spi_r
             if key in self._sessions:
@@ -132,13 +136,10 @@ class Accounting:
             self._stopped(event)
 
     def _started(self, event: IkeSaEstablished) -> None:
+        if not self._wanted(event.connection, event.eap_identity):
+            return
         radius = self._policy().radius
-        if radius is None or not radius.accounting or not event.eap_identity:
-            return
-        conn = next((c for c in self._policy().connections if c.name == event.connection),
-                    None)
-        if conn is None or conn.remote.method != "eap-radius":
-            return
+        assert radius is not None
         key = event.spi_i + event.spi_r
         station = Station(event.local, event.remote, int.from_bytes(event.spi_r[:4]))
         interval = float(event.radius_interim or radius.accounting_interval)
@@ -147,6 +148,34 @@ class Accounting:
                            event.virtual_ips, event.radius_classes, interval, now + interval)
         self._sessions[key] = session
         self._queue(radius, session, [attribute(Attr.ACCT_STATUS_TYPE, _u32(START))])
+
+    def _adopted(self, event: IkeSaAdopted) -> None:
+        """A session another responder started goes on here: no second Start; its time
+        counts from when the user authenticated."""
+        if not self._wanted(event.connection, event.eap_identity):
+            return
+        radius = self._policy().radius
+        assert radius is not None
+        key = event.spi_i + event.spi_r
+        station = Station(event.local, event.remote, int.from_bytes(event.spi_r[:4]))
+        now = self._clock()
+        start = now - max(0.0, self._wall_clock() - event.authenticated_at) \
+            if event.authenticated_at else now
+        interval = float(event.radius_interim or radius.accounting_interval)
+        session = _Session(key.hex().encode(), event.eap_identity.encode(), station, start,
+                           event.virtual_ips, event.radius_classes, interval, now + interval)
+        session.children.update(event.children)
+        self._sessions[key] = session
+        for spi in event.children:
+            self._child_of[spi] = key
+
+    def _wanted(self, connection: str, eap_identity: str) -> bool:
+        """Whether an SA is accounted: an eap-radius user's, with accounting on."""
+        policy = self._policy()
+        if policy.radius is None or not policy.radius.accounting or not eap_identity:
+            return False
+        conn = next((c for c in policy.connections if c.name == connection), None)
+        return conn is not None and conn.remote.method == "eap-radius"
 
     def _child_ended(self, spi_in: bytes, session: _Session | None = None) -> None:
         key = self._child_of.pop(spi_in, None)

@@ -62,6 +62,7 @@ from ..ike.events import (
     ChildSaDeleted,
     ChildSaEstablished,
     Event,
+    IkeSaAdopted,
     IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
@@ -562,6 +563,12 @@ class Supervisor:
         if sa is not None and sa.local_id is not None and sa.remote_id is not None:
             # so that INITIAL_CONTACT or `unique` on another SA of its peer reaches it
             self._register_identity(actor, (str(sa.local_id), str(sa.remote_id)))
+        if sa is not None and sa.connection is not None:
+            self._deliver(IkeSaAdopted(
+                spi_i, spi_r, sa.connection.name, sa.local, sa.remote,
+                tuple(str(lease.address) for lease in sa.leases), sa.eap_identity,
+                sa.radius_classes, sa.radius_interim, sa.authenticated_at,
+                tuple(sa.children)))
         self.stats.actors_started += 1
         nursery.start_soon(self._run_actor, actor, name=f"ike-sa {actor.label} (taken over)")
         return actor

@@ -132,3 +132,14 @@ def test_rfc6311_sync_repairs_ids_after_a_request_lost_with_its_owner() -> None:
     assert synced.sa.pending is None  # answered
     drain(client)
     assert synced.retransmits_sent == 0
+
+
+def test_what_radius_accounting_needs_survives_the_takeover() -> None:
+    _, gateway = established()
+    sa = gateway.sa
+    assert sa.authenticated_at > 0  # set when it was established
+    sa.eap_identity, sa.radius_classes, sa.radius_interim = "carol", (b"group-a",), 300
+    other_node = taken_over(gateway, 1000.0)
+    assert (other_node.sa.authenticated_at, other_node.sa.eap_identity,
+            other_node.sa.radius_classes, other_node.sa.radius_interim) == (
+        sa.authenticated_at, "carol", (b"group-a",), 300)

@@ -235,9 +235,10 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
     """eap-radius in a cluster: the responder holding the half-open SA relays strongSwan's
     EAP-MSCHAPv2 to FreeRADIUS (on the compose network, every responder its client),
     the SA comes up, traffic crosses, and FreeRADIUS records the responder's accounting
-    Start with the user and the session id `sas` shows. A Disconnect-Request (RFC 5176)
-    sent to the responder that does not hold the SA is answered with an ACK and the
-    owner deletes it (the responders' channel)."""
+    Start with the user and the session id `sas` shows. The owner is killed; the other
+    responder takes the SA over (strongSwan's DPD) without a new login or a new Start;
+    a Disconnect-Request (RFC 5176) to it is answered with an ACK, the SA is deleted, and
+    the survivor's accounting Stop closes the same session (Admin-Reset)."""
     with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
         assert cluster.compose is not None
         radius = FreeRadius(cluster.compose, tmp_path / "radius", address=REDIS_HOST,
@@ -246,7 +247,8 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
         initiator, responder = conn_pair(ca=pki.ca, initiator_cred=pki.client_ecdsa,
                                          responder_cred=pki.gw_ecdsa)
         initiator = replace(initiator, eap_users=(("alice", "Alice's passw0rd"),),
-                            local=End("eap-mschapv2", "client.example.test", eap_id="alice"))
+                            local=End("eap-mschapv2", "client.example.test", eap_id="alice"),
+                            dpd_delay="2s")
         responder = replace(responder, remote=End("eap-radius", "%any", eap_id="%any"))
         # (one configuration for every role, as in compose: the worker checks it too)
         extra = {"radius": {"accounting": True, "servers": {"compose": {
@@ -266,6 +268,12 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
         session = f"{sa['initiator-spi']}{sa['responder-spi']}"
         assert f'Acct-Session-Id = "{session}"' in radius.accounting(), radius.accounting()
         assert 'User-Name = "alice"' in radius.accounting()
+        owner.kill()
+        survivor = cluster.responders[2 - _owner(cluster, sa["responder-spi"])]
+        deadline = time.monotonic() + 30
+        while "took over IKE SA" not in survivor.log_text():  # after strongSwan's DPD
+            assert time.monotonic() < deadline, cluster.logs()
+            time.sleep(0.3)
         other = 3 - _owner(cluster, sa["responder-spi"])
         disconnect = cluster.compose.run(
             ["sh", "-c", "echo 'User-Name = \"alice\"' | radclient -r 2 -t 2 -x "
@@ -276,9 +284,18 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
         while established(charon):
             assert time.monotonic() < deadline, cluster.logs()
             time.sleep(0.2)
-        assert re.search(r"IKE SA deleted: .*terminated by an operator", owner.log_text())
-        report("cluster", "eap-radius user through a responder, accounting Start recorded, "
-                          "disconnected through the other responder (RFC 5176)")
+        assert re.search(r"IKE SA deleted: .*terminated by an operator", survivor.log_text())
+        deadline = time.monotonic() + 10
+        while "Acct-Status-Type = Stop" not in radius.accounting():
+            assert time.monotonic() < deadline, radius.accounting() + cluster.logs()
+            time.sleep(0.2)
+        accounting = radius.accounting()
+        assert accounting.count("Acct-Status-Type = Start") == 1, accounting
+        assert accounting.count(f'Acct-Session-Id = "{session}"') == 2, accounting
+        assert "Acct-Terminate-Cause = Admin-Reset" in accounting, accounting
+        assert radius.log_text().count("Login OK: [alice]") == 1  # no new login
+        report("cluster", "eap-radius user through a responder, accounting Start recorded; "
+                          "owner killed, survivor took over, DAE ended it, survivor's Stop")
 
 
 def test_virtual_ips_from_a_pool_the_responders_share() -> None:

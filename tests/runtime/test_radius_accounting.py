@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -17,6 +18,7 @@ from cluster.ike.events import (
     TERMINATED,
     ChildSaDeleted,
     ChildSaEstablished,
+    IkeSaAdopted,
     IkeSaDeleted,
     IkeSaEstablished,
     IkeSaRekeyed,
@@ -187,3 +189,20 @@ async def test_interim_updates_come_at_the_servers_interval_with_the_traffic_so_
     # without an interval from the server or the configuration: none
     client, _ = await run([established(first), "later", "later", "interim"])
     assert [u32(r[Attr.ACCT_STATUS_TYPE][0]) for r in client.records] == [1]
+
+
+async def test_a_session_taken_over_goes_on_without_a_second_start() -> None:
+    """After its responder died, the survivor that took the SA over sends its Interim-
+    Updates and Stop under the same session id, its time counted from the login."""
+    adopted = IkeSaAdopted(b"I" * 8, b"R" * 8, "rw", ("192.0.2.1", 4500),
+                           ("198.51.100.7", 4500), ("10.3.0.9",), "carol", (b"group-a",), 0,
+                           time.time() - 600.0, (b"c1c1",))
+    client, _ = await run([adopted, "later", IkeSaDeleted(b"I" * 8, b"R" * 8, TERMINATED)],
+                          traffic={b"c1c1": (10, 20, 1, 2)})
+    [stop] = client.records
+    assert u32(stop[Attr.ACCT_STATUS_TYPE][0]) == 2
+    assert stop[Attr.ACCT_SESSION_ID] == [(b"I" * 8 + b"R" * 8).hex().encode()]
+    assert 675 <= u32(stop[Attr.ACCT_SESSION_TIME][0]) <= 677  # 600 s before, then 75.4 s
+    assert u32(stop[Attr.ACCT_TERMINATE_CAUSE][0]) == 6  # Admin-Reset
+    assert u32(stop[Attr.ACCT_INPUT_OCTETS][0]) == 10  # its Child SA, known from the event
+    assert stop[Attr.CLASS] == [b"group-a"]
