@@ -136,46 +136,42 @@ class Accounting:
             self._stopped(event)
 
     def _started(self, event: IkeSaEstablished) -> None:
-        if not self._wanted(event.connection, event.eap_identity):
-            return
-        radius = self._policy().radius
-        assert radius is not None
-        key = event.spi_i + event.spi_r
-        station = Station(event.local, event.remote, int.from_bytes(event.spi_r[:4]))
-        interval = float(event.radius_interim or radius.accounting_interval)
-        now = self._clock()
-        session = _Session(key.hex().encode(), event.eap_identity.encode(), station, now,
-                           event.virtual_ips, event.radius_classes, interval, now + interval)
-        self._sessions[key] = session
-        self._queue(radius, session, [attribute(Attr.ACCT_STATUS_TYPE, _u32(START))])
+        opened = self._open(event, self._clock())
+        if opened is not None:
+            radius, session = opened
+            self._queue(radius, session, [attribute(Attr.ACCT_STATUS_TYPE, _u32(START))])
 
     def _adopted(self, event: IkeSaAdopted) -> None:
         """A session another responder started goes on here: no second Start; its time
         counts from when the user authenticated."""
-        if not self._wanted(event.connection, event.eap_identity):
-            return
-        radius = self._policy().radius
-        assert radius is not None
+        now = self._clock()
+        since = max(0.0, self._wall_clock() - event.authenticated_at) \
+            if event.authenticated_at else 0.0
+        opened = self._open(event, now - since)
+        if opened is not None:
+            _, session = opened
+            session.children.update(event.children)
+            for spi in event.children:
+                self._child_of[spi] = event.spi_i + event.spi_r
+
+    def _open(self, event: IkeSaEstablished | IkeSaAdopted, start: float
+              ) -> tuple[RadiusSettings, _Session] | None:
+        """The accounting session of an eap-radius user's SA (None: not accounted)."""
+        policy = self._policy()
+        radius = policy.radius
+        if radius is None or not radius.accounting or not event.eap_identity:
+            return None
+        conn = next((c for c in policy.connections if c.name == event.connection), None)
+        if conn is None or conn.remote.method != "eap-radius":
+            return None
         key = event.spi_i + event.spi_r
         station = Station(event.local, event.remote, int.from_bytes(event.spi_r[:4]))
-        now = self._clock()
-        start = now - max(0.0, self._wall_clock() - event.authenticated_at) \
-            if event.authenticated_at else now
         interval = float(event.radius_interim or radius.accounting_interval)
+        next_interim = self._clock() + interval
         session = _Session(key.hex().encode(), event.eap_identity.encode(), station, start,
-                           event.virtual_ips, event.radius_classes, interval, now + interval)
-        session.children.update(event.children)
+                           event.virtual_ips, event.radius_classes, interval, next_interim)
         self._sessions[key] = session
-        for spi in event.children:
-            self._child_of[spi] = key
-
-    def _wanted(self, connection: str, eap_identity: str) -> bool:
-        """Whether an SA is accounted: an eap-radius user's, with accounting on."""
-        policy = self._policy()
-        if policy.radius is None or not policy.radius.accounting or not eap_identity:
-            return False
-        conn = next((c for c in policy.connections if c.name == connection), None)
-        return conn is not None and conn.remote.method == "eap-radius"
+        return radius, session
 
     def _child_ended(self, spi_in: bytes, session: _Session | None = None) -> None:
         key = self._child_of.pop(spi_in, None)
