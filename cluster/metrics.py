@@ -579,8 +579,9 @@ def _failover_families(stats: Mapping[str, int]) -> list[Metric]:
 # watch_radius's readers: (name, help, the results counted)
 _RADIUS_FAMILIES = (
     ("radius_requests_total", "Round trips to the RADIUS servers of eap-radius connections: "
-     "answered, timeout (no server answered any try), and the datagrams sent again or "
-     "refused as no valid answer.", ("answered", "timeouts", "retransmits", "invalid")),
+     "answered, timeouts (a server answered no try), skipped (a server that did not answer "
+     "lately, passed over), and the datagrams sent again or refused as no valid answer.",
+     ("answered", "timeouts", "skipped", "retransmits", "invalid")),
     ("radius_accounting_total", "RADIUS Accounting-Requests (Start, Interim-Update, Stop): "
      "sent (a server answered), failed (none did), dropped (queue full).",
      ("sent", "failed", "dropped")),

@@ -34,7 +34,7 @@ async def test_a_lost_request_is_sent_again_unchanged_and_noise_is_ignored() -> 
         assert answer == b"the answer"
         assert seen == [b"request", b"request"]
         assert client.stats.as_dict() == {"answered": 1, "timeouts": 0, "retransmits": 1,
-                                          "invalid": 1}
+                                          "invalid": 1, "skipped": 0}
 
 
 async def test_nobody_listening_is_a_timeout_after_every_try() -> None:
@@ -46,4 +46,30 @@ async def test_nobody_listening_is_a_timeout_after_every_try() -> None:
                                    SETTINGS, lambda d: True)
     assert answer is None
     assert client.stats.as_dict() == {"answered": 0, "timeouts": 1, "retransmits": 2,
-                                      "invalid": 0}
+                                      "invalid": 0, "skipped": 0}
+
+
+async def test_a_server_that_did_not_answer_is_passed_over_for_a_while() -> None:
+    """A dead primary costs its retransmission schedule once, not on every login."""
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        await silent.bind(("127.0.0.1", 0))
+        server = RadiusServer("lab", "127.0.0.1", silent.getsockname()[1], b"s")
+        client = RadiusClient(hold_down=0.5)
+        assert await client.exchange(server, b"request", SETTINGS, lambda d: True) is None
+        before = trio.current_time()
+        assert await client.exchange(server, b"request", SETTINGS, lambda d: True) is None
+        assert trio.current_time() - before < SETTINGS.timeout  # not sent at all
+        assert (client.stats.timeouts, client.stats.skipped) == (1, 1)
+        await trio.sleep(0.5)  # the hold is over: asked again (and it answers now)
+
+        async def answer() -> None:
+            while True:  # (the first request's tries are queued here too)
+                _, peer = await silent.recvfrom(4096)
+                await silent.sendto(b"the answer", peer)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer)
+            assert await client.exchange(server, b"request", SETTINGS,
+                                         lambda d: d == b"the answer") == b"the answer"
+            nursery.cancel_scope.cancel()
+        assert (client.stats.answered, client.stats.skipped) == (1, 1)
