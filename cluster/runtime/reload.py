@@ -39,6 +39,11 @@ RESTART_ONLY = (
 )
 
 
+def _dae_listen(config: NodeConfig) -> tuple[str, int] | None:
+    radius = config.policy.radius
+    return None if radius is None or radius.dae is None else (radius.dae.host, radius.dae.port)
+
+
 def _pool_definition(pool: AddressPool) -> tuple[object, ...]:
     return pool.name, pool.first, pool.size, pool.dns
 
@@ -49,6 +54,8 @@ def carry_over(old: NodeConfig, new: NodeConfig) -> tuple[NodeConfig, list[str]]
     restart applies."""
     restart = [name for name, attribute in RESTART_ONLY
                if getattr(old, attribute) != getattr(new, attribute)]
+    if _dae_listen(old) != _dae_listen(new):  # (its secret follows the reload)
+        restart.append("[radius.dae] listen")
     pools = {p.name: p for c in old.policy.connections for p in c.pools}
     changed: set[str] = set()
 

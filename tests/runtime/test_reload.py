@@ -108,6 +108,16 @@ def test_pools_keep_their_leases_and_restart_only_changes_are_named(setup: Setup
                     + POOL + '[worker]\ntun = "ikec9"\n')
     _, restart = carry_over(old, load_config(path))
     assert restart == ["[worker]"]  # half_open_timeout is the policy's: reloaded
+    radius = '[radius.servers.a]\naddress = "10.0.0.5"\nsecret = "x"\n'
+    dae = '[radius.dae]\nlisten = "127.0.0.1:13799"\nsecret = "y"\n'
+    path.write_text(text + POOL + radius + dae)
+    with_dae = load_config(path)
+    new, restart = carry_over(old, with_dae)
+    assert restart == ["[radius.dae] listen"]
+    assert new.policy.radius_backend is old.policy.radius_backend  # the runtime's transport
+    path.write_text(text + POOL + radius + dae.replace('"y"', '"z"'))
+    _, restart = carry_over(with_dae, load_config(path))
+    assert restart == []  # a new DAE secret applies at once
 
 
 async def test_connections_to_start_come_and_go_with_a_reload(tmp_path: Path) -> None:
