@@ -41,6 +41,7 @@ from .runtime.channel import (
     RESPONDERS_CHANNEL,
     encode_redirect,
     encode_terminate,
+    store_redirect,
 )
 from .runtime.node import ResponderFactory, redirect_node
 from .runtime.reload import ReloadResult
@@ -420,6 +421,7 @@ def redirect_command(config_path: str, gateway: str, existing: bool) -> int:
 def _redirect_cluster(store: StateStore, gateway: str, existing: bool) -> int:
     async def publish() -> None:
         try:
+            await store_redirect(store, gateway)  # (responders that start later)
             await store.publish(RESPONDERS_CHANNEL,
                                 encode_redirect(CLI_ORIGIN, gateway, existing))
         finally:

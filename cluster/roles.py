@@ -41,7 +41,9 @@ from .store import (
 from .store.membership import Membership
 
 if TYPE_CHECKING:
+    from .runtime.node import ResponderFactory
     from .runtime.radius_dae import Disconnect
+    from .runtime.supervisor import Supervisor
 
 logger = logging.getLogger("cluster")
 
@@ -249,6 +251,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                     await nursery.start(serve_control, config.node_id, {
                         "reload": reload_handler(lambda: reload_from(
                             config.source, lambda: config, reconfigure))})
+                await _restore_redirect(store, supervisor, factory)
                 await nursery.start(endpoint.serve, supervisor)
                 await nursery.start(membership.run)
                 nursery.start_soon(relay.ping_members, membership, "worker")
@@ -273,6 +276,20 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
 # responder keeps trying to load it, and how often
 TERMINATE_PATIENCE = 4
 TERMINATE_RETRY = 0.5
+
+
+async def _restore_redirect(store: StateStore, supervisor: Supervisor,
+                            factory: ResponderFactory) -> None:
+    """A redirection the cluster was given before this responder started (RFC 5685)."""
+    from .runtime.channel import stored_redirect
+    from .runtime.node import redirect_node
+
+    try:
+        gateway = await stored_redirect(store)
+        if gateway:
+            redirect_node(supervisor, factory, gateway, existing=False)
+    except (StoreError, ValueError) as exc:
+        logger.warning("the cluster's redirection not restored: %s", exc)
 
 
 def _cluster_disconnect(store: StateStore, node_id: str) -> Disconnect:

@@ -16,7 +16,9 @@ responder deletes it (if both came up at once, each side orders the two by time,
 SPI, and the later one goes).
 
 "redirect": `ike-cluster redirect` with a cluster's configuration: every responder sends
-new initiators to the gateway (RFC 5685) and, if asked, its established SAs too.
+new initiators to the gateway (RFC 5685) and, if asked, its established SAs too. The
+gateway is also kept in the store (`store_redirect`), so a responder that starts later
+redirects as well (`stored_redirect`).
 
 "terminate": `ike-cluster terminate` asks for an IKE SA to be deleted (swanctl's
 `--terminate`). The responder that holds it deletes it with a Delete to the peer; if
@@ -38,7 +40,7 @@ from typing import Any, Protocol
 import msgpack
 import trio
 
-from ..store.interface import StateStore, StoreError
+from ..store.interface import Children, PutChild, StateStore, StoreError
 from .supervisor import CLUSTER_POLICIES
 
 logger = logging.getLogger(__name__)
@@ -169,6 +171,22 @@ def decode_untrusted(data: bytes
 
 def _names(*values: object) -> bool:
     return all(isinstance(v, str) for v in values)
+
+
+# the cluster's redirection, kept in the store under the channel's name (a table no
+# worker has: node ids cannot start with "@")
+REDIRECT_FIELD = b"redirect"
+
+
+async def store_redirect(store: StateStore, gateway: str) -> None:
+    """Keep the cluster's redirection ("" none) for responders that start later."""
+    await store.run(PutChild(RESPONDERS_CHANNEL, REDIRECT_FIELD, gateway.encode()))
+
+
+async def stored_redirect(store: StateStore) -> str:
+    """The cluster's redirection ("" none)."""
+    table = await store.run(Children(RESPONDERS_CHANNEL))
+    return table.get(REDIRECT_FIELD, b"").decode(errors="replace")
 
 
 def _spis(*values: object) -> bool:

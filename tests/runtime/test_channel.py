@@ -3,6 +3,8 @@ responders, and `ike-cluster terminate`'s requests; a supervisor acting on them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgpack
 import pytest
 import trio
@@ -266,3 +268,33 @@ async def test_keep_orders_two_sas_of_an_identity_by_time_and_the_later_one_goes
             for peer in peers:
                 peer.close()
         node.shutdown()
+
+
+def test_a_clusters_redirection_is_kept_for_responders_that_start_later() -> None:
+    """`ike-cluster redirect` with a cluster's configuration stores the gateway beside
+    publishing it; a responder starting afterwards finds it (and `--stop` clears it)."""
+    from cluster.config import load_config
+    from cluster.ops import _redirect_cluster
+    from cluster.roles import _restore_redirect
+    from cluster.runtime.channel import stored_redirect
+    from cluster.runtime.node import ResponderFactory
+    from cluster.runtime.stats import RuntimeStats
+    from cluster.runtime.supervisor import Supervisor
+
+    store = MemoryStore()
+    assert trio.run(stored_redirect, store) == ""
+    assert _redirect_cluster(store, "gw2.example.test", False) == 0
+    assert trio.run(stored_redirect, store) == "gw2.example.test"
+
+    config = load_config(Path(__file__).parents[2] / "config" / "example.toml")
+    factory = ResponderFactory(config)
+    supervisor = Supervisor(session_factory=factory, send=lambda datagram: None,
+                            event_sink=lambda event: None, stats=RuntimeStats(),
+                            half_open_timeout=30.0)
+    trio.run(_restore_redirect, store, supervisor, factory)
+    assert factory.redirect_to == "gw2.example.test"
+
+    assert _redirect_cluster(store, "", False) == 0
+    factory = ResponderFactory(config)
+    trio.run(_restore_redirect, store, supervisor, factory)
+    assert factory.redirect_to == ""
