@@ -27,8 +27,10 @@ from cluster.ike.radius import (
     RadiusServer,
     RadiusSettings,
     Station,
+    encode_dae_answer,
     framed_addresses,
     mppe_key_untrusted,
+    parse_dae_request_untrusted,
     parse_reply_untrusted,
 )
 
@@ -346,3 +348,24 @@ def test_without_a_transport_the_exchange_fails_cleanly() -> None:
                              RadiusBackend(), STATION, parse_identity_pattern("%any"))
     with pytest.raises(AuthenticationFailed, match="no answer from one"):
         step(server, identity_response(server, b"carol"))
+
+
+@given(st.binary(max_size=300))
+def test_any_datagram_at_the_dae_port_is_a_request_or_none(data: bytes) -> None:
+    assert parse_dae_request_untrusted(data, SECRET) is None  # (none verifies by chance)
+
+
+@given(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)), max_size=6),
+       st.sampled_from([Packet.DISCONNECT_REQUEST, Packet.COA_REQUEST]))
+def test_authentic_dae_requests_parse_whatever_their_attributes(
+        attributes: list[tuple[int, bytes]], code: int) -> None:
+    attributes = [(k, v) for k, v in attributes if k != Attr.MESSAGE_AUTHENTICATOR]
+    body = b"".join(bytes((kind, 2 + len(value))) + value for kind, value in attributes)
+    head = struct.pack("!BBH", code, 9, 20 + len(body))
+    data = head + hashlib.md5(head + bytes(16) + body + SECRET).digest() + body
+    parsed = parse_dae_request_untrusted(data, SECRET)
+    assert parsed is not None
+    request, identifier, authenticator = parsed
+    assert (request.code, identifier, request.attributes) == (code, 9, attributes)
+    answer = encode_dae_answer(Packet.DISCONNECT_ACK, identifier, authenticator, [], SECRET)
+    assert answer[4:20] == hashlib.md5(answer[:4] + authenticator + SECRET).digest()
