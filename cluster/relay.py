@@ -25,6 +25,9 @@ Wire format, version 1 (integers big-endian)::
       PONG: 8     the sequence number of the PING answered
       CHILD_LIMIT: 8 IKE initiator SPI, 8 IKE responder SPI, 4 Child SA inbound SPI,
             1 limit (1 soft: rekey it, 2 hard: delete it)
+      CHILD_TRAFFIC: 8 IKE initiator SPI, 8 IKE responder SPI, 4 Child SA inbound SPI,
+            4 x 8 bytes in, bytes out, packets in, packets out (when the worker removes
+            it: for RADIUS accounting)
     last    16    tag: HMAC-SHA256 over every byte before it, truncated to 128 bits
 
 Overhead on an IKE message: 13 + S + R + 14 (IPv4) or 38 (IPv6) + 16 bytes; with
@@ -91,6 +94,8 @@ DEFAULT_MAX_SENDERS = 1024
 
 FLAG_KEEPALIVE = 0x01
 CHILD_LIMIT_SIZE = 21
+CHILD_TRAFFIC_SIZE = 52
+_TRAFFIC = struct.Struct("!8s8s4sQQQQ")
 LIMIT_SOFT = 1
 LIMIT_HARD = 2
 
@@ -107,6 +112,7 @@ class Kind(IntEnum):
     PING = 3
     PONG = 4
     CHILD_LIMIT = 5  # worker -> responder: a Child SA reached a byte/packet/sequence limit
+    CHILD_TRAFFIC = 6  # worker -> responder: what a Child SA carried, as it is removed
 
 
 class KeyRing(Protocol):
@@ -116,6 +122,8 @@ class KeyRing(Protocol):
 
 
 _IKE_KINDS = (Kind.IKE_FROM_PEER, Kind.IKE_TO_PEER)
+# kinds whose data has one size and no addresses
+_FIXED_SIZES = {Kind.CHILD_LIMIT: CHILD_LIMIT_SIZE, Kind.CHILD_TRAFFIC: CHILD_TRAFFIC_SIZE}
 _KINDS = {int(k): k for k in Kind}
 
 
@@ -255,9 +263,10 @@ class RelayCodec:
             _push_address(buf, local)
             _push_address(buf, remote)
             buf.push_bytes(data)
-        elif kind is Kind.CHILD_LIMIT:
-            if len(data) != CHILD_LIMIT_SIZE or local is not None or remote is not None:
-                raise ValueError(f"CHILD_LIMIT carries {CHILD_LIMIT_SIZE} bytes, no addresses")
+        elif kind in _FIXED_SIZES:
+            size = _FIXED_SIZES[kind]
+            if len(data) != size or local is not None or remote is not None:
+                raise ValueError(f"{kind.name} carries {size} bytes, no addresses")
             buf.push_bytes(data)
         elif data or local is not None or remote is not None:
             raise ValueError(f"{kind.name} carries no datagram")
@@ -354,6 +363,20 @@ def parse_child_limit(data: bytes) -> tuple[bytes, bytes, bytes, bool]:
     return data[:8], data[8:16], data[16:20], data[20] == LIMIT_HARD
 
 
+Traffic = tuple[int, int, int, int]  # bytes in, bytes out, packets in, packets out
+
+
+def child_traffic(spi_i: bytes, spi_r: bytes, spi_in: bytes, traffic: Traffic) -> bytes:
+    """The body of a CHILD_TRAFFIC envelope (for the IKE SA's RADIUS accounting)."""
+    return _TRAFFIC.pack(spi_i, spi_r, spi_in, *traffic)
+
+
+def parse_child_traffic(data: bytes) -> tuple[bytes, bytes, bytes, Traffic]:
+    """(spi_i, spi_r, spi_in, traffic) of a CHILD_TRAFFIC envelope's data."""
+    spi_i, spi_r, spi_in, *counts = _TRAFFIC.unpack(data)
+    return spi_i, spi_r, spi_in, (counts[0], counts[1], counts[2], counts[3])
+
+
 def overhead(sender: str, recipient: str, ipv6: bool = False) -> int:
     """Bytes an IKE_* envelope adds to the IKE message it carries."""
     address = _ADDR6.size if ipv6 else _ADDR4.size
@@ -413,10 +436,11 @@ def _pull_body(
             raise ParseError(f"{kind.name} without a datagram")
         return Envelope(kind, sender, recipient, seq, data, local, remote,
                         keepalive=bool(flags & FLAG_KEEPALIVE))
-    if kind is Kind.CHILD_LIMIT:
-        data = buf.pull_bytes(CHILD_LIMIT_SIZE)
-        if not buf.eof() or data[-1] not in (LIMIT_SOFT, LIMIT_HARD):
-            raise ParseError("malformed CHILD_LIMIT")
+    if kind in _FIXED_SIZES:
+        data = buf.pull_bytes(_FIXED_SIZES[kind])
+        if not buf.eof() or (kind is Kind.CHILD_LIMIT and data[-1] not in (LIMIT_SOFT,
+                                                                            LIMIT_HARD)):
+            raise ParseError(f"malformed {kind.name}")
         return Envelope(kind, sender, recipient, seq, data)
     echo = buf.pull_uint64() if kind is Kind.PONG else 0
     if not buf.eof():

@@ -133,8 +133,8 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
     metrics = Metrics(config.node_id, connections=[c.name for c in config.policy.connections])
     metrics.watch_pools(pools)
 
-    # (no data plane here: the workers count the traffic, accounting carries none)
-    accounting = Accounting(lambda: config.policy, RadiusClient())
+    # (no data plane here: the workers report each Child SA's traffic as they remove it)
+    accounting = Accounting(lambda: config.policy, RadiusClient(), reported=True)
 
     def sink(event: Event) -> None:
         log_event(event)
@@ -229,6 +229,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                 persistence.load_then(spi_i + spi_r, after_load)
 
         endpoint.on_child_limit = child_limit
+        endpoint.on_child_traffic = accounting.child_traffic
 
         membership.on_change = members_changed
         try:
@@ -381,7 +382,7 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
     from .runtime.node import _shutdown_on_signal
     from .runtime.stats import RuntimeStats
     from .worker.dataplane import DataPlane, DataPlaneSettings
-    from .worker.edge import ChildLimits, KeySubscriber, WorkerRelay
+    from .worker.edge import ChildLimits, KeySubscriber, TrafficReports, WorkerRelay
     from .worker.keys import Limits
 
     cluster, key = cluster_settings(config)
@@ -414,6 +415,9 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
         plane.on_esp_event = limits_out.on_esp_event
         membership.on_change = lambda members: edge.refresh()
         keys = KeySubscriber(store, config.node_id, key, plane, limits)
+        radius = config.policy.radius
+        if radius is not None and radius.accounting:  # the responders' accounting Stops
+            keys.on_remove = TrafficReports(edge, plane).removed
         try:
             async with trio.open_nursery() as nursery:
                 if handle_signals:

@@ -47,7 +47,8 @@ from .radius_client import RadiusClient
 logger = logging.getLogger(__name__)
 
 START, STOP, INTERIM = 1, 2, 3  # Acct-Status-Type (RFC 2866 5.1, RFC 2869 5.1)
-TICK = 1.0  # seconds between looks for Interim-Updates that are due
+TICK = 1.0  # seconds between looks for Interim-Updates (and Stops) that are due
+REPORT_WAIT = 3.0  # seconds a cluster responder's Stop waits for the workers' reports
 # Acct-Terminate-Cause (RFC 2866 5.10)
 USER_REQUEST, LOST_CARRIER, SESSION_TIMEOUT, ADMIN_RESET, NAS_REQUEST, PORT_PREEMPTED = (
     1, 2, 5, 6, 10, 13)
@@ -84,7 +85,10 @@ class _Session:
     interval: float = 0.0  # seconds between Interim-Updates (0: none)
     next_interim: float = 0.0
     traffic: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
-    children: set[bytes] = field(default_factory=set)  # inbound SPIs
+    children: set[bytes] = field(default_factory=set)  # inbound SPIs of those up
+    unreported: set[bytes] = field(default_factory=set)  # (reported) not yet told of
+    stop: list[bytes] | None = None  # (reported) its Stop's status, waiting for reports
+    stop_by: float = 0.0  # sent then at the latest
 
 
 @dataclass
@@ -98,15 +102,22 @@ class AccountingStats:
 
 
 class Accounting:
+    """`traffic` reads a Child SA's counts where the data plane runs in this process;
+    `reported`: a cluster responder's workers tell them (`child_traffic`) as they remove
+    each Child SA, and a Stop waits up to REPORT_WAIT seconds for its Child SAs' reports."""
+
     def __init__(self, policy: Callable[[], ResponderPolicy], client: RadiusClient, *,
-                 traffic: Traffic | None = None, clock: Callable[[], float] = time.monotonic,
+                 traffic: Traffic | None = None, reported: bool = False,
+                 clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self._policy = policy
         self._client = client
         self._traffic = traffic
+        self._reported = reported
         self._clock = clock
         self._wall_clock = wall_clock
         self._sessions: dict[bytes, _Session] = {}  # by the IKE SA's SPIs
+        self._stopping: dict[bytes, _Session] = {}  # (reported) Stops waiting for reports
         self._child_of: dict[bytes, bytes] = {}  # Child SA inbound SPI -> IKE SA's SPIs
         self._send, self._receive = trio.open_memory_channel[list[bytes]](QUEUE)
         self.stats = AccountingStats()
@@ -123,6 +134,8 @@ class Accounting:
             if key in self._sessions:
                 self._child_of[event.spi_in] = key
                 self._sessions[key].children.add(event.spi_in)
+                if self._reported:
+                    self._sessions[key].unreported.add(event.spi_in)
         elif isinstance(event, ChildSaDeleted):
             self._child_ended(event.spi_in)
         elif isinstance(event, IkeSaRekeyed):
@@ -130,7 +143,7 @@ class Accounting:
             if session is not None:  # one accounting session through rekeys
                 key = event.spi_i + event.spi_r
                 self._sessions[key] = session
-                for spi in session.children:
+                for spi in session.children | session.unreported:
                     self._child_of[spi] = key
         elif isinstance(event, IkeSaDeleted):
             self._stopped(event)
@@ -151,6 +164,8 @@ class Accounting:
         if opened is not None:
             _, session = opened
             session.children.update(event.children)
+            if self._reported:
+                session.unreported.update(event.children)
             for spi in event.children:
                 self._child_of[spi] = event.spi_i + event.spi_r
 
@@ -174,6 +189,12 @@ class Accounting:
         return radius, session
 
     def _child_ended(self, spi_in: bytes, session: _Session | None = None) -> None:
+        if self._reported:  # its worker tells what it carried (child_traffic)
+            key = self._child_of.get(spi_in)
+            found = session or (self._sessions.get(key) if key is not None else None)
+            if found is not None:
+                found.children.discard(spi_in)
+            return
         key = self._child_of.pop(spi_in, None)
         if session is None:
             session = self._sessions.get(key) if key is not None else None
@@ -191,10 +212,47 @@ class Accounting:
             return
         for spi in list(session.children):
             self._child_ended(spi, session)
-        self._queue(radius, session, [
-            attribute(Attr.ACCT_STATUS_TYPE, _u32(STOP)),
-            attribute(Attr.ACCT_TERMINATE_CAUSE, _u32(terminate_cause(event.reason))),
-            *self._usage(session, session.traffic)])
+        session.stop = [attribute(Attr.ACCT_STATUS_TYPE, _u32(STOP)),
+                        attribute(Attr.ACCT_TERMINATE_CAUSE,
+                                  _u32(terminate_cause(event.reason)))]
+        if session.unreported:  # (reported) its workers' reports are on their way
+            session.stop_by = self._clock() + REPORT_WAIT
+            self._stopping[event.spi_i + event.spi_r] = session
+            return
+        self._send_stop(radius, session)
+
+    def _send_stop(self, radius: RadiusSettings, session: _Session) -> None:
+        assert session.stop is not None
+        for spi in session.unreported:  # (reported: not told in time)
+            self._child_of.pop(spi, None)
+        self._queue(radius, session, [*session.stop, *self._usage(session, session.traffic)])
+
+    def child_traffic(self, spi_i: bytes, spi_r: bytes, spi_in: bytes,
+                      traffic: tuple[int, int, int, int]) -> None:
+        """A worker removed a Child SA and told what it carried (a cluster responder)."""
+        key = self._child_of.pop(spi_in, None)
+        if key is None:
+            return
+        session = self._sessions.get(key) or self._stopping.get(key)
+        if session is None or spi_in not in session.unreported:
+            return
+        session.unreported.discard(spi_in)
+        session.traffic = [a + b for a, b in zip(session.traffic, traffic, strict=True)]
+        if session.stop is not None and not session.unreported:
+            del self._stopping[key]
+            radius = self._policy().radius
+            if radius is not None:
+                self._send_stop(radius, session)
+
+    def _overdue_stops(self) -> None:
+        """Stops whose Child SAs' reports did not all come in time: sent with what did."""
+        now = self._clock()
+        radius = self._policy().radius
+        for key, session in list(self._stopping.items()):
+            if now >= session.stop_by:
+                del self._stopping[key]
+                if radius is not None:
+                    self._send_stop(radius, session)
 
     def interim(self) -> None:
         """Interim-Updates (RFC 2869 2.1) for the sessions whose interval is up: the
@@ -219,7 +277,7 @@ class Accounting:
     def _usage(self, session: _Session, traffic: list[int]) -> list[bytes]:
         out = [attribute(Attr.ACCT_SESSION_TIME, _u32(int(self._clock() - session.start)))]
         octets_in, octets_out, packets_in, packets_out = traffic
-        if self._traffic is not None:  # (the data plane is in this process)
+        if self._traffic is not None or self._reported:  # (someone counts the traffic)
             out += [attribute(Attr.ACCT_INPUT_OCTETS, _u32(octets_in)),
                     attribute(Attr.ACCT_INPUT_GIGAWORDS, _u32(octets_in >> 32)),
                     attribute(Attr.ACCT_OUTPUT_OCTETS, _u32(octets_out)),
@@ -258,6 +316,7 @@ class Accounting:
         while True:
             await trio.sleep(TICK)
             self.interim()
+            self._overdue_stops()
 
     async def _deliver(self, attributes: list[bytes], limit: trio.Semaphore) -> None:
         try:

@@ -16,7 +16,7 @@ import trio
 from ..errors import ParseError
 from ..ike.message import peek_header_untrusted
 from ..ike.session import Address, Datagram
-from ..relay import Envelope, Kind, parse_child_limit
+from ..relay import Envelope, Kind, Traffic, parse_child_limit, parse_child_traffic
 from ..relay_socket import RelaySocket, parse_address
 from ..store.membership import Membership
 from .dispatcher import Router
@@ -33,6 +33,8 @@ class ResponderRelay:
         self._worker_of: dict[Address, str] = {}
         # (spi_i, spi_r, spi_in, hard): a worker's Child SA reached a lifetime limit
         self.on_child_limit: Callable[[bytes, bytes, bytes, bool], None] | None = None
+        # (spi_i, spi_r, spi_in, traffic) of a Child SA a worker removed
+        self.on_child_traffic: Callable[[bytes, bytes, bytes, Traffic], None] | None = None
 
     def worker_of(self, remote: Address) -> str | None:
         return self._worker_of.get(remote)
@@ -49,6 +51,9 @@ class ResponderRelay:
         def handle(envelope: Envelope, source: Address) -> None:
             if envelope.kind is Kind.CHILD_LIMIT and self.on_child_limit is not None:
                 self.on_child_limit(*parse_child_limit(envelope.data))
+                return
+            if envelope.kind is Kind.CHILD_TRAFFIC and self.on_child_traffic is not None:
+                self.on_child_traffic(*parse_child_traffic(envelope.data))
                 return
             if envelope.kind is not Kind.IKE_FROM_PEER:
                 self.relay.drop("unexpected_kind")

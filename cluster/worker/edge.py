@@ -35,7 +35,7 @@ from ..esp import SaHardExpired, SaSequenceExhausted, SaSoftExpired
 from ..ike.message import Header
 from ..ike.session import Address, Datagram
 from ..ike.snapshot import child_event
-from ..relay import Envelope, Kind, child_limit
+from ..relay import Envelope, Kind, child_limit, child_traffic
 from ..relay_socket import RelaySocket, parse_address
 from ..rendezvous import choose
 from ..store import ClusterKey, PutChild, StateStore, StoreError, open_sealed
@@ -165,6 +165,26 @@ def _message_untrusted(data: bytes) -> list[Any]:
     return message
 
 
+class TrafficReports:
+    """What each removed Child SA carried, told to the responder of its IKE SA (the one
+    rendezvous hashing picks for the IKE initiator SPI), for its RADIUS accounting Stop.
+    One datagram per Child SA; traffic during a rekeyed SA's last seconds is not in it."""
+
+    def __init__(self, relay: WorkerRelay, plane: DataPlane) -> None:
+        self.relay = relay
+        self.plane = plane
+        self.sent = 0
+
+    def removed(self, spi_in: bytes) -> None:
+        child, ike = self.plane.sad.get(spi_in), self.plane.ike_sa_of(spi_in)
+        if child is None or ike is None:
+            return
+        c = child.counters
+        self.relay.request(ike[0], Kind.CHILD_TRAFFIC, child_traffic(
+            ike[0], ike[1], spi_in, (c.bytes_in, c.bytes_out, c.packets_in, c.packets_out)))
+        self.sent += 1
+
+
 class KeySubscriber:
     """Keeps the data plane's SAD equal to this worker's table in the store."""
 
@@ -182,6 +202,7 @@ class KeySubscriber:
         self.errors = 0  # records or messages that did not open
         self.restored = 0  # SAs installed from the table at start, with a sequence jump
         self.tables_lost = 0  # resyncs that found the store had forgotten our table
+        self.on_remove: Callable[[bytes], None] | None = None  # before a removal (traffic)
         self._incarnation = os.urandom(8)
 
     def _open(self, spi_in: bytes, sealed: bytes) -> Any:
@@ -281,6 +302,8 @@ class KeySubscriber:
                 self.installed += 1
             elif kind == "remove":
                 if self.plane.sad.get(spi_in) is not None and spi_in not in self.plane.lingering:
+                    if self.on_remove is not None:
+                        self.on_remove(spi_in)
                     self.plane.delete(spi_in)  # a rekeyed-away SA lingers a few seconds
                     self.removed += 1
             elif kind == "ike" and len(message) == 4:  # its IKE SA was rekeyed

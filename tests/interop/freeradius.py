@@ -175,5 +175,16 @@ class FreeRadius:
         detail = self.directory / "detail"
         return detail.read_text(errors="replace") if detail.exists() else ""
 
+    def records(self, *needles: str) -> list[dict[str, str]]:
+        """The detail file's records (attribute -> value as written) that contain every
+        one of `needles`."""
+        out = []
+        for block in self.accounting().split("\n\n"):
+            if block.strip() and all(needle in block for needle in needles):
+                pairs = (line.strip().partition(" = ") for line in block.splitlines()[1:]
+                         if " = " in line)
+                out.append({name: value for name, _, value in pairs})
+        return out
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

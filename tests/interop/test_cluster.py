@@ -238,7 +238,8 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
     Start with the user and the session id `sas` shows. The owner is killed; the other
     responder takes the SA over (strongSwan's DPD) without a new login or a new Start;
     a Disconnect-Request (RFC 5176) to it is answered with an ACK, the SA is deleted, and
-    the survivor's accounting Stop closes the same session (Admin-Reset)."""
+    the survivor's accounting Stop closes the same session (Admin-Reset) with the pings'
+    packets both ways, which the worker reported as it removed the Child SA."""
     with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
         assert cluster.compose is not None
         radius = FreeRadius(cluster.compose, tmp_path / "radius", address=REDIS_HOST,
@@ -290,6 +291,9 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
             assert time.monotonic() < deadline, radius.accounting() + cluster.logs()
             time.sleep(0.2)
         accounting = radius.accounting()
+        [stop] = radius.records("Acct-Status-Type = Stop")
+        assert int(stop["Acct-Input-Packets"]) == int(stop["Acct-Output-Packets"]) == sent, stop
+        assert int(stop["Acct-Input-Octets"]) == 84 * sent, stop
         assert accounting.count("Acct-Status-Type = Start") == 1, accounting
         assert accounting.count(f'Acct-Session-Id = "{session}"') == 2, accounting
         assert "Acct-Terminate-Cause = Admin-Reset" in accounting, accounting

@@ -1368,8 +1368,7 @@ def test_a_radius_server_assigns_the_virtual_ip_and_a_pool_serves_the_others(
         while radius.accounting().count("Acct-Status-Type = Stop") < count:
             assert time.monotonic() < deadline, radius.accounting() + node.log_text()
             time.sleep(0.1)
-        start, stop = [_detail(block) for block in radius.accounting().split("\n\n")
-                       if f'User-Name = "{user}"' in block]
+        start, stop = radius.records(f'User-Name = "{user}"')
         assert start["Acct-Status-Type"] == "Start" and stop["Acct-Status-Type"] == "Stop"
         for record in (start, stop):
             assert record["Framed-IP-Address"] == vip, record
@@ -1382,8 +1381,3 @@ def test_a_radius_server_assigns_the_virtual_ip_and_a_pool_serves_the_others(
     assert "Login OK: [dave]" in radius.log_text(), radius.log_text()
     assert node.running(), node.log_text()
 
-
-def _detail(block: str) -> dict[str, str]:
-    """One record of FreeRADIUS's detail file."""
-    pairs = (line.strip().partition(" = ") for line in block.splitlines()[1:] if " = " in line)
-    return {name: value for name, _, value in pairs}

@@ -26,7 +26,12 @@ from cluster.ike.events import (
 from cluster.ike.identity import parse_identity_pattern
 from cluster.ike.policy import RemoteAuth, ResponderPolicy
 from cluster.ike.radius import Attr, Packet, RadiusServer, RadiusSettings
-from cluster.runtime.radius_accounting import QUEUE, Accounting, terminate_cause
+from cluster.runtime.radius_accounting import (
+    QUEUE,
+    REPORT_WAIT,
+    Accounting,
+    terminate_cause,
+)
 from cluster.runtime.radius_client import RadiusClient
 from cluster.transforms import ENCR_ALGORITHMS
 from tests.ike.sessions import psk_connection, psk_policy
@@ -206,3 +211,39 @@ async def test_a_session_taken_over_goes_on_without_a_second_start() -> None:
     assert u32(stop[Attr.ACCT_TERMINATE_CAUSE][0]) == 6  # Admin-Reset
     assert u32(stop[Attr.ACCT_INPUT_OCTETS][0]) == 10  # its Child SA, known from the event
     assert stop[Attr.CLASS] == [b"group-a"]
+
+
+async def test_a_cluster_responders_stop_waits_for_the_workers_reports() -> None:
+    """`reported`: the traffic comes from the workers as they remove each Child SA; the
+    Stop goes out when the last report is in (or after REPORT_WAIT with what came)."""
+    first = b"I" * 8
+    now = [100.0]
+    client = Recorder()
+    acct = Accounting(policy, client, reported=True, clock=lambda: now[0])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(acct.run)
+        acct.record(established(first))
+        acct.record(child(b"c1c1", first))
+        acct.record(child(b"c2c2", first))
+        acct.record(ChildSaDeleted(first, b"R" * 8, "net", b"c1c1", b"out!", "rekeyed"))
+        acct.child_traffic(first, b"R" * 8, b"c1c1", (100, 200, 1, 2))
+        acct.child_traffic(first, b"R" * 8, b"c1c1", (100, 200, 1, 2))  # a repeat: once
+        acct.record(IkeSaDeleted(first, b"R" * 8, "deleted by peer"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(client.records) == 1  # the Start; the Stop waits for c2c2's report
+        acct.child_traffic(first, b"R" * 8, b"c2c2", (10, 20, 3, 4))
+        await trio.testing.wait_all_tasks_blocked()
+        # a second session whose report never comes: sent after the wait
+        second = b"J" * 8
+        acct.record(established(second))
+        acct.record(child(b"c3c3", second))
+        acct.record(IkeSaDeleted(second, b"R" * 8, "deleted by peer"))
+        now[0] += REPORT_WAIT
+        acct._overdue_stops()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    _, stop, _, late = client.records
+    assert u32(stop[Attr.ACCT_STATUS_TYPE][0]) == 2
+    assert (u32(stop[Attr.ACCT_INPUT_OCTETS][0]), u32(stop[Attr.ACCT_OUTPUT_PACKETS][0])) == (
+        110, 6)
+    assert u32(late[Attr.ACCT_STATUS_TYPE][0]) == 2 and u32(late[Attr.ACCT_INPUT_OCTETS][0]) == 0
