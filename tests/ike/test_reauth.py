@@ -11,6 +11,7 @@ from cluster.ike.constants import NotifyType
 from cluster.ike.events import AUTH_EXPIRED, IkeSaDeleted, IkeSaRekeyed
 from cluster.ike.message import decode_untrusted
 from cluster.ike.payloads import DeletePayload, NotifyPayload
+from cluster.ike.session import IkeSession
 from cluster.ike.snapshot import restore, snapshot_of
 from cluster.ike.state import State
 from tests.ike.sessions import (
@@ -26,19 +27,32 @@ from tests.ike.sessions import (
 REAUTH = 600.0
 
 
-def test_the_responder_announces_auth_lifetime_and_deletes_the_sa_after_it() -> None:
-    gw_conn = replace(psk_connection(), reauth_time=REAUTH)
+def _told(reauth_time: float, session_timeout: float = 0.0
+          ) -> tuple[IkeSession, IkeSession, int | None]:
+    """A client and gateway through IKE_AUTH (the gateway's SA given a RADIUS
+    `session_timeout` before it), and the AUTH_LIFETIME its response told, if any."""
+    gw_conn = replace(psk_connection(), reauth_time=reauth_time)
     client, gateway = psk_pair(gw_conn, client_for(psk_connection()))
     transfer(client, gateway)
     transfer(gateway, client)
+    gateway.sa.session_timeout = session_timeout
     transfer(client, gateway)
     [response] = gateway.datagrams_to_send()
     sk = client.sa.sk
     assert sk is not None
     inner = sk.unprotect_untrusted(response.data, decode_untrusted(response.data))
     assert inner is not None
-    assert NotifyPayload(NotifyType.AUTH_LIFETIME, (600).to_bytes(4, "big")) in inner
+    told = [int.from_bytes(p.data) for p in inner
+            if isinstance(p, NotifyPayload) and p.notify_type == NotifyType.AUTH_LIFETIME]
     client.receive_datagram_untrusted(response.data, response.remote, response.local, 0.0)
+    return client, gateway, told[0] if told else None
+
+
+def test_the_responder_announces_auth_lifetime_and_deletes_the_sa_after_it() -> None:
+    client, gateway, told = _told(REAUTH)
+    assert told == 600
+    sk = client.sa.sk
+    assert sk is not None
     assert gateway.state is State.ESTABLISHED
     # the peer did not authenticate again: a tenth later the SA is deleted
     assert gateway.get_timer() == 1.1 * REAUTH  # nothing else is due sooner
@@ -68,8 +82,9 @@ def test_the_deadline_outlives_ike_rekeys_and_snapshots() -> None:
 
 
 def test_without_reauth_time_nothing_is_announced_or_due() -> None:
-    client, gateway = psk_pair()
+    client, gateway, told = _told(0.0)
     run_handshake(client, gateway)
+    assert told is None
     assert gateway.sa.reauth_at == float("inf")
     assert not [e for e in drain(gateway) if isinstance(e, IkeSaDeleted)]
 
@@ -81,19 +96,8 @@ def test_a_radius_session_timeout_is_the_end_of_service_and_the_earlier_limit_wi
     for reauth_time, timeout, told, deadline in ((0.0, 300.0, 270, 300.0),
                                                  (REAUTH, 300.0, 270, 300.0),
                                                  (200.0, 300.0, 200, 220.0)):
-        gw_conn = replace(psk_connection(), reauth_time=reauth_time)
-        client, gateway = psk_pair(gw_conn, client_for(psk_connection()))
-        transfer(client, gateway)
-        transfer(gateway, client)
-        gateway.sa.session_timeout = timeout
-        transfer(client, gateway)
-        [response] = gateway.datagrams_to_send()
-        sk = client.sa.sk
-        assert sk is not None
-        inner = sk.unprotect_untrusted(response.data, decode_untrusted(response.data))
-        assert inner is not None
-        assert NotifyPayload(NotifyType.AUTH_LIFETIME, told.to_bytes(4, "big")) in inner
-        client.receive_datagram_untrusted(response.data, response.remote, response.local, 0.0)
+        client, gateway, announced = _told(reauth_time, timeout)
+        assert announced == told
         assert gateway.get_timer() == pytest.approx(deadline)
         gateway.handle_timer(deadline + 0.001)
         transfer(gateway, client, deadline)
