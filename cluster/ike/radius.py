@@ -434,6 +434,11 @@ class EapRadiusServer:
         self.msk = mppe_key_untrusted(recv, secret, authenticator) + \
             mppe_key_untrusted(send, secret, authenticator)
         self.addresses = framed_addresses(reply)
+        # RFC 2865 5.1: a User-Name in the Access-Accept is the name for accounting (the
+        # user behind an anonymous outer identity of EAP-TTLS or PEAP, say)
+        user = reply.first(Attr.USER_NAME)
+        if user and len(user) <= MAX_VALUE:
+            self.identity = user
         self.classes = tuple(reply.values(Attr.CLASS))  # echoed in accounting (RFC 2865 5.25)
         timeout = reply.first(Attr.SESSION_TIMEOUT)  # RFC 2865 5.27
         self.session_timeout = int.from_bytes(timeout) if timeout and len(timeout) == 4 else 0

@@ -317,12 +317,13 @@ def test_authentic_answers_with_any_attribute_values_never_raise_elsewhere(
                 mppe_key_untrusted(value, SECRET, request[4:20])
 
 
-def test_the_accept_brings_its_class_and_session_timeout() -> None:
+def test_the_accept_brings_its_class_session_timeout_and_user_name() -> None:
     def answer(request: bytes) -> bytes | None:
         accepted = conversation(request)
         if accepted is None or accepted[0] != Packet.ACCESS_ACCEPT:
             return accepted
         attributes = [*attributes_of(accepted)[:-1], (Attr.CLASS, b"staff"),
+                      (Attr.USER_NAME, b"carol@example.test"),
                       (Attr.SESSION_TIMEOUT, (7200).to_bytes(4, "big")),
                       (Attr.ACCT_INTERIM_INTERVAL, (30).to_bytes(4, "big"))]
         return reply(request, Packet.ACCESS_ACCEPT, attributes)
@@ -333,6 +334,7 @@ def test_the_accept_brings_its_class_and_session_timeout() -> None:
     assert server.done and server.msk == MSK_RECV + MSK_SEND
     assert (server.classes, server.session_timeout) == ((b"staff",), 7200)
     assert server.interim_interval == 60  # RFC 2869 5.16: at least a minute
+    assert server.identity == b"carol@example.test"  # RFC 2865 5.1: for accounting
 
 
 @pytest.mark.parametrize("user", [b"", b"\x00\x00", b"u" * 254])

@@ -664,14 +664,16 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
     namespace), which runs EAP-MSCHAPv2 against its users file. The Access-Accept's
     MS-MPPE keys are the MSK both AUTHs are made with: strongSwan verifies ours and the
     SA is installed; its Session-Timeout (an hour) reaches strongSwan as AUTH_LIFETIME a
-    tenth earlier (RFC 4478). FreeRADIUS's radclient then sends a Disconnect-Request for
-    carol (RFC 5176, [radius.dae]): our node answers Disconnect-ACK and deletes the SA
-    (strongSwan gets the Delete). A wrong password is rejected by FreeRADIUS and
+    tenth earlier (RFC 4478), and its User-Name names the user from then on (RFC 2865
+    5.1). FreeRADIUS's radclient then sends a Disconnect-Request for that name (RFC 5176,
+    [radius.dae]): our node answers Disconnect-ACK and deletes the SA (strongSwan gets
+    the Delete). A wrong password is rejected by FreeRADIUS and
     strongSwan gets AUTHENTICATION_FAILED; no secret appears in our log."""
     radius = FreeRadius(lab.responder, tmp_path / "radius", address=RESPONDER_V4,
                         client=RESPONDER_V4, secret="radius-shared-secret",
                         users={"carol": "Carol's pa55word"},
-                        replies={"carol": ("Session-Timeout = 3600",)}).start()
+                        replies={"carol": ("Session-Timeout = 3600",
+                                           'User-Name := "carol@corp.example"')}).start()
     initiator_conn, responder_conn = _eap_user(pki, "carol", "Carol's pa55word",
                                                End("eap-radius", "%any", eap_id="%any"))
     node = lab.node([responder_conn], extra_toml=(
@@ -682,11 +684,12 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
 
     result = initiator.initiate("net")
     _assert_eap_established(result, initiator, "EAP_MSCHAPV2")
-    assert re.search(r"IKE SA established: rw .* eap_id=carol", node.log_text()), \
-        node.log_text()
+    # the Access-Accept's User-Name names the user from now on (RFC 2865 5.1)
+    assert re.search(r"IKE SA established: rw .* eap_id=carol@corp\.example",
+                     node.log_text()), node.log_text()
     assert "Login OK: [carol]" in radius.log_text(), radius.log_text()
     assert "received AUTH_LIFETIME of 3240s" in result.stdout, result.stdout
-    for user, answer in (("dave", "Disconnect-NAK"), ("carol", "Disconnect-ACK")):
+    for user, answer in (("carol", "Disconnect-NAK"), ("carol@corp.example", "Disconnect-ACK")):
         disconnect = lab.responder.run(
             ["sh", "-c", f"echo 'User-Name = \"{user}\"' | radclient -r 2 -t 2 -x "
                          f"{RESPONDER_V4}:3799 disconnect dae-secret"], check=False)
