@@ -562,7 +562,9 @@ class Supervisor:
             self._children_of.setdefault(actor, set()).add(spi_in)
         if sa is not None and sa.local_id is not None and sa.remote_id is not None:
             # so that INITIAL_CONTACT or `unique` on another SA of its peer reaches it
-            self._register_identity(actor, (str(sa.local_id), str(sa.remote_id)))
+            # (and `keep` orders it by when its peer authenticated, not by the takeover)
+            self._register_identity(actor, (str(sa.local_id), str(sa.remote_id)),
+                                    sa.authenticated_at)
         if sa is not None and sa.connection is not None:
             self._deliver(IkeSaAdopted(
                 spi_i, spi_r, sa.connection.name, sa.local, sa.remote,
@@ -758,10 +760,11 @@ class Supervisor:
                     lambda session, now: session.delete_ike(now, KEPT))
         return False
 
-    def _register_identity(self, actor: SaActor, key: tuple[str, str]) -> None:
+    def _register_identity(self, actor: SaActor, key: tuple[str, str],
+                           since: float = 0.0) -> None:
         self._by_identity.setdefault(key, set()).add(actor)
         self._identity_of[actor] = key
-        self._since[actor] = self.wall_clock()
+        self._since[actor] = since or self.wall_clock()
 
     # -- commands to actors ---------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from cluster.ike.events import Event, IkeSaDeleted, IkeSaEstablished
+from cluster.ike.events import Event, IkeSaAdopted, IkeSaDeleted, IkeSaEstablished
 from cluster.ike.message import decode_untrusted
 from cluster.ike.payloads import KePayload
 from cluster.ike.session import Address, Datagram, IkeSession
@@ -302,3 +302,20 @@ async def test_an_adopted_sa_is_ended_by_an_announcement_of_its_identities(
     assert supervisor.replace_identity(key, "initial_contact", bytes(8)) == 1
     await trio.testing.wait_all_tasks_blocked()
     assert supervisor.actor_for(gateway.spi_r) is None
+
+
+async def test_an_adopted_sa_tells_the_accounting_and_keeps_its_login_time(
+        harness: Harness) -> None:
+    """A takeover: IkeSaAdopted goes to the event sink (RADIUS accounting goes on), and
+    unique = "keep" orders the SA by when its peer authenticated, not by the takeover."""
+    client, gateway = psk_pair()
+    run_handshake(client, gateway)
+    drain(gateway)
+    gateway.sa.authenticated_at = 1000.0  # long before
+    supervisor = harness.supervisor
+    assert supervisor.adopt(gateway, trio.current_time()) is not None
+    assert supervisor.since_of(gateway.spi_r) == 1000.0
+    [adopted] = [e for e in harness.events if isinstance(e, IkeSaAdopted)]
+    assert (adopted.spi_i, adopted.spi_r, adopted.authenticated_at) == (
+        gateway.spi_i, gateway.spi_r, 1000.0)
+    assert adopted.children == tuple(gateway.sa.children)
