@@ -83,16 +83,15 @@ class Charon:
 
     def write_strongswan_conf(self) -> None:
         levels = "".join(f"                {k} = {v}\n" for k, v in self.log_levels.items())
-        extra = "".join(f"    {k} = {v}\n" for k, v in self.settings.items())
+        # Tests want failures within seconds, not minutes (unless a test says otherwise).
+        settings = {"retransmit_timeout": "1.0", "retransmit_base": "1.4",
+                    "retransmit_tries": "2", **self.settings}
+        extra = "".join(f"    {k} = {v}\n" for k, v in settings.items())
         self.conf_path.write_text(
             f"""charon {{
     load = {self.plugins}
     port = 500
     port_nat_t = 4500
-    # Tests want failures within seconds, not minutes.
-    retransmit_timeout = 1.0
-    retransmit_base = 1.4
-    retransmit_tries = 2
 {extra}    filelog {{
         lab {{
             path = {self.log_path}

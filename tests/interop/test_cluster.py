@@ -47,11 +47,13 @@ def _owner(cluster: ClusterLab, spi_r: str) -> int:
 
 def _connect(lab: Lab, cluster: ClusterLab, initiator: Conn, responder: Conn, *,
              log_levels: dict[str, int] | None = None,
+             settings: dict[str, str] | None = None,
              **start: Any) -> tuple[Charon, dict[str, Any]]:
     """The cluster started with `responder` (`start`: ClusterLab.start's extras), strongSwan
-    initiating `initiator` through the worker; its one ESTABLISHED IKE SA."""
+    (its strongswan.conf `settings` added) initiating `initiator` through the worker; its
+    one ESTABLISHED IKE SA."""
     cluster.start([responder], **start)
-    charon = lab.charon("initiator", log_levels=log_levels)
+    charon = lab.charon("initiator", log_levels=log_levels, settings=settings)
     charon.load(initiator)
     return charon, assert_initiated(charon.initiate("net"), charon)
 
@@ -724,7 +726,11 @@ def test_rfc6311_message_id_sync_after_the_owner_died_with_a_request_in_flight()
         # would give the SA up (seen once in CI); this test is about RFC 6311
         initiator = replace(initiator, dpd_delay="3s", extra={"mobike": "no"})
         responder = replace(responder, dpd_delay="2s")
-        charon, sa = _connect(lab, cluster, initiator, responder)
+        # strongSwan's own DPD may fall into the block too: it must keep retrying until
+        # the survivor has taken the SA over (the dead owner's lease runs out first), not
+        # give up after the lab's usual two retransmits (seen once in CI)
+        charon, sa = _connect(lab, cluster, initiator, responder,
+                              settings={"retransmit_tries": "6"})
         owner = _owner(cluster, sa["responder-spi"])
         # IKE from the worker (UDP 4500, zero non-ESP marker) stops reaching strongSwan
         lab.initiator.run(["nft", "add", "table", "inet", BLOCK_TABLE])
