@@ -15,7 +15,7 @@ from ..wire import Buffer
 from .constants import CfgType, ConfigAttribute
 from .payloads import CpPayload, Payload, first_of
 from .policy import ConnectionConfig
-from .pools import FramedPool, Lease
+from .pools import Lease
 from .sa import IkeSa
 
 _ATTRIBUTE = struct.Struct("!HH")
@@ -69,12 +69,8 @@ def respond_config(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload]) -
     holder = sa.spi_i + sa.spi_r  # a shared pool's holder: these SPIs, through rekeys too
     for version in wanted:  # any requested address is a hint we do not follow
         for pool in conn.pools:
-            lease = None
-            if isinstance(pool, FramedPool):  # the RADIUS server's choice, if it made one
-                framed = [a for a in sa.framed_addresses if a.version == version]
-                lease = pool.lease(framed[0], holder) if framed else None
-            elif pool.version == version:
-                lease = pool.acquire(sa.remote_id, holder)  # may raise AddressPending
+            # (a shared pool may raise AddressPending)
+            lease = pool.offer(version, sa.remote_id, holder, sa.framed_addresses)
             if lease is not None:
                 leases.append(lease)
                 break

@@ -133,6 +133,20 @@ class AddressPool:
         offset = self._by_identity.get(identity)
         return None if offset is None else self._address(offset)
 
+    def offer(self, version: int, identity: Identity, holder: bytes,
+              framed: tuple[IPAddress, ...]) -> Lease | None:
+        """An address of IP `version` for a peer that asked for one (`framed`: what a
+        RADIUS server assigned it, which only FramedPool hands out)."""
+        return self.acquire(identity, holder) if version == self.version else None
+
+    def offset_of(self, address: IPAddress) -> int:
+        """Where `address` lies in the pool (snapshots keep leases so)."""
+        return int(address) - int(self.first)
+
+    def address_at(self, offset: int, text: str) -> IPAddress:
+        """The address of a lease a snapshot kept (`text`: as it was written)."""
+        return self._address(int(offset))
+
 
 class SharedPool(AddressPool):
     """A pool whose addresses the cluster's store hands out.
@@ -201,7 +215,7 @@ class FramedPool(AddressPool):
     the address the RADIUS server's Access-Accept assigned the user (Framed-IP-Address,
     Framed-IPv6-Address of RFC 6911), when it gave one of the family asked for. The
     server owns that address plan: nothing is reserved here, the pool only counts the
-    addresses its SAs hold. One object serves every connection (and every node)."""
+    addresses its SAs hold. One object serves every connection of a configuration."""
 
     NAME = "radius"
 
@@ -217,13 +231,20 @@ class FramedPool(AddressPool):
     def online(self) -> int:
         return len(self._held)
 
-    def acquire(self, identity: Identity, holder: bytes = b"") -> Lease | None:
-        return None  # (respond_config leases what the server gave: `lease`)
-
-    def lease(self, address: IPAddress, holder: bytes) -> Lease:
+    def offer(self, version: int, identity: Identity, holder: bytes,
+              framed: tuple[IPAddress, ...]) -> Lease | None:
+        address = next((a for a in framed if a.version == version), None)
+        if address is None:
+            return None
         lease = Lease(self, address, holder)
         self.adopt(lease)
         return lease
+
+    def offset_of(self, address: IPAddress) -> int:
+        return 0  # (the address is kept as written: IPv6 would not fit msgpack's ints)
+
+    def address_at(self, offset: int, text: str) -> IPAddress:
+        return ipaddress.ip_address(text)
 
     def adopt(self, lease: Lease) -> None:
         key = (lease.holder, lease.address)

@@ -10,7 +10,6 @@ Times are kept relative to `now`, since each node's clock is its own.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from ..errors import ParseError
@@ -23,7 +22,7 @@ from .keymat import ChildKeys, IkeKeys
 from .lifetimes import INFINITY
 from .message import SkProtection
 from .policy import ConnectionConfig, ResponderPolicy
-from .pools import FramedPool, Lease
+from .pools import Lease
 from .proposals import ChosenAlgorithms
 from .sa import ChildSa, IkeSa
 from .session import IkeSession, WallClock, _utc_now
@@ -109,8 +108,8 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
         "radius": [list(sa.radius_classes), sa.radius_interim],
         # virtual IPs (shared pools): pool, offset, holder, and the address (for `sas`;
         # a RADIUS server's address is only that)
-        "leases": [[lease.pool.name, _offset(lease), lease.holder, str(lease.address)]
-                   for lease in sa.leases],
+        "leases": [[lease.pool.name, lease.pool.offset_of(lease.address), lease.holder,
+                    str(lease.address)] for lease in sa.leases],
         # a request of ours may not have reached the peer: our next ID may be ahead of its
         "in_flight": sa.pending is not None,
         "peer_hashes": sorted(sa.peer_hashes),
@@ -237,11 +236,6 @@ def child_event(record: Record) -> ChildSaEstablished:
         raise ParseError(f"unusable Child SA record: {exc!r}") from None
 
 
-def _offset(lease: Lease) -> int:
-    return 0 if isinstance(lease.pool, FramedPool) else \
-        int(lease.address) - int(lease.pool.first)
-
-
 def _leases(connection: ConnectionConfig, stored: list[Any]) -> tuple[Lease, ...]:
     """The SA's virtual IPs, in this node's pools of the same names (taken over, held)."""
     pools = {pool.name: pool for pool in connection.pools}
@@ -250,10 +244,7 @@ def _leases(connection: ConnectionConfig, stored: list[Any]) -> tuple[Lease, ...
         pool = pools.get(str(name))
         if pool is None:  # the configuration lost the pool: nothing to hold it in
             continue
-        if isinstance(pool, FramedPool):  # the RADIUS server's address, as it was
-            address = ipaddress.ip_address(str(rest[0]))
-        else:
-            address = ipaddress.ip_address(int(pool.first) + int(offset))
+        address = pool.address_at(int(offset), str(rest[0]) if rest else "")
         lease = Lease(pool, address, bytes(holder))
         pool.adopt(lease)
         out.append(lease)
