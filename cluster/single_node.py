@@ -155,10 +155,7 @@ def _traffic_of(plane: DataPlane | None) -> Traffic | None:
 
     def traffic(spi_in: bytes) -> tuple[int, int, int, int] | None:
         child = sad.get(spi_in)
-        if child is None:
-            return None
-        c = child.counters
-        return c.bytes_in, c.bytes_out, c.packets_in, c.packets_out
+        return None if child is None else child.counters.traffic()
     return traffic
 
 

@@ -35,6 +35,10 @@ class SaCounters:
     seq_exhausted_drops: int = 0  # outbound refused: the sequence number would wrap
     expired_drops: int = 0  # the SA was removed while a caller still held it
 
+    def traffic(self) -> tuple[int, int, int, int]:
+        """(bytes in, bytes out, packets in, packets out): what RADIUS accounting reports."""
+        return self.bytes_in, self.bytes_out, self.packets_in, self.packets_out
+
     def add(self, other: SaCounters) -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))

@@ -173,6 +173,14 @@ class IdentityPattern:
         return pattern.data == ident.data
 
 
+def eap_identity_untrusted(data: bytes) -> Identity | None:
+    """An EAP identity a peer sent, read as strongSwan reads identities (None: not one)."""
+    try:
+        return parse_identity(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
 def parse_identity_pattern(text: str) -> IdentityPattern:
     if text.strip() == "%any":
         return IdentityPattern(any=True, identity=None)

@@ -13,7 +13,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .identity import Identity, IdentityPattern, parse_identity
+from .identity import Identity, IdentityPattern, eap_identity_untrusted
 from .ocsp import OcspCache
 from .pending import Pending
 from .pools import AddressPool
@@ -256,11 +256,8 @@ class ResponderPolicy:
                         allowed: IdentityPattern | None = None) -> bytes | None:
         """The password of an EAP identity: an eap secret naming it (never via %any);
         none for an identity the connection's `allowed` (its eap_id) does not match."""
-        try:
-            ident = parse_identity(identity.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return None
-        if allowed is not None and not allowed.matches(ident):
+        ident = eap_identity_untrusted(identity)
+        if ident is None or (allowed is not None and not allowed.matches(ident)):
             return None
         for entry in self.secrets:
             if entry.kind == "eap" and any(not p.any and p.matches(ident) for p in entry.ids):

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from ..errors import AuthenticationFailed
 from .eap import Code, EapType, packet, parse_response_untrusted
-from .identity import IdentityPattern, parse_identity
+from .identity import IdentityPattern, eap_identity_untrusted
 from .pending import Pending
 from .pools import IPAddress
 
@@ -155,6 +155,15 @@ def attribute(attr_type: int, value: bytes) -> bytes:
     return bytes((attr_type, 2 + len(value))) + value
 
 
+def u32(value: int) -> bytes:
+    """An integer attribute's value (RFC 2865 5; counters wrap, Gigawords carry more)."""
+    return _U32.pack(value & 0xFFFFFFFF)
+
+
+def packed_address(address: str) -> bytes:
+    return ipaddress.ip_address(address).packed
+
+
 def encode_request(identifier: int, authenticator: bytes, attributes: list[bytes],
                    secret: bytes) -> bytes:
     """An Access-Request with Message-Authenticator (RFC 3579 3.2) as its first attribute
@@ -186,6 +195,11 @@ class Reply:
     def first(self, attr_type: int) -> bytes | None:
         found = self.values(attr_type)
         return found[0] if found else None
+
+    def integer(self, attr_type: int) -> int:
+        """A 32-bit integer attribute (RFC 2865 5); 0 when absent or malformed."""
+        value = self.first(attr_type)
+        return int.from_bytes(value) if value is not None and len(value) == 4 else 0
 
     def vendor(self, vendor_id: int, vendor_type: int) -> bytes | None:
         for value in self.values(Attr.VENDOR_SPECIFIC):
@@ -359,7 +373,8 @@ class EapRadiusServer:
             self.identity = body.rstrip(b"\x00")
             if not 0 < len(self.identity) <= MAX_VALUE:  # RFC 2865 5.1: User-Name
                 raise AuthenticationFailed(f"EAP: an identity of {len(self.identity)} bytes")
-            if not self._eap_id.any and not _matches(self._eap_id, self.identity):
+            claimed = eap_identity_untrusted(self.identity)
+            if not self._eap_id.any and (claimed is None or not self._eap_id.matches(claimed)):
                 raise AuthenticationFailed(
                     f"EAP identity {self.identity.decode(errors='replace')!r} "
                     "does not match eap_id")
@@ -391,7 +406,7 @@ class EapRadiusServer:
             request = encode_request(self._radius_id, authenticator, self._attributes(eap),
                                      server.secret)
             found: list[Reply] = []
-            accept = _acceptor(self._radius_id, authenticator, server.secret, found)
+            accept = acceptor(self._radius_id, authenticator, server.secret, found)
             await transport(server, request, self._settings, accept)
             if found:
                 self._server = index
@@ -440,12 +455,9 @@ class EapRadiusServer:
         if user and len(user) <= MAX_VALUE:
             self.identity = user
         self.classes = tuple(reply.values(Attr.CLASS))  # echoed in accounting (RFC 2865 5.25)
-        timeout = reply.first(Attr.SESSION_TIMEOUT)  # RFC 2865 5.27
-        self.session_timeout = int.from_bytes(timeout) if timeout and len(timeout) == 4 else 0
-        interim = reply.first(Attr.ACCT_INTERIM_INTERVAL)
-        # RFC 2869 5.16: not below 60 seconds
-        self.interim_interval = max(60, int.from_bytes(interim)) \
-            if interim and len(interim) == 4 and int.from_bytes(interim) else 0
+        self.session_timeout = reply.integer(Attr.SESSION_TIMEOUT)  # RFC 2865 5.27
+        interim = reply.integer(Attr.ACCT_INTERIM_INTERVAL)
+        self.interim_interval = max(60, interim) if interim else 0  # RFC 2869 5.16: >= 60
         self._step = "done"
         return eap
 
@@ -454,16 +466,16 @@ def nas_attributes(settings: RadiusSettings, station: Station, user: bytes) -> l
     """Who asks about whom, in every request (strongSwan sends the same set)."""
     out = [attribute(Attr.USER_NAME, user),
            attribute(Attr.NAS_IDENTIFIER, settings.nas_identifier.encode()),
-           attribute(Attr.SERVICE_TYPE, _U32.pack(SERVICE_FRAMED)),
-           attribute(Attr.NAS_PORT_TYPE, _U32.pack(PORT_TYPE_VIRTUAL)),
-           attribute(Attr.NAS_PORT, _U32.pack(station.nas_port & 0xFFFFFFFF)),
+           attribute(Attr.SERVICE_TYPE, u32(SERVICE_FRAMED)),
+           attribute(Attr.NAS_PORT_TYPE, u32(PORT_TYPE_VIRTUAL)),
+           attribute(Attr.NAS_PORT, u32(station.nas_port)),
            attribute(Attr.CALLED_STATION_ID, _station_id(station.local)),
            attribute(Attr.CALLING_STATION_ID, _station_id(station.remote))]
     address = station.local[0]
     if ":" in address:
-        out.append(attribute(Attr.NAS_IPV6_ADDRESS, _packed(address)))
+        out.append(attribute(Attr.NAS_IPV6_ADDRESS, packed_address(address)))
     else:
-        out.append(attribute(Attr.NAS_IP_ADDRESS, _packed(address)))
+        out.append(attribute(Attr.NAS_IP_ADDRESS, packed_address(address)))
     return out
 
 
@@ -480,28 +492,17 @@ def framed_addresses(reply: Reply) -> tuple[IPAddress, ...]:
     return tuple(out)
 
 
-def _acceptor(identifier: int, authenticator: bytes, secret: bytes, found: list[Reply]
-              ) -> Callable[[bytes], bool]:
+def acceptor(identifier: int, authenticator: bytes, secret: bytes, found: list[Reply], *,
+             accounting: bool = False) -> Callable[[bytes], bool]:
     """For the transport: whether a datagram is the answer, which is kept in `found`."""
     def accept(data: bytes) -> bool:
-        reply = parse_reply_untrusted(data, identifier, authenticator, secret)
+        reply = parse_reply_untrusted(data, identifier, authenticator, secret,
+                                      accounting=accounting)
         if reply is not None:
             found.append(reply)
         return reply is not None
     return accept
 
 
-def _matches(pattern: IdentityPattern, identity: bytes) -> bool:
-    """An EAP identity against eap_id, parsed as strongSwan parses identities."""
-    try:
-        return pattern.matches(parse_identity(identity.decode("utf-8")))
-    except (UnicodeDecodeError, ValueError):
-        return False
-
-
 def _station_id(address: tuple[str, int]) -> bytes:
     return f"{address[0]}[{address[1]}]".encode()
-
-
-def _packed(address: str) -> bytes:
-    return ipaddress.ip_address(address).packed

@@ -10,7 +10,6 @@ servers in order until one answers, without holding anything else up.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import time
@@ -37,10 +36,12 @@ from ..ike.radius import (
     Attr,
     RadiusSettings,
     Station,
+    acceptor,
     attribute,
     encode_accounting,
     nas_attributes,
-    parse_reply_untrusted,
+    packed_address,
+    u32,
 )
 from .radius_client import RadiusClient
 
@@ -152,7 +153,7 @@ class Accounting:
         opened = self._open(event, self._clock())
         if opened is not None:
             radius, session = opened
-            self._queue(radius, session, [attribute(Attr.ACCT_STATUS_TYPE, _u32(START))])
+            self._queue(radius, session, [attribute(Attr.ACCT_STATUS_TYPE, u32(START))])
 
     def _adopted(self, event: IkeSaAdopted) -> None:
         """A session another responder started goes on here: no second Start; its time
@@ -203,7 +204,7 @@ class Accounting:
         session.children.discard(spi_in)
         counts = self._traffic(spi_in) if self._traffic is not None else None
         if counts is not None:
-            session.traffic = [a + b for a, b in zip(session.traffic, counts, strict=True)]
+            session.traffic = _plus(session.traffic, counts)
 
     def _stopped(self, event: IkeSaDeleted) -> None:
         session = self._sessions.pop(event.spi_i + event.spi_r, None)
@@ -212,9 +213,9 @@ class Accounting:
             return
         for spi in list(session.children):
             self._child_ended(spi, session)
-        session.stop = [attribute(Attr.ACCT_STATUS_TYPE, _u32(STOP)),
+        session.stop = [attribute(Attr.ACCT_STATUS_TYPE, u32(STOP)),
                         attribute(Attr.ACCT_TERMINATE_CAUSE,
-                                  _u32(terminate_cause(event.reason)))]
+                                  u32(terminate_cause(event.reason)))]
         if session.unreported:  # (reported) its workers' reports are on their way
             session.stop_by = self._clock() + REPORT_WAIT
             self._stopping[event.spi_i + event.spi_r] = session
@@ -237,7 +238,7 @@ class Accounting:
         if session is None or spi_in not in session.unreported:
             return
         session.unreported.discard(spi_in)
-        session.traffic = [a + b for a, b in zip(session.traffic, traffic, strict=True)]
+        session.traffic = _plus(session.traffic, traffic)
         if session.stop is not None and not session.unreported:
             del self._stopping[key]
             radius = self._policy().radius
@@ -270,20 +271,20 @@ class Accounting:
             for spi in session.children:  # the Child SAs still up: their counts so far
                 counts = self._traffic(spi) if self._traffic is not None else None
                 if counts is not None:
-                    traffic = [a + b for a, b in zip(traffic, counts, strict=True)]
-            self._queue(radius, session, [attribute(Attr.ACCT_STATUS_TYPE, _u32(INTERIM)),
+                    traffic = _plus(traffic, counts)
+            self._queue(radius, session, [attribute(Attr.ACCT_STATUS_TYPE, u32(INTERIM)),
                                           *self._usage(session, traffic)])
 
     def _usage(self, session: _Session, traffic: list[int]) -> list[bytes]:
-        out = [attribute(Attr.ACCT_SESSION_TIME, _u32(int(self._clock() - session.start)))]
+        out = [attribute(Attr.ACCT_SESSION_TIME, u32(int(self._clock() - session.start)))]
         octets_in, octets_out, packets_in, packets_out = traffic
         if self._traffic is not None or self._reported:  # (someone counts the traffic)
-            out += [attribute(Attr.ACCT_INPUT_OCTETS, _u32(octets_in)),
-                    attribute(Attr.ACCT_INPUT_GIGAWORDS, _u32(octets_in >> 32)),
-                    attribute(Attr.ACCT_OUTPUT_OCTETS, _u32(octets_out)),
-                    attribute(Attr.ACCT_OUTPUT_GIGAWORDS, _u32(octets_out >> 32)),
-                    attribute(Attr.ACCT_INPUT_PACKETS, _u32(packets_in)),
-                    attribute(Attr.ACCT_OUTPUT_PACKETS, _u32(packets_out))]
+            out += [attribute(Attr.ACCT_INPUT_OCTETS, u32(octets_in)),
+                    attribute(Attr.ACCT_INPUT_GIGAWORDS, u32(octets_in >> 32)),
+                    attribute(Attr.ACCT_OUTPUT_OCTETS, u32(octets_out)),
+                    attribute(Attr.ACCT_OUTPUT_GIGAWORDS, u32(octets_out >> 32)),
+                    attribute(Attr.ACCT_INPUT_PACKETS, u32(packets_in)),
+                    attribute(Attr.ACCT_OUTPUT_PACKETS, u32(packets_out))]
         return out
 
     def _queue(self, radius: RadiusSettings, session: _Session, extra: list[bytes]) -> None:
@@ -291,7 +292,7 @@ class Accounting:
                       *nas_attributes(radius, session.station, session.user)]
         for address in session.virtual_ips:
             kind = Attr.FRAMED_IPV6_ADDRESS if ":" in address else Attr.FRAMED_IP_ADDRESS
-            attributes.append(attribute(kind, _packed(address)))
+            attributes.append(attribute(kind, packed_address(address)))
         attributes += [attribute(Attr.CLASS, value) for value in session.classes]
         try:
             self._send.send_nowait(attributes)
@@ -326,13 +327,8 @@ class Accounting:
             for server in radius.servers:
                 identifier = os.urandom(1)[0]
                 request = encode_accounting(identifier, attributes, server.secret)
+                accept = acceptor(identifier, request[4:20], server.secret, [], accounting=True)
                 target = replace(server, port=server.acct_port)
-
-                def accept(data: bytes, identifier: int = identifier, request: bytes = request,
-                           secret: bytes = server.secret) -> bool:
-                    return parse_reply_untrusted(data, identifier, request[4:20], secret,
-                                                 accounting=True) is not None
-
                 if await self._client.exchange(target, request, radius, accept) is not None:
                     self.stats.sent += 1
                     return
@@ -341,9 +337,5 @@ class Accounting:
             limit.release()
 
 
-def _u32(value: int) -> bytes:
-    return (value & 0xFFFFFFFF).to_bytes(4, "big")
-
-
-def _packed(address: str) -> bytes:
-    return ipaddress.ip_address(address).packed
+def _plus(total: list[int], counts: tuple[int, int, int, int]) -> list[int]:
+    return [a + b for a, b in zip(total, counts, strict=True)]

@@ -25,6 +25,7 @@ from ..ike.radius import (
     attribute,
     encode_dae_answer,
     parse_dae_request_untrusted,
+    u32,
 )
 from ..ike.session import IkeSession
 from .supervisor import Supervisor
@@ -114,7 +115,7 @@ class DaeServer:
                 cause = SESSION_NOT_FOUND if what else MISSING_ATTRIBUTE
                 logger.info("RADIUS Disconnect-Request (%s) from %s: no such session",
                             what or "naming nobody", _text(peer))
-        attributes = [attribute(Attr.ERROR_CAUSE, cause.to_bytes(4, "big"))] if cause else []
+        attributes = [attribute(Attr.ERROR_CAUSE, u32(cause))] if cause else []
         answer = encode_dae_answer(code, identifier, authenticator, attributes, secret)
         self._answered[key] = (now + REMEMBER, answer)
         await _send(sock, answer, peer)

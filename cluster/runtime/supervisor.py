@@ -71,7 +71,7 @@ from ..ike.events import (
 )
 from ..ike.message import Header, Message, decode_untrusted, encode_plain, peek_header_untrusted
 from ..ike.payloads import NoncePayload, NotifyPayload
-from ..ike.session import Address, Datagram
+from ..ike.session import Address, Datagram, IkeSession
 from .actor import Command, Persist, Relinquished, SaActor, Session
 from .stats import RuntimeStats
 
@@ -89,7 +89,7 @@ NOTIFY_BUCKETS_MAX = 4096
 EXPIRY_QUEUE_SLACK = 64
 # What an established SA does to the other SAs of its identities, on every responder:
 # INITIAL_CONTACT (RFC 7296 2.4) drops them quietly, swanctl's unique = "replace"
-# deletes them. ("keep" deletes the new SA; it only sees the SAs on its own responder.)
+# deletes them, "keep" deletes the new SA instead.
 INITIAL_CONTACT = "initial_contact"
 # announced to the other responders: they end their SAs of the identities (the first
 # two), or, for "keep", say whether theirs are older (the new SA is then refused)
@@ -704,7 +704,7 @@ class Supervisor:
         policy = INITIAL_CONTACT if event.initial_contact and unique != "never" else unique
         others = self._by_identity.get(key, set())
         if others and policy == "keep":  # the older SA stays, the new one is deleted
-            actor.mailbox.put_nowait(lambda session, now: session.delete_ike(now, KEPT))
+            actor.mailbox.put_nowait(_delete(KEPT))
             return
         self.replace_identity(key, policy, actor.spi_r)
         self._register_identity(actor, key)
@@ -725,8 +725,7 @@ class Supervisor:
                 put = other.mailbox.put_nowait(lambda session, now: session.abandon(
                     "replaced (INITIAL_CONTACT)"))
             else:  # the older SAs go, with a Delete each
-                put = other.mailbox.put_nowait(
-                    lambda session, now: session.delete_ike(now, REPLACED))
+                put = other.mailbox.put_nowait(_delete(REPLACED))
             ended += put
         return ended
 
@@ -743,7 +742,7 @@ class Supervisor:
         if (self._since.get(oldest, 0.0), oldest.spi_r) < (since, newest):
             return True
         for actor in mine:
-            actor.mailbox.put_nowait(lambda session, now: session.delete_ike(now, KEPT))
+            actor.mailbox.put_nowait(_delete(KEPT))
         return False
 
     def since_of(self, spi_r: bytes) -> float:
@@ -756,8 +755,7 @@ class Supervisor:
         (`unique = "keep"`). False when it is not here."""
         for actor in self._by_identity.get(key, ()):
             if actor.spi_r == spi_r:
-                return actor.mailbox.put_nowait(
-                    lambda session, now: session.delete_ike(now, KEPT))
+                return actor.mailbox.put_nowait(_delete(KEPT))
         return False
 
     def _register_identity(self, actor: SaActor, key: tuple[str, str],
@@ -776,8 +774,7 @@ class Supervisor:
     def delete_ike(self, spi_i: bytes, spi_r: bytes) -> bool:
         """Delete the IKE SA with these SPIs (a peer's or one we initiated), with a Delete
         to the peer (an operator's terminate); False when it is not here."""
-        return self.send_command(spi_i, spi_r,
-                                 lambda session, now: session.delete_ike(now, TERMINATED))
+        return self.send_command(spi_i, spi_r, _delete(TERMINATED))
 
     def holder_of(self, spi_i: bytes, spi_r: bytes) -> SaActor | None:
         """The actor of the IKE SA with exactly these SPIs now, if it runs here."""
@@ -807,6 +804,14 @@ class Supervisor:
         elif isinstance(event, IkeSaDeleted):
             self.stats.ike_sas_deleted += 1
         self._event_sink(event)
+
+
+def _delete(reason: str) -> Command:
+    """The command that deletes an SA with a Delete to its peer, for `reason`."""
+    def delete(session: Session, now: float) -> None:
+        if isinstance(session, IkeSession):
+            session.delete_ike(now, reason)
+    return delete
 
 
 def _add_session_counts(totals: dict[str, int], session: Session) -> None:

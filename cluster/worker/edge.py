@@ -179,9 +179,8 @@ class TrafficReports:
         child, ike = self.plane.sad.get(spi_in), self.plane.ike_sa_of(spi_in)
         if child is None or ike is None:
             return
-        c = child.counters
         self.relay.request(ike[0], Kind.CHILD_TRAFFIC, child_traffic(
-            ike[0], ike[1], spi_in, (c.bytes_in, c.bytes_out, c.packets_in, c.packets_out)))
+            ike[0], ike[1], spi_in, child.counters.traffic()))
         self.sent += 1
 
 
