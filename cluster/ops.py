@@ -44,6 +44,7 @@ from .runtime.channel import (
     store_redirect,
 )
 from .runtime.node import ResponderFactory, redirect_node
+from .runtime.radius_dae import Disconnect
 from .runtime.reload import ReloadResult
 from .runtime.supervisor import Supervisor
 from .store import StateStore, StoredSa, StoreError, open_store, peek_snapshot
@@ -454,10 +455,7 @@ async def terminate(store: StateStore, chosen: Callable[[Row], bool], timeout: f
     """Ask the responders to delete the stored SAs `chosen` picks; (those whose records
     left the store within `timeout` seconds, those still there)."""
     rows = [row for row in await list_sas(store) if chosen(row)]
-    for row in rows:
-        message = encode_terminate(CLI_ORIGIN, bytes.fromhex(row["spi_i"]),
-                                   bytes.fromhex(row["spi_r"]))
-        await store.publish(RESPONDERS_CHANNEL, message)
+    await _ask_to_terminate(store, rows, CLI_ORIGIN)
     left = rows
     with trio.move_on_after(timeout):
         while left:
@@ -466,6 +464,58 @@ async def terminate(store: StateStore, chosen: Callable[[Row], bool], timeout: f
             if left:
                 await trio.sleep(poll)
     return [row for row in rows if row not in left], left
+
+
+async def _ask_to_terminate(store: StateStore, rows: Sequence[Row], origin: str) -> None:
+    """The responders' channel asks whichever responder holds each SA to delete it."""
+    for row in rows:
+        message = encode_terminate(origin, bytes.fromhex(row["spi_i"]),
+                                   bytes.fromhex(row["spi_r"]))
+        await store.publish(RESPONDERS_CHANNEL, message)
+
+
+# --- RADIUS Disconnect-Requests (runtime/radius_dae.py) ---------------------------------
+
+
+def _disconnect_chooser(user: bytes | None, session_id: bytes | None
+                        ) -> Callable[[Row], bool]:
+    """The SAs a Disconnect-Request names: its User-Name (as `terminate --id` matches:
+    the remote identity or EAP user) and its Acct-Session-Id (our accounting's: both
+    SPIs in hex), each where given."""
+    by_user = _chooser(None, user.decode(errors="replace")) if user is not None else None
+
+    def chosen(row: Row) -> bool:
+        if "unreadable" in row or (by_user is not None and not by_user(row)):
+            return False
+        return session_id is None or \
+            session_id.decode(errors="replace") == row["spi_i"] + row["spi_r"]
+    return chosen
+
+
+def local_disconnect(node_id: str, supervisor: Supervisor) -> Disconnect:
+    """A single node's SAs: deleted with a Delete to the peer."""
+    async def disconnect(user: bytes | None, session_id: bytes | None) -> int:
+        chosen = _disconnect_chooser(user, session_id)
+        rows = session_rows(supervisor.established_sessions(), node_id, trio.current_time())
+        return sum(supervisor.delete_ike(bytes.fromhex(row["spi_i"]),
+                                         bytes.fromhex(row["spi_r"]))
+                   for row in rows if chosen(row))
+    return disconnect
+
+
+def cluster_disconnect(store: StateStore, node_id: str) -> Disconnect:
+    """A cluster's SAs: the store's records say which exist, the responders' channel asks
+    whichever responder holds each to delete it (as `ike-cluster terminate` does)."""
+    async def disconnect(user: bytes | None, session_id: bytes | None) -> int:
+        chosen = _disconnect_chooser(user, session_id)
+        try:
+            rows = [row for row in await list_sas(store) if chosen(row)]
+            await _ask_to_terminate(store, rows, node_id)
+        except StoreError as exc:
+            logger.warning("RADIUS Disconnect-Request: the store failed: %s", exc)
+            return 0
+        return len(rows)
+    return disconnect
 
 
 # --- a running node, through its control socket (control.py) ---------------------------

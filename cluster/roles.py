@@ -42,7 +42,6 @@ from .store.membership import Membership
 
 if TYPE_CHECKING:
     from .runtime.node import ResponderFactory
-    from .runtime.radius_dae import Disconnect
     from .runtime.supervisor import Supervisor
 
 logger = logging.getLogger("cluster")
@@ -109,7 +108,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                         task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
                         ) -> None:
     from .control import serve_control
-    from .ops import reload_handler
+    from .ops import cluster_disconnect, reload_handler
     from .runtime.channel import ResponderChannel
     from .runtime.crl_fetch import RevocationStats, fetch_crls
     from .runtime.node import _shutdown_on_signal, log_event, redirect_node, responder_factory
@@ -209,7 +208,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
         metrics.watch_revocation(revocation.as_dict)
         radius = RadiusClient()
         radius.install(config.policy.radius_backend)
-        dae = dae_server(config, lambda: config, _cluster_disconnect(store, config.node_id))
+        dae = dae_server(config, lambda: config, cluster_disconnect(store, config.node_id))
         metrics.watch_radius(radius.stats.as_dict, accounting.stats.as_dict,
                              dae.stats.as_dict if dae is not None else None)
 
@@ -291,40 +290,6 @@ async def _restore_redirect(store: StateStore, supervisor: Supervisor,
             redirect_node(supervisor, factory, gateway, existing=False)
     except (StoreError, ValueError) as exc:
         logger.warning("the cluster's redirection not restored: %s", exc)
-
-
-def _cluster_disconnect(store: StateStore, node_id: str) -> Disconnect:
-    """A Disconnect-Request in a cluster: whichever responder holds the named SAs deletes
-    them (the store's records say which exist; the responders' channel asks, as
-    `ike-cluster terminate` does)."""
-    from .ops import list_sas
-    from .runtime.channel import RESPONDERS_CHANNEL, encode_terminate
-
-    async def disconnect(user: bytes | None, session_id: bytes | None) -> int:
-        try:
-            rows = await list_sas(store)
-        except StoreError as exc:
-            logger.warning("RADIUS Disconnect-Request: the store cannot list SAs: %s", exc)
-            return 0
-        ended = 0
-        for row in rows:
-            if "unreadable" in row:
-                continue
-            names = {row["remote_eap_id"], (row["remote_id"] or {}).get("text")}
-            if user is not None and user.decode(errors="replace") not in names:
-                continue
-            if session_id is not None and \
-                    session_id.decode(errors="replace") != row["spi_i"] + row["spi_r"]:
-                continue
-            try:
-                await store.publish(RESPONDERS_CHANNEL, encode_terminate(
-                    node_id, bytes.fromhex(row["spi_i"]), bytes.fromhex(row["spi_r"])))
-            except StoreError as exc:
-                logger.warning("RADIUS Disconnect-Request: not published: %s", exc)
-                continue
-            ended += 1
-        return ended
-    return disconnect
 
 
 def _share_pools(config: NodeConfig, store: StateStore, existing: Sequence[SharedPool] = ()

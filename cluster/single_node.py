@@ -20,7 +20,7 @@ from .ike.events import Event
 from .metrics import Metrics, serve_metrics
 from .runtime.radius_accounting import Accounting, Traffic
 from .runtime.radius_client import RadiusClient
-from .runtime.radius_dae import dae_server, local_disconnect
+from .runtime.radius_dae import dae_server
 
 if TYPE_CHECKING:
     from .runtime.node import Node
@@ -78,7 +78,7 @@ async def _with_data_plane(config: NodeConfig, w: WorkerConfig) -> None:
 async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
     """The responder; beside it the data plane's pumps and the metrics endpoint, if any."""
     from .control import serve_control
-    from .ops import control_handlers
+    from .ops import control_handlers, local_disconnect
     from .runtime.node import log_event, run_node
     from .runtime.reload import reload_from
 
@@ -116,7 +116,7 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
         node = await nursery.start(responder)
         assert node is not None
         dae = dae_server(config, lambda: node.config if node is not None else config,
-                          local_disconnect(node.supervisor))
+                          local_disconnect(config.node_id, node.supervisor))
         if dae is not None:
             await nursery.start(dae.run)
         if config.control:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 
 import trio
 
 from ..config import NodeConfig
-from ..ike.events import TERMINATED
 from ..ike.radius import (
     Attr,
     Packet,
@@ -27,8 +26,6 @@ from ..ike.radius import (
     parse_dae_request_untrusted,
     u32,
 )
-from ..ike.session import IkeSession
-from .supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -146,30 +143,3 @@ def dae_server(config: NodeConfig, current: Callable[[], NodeConfig],
         return now.dae.secret if now is not None and now.dae is not None else first.secret
     return DaeServer(first.host, first.port, secret, disconnect)
 
-
-def matching(sessions: Sequence[object], user: bytes | None, session_id: bytes | None
-             ) -> list[tuple[bytes, bytes]]:
-    """The SPIs of the established IKE SAs a Disconnect-Request names: its user (the EAP
-    identity, or the peer's IKE identity) and its Acct-Session-Id, each where given."""
-    found = []
-    for session in sessions:
-        if not isinstance(session, IkeSession):
-            continue
-        sa = session.sa
-        names = {sa.eap_identity.encode(), str(sa.remote_id).encode()}
-        if user is not None and user not in names:
-            continue
-        if session_id is not None and session_id != (sa.spi_i + sa.spi_r).hex().encode():
-            continue
-        found.append((sa.spi_i, sa.spi_r))
-    return found
-
-
-def local_disconnect(supervisor: Supervisor) -> Disconnect:
-    """A node's own SAs: deleted with a Delete to the peer."""
-    async def disconnect(user: bytes | None, session_id: bytes | None) -> int:
-        chosen = matching(supervisor.established_sessions(), user, session_id)
-        return sum(supervisor.send_command(
-            spi_i, spi_r, lambda session, now: session.delete_ike(now, TERMINATED))
-            for spi_i, spi_r in chosen)
-    return disconnect
