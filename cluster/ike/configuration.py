@@ -1,8 +1,9 @@
 """The Configuration payload (RFC 7296 2.19, 3.15): virtual IPs for peers that ask.
 
 The responder answers a CFG_REQUEST in IKE_AUTH with a CFG_REPLY carrying an address
-from the connection's pools (and the pool's DNS servers); the Child SA's `dynamic`
-remote selector then stands for that address instead of the peer's outer one.
+from the connection's pools (with the pool's DNS servers, and those a RADIUS server
+gave the user); the Child SA's `dynamic` remote selector then stands for that address
+instead of the peer's outer one.
 """
 
 from __future__ import annotations
@@ -81,9 +82,13 @@ def respond_config(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload]) -
     for lease in leases:
         value = lease.address.packed + (b"\x80" if lease.address.version == 6 else b"")
         reply.append((_ADDRESS_ATTRIBUTES[lease.address.version], value))
+    # a RADIUS server's DNS servers, netmask... for this user (forwarded as strongSwan
+    # does, whatever the family), then the pools' DNS servers of each leased family
+    reply += sa.radius_attributes
     for lease in leases:
         reply += [(_DNS_ATTRIBUTES[d.version], d.packed) for d in lease.pool.dns
-                  if d.version == lease.address.version]
+                  if d.version == lease.address.version
+                  and (_DNS_ATTRIBUTES[d.version], d.packed) not in reply]
     return [CpPayload(CfgType.CFG_REPLY, encode_attributes(reply))]
 
 

@@ -378,6 +378,7 @@ def _continue_eap(sa: IkeSa, exchange: EapExchange, payloads: list[Payload],
     sa.eap_identity = server.identity.decode("utf-8", errors="replace")
     if isinstance(server, EapRadiusServer):
         sa.framed_addresses, sa.radius_classes = server.addresses, server.classes
+        sa.radius_attributes = server.config_attributes
         sa.session_timeout, sa.radius_interim = server.session_timeout, server.interim_interval
     response = _finish(sa, conn, exchange.first_request, response, rng)  # AddressPending
     sa.eap = None  # (after: a parked exchange runs this again)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..errors import AuthenticationFailed
+from .constants import ConfigAttribute
 from .eap import Code, EapType, packet, parse_response_untrusted
 from .identity import IdentityPattern, eap_identity_untrusted
 from .pending import Pending
@@ -58,6 +59,7 @@ class Attr:
     SERVICE_TYPE = 6
     REPLY_MESSAGE = 18
     FRAMED_IP_ADDRESS = 8
+    FRAMED_IP_NETMASK = 9
     STATE = 24
     CLASS = 25
     SESSION_TIMEOUT = 27
@@ -82,6 +84,7 @@ class Attr:
     MESSAGE_AUTHENTICATOR = 80
     NAS_IPV6_ADDRESS = 95
     FRAMED_IPV6_ADDRESS = 168  # RFC 6911
+    DNS_SERVER_IPV6_ADDRESS = 169  # RFC 6911 3.2
 
 
 SERVICE_FRAMED = 2  # RFC 2865 5.6
@@ -89,7 +92,23 @@ PORT_TYPE_VIRTUAL = 5  # RFC 2865 5.41
 VENDOR_MICROSOFT = 311  # RFC 2548
 MS_MPPE_SEND_KEY = 16
 MS_MPPE_RECV_KEY = 17
+VENDOR_ALTIGA = 3076  # Cisco's VPN 3000 dictionary
 MAX_VALUE = 253
+
+# Access-Accept attributes that become the peer's configuration attributes (RFC 7296
+# 3.15.1), as strongSwan's eap-radius forwards them: (vendor, type): (attribute, length)
+_CONFIG_ATTRIBUTES: dict[tuple[int, int], tuple[ConfigAttribute, int]] = {
+    (0, Attr.FRAMED_IP_NETMASK): (ConfigAttribute.INTERNAL_IP4_NETMASK, 4),
+    (0, Attr.DNS_SERVER_IPV6_ADDRESS): (ConfigAttribute.INTERNAL_IP6_DNS, 16),
+    (VENDOR_MICROSOFT, 28): (ConfigAttribute.INTERNAL_IP4_DNS, 4),  # MS-Primary-DNS-Server
+    (VENDOR_MICROSOFT, 29): (ConfigAttribute.INTERNAL_IP4_DNS, 4),  # RFC 2548 2.6, 2.7
+    (VENDOR_MICROSOFT, 30): (ConfigAttribute.INTERNAL_IP4_NBNS, 4),  # MS-Primary-NBNS-Server
+    (VENDOR_MICROSOFT, 31): (ConfigAttribute.INTERNAL_IP4_NBNS, 4),  # RFC 2548 2.8, 2.9
+    (VENDOR_ALTIGA, 5): (ConfigAttribute.INTERNAL_IP4_DNS, 4),  # CVPN3000-Primary-DNS
+    (VENDOR_ALTIGA, 6): (ConfigAttribute.INTERNAL_IP4_DNS, 4),
+    (VENDOR_ALTIGA, 7): (ConfigAttribute.INTERNAL_IP4_NBNS, 4),  # CVPN3000-Primary-WINS
+    (VENDOR_ALTIGA, 8): (ConfigAttribute.INTERNAL_IP4_NBNS, 4),
+}
 
 
 @dataclass(frozen=True)
@@ -202,13 +221,22 @@ class Reply:
         return int.from_bytes(value) if value is not None and len(value) == 4 else 0
 
     def vendor(self, vendor_id: int, vendor_type: int) -> bytes | None:
+        for vid, vtype, value in self.vendor_attributes():
+            if vid == vendor_id and vtype == vendor_type:
+                return value
+        return None
+
+    def vendor_attributes(self) -> list[tuple[int, int, bytes]]:
+        """(vendor id, vendor type, value) of each well-formed Vendor-Specific
+        attribute (RFC 2865 5.26, one vendor attribute in each)."""
+        out = []
         for value in self.values(Attr.VENDOR_SPECIFIC):
             if len(value) < _VENDOR.size:
                 continue
             vid, vtype, vlength = _VENDOR.unpack_from(value)
-            if vid == vendor_id and vtype == vendor_type and vlength == len(value) - 4:
-                return value[_VENDOR.size:]
-        return None
+            if vlength == len(value) - 4:
+                out.append((vid, vtype, value[_VENDOR.size:]))
+        return out
 
 
 _ACCESS_ANSWERS = (Packet.ACCESS_ACCEPT, Packet.ACCESS_REJECT, Packet.ACCESS_CHALLENGE)
@@ -345,6 +373,7 @@ class EapRadiusServer:
         self.identity = b""
         self.msk: bytes | None = None
         self.addresses: tuple[IPAddress, ...] = ()  # Framed-IP(v6)-Address of the accept
+        self.config_attributes: tuple[tuple[int, bytes], ...] = ()  # its DNS servers...
         self.classes: tuple[bytes, ...] = ()
         self.session_timeout = 0  # seconds of service the server grants (0: no limit)
         self.interim_interval = 0  # the server's Acct-Interim-Interval (0: ours)
@@ -449,6 +478,7 @@ class EapRadiusServer:
         self.msk = mppe_key_untrusted(recv, secret, authenticator) + \
             mppe_key_untrusted(send, secret, authenticator)
         self.addresses = framed_addresses(reply)
+        self.config_attributes = config_attributes(reply)
         # RFC 2865 5.1: a User-Name in the Access-Accept is the name for accounting (the
         # user behind an anonymous outer identity of EAP-TTLS or PEAP, say)
         user = reply.first(Attr.USER_NAME)
@@ -489,6 +519,19 @@ def framed_addresses(reply: Reply) -> tuple[IPAddress, ...]:
     v6 = reply.first(Attr.FRAMED_IPV6_ADDRESS)
     if v6 is not None and len(v6) == 16:
         out.append(ipaddress.IPv6Address(v6))
+    return tuple(out)
+
+
+def config_attributes(reply: Reply) -> tuple[tuple[int, bytes], ...]:
+    """The configuration attributes (type, value) an Access-Accept gives the user: its
+    netmask, DNS and NBNS (WINS) servers, in the order the server sent them."""
+    found = [(0, kind, value) for kind, value in reply.attributes]
+    found += reply.vendor_attributes()
+    out: list[tuple[int, bytes]] = []
+    for vendor_id, kind, value in found:
+        known = _CONFIG_ATTRIBUTES.get((vendor_id, kind))
+        if known is not None and len(value) == known[1] and (known[0], value) not in out:
+            out.append((known[0], value))
     return tuple(out)
 
 

@@ -92,6 +92,8 @@ class IkeSa:
     eap_identity: str = ""  # the EAP identity it authenticated
     # the virtual IPs a RADIUS server assigned that identity (pools = ["radius"])
     framed_addresses: tuple[IPAddress, ...] = ()
+    # and its DNS servers, netmask... for the CFG_REPLY (RFC 7296 3.15.1)
+    radius_attributes: tuple[tuple[int, bytes], ...] = ()
     radius_classes: tuple[bytes, ...] = ()  # its Access-Accept's Class, for accounting
     session_timeout: float = 0.0  # its Access-Accept's Session-Timeout (0: none)
     radius_interim: int = 0  # its Access-Accept's Acct-Interim-Interval (0: none)

@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cluster.errors import AuthenticationFailed
+from cluster.ike.constants import ConfigAttribute
 from cluster.ike.eap import Code, EapType, packet
 from cluster.ike.identity import parse_identity_pattern
 from cluster.ike.radius import (
@@ -27,6 +28,7 @@ from cluster.ike.radius import (
     RadiusServer,
     RadiusSettings,
     Station,
+    config_attributes,
     encode_dae_answer,
     framed_addresses,
     mppe_key_untrusted,
@@ -292,6 +294,34 @@ def test_framed_addresses_leave_the_choice_values_to_the_pools() -> None:
     assert framed((Attr.FRAMED_IP_ADDRESS, b"\x0a\x00")) == []  # malformed: ignored
 
 
+def vsa(vendor_id: int, vendor_type: int, value: bytes) -> tuple[int, bytes]:
+    """RFC 2865 5.26: a Vendor-Specific attribute holding one vendor attribute."""
+    return Attr.VENDOR_SPECIFIC, struct.pack("!IBB", vendor_id, vendor_type,
+                                             2 + len(value)) + value
+
+
+def test_the_accept_names_dns_and_wins_servers_as_strongswan_forwards_them() -> None:
+    """RFC 2548 2.6-2.9 (Microsoft), Cisco VPN 3000's, RFC 6911 3.2 and RFC 2865 5.9
+    become configuration attributes; malformed and repeated ones do not."""
+    request = bytes((1, 7)) + bytes(18)
+    dns6 = bytes.fromhex("fd990002" + "00" * 11 + "53")
+    data = reply(request, Packet.ACCESS_ACCEPT, [
+        vsa(311, 28, bytes((10, 99, 2, 53))), vsa(311, 29, bytes((10, 99, 2, 54))),
+        vsa(311, 30, bytes((10, 99, 2, 137))), vsa(3076, 5, bytes((10, 99, 2, 53))),
+        vsa(3076, 8, bytes((10, 99, 2, 138))), vsa(311, 28, b"\x0a\x00"),
+        vsa(9, 28, bytes((10, 99, 2, 99))), (Attr.DNS_SERVER_IPV6_ADDRESS, dns6),
+        (Attr.FRAMED_IP_NETMASK, bytes((255, 255, 255, 0))), (28, bytes(4))])
+    parsed = parse_reply_untrusted(data, 7, request[4:20], SECRET)
+    assert parsed is not None
+    assert config_attributes(parsed) == (
+        (ConfigAttribute.INTERNAL_IP6_DNS, dns6),
+        (ConfigAttribute.INTERNAL_IP4_NETMASK, bytes((255, 255, 255, 0))),
+        (ConfigAttribute.INTERNAL_IP4_DNS, bytes((10, 99, 2, 53))),
+        (ConfigAttribute.INTERNAL_IP4_DNS, bytes((10, 99, 2, 54))),
+        (ConfigAttribute.INTERNAL_IP4_NBNS, bytes((10, 99, 2, 137))),
+        (ConfigAttribute.INTERNAL_IP4_NBNS, bytes((10, 99, 2, 138))))
+
+
 @given(st.binary(max_size=300))
 def test_any_datagram_is_an_answer_or_none(data: bytes) -> None:
     request = bytes((1, 7)) + bytes(18)
@@ -310,6 +340,7 @@ def test_authentic_answers_with_any_attribute_values_never_raise_elsewhere(
     parsed = parse_reply_untrusted(data, 7, request[4:20], SECRET)
     assert parsed is not None and parsed.attributes[:len(attributes)] == attributes
     framed_addresses(parsed)
+    config_attributes(parsed)
     for vendor_type in (16, 17):
         value = parsed.vendor(311, vendor_type)
         if value is not None:

@@ -134,8 +134,8 @@ class Exchange:
 
 def _exchange(monkeypatch: pytest.MonkeyPatch, *pools: AddressPool,
               ask: tuple[tuple[int, bytes], ...] = (V4, V4_DNS), tsi: tuple[str, ...] = ANY,
-              client_id: str = "client.example.test", framed: tuple[str, ...] = ()
-              ) -> Exchange:
+              client_id: str = "client.example.test", framed: tuple[str, ...] = (),
+              radius_attributes: tuple[tuple[int, bytes], ...] = ()) -> Exchange:
     monkeypatch.setattr(session_module, "build_auth_request", _ask_for(*ask, tsi=tsi))
     gw_conn = replace(psk_connection(children=(child(remote_ts="dynamic"),)), pools=pools)
     client_conn = psk_connection(
@@ -146,6 +146,7 @@ def _exchange(monkeypatch: pytest.MonkeyPatch, *pools: AddressPool,
     transfer(gateway, client)
     # what an eap-radius exchange takes from the Access-Accept (Framed-IP-Address)
     gateway.sa.framed_addresses = tuple(ipaddress.ip_address(a) for a in framed)
+    gateway.sa.radius_attributes = radius_attributes
     transfer(client, gateway)  # IKE_AUTH request
     [response] = gateway.datagrams_to_send()
     sk = client.sa.sk
@@ -218,6 +219,23 @@ def test_the_radius_servers_address_comes_first_and_a_pool_serves_the_other_fami
     out.gateway.end_here()
     taken.end_here()
     assert framed.online == 0
+
+
+def test_the_radius_servers_dns_servers_come_first_and_the_pools_are_not_repeated(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the Access-Accept named (config_attributes) goes to the peer whatever the
+    family, as strongSwan forwards it; the pool's DNS servers follow unless named."""
+    pool = AddressPool.parse("rw", "10.99.3.0/24", ("10.99.2.53", "10.99.2.54"))
+    dns, wins = ipaddress.ip_address("10.99.2.54").packed, bytes((10, 99, 2, 137))
+    dns6 = ipaddress.ip_address("fd99:2::53").packed
+    out = _exchange(monkeypatch, pool, radius_attributes=(
+        (ConfigAttribute.INTERNAL_IP4_DNS, dns), (ConfigAttribute.INTERNAL_IP4_NBNS, wins),
+        (ConfigAttribute.INTERNAL_IP6_DNS, dns6)))
+    assert _config_reply(out.reply) == [
+        (ConfigAttribute.INTERNAL_IP4_ADDRESS, ipaddress.ip_address("10.99.3.1").packed),
+        (ConfigAttribute.INTERNAL_IP4_DNS, dns), (ConfigAttribute.INTERNAL_IP4_NBNS, wins),
+        (ConfigAttribute.INTERNAL_IP6_DNS, dns6),
+        (ConfigAttribute.INTERNAL_IP4_DNS, ipaddress.ip_address("10.99.2.53").packed)]
 
 
 def test_a_family_without_a_pool_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -70,6 +70,8 @@ class Charon:
         self.vici = workdir / "charon.vici"
         self.uri = f"unix://{self.vici}"
         self.conf_path = workdir / "strongswan.conf"
+        # where the resolve plugin (when a test loads it) writes the DNS servers it got
+        self.resolv_conf = workdir / "resolv.conf"
         self.swanctl_dir = workdir / "swanctl"
         self.log_level = log_level
         self.log_levels = dict(log_levels or {})
@@ -110,6 +112,9 @@ class Charon:
         }}
         kernel-libipsec {{
             allow_peer_ts = yes
+        }}
+        resolve {{
+            file = {self.resolv_conf}
         }}
     }}
 }}

@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.worker.dataplane import REKEYED_LINGER
 from tests.interop.certs import Pki
-from tests.interop.charon import Charon
+from tests.interop.charon import PLUGINS, Charon
 from tests.interop.freeradius import FreeRadius
 from tests.interop.lab import (
     INITIATOR_INNER_V4,
@@ -1330,15 +1330,20 @@ def test_a_radius_server_assigns_the_virtual_ip_and_a_pool_serves_the_others(
         lab: Lab, pki: Pki, tmp_path: Path) -> None:
     """`pools = ["radius", "rw"]` (strongSwan's eap-radius attribute provider): carol's
     Access-Accept from FreeRADIUS carries Framed-IP-Address 10.99.3.9, which becomes her
-    virtual IP (the Child SA narrowed to it, pings from it cross); dave's carries none,
-    and he gets the pool's first address. With `accounting = true` FreeRADIUS records
+    virtual IP (the Child SA narrowed to it, pings from it cross), and DNS and WINS
+    servers strongSwan's resolve plugin installs or logs; dave's carries none, and he
+    gets the pool's first address and no name servers. With `accounting = true` FreeRADIUS records
     a Start and a Stop for each: the user, the virtual IP, one session id for both,
     the pings' packets and octets both ways, and strongSwan's Delete as User-Request."""
     radius = FreeRadius(lab.responder, tmp_path / "radius", address=RESPONDER_V4,
                         client=RESPONDER_V4, secret="radius-shared-secret",
                         users={"carol": "Carol's pa55word", "dave": "Dave's pa55word"},
-                        replies={"carol": ("Framed-IP-Address = 10.99.3.9",)}).start()
-    charon = lab.charon("initiator", settings={"install_virtual_ip": "yes"})
+                        replies={"carol": ("Framed-IP-Address = 10.99.3.9",
+                                           "MS-Primary-DNS-Server = 10.99.2.53",
+                                           "MS-Primary-NBNS-Server = 10.99.2.137",
+                                           "DNS-Server-IPv6-Address = fd99:2::53")}).start()
+    charon = lab.charon("initiator", settings={"install_virtual_ip": "yes"},
+                        plugins=PLUGINS + " resolve")
     initiator_conn, responder_conn = conn_pair(
         ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa)
     responder_conn = replace(
@@ -1362,6 +1367,14 @@ def test_a_radius_server_assigns_the_virtual_ip_and_a_pool_serves_the_others(
         assert f" vip={vip} eap_id={user}" in line, line
         sent, received, output = ping(lab.initiator, vip, RESPONDER_INNER_V4)
         assert (sent, received) == (PINGS, PINGS), output
+        servers = re.findall(r"nameserver (\S+)", charon.resolv_conf.read_text()
+                             if charon.resolv_conf.exists() else "")
+        wins = re.findall(r"handling INTERNAL_IP4_NBNS attribute failed", charon.log_text())
+        if user == "carol":
+            assert servers == ["10.99.2.53", "fd99:2::53"] and len(wins) == 1, (
+                servers, charon.log_text())
+        else:
+            assert servers == [] and len(wins) == 1, (servers, charon.log_text())
         charon.terminate_ike()
         wait_for_log(node, r"IKE SA deleted: ", count=count)
         deadline = time.monotonic() + 10
