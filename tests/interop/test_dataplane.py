@@ -83,6 +83,15 @@ def worker_toml(tun: str) -> str:
     return f'[worker]\ntun = "{tun}"\n'
 
 
+def wait_for_charon_log(charon: Charon, pattern: str) -> str:
+    """charon's log, once a line matches ``pattern``."""
+    deadline = time.monotonic() + SETTLE
+    while not re.search(pattern, log := charon.log_text()):
+        assert time.monotonic() < deadline, f"charon logged no {pattern!r}:\n{log}"
+        time.sleep(0.1)
+    return log
+
+
 def wait_for_log(node: Node, pattern: str, *, count: int = 1) -> list[str]:
     """The node's log lines matching ``pattern``, once there are ``count`` of them."""
     deadline = time.monotonic() + SETTLE
@@ -738,11 +747,11 @@ def test_strongswan_roams_to_a_new_address_with_mobike(lab: Lab, initiator: Char
     wait_for_log(node, rf"IKE SA moved: .* peer={re.escape(roamed)}:4500 ")
     # strongSwan asked with UPDATE_SA_ADDRESSES and took our answer (a COOKIE2 it did
     # not get back would have made it close the IKE SA)
-    log = initiator.log_text()
+    # (our answer may still be on its way when our node logs the move)
+    log = wait_for_charon_log(initiator, r"parsed INFORMATIONAL response \d+ \[ "
+                                         r"N\(NATD_S_IP\) N\(NATD_D_IP\) N\(COOKIE2\) \]")
     assert re.search(r"generating INFORMATIONAL request \d+ \[ N\(UPD_SA_ADDR\) .*"
                      r"N\(COOKIE2\)", log), log
-    assert re.search(r"parsed INFORMATIONAL response \d+ \[ N\(NATD_S_IP\) N\(NATD_D_IP\) "
-                     r"N\(COOKIE2\) \]", log), log
     wire = lab.wire_counters("initiator", {
         "esp_out": ("out", f"ip saddr {roamed} {ESP_IN_UDP_OUT}"),
         "esp_in": ("in", f"ip daddr {roamed} {ESP_IN_UDP_IN}")})
