@@ -28,6 +28,8 @@ Wire format, version 1 (integers big-endian)::
       CHILD_TRAFFIC: 8 IKE initiator SPI, 8 IKE responder SPI, 4 Child SA inbound SPI,
             4 x 8 bytes in, bytes out, packets in, packets out (when the worker removes
             it: for RADIUS accounting)
+      CHILD_USAGE: as CHILD_TRAFFIC, what a Child SA still up carried so far (every
+            half minute while its counts change: for RADIUS Interim-Updates)
     last    16    tag: HMAC-SHA256 over every byte before it, truncated to 128 bits
 
 Overhead on an IKE message: 13 + S + R + 14 (IPv4) or 38 (IPv6) + 16 bytes; with
@@ -113,6 +115,7 @@ class Kind(IntEnum):
     PONG = 4
     CHILD_LIMIT = 5  # worker -> responder: a Child SA reached a byte/packet/sequence limit
     CHILD_TRAFFIC = 6  # worker -> responder: what a Child SA carried, as it is removed
+    CHILD_USAGE = 7  # worker -> responder: what a Child SA still up carried so far
 
 
 class KeyRing(Protocol):
@@ -123,7 +126,8 @@ class KeyRing(Protocol):
 
 _IKE_KINDS = (Kind.IKE_FROM_PEER, Kind.IKE_TO_PEER)
 # kinds whose data has one size and no addresses
-_FIXED_SIZES = {Kind.CHILD_LIMIT: CHILD_LIMIT_SIZE, Kind.CHILD_TRAFFIC: CHILD_TRAFFIC_SIZE}
+_FIXED_SIZES = {Kind.CHILD_LIMIT: CHILD_LIMIT_SIZE, Kind.CHILD_TRAFFIC: CHILD_TRAFFIC_SIZE,
+                Kind.CHILD_USAGE: CHILD_TRAFFIC_SIZE}
 _KINDS = {int(k): k for k in Kind}
 
 
@@ -367,12 +371,13 @@ Traffic = tuple[int, int, int, int]  # bytes in, bytes out, packets in, packets 
 
 
 def child_traffic(spi_i: bytes, spi_r: bytes, spi_in: bytes, traffic: Traffic) -> bytes:
-    """The body of a CHILD_TRAFFIC envelope (for the IKE SA's RADIUS accounting)."""
+    """The body of a CHILD_TRAFFIC or CHILD_USAGE envelope (for the IKE SA's RADIUS
+    accounting)."""
     return _TRAFFIC.pack(spi_i, spi_r, spi_in, *traffic)
 
 
 def parse_child_traffic(data: bytes) -> tuple[bytes, bytes, bytes, Traffic]:
-    """(spi_i, spi_r, spi_in, traffic) of a CHILD_TRAFFIC envelope's data."""
+    """(spi_i, spi_r, spi_in, traffic) of a CHILD_TRAFFIC or CHILD_USAGE envelope's data."""
     spi_i, spi_r, spi_in, *counts = _TRAFFIC.unpack(data)
     return spi_i, spi_r, spi_in, (counts[0], counts[1], counts[2], counts[3])
 

@@ -229,6 +229,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
 
         endpoint.on_child_limit = child_limit
         endpoint.on_child_traffic = accounting.child_traffic
+        endpoint.on_child_usage = accounting.child_usage
 
         membership.on_change = members_changed
         try:
@@ -381,8 +382,10 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
         membership.on_change = lambda members: edge.refresh()
         keys = KeySubscriber(store, config.node_id, key, plane, limits)
         radius = config.policy.radius
-        if radius is not None and radius.accounting:  # the responders' accounting Stops
-            keys.on_remove = TrafficReports(edge, plane).removed
+        reports = None
+        if radius is not None and radius.accounting:  # the responders' accounting
+            reports = TrafficReports(edge, plane)
+            keys.on_remove = reports.removed
         try:
             async with trio.open_nursery() as nursery:
                 if handle_signals:
@@ -393,6 +396,8 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
                 await nursery.start(keys.run)
                 nursery.start_soon(keys.checkpoints)
                 nursery.start_soon(limits_out.run)
+                if reports is not None:
+                    nursery.start_soon(reports.run)
                 nursery.start_soon(relay.serve, edge.handle)
                 nursery.start_soon(relay.ping_members, membership, "responder")
                 await nursery.start(dispatcher.serve, edge)

@@ -88,6 +88,8 @@ class _Session:
     traffic: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     children: set[bytes] = field(default_factory=set)  # inbound SPIs of those up
     unreported: set[bytes] = field(default_factory=set)  # (reported) not yet told of
+    # (reported) what those carried so far, as their workers last told (child_usage)
+    usage: dict[bytes, tuple[int, int, int, int]] = field(default_factory=dict)
     stop: list[bytes] | None = None  # (reported) its Stop's status, waiting for reports
     stop_by: float = 0.0  # sent then at the latest
 
@@ -226,7 +228,18 @@ class Accounting:
         assert session.stop is not None
         for spi in session.unreported:  # (reported: not told in time)
             self._child_of.pop(spi, None)
-        self._queue(radius, session, [*session.stop, *self._usage(session, session.traffic)])
+        self._queue(radius, session, [*session.stop, *self._usage(session, self._sum(session))])
+
+    @staticmethod
+    def _sum(session: _Session) -> list[int]:
+        """(reported) The traffic of the Child SAs removed and, of those not, what their
+        workers last told."""
+        traffic = list(session.traffic)
+        for spi in session.unreported:
+            usage = session.usage.get(spi)
+            if usage is not None:
+                traffic = _plus(traffic, usage)
+        return traffic
 
     def child_traffic(self, spi_i: bytes, spi_r: bytes, spi_in: bytes,
                       traffic: tuple[int, int, int, int]) -> None:
@@ -238,12 +251,26 @@ class Accounting:
         if session is None or spi_in not in session.unreported:
             return
         session.unreported.discard(spi_in)
+        session.usage.pop(spi_in, None)
         session.traffic = _plus(session.traffic, traffic)
         if session.stop is not None and not session.unreported:
             del self._stopping[key]
             radius = self._policy().radius
             if radius is not None:
                 self._send_stop(radius, session)
+
+    def child_usage(self, spi_i: bytes, spi_r: bytes, spi_in: bytes,
+                    traffic: tuple[int, int, int, int]) -> None:
+        """A worker told what a Child SA it still has carried so far (a cluster responder).
+        The counts only grow: a report overtaken by a later one changes nothing."""
+        key = self._child_of.get(spi_in)
+        session = self._sessions.get(key) if key is not None else None
+        if session is None or spi_in not in session.unreported:
+            return
+        last = session.usage.get(spi_in)
+        session.usage[spi_in] = traffic if last is None else (
+            max(last[0], traffic[0]), max(last[1], traffic[1]),
+            max(last[2], traffic[2]), max(last[3], traffic[3]))
 
     def _overdue_stops(self) -> None:
         """Stops whose Child SAs' reports did not all come in time: sent with what did."""
@@ -267,7 +294,7 @@ class Accounting:
             if not session.interval or now < session.next_interim:
                 continue
             session.next_interim = now + session.interval
-            traffic = list(session.traffic)
+            traffic = self._sum(session)
             for spi in session.children:  # the Child SAs still up: their counts so far
                 counts = self._traffic(spi) if self._traffic is not None else None
                 if counts is not None:

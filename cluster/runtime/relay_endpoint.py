@@ -35,6 +35,8 @@ class ResponderRelay:
         self.on_child_limit: Callable[[bytes, bytes, bytes, bool], None] | None = None
         # (spi_i, spi_r, spi_in, traffic) of a Child SA a worker removed
         self.on_child_traffic: Callable[[bytes, bytes, bytes, Traffic], None] | None = None
+        # the same of a Child SA still up: what it carried so far
+        self.on_child_usage: Callable[[bytes, bytes, bytes, Traffic], None] | None = None
 
     def worker_of(self, remote: Address) -> str | None:
         return self._worker_of.get(remote)
@@ -54,6 +56,9 @@ class ResponderRelay:
                 return
             if envelope.kind is Kind.CHILD_TRAFFIC and self.on_child_traffic is not None:
                 self.on_child_traffic(*parse_child_traffic(envelope.data))
+                return
+            if envelope.kind is Kind.CHILD_USAGE and self.on_child_usage is not None:
+                self.on_child_usage(*parse_child_traffic(envelope.data))
                 return
             if envelope.kind is not Kind.IKE_FROM_PEER:
                 self.relay.drop("unexpected_kind")

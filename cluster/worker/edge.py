@@ -168,20 +168,47 @@ def _message_untrusted(data: bytes) -> list[Any]:
 class TrafficReports:
     """What each removed Child SA carried, told to the responder of its IKE SA (the one
     rendezvous hashing picks for the IKE initiator SPI), for its RADIUS accounting Stop.
-    One datagram per Child SA; traffic during a rekeyed SA's last seconds is not in it."""
+    One datagram per Child SA; traffic during a rekeyed SA's last seconds is not in it.
+    `run` tells what the Child SAs still up carried so far, every USAGE_INTERVAL for
+    those whose counts changed, for the responders' Interim-Updates."""
+
+    USAGE_INTERVAL = 30.0
 
     def __init__(self, relay: WorkerRelay, plane: DataPlane) -> None:
         self.relay = relay
         self.plane = plane
         self.sent = 0
+        self._told: dict[bytes, tuple[int, int, int, int]] = {}  # spi_in -> last usage
 
     def removed(self, spi_in: bytes) -> None:
+        self._told.pop(spi_in, None)
         child, ike = self.plane.sad.get(spi_in), self.plane.ike_sa_of(spi_in)
         if child is None or ike is None:
             return
         self.relay.request(ike[0], Kind.CHILD_TRAFFIC, child_traffic(
             ike[0], ike[1], spi_in, child.counters.traffic()))
         self.sent += 1
+
+    def usage(self) -> None:
+        """CHILD_USAGE for each Child SA whose counts changed since it was last told."""
+        told: dict[bytes, tuple[int, int, int, int]] = {}
+        for child in self.plane.sad:
+            spi_in = child.params.spi_in
+            ike = self.plane.ike_sa_of(spi_in)
+            if ike is None:
+                continue
+            traffic = child.counters.traffic()
+            told[spi_in] = traffic
+            if traffic != self._told.get(spi_in, (0, 0, 0, 0)):
+                self.relay.request(ike[0], Kind.CHILD_USAGE,
+                                   child_traffic(ike[0], ike[1], spi_in, traffic))
+                self.sent += 1
+        self._told = told
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.USAGE_INTERVAL)
+            self.usage()
 
 
 class KeySubscriber:

@@ -237,7 +237,9 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
     """eap-radius in a cluster: the responder holding the half-open SA relays strongSwan's
     EAP-MSCHAPv2 to FreeRADIUS (on the compose network, every responder its client),
     the SA comes up, traffic crosses, and FreeRADIUS records the responder's accounting
-    Start with the user and the session id `sas` shows. The owner is killed; the other
+    Start with the user and the session id `sas` shows, then, a minute in, an
+    Interim-Update with the pings' packets, which the worker told while the Child SA
+    was up (CHILD_USAGE). The owner is killed; the other
     responder takes the SA over (strongSwan's DPD) without a new login or a new Start;
     a Disconnect-Request (RFC 5176) to it is answered with an ACK, the SA is deleted, and
     the survivor's accounting Stop closes the same session (Admin-Reset) with the pings'
@@ -254,7 +256,8 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
                             dpd_delay="2s")
         responder = replace(responder, remote=End("eap-radius", "%any", eap_id="%any"))
         # (one configuration for every role, as in compose: the worker checks it too)
-        extra = {"radius": {"accounting": True, "servers": {"compose": {
+        extra = {"radius": {"accounting": True, "accounting_interval": "60s",
+                            "servers": {"compose": {
             "address": REDIS_HOST, "secret": "radius-shared-secret"}},
             "dae": {"listen": "0.0.0.0", "secret": "dae-secret"}}}
         charon, sa = _connect(lab, cluster, initiator, responder, responder_extra=extra,
@@ -271,6 +274,15 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
         session = f"{sa['initiator-spi']}{sa['responder-spi']}"
         assert f'Acct-Session-Id = "{session}"' in radius.accounting(), radius.accounting()
         assert 'User-Name = "alice"' in radius.accounting()
+        # RFC 2869's shortest interval; the worker tells the usage every half minute
+        deadline = time.monotonic() + 90
+        while not radius.records("Acct-Status-Type = Interim-Update"):
+            assert time.monotonic() < deadline, radius.accounting() + cluster.logs()
+            time.sleep(0.5)
+        [interim] = radius.records("Acct-Status-Type = Interim-Update")
+        assert int(interim["Acct-Input-Packets"]) == int(interim["Acct-Output-Packets"]) \
+            == sent, interim
+        assert interim["Acct-Session-Id"] == f'"{session}"', interim
         owner.kill()
         survivor = cluster.responders[2 - _owner(cluster, sa["responder-spi"])]
         deadline = time.monotonic() + 30
@@ -297,7 +309,8 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
         assert int(stop["Acct-Input-Packets"]) == int(stop["Acct-Output-Packets"]) == sent, stop
         assert int(stop["Acct-Input-Octets"]) == 84 * sent, stop
         assert accounting.count("Acct-Status-Type = Start") == 1, accounting
-        assert accounting.count(f'Acct-Session-Id = "{session}"') == 2, accounting
+        assert all(record["Acct-Session-Id"] == f'"{session}"'
+                   for record in radius.records("Acct-Status-Type")), accounting
         assert "Acct-Terminate-Cause = Admin-Reset" in accounting, accounting
         assert radius.log_text().count("Login OK: [alice]") == 1  # no new login
         report("cluster", "eap-radius user through a responder, accounting Start recorded; "

@@ -247,3 +247,44 @@ async def test_a_cluster_responders_stop_waits_for_the_workers_reports() -> None
     assert (u32(stop[Attr.ACCT_INPUT_OCTETS][0]), u32(stop[Attr.ACCT_OUTPUT_PACKETS][0])) == (
         110, 6)
     assert u32(late[Attr.ACCT_STATUS_TYPE][0]) == 2 and u32(late[Attr.ACCT_INPUT_OCTETS][0]) == 0
+
+
+async def test_a_cluster_responders_interim_updates_carry_what_the_workers_told_so_far(
+        ) -> None:
+    """`reported`: CHILD_USAGE from the workers (child_usage) counts in Interim-Updates
+    for the Child SAs still up, a late-arriving older count changes nothing, a removed
+    Child SA's own report replaces its usage, and a Stop whose last report never came
+    carries the usage told before."""
+    first = b"I" * 8
+    now = [100.0]
+    client = Recorder()
+    acct = Accounting(policy, client, reported=True, clock=lambda: now[0])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(acct.run)
+        acct.record(replace(established(first), radius_interim=60))
+        acct.record(child(b"c1c1", first))
+        acct.record(child(b"c2c2", first))
+        acct.child_usage(first, b"R" * 8, b"c1c1", (1000, 2000, 10, 20))
+        acct.child_usage(first, b"R" * 8, b"c1c1", (900, 1800, 9, 18))  # overtaken
+        acct.child_usage(first, b"R" * 8, b"c2c2", (5, 6, 1, 1))
+        acct.child_usage(first, b"R" * 8, b"c9c9", (7, 7, 7, 7))  # not this session's
+        now[0] += 60
+        acct.interim()
+        acct.record(ChildSaDeleted(first, b"R" * 8, "net", b"c1c1", b"out!", "rekeyed"))
+        acct.child_traffic(first, b"R" * 8, b"c1c1", (1100, 2100, 11, 21))
+        acct.child_usage(first, b"R" * 8, b"c1c1", (1000, 2000, 10, 20))  # after: ignored
+        now[0] += 60
+        acct.interim()
+        acct.record(IkeSaDeleted(first, b"R" * 8, "deleted by peer"))
+        now[0] += REPORT_WAIT  # c2c2's removal is never told
+        acct._overdue_stops()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    _, interim, later, stop = client.records
+    assert [u32(r[Attr.ACCT_STATUS_TYPE][0]) for r in (interim, later, stop)] == [3, 3, 2]
+    assert (u32(interim[Attr.ACCT_INPUT_OCTETS][0]),
+            u32(interim[Attr.ACCT_OUTPUT_PACKETS][0])) == (1005, 21)
+    assert (u32(later[Attr.ACCT_INPUT_OCTETS][0]), u32(later[Attr.ACCT_OUTPUT_PACKETS][0])) == (
+        1105, 22)
+    assert (u32(stop[Attr.ACCT_INPUT_OCTETS][0]), u32(stop[Attr.ACCT_OUTPUT_PACKETS][0])) == (
+        1105, 22)

@@ -462,19 +462,18 @@ def test_child_limit_round_trips_and_refuses_bad_bodies() -> None:
                       remote=PEER)
 
 
-def test_child_traffic_round_trips_and_refuses_bad_bodies() -> None:
+@pytest.mark.parametrize("kind", [Kind.CHILD_TRAFFIC, Kind.CHILD_USAGE])
+def test_child_traffic_round_trips_and_refuses_bad_bodies(kind: Kind) -> None:
     from cluster.relay import child_traffic, parse_child_traffic
 
     worker, responder, _ = _pair()
     traffic = (2**40 + 3, 7, 11, 2**33)
     body = child_traffic(b"i" * 8, b"r" * 8, b"\x01\x02\x03\x04", traffic)
-    envelope = responder.decode_untrusted(worker.encode(Kind.CHILD_TRAFFIC, "responder-2",
-                                                        data=body))
-    assert envelope.kind is Kind.CHILD_TRAFFIC and envelope.sender == "worker-1"
+    envelope = responder.decode_untrusted(worker.encode(kind, "responder-2", data=body))
+    assert envelope.kind is kind and envelope.sender == "worker-1"
     assert parse_child_traffic(envelope.data) == (b"i" * 8, b"r" * 8, b"\x01\x02\x03\x04",
                                                   traffic)
     with pytest.raises(ValueError):
-        worker.encode(Kind.CHILD_TRAFFIC, "responder-2", data=body[:-1])
+        worker.encode(kind, "responder-2", data=body[:-1])
     with pytest.raises(ValueError):
-        worker.encode(Kind.CHILD_TRAFFIC, "responder-2", data=body, local=WORKER_LOCAL,
-                      remote=PEER)
+        worker.encode(kind, "responder-2", data=body, local=WORKER_LOCAL, remote=PEER)
