@@ -586,8 +586,9 @@ _RADIUS_FAMILIES = (
      "sent (a server answered), failed (none did), dropped (queue full).",
      ("sent", "failed", "dropped")),
     ("radius_dae_requests_total", "RADIUS Dynamic Authorization requests (RFC 5176): "
-     "disconnected (ACK), not_found (NAK), unsupported (CoA, NAK), invalid (dropped: the "
-     "secret did not verify).", ("disconnected", "not_found", "unsupported", "invalid")),
+     "disconnected (Disconnect-ACK), limited (CoA-ACK: a new Session-Timeout), not_found "
+     "(NAK), unsupported (CoA-NAK: no Session-Timeout), invalid (dropped: the secret did "
+     "not verify).", ("disconnected", "limited", "not_found", "unsupported", "invalid")),
 )
 
 

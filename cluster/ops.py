@@ -466,11 +466,13 @@ async def terminate(store: StateStore, chosen: Callable[[Row], bool], timeout: f
     return [row for row in rows if row not in left], left
 
 
-async def _ask_to_terminate(store: StateStore, rows: Sequence[Row], origin: str) -> None:
-    """The responders' channel asks whichever responder holds each SA to delete it."""
+async def _ask_to_terminate(store: StateStore, rows: Sequence[Row], origin: str,
+                            limit: int | None = None) -> None:
+    """The responders' channel asks whichever responder holds each SA to delete it (or,
+    with `limit`, to end its service that many seconds from now)."""
     for row in rows:
         message = encode_terminate(origin, bytes.fromhex(row["spi_i"]),
-                                   bytes.fromhex(row["spi_r"]))
+                                   bytes.fromhex(row["spi_r"]), limit)
         await store.publish(RESPONDERS_CHANNEL, message)
 
 
@@ -493,26 +495,34 @@ def _disconnect_chooser(user: bytes | None, session_id: bytes | None
 
 
 def local_disconnect(node_id: str, supervisor: Supervisor) -> Disconnect:
-    """A single node's SAs: deleted with a Delete to the peer."""
-    async def disconnect(user: bytes | None, session_id: bytes | None) -> int:
+    """A single node's SAs: deleted with a Delete to the peer (or given a new
+    Session-Timeout)."""
+    async def disconnect(user: bytes | None, session_id: bytes | None, limit: int | None
+                         ) -> int:
         chosen = _disconnect_chooser(user, session_id)
         rows = session_rows(supervisor.established_sessions(), node_id, trio.current_time())
-        return sum(supervisor.delete_ike(bytes.fromhex(row["spi_i"]),
-                                         bytes.fromhex(row["spi_r"]))
-                   for row in rows if chosen(row))
+        found = 0
+        for row in rows:
+            if chosen(row):
+                spi_i, spi_r = bytes.fromhex(row["spi_i"]), bytes.fromhex(row["spi_r"])
+                found += supervisor.delete_ike(spi_i, spi_r) if limit is None else \
+                    supervisor.limit_session(spi_i, spi_r, limit)
+        return found
     return disconnect
 
 
 def cluster_disconnect(store: StateStore, node_id: str) -> Disconnect:
     """A cluster's SAs: the store's records say which exist, the responders' channel asks
-    whichever responder holds each to delete it (as `ike-cluster terminate` does)."""
-    async def disconnect(user: bytes | None, session_id: bytes | None) -> int:
+    whichever responder holds each to delete it (as `ike-cluster terminate` does) or to
+    give it a new Session-Timeout."""
+    async def disconnect(user: bytes | None, session_id: bytes | None, limit: int | None
+                         ) -> int:
         chosen = _disconnect_chooser(user, session_id)
         try:
             rows = [row for row in await list_sas(store) if chosen(row)]
-            await _ask_to_terminate(store, rows, node_id)
+            await _ask_to_terminate(store, rows, node_id, limit)
         except StoreError as exc:
-            logger.warning("RADIUS Disconnect-Request: the store failed: %s", exc)
+            logger.warning("RADIUS Dynamic Authorization: the store failed: %s", exc)
             return 0
         return len(rows)
     return disconnect

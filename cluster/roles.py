@@ -177,14 +177,16 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
             factory.policy = persistence.policy = config.policy
             supervisor.set_uniqueness({c.name: c.unique for c in config.policy.connections})
 
-        async def terminate(spi_i: bytes, spi_r: bytes) -> bool:
-            # `ike-cluster terminate`: the holder deletes it; an SA whose owner died is
-            # loaded by the responder rendezvous gives it to, once the dead owner's lease
-            # has run out (tried again until then), and deleted
+        async def terminate(spi_i: bytes, spi_r: bytes, limit: int | None) -> bool:
+            # `ike-cluster terminate`: the holder deletes it (or limits its service, a
+            # RADIUS CoA); an SA whose owner died is loaded by the responder rendezvous
+            # gives it to, once the dead owner's lease has run out (tried again until
+            # then), and deleted
             deleted = trio.Event()
 
             def delete() -> None:
-                if supervisor.delete_ike(spi_i, spi_r):
+                if supervisor.delete_ike(spi_i, spi_r) if limit is None else \
+                        supervisor.limit_session(spi_i, spi_r, limit):
                     deleted.set()
 
             with trio.move_on_after(TERMINATE_PATIENCE * cluster.membership_ttl):

@@ -142,8 +142,13 @@ class Redirect:
     data: bytes  # the REDIRECT notification's (RFC 5685 9.2), no nonce
 
 
+@dataclass
+class AuthLifetime:
+    seconds: int  # the AUTH_LIFETIME notification's (RFC 4478 3)
+
+
 Task = (_Init | _Auth | Liveness | DeleteIke | DeleteChild | RekeyChild | RekeyIke
-        | SyncMessageIds | Redirect)
+        | SyncMessageIds | Redirect | AuthLifetime)
 
 _REQUEST_TRIGGERS = {
     ExchangeType.IKE_SA_INIT: Trigger.RECV_INIT_REQUEST,
@@ -154,6 +159,7 @@ _REQUEST_TRIGGERS = {
 _EXCHANGE_OF = {
     Liveness: ExchangeType.INFORMATIONAL,
     Redirect: ExchangeType.INFORMATIONAL,
+    AuthLifetime: ExchangeType.INFORMATIONAL,
     SyncMessageIds: ExchangeType.INFORMATIONAL,
     DeleteIke: ExchangeType.INFORMATIONAL,
     DeleteChild: ExchangeType.INFORMATIONAL,
@@ -408,6 +414,20 @@ class IkeSession:
         self._kick(sa, now)
         return True
 
+    def limit_session(self, seconds: int, now: float) -> bool:
+        """The service ends `seconds` from now (a RADIUS CoA-Request's Session-Timeout,
+        RFC 5176 3.1, applied as strongSwan's eap-radius does): the peer is told to
+        authenticate again a tenth before (AUTH_LIFETIME in an INFORMATIONAL exchange,
+        RFC 4478 3) and the SA is deleted at it unless it did; at least ten seconds are
+        left for that. False unless this is an established SA we responded to."""
+        sa = self._sa
+        if sa.state is not State.ESTABLISHED or sa.is_initiator:
+            return False
+        sa.reauth_at = now + max(seconds, 10)
+        sa.queue.append(AuthLifetime(max(1, int(0.9 * seconds))))
+        self._kick(sa, now)
+        return True
+
     def sync_message_ids(self, now: float) -> bool:
         """RFC 6311 4: agree with the peer on the next request IDs both ways (a cluster
         node that took the SA over sends this); False unless both announced support."""
@@ -439,6 +459,8 @@ class IkeSession:
             return []
         if isinstance(task, Redirect):
             return [NotifyPayload(NotifyType.REDIRECT, task.data)]
+        if isinstance(task, AuthLifetime):
+            return [NotifyPayload(NotifyType.AUTH_LIFETIME, task.seconds.to_bytes(4, "big"))]
         if isinstance(task, SyncMessageIds):
             return [mid_sync_notify(task.nonce, sa.our_next_id, sa.peer_next_id)]
         if isinstance(task, DeleteIke):

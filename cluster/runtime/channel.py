@@ -23,7 +23,9 @@ redirects as well (`stored_redirect`).
 "terminate": `ike-cluster terminate` asks for an IKE SA to be deleted (swanctl's
 `--terminate`). The responder that holds it deletes it with a Delete to the peer; if
 none holds it (its owner died and no datagram brought it back yet), the responder
-rendezvous hashing gives it to loads it from the store first.
+rendezvous hashing gives it to loads it from the store first. With a number of seconds
+it asks instead for the SA's service to end that long from now (a RADIUS CoA-Request's
+Session-Timeout).
 
 A message that cannot be published (the store is down) is counted and logged, not
 retried: an old SA then ends as it would without one (DPD, its lifetime).
@@ -65,7 +67,8 @@ class KeepPolicy(Protocol):
 
 # (spi_i, spi_r) -> whether this responder deleted it (held, or loaded to delete); it
 # may take a while (a dead owner's lease runs out first)
-Terminate = Callable[[bytes, bytes], Awaitable[bool]]
+# (spi_i, spi_r, None: delete it, or the seconds its service has left) -> found it
+Terminate = Callable[[bytes, bytes, int | None], Awaitable[bool]]
 
 
 @dataclass(slots=True)
@@ -101,8 +104,11 @@ def encode_redirect(origin: str, gateway: str, existing: bool) -> bytes:
     return _encode("redirect", origin, gateway, existing)
 
 
-def encode_terminate(origin: str, spi_i: bytes, spi_r: bytes) -> bytes:
-    return _encode("terminate", origin, spi_i, spi_r)
+def encode_terminate(origin: str, spi_i: bytes, spi_r: bytes, limit: int | None = None
+                     ) -> bytes:
+    if limit is None:
+        return _encode("terminate", origin, spi_i, spi_r)
+    return _encode("terminate", origin, spi_i, spi_r, limit)
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,16 @@ class Redirection:
 
 
 Identity = tuple[str, tuple[str, str], str, bytes]  # origin, identities, policy, SPI
-Termination = tuple[str, bytes, bytes]  # origin, spi_i, spi_r
+
+
+@dataclass(frozen=True)
+class Termination:
+    """Delete the IKE SA, or with `limit` end its service that many seconds from now."""
+
+    origin: str
+    spi_i: bytes
+    spi_r: bytes
+    limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -138,8 +153,8 @@ class Refusal:
 def decode_untrusted(data: bytes
                      ) -> Identity | Termination | Redirection | Kept | Refusal | None:
     """An "identity" (origin, identities, policy, SPI; Kept for unique = "keep"), a
-    "refuse", a "terminate" (origin, spi_i, spi_r) or a "redirect" message; None when it
-    is none of them."""
+    "refuse", a "terminate" (Termination) or a "redirect" message; None when it is none
+    of them."""
     try:
         fields: Any = msgpack.unpackb(data, raw=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
@@ -149,7 +164,10 @@ def decode_untrusted(data: bytes
         return None
     kind, origin, rest = fields[1], fields[2], fields[3:]
     if kind == "terminate" and len(rest) == 2 and _spis(*rest):
-        return origin, rest[0], rest[1]
+        return Termination(origin, rest[0], rest[1])
+    if kind == "terminate" and len(rest) == 3 and _spis(*rest[:2]) \
+            and isinstance(rest[2], int) and 0 <= rest[2] < 1 << 32:
+        return Termination(origin, rest[0], rest[1], rest[2])
     if kind == "redirect" and len(rest) == 2 and isinstance(rest[0], str) \
             and len(rest[0]) < 256 and isinstance(rest[1], bool):
         return Redirection(origin, rest[0], rest[1])
@@ -245,9 +263,9 @@ class ResponderChannel:
             if decoded.origin != self.node_id and self._keep is not None:
                 self._apply_keep(decoded)
             return
-        if len(decoded) == 3:
+        if isinstance(decoded, Termination):
             if self._nursery is not None:
-                self._nursery.start_soon(self._terminate_one, *decoded)
+                self._nursery.start_soon(self._terminate_one, decoded)
             return
         origin, key, policy, spi_r = decoded
         if origin == self.node_id:
@@ -273,11 +291,12 @@ class ResponderChannel:
             self._queue(encode_refuse(self.node_id, key, message.spi_r), message.spi_r,
                         "refuse (unique = keep)")
 
-    async def _terminate_one(self, origin: str, spi_i: bytes, spi_r: bytes) -> None:
-        if await self._terminate(spi_i, spi_r):
+    async def _terminate_one(self, asked: Termination) -> None:
+        if await self._terminate(asked.spi_i, asked.spi_r, asked.limit):
             self.stats.terminated += 1
-            logger.info("IKE SA %s_i/%s_r: terminated (asked by %s)", spi_i.hex(),
-                        spi_r.hex(), origin)
+            logger.info("IKE SA %s_i/%s_r: %s (asked by %s)", asked.spi_i.hex(),
+                        asked.spi_r.hex(), "terminated" if asked.limit is None else
+                        f"service ends in {asked.limit} s", asked.origin)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:

@@ -1,10 +1,12 @@
 """RADIUS Dynamic Authorization (RFC 5176), as strongSwan's eap-radius `dae`: a RADIUS
 server (or an operator with radclient) ends a user's sessions with a Disconnect-Request
-naming the User-Name or the Acct-Session-Id our accounting gave it.
+naming the User-Name or the Acct-Session-Id our accounting gave it, or gives them a new
+Session-Timeout with a CoA-Request (the one authorization change strongSwan applies:
+the peer is told AUTH_LIFETIME, the SA ends at the timeout unless it authenticated
+again). A CoA-Request without a Session-Timeout is answered CoA-NAK.
 
 Requests whose authenticator does not verify with the shared secret are dropped
-silently (RFC 5176 3.5); a retransmitted request gets the answer sent before. CoA
-(changing a session's authorizations) is not supported and answered CoA-NAK.
+silently (RFC 5176 3.5); a retransmitted request gets the answer sent before.
 """
 
 from __future__ import annotations
@@ -35,15 +37,17 @@ REMEMBER = 30.0  # seconds an answer is kept for a retransmitted request
 MAX_DATAGRAM = 4096
 
 Peer = tuple[object, ...]  # a socket address
-# (User-Name, Acct-Session-Id), either may be None -> how many IKE SAs are being ended
-Disconnect = Callable[[bytes | None, bytes | None], Awaitable[int]]
+# (User-Name, Acct-Session-Id, either may be None; a new Session-Timeout, None: end them)
+# -> how many IKE SAs are being ended or limited
+Disconnect = Callable[[bytes | None, bytes | None, int | None], Awaitable[int]]
 
 
 @dataclass
 class DaeStats:
     disconnected: int = 0  # Disconnect-ACKs: IKE SAs were ended
-    not_found: int = 0  # Disconnect-NAKs: no such session (or nothing named one)
-    unsupported: int = 0  # CoA-NAKs
+    limited: int = 0  # CoA-ACKs: IKE SAs got a new Session-Timeout
+    not_found: int = 0  # Disconnect-/CoA-NAKs: no such session (or nothing named one)
+    unsupported: int = 0  # CoA-NAKs: no Session-Timeout in it
     invalid: int = 0  # datagrams dropped: not a request, or the secret does not verify
 
     def as_dict(self) -> dict[str, int]:
@@ -91,26 +95,39 @@ class DaeServer:
         if key in self._answered:  # RFC 5176 2.3: a retransmission gets the same answer
             await _send(sock, self._answered[key][1], peer)
             return
-        if request.code == Packet.COA_REQUEST:
+        coa = request.code == Packet.COA_REQUEST
+        name = "CoA-Request" if coa else "Disconnect-Request"
+        acked, naked = (Packet.COA_ACK, Packet.COA_NAK) if coa else \
+            (Packet.DISCONNECT_ACK, Packet.DISCONNECT_NAK)
+        timeout = request.first(Attr.SESSION_TIMEOUT)  # RFC 2865 5.27
+        limit = int.from_bytes(timeout) if timeout is not None and len(timeout) == 4 else None
+        user = request.first(Attr.USER_NAME)
+        session = request.first(Attr.ACCT_SESSION_ID)
+        what = " ".join(f"{name}={value.decode(errors='replace')!r}" for name, value in
+                        (("user", user), ("session", session)) if value is not None)
+        if coa and limit is None:  # the one change applied here
             self.stats.unsupported += 1
-            code, cause = Packet.COA_NAK, UNSUPPORTED_SERVICE
+            code, cause = naked, UNSUPPORTED_SERVICE
+            logger.info("RADIUS CoA-Request (%s) from %s: no Session-Timeout, nothing "
+                        "applied", what or "naming nobody", _text(peer))
         else:
-            user = request.first(Attr.USER_NAME)
-            session = request.first(Attr.ACCT_SESSION_ID)
-            ended = 0 if user is None and session is None else \
-                await self._disconnect(user, session)
-            what = " ".join(f"{name}={value.decode(errors='replace')!r}" for name, value in
-                            (("user", user), ("session", session)) if value is not None)
-            if ended:
-                self.stats.disconnected += 1
-                code, cause = Packet.DISCONNECT_ACK, 0
-                logger.info("RADIUS Disconnect-Request (%s) from %s: ending %d IKE SA(s)",
-                            what, _text(peer), ended)
+            if not coa:
+                limit = None
+            found = 0 if not what else await self._disconnect(user, session, limit)
+            if found:
+                if coa:
+                    self.stats.limited += 1
+                else:
+                    self.stats.disconnected += 1
+                code, cause = acked, 0
+                logger.info("RADIUS %s (%s) from %s: %s %d IKE SA(s)", name, what,
+                            _text(peer), f"Session-Timeout {limit} s for" if coa else "ending",
+                            found)
             else:
                 self.stats.not_found += 1
-                code = Packet.DISCONNECT_NAK
+                code = naked
                 cause = SESSION_NOT_FOUND if what else MISSING_ATTRIBUTE
-                logger.info("RADIUS Disconnect-Request (%s) from %s: no such session",
+                logger.info("RADIUS %s (%s) from %s: no such session", name,
                             what or "naming nobody", _text(peer))
         attributes = [attribute(Attr.ERROR_CAUSE, u32(cause))] if cause else []
         answer = encode_dae_answer(code, identifier, authenticator, attributes, secret)

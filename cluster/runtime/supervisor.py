@@ -776,6 +776,14 @@ class Supervisor:
         to the peer (an operator's terminate); False when it is not here."""
         return self.send_command(spi_i, spi_r, _delete(TERMINATED))
 
+    def limit_session(self, spi_i: bytes, spi_r: bytes, seconds: int) -> bool:
+        """End the service of that IKE SA `seconds` from now (IkeSession.limit_session: a
+        RADIUS CoA's Session-Timeout); False when it is not here."""
+        def limit(session: Session, now: float) -> None:
+            if isinstance(session, IkeSession):
+                session.limit_session(seconds, now)
+        return self.send_command(spi_i, spi_r, limit)
+
     def holder_of(self, spi_i: bytes, spi_r: bytes) -> SaActor | None:
         """The actor of the IKE SA with exactly these SPIs now, if it runs here."""
         for actor in (self._actors.get(spi_r), self._initiated.get(spi_i)):

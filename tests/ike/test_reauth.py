@@ -104,3 +104,29 @@ def test_a_radius_session_timeout_is_the_end_of_service_and_the_earlier_limit_wi
         transfer(client, gateway, deadline)
         [deleted] = [e for e in drain(gateway) if isinstance(e, IkeSaDeleted)]
         assert deleted.reason == AUTH_EXPIRED
+
+
+def test_a_coa_session_timeout_tells_the_peer_in_an_informational_and_ends_the_sa() -> None:
+    """IkeSession.limit_session (a RADIUS CoA-Request's Session-Timeout): an INFORMATIONAL
+    request with AUTH_LIFETIME a tenth short of it goes to the peer, and the SA ends at
+    it (AUTH_EXPIRED); the client's side is never asked."""
+    client, gateway, told = _told(0.0)
+    assert told is None
+    assert not client.limit_session(300, 10.0)  # we initiated that one
+    assert gateway.limit_session(300, 10.0)
+    [request] = gateway.datagrams_to_send()
+    sk = client.sa.sk
+    assert sk is not None
+    header = decode_untrusted(request.data)
+    inner = sk.unprotect_untrusted(request.data, header)
+    assert inner is not None and header.header.exchange == 37  # INFORMATIONAL
+    assert [(p.notify_type, int.from_bytes(p.data)) for p in inner
+            if isinstance(p, NotifyPayload)] == [(NotifyType.AUTH_LIFETIME, 270)]
+    client.receive_datagram_untrusted(request.data, request.remote, request.local, 10.0)
+    transfer(client, gateway, 10.0)  # its answer
+    assert gateway.get_timer() == pytest.approx(310.0)
+    gateway.handle_timer(310.0)
+    transfer(gateway, client, 310.0)
+    transfer(client, gateway, 310.0)
+    [deleted] = [e for e in drain(gateway) if isinstance(e, IkeSaDeleted)]
+    assert deleted.reason == AUTH_EXPIRED

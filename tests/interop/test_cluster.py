@@ -241,7 +241,9 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
     Interim-Update with the pings' packets, which the worker told while the Child SA
     was up (CHILD_USAGE). The owner is killed; the other
     responder takes the SA over (strongSwan's DPD) without a new login or a new Start;
-    a Disconnect-Request (RFC 5176) to it is answered with an ACK, the SA is deleted, and
+    a CoA-Request with a Session-Timeout to it (RFC 5176) reaches strongSwan as a new
+    AUTH_LIFETIME (RFC 4478), and a Disconnect-Request to it is answered with an ACK, the
+    SA is deleted, and
     the survivor's accounting Stop closes the same session (Admin-Reset) with the pings'
     packets both ways, which the worker reported as it removed the Child SA."""
     with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
@@ -290,6 +292,16 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
             assert time.monotonic() < deadline, cluster.logs()
             time.sleep(0.3)
         other = 3 - _owner(cluster, sa["responder-spi"])
+        # a CoA-Request's Session-Timeout (through the channel, as a disconnect goes)
+        coa = cluster.compose.run(
+            ["sh", "-c", "echo 'User-Name = \"alice\", Session-Timeout = 3000' | radclient "
+                         f"-r 2 -t 2 -x {cluster.responder_host(other)}:3799 coa dae-secret"],
+            check=False)
+        assert "Received CoA-ACK" in coa.stdout, coa.stdout
+        deadline = time.monotonic() + 15
+        while "received AUTH_LIFETIME of 2700s, scheduling" not in charon.log_text():
+            assert time.monotonic() < deadline, charon.log_text() + cluster.logs()
+            time.sleep(0.2)
         disconnect = cluster.compose.run(
             ["sh", "-c", "echo 'User-Name = \"alice\"' | radclient -r 2 -t 2 -x "
                          f"{cluster.responder_host(other)}:3799 disconnect dae-secret"],

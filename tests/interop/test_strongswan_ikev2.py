@@ -665,9 +665,11 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
     MS-MPPE keys are the MSK both AUTHs are made with: strongSwan verifies ours and the
     SA is installed; its Session-Timeout (an hour) reaches strongSwan as AUTH_LIFETIME a
     tenth earlier (RFC 4478), and its User-Name names the user from then on (RFC 2865
-    5.1). FreeRADIUS's radclient then sends a Disconnect-Request for that name (RFC 5176,
-    [radius.dae]): our node answers Disconnect-ACK and deletes the SA (strongSwan gets
-    the Delete). A wrong password is rejected by FreeRADIUS and
+    5.1). FreeRADIUS's radclient then sends a CoA-Request with a shorter Session-Timeout
+    (RFC 5176, [radius.dae]): our node answers CoA-ACK and strongSwan receives the new
+    AUTH_LIFETIME in an INFORMATIONAL exchange; then a Disconnect-Request for that name:
+    our node answers Disconnect-ACK and deletes the SA (strongSwan gets the Delete). A
+    wrong password is rejected by FreeRADIUS and
     strongSwan gets AUTHENTICATION_FAILED; no secret appears in our log."""
     radius = FreeRadius(lab.responder, tmp_path / "radius", address=RESPONDER_V4,
                         client=RESPONDER_V4, secret="radius-shared-secret",
@@ -689,11 +691,21 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
                      node.log_text()), node.log_text()
     assert "Login OK: [carol]" in radius.log_text(), radius.log_text()
     assert "received AUTH_LIFETIME of 3240s" in result.stdout, result.stdout
-    for user, answer in (("carol", "Disconnect-NAK"), ("carol@corp.example", "Disconnect-ACK")):
+    for attributes, kind, answer in (
+            ('User-Name = "carol", Session-Timeout = 3000', "coa", "CoA-NAK"),
+            ('User-Name = "carol@corp.example"', "coa", "CoA-NAK"),  # no Session-Timeout
+            ('User-Name = "carol@corp.example", Session-Timeout = 3000', "coa", "CoA-ACK"),
+            ('User-Name = "carol"', "disconnect", "Disconnect-NAK"),
+            ('User-Name = "carol@corp.example"', "disconnect", "Disconnect-ACK")):
         disconnect = lab.responder.run(
-            ["sh", "-c", f"echo 'User-Name = \"{user}\"' | radclient -r 2 -t 2 -x "
-                         f"{RESPONDER_V4}:3799 disconnect dae-secret"], check=False)
+            ["sh", "-c", f"echo '{attributes}' | radclient -r 2 -t 2 -x "
+                         f"{RESPONDER_V4}:3799 {kind} dae-secret"], check=False)
         assert f"Received {answer}" in disconnect.stdout, disconnect.stdout + disconnect.stderr
+        if answer == "CoA-ACK":  # RFC 4478 in an INFORMATIONAL: a tenth short of it
+            deadline = time.monotonic() + 10
+            while "received AUTH_LIFETIME of 2700s, scheduling" not in initiator.log_text():
+                assert time.monotonic() < deadline, initiator.log_text() + node.log_text()
+                time.sleep(0.1)
     deadline = time.monotonic() + 10
     while established(initiator):
         assert time.monotonic() < deadline, initiator.log_text() + node.log_text()

@@ -15,6 +15,7 @@ from cluster.runtime.channel import (
     Kept,
     Refusal,
     ResponderChannel,
+    Termination,
     decode_untrusted,
     encode_identity,
     encode_refuse,
@@ -29,20 +30,26 @@ from .test_node_loopback import open_peer, start_node, wait_for
 KEY = ("gw.example.test", "client.example.test")
 
 
-async def _never(spi_i: bytes, spi_r: bytes) -> bool:
+async def _never(spi_i: bytes, spi_r: bytes, limit: int | None) -> bool:
     return False
+
+
 SPI = bytes(range(8))
 
 
 def test_an_announcement_round_trips_and_junk_is_refused() -> None:
     assert decode_untrusted(encode_identity("r1", KEY, "replace", SPI)) == (
         "r1", KEY, "replace", SPI)
-    assert decode_untrusted(encode_terminate("@cli", SPI, SPI[::-1])) == (
+    assert decode_untrusted(encode_terminate("@cli", SPI, SPI[::-1])) == Termination(
         "@cli", SPI, SPI[::-1])
+    assert decode_untrusted(encode_terminate("r1", SPI, SPI[::-1], 120)) == Termination(
+        "r1", SPI, SPI[::-1], 120)
     good = [1, "identity", "r1", KEY[0], KEY[1], "initial_contact", SPI]
     for bad in ([2, *good[1:]], good[:6], [*good[:5], "keep", SPI], [*good[:6], SPI[:7]],
                 [1, "identity", 7, *good[3:]], [1, "identity", "r1", 7, *good[4:]],
                 [1, "terminate", "@cli", SPI], [1, "terminate", "@cli", SPI, "x" * 8],
+                [1, "terminate", "r1", SPI, SPI, -1], [1, "terminate", "r1", SPI, SPI, 1 << 32],
+                [1, "terminate", "r1", SPI, SPI, 1.5], [1, "terminate", "r1", SPI, SPI, 1, 2],
                 [1, "other", "r1", SPI, SPI], [1], {"a": 1}, "text"):
         assert decode_untrusted(msgpack.packb(bad)) is None, bad
     assert decode_untrusted(b"\xc1") is None
@@ -175,11 +182,11 @@ async def test_another_responders_announcement_ends_this_nodes_sa_of_the_identit
 
 async def test_a_terminate_request_reaches_every_responder_and_is_counted_where_done() -> None:
     store = MemoryStore()
-    asked: dict[str, list[tuple[bytes, bytes]]] = {"r1": [], "r2": []}
+    asked: dict[str, list[tuple[bytes, bytes, int | None]]] = {"r1": [], "r2": []}
 
     def terminator(node: str):  # type: ignore[no-untyped-def]
-        async def terminate(spi_i: bytes, spi_r: bytes) -> bool:
-            asked[node].append((spi_i, spi_r))
+        async def terminate(spi_i: bytes, spi_r: bytes, limit: int | None) -> bool:
+            asked[node].append((spi_i, spi_r, limit))
             return node == "r2"
         return terminate
 
@@ -190,9 +197,13 @@ async def test_a_terminate_request_reaches_every_responder_and_is_counted_where_
         await store.publish(RESPONDERS_CHANNEL, encode_terminate("@cli", SPI, SPI[::-1]))
         await wait_for(lambda: bool(asked["r1"] and asked["r2"])
                        and channels["r2"].stats.terminated == 1)
+        # a RADIUS CoA's Session-Timeout travels the same way
+        await store.publish(RESPONDERS_CHANNEL, encode_terminate("r1", SPI, SPI[::-1], 300))
+        await wait_for(lambda: channels["r2"].stats.terminated == 2 and len(asked["r1"]) == 2)
         nursery.cancel_scope.cancel()
-    assert asked == {"r1": [(SPI, SPI[::-1])], "r2": [(SPI, SPI[::-1])]}
-    assert (channels["r1"].stats.terminated, channels["r2"].stats.terminated) == (0, 1)
+    assert asked == {"r1": [(SPI, SPI[::-1], None), (SPI, SPI[::-1], 300)],
+                     "r2": [(SPI, SPI[::-1], None), (SPI, SPI[::-1], 300)]}
+    assert (channels["r1"].stats.terminated, channels["r2"].stats.terminated) == (0, 2)
 
 
 async def test_delete_ike_deletes_a_held_sa_with_a_delete_and_nothing_else(

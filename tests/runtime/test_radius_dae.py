@@ -41,10 +41,10 @@ def check_answer(answer: bytes, sent: bytes) -> tuple[int, int | None]:
 
 
 async def test_disconnect_requests_are_answered_and_bad_ones_dropped() -> None:
-    asked: list[tuple[bytes | None, bytes | None]] = []
+    asked: list[tuple[bytes | None, bytes | None, int | None]] = []
 
-    async def disconnect(user: bytes | None, session: bytes | None) -> int:
-        asked.append((user, session))
+    async def disconnect(user: bytes | None, session: bytes | None, limit: int | None) -> int:
+        asked.append((user, session, limit))
         return 2 if user == b"carol" or session == b"abcd" else 0
 
     server = DaeServer("127.0.0.1", 0, lambda: SECRET, disconnect)
@@ -73,6 +73,17 @@ async def test_disconnect_requests_are_answered_and_bad_ones_dropped() -> None:
             assert check_answer(await ask(nobody) or b"", nobody) == (Packet.DISCONNECT_NAK, 402)
             coa = request(Packet.COA_REQUEST, 5, [(Attr.USER_NAME, b"carol")])
             assert check_answer(await ask(coa) or b"", coa) == (Packet.COA_NAK, 405)
+            # the one change applied: a new Session-Timeout (RFC 2865 5.27)
+            timeout = (Attr.SESSION_TIMEOUT, (600).to_bytes(4, "big"))
+            limit = request(Packet.COA_REQUEST, 8, [(Attr.USER_NAME, b"carol"), timeout])
+            assert check_answer(await ask(limit) or b"", limit) == (Packet.COA_ACK, None)
+            nobody_else = request(Packet.COA_REQUEST, 9, [(Attr.USER_NAME, b"dave"), timeout])
+            assert check_answer(await ask(nobody_else) or b"", nobody_else) == (
+                Packet.COA_NAK, 503)
+            # a Session-Timeout in a Disconnect-Request changes nothing: it ends them
+            ended = request(Packet.DISCONNECT_REQUEST, 10, [(Attr.ACCT_SESSION_ID, b"abcd"),
+                                                            timeout])
+            assert check_answer(await ask(ended) or b"", ended) == (Packet.DISCONNECT_ACK, None)
             forged = request(Packet.DISCONNECT_REQUEST, 6, [(Attr.USER_NAME, b"carol")],
                              b"guessed")
             assert await ask(forged) is None
@@ -85,6 +96,7 @@ async def test_disconnect_requests_are_answered_and_bad_ones_dropped() -> None:
             assert await ask(bad) is None
             assert await ask(b"\x28\x01") is None
         nursery.cancel_scope.cancel()
-    assert asked == [(b"carol", None), (None, b"abcd"), (b"dave", None)]
-    assert server.stats.as_dict() == {"disconnected": 2, "not_found": 2, "unsupported": 1,
-                                      "invalid": 3}
+    assert asked == [(b"carol", None, None), (None, b"abcd", None), (b"dave", None, None),
+                     (b"carol", None, 600), (b"dave", None, 600), (None, b"abcd", None)]
+    assert server.stats.as_dict() == {"disconnected": 3, "limited": 1, "not_found": 3,
+                                      "unsupported": 1, "invalid": 3}

@@ -353,7 +353,7 @@ async def test_terminate_asks_the_responders_and_reports_what_left_the_store() -
     """The request goes out on the responders' channel with the SA's SPIs; an SA whose
     record leaves the store is terminated, one that stays is reported as left."""
     from cluster.ops import terminate
-    from cluster.runtime.channel import RESPONDERS_CHANNEL, decode_untrusted
+    from cluster.runtime.channel import RESPONDERS_CHANNEL, Termination, decode_untrusted
 
     store = MemoryStore()
     records = [established()[1] for _ in range(2)]
@@ -367,8 +367,10 @@ async def test_terminate_asks_the_responders_and_reports_what_left_the_store() -
             task_status.started()
             async for message in subscription:
                 assert message is not None
-                origin, spi_i, spi_r = decode_untrusted(message)  # type: ignore[misc]
-                asked.append((origin, spi_i + spi_r))
+                asked_to = decode_untrusted(message)
+                assert isinstance(asked_to, Termination) and asked_to.limit is None
+                spi_i, spi_r = asked_to.spi_i, asked_to.spi_r
+                asked.append((asked_to.origin, spi_i + spi_r))
                 if spi_i + spi_r == keys[0]:  # the first goes, the second stays
                     await store.delete_sa(spi_i + spi_r, 1)
 
