@@ -4,9 +4,11 @@ A certificate whose authorityInfoAccess names an OCSP responder (http/https) is 
 about before its chain is checked; the exchange waits meanwhile (OcspPending, as for a
 CRL). An answer counts only if it is for that certificate, is current, and is signed by
 the certificate's issuer or by a responder certificate that issuer gave the OCSPSigning
-purpose (RFC 6960 4.2.2.2). "good" settles the certificate without CRLs, "revoked"
-refuses it, anything else (no answer, "unknown", a bad answer) leaves it to the CRLs,
-as strongSwan's revocation plugin does.
+purpose (RFC 6960 4.2.2.2), and, if it echoes a nonce, echoes the one of our request
+(RFC 8954: a replayed older answer is refused; precomputed answers carry none and are
+accepted). "good" settles the certificate without CRLs, "revoked" refuses it, anything
+else (no answer, "unknown", a bad answer) leaves it to the CRLs, as strongSwan's
+revocation plugin does.
 """
 
 from __future__ import annotations
@@ -42,9 +44,15 @@ def ocsp_uris_of(cert: x509.Certificate) -> tuple[str, ...]:
                      if d.access_method == AuthorityInformationAccessOID.OCSP)
 
 
-def ocsp_request(cert: x509.Certificate, issuer: x509.Certificate) -> bytes:
-    """The DER request for one certificate (CertID with SHA-1, as responders expect)."""
+NONCE_SIZE = 32  # RFC 8954 2.1: 1 to 32 octets, at least 16 recommended
+
+
+def ocsp_request(cert: x509.Certificate, issuer: x509.Certificate, nonce: bytes = b"") -> bytes:
+    """The DER request for one certificate (CertID with SHA-1, as responders expect),
+    with the nonce extension when given one (RFC 8954 2.1)."""
     builder = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1())
+    if nonce:
+        builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
     return builder.build().public_bytes(Encoding.DER)
 
 
@@ -56,8 +64,9 @@ class OcspAnswer:
 
 
 def ocsp_answer_untrusted(der: bytes, cert: x509.Certificate, issuer: x509.Certificate,
-                          now: datetime.datetime) -> OcspAnswer:
-    """Check a responder's answer about `cert`; ValueError saying why it does not count."""
+                          now: datetime.datetime, nonce: bytes = b"") -> OcspAnswer:
+    """Check a responder's answer about `cert` to the request with `nonce`; ValueError
+    saying why it does not count."""
     try:
         response = ocsp.load_der_ocsp_response(der)
     except ValueError as exc:
@@ -65,6 +74,17 @@ def ocsp_answer_untrusted(der: bytes, cert: x509.Certificate, issuer: x509.Certi
     if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
         raise ValueError(f"responder says {response.response_status.name}")
     _check_signer(response, issuer)
+    try:
+        echoed: bytes | None = response.extensions.get_extension_for_class(
+            x509.OCSPNonce).value.nonce
+    except x509.ExtensionNotFound:
+        echoed = None
+    except (ValueError, x509.DuplicateExtension) as exc:
+        raise ValueError(f"unreadable extensions: {exc}") from None
+    # RFC 8954 2.1: an echoed nonce must be ours; none at all (a precomputed answer) is
+    # accepted, as strongSwan does
+    if echoed is not None and echoed != nonce:
+        raise ValueError("answer with the nonce of another request (a replay?)")
     single = next((s for s in response.responses if s.serial_number == cert.serial_number
                    and _same_issuer(s, issuer)), None)
     if single is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass
 import trio
 from cryptography import x509
 
-from ..ike.ocsp import OcspAnswer, ocsp_answer_untrusted, ocsp_request
+from ..ike.ocsp import NONCE_SIZE, OcspAnswer, ocsp_answer_untrusted, ocsp_request
 from ..ike.policy import ResponderPolicy
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,10 @@ async def ask_ocsp(cert: x509.Certificate, issuer: x509.Certificate, uri: str,
     stats = stats if stats is not None else RevocationStats()
     subject = cert.subject.rfc4514_string()
     try:
-        der = await trio.to_thread.run_sync(post, uri, ocsp_request(cert, issuer))
-        answer = ocsp_answer_untrusted(der, cert, issuer, datetime.datetime.now(datetime.UTC))
+        nonce = os.urandom(NONCE_SIZE)
+        der = await trio.to_thread.run_sync(post, uri, ocsp_request(cert, issuer, nonce))
+        answer = ocsp_answer_untrusted(der, cert, issuer, datetime.datetime.now(datetime.UTC),
+                                       nonce)
     except (CrlFetchError, ValueError) as exc:
         stats.ocsp_failed += 1
         logger.warning("OCSP %s about %s: no usable answer: %s", uri, subject, exc)

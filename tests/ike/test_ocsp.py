@@ -58,8 +58,8 @@ PEER = _cert("peer", PEER_KEY, "CA", CA_KEY)
 def _answer(status: ocsp.OCSPCertStatus = ocsp.OCSPCertStatus.GOOD, *,
             signer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] = (CA, CA_KEY),
             cert: x509.Certificate = PEER, this_update: datetime.datetime = NOW,
-            next_update: datetime.datetime | None = NOW + datetime.timedelta(minutes=30)
-            ) -> bytes:
+            next_update: datetime.datetime | None = NOW + datetime.timedelta(minutes=30),
+            nonce: bytes = b"") -> bytes:
     builder = ocsp.OCSPResponseBuilder().add_response(
         cert=cert, issuer=CA, algorithm=hashes.SHA1(), cert_status=status,
         this_update=this_update, next_update=next_update,
@@ -68,6 +68,8 @@ def _answer(status: ocsp.OCSPCertStatus = ocsp.OCSPCertStatus.GOOD, *,
         revocation_reason=None).responder_id(ocsp.OCSPResponderEncoding.HASH, signer[0])
     if signer[0] is not CA:
         builder = builder.certificates([signer[0]])
+    if nonce:
+        builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
     return builder.sign(signer[1], hashes.SHA256()).public_bytes(Encoding.DER)
 
 
@@ -76,6 +78,21 @@ def test_the_responder_is_read_from_the_certificate_and_asked_about_it() -> None
     assert ocsp_uris_of(CA) == ()
     request = ocsp.load_der_ocsp_request(ocsp_request(PEER, CA))
     assert request.serial_number == PEER.serial_number
+
+
+def test_a_nonce_goes_out_and_an_echo_of_another_is_refused() -> None:
+    """RFC 8954: the request carries our nonce; an answer echoing another request's is
+    refused (a replay), one echoing ours or none (precomputed answers) counts."""
+    nonce = bytes(range(32))
+    request = ocsp.load_der_ocsp_request(ocsp_request(PEER, CA, nonce))
+    assert request.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce == nonce
+    assert not ocsp.load_der_ocsp_request(ocsp_request(PEER, CA)).extensions
+    assert ocsp_answer_untrusted(_answer(nonce=nonce), PEER, CA, NOW, nonce).status == GOOD
+    assert ocsp_answer_untrusted(_answer(), PEER, CA, NOW, nonce).status == GOOD
+    with pytest.raises(ValueError, match="nonce of another request"):
+        ocsp_answer_untrusted(_answer(nonce=nonce[::-1]), PEER, CA, NOW, nonce)
+    with pytest.raises(ValueError, match="nonce of another request"):
+        ocsp_answer_untrusted(_answer(nonce=nonce), PEER, CA, NOW)
 
 
 def test_what_the_answers_say() -> None:
