@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -36,6 +37,7 @@ PrivateKey = RSAPrivateKey | ec.EllipticCurvePrivateKey | Ed25519PrivateKey
 PublicKey = RSAPublicKey | ec.EllipticCurvePublicKey | Ed25519PublicKey
 
 MAX_CHAIN_DEPTH = 8
+_ExtensionValue = TypeVar("_ExtensionValue", bound=x509.ExtensionType)
 # What cryptography raises for malformed certificates (some parts decode lazily, on access).
 _CERT_ERRORS = (
     ValueError,
@@ -422,21 +424,68 @@ def _issuer_problem(
 
 def _revocation_problem(cert: x509.Certificate, issuer: x509.Certificate,
                         crls: Sequence[x509.CertificateRevocationList]) -> str | None:
-    """Whether a CRL `issuer` signed lists `cert` (RFC 5280 6.3, without delta CRLs)."""
+    """Whether a CRL `issuer` signed lists `cert` (RFC 5280 6.3). Delta CRLs (5.2.4)
+    count when a complete CRL at least as new as their base is there too; the newest
+    that names the certificate decides, and removeFromCRL there takes back a hold."""
+    complete, deltas = [], []
     for crl in crls:
         if crl.issuer != issuer.subject:
             continue
         try:
             signed = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+            base = _extension(crl, x509.DeltaCRLIndicator)
         except (TypeError, UnsupportedAlgorithm, *_CERT_ERRORS):
             signed = False
         if not signed:
             continue  # another CA of the same name, or a forgery: not this issuer's word
+        if base is None:
+            complete.append(crl)
+        else:
+            deltas.append((base.crl_number, crl))
+    newest = max((_crl_number(crl) for crl in complete), default=-1)
+    for _, delta in sorted(((b, d) for b, d in deltas if b <= newest),
+                           key=lambda pair: _crl_number(pair[1]), reverse=True):
+        entry = delta.get_revoked_certificate_by_serial_number(cert.serial_number)
+        if entry is not None:
+            reason = _entry_reason(entry)
+            if reason == x509.ReasonFlags.remove_from_crl:
+                return None  # no longer on hold
+            return _revoked_text(cert, entry, " (delta CRL)")
+    for crl in complete:
         entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
         if entry is not None:
-            return (f"{cert.subject.rfc4514_string()} (serial {cert.serial_number:x}) was "
-                    f"revoked on {entry.revocation_date_utc:%Y-%m-%d %H:%M:%S} UTC")
+            return _revoked_text(cert, entry)
     return None
+
+
+def _extension(crl: x509.CertificateRevocationList, kind: type[_ExtensionValue]
+               ) -> _ExtensionValue | None:
+    """A CRL's extension of `kind`, None when absent (ValueError when unreadable)."""
+    try:
+        return crl.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    try:
+        number = _extension(crl, x509.CRLNumber)
+    except (ValueError, x509.DuplicateExtension):
+        return -1
+    return number.crl_number if number is not None else -1
+
+
+def _entry_reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags | None:
+    try:
+        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
+        return None
+
+
+def _revoked_text(cert: x509.Certificate, entry: x509.RevokedCertificate, where: str = ""
+                  ) -> str:
+    return (f"{cert.subject.rfc4514_string()} (serial {cert.serial_number:x}) was "
+            f"revoked on {entry.revocation_date_utc:%Y-%m-%d %H:%M:%S} UTC{where}")
 
 
 def http_uris(names: Iterable[x509.GeneralName]) -> tuple[str, ...]:
@@ -448,8 +497,20 @@ def http_uris(names: Iterable[x509.GeneralName]) -> tuple[str, ...]:
 
 def crl_uris_of(cert: x509.Certificate) -> tuple[str, ...]:
     """The http(s) URIs of a certificate's CRL distribution points (RFC 5280 4.2.1.13)."""
+    return _point_uris(cert.extensions, x509.CRLDistributionPoints)
+
+
+def delta_crl_uris_of(crl: x509.CertificateRevocationList) -> tuple[str, ...]:
+    """The http(s) URIs where a complete CRL says its delta CRLs are (its Freshest CRL
+    extension, RFC 5280 5.2.6: the distribution points' syntax)."""
+    return _point_uris(crl.extensions, x509.FreshestCRL)
+
+
+def _point_uris(extensions: x509.Extensions,
+                kind: type[x509.CRLDistributionPoints] | type[x509.FreshestCRL]
+                ) -> tuple[str, ...]:
     try:
-        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        points = extensions.get_extension_for_class(kind).value
     except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
         return ()
     return http_uris(name for point in points for name in point.full_name or ())

@@ -13,6 +13,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from .auth import delta_crl_uris_of
 from .identity import Identity, IdentityPattern, eap_identity_untrusted
 from .ocsp import OcspCache
 from .pending import Pending
@@ -166,20 +167,33 @@ class FetchedCrls:
         self._by_uri: dict[str, x509.CertificateRevocationList] = {}
         self._failed: dict[str, datetime.datetime] = {}
         self.learned: set[str] = set()  # distribution points seen in certificates
+        self._deltas: dict[str, tuple[str, ...]] = {}  # a CRL's URI -> its delta CRLs'
         self.fetcher: CrlFetcher | None = None  # set by the runtime; None: learn nothing
 
     def put(self, uri: str, crl: x509.CertificateRevocationList) -> None:
         self._by_uri[uri] = crl
         self._failed.pop(uri, None)
+        deltas = delta_crl_uris_of(crl)  # RFC 5280 5.2.6: where its delta CRLs are
+        if deltas:
+            self._deltas[uri] = deltas
+            self.learned.update(d for d in deltas if d not in self._by_uri)
+        else:
+            self._deltas.pop(uri, None)
+
+    def _with_deltas(self, uris: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(
+            (*uris, *(d for u in uris for d in self._deltas.get(u, ())))))
 
     def of(self, uris: tuple[str, ...]) -> tuple[x509.CertificateRevocationList, ...]:
-        return tuple(self._by_uri[u] for u in uris if u in self._by_uri)
+        """The CRLs of these URIs, and the delta CRLs they point to."""
+        return tuple(self._by_uri[u] for u in self._with_deltas(uris) if u in self._by_uri)
 
     def missing(self, uris: tuple[str, ...], now: datetime.datetime) -> tuple[str, ...]:
-        """Distribution points worth waiting for: never fetched, not failing lately."""
+        """Distribution points (and their delta CRLs') worth waiting for: never fetched,
+        not failing lately."""
         if self.fetcher is None:
             return ()
-        return tuple(u for u in dict.fromkeys(uris) if u not in self._by_uri
+        return tuple(u for u in self._with_deltas(uris) if u not in self._by_uri
                      and now - self._failed.get(u, now - 2 * CRL_RETRY) > CRL_RETRY)
 
     async def fetch(self, uris: tuple[str, ...], now: datetime.datetime) -> None:

@@ -111,8 +111,11 @@ class TestCa:
         return TestCa(self.directory, stem=stem, common_name=common_name, key_type=key_type,
                       key_size=key_size, parent=self)
 
-    def revoke(self, *revoked: Credential, stem: str = "ca") -> Path:
-        """A CRL of this CA listing ``revoked`` (PEM, ``<stem>.crl``)."""
+    def revoke(self, *revoked: Credential, stem: str = "ca", number: int = 1,
+               delta_of: int | None = None, freshest: str | None = None) -> Path:
+        """A CRL of this CA listing ``revoked`` (PEM, ``<stem>.crl``); with ``delta_of``
+        a delta CRL on that base CRL number, with ``freshest`` a complete CRL naming
+        its delta CRLs' URI (RFC 5280 5.2.4, 5.2.6)."""
         now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateRevocationListBuilder().issuer_name(self.name)
@@ -121,8 +124,14 @@ class TestCa:
             # RFC 5280 5.2.1, 5.2.3: both MUST be there (strongSwan finds CRLs by the AKI)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 self.key.public_key()), critical=False)
-            .add_extension(x509.CRLNumber(1), critical=False)
+            .add_extension(x509.CRLNumber(number), critical=False)
         )
+        if delta_of is not None:
+            builder = builder.add_extension(x509.DeltaCRLIndicator(delta_of), critical=True)
+        if freshest is not None:
+            builder = builder.add_extension(x509.FreshestCRL([x509.DistributionPoint(
+                [x509.UniformResourceIdentifier(freshest)], None, None, None)]),
+                critical=False)
         for cred in revoked:
             serial = x509.load_pem_x509_certificate(cred.cert.read_bytes()).serial_number
             builder = builder.add_revoked_certificate(

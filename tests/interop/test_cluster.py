@@ -292,21 +292,23 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
             assert time.monotonic() < deadline, cluster.logs()
             time.sleep(0.3)
         other = 3 - _owner(cluster, sa["responder-spi"])
+
+        def radclient(attributes: str, kind: str) -> str:
+            done = cluster.compose.run(  # type: ignore[union-attr]
+                ["sh", "-c", f"echo '{attributes}' | radclient -r 2 -t 2 -x "
+                             f"{cluster.responder_host(other)}:3799 {kind} dae-secret"],
+                check=False)
+            return done.stdout
+
         # a CoA-Request's Session-Timeout (through the channel, as a disconnect goes)
-        coa = cluster.compose.run(
-            ["sh", "-c", "echo 'User-Name = \"alice\", Session-Timeout = 3000' | radclient "
-                         f"-r 2 -t 2 -x {cluster.responder_host(other)}:3799 coa dae-secret"],
-            check=False)
-        assert "Received CoA-ACK" in coa.stdout, coa.stdout
+        answer = radclient('User-Name = "alice", Session-Timeout = 3000', "coa")
+        assert "Received CoA-ACK" in answer, answer
         deadline = time.monotonic() + 15
         while "received AUTH_LIFETIME of 2700s, scheduling" not in charon.log_text():
             assert time.monotonic() < deadline, charon.log_text() + cluster.logs()
             time.sleep(0.2)
-        disconnect = cluster.compose.run(
-            ["sh", "-c", "echo 'User-Name = \"alice\"' | radclient -r 2 -t 2 -x "
-                         f"{cluster.responder_host(other)}:3799 disconnect dae-secret"],
-            check=False)
-        assert "Received Disconnect-ACK" in disconnect.stdout, disconnect.stdout
+        answer = radclient('User-Name = "alice"', "disconnect")
+        assert "Received Disconnect-ACK" in answer, answer
         deadline = time.monotonic() + 15
         while established(charon):
             assert time.monotonic() < deadline, cluster.logs()

@@ -636,6 +636,30 @@ def test_a_crl_named_in_the_peers_certificate_is_fetched_before_it_is_accepted(
     assert node.log_text().count(f"CRL {uri} fetched") == 1  # cached, not fetched again
 
 
+def test_a_delta_crl_the_crl_names_revokes_what_its_base_does_not_list(
+        lab: Lab, initiator: Charon, pki: Pki, tmp_path: Path) -> None:
+    """RFC 5280 5.2.4/5.2.6: the certificates' distribution point serves a complete CRL
+    that lists nothing and names a delta CRL (Freshest CRL); the delta lists one
+    certificate. Our node fetches both before it decides: that certificate is refused
+    the first time, the other gets in."""
+    www = tmp_path / "www"
+    www.mkdir()
+    uri = f"http://{RESPONDER_V4}:8080/ca.crl"
+    delta_uri = f"http://{RESPONDER_V4}:8080/delta.crl"
+    revoked = pki.authority.issue("client.example.test", name="clientdelta1", crl_uri=uri)
+    good = pki.authority.issue("client.example.test", name="clientdelta2", crl_uri=uri)
+    shutil.copy(pki.authority.revoke(stem="base", number=7, freshest=delta_uri),
+                www / "ca.crl")
+    shutil.copy(pki.authority.revoke(revoked, stem="delta", number=8, delta_of=7),
+                www / "delta.crl")
+    _serve(lab, [sys.executable, "-m", "http.server", "8080", "--bind", RESPONDER_V4,
+                 "--directory", str(www)], 8080, tmp_path / "http.log")
+    _, log = _revoked_then_good(lab, initiator, pki, revoked, good)
+    assert re.search(rf"CRL {re.escape(uri)} fetched: .*, 0 revoked", log), log
+    assert re.search(rf"CRL {re.escape(delta_uri)} fetched: .*, 1 revoked", log), log
+    assert re.search(r"\(serial [0-9a-f]+\) was revoked on .* \(delta CRL\)", log), log
+
+
 def test_ocsp_answers_decide_before_any_crl(
         lab: Lab, initiator: Charon, pki: Pki, tmp_path: Path) -> None:
     """Client certificates naming an OCSP responder (OpenSSL's `openssl ocsp`, signing

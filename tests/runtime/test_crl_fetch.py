@@ -25,11 +25,15 @@ NAME = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "test CA")])
 
 
 def crl(next_update_in: datetime.timedelta | None = datetime.timedelta(days=1),
-        revoked: int = 0) -> x509.CertificateRevocationList:
+        revoked: int = 0, freshest: tuple[str, ...] = ()) -> x509.CertificateRevocationList:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     builder = x509.CertificateRevocationListBuilder().issuer_name(NAME).last_update(now)
     builder = builder.next_update(now + (next_update_in or datetime.timedelta(days=1)))
+    if freshest:  # RFC 5280 5.2.6: where the delta CRLs are
+        builder = builder.add_extension(x509.FreshestCRL([x509.DistributionPoint(
+            [x509.UniformResourceIdentifier(u) for u in freshest], None, None, None)]),
+            critical=False)
     for serial in range(1, revoked + 1):
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
@@ -131,6 +135,30 @@ async def test_a_distribution_point_is_waited_for_once_and_a_failing_one_not_aga
     assert cache.learned == {"http://a/1.crl", "http://a/2.crl"}
     assert cache.missing(uris, now) == ()  # one fetched, one failed just now
     assert cache.missing(uris, now + CRL_RETRY * 2) == ("http://a/2.crl",)
+
+
+async def test_a_crls_delta_crls_are_waited_for_read_with_it_and_kept_fresh() -> None:
+    """A fetched CRL whose Freshest CRL extension names delta CRLs: those are fetched
+    before the certificate is checked (the next `missing`), read with it (`of`), and
+    learned, so the runtime keeps them fresh like the distribution points."""
+    from cluster.ike.policy import CrlPending, FetchedCrls
+
+    cache = FetchedCrls()
+    now = datetime.datetime.now(datetime.UTC)
+    answers = {"http://a/base.crl": crl(freshest=("http://a/delta.crl", "ldap://a/x")),
+               "http://a/delta.crl": crl(revoked=2)}
+
+    async def fetcher(uri: str) -> x509.CertificateRevocationList | None:
+        return answers[uri]
+
+    cache.fetcher = fetcher
+    uris = ("http://a/base.crl",)
+    await CrlPending(cache, cache.missing(uris, now), now).fetch()
+    assert cache.missing(uris, now) == ("http://a/delta.crl",)  # only http(s)
+    assert "http://a/delta.crl" in cache.learned
+    await CrlPending(cache, cache.missing(uris, now), now).fetch()
+    assert cache.missing(uris, now) == ()
+    assert [len(c) for c in cache.of(uris)] == [0, 2]
 
 
 def test_crl_distribution_points_are_read_from_a_certificate() -> None:

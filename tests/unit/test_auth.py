@@ -483,14 +483,48 @@ LEAF = _cert("moon", _LEAF_KEY, "Intermediate CA", _INT_KEY, ca=False)
 
 
 def _crl(issuer: str, key: ec.EllipticCurvePrivateKey, *revoked: x509.Certificate,
-         next_update: datetime = NOW + timedelta(days=7)) -> x509.CertificateRevocationList:
+         next_update: datetime = NOW + timedelta(days=7), number: int | None = None,
+         delta_of: int | None = None, reason: x509.ReasonFlags | None = None
+         ) -> x509.CertificateRevocationList:
+    """A CRL; with `delta_of`, a delta CRL on that base CRL number (RFC 5280 5.2.4)."""
     builder = (x509.CertificateRevocationListBuilder().issuer_name(_name(issuer))
                .last_update(NOW - timedelta(days=1)).next_update(next_update))
+    if number is not None:
+        builder = builder.add_extension(x509.CRLNumber(number), critical=False)
+    if delta_of is not None:
+        builder = builder.add_extension(x509.DeltaCRLIndicator(delta_of), critical=True)
     for cert in revoked:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
-            .revocation_date(NOW - timedelta(hours=1)).build())
+        entry = x509.RevokedCertificateBuilder().serial_number(cert.serial_number) \
+            .revocation_date(NOW - timedelta(hours=1))
+        if reason is not None:
+            entry = entry.add_extension(x509.CRLReason(reason), critical=False)
+        builder = builder.add_revoked_certificate(entry.build())
     return builder.sign(key, hashes.SHA256())
+
+
+def test_delta_crls_revoke_and_release_on_top_of_their_base() -> None:
+    """RFC 5280 5.2.4: a delta CRL counts with a complete CRL at least as new as its
+    base; it revokes what it lists, and its removeFromCRL takes back the base's hold."""
+    base = _crl("Intermediate CA", _INT_KEY, number=10)
+    delta = _crl("Intermediate CA", _INT_KEY, LEAF, number=11, delta_of=10)
+    with pytest.raises(AuthenticationFailed, match=r"was revoked on .* \(delta CRL\)"):
+        verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [base, delta])
+    # without a complete CRL as new as its base, the delta does not count
+    verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [delta])
+    old_base = _crl("Intermediate CA", _INT_KEY, number=9)
+    verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [old_base, delta])
+    # on hold in the base, released by the newest delta
+    held = _crl("Intermediate CA", _INT_KEY, LEAF, number=12,
+                reason=x509.ReasonFlags.certificate_hold)
+    released = _crl("Intermediate CA", _INT_KEY, LEAF, number=14, delta_of=12,
+                    reason=x509.ReasonFlags.remove_from_crl)
+    verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [held, delta, released])
+    with pytest.raises(AuthenticationFailed, match="revoked"):
+        verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [held])
+    # a delta from another key is nobody's word
+    forged = _crl("Intermediate CA", ec.generate_private_key(ec.SECP256R1()), LEAF,
+                  number=11, delta_of=10)
+    verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [base, forged])
 
 
 def test_a_revoked_leaf_or_intermediate_fails_its_chain() -> None:
