@@ -96,7 +96,7 @@ class DaeServer:
             await _send(sock, self._answered[key][1], peer)
             return
         coa = request.code == Packet.COA_REQUEST
-        name = "CoA-Request" if coa else "Disconnect-Request"
+        kind = "CoA-Request" if coa else "Disconnect-Request"
         acked, naked = (Packet.COA_ACK, Packet.COA_NAK) if coa else \
             (Packet.DISCONNECT_ACK, Packet.DISCONNECT_NAK)
         timeout = request.first(Attr.SESSION_TIMEOUT)  # RFC 2865 5.27
@@ -120,14 +120,14 @@ class DaeServer:
                 else:
                     self.stats.disconnected += 1
                 code, cause = acked, 0
-                logger.info("RADIUS %s (%s) from %s: %s %d IKE SA(s)", name, what,
+                logger.info("RADIUS %s (%s) from %s: %s %d IKE SA(s)", kind, what,
                             _text(peer), f"Session-Timeout {limit} s for" if coa else "ending",
                             found)
             else:
                 self.stats.not_found += 1
                 code = naked
                 cause = SESSION_NOT_FOUND if what else MISSING_ATTRIBUTE
-                logger.info("RADIUS %s (%s) from %s: no such session", name,
+                logger.info("RADIUS %s (%s) from %s: no such session", kind,
                             what or "naming nobody", _text(peer))
         attributes = [attribute(Attr.ERROR_CAUSE, u32(cause))] if cause else []
         answer = encode_dae_answer(code, identifier, authenticator, attributes, secret)
