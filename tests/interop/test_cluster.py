@@ -778,7 +778,7 @@ def test_rfc6311_message_id_sync_after_the_owner_died_with_a_request_in_flight()
         after = charon.log_text()[log_before:]
         sync_at = after.index("responder requested MID sync")
         answered = re.findall(r"parsed INFORMATIONAL request (\d+) \[ \]", after[sync_at:])
-        assert len(answered) >= 2, after
+        assert len(answered) >= 2, f"{after}\n{cluster.logs()}"
         # Nothing of ours is ignored after the sync. A response to the request the sync
         # made strongSwan abandon may still arrive late (a retransmit of that request
         # can cross the sync on the wire): strongSwan ignores it, rightly.
