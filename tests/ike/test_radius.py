@@ -140,7 +140,7 @@ def conversation(request: bytes) -> bytes | None:
         assert attrs[Attr.USER_NAME] == b"carol"
         assert Attr.STATE not in attrs
         return reply(request, Packet.ACCESS_CHALLENGE, [
-            (Attr.EAP_MESSAGE, md5_challenge(eap[1] + 1)), (Attr.STATE, b"state-1")])
+            (Attr.EAP_MESSAGE, md5_challenge((eap[1] + 1) & 0xFF)), (Attr.STATE, b"state-1")])
     assert attrs[Attr.STATE] == b"state-1"
     return reply(request, Packet.ACCESS_ACCEPT, [
         (Attr.EAP_MESSAGE, packet(Code.SUCCESS, eap[1])),
@@ -170,7 +170,7 @@ def test_a_long_eap_message_is_split_and_joined() -> None:
     big = os.urandom(700)
 
     def answer(request: bytes) -> bytes:
-        chunks = packet(Code.REQUEST, eap_of(request)[1] + 1, 13, big)
+        chunks = packet(Code.REQUEST, (eap_of(request)[1] + 1) & 0xFF, 13, big)
         return reply(request, Packet.ACCESS_CHALLENGE,
                      [(Attr.EAP_MESSAGE, chunks[at:at + 253]) for at in range(0, len(chunks), 253)])
 
@@ -209,7 +209,7 @@ def test_an_accept_without_keys_is_refused() -> None:
                                      "truncated", "tampered"])
 def test_answers_that_do_not_verify_are_not_taken(forgery: str) -> None:
     def answer(request: bytes) -> bytes:
-        attrs = [(Attr.EAP_MESSAGE, md5_challenge(eap_of(request)[1] + 1))]
+        attrs = [(Attr.EAP_MESSAGE, md5_challenge((eap_of(request)[1] + 1) & 0xFF))]
         if forgery == "secret":
             return reply(request, Packet.ACCESS_CHALLENGE, attrs, b"another secret")
         if forgery == "no message authenticator":
