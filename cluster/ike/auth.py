@@ -433,7 +433,7 @@ def _revocation_problem(cert: x509.Certificate, issuer: x509.Certificate,
             continue
         try:
             signed = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
-            base = _extension(crl, x509.DeltaCRLIndicator)
+            base = extension_value(crl.extensions, x509.DeltaCRLIndicator)
         except (TypeError, UnsupportedAlgorithm, *_CERT_ERRORS):
             signed = False
         if not signed:
@@ -458,18 +458,19 @@ def _revocation_problem(cert: x509.Certificate, issuer: x509.Certificate,
     return None
 
 
-def _extension(crl: x509.CertificateRevocationList, kind: type[_ExtensionValue]
-               ) -> _ExtensionValue | None:
-    """A CRL's extension of `kind`, None when absent (ValueError when unreadable)."""
+def extension_value(extensions: x509.Extensions, kind: type[_ExtensionValue]
+                    ) -> _ExtensionValue | None:
+    """The extension of `kind` among `extensions`, None when absent (ValueError or
+    DuplicateExtension when they cannot be read)."""
     try:
-        return crl.extensions.get_extension_for_class(kind).value
+        return extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
         return None
 
 
 def _crl_number(crl: x509.CertificateRevocationList) -> int:
     try:
-        number = _extension(crl, x509.CRLNumber)
+        number = extension_value(crl.extensions, x509.CRLNumber)
     except (ValueError, x509.DuplicateExtension):
         return -1
     return number.crl_number if number is not None else -1
@@ -477,9 +478,10 @@ def _crl_number(crl: x509.CertificateRevocationList) -> int:
 
 def _entry_reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags | None:
     try:
-        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
-    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
+        reason = extension_value(entry.extensions, x509.CRLReason)
+    except (ValueError, x509.DuplicateExtension):
         return None
+    return reason.reason if reason is not None else None
 
 
 def _revoked_text(cert: x509.Certificate, entry: x509.RevokedCertificate, where: str = ""

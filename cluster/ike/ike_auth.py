@@ -153,8 +153,19 @@ def auth_lifetime(sa: IkeSa) -> tuple[float, float]:
     if sa.connection.reauth_time > 0:
         limits.append((sa.connection.reauth_time, 1.1 * sa.connection.reauth_time))
     if sa.session_timeout > 0:
-        limits.append((0.9 * sa.session_timeout, sa.session_timeout))
+        limits.append(session_limit(sa.session_timeout))
     return min(limits, key=lambda limit: limit[1]) if limits else (0.0, 0.0)
+
+
+def session_limit(seconds: float) -> tuple[float, float]:
+    """A RADIUS Session-Timeout as (what AUTH_LIFETIME tells, when the SA is deleted):
+    the end of service, told a tenth earlier."""
+    return 0.9 * seconds, seconds
+
+
+def auth_lifetime_notify(told: float) -> NotifyPayload:
+    """RFC 4478 3: authenticate again within this many seconds (at least one)."""
+    return NotifyPayload(NotifyType.AUTH_LIFETIME, max(1, int(told)).to_bytes(4, "big"))
 
 
 def _established(sa: IkeSa, initial_contact: bool = False) -> None:
@@ -296,8 +307,7 @@ def _finish(sa: IkeSa, chosen_conn: ConnectionConfig, payloads: list[Payload],
         response.append(NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))
     told, _ = auth_lifetime(sa)
     if told > 0:  # RFC 4478: authenticate again within this many seconds
-        response.append(NotifyPayload(NotifyType.AUTH_LIFETIME,
-                                      max(1, int(told)).to_bytes(4, "big")))
+        response.append(auth_lifetime_notify(told))
     if chosen_conn.mobike and notifies(payloads, NotifyType.MOBIKE_SUPPORTED):
         sa.mobike = True  # RFC 4555 3.1: the initiator may now move the SA
         response.append(NotifyPayload(NotifyType.MOBIKE_SUPPORTED))

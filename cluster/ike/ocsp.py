@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
-from .auth import OCSP_GOOD, http_uris
+from .auth import OCSP_GOOD, extension_value, http_uris
 from .pending import Pending
 
 SKEW = datetime.timedelta(minutes=5)  # clock difference tolerated on thisUpdate/nextUpdate
@@ -75,15 +75,12 @@ def ocsp_answer_untrusted(der: bytes, cert: x509.Certificate, issuer: x509.Certi
         raise ValueError(f"responder says {response.response_status.name}")
     _check_signer(response, issuer)
     try:
-        echoed: bytes | None = response.extensions.get_extension_for_class(
-            x509.OCSPNonce).value.nonce
-    except x509.ExtensionNotFound:
-        echoed = None
+        echoed = extension_value(response.extensions, x509.OCSPNonce)
     except (ValueError, x509.DuplicateExtension) as exc:
         raise ValueError(f"unreadable extensions: {exc}") from None
     # RFC 8954 2.1: an echoed nonce must be ours; none at all (a precomputed answer) is
     # accepted, as strongSwan does
-    if echoed is not None and echoed != nonce:
+    if echoed is not None and echoed.nonce != nonce:
         raise ValueError("answer with the nonce of another request (a replay?)")
     single = next((s for s in response.responses if s.serial_number == cert.serial_number
                    and _same_issuer(s, issuer)), None)

@@ -54,7 +54,14 @@ from .events import (
     IkeSaRetired,
 )
 from .fragments import DEFAULT_FRAGMENT_SIZE_V4, Reassembler, ike_message_limit
-from .ike_auth import auth_lifetime, build_auth_request, process_auth_response, respond_auth
+from .ike_auth import (
+    auth_lifetime,
+    auth_lifetime_notify,
+    build_auth_request,
+    process_auth_response,
+    respond_auth,
+    session_limit,
+)
 from .ike_init import (
     build_init_request,
     notifies,
@@ -144,7 +151,7 @@ class Redirect:
 
 @dataclass
 class AuthLifetime:
-    seconds: int  # the AUTH_LIFETIME notification's (RFC 4478 3)
+    seconds: float  # what the AUTH_LIFETIME notification tells (RFC 4478 3)
 
 
 Task = (_Init | _Auth | Liveness | DeleteIke | DeleteChild | RekeyChild | RekeyIke
@@ -423,8 +430,9 @@ class IkeSession:
         sa = self._sa
         if sa.state is not State.ESTABLISHED or sa.is_initiator:
             return False
-        sa.reauth_at = now + max(seconds, 10)
-        sa.queue.append(AuthLifetime(max(1, int(0.9 * seconds))))
+        told, deadline = session_limit(seconds)
+        sa.reauth_at = now + max(deadline, 10)
+        sa.queue.append(AuthLifetime(told))
         self._kick(sa, now)
         return True
 
@@ -460,7 +468,7 @@ class IkeSession:
         if isinstance(task, Redirect):
             return [NotifyPayload(NotifyType.REDIRECT, task.data)]
         if isinstance(task, AuthLifetime):
-            return [NotifyPayload(NotifyType.AUTH_LIFETIME, task.seconds.to_bytes(4, "big"))]
+            return [auth_lifetime_notify(task.seconds)]
         if isinstance(task, SyncMessageIds):
             return [mid_sync_notify(task.nonce, sa.our_next_id, sa.peer_next_id)]
         if isinstance(task, DeleteIke):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import trio
@@ -213,15 +214,25 @@ async def test_a_session_taken_over_goes_on_without_a_second_start() -> None:
     assert stop[Attr.CLASS] == [b"group-a"]
 
 
-async def test_a_cluster_responders_stop_waits_for_the_workers_reports() -> None:
-    """`reported`: the traffic comes from the workers as they remove each Child SA; the
-    Stop goes out when the last report is in (or after REPORT_WAIT with what came)."""
-    first = b"I" * 8
+@contextlib.asynccontextmanager
+async def cluster_accounting() -> AsyncIterator[tuple[Accounting, Recorder, list[float]]]:
+    """A cluster responder's accounting (`reported`), running, its clock at now[0]; what
+    it queued is sent before the block ends."""
     now = [100.0]
     client = Recorder()
     acct = Accounting(policy, client, reported=True, clock=lambda: now[0])
     async with trio.open_nursery() as nursery:
         await nursery.start(acct.run)
+        yield acct, client, now
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_cluster_responders_stop_waits_for_the_workers_reports() -> None:
+    """`reported`: the traffic comes from the workers as they remove each Child SA; the
+    Stop goes out when the last report is in (or after REPORT_WAIT with what came)."""
+    first = b"I" * 8
+    async with cluster_accounting() as (acct, client, now):
         acct.record(established(first))
         acct.record(child(b"c1c1", first))
         acct.record(child(b"c2c2", first))
@@ -240,8 +251,6 @@ async def test_a_cluster_responders_stop_waits_for_the_workers_reports() -> None
         acct.record(IkeSaDeleted(second, b"R" * 8, "deleted by peer"))
         now[0] += REPORT_WAIT
         acct._overdue_stops()
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.cancel_scope.cancel()
     _, stop, _, late = client.records
     assert u32(stop[Attr.ACCT_STATUS_TYPE][0]) == 2
     assert (u32(stop[Attr.ACCT_INPUT_OCTETS][0]), u32(stop[Attr.ACCT_OUTPUT_PACKETS][0])) == (
@@ -256,11 +265,7 @@ async def test_a_cluster_responders_interim_updates_carry_what_the_workers_told_
     Child SA's own report replaces its usage, and a Stop whose last report never came
     carries the usage told before."""
     first = b"I" * 8
-    now = [100.0]
-    client = Recorder()
-    acct = Accounting(policy, client, reported=True, clock=lambda: now[0])
-    async with trio.open_nursery() as nursery:
-        await nursery.start(acct.run)
+    async with cluster_accounting() as (acct, client, now):
         acct.record(replace(established(first), radius_interim=60))
         acct.record(child(b"c1c1", first))
         acct.record(child(b"c2c2", first))
@@ -278,8 +283,6 @@ async def test_a_cluster_responders_interim_updates_carry_what_the_workers_told_
         acct.record(IkeSaDeleted(first, b"R" * 8, "deleted by peer"))
         now[0] += REPORT_WAIT  # c2c2's removal is never told
         acct._overdue_stops()
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.cancel_scope.cancel()
     _, interim, later, stop = client.records
     assert [u32(r[Attr.ACCT_STATUS_TYPE][0]) for r in (interim, later, stop)] == [3, 3, 2]
     assert (u32(interim[Attr.ACCT_INPUT_OCTETS][0]),
