@@ -52,6 +52,10 @@ class KeyExchange(Protocol):
 
     def public_value(self) -> bytes: ...
 
+    def private_value(self) -> bytes:
+        """The secret half, for `key_exchange_from` on another node (sealed in between)."""
+        ...
+
     def shared_secret_untrusted(self, peer_value: bytes) -> bytes: ...
 
 
@@ -131,17 +135,26 @@ def _modp_parameters(group: DhGroup) -> dh.DHParameters:
 
 
 class ModpExchange:
-    def __init__(self, group: DhGroup) -> None:
+    def __init__(self, group: DhGroup, private: bytes | None = None) -> None:
         self.group = group
         self._p = _MODP_PRIMES[group]
         self._size = (self._p.bit_length() + 7) // 8
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self._key = _modp_parameters(group).generate_private_key()
+            if private is None:
+                self._key = _modp_parameters(group).generate_private_key()
+            else:
+                x = int.from_bytes(private, "big")
+                numbers = _modp_parameters(group).parameter_numbers()
+                public = dh.DHPublicNumbers(pow(2, x, self._p), numbers)
+                self._key = dh.DHPrivateNumbers(x, public).private_key()
 
     def public_value(self) -> bytes:
         y = self._key.public_key().public_numbers().y
         return y.to_bytes(self._size, "big")
+
+    def private_value(self) -> bytes:
+        return self._key.private_numbers().x.to_bytes(self._size, "big")
 
     def shared_secret_untrusted(self, peer_value: bytes) -> bytes:
         if len(peer_value) != self._size:
@@ -164,14 +177,18 @@ _CURVES: dict[DhGroup, tuple[ec.EllipticCurve, int]] = {
 
 
 class EcpExchange:
-    def __init__(self, group: DhGroup) -> None:
+    def __init__(self, group: DhGroup, private: bytes | None = None) -> None:
         self.group = group
         self._curve, self._size = _CURVES[group]
-        self._key = ec.generate_private_key(self._curve)
+        self._key = ec.generate_private_key(self._curve) if private is None else \
+            ec.derive_private_key(int.from_bytes(private, "big"), self._curve)
 
     def public_value(self) -> bytes:
         point = self._key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
         return point[1:]
+
+    def private_value(self) -> bytes:
+        return self._key.private_numbers().private_value.to_bytes(self._size, "big")
 
     def shared_secret_untrusted(self, peer_value: bytes) -> bytes:
         if len(peer_value) != 2 * self._size:
@@ -186,18 +203,23 @@ class EcpExchange:
 class MontgomeryExchange:
     """X25519 and X448 (RFC 8031): the raw u-coordinate is the public value."""
 
-    def __init__(self, group: DhGroup) -> None:
+    def __init__(self, group: DhGroup, private: bytes | None = None) -> None:
         self.group = group
         if group == DhGroup.CURVE25519:
             self._size, self._public = 32, x25519.X25519PublicKey.from_public_bytes
             self._key: x25519.X25519PrivateKey | x448.X448PrivateKey = (
-                x25519.X25519PrivateKey.generate())
+                x25519.X25519PrivateKey.generate() if private is None
+                else x25519.X25519PrivateKey.from_private_bytes(private))
         else:
             self._size, self._public = 56, x448.X448PublicKey.from_public_bytes  # type: ignore[assignment]
-            self._key = x448.X448PrivateKey.generate()
+            self._key = x448.X448PrivateKey.generate() if private is None \
+                else x448.X448PrivateKey.from_private_bytes(private)
 
     def public_value(self) -> bytes:
         return self._key.public_key().public_bytes_raw()
+
+    def private_value(self) -> bytes:
+        return self._key.private_bytes_raw()
 
     def shared_secret_untrusted(self, peer_value: bytes) -> bytes:
         if len(peer_value) != self._size:
@@ -216,14 +238,15 @@ def public_value_size(group: DhGroup) -> int:
     return 32 if group == DhGroup.CURVE25519 else 56
 
 
-def new_key_exchange(group: int) -> KeyExchange:
-    """Our side of a key exchange in `group`; raises KeyError for unsupported groups."""
+def new_key_exchange(group: int, private: bytes | None = None) -> KeyExchange:
+    """Our side of a key exchange in `group` (fresh, or the one whose `private_value()`
+    is given); raises KeyError for unsupported groups, ValueError for a bad value."""
     g = DhGroup(group)
     if g in _MODP_PRIMES:
-        return ModpExchange(g)
+        return ModpExchange(g, private)
     if g in _CURVES:
-        return EcpExchange(g)
-    return MontgomeryExchange(g)
+        return EcpExchange(g, private)
+    return MontgomeryExchange(g, private)
 
 
 class ExponentialPool:

@@ -118,6 +118,9 @@ class IkeSa:
     rekey_nonce: bytes = b""
     fragmentation: bool = False  # both announced IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383)
     mid_sync: bool = False  # both announced IKEV2_MESSAGE_ID_SYNC_SUPPORTED (RFC 6311)
+    # taken over from a node whose request may not have reached the peer: our message
+    # IDs may be ahead of the peer's until an RFC 6311 sync completes
+    ids_unsure: bool = False
     mobike: bool = False  # both announced MOBIKE_SUPPORTED (RFC 4555); we are its responder
     use_ppk: bool = False  # both announced USE_PPK in IKE_SA_INIT (RFC 8784 3)
     childless: bool = False  # the initiator may set it up without a Child SA (RFC 6023)

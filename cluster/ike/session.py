@@ -449,6 +449,8 @@ class IkeSession:
     def _kick(self, sa: IkeSa, now: float) -> None:
         """Send the next queued request of `sa` if none is outstanding (window size 1)."""
         while sa.pending is None and sa.queue and not self.closed:
+            if sa.ids_unsure and sa.mid_sync and not isinstance(sa.queue[0], SyncMessageIds):
+                return  # our IDs may be ahead of the peer's: the RFC 6311 sync goes first
             task: Task = sa.queue.popleft()  # type: ignore[assignment]
             try:
                 payloads = self._build(sa, task)
@@ -735,6 +737,8 @@ class IkeSession:
             return
         sa.pending = None
         task = pending.task
+        if not isinstance(task, SyncMessageIds):  # (ID 0: proves nothing; its answer does)
+            sa.ids_unsure = False  # the peer took our message ID: we are in step
         try:
             self._process_response(sa, task, header.spi_r, payloads, data, now)  # type: ignore[arg-type]
         except IkeError as exc:
@@ -800,6 +804,7 @@ class IkeSession:
             raise InvalidSyntax("IKEV2_MESSAGE_ID_SYNC response without our nonce")
         _, peer_send, peer_recv = answer
         sa.our_next_id = max(sa.our_next_id, peer_recv)
+        sa.ids_unsure = False
         if peer_send > sa.peer_next_id:
             sa.peer_next_id = peer_send
             sa.last_response = None  # it answered an ID the peer has moved beyond

@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ParseError
-from ..key_exchange import DhGroup
+from ..key_exchange import DhGroup, new_key_exchange
 from ..transforms import ENCR_ALGORITHMS, INTEG_ALGORITHMS, PRF_ALGORITHMS, Esn
 from .constants import IdType, TsType
+from .create_child import RekeyChild
 from .events import ChildSaEstablished
 from .identity import Identity
 from .keymat import ChildKeys, IkeKeys
@@ -24,14 +25,24 @@ from .message import SkProtection
 from .policy import ConnectionConfig, ResponderPolicy
 from .pools import Lease
 from .proposals import ChosenAlgorithms
-from .sa import ChildSa, IkeSa
-from .session import IkeSession, WallClock, _utc_now
+from .sa import ChildSa, IkeSa, Outstanding
+from .session import (
+    AuthLifetime,
+    DeleteChild,
+    IkeSession,
+    Liveness,
+    Redirect,
+    Task,
+    WallClock,
+    _utc_now,
+)
 from .state import State
 from .traffic_selectors import TrafficSelector
 
 SCHEMA_VERSION = 1
-# Entries holding key material; a store seals these (their values are bytes).
-SECRET_FIELDS = frozenset({"keys", "children_keys"})
+# Entries holding key material; a store seals these. (`request`: a rekey in flight
+# holds our key exchange's private value.)
+SECRET_FIELDS = frozenset({"keys", "children_keys", "request"})
 CHILD_SCHEMA_VERSION = 1
 
 Record = dict[str, Any]
@@ -111,7 +122,8 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
         "leases": [[lease.pool.name, lease.pool.offset_of(lease.address), lease.holder,
                     str(lease.address)] for lease in sa.leases],
         # a request of ours may not have reached the peer: our next ID may be ahead of its
-        "in_flight": sa.pending is not None,
+        "in_flight": sa.pending is not None or sa.ids_unsure,
+        "request": _request(sa),
         "peer_hashes": sorted(sa.peer_hashes),
         "local_id": _ident(sa.local_id),
         "remote_id": _ident(sa.remote_id),
@@ -172,6 +184,7 @@ def _restore(record: Record, policy: ResponderPolicy, now: float, wall_clock: Wa
         reauth_at=_abs(record.get("reauth_in"), now),
         fragmentation=record["fragmentation"],
         mid_sync=bool(record.get("mid_sync", False)),
+        ids_unsure=bool(record.get("in_flight", False)),
         mobike=bool(record.get("mobike", False)),
         ppk=bool(record.get("ppk", False)),
         redirect_supported=bool(record.get("redirect", False)),
@@ -190,7 +203,72 @@ def _restore(record: Record, policy: ResponderPolicy, now: float, wall_clock: Wa
                         scheduled=True,
                         we_initiated=bool(c.get("we_initiated", initiator)))
         sa.children[child.spi_in] = child
+    request = record.get("request")
+    if request:
+        _resume_request(sa, *_request_from(request), now)
     return IkeSession(sa, wall_clock=wall_clock, **kwargs)
+
+
+def _resume_request(sa: IkeSa, exchange: int, message_id: int, data: list[bytes],
+                    task: Task, now: float) -> None:
+    """Our request in flight goes again at once: a retransmission the peer answers
+    whether or not it had the old owner's (RFC 7296 2.1), so our message IDs stay in
+    step. Not if it was about a Child SA that is gone since."""
+    if isinstance(task, (DeleteChild, RekeyChild)):
+        child = sa.children.get(task.spi_in)
+        if child is None:
+            return
+        if isinstance(task, DeleteChild):
+            child.deleting = True
+        else:
+            child.rekeying = True
+    sa.pending = Outstanding(exchange, message_id, data, now, task)
+    sa.ids_unsure = False
+
+
+def _request(sa: IkeSa) -> list[Any] | None:
+    """Our request in flight, if a new owner can complete it: the same bytes go out again
+    as a retransmission, and what its answer needs (for a Child SA rekey our nonce, new
+    SPI and key exchange) is here. Not an IKE SA rekey (RFC 6311 settles that one)."""
+    pending = sa.pending
+    if pending is None:
+        return None
+    task = pending.task
+    if isinstance(task, Liveness):
+        what: list[Any] = ["liveness"]
+    elif isinstance(task, DeleteChild):
+        what = ["delete_child", task.spi_in]
+    elif isinstance(task, AuthLifetime):
+        what = ["auth_lifetime", task.seconds]
+    elif isinstance(task, Redirect):
+        what = ["redirect", task.data]
+    elif isinstance(task, RekeyChild):
+        ke = [task.ke.group.value, task.ke.private_value()] if task.ke is not None else None
+        what = ["rekey_child", task.spi_in, task.new_spi, task.nonce, task.group, ke]
+    else:
+        return None
+    return [pending.exchange, pending.message_id, list(pending.data), *what]
+
+
+def _request_from(stored: list[Any]) -> tuple[int, int, list[bytes], Task]:
+    exchange, message_id, data, kind, *args = stored
+    task: Task
+    if kind == "liveness":
+        task = Liveness()
+    elif kind == "delete_child":
+        task = DeleteChild(bytes(args[0]))
+    elif kind == "auth_lifetime":
+        task = AuthLifetime(float(args[0]))
+    elif kind == "redirect":
+        task = Redirect(bytes(args[0]))
+    elif kind == "rekey_child":
+        spi_in, new_spi, nonce, group, ke = args
+        task = RekeyChild(bytes(spi_in), bytes(new_spi), bytes(nonce),
+                          new_key_exchange(int(ke[0]), bytes(ke[1])) if ke else None,
+                          None if group is None else int(group))
+    else:
+        raise ValueError(f"in-flight request of unknown kind {kind!r}")
+    return int(exchange), int(message_id), [bytes(d) for d in data], task
 
 
 def child_record(event: ChildSaEstablished) -> Record:

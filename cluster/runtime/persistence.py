@@ -114,15 +114,21 @@ class _Held:
     children: dict[bytes, ChildSaEstablished | None] = field(default_factory=dict)
     pending: list[Op[Any]] = field(default_factory=list)  # distribution not yet stored
     handing_over: bool = False
+    stay_until: float = 0.0  # (a takeover) not handed over before this
 
 
 _Waiting = tuple[Header, bytes, Address, Address, float] | Callable[[], None]
 
 
 def _summary(record: dict[str, Any]) -> tuple[Any, ...]:
-    """What must be stored again when it changes (times are relative and always move)."""
+    """What must be stored again when it changes (times are relative and always move).
+    Whether a request of ours is in flight is: a node taking the SA over with one in
+    flight it cannot send again asks the peer for an RFC 6311 sync, which strongSwan with
+    an AEAD IKE cipher cannot answer once it has answered a request of ours (its IVs
+    count message IDs, and ID 0's is used): it drops the IKE SA instead."""
     return (record["spi_i"], record["spi_r"], record["peer_next_id"], record["our_next_id"],
-            record["last_request_digest"], tuple(record["local"]), tuple(record["remote"]),
+            record.get("in_flight", False), record["last_request_digest"],
+            tuple(record["local"]), tuple(record["remote"]),
             tuple(c["spi_in"] for c in record["children"]), record["worker"])
 
 
@@ -380,24 +386,31 @@ class SaPersistence:
             await self._release(key, fence)
             return
         worker = str(record.get("worker") or "")
-        held = _Held(key, fence, worker, written=_summary(record))
+        # the worker routed it here by its view of the responders; ours may still list the
+        # dead owner for a heartbeat round: handing it back would bounce it
+        held = _Held(key, fence, worker, written=_summary(record),
+                     stay_until=now + self.lease_ttl)
         held.children = {c["spi_in"]: None for c in record["children"]}
         self._held[actor] = held
         if worker:
             self._learn_worker(session.sa.remote, worker)
         self._sa_arrived(session)
         self.stats.takeovers += 1
-        logger.info("took over IKE SA %s (owner was %s, fence %d): next message ID %d",
-                    actor.label, stored.owner, fence, record["peer_next_id"])
+        pending = session.sa.pending
+        logger.info("took over IKE SA %s (owner was %s, fence %d): next message ID %d%s",
+                    actor.label, stored.owner, fence, record["peer_next_id"],
+                    f"; our request {pending.message_id} in flight goes again"
+                    if pending is not None else "")
         for waiting in self._loading.get(key, []):
             if callable(waiting):
                 waiting()
             else:
                 self._supervisor.route(*waiting)
-        if record.get("in_flight") and session.sa.mid_sync:
-            # The old owner's own request may never have reached the peer, so our next
-            # request ID may be ahead of what it expects: RFC 6311 settles it. After the
-            # peer's queued requests, so that it has none in flight when the sync arrives.
+        if session.sa.ids_unsure and session.sa.mid_sync:
+            # The old owner's own request (one we cannot send again: a rekey) may never
+            # have reached the peer, so our next request ID may be ahead of what it
+            # expects: RFC 6311 settles it (our requests wait for it). After the peer's
+            # queued requests, so that it has none in flight when the sync arrives.
             actor.mailbox.put_nowait(lambda s, t: s.sync_message_ids(t))
             self.stats.message_id_syncs += 1
 
@@ -511,8 +524,9 @@ class SaPersistence:
         responders = self.responders
         if self.node not in responders:
             return  # our own view is incomplete (store trouble): move nothing
+        now = trio.current_time()
         for actor, held in self._held.items():
-            if held.handing_over or held.pending:
+            if held.handing_over or held.pending or now < held.stay_until:
                 continue
             session = actor.session
             if choose(session.spi_i, responders) == self.node:

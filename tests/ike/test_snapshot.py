@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import msgpack
+import pytest
 
-from cluster.ike.events import ChildSaEstablished, ExchangeCompleted, IkeSaRekeyed
+from cluster.ike.events import ChildSaDeleted, ChildSaEstablished, ExchangeCompleted, IkeSaRekeyed
+from cluster.ike.policy import ConnectionConfig
 from cluster.ike.session import IkeSession
 from cluster.ike.snapshot import SECRET_FIELDS, restore, snapshot_of
 from cluster.ike.state import State
-from tests.ike.sessions import drain, psk_pair, transfer
+from tests.ike.sessions import child, drain, psk_connection, psk_pair, transfer
 
 
-def established() -> tuple[IkeSession, IkeSession]:
-    client, gateway = psk_pair()
+def established(gw_conn: ConnectionConfig | None = None) -> tuple[IkeSession, IkeSession]:
+    client, gateway = psk_pair(gw_conn)
     for _ in range(4):
         transfer(client, gateway)
         transfer(gateway, client)
@@ -35,8 +37,8 @@ def test_the_snapshot_marks_every_key_as_secret() -> None:
     public = msgpack.packb({k: v for k, v in record.items() if k not in SECRET_FIELDS})
     for secret in (keys.sk_d, keys.sk_ei, keys.sk_er, keys.sk_pi, keys.sk_pr):
         assert secret not in public
-    for child in gateway.sa.children.values():
-        assert child.keys.encr_i not in public and child.keys.encr_r not in public
+    for sa in gateway.sa.children.values():
+        assert sa.keys.encr_i not in public and sa.keys.encr_r not in public
 
 
 def test_a_restored_responder_answers_the_next_request() -> None:
@@ -105,33 +107,155 @@ def test_a_child_sa_record_gives_back_the_same_event_through_msgpack() -> None:
         child_event(broken)
 
 
+def _rekey_lost_with_its_owner(gateway: IkeSession) -> None:
+    """The gateway starts an IKE SA rekey whose request never leaves (its node died):
+    a request a new owner does not send again (the snapshot does not carry it)."""
+    gateway.rekey_ike(1.0)
+    assert gateway.datagrams_to_send()  # lost with the node
+    record = snapshot_of(gateway, 1.0)
+    assert record["in_flight"] and record["request"] is None
+
+
 def test_rfc6311_sync_repairs_ids_after_a_request_lost_with_its_owner() -> None:
-    """The old owner sent a liveness request (its snapshot says our next ID is 1) that
+    """The old owner sent an IKE SA rekey request (its snapshot says our next ID is 1) that
     never reached the peer; the new owner's IDs are one ahead of what the peer expects.
-    Without a sync its next request is dropped; after RFC 6311's exchange it is answered."""
+    A request sent like that is dropped; so requests wait for RFC 6311's exchange, then
+    go out with the synced IDs and are answered."""
     client, gateway = established()
     assert client.sa.mid_sync and gateway.sa.mid_sync  # both announced it in IKE_AUTH
-    assert gateway.check_liveness(1.0)
-    gateway.datagrams_to_send()  # lost with the node
-    assert snapshot_of(gateway, 1.0)["in_flight"]  # what tells the new owner to sync
+    _rekey_lost_with_its_owner(gateway)
 
     unsynced = taken_over(gateway, 2.0)
+    unsynced.sa.mid_sync = False  # (as with a peer without RFC 6311: nothing waits)
     assert unsynced.check_liveness(2.0)
     transfer(unsynced, client, 2.0)
     assert client.drops.get("message_id") == 1 and not client.datagrams_to_send()
 
     synced = taken_over(gateway, 3.0)
+    assert synced.sa.ids_unsure and synced.sa.pending is None
+    assert synced.check_liveness(3.0)
+    assert not synced.datagrams_to_send()  # held: it would be one ID ahead
     assert synced.sync_message_ids(3.0)
     transfer(synced, client, 3.0)  # message ID 0, N(IKEV2_MESSAGE_ID_SYNC)
     transfer(client, synced, 3.0)
     assert synced.message_id_syncs == 1 and client.message_id_syncs == 1
-    assert client.sa.peer_next_id == synced.sa.our_next_id
-    assert synced.check_liveness(4.0)
-    transfer(synced, client, 4.0)
-    transfer(client, synced, 4.0)
-    assert synced.sa.pending is None  # answered
-    drain(client)
-    assert synced.retransmits_sent == 0
+    assert client.sa.peer_next_id == synced.sa.our_next_id - 1  # the liveness check went
+    transfer(synced, client, 3.0)
+    transfer(client, synced, 3.0)
+    assert synced.sa.pending is None and not synced.sa.queue  # answered
+    assert client.drops == {"message_id": 1} and synced.retransmits_sent == 0
+
+
+def test_a_takeover_owes_the_sync_until_the_peer_answers_and_then_no_more() -> None:
+    """The doubt about the message IDs travels with the SA: a node that took it over
+    and had not synced yet passes it on (its own snapshot says in flight, nothing
+    pending), and once any of our requests is answered it is gone, so the next takeover
+    asks for no sync (strongSwan with an AEAD IKE cipher could not answer it and would
+    drop the SA)."""
+    client, gateway = established()
+    _rekey_lost_with_its_owner(gateway)
+    survivor = taken_over(gateway, 2.0)
+    assert survivor.sa.pending is None and snapshot_of(survivor, 2.0)["in_flight"]
+    third = taken_over(survivor, 3.0)
+    assert third.sa.ids_unsure and snapshot_of(third, 3.0)["in_flight"]
+
+    assert third.sync_message_ids(3.0)
+    transfer(third, client, 3.0)
+    assert snapshot_of(third, 3.0)["in_flight"]  # asked, not answered yet
+    transfer(client, third, 3.0)
+    assert third.message_id_syncs == 1
+    assert not snapshot_of(third, 3.0)["in_flight"]
+    assert not taken_over(third, 4.0).sa.ids_unsure
+
+    # a request answered in step settles it too (a peer without RFC 6311, or IDs that
+    # were in step after all)
+    peer, other = established()
+    _rekey_lost_with_its_owner(other)
+    resumed = taken_over(other, 2.0)
+    resumed.sa.our_next_id -= 1  # (the lost request's ID, as if it had never been sent)
+    resumed.sa.mid_sync = False  # (nothing waits for a sync)
+    assert resumed.check_liveness(2.0)
+    transfer(resumed, peer, 2.0)
+    transfer(peer, resumed, 2.0)
+    assert resumed.sa.pending is None and not resumed.sa.ids_unsure
+    assert not snapshot_of(resumed, 2.0)["in_flight"]
+
+
+@pytest.mark.parametrize("reached_the_peer", [False, True])
+def test_the_new_owner_sends_a_lost_liveness_check_again(reached_the_peer: bool) -> None:
+    """The old owner's liveness check is in its snapshot: the new owner sends the same
+    datagram again at once, a retransmission the peer answers whether the original
+    reached it (its cached response) or not (answered now). No sync is needed."""
+    client, gateway = established()
+    assert gateway.check_liveness(1.0)
+    (sent,) = gateway.datagrams_to_send()
+    if reached_the_peer:
+        client.receive_datagram_untrusted(sent.data, sent.remote, sent.local, 1.0)
+        assert client.datagrams_to_send()  # its answer is lost with the node
+    resumed = taken_over(gateway, 2.0)
+    assert not resumed.sa.ids_unsure and resumed.get_timer() == 2.0
+    resumed.handle_timer(2.0)
+    (again,) = resumed.datagrams_to_send()
+    assert again.data == sent.data
+    client.receive_datagram_untrusted(again.data, again.remote, again.local, 2.0)
+    transfer(client, resumed, 2.0)
+    assert resumed.sa.pending is None and resumed.sa.our_next_id == 1
+    assert client.message_id_syncs == 0 and not client.drops
+    assert resumed.check_liveness(3.0)  # and the next one is in step
+    transfer(resumed, client, 3.0)
+    transfer(client, resumed, 3.0)
+    assert resumed.sa.pending is None and not client.drops
+
+
+@pytest.mark.parametrize("esp", ["aes256gcm16", "aes256gcm16-x25519",
+                                 "aes256gcm16-modp2048"])
+@pytest.mark.parametrize("reached_the_peer", [False, True])
+def test_the_new_owner_completes_a_child_sa_rekey_in_flight(reached_the_peer: bool,
+                                                           esp: str) -> None:
+    """The old owner's rekey request, with its nonce, new SPI and key exchange, is in its
+    snapshot: the new owner sends it again and finishes the rekey with the answer."""
+    client, gateway = established(psk_connection(children=(child(proposals=(esp,)),)))
+    (spi_in,) = gateway.sa.children
+    gateway.rekey_child(spi_in, 1.0)
+    (sent,) = gateway.datagrams_to_send()
+    if reached_the_peer:
+        client.receive_datagram_untrusted(sent.data, sent.remote, sent.local, 1.0)
+        assert client.datagrams_to_send()  # its answer is lost with the node
+    record = msgpack.unpackb(msgpack.packb(snapshot_of(gateway, 0.0)), raw=False)
+    public = msgpack.packb({k: v for k, v in record.items() if k not in SECRET_FIELDS})
+    task = gateway.sa.pending.task  # type: ignore[union-attr]
+    assert (task.ke is not None) == ("-" in esp)
+    assert task.nonce not in public and (task.ke is None or task.ke.private_value() not in public)
+    resumed = restore(record, gateway.sa.policy, 2.0)
+    assert resumed.sa.children[spi_in].rekeying and not resumed.sa.ids_unsure
+    resumed.handle_timer(2.0)
+    (again,) = resumed.datagrams_to_send()
+    assert again.data == sent.data
+    client.receive_datagram_untrusted(again.data, again.remote, again.local, 2.0)
+    transfer(client, resumed, 2.0)  # the answer: a new Child SA, then we delete the old
+    transfer(resumed, client, 2.0)
+    transfer(client, resumed, 2.0)
+    new = [e for e in drain(resumed) if isinstance(e, ChildSaEstablished)]
+    assert [e.replaces for e in new] == [spi_in]
+    assert list(resumed.sa.children) == [new[0].spi_in] == [task.new_spi]
+    assert [c.spi_out for c in client.sa.children.values()] == [task.new_spi]
+    assert not client.drops and client.message_id_syncs == 0
+
+
+def test_the_new_owner_completes_a_child_sa_deletion_in_flight() -> None:
+    client, gateway = established()
+    (spi_in,) = gateway.sa.children
+    gateway.delete_child(spi_in, 1.0)
+    gateway.datagrams_to_send()  # lost with the node
+    drain(gateway)
+    resumed = taken_over(gateway, 2.0)
+    assert resumed.sa.children[spi_in].deleting
+    resumed.handle_timer(2.0)
+    transfer(resumed, client, 2.0)
+    transfer(client, resumed, 2.0)
+    deleted = [e for e in drain(resumed) if isinstance(e, ChildSaDeleted)]
+    assert [e.spi_in for e in deleted] == [spi_in] and not resumed.sa.children
+    assert not client.sa.children
 
 
 def test_what_radius_accounting_needs_survives_the_takeover() -> None:

@@ -42,6 +42,18 @@ def test_every_group_agrees_with_itself(group: DhGroup) -> None:
     assert any(secret)
 
 
+@pytest.mark.parametrize("group", ALL_GROUPS, ids=[g.name for g in ALL_GROUPS])
+def test_a_private_value_makes_the_same_exchange_again(group: DhGroup) -> None:
+    """What another node needs to finish an exchange this one started (a rekey in flight
+    when it died): the same public value and the same shared secret."""
+    ours, peer = new_key_exchange(group), new_key_exchange(group)
+    again = new_key_exchange(group, ours.private_value())
+    assert again.public_value() == ours.public_value()
+    assert again.shared_secret_untrusted(peer.public_value()) == \
+        ours.shared_secret_untrusted(peer.public_value())
+    assert new_key_exchange(group).private_value() != ours.private_value()
+
+
 def test_keyword_table() -> None:
     assert DH_NAMES["x25519"] == DH_NAMES["curve25519"] == DhGroup.CURVE25519
     assert DH_NAMES["modp2048"] == 14 and DH_NAMES["ecp521"] == 21 and DH_NAMES["x448"] == 32
