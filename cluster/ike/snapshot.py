@@ -94,7 +94,8 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
         children.append({
             "name": c.name, "mode": c.mode, "spi_in": c.spi_in, "spi_out": c.spi_out,
             "chosen": _chosen(c.chosen), "local_ts": [_ts(t) for t in c.local_ts],
-            "remote_ts": [_ts(t) for t in c.remote_ts], "rekey_in": _rel(c.rekey_at, now),
+            "remote_ts": [_ts(t) for t in c.remote_ts],
+            "rekey_in": _rekey_in(c.rekeying, c.rekey_at, now),
             "expire_in": _rel(c.expire_at, now), "we_initiated": c.we_initiated,
         })
         child_keys.append([c.keys.encr_i, c.keys.integ_i, c.keys.encr_r, c.keys.integ_r])
@@ -132,7 +133,7 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
         "last_response": list(sa.last_response or []),
         "last_request_digest": sa.last_request_digest,
         "last_heard_ago": now - sa.last_heard,
-        "rekey_in": _rel(sa.rekey_at, now),
+        "rekey_in": _rekey_in(sa.rekeying, sa.rekey_at, now),
         "expire_in": _rel(sa.expire_at, now),
         "reauth_in": _rel(sa.reauth_at, now),
         "children": children,
@@ -224,6 +225,12 @@ def _resume_request(sa: IkeSa, exchange: int, message_id: int, data: list[bytes]
             child.rekeying = True
     sa.pending = Outstanding(exchange, message_id, data, now, task)
     sa.ids_unsure = False
+
+
+def _rekey_in(rekeying: bool, rekey_at: float, now: float) -> float | None:
+    """A rekey under way (its timer spent) is due at once on a node that takes the SA
+    over, unless that node resumes our request (then it is under way there too)."""
+    return 0.0 if rekeying else _rel(rekey_at, now)
 
 
 def _request(sa: IkeSa) -> list[Any] | None:

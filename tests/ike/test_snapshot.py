@@ -146,6 +146,37 @@ def test_rfc6311_sync_repairs_ids_after_a_request_lost_with_its_owner() -> None:
     assert client.drops == {"message_id": 1} and synced.retransmits_sent == 0
 
 
+def test_a_rekey_under_way_is_due_at_once_on_the_new_owner() -> None:
+    """A rekey whose request the new owner does not resume (an IKE SA rekey in flight, a
+    Child SA rekey still queued) must not be forgotten: its timer was spent."""
+    client, gateway = established()
+    (spi_in,) = gateway.sa.children
+    assert gateway.check_liveness(1.0)
+    gateway.rekey_child(spi_in, 1.0)  # queued behind the liveness check
+    gateway.datagrams_to_send()
+    resumed = taken_over(gateway, 2.0)
+    assert resumed.sa.children[spi_in].rekey_at <= 2.0
+    assert not resumed.sa.children[spi_in].rekeying
+    resumed.handle_timer(2.0)  # the liveness check goes again; the rekey is queued
+    transfer(resumed, client, 2.0)
+    transfer(client, resumed, 2.0)  # answered: the rekey goes
+    transfer(resumed, client, 2.0)
+    transfer(client, resumed, 2.0)
+    assert [e.replaces for e in drain(resumed) if isinstance(e, ChildSaEstablished)] == [spi_in]
+
+    client, gateway = established()
+    _rekey_lost_with_its_owner(gateway)
+    synced = taken_over(gateway, 2.0)
+    assert synced.sa.rekey_at <= 2.0
+    synced.handle_timer(2.0)
+    assert not synced.datagrams_to_send()  # the rekey waits for the sync
+    assert synced.sync_message_ids(2.0)
+    for _ in range(3):  # the sync, the rekey, the old SA's deletion
+        transfer(synced, client, 2.0)
+        transfer(client, synced, 2.0)
+    assert any(isinstance(e, IkeSaRekeyed) for e in drain(synced))
+
+
 def test_a_takeover_owes_the_sync_until_the_peer_answers_and_then_no_more() -> None:
     """The doubt about the message IDs travels with the SA: a node that took it over
     and had not synced yet passes it on (its own snapshot says in flight, nothing

@@ -872,6 +872,46 @@ def test_a_child_sa_rekey_in_flight_when_its_owner_died_is_finished_by_the_survi
                           f"takeover {len(again)} answered; no MID sync")
 
 
+def test_rfc6311_message_id_sync_after_the_owner_died_with_an_ike_rekey_in_flight() -> None:
+    """The owner's IKE SA rekey (its rekey_time, 4 s) never reaches strongSwan (dropped on
+    the wire) and the owner dies: that request is not in the snapshot, so the survivor's
+    next request ID may be one ahead of what strongSwan expects. strongSwan announced
+    IKEV2_MESSAGE_ID_SYNC_SUPPORTED: the survivor runs RFC 6311's exchange (after
+    answering strongSwan's DPD that brought the SA to it, so strongSwan has no request of
+    its own in flight), and its requests wait for it; then its IKE SA rekey is answered.
+    (strongSwan can answer this sync because it never answered a request of ours before:
+    with AES-GCM its IVs count message IDs.)"""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        # strongSwan's DPD (10 s) is what reaches the survivor once the owner is gone
+        initiator = replace(initiator, dpd_delay="10s", extra={"mobike": "no"})
+        responder = replace(responder, rekey_time="4s",
+                            node_extra={"over_time": "60s", "rand_time": "0s"})
+        charon, sa = _connect(lab, cluster, initiator, responder,
+                              settings={"retransmit_tries": "6"})
+        owner = _owner(cluster, sa["responder-spi"])
+        _block_ike_to_the_initiator(lab)
+        time.sleep(5.5)  # the owner's IKE SA rekey request (at 4 s) is on the wire, lost
+        cluster.responders[owner - 1].kill()
+        _unblock(lab)
+        log_before = len(charon.log_text())
+        deadline = time.monotonic() + 40
+        pattern = r"parsed CREATE_CHILD_SA request \d+ \[ SA No KE \]"
+        while not re.search(pattern, after := charon.log_text()[log_before:]):
+            assert time.monotonic() < deadline, f"{after}\n{cluster.logs()}"
+            time.sleep(0.5)
+        assert "responder requested MID sync" in after, f"{after}\n{cluster.logs()}"
+        assert after.index("responder requested MID sync") < re.search(pattern, after).start()
+        assert "no IV or padding" not in after and "ignored" not in after, (
+            f"{after}\n{cluster.logs()}")
+        wait_for_charon_log(charon, r"IKE_SA rw\[\d+\] rekeyed between")
+        now = established(charon)
+        assert len(now) == 1 and now[0]["responder-spi"] != sa["responder-spi"], now
+        line = re.search(r"responder requested MID sync: [^\n]*", after)
+        report("cluster", f"RFC 6311 after the owner died mid IKE rekey: {line and line[0]}; "
+                          f"then the survivor's IKE rekey answered")
+
+
 def test_ike_sa_rekey_through_the_cluster_moves_the_sa_to_its_new_owner() -> None:
     """strongSwan rekeys the IKE SA: the new SPIs may hash to another responder, which
     takes the SA over once the old owner hands it on; DPD and a Child SA rekey on the new
