@@ -53,7 +53,8 @@ class KeyExchange(Protocol):
     def public_value(self) -> bytes: ...
 
     def private_value(self) -> bytes:
-        """The secret half, for `key_exchange_from` on another node (sealed in between)."""
+        """The secret half: `new_key_exchange(group, it)` on another node (sealed in
+        between) makes the same exchange."""
         ...
 
     def shared_secret_untrusted(self, peer_value: bytes) -> bytes: ...

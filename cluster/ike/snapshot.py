@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ParseError
-from ..key_exchange import DhGroup, new_key_exchange
+from ..key_exchange import DhGroup, KeyExchange, new_key_exchange
 from ..transforms import ENCR_ALGORITHMS, INTEG_ALGORITHMS, PRF_ALGORITHMS, Esn
 from .constants import IdType, TsType
-from .create_child import RekeyChild
+from .create_child import RekeyChild, RekeyIke
 from .events import ChildSaEstablished
 from .identity import Identity
 from .keymat import ChildKeys, IkeKeys
@@ -223,6 +223,8 @@ def _resume_request(sa: IkeSa, exchange: int, message_id: int, data: list[bytes]
             child.deleting = True
         else:
             child.rekeying = True
+    elif isinstance(task, RekeyIke):
+        sa.rekeying = True
     sa.pending = Outstanding(exchange, message_id, data, now, task)
     sa.ids_unsure = False
 
@@ -234,9 +236,9 @@ def _rekey_in(rekeying: bool, rekey_at: float, now: float) -> float | None:
 
 
 def _request(sa: IkeSa) -> list[Any] | None:
-    """Our request in flight, if a new owner can complete it: the same bytes go out again
-    as a retransmission, and what its answer needs (for a Child SA rekey our nonce, new
-    SPI and key exchange) is here. Not an IKE SA rekey (RFC 6311 settles that one)."""
+    """Our request in flight, so that a new owner can complete it: the same bytes go out
+    again as a retransmission, and what its answer needs (for a rekey our nonce, new SPI
+    and key exchange) is here. (Only a sync is not: it is made afresh.)"""
     pending = sa.pending
     if pending is None:
         return None
@@ -250,11 +252,21 @@ def _request(sa: IkeSa) -> list[Any] | None:
     elif isinstance(task, Redirect):
         what = ["redirect", task.data]
     elif isinstance(task, RekeyChild):
-        ke = [task.ke.group.value, task.ke.private_value()] if task.ke is not None else None
-        what = ["rekey_child", task.spi_in, task.new_spi, task.nonce, task.group, ke]
+        what = ["rekey_child", task.spi_in, task.new_spi, task.nonce, task.group,
+                _private(task.ke)]
+    elif isinstance(task, RekeyIke):
+        what = ["rekey_ike", task.new_spi, task.nonce, task.group, _private(task.ke)]
     else:
         return None
     return [pending.exchange, pending.message_id, list(pending.data), *what]
+
+
+def _private(ke: KeyExchange | None) -> list[Any] | None:
+    return None if ke is None else [ke.group.value, ke.private_value()]
+
+
+def _exchange(stored: list[Any] | None) -> KeyExchange | None:
+    return None if stored is None else new_key_exchange(int(stored[0]), bytes(stored[1]))
 
 
 def _request_from(stored: list[Any]) -> tuple[int, int, list[bytes], Task]:
@@ -270,9 +282,12 @@ def _request_from(stored: list[Any]) -> tuple[int, int, list[bytes], Task]:
         task = Redirect(bytes(args[0]))
     elif kind == "rekey_child":
         spi_in, new_spi, nonce, group, ke = args
-        task = RekeyChild(bytes(spi_in), bytes(new_spi), bytes(nonce),
-                          new_key_exchange(int(ke[0]), bytes(ke[1])) if ke else None,
+        task = RekeyChild(bytes(spi_in), bytes(new_spi), bytes(nonce), _exchange(ke),
                           None if group is None else int(group))
+    elif kind == "rekey_ike":
+        new_spi, nonce, group, ke = args
+        task = RekeyIke(bytes(new_spi), bytes(nonce), _exchange(ke),
+                        None if group is None else int(group))
     else:
         raise ValueError(f"in-flight request of unknown kind {kind!r}")
     return int(exchange), int(message_id), [bytes(d) for d in data], task

@@ -202,6 +202,7 @@ class SaPersistence:
                     return False
                 retired = (held.key, held.fence)
                 held.key, held.fence, held.written = key, fence, None
+                held.stay_until = 0.0  # (the new SPIs' owner by rendezvous may take it)
                 ops += self._children_moved(held, session)
             record = snapshot_of(session, now)
             record["worker"] = held.worker
@@ -407,10 +408,11 @@ class SaPersistence:
             else:
                 self._supervisor.route(*waiting)
         if session.sa.ids_unsure and session.sa.mid_sync:
-            # The old owner's own request (one we cannot send again: a rekey) may never
-            # have reached the peer, so our next request ID may be ahead of what it
-            # expects: RFC 6311 settles it (our requests wait for it). After the peer's
-            # queued requests, so that it has none in flight when the sync arrives.
+            # The old owner's own request, which the snapshot does not hold (an earlier
+            # version's, or a sync of its own), may never have reached the peer, so our
+            # next request ID may be ahead of what it expects: RFC 6311 settles it (our
+            # requests wait for it). After the peer's queued requests, so that it has
+            # none in flight when the sync arrives.
             actor.mailbox.put_nowait(lambda s, t: s.sync_message_ids(t))
             self.stats.message_id_syncs += 1
 

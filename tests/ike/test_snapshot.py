@@ -23,9 +23,13 @@ def established(gw_conn: ConnectionConfig | None = None) -> tuple[IkeSession, Ik
     return client, gateway
 
 
-def taken_over(gateway: IkeSession, now: float) -> IkeSession:
-    """The gateway's SA through msgpack, as a store would carry it, restored at `now`."""
+def taken_over(gateway: IkeSession, now: float, *, old_node: bool = False) -> IkeSession:
+    """The gateway's SA through msgpack, as a store would carry it, restored at `now`;
+    `old_node`: as a node of an earlier version stored it, without our request in flight
+    (which only RFC 6311 then settles)."""
     record = msgpack.unpackb(msgpack.packb(snapshot_of(gateway, 0.0)), raw=False)
+    if old_node:
+        del record["request"]
     return restore(record, gateway.sa.policy, now)
 
 
@@ -108,30 +112,30 @@ def test_a_child_sa_record_gives_back_the_same_event_through_msgpack() -> None:
 
 
 def _rekey_lost_with_its_owner(gateway: IkeSession) -> None:
-    """The gateway starts an IKE SA rekey whose request never leaves (its node died):
-    a request a new owner does not send again (the snapshot does not carry it)."""
+    """The gateway starts an IKE SA rekey whose request never leaves (its node died)."""
     gateway.rekey_ike(1.0)
     assert gateway.datagrams_to_send()  # lost with the node
     record = snapshot_of(gateway, 1.0)
-    assert record["in_flight"] and record["request"] is None
+    assert record["in_flight"] and record["request"][3] == "rekey_ike"
 
 
 def test_rfc6311_sync_repairs_ids_after_a_request_lost_with_its_owner() -> None:
-    """The old owner sent an IKE SA rekey request (its snapshot says our next ID is 1) that
-    never reached the peer; the new owner's IDs are one ahead of what the peer expects.
+    """The old owner, of an earlier version, sent an IKE SA rekey request (its snapshot
+    says our next ID is 1, not what the request was) that never reached the peer; the
+    new owner's IDs are one ahead of what the peer expects.
     A request sent like that is dropped; so requests wait for RFC 6311's exchange, then
     go out with the synced IDs and are answered."""
     client, gateway = established()
     assert client.sa.mid_sync and gateway.sa.mid_sync  # both announced it in IKE_AUTH
     _rekey_lost_with_its_owner(gateway)
 
-    unsynced = taken_over(gateway, 2.0)
+    unsynced = taken_over(gateway, 2.0, old_node=True)
     unsynced.sa.mid_sync = False  # (as with a peer without RFC 6311: nothing waits)
     assert unsynced.check_liveness(2.0)
     transfer(unsynced, client, 2.0)
     assert client.drops.get("message_id") == 1 and not client.datagrams_to_send()
 
-    synced = taken_over(gateway, 3.0)
+    synced = taken_over(gateway, 3.0, old_node=True)
     assert synced.sa.ids_unsure and synced.sa.pending is None
     assert synced.check_liveness(3.0)
     assert not synced.datagrams_to_send()  # held: it would be one ID ahead
@@ -147,8 +151,8 @@ def test_rfc6311_sync_repairs_ids_after_a_request_lost_with_its_owner() -> None:
 
 
 def test_a_rekey_under_way_is_due_at_once_on_the_new_owner() -> None:
-    """A rekey whose request the new owner does not resume (an IKE SA rekey in flight, a
-    Child SA rekey still queued) must not be forgotten: its timer was spent."""
+    """A rekey whose request the new owner does not resume (one still queued, or in
+    flight in an older node's snapshot) must not be forgotten: its timer was spent."""
     client, gateway = established()
     (spi_in,) = gateway.sa.children
     assert gateway.check_liveness(1.0)
@@ -166,7 +170,7 @@ def test_a_rekey_under_way_is_due_at_once_on_the_new_owner() -> None:
 
     client, gateway = established()
     _rekey_lost_with_its_owner(gateway)
-    synced = taken_over(gateway, 2.0)
+    synced = taken_over(gateway, 2.0, old_node=True)
     assert synced.sa.rekey_at <= 2.0
     synced.handle_timer(2.0)
     assert not synced.datagrams_to_send()  # the rekey waits for the sync
@@ -185,7 +189,7 @@ def test_a_takeover_owes_the_sync_until_the_peer_answers_and_then_no_more() -> N
     drop the SA)."""
     client, gateway = established()
     _rekey_lost_with_its_owner(gateway)
-    survivor = taken_over(gateway, 2.0)
+    survivor = taken_over(gateway, 2.0, old_node=True)
     assert survivor.sa.pending is None and snapshot_of(survivor, 2.0)["in_flight"]
     third = taken_over(survivor, 3.0)
     assert third.sa.ids_unsure and snapshot_of(third, 3.0)["in_flight"]
@@ -202,7 +206,7 @@ def test_a_takeover_owes_the_sync_until_the_peer_answers_and_then_no_more() -> N
     # were in step after all)
     peer, other = established()
     _rekey_lost_with_its_owner(other)
-    resumed = taken_over(other, 2.0)
+    resumed = taken_over(other, 2.0, old_node=True)
     resumed.sa.our_next_id -= 1  # (the lost request's ID, as if it had never been sent)
     resumed.sa.mid_sync = False  # (nothing waits for a sync)
     assert resumed.check_liveness(2.0)
@@ -271,6 +275,23 @@ def test_the_new_owner_completes_a_child_sa_rekey_in_flight(reached_the_peer: bo
     assert list(resumed.sa.children) == [new[0].spi_in] == [task.new_spi]
     assert [c.spi_out for c in client.sa.children.values()] == [task.new_spi]
     assert not client.drops and client.message_id_syncs == 0
+
+
+def test_the_new_owner_completes_an_ike_sa_rekey_in_flight() -> None:
+    client, gateway = established()
+    _rekey_lost_with_its_owner(gateway)
+    resumed = taken_over(gateway, 2.0)
+    assert resumed.sa.rekeying and not resumed.sa.ids_unsure
+    resumed.handle_timer(2.0)  # the request again; its rekey time is due, but under way
+    (again,) = resumed.datagrams_to_send()
+    client.receive_datagram_untrusted(again.data, again.remote, again.local, 2.0)
+    for _ in range(2):  # the answer; our Delete of the old IKE SA and its answer
+        transfer(client, resumed, 2.0)
+        transfer(resumed, client, 2.0)
+    events = drain(resumed)
+    assert any(isinstance(e, IkeSaRekeyed) for e in events), events
+    assert resumed.sa.spi_i != gateway.sa.spi_i and not resumed.sa.pending
+    assert client.message_id_syncs == 0 and not client.drops
 
 
 def test_the_new_owner_completes_a_child_sa_deletion_in_flight() -> None:
