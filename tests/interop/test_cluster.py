@@ -754,6 +754,29 @@ def _unblock(lab: Lab) -> None:
     lab.initiator.run(["nft", "delete", "table", "inet", BLOCK_TABLE])
 
 
+def _owner_killed(lab: Lab, cluster: ClusterLab, charon: Charon, owner: int,
+                  after: float) -> int:
+    """`after` seconds more of the block (the owner's request is on the wire, lost), then
+    the owner is killed and the block lifted; where strongSwan's log stands then."""
+    time.sleep(after)
+    cluster.responders[owner - 1].kill()
+    _unblock(lab)
+    return len(charon.log_text())
+
+
+def _resent_by_survivor(cluster: ClusterLab) -> str:
+    """The takeover line of the survivor that sends the owner's request again."""
+    deadline = time.monotonic() + 40
+    while True:
+        for node in cluster.responders:
+            found = re.search(r"took over IKE SA [^\n]*; our request \d+ in flight goes "
+                              r"again", node.log_text())
+            if found:
+                return found[0]
+        assert time.monotonic() < deadline, f"no request sent again:\n{cluster.logs()}"
+        time.sleep(0.5)
+
+
 def _answered_after(charon: Charon, since: int, marker: str, count: int,
                     cluster: ClusterLab) -> tuple[str, list[str]]:
     """strongSwan's log from `since` once `count` of our INFORMATIONAL requests (liveness
@@ -788,20 +811,16 @@ def test_a_liveness_check_in_flight_when_its_owner_died_goes_again_from_the_surv
         owner = _owner(cluster, sa["responder-spi"])
         wait_for_charon_log(charon, r"parsed INFORMATIONAL request 0 \[ \]")
         _block_ike_to_the_initiator(lab)
-        time.sleep(3.0)  # the owner's next liveness check is on the wire, lost
-        cluster.responders[owner - 1].kill()
-        _unblock(lab)
-        log_before = len(charon.log_text())
-        (survivor,) = [n for n in cluster.responders if n.running()]
-        resent = wait_for_log(survivor, r"took over IKE SA .*; our request 1 in flight "
-                                        r"goes again")
+        log_before = _owner_killed(lab, cluster, charon, owner, 3.0)  # (a liveness check)
+        resent = _resent_by_survivor(cluster)
+        assert "our request 1 in flight" in resent, resent
         log, answered = _answered_after(charon, log_before, "", 2, cluster)
         assert "MID sync" not in log and "ignored" not in log, f"{log}\n{cluster.logs()}"
         assert answered[0] == "1", log  # the owner's request, now answered
         now = established(charon)
         assert now and now[0]["responder-spi"] == sa["responder-spi"]
         assert "IKE_AUTH" not in log
-        report("cluster", f"a liveness check in flight at the owner's death: {resent[0]}; "
+        report("cluster", f"a liveness check in flight at the owner's death: {resent}; "
                           f"strongSwan answered requests {answered}, no MID sync")
 
 
@@ -836,10 +855,8 @@ def test_a_child_sa_rekey_in_flight_when_its_owner_died_is_finished_by_the_survi
                                  timeout=30)
         assert " 0% packet loss" in ping.stdout, ping.stdout
         wait_for_log(cluster.workers[0], "reached its soft limit")
-        time.sleep(2.0)  # the owner's rekey request is on the wire, lost
-        cluster.responders[owner - 1].kill()
-        _unblock(lab)
-        log_before = len(charon.log_text())
+        log_before = _owner_killed(lab, cluster, charon, owner, 2.0)  # (the rekey request)
+        resent = _resent_by_survivor(cluster)
         took_over = f"took over IKE SA {sa['initiator-spi']}_i/{sa['responder-spi']}_r"
         after, answered = _answered_after(charon, log_before, "parsed CREATE_CHILD_SA", 2,
                                           cluster)
@@ -850,8 +867,7 @@ def test_a_child_sa_rekey_in_flight_when_its_owner_died_is_finished_by_the_survi
         assert now and now[0]["responder-spi"] == sa["responder-spi"]
         installed = [c for c in now[0]["child-sas"].values() if c["state"] == "INSTALLED"]
         assert len(installed) == 1 and installed[0]["spi-in"] != first_spi, installed
-        (survivor,) = [n for n in cluster.responders if took_over in n.log_text()]
-        assert re.search(r"; our request \d+ in flight goes again", survivor.log_text())
+        (survivor,) = [n for n in cluster.responders if resent in n.log_text()]
         assert "another node acts for it now" not in survivor.log_text(), cluster.logs()
 
         (third,) = [n for n in cluster.responders if n.running() and n is not survivor]
@@ -887,19 +903,14 @@ def test_an_ike_sa_rekey_in_flight_when_its_owner_died_is_finished_by_the_surviv
                               settings={"retransmit_tries": "6"})
         owner = _owner(cluster, sa["responder-spi"])
         _block_ike_to_the_initiator(lab)
-        time.sleep(5.5)  # the owner's IKE SA rekey request (at 4 s) is on the wire, lost
-        cluster.responders[owner - 1].kill()
-        _unblock(lab)
-        log_before = len(charon.log_text())
-        (survivor,) = [n for n in cluster.responders if n.running()]
-        resent = wait_for_log(survivor, r"took over IKE SA .*; our request \d+ in flight "
-                                        r"goes again")
+        log_before = _owner_killed(lab, cluster, charon, owner, 5.5)  # (the rekey at 4 s)
+        resent = _resent_by_survivor(cluster)
         log = wait_for_charon_log(charon, r"IKE_SA rw\[\d+\] rekeyed between")[log_before:]
         assert re.search(r"parsed CREATE_CHILD_SA request \d+ \[ SA No KE \]", log), log
         assert "MID sync" not in log and "ignored" not in log, f"{log}\n{cluster.logs()}"
         now = established(charon)
         assert len(now) == 1 and now[0]["responder-spi"] != sa["responder-spi"], now
-        report("cluster", f"an IKE SA rekey in flight at the owner's death: {resent[0]}; "
+        report("cluster", f"an IKE SA rekey in flight at the owner's death: {resent}; "
                           f"strongSwan rekeyed to {now[0]['responder-spi']}, no MID sync")
 
 
