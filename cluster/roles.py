@@ -387,7 +387,7 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
         reports = None
         if radius is not None and radius.accounting:  # the responders' accounting
             reports = TrafficReports(edge, plane)
-            keys.on_remove = reports.removed
+            plane.on_removed = reports.removed
         try:
             async with trio.open_nursery() as nursery:
                 if handle_signals:

@@ -90,11 +90,15 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
 
     node: Node | None = None
     accounting = Accounting(lambda: (node.config if node is not None else config).policy,
-                            RadiusClient(), traffic=_traffic_of(plane))
+                            RadiusClient(), traffic=_traffic_of(plane),
+                            reported=plane is not None)
+    if plane is not None:  # what each Child SA carried, as it leaves the SAD for good
+        plane.on_removed = lambda spi_in, ike, traffic: accounting.child_traffic(
+            *(ike or (b"", b"")), spi_in, traffic)
 
     def sink(event: Event) -> None:
         log_event(event)
-        accounting.record(event)  # (before the data plane forgets a deleted SA's counters)
+        accounting.record(event)
         if plane is not None:
             plane.on_ike_event(event)
         if metrics is not None:

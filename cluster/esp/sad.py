@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .counters import EspDrop, SaCounters, SadCounters
 from .events import EspEvent
@@ -35,6 +35,8 @@ class Sad:
         self._events: deque[EspEvent] = deque()
         self._removed_totals = SaCounters()  # counters of SAs no longer here
         self._waiting: dict[bytes, bytes] = {}  # receive-only SAs: new spi_in -> old spi_in
+        # called with each SA as it leaves (`remove`, its hard lifetime), counters final
+        self.on_removed: Callable[[ChildSa], None] | None = None
 
     # --- key install -----------------------------------------------------------------
 
@@ -126,6 +128,8 @@ class Sad:
         self._waiting.pop(child.spi_in, None)
         self._unindex_outbound(child)
         self._removed_totals.add(child.counters)
+        if self.on_removed is not None:
+            self.on_removed(child)
 
     def _index_outbound(self, child: ChildSa) -> None:
         if not child.address_only:

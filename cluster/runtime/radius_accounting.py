@@ -1,10 +1,11 @@
 """RADIUS accounting (RFC 2866) of eap-radius users, as strongSwan's eap-radius sends it
 with `accounting = yes`: an Accounting-Request Start when a user's IKE SA is
 established, Stop when it ends, with its session time, virtual IPs, Class and, where
-the data plane runs in this process, the traffic of its Child SAs.
+a data plane carries its Child SAs, their traffic.
 
-The event sink calls `record` (before the data plane sees the event, so a Child SA's
-counters can still be read when it is deleted); `run` sends the requests, each to the
+The event sink calls `record`; the data plane tells what each Child SA carried as it
+leaves the SAD for good (`child_traffic`), so a rekeyed SA's last seconds of linger and
+an SA its hard lifetime removed count in full. `run` sends the requests, each to the
 servers in order until one answers, without holding anything else up.
 """
 
@@ -105,9 +106,11 @@ class AccountingStats:
 
 
 class Accounting:
-    """`traffic` reads a Child SA's counts where the data plane runs in this process;
-    `reported`: a cluster responder's workers tell them (`child_traffic`) as they remove
-    each Child SA, and a Stop waits up to REPORT_WAIT seconds for its Child SAs' reports."""
+    """`reported`: a data plane tells what each Child SA carried as it removes it
+    (`child_traffic`: the one in this process, or a cluster responder's workers), and a
+    Stop waits up to REPORT_WAIT seconds for its Child SAs' reports. `traffic` reads
+    the counts so far of a Child SA still in this process's data plane, for
+    Interim-Updates; a cluster's workers tell them instead (`child_usage`)."""
 
     def __init__(self, policy: Callable[[], ResponderPolicy], client: RadiusClient, *,
                  traffic: Traffic | None = None, reported: bool = False,
@@ -192,21 +195,11 @@ class Accounting:
         return radius, session
 
     def _child_ended(self, spi_in: bytes, session: _Session | None = None) -> None:
-        if self._reported:  # its worker tells what it carried (child_traffic)
-            key = self._child_of.get(spi_in)
-            found = session or (self._sessions.get(key) if key is not None else None)
-            if found is not None:
-                found.children.discard(spi_in)
-            return
-        key = self._child_of.pop(spi_in, None)
-        if session is None:
-            session = self._sessions.get(key) if key is not None else None
-        if session is None:
-            return
-        session.children.discard(spi_in)
-        counts = self._traffic(spi_in) if self._traffic is not None else None
-        if counts is not None:
-            session.traffic = _plus(session.traffic, counts)
+        # (reported) its data plane tells what it carried when it is gone (child_traffic)
+        key = self._child_of.get(spi_in) if self._reported else self._child_of.pop(spi_in, None)
+        found = session or (self._sessions.get(key) if key is not None else None)
+        if found is not None:
+            found.children.discard(spi_in)
 
     def _stopped(self, event: IkeSaDeleted) -> None:
         session = self._sessions.pop(event.spi_i + event.spi_r, None)
@@ -230,20 +223,22 @@ class Accounting:
             self._child_of.pop(spi, None)
         self._queue(radius, session, [*session.stop, *self._usage(session, self._sum(session))])
 
-    @staticmethod
-    def _sum(session: _Session) -> list[int]:
-        """(reported) The traffic of the Child SAs removed and, of those not, what their
-        workers last told."""
+    def _sum(self, session: _Session) -> list[int]:
+        """(reported) The traffic of the Child SAs removed and, of those not yet, what
+        their workers last told or, of those deleted but still lingering (rekeyed away)
+        in this process's data plane, what it counts."""
         traffic = list(session.traffic)
         for spi in session.unreported:
             usage = session.usage.get(spi)
+            if usage is None and spi not in session.children and self._traffic is not None:
+                usage = self._traffic(spi)
             if usage is not None:
                 traffic = _plus(traffic, usage)
         return traffic
 
     def child_traffic(self, spi_i: bytes, spi_r: bytes, spi_in: bytes,
                       traffic: tuple[int, int, int, int]) -> None:
-        """A worker removed a Child SA and told what it carried (a cluster responder)."""
+        """A data plane removed a Child SA and told what it carried."""
         key = self._child_of.pop(spi_in, None)
         if key is None:
             return

@@ -21,6 +21,7 @@ import trio
 from pyroute2 import IPRoute
 
 from ..esp import (
+    ChildSa,
     ChildSaParams,
     EspDrop,
     OutboundSa,
@@ -48,6 +49,9 @@ from .keys import Limits, params_from_event
 from .routing import Routes
 from .sockets import EspSocket
 from .tun import TunDevice
+
+# a Child SA's (bytes in, bytes out, packets in, packets out)
+Traffic = tuple[int, int, int, int]
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +165,7 @@ class DataPlane:
         self.esp_sockets = {6 if s.family == socket.AF_INET6 else 4: s for s in esp_sockets}
         self.limits = limits
         self.sad = Sad()
+        self.sad.on_removed = self._sa_removed
         self.counters: IoCounters = tun.counters
         self.udp_send: UdpSend | None = None  # ESP in UDP from the NAT-T socket (wired later)
         self.on_esp_event: Callable[[object], None] = self._log_esp_event
@@ -187,6 +192,10 @@ class DataPlane:
         # called with a trapped connection's name when a packet for it finds no SA
         self.on_acquire: Callable[[str], None] | None = None
         self.acquires = 0
+        # called as each Child SA leaves the SAD for good (a delete, the end of its
+        # linger, its hard lifetime) with its IKE SA and what it carried: accounting
+        self.on_removed: Callable[[bytes, tuple[bytes, bytes] | None, Traffic], None] | None \
+            = None
 
     @classmethod
     @contextlib.contextmanager
@@ -233,6 +242,11 @@ class DataPlane:
         if ike is not None:
             self._ike_of[params.spi_in] = ike
         self._route(params)
+
+    def _sa_removed(self, child: ChildSa) -> None:
+        if self.on_removed is not None:
+            spi_in = child.params.spi_in
+            self.on_removed(spi_in, self._ike_of.get(spi_in), child.counters.traffic())
 
     def ike_sa_of(self, spi_in: bytes) -> tuple[bytes, bytes] | None:
         """(spi_i, spi_r) of the IKE SA a Child SA was installed for."""

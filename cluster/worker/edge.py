@@ -166,11 +166,12 @@ def _message_untrusted(data: bytes) -> list[Any]:
 
 
 class TrafficReports:
-    """What each removed Child SA carried, told to the responder of its IKE SA (the one
-    rendezvous hashing picks for the IKE initiator SPI), for its RADIUS accounting Stop.
-    One datagram per Child SA; traffic during a rekeyed SA's last seconds is not in it.
-    `run` tells what the Child SAs still up carried so far, every USAGE_INTERVAL for
-    those whose counts changed, for the responders' Interim-Updates."""
+    """What each Child SA carried when it left the SAD for good (a delete, the end of a
+    rekeyed SA's linger, its hard lifetime), told to the responder of its IKE SA (the
+    one rendezvous hashing picks for the IKE initiator SPI) for its RADIUS accounting:
+    one datagram per Child SA, `removed` being the data plane's `on_removed`. `run`
+    tells what the Child SAs still here carried so far, every USAGE_INTERVAL for those
+    whose counts changed, for the responders' Interim-Updates."""
 
     USAGE_INTERVAL = 30.0
 
@@ -180,13 +181,13 @@ class TrafficReports:
         self.sent = 0
         self._told: dict[bytes, tuple[int, int, int, int]] = {}  # spi_in -> last usage
 
-    def removed(self, spi_in: bytes) -> None:
+    def removed(self, spi_in: bytes, ike: tuple[bytes, bytes] | None,
+                traffic: tuple[int, int, int, int]) -> None:
         self._told.pop(spi_in, None)
-        child, ike = self.plane.sad.get(spi_in), self.plane.ike_sa_of(spi_in)
-        if child is None or ike is None:
+        if ike is None:
             return
-        self.relay.request(ike[0], Kind.CHILD_TRAFFIC, child_traffic(
-            ike[0], ike[1], spi_in, child.counters.traffic()))
+        self.relay.request(ike[0], Kind.CHILD_TRAFFIC, child_traffic(ike[0], ike[1], spi_in,
+                                                                     traffic))
         self.sent += 1
 
     def usage(self) -> None:
@@ -228,7 +229,6 @@ class KeySubscriber:
         self.errors = 0  # records or messages that did not open
         self.restored = 0  # SAs installed from the table at start, with a sequence jump
         self.tables_lost = 0  # resyncs that found the store had forgotten our table
-        self.on_remove: Callable[[bytes], None] | None = None  # before a removal (traffic)
         self._incarnation = os.urandom(8)
 
     def _open(self, spi_in: bytes, sealed: bytes) -> Any:
@@ -328,8 +328,6 @@ class KeySubscriber:
                 self.installed += 1
             elif kind == "remove":
                 if self.plane.sad.get(spi_in) is not None and spi_in not in self.plane.lingering:
-                    if self.on_remove is not None:
-                        self.on_remove(spi_in)
                     self.plane.delete(spi_in)  # a rekeyed-away SA lingers a few seconds
                     self.removed += 1
             elif kind == "ike" and len(message) == 4:  # its IKE SA was rekeyed

@@ -98,10 +98,14 @@ def u32(value: bytes) -> int:
 async def run(events: list[object], *, accounting: bool = True,
               traffic: dict[bytes, tuple[int, int, int, int]] | None = None,
               servers: tuple[RadiusServer, ...] = SERVERS) -> tuple[Recorder, Accounting]:
+    """A single node's accounting: with `traffic`, a data plane in this process counts
+    (`traffic` what its Child SAs carried so far), and ("removed", spi) is it telling
+    that an SA left its SAD, with that count; "later" moves the clock 75.4 s on."""
     now = [100.0]
     client = Recorder()
     acct = Accounting(lambda: policy(accounting, servers), client,
-                      traffic=None if traffic is None else traffic.get, clock=lambda: now[0])
+                      traffic=None if traffic is None else traffic.get,
+                      reported=traffic is not None, clock=lambda: now[0])
     async with trio.open_nursery() as nursery:
         await nursery.start(acct.run)
         for event in events:
@@ -109,6 +113,9 @@ async def run(events: list[object], *, accounting: bool = True,
                 now[0] += 75.4
             elif event == "interim":
                 acct.interim()
+            elif isinstance(event, tuple) and event[0] == "removed":
+                assert traffic is not None
+                acct.child_traffic(b"", b"", event[1], traffic[event[1]])
             else:
                 acct.record(event)  # type: ignore[arg-type]
         await trio.testing.wait_all_tasks_blocked()
@@ -123,7 +130,9 @@ async def test_start_and_stop_carry_the_session_its_traffic_and_why_it_ended() -
         IkeSaRekeyed(first, b"R" * 8, second, b"R" * 8, False),  # the same session goes on
         ChildSaDeleted(first, b"R" * 8, "net", b"c1c1", b"out!", "rekeyed"),
         child(b"c2c2", second),
+        ("removed", b"c1c1"),  # after its linger
         IkeSaDeleted(second, b"R" * 8, PEER_NOT_RESPONDING),
+        ("removed", b"c2c2"),  # the data plane sees the event after accounting
     ], traffic={b"c1c1": (1000, 2000, 10, 20), b"c2c2": (2**32 + 5, 7, 3, 1)})
     start, stop = client.records
     assert u32(start[Attr.ACCT_STATUS_TYPE][0]) == 1 and u32(stop[Attr.ACCT_STATUS_TYPE][0]) == 2
@@ -203,8 +212,8 @@ async def test_a_session_taken_over_goes_on_without_a_second_start() -> None:
     adopted = IkeSaAdopted(b"I" * 8, b"R" * 8, "rw", ("192.0.2.1", 4500),
                            ("198.51.100.7", 4500), ("10.3.0.9",), "carol", (b"group-a",), 0,
                            time.time() - 600.0, (b"c1c1",))
-    client, _ = await run([adopted, "later", IkeSaDeleted(b"I" * 8, b"R" * 8, TERMINATED)],
-                          traffic={b"c1c1": (10, 20, 1, 2)})
+    client, _ = await run([adopted, "later", IkeSaDeleted(b"I" * 8, b"R" * 8, TERMINATED),
+                           ("removed", b"c1c1")], traffic={b"c1c1": (10, 20, 1, 2)})
     [stop] = client.records
     assert u32(stop[Attr.ACCT_STATUS_TYPE][0]) == 2
     assert stop[Attr.ACCT_SESSION_ID] == [(b"I" * 8 + b"R" * 8).hex().encode()]
@@ -214,13 +223,47 @@ async def test_a_session_taken_over_goes_on_without_a_second_start() -> None:
     assert stop[Attr.CLASS] == [b"group-a"]
 
 
+async def test_a_rekeyed_child_sa_counts_while_it_lingers_and_in_full_once_removed() -> None:
+    """Deleted after a rekey, a Child SA still receives for a few seconds: Interim-Updates
+    go on counting it (so they never go down), and its final count comes with its
+    removal; a Stop waits for the removals (REPORT_WAIT at most)."""
+    first = b"I" * 8
+    traffic = {b"c1c1": (100, 200, 1, 2), b"c2c2": (0, 0, 0, 0)}
+    client, _ = await run([
+        replace(established(first), radius_interim=60), child(b"c1c1", first), "later",
+        "interim",
+        child(b"c2c2", first), ChildSaDeleted(first, b"R" * 8, "net", b"c1c1", b"out!",
+                                              "rekeyed"),
+        "later", "interim",  # c1c1 lingers: still counted
+    ], traffic=traffic)
+    _, first_update, lingering = client.records
+    assert u32(first_update[Attr.ACCT_INPUT_OCTETS][0]) == 100
+    assert u32(lingering[Attr.ACCT_INPUT_OCTETS][0]) == 100
+    traffic[b"c1c1"] = (150, 200, 2, 2)  # what arrived late, in its last seconds
+    async with cluster_accounting(traffic) as (acct, client, _):
+        for event in (established(first), child(b"c1c1", first), child(b"c2c2", first),
+                      ChildSaDeleted(first, b"R" * 8, "net", b"c1c1", b"out!", "rekeyed"),
+                      IkeSaDeleted(first, b"R" * 8, "deleted by peer")):
+            acct.record(event)
+        acct.child_traffic(b"", b"", b"c2c2", (7, 0, 1, 0))
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(client.records) == 1  # the Stop waits for c1c1's removal
+        acct.child_traffic(b"", b"", b"c1c1", traffic[b"c1c1"])
+    stop = client.records[1]
+    assert u32(stop[Attr.ACCT_STATUS_TYPE][0]) == 2
+    assert (u32(stop[Attr.ACCT_INPUT_OCTETS][0]), u32(stop[Attr.ACCT_INPUT_PACKETS][0])) == (
+        157, 3)
+
+
 @contextlib.asynccontextmanager
-async def cluster_accounting() -> AsyncIterator[tuple[Accounting, Recorder, list[float]]]:
+async def cluster_accounting(traffic: dict[bytes, tuple[int, int, int, int]] | None = None
+                             ) -> AsyncIterator[tuple[Accounting, Recorder, list[float]]]:
     """A cluster responder's accounting (`reported`), running, its clock at now[0]; what
-    it queued is sent before the block ends."""
+    it queued is sent before the block ends. With `traffic`, a single node's."""
     now = [100.0]
     client = Recorder()
-    acct = Accounting(policy, client, reported=True, clock=lambda: now[0])
+    acct = Accounting(policy, client, reported=True, clock=lambda: now[0],
+                      traffic=None if traffic is None else traffic.get)
     async with trio.open_nursery() as nursery:
         await nursery.start(acct.run)
         yield acct, client, now
