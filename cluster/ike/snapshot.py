@@ -29,6 +29,7 @@ from .sa import ChildSa, IkeSa, Outstanding
 from .session import (
     AuthLifetime,
     DeleteChild,
+    DeleteIke,
     IkeSession,
     Liveness,
     Redirect,
@@ -36,7 +37,7 @@ from .session import (
     WallClock,
     _utc_now,
 )
-from .state import State
+from .state import State, Trigger
 from .traffic_selectors import TrafficSelector
 
 SCHEMA_VERSION = 1
@@ -82,9 +83,10 @@ def _ident(i: Identity | None) -> list[Any] | None:
 
 
 def snapshot_of(session: IkeSession, now: float) -> Record:
-    """The current IKE SA of `session`; only established SAs are worth persisting."""
+    """The current IKE SA of `session`; only established SAs are worth persisting (and
+    those whose Delete is in flight, so that a new owner sends it again)."""
     sa = session.sa
-    if sa.state is not State.ESTABLISHED:
+    if sa.state not in (State.ESTABLISHED, State.DELETING):
         raise ValueError(f"only an established IKE SA has a snapshot, not {sa.state.name}")
     assert sa.keys is not None and sa.chosen is not None and sa.connection is not None
     k = sa.keys
@@ -225,6 +227,8 @@ def _resume_request(sa: IkeSa, exchange: int, message_id: int, data: list[bytes]
             child.rekeying = True
     elif isinstance(task, RekeyIke):
         sa.rekeying = True
+    elif isinstance(task, DeleteIke):
+        sa.transition(Trigger.SEND_DELETE_IKE)
     sa.pending = Outstanding(exchange, message_id, data, now, task)
     sa.ids_unsure = False
 
@@ -256,6 +260,8 @@ def _request(sa: IkeSa) -> list[Any] | None:
                 _private(task.ke)]
     elif isinstance(task, RekeyIke):
         what = ["rekey_ike", task.new_spi, task.nonce, task.group, _private(task.ke)]
+    elif isinstance(task, DeleteIke):
+        what = ["delete_ike", task.reason]
     else:
         return None
     return [pending.exchange, pending.message_id, list(pending.data), *what]
@@ -288,6 +294,8 @@ def _request_from(stored: list[Any]) -> tuple[int, int, list[bytes], Task]:
         new_spi, nonce, group, ke = args
         task = RekeyIke(bytes(new_spi), bytes(nonce), _exchange(ke),
                         None if group is None else int(group))
+    elif kind == "delete_ike":
+        task = DeleteIke(str(args[0]))
     else:
         raise ValueError(f"in-flight request of unknown kind {kind!r}")
     return int(exchange), int(message_id), [bytes(d) for d in data], task

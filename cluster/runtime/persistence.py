@@ -193,7 +193,7 @@ class SaPersistence:
         retired: tuple[bytes, int] | None = None
         if session.closed:
             ops += [DeleteSa(held.key, held.fence), Release(held.key, self.node, held.fence)]
-        elif session.state is State.ESTABLISHED:  # DELETING: the store keeps the last state
+        elif session.state in (State.ESTABLISHED, State.DELETING):  # (DELETING: its Delete)
             now = trio.current_time()
             key = sa_key(session.spi_i, session.spi_r)
             if key != held.key:  # an IKE rekey (RFC 7296 2.18): the SA lives on under new SPIs
@@ -499,7 +499,7 @@ class SaPersistence:
             for child in session.sa.children.values():
                 put, sealed = self._record_child(held, child_established(session.sa, child))
                 ops += [put, Publish(held.worker, _message("install", child.spi_in, sealed))]
-        if session.state is State.ESTABLISHED:
+        if session.state in (State.ESTABLISHED, State.DELETING):
             record = snapshot_of(session, trio.current_time())
             record["worker"] = held.worker
             ops += self._put(held, record)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from cluster.ike.events import ChildSaDeleted, ChildSaEstablished, ExchangeCompleted, IkeSaRekeyed
+from cluster.ike.events import (
+    PEER_NOT_RESPONDING,
+    TERMINATED,
+    ChildSaDeleted,
+    ChildSaEstablished,
+    ExchangeCompleted,
+    IkeSaDeleted,
+    IkeSaRekeyed,
+)
 from cluster.ike.policy import ConnectionConfig
 from cluster.ike.session import IkeSession
 from cluster.ike.snapshot import SECRET_FIELDS, restore, snapshot_of
@@ -319,3 +327,32 @@ def test_what_radius_accounting_needs_survives_the_takeover() -> None:
     assert (other_node.sa.authenticated_at, other_node.sa.eap_identity,
             other_node.sa.radius_classes, other_node.sa.radius_interim) == (
         sa.authenticated_at, "carol", (b"group-a",), 300)
+
+
+@pytest.mark.parametrize("peer_answers", [True, False])
+def test_the_new_owner_finishes_an_ike_sa_deletion_in_flight(peer_answers: bool) -> None:
+    """The old owner's Delete of the IKE SA (an operator's terminate) is in its snapshot:
+    the new owner holds the SA as being deleted and sends the Delete again. The peer
+    answers it (the original was lost, or it answers from its cache), and the SA ends
+    with the operator's reason; a peer that had the Delete and forgot the SA answers
+    nothing, and the SA ends when the retransmissions do."""
+    client, gateway = established()
+    gateway.delete_ike(1.0, TERMINATED)
+    (sent,) = gateway.datagrams_to_send()
+    assert gateway.sa.state is State.DELETING
+    resumed = taken_over(gateway, 2.0)
+    assert resumed.sa.state is State.DELETING and not resumed.sa.ids_unsure
+    resumed.handle_timer(2.0)
+    (again,) = resumed.datagrams_to_send()
+    assert again.data == sent.data
+    now = 2.0
+    if peer_answers:
+        client.receive_datagram_untrusted(again.data, again.remote, again.local, now)
+        transfer(client, resumed, now)
+    while not resumed.closed and now < 300.0:
+        now = resumed.get_timer() or now + 1.0
+        resumed.handle_timer(now)
+        resumed.datagrams_to_send()
+    [deleted] = [e for e in drain(resumed) if isinstance(e, IkeSaDeleted)]
+    assert deleted.reason == (TERMINATED if peer_answers else PEER_NOT_RESPONDING)
+    assert (now == 2.0) == peer_answers and client.closed == peer_answers

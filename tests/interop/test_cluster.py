@@ -914,6 +914,39 @@ def test_an_ike_sa_rekey_in_flight_when_its_owner_died_is_finished_by_the_surviv
                           f"strongSwan rekeyed to {now[0]['responder-spi']}, no MID sync")
 
 
+def test_an_ike_sa_delete_in_flight_when_its_owner_died_is_finished_by_the_survivor() -> None:
+    """`ike-cluster terminate` makes the owner send its Delete of the IKE SA, which never
+    reaches strongSwan (dropped on the wire), and the owner dies. The snapshot holds the
+    SA as being deleted with that request: the survivor sends the Delete again when
+    strongSwan's DPD brings it the SA, strongSwan deletes the SA and answers, and the
+    survivor ends it as the operator asked (the SA does not live on as if the terminate
+    had never been)."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        # strongSwan's DPD (10 s) is what reaches the survivor once the owner is gone
+        initiator = replace(initiator, dpd_delay="10s", extra={"mobike": "no"})
+        charon, sa = _connect(lab, cluster, initiator, responder,
+                              settings={"retransmit_tries": "6"})
+        owner = cluster.responders[_owner(cluster, sa["responder-spi"]) - 1]
+        _block_ike_to_the_initiator(lab)
+        spis = f"{sa['initiator-spi']}_i/{sa['responder-spi']}_r"
+        owner.ns.run([sys.executable, "-m", "cluster", "terminate", "--config",
+                      str(owner.config_path), "--ike", spis, "--timeout", "1"], check=False)
+        log_before = _owner_killed(lab, cluster, charon, _owner(cluster, sa["responder-spi"]),
+                                   0.5)
+        resent = _resent_by_survivor(cluster)
+        log = wait_for_charon_log(charon, r"received DELETE for IKE_SA")[log_before:]
+        assert "MID sync" not in log, f"{log}\n{cluster.logs()}"
+        deadline = time.monotonic() + 10
+        while established(charon) or not any(
+                re.search(r"IKE SA deleted: [^\n]*terminated by an operator", node.log_text())
+                for node in cluster.responders if node is not owner):
+            assert time.monotonic() < deadline, f"{charon.log_text()}\n{cluster.logs()}"
+            time.sleep(0.2)
+        report("cluster", f"an IKE SA Delete in flight at the owner's death: {resent}; "
+                          "strongSwan deleted the SA and answered the survivor")
+
+
 def test_ike_sa_rekey_through_the_cluster_moves_the_sa_to_its_new_owner() -> None:
     """strongSwan rekeys the IKE SA: the new SPIs may hash to another responder, which
     takes the SA over once the old owner hands it on; DPD and a Child SA rekey on the new
