@@ -794,8 +794,11 @@ class _Loader:
             return self.eap_remote(conn, remote, "eap-mschapv2")
         if method == "eap-radius":
             return self.eap_remote(conn, remote, "eap-radius")
+        if method == "eap-tls":
+            return self.eap_remote(conn, remote, "eap-tls")
         if "eap_id" in remote:
-            remote.fail("eap_id", 'only used with auth = "eap-mschapv2" or "eap-radius"')
+            remote.fail("eap_id", 'only used with auth = "eap-mschapv2", "eap-tls" or '
+                                  '"eap-radius"')
         method = self.auth_method(remote)
         id_text = remote.string("id", "%any")
         try:
@@ -805,6 +808,15 @@ class _Loader:
         if method == "psk":
             _only_for_pubkey(remote)
             return RemoteAuth(method="psk", identity=pattern)
+        cacerts, crls, uris = self.trust(remote)
+        return RemoteAuth(method="pubkey", identity=pattern, cacerts=cacerts, crls=crls,
+                          crl_uris=uris)
+
+    def trust(self, remote: _Table) -> tuple[tuple[x509.Certificate, ...],
+                                             tuple[x509.CertificateRevocationList, ...],
+                                             tuple[str, ...]]:
+        """The CAs a peer's certificate must chain to, and the CRLs (files, and URIs
+        fetched at run time by runtime/crl_fetch.py)."""
         paths = remote.strings("cacerts", required=True)
         if not paths:
             remote.fail("cacerts", "needs at least one CA certificate file")
@@ -814,28 +826,33 @@ class _Loader:
         crls, uris = [], []
         for index, text in enumerate(remote.strings("crls")):
             if text.partition("://")[0].lower() in ("http", "https"):
-                uris.append(text)  # fetched at run time (runtime/crl_fetch.py)
+                uris.append(text)
             else:
                 crls.append(self.crl(remote, f"crls[{index}]", text))
-        return RemoteAuth(method="pubkey", identity=pattern, cacerts=tuple(cacerts),
-                          crls=tuple(crls), crl_uris=tuple(uris))
+        return tuple(cacerts), tuple(crls), tuple(uris)
 
     def eap_remote(self, conn: _Table, remote: _Table,
-                   method: Literal["eap-mschapv2", "eap-radius"]) -> RemoteAuth:
-        """EAP users (RFC 7296 2.16): EAP-MSCHAPv2 against our [secrets.eap-NAME], or any
-        EAP method through the [radius] servers; we authenticate with a certificate."""
+                   method: Literal["eap-mschapv2", "eap-tls", "eap-radius"]) -> RemoteAuth:
+        """EAP users (RFC 7296 2.16): EAP-MSCHAPv2 against our [secrets.eap-NAME],
+        EAP-TLS with a certificate from `cacerts`, or any EAP method through the
+        [radius] servers; we authenticate with a certificate (EAP-TLS's server one)."""
         local = conn.raw("local")
         if not isinstance(local, dict) or local.get("auth", "pubkey") != "pubkey":
             conn.fail("local", 'EAP peers need the gateway to authenticate with a certificate '
                                '(auth = "pubkey")')
-        _only_for_pubkey(remote)
+        if method == "eap-tls":
+            cacerts, crls, uris = self.trust(remote)
+        else:
+            _only_for_pubkey(remote)
+            cacerts, crls, uris = (), (), ()
         patterns = []
         for name, default in (("id", "%any"), ("eap_id", "%any")):
             try:
                 patterns.append(parse_identity_pattern(remote.string(name, default)))
             except ValueError as exc:
                 remote.fail(name, str(exc))
-        return RemoteAuth(method=method, identity=patterns[0], eap_id=patterns[1])
+        return RemoteAuth(method=method, identity=patterns[0], eap_id=patterns[1],
+                          cacerts=cacerts, crls=crls, crl_uris=uris)
 
     def crl(self, table: _Table, name: str, text: str) -> x509.CertificateRevocationList:
         """A CRL file, PEM or DER (strongSwan's x509crl directory holds either)."""
@@ -1117,7 +1134,7 @@ class _Loader:
                 self.fail(_join(key, "ppk_required"),
                           "a PPK is required, but no [secrets.ppk-NAME] entry gives one")
             if (conn.ppk_id is not None or conn.ppk_required) and \
-                    conn.remote.method in ("eap-mschapv2", "eap-radius"):
+                    conn.remote.method in ("eap-mschapv2", "eap-tls", "eap-radius"):
                 self.fail(_join(key, "ppk_id" if conn.ppk_id is not None else "ppk_required"),
                           "PPKs are not supported with EAP yet")
 
@@ -1145,10 +1162,10 @@ class _Loader:
 
 
 def _only_for_pubkey(remote: _Table) -> None:
-    """A peer that does not sign needs no CAs or CRLs to check it with."""
+    """A peer without a certificate needs no CAs or CRLs to check it with."""
     for name in ("cacerts", "crls"):
         if name in remote:
-            remote.fail(name, 'only used with auth = "pubkey"')
+            remote.fail(name, 'only used with auth = "pubkey" or "eap-tls"')
 
 
 def _parse_listen(text: str, fail: Callable[[str], NoReturn],

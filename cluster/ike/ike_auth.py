@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..errors import (
@@ -33,10 +34,12 @@ from .child_sa import Random, install_child, new_child_spi, respond_child
 from .configuration import any_address, assigned_addresses, config_request, respond_config
 from .constants import AuthMethod, CertEncoding, IdType, NotifyType, ProtocolId
 from .eap import EapMschapv2Server
+from .eap_tls import EapTlsServer
 from .events import IkeSaEstablished
 from .identity import (
     Identity,
     cert_matches_identity,
+    eap_identity_untrusted,
     identity_from_payload_untrusted,
 )
 from .ike_init import candidate_connections, notifies
@@ -196,7 +199,7 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
         raise AuthenticationFailed(f"bad IDi: {exc}") from None
     idr = first_of(payloads, IdrPayload)
     if auth is None:  # RFC 7296 2.16: the peer authenticates with EAP
-        return _start_eap(sa, payloads, idi, idr, peer_ident, rng), False
+        return _start_eap(sa, payloads, idi, idr, peer_ident, rng, wall_clock), False
     certs = [p for p in payloads if isinstance(p, CertPayload)]
     ppk_id = _ppk_identity_untrusted(payloads) if sa.use_ppk else None
     no_ppk = notifies(payloads, NotifyType.NO_PPK_AUTH) if sa.use_ppk else []
@@ -320,8 +323,8 @@ def _finish(sa: IkeSa, chosen_conn: ConnectionConfig, payloads: list[Payload],
 
 # --- EAP (RFC 7296 2.16) ----------------------------------------------------------------
 
-EAP_METHODS = ("eap-mschapv2", "eap-radius")
-EapServer = EapMschapv2Server | EapRadiusServer
+EAP_METHODS = ("eap-mschapv2", "eap-tls", "eap-radius")
+EapServer = EapMschapv2Server | EapTlsServer | EapRadiusServer
 
 
 @dataclass
@@ -334,7 +337,7 @@ class EapExchange:
 
 
 def _start_eap(sa: IkeSa, payloads: list[Payload], idi: IdiPayload, idr: IdrPayload | None,
-               peer_ident: Identity, rng: Random) -> list[Payload]:
+               peer_ident: Identity, rng: Random, wall_clock: WallClock) -> list[Payload]:
     """Our IDr, certificate and AUTH, and the first EAP request (EAP-Identity)."""
     for conn in candidate_connections(sa.policy, sa.local, sa.remote):
         if conn.remote.method not in EAP_METHODS or not conn.remote.identity.matches(peer_ident):
@@ -355,6 +358,12 @@ def _start_eap(sa: IkeSa, payloads: list[Payload], idi: IdiPayload, idr: IdrPayl
         station = Station(sa.local, sa.remote, int.from_bytes(sa.spi_r[:4]))
         server = EapRadiusServer(rng, sa.policy.radius, sa.policy.radius_backend, station,
                                  eap_id)
+    elif conn.remote.method == "eap-tls":
+        local, remote = conn.local, conn.remote
+        assert local.cert is not None and local.key is not None
+        server = EapTlsServer(rng, local.cert, local.key, local.intermediates,
+                              lambda cert, chain, identity: _verify_tls_peer(
+                                  sa, remote, cert, chain, identity, wall_clock()))
     else:
         server = EapMschapv2Server(rng, lambda user: sa.policy.find_eap_secret(user, eap_id))
     sa.eap = EapExchange(server, payloads, idi)
@@ -362,6 +371,24 @@ def _start_eap(sa: IkeSa, payloads: list[Payload], idi: IdiPayload, idr: IdrPayl
     response += _our_auth(sa, conn.local, local_ident, peer_ident, sa.init_response,
                           sa.nonce_i)
     return [*response, EapPayload(server.start())]
+
+
+def _verify_tls_peer(sa: IkeSa, remote: RemoteAuth, cert: x509.Certificate,
+                     chain: Sequence[x509.Certificate], eap_identity: bytes,
+                     now: datetime) -> None:
+    """An EAP-TLS peer's certificate, checked as a pubkey peer's is (its CA, validity,
+    the CRLs and OCSP answers at hand: nothing is fetched mid-handshake), and its EAP
+    identity, which eap_id must allow and the certificate must contain."""
+    identity = eap_identity_untrusted(eap_identity)
+    if identity is None or not remote.eap_id.matches(identity):
+        raise AuthenticationFailed(f"EAP identity {eap_identity!r} is not allowed here")
+    fetched, answers = sa.policy.fetched_crls, sa.policy.ocsp
+    points = tuple(u for c in (cert, *chain) for u in crl_uris_of(c))
+    crls = remote.crls + fetched.of(remote.crl_uris + points)
+    verify_certificate_chain(cert, chain, remote.cacerts, now, crls,
+                             lambda c: answers.verdict(c, now))
+    if not cert_matches_identity(cert, identity):
+        raise AuthenticationFailed(f"certificate does not contain EAP identity {identity}")
 
 
 def _continue_eap(sa: IkeSa, exchange: EapExchange, payloads: list[Payload],

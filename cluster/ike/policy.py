@@ -40,9 +40,9 @@ class LocalAuth:
 class RemoteAuth:
     """What we demand of the peer (`remote = {...}` in a connection)."""
 
-    method: Literal["psk", "pubkey", "eap-mschapv2", "eap-radius"]
+    method: Literal["psk", "pubkey", "eap-mschapv2", "eap-tls", "eap-radius"]
     identity: IdentityPattern
-    cacerts: tuple[x509.Certificate, ...] = ()
+    cacerts: tuple[x509.Certificate, ...] = ()  # (pubkey, eap-tls)
     crls: tuple[x509.CertificateRevocationList, ...] = ()  # checked on the peer's chain
     crl_uris: tuple[str, ...] = ()  # CRLs the runtime fetches (ResponderPolicy.fetched_crls)
     # EAP: the identities the peer may claim in EAP-Identity (swanctl's eap_id)

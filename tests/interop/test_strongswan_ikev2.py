@@ -747,6 +747,48 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
     assert_still_serves(initiator, initiator_conn, node)
 
 
+def test_an_eap_tls_user_gets_in_with_a_certificate_of_our_ca_and_a_stranger_does_not(
+        lab: Lab, pki: Pki) -> None:
+    """EAP-TLS in the gateway itself (RFC 5216; strongSwan's eap-tls plugin on both
+    sides): strongSwan's client certificate goes inside the TLS handshake carried in EAP,
+    in fragments both ways, and the MSK both derive from it makes the final AUTHs.
+    A certificate from a CA the connection does not list gets AUTHENTICATION_FAILED."""
+    initiator = lab.charon("initiator", plugins=PLUGINS.replace("eap-mschapv2",
+                                                                "eap-mschapv2 eap-tls"))
+    # RSA certificates: each side's TLS flight is past the 1024 bytes of one fragment
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=pki.client_rsa, responder_cred=pki.gw_rsa)
+    initiator_conn = replace(initiator_conn, local=replace(initiator_conn.local,
+                                                           auth="eap-tls"))
+    responder_conn = replace(responder_conn, remote=End("eap-tls", "%any", eap_id="%any",
+                                                        cacerts=(pki.ca,)))
+    node = lab.node([responder_conn])
+    initiator.load(initiator_conn)
+
+    result = initiator.initiate("net")
+    _assert_eap_established(result, initiator, "EAP_TLS")
+    assert re.search(r"IKE SA established: rw .* eap_id=client\.example\.test",
+                     node.log_text()), node.log_text()
+    assert "negotiated TLS 1.2" in result.stdout, result.stdout
+    assert "received TLS server certificate 'O=ike-cluster tests, CN=gw.example.test'" in \
+        result.stdout, result.stdout
+    # Start, our flight in two fragments, the acknowledgement of strongSwan's first
+    # fragment, our Finished (unfragmented: Start, flight, Finished)
+    assert result.stdout.count("[ EAP/REQ/TLS ]") >= 5, result.stdout
+    initiator.terminate_ike()
+
+    stranger = replace(initiator_conn, local=replace(
+        initiator_conn.local, cert=pki.client_from_other_ca.cert,
+        key=pki.client_from_other_ca.key))  # (charon keeps it: the last case here)
+    initiator.load(stranger)
+    result = initiator.initiate("net")
+    assert_not_established(result, initiator)
+    assert "received AUTHENTICATION_FAILED notify error" in result.stdout, result.stdout
+    assert re.search(r"issuer CN=untrusted test CA,[^\n]* is not a known CA", node.log_text()), \
+        node.log_text()
+    assert node.running()
+
+
 def test_eap_radius_carries_eap_tls_the_gateway_does_not_know(
         lab: Lab, pki: Pki, tmp_path: Path) -> None:
     """The point of a RADIUS back end: a method our node does not implement. strongSwan

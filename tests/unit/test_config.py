@@ -551,7 +551,7 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
      "connections.rw.local.cert", 'only used with auth = "pubkey"'),
     ("psk with cacerts", BASE.replace('{ auth = "psk", id = "%any" }',
                                       '{ auth = "psk", id = "%any", cacerts = ["ca.pem"] }'),
-     "connections.rw.remote.cacerts", 'only used with auth = "pubkey"'),
+     "connections.rw.remote.cacerts", 'only used with auth = "pubkey" or "eap-tls"'),
     ("pubkey without cert", BASE.replace('auth = "psk", id = "gw', 'auth = "pubkey", id = "gw'),
      "connections.rw.local.cert", "missing (required)"),
     ("pubkey unreadable cert",
@@ -809,7 +809,7 @@ def test_remote_crls_load_pem_and_der(tmp_path: Path, pki: Path) -> None:
     psk = BASE.replace('remote = { auth = "psk", id = "%any" }',
                        'remote = { auth = "psk", id = "%any", crls = ["x.crl"] }')
     assert load_error(write(tmp_path, psk)).endswith(
-        'connections.rw.remote.crls: only used with auth = "pubkey"')
+        'connections.rw.remote.crls: only used with auth = "pubkey" or "eap-tls"')
 
 
 def test_eap_users_and_their_secrets(tmp_path: Path, pki: Path) -> None:
@@ -834,7 +834,7 @@ def test_eap_users_and_their_secrets(tmp_path: Path, pki: Path) -> None:
             "connections.rw.local: EAP peers need the gateway to authenticate with a "
             'certificate (auth = "pubkey")',
         text.replace('eap_id = "*@example.test"', 'cacerts = ["pki/ca.pem"]'):
-            'connections.rw.remote.cacerts: only used with auth = "pubkey"',
+            'connections.rw.remote.cacerts: only used with auth = "pubkey" or "eap-tls"',
         text.replace('ids = ["carol@example.test"]', 'ids = ["%any"]'):
             "secrets.eap-carol.ids: an EAP secret needs the user's identity, not only %any",
         text.replace('secret = "c4rol"', 'secret = "0xff00"'):
@@ -843,6 +843,26 @@ def test_eap_users_and_their_secrets(tmp_path: Path, pki: Path) -> None:
     for bad, message in errors.items():
         assert load_error(write(tmp_path, bad)) == f"{tmp_path / 'node.toml'}: {message}"
 
+
+
+def test_eap_tls_users_need_our_certificate_and_the_cas_of_theirs(tmp_path: Path,
+                                                                   pki: Path) -> None:
+    text = PUBKEY.format(local='cert = "pki/gw.pem", key = "pki/gw.key"').replace(
+        'remote = { auth = "pubkey", id = "%any", cacerts = ["pki/ca.pem"] }',
+        'remote = { auth = "eap-tls", eap_id = "*.example.test", cacerts = ["pki/ca.pem"] }')
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    assert conn.remote.method == "eap-tls" and len(conn.remote.cacerts) == 1
+    assert conn.remote.eap_id.matches(parse_identity("client.example.test"))
+    errors = {
+        text.replace(', cacerts = ["pki/ca.pem"]', ''):
+            "connections.rw.remote.cacerts: missing (required)",
+        text.replace('local = { auth = "pubkey", cert = "pki/gw.pem", key = "pki/gw.key" }',
+                     'local = { auth = "psk", id = "gw" }'):
+            "connections.rw.local: EAP peers need the gateway to authenticate with a "
+            'certificate (auth = "pubkey")',
+    }
+    for bad, message in errors.items():
+        assert load_error(write(tmp_path, bad)) == f"{tmp_path / 'node.toml'}: {message}"
 
 
 def test_eap_radius_servers_follow_strongswans_eap_radius(
@@ -901,7 +921,7 @@ def test_eap_radius_servers_follow_strongswans_eap_radius(
             "another name",
         text.replace('remote = { auth = "eap-radius"', 'remote = { auth = "eap-radius", '
                      'cacerts = ["pki/ca.pem"]'):
-            'connections.rw.remote.cacerts: only used with auth = "pubkey"',
+            'connections.rw.remote.cacerts: only used with auth = "pubkey" or "eap-tls"',
     }
     for bad, message in errors.items():
         assert load_error(write(tmp_path, bad)) == f"{tmp_path / 'node.toml'}: {message}"
