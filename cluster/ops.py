@@ -100,7 +100,8 @@ def _ike_fields(record: Mapping[str, Any]) -> Row:
     nat_local, nat_remote, _ = record["nat"]
     return {
         "connection": _text(record["connection"]),
-        "state": "ESTABLISHED",  # only established SAs are persisted
+        # only established SAs are persisted, and those whose Delete is in flight
+        "state": "DELETING" if record.get("deleting") else "ESTABLISHED",
         "version": 2,
         "initiator": bool(record["initiator"]),
         "spi_i": _bytes(record["spi_i"]).hex(),

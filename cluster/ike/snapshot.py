@@ -113,6 +113,7 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
         "nat": [sa.nat_local, sa.nat_remote, sa.behind_nat],
         "fragmentation": sa.fragmentation,
         "mid_sync": sa.mid_sync,
+        "deleting": sa.state is State.DELETING,  # (what `sas` shows; `request` resumes it)
         "mobike": sa.mobike,
         "ppk": sa.ppk,
         "redirect": sa.redirect_supported,

@@ -111,6 +111,18 @@ async def test_sas_names_the_virtual_ips_of_an_sa() -> None:
     assert "  remote virtual IPs: 10.99.3.1" in format_sas(rows).splitlines()
 
 
+async def test_sas_shows_an_sa_whose_delete_is_in_flight_as_deleting() -> None:
+    gateway, _ = established()
+    gateway.delete_ike(1.0)
+    gateway.datagrams_to_send()
+    record = snapshot_of(gateway, 1.0)
+    store = MemoryStore()
+    await persist(store, record["spi_i"], blob_of(record))
+    [row] = await list_sas(store)
+    assert row["state"] == "DELETING"
+    assert f"rw: #{OWNER}, DELETING, IKEv2" in format_sas([row])
+
+
 async def test_sas_json_carries_the_same_information() -> None:
     _, record = established()
     store = MemoryStore()
