@@ -177,6 +177,14 @@ def _refuses_ike_sa_init(data: bytes) -> bool:
     )
 
 
+def peer_key(local_id: str, remote_id: str, eap_identity: str) -> tuple[str, str]:
+    """Whose SA it is, for INITIAL_CONTACT and `unique`: the identities, the peer's being
+    its EAP identity when it logged in with EAP, as strongSwan keys them (its
+    get_other_eap_id). Windows sends its own IP address as IKE identity, so users behind
+    different NATs may share one; each is still told apart by who logged in."""
+    return local_id, eap_identity or remote_id
+
+
 class Supervisor:
     def __init__(
         self,
@@ -563,8 +571,9 @@ class Supervisor:
         if sa is not None and sa.local_id is not None and sa.remote_id is not None:
             # so that INITIAL_CONTACT or `unique` on another SA of its peer reaches it
             # (and `keep` orders it by when its peer authenticated, not by the takeover)
-            self._register_identity(actor, (str(sa.local_id), str(sa.remote_id)),
-                                    sa.authenticated_at)
+            self._register_identity(
+                actor, peer_key(str(sa.local_id), str(sa.remote_id), sa.eap_identity),
+                sa.authenticated_at)
         if sa is not None and sa.connection is not None:
             self._deliver(IkeSaAdopted(
                 spi_i, spi_r, sa.connection.name, sa.local, sa.remote,
@@ -698,7 +707,7 @@ class Supervisor:
                 self._by_identity.pop(key, None)
 
     def _identified(self, actor: SaActor, event: IkeSaEstablished) -> None:
-        key = (event.local_id, event.remote_id)
+        key = peer_key(event.local_id, event.remote_id, event.eap_identity)
         unique = self._uniqueness.get(event.connection, "no")  # swanctl's `unique`
         # RFC 7296 2.4: with INITIAL_CONTACT the peer says it holds no other SA with us
         policy = INITIAL_CONTACT if event.initial_contact and unique != "never" else unique

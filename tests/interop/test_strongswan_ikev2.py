@@ -378,6 +378,45 @@ def test_an_eap_mschapv2_user_gets_in_and_a_wrong_password_does_not(
     assert_still_serves(initiator, initiator_conn, responder)
 
 
+def test_unique_tells_eap_users_apart_by_their_eap_identity(lab: Lab, pki: Pki) -> None:
+    """`unique` and INITIAL_CONTACT key an EAP user's SA by the EAP identity, as strongSwan
+    does (Windows sends its IP address as IKE identity, the same for users behind different
+    NATs). strongSwan logs in carol, then dave, with one IKE identity: under unique =
+    replace both stay. Carol again replaces her older SA, not dave's."""
+    initiator = lab.charon("initiator", settings={"reuse_ikesa": "no"})
+    users = (("carol", "Carol's pa55word"), ("dave", "Dave's pa55word"))
+    carol, responder_conn = _eap_user(pki, *users[0],
+                                      End("eap-mschapv2", "%any", eap_id="%any"))
+    responder_conn = replace(responder_conn, eap_users=users, node_extra={"unique": "replace"})
+    node = lab.node([responder_conn])
+
+    def login(name: str, user: tuple[str, str], subnet: str) -> Conn:
+        # (a part of the gateway's subnet each: strongSwan routes each into its TUN)
+        return replace(carol, name=name, eap_users=(user,),
+                       local=replace(carol.local, eap_id=user[0])).with_child(
+                           remote_ts=(subnet,))
+
+    dave, carol_again = login("dave", users[1], "10.99.2.128/25"), \
+        login("carol2", users[0], "10.99.2.64/26")
+    initiator.load(carol, dave, carol_again)
+    for name in ("rw", "dave"):
+        result = initiator.initiate("net", ike=name)
+        assert result.returncode == 0, result.stdout
+    time.sleep(1.0)  # (a replace would have deleted carol's SA by now)
+    sas = {sa["name"]: sa for sa in established(initiator)}
+    assert sorted(sas) == ["dave", "rw"], initiator.list_sas()
+    assert "reason=replaced" not in node.log_text(), node.log_text()
+
+    result = initiator.initiate("net", ike="carol2")
+    assert result.returncode == 0, result.stdout
+    deadline = time.monotonic() + 10
+    while sorted(sa["name"] for sa in established(initiator)) != ["carol2", "dave"]:
+        assert time.monotonic() < deadline, f"{initiator.list_sas()}\n{node.log_text()}"
+        time.sleep(0.2)
+    deleted = re.findall(r"IKE SA deleted: spi_i=(\w+) .*reason=replaced", node.log_text())
+    assert deleted == [sas["rw"]["initiator-spi"]], node.log_text()
+
+
 def test_unique_replace_deletes_the_older_sa_of_a_returning_peer(
     start_responder: StartResponder, lab: Lab
 ) -> None:
