@@ -14,6 +14,7 @@ import struct
 from ..errors import InternalAddressFailure, InvalidSyntax, ParseError
 from ..wire import Buffer
 from .constants import CfgType, ConfigAttribute
+from .identity import Identity, eap_identity_untrusted
 from .payloads import CpPayload, Payload, first_of
 from .policy import ConnectionConfig
 from .pools import Lease
@@ -45,6 +46,19 @@ def encode_attributes(attributes: list[tuple[int, bytes]]) -> bytes:
     return b"".join(_ATTRIBUTE.pack(kind, len(value)) + value for kind, value in attributes)
 
 
+def lease_identity(sa: IkeSa) -> Identity:
+    """Whose virtual IP it is (a pool gives an identity its earlier address again): the
+    EAP identity when the peer logged in with EAP, as strongSwan's pools key leases.
+    Windows sends its own IP address as IKE identity, the same for users behind
+    different NATs, who must not share one address."""
+    if sa.eap_identity:
+        eap = eap_identity_untrusted(sa.eap_identity.encode())
+        if eap is not None:
+            return eap
+    assert sa.remote_id is not None
+    return sa.remote_id
+
+
 def respond_config(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload]) -> list[Payload]:
     """The CFG_REPLY for the peer's CFG_REQUEST, leasing its virtual IPs to `sa`.
 
@@ -65,13 +79,13 @@ def respond_config(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload]) -
                 wanted.append(version)
     if not wanted:
         return []
-    assert sa.remote_id is not None
     leases: list[Lease] = []
     holder = sa.spi_i + sa.spi_r  # a shared pool's holder: these SPIs, through rekeys too
+    identity = lease_identity(sa)
     for version in wanted:  # any requested address is a hint we do not follow
         for pool in conn.pools:
             # (a shared pool may raise AddressPending)
-            lease = pool.offer(version, sa.remote_id, holder, sa.framed_addresses)
+            lease = pool.offer(version, identity, holder, sa.framed_addresses)
             if lease is not None:
                 leases.append(lease)
                 break

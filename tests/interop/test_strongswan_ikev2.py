@@ -378,17 +378,23 @@ def test_an_eap_mschapv2_user_gets_in_and_a_wrong_password_does_not(
     assert_still_serves(initiator, initiator_conn, responder)
 
 
-def test_unique_tells_eap_users_apart_by_their_eap_identity(lab: Lab, pki: Pki) -> None:
-    """`unique` and INITIAL_CONTACT key an EAP user's SA by the EAP identity, as strongSwan
-    does (Windows sends its IP address as IKE identity, the same for users behind different
-    NATs). strongSwan logs in carol, then dave, with one IKE identity: under unique =
-    replace both stay. Carol again replaces her older SA, not dave's."""
-    initiator = lab.charon("initiator", settings={"reuse_ikesa": "no"})
+def test_unique_and_pools_tell_eap_users_apart_by_their_eap_identity(lab: Lab,
+                                                                     pki: Pki) -> None:
+    """`unique`, INITIAL_CONTACT and address pools key an EAP user's SA by the EAP
+    identity, as strongSwan does (Windows sends its IP address as IKE identity, the same
+    for users behind different NATs). strongSwan logs in carol, then dave, with one IKE
+    identity: under unique = replace both stay, each with a virtual IP of its own. Carol
+    again replaces her older SA, not dave's, and gets her address back."""
+    initiator = lab.charon("initiator", settings={"reuse_ikesa": "no",
+                                                  "install_virtual_ip": "yes"})
     users = (("carol", "Carol's pa55word"), ("dave", "Dave's pa55word"))
     carol, responder_conn = _eap_user(pki, *users[0],
                                       End("eap-mschapv2", "%any", eap_id="%any"))
-    responder_conn = replace(responder_conn, eap_users=users, node_extra={"unique": "replace"})
-    node = lab.node([responder_conn])
+    responder_conn = replace(responder_conn, eap_users=users,
+                             node_extra={"unique": "replace", "pools": ["rw"]}
+                             ).with_child(remote_ts=())
+    node = lab.node([responder_conn], extra_toml='[pools.rw]\naddrs = "10.99.3.0/28"\n')
+    carol = replace(carol, extra={"vips": "0.0.0.0"}).with_child(local_ts=())
 
     def login(name: str, user: tuple[str, str], subnet: str) -> Conn:
         # (a part of the gateway's subnet each: strongSwan routes each into its TUN)
@@ -406,6 +412,8 @@ def test_unique_tells_eap_users_apart_by_their_eap_identity(lab: Lab, pki: Pki) 
     sas = {sa["name"]: sa for sa in established(initiator)}
     assert sorted(sas) == ["dave", "rw"], initiator.list_sas()
     assert "reason=replaced" not in node.log_text(), node.log_text()
+    vips = {name: sa.get("local-vips") for name, sa in sas.items()}
+    assert vips["rw"] and vips["dave"] and vips["rw"] != vips["dave"], vips
 
     result = initiator.initiate("net", ike="carol2")
     assert result.returncode == 0, result.stdout
@@ -415,6 +423,8 @@ def test_unique_tells_eap_users_apart_by_their_eap_identity(lab: Lab, pki: Pki) 
         time.sleep(0.2)
     deleted = re.findall(r"IKE SA deleted: spi_i=(\w+) .*reason=replaced", node.log_text())
     assert deleted == [sas["rw"]["initiator-spi"]], node.log_text()
+    again = {sa["name"]: sa.get("local-vips") for sa in established(initiator)}
+    assert again == {"carol2": vips["rw"], "dave": vips["dave"]}, again
 
 
 def test_unique_replace_deletes_the_older_sa_of_a_returning_peer(
