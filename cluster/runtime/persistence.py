@@ -382,6 +382,15 @@ class SaPersistence:
             if fence is not None:
                 await self._release(key, fence)
             return
+        pending = session.sa.pending
+        delay = 0.0
+        if pending is not None and all(callable(w) for w in self._loading.get(key, [])):
+            # Loaded for a command (a terminate, the worker's limit, a disconnect), not for
+            # a datagram a worker routed here: the workers' view of the responders may list
+            # the dead owner a while longer (each refreshes every third of a TTL, as ours),
+            # and the peer's answer to our request would be relayed there and lost.
+            delay = self.lease_ttl / 2
+            pending.deadline = now + delay
         actor = self._supervisor.adopt(session, now)
         if actor is None:
             await self._release(key, fence)
@@ -397,11 +406,10 @@ class SaPersistence:
             self._learn_worker(session.sa.remote, worker)
         self._sa_arrived(session)
         self.stats.takeovers += 1
-        pending = session.sa.pending
-        logger.info("took over IKE SA %s (owner was %s, fence %d): next message ID %d%s",
+        logger.info("took over IKE SA %s (owner was %s, fence %d): next message ID %d%s%s",
                     actor.label, stored.owner, fence, record["peer_next_id"],
                     f"; our request {pending.message_id} in flight goes again"
-                    if pending is not None else "")
+                    if pending is not None else "", f" in {delay:g} s" if delay else "")
         for waiting in self._loading.get(key, []):
             if callable(waiting):
                 waiting()
