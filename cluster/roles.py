@@ -227,7 +227,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                                 spi_in.hex())
 
             if not command(spi_in):  # not held here: load its IKE SA first
-                persistence.load_then(spi_i + spi_r, after_load)
+                persistence.load_then(spi_i + spi_r, after_load, routed=True)
 
         endpoint.on_child_limit = child_limit
         endpoint.on_child_traffic = accounting.child_traffic

@@ -161,6 +161,7 @@ class SaPersistence:
         self._held: dict[SaActor, _Held] = {}
         # SAs being loaded -> what waits for them: datagrams to route, or commands
         self._loading: dict[bytes, list[_Waiting]] = {}
+        self._routed: set[bytes] = set()  # loads a worker's routing asked for
         self._missing: dict[bytes, float] = {}
         self._nursery: trio.Nursery | None = None
         self.responders: Sequence[str] = ()  # the live responders, from membership
@@ -341,17 +342,23 @@ class SaPersistence:
         self._loading[key] = [(header, data, local, remote, now)]
         self._nursery.start_soon(self._load, key, name=f"load {key.hex()}")
 
-    def load_then(self, key: bytes, then: Callable[[], None]) -> None:
+    def load_then(self, key: bytes, then: Callable[[], None], *, routed: bool = False
+                  ) -> None:
         """Load the SA `key` if the store has it and its lease is free, then call `then`
-        (a command for its actor, e.g. a rekey the worker asked for)."""
+        (a command for its actor, e.g. a rekey the worker asked for). `routed`: a worker
+        sent the command here by its view of the responders, as it does datagrams."""
         queued = self._loading.get(key)
         if queued is not None:
             if len(queued) < QUEUED_PER_LOAD:
                 queued.append(then)
+                if routed:
+                    self._routed.add(key)
             return
         if self._nursery is None or len(self._loading) >= MAX_LOADS:
             return
         self._loading[key] = [then]
+        if routed:
+            self._routed.add(key)
         self._nursery.start_soon(self._load, key, name=f"load {key.hex()}")
 
     async def _load(self, key: bytes) -> None:
@@ -359,6 +366,7 @@ class SaPersistence:
             await self._take_over(key)
         finally:
             self._loading.pop(key, None)
+            self._routed.discard(key)
 
     async def _take_over(self, key: bytes) -> None:
         fence: int | None = None
@@ -384,13 +392,16 @@ class SaPersistence:
             return
         pending = session.sa.pending
         delay = 0.0
-        if pending is not None and all(callable(w) for w in self._loading.get(key, [])):
-            # Loaded for a command (a terminate, the worker's limit, a disconnect), not for
-            # a datagram a worker routed here: the workers' view of the responders may list
-            # the dead owner a while longer (each refreshes every third of a TTL, as ours),
-            # and the peer's answer to our request would be relayed there and lost.
+        routed = key in self._routed or not all(callable(w) for w in self._loading.get(key, []))
+        if not routed and stored.owner not in self.responders:
+            # The owner died, and we load its SA for a command (a terminate, a disconnect)
+            # rather than for what a worker routed here: the workers' view of the
+            # responders may list the dead owner a while longer (each refreshes every
+            # third of a TTL, as ours), and the peer's answer to a request of ours would
+            # be relayed there and lost. Our requests wait until they see it gone.
             delay = self.lease_ttl / 2
-            pending.deadline = now + delay
+            if pending is not None:
+                pending.deadline = now + delay
         actor = self._supervisor.adopt(session, now)
         if actor is None:
             await self._release(key, fence)
@@ -409,10 +420,12 @@ class SaPersistence:
         logger.info("took over IKE SA %s (owner was %s, fence %d): next message ID %d%s%s",
                     actor.label, stored.owner, fence, record["peer_next_id"],
                     f"; our request {pending.message_id} in flight goes again"
-                    if pending is not None else "", f" in {delay:g} s" if delay else "")
+                    if pending is not None else "",
+                    f"; loaded for a command, our requests wait {delay:g} s" if delay else "")
+        later: list[Callable[[], object]] = []
         for waiting in self._loading.get(key, []):
             if callable(waiting):
-                waiting()
+                later.append(waiting)
             else:
                 self._supervisor.route(*waiting)
         if session.sa.ids_unsure and session.sa.mid_sync:
@@ -421,8 +434,13 @@ class SaPersistence:
             # next request ID may be ahead of what it expects: RFC 6311 settles it (our
             # requests wait for it). After the peer's queued requests, so that it has
             # none in flight when the sync arrives.
-            actor.mailbox.put_nowait(lambda s, t: s.sync_message_ids(t))
+            later.append(lambda: actor.mailbox.put_nowait(lambda s, t: s.sync_message_ids(t)))
             self.stats.message_id_syncs += 1
+        if delay and later and self._nursery is not None:
+            self._nursery.start_soon(_call_later, delay, later)
+        else:
+            for call in later:
+                call()
 
     def _remember_missing(self, key: bytes) -> None:
         now = trio.current_time()
@@ -546,6 +564,12 @@ class SaPersistence:
                 continue  # our own request is in flight: finish it first
             held.handing_over = True
             self._supervisor.relinquish(actor)
+
+
+async def _call_later(delay: float, calls: list[Callable[[], object]]) -> None:
+    await trio.sleep(delay)
+    for call in calls:
+        call()
 
 
 def _message(kind: str, spi_in: bytes, *rest: Any) -> bytes:
