@@ -60,21 +60,14 @@ def parse_response_untrusted(data: bytes, identifier: int) -> tuple[int, bytes]:
     return data[4], data[5:]
 
 
-class EapMschapv2Server:
-    """One peer's EAP conversation: Identity, then MS-CHAPv2 challenge and success.
+class EapAuthenticator:
+    """What the methods share: EAP identifiers, the EAP-Identity request that starts the
+    conversation, the peer's identity and, once `done`, the MSK."""
 
-    `secret_of(identity)` gives the user's password, or None for an unknown user (who
-    still gets a challenge, so that the answer does not tell which users exist).
-    """
-
-    def __init__(self, rng: Random, secret_of: Callable[[bytes], bytes | None]) -> None:
-        self._rng = rng
-        self._secret_of = secret_of
+    def __init__(self, rng: Random) -> None:
         self._id = rng(1)[0]
         self._step = "identity"
         self.identity = b""
-        self._challenge = b""
-        self._password_hash: bytes | None = None
         self.msk: bytes | None = None
 
     def _request(self, eap_type: int, data: bytes) -> bytes:
@@ -87,6 +80,21 @@ class EapMschapv2Server:
     @property
     def done(self) -> bool:
         return self._step == "done"
+
+
+class EapMschapv2Server(EapAuthenticator):
+    """One peer's EAP conversation: Identity, then MS-CHAPv2 challenge and success.
+
+    `secret_of(identity)` gives the user's password, or None for an unknown user (who
+    still gets a challenge, so that the answer does not tell which users exist).
+    """
+
+    def __init__(self, rng: Random, secret_of: Callable[[bytes], bytes | None]) -> None:
+        super().__init__(rng)
+        self._rng = rng
+        self._secret_of = secret_of
+        self._challenge = b""
+        self._password_hash: bytes | None = None
 
     def process(self, data: bytes) -> bytes:
         """The next EAP packet for the peer's response `data`."""

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from OpenSSL import SSL
 
 from ..errors import AuthenticationFailed
-from .eap import Code, EapType, Random, packet, parse_response_untrusted
+from .eap import Code, EapAuthenticator, EapType, Random, packet, parse_response_untrusted
 
 EAP_TLS = 13
 FRAGMENT_SIZE = 1024  # TLS bytes per EAP-TLS request (strongSwan's eap-tls default)
@@ -67,35 +67,21 @@ def _context(cert: x509.Certificate, key: CertificateIssuerPrivateKeyTypes,
     return context
 
 
-class EapTlsServer:
+class EapTlsServer(EapAuthenticator):
     """One peer's EAP conversation: Identity, then EAP-TLS until the handshake is done."""
 
     def __init__(self, rng: Random, cert: x509.Certificate,
                  key: CertificateIssuerPrivateKeyTypes,
                  intermediates: Sequence[x509.Certificate], verify: Verify,
                  fragment_size: int = FRAGMENT_SIZE) -> None:
-        self._id = rng(1)[0]
+        super().__init__(rng)
         self._tls = SSL.Connection(_context(cert, key, tuple(intermediates)), None)
         self._tls.set_accept_state()
         self._verify = verify
         self._fragment_size = fragment_size
-        self._step = "identity"
         self._inbound = b""  # the peer's TLS bytes, while its fragments arrive
         self._outbound = b""  # our TLS bytes not sent yet
         self._rounds = 0
-        self.identity = b""
-        self.msk: bytes | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._step == "done"
-
-    def _request(self, eap_type: int, data: bytes) -> bytes:
-        self._id = (self._id + 1) & 0xFF
-        return packet(Code.REQUEST, self._id, eap_type, data)
-
-    def start(self) -> bytes:
-        return self._request(EapType.IDENTITY, b"")
 
     def process(self, data: bytes) -> bytes:
         """The next EAP packet for the peer's response `data`."""

@@ -137,13 +137,23 @@ def _verify_peer(sa: IkeSa, remote: RemoteAuth, peer_ident: Identity, id_type: i
         raise OcspPending(answers, asks, now)
     if may_wait and (missing := fetched.missing(points, now)):
         raise CrlPending(fetched, missing, now)
-    crls = remote.crls + fetched.of(remote.crl_uris + points)
-    verify_certificate_chain(cert, chain, remote.cacerts, now, crls,
-                             lambda c: answers.verdict(c, now))
+    _verify_chain(sa, remote, cert, chain, points, now)
     if not cert_matches_identity(cert, peer_ident):
         raise AuthenticationFailed(f"certificate does not contain identity {peer_ident}")
     key = cert.public_key()
     verify_auth(key, auth.method, auth.data, octets)  # type: ignore[arg-type]
+
+
+def _verify_chain(sa: IkeSa, remote: RemoteAuth, cert: x509.Certificate,
+                  chain: Sequence[x509.Certificate], points: tuple[str, ...],
+                  now: datetime) -> None:
+    """The peer's certificate chains to `remote`'s CAs and is not revoked by the CRLs we
+    have (configured, fetched from `remote`'s and the chain's distribution `points`) or
+    the OCSP answers at hand."""
+    answers = sa.policy.ocsp
+    crls = remote.crls + sa.policy.fetched_crls.of(remote.crl_uris + points)
+    verify_certificate_chain(cert, chain, remote.cacerts, now, crls,
+                             lambda c: answers.verdict(c, now))
 
 
 def auth_lifetime(sa: IkeSa) -> tuple[float, float]:
@@ -382,11 +392,8 @@ def _verify_tls_peer(sa: IkeSa, remote: RemoteAuth, cert: x509.Certificate,
     identity = eap_identity_untrusted(eap_identity)
     if identity is None or not remote.eap_id.matches(identity):
         raise AuthenticationFailed(f"EAP identity {eap_identity!r} is not allowed here")
-    fetched, answers = sa.policy.fetched_crls, sa.policy.ocsp
-    points = tuple(u for c in (cert, *chain) for u in crl_uris_of(c))
-    crls = remote.crls + fetched.of(remote.crl_uris + points)
-    verify_certificate_chain(cert, chain, remote.cacerts, now, crls,
-                             lambda c: answers.verdict(c, now))
+    _verify_chain(sa, remote, cert, chain,
+                  tuple(u for c in (cert, *chain) for u in crl_uris_of(c)), now)
     if not cert_matches_identity(cert, identity):
         raise AuthenticationFailed(f"certificate does not contain EAP identity {identity}")
 

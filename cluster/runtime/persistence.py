@@ -161,7 +161,8 @@ class SaPersistence:
         self._held: dict[SaActor, _Held] = {}
         # SAs being loaded -> what waits for them: datagrams to route, or commands
         self._loading: dict[bytes, list[_Waiting]] = {}
-        self._routed: set[bytes] = set()  # loads a worker's routing asked for
+        # loads a worker's routing asked for (a datagram, a Child SA limit)
+        self._routed: set[bytes] = set()
         self._missing: dict[bytes, float] = {}
         self._nursery: trio.Nursery | None = None
         self.responders: Sequence[str] = ()  # the live responders, from membership
@@ -330,6 +331,7 @@ class SaPersistence:
         if queued is not None:
             if len(queued) < QUEUED_PER_LOAD:
                 queued.append((header, data, local, remote, now))
+                self._routed.add(key)
             return
         until = self._missing.get(key)
         if until is not None and until > now:
@@ -340,6 +342,7 @@ class SaPersistence:
             self.stats.loads_limited += 1
             return
         self._loading[key] = [(header, data, local, remote, now)]
+        self._routed.add(key)
         self._nursery.start_soon(self._load, key, name=f"load {key.hex()}")
 
     def load_then(self, key: bytes, then: Callable[[], None], *, routed: bool = False
@@ -392,8 +395,7 @@ class SaPersistence:
             return
         pending = session.sa.pending
         delay = 0.0
-        routed = key in self._routed or not all(callable(w) for w in self._loading.get(key, []))
-        if not routed and stored.owner not in self.responders:
+        if key not in self._routed and stored.owner not in self.responders:
             # The owner died, and we load its SA for a command (a terminate, a disconnect)
             # rather than for what a worker routed here: the workers' view of the
             # responders may list the dead owner a while longer (each refreshes every
