@@ -41,7 +41,9 @@ FLAG_LENGTH, FLAG_MORE, FLAG_START = 0x80, 0x40, 0x20
 _LENGTH = struct.Struct("!I")
 
 # (the peer's certificate, the chain it sent after it, its EAP identity): raises
-# AuthenticationFailed unless the certificate is one this connection accepts
+# AuthenticationFailed unless the certificate is one this connection accepts, or a
+# Pending while revocation data it names is fetched (then `process` is called again
+# with the same response and checks again)
 Verify = Callable[[x509.Certificate, Sequence[x509.Certificate], bytes], None]
 
 
@@ -82,9 +84,15 @@ class EapTlsServer(EapAuthenticator):
         self._inbound = b""  # the peer's TLS bytes, while its fragments arrive
         self._outbound = b""  # our TLS bytes not sent yet
         self._rounds = 0
+        # the response whose completed handshake waits for the certificate check
+        self._unchecked: bytes | None = None
 
     def process(self, data: bytes) -> bytes:
         """The next EAP packet for the peer's response `data`."""
+        if self._unchecked is not None:
+            if data != self._unchecked:
+                raise AuthenticationFailed("EAP-TLS: a response while its certificate check waits")
+            return self._check()
         self._rounds += 1
         if self._rounds > MAX_ROUNDS:
             raise AuthenticationFailed("EAP-TLS: too many round trips")
@@ -112,9 +120,16 @@ class EapTlsServer(EapAuthenticator):
         if flags & FLAG_MORE:  # more of it to come: acknowledge this fragment
             return self._request(EAP_TLS, b"\x00")
         inbound, self._inbound = self._inbound, b""
-        return self._handshake(inbound)
+        if self._handshake(inbound):
+            self._unchecked = data
+            return self._check()
+        if not self._outbound:
+            raise AuthenticationFailed("EAP-TLS: the peer's message left us nothing to say")
+        return self._next_fragment(first=True)
 
-    def _handshake(self, inbound: bytes) -> bytes:
+    def _handshake(self, inbound: bytes) -> bool:
+        """Feed the peer's TLS bytes; our answer goes to `_outbound`. True when this
+        completed the handshake."""
         tls = self._tls
         tls.bio_write(inbound)
         try:
@@ -126,10 +141,15 @@ class EapTlsServer(EapAuthenticator):
             self._outbound = self._pending()  # (an alert, which we do not send)
             raise AuthenticationFailed(f"EAP-TLS: handshake failed: {_reason(exc)}") from None
         self._outbound = self._pending()
-        if complete and self.msk is None:
-            self._authenticated()
+        return complete and self.msk is None
+
+    def _check(self) -> bytes:
+        """The peer's certificate judged (a Pending leaves `_unchecked` for the call
+        again), then our last flight."""
+        self._authenticated()
+        self._unchecked = None
         if not self._outbound:
-            raise AuthenticationFailed("EAP-TLS: the peer's message left us nothing to say")
+            raise AuthenticationFailed("EAP-TLS: the handshake left us nothing to say")
         return self._next_fragment(first=True)
 
     def _pending(self) -> bytes:

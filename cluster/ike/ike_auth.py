@@ -129,15 +129,8 @@ def _verify_peer(sa: IkeSa, remote: RemoteAuth, peer_ident: Identity, id_type: i
         chain = [load_certificate_der_untrusted(c.data) for c in x509_certs[1:]]
     except ParseError as exc:
         raise AuthenticationFailed(f"peer certificate: {exc}") from None
-    fetched, answers, now = sa.policy.fetched_crls, sa.policy.ocsp, wall_clock()
-    points = tuple(u for c in (cert, *chain) for u in crl_uris_of(c))
-    queries = [(c, issuer, uris[0]) for c in (cert, *chain) if (uris := ocsp_uris_of(c))
-               for issuer in (*chain, *remote.cacerts) if issuer.subject == c.issuer]
-    if may_wait and (asks := answers.missing(queries, now)):
-        raise OcspPending(answers, asks, now)
-    if may_wait and (missing := fetched.missing(points, now)):
-        raise CrlPending(fetched, missing, now)
-    _verify_chain(sa, remote, cert, chain, points, now)
+    now = wall_clock()
+    _verify_chain(sa, remote, cert, chain, now, may_wait)
     if not cert_matches_identity(cert, peer_ident):
         raise AuthenticationFailed(f"certificate does not contain identity {peer_ident}")
     key = cert.public_key()
@@ -145,13 +138,21 @@ def _verify_peer(sa: IkeSa, remote: RemoteAuth, peer_ident: Identity, id_type: i
 
 
 def _verify_chain(sa: IkeSa, remote: RemoteAuth, cert: x509.Certificate,
-                  chain: Sequence[x509.Certificate], points: tuple[str, ...],
-                  now: datetime) -> None:
+                  chain: Sequence[x509.Certificate], now: datetime, may_wait: bool) -> None:
     """The peer's certificate chains to `remote`'s CAs and is not revoked by the CRLs we
-    have (configured, fetched from `remote`'s and the chain's distribution `points`) or
-    the OCSP answers at hand."""
-    answers = sa.policy.ocsp
-    crls = remote.crls + sa.policy.fetched_crls.of(remote.crl_uris + points)
+    have (configured, fetched from `remote`'s and the chain's distribution points) or
+    the OCSP answers at hand. `may_wait`: OcspPending or CrlPending first for the OCSP
+    answers and CRLs the certificates name that were not fetched yet."""
+    fetched, answers = sa.policy.fetched_crls, sa.policy.ocsp
+    points = tuple(u for c in (cert, *chain) for u in crl_uris_of(c))
+    if may_wait:
+        queries = [(c, issuer, uris[0]) for c in (cert, *chain) if (uris := ocsp_uris_of(c))
+                   for issuer in (*chain, *remote.cacerts) if issuer.subject == c.issuer]
+        if asks := answers.missing(queries, now):
+            raise OcspPending(answers, asks, now)
+        if missing := fetched.missing(points, now):
+            raise CrlPending(fetched, missing, now)
+    crls = remote.crls + fetched.of(remote.crl_uris + points)
     verify_certificate_chain(cert, chain, remote.cacerts, now, crls,
                              lambda c: answers.verdict(c, now))
 
@@ -387,13 +388,13 @@ def _verify_tls_peer(sa: IkeSa, remote: RemoteAuth, cert: x509.Certificate,
                      chain: Sequence[x509.Certificate], eap_identity: bytes,
                      now: datetime) -> None:
     """An EAP-TLS peer's certificate, checked as a pubkey peer's is (its CA, validity,
-    the CRLs and OCSP answers at hand: nothing is fetched mid-handshake), and its EAP
-    identity, which eap_id must allow and the certificate must contain."""
+    revocation: the exchange waits for the OCSP answers and CRLs it names that were not
+    fetched yet, see EapTlsServer), and its EAP identity, which eap_id must allow and
+    the certificate must contain."""
     identity = eap_identity_untrusted(eap_identity)
     if identity is None or not remote.eap_id.matches(identity):
         raise AuthenticationFailed(f"EAP identity {eap_identity!r} is not allowed here")
-    _verify_chain(sa, remote, cert, chain,
-                  tuple(u for c in (cert, *chain) for u in crl_uris_of(c)), now)
+    _verify_chain(sa, remote, cert, chain, now, may_wait=True)
     if not cert_matches_identity(cert, identity):
         raise AuthenticationFailed(f"certificate does not contain EAP identity {identity}")
 

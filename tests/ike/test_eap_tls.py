@@ -23,6 +23,7 @@ from cluster.ike.auth import verify_certificate_chain
 from cluster.ike.eap import Code, EapType, packet
 from cluster.ike.eap_tls import EAP_TLS, FLAG_LENGTH, FLAG_MORE, FLAG_START, EapTlsServer
 from cluster.ike.identity import cert_matches_identity, eap_identity_untrusted
+from cluster.ike.pending import Pending
 from tests.interop.certs import Credential, TestCa
 
 
@@ -162,6 +163,48 @@ def test_a_certificate_of_another_ca_or_without_the_eap_identity_fails(pki: Pki,
         Peer(pki.client, b"someone.example.test")
     with pytest.raises(AuthenticationFailed):
         converse(pki.server(), peer)
+
+
+class _Fetching(Pending):
+    """What ike_auth's check raises while a CRL the certificate names is downloaded."""
+
+
+def test_a_check_that_waits_for_revocation_data_runs_again_on_the_same_response(
+        pki: Pki) -> None:
+    """The certificate check may raise a Pending (a CRL or OCSP answer to fetch): the
+    session parks the IKE_AUTH and gives the server the same EAP response again, which
+    must check again (not feed TLS twice) and then send our last flight; any other
+    response meanwhile fails."""
+    outcomes: list[Exception | None] = [_Fetching(), None]
+    checks: list[x509.Certificate] = []
+
+    def verify(cert: x509.Certificate, chain: Sequence[x509.Certificate],
+               identity: bytes) -> None:
+        checks.append(cert)
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+        pki.verify(cert, chain, identity)
+
+    cert, key = pki.gw
+    server = EapTlsServer(os.urandom, cert, key, [], verify)  # type: ignore[arg-type]
+    peer = Peer(pki.client, b"client.example.test")
+    request = server.start()
+    waited = False
+    for _ in range(100):
+        response = peer.respond(request)
+        try:
+            request = server.process(response)
+        except _Fetching:
+            waited = True
+            with pytest.raises(AuthenticationFailed, match="check waits"):
+                server.process(response + b"x")  # (and changes nothing)
+            request = server.process(response)  # the session's resumed exchange
+        if request[0] != Code.REQUEST:
+            break
+    assert waited and checks == [pki.client[0], pki.client[0]]
+    assert request[0] == Code.SUCCESS and server.msk is not None
+    assert server.msk == peer.tls.export_keying_material(b"client EAP encryption", 64)
 
 
 def test_a_client_without_a_certificate_fails(pki: Pki) -> None:

@@ -838,6 +838,49 @@ def test_an_eap_tls_user_gets_in_with_a_certificate_of_our_ca_and_a_stranger_doe
     assert node.running()
 
 
+def test_an_eap_tls_certificate_waits_for_the_crl_it_names_and_a_revoked_one_fails(
+        lab: Lab, pki: Pki, tmp_path: Path) -> None:
+    """EAP-TLS checks revocation as pubkey peers do: a client certificate names a CRL
+    distribution point we have not fetched yet, so the IKE_AUTH that completes the TLS
+    handshake waits while the node downloads it. A certificate that CRL lists is refused
+    the first time already; one it does not list then gets in on the cached CRL."""
+    www = tmp_path / "www"
+    www.mkdir()
+    uri = f"http://{RESPONDER_V4}:8080/ca.crl"
+    revoked = pki.authority.issue("client.example.test", name="clienttls1", crl_uri=uri)
+    # (another name: strongSwan's EAP-TLS picks its certificate by identity, and it
+    # keeps the first one loaded)
+    good = pki.authority.issue("good.example.test", name="clienttls2", crl_uri=uri)
+    shutil.copy(pki.authority.revoke(revoked, stem="tlscdp"), www / "ca.crl")
+    _serve(lab, [sys.executable, "-m", "http.server", "8080", "--bind", RESPONDER_V4,
+                 "--directory", str(www)], 8080, tmp_path / "http.log")
+    initiator = lab.charon("initiator", plugins=PLUGINS.replace("eap-mschapv2",
+                                                                "eap-mschapv2 eap-tls"))
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=revoked, responder_cred=pki.gw_ecdsa)
+    initiator_conn = replace(initiator_conn, local=replace(initiator_conn.local,
+                                                           auth="eap-tls"))
+    responder_conn = replace(responder_conn, remote=End("eap-tls", "%any", eap_id="%any",
+                                                        cacerts=(pki.ca,)))
+    node = lab.node([responder_conn])
+    initiator.load(initiator_conn)
+
+    refused = initiator.initiate("net")
+    assert_not_established(refused, initiator)
+    assert "received AUTHENTICATION_FAILED notify error" in refused.stdout, refused.stdout
+    log = node.log_text()
+    assert re.search(rf"CRL {re.escape(uri)} fetched: .*, 1 revoked \(a certificate's "
+                     r"distribution point\)", log), log
+    assert re.search(r"\(serial [0-9a-f]+\) was revoked", log), log
+
+    initiator.load(replace(initiator_conn, local=replace(
+        initiator_conn.local, id="good.example.test", cert=good.cert, key=good.key)))
+    _assert_eap_established(initiator.initiate("net"), initiator, "EAP_TLS")
+    assert re.search(r"IKE SA established: rw .* eap_id=good\.example\.test",
+                     node.log_text()), node.log_text()
+    assert node.log_text().count(f"CRL {uri} fetched") == 1  # cached, not fetched again
+
+
 def test_eap_radius_carries_eap_tls_the_gateway_does_not_know(
         lab: Lab, pki: Pki, tmp_path: Path) -> None:
     """The point of a RADIUS back end: a method our node does not implement. strongSwan
