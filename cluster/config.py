@@ -1133,10 +1133,6 @@ class _Loader:
             if conn.ppk_required and not policy.has_ppk:
                 self.fail(_join(key, "ppk_required"),
                           "a PPK is required, but no [secrets.ppk-NAME] entry gives one")
-            if (conn.ppk_id is not None or conn.ppk_required) and \
-                    conn.remote.method in ("eap-mschapv2", "eap-tls", "eap-radius"):
-                self.fail(_join(key, "ppk_id" if conn.ppk_id is not None else "ppk_required"),
-                          "PPKs are not supported with EAP yet")
 
     def check_psk_secrets(self, policy: ResponderPolicy, addresses: tuple[str, ...]) -> None:
         """A psk connection without a secret it could ever use is a mistake, not a warning."""

@@ -59,6 +59,7 @@ from .payloads import (
     TsrPayload,
     first_of,
 )
+from .pending import Pending
 from .policy import ConnectionConfig, CrlPending, LocalAuth, RemoteAuth
 from .proposals import accept_response
 from .radius import EapRadiusServer, Station
@@ -242,6 +243,8 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
     sa.connection = chosen_conn
     sa.remote_id = peer_ident
     sa.local_id = _local_identity(sa, chosen_conn.local)
+    plain = sa.keys
+    assert plain is not None
     if mixed is not None:  # our AUTH, the Child SAs and rekeys all use the mixed keys
         sa.keys, sa.ppk = mixed, True
     response: list[Payload] = [IdrPayload(sa.local_id.id_type, sa.local_id.data)]
@@ -249,7 +252,7 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
                           sa.nonce_i)
     if mixed is not None:
         response.append(NotifyPayload(NotifyType.PPK_IDENTITY))
-    return _finish(sa, chosen_conn, payloads, response, rng), True
+    return _finish_keyed(sa, plain, chosen_conn, payloads, response, rng), True
 
 
 PPK_ID_OPAQUE, PPK_ID_FIXED = 1, 2  # RFC 8784 3: the PPK_ID types
@@ -302,6 +305,19 @@ def _our_ppk(sa: IkeSa) -> bytes | None:
 def _mixed(sa: IkeSa, ppk: bytes) -> IkeKeys:
     assert sa.chosen is not None and sa.chosen.prf is not None and sa.keys is not None
     return mix_ppk(sa.chosen.prf, ppk, sa.keys)
+
+
+def _finish_keyed(sa: IkeSa, plain: IkeKeys, chosen_conn: ConnectionConfig,
+                  payloads: list[Payload], response: list[Payload], rng: Random
+                  ) -> list[Payload]:
+    """`_finish`; when it parks the exchange (AddressPending: a shared pool's address),
+    the SA gets back its `plain` keys, the ones of IKE_SA_INIT, for the exchange's run
+    again to mix a PPK into once more."""
+    try:
+        return _finish(sa, chosen_conn, payloads, response, rng)
+    except Pending:
+        sa.keys, sa.ppk = plain, False
+        raise
 
 
 def _finish(sa: IkeSa, chosen_conn: ConnectionConfig, payloads: list[Payload],
@@ -408,24 +424,35 @@ def _continue_eap(sa: IkeSa, exchange: EapExchange, payloads: list[Payload],
     auth = first_of(payloads, AuthPayload)
     if auth is None or not server.done or server.msk is None:
         raise AuthenticationFailed("IKE_AUTH after EAP without the expected AUTH")
-    chosen, keys, conn = sa.chosen, sa.keys, sa.connection
-    assert chosen is not None and chosen.prf is not None and keys is not None
+    chosen, conn = sa.chosen, sa.connection
+    assert chosen is not None and chosen.prf is not None and sa.keys is not None
     assert conn is not None and sa.local_id is not None
+    # RFC 8784 3 with EAP (as strongSwan does it): PPK_IDENTITY and NO_PPK_AUTH come
+    # with the AUTH after EAP, and the PPK goes into these AUTHs only (our first AUTH
+    # was made before we knew it)
+    ppk = _ppk_for(sa, conn, _ppk_identity_untrusted(payloads) if sa.use_ppk else None)
+    keys = sa.keys if ppk is None else _mixed(sa, ppk)
+    no_ppk = notifies(payloads, NotifyType.NO_PPK_AUTH) if sa.use_ppk else []
+    peer_auth = no_ppk[0].data if ppk is None and no_ppk else auth.data
     # RFC 7296 2.16: both AUTH payloads are computed with the EAP method's MSK
     octets = signed_octets(sa.init_request, sa.nonce_r, chosen.prf, keys.sk_pi,
                            exchange.idi.id_type, exchange.idi.data)
-    if not verify_psk(chosen.prf, server.msk, octets, auth.data):
+    if not verify_psk(chosen.prf, server.msk, octets, peer_auth):
         raise AuthenticationFailed("AUTH with the EAP key does not verify")
     ours = signed_octets(sa.init_response, sa.nonce_i, chosen.prf, keys.sk_pr,
                          sa.local_id.id_type, sa.local_id.data)
     response: list[Payload] = [AuthPayload(AuthMethod.PSK,
                                            psk_auth_data(chosen.prf, server.msk, ours))]
+    plain = sa.keys
+    if ppk is not None:  # the Child SAs and rekeys use the mixed keys too
+        sa.keys, sa.ppk = keys, True
+        response.append(NotifyPayload(NotifyType.PPK_IDENTITY))
     sa.eap_identity = server.identity.decode("utf-8", errors="replace")
     if isinstance(server, EapRadiusServer):
         sa.framed_addresses, sa.radius_classes = server.addresses, server.classes
         sa.radius_attributes = server.config_attributes
         sa.session_timeout, sa.radius_interim = server.session_timeout, server.interim_interval
-    response = _finish(sa, conn, exchange.first_request, response, rng)  # AddressPending
+    response = _finish_keyed(sa, plain, conn, exchange.first_request, response, rng)
     sa.eap = None  # (after: a parked exchange runs this again)
     return response, True
 

@@ -14,17 +14,21 @@ from cluster.ike.events import IkeSaEstablished, IkeSaFailed
 from cluster.ike.identity import parse_identity_pattern
 from cluster.ike.keymat import IkeKeys, mix_ppk
 from cluster.ike.policy import ConnectionConfig, ResponderPolicy, SharedSecret
+from cluster.ike.pools import AddressPending, AddressPool, SharedPool
 from cluster.ike.session import IkeSession
 from cluster.ike.state import State
+from cluster.store import ClaimAddress, MemoryStore
 from cluster.transforms import PRF_ALGORITHMS
 from tests.ike.sessions import (
     CLIENT,
     GW,
+    child,
     client_for,
     drain,
     psk_connection,
     psk_policy,
     run_handshake,
+    transfer,
 )
 
 PPK = bytes(range(32))
@@ -35,13 +39,20 @@ def _with_ppks(policy: ResponderPolicy, *ppks: tuple[str, bytes]) -> ResponderPo
     return replace(policy, secrets=policy.secrets + extra)
 
 
-def _pair(gw: ConnectionConfig, client: ConnectionConfig, gw_ppks: tuple[tuple[str, bytes], ...],
-          client_ppks: tuple[tuple[str, bytes], ...]) -> tuple[IkeSession, IkeSession]:
+def _sessions(gw: ConnectionConfig, client: ConnectionConfig,
+              gw_ppks: tuple[tuple[str, bytes], ...],
+              client_ppks: tuple[tuple[str, bytes], ...]) -> tuple[IkeSession, IkeSession]:
     gw_policy = _with_ppks(psk_policy(gw), *gw_ppks)
     client_policy = _with_ppks(psk_policy(client, ids=("client.example.test", "%any")),
                                *client_ppks)
     initiator = IkeSession.initiator(client, client_policy, os.urandom(8), CLIENT, GW, 0.0)
     responder = IkeSession.responder(gw_policy, os.urandom(8), GW, CLIENT)
+    return initiator, responder
+
+
+def _pair(gw: ConnectionConfig, client: ConnectionConfig, gw_ppks: tuple[tuple[str, bytes], ...],
+          client_ppks: tuple[tuple[str, bytes], ...]) -> tuple[IkeSession, IkeSession]:
+    initiator, responder = _sessions(gw, client, gw_ppks, client_ppks)
     run_handshake(initiator, responder)
     return initiator, responder
 
@@ -150,3 +161,34 @@ def test_a_takeover_keeps_the_ppk_mark_and_the_mixed_keys() -> None:
     survivor = restore(record, _with_ppks(psk_policy(gw), ("pq-1", PPK)), 0.0)
     assert survivor.sa.ppk and survivor.sa.redirect_supported
     assert survivor.sa.keys == responder.sa.keys
+
+
+async def test_an_exchange_parked_for_a_shared_pool_mixes_the_ppk_in_once() -> None:
+    """In a cluster an IKE_AUTH that asks for an address waits for the store and then
+    runs again from the start: the PPK must be mixed into the keys of the IKE_SA_INIT,
+    not a second time into keys that already have it (the peer's AUTH would not verify)."""
+    store = MemoryStore()
+
+    async def claim(pool: str, size: int, holder: bytes, identity: bytes,
+                    ttl: float) -> int | None:
+        return await store.run(ClaimAddress(pool, size, holder, identity, ttl))
+
+    pool = SharedPool(AddressPool.parse("rw", "10.99.3.0/30"), claim, 3600.0)
+    gw = replace(psk_connection(children=(child(remote_ts="dynamic"),)), pools=(pool,))
+    client = replace(psk_connection(
+        local_id="client.example.test", remote_id="gw.example.test",
+        children=(child(local_ts="dynamic", remote_ts="10.99.2.0/24"),)),
+        vips=(4,), ppk_id=b"pq-1")
+    initiator, responder = _sessions(gw, client, (("pq-1", PPK),), (("pq-1", PPK),))
+    for sender, receiver in ((initiator, responder), (responder, initiator),
+                             (initiator, responder)):
+        transfer(sender, receiver)
+    pending = responder.pending
+    assert isinstance(pending, AddressPending)  # parked, nothing answered yet
+    assert await pool.fetch(pending.holder, pending.identity)
+    responder.resume(0.0)
+    run_handshake(initiator, responder)
+    assert responder.state is State.ESTABLISHED and initiator.state is State.ESTABLISHED
+    assert initiator.sa.ppk and responder.sa.ppk
+    assert initiator.sa.keys == responder.sa.keys
+    assert initiator.sa.own_vips == ("10.99.3.1",)

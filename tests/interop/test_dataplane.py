@@ -60,7 +60,7 @@ from tests.interop.lab import (
     WireCounters,
     conn_pair,
 )
-from tests.interop.sa_checks import algorithm, assert_initiated, child_sa
+from tests.interop.sa_checks import algorithm, assert_initiated, assert_not_established, child_sa
 
 pytestmark = pytest.mark.interop
 
@@ -1312,6 +1312,52 @@ def test_a_post_quantum_ppk_is_mixed_in_and_traffic_crosses(
         wait_for_log(node, r"CHILD SA deleted: net .* reason=deleted by peer")
         sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
         assert received == sent, output
+
+
+@pytest.mark.parametrize("case", ["shared", "responder lacks it", "required, user has none"])
+def test_a_ppk_is_mixed_in_for_an_eap_user_too(lab: Lab, initiator: Charon, pki: Pki,
+                                               case: str) -> None:
+    """RFC 8784 with EAP (strongSwan's way): an EAP-MSCHAPv2 user with an optional PPK
+    sends PPK_IDENTITY and NO_PPK_AUTH with its AUTH after EAP. With the PPK both final
+    AUTHs and the Child SA keys use it (strongSwan says so, our node marks the SA `ppk`,
+    pings cross); without it our node checks NO_PPK_AUTH and the SA comes up plain. A
+    connection with ppk_required refuses a user without a PPK."""
+    user = ("carol", "Carol's pa55word")
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa)
+    initiator_conn = replace(initiator_conn, eap_users=(user,),
+                             local=End("eap-mschapv2", "client.example.test", eap_id=user[0]))
+    if case != "required, user has none":
+        initiator_conn = replace(initiator_conn, ppks=(PPK,),
+                                 extra={"ppk_id": PPK[0], "ppk_required": "no"})
+    theirs = ("pq-2", PPK[1]) if case == "responder lacks it" else PPK
+    responder_conn = replace(responder_conn, eap_users=(user,), ppks=(theirs,),
+                             remote=End("eap-mschapv2", "%any", eap_id="%any"))
+    if case == "required, user has none":
+        responder_conn = replace(responder_conn, node_extra={"ppk_required": True})
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    initiator.load(initiator_conn)
+    result = initiator.initiate("net")
+    if case == "required, user has none":
+        assert_not_established(result, initiator)
+        assert "received AUTHENTICATION_FAILED notify error" in result.stdout, result.stdout
+        wait_for_log(node, r"IKE SA failed: .* reason=PPK required, but the peer does not "
+                           r"support PPK")
+        return
+    sa = assert_initiated(result, initiator)
+    assert "EAP method EAP_MSCHAPV2 succeeded, MSK established" in result.stdout, result.stdout
+    log = initiator.log_text()
+    established = rf"IKE SA established: rw spi_i={sa['initiator-spi']} .* eap_id=carol"
+    if case == "shared":
+        assert "using PPK for PPK_ID 'pq-1'" in log, log
+        wait_for_log(node, established + " .*ppk")
+    else:
+        assert "using PPK" not in log, log
+        wait_for_log(node, established)
+        assert " ppk" not in node.log_text()
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert received == sent, output
 
 
 def test_a_childless_ike_sa_gets_its_child_sa_by_create_child_sa(
