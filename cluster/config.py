@@ -14,6 +14,8 @@ import difflib
 import ipaddress
 import os
 import re
+import shlex
+import shutil
 import socket
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -979,7 +981,7 @@ class _Loader:
     def child(self, name: str, key: str, value: object, legacy: bool) -> ChildConfig:
         child = self.table(
             key, value, ("mode", "local_ts", "remote_ts", "esp_proposals", "start_action",
-                         "rekey_time", "life_time", "rand_time", "dpd_action")
+                         "rekey_time", "life_time", "rand_time", "dpd_action", "updown")
         )
         mode = child.string("mode", "tunnel")
         if mode not in ("tunnel", "transport"):
@@ -999,7 +1001,29 @@ class _Loader:
             "trap" if start_action == "trap" else "none",
             lifetime=self.lifetime(child, CHILD_REKEY_TIME),
             dpd_action=child.optional_string("dpd_action"),
+            updown=self.updown(child),
         )
+
+    def updown(self, child: _Table) -> str | None:
+        """A shell command line whose program exists and may be run (as swanctl's updown,
+        e.g. "/usr/local/sbin/vpn-updown iptables")."""
+        command = child.optional_string("updown")
+        if command is None:
+            return None
+        try:
+            words = shlex.split(command)
+        except ValueError as exc:
+            child.fail("updown", f"{command!r}: {exc}")
+        if not words:
+            child.fail("updown", "an empty command")
+        if "/" in words[0] and not words[0].startswith("/"):
+            child.fail("updown", f"{words[0]!r}: give the program's absolute path (or a "
+                       "name found in PATH)")
+        program = shutil.which(words[0])
+        if program is None:
+            child.fail("updown", f"{words[0]!r} is not an executable file"
+                       + ("" if "/" in words[0] else " in PATH"))
+        return command
 
     def traffic_selectors(self, child: _Table, name: str) -> tuple[TsConfig, ...]:
         texts = child.strings(name, ("dynamic",))

@@ -21,6 +21,7 @@ from .metrics import Metrics, serve_metrics
 from .runtime.radius_accounting import Accounting, Traffic
 from .runtime.radius_client import RadiusClient
 from .runtime.radius_dae import dae_server
+from .runtime.updown import Updown
 
 if TYPE_CHECKING:
     from .runtime.node import Node
@@ -96,9 +97,12 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
         plane.on_removed = lambda spi_in, ike, traffic: accounting.child_traffic(
             *(ike or (b"", b"")), spi_in, traffic)
 
+    updown = Updown(lambda: (node.config if node is not None else config).policy)
+
     def sink(event: Event) -> None:
         log_event(event)
         accounting.record(event)
+        updown.record(event)
         if plane is not None:
             plane.on_ike_event(event)
         if metrics is not None:
@@ -108,6 +112,7 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
         if plane is not None:
             await nursery.start(plane.run)
         await nursery.start(accounting.run)
+        await nursery.start(updown.run)
 
         async def responder(task_status: trio.TaskStatus[Node]) -> None:
             await run_node(config, event_sink=sink,

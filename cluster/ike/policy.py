@@ -101,6 +101,8 @@ class ChildConfig:
     lifetime: Lifetime = field(default_factory=lambda: Lifetime(3600.0))  # strongSwan: 1 h
     # swanctl's place for dpd_action (the config folds it into the connection's)
     dpd_action: str | None = None
+    # swanctl's updown: a shell command run as its Child SAs come up and go down
+    updown: str | None = None
 
 
 @dataclass(frozen=True)

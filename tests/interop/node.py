@@ -115,6 +115,8 @@ def render_node_config(
                 out.append(f"remote_ts = {_toml(child.remote_ts)}")
             if child.start_action != "none":
                 out.append(f"start_action = {_toml(child.start_action)}")
+            if child.updown is not None:
+                out.append(f"updown = {_toml(child.updown)}")
             for key, value in (("rekey_time", child.rekey_time),
                                ("life_time", child.life_time),
                                ("rand_time", child.rand_time)):

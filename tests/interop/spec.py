@@ -51,6 +51,7 @@ class Child:
     start_action: str = "none"  # "start": the side holding this child initiates it
     life_time: str | None = None  # strongSwan duration; default 1.1 x rekey_time
     rand_time: str | None = None  # strongSwan duration; default life_time - rekey_time
+    updown: str | None = None  # our node's updown command (charon's config leaves it out)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ ESTABLISHED and, in tunnel mode, the CHILD_SA INSTALLED with the expected cipher
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -21,7 +22,16 @@ import pytest
 from tests.interop.certs import Credential, Pki
 from tests.interop.charon import PLUGINS, Charon
 from tests.interop.freeradius import FreeRadius, Tls
-from tests.interop.lab import RESPONDER_V4, RESPONDER_V6, VETH, Conn, End, Lab, conn_pair
+from tests.interop.lab import (
+    INITIATOR_V4,
+    RESPONDER_V4,
+    RESPONDER_V6,
+    VETH,
+    Conn,
+    End,
+    Lab,
+    conn_pair,
+)
 from tests.interop.node import Node
 from tests.interop.responders import Responder, StartResponder, responder_kind
 from tests.interop.sa_checks import (
@@ -425,6 +435,58 @@ def test_unique_and_pools_tell_eap_users_apart_by_their_eap_identity(lab: Lab,
     assert deleted == [sas["rw"]["initiator-spi"]], node.log_text()
     again = {sa["name"]: sa.get("local-vips") for sa in established(initiator)}
     assert again == {"carol2": vips["rw"], "dave": vips["dave"]}, again
+
+
+def test_updown_runs_with_strongswans_variables_as_a_road_warriors_child_sa_comes_and_goes(
+        lab: Lab, pki: Pki, tmp_path: Path) -> None:
+    """A child's `updown` (swanctl's) runs when its Child SA comes up and when it goes,
+    with strongSwan's PLUTO_* variables: here an EAP user with a virtual IP, whose address
+    a script would let through a firewall. A Child SA rekey runs nothing; the user's
+    Delete runs "down"."""
+    initiator = lab.charon("initiator", settings={"install_virtual_ip": "yes"})
+    record = tmp_path / "updown.jsonl"
+    script = tmp_path / "updown"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os\n"
+        f"with open({str(record)!r}, 'a') as f:\n"
+        "    f.write(json.dumps({k: v for k, v in os.environ.items()\n"
+        "                        if k.startswith('PLUTO_')}) + '\\n')\n"
+        "print('firewall opened for', os.environ.get('PLUTO_PEER_SOURCEIP'))\n")
+    script.chmod(0o755)
+    user = ("carol", "Carol's pa55word")
+    initiator_conn, responder_conn = _eap_user(pki, *user,
+                                               End("eap-mschapv2", "%any", eap_id="%any"))
+    responder_conn = replace(responder_conn, eap_users=(user,), node_extra={"pools": ["rw"]}
+                             ).with_child(remote_ts=(), updown=f"{script} --verbose")
+    node = lab.node([responder_conn], extra_toml='[pools.rw]\naddrs = "10.99.3.0/28"\n')
+    initiator.load(replace(initiator_conn, extra={"vips": "0.0.0.0"}).with_child(local_ts=()))
+
+    sa = _assert_eap_established(initiator.initiate("net"), initiator, "EAP_MSCHAPV2")
+    (vip,) = sa["local-vips"]
+    deadline = time.monotonic() + 10
+    while not record.exists():
+        assert time.monotonic() < deadline, node.log_text()
+        time.sleep(0.1)
+    initiator.rekey(child="net")
+    while node.log_text().count("CHILD SA established: net ") < 2:
+        assert time.monotonic() < deadline, node.log_text()
+        time.sleep(0.1)
+    initiator.terminate_ike()
+    while len(record.read_text().splitlines()) < 2:
+        assert time.monotonic() < deadline, node.log_text()
+        time.sleep(0.1)
+    time.sleep(0.5)  # (nothing more comes)
+    up, down = (json.loads(line) for line in record.read_text().splitlines())
+    assert up["PLUTO_VERB"] == "up-client" and down == {**up, "PLUTO_VERB": "down-client"}
+    assert up["PLUTO_PEER_SOURCEIP"] == up["PLUTO_PEER_SOURCEIP4_1"] == vip, up
+    assert up["PLUTO_PEER_CLIENT"] == f"{vip}/32", up
+    assert up["PLUTO_MY_CLIENT"] == "10.99.2.0/24", up
+    assert (up["PLUTO_ME"], up["PLUTO_PEER"]) == (RESPONDER_V4, INITIATOR_V4), up
+    assert (up["PLUTO_MY_ID"], up["PLUTO_PEER_ID"], up["PLUTO_XAUTH_ID"]) == (
+        "gw.example.test", "client.example.test", "carol"), up
+    assert up["PLUTO_INTERFACE"] == VETH and up["PLUTO_CONNECTION"] == "net", up
+    assert f"updown: firewall opened for {vip}" in node.log_text()
 
 
 def test_unique_replace_deletes_the_older_sa_of_a_returning_peer(

@@ -418,6 +418,12 @@ def test_start_action_mistake_names_the_key(
     assert reason in message[len(prefix):], message
 
 
+def test_updown_is_a_command_line_of_a_program_that_exists(tmp_path: Path) -> None:
+    text = edit(('mode = "tunnel"\n', 'mode = "tunnel"\nupdown = "true --flag \'a b\'"\n'))
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    assert conn.children[0].updown == "true --flag 'a b'"  # the shell gets it as written
+
+
 def test_ppks_follow_swanctl(tmp_path: Path) -> None:
     text = edit(("version = 2\n", 'version = 2\nppk_id = "pq-1"\nppk_required = true\n'))
     config = load_config(write(tmp_path, text + '[secrets.ppk-1]\nids = ["pq-1"]\n'
@@ -611,6 +617,14 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
      "connections.rw.ppk_required", "a PPK is required, but no [secrets.ppk-NAME] entry gives"),
     ("a ppk for %any", BASE + '[secrets.ppk-1]\nids = ["%any"]\nsecret = "0x0102"\n',
      "secrets.ppk-1.ids", "a PPK is named by its PPK_IDs; %any names none"),
+    ("updown not found", edit(('mode = "tunnel"\n', 'mode = "tunnel"\nupdown = "/nowhere/x"\n')),
+     "connections.rw.children.net.updown", "'/nowhere/x' is not an executable file"),
+    ("updown not in PATH", edit(('mode = "tunnel"\n', 'mode = "tunnel"\nupdown = "no-such-x"\n')),
+     "connections.rw.children.net.updown", "'no-such-x' is not an executable file in PATH"),
+    ("updown relative", edit(('mode = "tunnel"\n', 'mode = "tunnel"\nupdown = "bin/x y"\n')),
+     "connections.rw.children.net.updown", "give the program's absolute path"),
+    ("updown empty", edit(('mode = "tunnel"\n', 'mode = "tunnel"\nupdown = " "\n')),
+     "connections.rw.children.net.updown", "an empty command"),
 ]
 
 
