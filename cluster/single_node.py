@@ -120,6 +120,7 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
                            esp_flush=plane.flush if plane is not None else None,
                            socket_mark=config.worker.mark if config.worker else None,
                            task_status=task_status)
+            await updown.stop()  # its Child SAs are gone: "down" for those still up
             nursery.cancel_scope.cancel()  # the node shut down: stop the pumps
 
         node = await nursery.start(responder)

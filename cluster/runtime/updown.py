@@ -37,6 +37,7 @@ from ..ike.traffic_selectors import TrafficSelector
 logger = logging.getLogger(__name__)
 
 TIMEOUT = 30.0  # seconds one run may take before it is killed
+STOP_WAIT = 10.0  # seconds the node's stop waits for the last runs
 QUEUE = 1024  # runs waiting at most; beyond, they are dropped and counted
 
 Address = tuple[str, int]
@@ -94,6 +95,7 @@ class Updown:
         self._unique_ids = 0
         self._reqids = 0
         self._send, self._receive = trio.open_memory_channel[_Run](QUEUE)
+        self._finished = trio.Event()
         self.stats = UpdownStats()
 
     # --- events ------------------------------------------------------------------------
@@ -170,6 +172,25 @@ class Updown:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         task_status.started()
+        try:
+            await self._runs()
+        finally:
+            self._finished.set()
+
+    async def stop(self, wait: float = STOP_WAIT) -> None:
+        """The node stops, and its Child SAs with it: "down" for each still up, as
+        strongSwan runs when it stops; then up to `wait` seconds for the runs queued."""
+        for child in list(self._children.values()):
+            self._queue(child, up=False)
+        self._children.clear()
+        self._send.close()
+        with trio.move_on_after(wait):
+            await self._finished.wait()
+        if not self._finished.is_set():
+            logger.warning("updown: stopped with %d runs not done",
+                           self._receive.statistics().current_buffer_used + 1)
+
+    async def _runs(self) -> None:
         async for run in self._receive:
             child = run.child
             if run.up:

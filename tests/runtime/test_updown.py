@@ -200,3 +200,33 @@ async def test_a_failing_or_hanging_command_is_counted_and_the_next_runs(
     missing = str(tmp_path / "gone")
     _, updown = await run([ike_up(), child_up(b"in-1")], missing)
     assert updown.stats.failed == 1  # the shell's "not found", exit 127
+
+
+async def test_a_stopping_node_runs_down_for_each_child_sa_still_up(tmp_path: Path) -> None:
+    """The node's Child SAs end with it (as when strongSwan stops): "down" for those
+    still up, after what was queued, within the stop's wait."""
+    command, record = script(tmp_path)
+    updown = Updown(lambda: policy(command), interface_of=lambda address: None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(updown.run)
+        for event in (ike_up(), child_up(b"in-1"), child_up(b"in-2"), child_down(b"in-2")):
+            updown.record(event)
+        await updown.stop()
+    runs = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [(r["PLUTO_VERB"], r["PLUTO_REQID"]) for r in runs] == [
+        ("up-client", "1"), ("up-client", "2"), ("down-client", "2"), ("down-client", "1")]
+    assert runs[0]["PLUTO_INTERFACE"] == "unknown"
+
+
+async def test_a_stop_waits_a_bounded_time(tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    command, _ = script(tmp_path, sleep=30)
+    updown = Updown(lambda: policy(command), interface_of=lambda address: None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(updown.run)
+        for event in (ike_up(), child_up(b"in-1")):
+            updown.record(event)
+        with trio.fail_after(5):
+            await updown.stop(wait=0.5)
+        nursery.cancel_scope.cancel()
+    assert "updown: stopped with 2 runs not done" in caplog.text
