@@ -85,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="every IKE SA whose remote identity or EAP user this is")
     terminate.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                            help="how long to wait for the SAs to leave the store (10)")
+    rekey = commands.add_parser(
+        "rekey", help="give IKE SAs, or Child SAs of them, new keys (swanctl --rekey)")
+    rekey.add_argument("--config", required=True, metavar="PATH",
+                       help="a node's TOML file (its [cluster] store, or a single node's id)")
+    which = rekey.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ike", metavar="SPI",
+                       help="the IKE SA with this SPI, or both (SPI_I/SPI_R) as `sas` shows")
+    which.add_argument("--id", metavar="IDENTITY",
+                       help="every IKE SA whose remote identity or EAP user this is")
+    rekey.add_argument("--child", metavar="NAME",
+                       help="rekey the Child SAs of this child instead of the IKE SAs")
+    rekey.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="how long to wait for the new SAs (10)")
     return parser
 
 
@@ -112,6 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return ops.terminate_command(args.config, ike=args.ike, identity=args.id,
                                          timeout=args.timeout)
+        if args.command == "rekey":
+            from . import ops
+
+            return ops.rekey_command(args.config, ike=args.ike, identity=args.id,
+                                     child=args.child, timeout=args.timeout)
         if args.command == "keygen":
             from .store import ClusterKey
 

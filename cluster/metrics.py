@@ -617,6 +617,9 @@ def _channel_families(stats: Mapping[str, int]) -> list[Metric]:
         CounterMetricFamily(PREFIX + "terminations_total",
                             "IKE SAs this responder deleted because `ike-cluster terminate`"
                             " asked.", stats.get("terminated", 0)),
+        CounterMetricFamily(PREFIX + "operator_rekeys_total",
+                            "IKE and Child SAs this responder started to rekey because"
+                            " `ike-cluster rekey` asked.", stats.get("rekeyed", 0)),
     ]
 
 

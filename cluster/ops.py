@@ -1,4 +1,4 @@
-"""The operations commands: `ike-cluster sas`, `nodes` and `terminate`, through the store.
+"""The operations commands `ike-cluster sas`, `nodes`, `terminate`, `rekey` (the store).
 
 `sas` lists every IKE SA the cluster has persisted, with its Child SAs, the way
 `swanctl --list-sas` does for one host. It reads only the clear part of each snapshot
@@ -12,7 +12,8 @@ anything a store could smuggle into a terminal (control characters) escaped.
 
 `terminate` picks SAs from that listing and asks the responders, on their channel
 (runtime/channel.py), to delete them; it reports each as terminated once its record has
-left the store.
+left the store. `rekey` asks the same way for new keys and reports each SA once the
+listing shows its successor.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .runtime.channel import (
     CLI_ORIGIN,
     RESPONDERS_CHANNEL,
     encode_redirect,
+    encode_rekey,
     encode_terminate,
     store_redirect,
 )
@@ -365,6 +367,119 @@ def terminate_command(config_path: str, *, ike: str | None = None,
     return EXIT_FAILURE if left else EXIT_OK
 
 
+def rekey_command(config_path: str, *, ike: str | None = None, identity: str | None = None,
+                  child: str | None = None, timeout: float = 10.0) -> int:
+    """`ike-cluster rekey --config PATH (--ike SPI | --id ID) [--child NAME] [--timeout S]`
+    (swanctl's `--rekey`): the IKE SAs chosen, or their Child SAs named `child`, get new
+    keys and SPIs; through the store in a cluster, the node's control socket otherwise."""
+    if ike is not None and _spis(ike) is None:
+        print(f"--ike {_safe(ike)}: not an IKE SPI (16 hex digits), nor both (SPI_I/SPI_R)",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    chosen = _chooser(ike, identity)
+    assert chosen is not None  # argparse asks for one of the two
+    target = _open(config_path)
+    if isinstance(target, int):
+        return target
+    if isinstance(target, str):  # a single node
+        answer = _ask(target, "rekey", ike=ike, id=identity, child=child, timeout=timeout)
+        if answer is None:
+            return EXIT_FAILURE
+        if "error" in answer:
+            print(f"node {target}: {answer['error']}", file=sys.stderr)
+            return EXIT_FAILURE
+        done, left = answer["rekeyed"], answer["left"]
+    else:
+        store = target
+
+        async def ask(row: Row, spi_in: bytes) -> None:
+            await store.publish(RESPONDERS_CHANNEL, encode_rekey(
+                CLI_ORIGIN, bytes.fromhex(row["spi_i"]), bytes.fromhex(row["spi_r"]), spi_in))
+
+        async def run() -> tuple[list[str], list[str]]:
+            try:
+                return await rekey(lambda: list_sas(store), ask, chosen, child, timeout)
+            finally:
+                await store.aclose()
+
+        try:
+            done, left = trio.run(run)
+        except StoreError as exc:
+            print(f"the cluster store failed: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    if not done and not left:
+        print("no IKE SA matches" if child is None else
+              f"no CHILD SA {_safe(child)} in the IKE SAs that match", file=sys.stderr)
+        return EXIT_FAILURE
+    for line in done:
+        print(line)
+    for line in left:
+        print(f"not rekeyed after {timeout:g} s: {line}", file=sys.stderr)
+    return EXIT_FAILURE if left else EXIT_OK
+
+
+async def rekey(rows: Callable[[], Awaitable[list[Row]]],
+                ask: Callable[[Row, bytes], Awaitable[None]], chosen: Callable[[Row], bool],
+                child: str | None, timeout: float, poll: float = 0.2
+                ) -> tuple[list[str], list[str]]:
+    """Ask for the rekeys (`ask(row, b"")` for an IKE SA, `ask(row, spi_in)` for a Child
+    SA) and watch the listing `rows` gives until each is done: (what was rekeyed, with
+    its new SPIs; what was not within `timeout` seconds)."""
+    before = [row for row in await rows() if chosen(row)]
+    asked: list[tuple[Row, Row | None]] = []
+    for row in before:
+        if child is None:
+            asked.append((row, None))
+        else:
+            asked += [(row, c) for c in row["children"] if c["name"] == child]
+    for row, old in asked:
+        await ask(row, b"" if old is None else bytes.fromhex(old["spi_in"]))
+    known = {row["key"] for row in await rows()}
+    done: dict[int, str] = {}
+    with trio.move_on_after(timeout):
+        while len(done) < len(asked):
+            now = await rows()
+            for n, (row, old) in enumerate(asked):
+                if n not in done and (text := _rekeyed(row, old, now, known)) is not None:
+                    done[n] = text
+            if len(done) < len(asked):
+                await trio.sleep(poll)
+    left = [_sa_text(row) if old is None else _child_text(row, old)
+            for n, (row, old) in enumerate(asked) if n not in done]
+    return [done[n] for n in sorted(done)], left
+
+
+def _rekeyed(row: Row, old: Row | None, now: Sequence[Row], known: set[str]) -> str | None:
+    """What to say once the IKE SA of `row` (or its Child SA `old`) has new SPIs; None
+    while it has not."""
+    if old is None:
+        if any(r["key"] == row["key"] for r in now):
+            return None
+        # its successor: a new record holding its Child SAs (or, childless, of the same
+        # connection and peer)
+        ours = {c["spi_in"] for c in row["children"]}
+        new = [r for r in now if r["key"] not in known
+               and (ours & {c["spi_in"] for c in r["children"]} if ours else
+                    (r["connection"], r["remote_id"]) == (row["connection"], row["remote_id"]))]
+        if not new:
+            return None
+        return f"rekeyed {_sa_text(row)}: now {new[0]['spi_i']}_i/{new[0]['spi_r']}_r"
+    holders = [r for r in now if any(c["spi_in"] == old["spi_in"] for c in r["children"])]
+    if holders:
+        return None
+    ours = {c["spi_in"] for c in row["children"]}
+    new = [c for r in now if r["key"] == row["key"] for c in r["children"]
+           if c["name"] == old["name"] and c["spi_in"] not in ours]
+    if not new:
+        return None
+    return f"rekeyed {_child_text(row, old)}: now {new[0]['spi_in']} (in)"
+
+
+def _child_text(row: Row, child: Row) -> str:
+    return (f"CHILD SA {_safe(child['name'])} {child['spi_in']} (in) of IKE SA "
+            f"{row['spi_i']}_i/{row['spi_r']}_r")
+
+
 def reload_command(config_path: str) -> int:
     """`ike-cluster reload --config PATH`: the node with that file's id reloads it."""
     try:
@@ -578,6 +693,22 @@ def control_handlers(node_id: str, supervisor: Supervisor,
                 await trio.sleep(0.05)
         return {"terminated": [r for r in picked if r not in left], "left": left}
 
+    async def rekey_here(request: Request) -> Answer:
+        chosen = _chooser(request.get("ike"), request.get("id"))
+        child = request.get("child")
+        if chosen is None or not isinstance(child, str | None):
+            return {"error": "name an IKE SA by SPI or identity (and a child by name)"}
+
+        async def listing() -> list[Row]:
+            return rows()
+
+        async def ask(row: Row, spi_in: bytes) -> None:
+            supervisor.rekey(bytes.fromhex(row["spi_i"]), bytes.fromhex(row["spi_r"]), spi_in)
+
+        done, left = await rekey(listing, ask, chosen, child,
+                                 float(request.get("timeout", 10.0)), poll=0.05)
+        return {"rekeyed": done, "left": left}
+
     async def redirect(request: Request) -> Answer:
         gateway = request.get("to")
         if not isinstance(gateway, str):
@@ -590,7 +721,7 @@ def control_handlers(node_id: str, supervisor: Supervisor,
             return {"error": str(exc)}
         return {"redirecting": gateway, "asked": moved, "unsupported": unable}
 
-    handlers: dict[str, Handler] = {"sas": sas, "terminate": terminate}
+    handlers: dict[str, Handler] = {"sas": sas, "terminate": terminate, "rekey": rekey_here}
     if reload is not None:
         handlers["reload"] = reload_handler(reload)
     if factory is not None:

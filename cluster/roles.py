@@ -182,33 +182,42 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
             factory.policy = persistence.policy = config.policy
             supervisor.set_uniqueness({c.name: c.unique for c in config.policy.connections})
 
-        async def terminate(spi_i: bytes, spi_r: bytes, limit: int | None) -> bool:
-            # `ike-cluster terminate`: the holder deletes it (or limits its service, a
-            # RADIUS CoA); an SA whose owner died is loaded by the responder rendezvous
-            # gives it to, once the dead owner's lease has run out (tried again until
-            # then), and deleted
-            deleted = trio.Event()
+        async def holder_does(spi_i: bytes, spi_r: bytes, act: Callable[[], bool]) -> bool:
+            # an operator's command for an IKE SA: its holder does `act`; an SA whose owner
+            # died is loaded by the responder rendezvous gives it to, once the dead owner's
+            # lease has run out (tried again until then), and acted on there
+            done = trio.Event()
 
-            def delete() -> None:
-                if supervisor.delete_ike(spi_i, spi_r) if limit is None else \
-                        supervisor.limit_session(spi_i, spi_r, limit):
-                    deleted.set()
+            def attempt() -> None:
+                if act():
+                    done.set()
 
             with trio.move_on_after(TERMINATE_PATIENCE * cluster.membership_ttl):
                 while True:
-                    delete()
-                    if deleted.is_set():
+                    attempt()
+                    if done.is_set():
                         return True
                     if persistence.ours_by_rendezvous(spi_i):
-                        persistence.load_then(spi_i + spi_r, delete)
+                        persistence.load_then(spi_i + spi_r, attempt)
                     with trio.move_on_after(TERMINATE_RETRY):
-                        await deleted.wait()
+                        await done.wait()
             return False
+
+        async def terminate(spi_i: bytes, spi_r: bytes, limit: int | None) -> bool:
+            # `ike-cluster terminate`: delete it (or limit its service, a RADIUS CoA)
+            return await holder_does(spi_i, spi_r, lambda: supervisor.delete_ike(
+                spi_i, spi_r) if limit is None else supervisor.limit_session(spi_i, spi_r,
+                                                                             limit))
+
+        async def rekey(spi_i: bytes, spi_r: bytes, child: bytes) -> bool:
+            # `ike-cluster rekey`
+            return await holder_does(spi_i, spi_r,
+                                     lambda: supervisor.rekey(spi_i, spi_r, child))
 
         channel = ResponderChannel(
             store, config.node_id, supervisor.replace_identity, terminate,
             lambda gateway, existing: redirect_node(supervisor, factory, gateway, existing),
-            keep=supervisor)
+            keep=supervisor, rekey=rekey)
         supervisor.on_identified = channel.identified
         metrics.watch_channel(channel.stats.as_dict)
         revocation = RevocationStats()

@@ -1,6 +1,6 @@
 """The responders' channel: a store stream every cluster responder follows.
 
-Two kinds of message travel on it.
+These kinds of message travel on it.
 
 "identity": one peer identity, one IKE SA, across the responders. A road warrior that
 comes back with INITIAL_CONTACT (RFC 7296 2.4) usually lands on another responder than
@@ -19,6 +19,9 @@ SPI, and the later one goes).
 new initiators to the gateway (RFC 5685) and, if asked, its established SAs too. The
 gateway is also kept in the store (`store_redirect`), so a responder that starts later
 redirects as well (`stored_redirect`).
+
+"rekey": `ike-cluster rekey` asks for an IKE SA or one of its Child SAs to be rekeyed
+(swanctl's `--rekey`), by the responder that holds it or loads it, as for "terminate".
 
 "terminate": `ike-cluster terminate` asks for an IKE SA to be deleted (swanctl's
 `--terminate`). The responder that holds it deletes it with a Delete to the peer; if
@@ -69,6 +72,8 @@ class KeepPolicy(Protocol):
 # may take a while (a dead owner's lease runs out first)
 # (spi_i, spi_r, None: delete it, or the seconds its service has left) -> found it
 Terminate = Callable[[bytes, bytes, int | None], Awaitable[bool]]
+# (SPIs, a Child SA's inbound SPI or b"" for the IKE SA) -> whether it was asked here
+Rekey = Callable[[bytes, bytes, bytes], Awaitable[bool]]
 
 
 @dataclass(slots=True)
@@ -79,6 +84,7 @@ class ChannelStats:
     malformed: int = 0  # messages on the channel that did not decode
     ended: int = 0  # SAs of ours that other responders' announcements ended
     terminated: int = 0  # IKE SAs this responder deleted for `ike-cluster terminate`
+    rekeyed: int = 0  # IKE or Child SAs this responder rekeyed for `ike-cluster rekey`
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -109,6 +115,20 @@ def encode_terminate(origin: str, spi_i: bytes, spi_r: bytes, limit: int | None 
     if limit is None:
         return _encode("terminate", origin, spi_i, spi_r)
     return _encode("terminate", origin, spi_i, spi_r, limit)
+
+
+def encode_rekey(origin: str, spi_i: bytes, spi_r: bytes, child: bytes = b"") -> bytes:
+    return _encode("rekey", origin, spi_i, spi_r, child)
+
+
+@dataclass(frozen=True)
+class Rekeying:
+    """Rekey the IKE SA, or with `child` (an inbound SPI) that Child SA of it."""
+
+    origin: str
+    spi_i: bytes
+    spi_r: bytes
+    child: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -150,11 +170,11 @@ class Refusal:
     spi_r: bytes
 
 
-def decode_untrusted(data: bytes
-                     ) -> Identity | Termination | Redirection | Kept | Refusal | None:
+def decode_untrusted(data: bytes) -> (Identity | Termination | Rekeying | Redirection | Kept
+                                      | Refusal | None):
     """An "identity" (origin, identities, policy, SPI; Kept for unique = "keep"), a
-    "refuse", a "terminate" (Termination) or a "redirect" message; None when it is none
-    of them."""
+    "refuse", a "terminate" (Termination), a "rekey" (Rekeying) or a "redirect" message;
+    None when it is none of them."""
     try:
         fields: Any = msgpack.unpackb(data, raw=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
@@ -168,6 +188,9 @@ def decode_untrusted(data: bytes
     if kind == "terminate" and len(rest) == 3 and _spis(*rest[:2]) \
             and isinstance(rest[2], int) and 0 <= rest[2] < 1 << 32:
         return Termination(origin, rest[0], rest[1], rest[2])
+    if kind == "rekey" and len(rest) == 3 and _spis(*rest[:2]) \
+            and isinstance(rest[2], bytes) and len(rest[2]) in (0, 4):
+        return Rekeying(origin, rest[0], rest[1], rest[2])
     if kind == "redirect" and len(rest) == 2 and isinstance(rest[0], str) \
             and len(rest[0]) < 256 and isinstance(rest[1], bool):
         return Redirection(origin, rest[0], rest[1])
@@ -217,11 +240,12 @@ class ResponderChannel:
     def __init__(self, store: StateStore, node_id: str, replace: Replace,
                  terminate: Terminate,
                  redirect: Callable[[str, bool], object] | None = None,
-                 keep: KeepPolicy | None = None) -> None:
+                 keep: KeepPolicy | None = None, rekey: Rekey | None = None) -> None:
         self.store = store
         self.node_id = node_id
         self._replace = replace
         self._terminate = terminate
+        self._rekey = rekey  # `ike-cluster rekey`
         self._redirect = redirect  # (gateway, existing): `ike-cluster redirect`
         self._keep = keep  # unique = "keep" (the supervisor)
         self.stats = ChannelStats()
@@ -267,6 +291,10 @@ class ResponderChannel:
             if self._nursery is not None:
                 self._nursery.start_soon(self._terminate_one, decoded)
             return
+        if isinstance(decoded, Rekeying):
+            if self._nursery is not None and self._rekey is not None:
+                self._nursery.start_soon(self._rekey_one, decoded)
+            return
         origin, key, policy, spi_r = decoded
         if origin == self.node_id:
             return
@@ -290,6 +318,14 @@ class ResponderChannel:
         elif self._keep.keep_identity(key, message.spi_r, message.since):
             self._queue(encode_refuse(self.node_id, key, message.spi_r), message.spi_r,
                         "refuse (unique = keep)")
+
+    async def _rekey_one(self, asked: Rekeying) -> None:
+        assert self._rekey is not None
+        if await self._rekey(asked.spi_i, asked.spi_r, asked.child):
+            self.stats.rekeyed += 1
+            what = f"CHILD SA {asked.child.hex()} (in) of " if asked.child else ""
+            logger.info("%sIKE SA %s_i/%s_r: rekey started (asked by %s)", what,
+                        asked.spi_i.hex(), asked.spi_r.hex(), asked.origin)
 
     async def _terminate_one(self, asked: Termination) -> None:
         if await self._terminate(asked.spi_i, asked.spi_r, asked.limit):

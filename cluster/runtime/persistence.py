@@ -323,9 +323,11 @@ class SaPersistence:
                       now: float) -> None:
         """The supervisor's hook for a datagram whose SPI routes nowhere here."""
         stats = self._supervisor.stats
-        if not header.is_initiator or self._nursery is None:
-            stats.dropped_no_sa += 1  # responders here never initiate: nothing to load
+        if self._nursery is None:
+            stats.dropped_no_sa += 1
             return
+        # (a peer's message, or its answer on an SA whose IKE rekey a responder started:
+        # the store keys both by the SPIs in the header)
         key = sa_key(header.spi_i, header.spi_r)
         queued = self._loading.get(key)
         if queued is not None:

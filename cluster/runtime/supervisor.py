@@ -345,9 +345,13 @@ class Supervisor:
         self, header: Header, data: bytes, local: Address, remote: Address, now: float
     ) -> None:
         if not header.is_initiator:
-            # From the original responder: an SA we initiated, our SPI is spi_i.
+            # From the original responder: an SA we initiated (or rekeyed: RFC 7296 2.18
+            # makes the rekey's initiator the new SA's), our SPI is spi_i.
             actor = self._initiated.get(header.spi_i)
             if actor is None:
+                if self.on_unknown_sa is not None:
+                    self.on_unknown_sa(header, data, local, remote, now)  # another node's SA?
+                    return
                 self.stats.dropped_no_sa += 1
                 return
         elif (
@@ -558,13 +562,20 @@ class Supervisor:
         here already (a racing load) or the supervisor is not running."""
         nursery = self._nursery
         spi_i, spi_r = session.spi_i, session.spi_r
-        if nursery is None or spi_r in self._actors:
-            return None
         sa = getattr(session, "sa", None)  # an IkeSession; test doubles may have none
+        # an SA whose IKE rekey we started has us as its initiator (RFC 7296 2.18): the
+        # peer's messages then carry the responder flag and find it by our SPI, spi_i
+        ours = sa is not None and sa.is_initiator
+        if nursery is None or (spi_i in self._initiated if ours else spi_r in self._actors):
+            return None
         remote: Address = sa.remote if sa is not None else NO_PEER
         actor = SaActor(session, spi_i, spi_r, (spi_i, remote), now, self.mailbox_size)
         actor.established = True
-        self._actors[spi_r] = actor
+        if ours:
+            self._initiated[spi_i] = actor
+            self._extra_routes.setdefault(actor, []).append(("i", spi_i))
+        else:
+            self._actors[spi_r] = actor
         for spi_in in sa.children if sa is not None else ():
             self._child_owner[spi_in] = actor
             self._children_of.setdefault(actor, set()).add(spi_in)
@@ -792,6 +803,17 @@ class Supervisor:
             if isinstance(session, IkeSession):
                 session.limit_session(seconds, now)
         return self.send_command(spi_i, spi_r, limit)
+
+    def rekey(self, spi_i: bytes, spi_r: bytes, child: bytes = b"") -> bool:
+        """Rekey that IKE SA, or with `child` (an inbound SPI) that Child SA of it (an
+        operator's rekey); False when the IKE SA is not here."""
+        def rekey(session: Session, now: float) -> None:
+            if isinstance(session, IkeSession):
+                if child:
+                    session.rekey_child(child, now)
+                else:
+                    session.rekey_ike(now)
+        return self.send_command(spi_i, spi_r, rekey)
 
     def holder_of(self, spi_i: bytes, spi_r: bytes) -> SaActor | None:
         """The actor of the IKE SA with exactly these SPIs now, if it runs here."""

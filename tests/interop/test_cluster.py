@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from cluster.rendezvous import choose
 from tests.interop.certs import Pki
 from tests.interop.charon import Charon
 from tests.interop.cluster_lab import NET, REDIS_HOST, ClusterLab, metric
@@ -621,7 +622,8 @@ def test_unique_keep_refuses_a_second_sa_on_the_other_responder() -> None:
 def test_terminate_deletes_an_sa_from_its_owner_or_after_the_owner_died() -> None:
     """`ike-cluster terminate` (swanctl's --terminate for the cluster): by identity, the
     owner deletes strongSwan's SA with a Delete; by SPI after kill -9 of the owner, the
-    survivor loads the SA from the store and deletes it the same way."""
+    survivor loads the SA from the store and deletes it the same way. `ike-cluster rekey`
+    goes the same way first: the Child SA, then the IKE SA, get new SPIs."""
     with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
         initiator, responder = conn_pair()
         charon, sa = _connect(lab, cluster, initiator, responder)
@@ -637,10 +639,27 @@ def test_terminate_deletes_an_sa_from_its_owner_or_after_the_owner_died() -> Non
                 assert time.monotonic() < deadline, f"{charon.log_text()}\n{cluster.logs()}"
                 time.sleep(0.2)
 
+        # `ike-cluster rekey` travels the same way: the owner rekeys the Child SA, then
+        # the IKE SA, and the command sees the new SPIs in the store
+        rekey = [sys.executable, "-m", "cluster", "rekey", "--config",
+                 str(cluster.responders[0].config_path), "--id", "client.example.test"]
+        result = cluster.responders[0].ns.run([*rekey, "--child", "net"], check=False)
+        assert result.returncode == 0, result.stdout + result.stderr + cluster.logs()
+        assert result.stdout.startswith(f"rekeyed CHILD SA net {child_sa(sa)['spi-out']} (in)")
+        result = cluster.responders[0].ns.run(rekey, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr + cluster.logs()
+        deadline = time.monotonic() + 10
+        while (now := established(charon)) and now[0]["initiator-spi"] == sa["initiator-spi"]:
+            assert time.monotonic() < deadline, charon.list_sas()
+            time.sleep(0.1)
+        assert f"now {now[0]['initiator-spi']}_i/{now[0]['responder-spi']}_r" in result.stdout
+        assert sum(metric(r.metrics(), "ike_cluster_operator_rekeys_total")
+                   for r in cluster.responders) == 2
+
         result = terminate(cluster.responders[0], "--id", "client.example.test")
         assert result.returncode == 0, result.stdout + result.stderr + cluster.logs()
-        assert f"terminated IKE SA rw {sa['initiator-spi']}_i/{sa['responder-spi']}_r" in \
-            result.stdout, result.stdout
+        assert f"terminated IKE SA rw {now[0]['initiator-spi']}_i/{now[0]['responder-spi']}_r" \
+            in result.stdout, result.stdout
         deleted(1)
         missing = terminate(cluster.responders[0], "--id", "client.example.test")
         assert missing.returncode == 1 and "no IKE SA" in missing.stderr, missing.stderr
@@ -666,6 +685,52 @@ def test_terminate_deletes_an_sa_from_its_owner_or_after_the_owner_died() -> Non
         report("cluster", "ike-cluster terminate: by identity from the owner, by SPI from "
                           "the survivor after the owner's kill -9; strongSwan got a Delete "
                           "each time")
+
+
+def test_an_sa_a_responder_rekeyed_lives_on_where_its_new_spi_leads() -> None:
+    """An IKE rekey our responder starts makes it the new SA's initiator (RFC 7296 2.18):
+    the SPI that routes the SA is then ours, and rendezvous hashing may give it to the
+    other responder, which takes it over. strongSwan's messages on it carry the responder
+    flag; that responder must load the SA for them and answer: here strongSwan rekeys
+    its Child SA there, and a ping crosses the new one."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        charon, sa = _connect(lab, cluster, initiator, responder)
+        ids = sorted(r.node_id for r in cluster.responders)
+        owner = cluster.responders[_owner(cluster, sa["responder-spi"]) - 1].node_id
+        rekey = [sys.executable, "-m", "cluster", "rekey", "--config",
+                 str(cluster.responders[0].config_path), "--id", "client.example.test"]
+        for _ in range(20):  # each rekey's new SPI hashes to either responder
+            result = cluster.responders[0].ns.run(rekey, check=False)
+            assert result.returncode == 0, result.stdout + result.stderr + cluster.logs()
+            deadline = time.monotonic() + 10
+            while (now := established(charon)) and now[0]["initiator-spi"] == \
+                    sa["initiator-spi"]:
+                assert time.monotonic() < deadline, charon.list_sas()
+                time.sleep(0.1)
+            sa = now[0]
+            if choose(bytes.fromhex(sa["initiator-spi"]), ids) != owner:
+                break
+        else:
+            raise AssertionError("20 rekeys and no new SPI hashed to the other responder")
+        taker = next(r for r in cluster.responders if r.node_id != owner)
+
+        def installed() -> str:  # strongSwan's Child SA in use (rekeyed ones linger)
+            children = established(charon)[0].get("child-sas", {}).values()
+            return next((c["spi-in"] for c in children if c["state"] == "INSTALLED"), "")
+
+        old_child = installed()
+        charon.rekey(child="net")
+        deadline = time.monotonic() + 15
+        while installed() in ("", old_child):
+            assert time.monotonic() < deadline, f"{charon.list_sas()}\n{cluster.logs()}"
+            time.sleep(0.2)
+        assert f"took over IKE SA {sa['initiator-spi']}_i/{sa['responder-spi']}_r" in \
+            taker.log_text(), cluster.logs()
+        sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+        assert received == sent, f"{out}\n{cluster.logs()}"
+        report("cluster", f"an SA rekeyed by {owner} went to {taker.node_id}, which answered "
+                          "strongSwan's Child SA rekey on it")
 
 
 def test_redirect_sends_the_clusters_peers_to_another_gateway() -> None:

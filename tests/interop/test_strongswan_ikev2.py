@@ -591,8 +591,8 @@ def test_sighup_reloads_secrets_while_the_established_sa_stays(
 def test_sas_terminate_and_reload_reach_a_single_node(lab: Lab, initiator: Charon) -> None:
     """The operations commands against `ike-cluster run` (its control socket, in the
     node's network namespace): `sas` lists strongSwan's SA with strongSwan's SPIs,
-    `reload` takes a new connection's secret, `terminate` deletes the SA with a Delete
-    strongSwan receives."""
+    `reload` takes a new connection's secret, `rekey` gives the Child SA and then the IKE
+    SA new SPIs, `terminate` deletes the SA with a Delete strongSwan receives."""
     initiator_conn, responder_conn = conn_pair()
     node = lab.node([responder_conn])
     initiator.load(initiator_conn)
@@ -614,11 +614,40 @@ def test_sas_terminate_and_reload_reach_a_single_node(lab: Lab, initiator: Charo
     assert reloaded.returncode == 0, reloaded.stderr
     assert "2 secret(s)" in reloaded.stdout, reloaded.stdout
 
+    # `rekey` (swanctl's --rekey): the Child SA, then the IKE SA, get new SPIs, which
+    # strongSwan shows; the command names them
+    def settled() -> dict[str, Any]:  # strongSwan's SA once the rekeyed ones are gone
+        deadline = time.monotonic() + 10
+        while True:
+            sas = established(initiator)
+            if len(sas) == 1 and len(sas[0].get("child-sas", {})) == 1:
+                return sas[0]
+            assert time.monotonic() < deadline, initiator.list_sas()
+            time.sleep(0.1)
+
+    old_child = child_sa(sa)
+    done = command("rekey", "--id", "client.example.test", "--child", "net")
+    assert done.returncode == 0, done.stdout + done.stderr
+    now = settled()
+    assert child_sa(now)["spi-out"] != old_child["spi-out"], now
+    assert done.stdout == (
+        f"rekeyed CHILD SA net {old_child['spi-out']} (in) of IKE SA "
+        f"{sa['initiator-spi']}_i/{sa['responder-spi']}_r: now {child_sa(now)['spi-out']} "
+        "(in)\n"), done.stdout
+    done = command("rekey", "--ike", sa["initiator-spi"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    now = settled()
+    assert now["initiator-spi"] != sa["initiator-spi"], now
+    assert f"{sa['initiator-spi']}_i/{sa['responder-spi']}_r, remote 'client.example.test'," \
+        f" owner gw1: now {now['initiator-spi']}_i/{now['responder-spi']}_r\n" in done.stdout
+    missing = command("rekey", "--id", "nobody.example.test")
+    assert missing.returncode == 1 and "no IKE SA matches" in missing.stderr, missing.stderr
+
     done = command("terminate", "--id", "client.example.test")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"terminated IKE SA rw {sa['initiator-spi']}_i/{sa['responder-spi']}_r" in \
+    assert f"terminated IKE SA rw {now['initiator-spi']}_i/{now['responder-spi']}_r" in \
         done.stdout, done.stdout
-    assert "received DELETE for IKE_SA rw[1]" in initiator.log_text()
+    assert "received DELETE for IKE_SA rw[2]" in initiator.log_text()
     assert established(initiator) == []
     assert command("sas").stdout == "no IKE SAs on node gw1\n", command("sas").stdout
 

@@ -14,11 +14,13 @@ from cluster.runtime.channel import (
     RESPONDERS_CHANNEL,
     Kept,
     Refusal,
+    Rekeying,
     ResponderChannel,
     Termination,
     decode_untrusted,
     encode_identity,
     encode_refuse,
+    encode_rekey,
     encode_terminate,
 )
 from cluster.store import MemoryStore
@@ -129,7 +131,8 @@ async def test_one_responders_announcement_reaches_the_others_not_itself() -> No
     assert calls == {"r1": [], "r2": [(KEY, "initial_contact", SPI)],
                      "r3": [(KEY, "initial_contact", SPI)]}
     stats = {n: a.stats.as_dict() for n, a in announcers.items()}
-    none = {"sent": 0, "received": 0, "lost": 0, "malformed": 1, "ended": 0, "terminated": 0}
+    none = {"sent": 0, "received": 0, "lost": 0, "malformed": 1, "ended": 0, "terminated": 0,
+            "rekeyed": 0}
     assert stats["r1"] == {**none, "sent": 1}
     assert stats["r2"] == {**none, "received": 1, "ended": 2}
     assert stats["r3"] == {**none, "received": 1}
@@ -204,6 +207,43 @@ async def test_a_terminate_request_reaches_every_responder_and_is_counted_where_
     assert asked == {"r1": [(SPI, SPI[::-1], None), (SPI, SPI[::-1], 300)],
                      "r2": [(SPI, SPI[::-1], None), (SPI, SPI[::-1], 300)]}
     assert (channels["r1"].stats.terminated, channels["r2"].stats.terminated) == (0, 2)
+
+
+def test_a_rekey_request_round_trips_and_junk_is_refused() -> None:
+    assert decode_untrusted(encode_rekey("@cli", SPI, SPI[::-1])) == Rekeying(
+        "@cli", SPI, SPI[::-1], b"")
+    assert decode_untrusted(encode_rekey("@cli", SPI, SPI[::-1], b"\xc1\x01\x02\x03")) == \
+        Rekeying("@cli", SPI, SPI[::-1], b"\xc1\x01\x02\x03")
+    for bad in ([1, "rekey", "@cli", SPI, SPI], [1, "rekey", "@cli", SPI, SPI, b"abc"],
+                [1, "rekey", "@cli", SPI, SPI[:7], b""], [1, "rekey", "@cli", SPI, SPI, "net"],
+                [1, "rekey", "@cli", SPI, SPI, b"", 1]):
+        assert decode_untrusted(msgpack.packb(bad)) is None, bad
+
+
+async def test_a_rekey_request_reaches_every_responder_and_is_counted_where_done() -> None:
+    store = MemoryStore()
+    asked: dict[str, list[tuple[bytes, bytes, bytes]]] = {"r1": [], "r2": []}
+
+    def rekeyer(node: str):  # type: ignore[no-untyped-def]
+        async def rekey(spi_i: bytes, spi_r: bytes, child: bytes) -> bool:
+            asked[node].append((spi_i, spi_r, child))
+            return node == "r2"
+        return rekey
+
+    async def never(spi_i: bytes, spi_r: bytes, limit: int | None) -> bool:
+        raise AssertionError("not a terminate")
+
+    channels = {n: ResponderChannel(store, n, lambda k, p, s: 0, never, rekey=rekeyer(n))
+                for n in asked}
+    async with trio.open_nursery() as nursery:
+        for channel in channels.values():
+            await nursery.start(channel.run)
+        await store.publish(RESPONDERS_CHANNEL, encode_rekey("@cli", SPI, SPI[::-1]))
+        await store.publish(RESPONDERS_CHANNEL, encode_rekey("@cli", SPI, SPI[::-1], b"cafe"))
+        await wait_for(lambda: len(asked["r1"]) == 2 and channels["r2"].stats.rekeyed == 2)
+        nursery.cancel_scope.cancel()
+    assert asked["r1"] == asked["r2"] == [(SPI, SPI[::-1], b""), (SPI, SPI[::-1], b"cafe")]
+    assert (channels["r1"].stats.rekeyed, channels["r2"].stats.rekeyed) == (0, 2)
 
 
 async def test_delete_ike_deletes_a_held_sa_with_a_delete_and_nothing_else(

@@ -108,6 +108,7 @@ CLUSTER = {
     "ike_cluster_identity_announcements": "counter",
     "ike_cluster_identity_replaced_ike_sas": "counter",
     "ike_cluster_terminations": "counter",
+    "ike_cluster_operator_rekeys": "counter",
 }
 # watch_revocation: every running node (single node and cluster responder)
 REVOCATION = {"ike_cluster_revocation_checks": "counter"}
@@ -274,6 +275,7 @@ def test_the_cluster_counters_are_published_and_move() -> None:
     failover.update(takeovers=7, takeover_failures=1, lease_held=6, persist_failures=2)
     identities.sent, identities.received, identities.lost = 8, 9, 1
     identities.malformed, identities.ended, identities.terminated = 2, 5, 3
+    identities.rekeyed = 4
     revocation.crl_fetched, revocation.ocsp_failed = 4, 1
     radius.answered, radius.timeouts, radius.retransmits, radius.invalid = 6, 1, 2, 3
     accounting.sent, accounting.failed, accounting.dropped = 9, 2, 1
@@ -305,6 +307,7 @@ def test_the_cluster_counters_are_published_and_move() -> None:
         assert value(samples, "ike_cluster_identity_announcements_total", event=event) == count
     assert value(samples, "ike_cluster_identity_replaced_ike_sas_total") == 5
     assert value(samples, "ike_cluster_terminations_total") == 3
+    assert value(samples, "ike_cluster_operator_rekeys_total") == 4
     assert value(samples, "ike_cluster_revocation_checks_total", source="crl", result="ok") == 4
     assert value(samples, "ike_cluster_revocation_checks_total", source="ocsp",
                  result="failed") == 1

@@ -1,0 +1,66 @@
+"""An IKE SA whose rekey a responder started has that responder as its initiator (RFC
+7296 2.18): the peer's messages then carry the responder flag and name the SA by our
+SPI. Another node that takes such an SA over (a hand-over: its new SPI hashes
+elsewhere; or its owner died) must load it for those messages and route them to it,
+as it does for SAs the peer initiated."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from cluster.ike.message import decode_untrusted
+from cluster.ike.session import IkeSession
+from cluster.ike.state import State
+from cluster.runtime.persistence import sa_key
+from tests.ike.sessions import drain, psk_pair, run_handshake
+from tests.runtime.test_takeover_resend import NodeB, node_b_after_a_died
+
+
+def _rekeyed_by_the_gateway() -> tuple[IkeSession, IkeSession]:
+    client, gateway = psk_pair()
+    run_handshake(client, gateway)
+    old = gateway.spi_i, gateway.spi_r
+    gateway.rekey_ike(1.0)
+    run_handshake(gateway, client)  # CREATE_CHILD_SA, then the old SA's Delete
+    assert (gateway.spi_i, gateway.spi_r) != old and gateway.sa.is_initiator
+    assert (client.spi_i, client.spi_r) == (gateway.spi_i, gateway.spi_r)
+    drain(gateway)
+    return client, gateway
+
+
+def _deliver(b: NodeB, sender: IkeSession) -> int:
+    """The peer's datagrams, as a worker relays them to node B."""
+    datagrams = sender.datagrams_to_send()
+    for d in datagrams:
+        header = decode_untrusted(d.data).header
+        b.supervisor.route(header, d.data, d.remote, d.local, trio.current_time())
+    return len(datagrams)
+
+
+async def test_the_peers_request_loads_an_sa_we_rekeyed_and_is_answered() -> None:
+    client, gateway = _rekeyed_by_the_gateway()
+    async with node_b_after_a_died(gateway, a_alive=True) as b:
+        assert client.check_liveness(2.0)
+        assert not decode_untrusted(client.sa.pending.data[0]).header.is_initiator  # type: ignore[union-attr]
+        assert _deliver(b, client) == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.supervisor.holder_of(gateway.spi_i, gateway.spi_r) is not None
+        assert len(b.sent) == 1  # the answer
+        client.receive_datagram_untrusted(b.sent[0][1], gateway.sa.remote, gateway.sa.local,
+                                          2.1)
+        assert client.sa.pending is None and client.state is State.ESTABLISHED
+
+
+async def test_a_terminate_of_an_sa_we_rekeyed_gets_the_peers_answer() -> None:
+    client, gateway = _rekeyed_by_the_gateway()
+    async with node_b_after_a_died(gateway, a_alive=True) as b:
+        b.persistence.load_then(sa_key(gateway.spi_i, gateway.spi_r),
+                                lambda: b.supervisor.delete_ike(gateway.spi_i, gateway.spi_r))
+        await trio.testing.wait_all_tasks_blocked()
+        (delete,) = [data for _, data in b.sent]
+        client.receive_datagram_untrusted(delete, gateway.sa.remote, gateway.sa.local, 2.0)
+        assert client.state is State.CLOSED
+        assert _deliver(b, client) == 1  # its answer, relayed to B
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.supervisor.holder_of(gateway.spi_i, gateway.spi_r) is None  # deleted
