@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from typing import TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from . import __version__
 from .config import LOG_LEVELS, NodeConfig, load_config
@@ -74,31 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--stop", action="store_true", help="answer new IKE SAs again")
     redirect.add_argument("--existing", action="store_true",
                           help="also ask the established IKE SAs to move there")
-    terminate = commands.add_parser(
-        "terminate", help="delete IKE SAs of the cluster (with a Delete to the peer)")
-    terminate.add_argument("--config", required=True, metavar="PATH",
-                           help="a node's TOML file (its [cluster] store, or a single node's id)")
-    which = terminate.add_mutually_exclusive_group(required=True)
-    which.add_argument("--ike", metavar="SPI",
-                       help="the IKE SA with this SPI, or both (SPI_I/SPI_R) as `sas` shows")
-    which.add_argument("--id", metavar="IDENTITY",
-                       help="every IKE SA whose remote identity or EAP user this is")
-    terminate.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                           help="how long to wait for the SAs to leave the store (10)")
-    rekey = commands.add_parser(
-        "rekey", help="give IKE SAs, or Child SAs of them, new keys (swanctl --rekey)")
-    rekey.add_argument("--config", required=True, metavar="PATH",
-                       help="a node's TOML file (its [cluster] store, or a single node's id)")
-    which = rekey.add_mutually_exclusive_group(required=True)
-    which.add_argument("--ike", metavar="SPI",
-                       help="the IKE SA with this SPI, or both (SPI_I/SPI_R) as `sas` shows")
-    which.add_argument("--id", metavar="IDENTITY",
-                       help="every IKE SA whose remote identity or EAP user this is")
+    _sa_command(commands, "terminate",
+                "delete IKE SAs of the cluster (with a Delete to the peer)",
+                "how long to wait for the SAs to leave the store (10)")
+    rekey = _sa_command(commands, "rekey",
+                        "give IKE SAs, or Child SAs of them, new keys (swanctl --rekey)",
+                        "how long to wait for the new SAs (10)")
     rekey.add_argument("--child", metavar="NAME",
                        help="rekey the Child SAs of this child instead of the IKE SAs")
-    rekey.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                       help="how long to wait for the new SAs (10)")
     return parser
+
+
+def _sa_command(commands: Any, name: str, what: str, wait: str) -> argparse.ArgumentParser:
+    """A command that acts on the IKE SAs `--ike` or `--id` name (`terminate`, `rekey`)."""
+    command: argparse.ArgumentParser = commands.add_parser(name, help=what)
+    command.add_argument("--config", required=True, metavar="PATH",
+                         help="a node's TOML file (its [cluster] store, or a single node's id)")
+    which = command.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ike", metavar="SPI",
+                       help="the IKE SA with this SPI, or both (SPI_I/SPI_R) as `sas` shows")
+    which.add_argument("--id", metavar="IDENTITY",
+                       help="every IKE SA whose remote identity or EAP user this is")
+    command.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help=wait)
+    return command
 
 
 def main(argv: Sequence[str] | None = None) -> int:

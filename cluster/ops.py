@@ -22,7 +22,7 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -53,6 +53,7 @@ from .store import StateStore, StoredSa, StoreError, open_store, peek_snapshot
 from .transforms import Esn
 
 Row = dict[str, Any]
+_T = TypeVar("_T")
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
@@ -329,15 +330,10 @@ def terminate_command(config_path: str, *, ike: str | None = None,
                       identity: str | None = None, timeout: float = 10.0) -> int:
     """`ike-cluster terminate --config PATH (--ike SPI | --id ID) [--timeout S]`: through
     the store in a cluster, through the node's control socket otherwise."""
-    if ike is not None and _spis(ike) is None:
-        print(f"--ike {_safe(ike)}: not an IKE SPI (16 hex digits), nor both (SPI_I/SPI_R)",
-              file=sys.stderr)
-        return EXIT_CONFIG
-    chosen = _chooser(ike, identity)
-    assert chosen is not None  # argparse asks for one of the two
-    target = _open(config_path)
-    if isinstance(target, int):
-        return target
+    picked = _pick(config_path, ike, identity)
+    if isinstance(picked, int):
+        return picked
+    chosen, target = picked
     if isinstance(target, str):  # a single node
         answer = _ask(target, "terminate", ike=ike, id=identity, timeout=timeout)
         if answer is None:
@@ -346,17 +342,10 @@ def terminate_command(config_path: str, *, ike: str | None = None,
     else:
         store = target
 
-        async def run() -> tuple[list[Row], list[Row]]:
-            try:
-                return await terminate(store, chosen, timeout)
-            finally:
-                await store.aclose()
-
-        try:
-            gone, left = trio.run(run)
-        except StoreError as exc:
-            print(f"the cluster store failed: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
+        outcome = _on_store(store, lambda: terminate(store, chosen, timeout))
+        if isinstance(outcome, int):
+            return outcome
+        gone, left = outcome
     if not gone and not left:
         print("no IKE SA matches", file=sys.stderr)
         return EXIT_FAILURE
@@ -367,11 +356,26 @@ def terminate_command(config_path: str, *, ike: str | None = None,
     return EXIT_FAILURE if left else EXIT_OK
 
 
-def rekey_command(config_path: str, *, ike: str | None = None, identity: str | None = None,
-                  child: str | None = None, timeout: float = 10.0) -> int:
-    """`ike-cluster rekey --config PATH (--ike SPI | --id ID) [--child NAME] [--timeout S]`
-    (swanctl's `--rekey`): the IKE SAs chosen, or their Child SAs named `child`, get new
-    keys and SPIs; through the store in a cluster, the node's control socket otherwise."""
+def _on_store(store: StateStore, work: Callable[[], Awaitable[_T]]) -> _T | int:
+    """`work`'s result, the store closed after it; or the exit status after saying the
+    store failed."""
+    async def run() -> _T:
+        try:
+            return await work()
+        finally:
+            await store.aclose()
+
+    try:
+        return trio.run(run)
+    except StoreError as exc:
+        print(f"the cluster store failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _pick(config_path: str, ike: str | None, identity: str | None
+          ) -> tuple[Callable[[Row], bool], StateStore | str] | int:
+    """What `terminate` and `rekey` act on: the chooser of the SAs `--ike`/`--id` name, and
+    the store or single node's id `_open` gives; or the exit status after saying why not."""
     if ike is not None and _spis(ike) is None:
         print(f"--ike {_safe(ike)}: not an IKE SPI (16 hex digits), nor both (SPI_I/SPI_R)",
               file=sys.stderr)
@@ -381,6 +385,18 @@ def rekey_command(config_path: str, *, ike: str | None = None, identity: str | N
     target = _open(config_path)
     if isinstance(target, int):
         return target
+    return chosen, target
+
+
+def rekey_command(config_path: str, *, ike: str | None = None, identity: str | None = None,
+                  child: str | None = None, timeout: float = 10.0) -> int:
+    """`ike-cluster rekey --config PATH (--ike SPI | --id ID) [--child NAME] [--timeout S]`
+    (swanctl's `--rekey`): the IKE SAs chosen, or their Child SAs named `child`, get new
+    keys and SPIs; through the store in a cluster, the node's control socket otherwise."""
+    picked = _pick(config_path, ike, identity)
+    if isinstance(picked, int):
+        return picked
+    chosen, target = picked
     if isinstance(target, str):  # a single node
         answer = _ask(target, "rekey", ike=ike, id=identity, child=child, timeout=timeout)
         if answer is None:
@@ -396,17 +412,11 @@ def rekey_command(config_path: str, *, ike: str | None = None, identity: str | N
             await store.publish(RESPONDERS_CHANNEL, encode_rekey(
                 CLI_ORIGIN, bytes.fromhex(row["spi_i"]), bytes.fromhex(row["spi_r"]), spi_in))
 
-        async def run() -> tuple[list[str], list[str]]:
-            try:
-                return await rekey(lambda: list_sas(store), ask, chosen, child, timeout)
-            finally:
-                await store.aclose()
-
-        try:
-            done, left = trio.run(run)
-        except StoreError as exc:
-            print(f"the cluster store failed: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
+        outcome = _on_store(store, lambda: rekey(lambda: list_sas(store), ask, chosen, child,
+                                                 timeout))
+        if isinstance(outcome, int):
+            return outcome
+        done, left = outcome
     if not done and not left:
         print("no IKE SA matches" if child is None else
               f"no CHILD SA {_safe(child)} in the IKE SAs that match", file=sys.stderr)

@@ -755,20 +755,29 @@ def _revoked_then_good(lab: Lab, initiator: Charon, pki: Pki, revoked: Credentia
     return node, log
 
 
+def _distribution_point(lab: Lab, pki: Pki, tmp_path: Path, stem: str, *,
+                        good_name: str = "client.example.test"
+                        ) -> tuple[str, Credential, Credential]:
+    """Two client certificates naming a CRL distribution point in the responder's
+    namespace (its URI first), whose CRL lists the first of them."""
+    www = tmp_path / "www"
+    www.mkdir()
+    uri = f"http://{RESPONDER_V4}:8080/ca.crl"
+    revoked = pki.authority.issue("client.example.test", name=f"{stem}1", crl_uri=uri)
+    good = pki.authority.issue(good_name, name=f"{stem}2", crl_uri=uri)
+    shutil.copy(pki.authority.revoke(revoked, stem=stem), www / "ca.crl")
+    _serve(lab, [sys.executable, "-m", "http.server", "8080", "--bind", RESPONDER_V4,
+                 "--directory", str(www)], 8080, tmp_path / "http.log")
+    return uri, revoked, good
+
+
 def test_a_crl_named_in_the_peers_certificate_is_fetched_before_it_is_accepted(
         lab: Lab, initiator: Charon, pki: Pki, tmp_path: Path) -> None:
     """A client certificate with a CRL distribution point (no CRL configured on our
     side): the first IKE_AUTH that shows it waits while the node downloads that CRL, so
     a revoked certificate is refused the first time already, and one the CRL does not
     list gets in, checked against the same (now cached) CRL."""
-    www = tmp_path / "www"
-    www.mkdir()
-    uri = f"http://{RESPONDER_V4}:8080/ca.crl"
-    revoked = pki.authority.issue("client.example.test", name="clientcdp1", crl_uri=uri)
-    good = pki.authority.issue("client.example.test", name="clientcdp2", crl_uri=uri)
-    shutil.copy(pki.authority.revoke(revoked, stem="cdp"), www / "ca.crl")
-    _serve(lab, [sys.executable, "-m", "http.server", "8080", "--bind", RESPONDER_V4,
-                 "--directory", str(www)], 8080, tmp_path / "http.log")
+    uri, revoked, good = _distribution_point(lab, pki, tmp_path, "cdp")
     node, log = _revoked_then_good(lab, initiator, pki, revoked, good)
     assert re.search(rf"CRL {re.escape(uri)} fetched: .*, 1 revoked \(a certificate's "
                      r"distribution point\)", log), log
@@ -887,23 +896,32 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
     assert_still_serves(initiator, initiator_conn, node)
 
 
-def test_an_eap_tls_user_gets_in_with_a_certificate_of_our_ca_and_a_stranger_does_not(
-        lab: Lab, pki: Pki) -> None:
-    """EAP-TLS in the gateway itself (RFC 5216; strongSwan's eap-tls plugin on both
-    sides): strongSwan's client certificate goes inside the TLS handshake carried in EAP,
-    in fragments both ways, and the MSK both derive from it makes the final AUTHs.
-    A certificate from a CA the connection does not list gets AUTHENTICATION_FAILED."""
+def _eap_tls_user(lab: Lab, pki: Pki, client: Credential, gateway: Credential
+                  ) -> tuple[Charon, Conn, Node]:
+    """strongSwan (with its eap-tls plugin) as an EAP-TLS user with `client`'s
+    certificate, our node accepting any of our CA's: the charon, its loaded connection,
+    the node."""
     initiator = lab.charon("initiator", plugins=PLUGINS.replace("eap-mschapv2",
                                                                 "eap-mschapv2 eap-tls"))
-    # RSA certificates: each side's TLS flight is past the 1024 bytes of one fragment
     initiator_conn, responder_conn = conn_pair(
-        ca=pki.ca, initiator_cred=pki.client_rsa, responder_cred=pki.gw_rsa)
+        ca=pki.ca, initiator_cred=client, responder_cred=gateway)
     initiator_conn = replace(initiator_conn, local=replace(initiator_conn.local,
                                                            auth="eap-tls"))
     responder_conn = replace(responder_conn, remote=End("eap-tls", "%any", eap_id="%any",
                                                         cacerts=(pki.ca,)))
     node = lab.node([responder_conn])
     initiator.load(initiator_conn)
+    return initiator, initiator_conn, node
+
+
+def test_an_eap_tls_user_gets_in_with_a_certificate_of_our_ca_and_a_stranger_does_not(
+        lab: Lab, pki: Pki) -> None:
+    """EAP-TLS in the gateway itself (RFC 5216; strongSwan's eap-tls plugin on both
+    sides): strongSwan's client certificate goes inside the TLS handshake carried in EAP,
+    in fragments both ways, and the MSK both derive from it makes the final AUTHs.
+    A certificate from a CA the connection does not list gets AUTHENTICATION_FAILED."""
+    # RSA certificates: each side's TLS flight is past the 1024 bytes of one fragment
+    initiator, initiator_conn, node = _eap_tls_user(lab, pki, pki.client_rsa, pki.gw_rsa)
 
     result = initiator.initiate("net")
     _assert_eap_established(result, initiator, "EAP_TLS")
@@ -935,26 +953,11 @@ def test_an_eap_tls_certificate_waits_for_the_crl_it_names_and_a_revoked_one_fai
     distribution point we have not fetched yet, so the IKE_AUTH that completes the TLS
     handshake waits while the node downloads it. A certificate that CRL lists is refused
     the first time already; one it does not list then gets in on the cached CRL."""
-    www = tmp_path / "www"
-    www.mkdir()
-    uri = f"http://{RESPONDER_V4}:8080/ca.crl"
-    revoked = pki.authority.issue("client.example.test", name="clienttls1", crl_uri=uri)
-    # (another name: strongSwan's EAP-TLS picks its certificate by identity, and it
-    # keeps the first one loaded)
-    good = pki.authority.issue("good.example.test", name="clienttls2", crl_uri=uri)
-    shutil.copy(pki.authority.revoke(revoked, stem="tlscdp"), www / "ca.crl")
-    _serve(lab, [sys.executable, "-m", "http.server", "8080", "--bind", RESPONDER_V4,
-                 "--directory", str(www)], 8080, tmp_path / "http.log")
-    initiator = lab.charon("initiator", plugins=PLUGINS.replace("eap-mschapv2",
-                                                                "eap-mschapv2 eap-tls"))
-    initiator_conn, responder_conn = conn_pair(
-        ca=pki.ca, initiator_cred=revoked, responder_cred=pki.gw_ecdsa)
-    initiator_conn = replace(initiator_conn, local=replace(initiator_conn.local,
-                                                           auth="eap-tls"))
-    responder_conn = replace(responder_conn, remote=End("eap-tls", "%any", eap_id="%any",
-                                                        cacerts=(pki.ca,)))
-    node = lab.node([responder_conn])
-    initiator.load(initiator_conn)
+    # (another name for the good one: strongSwan's EAP-TLS picks its certificate by
+    # identity, and it keeps the first one loaded)
+    uri, revoked, good = _distribution_point(lab, pki, tmp_path, "tlscdp",
+                                             good_name="good.example.test")
+    initiator, initiator_conn, node = _eap_tls_user(lab, pki, revoked, pki.gw_ecdsa)
 
     refused = initiator.initiate("net")
     assert_not_established(refused, initiator)
