@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from cluster import cli
+from cluster import cli, ops
 from cluster.ike.identity import parse_identity
 from cluster.ike.pools import AddressPool
 from cluster.ike.session import IkeSession
@@ -405,3 +405,43 @@ def test_terminate_reads_spis_as_sas_and_the_log_print_them() -> None:
     assert _spis(a + b) == (a, b)
     for bad in ("", "0011", a + "0", f"{a}/{b}/{a}", "zz" * 8):
         assert _spis(bad) is None, bad
+
+
+def _row(key: str, *children: tuple[str, str], remote: str = "client.example.test") -> dict[
+        str, Any]:
+    return {"key": key * 32, "spi_i": key * 16, "spi_r": "f" * 16, "connection": "rw",
+            "remote_id": {"text": remote}, "remote_eap_id": "", "owner": "gw1",
+            "children": [{"name": name, "spi_in": spi} for name, spi in children]}
+
+
+async def test_rekey_reports_each_sa_once_the_listing_shows_its_successor() -> None:
+    """`ike-cluster rekey` asks, then watches the listing: an IKE SA is rekeyed when its
+    record is gone and a new one holds its Child SAs; a Child SA when its IKE SA shows
+    another of the same child instead of it. One never rekeyed is reported as left."""
+    before = [_row("a", ("net", "0a0a0a0a"), ("web", "0b0b0b0b")), _row("c", ("net", "0c"))]
+    after_ike = [_row("d", ("net", "0a0a0a0a"), ("web", "0b0b0b0b")), before[1]]
+    listings = iter([before, before, before, after_ike])
+    asked: list[tuple[str, bytes]] = []
+
+    async def rows() -> list[dict[str, Any]]:
+        return next(listings, after_ike)
+
+    async def ask(row: dict[str, Any], spi_in: bytes) -> None:
+        asked.append((row["key"], spi_in))
+
+    chosen = ops._chooser("a" * 16, None)
+    assert chosen is not None
+    done, left = await ops.rekey(rows, ask, chosen, None, timeout=5, poll=0)
+    assert asked == [("a" * 32, b"")] and left == []
+    assert done == [f"rekeyed IKE SA rw {'a' * 16}_i/{'f' * 16}_r, remote "
+                    f"'client.example.test', owner gw1: now {'d' * 16}_i/{'f' * 16}_r"]
+
+    after_child = [_row("a", ("net", "0e0e0e0e"), ("web", "0b0b0b0b")), before[1]]
+    listings = iter([before, before, before, after_child])
+    by_identity = ops._chooser(None, "client.example.test")
+    assert by_identity is not None
+    done, left = await ops.rekey(rows, ask, by_identity, "net", timeout=0.3, poll=0)
+    assert asked[1:] == [("a" * 32, bytes.fromhex("0a0a0a0a")), ("c" * 32, bytes.fromhex("0c"))]
+    assert done == [f"rekeyed CHILD SA net 0a0a0a0a (in) of IKE SA {'a' * 16}_i/{'f' * 16}_r: "
+                    "now 0e0e0e0e (in)"]
+    assert left == [f"CHILD SA net 0c (in) of IKE SA {'c' * 16}_i/{'f' * 16}_r"]
