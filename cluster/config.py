@@ -981,7 +981,8 @@ class _Loader:
     def child(self, name: str, key: str, value: object, legacy: bool) -> ChildConfig:
         child = self.table(
             key, value, ("mode", "local_ts", "remote_ts", "esp_proposals", "start_action",
-                         "rekey_time", "life_time", "rand_time", "dpd_action", "updown")
+                         "rekey_time", "life_time", "rand_time", "dpd_action", "updown",
+                         "inactivity")
         )
         mode = child.string("mode", "tunnel")
         if mode not in ("tunnel", "transport"):
@@ -1002,7 +1003,14 @@ class _Loader:
             lifetime=self.lifetime(child, CHILD_REKEY_TIME),
             dpd_action=child.optional_string("dpd_action"),
             updown=self.updown(child),
+            inactivity=self.inactivity(child),
         )
+
+    def inactivity(self, child: _Table) -> float:
+        seconds = self.duration(child, "inactivity", 0.0)
+        if seconds and not 1.0 <= seconds < 1 << 32:
+            child.fail("inactivity", "between a second and 136 years (0: never)")
+        return seconds
 
     def updown(self, child: _Table) -> str | None:
         """A shell command line whose program exists and may be run (as swanctl's updown,

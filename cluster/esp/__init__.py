@@ -28,7 +28,7 @@ Choices worth knowing:
 """
 
 from .counters import EspDrop, SaCounters, SadCounters
-from .events import EspEvent, SaHardExpired, SaSequenceExhausted, SaSoftExpired
+from .events import EspEvent, SaHardExpired, SaIdle, SaSequenceExhausted, SaSoftExpired
 from .inbound import InboundSa
 from .outbound import OutboundSa
 from .params import Address, ChildSaParams
@@ -59,6 +59,7 @@ __all__ = [
     "ReplayWindow",
     "SaCounters",
     "SaHardExpired",
+    "SaIdle",
     "SaSequenceExhausted",
     "SaSoftExpired",
     "Sad",

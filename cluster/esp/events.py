@@ -36,4 +36,14 @@ class SaSequenceExhausted:
     spi_out: bytes
 
 
-EspEvent = SaSoftExpired | SaHardExpired | SaSequenceExhausted
+@dataclass(frozen=True, slots=True)
+class SaIdle:
+    """No packet either way for the Child SA's inactivity timeout (swanctl's
+    `inactivity`): delete it. Emitted once per SA, by the data plane's runtime."""
+
+    spi_in: bytes
+    spi_out: bytes
+    seconds: float
+
+
+EspEvent = SaSoftExpired | SaHardExpired | SaSequenceExhausted | SaIdle

@@ -104,8 +104,15 @@ def child_established(sa: IkeSa, child: ChildSa, replaces: bytes = b"") -> Child
         sa.spi_i, sa.spi_r, child.name, child.mode, child.spi_in, child.spi_out, chosen.encr,
         chosen.integ, chosen.esn == 1, key_in, int_in, key_out, int_out, child.local_ts,
         child.remote_ts, sa.local, sa.remote, encap=sa.nat, replaces=replaces,
-        we_initiated=child.we_initiated,
+        we_initiated=child.we_initiated, inactivity=_inactivity(sa, child.name),
     )
+
+
+def _inactivity(sa: IkeSa, name: str) -> float:
+    """The inactivity timeout of the SA's child `name` (0 when none, or it is gone)."""
+    conn = sa.connection
+    return next((c.inactivity for c in conn.children if c.name == name), 0.0) \
+        if conn is not None else 0.0
 
 
 def respond_child(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload],

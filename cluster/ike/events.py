@@ -98,6 +98,7 @@ class ChildSaEstablished:
     encap: bool = False  # ESP in UDP (RFC 3948)
     replaces: bytes = b""  # a rekey: spi_in of the Child SA this one takes over from
     we_initiated: bool = True  # whether we sent the request that created it
+    inactivity: float = 0.0  # its child's: seconds without traffic before it is deleted
 
 
 @dataclass(frozen=True, slots=True)

@@ -319,6 +319,7 @@ def child_record(event: ChildSaEstablished) -> Record:
         "remote_ts": [_ts(t) for t in event.remote_ts],
         "local": list(event.local), "remote": list(event.remote), "encap": event.encap,
         "replaces": event.replaces, "we_initiated": event.we_initiated,
+        "inactivity": event.inactivity,
     }
 
 
@@ -340,6 +341,7 @@ def child_event(record: Record) -> ChildSaEstablished:
             local=(str(local[0]), int(local[1])), remote=(str(remote[0]), int(remote[1])),
             encap=bool(record["encap"]), replaces=record["replaces"],
             we_initiated=bool(record["we_initiated"]),
+            inactivity=float(record.get("inactivity", 0.0)),  # (a record before it: none)
         )
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise ParseError(f"unusable Child SA record: {exc!r}") from None

@@ -27,6 +27,7 @@ from ..esp import (
     OutboundSa,
     Sad,
     SaHardExpired,
+    SaIdle,
     SaSequenceExhausted,
     SaSoftExpired,
     Selector,
@@ -73,6 +74,9 @@ TUN_HOLD_AFTER = 8
 # packets the peer sent on it before switching that arrive late (strongSwan's
 # charon.delete_rekeyed_delay, 5 s by default). It sends nothing in that time.
 REKEYED_LINGER = 5.0
+# How often Child SAs with an inactivity timeout are looked at (their counters): an idle
+# SA is deleted at most this much after its timeout.
+IDLE_CHECK = 1.0
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,10 @@ class DataPlane:
         # linger, its hard lifetime) with its IKE SA and what it carried: accounting
         self.on_removed: Callable[[bytes, tuple[bytes, bytes] | None, Traffic], None] | None \
             = None
+        # Child SAs with an inactivity timeout: spi_in -> [timeout, packets so far, when
+        # they last changed (by `clock`)]; an idle one leaves (SaIdle is emitted once)
+        self._idle: dict[bytes, list[float]] = {}
+        self._idle_added = trio.Event()
 
     @classmethod
     @contextlib.contextmanager
@@ -378,6 +386,8 @@ class DataPlane:
                     self.succeed(event.replaces, params, ike)
                 else:
                     self.install(params, ike)
+                if event.inactivity > 0:
+                    self.watch_idle(event.spi_in, event.inactivity)
             elif isinstance(event, IkeSaMoved):  # NAT rebinding or MOBIKE: ESP follows
                 ike = (event.spi_i, event.spi_r)
                 for spi_in, owner in self._ike_of.items():
@@ -540,6 +550,9 @@ class DataPlane:
         elif isinstance(event, SaHardExpired):
             logger.info("CHILD SA %s hard lifetime reached (%s): removed",
                         event.spi_in.hex(), event.reason)
+        elif isinstance(event, SaIdle):
+            logger.info("CHILD SA %s idle for %.0f s (inactivity): delete due",
+                        event.spi_in.hex(), event.seconds)
         elif isinstance(event, SaSequenceExhausted):
             logger.warning("CHILD SA %s sequence numbers exhausted: sending stopped",
                            event.spi_in.hex())
@@ -554,6 +567,7 @@ class DataPlane:
             for sock in self.esp_sockets.values():
                 nursery.start_soon(self._esp_pump, sock)
             nursery.start_soon(self._linger_timer)
+            nursery.start_soon(self._idle_watch)
             task_status.started()
 
     async def _linger_timer(self) -> None:
@@ -564,6 +578,39 @@ class DataPlane:
                 continue
             await trio.sleep(max(0.0, min(self._lingering.values()) - self.clock()))
             self.end_lingering()
+
+    async def _idle_watch(self) -> None:
+        while True:
+            if not self._idle:
+                self._idle_added = trio.Event()
+                await self._idle_added.wait()
+                continue
+            await trio.sleep(IDLE_CHECK)
+            self.check_idle()
+
+    def watch_idle(self, spi_in: bytes, timeout: float) -> None:
+        """Have the Child SA deleted (SaIdle) after `timeout` seconds without a packet
+        either way (swanctl's `inactivity`)."""
+        self._idle[spi_in] = [timeout, 0.0, self.clock()]
+        self._idle_added.set()
+
+    def check_idle(self) -> None:
+        """Emit SaIdle for each Child SA that carried no packet for its inactivity
+        timeout (then forget it); forget those gone from the SAD or rekeyed away."""
+        now = self.clock()
+        for spi_in, watched in list(self._idle.items()):
+            child = self.sad.get(spi_in)
+            if child is None or spi_in in self._lingering:
+                del self._idle[spi_in]
+                continue
+            timeout, seen, since = watched
+            counters = child.counters
+            packets = counters.packets_in + counters.packets_out
+            if packets != seen:
+                watched[1], watched[2] = packets, now
+            elif now - since >= timeout:
+                del self._idle[spi_in]
+                self.on_esp_event(SaIdle(spi_in, child.params.spi_out, now - since))
 
     async def _tun_pump(self, fd: int) -> None:
         tun = self.tun

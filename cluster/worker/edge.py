@@ -31,7 +31,7 @@ import msgpack
 import trio
 
 from ..errors import ParseError
-from ..esp import SaHardExpired, SaSequenceExhausted, SaSoftExpired
+from ..esp import SaHardExpired, SaIdle, SaSequenceExhausted, SaSoftExpired
 from ..ike.message import Header
 from ..ike.session import Address, Datagram
 from ..ike.snapshot import child_event
@@ -126,14 +126,16 @@ class ChildLimits:
     def on_esp_event(self, event: object) -> None:
         if isinstance(event, SaSoftExpired):
             hard = False
-        elif isinstance(event, SaHardExpired | SaSequenceExhausted):
-            hard = True
+        elif isinstance(event, SaHardExpired | SaSequenceExhausted | SaIdle):
+            hard = True  # (idle: a delete, as a hard limit asks)
         else:
             return
         spi_in = event.spi_in
+        reason = f"inactivity, {event.seconds:.0f} s" if isinstance(event, SaIdle) else \
+            getattr(event, "reason", "sequence")
         logger.info("Child SA %s reached its %s limit (%s); asking its responder to %s it",
-                    spi_in.hex(), "hard" if hard else "soft",
-                    getattr(event, "reason", "sequence"), "delete" if hard else "rekey")
+                    spi_in.hex(), "hard" if hard else "soft", reason,
+                    "delete" if hard else "rekey")
         self._pending[spi_in] = (hard, self.TRIES)
         self._send(spi_in)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import msgpack
 import pytest
 
@@ -117,6 +119,12 @@ def test_a_child_sa_record_gives_back_the_same_event_through_msgpack() -> None:
     broken = child_record(child) | {"encr": "rot13"}
     with pytest.raises(ParseError):
         child_event(broken)
+    # the child's inactivity timeout travels to the worker; a record without it has none
+    idle = replace(child, inactivity=600.0)
+    assert child_event(child_record(idle)) == idle
+    older = child_record(idle)
+    del older["inactivity"]
+    assert child_event(older) == child
 
 
 def _rekey_lost_with_its_owner(gateway: IkeSession) -> None:

@@ -117,6 +117,8 @@ def render_node_config(
                 out.append(f"start_action = {_toml(child.start_action)}")
             if child.updown is not None:
                 out.append(f"updown = {_toml(child.updown)}")
+            if child.inactivity is not None:
+                out.append(f"inactivity = {_toml(child.inactivity)}")
             for key, value in (("rekey_time", child.rekey_time),
                                ("life_time", child.life_time),
                                ("rand_time", child.rand_time)):

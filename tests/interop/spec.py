@@ -52,6 +52,7 @@ class Child:
     life_time: str | None = None  # strongSwan duration; default 1.1 x rekey_time
     rand_time: str | None = None  # strongSwan duration; default life_time - rekey_time
     updown: str | None = None  # our node's updown command (charon's config leaves it out)
+    inactivity: str | None = None  # our node's inactivity timeout (likewise)
 
 
 @dataclass(frozen=True)

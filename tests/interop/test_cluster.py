@@ -803,6 +803,25 @@ def test_a_workers_packet_limit_makes_the_responder_rekey_the_child_sa() -> None
                           f"{first_spi} -> {installed[0]['spi-in']}")
 
 
+def test_a_child_sa_idle_at_the_worker_is_deleted_by_its_responder() -> None:
+    """swanctl's `inactivity` in a cluster: the worker, which carries the traffic, sees the
+    Child SA idle for the timeout and asks the responder owning its IKE SA to delete it,
+    which does so with a Delete strongSwan receives; the IKE SA stays."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        charon, sa = _connect(lab, cluster, initiator, responder.with_child(inactivity="3s"))
+        sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+        assert received == sent, out + cluster.logs()
+        ours = child_sa(sa)["spi-out"]  # our inbound SPI
+        wait_for_charon_log(charon, f"received DELETE for ESP CHILD_SA with SPI {ours}")
+        worker = cluster.workers[0].log_text()
+        assert re.search(rf"Child SA {ours} reached its hard limit \(inactivity, \d+ s\)",
+                         worker), worker
+        (now,) = established(charon)
+        assert now["initiator-spi"] == sa["initiator-spi"] and not now.get("child-sas"), now
+        report("cluster", f"Child SA {ours} idle at the worker -> deleted by its responder")
+
+
 BLOCK_TABLE = "ikc_block"
 
 

@@ -1360,6 +1360,31 @@ def test_a_ppk_is_mixed_in_for_an_eap_user_too(lab: Lab, initiator: Charon, pki:
     assert received == sent, output
 
 
+def test_an_idle_child_sa_is_deleted_after_its_inactivity_timeout(
+        lab: Lab, initiator: Charon) -> None:
+    """swanctl's `inactivity` on our child: while pings cross (one every half second, for
+    twice the timeout) the Child SA stays; once nothing crosses for the timeout our node
+    deletes it with a Delete strongSwan receives, and the IKE SA stays up."""
+    initiator_conn, responder_conn = conn_pair()
+    responder_conn = responder_conn.with_child(inactivity="3s")
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    initiator.load(initiator_conn)
+    sa = assert_initiated(initiator.initiate("net"), initiator)
+    pings = lab.initiator.run(["ping", "-n", "-c", "12", "-i", "0.5", "-W", "1", "-I",
+                               INITIATOR_INNER_V4, RESPONDER_INNER_V4], check=False)
+    assert " 0% packet loss" in pings.stdout, pings.stdout + node.log_text()
+    assert "CHILD SA deleted" not in node.log_text(), node.log_text()
+    started = time.monotonic()
+    wait_for_log(node, rf"CHILD SA deleted: net .*spi_in={child_sa(sa)['spi-out']}")
+    waited = time.monotonic() - started
+    assert 2.0 <= waited <= 8.0, waited
+    assert re.search(r"idle for \d+ s \(inactivity\)", node.log_text()), node.log_text()
+    wait_for_charon_log(initiator, f"received DELETE for ESP CHILD_SA with SPI "
+                                   f"{child_sa(sa)['spi-out']}")
+    (now,) = established_sas(initiator)
+    assert now["initiator-spi"] == sa["initiator-spi"] and not now.get("child-sas"), now
+
+
 def test_a_childless_ike_sa_gets_its_child_sa_by_create_child_sa(
         lab: Lab, initiator: Charon) -> None:
     """RFC 6023 with strongSwan's `childless = force`: we announce the extension, its

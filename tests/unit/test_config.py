@@ -424,6 +424,14 @@ def test_updown_is_a_command_line_of_a_program_that_exists(tmp_path: Path) -> No
     assert conn.children[0].updown == "true --flag 'a b'"  # the shell gets it as written
 
 
+def test_inactivity_is_a_duration_and_off_by_default(tmp_path: Path) -> None:
+    (conn,) = load_config(write(tmp_path, BASE)).policy.connections
+    assert conn.children[0].inactivity == 0.0
+    text = edit(('mode = "tunnel"\n', 'mode = "tunnel"\ninactivity = "30m"\n'))
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    assert conn.children[0].inactivity == 1800.0
+
+
 def test_ppks_follow_swanctl(tmp_path: Path) -> None:
     text = edit(("version = 2\n", 'version = 2\nppk_id = "pq-1"\nppk_required = true\n'))
     config = load_config(write(tmp_path, text + '[secrets.ppk-1]\nids = ["pq-1"]\n'
@@ -625,6 +633,9 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
      "connections.rw.children.net.updown", "give the program's absolute path"),
     ("updown empty", edit(('mode = "tunnel"\n', 'mode = "tunnel"\nupdown = " "\n')),
      "connections.rw.children.net.updown", "an empty command"),
+    ("inactivity below a second",
+     edit(('mode = "tunnel"\n', 'mode = "tunnel"\ninactivity = 0.5\n')),
+     "connections.rw.children.net.inactivity", "between a second and 136 years (0: never)"),
 ]
 
 

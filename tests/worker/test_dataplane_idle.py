@@ -1,0 +1,64 @@
+"""swanctl's `inactivity`: a Child SA that carried no packet either way for its timeout
+is reported once (SaIdle, which has the responder delete it); traffic in either
+direction keeps it. Real SADs and ESP, a stand-in TUN (as in test_dataplane_linger)."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from cluster.esp import SaIdle
+from cluster.worker.dataplane import IDLE_CHECK
+
+from .test_dataplane_linger import IKE, NEW, OLD, Rig
+
+
+async def test_an_idle_child_sa_is_reported_once_and_traffic_either_way_keeps_it(
+        tun_pair: tuple[int, int], mock_clock: trio.testing.MockClock) -> None:
+    rig = Rig(*tun_pair)
+    events: list[object] = []
+    rig.plane.on_esp_event = events.append
+    rig.plane.watch_idle(OLD, 10.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rig.plane._idle_watch)
+        for _ in range(3):  # a packet in, then one out, 8 s apart: never 10 s idle
+            mock_clock.jump(8.0)
+            assert rig.deliver(rig.esp_on(rig.old))
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(IDLE_CHECK)
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(8.0)
+            rig.sent_on()
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(IDLE_CHECK)
+            await trio.testing.wait_all_tasks_blocked()
+        assert events == []
+        for _ in range(12):  # then nothing for 12 s
+            mock_clock.jump(IDLE_CHECK)
+            await trio.testing.wait_all_tasks_blocked()
+        assert len(events) == 1 and isinstance(events[0], SaIdle)
+        assert events[0].spi_in == OLD and events[0].spi_out == rig.old.spi_out
+        assert 10.0 <= events[0].seconds <= 10.0 + 2 * IDLE_CHECK
+        for _ in range(20):
+            mock_clock.jump(IDLE_CHECK)
+            await trio.testing.wait_all_tasks_blocked()
+        assert len(events) == 1  # once
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_rekeyed_away_or_removed_sa_is_not_reported(
+        tun_pair: tuple[int, int], mock_clock: trio.testing.MockClock) -> None:
+    rig = Rig(*tun_pair)
+    events: list[object] = []
+    rig.plane.on_esp_event = events.append
+    rig.plane.watch_idle(OLD, 2.0)
+    rig.plane.replace(OLD, rig.new, IKE)
+    rig.plane.delete(OLD)  # lingers: receives, sends nothing, no longer the one in use
+    assert OLD in rig.plane.lingering
+    mock_clock.jump(5.0)
+    rig.plane.check_idle()
+    rig.plane.watch_idle(NEW, 2.0)
+    rig.plane.delete(NEW)  # gone for good
+    mock_clock.jump(5.0)
+    rig.plane.check_idle()
+    assert events == []
