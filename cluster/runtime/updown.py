@@ -96,11 +96,15 @@ class Updown:
         self._reqids = 0
         self._send, self._receive = trio.open_memory_channel[_Run](QUEUE)
         self._finished = trio.Event()
+        self._policy_seen: ResponderPolicy | None = None
+        self._any_command = False
         self.stats = UpdownStats()
 
     # --- events ------------------------------------------------------------------------
 
     def record(self, event: Event) -> None:
+        if not (self._ike or self._children or self._configured()):
+            return  # (no child has a command: nothing to keep per SA)
         if isinstance(event, IkeSaEstablished):
             self._unique_ids += 1
             self._ike[event.spi_i + event.spi_r] = _Ike(self._unique_ids, event, event.local,
@@ -143,6 +147,15 @@ class Updown:
         child = _Child(key, event, command, self._reqids)
         self._children[event.spi_in] = child
         self._queue(child, up=True)
+
+    def _configured(self) -> bool:
+        """Whether any child of the configuration has an updown command."""
+        policy = self._policy()
+        if policy is not self._policy_seen:
+            self._policy_seen = policy
+            self._any_command = any(c.updown for conn in policy.connections
+                                    for c in conn.children)
+        return self._any_command
 
     def _command(self, connection: str, child: str) -> str | None:
         for conn in self._policy().connections:

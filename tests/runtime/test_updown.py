@@ -181,6 +181,8 @@ async def test_children_without_updown_and_sas_we_never_saw_run_nothing(
         child_up(b"in-r", replaces=b"in-unknown"),  # a rekey of one without updown
     ], command, record)
     assert runs == [] and updown.stats.runs == 0
+    _, updown = await run([ike_up(), child_up(b"in-1")], None)  # no child has a command
+    assert updown.stats.runs == 0 and not updown._ike  # nothing kept per SA either
 
 
 async def test_a_failing_or_hanging_command_is_counted_and_the_next_runs(
