@@ -181,7 +181,10 @@ def _successor(sa: IkeSa, *, is_initiator: bool, spi_i: bytes, spi_r: bytes,
                 leases=sa.leases, mobike=sa.mobike, reauth_at=sa.reauth_at,
                 own_vips=sa.own_vips, eap_identity=sa.eap_identity, ppk=sa.ppk,
                 session_timeout=sa.session_timeout, authenticated_at=sa.authenticated_at,
-                radius_classes=sa.radius_classes, radius_interim=sa.radius_interim)
+                radius_classes=sa.radius_classes, radius_interim=sa.radius_interim,
+                # what both announced goes on with the SA (as strongSwan's extensions do)
+                mid_sync=sa.mid_sync, redirect_supported=sa.redirect_supported,
+                original_initiator=sa.original_initiator)
     sa.leases = ()  # the successor holds the virtual IPs now
     new.children, sa.children = sa.children, {}
     sa.events.append(IkeSaRekeyed(sa.spi_i, sa.spi_r, spi_i, spi_r, is_initiator))

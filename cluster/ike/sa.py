@@ -127,6 +127,10 @@ class IkeSa:
     redirect_supported: bool = False  # the initiator announced REDIRECT_SUPPORTED (RFC 5685)
     redirect_to: str = ""  # send IKE_SA_INIT initiators to this gateway instead (RFC 5685 4)
     ppk: bool = False  # a post-quantum preshared key is mixed into SK_d, SK_pi, SK_pr
+    # we initiated the first IKE SA of this line (strongSwan's COND_ORIGINAL_INITIATOR):
+    # the client, not the gateway. Unlike is_initiator, a rekey does not change it (RFC
+    # 7296 2.18 makes whoever starts an IKE rekey the new SA's initiator)
+    original_initiator: bool = False
     reassembly: dict[bool, Reassembler] = field(default_factory=dict)  # by "is a response"
     fragment1_digest: bytes = b""  # of the request being reassembled (retransmission check)
 

@@ -210,7 +210,8 @@ class IkeSession:
                   local: Address, remote: Address, now: float, *,
                   initial_contact: bool = False, **kwargs: object) -> IkeSession:
         """`initial_contact`: tell the peer we hold no other SA with it (RFC 7296 2.4)."""
-        sa = IkeSa(policy, True, spi_i, bytes(8), local, remote, connection=connection,
+        sa = IkeSa(policy, True, spi_i, bytes(8), local, remote, original_initiator=True,
+                   connection=connection,
                    initial_contact=initial_contact)
         session = cls(sa, **kwargs)  # type: ignore[arg-type]
         session._send_init(connection.proposals[0].dh[0], b"", now)
@@ -415,7 +416,8 @@ class IkeSession:
         """Ask the peer to move to `gateway` (RFC 5685 6: it sets up a new IKE SA there
         and deletes this one); False unless it announced REDIRECT_SUPPORTED."""
         sa = self._sa
-        if not sa.redirect_supported or sa.state is not State.ESTABLISHED or sa.is_initiator:
+        if not sa.redirect_supported or sa.state is not State.ESTABLISHED \
+                or sa.original_initiator:
             return False
         sa.queue.append(Redirect(redirect_data(gateway)))
         self._kick(sa, now)
@@ -428,7 +430,7 @@ class IkeSession:
         RFC 4478 3) and the SA is deleted at it unless it did; at least ten seconds are
         left for that. False unless this is an established SA we responded to."""
         sa = self._sa
-        if sa.state is not State.ESTABLISHED or sa.is_initiator:
+        if sa.state is not State.ESTABLISHED or sa.original_initiator:
             return False
         told, deadline = session_limit(seconds)
         sa.reauth_at = now + max(deadline, 10)

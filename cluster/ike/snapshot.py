@@ -104,6 +104,7 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
     return {
         "v": SCHEMA_VERSION,
         "initiator": sa.is_initiator,
+        "client": sa.original_initiator,
         "spi_i": sa.spi_i,
         "spi_r": sa.spi_r,
         "local": list(sa.local),
@@ -192,6 +193,8 @@ def _restore(record: Record, policy: ResponderPolicy, now: float, wall_clock: Wa
         mobike=bool(record.get("mobike", False)),
         ppk=bool(record.get("ppk", False)),
         redirect_supported=bool(record.get("redirect", False)),
+        # (a record from before it: the SA's role now, right unless we rekeyed it)
+        original_initiator=bool(record.get("client", initiator)),
         eap_identity=str(record.get("eap_id", "")),
         authenticated_at=float(record.get("auth_at", 0.0)),
         radius_classes=tuple(bytes(c) for c in record.get("radius", [[], 0])[0]),

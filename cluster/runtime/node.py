@@ -231,8 +231,8 @@ def redirect_node(supervisor: Supervisor, factory: ResponderFactory, gateway: st
     unable: list[dict[str, str]] = []
     if gateway and existing:
         for session in supervisor.established_sessions():
-            if not isinstance(session, IkeSession) or session.sa.is_initiator:
-                continue
+            if not isinstance(session, IkeSession) or session.sa.original_initiator:
+                continue  # (one of ours: we are its client, not its gateway)
             row = {"spi_i": session.spi_i.hex(), "spi_r": session.spi_r.hex()}
             if not session.sa.redirect_supported:
                 unable.append(row)

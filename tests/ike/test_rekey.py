@@ -327,3 +327,32 @@ def test_an_ike_rekey_keeps_who_authenticated_and_how() -> None:
     assert [e for e in drain(gateway) if isinstance(e, IkeSaRekeyed)]
     assert (gateway.sa.eap_identity, gateway.sa.session_timeout, gateway.sa.ppk) == (
         "carol", 60.0, True)
+
+
+@pytest.mark.parametrize("who", ["client", "gateway"])
+def test_an_ike_rekey_keeps_the_roles_and_what_both_announced(who: str) -> None:
+    """RFC 7296 2.18 makes whoever starts an IKE rekey the new SA's initiator, but the
+    gateway stays the gateway (strongSwan's COND_ORIGINAL_INITIATOR): it may still
+    redirect the peer (RFC 5685) and end its service (a RADIUS CoA), also after a
+    snapshot. What both announced in IKE_AUTH (REDIRECT_SUPPORTED, RFC 6311 message ID
+    sync) goes on with the SA."""
+    from cluster.ike.snapshot import restore, snapshot_of
+
+    client, gateway = psk_pair()
+    run_handshake(client, gateway)
+    gateway.sa.redirect_supported = True
+    assert gateway.sa.mid_sync and not gateway.sa.original_initiator
+    assert client.sa.original_initiator
+    starter = client if who == "client" else gateway
+    starter.rekey_ike(1.0)
+    run_handshake(starter, client if starter is gateway else gateway)
+    assert [e for e in drain(gateway) if isinstance(e, IkeSaRekeyed)]
+    assert gateway.sa.is_initiator is (who == "gateway")
+    assert (gateway.sa.original_initiator, client.sa.original_initiator) == (False, True)
+    assert gateway.sa.redirect_supported and gateway.sa.mid_sync and client.sa.mid_sync
+    taken_over = restore(snapshot_of(gateway, 2.0), gateway.sa.policy, 2.0)
+    assert taken_over.sa.original_initiator is False
+    assert taken_over.sa.is_initiator is (who == "gateway")
+    assert not client.redirect("gw2.example.test", 2.0)  # the client never redirects
+    assert taken_over.limit_session(60, 2.0)
+    assert gateway.redirect("gw2.example.test", 2.0)

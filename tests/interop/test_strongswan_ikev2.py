@@ -703,6 +703,13 @@ def test_redirect_sends_established_and_new_peers_to_another_gateway(
     initiator.load(initiator_conn, second)
     first = assert_initiated(initiator.initiate("net", ike="rw"), initiator)
     assert first["remote-host"] == RESPONDER_V4
+    # node A rekeys the IKE SA first: that makes A its initiator (RFC 7296 2.18), but A
+    # is still the gateway that may redirect it, and the SA still supports REDIRECT
+    rekeyed = node_a.ns.run([sys.executable, "-m", "cluster", "rekey", "--config",
+                             str(node_a.config_path), "--ike", first["initiator-spi"]],
+                            check=False)
+    assert rekeyed.returncode == 0, rekeyed.stdout + rekeyed.stderr
+    (first,) = established(initiator)
 
     def command(*args: str) -> subprocess.CompletedProcess[str]:
         return node_a.ns.run([sys.executable, "-m", "cluster", "redirect", "--config",
