@@ -178,6 +178,7 @@ def _restore(record: Record, policy: ResponderPolicy, now: float, wall_clock: Wa
         tuple(record["remote"]),
         state=State.ESTABLISHED, connection=connection, chosen=chosen, keys=keys, sk=sk,
         nat_local=nat_local, nat_remote=nat_remote, behind_nat=behind_nat,
+        keepalive_at=now if behind_nat else INFINITY,  # NAT keepalives go on from here
         peer_hashes=frozenset(record["peer_hashes"]),
         local_id=Identity(IdType(local_id[0]), local_id[1]) if local_id else None,
         remote_id=Identity(IdType(remote_id[0]), remote_id[1]) if remote_id else None,

@@ -285,6 +285,15 @@ def test_a_responder_behind_a_nat_sends_keepalives(interval: float) -> None:
     [keepalive] = gateway.datagrams_to_send()
     assert keepalive.keepalive and keepalive.data == b"\xff"
     assert gateway.get_timer() == 2 * interval
+    # another node that takes the SA over goes on with them (at once, then each interval)
+    from cluster.ike.snapshot import restore, snapshot_of
+
+    taken_over = restore(snapshot_of(gateway, 30.0), gateway.sa.policy, 30.0)
+    assert taken_over.get_timer() == 30.0
+    taken_over.handle_timer(30.0)
+    [keepalive] = taken_over.datagrams_to_send()
+    assert keepalive.keepalive and keepalive.data == b"\xff"
+    assert taken_over.get_timer() == 30.0 + interval
 
 
 GW_NATTED = ("10.99.0.2", 4500)
