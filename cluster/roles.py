@@ -363,6 +363,7 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
     from .runtime.dispatcher import Dispatcher
     from .runtime.node import _shutdown_on_signal
     from .runtime.stats import RuntimeStats
+    from .runtime.updown import Updown
     from .worker.dataplane import DataPlane, DataPlaneSettings
     from .worker.edge import ChildLimits, KeySubscriber, TrafficReports, WorkerRelay
     from .worker.keys import Limits
@@ -401,7 +402,18 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
         reports = None
         if radius is not None and radius.accounting:  # the responders' accounting
             reports = TrafficReports(edge, plane)
-            plane.on_removed = reports.removed
+        # a child's updown runs here, where its Child SAs are (the key table tells)
+        updown = Updown(lambda: config.policy)
+        keys.on_install, keys.on_ike, keys.on_move = updown.up, updown.ike_changed, \
+            updown.moved
+
+        def removed(spi_in: bytes, ike: tuple[bytes, bytes] | None,
+                    traffic: tuple[int, int, int, int]) -> None:
+            if reports is not None:
+                reports.removed(spi_in, ike, traffic)
+            updown.down(spi_in)  # (a rekeyed-away SA's line went on: nothing runs)
+
+        plane.on_removed = removed
         try:
             async with trio.open_nursery() as nursery:
                 if handle_signals:
@@ -409,6 +421,7 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
                 await nursery.start(membership.run)
                 edge.refresh()
                 await nursery.start(plane.run)
+                await nursery.start(updown.run)
                 await nursery.start(keys.run)
                 nursery.start_soon(keys.checkpoints)
                 nursery.start_soon(limits_out.run)
@@ -430,6 +443,8 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
             counters = " ".join(f"{k}={v}" for k, v in plane.stats().items() if v)
             logger.info("worker %s stopped: %s; data plane: %s", config.node_id,
                         stats.summary(), counters or "no traffic")
+            with trio.CancelScope(shield=True):  # its Child SAs leave this host: "down"
+                await updown.stop()
 
 
 def _watch_cluster(metrics: Metrics, store: StateStore, relay: Callable[[], dict[str, int]],

@@ -105,6 +105,11 @@ def child_established(sa: IkeSa, child: ChildSa, replaces: bytes = b"") -> Child
         chosen.integ, chosen.esn == 1, key_in, int_in, key_out, int_out, child.local_ts,
         child.remote_ts, sa.local, sa.remote, encap=sa.nat, replaces=replaces,
         we_initiated=child.we_initiated, inactivity=_inactivity(sa, child.name),
+        connection=sa.connection.name if sa.connection is not None else "",
+        local_id=str(sa.local_id or ""), remote_id=str(sa.remote_id or ""),
+        eap_identity=sa.eap_identity,
+        virtual_ips=tuple(str(lease.address) for lease in sa.leases),
+        own_virtual_ips=sa.own_vips,
     )
 
 

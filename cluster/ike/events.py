@@ -99,6 +99,13 @@ class ChildSaEstablished:
     replaces: bytes = b""  # a rekey: spi_in of the Child SA this one takes over from
     we_initiated: bool = True  # whether we sent the request that created it
     inactivity: float = 0.0  # its child's: seconds without traffic before it is deleted
+    # its IKE SA's, for what runs where it is installed (a child's updown on a worker)
+    connection: str = ""
+    local_id: str = ""
+    remote_id: str = ""
+    eap_identity: str = ""  # the user the peer authenticated as with EAP, if it did
+    virtual_ips: tuple[str, ...] = ()  # the peer's
+    own_virtual_ips: tuple[str, ...] = ()  # ours
 
 
 @dataclass(frozen=True, slots=True)

@@ -324,6 +324,8 @@ def child_record(event: ChildSaEstablished) -> Record:
         "local": list(event.local), "remote": list(event.remote), "encap": event.encap,
         "replaces": event.replaces, "we_initiated": event.we_initiated,
         "inactivity": event.inactivity,
+        "ike_sa": [event.connection, event.local_id, event.remote_id, event.eap_identity,
+                   list(event.virtual_ips), list(event.own_virtual_ips)],
     }
 
 
@@ -346,9 +348,22 @@ def child_event(record: Record) -> ChildSaEstablished:
             encap=bool(record["encap"]), replaces=record["replaces"],
             we_initiated=bool(record["we_initiated"]),
             inactivity=float(record.get("inactivity", 0.0)),  # (a record before it: none)
+            **_ike_context(record.get("ike_sa")),
         )
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise ParseError(f"unusable Child SA record: {exc!r}") from None
+
+
+def _ike_context(stored: Any) -> dict[str, Any]:
+    """ChildSaEstablished's fields about its IKE SA from a child record's "ike_sa" (none
+    in a record from before them)."""
+    if stored is None:
+        return {}
+    connection, local_id, remote_id, eap_identity, vips, own = stored
+    return {"connection": str(connection), "local_id": str(local_id),
+            "remote_id": str(remote_id), "eap_identity": str(eap_identity),
+            "virtual_ips": tuple(str(a) for a in vips),
+            "own_virtual_ips": tuple(str(a) for a in own)}
 
 
 def _leases(connection: ConnectionConfig, stored: list[Any]) -> tuple[Lease, ...]:

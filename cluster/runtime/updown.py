@@ -1,5 +1,6 @@
-"""strongSwan's updown hook for `ike-cluster run`: a child's `updown` command runs when
-one of its Child SAs comes up and when it goes down for good (a rekey runs nothing),
+"""strongSwan's updown hook, where the Child SAs are (`ike-cluster run`, or a cluster's
+workers): a child's `updown` command runs when one of its Child SAs comes up and when
+it goes down for good (a rekey runs nothing),
 once per pair of local and remote traffic selectors, with the PLUTO_* environment of
 strongSwan's updown plugin, so scripts written for it (firewall rules, routes for a
 road warrior's virtual IP, a notification) work here unchanged.
@@ -26,8 +27,6 @@ from ..ike.events import (
     ChildSaDeleted,
     ChildSaEstablished,
     Event,
-    IkeSaDeleted,
-    IkeSaEstablished,
     IkeSaMoved,
     IkeSaRekeyed,
 )
@@ -57,19 +56,14 @@ class UpdownStats:
 
 
 @dataclass
-class _Ike:
-    unique_id: int
-    event: IkeSaEstablished
-    local: Address
-    remote: Address
-
-
-@dataclass
 class _Child:
-    ike: bytes  # the IKE SA's SPIs, spi_i + spi_r
+    ike: bytes  # its IKE SA's SPIs, spi_i + spi_r
     event: ChildSaEstablished  # the first of its line (a rekey keeps it)
     command: str
     reqid: int
+    unique_id: int  # its IKE SA's number here
+    local: Address  # where the SA is now (a NAT or MOBIKE move changes it)
+    remote: Address
     interface: str | None = None  # PLUTO_INTERFACE, found at "up"
 
 
@@ -82,20 +76,23 @@ class _Run:
 
 
 class Updown:
-    """The hook of one node. `record` takes every event of the node's sessions (it
-    never blocks); `run` carries out the commands they call for."""
+    """The hook of one node: `record` takes the events of a node's sessions, or a worker
+    calls `up`, `down`, `moved` and `ike_changed` as its key table changes (none of them
+    blocks); `run` carries out the commands they call for. A Child SA's event says all
+    the environment needs (its IKE SA's identities, EAP user, virtual IPs)."""
 
     def __init__(self, policy: Callable[[], ResponderPolicy], *, timeout: float = TIMEOUT,
                  interface_of: InterfaceOf | None = None) -> None:
         self._policy = policy
         self._timeout = timeout
         self._interface_of = interface_of or interface_towards
-        self._ike: dict[bytes, _Ike] = {}
         self._children: dict[bytes, _Child] = {}  # by the current Child SA's inbound SPI
+        self._unique: dict[bytes, int] = {}  # IKE SA (spi_i + spi_r) -> its number here
         self._unique_ids = 0
         self._reqids = 0
         self._send, self._receive = trio.open_memory_channel[_Run](QUEUE)
         self._finished = trio.Event()
+        self._running = False
         self._policy_seen: ResponderPolicy | None = None
         self._any_command = False
         self.stats = UpdownStats()
@@ -103,50 +100,71 @@ class Updown:
     # --- events ------------------------------------------------------------------------
 
     def record(self, event: Event) -> None:
-        if not (self._ike or self._children or self._configured()):
-            return  # (no child has a command: nothing to keep per SA)
-        if isinstance(event, IkeSaEstablished):
-            self._unique_ids += 1
-            self._ike[event.spi_i + event.spi_r] = _Ike(self._unique_ids, event, event.local,
-                                                         event.remote)
-        elif isinstance(event, IkeSaMoved):
-            ike = self._ike.get(event.spi_i + event.spi_r)
-            if ike is not None:
-                ike.local, ike.remote = event.local, event.remote
-        elif isinstance(event, IkeSaRekeyed):
-            old, new = event.old_spi_i + event.old_spi_r, event.spi_i + event.spi_r
-            if old in self._ike:
-                self._ike[new] = self._ike.pop(old)
-                for moved in self._children.values():
-                    if moved.ike == old:
-                        moved.ike = new
-        elif isinstance(event, IkeSaDeleted):
-            # (its Child SAs' ChildSaDeleted came first)
-            self._ike.pop(event.spi_i + event.spi_r, None)
-        elif isinstance(event, ChildSaEstablished):
-            self._established(event)
+        """A node's session event."""
+        if isinstance(event, ChildSaEstablished):
+            self.up(event)
         elif isinstance(event, ChildSaDeleted):
-            child = self._children.pop(event.spi_in, None)
-            if child is not None:
-                self._queue(child, up=False)
+            self.down(event.spi_in)
+        elif isinstance(event, IkeSaMoved | IkeSaRekeyed) and self._children:
+            if isinstance(event, IkeSaMoved):
+                key = event.spi_i + event.spi_r
+                for child in self._children.values():
+                    if child.ike == key:
+                        child.local, child.remote = event.local, event.remote
+            else:
+                old, new = event.old_spi_i + event.old_spi_r, event.spi_i + event.spi_r
+                for spi_in, child in list(self._children.items()):
+                    if child.ike == old:
+                        self.ike_changed(spi_in, new)
 
-    def _established(self, event: ChildSaEstablished) -> None:
-        if event.replaces:  # a rekey: the same Child SA goes on, nothing runs
+    def up(self, event: ChildSaEstablished) -> None:
+        """A Child SA was installed: "up", unless it replaces one (a rekey goes on)."""
+        if event.replaces:
             previous = self._children.pop(event.replaces, None)
             if previous is not None:
                 self._children[event.spi_in] = previous
             return
-        key = event.ike_spi_i + event.ike_spi_r
-        ike = self._ike.get(key)
-        if ike is None:
+        if not self._configured():
             return
-        command = self._command(ike.event.connection, event.name)
+        command = self._command(event.connection, event.name)
         if command is None:
             return
+        key = event.ike_spi_i + event.ike_spi_r
+        if key not in self._unique:
+            self._unique_ids += 1
+            self._unique[key] = self._unique_ids
         self._reqids += 1
-        child = _Child(key, event, command, self._reqids)
+        child = _Child(key, event, command, self._reqids, self._unique[key], event.local,
+                       event.remote)
         self._children[event.spi_in] = child
         self._queue(child, up=True)
+
+    def down(self, spi_in: bytes) -> None:
+        """A Child SA left for good: "down" (nothing for one a rekey replaced)."""
+        child = self._children.pop(spi_in, None)
+        if child is None:
+            return
+        if not any(c.ike == child.ike for c in self._children.values()):
+            self._unique.pop(child.ike, None)
+        self._queue(child, up=False)
+
+    def moved(self, spi_in: bytes, remote: Address) -> None:
+        """The peer of a Child SA moved (a worker's "move")."""
+        child = self._children.get(spi_in)
+        if child is not None:
+            child.remote = remote
+
+    def ike_changed(self, spi_in: bytes, ike: bytes) -> None:
+        """The Child SA's IKE SA was rekeyed: it has new SPIs, and keeps its number."""
+        child = self._children.get(spi_in)
+        if child is None or child.ike == ike:
+            return
+        number = self._unique.get(child.ike, child.unique_id)
+        child.ike = ike
+        self._unique.setdefault(ike, number)
+        for old in [k for k in self._unique if k != ike]:
+            if not any(c.ike == old for c in self._children.values()):
+                del self._unique[old]
 
     def _configured(self) -> bool:
         """Whether any child of the configuration has an updown command."""
@@ -166,13 +184,10 @@ class Updown:
         return None
 
     def _queue(self, child: _Child, *, up: bool) -> None:
-        ike = self._ike.get(child.ike)
-        if ike is None:
-            return
         pairs = [(mine, theirs) for mine in child.event.local_ts
                  for theirs in child.event.remote_ts]
         run = _Run(child.command, up, child,
-                   tuple(environment(ike, child, up, mine, theirs) for mine, theirs in pairs))
+                   tuple(environment(child, up, mine, theirs) for mine, theirs in pairs))
         try:
             self._send.send_nowait(run)
         except trio.WouldBlock:
@@ -185,20 +200,27 @@ class Updown:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         task_status.started()
+        self._running = True
         try:
             await self._runs()
         finally:
+            self._running = False
             self._finished.set()
 
     async def stop(self, wait: float = STOP_WAIT) -> None:
         """The node stops, and its Child SAs with it: "down" for each still up, as
-        strongSwan runs when it stops; then up to `wait` seconds for the runs queued."""
-        for child in list(self._children.values()):
-            self._queue(child, up=False)
-        self._children.clear()
+        strongSwan runs when it stops; then up to `wait` seconds for the runs queued
+        (carried out here if `run` is no longer running: a worker's stop, after its
+        tasks were cancelled)."""
+        for spi_in in list(self._children):
+            self.down(spi_in)
         self._send.close()
         with trio.move_on_after(wait):
-            await self._finished.wait()
+            if self._running:
+                await self._finished.wait()
+            else:
+                await self._runs()
+                self._finished.set()
         if not self._finished.is_set():
             logger.warning("updown: stopped with %d runs not done",
                            self._receive.statistics().current_buffer_used + 1)
@@ -238,12 +260,12 @@ class Updown:
             logger.warning("updown: %s (%s) exited with %d", command, verb, done.returncode)
 
 
-def environment(ike: _Ike, child: _Child, up: bool, mine: TrafficSelector,
-                theirs: TrafficSelector) -> Environment:
+def environment(child: _Child, up: bool, mine: TrafficSelector, theirs: TrafficSelector
+                ) -> Environment:
     """strongSwan's updown variables for one pair of selectors (its updown_listener.c),
     without PLUTO_INTERFACE."""
-    established, event = ike.event, child.event
-    me, peer = ike.local[0], ike.remote[0]
+    event = child.event
+    me, peer = child.local[0], child.remote[0]
     host = _is_host(mine, me)
     v6 = ":" in me if host else len(mine.start_addr) == 16
     env = {
@@ -254,22 +276,21 @@ def environment(ike: _Ike, child: _Child, up: bool, mine: TrafficSelector,
         "PLUTO_CONNECTION": event.name,
         "PLUTO_REQID": str(child.reqid),
         "PLUTO_PROTO": "esp",
-        "PLUTO_UNIQUEID": str(ike.unique_id),
+        "PLUTO_UNIQUEID": str(child.unique_id),
         "PLUTO_ME": me,
-        "PLUTO_MY_ID": established.local_id,
+        "PLUTO_MY_ID": event.local_id,
         "PLUTO_MY_CLIENT": _subnet(mine),
         "PLUTO_MY_PORT": _port(mine, theirs, local=True),
         "PLUTO_MY_PROTOCOL": str(mine.protocol),
         "PLUTO_PEER": peer,
-        "PLUTO_PEER_ID": established.remote_id,
+        "PLUTO_PEER_ID": event.remote_id,
         "PLUTO_PEER_CLIENT": _subnet(theirs),
         "PLUTO_PEER_PORT": _port(mine, theirs, local=False),
         "PLUTO_PEER_PROTOCOL": str(theirs.protocol),
     }
-    if established.eap_identity:
-        env["PLUTO_XAUTH_ID"] = established.eap_identity
-    for side, addresses in (("MY", established.own_virtual_ips),
-                            ("PEER", established.virtual_ips)):
+    if event.eap_identity:
+        env["PLUTO_XAUTH_ID"] = event.eap_identity
+    for side, addresses in (("MY", event.own_virtual_ips), ("PEER", event.virtual_ips)):
         counts = {4: 0, 6: 0}
         for n, address in enumerate(addresses):
             if n == 0:  # the legacy variable: the first one
@@ -278,7 +299,7 @@ def environment(ike: _Ike, child: _Child, up: bool, mine: TrafficSelector,
             counts[version] += 1
             env[f"PLUTO_{side}_SOURCEIP{version}_{counts[version]}"] = address
     if event.encap:
-        env["PLUTO_UDP_ENC"] = str(ike.remote[1])
+        env["PLUTO_UDP_ENC"] = str(child.remote[1])
     return env
 
 

@@ -32,6 +32,7 @@ import trio
 
 from ..errors import ParseError
 from ..esp import SaHardExpired, SaIdle, SaSequenceExhausted, SaSoftExpired
+from ..ike.events import ChildSaEstablished
 from ..ike.message import Header
 from ..ike.session import Address, Datagram
 from ..ike.snapshot import child_event
@@ -232,6 +233,12 @@ class KeySubscriber:
         self.restored = 0  # SAs installed from the table at start, with a sequence jump
         self.tables_lost = 0  # resyncs that found the store had forgotten our table
         self._incarnation = os.urandom(8)
+        # told of each Child SA installed (from a message or the table at a resync), of
+        # an IKE SA rekey (the Child SA's inbound SPI, the new spi_i + spi_r) and of a
+        # move (its inbound SPI, the peer's new address): a child's updown
+        self.on_install: Callable[[ChildSaEstablished], None] | None = None
+        self.on_ike: Callable[[bytes, bytes], None] | None = None
+        self.on_move: Callable[[bytes, tuple[str, int]], None] | None = None
 
     def _open(self, spi_in: bytes, sealed: bytes) -> Any:
         plain = open_sealed(self.key, sealed, child_aad(self.worker, spi_in))
@@ -300,6 +307,10 @@ class KeySubscriber:
                 logger.error("installing Child SA %s failed: %s", spi_in.hex(), exc)
                 continue
             self.installed += 1
+            if event.inactivity > 0:
+                self.plane.watch_idle(spi_in, event.inactivity)
+            if self.on_install is not None:
+                self.on_install(event)
         if restoring and table:
             logger.info("restored %d Child SAs from the store (sequence numbers jumped)",
                         self.restored)
@@ -328,6 +339,8 @@ class KeySubscriber:
                 event = self._open(spi_in, message[2])
                 self.plane.on_ike_event(event)
                 self.installed += 1
+                if self.on_install is not None and self.plane.sad.get(spi_in) is not None:
+                    self.on_install(event)
             elif kind == "remove":
                 if self.plane.sad.get(spi_in) is not None and spi_in not in self.plane.lingering:
                     self.plane.delete(spi_in)  # a rekeyed-away SA lingers a few seconds
@@ -337,9 +350,13 @@ class KeySubscriber:
                 if not (isinstance(spi_i, bytes) and isinstance(spi_r, bytes)):
                     raise ParseError("key message 'ike' without SPIs")
                 self.plane.set_ike_sa(spi_in, (spi_i, spi_r))
+                if self.on_ike is not None:
+                    self.on_ike(spi_in, spi_i + spi_r)
             elif kind == "move" and len(message) == 3:
                 host, port = message[2]
                 self.plane.move(spi_in, (str(host), int(port)))
+                if self.on_move is not None:
+                    self.on_move(spi_in, (str(host), int(port)))
             else:
                 raise ParseError(f"key message kind {kind!r}")
         except (StoreError, ParseError, ValueError, TypeError) as exc:

@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -436,3 +437,30 @@ class IperfResult:
         direction = "responder -> initiator" if self.reverse else "initiator -> responder"
         return (f"{direction}: {self.mbit_s:.1f} Mbit/s, {self.received_bytes} bytes "
                 f"in {self.seconds:.1f} s")
+
+
+def updown_recorder(directory: Path) -> tuple[Path, Path]:
+    """A child's updown program that appends its PLUTO_* variables to a file as a JSON
+    line and prints who it opened the firewall for: (the program, the file)."""
+    record = directory / "updown.jsonl"
+    program = directory / "updown"
+    program.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os\n"
+        f"with open({str(record)!r}, 'a') as f:\n"
+        "    f.write(json.dumps({k: v for k, v in os.environ.items()\n"
+        "                        if k.startswith('PLUTO_')}) + '\\n')\n"
+        "print('firewall opened for', os.environ.get('PLUTO_PEER_SOURCEIP'))\n")
+    program.chmod(0o755)
+    return program, record
+
+
+def updown_runs(record: Path, count: int, timeout: float = 10.0) -> list[dict[str, str]]:
+    """The runs `updown_recorder`'s program recorded, once there are `count` (and none
+    more half a second later)."""
+    deadline = time.monotonic() + timeout
+    while not record.exists() or len(record.read_text().splitlines()) < count:
+        assert time.monotonic() < deadline, record.read_text() if record.exists() else ""
+        time.sleep(0.1)
+    time.sleep(0.5)
+    return [json.loads(line) for line in record.read_text().splitlines()]

@@ -29,6 +29,8 @@ from tests.interop.lab import (
     End,
     Lab,
     conn_pair,
+    updown_recorder,
+    updown_runs,
 )
 from tests.interop.sa_checks import assert_initiated, child_sa, established
 from tests.interop.spec import Conn
@@ -57,6 +59,20 @@ def _connect(lab: Lab, cluster: ClusterLab, initiator: Conn, responder: Conn, *,
     charon = lab.charon("initiator", log_levels=log_levels, settings=settings)
     charon.load(initiator)
     return charon, assert_initiated(charon.initiate("net"), charon)
+
+
+def _installed_child(charon: Charon, other_than: str = "", timeout: float = 15.0) -> str:
+    """The inbound SPI of strongSwan's Child SA in use (rekeyed ones linger a while), once
+    it is another than `other_than`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sas = established(charon)
+        children = sas[0].get("child-sas", {}).values() if sas else ()
+        spi = next((c["spi-in"] for c in children if c["state"] == "INSTALLED"), "")
+        if spi and spi != other_than:
+            return spi
+        assert time.monotonic() < deadline, charon.list_sas()
+        time.sleep(0.1)
 
 
 def _rekey_ike(charon: Charon, sa: dict[str, Any], cluster: ClusterLab) -> dict[str, Any]:
@@ -714,17 +730,9 @@ def test_an_sa_a_responder_rekeyed_lives_on_where_its_new_spi_leads() -> None:
         else:
             raise AssertionError("20 rekeys and no new SPI hashed to the other responder")
         taker = next(r for r in cluster.responders if r.node_id != owner)
-
-        def installed() -> str:  # strongSwan's Child SA in use (rekeyed ones linger)
-            children = established(charon)[0].get("child-sas", {}).values()
-            return next((c["spi-in"] for c in children if c["state"] == "INSTALLED"), "")
-
-        old_child = installed()
+        old_child = _installed_child(charon)
         charon.rekey(child="net")
-        deadline = time.monotonic() + 15
-        while installed() in ("", old_child):
-            assert time.monotonic() < deadline, f"{charon.list_sas()}\n{cluster.logs()}"
-            time.sleep(0.2)
+        _installed_child(charon, other_than=old_child)
         assert f"took over IKE SA {sa['initiator-spi']}_i/{sa['responder-spi']}_r" in \
             taker.log_text(), cluster.logs()
         sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
@@ -820,6 +828,32 @@ def test_a_child_sa_idle_at_the_worker_is_deleted_by_its_responder() -> None:
         (now,) = established(charon)
         assert now["initiator-spi"] == sa["initiator-spi"] and not now.get("child-sas"), now
         report("cluster", f"Child SA {ours} idle at the worker -> deleted by its responder")
+
+
+def test_updown_runs_on_the_worker_where_the_child_sa_is() -> None:
+    """A child's `updown` in a cluster runs on the worker, which holds the Child SA (its
+    key table says when it comes and goes, with its IKE SA's identities), not on the
+    responders. A Child SA rekey runs nothing; strongSwan's Delete runs "down"."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        script, record = updown_recorder(lab.dir)
+        initiator, responder = conn_pair()
+        charon, sa = _connect(lab, cluster, initiator, responder.with_child(updown=str(script)))
+        (up,) = updown_runs(record, 1)
+        assert (up["PLUTO_VERB"], up["PLUTO_CONNECTION"]) == ("up-client", "net"), up
+        assert (up["PLUTO_MY_ID"], up["PLUTO_PEER_ID"]) == ("gw.example.test",
+                                                             "client.example.test"), up
+        assert (up["PLUTO_MY_CLIENT"], up["PLUTO_PEER_CLIENT"]) == ("10.99.2.0/24",
+                                                                    "10.99.1.0/24"), up
+        assert up["PLUTO_PEER"] == INITIATOR_V4, up
+        charon.rekey(child="net")
+        _installed_child(charon, other_than=child_sa(sa)["spi-in"])
+        charon.terminate_ike()
+        up_again, down = updown_runs(record, 2)
+        assert up_again == up and down == {**up, "PLUTO_VERB": "down-client"}, down
+        assert "updown: firewall opened for None" in cluster.workers[0].log_text()
+        assert not any("updown:" in r.log_text() for r in cluster.responders)
+        report("cluster", "updown ran on the worker: up-client, nothing at the Child SA "
+                          "rekey, down-client at the Delete")
 
 
 BLOCK_TABLE = "ikc_block"

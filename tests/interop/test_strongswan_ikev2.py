@@ -6,7 +6,6 @@ ESTABLISHED and, in tunnel mode, the CHILD_SA INSTALLED with the expected cipher
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import signal
@@ -31,6 +30,8 @@ from tests.interop.lab import (
     End,
     Lab,
     conn_pair,
+    updown_recorder,
+    updown_runs,
 )
 from tests.interop.node import Node
 from tests.interop.responders import Responder, StartResponder, responder_kind
@@ -444,16 +445,7 @@ def test_updown_runs_with_strongswans_variables_as_a_road_warriors_child_sa_come
     a script would let through a firewall. A Child SA rekey runs nothing; the user's
     Delete runs "down"."""
     initiator = lab.charon("initiator", settings={"install_virtual_ip": "yes"})
-    record = tmp_path / "updown.jsonl"
-    script = tmp_path / "updown"
-    script.write_text(
-        f"#!{sys.executable}\n"
-        "import json, os\n"
-        f"with open({str(record)!r}, 'a') as f:\n"
-        "    f.write(json.dumps({k: v for k, v in os.environ.items()\n"
-        "                        if k.startswith('PLUTO_')}) + '\\n')\n"
-        "print('firewall opened for', os.environ.get('PLUTO_PEER_SOURCEIP'))\n")
-    script.chmod(0o755)
+    script, record = updown_recorder(tmp_path)
     user = ("carol", "Carol's pa55word")
     initiator_conn, responder_conn = _eap_user(pki, *user,
                                                End("eap-mschapv2", "%any", eap_id="%any"))
@@ -464,20 +456,14 @@ def test_updown_runs_with_strongswans_variables_as_a_road_warriors_child_sa_come
 
     sa = _assert_eap_established(initiator.initiate("net"), initiator, "EAP_MSCHAPV2")
     (vip,) = sa["local-vips"]
-    deadline = time.monotonic() + 10
-    while not record.exists():
-        assert time.monotonic() < deadline, node.log_text()
-        time.sleep(0.1)
+    updown_runs(record, 1)
     initiator.rekey(child="net")
+    deadline = time.monotonic() + 10
     while node.log_text().count("CHILD SA established: net ") < 2:
         assert time.monotonic() < deadline, node.log_text()
         time.sleep(0.1)
     initiator.terminate_ike()
-    while len(record.read_text().splitlines()) < 2:
-        assert time.monotonic() < deadline, node.log_text()
-        time.sleep(0.1)
-    time.sleep(0.5)  # (nothing more comes)
-    up, down = (json.loads(line) for line in record.read_text().splitlines())
+    up, down = updown_runs(record, 2)
     assert up["PLUTO_VERB"] == "up-client" and down == {**up, "PLUTO_VERB": "down-client"}
     assert up["PLUTO_PEER_SOURCEIP"] == up["PLUTO_PEER_SOURCEIP4_1"] == vip, up
     assert up["PLUTO_PEER_CLIENT"] == f"{vip}/32", up

@@ -68,11 +68,16 @@ def ike_up(spis: tuple[bytes, bytes] = IKE, **fields: Any) -> IkeSaEstablished:
 def child_up(spi_in: bytes, *, name: str = "net", replaces: bytes = b"",
              ike: tuple[bytes, bytes] = IKE, local_ts: Sequence[TrafficSelector] = (NET,),
              remote_ts: Sequence[TrafficSelector] = (VIP,),
-             mode: str = "tunnel", local: tuple[str, int] = GW) -> ChildSaEstablished:
+             mode: str = "tunnel", local: tuple[str, int] = GW, connection: str = "rw",
+             **context: Any) -> ChildSaEstablished:
+    """A Child SA of connection "rw" between gw.example.test and client.example.test;
+    `context`: more of its IKE SA's (eap_identity, virtual_ips, ...)."""
     return ChildSaEstablished(*ike, name, mode, spi_in, b"out!",
                               ENCR_ALGORITHMS["aes256gcm16"], None, False, b"", b"", b"", b"",
                               tuple(local_ts), tuple(remote_ts), local, PEER, encap=True,
-                              replaces=replaces)
+                              replaces=replaces, connection=connection,
+                              local_id="gw.example.test", remote_id="client.example.test",
+                              **context)
 
 
 def child_down(spi_in: bytes, *, name: str = "net", ike: tuple[bytes, bytes] = IKE
@@ -99,8 +104,8 @@ async def test_a_child_sa_up_and_down_runs_the_command_with_strongswans_variable
     command, record = script(tmp_path)
     caplog.set_level("INFO", logger="cluster.runtime.updown")
     runs, updown = await run([
-        ike_up(virtual_ips=("10.3.0.9", "fd00::9"), eap_identity="carol"),
-        child_up(b"in-1"),
+        ike_up(),
+        child_up(b"in-1", virtual_ips=("10.3.0.9", "fd00::9"), eap_identity="carol"),
         child_down(b"in-1"),
         IkeSaDeleted(*IKE, "deleted by peer"),
     ], command, record)
@@ -177,12 +182,12 @@ async def test_children_without_updown_and_sas_we_never_saw_run_nothing(
     command, record = script(tmp_path)
     runs, updown = await run([
         ike_up(), child_up(b"in-q", name="quiet"), child_down(b"in-q", name="quiet"),
-        child_up(b"in-x", ike=(b"?" * 8, b"R" * 8)),  # no IkeSaEstablished seen
+        child_up(b"in-x", connection="gone"),  # a connection a reload removed
         child_up(b"in-r", replaces=b"in-unknown"),  # a rekey of one without updown
     ], command, record)
     assert runs == [] and updown.stats.runs == 0
     _, updown = await run([ike_up(), child_up(b"in-1")], None)  # no child has a command
-    assert updown.stats.runs == 0 and not updown._ike  # nothing kept per SA either
+    assert updown.stats.runs == 0 and not updown._children  # nothing kept per SA either
 
 
 async def test_a_failing_or_hanging_command_is_counted_and_the_next_runs(

@@ -62,3 +62,34 @@ async def test_a_rekeyed_away_or_removed_sa_is_not_reported(
     mock_clock.jump(5.0)
     rig.plane.check_idle()
     assert events == []
+
+
+async def test_a_restarted_worker_watches_and_reports_the_child_sas_it_restores(
+        tun_pair: tuple[int, int]) -> None:
+    """A worker that starts again installs its table's Child SAs: their inactivity
+    timeout applies again, and its updown hook hears of each."""
+    from dataclasses import replace
+
+    from cluster.ike.events import ChildSaEstablished
+    from cluster.runtime.persistence import seal_child
+    from cluster.store.interface import PutChild
+    from cluster.store.memory import MemoryStore
+    from cluster.store.sealing import ClusterKey
+    from cluster.worker.edge import KeySubscriber
+    from cluster.worker.keys import Limits
+    from tests.ike.sessions import drain, psk_pair, run_handshake
+
+    client, gateway = psk_pair()
+    run_handshake(client, gateway)
+    (event,) = [e for e in drain(gateway) if isinstance(e, ChildSaEstablished)]
+    event = replace(event, inactivity=30.0)
+    assert event.connection == "rw" and event.remote_id == "client.example.test"
+    store, key = MemoryStore(), ClusterKey(bytes(range(32)))
+    await store.run(PutChild("w1", event.spi_in, seal_child(key, "w1", event)))
+    rig = Rig(*tun_pair)
+    keys = KeySubscriber(store, "w1", key, rig.plane, Limits())
+    told: list[ChildSaEstablished] = []
+    keys.on_install = told.append
+    await keys.resync(restoring=True)
+    assert rig.plane.sad.get(event.spi_in) is not None and told == [event]
+    assert rig.plane._idle[event.spi_in][0] == 30.0
