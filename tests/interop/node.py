@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -215,6 +216,15 @@ class Node:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def logged(self, pattern: str, timeout: float = 10.0) -> str:
+        """The log once `pattern` (a regular expression) is in it: a line the node writes
+        after the datagram a peer reacts to may come a moment after that reaction."""
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, text := self.log_text()):
+            assert time.monotonic() < deadline, f"no {pattern!r} in the log:\n{text}"
+            time.sleep(0.05)
+        return text
 
     def __enter__(self) -> Node:
         self.start()

@@ -329,8 +329,8 @@ def test_a_revoked_certificate_is_refused_and_others_still_pass(
     assert_not_established(result, initiator)
     assert "AUTHENTICATION_FAILED" in result.stdout
     if isinstance(responder, Node):
-        assert re.search(r"CN=client\.example\.test,O=ike-cluster tests \(serial [0-9a-f]+\) "
-                         r"was revoked", responder.log_text()), responder.log_text()
+        responder.logged(r"CN=client\.example\.test,O=ike-cluster tests \(serial [0-9a-f]+\) "
+                         r"was revoked")
     assert_still_serves(initiator, initiator_conn, responder)
 
 
@@ -432,7 +432,8 @@ def test_unique_and_pools_tell_eap_users_apart_by_their_eap_identity(lab: Lab,
     while sorted(sa["name"] for sa in established(initiator)) != ["carol2", "dave"]:
         assert time.monotonic() < deadline, f"{initiator.list_sas()}\n{node.log_text()}"
         time.sleep(0.2)
-    deleted = re.findall(r"IKE SA deleted: spi_i=(\w+) .*reason=replaced", node.log_text())
+    deleted = re.findall(r"IKE SA deleted: spi_i=(\w+) .*reason=replaced",
+                         node.logged(r"reason=replaced"))
     assert deleted == [sas["rw"]["initiator-spi"]], node.log_text()
     again = {sa["name"]: sa.get("local-vips") for sa in established(initiator)}
     assert again == {"carol2": vips["rw"], "dave": vips["dave"]}, again
@@ -671,7 +672,7 @@ def test_a_crl_fetched_from_its_uri_revokes_a_client_once_it_lists_it(
     assert result.returncode == 0, result.stdout
     refused = initiator.initiate("net")
     assert refused.returncode != 0 and "AUTHENTICATION_FAILED" in refused.stdout, refused.stdout
-    assert re.search(r"\(serial [0-9a-f]+\) was revoked", node.log_text()), node.log_text()
+    node.logged(r"\(serial [0-9a-f]+\) was revoked")
 
 
 def test_redirect_sends_established_and_new_peers_to_another_gateway(
@@ -711,8 +712,8 @@ def test_redirect_sends_established_and_new_peers_to_another_gateway(
             break
         assert time.monotonic() < deadline, f"{sas}\n{initiator.log_text()}"
         time.sleep(0.2)
-    assert re.search(rf"IKE SA deleted: spi_i={first['initiator-spi']} .*reason=deleted by "
-                     r"peer", node_a.log_text()), node_a.log_text()
+    node_a.logged(rf"IKE SA deleted: spi_i={first['initiator-spi']} .*reason=deleted by "
+                  r"peer")
     initiator.terminate_ike("rw")  # (strongSwan would not install the same selectors twice)
 
     result = initiator.initiate("net", ike="second")
@@ -741,7 +742,7 @@ def _revoked_then_good(lab: Lab, initiator: Charon, pki: Pki, revoked: Credentia
     initiator.load(initiator_conn)
     refused = initiator.initiate("net")
     assert refused.returncode != 0 and "AUTHENTICATION_FAILED" in refused.stdout, refused.stdout
-    log = node.log_text()
+    log = node.logged(r"IKE SA failed")
     initiator.load(replace(initiator_conn, local=End(
         "pubkey", "client.example.test", good.cert, good.key)))
     assert_initiated(initiator.initiate("net"), initiator)
@@ -819,8 +820,7 @@ def test_ocsp_answers_decide_before_any_crl(
     node, log = _revoked_then_good(lab, initiator, pki, revoked, good)
     assert re.search(rf"OCSP {re.escape(uri)}: CN=client\.example\.test.* is revoked", log), log
     assert re.search(r"was revoked on .* \(OCSP\)", log), log
-    assert re.search(rf"OCSP {re.escape(uri)}: CN=client\.example\.test.* is good",
-                     node.log_text()), node.log_text()
+    node.logged(rf"OCSP {re.escape(uri)}: CN=client\.example\.test.* is good")
 
 
 def test_eap_radius_relays_strongswans_eap_to_freeradius(
@@ -853,8 +853,7 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
     result = initiator.initiate("net")
     _assert_eap_established(result, initiator, "EAP_MSCHAPV2")
     # the Access-Accept's User-Name names the user from now on (RFC 2865 5.1)
-    assert re.search(r"IKE SA established: rw .* eap_id=carol@corp\.example",
-                     node.log_text()), node.log_text()
+    node.logged(r"IKE SA established: rw .* eap_id=carol@corp\.example")
     assert "Login OK: [carol]" in radius.log_text(), radius.log_text()
     assert "received AUTH_LIFETIME of 3240s" in result.stdout, result.stdout
     for attributes, kind, answer in (
@@ -918,8 +917,7 @@ def test_an_eap_tls_user_gets_in_with_a_certificate_of_our_ca_and_a_stranger_doe
 
     result = initiator.initiate("net")
     _assert_eap_established(result, initiator, "EAP_TLS")
-    assert re.search(r"IKE SA established: rw .* eap_id=client\.example\.test",
-                     node.log_text()), node.log_text()
+    node.logged(r"IKE SA established: rw .* eap_id=client\.example\.test")
     assert "negotiated TLS 1.2" in result.stdout, result.stdout
     assert "received TLS server certificate 'O=ike-cluster tests, CN=gw.example.test'" in \
         result.stdout, result.stdout
@@ -935,8 +933,7 @@ def test_an_eap_tls_user_gets_in_with_a_certificate_of_our_ca_and_a_stranger_doe
     result = initiator.initiate("net")
     assert_not_established(result, initiator)
     assert "received AUTHENTICATION_FAILED notify error" in result.stdout, result.stdout
-    assert re.search(r"issuer CN=untrusted test CA,[^\n]* is not a known CA", node.log_text()), \
-        node.log_text()
+    node.logged(r"issuer CN=untrusted test CA,[^\n]* is not a known CA")
     assert node.running()
 
 
@@ -955,7 +952,7 @@ def test_an_eap_tls_certificate_waits_for_the_crl_it_names_and_a_revoked_one_fai
     refused = initiator.initiate("net")
     assert_not_established(refused, initiator)
     assert "received AUTHENTICATION_FAILED notify error" in refused.stdout, refused.stdout
-    log = node.log_text()
+    log = node.logged(r"IKE SA failed")
     assert re.search(rf"CRL {re.escape(uri)} fetched: .*, 1 revoked \(a certificate's "
                      r"distribution point\)", log), log
     assert re.search(r"\(serial [0-9a-f]+\) was revoked", log), log
@@ -963,8 +960,7 @@ def test_an_eap_tls_certificate_waits_for_the_crl_it_names_and_a_revoked_one_fai
     initiator.load(replace(initiator_conn, local=replace(
         initiator_conn.local, id="good.example.test", cert=good.cert, key=good.key)))
     _assert_eap_established(initiator.initiate("net"), initiator, "EAP_TLS")
-    assert re.search(r"IKE SA established: rw .* eap_id=good\.example\.test",
-                     node.log_text()), node.log_text()
+    node.logged(r"IKE SA established: rw .* eap_id=good\.example\.test")
     assert node.log_text().count(f"CRL {uri} fetched") == 1  # cached, not fetched again
 
 
@@ -988,6 +984,5 @@ def test_eap_radius_carries_eap_tls_the_gateway_does_not_know(
     initiator.load(initiator_conn)
 
     _assert_eap_established(initiator.initiate("net"), initiator, "EAP_TLS")
-    assert re.search(r"IKE SA established: rw .* eap_id=client\.example\.test",
-                     node.log_text()), node.log_text()
+    node.logged(r"IKE SA established: rw .* eap_id=client\.example\.test")
     assert "Login OK: [client.example.test]" in radius.log_text(), radius.log_text()
