@@ -126,6 +126,14 @@ class ClusterNode:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def logged(self, pattern: str, timeout: float = 10.0) -> str:
+        """The log once `pattern` (a regular expression) is in it (Node.logged)."""
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, text := self.log_text()):
+            assert time.monotonic() < deadline, f"no {pattern!r} in the log:\n{text}"
+            time.sleep(0.05)
+        return text
+
     def metrics(self) -> str:
         return self.ns.run(["python3", "-c",
                             "import sys,urllib.request;"

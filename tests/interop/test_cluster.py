@@ -40,12 +40,17 @@ from tests.interop.test_lifecycle import BackgroundPing, ping, report
 pytestmark = pytest.mark.interop
 
 
-def _owner(cluster: ClusterLab, spi_r: str) -> int:
-    """Which responder (1-based) logged the SA's establishment."""
-    for n, node in enumerate(cluster.responders, 1):
-        if re.search(rf"IKE SA established: .* spi_r={spi_r}", node.log_text()):
-            return n
-    raise AssertionError(f"no responder established {spi_r}:\n{cluster.logs()}")
+def _owner(cluster: ClusterLab, spi_r: str, timeout: float = 10.0) -> int:
+    """Which responder (1-based) logged the SA's establishment (the line may come a
+    moment after strongSwan has the SA)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for n, node in enumerate(cluster.responders, 1):
+            if re.search(rf"IKE SA established: .* spi_r={spi_r}", node.log_text()):
+                return n
+        assert time.monotonic() < deadline, \
+            f"no responder established {spi_r}:\n{cluster.logs()}"
+        time.sleep(0.05)
 
 
 def _connect(lab: Lab, cluster: ClusterLab, initiator: Conn, responder: Conn, *,
@@ -235,7 +240,7 @@ def test_an_eap_user_through_the_cluster_and_in_its_sa_list(pki: Pki) -> None:
                             remote=End("eap-mschapv2", "%any", eap_id="%any"))
         _, sa = _connect(lab, cluster, initiator, responder)
         owner = cluster.responders[_owner(cluster, sa["responder-spi"]) - 1]
-        assert re.search(r"IKE SA established: rw .* eap_id=alice", owner.log_text())
+        owner.logged(r"IKE SA established: rw .* eap_id=alice")
         sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
         assert received == sent, f"{out}\n{cluster.logs()}"
         deadline = time.monotonic() + 10
@@ -282,7 +287,7 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
         charon, sa = _connect(lab, cluster, initiator, responder, responder_extra=extra,
                               worker_extra=extra)
         owner = cluster.responders[_owner(cluster, sa["responder-spi"]) - 1]
-        assert re.search(r"IKE SA established: rw .* eap_id=alice", owner.log_text())
+        owner.logged(r"IKE SA established: rw .* eap_id=alice")
         assert "Login OK: [alice]" in radius.log_text(), radius.log_text()
         sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
         assert received == sent, f"{out}\n{cluster.logs()}"
@@ -330,7 +335,7 @@ def test_an_eap_radius_user_through_the_cluster_with_accounting(pki: Pki, tmp_pa
         while established(charon):
             assert time.monotonic() < deadline, cluster.logs()
             time.sleep(0.2)
-        assert re.search(r"IKE SA deleted: .*terminated by an operator", survivor.log_text())
+        survivor.logged(r"IKE SA deleted: .*terminated by an operator")
         deadline = time.monotonic() + 10
         while "Acct-Status-Type = Stop" not in radius.accounting():
             assert time.monotonic() < deadline, radius.accounting() + cluster.logs()
@@ -627,7 +632,7 @@ def test_unique_keep_refuses_a_second_sa_on_the_other_responder() -> None:
                     break
                 assert time.monotonic() < deadline, f"{sas}\n{cluster.logs()}"
                 time.sleep(0.2)
-        assert re.search(r"IKE SA deleted: .*refused \(unique = keep\)", other.log_text())
+        other.logged(r"IKE SA deleted: .*refused \(unique = keep\)")
         assert "received DELETE for IKE_SA rw" in charon.log_text()
         sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
         assert received == sent, f"{out}\n{cluster.logs()}"
