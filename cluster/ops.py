@@ -341,7 +341,6 @@ def terminate_command(config_path: str, *, ike: str | None = None,
         gone, left = answer["terminated"], answer["left"]
     else:
         store = target
-
         outcome = _on_store(store, lambda: terminate(store, chosen, timeout))
         if isinstance(outcome, int):
             return outcome
@@ -435,7 +434,9 @@ async def rekey(rows: Callable[[], Awaitable[list[Row]]],
     """Ask for the rekeys (`ask(row, b"")` for an IKE SA, `ask(row, spi_in)` for a Child
     SA) and watch the listing `rows` gives until each is done: (what was rekeyed, with
     its new SPIs; what was not within `timeout` seconds)."""
-    before = [row for row in await rows() if chosen(row)]
+    listed = await rows()
+    known = {row["key"] for row in listed}  # (a successor may be listed by the next look)
+    before = [row for row in listed if chosen(row)]
     asked: list[tuple[Row, Row | None]] = []
     for row in before:
         if child is None:
@@ -444,7 +445,6 @@ async def rekey(rows: Callable[[], Awaitable[list[Row]]],
             asked += [(row, c) for c in row["children"] if c["name"] == child]
     for row, old in asked:
         await ask(row, b"" if old is None else bytes.fromhex(old["spi_in"]))
-    known = {row["key"] for row in await rows()}
     done: dict[int, str] = {}
     with trio.move_on_after(timeout):
         while len(done) < len(asked):

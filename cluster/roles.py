@@ -126,11 +126,6 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
         logger.warning("connection %s: start_action of child %s ignored: a cluster responder "
                        "only responds (initiating is `ike-cluster run`'s)",
                        initiation.connection.name, initiation.child)
-    for conn in config.policy.connections:
-        for child in conn.children:
-            if child.updown is not None:
-                logger.warning("connection %s: updown of child %s is not run by a cluster "
-                               "responder (only by `ike-cluster run`)", conn.name, child.name)
     store = open_store(cluster.store)
     config, pools = _share_pools(config, store)
     codec = RelayCodec(key, config.node_id)

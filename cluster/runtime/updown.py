@@ -215,13 +215,12 @@ class Updown:
         for spi_in in list(self._children):
             self.down(spi_in)
         self._send.close()
-        with trio.move_on_after(wait):
+        with trio.move_on_after(wait) as waited:
             if self._running:
                 await self._finished.wait()
             else:
                 await self._runs()
-                self._finished.set()
-        if not self._finished.is_set():
+        if waited.cancelled_caught:
             logger.warning("updown: stopped with %d runs not done",
                            self._receive.statistics().current_buffer_used + 1)
 

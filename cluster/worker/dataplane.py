@@ -222,34 +222,37 @@ class DataPlane:
 
     # --- the key-install interface ----------------------------------------------------
 
-    def install(self, params: ChildSaParams, ike: tuple[bytes, bytes] | None = None) -> None:
+    # (`inactivity`: the child's timeout, see `watch_idle`; 0 for none)
+
+    def install(self, params: ChildSaParams, ike: tuple[bytes, bytes] | None = None,
+                inactivity: float = 0.0) -> None:
         self._end_linger(params.spi_in)
         self.sad.install(params)
-        self._sad_changed()
-        if ike is not None:
-            self._ike_of[params.spi_in] = ike
-        self._route(params)
+        self._installed(params, ike, inactivity)
 
     def replace(self, old_spi_in: bytes, params: ChildSaParams,
-                ike: tuple[bytes, bytes] | None = None) -> None:
+                ike: tuple[bytes, bytes] | None = None, inactivity: float = 0.0) -> None:
         """A rekeyed SA: the new SPIs take outbound traffic at once (no packet lost)."""
         self._end_linger(params.spi_in)
         self.sad.replace(old_spi_in, params)
-        self._sad_changed()
-        if ike is not None:
-            self._ike_of[params.spi_in] = ike
-        self._route(params)
+        self._installed(params, ike, inactivity)
 
     def succeed(self, old_spi_in: bytes, params: ChildSaParams,
-                ike: tuple[bytes, bytes] | None = None) -> None:
+                ike: tuple[bytes, bytes] | None = None, inactivity: float = 0.0) -> None:
         """A rekey the peer started: receive on the new SA now, send on it once the peer
         uses it or deletes the old one (it installs the new SA after our response)."""
         self._end_linger(params.spi_in)
         self.sad.succeed(old_spi_in, params)
+        self._installed(params, ike, inactivity)
+
+    def _installed(self, params: ChildSaParams, ike: tuple[bytes, bytes] | None,
+                   inactivity: float) -> None:
         self._sad_changed()
         if ike is not None:
             self._ike_of[params.spi_in] = ike
         self._route(params)
+        if inactivity > 0:
+            self.watch_idle(params.spi_in, inactivity)
 
     def _sa_removed(self, child: ChildSa) -> None:
         if self.on_removed is not None:
@@ -380,14 +383,13 @@ class DataPlane:
             elif isinstance(event, ChildSaEstablished):
                 params = params_from_event(event, self.limits)
                 ike = (event.ike_spi_i, event.ike_spi_r)
+                idle = event.inactivity
                 if event.replaces and event.we_initiated:
-                    self.replace(event.replaces, params, ike)  # the peer already has it
+                    self.replace(event.replaces, params, ike, idle)  # the peer already has it
                 elif event.replaces:
-                    self.succeed(event.replaces, params, ike)
+                    self.succeed(event.replaces, params, ike, idle)
                 else:
-                    self.install(params, ike)
-                if event.inactivity > 0:
-                    self.watch_idle(event.spi_in, event.inactivity)
+                    self.install(params, ike, idle)
             elif isinstance(event, IkeSaMoved):  # NAT rebinding or MOBIKE: ESP follows
                 ike = (event.spi_i, event.spi_r)
                 for spi_in, owner in self._ike_of.items():

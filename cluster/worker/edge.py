@@ -301,14 +301,13 @@ class KeySubscriber:
                 params = replace(params, initial_seq=self._resume_seq(spi_in, checkpoint))
                 self.restored += 1
             try:
-                self.plane.install(params, (event.ike_spi_i, event.ike_spi_r))
+                self.plane.install(params, (event.ike_spi_i, event.ike_spi_r),
+                                   event.inactivity)
             except (ValueError, OSError) as exc:
                 self.errors += 1
                 logger.error("installing Child SA %s failed: %s", spi_in.hex(), exc)
                 continue
             self.installed += 1
-            if event.inactivity > 0:
-                self.plane.watch_idle(spi_in, event.inactivity)
             if self.on_install is not None:
                 self.on_install(event)
         if restoring and table:
