@@ -982,7 +982,7 @@ class _Loader:
         child = self.table(
             key, value, ("mode", "local_ts", "remote_ts", "esp_proposals", "start_action",
                          "rekey_time", "life_time", "rand_time", "dpd_action", "updown",
-                         "inactivity")
+                         "inactivity", "copy_dscp")
         )
         mode = child.string("mode", "tunnel")
         if mode not in ("tunnel", "transport"):
@@ -1004,7 +1004,18 @@ class _Loader:
             dpd_action=child.optional_string("dpd_action"),
             updown=self.updown(child),
             inactivity=self.inactivity(child),
+            copy_dscp=self.copy_dscp(child),
         )
+
+    def copy_dscp(self, child: _Table) -> bool:
+        """swanctl's copy_dscp, the outward half: "out" (the default) or "no"."""
+        value = child.string("copy_dscp", "out")
+        if value in ("in", "yes"):
+            child.fail("copy_dscp", f'{value!r} is not supported: the outer DSCP is not '
+                                    'copied into received packets (use "out" or "no")')
+        if value not in ("out", "no"):
+            child.fail("copy_dscp", f'{value!r} is not one of "out", "no"')
+        return value == "out"
 
     def inactivity(self, child: _Table) -> float:
         seconds = self.duration(child, "inactivity", 0.0)

@@ -16,7 +16,9 @@ Choices worth knowing:
 - AEAD IVs are the 64-bit sequence number (unique per key, RFC 4106 3.1); a restarted
   worker must jump `initial_seq` past anything it may have sent, or rekey.
 - CBC uses one long-lived cipher context per direction (see ciphers.py); IVs stay random.
-- Tunnel-mode outer headers and transport-mode rebuilt headers use TTL 64, DSCP/ECN 0.
+- Headers built here (`encapsulate_ip`'s tunnel-mode outer header, transport-mode
+  headers after decapsulation) use TTL 64, DSCP/ECN 0. The worker's sockets give the
+  outer headers they send each packet's DSCP instead (`dscp_of`, `copy_dscp`).
 - Transport mode behind a NAT (encap=True): after decapsulation the TCP/UDP checksum is
   recomputed for the rebuilt header (RFC 3948 3.1.2 option 2; ESP's ICV covered the
   segment); an IPv4 UDP checksum of zero stays zero. Without encap it is left alone.

@@ -100,6 +100,21 @@ def flow_of(packet: bytes) -> Flow | None:
     return version, src, dst, protocol, NO_PORTS, NO_PORTS
 
 
+def dscp_of(packet: bytes) -> int:
+    """The DSCP of an IPv4 or IPv6 packet as a TOS / traffic class byte with ECN zero:
+    what a tunnel's outer header takes from the packet it carries (RFC 4301 5.1.2.1),
+    0 for anything else. ECN stays Not-ECT outside (RFC 6040 compatibility mode), so
+    no CE mark can arrive on the outer header that would have to be copied in."""
+    if len(packet) < 2:
+        return 0
+    version = packet[0] >> 4
+    if version == 4:
+        return packet[1] & 0xFC
+    if version == 6:
+        return (packet[0] << 4 | packet[1] >> 4) & 0xFC
+    return 0
+
+
 def ones_complement_sum(data: bytes) -> int:
     """The 16-bit one's complement sum of `data` (RFC 1071), not yet inverted.
 

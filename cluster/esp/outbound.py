@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.ciphers import CipherContext
 
 from .ciphers import AeadObject
 from .counters import EspDrop, SaCounters
-from .ip import ADDRESS_SPANS, IPPROTO_ESP, HeaderTemplate, internet_checksum
+from .ip import ADDRESS_SPANS, IPPROTO_ESP, HeaderTemplate, dscp_of, internet_checksum
 from .params import Address, ChildSaParams
 
 if TYPE_CHECKING:
@@ -39,17 +39,19 @@ _AEAD_OVERHEAD = 8 + 8 + 16  # SPI and sequence number, IV, ICV (GCM-16, Poly130
 
 
 def _flow_end(packets: list[bytes], at: int) -> int:
-    """The index after the packets from `at` on with packets[at]'s IP version and
-    addresses (at + 1 when that one is not an IP packet)."""
+    """The index after the packets from `at` on with packets[at]'s IP version, addresses
+    and DSCP (at + 1 when that one is not an IP packet)."""
     first = packets[at]
     version = first[0] >> 4 if first else 0
     if version not in ADDRESS_SPANS:
         return at + 1
     low, high = ADDRESS_SPANS[version]
     key = first[low:high]
+    dscp = dscp_of(first)
     end, total = at + 1, len(packets)
     # (a packet too short to hold the addresses cannot match them)
-    while end < total and packets[end][low:high] == key and packets[end][0] >> 4 == version:
+    while end < total and packets[end][low:high] == key and \
+            packets[end][0] >> 4 == version and dscp_of(packets[end]) == dscp:
         end += 1
     return end
 
@@ -91,7 +93,8 @@ class OutboundSa:
     def encapsulate_flow(self, packets: list[bytes], at: int, flow: bool
                          ) -> tuple[list[list[bytes]], int]:
         """`encapsulate` packets[at] and, with `flow`, the packets after it that have its
-        IP version and addresses (for a SAD that selects on addresses only: this SA's).
+        IP version, addresses (for a SAD that selects on addresses only: this SA's) and
+        DSCP (one outer DSCP for all, see `dscp_of`).
 
         Returns the ESP packets in runs of equal length, in order (what one UDP GSO send
         can carry), and the index of the first packet not used. A packet that cannot go
@@ -283,14 +286,14 @@ class AeadOutbound(OutboundSa):
 
     def encapsulate_flow(self, packets: list[bytes], at: int, flow: bool
                          ) -> tuple[list[list[bytes]], int]:
-        # Tunnel mode, an IP packet first, and no alarm or sequence limit within reach
-        # however many of the packets left go out (each below 128 KiB): the loop below,
-        # with no check per packet but the flow's, the trailer and run kept while the
-        # length stays, the counters added once. Anything else goes through
-        # `encapsulate` one by one.
+        # Tunnel mode, an IP packet first (an IPv4 header long at least), and no alarm or
+        # sequence limit within reach however many of the packets left go out (each
+        # below 128 KiB): the loop below, with no check per packet but the flow's, the
+        # trailer and run kept while the length stays, the counters added once.
+        # Anything else goes through `encapsulate` one by one.
         left = len(packets) - at if flow else 1
         first = packets[at]
-        next_header = _TUNNEL_NEXT_HEADER[first[0] >> 4] if first else 0
+        next_header = _TUNNEL_NEXT_HEADER[first[0] >> 4] if len(first) >= 20 else 0
         if self._transport or not next_header or self.child.removed \
                 or self.seq + left >= min(self._seq_max + 1, self._alarm_seq) \
                 or self.counters.bytes_out + (left << 17) >= self._alarm_bytes:
@@ -298,6 +301,9 @@ class AeadOutbound(OutboundSa):
         low, high = ADDRESS_SPANS[first[0] >> 4]
         key = first[low:high]
         lead = first[0]  # version (and IPv4 header length, IPv6 traffic class)
+        # the rest of the DSCP: IPv4's second byte but ECN, IPv6's traffic class bits in it
+        mask = 0xFC if lead >> 4 == 4 else 0xC0
+        second = first[1] & mask
         runs: list[list[bytes]] = []
         run: list[bytes] = []
         append = run.append  # the current run's (the first packet starts one)
@@ -315,9 +321,10 @@ class AeadOutbound(OutboundSa):
         if flow:
             todo = islice(packets, at, None) if at else packets
         for packet in todo:
-            # Another flow ends the loop; so may a change in the first byte alone (IPv4
-            # options, IPv6 traffic class): the caller goes on from that packet.
-            if packet[low:high] != key or packet[0] != lead:
+            # Another flow ends the loop; so does another DSCP, and may a change in the
+            # first byte alone (IPv4 options, IPv6 traffic class): the caller goes on
+            # from that packet.
+            if packet[low:high] != key or packet[0] != lead or packet[1] & mask != second:
                 break
             size = len(packet)
             if size != last_size:

@@ -29,6 +29,9 @@ class ChildSaParams:
     local: Address = ("", 0)
     remote: Address = ("", 0)
     encap: bool = False  # ESP in UDP (RFC 3948)
+    # the outer header takes each packet's DSCP (RFC 4301 5.1.2.1; swanctl's
+    # copy_dscp = out, its default), or keeps 0 (copy_dscp = no)
+    copy_dscp: bool = True
     local_ts: tuple[Selector, ...] = ()
     remote_ts: tuple[Selector, ...] = ()
     replay_window: int = 1024

@@ -96,6 +96,7 @@ def install_child(sa: IkeSa, name: str, mode: str, spi_in: bytes, spi_out: bytes
 def child_established(sa: IkeSa, child: ChildSa, replaces: bytes = b"") -> ChildSaEstablished:
     """The install request for a Child SA of `sa`: its keys as inbound and outbound."""
     keys, chosen = child.keys, child.chosen
+    config = _child_config(sa, child.name)
     if child.we_initiated:
         key_in, int_in, key_out, int_out = keys.encr_r, keys.integ_r, keys.encr_i, keys.integ_i
     else:
@@ -104,7 +105,9 @@ def child_established(sa: IkeSa, child: ChildSa, replaces: bytes = b"") -> Child
         sa.spi_i, sa.spi_r, child.name, child.mode, child.spi_in, child.spi_out, chosen.encr,
         chosen.integ, chosen.esn == 1, key_in, int_in, key_out, int_out, child.local_ts,
         child.remote_ts, sa.local, sa.remote, encap=sa.nat, replaces=replaces,
-        we_initiated=child.we_initiated, inactivity=_inactivity(sa, child.name),
+        we_initiated=child.we_initiated,
+        inactivity=config.inactivity if config is not None else 0.0,
+        copy_dscp=config.copy_dscp if config is not None else True,
         connection=sa.connection.name if sa.connection is not None else "",
         local_id=str(sa.local_id or ""), remote_id=str(sa.remote_id or ""),
         eap_identity=sa.eap_identity,
@@ -113,11 +116,11 @@ def child_established(sa: IkeSa, child: ChildSa, replaces: bytes = b"") -> Child
     )
 
 
-def _inactivity(sa: IkeSa, name: str) -> float:
-    """The inactivity timeout of the SA's child `name` (0 when none, or it is gone)."""
+def _child_config(sa: IkeSa, name: str) -> ChildConfig | None:
+    """The SA's child `name` (None when it is gone)."""
     conn = sa.connection
-    return next((c.inactivity for c in conn.children if c.name == name), 0.0) \
-        if conn is not None else 0.0
+    return next((c for c in conn.children if c.name == name), None) \
+        if conn is not None else None
 
 
 def respond_child(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload],

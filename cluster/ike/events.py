@@ -99,6 +99,7 @@ class ChildSaEstablished:
     replaces: bytes = b""  # a rekey: spi_in of the Child SA this one takes over from
     we_initiated: bool = True  # whether we sent the request that created it
     inactivity: float = 0.0  # its child's: seconds without traffic before it is deleted
+    copy_dscp: bool = True  # its child's: the outer header takes each packet's DSCP
     # its IKE SA's, for what runs where it is installed (a child's updown on a worker)
     connection: str = ""
     local_id: str = ""

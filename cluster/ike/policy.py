@@ -106,6 +106,9 @@ class ChildConfig:
     # swanctl's inactivity: seconds without traffic either way before the data plane has
     # the Child SA deleted (its IKE SA stays); 0: never
     inactivity: float = 0.0
+    # swanctl's copy_dscp = out (its default): each packet's DSCP goes on the outer
+    # header (RFC 4301 5.1.2.1); False: copy_dscp = no, the outer DSCP stays 0
+    copy_dscp: bool = True
 
 
 @dataclass(frozen=True)

@@ -323,7 +323,7 @@ def child_record(event: ChildSaEstablished) -> Record:
         "remote_ts": [_ts(t) for t in event.remote_ts],
         "local": list(event.local), "remote": list(event.remote), "encap": event.encap,
         "replaces": event.replaces, "we_initiated": event.we_initiated,
-        "inactivity": event.inactivity,
+        "inactivity": event.inactivity, "copy_dscp": event.copy_dscp,
         "ike_sa": [event.connection, event.local_id, event.remote_id, event.eap_identity,
                    list(event.virtual_ips), list(event.own_virtual_ips)],
     }
@@ -348,6 +348,7 @@ def child_event(record: Record) -> ChildSaEstablished:
             encap=bool(record["encap"]), replaces=record["replaces"],
             we_initiated=bool(record["we_initiated"]),
             inactivity=float(record.get("inactivity", 0.0)),  # (a record before it: none)
+            copy_dscp=bool(record.get("copy_dscp", True)),  # (before it: the default)
             **_ike_context(record.get("ike_sa")),
         )
     except (KeyError, IndexError, TypeError, ValueError) as exc:

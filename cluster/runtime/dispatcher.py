@@ -31,6 +31,7 @@ from ..errors import ParseError
 from ..ike.constants import NON_ESP_MARKER
 from ..ike.message import Header, peek_header_untrusted
 from ..ike.session import Address, Datagram
+from ..ip_options import tos_ancillary
 from .mmsg import MessageBatch
 from .stats import RuntimeStats
 
@@ -296,8 +297,10 @@ class Dispatcher:
         for ep in self.endpoints:
             ep.sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
-    def send_esp(self, esp: bytes, local: Address, remote: Address, segment: int = 0) -> bool:
-        """ESP in UDP from our NAT-T socket at `local` (no marker: RFC 3948 2.2).
+    def send_esp(self, esp: bytes, local: Address, remote: Address, segment: int = 0,
+                 tos: int = 0) -> bool:
+        """ESP in UDP from our NAT-T socket at `local` (no marker: RFC 3948 2.2), with
+        `tos` as the IP header's TOS / traffic class.
 
         With `segment`, `esp` is several ESP packets of `segment` bytes each (the last
         may be shorter): one UDP GSO send (UDP_SEGMENT), and the kernel puts each on
@@ -309,8 +312,12 @@ class Dispatcher:
             return False
         try:
             if segment and len(esp) > segment:
-                ep.sock.sendmsg([esp], [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(segment))], 0,
-                                remote)
+                ancillary = [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(segment))]
+                if tos:
+                    ancillary.append(tos_ancillary(ep.sock.family, tos))
+                ep.sock.sendmsg([esp], ancillary, 0, remote)
+            elif tos:
+                ep.sock.sendmsg([esp], [tos_ancillary(ep.sock.family, tos)], 0, remote)
             else:
                 ep.sock.sendto(esp, remote)
         except BlockingIOError:
@@ -319,7 +326,7 @@ class Dispatcher:
         except OSError:
             if segment and len(esp) > segment:
                 # no GSO on this path (e.g. a segment above the route's MTU): one by one
-                return all([self.send_esp(esp[at:at + segment], local, remote)
+                return all([self.send_esp(esp[at:at + segment], local, remote, 0, tos)
                             for at in range(0, len(esp), segment)])
             self.stats.dropped_send_error += 1
             return False

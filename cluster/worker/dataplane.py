@@ -32,7 +32,7 @@ from ..esp import (
     SaSoftExpired,
     Selector,
 )
-from ..esp.ip import ADDRESS_SPANS, flow_of
+from ..esp.ip import ADDRESS_SPANS, dscp_of, flow_of
 from ..esp.params import Address
 from ..esp.selector import SelectorSet
 from ..ike.events import (
@@ -99,26 +99,28 @@ class Trap:
 
 class UdpSend(Protocol):
     """`Dispatcher.send_esp`: ESP in UDP from the NAT-T socket at `local` to `remote`;
-    with `segment`, `esp` is several packets of that size (the last may be shorter)."""
+    with `segment`, `esp` is several packets of that size (the last may be shorter);
+    `tos`, the outer header's TOS / traffic class."""
 
-    def __call__(self, esp: bytes, local: Address, remote: Address, segment: int = 0
-                 ) -> bool: ...
+    def __call__(self, esp: bytes, local: Address, remote: Address, segment: int = 0,
+                 tos: int = 0) -> bool: ...
 
 
-def _send_run(udp_send: UdpSend, sa: OutboundSa, run: list[bytes], size: int) -> None:
+def _send_run(udp_send: UdpSend, sa: OutboundSa, run: list[bytes], size: int, tos: int
+              ) -> None:
     """A run of ESP packets of `size` bytes (the last may be shorter) in as few UDP GSO
-    sends as the kernel's limits allow."""
+    sends as the kernel's limits allow, with `tos` outside."""
     local, remote = sa.child.params.local, sa.remote
     if len(run) == 1:
-        udp_send(run[0], local, remote)
+        udp_send(run[0], local, remote, 0, tos)
         return
     limit = min(GSO_SEGMENTS, GSO_BYTES // size)
     for at in range(0, len(run), limit):
         piece = run[at:at + limit]
         if len(piece) == 1:
-            udp_send(piece[0], local, remote)
+            udp_send(piece[0], local, remote, 0, tos)
         else:
-            udp_send(b"".join(piece), local, remote, size)
+            udp_send(b"".join(piece), local, remote, size, tos)
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,8 +477,10 @@ class DataPlane:
         """Packets the host routed into the TUN: protect and send, or drop.
 
         ESP in UDP leaves in runs: consecutive packets of one SA with the same length
-        (the last may be shorter) go to the kernel in one UDP GSO send, which puts
-        each on the wire as its own datagram. Order within an SA is kept.
+        (the last may be shorter) and DSCP go to the kernel in one UDP GSO send, which
+        puts each on the wire as its own datagram. Order within an SA is kept. The
+        outer header carries the packet's DSCP unless the SA's child says copy_dscp =
+        "no" (RFC 4301 5.1.2.1).
         """
         outbound_for = self.sad.outbound_for
         udp_send = self.udp_send
@@ -486,7 +490,7 @@ class DataPlane:
         # the GSO run that waits for more of its SA and length
         pending: list[bytes] = []
         pending_sa: OutboundSa | None = None
-        pending_size = 0
+        pending_size = pending_tos = 0
         at, total = 0, len(packets)
         while at < total:
             packet = packets[at]
@@ -504,35 +508,36 @@ class DataPlane:
                     continue  # counted: no SA covers it, never sent in the clear
                 if address_only and key is not None:
                     flow_key, flow_sa = key, sa
-            # this packet and those of its flow that follow (the same SA)
+            # this packet and those of its flow and DSCP that follow (the same SA)
+            tos = dscp_of(packet) if sa.child.params.copy_dscp else 0
             runs, at = sa.encapsulate_flow(packets, at, address_only and key is not None)
             if not sa.encap:
                 sock = self.esp_sockets.get(6 if ":" in sa.remote[0] else 4)
                 if sock is not None:
                     for run in runs:
                         for esp in run:
-                            sock.send(esp, sa.remote[0])
+                            sock.send(esp, sa.remote[0], tos)
                 continue
             if udp_send is None:
                 continue
             for run in runs:
                 size = len(run[0])
-                if sa is pending_sa:
+                if sa is pending_sa and tos == pending_tos:
                     if size == pending_size:
                         pending += run
                         continue
                     if size < pending_size:  # a shorter packet can only end a GSO run
                         pending.append(run[0])
                         run = run[1:]
-                    _send_run(udp_send, sa, pending, pending_size)
+                    _send_run(udp_send, sa, pending, pending_size, tos)
                     pending_sa = None
                     if not run:
                         continue
                 elif pending_sa is not None:
-                    _send_run(udp_send, pending_sa, pending, pending_size)
-                pending, pending_sa, pending_size = run, sa, size
+                    _send_run(udp_send, pending_sa, pending, pending_size, pending_tos)
+                pending, pending_sa, pending_size, pending_tos = run, sa, size, tos
         if pending_sa is not None and udp_send is not None:
-            _send_run(udp_send, pending_sa, pending, pending_size)
+            _send_run(udp_send, pending_sa, pending, pending_size, pending_tos)
         self._flow_key, self._flow_sa = flow_key, flow_sa
         self._drain_events()
 

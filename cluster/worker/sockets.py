@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from ..errors import ParseError
+from ..ip_options import tos_ancillary
 from . import IoCounters
 
 DEFAULT_MARK = 0x1C5
@@ -124,12 +125,16 @@ class EspSocket:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, esp: bytes, peer: str) -> bool:
+    def send(self, esp: bytes, peer: str, tos: int = 0) -> bool:
         """Send one ESP packet to `peer` (an address literal); the kernel adds the IP
-        header with protocol 50. False, counted, when the kernel refused it."""
+        header with protocol 50 and `tos` as its TOS / traffic class. False, counted,
+        when the kernel refused it."""
         try:
             # Port 0: for IPv6 raw sockets a non-zero port must equal the protocol.
-            self.sock.sendto(esp, (peer, 0))
+            if tos:
+                self.sock.sendmsg([esp], [tos_ancillary(self.family, tos)], 0, (peer, 0))
+            else:
+                self.sock.sendto(esp, (peer, 0))
         except OSError:
             # EAGAIN/ENOBUFS on a full queue, EHOSTUNREACH, EMSGSIZE: drop, never block.
             self.counters.esp_send_errors += 1

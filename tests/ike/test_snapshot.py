@@ -125,6 +125,12 @@ def test_a_child_sa_record_gives_back_the_same_event_through_msgpack() -> None:
     older = child_record(idle)
     del older["inactivity"]
     assert child_event(older) == child
+    # so does copy_dscp; a record without it copies (swanctl's default)
+    plain = replace(child, copy_dscp=False)
+    assert child.copy_dscp and child_event(child_record(plain)) == plain
+    older = child_record(plain)
+    del older["copy_dscp"]
+    assert child_event(older) == child
 
 
 def _rekey_lost_with_its_owner(gateway: IkeSession) -> None:

@@ -53,6 +53,7 @@ class Child:
     rand_time: str | None = None  # strongSwan duration; default life_time - rekey_time
     updown: str | None = None  # our node's updown command (charon's config leaves it out)
     inactivity: str | None = None  # our node's inactivity timeout (likewise)
+    copy_dscp: str | None = None  # our node's copy_dscp (likewise)
 
 
 @dataclass(frozen=True)

@@ -1385,6 +1385,42 @@ def test_an_idle_child_sa_is_deleted_after_its_inactivity_timeout(
     assert now["initiator-spi"] == sa["initiator-spi"] and not now.get("child-sas"), now
 
 
+@pytest.mark.parametrize("copy_dscp", [None, "no"])
+def test_the_outer_header_carries_each_packets_dscp_unless_copy_dscp_is_no(
+        lab: Lab, initiator: Charon, copy_dscp: str | None) -> None:
+    """RFC 4301 5.1.2.1, swanctl's copy_dscp = out (the default): strongSwan pings with
+    DSCP EF, then without; Linux answers each echo with its request's TOS, and our worker
+    puts that DSCP on the ESP-in-UDP datagram that carries the answer, as counted on
+    strongSwan's veth. With copy_dscp = "no" every datagram leaves with DSCP 0."""
+    initiator_conn, responder_conn = conn_pair()
+    if copy_dscp is not None:
+        responder_conn = responder_conn.with_child(copy_dscp=copy_dscp)
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    wire = lab.wire_counters("initiator", {
+        "esp_in": ("in", ESP_IN_UDP_IN),
+        "esp_in_ef": ("in", f"{ESP_IN_UDP_IN} ip dscp ef"),
+        "esp_in_cs0": ("in", f"{ESP_IN_UDP_IN} ip dscp cs0"),
+    })
+    initiator.load(initiator_conn)
+    assert_initiated(initiator.initiate("net"), initiator)
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    before = wire.read()
+    marked = lab.initiator.run(["ping", "-n", "-c", str(PINGS), "-i", "0.05", "-W", "2",
+                                "-Q", "0xb8", "-I", INITIATOR_INNER_V4, RESPONDER_INNER_V4],
+                               check=False)
+    assert f"{PINGS} received" in marked.stdout, marked.stdout + marked.stderr
+    after_marked = wire.since(before)
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert received == sent == PINGS, output
+    seen = wire.since(before)
+    report("dscp wire (initiator veth, in)", f"after EF pings {after_marked}, then {seen}")
+    assert seen["esp_in"] == 2 * PINGS == seen["esp_in_ef"] + seen["esp_in_cs0"], seen
+    if copy_dscp == "no":
+        assert seen["esp_in_ef"] == 0, seen
+    else:
+        assert after_marked["esp_in_ef"] == PINGS == seen["esp_in_ef"], seen
+
+
 def test_a_childless_ike_sa_gets_its_child_sa_by_create_child_sa(
         lab: Lab, initiator: Charon) -> None:
     """RFC 6023 with strongSwan's `childless = force`: we announce the extension, its

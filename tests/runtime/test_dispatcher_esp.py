@@ -7,6 +7,7 @@ import struct
 import time
 from collections.abc import Callable
 
+import pytest
 import trio
 import trio.testing
 
@@ -23,6 +24,7 @@ from cluster.runtime.dispatcher import (
     Dispatcher,
 )
 from cluster.runtime.stats import RuntimeStats
+from tests.ip_tos import received_tos, receiving_tos
 
 
 class Router:
@@ -62,6 +64,22 @@ async def test_send_esp_with_a_segment_size_sends_each_packet_as_a_datagram() ->
         local = natt_local(dispatcher)
     assert [data for data, _ in received] == [*packets, packets[0]]
     assert {source for _, source in received} == {local}
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_send_esp_puts_the_tos_it_is_given_on_each_datagram(host: str) -> None:
+    packets = [esp(0x1000, n, 300) for n in range(1, 4)]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with Dispatcher.bind([host], 0, 0, RuntimeStats()) as dispatcher, \
+            receiving_tos(socket.socket(family, socket.SOCK_DGRAM)) as peer:
+        peer.bind((host, 0))
+        peer.settimeout(2)
+        local, remote = natt_local(dispatcher), peer.getsockname()[:2]
+        assert dispatcher.send_esp(b"".join(packets), local, remote, 300, 0xB8)  # GSO
+        assert dispatcher.send_esp(packets[0], local, remote, 0, 0x04)
+        assert dispatcher.send_esp(packets[1], local, remote)
+        seen = [received_tos(peer) for _ in range(5)]
+    assert seen == [0xB8, 0xB8, 0xB8, 0x04, 0]
 
 
 async def test_coalesced_datagrams_are_classified_one_by_one() -> None:

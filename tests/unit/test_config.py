@@ -432,6 +432,15 @@ def test_inactivity_is_a_duration_and_off_by_default(tmp_path: Path) -> None:
     assert conn.children[0].inactivity == 1800.0
 
 
+def test_copy_dscp_is_out_by_default_or_no(tmp_path: Path) -> None:
+    (conn,) = load_config(write(tmp_path, BASE)).policy.connections
+    assert conn.children[0].copy_dscp is True
+    for value, copies in (("out", True), ("no", False)):
+        text = edit(('mode = "tunnel"\n', f'mode = "tunnel"\ncopy_dscp = "{value}"\n'))
+        (conn,) = load_config(write(tmp_path, text)).policy.connections
+        assert conn.children[0].copy_dscp is copies
+
+
 def test_ppks_follow_swanctl(tmp_path: Path) -> None:
     text = edit(("version = 2\n", 'version = 2\nppk_id = "pq-1"\nppk_required = true\n'))
     config = load_config(write(tmp_path, text + '[secrets.ppk-1]\nids = ["pq-1"]\n'
@@ -636,6 +645,11 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
     ("inactivity below a second",
      edit(('mode = "tunnel"\n', 'mode = "tunnel"\ninactivity = 0.5\n')),
      "connections.rw.children.net.inactivity", "between a second and 136 years (0: never)"),
+    ("copy_dscp in", edit(('mode = "tunnel"\n', 'mode = "tunnel"\ncopy_dscp = "in"\n')),
+     "connections.rw.children.net.copy_dscp",
+     "'in' is not supported: the outer DSCP is not copied into received packets"),
+    ("copy_dscp unknown", edit(('mode = "tunnel"\n', 'mode = "tunnel"\ncopy_dscp = "off"\n')),
+     "connections.rw.children.net.copy_dscp", "'off' is not one of \"out\", \"no\""),
 ]
 
 

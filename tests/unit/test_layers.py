@@ -25,6 +25,7 @@ LAYERS = {
     "cluster.relay": 3,
     "cluster.rendezvous": 3,
     "cluster.relay_socket": 3,
+    "cluster.ip_options": 3,
     "cluster.runtime": 4,
     "cluster.worker": 4,
     "cluster.cli": 5,

@@ -8,6 +8,7 @@ and in order, nothing for a destination no SA covers.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from dataclasses import dataclass, field
 
@@ -16,12 +17,13 @@ import trio
 import trio.testing
 
 from cluster.esp import Sad
+from cluster.esp.ip import internet_checksum
 from cluster.esp.params import Address
 from cluster.worker import IoCounters
 from cluster.worker.dataplane import GSO_BYTES, GSO_SEGMENTS, TUN_HOLD, TUN_HOLD_AFTER, DataPlane
 from cluster.worker.gro import GSO_TCPV4, VNET_HDR, VNET_HDR_SIZE
 from cluster.worker.keys import Limits
-from tests.esp.pairs import mirror, packet, params
+from tests.esp.pairs import GW_A, GW_B, mirror, packet, params
 
 from .test_gro import tcp
 
@@ -49,22 +51,32 @@ class FakeRoutes:
 @dataclass
 class Sent:
     calls: list[tuple[bytes, Address, Address, int]] = field(default_factory=list)
+    tos: list[int] = field(default_factory=list)  # each call's
 
-    def __call__(self, esp: bytes, local: Address, remote: Address, segment: int = 0) -> bool:
+    def __call__(self, esp: bytes, local: Address, remote: Address, segment: int = 0,
+                 tos: int = 0) -> bool:
         self.calls.append((esp, local, remote, segment))
+        self.tos.append(tos)
         return True
 
     def datagrams(self) -> list[bytes]:
-        out = []
-        for esp, _, _, segment in self.calls:
-            step = segment or len(esp)
-            out += [esp[at:at + step] for at in range(0, len(esp), step)]
-        return out
+        return [d for call in self.calls for d in _split(call)]
+
+    def datagrams_with_tos(self) -> list[tuple[bytes, int]]:
+        return [(d, tos) for call, tos in zip(self.calls, self.tos, strict=True)
+                for d in _split(call)]
 
 
-def plane_and_peer(fd: int, *, we_are_b: bool = False) -> tuple[DataPlane, Sad, Sent]:
+def _split(call: tuple[bytes, Address, Address, int]) -> list[bytes]:
+    esp, _, _, segment = call
+    step = segment or len(esp)
+    return [esp[at:at + step] for at in range(0, len(esp), step)]
+
+
+def plane_and_peer(fd: int, *, we_are_b: bool = False, **changes: object
+                   ) -> tuple[DataPlane, Sad, Sent]:
     """Our data plane as gateway A of tests.esp.pairs (10.99.1.0/24 behind it), or B."""
-    a_side = params(encap=True)
+    a_side = params(encap=True, **changes)
     ours, theirs = (mirror(a_side), a_side) if we_are_b else (a_side, mirror(a_side))
     plane = DataPlane(FakeTun([fd]), FakeRoutes(), [], Limits())  # type: ignore[arg-type]
     plane.install(ours)
@@ -101,6 +113,77 @@ def test_runs_of_equal_packets_leave_in_gso_sends_in_order(tun_pair: tuple[int, 
     # GSO did happen: far fewer sends than packets, the shorter packet last in its run
     assert len(sent.calls) <= 8
     assert sent.calls[-1][0].endswith(datagrams[-1]) and sent.calls[-1][3] > len(datagrams[-1])
+
+
+def with_tos(ip: bytes, tos: int) -> bytes:
+    """`ip` with its TOS (IPv4, checksum fixed) or traffic class (IPv6) set to `tos`."""
+    data = bytearray(ip)
+    if data[0] >> 4 == 4:
+        data[1] = tos
+        data[10:12] = b"\x00\x00"
+        data[10:12] = internet_checksum(bytes(data[:20])).to_bytes(2, "big")
+    else:
+        data[0] = 0x60 | tos >> 4
+        data[1] = (tos & 0x0F) << 4 | data[1] & 0x0F
+    return bytes(data)
+
+
+EF, AF41, LE, ECT0, CE = 0xB8, 0x88, 0x04, 0x02, 0x03  # LE: DSCP 1 (RFC 8622)
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("cipher", [("aes256gcm16", None), ("aes128", "sha256")])
+def test_the_outer_header_takes_each_packets_dscp_but_not_its_ecn(
+        tun_pair: tuple[int, int], v6: bool, cipher: tuple[str, str | None]) -> None:
+    plane, peer, sent = plane_and_peer(tun_pair[0], v6=v6, encr=cipher[0], integ=cipher[1])
+    src, dst = ("fd00:a::5", "fd00:b::7") if v6 else ("10.99.1.5", "10.99.2.7")
+    marks = [0] * 5 + [EF | ECT0] * 20 + [EF] * 3 + [0 | CE] * 4 + [LE] * 2 + [AF41] * 2 \
+        + [EF]
+    flow = [with_tos(packet(src, dst, payload=bytes([n]) * 1300), tos)
+            for n, tos in enumerate(marks)]
+    plane.send_packets(flow)
+    datagrams = sent.datagrams_with_tos()
+    assert [peer.decapsulate_untrusted(d) for d, _ in datagrams] == flow
+    assert [tos for _, tos in datagrams] == [tos & 0xFC for tos in marks]
+    # each DSCP's stretch still leaves in GSO sends, one per stretch (CBC pads: the
+    # lengths stay equal)
+    assert len(sent.calls) == 6
+
+
+def test_copy_dscp_no_keeps_the_outer_dscp_zero(tun_pair: tuple[int, int]) -> None:
+    plane, peer, sent = plane_and_peer(tun_pair[0], copy_dscp=False)
+    flow = [with_tos(packet("10.99.1.5", "10.99.2.7", payload=b"q" * 900), tos)
+            for tos in (0, EF, EF, AF41, 0)]
+    plane.send_packets(flow)
+    datagrams = sent.datagrams_with_tos()
+    assert [peer.decapsulate_untrusted(d) for d, _ in datagrams] == flow
+    assert {tos for _, tos in datagrams} == {0}
+
+
+@dataclass
+class FakeEspSocket:
+    family: int = socket.AF_INET
+    sent: list[tuple[bytes, str, int]] = field(default_factory=list)
+
+    def send(self, esp: bytes, peer: str, tos: int = 0) -> bool:
+        self.sent.append((esp, peer, tos))
+        return True
+
+
+@pytest.mark.parametrize("mode", ["tunnel", "transport"])
+def test_raw_esp_takes_each_packets_dscp_too(tun_pair: tuple[int, int], mode: str) -> None:
+    a_side = params(mode=mode)
+    raw = FakeEspSocket()
+    plane = DataPlane(FakeTun([tun_pair[0]]), FakeRoutes(), [raw], Limits())  # type: ignore[list-item]
+    plane.install(a_side)
+    peer = Sad()
+    peer.install(mirror(a_side))
+    src, dst = (GW_A, GW_B) if mode == "transport" else ("10.99.1.5", "10.99.2.7")
+    flow = [with_tos(packet(src, dst, payload=b"r" * 500), tos) for tos in (EF, EF | CE, 0)]
+    plane.send_packets(flow)
+    assert [(peer_address, tos) for _, peer_address, tos in raw.sent] == \
+        [(GW_B, EF), (GW_B, EF), (GW_B, 0)]
+    assert len({peer.decapsulate_untrusted(esp)[-500:] for esp, _, _ in raw.sent}) == 1
 
 
 def test_a_removed_sa_is_not_used_from_the_fast_path(tun_pair: tuple[int, int]) -> None:

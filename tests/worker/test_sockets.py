@@ -22,6 +22,7 @@ from cluster.worker.sockets import (
     mark_socket,
 )
 from cluster.worker.tun import TunDevice
+from tests.ip_tos import received_tos, receiving_tos
 
 from .namespaces import Pair, enter_netns, run_in_netns
 
@@ -208,3 +209,28 @@ def test_malformed_ipv4_headers_raise_parse_error(packet: bytes) -> None:
 def test_counters_start_at_zero_and_list_every_field() -> None:
     assert set(IoCounters().as_dict().values()) == {0}
     assert "esp_receive_errors" in IoCounters().as_dict()
+
+
+@FAMILIES
+def test_raw_esp_leaves_with_the_tos_it_is_given(pair: Pair, version: int) -> None:
+    local, peer = _addresses(pair, version)
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
+
+    def body() -> list[int | None]:
+        enter_netns(pair.b)
+        capture = receiving_tos(socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_ESP))
+        capture.bind((peer, 0))
+        enter_netns(pair.a)
+        try:
+            with EspSocket.open(local) as sender:
+                for tos in (0xB8, 0, 0x04):
+                    assert sender.send(_esp(7, tos + 1, b"dscp"), peer, tos)
+            seen = []
+            for _ in range(3):
+                assert _wait(capture.fileno(), 5)
+                seen.append(received_tos(capture))
+            return seen
+        finally:
+            capture.close()
+
+    assert run_in_netns(pair.a, body) == [0xB8, 0, 0x04]
