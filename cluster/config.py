@@ -789,9 +789,12 @@ class _Loader:
         )
 
     def remote_auth(self, conn: _Table) -> RemoteAuth:
-        remote = conn.table("remote", ("auth", "id", "cacerts", "crls", "eap_id"),
+        remote = conn.table("remote", ("auth", "id", "cacerts", "crls", "eap_id", "groups"),
                             required=True)
         method = remote.string("auth", "pubkey")
+        if "groups" in remote and method != "eap-radius":
+            remote.fail("groups", "group memberships come from a RADIUS server's Class "
+                                  'attributes: only with auth = "eap-radius"')
         if method == "eap-mschapv2":
             return self.eap_remote(conn, remote, "eap-mschapv2")
         if method == "eap-radius":
@@ -853,8 +856,11 @@ class _Loader:
                 patterns.append(parse_identity_pattern(remote.string(name, default)))
             except ValueError as exc:
                 remote.fail(name, str(exc))
+        groups = remote.strings("groups")
+        if any(not group for group in groups):
+            remote.fail("groups", "a group name is empty")
         return RemoteAuth(method=method, identity=patterns[0], eap_id=patterns[1],
-                          cacerts=cacerts, crls=crls, crl_uris=uris)
+                          cacerts=cacerts, crls=crls, crl_uris=uris, groups=tuple(groups))
 
     def crl(self, table: _Table, name: str, text: str) -> x509.CertificateRevocationList:
         """A CRL file, PEM or DER (strongSwan's x509crl directory holds either)."""

@@ -400,6 +400,31 @@ def _start_eap(sa: IkeSa, payloads: list[Payload], idi: IdiPayload, idr: IdrPayl
     return [*response, EapPayload(server.start())]
 
 
+def _connection_for_groups(sa: IkeSa, conn: ConnectionConfig, server: EapRadiusServer
+                           ) -> ConnectionConfig:
+    """swanctl's groups, as strongSwan switches connections once the peer authenticated:
+    `conn` if the RADIUS server's Class attributes name one of its groups, or else the
+    next connection that the authentication done fits (EAP-RADIUS, the same IDs and
+    gateway credentials, the EAP identity its eap_id allows) and whose groups the user
+    is in (or that names none). AuthenticationFailed when there is none."""
+    assert sa.remote_id is not None
+    classes = {value.decode("utf-8", errors="replace") for value in server.classes}
+    identity = eap_identity_untrusted(server.identity)
+    candidates = candidate_connections(sa.policy, sa.local, sa.remote)
+    for other in [conn, *(c for c in candidates if c is not conn)]:
+        if other is not conn and (
+                other.remote.method != "eap-radius" or other.local.cert != conn.local.cert
+                or not other.remote.identity.matches(sa.remote_id)
+                or _local_identity(sa, other.local) != sa.local_id
+                or identity is None or not other.remote.eap_id.matches(identity)):
+            continue
+        if not other.remote.groups or classes.intersection(other.remote.groups):
+            return other
+    raise AuthenticationFailed(f"EAP user {server.identity!r} is in none of the groups of "
+                               f"connection {conn.name!r} (Class attributes: "
+                               f"{sorted(classes)})")
+
+
 def _verify_tls_peer(sa: IkeSa, remote: RemoteAuth, cert: x509.Certificate,
                      chain: Sequence[x509.Certificate], eap_identity: bytes,
                      now: datetime) -> None:
@@ -427,6 +452,8 @@ def _continue_eap(sa: IkeSa, exchange: EapExchange, payloads: list[Payload],
     chosen, conn = sa.chosen, sa.connection
     assert chosen is not None and chosen.prf is not None and sa.keys is not None
     assert conn is not None and sa.local_id is not None
+    if isinstance(server, EapRadiusServer) and conn.remote.groups:
+        conn = sa.connection = _connection_for_groups(sa, conn, server)
     # RFC 8784 3 with EAP (as strongSwan does it): PPK_IDENTITY and NO_PPK_AUTH come
     # with the AUTH after EAP, and the PPK goes into these AUTHs only (our first AUTH
     # was made before we knew it)

@@ -40,6 +40,8 @@ def _end_table(end: End, config_dir: Path) -> dict[str, object]:
     table: dict[str, object] = {"auth": end.auth, "id": end.id}
     if end.eap_id is not None:
         table["eap_id"] = end.eap_id
+    if end.groups:
+        table["groups"] = list(end.groups)
     if end.cert is not None:
         shutil.copy(end.cert, config_dir / end.cert.name)
         table["cert"] = end.cert.name

@@ -38,6 +38,7 @@ class End:
     crls: tuple[Path, ...] = ()  # revocation lists checked on the peer's chain (remote end)
     crl_uris: tuple[str, ...] = ()  # and ones our node downloads (remote end)
     eap_id: str | None = None  # the EAP identity (auth = "eap-mschapv2")
+    groups: tuple[str, ...] = ()  # our node's remote groups (auth = "eap-radius")
 
 
 @dataclass(frozen=True)

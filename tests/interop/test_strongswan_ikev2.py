@@ -23,6 +23,8 @@ from tests.interop.charon import PLUGINS, Charon
 from tests.interop.freeradius import FreeRadius, Tls
 from tests.interop.lab import (
     INITIATOR_V4,
+    RESPONDER_INNER_V4,
+    RESPONDER_NETS,
     RESPONDER_V4,
     RESPONDER_V6,
     VETH,
@@ -886,6 +888,48 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
     assert "Login incorrect" in radius.log_text(), radius.log_text()
     assert "radius-shared-secret" not in node.log_text()
     assert_still_serves(initiator, initiator_conn, node)
+
+
+def test_radius_class_attributes_choose_among_connections_by_their_groups(
+        lab: Lab, initiator: Charon, pki: Pki, tmp_path: Path) -> None:
+    """swanctl's `remote.groups` with eap-radius (strongSwan's class_group): connection
+    "admins" wants group "admins" and offers the whole 10.99.2.0/24, "staff" names no
+    group and offers only 10.99.2.1. FreeRADIUS gives carol Class "admins", dave no
+    Class. Both start EAP on "admins"; carol stays there, dave's Access-Accept moves him
+    to "staff", as strongSwan switches after authentication, and strongSwan sees each
+    one's traffic selectors narrowed accordingly. Without "staff", dave is refused."""
+    radius = FreeRadius(lab.responder, tmp_path / "radius", address=RESPONDER_V4,
+                        client=RESPONDER_V4, secret="radius-shared-secret",
+                        users={"carol": "Carol's pa55word", "dave": "Dave's pa55word"},
+                        replies={"carol": ('Class := "admins"',)}).start()
+    carol, admins = _eap_user(pki, "carol", "Carol's pa55word",
+                              End("eap-radius", "%any", eap_id="%any", groups=("admins",)))
+    admins = replace(admins, name="admins")
+    staff = replace(admins, name="staff", remote=replace(admins.remote, groups=()))
+    staff = staff.with_child(local_ts=(f"{RESPONDER_INNER_V4}/32",))
+    radius_toml = (f'[radius.servers.lab]\naddress = "{RESPONDER_V4}"\n'
+                   'secret = "radius-shared-secret"\n')
+    node = lab.node([admins, staff], extra_toml=radius_toml)
+    dave = replace(carol, eap_users=(("dave", "Dave's pa55word"),),
+                   local=replace(carol.local, eap_id="dave"))
+    for user, conn, connection, remote_ts in (
+            ("carol", carol, "admins", RESPONDER_NETS[4]),
+            ("dave", dave, "staff", f"{RESPONDER_INNER_V4}/32")):
+        initiator.load(conn)
+        sa = _assert_eap_established(initiator.initiate("net"), initiator, "EAP_MSCHAPV2")
+        assert child_sa(sa)["remote-ts"] == [remote_ts], sa
+        node.logged(rf"IKE SA established: {connection} .* eap_id={user}\b")
+        assert initiator.terminate_ike().returncode == 0
+        assert not established(initiator)
+    assert "Login OK: [dave]" in radius.log_text(), radius.log_text()
+
+    node.stop()
+    node = lab.node([admins], extra_toml=radius_toml)
+    initiator.load(dave)
+    result = initiator.initiate("net")
+    assert_not_established(result, initiator)
+    assert "received AUTHENTICATION_FAILED notify error" in result.stdout, result.stdout
+    node.logged(r"EAP user b'dave' is in none of the groups of connection 'admins'")
 
 
 def _eap_tls_user(lab: Lab, pki: Pki, client: Credential, gateway: Credential

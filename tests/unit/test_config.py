@@ -919,6 +919,11 @@ def test_eap_radius_servers_follow_strongswans_eap_radius(
     (conn,) = config.policy.connections
     assert conn.remote.method == "eap-radius"
     assert conn.remote.eap_id.matches(parse_identity("carol@example.test"))
+    assert conn.remote.groups == ()
+    grouped = text.replace('eap_id = "*@example.test"',
+                           'eap_id = "*@example.test", groups = ["admins", "net ops"]')
+    (conn,) = load_config(write(tmp_path, grouped)).policy.connections
+    assert conn.remote.groups == ("admins", "net ops")
     radius = config.policy.radius
     assert radius is not None
     assert [(s.name, s.address, s.port, s.secret) for s in radius.servers] == [
@@ -961,6 +966,10 @@ def test_eap_radius_servers_follow_strongswans_eap_radius(
         text.replace('remote = { auth = "eap-radius"', 'remote = { auth = "eap-radius", '
                      'cacerts = ["pki/ca.pem"]'):
             'connections.rw.remote.cacerts: only used with auth = "pubkey" or "eap-tls"',
+        grouped.replace('auth = "eap-radius"', 'auth = "eap-mschapv2"'):
+            "connections.rw.remote.groups: group memberships come from a RADIUS server's "
+            'Class attributes: only with auth = "eap-radius"',
+        grouped.replace('"net ops"', '""'): "connections.rw.remote.groups: a group name is empty",
     }
     for bad, message in errors.items():
         assert load_error(write(tmp_path, bad)) == f"{tmp_path / 'node.toml'}: {message}"
