@@ -47,6 +47,7 @@ from .ike.policy import (
     ResponderPolicy,
     Retransmission,
     SharedSecret,
+    VolumeLimits,
 )
 from .ike.pools import AddressPool, FramedPool
 from .ike.proposals import ConfiguredProposal, parse_proposal
@@ -988,7 +989,8 @@ class _Loader:
         child = self.table(
             key, value, ("mode", "local_ts", "remote_ts", "esp_proposals", "start_action",
                          "rekey_time", "life_time", "rand_time", "dpd_action", "updown",
-                         "inactivity", "copy_dscp")
+                         "inactivity", "copy_dscp", "rekey_bytes", "life_bytes",
+                         "rekey_packets", "life_packets")
         )
         mode = child.string("mode", "tunnel")
         if mode not in ("tunnel", "transport"):
@@ -1011,7 +1013,22 @@ class _Loader:
             updown=self.updown(child),
             inactivity=self.inactivity(child),
             copy_dscp=self.copy_dscp(child),
+            volume=VolumeLimits(*self.volume(child, "bytes"), *self.volume(child, "packets")),
         )
+
+    def volume(self, child: _Table, unit: str) -> tuple[int, int]:
+        """swanctl's rekey_<unit> and life_<unit> (0: none); life defaults to 110 % of
+        rekey, as in swanctl."""
+        rekey_key, life_key = f"rekey_{unit}", f"life_{unit}"
+        rekey, life = child.integer(rekey_key, 0), child.integer(life_key, 0)
+        for key, value in ((rekey_key, rekey), (life_key, life)):
+            if not 0 <= value < 1 << 63:
+                child.fail(key, "must be between 0 (none) and 2^63")
+        if rekey and life_key not in child:
+            life = rekey + rekey // 10
+        if rekey and life and life <= rekey:
+            child.fail(life_key, f"must be above {rekey_key} ({rekey}), or 0 for none")
+        return rekey, life
 
     def copy_dscp(self, child: _Table) -> bool:
         """swanctl's copy_dscp, the outward half: "out" (the default) or "no"."""

@@ -93,6 +93,19 @@ class Retransmission:
 
 
 @dataclass(frozen=True)
+class VolumeLimits:
+    """swanctl's rekey_bytes, life_bytes, rekey_packets, life_packets (0: none)."""
+
+    rekey_bytes: int = 0
+    life_bytes: int = 0
+    rekey_packets: int = 0
+    life_packets: int = 0
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return self.rekey_bytes, self.life_bytes, self.rekey_packets, self.life_packets
+
+
+@dataclass(frozen=True)
 class ChildConfig:
     name: str
     mode: Literal["tunnel", "transport"]
@@ -112,6 +125,9 @@ class ChildConfig:
     # swanctl's copy_dscp = out (its default): each packet's DSCP goes on the outer
     # header (RFC 4301 5.1.2.1); False: copy_dscp = no, the outer DSCP stays 0
     copy_dscp: bool = True
+    # swanctl's volume limits per direction, applied by the data plane: rekey at
+    # rekey_*, delete at life_*; 0: none
+    volume: VolumeLimits = field(default_factory=VolumeLimits)
 
 
 @dataclass(frozen=True)

@@ -324,9 +324,15 @@ def child_record(event: ChildSaEstablished) -> Record:
         "local": list(event.local), "remote": list(event.remote), "encap": event.encap,
         "replaces": event.replaces, "we_initiated": event.we_initiated,
         "inactivity": event.inactivity, "copy_dscp": event.copy_dscp,
+        "volume": list(event.volume),
         "ike_sa": [event.connection, event.local_id, event.remote_id, event.eap_identity,
                    list(event.virtual_ips), list(event.own_virtual_ips)],
     }
+
+
+def _volume(value: Any) -> tuple[int, int, int, int]:
+    rekey_bytes, life_bytes, rekey_packets, life_packets = (int(v) for v in value)
+    return rekey_bytes, life_bytes, rekey_packets, life_packets
 
 
 def child_event(record: Record) -> ChildSaEstablished:
@@ -349,6 +355,7 @@ def child_event(record: Record) -> ChildSaEstablished:
             we_initiated=bool(record["we_initiated"]),
             inactivity=float(record.get("inactivity", 0.0)),  # (a record before it: none)
             copy_dscp=bool(record.get("copy_dscp", True)),  # (before it: the default)
+            volume=_volume(record.get("volume", (0, 0, 0, 0))),
             **_ike_context(record.get("ike_sa")),
         )
     except (KeyError, IndexError, TypeError, ValueError) as exc:

@@ -38,7 +38,20 @@ def _soft(limit: int | None) -> int | None:
     return None if limit is None else limit - limit // 10
 
 
+def _limits(worker_hard: int | None, rekey: int, life: int) -> tuple[int | None, int | None]:
+    """(soft, hard) from the worker's hard limit (soft at 90 %) and the child's rekey_*
+    and life_* (0: none): the lower of each; a soft limit never at or above the hard one."""
+    hard = min((v for v in (worker_hard, life or None) if v is not None), default=None)
+    soft = min((v for v in (_soft(worker_hard), rekey or None) if v is not None), default=None)
+    if soft is not None and hard is not None and soft >= hard:
+        soft = _soft(hard)
+    return soft, hard
+
+
 def params_from_event(event: ChildSaEstablished, limits: Limits = Limits()) -> ChildSaParams:
+    rekey_bytes, life_bytes, rekey_packets, life_packets = event.volume
+    soft_bytes, hard_bytes = _limits(limits.hard_bytes, rekey_bytes, life_bytes)
+    soft_packets, hard_packets = _limits(limits.hard_packets, rekey_packets, life_packets)
     return ChildSaParams(
         spi_in=event.spi_in,
         spi_out=event.spi_out,
@@ -57,8 +70,8 @@ def params_from_event(event: ChildSaEstablished, limits: Limits = Limits()) -> C
         local_ts=selectors(event.local_ts),
         remote_ts=selectors(event.remote_ts),
         replay_window=limits.replay_window,
-        soft_bytes=_soft(limits.hard_bytes),
-        hard_bytes=limits.hard_bytes,
-        soft_packets=_soft(limits.hard_packets),
-        hard_packets=limits.hard_packets,
+        soft_bytes=soft_bytes,
+        hard_bytes=hard_bytes,
+        soft_packets=soft_packets,
+        hard_packets=hard_packets,
     )

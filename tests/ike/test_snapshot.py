@@ -131,6 +131,14 @@ def test_a_child_sa_record_gives_back_the_same_event_through_msgpack() -> None:
     older = child_record(plain)
     del older["copy_dscp"]
     assert child_event(older) == child
+    # and the child's volume limits; a record without them has none
+    limited = replace(child, volume=(1000, 1100, 0, 60))
+    assert child.volume == (0, 0, 0, 0) and child_event(child_record(limited)) == limited
+    older = child_record(limited)
+    del older["volume"]
+    assert child_event(older) == child
+    with pytest.raises(ParseError):
+        child_event(child_record(limited) | {"volume": [1, 2]})
 
 
 def _rekey_lost_with_its_owner(gateway: IkeSession) -> None:

@@ -124,6 +124,7 @@ def render_node_config(
                 out.append(f"inactivity = {_toml(child.inactivity)}")
             if child.copy_dscp is not None:
                 out.append(f"copy_dscp = {_toml(child.copy_dscp)}")
+            out += [f"{key} = {value}" for key, value in child.volume]
             for key, value in (("rekey_time", child.rekey_time),
                                ("life_time", child.life_time),
                                ("rand_time", child.rand_time)):

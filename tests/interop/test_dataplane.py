@@ -1047,15 +1047,22 @@ def test_fragmented_inner_packets_cross_both_ways_with_strongswan(
 LIFETIME_BYTES = 30_000  # soft limit at 90 %: a rekey about every 26 pings of 1028 bytes
 
 
+@pytest.mark.parametrize("source", ["worker", "child"])
 def test_byte_lifetime_makes_our_node_rekey_with_strongswan_and_no_ping_is_lost(
-    lab: Lab, initiator: Charon
+    lab: Lab, initiator: Charon, source: str
 ) -> None:
-    """[worker] lifetime_bytes: the soft limit (90 %) makes our node rekey the Child SA
+    """[worker] lifetime_bytes (soft limit at 90 %), or the child's swanctl-style
+    rekey_bytes and life_bytes: the soft limit makes our node rekey the Child SA
     (CREATE_CHILD_SA, RFC 7296 1.3.3) with strongSwan before the hard limit would remove
     it; pings running throughout keep every reply and strongSwan ends on new SPIs."""
     initiator_conn, responder_conn = conn_pair()
-    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0")
-                    + f"lifetime_bytes = {LIFETIME_BYTES}\n")
+    worker = worker_toml("ikec0")
+    if source == "worker":
+        worker += f"lifetime_bytes = {LIFETIME_BYTES}\n"
+    else:
+        responder_conn = responder_conn.with_child(volume=(
+            ("rekey_bytes", LIFETIME_BYTES * 9 // 10), ("life_bytes", LIFETIME_BYTES)))
+    node = lab.node([responder_conn], extra_toml=worker)
     initiator.load(initiator_conn)
     first = child_sa(assert_initiated(initiator.initiate("net"), initiator))
     wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")

@@ -22,6 +22,7 @@ from cluster.config import (
 )
 from cluster.errors import ConfigError
 from cluster.ike.identity import parse_identity
+from cluster.ike.policy import VolumeLimits
 from cluster.ike.traffic_selectors import parse_ts_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -441,6 +442,19 @@ def test_copy_dscp_is_out_by_default_or_no(tmp_path: Path) -> None:
         assert conn.children[0].copy_dscp is copies
 
 
+def test_volume_limits_follow_swanctl(tmp_path: Path) -> None:
+    (conn,) = load_config(write(tmp_path, BASE)).policy.connections
+    assert conn.children[0].volume == VolumeLimits()
+    text = edit(('mode = "tunnel"\n', 'mode = "tunnel"\nrekey_bytes = 1000000\n'
+                 "rekey_packets = 5000\nlife_packets = 6000\n"))
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    # life_bytes: 110 % of rekey_bytes when not given, as in swanctl
+    assert conn.children[0].volume == VolumeLimits(1000000, 1100000, 5000, 6000)
+    text = edit(('mode = "tunnel"\n', 'mode = "tunnel"\nlife_bytes = 4096\n'))
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    assert conn.children[0].volume == VolumeLimits(0, 4096, 0, 0)
+
+
 def test_ppks_follow_swanctl(tmp_path: Path) -> None:
     text = edit(("version = 2\n", 'version = 2\nppk_id = "pq-1"\nppk_required = true\n'))
     config = load_config(write(tmp_path, text + '[secrets.ppk-1]\nids = ["pq-1"]\n'
@@ -645,6 +659,11 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
     ("inactivity below a second",
      edit(('mode = "tunnel"\n', 'mode = "tunnel"\ninactivity = 0.5\n')),
      "connections.rw.children.net.inactivity", "between a second and 136 years (0: never)"),
+    ("life below rekey",
+     edit(('mode = "tunnel"\n', 'mode = "tunnel"\nrekey_bytes = 900\nlife_bytes = 900\n')),
+     "connections.rw.children.net.life_bytes", "must be above rekey_bytes (900), or 0 for none"),
+    ("negative volume", edit(('mode = "tunnel"\n', 'mode = "tunnel"\nrekey_packets = -1\n')),
+     "connections.rw.children.net.rekey_packets", "must be between 0 (none) and 2^63"),
     ("copy_dscp in", edit(('mode = "tunnel"\n', 'mode = "tunnel"\ncopy_dscp = "in"\n')),
      "connections.rw.children.net.copy_dscp",
      "'in' is not supported: the outer DSCP is not copied into received packets"),

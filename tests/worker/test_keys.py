@@ -1,0 +1,42 @@
+"""From a Child SA's install request to the data plane's limits: swanctl's per-child
+volume limits (rekey_bytes, life_bytes, rekey_packets, life_packets) with [worker]'s
+lifetime_bytes / lifetime_packets, the lower of each winning."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from cluster.ike.events import ChildSaEstablished
+from cluster.ike.policy import VolumeLimits
+from cluster.worker.keys import Limits, params_from_event
+from tests.ike.sessions import child, drain, psk_connection, psk_pair, run_handshake
+
+
+def established(volume: VolumeLimits) -> ChildSaEstablished:
+    """The gateway's install request for a Child SA of a child with `volume`."""
+    client, gateway = psk_pair(psk_connection(children=(replace(child(), volume=volume),)))
+    run_handshake(client, gateway)
+    (event,) = [e for e in drain(gateway) if isinstance(e, ChildSaEstablished)]
+    return event
+
+
+@pytest.mark.parametrize(("volume", "limits", "expected"), [
+    # (soft, hard) bytes, then packets
+    (VolumeLimits(), Limits(), (None, None, None, None)),
+    (VolumeLimits(), Limits(hard_bytes=1000, hard_packets=50), (900, 1000, 45, 50)),
+    (VolumeLimits(5000, 5500, 200, 0), Limits(), (5000, 5500, 200, None)),
+    (VolumeLimits(0, 700, 0, 0), Limits(), (None, 700, None, None)),
+    # the lower of each, and a soft limit kept below the hard one
+    (VolumeLimits(5000, 5500), Limits(hard_bytes=1000), (900, 1000, None, None)),
+    (VolumeLimits(800, 20000), Limits(hard_bytes=1000), (800, 1000, None, None)),
+    (VolumeLimits(0, 600), Limits(hard_bytes=1000), (540, 600, None, None)),
+])
+def test_the_childs_volume_limits_and_the_workers_give_the_lower_of_each(
+        volume: VolumeLimits, limits: Limits, expected: tuple[int | None, ...]) -> None:
+    event = established(volume)
+    assert event.volume == volume.as_tuple()
+    params = params_from_event(event, limits)
+    assert (params.soft_bytes, params.hard_bytes, params.soft_packets,
+            params.hard_packets) == expected
