@@ -403,12 +403,13 @@ def _start_eap(sa: IkeSa, payloads: list[Payload], idi: IdiPayload, idr: IdrPayl
 def _connection_for_groups(sa: IkeSa, conn: ConnectionConfig, server: EapRadiusServer
                            ) -> ConnectionConfig:
     """swanctl's groups, as strongSwan switches connections once the peer authenticated:
-    `conn` if the RADIUS server's Class attributes name one of its groups, or else the
+    `conn` if the RADIUS server's Access-Accept names one of its groups (`groups_of`:
+    a Class attribute, or the Filter-Id of an ESP Tunnel-Type), or else the
     next connection that the authentication done fits (EAP-RADIUS, the same IDs and
     gateway credentials, the EAP identity its eap_id allows) and whose groups the user
     is in (or that names none). AuthenticationFailed when there is none."""
     assert sa.remote_id is not None
-    classes = {value.decode("utf-8", errors="replace") for value in server.classes}
+    groups = server.groups
     identity = eap_identity_untrusted(server.identity)
     candidates = candidate_connections(sa.policy, sa.local, sa.remote)
     for other in [conn, *(c for c in candidates if c is not conn)]:
@@ -418,11 +419,11 @@ def _connection_for_groups(sa: IkeSa, conn: ConnectionConfig, server: EapRadiusS
                 or _local_identity(sa, other.local) != sa.local_id
                 or identity is None or not other.remote.eap_id.matches(identity)):
             continue
-        if not other.remote.groups or classes.intersection(other.remote.groups):
+        if not other.remote.groups or groups.intersection(other.remote.groups):
             return other
     raise AuthenticationFailed(f"EAP user {server.identity!r} is in none of the groups of "
-                               f"connection {conn.name!r} (Class attributes: "
-                               f"{sorted(classes)})")
+                               f"connection {conn.name!r} (the RADIUS server's: "
+                               f"{sorted(groups)})")
 
 
 def _verify_tls_peer(sa: IkeSa, remote: RemoteAuth, cert: x509.Certificate,

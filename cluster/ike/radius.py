@@ -60,6 +60,7 @@ class Attr:
     REPLY_MESSAGE = 18
     FRAMED_IP_ADDRESS = 8
     FRAMED_IP_NETMASK = 9
+    FILTER_ID = 11
     STATE = 24
     CLASS = 25
     SESSION_TIMEOUT = 27
@@ -78,6 +79,7 @@ class Attr:
     ACCT_INPUT_GIGAWORDS = 52  # RFC 2869 5.1
     ACCT_OUTPUT_GIGAWORDS = 53
     NAS_PORT_TYPE = 61
+    TUNNEL_TYPE = 64  # RFC 2868 3.1
     ACCT_INTERIM_INTERVAL = 85  # RFC 2869 5.16
     ERROR_CAUSE = 101  # RFC 5176 3.6
     EAP_MESSAGE = 79
@@ -375,6 +377,7 @@ class EapRadiusServer:
         self.addresses: tuple[IPAddress, ...] = ()  # Framed-IP(v6)-Address of the accept
         self.config_attributes: tuple[tuple[int, bytes], ...] = ()  # its DNS servers...
         self.classes: tuple[bytes, ...] = ()
+        self.groups: frozenset[str] = frozenset()  # what a connection's `groups` look at
         self.session_timeout = 0  # seconds of service the server grants (0: no limit)
         self.interim_interval = 0  # the server's Acct-Interim-Interval (0: ours)
 
@@ -485,11 +488,27 @@ class EapRadiusServer:
         if user and len(user) <= MAX_VALUE:
             self.identity = user
         self.classes = tuple(reply.values(Attr.CLASS))  # echoed in accounting (RFC 2865 5.25)
+        self.groups = groups_of(reply)
         self.session_timeout = reply.integer(Attr.SESSION_TIMEOUT)  # RFC 2865 5.27
         interim = reply.integer(Attr.ACCT_INTERIM_INTERVAL)
         self.interim_interval = max(60, interim) if interim else 0  # RFC 2869 5.16: >= 60
         self._step = "done"
         return eap
+
+
+TUNNEL_TYPE_ESP = 9  # RFC 2868 3.1
+
+
+def groups_of(reply: Reply) -> frozenset[str]:
+    """The groups an Access-Accept puts the user in, as strongSwan's eap-radius reads
+    them (class_group, filter_id): each Class attribute, and the Filter-Id when a
+    Tunnel-Type attribute says ESP (RFC 2868 3.1: a tag octet, then the type)."""
+    names = list(reply.values(Attr.CLASS))
+    esp = any(len(value) == 4 and int.from_bytes(value[1:]) == TUNNEL_TYPE_ESP
+              for value in reply.values(Attr.TUNNEL_TYPE))
+    if esp:
+        names += reply.values(Attr.FILTER_ID)[-1:]  # (strongSwan: the last one)
+    return frozenset(name.decode("utf-8", errors="replace") for name in names if name)
 
 
 def nas_attributes(settings: RadiusSettings, station: Station, user: bytes) -> list[bytes]:

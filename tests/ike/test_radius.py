@@ -31,6 +31,7 @@ from cluster.ike.radius import (
     config_attributes,
     encode_dae_answer,
     framed_addresses,
+    groups_of,
     mppe_key_untrusted,
     parse_dae_request_untrusted,
     parse_reply_untrusted,
@@ -366,6 +367,24 @@ def test_the_accept_brings_its_class_session_timeout_and_user_name() -> None:
     assert (server.classes, server.session_timeout) == ((b"staff",), 7200)
     assert server.interim_interval == 60  # RFC 2869 5.16: at least a minute
     assert server.identity == b"carol@example.test"  # RFC 2865 5.1: for accounting
+
+
+@pytest.mark.parametrize(("attributes", "groups"), [
+    ([], set()),
+    ([(Attr.CLASS, b"admins"), (Attr.CLASS, b"net ops"), (Attr.CLASS, b"")], {"admins", "net ops"}),
+    # Filter-Id counts with an ESP Tunnel-Type only (tag, then the type), the last one
+    ([(Attr.FILTER_ID, b"staff")], set()),
+    ([(Attr.TUNNEL_TYPE, b"\x00\x00\x00\x0a"), (Attr.FILTER_ID, b"staff")], set()),
+    ([(Attr.TUNNEL_TYPE, b"\x01\x00\x00\x09"), (Attr.FILTER_ID, b"old"),
+      (Attr.FILTER_ID, b"staff"), (Attr.CLASS, b"admins")], {"staff", "admins"}),
+    ([(Attr.TUNNEL_TYPE, b"\x00\x09"), (Attr.FILTER_ID, b"staff")], set()),
+])
+def test_the_groups_of_an_accept_are_its_classes_and_an_esp_filter_id(
+        attributes: list[tuple[int, bytes]], groups: set[str]) -> None:
+    request = bytes((1, 7)) + bytes(18)
+    data = reply(request, Packet.ACCESS_ACCEPT, attributes)
+    parsed = parse_reply_untrusted(data, 7, request[4:20], SECRET)
+    assert parsed is not None and groups_of(parsed) == groups
 
 
 @pytest.mark.parametrize("user", [b"", b"\x00\x00", b"u" * 254])

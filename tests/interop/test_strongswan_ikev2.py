@@ -892,16 +892,20 @@ def test_eap_radius_relays_strongswans_eap_to_freeradius(
 
 def test_radius_class_attributes_choose_among_connections_by_their_groups(
         lab: Lab, initiator: Charon, pki: Pki, tmp_path: Path) -> None:
-    """swanctl's `remote.groups` with eap-radius (strongSwan's class_group): connection
-    "admins" wants group "admins" and offers the whole 10.99.2.0/24, "staff" names no
-    group and offers only 10.99.2.1. FreeRADIUS gives carol Class "admins", dave no
-    Class. Both start EAP on "admins"; carol stays there, dave's Access-Accept moves him
+    """swanctl's `remote.groups` with eap-radius (strongSwan's class_group and
+    filter_id): connection "admins" wants group "admins" and offers the whole
+    10.99.2.0/24, "staff" names no group and offers only 10.99.2.1. FreeRADIUS gives
+    carol Class "admins", erin Filter-Id "admins" with Tunnel-Type ESP, dave neither.
+    All start EAP on "admins"; carol and erin stay there, dave's Access-Accept moves him
     to "staff", as strongSwan switches after authentication, and strongSwan sees each
     one's traffic selectors narrowed accordingly. Without "staff", dave is refused."""
     radius = FreeRadius(lab.responder, tmp_path / "radius", address=RESPONDER_V4,
                         client=RESPONDER_V4, secret="radius-shared-secret",
-                        users={"carol": "Carol's pa55word", "dave": "Dave's pa55word"},
-                        replies={"carol": ('Class := "admins"',)}).start()
+                        users={"carol": "Carol's pa55word", "dave": "Dave's pa55word",
+                               "erin": "Erin's pa55word"},
+                        replies={"carol": ('Class := "admins"',),
+                                 "erin": ("Tunnel-Type := ESP", 'Filter-Id := "admins"')}
+                        ).start()
     carol, admins = _eap_user(pki, "carol", "Carol's pa55word",
                               End("eap-radius", "%any", eap_id="%any", groups=("admins",)))
     admins = replace(admins, name="admins")
@@ -912,8 +916,11 @@ def test_radius_class_attributes_choose_among_connections_by_their_groups(
     node = lab.node([admins, staff], extra_toml=radius_toml)
     dave = replace(carol, eap_users=(("dave", "Dave's pa55word"),),
                    local=replace(carol.local, eap_id="dave"))
+    erin = replace(carol, eap_users=(("erin", "Erin's pa55word"),),
+                   local=replace(carol.local, eap_id="erin"))
     for user, conn, connection, remote_ts in (
             ("carol", carol, "admins", RESPONDER_NETS[4]),
+            ("erin", erin, "admins", RESPONDER_NETS[4]),
             ("dave", dave, "staff", f"{RESPONDER_INNER_V4}/32")):
         initiator.load(conn)
         sa = _assert_eap_established(initiator.initiate("net"), initiator, "EAP_MSCHAPV2")
