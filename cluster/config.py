@@ -790,9 +790,11 @@ class _Loader:
         )
 
     def remote_auth(self, conn: _Table) -> RemoteAuth:
-        remote = conn.table("remote", ("auth", "id", "cacerts", "crls", "eap_id", "groups"),
-                            required=True)
+        remote = conn.table("remote", ("auth", "id", "cacerts", "crls", "eap_id", "groups",
+                                       "certs"), required=True)
         method = remote.string("auth", "pubkey")
+        if "certs" in remote and method != "pubkey":
+            remote.fail("certs", 'only used with auth = "pubkey"')
         if "groups" in remote and method != "eap-radius":
             remote.fail("groups", "group memberships come from a RADIUS server's Class "
                                   'attributes: only with auth = "eap-radius"')
@@ -814,9 +816,18 @@ class _Loader:
         if method == "psk":
             _only_for_pubkey(remote)
             return RemoteAuth(method="psk", identity=pattern)
+        pinned: list[x509.Certificate] = []
+        for index, text in enumerate(remote.strings("certs")):
+            pinned.extend(self.certificates(remote, f"certs[{index}]", text)[:1])
+        if "certs" in remote and not pinned:
+            remote.fail("certs", "needs at least one certificate file")
+        if pinned and "cacerts" not in remote:  # trusted as they are: nothing to chain to
+            if "crls" in remote:
+                remote.fail("crls", "only used with cacerts (certs are trusted as they are)")
+            return RemoteAuth(method="pubkey", identity=pattern, certs=tuple(pinned))
         cacerts, crls, uris = self.trust(remote)
         return RemoteAuth(method="pubkey", identity=pattern, cacerts=cacerts, crls=crls,
-                          crl_uris=uris)
+                          crl_uris=uris, certs=tuple(pinned))
 
     def trust(self, remote: _Table) -> tuple[tuple[x509.Certificate, ...],
                                              tuple[x509.CertificateRevocationList, ...],

@@ -123,19 +123,39 @@ def _verify_peer(sa: IkeSa, remote: RemoteAuth, peer_ident: Identity, id_type: i
     if remote.method != "pubkey":
         raise AuthenticationFailed("peer used a signature where a PSK is required")
     x509_certs = [c for c in certs if c.encoding == CertEncoding.X509_SIGNATURE]
-    if not x509_certs:
-        raise AuthenticationFailed("no certificate from the peer")
-    try:
-        cert = load_certificate_der_untrusted(x509_certs[0].data)
-        chain = [load_certificate_der_untrusted(c.data) for c in x509_certs[1:]]
-    except ParseError as exc:
-        raise AuthenticationFailed(f"peer certificate: {exc}") from None
+    if x509_certs:
+        try:
+            cert = load_certificate_der_untrusted(x509_certs[0].data)
+            chain = [load_certificate_der_untrusted(c.data) for c in x509_certs[1:]]
+        except ParseError as exc:
+            raise AuthenticationFailed(f"peer certificate: {exc}") from None
+    else:  # a peer that knows we hold its certificate may leave it out (swanctl's certs)
+        held = [c for c in remote.certs if cert_matches_identity(c, peer_ident)]
+        if not held:
+            raise AuthenticationFailed("no certificate from the peer")
+        cert, chain = held[0], []
     now = wall_clock()
-    _verify_chain(sa, remote, cert, chain, now, may_wait)
+    if remote.certs:
+        _verify_pinned(remote.certs, cert, now)
+    if remote.cacerts:
+        _verify_chain(sa, remote, cert, chain, now, may_wait)
     if not cert_matches_identity(cert, peer_ident):
         raise AuthenticationFailed(f"certificate does not contain identity {peer_ident}")
     key = cert.public_key()
     verify_auth(key, auth.method, auth.data, octets)  # type: ignore[arg-type]
+
+
+def _verify_pinned(pinned: Sequence[x509.Certificate], cert: x509.Certificate,
+                   now: datetime) -> None:
+    """swanctl's certs on the remote end: the peer's certificate is one of them, and
+    valid now."""
+    if cert not in pinned:
+        raise AuthenticationFailed(f"certificate {cert.subject.rfc4514_string()} is not "
+                                   "one of the connection's certs")
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise AuthenticationFailed(f"certificate {cert.subject.rfc4514_string()} is not "
+                                   f"valid now ({cert.not_valid_before_utc:%Y-%m-%d} to "
+                                   f"{cert.not_valid_after_utc:%Y-%m-%d})")
 
 
 def _verify_chain(sa: IkeSa, remote: RemoteAuth, cert: x509.Certificate,

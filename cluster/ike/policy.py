@@ -47,6 +47,10 @@ class RemoteAuth:
     crl_uris: tuple[str, ...] = ()  # CRLs the runtime fetches (ResponderPolicy.fetched_crls)
     # EAP: the identities the peer may claim in EAP-Identity (swanctl's eap_id)
     eap_id: IdentityPattern = field(default_factory=lambda: IdentityPattern(True, None))
+    # swanctl's certs on the remote end (pubkey): the peer must authenticate with one
+    # of these certificates, trusted as they are (self-signed ones too); with cacerts
+    # as well, it must also chain to one of those
+    certs: tuple[x509.Certificate, ...] = ()
     # swanctl's groups (eap-radius only): the peer must be in one of them, which its
     # Access-Accept shows with a Class attribute of that name (strongSwan's class_group)
     groups: tuple[str, ...] = ()

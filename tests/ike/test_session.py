@@ -260,13 +260,17 @@ def pki(kind: str) -> Pki:
     return _PKI_CACHE[kind]
 
 
-def cert_sessions(gw: Issued, client_leaf: Issued, gw_trusts: x509.Certificate,
+def cert_sessions(gw: Issued, client_leaf: Issued, gw_trusts: x509.Certificate | None,
                   client_trusts: x509.Certificate,
-                  gw_remote_id: str = "%any") -> tuple[IkeSession, IkeSession]:
+                  gw_remote_id: str = "%any", *,
+                  gw_pins: tuple[x509.Certificate, ...] = ()) -> tuple[IkeSession, IkeSession]:
+    """A client and a gateway with certificates; the gateway trusts the CA `gw_trusts`
+    (None: none) and the certificates `gw_pins` (swanctl's remote certs)."""
     gw_conn = ConnectionConfig(
         "certs", 2, ike("aes256gcm16-prfsha256-x25519"),
         LocalAuth("pubkey", parse_identity("gw.example.test"), gw.cert, gw.key),
-        RemoteAuth("pubkey", parse_identity_pattern(gw_remote_id), (gw_trusts,)),
+        RemoteAuth("pubkey", parse_identity_pattern(gw_remote_id),
+                   (gw_trusts,) if gw_trusts is not None else (), certs=gw_pins),
         (child(),),
     )
     client_conn = replace(

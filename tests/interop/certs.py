@@ -227,6 +227,28 @@ class TestCa:
         return cred
 
 
+def self_signed(directory: Path, dns_name: str, *, name: str | None = None) -> Credential:
+    """An end-entity certificate for ``dns_name`` signed with its own key (no CA), as
+    site-to-site set-ups pin them (swanctl's remote certs)."""
+    name = name or dns_name.split(".")[0]
+    key = new_key("ecdsa")
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cred = Credential(directory / f"{name}.pem", directory / f"{name}key.pem")
+    cred.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key, cred.key)
+    return cred
+
+
 @dataclass(frozen=True)
 class Pki:
     """The credentials the interop tests use, all in one directory."""

@@ -42,6 +42,10 @@ def _end_table(end: End, config_dir: Path) -> dict[str, object]:
         table["eap_id"] = end.eap_id
     if end.groups:
         table["groups"] = list(end.groups)
+    for pin in end.pins:
+        shutil.copy(pin, config_dir / pin.name)
+    if end.pins:
+        table["certs"] = [pin.name for pin in end.pins]
     if end.cert is not None:
         shutil.copy(end.cert, config_dir / end.cert.name)
         table["cert"] = end.cert.name

@@ -39,6 +39,7 @@ class End:
     crl_uris: tuple[str, ...] = ()  # and ones our node downloads (remote end)
     eap_id: str | None = None  # the EAP identity (auth = "eap-mschapv2")
     groups: tuple[str, ...] = ()  # our node's remote groups (auth = "eap-radius")
+    pins: tuple[Path, ...] = ()  # our node's remote certs: the peer's own certificates
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.interop.certs import Credential, Pki
+from tests.interop.certs import Credential, Pki, self_signed
 from tests.interop.charon import PLUGINS, Charon
 from tests.interop.freeradius import FreeRadius, Tls
 from tests.interop.lab import (
@@ -122,6 +122,36 @@ def test_certificate_authentication(
         rf"authentication of 'gw\.example\.test' with {scheme}\S* successful",
         initiator.log_text(),
     ), "strongSwan did not log a successful signature check of the node"
+
+
+def test_a_pinned_self_signed_certificate_needs_no_ca_and_no_cert_payload(
+        lab: Lab, initiator: Charon, pki: Pki, tmp_path: Path) -> None:
+    """swanctl's `certs` on our remote end: strongSwan authenticates with a self-signed
+    certificate our node holds (no CA). Our node asks for no certificate (no CERTREQ:
+    it trusts no CA here), so strongSwan (send_cert = ifasked) sends none, and the
+    pinned one checks its AUTH. Another self-signed certificate with the same name is
+    refused: its AUTH does not verify with the pinned certificate's key."""
+    client = self_signed(tmp_path, "client.example.test")
+    initiator_conn, responder_conn = conn_pair(ca=pki.ca, initiator_cred=client,
+                                               responder_cred=pki.gw_ecdsa)
+    responder_conn = replace(responder_conn, remote=End("pubkey", "client.example.test",
+                                                        pins=(client.cert,)))
+    node = lab.node([responder_conn])
+    initiator.load(initiator_conn)
+    sa = assert_initiated(initiator.initiate("net"), initiator)
+    assert child_sa(sa)["state"] == "INSTALLED", sa
+    request = re.search(r"generating IKE_AUTH request 1 \[([^]]*)\]", initiator.log_text())
+    assert request is not None and "CERT" not in request.group(1).split(), request
+    node.logged(r"IKE SA established: rw .*client\.example\.test")
+    assert initiator.terminate_ike().returncode == 0
+
+    stranger = self_signed(tmp_path, "client.example.test", name="stranger")
+    initiator.load(replace(initiator_conn, local=replace(initiator_conn.local,
+                                                         cert=stranger.cert, key=stranger.key)))
+    result = initiator.initiate("net")
+    assert_not_established(result, initiator)
+    assert "received AUTHENTICATION_FAILED notify error" in result.stdout, result.stdout
+    node.logged(r"IKE SA failed: .* signature does not verify")
 
 
 def test_tunnel_mode_child_sa(start_responder: StartResponder, initiator: Charon) -> None:

@@ -846,6 +846,35 @@ def test_certificate_auth_key_types(tmp_path: Path, kind: str) -> None:
     )
 
 
+def test_remote_certs_are_pinned_with_or_without_cas(tmp_path: Path, pki: Path) -> None:
+    base = PUBKEY.format(local='cert = "pki/gw.pem", key = "pki/gw.key"')
+    pinned = base.replace('cacerts = ["pki/ca.pem"]', 'certs = ["pki/gw.pem"]')
+    (conn,) = load_config(write(tmp_path, pinned)).policy.connections
+    # the file's first certificate (gw.pem holds its intermediate after it)
+    assert [c.subject.rfc4514_string() for c in conn.remote.certs] == [
+        "CN=gw.example.test,O=Test"]
+    assert conn.remote.cacerts == ()
+    both = base.replace('cacerts = ["pki/ca.pem"]',
+                        'cacerts = ["pki/ca.pem"], certs = ["pki/gw.pem"]')
+    (conn,) = load_config(write(tmp_path, both)).policy.connections
+    assert len(conn.remote.certs) == 1 and len(conn.remote.cacerts) == 1
+    errors = {
+        pinned.replace('certs = ["pki/gw.pem"]', "certs = []"):
+            "connections.rw.remote.certs: needs at least one certificate file",
+        pinned.replace('certs = ["pki/gw.pem"]', 'certs = ["pki/gw.pem"], crls = ["x.crl"]'):
+            "connections.rw.remote.crls: only used with cacerts (certs are trusted as they "
+            "are)",
+        pinned.replace('"pki/gw.pem"]', '"pki/gw.key"]'):
+            "connections.rw.remote.certs[0]: 'pki/gw.key' holds no valid certificate: ",
+        BASE.replace('remote = { auth = "psk", id = "%any" }',
+                     'remote = { auth = "psk", id = "%any", certs = ["pki/gw.pem"] }'):
+            'connections.rw.remote.certs: only used with auth = "pubkey"',
+    }
+    for bad, message in errors.items():
+        assert load_error(write(tmp_path, bad)).startswith(
+            f"{tmp_path / 'node.toml'}: {message}")
+
+
 def test_remote_crls_load_pem_and_der(tmp_path: Path, pki: Path) -> None:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     crl = (x509.CertificateRevocationListBuilder().issuer_name(_name("Test CA"))
