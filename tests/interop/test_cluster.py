@@ -34,7 +34,12 @@ from tests.interop.lab import (
 )
 from tests.interop.sa_checks import assert_initiated, child_sa, established
 from tests.interop.spec import Conn
-from tests.interop.test_dataplane import source_nat, wait_for_charon_log, wait_for_log
+from tests.interop.test_dataplane import (
+    ESP_IN_UDP_IN,
+    source_nat,
+    wait_for_charon_log,
+    wait_for_log,
+)
 from tests.interop.test_lifecycle import BackgroundPing, ping, report
 
 pytestmark = pytest.mark.interop
@@ -859,6 +864,33 @@ def test_updown_runs_on_the_worker_where_the_child_sa_is() -> None:
         assert not any("updown:" in r.log_text() for r in cluster.responders)
         report("cluster", "updown ran on the worker: up-client, nothing at the Child SA "
                           "rekey, down-client at the Delete")
+
+
+@pytest.mark.parametrize("copy_dscp", [None, "no"])
+def test_the_worker_gives_the_esp_it_sends_the_dscp_of_what_it_carries(
+        copy_dscp: str | None) -> None:
+    """copy_dscp in a cluster: the child's setting reaches the worker with the Child SA's
+    keys, and the worker's ESP carries each packet's DSCP (answers to EF pings cross the
+    wire as EF, the others as CS0; all as CS0 with "no"), counted on strongSwan's veth."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        if copy_dscp is not None:
+            responder = responder.with_child(copy_dscp=copy_dscp)
+        wire = lab.wire_counters("initiator", {
+            "esp_in_ef": ("in", f"{ESP_IN_UDP_IN} ip dscp ef"),
+            "esp_in_cs0": ("in", f"{ESP_IN_UDP_IN} ip dscp cs0"),
+        })
+        _connect(lab, cluster, initiator, responder)
+        before = wire.read()
+        for marks in (["-Q", "0xb8"], []):
+            proc = lab.initiator.run(["ping", "-n", "-c", "10", "-i", "0.05", "-W", "2",
+                                      *marks, "-I", INITIATOR_INNER_V4, RESPONDER_INNER_V4],
+                                     check=False)
+            assert "10 received" in proc.stdout, proc.stdout + cluster.logs()
+        seen = wire.since(before)
+        assert seen == ({"esp_in_ef": 0, "esp_in_cs0": 20} if copy_dscp == "no" else
+                        {"esp_in_ef": 10, "esp_in_cs0": 10}), seen
+        report("cluster", f"the worker's ESP by DSCP: {seen}")
 
 
 BLOCK_TABLE = "ikc_block"
