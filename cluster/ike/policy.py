@@ -52,7 +52,8 @@ class RemoteAuth:
     # as well, it must also chain to one of those
     certs: tuple[x509.Certificate, ...] = ()
     # swanctl's groups (eap-radius only): the peer must be in one of them, which its
-    # Access-Accept shows with a Class attribute of that name (strongSwan's class_group)
+    # Access-Accept shows with a Class attribute of that name, or a Filter-Id with an
+    # ESP Tunnel-Type (strongSwan's class_group, filter_id; radius.groups_of)
     groups: tuple[str, ...] = ()
 
 

@@ -310,14 +310,12 @@ class Dispatcher:
         if ep is None or not ep.natt:
             self.stats.dropped_no_socket += 1
             return False
+        ancillary = [tos_ancillary(ep.sock.family, tos)] if tos else []
+        if segment and len(esp) > segment:
+            ancillary.append((SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(segment)))
         try:
-            if segment and len(esp) > segment:
-                ancillary = [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(segment))]
-                if tos:
-                    ancillary.append(tos_ancillary(ep.sock.family, tos))
+            if ancillary:
                 ep.sock.sendmsg([esp], ancillary, 0, remote)
-            elif tos:
-                ep.sock.sendmsg([esp], [tos_ancillary(ep.sock.family, tos)], 0, remote)
             else:
                 ep.sock.sendto(esp, remote)
         except BlockingIOError:
