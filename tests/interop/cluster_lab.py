@@ -27,7 +27,7 @@ from typing import Any
 from cluster.store import ClusterKey
 from tests.interop.lab import RESPONDER_V4, Lab
 from tests.interop.netns import LabError, Netns, create_netns, destroy_netns, stop_process
-from tests.interop.node import REPO_ROOT, render_node_config
+from tests.interop.node import REPO_ROOT, logged, render_node_config
 from tests.interop.spec import Conn
 
 BRIDGE = "br0"
@@ -128,11 +128,7 @@ class ClusterNode:
 
     def logged(self, pattern: str, timeout: float = 10.0) -> str:
         """The log once `pattern` (a regular expression) is in it (Node.logged)."""
-        deadline = time.monotonic() + timeout
-        while not re.search(pattern, text := self.log_text()):
-            assert time.monotonic() < deadline, f"no {pattern!r} in the log:\n{text}"
-            time.sleep(0.05)
-        return text
+        return logged(self.log_text, pattern, timeout)
 
     def metrics(self) -> str:
         return self.ns.run(["python3", "-c",

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from tests.interop.netns import LabError, Netns, stop_process
@@ -63,6 +63,16 @@ def _end_table(end: End, config_dir: Path) -> dict[str, object]:
     if end.crl_uris:
         table["crls"] = [*table.get("crls", []), *end.crl_uris]  # type: ignore[list-item]
     return table
+
+
+def logged(read: Callable[[], str], pattern: str, timeout: float = 10.0) -> str:
+    """What `read` gives (a process's log), once `pattern` (a regular expression) is in
+    it; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, text := read()):
+        assert time.monotonic() < deadline, f"no {pattern!r} in the log:\n{text}"
+        time.sleep(0.05)
+    return text
 
 
 def render_node_config(
@@ -229,11 +239,7 @@ class Node:
     def logged(self, pattern: str, timeout: float = 10.0) -> str:
         """The log once `pattern` (a regular expression) is in it: a line the node writes
         after the datagram a peer reacts to may come a moment after that reaction."""
-        deadline = time.monotonic() + timeout
-        while not re.search(pattern, text := self.log_text()):
-            assert time.monotonic() < deadline, f"no {pattern!r} in the log:\n{text}"
-            time.sleep(0.05)
-        return text
+        return logged(self.log_text, pattern, timeout)
 
     def __enter__(self) -> Node:
         self.start()

@@ -60,6 +60,7 @@ from tests.interop.lab import (
     WireCounters,
     conn_pair,
 )
+from tests.interop.node import logged
 from tests.interop.sa_checks import algorithm, assert_initiated, assert_not_established, child_sa
 
 pytestmark = pytest.mark.interop
@@ -85,11 +86,7 @@ def worker_toml(tun: str) -> str:
 
 def wait_for_charon_log(charon: Charon, pattern: str) -> str:
     """charon's log, once a line matches ``pattern``."""
-    deadline = time.monotonic() + SETTLE
-    while not re.search(pattern, log := charon.log_text()):
-        assert time.monotonic() < deadline, f"charon logged no {pattern!r}:\n{log}"
-        time.sleep(0.1)
-    return log
+    return logged(charon.log_text, pattern, SETTLE)
 
 
 def wait_for_log(node: Node, pattern: str, *, count: int = 1) -> list[str]:
