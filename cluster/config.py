@@ -1000,7 +1000,7 @@ class _Loader:
         child = self.table(
             key, value, ("mode", "local_ts", "remote_ts", "esp_proposals", "start_action",
                          "rekey_time", "life_time", "rand_time", "dpd_action", "updown",
-                         "inactivity", "copy_dscp", "rekey_bytes", "life_bytes",
+                         "inactivity", "copy_dscp", "copy_ecn", "rekey_bytes", "life_bytes",
                          "rekey_packets", "life_packets")
         )
         mode = child.string("mode", "tunnel")
@@ -1024,6 +1024,7 @@ class _Loader:
             updown=self.updown(child),
             inactivity=self.inactivity(child),
             copy_dscp=self.copy_dscp(child),
+            copy_ecn=child.boolean("copy_ecn", True),
             volume=VolumeLimits(*self.volume(child, "bytes"), *self.volume(child, "packets")),
         )
 

@@ -482,6 +482,7 @@ _ESP_DROPS = {
     "malformed_out": "malformed",
     "sa_seq_exhausted_drops": "sequence_exhausted",
     "sa_expired_drops": "sa_expired",
+    "sa_ecn_drops": "ecn",  # CE outside, Not-ECT inside (RFC 6040 4.2)
     "no_sa_in": "no_sa_inbound",  # an SPI we do not know
     "no_sa_out": "no_sa_outbound",  # no SA covers the packet: never sent in the clear
     "esp_send_errors": "send_error",

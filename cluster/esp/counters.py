@@ -34,6 +34,7 @@ class SaCounters:
     malformed_drops: int = 0  # too short, misaligned, bad inner header
     seq_exhausted_drops: int = 0  # outbound refused: the sequence number would wrap
     expired_drops: int = 0  # the SA was removed while a caller still held it
+    ecn_drops: int = 0  # CE on the outer header, Not-ECT inside (RFC 6040 4.2)
 
     def traffic(self) -> tuple[int, int, int, int]:
         """(bytes in, bytes out, packets in, packets out): what RADIUS accounting reports."""

@@ -100,19 +100,61 @@ def flow_of(packet: bytes) -> Flow | None:
     return version, src, dst, protocol, NO_PORTS, NO_PORTS
 
 
-def dscp_of(packet: bytes) -> int:
-    """The DSCP of an IPv4 or IPv6 packet as a TOS / traffic class byte with ECN zero:
-    what a tunnel's outer header takes from the packet it carries (RFC 4301 5.1.2.1),
-    0 for anything else. ECN stays Not-ECT outside (RFC 6040 compatibility mode), so
-    no CE mark can arrive on the outer header that would have to be copied in."""
+def tos_of(packet: bytes) -> int:
+    """The TOS / traffic class byte (DSCP and ECN) of an IPv4 or IPv6 packet, 0 for
+    anything else. A tunnel's outer header takes the bits its SA copies from it
+    (RFC 4301 5.1.2.1: the DSCP; RFC 6040 4.1: the ECN field, normal mode)."""
     if len(packet) < 2:
         return 0
     version = packet[0] >> 4
     if version == 4:
-        return packet[1] & 0xFC
+        return packet[1]
     if version == 6:
-        return (packet[0] << 4 | packet[1] >> 4) & 0xFC
+        return (packet[0] << 4 | packet[1] >> 4) & 0xFF
     return 0
+
+
+# ECN codepoints (RFC 3168 5), the low two bits of the TOS / traffic class
+NOT_ECT, ECT_1, ECT_0, CE = 0, 1, 2, 3
+
+
+def ecn_decapsulate(inner: bytes, outer: int) -> bytes | None:
+    """`inner` (a tunnel's IPv4 or IPv6 packet) with the ECN field RFC 6040 4.2 gives
+    it for the `outer` header's ECN codepoint; None: the packet must be dropped (CE
+    outside, Not-ECT inside: that transport would not understand the mark).
+
+    Only outer CE (CE inside, unless Not-ECT) and outer ECT(1) over inner ECT(0)
+    (ECT(1) inside) change anything; an IPv4 header's checksum is updated for the
+    change (RFC 1624)."""
+    outer &= 3
+    if outer not in (CE, ECT_1) or len(inner) < 2:
+        return inner
+    version = inner[0] >> 4
+    if version == 4:
+        if len(inner) < 20:
+            return inner
+        ecn = inner[1] & 3
+    elif version == 6:
+        ecn = inner[1] >> 4 & 3
+    else:
+        return inner
+    if outer == CE:
+        if ecn == NOT_ECT:
+            return None
+        new = CE
+    else:
+        new = ECT_1 if ecn == ECT_0 else ecn
+    if new == ecn:
+        return inner
+    if version == 6:
+        return inner[:1] + bytes([inner[1] & 0xCF | new << 4]) + inner[2:]
+    tos = inner[1] & 0xFC | new
+    # the checksum's word 0 is version/IHL | TOS: HC' = ~(~HC + ~m + m') (RFC 1624 3)
+    word, new_word = inner[0] << 8 | inner[1], inner[0] << 8 | tos
+    total = (~_U16.unpack_from(inner, 10)[0] & 0xFFFF) + (~word & 0xFFFF) + new_word
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    return inner[:1] + bytes([tos]) + inner[2:10] + _U16.pack(~total & 0xFFFF) + inner[12:]
 
 
 def ones_complement_sum(data: bytes) -> int:

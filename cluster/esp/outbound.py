@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.ciphers import CipherContext
 
 from .ciphers import AeadObject
 from .counters import EspDrop, SaCounters
-from .ip import ADDRESS_SPANS, IPPROTO_ESP, HeaderTemplate, dscp_of, internet_checksum
+from .ip import ADDRESS_SPANS, IPPROTO_ESP, HeaderTemplate, internet_checksum, tos_of
 from .params import Address, ChildSaParams
 
 if TYPE_CHECKING:
@@ -40,18 +40,18 @@ _AEAD_OVERHEAD = 8 + 8 + 16  # SPI and sequence number, IV, ICV (GCM-16, Poly130
 
 def _flow_end(packets: list[bytes], at: int) -> int:
     """The index after the packets from `at` on with packets[at]'s IP version, addresses
-    and DSCP (at + 1 when that one is not an IP packet)."""
+    and TOS (at + 1 when that one is not an IP packet)."""
     first = packets[at]
     version = first[0] >> 4 if first else 0
     if version not in ADDRESS_SPANS:
         return at + 1
     low, high = ADDRESS_SPANS[version]
     key = first[low:high]
-    dscp = dscp_of(first)
+    tos = tos_of(first)
     end, total = at + 1, len(packets)
     # (a packet too short to hold the addresses cannot match them)
     while end < total and packets[end][low:high] == key and \
-            packets[end][0] >> 4 == version and dscp_of(packets[end]) == dscp:
+            packets[end][0] >> 4 == version and tos_of(packets[end]) == tos:
         end += 1
     return end
 
@@ -61,7 +61,7 @@ class OutboundSa:
 
     __slots__ = ("_alarm_bytes", "_alarm_seq", "_block", "_esn", "_outer", "_params",
                  "_seq_max", "_seq_soft", "_spi", "_trailers", "_transport", "child",
-                 "counters", "encap", "exhausted", "remote", "seq", "spi")
+                 "counters", "encap", "exhausted", "remote", "seq", "spi", "tos_mask")
 
     def __init__(self, child: ChildSa, params: ChildSaParams, local_ip: bytes,
                  remote_ip: bytes) -> None:
@@ -75,6 +75,11 @@ class OutboundSa:
         self._block = max(4, params.encr.block_size)  # RFC 4303 2.4: 4-byte alignment
         self.remote: Address = params.remote  # where the worker sends (UDP port with encap)
         self.encap = params.encap
+        # the bits of a packet's TOS its ESP packet's outer header takes: the DSCP
+        # (RFC 4301 5.1.2.1) and, in tunnel mode, the ECN field (RFC 6040 4.1, normal
+        # mode: copied as it is, CE too)
+        self.tos_mask = (0xFC if params.copy_dscp else 0) | \
+            (0x03 if params.copy_ecn and not self._transport else 0)
         self._outer = HeaderTemplate(local_ip, remote_ip)
         self.seq = params.initial_seq  # the last sequence number used
         self._seq_max = (1 << 64) - 1 if params.esn else (1 << 32) - 1
@@ -94,7 +99,7 @@ class OutboundSa:
                          ) -> tuple[list[list[bytes]], int]:
         """`encapsulate` packets[at] and, with `flow`, the packets after it that have its
         IP version, addresses (for a SAD that selects on addresses only: this SA's) and
-        DSCP (one outer DSCP for all, see `dscp_of`).
+        TOS (one outer DSCP and ECN field for all, see `tos_mask`).
 
         Returns the ESP packets in runs of equal length, in order (what one UDP GSO send
         can carry), and the index of the first packet not used. A packet that cannot go
@@ -301,8 +306,8 @@ class AeadOutbound(OutboundSa):
         low, high = ADDRESS_SPANS[first[0] >> 4]
         key = first[low:high]
         lead = first[0]  # version (and IPv4 header length, IPv6 traffic class)
-        # the rest of the DSCP: IPv4's second byte but ECN, IPv6's traffic class bits in it
-        mask = 0xFC if lead >> 4 == 4 else 0xC0
+        # the rest of the TOS: IPv4's second byte, IPv6's traffic class bits in it
+        mask = 0xFF if lead >> 4 == 4 else 0xF0
         second = first[1] & mask
         runs: list[list[bytes]] = []
         run: list[bytes] = []
@@ -321,7 +326,7 @@ class AeadOutbound(OutboundSa):
         if flow:
             todo = islice(packets, at, None) if at else packets
         for packet in todo:
-            # Another flow ends the loop; so does another DSCP, and may a change in the
+            # Another flow ends the loop; so does another TOS, and may a change in the
             # first byte alone (IPv4 options, IPv6 traffic class): the caller goes on
             # from that packet.
             if packet[low:high] != key or packet[0] != lead or packet[1] & mask != second:

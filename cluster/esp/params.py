@@ -32,6 +32,9 @@ class ChildSaParams:
     # the outer header takes each packet's DSCP (RFC 4301 5.1.2.1; swanctl's
     # copy_dscp = out, its default), or keeps 0 (copy_dscp = no)
     copy_dscp: bool = True
+    # tunnel mode: the ECN field goes on the outer header, and a CE mark on a received
+    # one into the packet (RFC 6040 normal mode; swanctl's copy_ecn = yes, its default)
+    copy_ecn: bool = True
     local_ts: tuple[Selector, ...] = ()
     remote_ts: tuple[Selector, ...] = ()
     replay_window: int = 1024

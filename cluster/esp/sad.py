@@ -9,6 +9,7 @@ outbound traffic at once, the old one keeps receiving until `remove`), `remove`.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 from .counters import EspDrop, SaCounters, SadCounters
 from .events import EspEvent
 from .inbound import InboundSa
-from .ip import flow_of
+from .ip import ecn_decapsulate, flow_of
 from .outbound import OutboundSa
 from .params import ChildSaParams
 from .sa import ChildSa
@@ -219,8 +220,9 @@ class Sad:
         self.counters.no_sa_out += 1
         return None
 
-    def decapsulate_untrusted(self, data: bytes) -> bytes:
-        """The inner packet of an ESP packet for any installed SA; EspDrop (counted) if not."""
+    def decapsulate_untrusted(self, data: bytes, outer_ecn: int = 0) -> bytes:
+        """The inner packet of an ESP packet for any installed SA; EspDrop (counted) if not.
+        `outer_ecn`: the ECN field of the header it arrived in, for RFC 6040 4.2."""
         if len(data) < 8:
             self.counters.malformed_in += 1
             raise EspDrop("malformed_in")
@@ -228,12 +230,38 @@ class Sad:
         if sa is None:
             self.counters.no_sa_in += 1
             raise EspDrop("no_sa_in")
-        return sa.decapsulate_untrusted(data)
+        inner = sa.decapsulate_untrusted(data)
+        if outer_ecn and sa.ecn:
+            marked = ecn_decapsulate(inner, outer_ecn)
+            if marked is None:
+                sa.counters.ecn_drops += 1
+                raise EspDrop("ecn_drops")
+            return marked
+        return inner
 
-    def decapsulate_batch(self, datagrams: list[bytes]) -> list[bytes]:
+    def decapsulate_batch(self, datagrams: list[bytes],
+                          outer_ecn: dict[int, int] | None = None) -> list[bytes]:
         """`decapsulate_untrusted` of each, in order: the inner packets of those that
-        pass; the others are dropped and counted. Runs of one SA's ordinary packets
-        go through `InboundSa.decapsulate_run`."""
+        pass; the others are dropped and counted. `outer_ecn` maps the index of each
+        datagram that arrived with ECT(1) or CE outside to that codepoint (the others
+        carry nothing RFC 6040 4.2 acts on)."""
+        if not outer_ecn:
+            return self._decapsulate_plain(datagrams)
+        out: list[bytes] = []
+        start = 0
+        for index in sorted(outer_ecn):
+            if start < index:
+                out += self._decapsulate_plain(datagrams[start:index])
+            with contextlib.suppress(EspDrop):  # counted
+                out.append(self.decapsulate_untrusted(datagrams[index], outer_ecn[index]))
+            start = index + 1
+        if start < len(datagrams):
+            out += self._decapsulate_plain(datagrams[start:])
+        return out
+
+    def _decapsulate_plain(self, datagrams: list[bytes]) -> list[bytes]:
+        """`decapsulate_batch` of datagrams with no outer ECN to act on: runs of one
+        SA's ordinary packets go through `InboundSa.decapsulate_run`."""
         out: list[bytes] = []
         append = out.append
         inbound = self._inbound

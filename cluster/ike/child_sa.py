@@ -108,6 +108,7 @@ def child_established(sa: IkeSa, child: ChildSa, replaces: bytes = b"") -> Child
         we_initiated=child.we_initiated,
         inactivity=config.inactivity if config is not None else 0.0,
         copy_dscp=config.copy_dscp if config is not None else True,
+        copy_ecn=config.copy_ecn if config is not None else True,
         volume=config.volume.as_tuple() if config is not None else (0, 0, 0, 0),
         connection=sa.connection.name if sa.connection is not None else "",
         local_id=str(sa.local_id or ""), remote_id=str(sa.remote_id or ""),

@@ -130,6 +130,9 @@ class ChildConfig:
     # swanctl's copy_dscp = out (its default): each packet's DSCP goes on the outer
     # header (RFC 4301 5.1.2.1); False: copy_dscp = no, the outer DSCP stays 0
     copy_dscp: bool = True
+    # swanctl's copy_ecn (default yes): in tunnel mode the ECN field goes on the outer
+    # header and a CE mark on a received one into the packet (RFC 6040 normal mode)
+    copy_ecn: bool = True
     # swanctl's volume limits per direction, applied by the data plane: rekey at
     # rekey_*, delete at life_*; 0: none
     volume: VolumeLimits = field(default_factory=VolumeLimits)

@@ -32,7 +32,7 @@ from ..ike.constants import NON_ESP_MARKER
 from ..ike.message import Header, peek_header_untrusted
 from ..ike.session import Address, Datagram
 from ..ip_options import tos_ancillary
-from .mmsg import MessageBatch
+from .mmsg import IP_RECVTOS, TOS_SPACE, MessageBatch
 from .stats import RuntimeStats
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,9 @@ _GSO_SIZE = struct.Struct("=H")
 # longer coalesced TCP runs). Light traffic (a ping, IKE) is never held.
 ESP_HOLD = 0.001
 HOLD_AFTER = 8
+
+
+EspSink = Callable[[list[bytes], dict[int, int] | None], None]
 
 
 class Router(Protocol):
@@ -152,8 +155,9 @@ class Dispatcher:
         self.endpoints = endpoints
         self.stats = stats
         # ESP in UDP (RFC 3948) arriving on the NAT-T port goes here: the data plane,
-        # wired in by the single-node CLI (runtime never imports worker)
-        self.esp_sink: Callable[[list[bytes]], None] | None = None
+        # wired in by the single-node CLI (runtime never imports worker); with the ESP
+        # datagrams whose IP header carried ECT(1) or CE (by index) for RFC 6040 4.2
+        self.esp_sink: EspSink | None = None
         # called once the datagrams of a wake-up are all sunk: the data plane decrypts
         # and writes them as one batch
         self.esp_flush: Callable[[], None] | None = None
@@ -202,13 +206,19 @@ class Dispatcher:
         received = self._received
         # ESP in UDP sent with GSO arrives as one buffer of equal-size datagrams (UDP
         # GRO); the batch splits it again, and each datagram is classified on its own
+        plain_control = 0
         if ep.natt:
             _enable_gro(sock)
-        plain_control = 0
+            # and the TOS of each, whose ECN field may have to go into the packet
+            if sock.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVTCLASS, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVTOS, 1)
+            plain_control = TOS_SPACE
         if ep.wildcard:  # every datagram brings its pktinfo
             info = _IN6_PKTINFO if sock.family == socket.AF_INET6 else _IN_PKTINFO
-            plain_control = socket.CMSG_SPACE(info.size)
-        batch = MessageBatch(sock, RECV_SLOTS, plain_control)
+            plain_control += socket.CMSG_SPACE(info.size)
+        batch = MessageBatch(sock, RECV_SLOTS, plain_control, tos=ep.natt)
         natt, wildcard, ep_local = ep.natt, ep.wildcard, ep.local
         port = ep_local[1]
         hold = ESP_HOLD if natt else 0.0
@@ -238,11 +248,16 @@ class Dispatcher:
                 others: list[int] | range = range(count)
                 if sink is not None:
                     esp = [d for d in datagrams if d[:4] != NON_ESP_MARKER and len(d) >= 8]
-                    if esp:
-                        sink(esp)
                     others = [] if len(esp) == count else \
                         [k for k, d in enumerate(datagrams)
                          if d[:4] == NON_ESP_MARKER or len(d) < 8]
+                    if esp:
+                        ecn = batch.outer_ecn()
+                        if ecn is not None and others:  # index them among the ESP alone
+                            skipped = set(others)
+                            kept = [k for k in range(count) if k not in skipped]
+                            ecn = {j: ecn[k] for j, k in enumerate(kept) if k in ecn}
+                        sink(esp, ecn)
                 for k in others:
                     local = _local_from_ancillary(batch.ancillary(k), port, ep_local) \
                         if wildcard else ep_local

@@ -21,13 +21,14 @@ import errno
 import os
 import socket
 import struct
+import sys
 from typing import Any, Literal
 
 Address = tuple[str, int]
 Ancillary = list[tuple[int, int, bytes]]
 
 SLOT_SIZE = 65535
-CONTROL_SIZE = 128  # pktinfo (IPv6: 40) and a UDP_GRO segment size (24) fit with room
+CONTROL_SIZE = 128  # pktinfo (IPv6: 40), a UDP_GRO segment size and the TOS (24 each)
 NAME_SIZE = 28  # struct sockaddr_in6
 # plain ints: the socket module's are enum members, and their `&` costs microseconds
 MSG_TRUNC = int(getattr(socket, "MSG_TRUNC", 0x20))
@@ -35,6 +36,15 @@ MSG_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0x40))
 # linux/udp.h: a UDP_GRO socket gets coalesced datagrams with their size as an int
 SOL_UDP = 17
 UDP_GRO = 104
+# IP_RECVTOS / IPV6_RECVTCLASS: every datagram brings its TOS (a byte) or traffic class
+# (an int) as the last control message, 24 bytes, the value 16 bytes in
+IP_RECVTOS = 13
+IP_TOS = 1
+TOS_SPACE = 24
+# where, counted from the end of the control data, the byte with the ECN field lies
+_TOS_BYTE = -8 if sys.byteorder == "little" else -5
+# 1 for a TOS byte whose ECN field is ECT(1) or CE (the low bit set), else 0
+_ECN_ACTS = bytes(b & 1 for b in range(256))
 
 
 class _Iovec(ctypes.Structure):
@@ -102,11 +112,14 @@ class MessageBatch:
     """Receive buffers for up to `slots` datagrams of one non-blocking socket.
 
     `plain_control` is the ancillary data every datagram brings (a wildcard socket's
-    pktinfo): a datagram with more may carry a UDP_GRO segment size, and is then split
-    into the datagrams it coalesced, as the kernel would have delivered them.
+    pktinfo, the TOS): a datagram with more may carry a UDP_GRO segment size, and is
+    then split into the datagrams it coalesced, as the kernel would have delivered them.
+    With `tos` (the socket asked for IP_RECVTOS or IPV6_RECVTCLASS) `outer_ecn` names
+    the datagrams whose IP header carried ECT(1) or CE.
     """
 
-    def __init__(self, sock: socket.socket, slots: int = 64, plain_control: int = 0) -> None:
+    def __init__(self, sock: socket.socket, slots: int = 64, plain_control: int = 0,
+                 tos: bool = False) -> None:
         if _recvmmsg is None:
             raise OSError(errno.ENOSYS, "recvmmsg is not available")
         self.sock = sock
@@ -141,6 +154,8 @@ class MessageBatch:
         self._offsets = range(0, slots * SLOT_SIZE, SLOT_SIZE)
         self._fd = sock.fileno()
         self._origin: list[int] | None = None  # message of each datagram, after a split
+        self.tos = tos
+        self._ecn: dict[int, int] | None = None  # message -> ECT(1) or CE, last receive
         self.truncated = 0  # datagrams that did not fit a slot (delivered empty)
 
     def _field(self, field: tuple[_Format, int]) -> memoryview:
@@ -167,11 +182,48 @@ class MessageBatch:
         lengths = self._lengths_view[:count].tolist()
         datagrams = [view[at:at + length].tobytes()
                      for at, length in zip(self._offsets[:count], lengths, strict=True)]
+        control_lengths = self._control_lengths_view[:count].tolist()
+        if self.tos:
+            self._ecn = self._ecn_marks(control_lengths)
         # more ancillary data than every datagram brings (a GRO segment size), or flags
-        if max(self._control_lengths_view[:count]) > self.plain_control \
-                or any(self._flags_view[:count]):
+        if max(control_lengths) > self.plain_control or any(self._flags_view[:count]):
             self._special(datagrams, lengths)
         return datagrams
+
+    def outer_ecn(self) -> dict[int, int] | None:
+        """The datagrams of the last receive whose IP header carried ECT(1) or CE (the
+        codepoints RFC 6040 4.2 acts on), by index, with that codepoint; None if none
+        did (or the batch was not made with `tos`)."""
+        marks = self._ecn
+        if marks is None or self._origin is None:
+            return marks
+        return {k: marks[i] for k, i in enumerate(self._origin) if i in marks}
+
+    def _ecn_marks(self, control_lengths: list[int]) -> dict[int, int] | None:
+        controls = self._controls
+        count = len(control_lengths)
+        first = control_lengths[0]
+        if first >= TOS_SPACE and control_lengths.count(first) == count:
+            # the common case, every message with the same control data: one strided
+            # slice holds the byte with each one's ECN field
+            start = first + _TOS_BYTE
+            acts = controls[start:count * CONTROL_SIZE:CONTROL_SIZE].translate(_ECN_ACTS)
+            if 1 not in acts:
+                return None
+            candidates = [i for i, act in enumerate(acts) if act]
+        else:
+            candidates = [i for i, length in enumerate(control_lengths) if length >= TOS_SPACE
+                          and controls[i * CONTROL_SIZE + length + _TOS_BYTE] & 1]
+        marks: dict[int, int] = {}
+        for i in candidates:  # rare: read the control data properly
+            for level, kind, payload in self._ancillary(i, control_lengths[i]):
+                if (level, kind) in ((socket.IPPROTO_IP, IP_TOS),
+                                     (socket.IPPROTO_IPV6, socket.IPV6_TCLASS)) and payload:
+                    ecn = payload[0 if len(payload) == 1 or sys.byteorder == "little"
+                                  else len(payload) - 1] & 3
+                    if ecn & 1:
+                        marks[i] = ecn
+        return marks or None
 
     def _special(self, datagrams: list[bytes], lengths: list[int]) -> None:
         """Truncated messages made empty, coalesced ones split."""

@@ -32,7 +32,7 @@ from ..ike.traffic_selectors import TrafficSelector
 from ..key_exchange import ExponentialPool
 from .actor import Session
 from .crl_fetch import RevocationStats, fetch_crls
-from .dispatcher import Dispatcher
+from .dispatcher import Dispatcher, EspSink
 from .radius_client import RadiusClient, RadiusStats
 from .reload import reload_on_signal
 from .stats import RuntimeStats
@@ -412,7 +412,7 @@ async def run_node(
     event_sink: EventSink = log_event,
     mailbox_size: int = DEFAULT_MAILBOX_SIZE,
     handle_signals: bool = True,
-    esp_sink: Callable[[list[bytes]], None] | None = None,
+    esp_sink: EspSink | None = None,
     esp_flush: Callable[[], None] | None = None,
     socket_mark: int | None = None,
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,

@@ -32,7 +32,7 @@ from ..esp import (
     SaSoftExpired,
     Selector,
 )
-from ..esp.ip import ADDRESS_SPANS, dscp_of, flow_of
+from ..esp.ip import ADDRESS_SPANS, flow_of, tos_of
 from ..esp.params import Address
 from ..esp.selector import SelectorSet
 from ..ike.events import (
@@ -190,6 +190,8 @@ class DataPlane:
         # are decapsulated and go into the TUN coalesced (gro.py): `flush`, which the
         # receiving task calls (the ESP pump here, the dispatcher's NAT-T reader).
         self._incoming: list[bytes] = []
+        # index in _incoming -> the ECT(1) or CE its outer header carried (RFC 6040 4.2)
+        self._incoming_ecn: dict[int, int] = {}
         self.clock: Callable[[], float] = trio.current_time
         # Rekeyed-away SAs still receiving: spi_in -> when they go, by `clock` (`delete`).
         self._lingering: dict[bytes, float] = {}
@@ -421,15 +423,20 @@ class DataPlane:
 
     # --- packets -----------------------------------------------------------------------
 
-    def receive_esp(self, datagrams: list[bytes]) -> None:
+    def receive_esp(self, datagrams: list[bytes],
+                    outer_ecn: dict[int, int] | None = None) -> None:
         """ESP packets from the network (raw, or UDP-encapsulated as the dispatcher's
-        NAT-T reader classified them) towards the TUN.
+        NAT-T reader classified them) towards the TUN. `outer_ecn`: the index of each
+        that arrived with ECT(1) or CE in its IP header, and that codepoint.
 
         They are decapsulated and written when the receiving task's batch ends and it
         calls `flush`, so that the batch is decrypted in one loop and a run of TCP
         segments enters the kernel as one superpacket.
         """
         incoming = self._incoming
+        if outer_ecn:
+            offset = len(incoming)
+            self._incoming_ecn.update((offset + i, ecn) for i, ecn in outer_ecn.items())
         incoming += datagrams
         if len(incoming) >= WRITE_BATCH:
             self.flush()
@@ -441,18 +448,21 @@ class DataPlane:
         if not incoming:
             return
         self._incoming = []
+        outer_ecn = self._incoming_ecn
+        if outer_ecn:
+            self._incoming_ecn = {}
         sad = self.sad
         if sad.waiting:  # a rekey in progress: note the peer's first use of the new SA
             packets = []
-            for esp in incoming:
+            for i, esp in enumerate(incoming):
                 try:
-                    packets.append(sad.decapsulate_untrusted(esp))
+                    packets.append(sad.decapsulate_untrusted(esp, outer_ecn.get(i, 0)))
                 except EspDrop:
                     continue  # counted by the SAD
                 if sad.waiting:
                     self._peer_switched(esp)
         else:
-            packets = sad.decapsulate_batch(incoming)
+            packets = sad.decapsulate_batch(incoming, outer_ecn)
         if not packets:
             return
         counters = self.counters
@@ -477,10 +487,11 @@ class DataPlane:
         """Packets the host routed into the TUN: protect and send, or drop.
 
         ESP in UDP leaves in runs: consecutive packets of one SA with the same length
-        (the last may be shorter) and DSCP go to the kernel in one UDP GSO send, which
+        (the last may be shorter) and TOS go to the kernel in one UDP GSO send, which
         puts each on the wire as its own datagram. Order within an SA is kept. The
         outer header carries the packet's DSCP unless the SA's child says copy_dscp =
-        "no" (RFC 4301 5.1.2.1).
+        "no" (RFC 4301 5.1.2.1), and in tunnel mode its ECN field unless it says
+        copy_ecn = false (RFC 6040 4.1).
         """
         outbound_for = self.sad.outbound_for
         udp_send = self.udp_send
@@ -508,8 +519,8 @@ class DataPlane:
                     continue  # counted: no SA covers it, never sent in the clear
                 if address_only and key is not None:
                     flow_key, flow_sa = key, sa
-            # this packet and those of its flow and DSCP that follow (the same SA)
-            tos = dscp_of(packet) if sa.child.params.copy_dscp else 0
+            # this packet and those of its flow and TOS that follow (the same SA)
+            tos = tos_of(packet) & sa.tos_mask
             runs, at = sa.encapsulate_flow(packets, at, address_only and key is not None)
             if not sa.encap:
                 sock = self.esp_sockets.get(6 if ":" in sa.remote[0] else 4)
@@ -633,7 +644,9 @@ class DataPlane:
     async def _esp_pump(self, sock: EspSocket) -> None:
         while True:
             batch = await sock.recv_batch(BATCH)
-            self.receive_esp([esp for esp, _peer in batch])
+            # ECT(1) and CE, the codepoints RFC 6040 4.2 acts on, have the low bit set
+            self.receive_esp([esp for esp, _peer, _ecn in batch],
+                             {i: ecn for i, (_, _, ecn) in enumerate(batch) if ecn & 1})
             self.flush()
             self._drain_events()
             if len(batch) == BATCH:

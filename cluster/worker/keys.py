@@ -67,6 +67,7 @@ def params_from_event(event: ChildSaEstablished, limits: Limits = Limits()) -> C
         remote=event.remote,
         encap=event.encap,
         copy_dscp=event.copy_dscp,
+        copy_ecn=event.copy_ecn,
         local_ts=selectors(event.local_ts),
         remote_ts=selectors(event.remote_ts),
         replay_window=limits.replay_window,

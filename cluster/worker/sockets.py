@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
+import sys
 from types import TracebackType
 from typing import Any
 
@@ -36,6 +37,7 @@ DEFAULT_BATCH = 64
 # Linux values; typeshed does not declare these.
 SO_RCVBUFFORCE: int = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE: int = getattr(socket, "SO_SNDBUFFORCE", 32)
+_TCLASS_SPACE = socket.CMSG_SPACE(4)  # IPV6_TCLASS: an int
 
 
 def mark_socket(sock: socket.socket, mark: int) -> None:
@@ -73,6 +75,14 @@ async def drain_recv(sock: socket.socket, max_n: int = DEFAULT_BATCH) -> list[tu
     return drain_nowait(sock, max_n)
 
 
+def _ecn_of_tclass(ancillary: list[tuple[int, int, bytes]]) -> int:
+    """The ECN codepoint of an IPV6_TCLASS control message (an int), 0 without one."""
+    for level, kind, payload in ancillary:
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_TCLASS and len(payload) >= 4:
+            return int.from_bytes(payload[:4], sys.byteorder) & 3
+    return 0
+
+
 def esp_from_ipv4_untrusted(packet: bytes) -> bytes:
     """The ESP part of an IPv4 packet as a raw IPv4 socket delivers it (header included)."""
     if len(packet) < 20 or packet[0] >> 4 != 4:
@@ -86,9 +96,10 @@ def esp_from_ipv4_untrusted(packet: bytes) -> bytes:
 class EspSocket:
     """A raw ESP socket bound to one local address, IPv4 or IPv6.
 
-    `drain` returns bare ESP packets (SPI first) for both families: an IPv4 raw
-    socket hands over the IP header as well, an IPv6 one does not (RFC 3542 3),
-    so the IPv4 header is cut off here.
+    `drain` returns bare ESP packets (SPI first) for both families, each with the ECN
+    field of the IP header it came in (RFC 6040 4.2 needs it): an IPv4 raw socket
+    hands over the IP header as well, which is cut off here; an IPv6 one does not
+    (RFC 3542 3), and its traffic class comes as ancillary data (IPV6_RECVTCLASS).
     """
 
     def __init__(self, sock: socket.socket, local: str, counters: IoCounters) -> None:
@@ -111,6 +122,8 @@ class EspSocket:
             if mark is not None:
                 mark_socket(sock, mark)
             _enlarge_buffers(sock)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVTCLASS, 1)
             sock.bind((str(address), 0))
         except OSError as exc:
             sock.close()
@@ -143,24 +156,30 @@ class EspSocket:
         self.counters.esp_sent_bytes += len(esp)
         return True
 
-    def drain(self, max_n: int = DEFAULT_BATCH) -> list[tuple[bytes, str]]:
-        """Up to `max_n` (esp, peer address) without blocking; empty when none waits."""
-        received = drain_nowait(self.sock, max_n)
+    def drain(self, max_n: int = DEFAULT_BATCH) -> list[tuple[bytes, str, int]]:
+        """Up to `max_n` (esp, peer address, ECN codepoint) without blocking; empty when
+        none waits."""
         counters = self.counters
+        packets: list[tuple[bytes, str, int]] = []
         if self.family == socket.AF_INET6:
-            packets = [(data, addr[0]) for data, addr in received]
+            recvmsg = self.sock.recvmsg
+            try:
+                while len(packets) < max_n:
+                    data, ancillary, _flags, addr = recvmsg(RECV_SIZE, _TCLASS_SPACE)
+                    packets.append((data, addr[0], _ecn_of_tclass(ancillary)))
+            except BlockingIOError:
+                pass
         else:
-            packets = []
-            for data, addr in received:
+            for data, addr in drain_nowait(self.sock, max_n):
                 try:
-                    packets.append((esp_from_ipv4_untrusted(data), addr[0]))
+                    packets.append((esp_from_ipv4_untrusted(data), addr[0], data[1] & 3))
                 except ParseError:
                     counters.esp_receive_errors += 1
         counters.esp_received_packets += len(packets)
-        counters.esp_received_bytes += sum(len(esp) for esp, _ in packets)
+        counters.esp_received_bytes += sum(len(esp) for esp, _, _ in packets)
         return packets
 
-    async def recv_batch(self, max_n: int = DEFAULT_BATCH) -> list[tuple[bytes, str]]:
+    async def recv_batch(self, max_n: int = DEFAULT_BATCH) -> list[tuple[bytes, str, int]]:
         """Wait once for readability, then `drain` (possibly empty after a spurious wake)."""
         await trio.lowlevel.wait_readable(self.sock)
         return self.drain(max_n)

@@ -132,3 +132,16 @@ def trailer(size: int, next_header: int, block: int = 4) -> bytes:
     """Default padding for `size` payload bytes, pad length and next header."""
     pad = -(size + 2) % block
     return bytes([*range(1, pad + 1), pad, next_header])
+
+
+def with_tos(ip: bytes, tos: int) -> bytes:
+    """`ip` with its TOS (IPv4, checksum fixed) or traffic class (IPv6) set to `tos`."""
+    data = bytearray(ip)
+    if data[0] >> 4 == 4:
+        data[1] = tos
+        data[10:12] = b"\x00\x00"
+        data[10:12] = internet_checksum(bytes(data[:20])).to_bytes(2, "big")
+    else:
+        data[0] = 0x60 | tos >> 4
+        data[1] = (tos & 0x0F) << 4 | data[1] & 0x0F
+    return bytes(data)

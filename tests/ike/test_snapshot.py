@@ -131,6 +131,12 @@ def test_a_child_sa_record_gives_back_the_same_event_through_msgpack() -> None:
     older = child_record(plain)
     del older["copy_dscp"]
     assert child_event(older) == child
+    # so does copy_ecn, likewise
+    no_ecn = replace(child, copy_ecn=False)
+    assert child.copy_ecn and child_event(child_record(no_ecn)) == no_ecn
+    older = child_record(no_ecn)
+    del older["copy_ecn"]
+    assert child_event(older) == child
     # and the child's volume limits; a record without them has none
     limited = replace(child, volume=(1000, 1100, 0, 60))
     assert child.volume == (0, 0, 0, 0) and child_event(child_record(limited)) == limited

@@ -14,6 +14,7 @@ import trio.testing
 from cluster.ike.constants import HEADER_SIZE, NON_ESP_MARKER
 from cluster.ike.message import Header
 from cluster.ike.session import Address
+from cluster.ip_options import tos_ancillary
 from cluster.runtime.dispatcher import (
     ESP_HOLD,
     ESP_RECV_BATCH,
@@ -92,7 +93,7 @@ async def test_coalesced_datagrams_are_classified_one_by_one() -> None:
     stats = RuntimeStats()
     with Dispatcher.bind(["127.0.0.1"], 0, 0, stats) as dispatcher, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
-        dispatcher.esp_sink = sunk.extend
+        dispatcher.esp_sink = lambda batch, _ecn: sunk.extend(batch)
         flushed: list[int] = []  # how many datagrams had been sunk at each flush
         dispatcher.esp_flush = lambda: flushed.append(len(sunk))
         peer.bind(("127.0.0.1", 0))
@@ -113,6 +114,48 @@ async def test_coalesced_datagrams_are_classified_one_by_one() -> None:
     assert stats.datagrams_in == 6
 
 
+# (the peer's TOS for each datagram; the ECN codepoints: 1 ECT(1), 2 ECT(0), 3 CE)
+@pytest.mark.parametrize(("host", "wildcard"), [("127.0.0.1", "127.0.0.1"), ("::1", "::1"),
+                                               ("0.0.0.0", "127.0.0.1"), ("::", "::1")])
+async def test_the_natt_reader_names_the_esp_that_arrived_with_ect1_or_ce(
+        host: str, wildcard: str) -> None:
+    """RFC 6040 4.2 needs the outer ECN field: ECT(1) and CE reach the sink by the
+    datagram's index among the ESP (an IKE message between them does not count), for
+    single datagrams and for a coalesced (GRO) one alike; ECT(0) and Not-ECT are not
+    named, and a batch without marks gives None."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    router = Router()
+    sunk: list[tuple[list[bytes], dict[int, int] | None]] = []
+    stats = RuntimeStats()
+    size = 120
+    with Dispatcher.bind([host], 0, 0, stats) as dispatcher, \
+            socket.socket(family, socket.SOCK_DGRAM) as peer:
+        dispatcher.esp_sink = lambda batch, ecn: sunk.append((batch, ecn))
+        local = (wildcard, natt_local(dispatcher)[1])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.serve, router)
+            await trio.testing.wait_all_tasks_blocked()
+            sends = [(esp(0x5000, 1, size), 0x00), (NON_ESP_MARKER + ike_message(100), 0x03),
+                     (esp(0x5000, 2, size), 0xB8 | 3), (esp(0x5000, 3, size), 0x02),
+                     (esp(0x5000, 4, size), 0x01)]
+            for data, tos in sends:  # queued before the reader wakes: one batch
+                peer.sendmsg([data], [tos_ancillary(family, tos)], 0, local)
+            await _until(lambda: sum(len(batch) for batch, _ in sunk) == 4)
+            # a GSO send with CE: three datagrams coalesced, each named
+            peer.sendmsg([esp(0x5000, 5, size) + esp(0x5000, 6, size) + esp(0x5000, 7, 60)],
+                         [tos_ancillary(family, 0x03),
+                          (SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, local)
+            await _until(lambda: sum(len(batch) for batch, _ in sunk) == 7)
+            peer.sendmsg([esp(0x5000, 8, size)], [tos_ancillary(family, 0x02)], 0, local)
+            await _until(lambda: sum(len(batch) for batch, _ in sunk) == 8)
+            nursery.cancel_scope.cancel()
+    assert [len(batch) for batch, _ in sunk] == [4, 3, 1]
+    assert sunk[0][1] == {1: 3, 3: 1}
+    assert sunk[1][1] == {0: 3, 1: 3, 2: 3}
+    assert sunk[2][1] is None
+    assert router.routed == [ike_message(100)]
+
+
 async def _until(condition: Callable[[], bool]) -> None:
     """Let the reader run (real time: the test's clock stands still) until `condition`."""
     deadline = time.monotonic() + 5
@@ -126,7 +169,7 @@ async def test_a_busy_esp_stream_is_held_a_moment_a_lone_datagram_never(
     sunk: list[bytes] = []
     with Dispatcher.bind(["127.0.0.1"], 0, 0, RuntimeStats()) as dispatcher, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
-        dispatcher.esp_sink = sunk.extend
+        dispatcher.esp_sink = lambda batch, _ecn: sunk.extend(batch)
         local = natt_local(dispatcher)
         async with trio.open_nursery() as nursery:
             await nursery.start(dispatcher.serve, Router())
@@ -161,7 +204,7 @@ async def test_the_natt_reader_takes_a_bigger_batch_of_esp_per_wake_up() -> None
 
     with Dispatcher.bind(["127.0.0.1"], 0, 0, RuntimeStats()) as dispatcher, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
-        dispatcher.esp_sink = lambda batch: seen.extend([rounds] * len(batch))
+        dispatcher.esp_sink = lambda batch, _ecn: seen.extend([rounds] * len(batch))
         local = natt_local(dispatcher)
         async with trio.open_nursery() as nursery:
             await nursery.start(dispatcher.serve, Router())

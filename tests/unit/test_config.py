@@ -442,6 +442,14 @@ def test_copy_dscp_is_out_by_default_or_no(tmp_path: Path) -> None:
         assert conn.children[0].copy_dscp is copies
 
 
+def test_copy_ecn_is_on_by_default_as_in_swanctl(tmp_path: Path) -> None:
+    (conn,) = load_config(write(tmp_path, BASE)).policy.connections
+    assert conn.children[0].copy_ecn is True
+    text = edit(('mode = "tunnel"\n', 'mode = "tunnel"\ncopy_ecn = false\n'))
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    assert conn.children[0].copy_ecn is False
+
+
 def test_volume_limits_follow_swanctl(tmp_path: Path) -> None:
     (conn,) = load_config(write(tmp_path, BASE)).policy.connections
     assert conn.children[0].volume == VolumeLimits()
@@ -669,6 +677,8 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
      "'in' is not supported: the outer DSCP is not copied into received packets"),
     ("copy_dscp unknown", edit(('mode = "tunnel"\n', 'mode = "tunnel"\ncopy_dscp = "off"\n')),
      "connections.rw.children.net.copy_dscp", "'off' is not one of \"out\", \"no\""),
+    ("copy_ecn a string", edit(('mode = "tunnel"\n', 'mode = "tunnel"\ncopy_ecn = "no"\n')),
+     "connections.rw.children.net.copy_ecn", "expected true or false, got a string"),
 ]
 
 

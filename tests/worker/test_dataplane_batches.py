@@ -17,13 +17,12 @@ import trio
 import trio.testing
 
 from cluster.esp import Sad
-from cluster.esp.ip import internet_checksum
 from cluster.esp.params import Address
 from cluster.worker import IoCounters
 from cluster.worker.dataplane import GSO_BYTES, GSO_SEGMENTS, TUN_HOLD, TUN_HOLD_AFTER, DataPlane
 from cluster.worker.gro import GSO_TCPV4, VNET_HDR, VNET_HDR_SIZE
 from cluster.worker.keys import Limits
-from tests.esp.pairs import GW_A, GW_B, mirror, packet, params
+from tests.esp.pairs import GW_A, GW_B, mirror, packet, params, with_tos
 
 from .test_gro import tcp
 
@@ -115,27 +114,17 @@ def test_runs_of_equal_packets_leave_in_gso_sends_in_order(tun_pair: tuple[int, 
     assert sent.calls[-1][0].endswith(datagrams[-1]) and sent.calls[-1][3] > len(datagrams[-1])
 
 
-def with_tos(ip: bytes, tos: int) -> bytes:
-    """`ip` with its TOS (IPv4, checksum fixed) or traffic class (IPv6) set to `tos`."""
-    data = bytearray(ip)
-    if data[0] >> 4 == 4:
-        data[1] = tos
-        data[10:12] = b"\x00\x00"
-        data[10:12] = internet_checksum(bytes(data[:20])).to_bytes(2, "big")
-    else:
-        data[0] = 0x60 | tos >> 4
-        data[1] = (tos & 0x0F) << 4 | data[1] & 0x0F
-    return bytes(data)
-
-
 EF, AF41, LE, ECT0, CE = 0xB8, 0x88, 0x04, 0x02, 0x03  # LE: DSCP 1 (RFC 8622)
 
 
+@pytest.mark.parametrize("copy_ecn", [True, False])
 @pytest.mark.parametrize("v6", [False, True])
 @pytest.mark.parametrize("cipher", [("aes256gcm16", None), ("aes128", "sha256")])
-def test_the_outer_header_takes_each_packets_dscp_but_not_its_ecn(
-        tun_pair: tuple[int, int], v6: bool, cipher: tuple[str, str | None]) -> None:
-    plane, peer, sent = plane_and_peer(tun_pair[0], v6=v6, encr=cipher[0], integ=cipher[1])
+def test_the_outer_header_takes_each_packets_dscp_and_ecn(
+        tun_pair: tuple[int, int], v6: bool, cipher: tuple[str, str | None],
+        copy_ecn: bool) -> None:
+    plane, peer, sent = plane_and_peer(tun_pair[0], v6=v6, encr=cipher[0], integ=cipher[1],
+                                       copy_ecn=copy_ecn)
     src, dst = ("fd00:a::5", "fd00:b::7") if v6 else ("10.99.1.5", "10.99.2.7")
     marks = [0] * 5 + [EF | ECT0] * 20 + [EF] * 3 + [0 | CE] * 4 + [LE] * 2 + [AF41] * 2 \
         + [EF]
@@ -144,20 +133,54 @@ def test_the_outer_header_takes_each_packets_dscp_but_not_its_ecn(
     plane.send_packets(flow)
     datagrams = sent.datagrams_with_tos()
     assert [peer.decapsulate_untrusted(d) for d, _ in datagrams] == flow
-    assert [tos for _, tos in datagrams] == [tos & 0xFC for tos in marks]
-    # each DSCP's stretch still leaves in GSO sends, one per stretch (CBC pads: the
-    # lengths stay equal)
-    assert len(sent.calls) == 6
+    mask = 0xFF if copy_ecn else 0xFC
+    assert [tos for _, tos in datagrams] == [tos & mask for tos in marks]
+    # each TOS's stretch still leaves in GSO sends, one per stretch (CBC pads: the
+    # lengths stay equal); without ECN, EF | ECT(0) and EF are one stretch
+    assert len(sent.calls) == (7 if copy_ecn else 6)
 
 
 def test_copy_dscp_no_keeps_the_outer_dscp_zero(tun_pair: tuple[int, int]) -> None:
     plane, peer, sent = plane_and_peer(tun_pair[0], copy_dscp=False)
     flow = [with_tos(packet("10.99.1.5", "10.99.2.7", payload=b"q" * 900), tos)
-            for tos in (0, EF, EF, AF41, 0)]
+            for tos in (0, EF, EF, AF41, 0, EF | ECT0)]
     plane.send_packets(flow)
     datagrams = sent.datagrams_with_tos()
     assert [peer.decapsulate_untrusted(d) for d, _ in datagrams] == flow
-    assert {tos for _, tos in datagrams} == {0}
+    assert [tos for _, tos in datagrams] == [0] * 5 + [ECT0]  # the ECN field still goes
+
+
+def _tun_writes(fd: int) -> list[bytes]:
+    """The packets written into the TUN stand-in so far, without their vnet headers."""
+    written = []
+    while True:
+        try:
+            written.append(os.read(fd, 1 << 17)[VNET_HDR_SIZE:])
+        except BlockingIOError:
+            return written
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_a_ce_mark_on_the_outer_header_goes_into_the_packet(
+        tun_pair: tuple[int, int], v6: bool) -> None:
+    """RFC 6040 4.2 through the data plane's receive path: the outer ECN the sockets
+    report reaches the SAD by index, across receive calls, until the flush."""
+    plane, peer, _ = plane_and_peer(tun_pair[0], we_are_b=True, v6=v6)
+    src, dst = ("fd00:a::5", "fd00:b::7") if v6 else ("10.99.1.5", "10.99.2.7")
+    inner = [with_tos(packet(src, dst, payload=bytes([n]) * 300), tos)
+             for n, tos in enumerate([ECT0, ECT0, 0, ECT0, ECT0 | EF, ECT0])]
+    esp = [peer.outbound_for(p).encapsulate(p) for p in inner]  # type: ignore[union-attr]
+    plane.receive_esp(esp[:3], {1: CE, 2: CE})
+    plane.receive_esp(esp[3:], {1: CE})  # index 1 of this call: the fifth packet
+    plane.flush()
+    assert _tun_writes(tun_pair[1]) == [inner[0], with_tos(inner[1], CE), inner[3],
+                                        with_tos(inner[4], EF | CE), inner[5]]
+    assert plane.stats()["sa_ecn_drops"] == 1
+    # a later batch without marks: nothing left over from the last one
+    more = [peer.outbound_for(p).encapsulate(p) for p in inner[:2]]  # type: ignore[union-attr]
+    plane.receive_esp(more)
+    plane.flush()
+    assert _tun_writes(tun_pair[1]) == inner[:2]
 
 
 @dataclass
@@ -171,7 +194,7 @@ class FakeEspSocket:
 
 
 @pytest.mark.parametrize("mode", ["tunnel", "transport"])
-def test_raw_esp_takes_each_packets_dscp_too(tun_pair: tuple[int, int], mode: str) -> None:
+def test_raw_esp_takes_each_packets_tos_too(tun_pair: tuple[int, int], mode: str) -> None:
     a_side = params(mode=mode)
     raw = FakeEspSocket()
     plane = DataPlane(FakeTun([tun_pair[0]]), FakeRoutes(), [raw], Limits())  # type: ignore[list-item]
@@ -181,8 +204,10 @@ def test_raw_esp_takes_each_packets_dscp_too(tun_pair: tuple[int, int], mode: st
     src, dst = (GW_A, GW_B) if mode == "transport" else ("10.99.1.5", "10.99.2.7")
     flow = [with_tos(packet(src, dst, payload=b"r" * 500), tos) for tos in (EF, EF | CE, 0)]
     plane.send_packets(flow)
+    # the ECN field goes outside in tunnel mode only: in transport mode the header we
+    # rebuild on receiving carries none, so a CE mark on the way would be lost
     assert [(peer_address, tos) for _, peer_address, tos in raw.sent] == \
-        [(GW_B, EF), (GW_B, EF), (GW_B, 0)]
+        [(GW_B, EF), (GW_B, EF | CE if mode == "tunnel" else EF), (GW_B, 0)]
     assert len({peer.decapsulate_untrusted(esp)[-500:] for esp, _, _ in raw.sent}) == 1
 
 

@@ -80,7 +80,7 @@ def test_raw_esp_reaches_the_peer_namespace_as_bare_esp(pair: Pair, version: int
     assert got["mark"] == DEFAULT_MARK
     assert got["sent"] is True and got["arrived"] is True
     # The IPv4 header the raw socket delivers is cut off: both families give bare ESP.
-    assert got["received"] == [(esp, local)]
+    assert got["received"] == [(esp, local, 0)]
     assert got["empty_after"] == []
     assert (got["sent_c"]["esp_sent_packets"], got["sent_c"]["esp_sent_bytes"]) == (1, len(esp))
     recv_c = got["recv_c"]
@@ -125,7 +125,7 @@ def test_marked_sockets_bypass_the_tun_route_to_a_transport_peer(
             # Whatever is misrouted has long arrived by now.
             select.select([], [], [], 0.3)
             got = {
-                "wire_esp": [data for data, _ in esp_capture.drain()],
+                "wire_esp": [data for data, _, _ in esp_capture.drain()],
                 "wire_udp": [data for data, _ in drain_nowait(udp_capture)],
                 "tun": _tun_payloads(tun.drain(tun.fds[0])),
             }
@@ -234,3 +234,30 @@ def test_raw_esp_leaves_with_the_tos_it_is_given(pair: Pair, version: int) -> No
             capture.close()
 
     assert run_in_netns(pair.a, body) == [0xB8, 0, 0x04]
+
+
+@FAMILIES
+def test_raw_esp_arrives_with_the_ecn_field_of_its_ip_header(pair: Pair, version: int) -> None:
+    """RFC 6040 4.2 needs the outer ECN field: the IPv4 header's, the IPv6 traffic
+    class's (ancillary data), whatever the DSCP."""
+    local, peer = _addresses(pair, version)
+    sent = [(0xB8 | 3, _esp(8, 1, b"ce")), (0x01, _esp(8, 2, b"ect1")), (0x02, _esp(8, 3, b"ect0")),
+            (0xB8, _esp(8, 4, b"not-ect"))]
+
+    def body() -> list[tuple[bytes, str, int]]:
+        enter_netns(pair.b)
+        capture = EspSocket.open(peer, mark=None)
+        enter_netns(pair.a)
+        try:
+            with EspSocket.open(local) as sender:
+                for tos, esp in sent:
+                    assert sender.send(esp, peer, tos)
+            received: list[tuple[bytes, str, int]] = []
+            while len(received) < len(sent):
+                assert _wait(capture.fileno(), 5)
+                received += capture.drain()
+            return received
+        finally:
+            capture.close()
+
+    assert run_in_netns(pair.a, body) == [(esp, local, tos & 3) for tos, esp in sent]
