@@ -138,6 +138,8 @@ def render_node_config(
                 out.append(f"inactivity = {_toml(child.inactivity)}")
             if child.copy_dscp is not None:
                 out.append(f"copy_dscp = {_toml(child.copy_dscp)}")
+            if child.copy_ecn is not None:
+                out.append(f"copy_ecn = {_toml(child.copy_ecn)}")
             out += [f"{key} = {value}" for key, value in child.volume]
             for key, value in (("rekey_time", child.rekey_time),
                                ("life_time", child.life_time),

@@ -56,6 +56,7 @@ class Child:
     updown: str | None = None  # our node's updown command (charon's config leaves it out)
     inactivity: str | None = None  # our node's inactivity timeout (likewise)
     copy_dscp: str | None = None  # our node's copy_dscp (likewise)
+    copy_ecn: bool | None = None  # our node's copy_ecn (likewise)
     volume: tuple[tuple[str, int], ...] = ()  # our node's rekey_bytes, life_bytes, ...
 
 

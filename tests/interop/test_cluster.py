@@ -866,31 +866,34 @@ def test_updown_runs_on_the_worker_where_the_child_sa_is() -> None:
                           "rekey, down-client at the Delete")
 
 
-@pytest.mark.parametrize("copy_dscp", [None, "no"])
-def test_the_worker_gives_the_esp_it_sends_the_dscp_of_what_it_carries(
-        copy_dscp: str | None) -> None:
-    """copy_dscp in a cluster: the child's setting reaches the worker with the Child SA's
-    keys, and the worker's ESP carries each packet's DSCP (answers to EF pings cross the
-    wire as EF, the others as CS0; all as CS0 with "no"), counted on strongSwan's veth."""
+@pytest.mark.parametrize("copied", [True, False])
+def test_the_worker_gives_the_esp_it_sends_the_dscp_and_ecn_of_what_it_carries(
+        copied: bool) -> None:
+    """copy_dscp and copy_ecn in a cluster: the child's settings reach the worker with
+    the Child SA's keys, and the worker's ESP carries each packet's DSCP and ECN field
+    (answers to EF + ECT(0) pings cross the wire as EF + ECT(0), the others as CS0 +
+    Not-ECT; all as CS0 + Not-ECT with copy_dscp = "no" and copy_ecn = false), counted
+    on strongSwan's veth."""
     with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
         initiator, responder = conn_pair()
-        if copy_dscp is not None:
-            responder = responder.with_child(copy_dscp=copy_dscp)
+        if not copied:
+            responder = responder.with_child(copy_dscp="no", copy_ecn=False)
         wire = lab.wire_counters("initiator", {
             "esp_in_ef": ("in", f"{ESP_IN_UDP_IN} ip dscp ef"),
             "esp_in_cs0": ("in", f"{ESP_IN_UDP_IN} ip dscp cs0"),
+            "esp_in_ect0": ("in", f"{ESP_IN_UDP_IN} ip ecn ect0"),
         })
         _connect(lab, cluster, initiator, responder)
         before = wire.read()
-        for marks in (["-Q", "0xb8"], []):
+        for marks in (["-Q", "0xba"], []):
             proc = lab.initiator.run(["ping", "-n", "-c", "10", "-i", "0.05", "-W", "2",
                                       *marks, "-I", INITIATOR_INNER_V4, RESPONDER_INNER_V4],
                                      check=False)
             assert "10 received" in proc.stdout, proc.stdout + cluster.logs()
         seen = wire.since(before)
-        assert seen == ({"esp_in_ef": 0, "esp_in_cs0": 20} if copy_dscp == "no" else
-                        {"esp_in_ef": 10, "esp_in_cs0": 10}), seen
-        report("cluster", f"the worker's ESP by DSCP: {seen}")
+        assert seen == ({"esp_in_ef": 10, "esp_in_cs0": 10, "esp_in_ect0": 10} if copied else
+                        {"esp_in_ef": 0, "esp_in_cs0": 20, "esp_in_ect0": 0}), seen
+        report("cluster", f"the worker's ESP by DSCP and ECN: {seen}")
 
 
 BLOCK_TABLE = "ikc_block"

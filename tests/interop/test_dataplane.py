@@ -103,13 +103,13 @@ def wait_for_log(node: Node, pattern: str, *, count: int = 1) -> list[str]:
         time.sleep(0.05)
 
 
-def ping(ns: Netns, source: str, target: str, count: int = PINGS, *, size: int = 56
-         ) -> tuple[int, int, str]:
-    """(transmitted, received, output) of ``ping -c count -i 0.05 -s size -I source
-    target``."""
+def ping(ns: Netns, source: str, target: str, count: int = PINGS, *, size: int = 56,
+         tos: int = 0) -> tuple[int, int, str]:
+    """(transmitted, received, output) of ``ping -c count -i 0.05 -s size -Q tos -I
+    source target``."""
     proc = ns.run(
         ["ping", "-n", "-c", str(count), "-i", "0.05", "-W", "2", "-s", str(size),
-         "-I", source, target],
+         "-Q", hex(tos), "-I", source, target],
         check=False,
     )
     match = re.search(r"(\d+) packets transmitted, (\d+) received", proc.stdout)
@@ -1423,6 +1423,66 @@ def test_the_outer_header_carries_each_packets_dscp_unless_copy_dscp_is_no(
         assert seen["esp_in_ef"] == 0, seen
     else:
         assert after_marked["esp_in_ef"] == PINGS == seen["esp_in_ef"], seen
+
+
+ECT0, CE = 0x02, 0x03
+
+
+@pytest.mark.parametrize("copy_ecn", [None, False])
+def test_ecn_crosses_the_tunnel_as_rfc_6040_says_unless_copy_ecn_is_false(
+        lab: Lab, initiator: Charon, copy_ecn: bool | None) -> None:
+    """swanctl's copy_ecn (default yes), RFC 6040 normal mode. Out: our pings with
+    ECT(0) leave in ESP whose outer header is ECT(0), counted on strongSwan's veth. In:
+    strongSwan's libipsec leaves the outer header Not-ECT, so a rule on its veth plays
+    a congested router and marks each of its ESP datagrams CE. Its ECT(0) pings then
+    reach our TUN marked CE, and its Not-ECT ones are dropped (RFC 6040 4.2), counted
+    as esp_dropped_packets_total{reason="ecn"}. With copy_ecn = false the outer
+    header stays Not-ECT and its ECN field is ignored."""
+    initiator_conn, responder_conn = conn_pair()
+    if copy_ecn is not None:
+        responder_conn = responder_conn.with_child(copy_ecn=copy_ecn)
+    copies = copy_ecn is None
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"),
+                    settings={"metrics": {"listen": METRICS, "interval": 0.1}})
+    wire = lab.wire_counters("initiator", {
+        "esp_in": ("in", ESP_IN_UDP_IN),
+        "esp_in_ect0": ("in", f"{ESP_IN_UDP_IN} ip ecn ect0"),
+    })
+    initiator.load(initiator_conn)
+    assert_initiated(initiator.initiate("net"), initiator)
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    before = wire.read()
+    sent, received, output = ping(lab.responder, RESPONDER_INNER_V4, INITIATOR_INNER_V4,
+                                  tos=ECT0)
+    assert received == sent == PINGS, output
+    out = wire.since(before)
+    report("ecn wire (initiator veth, in)", str(out))
+    assert out["esp_in"] >= PINGS, out
+    assert out["esp_in_ect0"] == (PINGS if copies else 0), out
+    # from here on every ESP datagram strongSwan sends arrives marked CE
+    congested = WireCounters(lab.initiator, {"marked": ("out", f"{ESP_IN_UDP_OUT} ip ecn set ce")})
+    congested.install()
+    tun = WireCounters(lab.responder, {
+        "echo": ("in", "icmp type echo-request"),
+        "echo_ce": ("in", "icmp type echo-request ip ecn ce"),
+    }, device="ikec0")
+    tun.install()
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4,
+                                  tos=ECT0)
+    assert received == sent == PINGS, output
+    inside = tun.read()
+    report("ecn inside (our TUN, ECT(0) pings under CE)", str(inside))
+    assert inside["echo"] == PINGS, inside
+    assert inside["echo_ce"] == (PINGS if copies else 0), inside
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert congested.read()["marked"] >= 2 * PINGS
+    drops = drop_counts(lab.responder).get("esp:ecn", 0)
+    report("ecn drops (Not-ECT pings under CE)", f"{received}/{sent} answered, {drops} dropped")
+    if copies:
+        assert received == 0 and drops == PINGS, (output, drops)
+    else:
+        assert received == sent == PINGS and drops == 0, (output, drops)
+    assert node.running(), node.log_text()
 
 
 def test_a_childless_ike_sa_gets_its_child_sa_by_create_child_sa(
