@@ -1001,7 +1001,7 @@ class _Loader:
             key, value, ("mode", "local_ts", "remote_ts", "esp_proposals", "start_action",
                          "rekey_time", "life_time", "rand_time", "dpd_action", "updown",
                          "inactivity", "copy_dscp", "copy_ecn", "rekey_bytes", "life_bytes",
-                         "rekey_packets", "life_packets")
+                         "rekey_packets", "life_packets", "rand_bytes", "rand_packets")
         )
         mode = child.string("mode", "tunnel")
         if mode not in ("tunnel", "transport"):
@@ -1025,22 +1025,35 @@ class _Loader:
             inactivity=self.inactivity(child),
             copy_dscp=self.copy_dscp(child),
             copy_ecn=child.boolean("copy_ecn", True),
-            volume=VolumeLimits(*self.volume(child, "bytes"), *self.volume(child, "packets")),
+            volume=self.volume_limits(child),
         )
 
-    def volume(self, child: _Table, unit: str) -> tuple[int, int]:
-        """swanctl's rekey_<unit> and life_<unit> (0: none); life defaults to 110 % of
-        rekey, as in swanctl."""
-        rekey_key, life_key = f"rekey_{unit}", f"life_{unit}"
+    def volume_limits(self, child: _Table) -> VolumeLimits:
+        rekey_bytes, life_bytes, rand_bytes = self.volume(child, "bytes")
+        rekey_packets, life_packets, rand_packets = self.volume(child, "packets")
+        return VolumeLimits(rekey_bytes, life_bytes, rekey_packets, life_packets,
+                            rand_bytes, rand_packets)
+
+    def volume(self, child: _Table, unit: str) -> tuple[int, int, int]:
+        """swanctl's rekey_<unit>, life_<unit> (0: none) and rand_<unit>; life defaults
+        to 110 % of rekey, rand to life minus rekey, as in swanctl."""
+        rekey_key, life_key, rand_key = f"rekey_{unit}", f"life_{unit}", f"rand_{unit}"
         rekey, life = child.integer(rekey_key, 0), child.integer(life_key, 0)
-        for key, value in ((rekey_key, rekey), (life_key, life)):
+        rand = child.integer(rand_key, 0)
+        for key, value in ((rekey_key, rekey), (life_key, life), (rand_key, rand)):
             if not 0 <= value < 1 << 63:
                 child.fail(key, "must be between 0 (none) and 2^63")
         if rekey and life_key not in child:
             life = rekey + rekey // 10
         if rekey and life and life <= rekey:
             child.fail(life_key, f"must be above {rekey_key} ({rekey}), or 0 for none")
-        return rekey, life
+        if not rekey:
+            return rekey, life, 0  # nothing to take a random part off
+        if rand_key not in child:
+            rand = min(max(0, life - rekey), rekey - 1)
+        elif rand >= rekey:
+            child.fail(rand_key, f"must be below {rekey_key} ({rekey})")
+        return rekey, life, rand
 
     def copy_dscp(self, child: _Table) -> bool:
         """swanctl's copy_dscp, the outward half: "out" (the default) or "no"."""

@@ -99,15 +99,27 @@ class Retransmission:
 
 @dataclass(frozen=True)
 class VolumeLimits:
-    """swanctl's rekey_bytes, life_bytes, rekey_packets, life_packets (0: none)."""
+    """swanctl's rekey_bytes, life_bytes, rekey_packets, life_packets (0: none), and
+    rand_bytes, rand_packets: each Child SA rekeys a random part of them earlier, so two
+    peers that count the same traffic against equal limits rarely start a rekey at once
+    (the config resolves swanctl's default, life minus rekey)."""
 
     rekey_bytes: int = 0
     life_bytes: int = 0
     rekey_packets: int = 0
     life_packets: int = 0
+    rand_bytes: int = 0
+    rand_packets: int = 0
 
-    def as_tuple(self) -> tuple[int, int, int, int]:
-        return self.rekey_bytes, self.life_bytes, self.rekey_packets, self.life_packets
+    def for_child(self, fraction: float) -> tuple[int, int, int, int]:
+        """(rekey_bytes, life_bytes, rekey_packets, life_packets) of one Child SA,
+        `fraction` (in [0, 1)) of each rand_* taken off its rekey_*."""
+        rekey_bytes, rekey_packets = self.rekey_bytes, self.rekey_packets
+        if rekey_bytes:
+            rekey_bytes = max(1, rekey_bytes - int(self.rand_bytes * fraction))
+        if rekey_packets:
+            rekey_packets = max(1, rekey_packets - int(self.rand_packets * fraction))
+        return rekey_bytes, self.life_bytes, rekey_packets, self.life_packets
 
 
 @dataclass(frozen=True)

@@ -456,11 +456,18 @@ def test_volume_limits_follow_swanctl(tmp_path: Path) -> None:
     text = edit(('mode = "tunnel"\n', 'mode = "tunnel"\nrekey_bytes = 1000000\n'
                  "rekey_packets = 5000\nlife_packets = 6000\n"))
     (conn,) = load_config(write(tmp_path, text)).policy.connections
-    # life_bytes: 110 % of rekey_bytes when not given, as in swanctl
-    assert conn.children[0].volume == VolumeLimits(1000000, 1100000, 5000, 6000)
+    # life_bytes: 110 % of rekey_bytes when not given, rand_*: life minus rekey, as in
+    # swanctl
+    assert conn.children[0].volume == VolumeLimits(1000000, 1100000, 5000, 6000,
+                                                   100000, 1000)
     text = edit(('mode = "tunnel"\n', 'mode = "tunnel"\nlife_bytes = 4096\n'))
     (conn,) = load_config(write(tmp_path, text)).policy.connections
     assert conn.children[0].volume == VolumeLimits(0, 4096, 0, 0)
+    text = edit(('mode = "tunnel"\n', 'mode = "tunnel"\nrekey_bytes = 1000\n'
+                 "rand_bytes = 0\nrekey_packets = 100\nlife_packets = 900\n"))
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    # no random part when told so; never the whole rekey limit by default
+    assert conn.children[0].volume == VolumeLimits(1000, 1100, 100, 900, 0, 99)
 
 
 def test_ppks_follow_swanctl(tmp_path: Path) -> None:
@@ -677,6 +684,9 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
      "'in' is not supported: the outer DSCP is not copied into received packets"),
     ("copy_dscp unknown", edit(('mode = "tunnel"\n', 'mode = "tunnel"\ncopy_dscp = "off"\n')),
      "connections.rw.children.net.copy_dscp", "'off' is not one of \"out\", \"no\""),
+    ("rand above rekey",
+     edit(('mode = "tunnel"\n', 'mode = "tunnel"\nrekey_bytes = 900\nrand_bytes = 900\n')),
+     "connections.rw.children.net.rand_bytes", "must be below rekey_bytes (900)"),
     ("copy_ecn a string", edit(('mode = "tunnel"\n', 'mode = "tunnel"\ncopy_ecn = "no"\n')),
      "connections.rw.children.net.copy_ecn", "expected true or false, got a string"),
 ]

@@ -1,6 +1,7 @@
 """From a Child SA's install request to the data plane's limits: swanctl's per-child
-volume limits (rekey_bytes, life_bytes, rekey_packets, life_packets) with [worker]'s
-lifetime_bytes / lifetime_packets, the lower of each winning."""
+volume limits (rekey_bytes, life_bytes, rekey_packets, life_packets, with the random
+part rand_bytes / rand_packets) with [worker]'s lifetime_bytes / lifetime_packets, the
+lower of each winning."""
 
 from __future__ import annotations
 
@@ -36,7 +37,24 @@ def established(volume: VolumeLimits) -> ChildSaEstablished:
 def test_the_childs_volume_limits_and_the_workers_give_the_lower_of_each(
         volume: VolumeLimits, limits: Limits, expected: tuple[int | None, ...]) -> None:
     event = established(volume)
-    assert event.volume == volume.as_tuple()
+    assert event.volume == volume.for_child(0.0)  # no rand_*: nothing random
     params = params_from_event(event, limits)
     assert (params.soft_bytes, params.hard_bytes, params.soft_packets,
             params.hard_packets) == expected
+
+
+def test_each_child_sa_rekeys_a_random_part_of_rand_earlier() -> None:
+    """swanctl's rand_bytes / rand_packets: each Child SA's rekey limits lose their own
+    random part of them (taken from its SPI, so the same whenever its install request is
+    made again); the life limits stay."""
+    volume = VolumeLimits(1_000_000, 1_100_000, 5000, 6000, 100_000, 1000)
+    events = [established(volume) for _ in range(6)]
+    for event in events:
+        rekey_bytes, life_bytes, rekey_packets, life_packets = event.volume
+        part = int.from_bytes(event.spi_in, "big") / 2**32
+        assert rekey_bytes == 1_000_000 - int(100_000 * part)
+        assert rekey_packets == 5000 - int(1000 * part)
+        assert (life_bytes, life_packets) == (1_100_000, 6000)
+        params = params_from_event(event, Limits())
+        assert (params.soft_bytes, params.hard_bytes) == (rekey_bytes, 1_100_000)
+    assert len({event.volume for event in events}) > 1
