@@ -657,12 +657,15 @@ class _Loader:
         if connection.vips and child.start_action == "trap":
             conn.fail("vips", 'not with start_action = "trap" yet (its routes need the '
                               "address before it is assigned)")
-        if len(starting) > 1:
-            # IKE_AUTH carries one Child SA; more need CREATE_CHILD_SA (RFC 7296 1.3.1)
+        if len(starting) > 1 and any(c.start_action == "trap" for c in starting):
+            # IKE_AUTH carries the first Child SA, CREATE_CHILD_SA the others (RFC 7296
+            # 1.3.1): fine for children started together, not for one trapped
+            trapped = next(c for c in starting if c.start_action == "trap")
+            other = next(c for c in starting if c is not trapped)
             self.fail(
-                _join(_join(_join(conn.key, "children"), starting[1].name), "start_action"),
-                f'only one child per connection may have start_action "start" or "trap" for '
-                f"now (children.{child.name} has it)",
+                _join(_join(_join(conn.key, "children"), trapped.name), "start_action"),
+                f'"trap" needs a connection of its own: children.{other.name} has '
+                f'start_action "{other.start_action}"',
             )
         why = f'start_action = "{child.start_action}" in children.{child.name}'
         remote_texts = conn.strings("remote_addrs", ())

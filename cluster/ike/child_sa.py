@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import NoProposalChosen, TsUnacceptable
@@ -91,6 +91,18 @@ def install_child(sa: IkeSa, name: str, mode: str, spi_in: bytes, spi_out: bytes
     sa.children[spi_in] = child
     sa.events.append(child_established(sa, child, replaces))
     return child
+
+
+def initiator_selectors(sa: IkeSa, config: ChildConfig, ours: Sequence[str]
+                        ) -> tuple[tuple[TrafficSelector, ...], tuple[TrafficSelector, ...]]:
+    """(TSi, TSr) we propose for a Child SA of `config`: a "dynamic" local selector
+    stands for each of `ours` (our address, or the virtual IPs asked for or assigned),
+    a "dynamic" remote one for the peer's address."""
+    tsi: list[TrafficSelector] = []
+    for ts in (t.resolve(a) for t in config.local_ts for a in ours):
+        if ts not in tsi:
+            tsi.append(ts)
+    return tuple(tsi), tuple(t.resolve(sa.remote[0]) for t in config.remote_ts)
 
 
 def child_established(sa: IkeSa, child: ChildSa, replaces: bytes = b"") -> ChildSaEstablished:

@@ -21,7 +21,7 @@ from ..errors import (
     TemporaryFailure,
 )
 from ..key_exchange import KeyExchange, new_key_exchange
-from .child_sa import choose_child, install_child, new_child_spi
+from .child_sa import choose_child, initiator_selectors, install_child, new_child_spi
 from .constants import NotifyType, ProtocolId
 from .events import IkeSaRekeyed
 from .ike_init import notifies
@@ -41,6 +41,7 @@ from .policy import ChildConfig
 from .proposals import ChosenAlgorithms, accept_response, chosen_to_proposal, select_proposal
 from .sa import ChildSa, IkeSa
 from .state import State
+from .traffic_selectors import TrafficSelector
 
 Random = Callable[[int], bytes]
 NONCE_SIZE = 32
@@ -206,6 +207,19 @@ class RekeyChild:
 
 
 @dataclass
+class CreateChild:
+    """Our CREATE_CHILD_SA for a new Child SA of one of the connection's children (RFC
+    7296 1.3.1): a connection we initiate brings its other start_action = "start"
+    children up this way once IKE_AUTH has brought the first."""
+
+    name: str
+    new_spi: bytes = b""
+    nonce: bytes = b""
+    ke: KeyExchange | None = None
+    group: int | None = None  # PFS group to offer; set from INVALID_KE_PAYLOAD on retry
+
+
+@dataclass
 class RekeyIke:
     new_spi: bytes = b""
     nonce: bytes = b""
@@ -214,19 +228,19 @@ class RekeyIke:
     proposals: list[object] = field(default_factory=list)
 
 
-def build_rekey_child(sa: IkeSa, task: RekeyChild, rng: Random) -> list[Payload]:
-    child = sa.children[task.spi_in]
-    config = _config_of(sa, child.name)
-    if config is None:
-        raise NoProposalChosen(f"child config {child.name} is gone")
+def _child_request(sa: IkeSa, task: RekeyChild | CreateChild, config: ChildConfig,
+                   transport: bool, tsi: tuple[TrafficSelector, ...],
+                   tsr: tuple[TrafficSelector, ...], rng: Random) -> list[Payload]:
+    """The payloads of a CREATE_CHILD_SA request for a Child SA of `config` after any
+    REKEY_SA (RFC 7296 1.3.1, 1.3.3): our new SPI, nonce and, with PFS, key exchange
+    go into `task` for the response."""
     task.new_spi = new_child_spi(sa, rng)
     task.nonce = rng(NONCE_SIZE)
     groups = [g for p in config.esp_proposals for g in p.dh]
     if task.group is None and groups:
         task.group = groups[0]
-    payloads: list[Payload] = [NotifyPayload(NotifyType.REKEY_SA, b"", ProtocolId.ESP,
-                                             child.spi_in)]
-    if child.mode == "transport":
+    payloads: list[Payload] = []
+    if transport:
         payloads.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
     payloads += [
         SaPayload(tuple(p.to_proposal(i + 1, task.new_spi)
@@ -236,27 +250,24 @@ def build_rekey_child(sa: IkeSa, task: RekeyChild, rng: Random) -> list[Payload]
     if task.group is not None:
         task.ke = new_key_exchange(task.group)
         payloads.append(KePayload(task.group, task.ke.public_value()))
-    payloads += [TsiPayload(child.local_ts), TsrPayload(child.remote_ts)]
-    child.rekeying = True
+    payloads += [TsiPayload(tsi), TsrPayload(tsr)]
     return payloads
 
 
-def process_rekey_child(sa: IkeSa, task: RekeyChild, payloads: list[Payload]) -> ChildSa:
-    """The new Child SA; raises IkeError when the peer refused."""
-    old = sa.children.get(task.spi_in)
-    config = _config_of(sa, old.name) if old is not None else None
+def _child_response(sa: IkeSa, task: RekeyChild | CreateChild, name: str,
+                    payloads: list[Payload], replaces: bytes = b"") -> tuple[ChildSa, bytes]:
+    """The Child SA the response to `task` makes, installed, and the peer's nonce;
+    IkeError when the peer refused or the response does not fit what we asked for."""
+    config = _config_of(sa, name)
     offered: Set[int] = {g for p in config.esp_proposals for g in p.dh} if config else set()
     _raise_refusal(payloads, offered, task.group)
     sa_p = first_of(payloads, SaPayload)
     nonce = first_of(payloads, NoncePayload)
     tsi = first_of(payloads, TsiPayload)
     tsr = first_of(payloads, TsrPayload)
-    if old is None:
-        raise ChildSaNotFound("the Child SA went away during its rekey")
     if sa_p is None or nonce is None or tsi is None or tsr is None or len(sa_p.proposals) != 1:
         raise InvalidSyntax("CREATE_CHILD_SA response lacks SA, Nonce or TS")
     proposal = sa_p.proposals[0]
-    config = _config_of(sa, old.name)
     if config is None or proposal.protocol != ProtocolId.ESP or len(proposal.spi) != 4:
         raise NoProposalChosen("unusable Child SA proposal in the response")
     chosen = accept_response(proposal, config.esp_proposals, sa.policy.legacy_algorithms)
@@ -270,11 +281,49 @@ def process_rekey_child(sa: IkeSa, task: RekeyChild, payloads: list[Payload]) ->
         except ParseError as exc:
             raise InvalidSyntax(str(exc)) from None
     transport = bool(notifies(payloads, NotifyType.USE_TRANSPORT_MODE))
-    new = install_child(sa, old.name, "transport" if transport else "tunnel", task.new_spi,
-                        proposal.spi, chosen, task.nonce, nonce.data, tsi.selectors,
-                        tsr.selectors, shared, we_initiated=True, replaces=old.spi_in)
-    old.rekey_nonce = min(task.nonce, nonce.data)
+    child = install_child(sa, name, "transport" if transport else "tunnel", task.new_spi,
+                          proposal.spi, chosen, task.nonce, nonce.data, tsi.selectors,
+                          tsr.selectors, shared, we_initiated=True, replaces=replaces)
+    return child, nonce.data
+
+
+def build_rekey_child(sa: IkeSa, task: RekeyChild, rng: Random) -> list[Payload]:
+    child = sa.children[task.spi_in]
+    config = _config_of(sa, child.name)
+    if config is None:
+        raise NoProposalChosen(f"child config {child.name} is gone")
+    payloads: list[Payload] = [NotifyPayload(NotifyType.REKEY_SA, b"", ProtocolId.ESP,
+                                             child.spi_in)]
+    payloads += _child_request(sa, task, config, child.mode == "transport", child.local_ts,
+                               child.remote_ts, rng)
+    child.rekeying = True
+    return payloads
+
+
+def process_rekey_child(sa: IkeSa, task: RekeyChild, payloads: list[Payload]) -> ChildSa:
+    """The new Child SA; raises IkeError when the peer refused."""
+    old = sa.children.get(task.spi_in)
+    if old is None:
+        _raise_refusal(payloads, set(), task.group)
+        raise ChildSaNotFound("the Child SA went away during its rekey")
+    new, nonce_r = _child_response(sa, task, old.name, payloads, replaces=old.spi_in)
+    old.rekey_nonce = min(task.nonce, nonce_r)
     return new
+
+
+def build_create_child(sa: IkeSa, task: CreateChild, rng: Random) -> list[Payload]:
+    """RFC 7296 1.3.1: the selectors as IKE_AUTH proposes them, "dynamic" being our
+    address or the virtual IPs we were assigned."""
+    config = _config_of(sa, task.name)
+    if config is None:
+        raise NoProposalChosen(f"child config {task.name} is gone")
+    tsi, tsr = initiator_selectors(sa, config, sa.own_vips or [sa.local[0]])
+    return _child_request(sa, task, config, config.mode == "transport", tsi, tsr, rng)
+
+
+def process_create_child(sa: IkeSa, task: CreateChild, payloads: list[Payload]) -> ChildSa:
+    """The new Child SA; raises IkeError when the peer refused."""
+    return _child_response(sa, task, task.name, payloads)[0]
 
 
 def build_rekey_ike(sa: IkeSa, task: RekeyIke, rng: Random) -> list[Payload]:
@@ -328,4 +377,8 @@ def _raise_refusal(payloads: list[Payload], offered: Set[int], sent: int | None)
                 raise TemporaryFailure("the peer asked us to retry later")
             if n.notify_type == NotifyType.CHILD_SA_NOT_FOUND:
                 raise ChildSaNotFound("the peer does not know that Child SA")
-            raise NoProposalChosen(f"the peer refused with notify {n.notify_type}")
+            try:
+                name = NotifyType(n.notify_type).name
+            except ValueError:
+                name = str(n.notify_type)
+            raise NoProposalChosen(f"the peer refused with {name}")

@@ -123,6 +123,16 @@ class ChildSaDeleted:
 
 
 @dataclass(frozen=True, slots=True)
+class ChildSaFailed:
+    """A Child SA we asked for with CREATE_CHILD_SA did not come up (RFC 7296 1.3.1)."""
+
+    ike_spi_i: bytes
+    ike_spi_r: bytes
+    name: str
+    reason: str  # the notify or error that refused it
+
+
+@dataclass(frozen=True, slots=True)
 class IkeSaRekeyed:
     """The IKE SA continues under new SPIs (RFC 7296 2.18); its Child SAs moved along.
 
@@ -171,5 +181,5 @@ class ExchangeCompleted:
 
 Event = (
     IkeSaEstablished | IkeSaFailed | IkeSaDeleted | ChildSaEstablished | ChildSaDeleted
-    | ExchangeCompleted | IkeSaRekeyed | IkeSaRetired | IkeSaMoved | IkeSaAdopted
+    | ChildSaFailed | ExchangeCompleted | IkeSaRekeyed | IkeSaRetired | IkeSaMoved | IkeSaAdopted
 )

@@ -30,7 +30,7 @@ from .auth import (
     verify_certificate_chain,
     verify_psk,
 )
-from .child_sa import Random, install_child, new_child_spi, respond_child
+from .child_sa import Random, initiator_selectors, install_child, new_child_spi, respond_child
 from .configuration import any_address, assigned_addresses, config_request, respond_config
 from .constants import AuthMethod, CertEncoding, IdType, NotifyType, ProtocolId
 from .eap import EapMschapv2Server
@@ -64,7 +64,6 @@ from .policy import ConnectionConfig, CrlPending, LocalAuth, RemoteAuth
 from .proposals import accept_response
 from .radius import EapRadiusServer, Station
 from .sa import IkeSa
-from .traffic_selectors import TrafficSelector
 
 WallClock = Callable[[], datetime]
 
@@ -544,15 +543,12 @@ def build_auth_request(sa: IkeSa, rng: Random) -> list[Payload]:
     if conn.vips:  # RFC 7296 2.19: CP(CFG_REQUEST) before the Child SA's payloads
         payloads.append(config_request(conn.vips))
         ours = [any_address(family) for family in conn.vips]
-    tsi: list[TrafficSelector] = []
-    for ts in (t.resolve(a) for t in child.local_ts for a in ours):
-        if ts not in tsi:
-            tsi.append(ts)
+    tsi, tsr = initiator_selectors(sa, child, ours)
     payloads += [
         SaPayload(tuple(p.to_proposal(i + 1, sa.pending_child_spi, key_exchange=False)
                         for i, p in enumerate(child.esp_proposals))),
-        TsiPayload(tuple(tsi)),
-        TsrPayload(tuple(t.resolve(sa.remote[0]) for t in child.remote_ts)),
+        TsiPayload(tsi),
+        TsrPayload(tsr),
     ]
     return payloads
 

@@ -32,10 +32,13 @@ from ..key_exchange import ExponentialPool
 from .configuration import release_leases
 from .constants import NATT_PORT, ExchangeType, NotifyType, ProtocolId
 from .create_child import (
+    CreateChild,
     RekeyChild,
     RekeyIke,
+    build_create_child,
     build_rekey_child,
     build_rekey_ike,
+    process_create_child,
     process_rekey_child,
     process_rekey_ike,
     respond_create_child,
@@ -46,6 +49,7 @@ from .events import (
     PEER_NOT_RESPONDING,
     Address,
     ChildSaDeleted,
+    ChildSaFailed,
     Event,
     ExchangeCompleted,
     IkeSaDeleted,
@@ -155,7 +159,7 @@ class AuthLifetime:
 
 
 Task = (_Init | _Auth | Liveness | DeleteIke | DeleteChild | RekeyChild | RekeyIke
-        | SyncMessageIds | Redirect | AuthLifetime)
+        | CreateChild | SyncMessageIds | Redirect | AuthLifetime)
 
 _REQUEST_TRIGGERS = {
     ExchangeType.IKE_SA_INIT: Trigger.RECV_INIT_REQUEST,
@@ -172,6 +176,7 @@ _EXCHANGE_OF = {
     DeleteChild: ExchangeType.INFORMATIONAL,
     RekeyChild: ExchangeType.CREATE_CHILD_SA,
     RekeyIke: ExchangeType.CREATE_CHILD_SA,
+    CreateChild: ExchangeType.CREATE_CHILD_SA,
 }
 
 
@@ -490,6 +495,8 @@ class IkeSession:
             return build_rekey_child(sa, task, self._rng)
         if isinstance(task, RekeyIke):
             return build_rekey_ike(sa, task, self._rng)
+        if isinstance(task, CreateChild):
+            return build_create_child(sa, task, self._rng)
         return None
 
     # --- requests from the peer ---------------------------------------------------
@@ -776,6 +783,11 @@ class IkeSession:
             if sa.connection.vips and not sa.own_vips:
                 self.last_error = "the responder assigned no virtual IP"
                 self.delete_ike(now)  # what we asked for is missing, as strongSwan does
+            else:
+                # IKE_AUTH brought the first child; the connection's other children to
+                # start come one CREATE_CHILD_SA each (RFC 7296 1.3.1), as in strongSwan
+                sa.queue.extend(CreateChild(c.name) for c in sa.connection.children[1:]
+                                if c.start_action == "start")
         elif isinstance(task, DeleteIke):
             sa.events.append(ExchangeCompleted(ExchangeType.INFORMATIONAL, False, "ok"))
             if sa is self._sa:
@@ -790,6 +802,9 @@ class IkeSession:
                                                 child.spi_out, "deleted by us"))
         elif isinstance(task, RekeyChild):
             self._child_rekeyed(sa, task, payloads, now)
+        elif isinstance(task, CreateChild):
+            process_create_child(sa, task, payloads)
+            self._schedule_children(sa, now)
         elif isinstance(task, SyncMessageIds):
             self._message_ids_synced(sa, task, payloads)
         elif isinstance(task, RekeyIke):
@@ -847,6 +862,11 @@ class IkeSession:
                 sa.queue.append(RekeyChild(task.spi_in, group=exc.group))
             else:
                 child.rekey_at = retry_at  # TEMPORARY_FAILURE and the like: later
+        elif isinstance(task, CreateChild):
+            if isinstance(exc, InvalidKePayload):  # RFC 7296 1.3: again with that group
+                sa.queue.append(CreateChild(task.name, group=exc.group))
+            else:
+                sa.events.append(ChildSaFailed(sa.spi_i, sa.spi_r, task.name, str(exc)))
         elif isinstance(task, RekeyIke):
             sa.rekeying = False
             if isinstance(exc, InvalidKePayload):

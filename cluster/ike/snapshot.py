@@ -16,7 +16,7 @@ from ..errors import ParseError
 from ..key_exchange import DhGroup, KeyExchange, new_key_exchange
 from ..transforms import ENCR_ALGORITHMS, INTEG_ALGORITHMS, PRF_ALGORITHMS, Esn
 from .constants import IdType, TsType
-from .create_child import RekeyChild, RekeyIke
+from .create_child import CreateChild, RekeyChild, RekeyIke
 from .events import ChildSaEstablished
 from .identity import Identity
 from .keymat import ChildKeys, IkeKeys
@@ -263,6 +263,9 @@ def _request(sa: IkeSa) -> list[Any] | None:
     elif isinstance(task, RekeyChild):
         what = ["rekey_child", task.spi_in, task.new_spi, task.nonce, task.group,
                 _private(task.ke)]
+    elif isinstance(task, CreateChild):
+        what = ["create_child", task.name, task.new_spi, task.nonce, task.group,
+                _private(task.ke)]
     elif isinstance(task, RekeyIke):
         what = ["rekey_ike", task.new_spi, task.nonce, task.group, _private(task.ke)]
     elif isinstance(task, DeleteIke):
@@ -295,6 +298,10 @@ def _request_from(stored: list[Any]) -> tuple[int, int, list[bytes], Task]:
         spi_in, new_spi, nonce, group, ke = args
         task = RekeyChild(bytes(spi_in), bytes(new_spi), bytes(nonce), _exchange(ke),
                           None if group is None else int(group))
+    elif kind == "create_child":
+        name, new_spi, nonce, group, ke = args
+        task = CreateChild(str(name), bytes(new_spi), bytes(nonce), _exchange(ke),
+                           None if group is None else int(group))
     elif kind == "rekey_ike":
         new_spi, nonce, group, ke = args
         task = RekeyIke(bytes(new_spi), bytes(nonce), _exchange(ke),

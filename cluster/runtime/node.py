@@ -18,6 +18,7 @@ from ..ike.events import (
     PEER_NOT_RESPONDING,
     ChildSaDeleted,
     ChildSaEstablished,
+    ChildSaFailed,
     Event,
     IkeSaDeleted,
     IkeSaEstablished,
@@ -181,6 +182,14 @@ def log_event(event: Event) -> None:
             "-".join(esp),
             event.mode,
             " encap" if event.encap else "",
+        )
+    elif isinstance(event, ChildSaFailed):
+        logger.info(
+            "CHILD SA failed: %s in IKE SA %s_i/%s_r reason=%s",
+            event.name,
+            event.ike_spi_i.hex(),
+            event.ike_spi_r.hex(),
+            event.reason,
         )
     elif isinstance(event, ChildSaDeleted):
         logger.info(

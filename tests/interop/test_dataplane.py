@@ -347,33 +347,32 @@ def test_ipv6_tunnels_with_strongswan_libipsec_carry_ping_and_iperf3(
     assert node.running(), node.log_text()
 
 
-def test_two_child_sas_of_one_ike_sa_each_carry_their_own_traffic(
-    lab: Lab, initiator: Charon
-) -> None:
-    """A second Child SA (CREATE_CHILD_SA, RFC 7296 1.3.1) with other selectors: our
-    worker picks the outbound SA by traffic selector, and strongSwan's per-CHILD_SA
-    counters show each ping crossed its own SA and only that one."""
-    second = {"initiator": "10.99.3.1", "responder": "10.99.4.1"}
-    lab.initiator.ip("addr", "add", f"{second['initiator']}/32", "dev", "lo")
-    lab.responder.ip("addr", "add", f"{second['responder']}/32", "dev", "lo")
-    initiator_conn, responder_conn = conn_pair()
+SECOND = {"initiator": "10.99.3.1", "responder": "10.99.4.1"}  # net2's inner addresses
+
+
+def with_second_child(lab: Lab, initiator_conn: Conn, responder_conn: Conn
+                      ) -> tuple[Conn, Conn]:
+    """Both ends' connections with a second child, net2 (10.99.3.0/24 behind the
+    initiator, 10.99.4.0/24 behind the responder), and an address of each on lo."""
+    lab.initiator.ip("addr", "add", f"{SECOND['initiator']}/32", "dev", "lo")
+    lab.responder.ip("addr", "add", f"{SECOND['responder']}/32", "dev", "lo")
     initiator_conn = replace(initiator_conn, children=(initiator_conn.child, replace(
         initiator_conn.child, name="net2", local_ts=("10.99.3.0/24",),
         remote_ts=("10.99.4.0/24",))))
     responder_conn = replace(responder_conn, children=(responder_conn.child, replace(
         responder_conn.child, name="net2", local_ts=("10.99.4.0/24",),
         remote_ts=("10.99.3.0/24",))))
-    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
-    initiator.load(initiator_conn)
-    assert_initiated(initiator.initiate("net"), initiator)
-    assert initiator.initiate("net2").returncode == 0, initiator.log_text()
-    wait_for_log(node, r"CHILD SA established: net2? .* mode=tunnel", count=2)
+    return initiator_conn, responder_conn
 
+
+def assert_each_child_carries_its_own_pings(lab: Lab, charon: Charon) -> None:
+    """Pings on each child's addresses cross strongSwan's CHILD_SA of that name, and
+    only that one (its per-CHILD_SA byte counters)."""
     def counters() -> dict[str, tuple[int, int]]:
-        return {name: child_bytes(initiator, name) for name in ("net", "net2")}
+        return {name: child_bytes(charon, name) for name in ("net", "net2")}
 
     for child, source, target in (("net", INITIATOR_INNER_V4, RESPONDER_INNER_V4),
-                                  ("net2", second["initiator"], second["responder"])):
+                                  ("net2", SECOND["initiator"], SECOND["responder"])):
         before = counters()
         sent, received, output = ping(lab.initiator, source, target)
         assert (sent, received) == (PINGS, PINGS), output
@@ -382,6 +381,21 @@ def test_two_child_sas_of_one_ike_sa_each_carry_their_own_traffic(
         grown = [a - b for a, b in zip(after[child], before[child], strict=True)]
         assert min(grown) >= PINGS * 84, (child, before, after)  # 84-byte IPv4 echoes
         assert after[other] == before[other], (child, before, after)
+
+
+def test_two_child_sas_of_one_ike_sa_each_carry_their_own_traffic(
+    lab: Lab, initiator: Charon
+) -> None:
+    """A second Child SA (CREATE_CHILD_SA, RFC 7296 1.3.1) with other selectors: our
+    worker picks the outbound SA by traffic selector, and strongSwan's per-CHILD_SA
+    counters show each ping crossed its own SA and only that one."""
+    initiator_conn, responder_conn = with_second_child(lab, *conn_pair())
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    initiator.load(initiator_conn)
+    assert_initiated(initiator.initiate("net"), initiator)
+    assert initiator.initiate("net2").returncode == 0, initiator.log_text()
+    wait_for_log(node, r"CHILD SA established: net2? .* mode=tunnel", count=2)
+    assert_each_child_carries_its_own_pings(lab, initiator)
     assert node.running(), node.log_text()
 
 
@@ -872,6 +886,33 @@ def test_our_node_initiates_to_strongswan_and_carries_traffic(
     report("our initiator iperf3", f"up {runs[0]}; down {runs[1]}")
     bytes_in, bytes_out = child_bytes(charon)
     assert bytes_in >= runs[0].received_bytes and bytes_out >= runs[1].received_bytes
+    assert node.running(), node.log_text()
+
+
+def test_our_node_initiating_brings_up_every_child_to_start(lab: Lab) -> None:
+    """A connection of our node with two children to start (swanctl's start_action =
+    "start" on both): IKE_AUTH brings net, a CREATE_CHILD_SA of ours net2 (RFC 7296
+    1.3.1). strongSwan, responding, installs both, and each child's pings cross its own
+    CHILD_SA. A third child strongSwan does not have is refused (TS_UNACCEPTABLE), our
+    log says so, and the other two are not disturbed."""
+    ours, theirs = with_second_child(lab, *conn_pair(encap=True))
+    ours = replace(ours, children=(*(replace(c, start_action="start") for c in ours.children),
+                                   replace(ours.child, name="net3", start_action="start",
+                                           local_ts=("10.99.5.0/24",),
+                                           remote_ts=("10.99.6.0/24",))))
+    charon = lab.charon("responder")
+    charon.load(theirs)
+    node = lab.node([ours], side="initiator", node_id="a", addresses=(INITIATOR_V4,),
+                    extra_toml=worker_toml("ikecA"))
+    wait_for_log(node, r"CHILD SA established: net2? .* mode=tunnel encap", count=2)
+    (failed,) = wait_for_log(node, r"CHILD SA failed: net3 ")
+    assert "TS_UNACCEPTABLE" in failed, failed
+    sas = established_sas(charon)
+    assert len(sas) == 1, sas
+    assert {c["name"]: c["state"] for c in sas[0]["child-sas"].values()} == \
+        {"net": "INSTALLED", "net2": "INSTALLED"}, sas[0]
+    assert_each_child_carries_its_own_pings(lab, charon)
+    report("our initiator, three children", f"net and net2 up, {failed.split(': ', 1)[-1]}")
     assert node.running(), node.log_text()
 
 

@@ -336,6 +336,17 @@ def test_start_child_goes_first_in_the_initiated_copy_only(tmp_path: Path) -> No
     assert initiation.connection.proposals == conn.proposals
 
 
+def test_several_start_children_make_one_initiation(tmp_path: Path) -> None:
+    """IKE_AUTH brings the first up, CREATE_CHILD_SA each other (the session does)."""
+    text = START.replace("[secrets.rw]", SECOND_CHILD + 'start_action = "start"\n[secrets.rw]')
+    config = load_config(write(tmp_path, text))
+    (conn,) = config.policy.connections
+    (initiation,) = config.initiations
+    assert [(c.name, c.start_action) for c in initiation.connection.children] == \
+        [("net", "start"), ("second", "start")]
+    assert initiation.connection == conn
+
+
 @pytest.mark.parametrize(
     ("addresses", "extra", "remote", "local"),
     [
@@ -395,9 +406,11 @@ START_ERROR_CASES: list[tuple[str, str, str, str]] = [
     ("local_addrs without an address of the family",
      START.replace("version = 2\n", 'version = 2\nlocal_addrs = ["10.99.0.0/24", "fd::1"]\n'),
      "connections.rw.local_addrs", "needs an IPv4 address here to initiate from"),
-    ("two start children",
-     START.replace("[secrets.rw]", SECOND_CHILD + 'start_action = "start"\n[secrets.rw]'),
-     "connections.rw.children.second.start_action", "only one child per connection"),
+    ("trap beside start",
+     START.replace("[secrets.rw]", SECOND_CHILD + 'start_action = "trap"\n[secrets.rw]')
+     + '[worker]\ntun = "ikec7"\n',
+     "connections.rw.children.second.start_action",
+     '"trap" needs a connection of its own: children.net has start_action "start"'),
     ("remote_port", START.replace("version = 2\n", "version = 2\nremote_port = 0\n"),
      "connections.rw.remote_port", "0 is not a UDP port"),
 ]

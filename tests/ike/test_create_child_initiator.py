@@ -1,0 +1,118 @@
+"""A connection we initiate with several children to start: IKE_AUTH brings the first,
+one CREATE_CHILD_SA each the others (RFC 7296 1.3.1), as strongSwan does."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from cluster.ike.constants import ExchangeType
+from cluster.ike.create_child import CreateChild
+from cluster.ike.events import ChildSaEstablished, ChildSaFailed, ExchangeCompleted
+from cluster.ike.policy import ChildConfig
+from cluster.ike.session import IkeSession
+from cluster.ike.snapshot import restore, snapshot_of
+from tests.ike.sessions import (
+    child,
+    client_for,
+    drain,
+    psk_connection,
+    psk_pair,
+    run_handshake,
+    transfer,
+)
+
+
+def _started(*children: ChildConfig) -> tuple[ChildConfig, ...]:
+    return tuple(replace(c, start_action="start") for c in children)
+
+
+def _pair(gw_children: tuple[ChildConfig, ...],
+          client_children: tuple[ChildConfig, ...] | None = None
+          ) -> tuple[IkeSession, IkeSession]:
+    gw = psk_connection(children=gw_children)
+    client = client_for(gw)
+    if client_children is not None:
+        client = replace(client, children=client_children)
+    return psk_pair(gw, client)
+
+
+NET = child("net", local_ts="10.99.2.0/24", remote_ts="10.99.1.0/24")
+NET2 = child("net2", local_ts="10.99.4.0/24", remote_ts="10.99.3.0/24",
+             proposals=("aes128gcm16-modp2048", "aes128gcm16-x25519"))
+NET3 = child("net3", local_ts="10.99.6.0/24", remote_ts="10.99.5.0/24")
+
+
+def _client_children() -> tuple[ChildConfig, ...]:
+    mirrored = client_for(psk_connection(children=(NET, NET2, NET3))).children
+    return _started(*mirrored)
+
+
+def test_every_child_to_start_comes_up_the_others_by_create_child_sa() -> None:
+    client, gateway = _pair((NET, NET2, NET3), _client_children())
+    run_handshake(client, gateway, rounds=12)
+    ours = [e for e in drain(client) if isinstance(e, ChildSaEstablished)]
+    theirs = [e for e in drain(gateway) if isinstance(e, ChildSaEstablished)]
+    assert [e.name for e in ours] == ["net", "net2", "net3"]
+    assert [e.name for e in theirs] == ["net", "net2", "net3"]
+    for mine, peer in zip(ours, theirs, strict=True):
+        assert (mine.spi_in, mine.spi_out) == (peer.spi_out, peer.spi_in)
+        assert mine.encr_key_out == peer.encr_key_in and mine.encr_key_in == peer.encr_key_out
+        assert mine.local_ts == peer.remote_ts and mine.remote_ts == peer.local_ts
+    assert [str(ts) for ts in ours[1].local_ts] == ["10.99.3.0/24"]
+    assert client.sa.children.keys() == {e.spi_in for e in ours}
+
+
+def test_pfs_for_a_new_child_follows_invalid_ke_payload() -> None:
+    """net2 offers MODP-2048 first and x25519 second; a gateway that takes only x25519
+    answers INVALID_KE_PAYLOAD and the second request carries an x25519 KE."""
+    gw_net2 = replace(NET2, esp_proposals=child(proposals=("aes128gcm16-x25519",)).esp_proposals)
+    client, gateway = _pair((NET, gw_net2), _client_children()[:2])
+    run_handshake(client, gateway, rounds=12)
+    events = drain(client)
+    assert [e.name for e in events if isinstance(e, ChildSaEstablished)] == ["net", "net2"]
+    create = [e for e in events if isinstance(e, ExchangeCompleted)
+              and e.exchange == ExchangeType.CREATE_CHILD_SA]
+    assert [e.result for e in create] == ["InvalidKePayload", "ok"]
+
+
+def test_a_child_the_peer_refuses_is_reported_and_the_rest_come_up() -> None:
+    """The gateway has no net2: TS_UNACCEPTABLE for it, a ChildSaFailed event naming it,
+    and net3 comes up after it all the same."""
+    client, gateway = _pair((NET, NET3), _client_children())
+    run_handshake(client, gateway, rounds=12)
+    events = drain(client)
+    assert [e.name for e in events if isinstance(e, ChildSaEstablished)] == ["net", "net3"]
+    (failed,) = [e for e in events if isinstance(e, ChildSaFailed)]
+    assert failed.name == "net2" and "TS_UNACCEPTABLE" in failed.reason, failed
+    assert not client.closed
+
+
+def test_children_not_to_start_are_left_alone() -> None:
+    children = (_client_children()[0], replace(_client_children()[1], start_action="none"))
+    client, gateway = _pair((NET, NET2), children)
+    run_handshake(client, gateway, rounds=12)
+    assert [e.name for e in drain(client) if isinstance(e, ChildSaEstablished)] == ["net"]
+
+
+def test_a_create_child_in_flight_survives_a_snapshot() -> None:
+    """Another node that takes the SA over sends the request again and installs what
+    the answer brings (the nonce, SPI and key exchange travel in the snapshot)."""
+    client, gateway = _pair((NET, NET2), _client_children()[:2])
+    for _ in range(2):  # IKE_SA_INIT, IKE_AUTH: net is up, net2's request goes out next
+        transfer(client, gateway)
+        transfer(gateway, client)
+    assert [c.name for c in client.sa.children.values()] == ["net"]
+    pending = client.sa.pending
+    assert pending is not None and isinstance(pending.task, CreateChild), pending
+    assert pending.task.group is not None and pending.task.ke is not None
+    lost = client.datagrams_to_send()  # the request, lost with this node
+    assert lost
+    taken = restore(snapshot_of(client, 0.0), client.sa.policy, 0.0)
+    taken.handle_timer(0.0)
+    resent = taken.datagrams_to_send()
+    assert [d.data for d in resent] == [d.data for d in lost]
+    for d in resent:
+        gateway.receive_datagram_untrusted(d.data, d.remote, d.local, 0.0)
+    transfer(gateway, taken)
+    names = [e.name for e in drain(taken) if isinstance(e, ChildSaEstablished)]
+    assert names == ["net2"]
