@@ -1004,7 +1004,8 @@ class _Loader:
             key, value, ("mode", "local_ts", "remote_ts", "esp_proposals", "start_action",
                          "rekey_time", "life_time", "rand_time", "dpd_action", "updown",
                          "inactivity", "copy_dscp", "copy_ecn", "rekey_bytes", "life_bytes",
-                         "rekey_packets", "life_packets", "rand_bytes", "rand_packets")
+                         "rekey_packets", "life_packets", "rand_bytes", "rand_packets",
+                         "close_action")
         )
         mode = child.string("mode", "tunnel")
         if mode not in ("tunnel", "transport"):
@@ -1012,6 +1013,12 @@ class _Loader:
         start_action = child.string("start_action", "none")
         if start_action not in START_ACTIONS:
             child.fail("start_action", f'{start_action!r} is not one of "none", "start", "trap"')
+        close_action = child.string("close_action", "none")
+        if close_action not in START_ACTIONS:
+            child.fail("close_action", f'{close_action!r} is not one of "none", "start", "trap"')
+        if close_action == "trap" and start_action != "trap":
+            child.fail("close_action", '"trap" only with start_action = "trap" (its trap '
+                                       "brings the Child SA back on the next packet)")
         return ChildConfig(
             name=name,
             mode="tunnel" if mode == "tunnel" else "transport",
@@ -1022,6 +1029,8 @@ class _Loader:
             ),
             start_action="start" if start_action == "start" else
             "trap" if start_action == "trap" else "none",
+            close_action="start" if close_action == "start" else
+            "trap" if close_action == "trap" else "none",
             lifetime=self.lifetime(child, CHILD_REKEY_TIME),
             dpd_action=child.optional_string("dpd_action"),
             updown=self.updown(child),

@@ -131,6 +131,10 @@ class ChildConfig:
     esp_proposals: tuple[ConfiguredProposal, ...]
     # swanctl's: "start" initiates at start-up, "trap" when a packet for it finds no SA
     start_action: Literal["none", "start", "trap"] = "none"
+    # swanctl's close_action: "start" brings a Child SA the peer deleted back at once
+    # (CREATE_CHILD_SA on its IKE SA); "trap" (with start_action = "trap") leaves it to
+    # the next packet, as the trap does anyway
+    close_action: Literal["none", "start", "trap"] = "none"
     lifetime: Lifetime = field(default_factory=lambda: Lifetime(3600.0))  # strongSwan: 1 h
     # swanctl's place for dpd_action (the config folds it into the connection's)
     dpd_action: str | None = None

@@ -397,6 +397,18 @@ class IkeSession:
             self._sa.queue.append(RekeyChild(spi_in))
             self._kick(self._sa, now)
 
+    def start_child(self, name: str, now: float) -> bool:
+        """Bring up a Child SA of the connection's child `name` with CREATE_CHILD_SA (RFC
+        7296 1.3.1), unless one is up or being asked for (a trap's packet found none
+        while the IKE SA stands); whether a request was queued."""
+        sa = self._sa
+        if sa.state is not State.ESTABLISHED or sa.connection is None \
+                or sa.connection.child(name) is None or _has_child(sa, name):
+            return False
+        sa.queue.append(CreateChild(name))
+        self._kick(sa, now)
+        return True
+
     def rekey_ike(self, now: float) -> None:
         if self._sa.state is State.ESTABLISHED and not self._sa.rekeying:
             self._sa.queue.append(RekeyIke())
@@ -617,6 +629,7 @@ class IkeSession:
         deleted = False
         successor: IkeSa | None = None
         mobike: MobikeAnswer | None = None
+        closed: list[str] = []  # the children whose Child SAs the peer deleted
         authenticated = False
         try:
             critical = unknown_critical(payloads)
@@ -628,7 +641,10 @@ class IkeSession:
                 response, authenticated = respond_auth(sa, payloads, self._rng,
                                                        self._wall_clock)
             elif exchange == ExchangeType.INFORMATIONAL:
+                seen = len(sa.events)
                 response, deleted = respond_informational(sa, payloads)
+                closed = [e.name for e in list(sa.events)[seen:]
+                          if isinstance(e, ChildSaDeleted)]
                 if sa.mobike and not deleted:
                     mobike = answer_mobike(sa, payloads, local, remote)
                     response += mobike.payloads
@@ -679,6 +695,8 @@ class IkeSession:
             self._move(local, remote, MOBIKE_UPDATE)
         elif successor is not None:
             self._take_over(sa, successor, now)
+        elif closed:
+            self._after_close(sa, closed, now)
         elif exchange == ExchangeType.CREATE_CHILD_SA:
             self._schedule_children(sa, now)
             # a Child SA the peer rekeyed needs no rekey of ours any more
@@ -687,6 +705,17 @@ class IkeSession:
                 if not (isinstance(t, RekeyChild) and t.spi_in in sa.children
                         and sa.children[t.spi_in].replaced_by)
             )
+
+    def _after_close(self, sa: IkeSa, names: list[str], now: float) -> None:
+        """swanctl's close_action = "start": a child whose Child SA the peer deleted (and
+        not for a rekey: none of its name is left) comes back with CREATE_CHILD_SA."""
+        assert sa.connection is not None
+        for name in dict.fromkeys(names):
+            config = sa.connection.child(name)
+            if config is not None and config.close_action == "start" \
+                    and not _has_child(sa, name):
+                sa.queue.append(CreateChild(name))
+        self._kick(sa, now)
 
     def _protect(self, sa: IkeSa, msg: Message) -> list[bytes]:
         assert sa.sk is not None
@@ -973,6 +1002,14 @@ class IkeSession:
 
     def _drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+def _has_child(sa: IkeSa, name: str) -> bool:
+    """A Child SA of `name` is up (and not going) or requested."""
+    if any(c.name == name and not c.deleting for c in sa.children.values()):
+        return True
+    tasks = [*sa.queue, *([sa.pending.task] if sa.pending is not None else [])]
+    return any(isinstance(t, CreateChild) and t.name == name for t in tasks)
 
 
 def _next_keepalive(sa: IkeSa, now: float) -> float:

@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 INITIATE_BACKOFF_FIRST = 1.0
 INITIATE_BACKOFF_MAX = 30.0
 INITIATE_JITTER = 0.2
+# a trapped child the peer deleted while its IKE SA stays: one CREATE_CHILD_SA per
+# this many seconds at most, however many packets ask (a refused one is not retried
+# for every packet)
+CHILD_REQUEST_INTERVAL = 2.0
 
 
 @dataclass(eq=False)
@@ -293,6 +297,8 @@ class Initiator:
         self._acquired = trio.Event()  # on demand: a packet asked for the SA
         self._stopped = False  # `stop`: no attempt after the current one
         self._idle: trio.CancelScope | None = None  # the wait between attempts, if any
+        self._spi_i = b""  # of the current attempt's IKE SA
+        self._next_child_request = 0.0  # (trio time) see `acquire`
         self.attempts = 0  # IKE SAs initiated so far
         self.failures = 0  # attempts that ended before they were established
         self.established = 0  # attempts that came up
@@ -337,8 +343,23 @@ class Initiator:
         return (host, ike_port), natt_port
 
     def acquire(self) -> None:
-        """On demand (start_action = "trap"): a packet needs the SA. Idempotent."""
-        self._acquired.set()
+        """On demand (start_action = "trap"): a packet needs the SA. Idempotent. With
+        the IKE SA up (the peer deleted only the Child SA), the child comes back with a
+        CREATE_CHILD_SA on it, asked for at most every CHILD_REQUEST_INTERVAL."""
+        actor = self.supervisor.initiated_actor_for(self._spi_i) if self._spi_i else None
+        if actor is None or not actor.established:
+            self._acquired.set()
+            return
+        now = trio.current_time()
+        if now < self._next_child_request:
+            return
+        self._next_child_request = now + CHILD_REQUEST_INTERVAL
+        name = self.initiation.child
+
+        def start_child(session: Session, now: float) -> None:
+            if isinstance(session, IkeSession):
+                session.start_child(name, now)
+        actor.mailbox.put_nowait(start_child)
 
     async def run(self) -> None:
         """Initiate until cancelled or stopped (on demand: each time a packet asks for it)."""
@@ -398,6 +419,7 @@ class Initiator:
         )
 
         def new_session(spi_i: bytes, now: float) -> Session:
+            self._spi_i = spi_i
             # each attempt replaces whatever the peer still holds from us (RFC 7296 2.4)
             return IkeSession.initiator(
                 self.initiation.connection, self.policy, spi_i, local, self.remote, now,

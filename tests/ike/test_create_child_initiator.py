@@ -116,3 +116,58 @@ def test_a_create_child_in_flight_survives_a_snapshot() -> None:
     transfer(gateway, taken)
     names = [e.name for e in drain(taken) if isinstance(e, ChildSaEstablished)]
     assert names == ["net2"]
+
+
+def _peer_deletes_child(client: IkeSession, gateway: IkeSession, name: str = "net") -> None:
+    """The gateway deletes its Child SA `name` (RFC 7296 1.4.1) and the client answers."""
+    (spi_in,) = [s for s, c in gateway.sa.children.items() if c.name == name]
+    gateway.delete_child(spi_in, 1.0)
+    transfer(gateway, client, 1.0)
+
+
+def test_close_action_start_brings_a_child_the_peer_deleted_back() -> None:
+    """swanctl's close_action = "start": our answer to the peer's Delete goes out, then
+    our CREATE_CHILD_SA for that child on the same IKE SA."""
+    started = (replace(_client_children()[0], close_action="start"),)
+    client, gateway = _pair((NET,), started)
+    run_handshake(client, gateway)
+    drain(client)
+    _peer_deletes_child(client, gateway)
+    run_handshake(client, gateway)
+    events = drain(client)
+    assert [type(e).__name__ for e in events if isinstance(e, ChildSaEstablished | ChildSaFailed)
+            ] == ["ChildSaEstablished"]
+    assert [c.name for c in client.sa.children.values()] == ["net"]
+    assert [c.name for c in gateway.sa.children.values()] == ["net"]
+
+
+def test_close_action_none_or_a_rekey_leaves_a_deleted_child_alone() -> None:
+    client, gateway = _pair((NET,), _client_children()[:1])
+    run_handshake(client, gateway)
+    _peer_deletes_child(client, gateway)
+    run_handshake(client, gateway)
+    assert client.sa.children == {} and client.sa.queue == type(client.sa.queue)()
+    # close_action = "start", but the peer deletes the old SA after its rekey
+    started = (replace(_client_children()[0], close_action="start"),)
+    client, gateway = _pair((NET,), started)
+    run_handshake(client, gateway)
+    (old,) = gateway.sa.children
+    gateway.rekey_child(old, 1.0)
+    run_handshake(gateway, client)
+    drain(client)
+    run_handshake(client, gateway)
+    assert len(client.sa.children) == 1
+    assert not any(isinstance(e, ChildSaEstablished) for e in drain(client))
+
+
+def test_start_child_asks_once_and_only_for_a_child_that_is_missing() -> None:
+    client, gateway = _pair((NET,), _client_children()[:1])
+    run_handshake(client, gateway)
+    assert not client.start_child("net", 1.0)  # it is up
+    assert not client.start_child("nothing", 1.0)  # no such child
+    _peer_deletes_child(client, gateway)
+    assert client.start_child("net", 2.0)
+    assert not client.start_child("net", 2.0)  # asked already
+    run_handshake(client, gateway)
+    assert [e.name for e in drain(client) if isinstance(e, ChildSaEstablished)][-1:] == ["net"]
+    assert len(client.sa.children) == 1

@@ -140,6 +140,8 @@ def render_node_config(
                 out.append(f"copy_dscp = {_toml(child.copy_dscp)}")
             if child.copy_ecn is not None:
                 out.append(f"copy_ecn = {_toml(child.copy_ecn)}")
+            if child.close_action is not None:
+                out.append(f"close_action = {_toml(child.close_action)}")
             out += [f"{key} = {value}" for key, value in child.volume]
             for key, value in (("rekey_time", child.rekey_time),
                                ("life_time", child.life_time),

@@ -57,6 +57,7 @@ class Child:
     inactivity: str | None = None  # our node's inactivity timeout (likewise)
     copy_dscp: str | None = None  # our node's copy_dscp (likewise)
     copy_ecn: bool | None = None  # our node's copy_ecn (likewise)
+    close_action: str | None = None  # our node's close_action (likewise)
     volume: tuple[tuple[str, int], ...] = ()  # our node's rekey_bytes, life_bytes, ...
 
 

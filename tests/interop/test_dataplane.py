@@ -985,6 +985,42 @@ def test_a_trapped_connection_comes_up_when_traffic_needs_it(lab: Lab, family: i
     assert node.running(), node.log_text()
 
 
+@pytest.mark.parametrize("how", ["trap", "close_action start"])
+def test_a_child_the_peer_deleted_comes_back_on_the_same_ike_sa(lab: Lab, how: str) -> None:
+    """strongSwan deletes only the CHILD_SA; the IKE SA stays. Our node brings the
+    child back with a CREATE_CHILD_SA on the IKE SA it has (RFC 7296 1.3.1): for a
+    trapped connection when the next packet, still routed into our TUN, finds no SA
+    (as strongSwan's trap manager does); with swanctl's close_action = "start" at once,
+    without traffic. No second IKE_SA_INIT, and the pings after it cross."""
+    ours, theirs = conn_pair(encap=True)
+    charon = lab.charon("responder")
+    charon.load(theirs)
+    ours = ours.with_child(start_action="trap") if how == "trap" else \
+        ours.with_child(start_action="start", close_action="start")
+    node = lab.node([ours], side="initiator", node_id="a",
+                    addresses=(INITIATOR_V4,), extra_toml=worker_toml("ikecA"))
+    if how == "trap":
+        wait_for_log(node, rf"connection rw: trap on {re.escape(RESPONDER_NETS[4])}")
+        ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4, 3)  # brings it up
+    (sa,) = established_sas(charon)
+    first = child_sa(sa)
+    result = charon.swanctl("--terminate", "--child", "net", "--timeout", "10", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_for_log(node, rf"CHILD SA deleted: net .*spi_in={first['spi-out']}")
+    if how == "trap":
+        ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4, 3)  # asks for it again
+    else:
+        wait_for_log(node, r"CHILD SA established: net ", count=2)  # no packet needed
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output + node.log_text()
+    (again,) = established_sas(charon)
+    assert again["initiator-spi"] == sa["initiator-spi"], (sa, again)
+    second = child_sa(again)
+    assert second["state"] == "INSTALLED" and second["spi-in"] != first["spi-in"], again
+    assert node.log_text().count("initiating IKE SA") == 1, node.log_text()
+    assert node.running(), node.log_text()
+
+
 def test_a_trapped_connection_with_dpd_action_restart_comes_back_without_traffic(
     lab: Lab
 ) -> None:

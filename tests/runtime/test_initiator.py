@@ -25,6 +25,7 @@ import trio.testing
 from cluster.config import NodeConfig, load_config
 from cluster.ike.events import (
     PEER_NOT_RESPONDING,
+    ChildSaDeleted,
     ChildSaEstablished,
     Event,
     IkeSaDeleted,
@@ -33,7 +34,13 @@ from cluster.ike.events import (
 from cluster.ike.message import Header
 from cluster.ike.policy import Retransmission
 from cluster.ike.session import Datagram, IkeSession
-from cluster.runtime.node import INITIATE_BACKOFF_MAX, Initiator, Node, run_node
+from cluster.runtime.node import (
+    CHILD_REQUEST_INTERVAL,
+    INITIATE_BACKOFF_MAX,
+    Initiator,
+    Node,
+    run_node,
+)
 from cluster.runtime.stats import RuntimeStats
 from cluster.runtime.supervisor import Supervisor
 
@@ -315,6 +322,53 @@ async def test_an_on_demand_initiator_waits_for_a_packet_each_time(
     messages = [r.getMessage() for r in caplog.records]
     assert any(f"IKE SA {first.spi_i.hex()}_i ended (deleted by peer); trap armed again" in m
                for m in messages)
+
+
+def _delete_child_from_b(b: Node) -> None:
+    (actor,) = b.supervisor.established_actors()
+    session = actor.session
+    assert isinstance(session, IkeSession)
+    (spi_in,) = session.sa.children
+    session.delete_child(spi_in, trio.current_time())
+    for datagram in session.datagrams_to_send():
+        b.dispatcher.send(datagram)
+
+
+async def test_a_trapped_child_the_peer_deleted_comes_back_on_the_same_ike_sa(
+        pair: Pair) -> None:
+    """The peer deletes only the Child SA: the next packets' acquires ask the IKE SA we
+    hold for a new one (CREATE_CHILD_SA), once however many packets ask, and not again
+    within CHILD_REQUEST_INTERVAL; no new IKE SA."""
+    pair.a = dataclasses.replace(
+        pair.a, initiations=(dataclasses.replace(pair.a.initiations[0], on_demand=True),))
+
+    def children() -> list[ChildSaEstablished]:
+        return [e for e in pair.a_events if isinstance(e, ChildSaEstablished)]
+
+    async with trio.open_nursery() as nursery:
+        b = await pair.start_b(nursery)
+        a = await pair.start_a(nursery)
+        (initiator,) = a.initiators
+        a.acquire("link")
+        await wait_for(lambda: len(children()) == 1)
+        _delete_child_from_b(b)
+        await wait_for(lambda: any(isinstance(e, ChildSaDeleted) for e in pair.a_events))
+        asked = trio.current_time()
+        for _ in range(5):
+            a.acquire("link")
+        await wait_for(lambda: len(children()) == 2)
+        _delete_child_from_b(b)
+        await wait_for(lambda: sum(isinstance(e, ChildSaDeleted) for e in pair.a_events) == 2)
+        a.acquire("link")  # within the interval of the last request: not asked
+        await trio.sleep(max(0.0, asked + CHILD_REQUEST_INTERVAL - trio.current_time() - 0.3))
+        assert len(children()) == 2
+        await trio.sleep(0.5)
+        a.acquire("link")
+        await wait_for(lambda: len(children()) == 3)
+        assert initiator.attempts == 1 and len(established(pair.a_events)) == 1
+        assert len({e.ike_spi_i for e in children()}) == 1
+        a.shutdown()
+        b.shutdown()
 
 
 @pytest.mark.parametrize("action", ["restart", "clear"])

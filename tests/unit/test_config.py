@@ -455,6 +455,14 @@ def test_copy_dscp_is_out_by_default_or_no(tmp_path: Path) -> None:
         assert conn.children[0].copy_dscp is copies
 
 
+def test_close_action_is_none_by_default_as_in_swanctl(tmp_path: Path) -> None:
+    (conn,) = load_config(write(tmp_path, BASE)).policy.connections
+    assert conn.children[0].close_action == "none"
+    text = edit(('mode = "tunnel"\n', 'mode = "tunnel"\nclose_action = "start"\n'))
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    assert conn.children[0].close_action == "start"
+
+
 def test_copy_ecn_is_on_by_default_as_in_swanctl(tmp_path: Path) -> None:
     (conn,) = load_config(write(tmp_path, BASE)).policy.connections
     assert conn.children[0].copy_ecn is True
@@ -700,6 +708,13 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
     ("rand above rekey",
      edit(('mode = "tunnel"\n', 'mode = "tunnel"\nrekey_bytes = 900\nrand_bytes = 900\n')),
      "connections.rw.children.net.rand_bytes", "must be below rekey_bytes (900)"),
+    ("close_action unknown",
+     edit(('mode = "tunnel"\n', 'mode = "tunnel"\nclose_action = "restart"\n')),
+     "connections.rw.children.net.close_action",
+     "'restart' is not one of \"none\", \"start\", \"trap\""),
+    ("close_action trap without one",
+     edit(('mode = "tunnel"\n', 'mode = "tunnel"\nclose_action = "trap"\n')),
+     "connections.rw.children.net.close_action", '"trap" only with start_action = "trap"'),
     ("copy_ecn a string", edit(('mode = "tunnel"\n', 'mode = "tunnel"\ncopy_ecn = "no"\n')),
      "connections.rw.children.net.copy_ecn", "expected true or false, got a string"),
 ]
