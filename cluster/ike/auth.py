@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.utils import CryptographyDeprecationWarning
+from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from ..errors import AuthenticationFailed, ParseError
 from .constants import AuthMethod, HashAlgorithm
@@ -500,6 +501,17 @@ def http_uris(names: Iterable[x509.GeneralName]) -> tuple[str, ...]:
 def crl_uris_of(cert: x509.Certificate) -> tuple[str, ...]:
     """The http(s) URIs of a certificate's CRL distribution points (RFC 5280 4.2.1.13)."""
     return _point_uris(cert.extensions, x509.CRLDistributionPoints)
+
+
+def ocsp_uris_of(cert: x509.Certificate) -> tuple[str, ...]:
+    """The http(s) OCSP responders of a certificate's authorityInfoAccess (RFC 5280
+    4.2.2.1)."""
+    try:
+        access = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
+        return ()
+    return http_uris(d.access_location for d in access
+                     if d.access_method == AuthorityInformationAccessOID.OCSP)
 
 
 def delta_crl_uris_of(crl: x509.CertificateRevocationList) -> tuple[str, ...]:

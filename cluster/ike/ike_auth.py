@@ -23,6 +23,7 @@ from .auth import (
     choose_auth_method,
     crl_uris_of,
     load_certificate_der_untrusted,
+    ocsp_uris_of,
     psk_auth_data,
     sign_auth,
     signed_octets,
@@ -44,7 +45,7 @@ from .identity import (
 )
 from .ike_init import candidate_connections, notifies
 from .keymat import IkeKeys, mix_ppk
-from .ocsp import OcspPending, ocsp_uris_of
+from .ocsp import OcspPending
 from .payloads import (
     AuthPayload,
     CertPayload,

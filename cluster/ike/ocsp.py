@@ -23,25 +23,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
-from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .auth import OCSP_GOOD, extension_value, http_uris
+from .auth import OCSP_GOOD, extension_value
 from .pending import Pending
 
 SKEW = datetime.timedelta(minutes=5)  # clock difference tolerated on thisUpdate/nextUpdate
 KEEP = datetime.timedelta(hours=1)  # how long an answer without nextUpdate is used
 RETRY = datetime.timedelta(seconds=60)  # a responder that failed is not asked again sooner
 GOOD = OCSP_GOOD  # (the verdict auth.py's chain check takes)
-
-
-def ocsp_uris_of(cert: x509.Certificate) -> tuple[str, ...]:
-    """The http(s) OCSP responders of a certificate's authorityInfoAccess."""
-    try:
-        access = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
-    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
-        return ()
-    return http_uris(d.access_location for d in access
-                     if d.access_method == AuthorityInformationAccessOID.OCSP)
 
 
 NONCE_SIZE = 32  # RFC 8954 2.1: 1 to 32 octets, at least 16 recommended

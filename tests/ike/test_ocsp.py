@@ -13,7 +13,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cluster.errors import AuthenticationFailed
-from cluster.ike.auth import verify_certificate_chain
+from cluster.ike.auth import ocsp_uris_of, verify_certificate_chain
 from cluster.ike.ocsp import (
     GOOD,
     OcspAnswer,
@@ -21,7 +21,6 @@ from cluster.ike.ocsp import (
     OcspPending,
     ocsp_answer_untrusted,
     ocsp_request,
-    ocsp_uris_of,
 )
 
 NOW = datetime.datetime.now(datetime.UTC)
