@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .errors import ConfigError, ParseError
-from .ike.auth import decode_certificate_fields
+from .ike.auth import Revocation, decode_certificate_fields
 from .ike.constants import ProtocolId
 from .ike.identity import (
     Identity,
@@ -794,7 +794,7 @@ class _Loader:
 
     def remote_auth(self, conn: _Table) -> RemoteAuth:
         remote = conn.table("remote", ("auth", "id", "cacerts", "crls", "eap_id", "groups",
-                                       "certs"), required=True)
+                                       "certs", "revocation"), required=True)
         method = remote.string("auth", "pubkey")
         if "certs" in remote and method != "pubkey":
             remote.fail("certs", 'only used with auth = "pubkey"')
@@ -825,12 +825,25 @@ class _Loader:
         if "certs" in remote and not pinned:
             remote.fail("certs", "needs at least one certificate file")
         if pinned and "cacerts" not in remote:  # trusted as they are: nothing to chain to
-            if "crls" in remote:
-                remote.fail("crls", "only used with cacerts (certs are trusted as they are)")
+            for name in ("crls", "revocation"):
+                if name in remote:
+                    remote.fail(name, "only used with cacerts (certs are trusted as they are)")
             return RemoteAuth(method="pubkey", identity=pattern, certs=tuple(pinned))
         cacerts, crls, uris = self.trust(remote)
         return RemoteAuth(method="pubkey", identity=pattern, cacerts=cacerts, crls=crls,
-                          crl_uris=uris, certs=tuple(pinned))
+                          crl_uris=uris, certs=tuple(pinned),
+                          revocation=self.revocation(remote))
+
+    def revocation(self, remote: _Table) -> Revocation:
+        """swanctl's revocation: "relaxed" (the default), "ifuri" or "strict"."""
+        value = remote.string("revocation", "relaxed")
+        if value == "ifuri":
+            return "ifuri"
+        if value == "strict":
+            return "strict"
+        if value != "relaxed":
+            remote.fail("revocation", f'{value!r} is not one of "relaxed", "ifuri", "strict"')
+        return "relaxed"
 
     def trust(self, remote: _Table) -> tuple[tuple[x509.Certificate, ...],
                                              tuple[x509.CertificateRevocationList, ...],
@@ -875,7 +888,8 @@ class _Loader:
         if any(not group for group in groups):
             remote.fail("groups", "a group name is empty")
         return RemoteAuth(method=method, identity=patterns[0], eap_id=patterns[1],
-                          cacerts=cacerts, crls=crls, crl_uris=uris, groups=tuple(groups))
+                          cacerts=cacerts, crls=crls, crl_uris=uris, groups=tuple(groups),
+                          revocation=self.revocation(remote))
 
     def crl(self, table: _Table, name: str, text: str) -> x509.CertificateRevocationList:
         """A CRL file, PEM or DER (strongSwan's x509crl directory holds either)."""
@@ -1262,7 +1276,7 @@ class _Loader:
 
 def _only_for_pubkey(remote: _Table) -> None:
     """A peer without a certificate needs no CAs or CRLs to check it with."""
-    for name in ("cacerts", "crls"):
+    for name in ("cacerts", "crls", "revocation"):
         if name in remote:
             remote.fail(name, 'only used with auth = "pubkey" or "eap-tls"')
 

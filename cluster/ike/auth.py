@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -326,6 +326,10 @@ def decode_certificate_fields(cert: x509.Certificate) -> None:
 # a certificate -> "good", why it is revoked, or None (the CRLs decide): OCSP's answer
 Verdict = Callable[[x509.Certificate], "str | None"]
 OCSP_GOOD = "good"
+# swanctl's revocation on a remote end: what a certificate whose status neither OCSP nor
+# a current CRL of its issuer confirms gets. "relaxed" (the default) accepts it, "ifuri"
+# only if it names no CRL distribution point or OCSP responder, "strict" never
+Revocation = Literal["relaxed", "ifuri", "strict"]
 
 
 def verify_certificate_chain(
@@ -335,17 +339,20 @@ def verify_certificate_chain(
     now: datetime,
     crls: Sequence[x509.CertificateRevocationList] = (),
     ocsp: Verdict | None = None,
+    revocation: Revocation = "relaxed",
 ) -> None:
     """Find a path end_entity -> intermediates* -> a trust anchor, or raise with a reason.
 
     A certificate on the path that a CRL of its issuer (signed by that issuer) lists is
     revoked, as strongSwan's revocation plugin decides with its CRLs; a stale CRL still
-    counts, as strongSwan's default (strictcrlpolicy = no) has it.
+    counts, as strongSwan's default (strictcrlpolicy = no) has it. One whose status is
+    not confirmed (OCSP "good", or a current CRL of its issuer) is refused as
+    `revocation` says.
     """
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     failure = _path_from(end_entity, [end_entity], intermediates, trust_anchors, now, crls,
-                         ocsp)
+                         ocsp, revocation)
     if failure is not None:
         subject = end_entity.subject.rfc4514_string()
         raise AuthenticationFailed(f"certificate of {subject}: {failure}")
@@ -359,6 +366,7 @@ def _path_from(
     now: datetime,
     crls: Sequence[x509.CertificateRevocationList],
     ocsp: Verdict | None = None,
+    revocation: Revocation = "relaxed",
 ) -> str | None:
     """Depth-first search; returns None on success, else the reason the best branch failed."""
     problem = _validity_problem(cert, now)
@@ -376,12 +384,14 @@ def _path_from(
         if problem is None:
             verdict = ocsp(cert) if ocsp is not None else None  # RFC 6960, before the CRLs
             if verdict is None:
-                problem = _revocation_problem(cert, issuer, crls)
+                problem, known = _revocation_problem(cert, issuer, crls, now)
+                if problem is None and not known:
+                    problem = _unconfirmed(cert, revocation)
             elif verdict != OCSP_GOOD:
                 problem = verdict
         if problem is None:
             problem = _path_from(issuer, [*path, issuer], intermediates, anchors, now, crls,
-                                 ocsp)
+                                 ocsp, revocation)
             if problem is None:
                 return None
         failure = problem
@@ -423,11 +433,27 @@ def _issuer_problem(
     return None
 
 
+def _unconfirmed(cert: x509.Certificate, revocation: Revocation) -> str | None:
+    """Why a certificate whose revocation status nothing confirmed is refused, if it is."""
+    if revocation == "relaxed":
+        return None
+    subject = cert.subject.rfc4514_string()
+    if revocation == "strict":
+        return (f"revocation status of {subject} unknown: no OCSP answer and no current "
+                "CRL of its issuer (revocation = strict)")
+    if crl_uris_of(cert) or ocsp_uris_of(cert):
+        return (f"revocation status of {subject} unknown, though it names where to ask "
+                "(revocation = ifuri)")
+    return None
+
+
 def _revocation_problem(cert: x509.Certificate, issuer: x509.Certificate,
-                        crls: Sequence[x509.CertificateRevocationList]) -> str | None:
-    """Whether a CRL `issuer` signed lists `cert` (RFC 5280 6.3). Delta CRLs (5.2.4)
-    count when a complete CRL at least as new as their base is there too; the newest
-    that names the certificate decides, and removeFromCRL there takes back a hold."""
+                        crls: Sequence[x509.CertificateRevocationList], now: datetime
+                        ) -> tuple[str | None, bool]:
+    """Whether a CRL `issuer` signed lists `cert` (RFC 5280 6.3), and whether one
+    current (its nextUpdate not passed) confirms its status. Delta CRLs (5.2.4) count
+    when a complete CRL at least as new as their base is there too; the newest that
+    names the certificate decides, and removeFromCRL there takes back a hold."""
     complete, deltas = [], []
     for crl in crls:
         if crl.issuer != issuer.subject:
@@ -444,19 +470,21 @@ def _revocation_problem(cert: x509.Certificate, issuer: x509.Certificate,
         else:
             deltas.append((base.crl_number, crl))
     newest = max((_crl_number(crl) for crl in complete), default=-1)
+    current = any(crl.next_update_utc is None or crl.next_update_utc >= now
+                  for crl in complete)
     for _, delta in sorted(((b, d) for b, d in deltas if b <= newest),
                            key=lambda pair: _crl_number(pair[1]), reverse=True):
         entry = delta.get_revoked_certificate_by_serial_number(cert.serial_number)
         if entry is not None:
             reason = _entry_reason(entry)
             if reason == x509.ReasonFlags.remove_from_crl:
-                return None  # no longer on hold
-            return _revoked_text(cert, entry, " (delta CRL)")
+                return None, current  # no longer on hold
+            return _revoked_text(cert, entry, " (delta CRL)"), True
     for crl in complete:
         entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
         if entry is not None:
-            return _revoked_text(cert, entry)
-    return None
+            return _revoked_text(cert, entry), True
+    return None, current
 
 
 def extension_value(extensions: x509.Extensions, kind: type[_ExtensionValue]

@@ -175,7 +175,7 @@ def _verify_chain(sa: IkeSa, remote: RemoteAuth, cert: x509.Certificate,
             raise CrlPending(fetched, missing, now)
     crls = remote.crls + fetched.of(remote.crl_uris + points)
     verify_certificate_chain(cert, chain, remote.cacerts, now, crls,
-                             lambda c: answers.verdict(c, now))
+                             lambda c: answers.verdict(c, now), remote.revocation)
 
 
 def auth_lifetime(sa: IkeSa) -> tuple[float, float]:

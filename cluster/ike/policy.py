@@ -13,7 +13,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .auth import delta_crl_uris_of
+from .auth import Revocation, delta_crl_uris_of
 from .identity import Identity, IdentityPattern, eap_identity_untrusted
 from .ocsp import OcspCache
 from .pending import Pending
@@ -55,6 +55,10 @@ class RemoteAuth:
     # Access-Accept shows with a Class attribute of that name, or a Filter-Id with an
     # ESP Tunnel-Type (strongSwan's class_group, filter_id; radius.groups_of)
     groups: tuple[str, ...] = ()
+    # swanctl's revocation (with cacerts): a certificate on the peer's chain whose
+    # status no OCSP answer or current CRL confirms is accepted ("relaxed"), accepted
+    # only if it names nowhere to ask ("ifuri"), or refused ("strict")
+    revocation: Revocation = "relaxed"
 
 
 @dataclass(frozen=True)

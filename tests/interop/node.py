@@ -62,6 +62,8 @@ def _end_table(end: End, config_dir: Path) -> dict[str, object]:
         table["crls"] = [crl.name for crl in end.crls]
     if end.crl_uris:
         table["crls"] = [*table.get("crls", []), *end.crl_uris]  # type: ignore[list-item]
+    if end.revocation is not None:
+        table["revocation"] = end.revocation
     return table
 
 

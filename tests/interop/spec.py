@@ -40,6 +40,7 @@ class End:
     eap_id: str | None = None  # the EAP identity (auth = "eap-mschapv2")
     groups: tuple[str, ...] = ()  # our node's remote groups (auth = "eap-radius")
     pins: tuple[Path, ...] = ()  # our node's remote certs: the peer's own certificates
+    revocation: str | None = None  # our node's remote revocation ("strict", "ifuri")
 
 
 @dataclass(frozen=True)

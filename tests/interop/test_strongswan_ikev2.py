@@ -797,6 +797,32 @@ def _distribution_point(lab: Lab, pki: Pki, tmp_path: Path, stem: str, *,
     return uri, revoked, good
 
 
+def test_revocation_strict_refuses_a_certificate_no_crl_confirms(
+        lab: Lab, initiator: Charon, pki: Pki) -> None:
+    """swanctl's remote revocation = "strict": strongSwan's certificate, revoked by
+    nobody, is refused while no CRL of its CA is there to confirm it; with the CA's
+    (current) CRL it gets in, and the certificate that CRL lists is refused."""
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa)
+    strict = replace(responder_conn.remote, revocation="strict")
+    node = lab.node([replace(responder_conn, remote=strict)])
+    initiator.load(initiator_conn)
+    refused = initiator.initiate("net")
+    assert refused.returncode != 0 and "AUTHENTICATION_FAILED" in refused.stdout, refused.stdout
+    node.logged(r"IKE SA failed: .*revocation status of CN=client\.example\.test,O=ike-cluster "
+                r"tests unknown: no OCSP answer and no current CRL of its issuer \(revocation "
+                r"= strict\)")
+    node.stop()
+    node = lab.node([replace(responder_conn, remote=replace(strict, crls=(pki.crl,)))])
+    assert_initiated(initiator.initiate("net"), initiator)
+    initiator.terminate_ike("rw")
+    initiator.load(replace(initiator_conn, local=End(
+        "pubkey", "client.example.test", pki.client_revoked.cert, pki.client_revoked.key)))
+    refused = initiator.initiate("net")
+    assert refused.returncode != 0 and "AUTHENTICATION_FAILED" in refused.stdout, refused.stdout
+    node.logged(r"\(serial [0-9a-f]+\) was revoked")
+
+
 def test_a_crl_named_in_the_peers_certificate_is_fetched_before_it_is_accepted(
         lab: Lab, initiator: Charon, pki: Pki, tmp_path: Path) -> None:
     """A client certificate with a CRL distribution point (no CRL configured on our

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PrivateKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -539,6 +539,60 @@ def test_a_revoked_leaf_or_intermediate_fails_its_chain() -> None:
     stale = _crl("Intermediate CA", _INT_KEY, LEAF, next_update=NOW - timedelta(days=1))
     with pytest.raises(AuthenticationFailed, match="revoked"):
         verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [stale])
+
+
+def _leaf_naming(uri: str, *, ocsp: bool = False) -> x509.Certificate:
+    """A leaf of the intermediate that names a CRL distribution point (or an OCSP
+    responder) at `uri`."""
+    builder = (
+        x509.CertificateBuilder().subject_name(_name("sun")).issuer_name(_name("Intermediate CA"))
+        .public_key(_LEAF_KEY.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=30)).not_valid_after(NOW + timedelta(days=30))
+    )
+    location = x509.UniformResourceIdentifier(uri)
+    if ocsp:
+        builder = builder.add_extension(x509.AuthorityInformationAccess(
+            [x509.AccessDescription(AuthorityInformationAccessOID.OCSP, location)]),
+            critical=False)
+    else:
+        builder = builder.add_extension(x509.CRLDistributionPoints(
+            [x509.DistributionPoint([location], None, None, None)]), critical=False)
+    return builder.sign(_INT_KEY, hashes.SHA256())
+
+
+def test_revocation_strict_needs_each_status_confirmed() -> None:
+    """swanctl's revocation = strict: every certificate below the anchor needs a current
+    CRL of its issuer (or OCSP "good"); a missing or stale one refuses the chain."""
+    leaf_crl = _crl("Intermediate CA", _INT_KEY)
+    root_crl = _crl("Root CA", _CA_KEY)
+    verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [leaf_crl, root_crl],
+                             revocation="strict")
+    with pytest.raises(AuthenticationFailed, match=r"revocation status of CN=Intermediate "
+                                                   r"CA,C=CH unknown: .*\(revocation = strict"):
+        verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [leaf_crl],
+                                 revocation="strict")
+    stale = _crl("Intermediate CA", _INT_KEY, next_update=NOW - timedelta(days=1))
+    with pytest.raises(AuthenticationFailed, match=r"revocation status of CN=moon,C=CH"):
+        verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [stale, root_crl],
+                                 revocation="strict")
+    # OCSP "good" confirms it as well as a CRL does; without a CRL relaxed accepts
+    good: Callable[[x509.Certificate], str | None] = lambda cert: "good"  # noqa: E731
+    verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [], good, revocation="strict")
+    verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [stale])
+
+
+@pytest.mark.parametrize("ocsp", [False, True])
+def test_revocation_ifuri_refuses_only_what_names_where_to_ask(ocsp: bool) -> None:
+    root_crl = _crl("Root CA", _CA_KEY)
+    naming = _leaf_naming("http://crl.example.test/int.crl", ocsp=ocsp)
+    with pytest.raises(AuthenticationFailed, match=r"revocation status of CN=sun,C=CH unknown, "
+                                                   r"though it names where to ask"):
+        verify_certificate_chain(naming, [INTERMEDIATE], [ROOT], NOW, [root_crl],
+                                 revocation="ifuri")
+    verify_certificate_chain(naming, [INTERMEDIATE], [ROOT], NOW,
+                             [root_crl, _crl("Intermediate CA", _INT_KEY)], revocation="ifuri")
+    # LEAF and INTERMEDIATE name nowhere: nothing to hold against them
+    verify_certificate_chain(LEAF, [INTERMEDIATE], [ROOT], NOW, [], revocation="ifuri")
 
 
 def test_crls_that_do_not_apply_leave_the_chain_valid() -> None:

@@ -947,6 +947,30 @@ def test_remote_crls_load_pem_and_der(tmp_path: Path, pki: Path) -> None:
         'connections.rw.remote.crls: only used with auth = "pubkey" or "eap-tls"')
 
 
+def test_remote_revocation_follows_swanctl(tmp_path: Path, pki: Path) -> None:
+    text = PUBKEY.format(local='cert = "pki/gw.pem", key = "pki/gw.key"')
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    assert conn.remote.revocation == "relaxed"
+    for value in ("strict", "ifuri", "relaxed"):
+        strict = text.replace('cacerts = ["pki/ca.pem"]',
+                              f'cacerts = ["pki/ca.pem"], revocation = "{value}"')
+        (conn,) = load_config(write(tmp_path, strict)).policy.connections
+        assert conn.remote.revocation == value
+    errors = {
+        text.replace('cacerts = ["pki/ca.pem"]', 'cacerts = ["pki/ca.pem"], revocation = "yes"'):
+            "connections.rw.remote.revocation: 'yes' is not one of \"relaxed\", \"ifuri\", "
+            "\"strict\"",
+        text.replace('cacerts = ["pki/ca.pem"]', 'certs = ["pki/gw.pem"], revocation = "strict"'):
+            "connections.rw.remote.revocation: only used with cacerts",
+        BASE.replace('remote = { auth = "psk", id = "%any" }',
+                     'remote = { auth = "psk", id = "%any", revocation = "strict" }'):
+            'connections.rw.remote.revocation: only used with auth = "pubkey" or "eap-tls"',
+    }
+    for bad, message in errors.items():
+        assert load_error(write(tmp_path, bad)).startswith(
+            f"{tmp_path / 'node.toml'}: {message}")
+
+
 def test_eap_users_and_their_secrets(tmp_path: Path, pki: Path) -> None:
     text = PUBKEY.format(local='cert = "pki/gw.pem", key = "pki/gw.key"').replace(
         'remote = { auth = "pubkey", id = "%any", cacerts = ["pki/ca.pem"] }',
