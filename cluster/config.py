@@ -525,6 +525,7 @@ class _Loader:
                 "vips",
                 "ppk_id",
                 "ppk_required",
+                "childless",
             ),
         )
         version = conn.integer("version", 2)
@@ -564,6 +565,7 @@ class _Loader:
             vips=self.vips(conn),
             ppk_id=self.ppk_id(conn),
             ppk_required=conn.boolean("ppk_required", False),
+            childless=self.childless(conn),
         )
         return connection, self.initiation(conn, connection, remote_port, addresses)
 
@@ -833,6 +835,17 @@ class _Loader:
         return RemoteAuth(method="pubkey", identity=pattern, cacerts=cacerts, crls=crls,
                           crl_uris=uris, certs=tuple(pinned),
                           revocation=self.revocation(remote))
+
+    def childless(self, conn: _Table) -> Literal["allow", "force", "never"]:
+        """swanctl's childless (RFC 6023): "allow" (the default), "force" or "never"."""
+        value = conn.string("childless", "allow")
+        if value == "force":
+            return "force"
+        if value == "never":
+            return "never"
+        if value != "allow":
+            conn.fail("childless", f'{value!r} is not one of "allow", "force", "never"')
+        return "allow"
 
     def revocation(self, remote: _Table) -> Revocation:
         """swanctl's revocation: "relaxed" (the default), "ifuri" or "strict"."""

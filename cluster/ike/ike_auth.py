@@ -344,6 +344,11 @@ def _finish(sa: IkeSa, chosen_conn: ConnectionConfig, payloads: list[Payload],
             response: list[Payload], rng: Random) -> list[Payload]:
     """After both AUTHs: virtual IPs, the SA's extensions and the first Child SA, all
     from the peer's first IKE_AUTH request (`payloads`)."""
+    childless = first_of(payloads, SaPayload) is None
+    if childless and chosen_conn.childless == "never":  # (as strongSwan answers it)
+        raise InvalidSyntax("the peer initiated a childless IKE SA (childless = never)")
+    if not childless and chosen_conn.childless == "force":
+        raise InvalidSyntax("the peer did not initiate a childless IKE SA (childless = force)")
     try:  # RFC 7296 2.19: CP(CFG_REPLY) follows AUTH
         config: list[Payload] = respond_config(sa, chosen_conn, payloads)
     except InternalAddressFailure as exc:
@@ -361,7 +366,7 @@ def _finish(sa: IkeSa, chosen_conn: ConnectionConfig, payloads: list[Payload],
     if chosen_conn.mobike and notifies(payloads, NotifyType.MOBIKE_SUPPORTED):
         sa.mobike = True  # RFC 4555 3.1: the initiator may now move the SA
         response.append(NotifyPayload(NotifyType.MOBIKE_SUPPORTED))
-    if sa.childless and first_of(payloads, SaPayload) is None:
+    if sa.childless and childless:
         pass  # RFC 6023 3: an IKE SA alone; CREATE_CHILD_SA brings its Child SAs
     elif not any(isinstance(p, NotifyPayload) for p in config):
         response += respond_child(sa, chosen_conn, payloads, rng)
@@ -536,13 +541,20 @@ def build_auth_request(sa: IkeSa, rng: Random) -> list[Payload]:
     if sa.initial_contact:
         payloads.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
     payloads.append(NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))  # RFC 6311 3
+    if conn.vips:  # RFC 7296 2.19: CP(CFG_REQUEST) before the Child SA's payloads
+        payloads.append(config_request(conn.vips))
+    if conn.childless == "force":
+        # RFC 6023 3: no SA and no selectors; CREATE_CHILD_SA brings every Child SA
+        if not sa.childless:
+            raise NoProposalChosen("the responder does not support childless IKE SAs "
+                                   "(childless = force)")
+        return payloads
     child = conn.children[0]
     sa.pending_child_spi = new_child_spi(sa, rng)
     if child.mode == "transport":
         payloads.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
     ours = [sa.local[0]]
-    if conn.vips:  # RFC 7296 2.19: CP(CFG_REQUEST) before the Child SA's payloads
-        payloads.append(config_request(conn.vips))
+    if conn.vips:
         ours = [any_address(family) for family in conn.vips]
     tsi, tsr = initiator_selectors(sa, child, ours)
     payloads += [
@@ -586,6 +598,8 @@ def process_auth_response(sa: IkeSa, payloads: list[Payload], wall_clock: WallCl
     if conn.vips:
         sa.own_vips = assigned_addresses(payloads)
     _established(sa)
+    if conn.childless == "force":
+        return  # RFC 6023: no Child SA in IKE_AUTH
     refused = [n for n in payloads if isinstance(n, NotifyPayload) and n.notify_type < 16384]
     sa_p = first_of(payloads, SaPayload)
     tsi = first_of(payloads, TsiPayload)

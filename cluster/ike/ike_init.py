@@ -172,10 +172,12 @@ def respond_init(sa: IkeSa, payloads: list[Payload], rng: Random,
     if notifies(payloads, NotifyType.IKEV2_FRAGMENTATION_SUPPORTED):  # RFC 7383 2.3
         sa.fragmentation = True
         response.append(NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
-    # RFC 6023 3: announced to every initiator (strongSwan's childless = force sends
-    # nothing itself and waits for it); a status notify others ignore
-    sa.childless = True
-    response.append(NotifyPayload(NotifyType.CHILDLESS_IKEV2_SUPPORTED))
+    # RFC 6023 3: announced to every initiator a connection takes childless (strongSwan's
+    # childless = force sends nothing itself and waits for it); a status notify others
+    # ignore
+    if any(c.childless != "never" for c in connections):
+        sa.childless = True
+        response.append(NotifyPayload(NotifyType.CHILDLESS_IKEV2_SUPPORTED))
     if notifies(payloads, NotifyType.USE_PPK) and sa.policy.has_ppk:  # RFC 8784 3
         sa.use_ppk = True
         response.append(NotifyPayload(NotifyType.USE_PPK))
@@ -267,6 +269,7 @@ def process_init_response(sa: IkeSa, spi_r: bytes,
     sa.peer_hashes = _hash_algorithms_untrusted(payloads)
     sa.peer_certreq = first_of(payloads, CertreqPayload) is not None
     sa.fragmentation = bool(notifies(payloads, NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
+    sa.childless = bool(notifies(payloads, NotifyType.CHILDLESS_IKEV2_SUPPORTED))
     sa.use_ppk = bool(notifies(payloads, NotifyType.USE_PPK)) and \
         (conn.ppk_id is not None or conn.ppk_required)
     _detect_nat(sa, payloads, spi_r)

@@ -191,6 +191,11 @@ class ConnectionConfig:
     # is refused
     ppk_id: bytes | None = None
     ppk_required: bool = False
+    # swanctl's childless (RFC 6023): "allow" (the default) takes childless IKE SAs from
+    # initiators and brings the first Child SA in IKE_AUTH when initiating; "force"
+    # initiates childless (every Child SA by CREATE_CHILD_SA) and takes only childless
+    # ones; "never" refuses a childless IKE_AUTH
+    childless: Literal["allow", "force", "never"] = "allow"
 
     def child(self, name: str) -> ChildConfig | None:
         """The child configuration called `name` (a loop: see payloads.first_of)."""

@@ -813,9 +813,13 @@ class IkeSession:
                 self.last_error = "the responder assigned no virtual IP"
                 self.delete_ike(now)  # what we asked for is missing, as strongSwan does
             else:
-                # IKE_AUTH brought the first child; the connection's other children to
-                # start come one CREATE_CHILD_SA each (RFC 7296 1.3.1), as in strongSwan
-                sa.queue.extend(CreateChild(c.name) for c in sa.connection.children[1:]
+                # IKE_AUTH brought the first child (unless childless, RFC 6023); the
+                # connection's other children to start come one CREATE_CHILD_SA each
+                # (RFC 7296 1.3.1), as in strongSwan
+                first, *others = sa.connection.children
+                if sa.connection.childless == "force":
+                    sa.queue.append(CreateChild(first.name))
+                sa.queue.extend(CreateChild(c.name) for c in others
                                 if c.start_action == "start")
         elif isinstance(task, DeleteIke):
             sa.events.append(ExchangeCompleted(ExchangeType.INFORMATIONAL, False, "ok"))

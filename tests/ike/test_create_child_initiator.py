@@ -3,20 +3,25 @@ one CREATE_CHILD_SA each the others (RFC 7296 1.3.1), as strongSwan does."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 from cluster.ike.constants import ExchangeType
 from cluster.ike.create_child import CreateChild
-from cluster.ike.events import ChildSaEstablished, ChildSaFailed, ExchangeCompleted
-from cluster.ike.policy import ChildConfig
+from cluster.ike.events import ChildSaEstablished, ChildSaFailed, ExchangeCompleted, IkeSaFailed
+from cluster.ike.identity import parse_identity_pattern
+from cluster.ike.policy import ChildConfig, ConnectionConfig, RemoteAuth
 from cluster.ike.session import IkeSession
 from cluster.ike.snapshot import restore, snapshot_of
 from tests.ike.sessions import (
+    CLIENT,
+    GW,
     child,
     client_for,
     drain,
     psk_connection,
     psk_pair,
+    psk_policy,
     run_handshake,
     transfer,
 )
@@ -171,3 +176,52 @@ def test_start_child_asks_once_and_only_for_a_child_that_is_missing() -> None:
     run_handshake(client, gateway)
     assert [e.name for e in drain(client) if isinstance(e, ChildSaEstablished)][-1:] == ["net"]
     assert len(client.sa.children) == 1
+
+
+def test_childless_force_brings_every_child_by_create_child_sa() -> None:
+    """RFC 6023 with swanctl's childless = force on our initiator: IKE_AUTH carries no
+    Child SA, one CREATE_CHILD_SA each child to start does."""
+    client, gateway = _pair((NET, NET2), _client_children()[:2])
+    client = IkeSession.initiator(replace(client.sa.connection, childless="force"),
+                                  client.sa.policy, client.spi_i, client.sa.local,
+                                  client.sa.remote, 0.0)
+    run_handshake(client, gateway, rounds=12)
+    events = drain(client)
+    assert [e.name for e in events if isinstance(e, ChildSaEstablished)] == ["net", "net2"]
+    creates = [e for e in events if isinstance(e, ExchangeCompleted)
+               and e.exchange == ExchangeType.CREATE_CHILD_SA and e.result == "ok"]
+    assert len(creates) == 2  # IKE_AUTH brought none
+
+
+def _childless_client(gw_conns: tuple[ConnectionConfig, ...], client_id: str,
+                      childless: str) -> tuple[IkeSession, IkeSession]:
+    gw = gw_conns[0]
+    client = replace(client_for(gw, client_id), childless=childless,
+                     children=_client_children()[:1])
+    policy = psk_policy(*gw_conns)
+    client_policy = psk_policy(client, ids=(client_id, "%any"))
+    initiator = IkeSession.initiator(client, client_policy, os.urandom(8), CLIENT, GW, 0.0)
+    return initiator, IkeSession.responder(policy, os.urandom(8), GW, CLIENT)
+
+
+def test_childless_never_and_force_refuse_the_other_kind_with_invalid_syntax() -> None:
+    allow = replace(psk_connection("open", children=(NET,)),
+                    remote=RemoteAuth("psk", parse_identity_pattern("open.example.test")))
+    never = replace(psk_connection("closed", children=(NET,)), childless="never",
+                    remote=RemoteAuth("psk", parse_identity_pattern("closed.example.test")))
+    force = replace(psk_connection("forced", children=(NET,)), childless="force",
+                    remote=RemoteAuth("psk", parse_identity_pattern("forced.example.test")))
+    cases = [((allow, never), "closed.example.test", "force"),  # announced (open), refused
+             ((force,), "forced.example.test", "allow")]
+    for gw_conns, client_id, childless in cases:
+        client, gateway = _childless_client(gw_conns, client_id, childless)
+        run_handshake(client, gateway)
+        (failed,) = [e for e in drain(gateway) if isinstance(e, IkeSaFailed)]
+        assert "childless" in failed.reason, failed
+        assert client.closed and gateway.closed
+    # a responder whose every connection says never does not announce the extension,
+    # and our forced initiator gives up before IKE_AUTH
+    client, gateway = _childless_client((never,), "closed.example.test", "force")
+    run_handshake(client, gateway)
+    (failed,) = [e for e in drain(client) if isinstance(e, IkeSaFailed)]
+    assert "does not support childless IKE SAs" in failed.reason, failed

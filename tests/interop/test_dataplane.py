@@ -1583,6 +1583,53 @@ def test_a_childless_ike_sa_gets_its_child_sa_by_create_child_sa(
     assert received == sent, output
 
 
+def test_our_node_initiates_childless_with_childless_force(lab: Lab) -> None:
+    """swanctl's childless = force on our initiating node (RFC 6023): strongSwan, the
+    responder, announces the extension; our IKE_AUTH carries no SA or selectors, and a
+    CREATE_CHILD_SA of ours brings the Child SA, which strongSwan installs and pings
+    cross."""
+    ours, theirs = conn_pair(encap=True)
+    ours = replace(ours.with_child(start_action="start"), node_extra={"childless": "force"})
+    charon = lab.charon("responder")
+    charon.load(theirs)
+    node = lab.node([ours], side="initiator", node_id="a", addresses=(INITIATOR_V4,),
+                    extra_toml=worker_toml("ikecA"))
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel encap")
+    (sa,) = established_sas(charon)
+    assert child_sa(sa)["state"] == "INSTALLED", sa
+    log = charon.log_text()
+    auth = re.search(r"parsed IKE_AUTH request 1 \[([^]]*)\]", log)
+    assert auth is not None and "SA" not in auth.group(1).split() \
+        and "TSi" not in auth.group(1), log
+    assert re.search(r"parsed CREATE_CHILD_SA request 2 \[[^]]*SA No[^]]*TSi TSr", log), log
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [("force", None), ("never", "force")])
+def test_childless_force_or_never_on_our_responder_refuses_the_other_kind(
+        lab: Lab, initiator: Charon, ours: str, theirs: str | None) -> None:
+    """Our responder with childless = force refuses strongSwan's regular IKE_AUTH
+    (INVALID_SYNTAX, as strongSwan's own responder does); with childless = never it
+    does not announce the extension, and strongSwan's forced childless initiation gives
+    up."""
+    initiator_conn, responder_conn = conn_pair()
+    if theirs is not None:
+        initiator_conn = replace(initiator_conn, extra={"childless": theirs})
+    node = lab.node([replace(responder_conn, node_extra={"childless": ours})],
+                    extra_toml=worker_toml("ikec0"))
+    initiator.load(initiator_conn)
+    result = initiator.initiate("net")
+    assert_not_established(result, initiator)
+    if ours == "force":
+        assert "received INVALID_SYNTAX notify error" in result.stdout, result.stdout
+        wait_for_log(node, r"IKE SA failed: .*the peer did not initiate a childless IKE SA")
+    else:
+        assert re.search(r"parsed IKE_SA_INIT response 0 \[", initiator.log_text())
+        assert "CHDLESS_SUP" not in initiator.log_text()
+        assert "peer does not support childless IKE_SA initiation" in initiator.log_text()
+
+
 def test_a_radius_server_assigns_the_virtual_ip_and_a_pool_serves_the_others(
         lab: Lab, pki: Pki, tmp_path: Path) -> None:
     """`pools = ["radius", "rw"]` (strongSwan's eap-radius attribute provider): carol's

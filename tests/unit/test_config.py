@@ -455,6 +455,15 @@ def test_copy_dscp_is_out_by_default_or_no(tmp_path: Path) -> None:
         assert conn.children[0].copy_dscp is copies
 
 
+def test_childless_is_allow_by_default_as_in_swanctl(tmp_path: Path) -> None:
+    (conn,) = load_config(write(tmp_path, BASE)).policy.connections
+    assert conn.childless == "allow"
+    for value in ("force", "never"):
+        text = BASE.replace("version = 2\n", f'version = 2\nchildless = "{value}"\n')
+        (conn,) = load_config(write(tmp_path, text)).policy.connections
+        assert conn.childless == value
+
+
 def test_close_action_is_none_by_default_as_in_swanctl(tmp_path: Path) -> None:
     (conn,) = load_config(write(tmp_path, BASE)).policy.connections
     assert conn.children[0].close_action == "none"
@@ -708,6 +717,8 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
     ("rand above rekey",
      edit(('mode = "tunnel"\n', 'mode = "tunnel"\nrekey_bytes = 900\nrand_bytes = 900\n')),
      "connections.rw.children.net.rand_bytes", "must be below rekey_bytes (900)"),
+    ("childless unknown", BASE.replace("version = 2\n", 'version = 2\nchildless = "prefer"\n'),
+     "connections.rw.childless", "'prefer' is not one of \"allow\", \"force\", \"never\""),
     ("close_action unknown",
      edit(('mode = "tunnel"\n', 'mode = "tunnel"\nclose_action = "restart"\n')),
      "connections.rw.children.net.close_action",
