@@ -59,6 +59,7 @@ DEFAULT_IKE_PROPOSALS = ("aes256gcm16-prfsha256-x25519", "aes256-sha256-modp2048
 DEFAULT_ESP_PROPOSALS = ("aes256gcm16", "aes128gcm16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 START_ACTIONS = ("none", "start", "trap")
+MAX_REPLAY_WINDOW = 1 << 16  # packets (RFC 4303 3.4.3; our bitmap has no upper bound)
 IKE_PORT = 500  # a peer's IKE port unless `remote_port` says otherwise
 # Tables that later issues fill in; kept raw in `NodeConfig.extra_tables` until then.
 FUTURE_TABLES: tuple[str, ...] = ()
@@ -430,7 +431,7 @@ class _Loader:
             mark=bounded("mark", 0x1C5, 1, 0xFFFFFFFF),
             table=routing_table,
             priority=bounded("priority", 1450, 1, 32765),
-            replay_window=bounded("replay_window", 1024, 1, 1 << 16),
+            replay_window=bounded("replay_window", 1024, 1, MAX_REPLAY_WINDOW),
             lifetime_bytes=limit("lifetime_bytes"),
             lifetime_packets=limit("lifetime_packets"),
         )
@@ -836,6 +837,14 @@ class _Loader:
                           crl_uris=uris, certs=tuple(pinned),
                           revocation=self.revocation(remote))
 
+    def replay_window(self, child: _Table) -> int:
+        """swanctl's replay_window on a child; absent: the data plane's ([worker])."""
+        value = child.integer("replay_window", 0)
+        if "replay_window" in child and not 1 <= value <= MAX_REPLAY_WINDOW:
+            child.fail("replay_window", f"must be between 1 and {MAX_REPLAY_WINDOW} (packets; "
+                                        "anti-replay cannot be turned off)")
+        return value
+
     def childless(self, conn: _Table) -> Literal["allow", "force", "never"]:
         """swanctl's childless (RFC 6023): "allow" (the default), "force" or "never"."""
         value = conn.string("childless", "allow")
@@ -1032,7 +1041,7 @@ class _Loader:
                          "rekey_time", "life_time", "rand_time", "dpd_action", "updown",
                          "inactivity", "copy_dscp", "copy_ecn", "rekey_bytes", "life_bytes",
                          "rekey_packets", "life_packets", "rand_bytes", "rand_packets",
-                         "close_action")
+                         "close_action", "replay_window")
         )
         mode = child.string("mode", "tunnel")
         if mode not in ("tunnel", "transport"):
@@ -1064,6 +1073,7 @@ class _Loader:
             inactivity=self.inactivity(child),
             copy_dscp=self.copy_dscp(child),
             copy_ecn=child.boolean("copy_ecn", True),
+            replay_window=self.replay_window(child),
             volume=self.volume_limits(child),
         )
 

@@ -101,6 +101,7 @@ class ChildSaEstablished:
     inactivity: float = 0.0  # its child's: seconds without traffic before it is deleted
     copy_dscp: bool = True  # its child's: the outer header takes each packet's DSCP
     copy_ecn: bool = True  # its child's: ECN across the tunnel (RFC 6040 normal mode)
+    replay_window: int = 0  # its child's anti-replay window; 0: the data plane's
     # its child's rekey_bytes, life_bytes, rekey_packets, life_packets (0: none)
     volume: tuple[int, int, int, int] = (0, 0, 0, 0)
     # its IKE SA's, for what runs where it is installed (a child's updown on a worker)

@@ -153,6 +153,9 @@ class ChildConfig:
     # swanctl's copy_ecn (default yes): in tunnel mode the ECN field goes on the outer
     # header and a CE mark on a received one into the packet (RFC 6040 normal mode)
     copy_ecn: bool = True
+    # swanctl's replay_window (packets, RFC 4303 3.4.3) for this child's Child SAs; 0:
+    # the data plane's ([worker] replay_window)
+    replay_window: int = 0
     # swanctl's volume limits per direction, applied by the data plane: rekey at
     # rekey_*, delete at life_*; 0: none
     volume: VolumeLimits = field(default_factory=VolumeLimits)

@@ -131,6 +131,12 @@ def test_a_child_sa_record_gives_back_the_same_event_through_msgpack() -> None:
     older = child_record(plain)
     del older["copy_dscp"]
     assert child_event(older) == child
+    # and the child's replay window; a record without it leaves it to the data plane
+    windowed = replace(child, replay_window=4096)
+    assert child.replay_window == 0 and child_event(child_record(windowed)) == windowed
+    older = child_record(windowed)
+    del older["replay_window"]
+    assert child_event(older) == child
     # so does copy_ecn, likewise
     no_ecn = replace(child, copy_ecn=False)
     assert child.copy_ecn and child_event(child_record(no_ecn)) == no_ecn

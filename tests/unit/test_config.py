@@ -455,6 +455,14 @@ def test_copy_dscp_is_out_by_default_or_no(tmp_path: Path) -> None:
         assert conn.children[0].copy_dscp is copies
 
 
+def test_a_childs_replay_window_overrides_the_workers(tmp_path: Path) -> None:
+    (conn,) = load_config(write(tmp_path, BASE)).policy.connections
+    assert conn.children[0].replay_window == 0  # the data plane's
+    text = edit(('mode = "tunnel"\n', 'mode = "tunnel"\nreplay_window = 4096\n'))
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    assert conn.children[0].replay_window == 4096
+
+
 def test_childless_is_allow_by_default_as_in_swanctl(tmp_path: Path) -> None:
     (conn,) = load_config(write(tmp_path, BASE)).policy.connections
     assert conn.childless == "allow"
@@ -717,6 +725,10 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
     ("rand above rekey",
      edit(('mode = "tunnel"\n', 'mode = "tunnel"\nrekey_bytes = 900\nrand_bytes = 900\n')),
      "connections.rw.children.net.rand_bytes", "must be below rekey_bytes (900)"),
+    ("replay_window zero",
+     edit(('mode = "tunnel"\n', 'mode = "tunnel"\nreplay_window = 0\n')),
+     "connections.rw.children.net.replay_window", "must be between 1 and 65536 (packets; "
+     "anti-replay cannot be turned off)"),
     ("childless unknown", BASE.replace("version = 2\n", 'version = 2\nchildless = "prefer"\n'),
      "connections.rw.childless", "'prefer' is not one of \"allow\", \"force\", \"never\""),
     ("close_action unknown",

@@ -43,6 +43,16 @@ def test_the_childs_volume_limits_and_the_workers_give_the_lower_of_each(
             params.hard_packets) == expected
 
 
+def test_the_childs_replay_window_wins_over_the_workers() -> None:
+    client, gateway = psk_pair(psk_connection(children=(replace(child(), replay_window=64),)))
+    run_handshake(client, gateway)
+    (event,) = [e for e in drain(gateway) if isinstance(e, ChildSaEstablished)]
+    assert event.replay_window == 64
+    assert params_from_event(event, Limits(replay_window=4096)).replay_window == 64
+    unset = replace(event, replay_window=0)
+    assert params_from_event(unset, Limits(replay_window=4096)).replay_window == 4096
+
+
 def test_each_child_sa_rekeys_a_random_part_of_rand_earlier() -> None:
     """swanctl's rand_bytes / rand_packets: each Child SA's rekey limits lose their own
     random part of them (taken from its SPI, so the same whenever its install request is
