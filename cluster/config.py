@@ -1041,7 +1041,7 @@ class _Loader:
                          "rekey_time", "life_time", "rand_time", "dpd_action", "updown",
                          "inactivity", "copy_dscp", "copy_ecn", "rekey_bytes", "life_bytes",
                          "rekey_packets", "life_packets", "rand_bytes", "rand_packets",
-                         "close_action", "replay_window")
+                         "close_action", "replay_window", "hostaccess")
         )
         mode = child.string("mode", "tunnel")
         if mode not in ("tunnel", "transport"):
@@ -1070,6 +1070,7 @@ class _Loader:
             lifetime=self.lifetime(child, CHILD_REKEY_TIME),
             dpd_action=child.optional_string("dpd_action"),
             updown=self.updown(child),
+            hostaccess=child.boolean("hostaccess", False),
             inactivity=self.inactivity(child),
             copy_dscp=self.copy_dscp(child),
             copy_ecn=child.boolean("copy_ecn", True),

@@ -144,6 +144,9 @@ class ChildConfig:
     dpd_action: str | None = None
     # swanctl's updown: a shell command run as its Child SAs come up and go down
     updown: str | None = None
+    # swanctl's hostaccess: updown gets PLUTO_HOST_ACCESS=1 (its scripts then let the
+    # gateway itself reach the remote subnet too)
+    hostaccess: bool = False
     # swanctl's inactivity: seconds without traffic either way before the data plane has
     # the Child SA deleted (its IKE SA stays); 0: never
     inactivity: float = 0.0

@@ -30,7 +30,7 @@ from ..ike.events import (
     IkeSaMoved,
     IkeSaRekeyed,
 )
-from ..ike.policy import ResponderPolicy
+from ..ike.policy import ChildConfig, ResponderPolicy
 from ..ike.traffic_selectors import TrafficSelector
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class _Child:
     local: Address  # where the SA is now (a NAT or MOBIKE move changes it)
     remote: Address
     interface: str | None = None  # PLUTO_INTERFACE, found at "up"
+    hostaccess: bool = False  # its child's (PLUTO_HOST_ACCESS)
 
 
 @dataclass(frozen=True)
@@ -126,16 +127,16 @@ class Updown:
             return
         if not self._configured():
             return
-        command = self._command(event.connection, event.name)
-        if command is None:
+        config = self._config(event.connection, event.name)
+        if config is None or config.updown is None:
             return
         key = event.ike_spi_i + event.ike_spi_r
         if key not in self._unique:
             self._unique_ids += 1
             self._unique[key] = self._unique_ids
         self._reqids += 1
-        child = _Child(key, event, command, self._reqids, self._unique[key], event.local,
-                       event.remote)
+        child = _Child(key, event, config.updown, self._reqids, self._unique[key], event.local,
+                       event.remote, hostaccess=config.hostaccess)
         self._children[event.spi_in] = child
         self._queue(child, up=True)
 
@@ -175,12 +176,12 @@ class Updown:
                                     for c in conn.children)
         return self._any_command
 
-    def _command(self, connection: str, child: str) -> str | None:
+    def _config(self, connection: str, child: str) -> ChildConfig | None:
         for conn in self._policy().connections:
             if conn.name == connection:
                 for config in conn.children:
                     if config.name == child:
-                        return config.updown
+                        return config
         return None
 
     def _queue(self, child: _Child, *, up: bool) -> None:
@@ -299,6 +300,8 @@ def environment(child: _Child, up: bool, mine: TrafficSelector, theirs: TrafficS
             env[f"PLUTO_{side}_SOURCEIP{version}_{counts[version]}"] = address
     if event.encap:
         env["PLUTO_UDP_ENC"] = str(child.remote[1])
+    if child.hostaccess:
+        env["PLUTO_HOST_ACCESS"] = "1"
     return env
 
 

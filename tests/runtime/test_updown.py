@@ -54,8 +54,8 @@ def script(tmp_path: Path, *, exit_code: int = 0, sleep: float = 0.0) -> tuple[s
     return f"{program} --some-argument", record
 
 
-def policy(command: str | None) -> ResponderPolicy:
-    conn = psk_connection(children=(replace(child(), updown=command),
+def policy(command: str | None, hostaccess: bool = False) -> ResponderPolicy:
+    conn = psk_connection(children=(replace(child(), updown=command, hostaccess=hostaccess),
                                     child(name="quiet")))
     return psk_policy(conn)
 
@@ -86,8 +86,9 @@ def child_down(spi_in: bytes, *, name: str = "net", ike: tuple[bytes, bytes] = I
 
 
 async def run(events: list[Event], command: str | None, record: Path | None = None,
-              timeout: float = 10.0) -> tuple[list[dict[str, str]], Updown]:
-    updown = Updown(lambda: policy(command), timeout=timeout,
+              timeout: float = 10.0, hostaccess: bool = False
+              ) -> tuple[list[dict[str, str]], Updown]:
+    updown = Updown(lambda: policy(command, hostaccess), timeout=timeout,
                     interface_of=lambda address: "eth7" if address == PEER[0] else None)
     async with trio.open_nursery() as nursery:
         await nursery.start(updown.run)
@@ -124,6 +125,18 @@ async def test_a_child_sa_up_and_down_runs_the_command_with_strongswans_variable
     assert down == {**up, "PLUTO_VERB": "down-client"}
     assert updown.stats.as_dict() == {"runs": 2, "failed": 0, "dropped": 0}
     assert "updown: hello from up-client" in caplog.text
+
+
+async def test_hostaccess_gives_the_command_pluto_host_access(tmp_path: Path) -> None:
+    """swanctl's hostaccess on the child: PLUTO_HOST_ACCESS=1, as strongSwan's updown
+    plugin sets it; without it the variable is absent."""
+    command, record = script(tmp_path)
+    runs, _ = await run([ike_up(), child_up(b"in-1"), child_down(b"in-1")], command, record,
+                        hostaccess=True)
+    assert [r.get("PLUTO_HOST_ACCESS") for r in runs] == ["1", "1"]
+    record.unlink()
+    runs, _ = await run([ike_up(), child_up(b"in-1")], command, record)
+    assert [r.get("PLUTO_HOST_ACCESS") for r in runs] == [None]
 
 
 async def test_rekeys_run_nothing_and_down_follows_the_sa_through_them(tmp_path: Path
