@@ -527,6 +527,8 @@ class _Loader:
                 "ppk_id",
                 "ppk_required",
                 "childless",
+                "send_cert",
+                "send_certreq",
             ),
         )
         version = conn.integer("version", 2)
@@ -567,6 +569,8 @@ class _Loader:
             ppk_id=self.ppk_id(conn),
             ppk_required=conn.boolean("ppk_required", False),
             childless=self.childless(conn),
+            send_cert=self.send_cert(conn),
+            send_certreq=conn.boolean("send_certreq", True),
         )
         return connection, self.initiation(conn, connection, remote_port, addresses)
 
@@ -844,6 +848,17 @@ class _Loader:
             child.fail("replay_window", f"must be between 1 and {MAX_REPLAY_WINDOW} (packets; "
                                         "anti-replay cannot be turned off)")
         return value
+
+    def send_cert(self, conn: _Table) -> Literal["always", "ifasked", "never"]:
+        """swanctl's send_cert: "always" (our default), "ifasked" or "never"."""
+        value = conn.string("send_cert", "always")
+        if value == "ifasked":
+            return "ifasked"
+        if value == "never":
+            return "never"
+        if value != "always":
+            conn.fail("send_cert", f'{value!r} is not one of "always", "ifasked", "never"')
+        return "always"
 
     def childless(self, conn: _Table) -> Literal["allow", "force", "never"]:
         """swanctl's childless (RFC 6023): "allow" (the default), "force" or "never"."""

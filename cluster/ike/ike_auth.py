@@ -78,10 +78,16 @@ def _local_identity(sa: IkeSa, auth: LocalAuth) -> Identity:
     return Identity(IdType.IPV4_ADDR if ip.version == 4 else IdType.IPV6_ADDR, ip.packed)
 
 
+def _sends_cert(sa: IkeSa, conn: ConnectionConfig) -> bool:
+    """swanctl's send_cert: "always", "ifasked" (the peer sent a CERTREQ) or "never"."""
+    return conn.send_cert == "always" or (conn.send_cert == "ifasked" and sa.peer_certreq)
+
+
 def _our_auth(sa: IkeSa, auth: LocalAuth, ident: Identity, peer_ident: Identity | None,
-              message: bytes, peer_nonce: bytes, keys: IkeKeys | None = None
-              ) -> list[Payload]:
-    """CERT payloads (if any) and our AUTH payload; `keys` when not the SA's."""
+              message: bytes, peer_nonce: bytes, keys: IkeKeys | None = None,
+              certs: bool = True) -> list[Payload]:
+    """CERT payloads (with `certs`, for certificate authentication) and our AUTH
+    payload; `keys` when not the SA's."""
     chosen, keys = sa.chosen, keys or sa.keys
     assert chosen is not None and chosen.prf is not None and keys is not None
     sk_p = keys.sk_pi if sa.is_initiator else keys.sk_pr
@@ -94,10 +100,12 @@ def _our_auth(sa: IkeSa, auth: LocalAuth, ident: Identity, peer_ident: Identity 
     assert auth.key is not None and auth.cert is not None
     hashes = frozenset(sa.peer_hashes)
     method = choose_auth_method(auth.key, hashes)  # type: ignore[arg-type]
-    out: list[Payload] = [CertPayload(CertEncoding.X509_SIGNATURE,
-                                      auth.cert.public_bytes(Encoding.DER))]
-    out += [CertPayload(CertEncoding.X509_SIGNATURE, c.public_bytes(Encoding.DER))
-            for c in auth.intermediates]
+    out: list[Payload] = []
+    if certs:
+        out.append(CertPayload(CertEncoding.X509_SIGNATURE,
+                               auth.cert.public_bytes(Encoding.DER)))
+        out += [CertPayload(CertEncoding.X509_SIGNATURE, c.public_bytes(Encoding.DER))
+                for c in auth.intermediates]
     out.append(AuthPayload(method, sign_auth(auth.key, method, octets, hashes)))  # type: ignore[arg-type]
     return out
 
@@ -225,6 +233,7 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
     auth = first_of(payloads, AuthPayload)
     if idi is None:
         raise InvalidSyntax("IKE_AUTH request without IDi")
+    sa.peer_certreq = first_of(payloads, CertreqPayload) is not None  # (send_cert ifasked)
     try:
         peer_ident = identity_from_payload_untrusted(idi.id_type, idi.data)
     except ParseError as exc:
@@ -269,7 +278,7 @@ def respond_auth(sa: IkeSa, payloads: list[Payload], rng: Random,
         sa.keys, sa.ppk = mixed, True
     response: list[Payload] = [IdrPayload(sa.local_id.id_type, sa.local_id.data)]
     response += _our_auth(sa, chosen_conn.local, sa.local_id, peer_ident, sa.init_response,
-                          sa.nonce_i)
+                          sa.nonce_i, certs=_sends_cert(sa, chosen_conn))
     if mixed is not None:
         response.append(NotifyPayload(NotifyType.PPK_IDENTITY))
     return _finish_keyed(sa, plain, chosen_conn, payloads, response, rng), True
@@ -421,7 +430,7 @@ def _start_eap(sa: IkeSa, payloads: list[Payload], idi: IdiPayload, idr: IdrPayl
     sa.eap = EapExchange(server, payloads, idi)
     response: list[Payload] = [IdrPayload(local_ident.id_type, local_ident.data)]
     response += _our_auth(sa, conn.local, local_ident, peer_ident, sa.init_response,
-                          sa.nonce_i)
+                          sa.nonce_i, certs=_sends_cert(sa, conn))
     return [*response, EapPayload(server.start())]
 
 
@@ -519,14 +528,14 @@ def build_auth_request(sa: IkeSa, rng: Random) -> list[Payload]:
     sa.local_id = _local_identity(sa, conn.local)
     peer = conn.remote.identity
     payloads: list[Payload] = [IdiPayload(sa.local_id.id_type, sa.local_id.data)]
-    if conn.remote.method == "pubkey" and conn.remote.cacerts:
+    if conn.remote.method == "pubkey" and conn.remote.cacerts and conn.send_certreq:
         payloads.append(CertreqPayload(CertEncoding.X509_SIGNATURE,
                                        certreq_authority_hashes(conn.remote.cacerts)))
     if not peer.any and peer.identity is not None:
         payloads.append(IdrPayload(peer.identity.id_type, peer.identity.data))
     ppk = _our_ppk(sa)
     auth = _our_auth(sa, conn.local, sa.local_id, peer.identity, sa.init_request, sa.nonce_r,
-                     None if ppk is None else _mixed(sa, ppk))
+                     None if ppk is None else _mixed(sa, ppk), _sends_cert(sa, conn))
     # CERT payloads go before AUTH, after IDi (RFC 7296 1.2 ordering)
     payloads[1:1] = [p for p in auth if isinstance(p, CertPayload)]
     payloads += [p for p in auth if isinstance(p, AuthPayload)]

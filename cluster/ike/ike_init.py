@@ -163,7 +163,8 @@ def respond_init(sa: IkeSa, payloads: list[Payload], rng: Random,
         NoncePayload(sa.nonce_r),
         *_nat_notifies(sa, sa.spi_r, fake_source=encap),
     ]
-    cacerts = [ca for c in connections if c.remote.method == "pubkey" for ca in c.remote.cacerts]
+    cacerts = [ca for c in connections if c.remote.method == "pubkey" and c.send_certreq
+               for ca in c.remote.cacerts]
     if cacerts:
         response.append(CertreqPayload(CertEncoding.X509_SIGNATURE,
                                        certreq_authority_hashes(cacerts)))

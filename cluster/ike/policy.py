@@ -202,6 +202,11 @@ class ConnectionConfig:
     # initiates childless (every Child SA by CREATE_CHILD_SA) and takes only childless
     # ones; "never" refuses a childless IKE_AUTH
     childless: Literal["allow", "force", "never"] = "allow"
+    # swanctl's send_cert: our certificate (and its intermediates) with our AUTH
+    # "always" (our default; swanctl's is "ifasked"), "ifasked" (when the peer sent a
+    # CERTREQ) or "never"; send_certreq: CERTREQ for our cacerts (RFC 7296 3.7)
+    send_cert: Literal["always", "ifasked", "never"] = "always"
+    send_certreq: bool = True
 
     def child(self, name: str) -> ChildConfig | None:
         """The child configuration called `name` (a loop: see payloads.first_of)."""

@@ -797,6 +797,29 @@ def _distribution_point(lab: Lab, pki: Pki, tmp_path: Path, stem: str, *,
     return uri, revoked, good
 
 
+@pytest.mark.parametrize("send_cert", ["ifasked", "never"])
+def test_send_cert_decides_whether_strongswan_gets_our_certificate(
+        lab: Lab, initiator: Charon, pki: Pki, send_cert: str) -> None:
+    """swanctl's send_cert on our connection. strongSwan sends a CERTREQ for its CA, so
+    with "ifasked" our IKE_AUTH answer carries our certificate and strongSwan verifies
+    it; with "never" it carries none, and strongSwan, holding only the CA, finds no key
+    to check our AUTH with."""
+    initiator_conn, responder_conn = conn_pair(
+        ca=pki.ca, initiator_cred=pki.client_ecdsa, responder_cred=pki.gw_ecdsa)
+    lab.node([replace(responder_conn, node_extra={"send_cert": send_cert})])
+    initiator.load(initiator_conn)
+    result = initiator.initiate("net")
+    log = initiator.log_text()
+    assert "sending cert request for" in log, log
+    if send_cert == "ifasked":
+        assert_initiated(result, initiator)
+        assert re.search(r"received end entity cert .*CN=gw\.example\.test", log), log
+    else:
+        assert_not_established(result, initiator)
+        assert "received end entity cert" not in log, log
+        assert "no trusted ECDSA public key found for 'gw.example.test'" in log, log
+
+
 def test_revocation_strict_refuses_a_certificate_no_crl_confirms(
         lab: Lab, initiator: Charon, pki: Pki) -> None:
     """swanctl's remote revocation = "strict": strongSwan's certificate, revoked by

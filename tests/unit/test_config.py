@@ -471,6 +471,15 @@ def test_a_childs_replay_window_overrides_the_workers(tmp_path: Path) -> None:
     assert conn.children[0].replay_window == 4096
 
 
+def test_send_cert_and_send_certreq(tmp_path: Path) -> None:
+    (conn,) = load_config(write(tmp_path, BASE)).policy.connections
+    assert (conn.send_cert, conn.send_certreq) == ("always", True)
+    text = BASE.replace("version = 2\n", 'version = 2\nsend_cert = "ifasked"\n'
+                                          "send_certreq = false\n")
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    assert (conn.send_cert, conn.send_certreq) == ("ifasked", False)
+
+
 def test_childless_is_allow_by_default_as_in_swanctl(tmp_path: Path) -> None:
     (conn,) = load_config(write(tmp_path, BASE)).policy.connections
     assert conn.childless == "allow"
@@ -737,6 +746,8 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
      edit(('mode = "tunnel"\n', 'mode = "tunnel"\nreplay_window = 0\n')),
      "connections.rw.children.net.replay_window", "must be between 1 and 65536 (packets; "
      "anti-replay cannot be turned off)"),
+    ("send_cert unknown", BASE.replace("version = 2\n", 'version = 2\nsend_cert = "yes"\n'),
+     "connections.rw.send_cert", "'yes' is not one of \"always\", \"ifasked\", \"never\""),
     ("childless unknown", BASE.replace("version = 2\n", 'version = 2\nchildless = "prefer"\n'),
      "connections.rw.childless", "'prefer' is not one of \"allow\", \"force\", \"never\""),
     ("close_action unknown",
