@@ -529,6 +529,7 @@ class _Loader:
                 "childless",
                 "send_cert",
                 "send_certreq",
+                "fragmentation",
             ),
         )
         version = conn.integer("version", 2)
@@ -571,6 +572,7 @@ class _Loader:
             childless=self.childless(conn),
             send_cert=self.send_cert(conn),
             send_certreq=conn.boolean("send_certreq", True),
+            fragmentation=self.fragmentation(conn),
         )
         return connection, self.initiation(conn, connection, remote_port, addresses)
 
@@ -848,6 +850,19 @@ class _Loader:
             child.fail("replay_window", f"must be between 1 and {MAX_REPLAY_WINDOW} (packets; "
                                         "anti-replay cannot be turned off)")
         return value
+
+    def fragmentation(self, conn: _Table) -> Literal["yes", "accept", "no"]:
+        """swanctl's fragmentation: "yes" (the default; "force", IKEv1's, counts as
+        "yes"), "accept" or "no"."""
+        value = conn.string("fragmentation", "yes")
+        if value == "accept":
+            return "accept"
+        if value == "no":
+            return "no"
+        if value not in ("yes", "force"):
+            conn.fail("fragmentation", f'{value!r} is not one of "yes", "accept", "no", '
+                                       '"force"')
+        return "yes"
 
     def send_cert(self, conn: _Table) -> Literal["always", "ifasked", "never"]:
         """swanctl's send_cert: "always" (our default), "ifasked" or "never"."""

@@ -170,7 +170,8 @@ def respond_init(sa: IkeSa, payloads: list[Payload], rng: Random,
                                        certreq_authority_hashes(cacerts)))
     if sa.peer_hashes:  # RFC 7427 4: announce only to a peer that announced
         response.append(_hash_algorithms_notify())
-    if notifies(payloads, NotifyType.IKEV2_FRAGMENTATION_SUPPORTED):  # RFC 7383 2.3
+    if notifies(payloads, NotifyType.IKEV2_FRAGMENTATION_SUPPORTED) \
+            and any(c.fragmentation != "no" for c in connections):  # RFC 7383 2.3
         sa.fragmentation = True
         response.append(NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
     # RFC 6023 3: announced to every initiator a connection takes childless (strongSwan's
@@ -219,7 +220,8 @@ def build_init_request(sa: IkeSa, group: int, rng: Random, cookie: bytes = b"") 
         KePayload(group, sa.ke.public_value()),
         NoncePayload(sa.nonce_i),
         *_nat_notifies(sa, bytes(8), fake_source=conn.encap),
-        NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED),
+        *([NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED)]
+          if conn.fragmentation != "no" else []),
         _hash_algorithms_notify(),
     ]
     if conn.ppk_id is not None or conn.ppk_required:  # RFC 8784 3
@@ -269,7 +271,8 @@ def process_init_response(sa: IkeSa, spi_r: bytes,
     sa.nonce_r = nonce.data
     sa.peer_hashes = _hash_algorithms_untrusted(payloads)
     sa.peer_certreq = first_of(payloads, CertreqPayload) is not None
-    sa.fragmentation = bool(notifies(payloads, NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
+    sa.fragmentation = conn.fragmentation != "no" and \
+        bool(notifies(payloads, NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
     sa.childless = bool(notifies(payloads, NotifyType.CHILDLESS_IKEV2_SUPPORTED))
     sa.use_ppk = bool(notifies(payloads, NotifyType.USE_PPK)) and \
         (conn.ppk_id is not None or conn.ppk_required)

@@ -207,6 +207,10 @@ class ConnectionConfig:
     # CERTREQ) or "never"; send_certreq: CERTREQ for our cacerts (RFC 7296 3.7)
     send_cert: Literal["always", "ifasked", "never"] = "always"
     send_certreq: bool = True
+    # swanctl's fragmentation (RFC 7383): "yes" (the default) announces it, takes
+    # fragments and fragments our large messages; "accept" the same but never fragments
+    # ours; "no" neither announces nor takes them ("force", IKEv1's, counts as "yes")
+    fragmentation: Literal["yes", "accept", "no"] = "yes"
 
     def child(self, name: str) -> ChildConfig | None:
         """The child configuration called `name` (a loop: see payloads.first_of)."""

@@ -719,7 +719,8 @@ class IkeSession:
 
     def _protect(self, sa: IkeSa, msg: Message) -> list[bytes]:
         assert sa.sk is not None
-        if not sa.fragmentation:
+        if not sa.fragmentation or (sa.connection is not None
+                                    and sa.connection.fragmentation == "accept"):
             return [sa.sk.protect(msg)]
         limit = ike_message_limit(FRAGMENT_SIZE, ipv6=":" in sa.remote[0],
                                   non_esp_marker=sa.local[1] == self._natt_ports[0])

@@ -797,6 +797,21 @@ def _distribution_point(lab: Lab, pki: Pki, tmp_path: Path, stem: str, *,
     return uri, revoked, good
 
 
+@pytest.mark.parametrize("fragmentation", ["yes", "no"])
+def test_fragmentation_no_is_not_announced_to_strongswan(
+        lab: Lab, initiator: Charon, fragmentation: str) -> None:
+    """swanctl's fragmentation on our connection: with "yes" (the default) our
+    IKE_SA_INIT answer echoes strongSwan's IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383 2.3),
+    with "no" it does not; the SA comes up either way."""
+    initiator_conn, responder_conn = conn_pair()
+    lab.node([replace(responder_conn, node_extra={"fragmentation": fragmentation})])
+    initiator.load(initiator_conn)
+    assert_initiated(initiator.initiate("net"), initiator)
+    response = re.search(r"parsed IKE_SA_INIT response 0 \[([^]]*)\]", initiator.log_text())
+    assert response is not None, initiator.log_text()
+    assert ("N(FRAG_SUP)" in response.group(1)) == (fragmentation == "yes"), response.group(0)
+
+
 @pytest.mark.parametrize("send_cert", ["ifasked", "never"])
 def test_send_cert_decides_whether_strongswan_gets_our_certificate(
         lab: Lab, initiator: Charon, pki: Pki, send_cert: str) -> None:

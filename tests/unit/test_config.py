@@ -471,6 +471,15 @@ def test_a_childs_replay_window_overrides_the_workers(tmp_path: Path) -> None:
     assert conn.children[0].replay_window == 4096
 
 
+def test_fragmentation_follows_swanctl(tmp_path: Path) -> None:
+    for value, expected in ((None, "yes"), ("force", "yes"), ("accept", "accept"),
+                            ("no", "no")):
+        text = BASE if value is None else BASE.replace(
+            "version = 2\n", f'version = 2\nfragmentation = "{value}"\n')
+        (conn,) = load_config(write(tmp_path, text)).policy.connections
+        assert conn.fragmentation == expected
+
+
 def test_send_cert_and_send_certreq(tmp_path: Path) -> None:
     (conn,) = load_config(write(tmp_path, BASE)).policy.connections
     assert (conn.send_cert, conn.send_certreq) == ("always", True)
@@ -746,6 +755,10 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
      edit(('mode = "tunnel"\n', 'mode = "tunnel"\nreplay_window = 0\n')),
      "connections.rw.children.net.replay_window", "must be between 1 and 65536 (packets; "
      "anti-replay cannot be turned off)"),
+    ("fragmentation unknown",
+     BASE.replace("version = 2\n", 'version = 2\nfragmentation = "maybe"\n'),
+     "connections.rw.fragmentation",
+     "'maybe' is not one of \"yes\", \"accept\", \"no\", \"force\""),
     ("send_cert unknown", BASE.replace("version = 2\n", 'version = 2\nsend_cert = "yes"\n'),
      "connections.rw.send_cert", "'yes' is not one of \"always\", \"ifasked\", \"never\""),
     ("childless unknown", BASE.replace("version = 2\n", 'version = 2\nchildless = "prefer"\n'),
