@@ -530,6 +530,7 @@ class _Loader:
                 "send_cert",
                 "send_certreq",
                 "fragmentation",
+                "keyingtries",
             ),
         )
         version = conn.integer("version", 2)
@@ -573,6 +574,7 @@ class _Loader:
             send_cert=self.send_cert(conn),
             send_certreq=conn.boolean("send_certreq", True),
             fragmentation=self.fragmentation(conn),
+            keyingtries=self.keyingtries(conn),
         )
         return connection, self.initiation(conn, connection, remote_port, addresses)
 
@@ -849,6 +851,13 @@ class _Loader:
         if "replay_window" in child and not 1 <= value <= MAX_REPLAY_WINDOW:
             child.fail("replay_window", f"must be between 1 and {MAX_REPLAY_WINDOW} (packets; "
                                         "anti-replay cannot be turned off)")
+        return value
+
+    def keyingtries(self, conn: _Table) -> int:
+        """swanctl's keyingtries: attempts in a row before giving up; 0: never."""
+        value = conn.integer("keyingtries", 0)
+        if not 0 <= value < 1 << 31:
+            conn.fail("keyingtries", "must be 0 (never give up) or more")
         return value
 
     def fragmentation(self, conn: _Table) -> Literal["yes", "accept", "no"]:

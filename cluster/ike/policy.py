@@ -211,6 +211,10 @@ class ConnectionConfig:
     # fragments and fragments our large messages; "accept" the same but never fragments
     # ours; "no" neither announces nor takes them ("force", IKEv1's, counts as "yes")
     fragmentation: Literal["yes", "accept", "no"] = "yes"
+    # swanctl's keyingtries for a connection we start: attempts in a row that may fail
+    # before we give up until the next start or reload; 0 (our default; swanctl's is 1):
+    # never give up
+    keyingtries: int = 0
 
     def child(self, name: str) -> ChildConfig | None:
         """The child configuration called `name` (a loop: see payloads.first_of)."""

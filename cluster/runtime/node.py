@@ -399,6 +399,13 @@ class Initiator:
                 )
             else:
                 self.failures += 1
+                tries = self.initiation.connection.keyingtries
+                if tries and attempt >= tries and not self.initiation.on_demand:
+                    logger.warning(
+                        "connection %s: attempt %d failed (%s); giving up (keyingtries = %d)",
+                        self.name, attempt, outcome.reason, tries,
+                    )
+                    return
                 logger.info(
                     "connection %s: attempt %d failed (%s); %s in %.1f s",
                     self.name, attempt, outcome.reason,

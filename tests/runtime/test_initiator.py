@@ -259,6 +259,27 @@ async def test_initiator_retries_until_the_peer_is_up(
     assert any("(attempt 2)" in m for m in messages)
 
 
+async def test_keyingtries_gives_up_after_that_many_failed_attempts(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """swanctl's keyingtries = 2: the peer never answers, so after two attempts the
+    connection is given up (logged), and no third attempt follows."""
+    caplog.set_level(logging.INFO)
+    pair = make_pair(tmp_path, a_half_open_timeout=1.0)
+    initiation = pair.a.initiations[0]
+    pair.a = dataclasses.replace(pair.a, initiations=(dataclasses.replace(
+        initiation, connection=dataclasses.replace(initiation.connection, keyingtries=2)),))
+    async with trio.open_nursery() as nursery:
+        a = await pair.start_a(nursery)
+        (initiator,) = a.initiators
+        await wait_for(lambda: initiator.failures == 2, timeout=100)
+        await trio.sleep(INITIATE_BACKOFF_MAX * 2)
+        assert initiator.attempts == 2
+        a.shutdown()
+    assert any("connection link: attempt 2 failed (not established within 1 s); giving up "
+               "(keyingtries = 2)" in r.getMessage() for r in caplog.records)
+
+
 async def test_initiator_initiates_again_when_the_peer_deletes_the_sa(
     pair: Pair, caplog: pytest.LogCaptureFixture
 ) -> None:

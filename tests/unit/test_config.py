@@ -471,6 +471,14 @@ def test_a_childs_replay_window_overrides_the_workers(tmp_path: Path) -> None:
     assert conn.children[0].replay_window == 4096
 
 
+def test_keyingtries_is_never_give_up_unless_given(tmp_path: Path) -> None:
+    (conn,) = load_config(write(tmp_path, BASE)).policy.connections
+    assert conn.keyingtries == 0
+    text = BASE.replace("version = 2\n", "version = 2\nkeyingtries = 3\n")
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    assert conn.keyingtries == 3
+
+
 def test_fragmentation_follows_swanctl(tmp_path: Path) -> None:
     for value, expected in ((None, "yes"), ("force", "yes"), ("accept", "accept"),
                             ("no", "no")):
@@ -755,6 +763,8 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
      edit(('mode = "tunnel"\n', 'mode = "tunnel"\nreplay_window = 0\n')),
      "connections.rw.children.net.replay_window", "must be between 1 and 65536 (packets; "
      "anti-replay cannot be turned off)"),
+    ("keyingtries negative", BASE.replace("version = 2\n", "version = 2\nkeyingtries = -1\n"),
+     "connections.rw.keyingtries", "must be 0 (never give up) or more"),
     ("fragmentation unknown",
      BASE.replace("version = 2\n", 'version = 2\nfragmentation = "maybe"\n'),
      "connections.rw.fragmentation",
