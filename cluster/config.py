@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from .errors import ConfigError, ParseError
 from .ike.auth import Revocation, decode_certificate_fields
 from .ike.constants import ProtocolId
+from .ike.events import TFC_MTU
 from .ike.identity import (
     Identity,
     IdentityPattern,
@@ -845,6 +846,17 @@ class _Loader:
                           crl_uris=uris, certs=tuple(pinned),
                           revocation=self.revocation(remote))
 
+    def tfc_padding(self, child: _Table) -> int:
+        """swanctl's tfc_padding: bytes (0: none, at most 65535) or "mtu"."""
+        value = child.raw("tfc_padding")
+        if value is None:
+            return 0
+        if value == "mtu":
+            return TFC_MTU
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+            child.fail("tfc_padding", 'must be a number of bytes (0-65535) or "mtu"')
+        return value
+
     def replay_window(self, child: _Table) -> int:
         """swanctl's replay_window on a child; absent: the data plane's ([worker])."""
         value = child.integer("replay_window", 0)
@@ -1080,7 +1092,7 @@ class _Loader:
                          "rekey_time", "life_time", "rand_time", "dpd_action", "updown",
                          "inactivity", "copy_dscp", "copy_ecn", "rekey_bytes", "life_bytes",
                          "rekey_packets", "life_packets", "rand_bytes", "rand_packets",
-                         "close_action", "replay_window", "hostaccess")
+                         "close_action", "replay_window", "hostaccess", "tfc_padding")
         )
         mode = child.string("mode", "tunnel")
         if mode not in ("tunnel", "transport"):
@@ -1114,6 +1126,7 @@ class _Loader:
             copy_dscp=self.copy_dscp(child),
             copy_ecn=child.boolean("copy_ecn", True),
             replay_window=self.replay_window(child),
+            tfc_padding=self.tfc_padding(child),
             volume=self.volume_limits(child),
         )
 

@@ -370,7 +370,7 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
     store: StateStore = open_store(cluster.store)
     codec = RelayCodec(key, config.node_id)
     metrics = Metrics(config.node_id, connections=[])
-    limits = Limits(w.replay_window, w.lifetime_bytes, w.lifetime_packets)
+    limits = Limits(w.replay_window, w.lifetime_bytes, w.lifetime_packets, w.mtu)
     settings = DataPlaneSettings(tun=w.tun, mtu=w.mtu, queues=w.queues, mark=w.mark,
                                  table=w.table, priority=w.priority, limits=limits)
     stats = RuntimeStats()

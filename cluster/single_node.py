@@ -67,7 +67,7 @@ async def _with_data_plane(config: NodeConfig, w: WorkerConfig) -> None:
     settings = DataPlaneSettings(
         tun=w.tun, mtu=w.mtu, queues=w.queues, mark=w.mark, table=w.table,
         priority=w.priority,
-        limits=Limits(w.replay_window, w.lifetime_bytes, w.lifetime_packets),
+        limits=Limits(w.replay_window, w.lifetime_bytes, w.lifetime_packets, w.mtu),
     )
     with DataPlane.open(settings, config.addresses) as plane:
         try:

@@ -60,7 +60,7 @@ class OutboundSa:
     """The sending half of a Child SA. Subclasses hold the cipher."""
 
     __slots__ = ("_alarm_bytes", "_alarm_seq", "_block", "_esn", "_outer", "_params",
-                 "_seq_max", "_seq_soft", "_spi", "_trailers", "_transport", "child",
+                 "_seq_max", "_seq_soft", "_spi", "_tfc", "_trailers", "_transport", "child",
                  "counters", "encap", "exhausted", "remote", "seq", "spi", "tos_mask")
 
     def __init__(self, child: ChildSa, params: ChildSaParams, local_ip: bytes,
@@ -81,6 +81,8 @@ class OutboundSa:
         self.tos_mask = (0xFC if params.copy_dscp else 0) | \
             (0x03 if params.copy_ecn and not self._transport else 0)
         self._outer = HeaderTemplate(local_ip, remote_ip)
+        # RFC 4303 2.7: tunnel mode only, where the inner header says where padding starts
+        self._tfc = 0 if self._transport else params.tfc_padding
         self.seq = params.initial_seq  # the last sequence number used
         self._seq_max = (1 << 64) - 1 if params.esn else (1 << 32) - 1
         # ask for a rekey with 1/16 of the sequence space left
@@ -155,6 +157,8 @@ class OutboundSa:
             next_header = _TUNNEL_NEXT_HEADER[packet[0] >> 4] if packet else 0
             if not next_header:
                 self._drop("malformed_drops")
+            if len(packet) < self._tfc:  # TFC padding (RFC 4303 2.7): the receiver cuts
+                packet += bytes(self._tfc - len(packet))  # at the inner packet's length
             return packet, next_header
         length = len(packet)
         if length >= 20 and packet[0] >> 4 == 4:
@@ -263,7 +267,7 @@ class AeadOutbound(OutboundSa):
         self._salt = salt
 
     def encapsulate(self, packet: bytes) -> bytes:
-        if self._transport:
+        if self._transport or self._tfc:
             payload, next_header = self._payload(packet)
         else:  # the hot path, inline
             payload = packet
@@ -299,7 +303,7 @@ class AeadOutbound(OutboundSa):
         left = len(packets) - at if flow else 1
         first = packets[at]
         next_header = _TUNNEL_NEXT_HEADER[first[0] >> 4] if len(first) >= 20 else 0
-        if self._transport or not next_header or self.child.removed \
+        if self._transport or not next_header or self.child.removed or self._tfc \
                 or self.seq + left >= min(self._seq_max + 1, self._alarm_seq) \
                 or self.counters.bytes_out + (left << 17) >= self._alarm_bytes:
             return super().encapsulate_flow(packets, at, flow)

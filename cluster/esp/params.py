@@ -35,6 +35,9 @@ class ChildSaParams:
     # tunnel mode: the ECN field goes on the outer header, and a CE mark on a received
     # one into the packet (RFC 6040 normal mode; swanctl's copy_ecn = yes, its default)
     copy_ecn: bool = True
+    # tunnel mode: each packet padded with zeros to at least this many bytes before it is
+    # encrypted (RFC 4303 2.7 TFC padding; swanctl's tfc_padding); 0: none
+    tfc_padding: int = 0
     local_ts: tuple[Selector, ...] = ()
     remote_ts: tuple[Selector, ...] = ()
     replay_window: int = 1024

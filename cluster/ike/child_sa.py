@@ -121,6 +121,7 @@ def child_established(sa: IkeSa, child: ChildSa, replaces: bytes = b"") -> Child
         inactivity=config.inactivity if config is not None else 0.0,
         copy_dscp=config.copy_dscp if config is not None else True,
         copy_ecn=config.copy_ecn if config is not None else True,
+        tfc_padding=config.tfc_padding if config is not None else 0,
         replay_window=config.replay_window if config is not None else 0,
         # the random part of the rekey limits comes from our SPI: random, and the same
         # each time this Child SA's install request is made

@@ -58,6 +58,9 @@ class IkeSaFailed:
     error: str = ""  # the IkeError subclass that failed it ("" when the peer went silent)
 
 
+# A child's tfc_padding = "mtu" (swanctl's): pad to the data plane's MTU.
+TFC_MTU = -1
+
 # The reason of an SA that ended because the peer stopped answering (RFC 7296 2.4).
 PEER_NOT_RESPONDING = "peer not responding"
 # why we deleted an IKE SA, besides "deleted by us" (expiry, a failed reauthentication...)
@@ -101,6 +104,7 @@ class ChildSaEstablished:
     inactivity: float = 0.0  # its child's: seconds without traffic before it is deleted
     copy_dscp: bool = True  # its child's: the outer header takes each packet's DSCP
     copy_ecn: bool = True  # its child's: ECN across the tunnel (RFC 6040 normal mode)
+    tfc_padding: int = 0  # its child's: bytes to pad each packet to (TFC_MTU: the MTU)
     replay_window: int = 0  # its child's anti-replay window; 0: the data plane's
     # its child's rekey_bytes, life_bytes, rekey_packets, life_packets (0: none)
     volume: tuple[int, int, int, int] = (0, 0, 0, 0)

@@ -156,6 +156,9 @@ class ChildConfig:
     # swanctl's copy_ecn (default yes): in tunnel mode the ECN field goes on the outer
     # header and a CE mark on a received one into the packet (RFC 6040 normal mode)
     copy_ecn: bool = True
+    # swanctl's tfc_padding (RFC 4303 2.7, tunnel mode): each packet padded to at least
+    # this many bytes before encryption; TFC_MTU: to the data plane's MTU; 0: none
+    tfc_padding: int = 0
     # swanctl's replay_window (packets, RFC 4303 3.4.3) for this child's Child SAs; 0:
     # the data plane's ([worker] replay_window)
     replay_window: int = 0

@@ -332,6 +332,7 @@ def child_record(event: ChildSaEstablished) -> Record:
         "replaces": event.replaces, "we_initiated": event.we_initiated,
         "inactivity": event.inactivity, "copy_dscp": event.copy_dscp,
         "copy_ecn": event.copy_ecn, "replay_window": event.replay_window,
+        "tfc_padding": event.tfc_padding,
         "volume": list(event.volume),
         "ike_sa": [event.connection, event.local_id, event.remote_id, event.eap_identity,
                    list(event.virtual_ips), list(event.own_virtual_ips)],
@@ -364,6 +365,7 @@ def child_event(record: Record) -> ChildSaEstablished:
             inactivity=float(record.get("inactivity", 0.0)),  # (a record before it: none)
             copy_dscp=bool(record.get("copy_dscp", True)),  # (before it: the default)
             copy_ecn=bool(record.get("copy_ecn", True)),  # (likewise)
+            tfc_padding=int(record.get("tfc_padding", 0)),  # (before it: none)
             replay_window=int(record.get("replay_window", 0)),  # (before it: the worker's)
             volume=_volume(record.get("volume", (0, 0, 0, 0))),
             **_ike_context(record.get("ike_sa")),

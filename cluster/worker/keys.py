@@ -10,7 +10,7 @@ import functools
 from dataclasses import dataclass
 
 from ..esp import ChildSaParams, Selector
-from ..ike.events import ChildSaEstablished
+from ..ike.events import TFC_MTU, ChildSaEstablished
 from ..ike.traffic_selectors import TrafficSelector
 
 
@@ -21,6 +21,7 @@ class Limits:
     replay_window: int = 1024
     hard_bytes: int | None = None
     hard_packets: int | None = None
+    mtu: int = 1400  # the TUN's: what tfc_padding = "mtu" pads to
 
 
 @functools.lru_cache(maxsize=1024)  # SAs of one subnet share their selectors
@@ -68,6 +69,7 @@ def params_from_event(event: ChildSaEstablished, limits: Limits = Limits()) -> C
         encap=event.encap,
         copy_dscp=event.copy_dscp,
         copy_ecn=event.copy_ecn,
+        tfc_padding=limits.mtu if event.tfc_padding == TFC_MTU else event.tfc_padding,
         local_ts=selectors(event.local_ts),
         remote_ts=selectors(event.remote_ts),
         replay_window=event.replay_window or limits.replay_window,

@@ -137,6 +137,12 @@ def test_a_child_sa_record_gives_back_the_same_event_through_msgpack() -> None:
     older = child_record(windowed)
     del older["replay_window"]
     assert child_event(older) == child
+    # and its TFC padding; a record without it has none
+    padded = replace(child, tfc_padding=1000)
+    assert child.tfc_padding == 0 and child_event(child_record(padded)) == padded
+    older = child_record(padded)
+    del older["tfc_padding"]
+    assert child_event(older) == child
     # so does copy_ecn, likewise
     no_ecn = replace(child, copy_ecn=False)
     assert child.copy_ecn and child_event(child_record(no_ecn)) == no_ecn

@@ -144,6 +144,8 @@ def render_node_config(
                 out.append(f"copy_ecn = {_toml(child.copy_ecn)}")
             if child.close_action is not None:
                 out.append(f"close_action = {_toml(child.close_action)}")
+            if child.tfc_padding is not None:
+                out.append(f"tfc_padding = {_toml(child.tfc_padding)}")
             out += [f"{key} = {value}" for key, value in child.volume]
             for key, value in (("rekey_time", child.rekey_time),
                                ("life_time", child.life_time),

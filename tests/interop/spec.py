@@ -59,6 +59,7 @@ class Child:
     copy_dscp: str | None = None  # our node's copy_dscp (likewise)
     copy_ecn: bool | None = None  # our node's copy_ecn (likewise)
     close_action: str | None = None  # our node's close_action (likewise)
+    tfc_padding: int | str | None = None  # our node's tfc_padding (likewise)
     volume: tuple[tuple[str, int], ...] = ()  # our node's rekey_bytes, life_bytes, ...
 
 

@@ -1502,6 +1502,36 @@ def test_the_outer_header_carries_each_packets_dscp_unless_copy_dscp_is_no(
         assert after_marked["esp_in_ef"] == PINGS == seen["esp_in_ef"], seen
 
 
+@pytest.mark.parametrize("tfc", [1000, "mtu"])
+def test_tfc_padding_makes_every_esp_packet_one_size_and_strongswan_reads_them(
+        lab: Lab, initiator: Charon, tfc: int | str) -> None:
+    """swanctl's tfc_padding on our child (RFC 4303 2.7): pings of 84 and of 428 bytes
+    come back from our worker in ESP of one size, at least the padding (or the TUN's
+    MTU, 1400 by default), and strongSwan's libipsec, which cuts each packet at its
+    own length, answers every one."""
+    initiator_conn, responder_conn = conn_pair()
+    node = lab.node([responder_conn.with_child(tfc_padding=tfc)],
+                    extra_toml=worker_toml("ikec0"))
+    least = 1000 if tfc == 1000 else 1400
+    wire = lab.wire_counters("initiator", {
+        "esp_in": ("in", ESP_IN_UDP_IN),
+        "esp_in_padded": ("in", f"{ESP_IN_UDP_IN} udp length >= {8 + least}"),
+    })
+    initiator.load(initiator_conn)
+    assert_initiated(initiator.initiate("net"), initiator)
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    before, before_bytes = wire.read(), wire.read_bytes()
+    for size in (56, 400):
+        sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4,
+                                      size=size)
+        assert received == sent == PINGS, output
+    seen, seen_bytes = wire.since(before), wire.bytes_since(before_bytes)
+    report(f"tfc_padding = {tfc}", f"{seen}, {seen_bytes}")
+    assert seen["esp_in"] == seen["esp_in_padded"] == 2 * PINGS, seen
+    # one size: every datagram carried the same number of bytes
+    assert seen_bytes["esp_in"] % (2 * PINGS) == 0, seen_bytes
+
+
 ECT0, CE = 0x02, 0x03
 
 

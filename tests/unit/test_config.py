@@ -21,6 +21,7 @@ from cluster.config import (
     load_config,
 )
 from cluster.errors import ConfigError
+from cluster.ike.events import TFC_MTU
 from cluster.ike.identity import parse_identity
 from cluster.ike.policy import VolumeLimits
 from cluster.ike.traffic_selectors import parse_ts_config
@@ -471,6 +472,14 @@ def test_a_childs_replay_window_overrides_the_workers(tmp_path: Path) -> None:
     assert conn.children[0].replay_window == 4096
 
 
+def test_tfc_padding_is_bytes_or_mtu(tmp_path: Path) -> None:
+    for value, expected in (("", 0), ("tfc_padding = 1200\n", 1200),
+                            ('tfc_padding = "mtu"\n', TFC_MTU)):
+        text = edit(('mode = "tunnel"\n', 'mode = "tunnel"\n' + value))
+        (conn,) = load_config(write(tmp_path, text)).policy.connections
+        assert conn.children[0].tfc_padding == expected
+
+
 def test_keyingtries_is_never_give_up_unless_given(tmp_path: Path) -> None:
     (conn,) = load_config(write(tmp_path, BASE)).policy.connections
     assert conn.keyingtries == 0
@@ -763,6 +772,8 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
      edit(('mode = "tunnel"\n', 'mode = "tunnel"\nreplay_window = 0\n')),
      "connections.rw.children.net.replay_window", "must be between 1 and 65536 (packets; "
      "anti-replay cannot be turned off)"),
+    ("tfc_padding text", edit(('mode = "tunnel"\n', 'mode = "tunnel"\ntfc_padding = "max"\n')),
+     "connections.rw.children.net.tfc_padding", 'must be a number of bytes (0-65535) or "mtu"'),
     ("keyingtries negative", BASE.replace("version = 2\n", "version = 2\nkeyingtries = -1\n"),
      "connections.rw.keyingtries", "must be 0 (never give up) or more"),
     ("fragmentation unknown",

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from cluster.ike.events import ChildSaEstablished
+from cluster.ike.events import TFC_MTU, ChildSaEstablished
 from cluster.ike.policy import VolumeLimits
 from cluster.worker.keys import Limits, params_from_event
 from tests.ike.sessions import child, drain, psk_connection, psk_pair, run_handshake
@@ -51,6 +51,14 @@ def test_the_childs_replay_window_wins_over_the_workers() -> None:
     assert params_from_event(event, Limits(replay_window=4096)).replay_window == 64
     unset = replace(event, replay_window=0)
     assert params_from_event(unset, Limits(replay_window=4096)).replay_window == 4096
+
+
+def test_tfc_padding_mtu_is_the_data_planes_mtu() -> None:
+    client, gateway = psk_pair(psk_connection(children=(replace(child(), tfc_padding=TFC_MTU),)))
+    run_handshake(client, gateway)
+    (event,) = [e for e in drain(gateway) if isinstance(e, ChildSaEstablished)]
+    assert params_from_event(event, Limits(mtu=1300)).tfc_padding == 1300
+    assert params_from_event(replace(event, tfc_padding=900)).tfc_padding == 900
 
 
 def test_each_child_sa_rekeys_a_random_part_of_rand_earlier() -> None:
