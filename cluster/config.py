@@ -21,7 +21,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -59,7 +59,13 @@ from .ike.traffic_selectors import TsConfig, parse_ts_config
 DEFAULT_IKE_PROPOSALS = ("aes256gcm16-prfsha256-x25519", "aes256-sha256-modp2048")
 DEFAULT_ESP_PROPOSALS = ("aes256gcm16", "aes128gcm16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-START_ACTIONS = ("none", "start", "trap")
+START_ACTIONS: tuple[Literal["none", "start", "trap"], ...] = ("none", "start", "trap")
+# swanctl's one-of settings, the default first
+CHILDLESS: tuple[Literal["allow", "force", "never"], ...] = ("allow", "force", "never")
+SEND_CERT: tuple[Literal["always", "ifasked", "never"], ...] = ("always", "ifasked", "never")
+FRAGMENTATION: tuple[Literal["yes", "accept", "no"], ...] = ("yes", "accept", "no")
+REVOCATION: tuple[Revocation, ...] = ("relaxed", "ifuri", "strict")
+_Choice = TypeVar("_Choice", bound=str)
 MAX_REPLAY_WINDOW = 1 << 16  # packets (RFC 4303 3.4.3; our bitmap has no upper bound)
 IKE_PORT = 500  # a peer's IKE port unless `remote_port` says otherwise
 # Tables that later issues fill in; kept raw in `NodeConfig.extra_tables` until then.
@@ -571,10 +577,11 @@ class _Loader:
             vips=self.vips(conn),
             ppk_id=self.ppk_id(conn),
             ppk_required=conn.boolean("ppk_required", False),
-            childless=self.childless(conn),
-            send_cert=self.send_cert(conn),
+            childless=conn.choice("childless", CHILDLESS),
+            send_cert=conn.choice("send_cert", SEND_CERT),
             send_certreq=conn.boolean("send_certreq", True),
-            fragmentation=self.fragmentation(conn),
+            # "force" is IKEv1's (fragment from the first message): "yes" for IKEv2
+            fragmentation=conn.choice("fragmentation", FRAGMENTATION, aliases={"force": "yes"}),
             keyingtries=self.keyingtries(conn),
         )
         return connection, self.initiation(conn, connection, remote_port, addresses)
@@ -844,7 +851,7 @@ class _Loader:
         cacerts, crls, uris = self.trust(remote)
         return RemoteAuth(method="pubkey", identity=pattern, cacerts=cacerts, crls=crls,
                           crl_uris=uris, certs=tuple(pinned),
-                          revocation=self.revocation(remote))
+                          revocation=remote.choice("revocation", REVOCATION))
 
     def tfc_padding(self, child: _Table) -> int:
         """swanctl's tfc_padding: bytes (0: none, at most 65535) or "mtu"."""
@@ -872,51 +879,6 @@ class _Loader:
             conn.fail("keyingtries", "must be 0 (never give up) or more")
         return value
 
-    def fragmentation(self, conn: _Table) -> Literal["yes", "accept", "no"]:
-        """swanctl's fragmentation: "yes" (the default; "force", IKEv1's, counts as
-        "yes"), "accept" or "no"."""
-        value = conn.string("fragmentation", "yes")
-        if value == "accept":
-            return "accept"
-        if value == "no":
-            return "no"
-        if value not in ("yes", "force"):
-            conn.fail("fragmentation", f'{value!r} is not one of "yes", "accept", "no", '
-                                       '"force"')
-        return "yes"
-
-    def send_cert(self, conn: _Table) -> Literal["always", "ifasked", "never"]:
-        """swanctl's send_cert: "always" (our default), "ifasked" or "never"."""
-        value = conn.string("send_cert", "always")
-        if value == "ifasked":
-            return "ifasked"
-        if value == "never":
-            return "never"
-        if value != "always":
-            conn.fail("send_cert", f'{value!r} is not one of "always", "ifasked", "never"')
-        return "always"
-
-    def childless(self, conn: _Table) -> Literal["allow", "force", "never"]:
-        """swanctl's childless (RFC 6023): "allow" (the default), "force" or "never"."""
-        value = conn.string("childless", "allow")
-        if value == "force":
-            return "force"
-        if value == "never":
-            return "never"
-        if value != "allow":
-            conn.fail("childless", f'{value!r} is not one of "allow", "force", "never"')
-        return "allow"
-
-    def revocation(self, remote: _Table) -> Revocation:
-        """swanctl's revocation: "relaxed" (the default), "ifuri" or "strict"."""
-        value = remote.string("revocation", "relaxed")
-        if value == "ifuri":
-            return "ifuri"
-        if value == "strict":
-            return "strict"
-        if value != "relaxed":
-            remote.fail("revocation", f'{value!r} is not one of "relaxed", "ifuri", "strict"')
-        return "relaxed"
 
     def trust(self, remote: _Table) -> tuple[tuple[x509.Certificate, ...],
                                              tuple[x509.CertificateRevocationList, ...],
@@ -962,7 +924,7 @@ class _Loader:
             remote.fail("groups", "a group name is empty")
         return RemoteAuth(method=method, identity=patterns[0], eap_id=patterns[1],
                           cacerts=cacerts, crls=crls, crl_uris=uris, groups=tuple(groups),
-                          revocation=self.revocation(remote))
+                          revocation=remote.choice("revocation", REVOCATION))
 
     def crl(self, table: _Table, name: str, text: str) -> x509.CertificateRevocationList:
         """A CRL file, PEM or DER (strongSwan's x509crl directory holds either)."""
@@ -1047,11 +1009,7 @@ class _Loader:
         return seconds
 
     def unique(self, conn: _Table) -> Literal["no", "never", "replace", "keep"]:
-        value = conn.string("unique", "no")
-        for allowed in UNIQUE_POLICIES:
-            if value == allowed:
-                return allowed
-        conn.fail("unique", f"{value!r} is not one of {', '.join(UNIQUE_POLICIES)}")
+        return conn.choice("unique", UNIQUE_POLICIES)
 
     def connection_pools(self, conn: _Table, pools: dict[str, AddressPool],
                          remote: RemoteAuth) -> tuple[AddressPool, ...]:
@@ -1097,12 +1055,8 @@ class _Loader:
         mode = child.string("mode", "tunnel")
         if mode not in ("tunnel", "transport"):
             child.fail("mode", f"{mode!r} is not supported (use \"tunnel\" or \"transport\")")
-        start_action = child.string("start_action", "none")
-        if start_action not in START_ACTIONS:
-            child.fail("start_action", f'{start_action!r} is not one of "none", "start", "trap"')
-        close_action = child.string("close_action", "none")
-        if close_action not in START_ACTIONS:
-            child.fail("close_action", f'{close_action!r} is not one of "none", "start", "trap"')
+        start_action = child.choice("start_action", START_ACTIONS)
+        close_action = child.choice("close_action", START_ACTIONS)
         if close_action == "trap" and start_action != "trap":
             child.fail("close_action", '"trap" only with start_action = "trap" (its trap '
                                        "brings the Child SA back on the next packet)")
@@ -1114,10 +1068,8 @@ class _Loader:
             esp_proposals=self.proposals(
                 child, "esp_proposals", DEFAULT_ESP_PROPOSALS, ProtocolId.ESP, legacy
             ),
-            start_action="start" if start_action == "start" else
-            "trap" if start_action == "trap" else "none",
-            close_action="start" if close_action == "start" else
-            "trap" if close_action == "trap" else "none",
+            start_action=start_action,
+            close_action=close_action,
             lifetime=self.lifetime(child, CHILD_REKEY_TIME),
             dpd_action=child.optional_string("dpd_action"),
             updown=self.updown(child),
@@ -1496,6 +1448,19 @@ class _Table:
     def string(self, name: str, default: str) -> str:
         value = self.optional_string(name)
         return default if value is None else value
+
+    def choice(self, name: str, choices: tuple[_Choice, ...], default: _Choice | None = None,
+               *, aliases: Mapping[str, _Choice] | None = None) -> _Choice:
+        """One of `choices` (the first unless `default`), or one of `aliases` taken as
+        the choice it maps to; anything else stops start-up naming them."""
+        value = self.string(name, default or choices[0])
+        for allowed in choices:
+            if value == allowed:
+                return allowed
+        if aliases and value in aliases:
+            return aliases[value]
+        names = ", ".join(f'"{c}"' for c in (*choices, *(aliases or ())))
+        self.fail(name, f"{value!r} is not one of {names}")
 
     def required_string(self, name: str) -> str:
         self._get(name, True)

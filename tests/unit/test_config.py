@@ -726,7 +726,7 @@ ERROR_CASES: list[tuple[str, str | bytes, str, str]] = [
     ("reauth_time below a second", edit(("version = 2\n", 'version = 2\nreauth_time = 0.5\n')),
      "connections.rw.reauth_time", "between a second and 136 years (0: never)"),
     ("unknown unique policy", edit(("version = 2\n", 'version = 2\nunique = "sometimes"\n')),
-     "connections.rw.unique", "'sometimes' is not one of no, never, replace, keep"),
+     "connections.rw.unique", "'sometimes' is not one of \"no\", \"never\", \"replace\", \"keep\""),
     ("mobike not a boolean", edit(("version = 2\n", 'version = 2\nmobike = "no"\n')),
      "connections.rw.mobike", "expected"),
     ("unknown pool", edit(("version = 2\n", 'version = 2\npools = ["rw"]\n')),
