@@ -80,8 +80,12 @@ class Node:
             if initiator.initiation.on_demand:
                 continue  # traps are routed in the data plane: a restart changes them
             fresh = starts.pop(initiator.name, None)
-            if fresh is not None:
+            if fresh is not None and not initiator.gave_up:
                 initiator.initiation = fresh  # from its next attempt
+                continue
+            if fresh is not None:  # it gave up (keyingtries): a reload tries again
+                starts[initiator.name] = fresh
+                self.initiators.remove(initiator)
                 continue
             initiator.stop()
             self.initiators.remove(initiator)
@@ -302,6 +306,7 @@ class Initiator:
         self.attempts = 0  # IKE SAs initiated so far
         self.failures = 0  # attempts that ended before they were established
         self.established = 0  # attempts that came up
+        self.gave_up = False  # keyingtries attempts failed in a row: it initiates no more
 
     @property
     def name(self) -> str:
@@ -405,6 +410,7 @@ class Initiator:
                         "connection %s: attempt %d failed (%s); giving up (keyingtries = %d)",
                         self.name, attempt, outcome.reason, tries,
                     )
+                    self.gave_up = True
                     return
                 logger.info(
                     "connection %s: attempt %d failed (%s); %s in %.1f s",

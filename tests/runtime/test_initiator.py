@@ -274,7 +274,12 @@ async def test_keyingtries_gives_up_after_that_many_failed_attempts(
         (initiator,) = a.initiators
         await wait_for(lambda: initiator.failures == 2, timeout=100)
         await trio.sleep(INITIATE_BACKOFF_MAX * 2)
-        assert initiator.attempts == 2
+        assert initiator.attempts == 2 and initiator.gave_up
+        a.reconfigure(pair.a)  # a reload tries again, with a fresh count
+        (again,) = a.initiators
+        assert again is not initiator
+        await wait_for(lambda: again.failures == 2, timeout=100)
+        assert again.attempts == 2 and initiator.attempts == 2
         a.shutdown()
     assert any("connection link: attempt 2 failed (not established within 1 s); giving up "
                "(keyingtries = 2)" in r.getMessage() for r in caplog.records)
