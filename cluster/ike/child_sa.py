@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import NoProposalChosen, TsUnacceptable
-from .configuration import dynamic_addresses
+from .configuration import dynamic_addresses, own_dynamic_addresses
 from .constants import NotifyType, ProtocolId
 from .events import ChildSaEstablished
 from .keymat import derive_child_keys
@@ -14,7 +14,7 @@ from .payloads import NotifyPayload, Payload, SaPayload, TsiPayload, TsrPayload,
 from .policy import ChildConfig, ConnectionConfig
 from .proposals import ChosenAlgorithms, Proposal, chosen_to_proposal, select_proposal
 from .sa import ChildSa, IkeSa
-from .traffic_selectors import TrafficSelector, narrow
+from .traffic_selectors import TrafficSelector, TsConfig, narrow
 
 Random = Callable[[int], bytes]
 
@@ -48,10 +48,10 @@ def choose_child(sa: IkeSa, conn: ConnectionConfig, payloads: list[Payload], *,
                                                   if isinstance(p, NotifyPayload)]
     offered = [p for p in sa_p.proposals if p.protocol == ProtocolId.ESP and len(p.spi) == 4]
     proposal_error: Exception | None = None
-    peer = dynamic_addresses(sa)
+    peer, ours = dynamic_addresses(sa), own_dynamic_addresses(sa)
     for child in conn.children:
         tsi = narrow(tsi_p.selectors, [t.resolve(a) for t in child.remote_ts for a in peer])
-        tsr = narrow(tsr_p.selectors, [t.resolve(sa.local[0]) for t in child.local_ts])
+        tsr = narrow(tsr_p.selectors, [t.resolve(a) for t in child.local_ts for a in ours])
         if not tsi or not tsr:
             continue
         if child.mode == "transport" and not transport:
@@ -97,12 +97,18 @@ def initiator_selectors(sa: IkeSa, config: ChildConfig, ours: Sequence[str]
                         ) -> tuple[tuple[TrafficSelector, ...], tuple[TrafficSelector, ...]]:
     """(TSi, TSr) we propose for a Child SA of `config`: a "dynamic" local selector
     stands for each of `ours` (our address, or the virtual IPs asked for or assigned),
-    a "dynamic" remote one for the peer's address."""
-    tsi: list[TrafficSelector] = []
-    for ts in (t.resolve(a) for t in config.local_ts for a in ours):
-        if ts not in tsi:
-            tsi.append(ts)
-    return tuple(tsi), tuple(t.resolve(sa.remote[0]) for t in config.remote_ts)
+    a "dynamic" remote one for the peer's address, or the virtual IPs we assigned it."""
+    return _resolved(config.local_ts, ours), _resolved(config.remote_ts, dynamic_addresses(sa))
+
+
+def _resolved(configured: Sequence[TsConfig], addresses: Sequence[str]
+              ) -> tuple[TrafficSelector, ...]:
+    """Each configured selector, a "dynamic" one once per address, without repeats."""
+    out: list[TrafficSelector] = []
+    for ts in (t.resolve(a) for t in configured for a in addresses):
+        if ts not in out:
+            out.append(ts)
+    return tuple(out)
 
 
 def child_established(sa: IkeSa, child: ChildSa, replaces: bytes = b"") -> ChildSaEstablished:

@@ -125,6 +125,12 @@ def dynamic_addresses(sa: IkeSa) -> tuple[str, ...]:
     return (sa.remote[0],)
 
 
+def own_dynamic_addresses(sa: IkeSa) -> tuple[str, ...]:
+    """What a `dynamic` local selector stands for once the SA is up: the virtual IPs
+    the responder assigned us, else our address."""
+    return sa.own_vips or (sa.local[0],)
+
+
 # --- as the initiator --------------------------------------------------------------------
 
 _ANY = {4: "0.0.0.0/0", 6: "::/0"}

@@ -22,6 +22,7 @@ from ..errors import (
 )
 from ..key_exchange import KeyExchange, new_key_exchange
 from .child_sa import choose_child, initiator_selectors, install_child, new_child_spi
+from .configuration import own_dynamic_addresses
 from .constants import NotifyType, ProtocolId
 from .events import IkeSaRekeyed
 from .ike_init import notifies
@@ -317,7 +318,7 @@ def build_create_child(sa: IkeSa, task: CreateChild, rng: Random) -> list[Payloa
     config = _config_of(sa, task.name)
     if config is None:
         raise NoProposalChosen(f"child config {task.name} is gone")
-    tsi, tsr = initiator_selectors(sa, config, sa.own_vips or [sa.local[0]])
+    tsi, tsr = initiator_selectors(sa, config, own_dynamic_addresses(sa))
     return _child_request(sa, task, config, config.mode == "transport", tsi, tsr, rng)
 
 

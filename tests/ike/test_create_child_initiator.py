@@ -11,6 +11,7 @@ from cluster.ike.create_child import CreateChild
 from cluster.ike.events import ChildSaEstablished, ChildSaFailed, ExchangeCompleted, IkeSaFailed
 from cluster.ike.identity import parse_identity_pattern
 from cluster.ike.policy import ChildConfig, ConnectionConfig, RemoteAuth
+from cluster.ike.pools import AddressPool
 from cluster.ike.session import IkeSession
 from cluster.ike.snapshot import restore, snapshot_of
 from tests.ike.sessions import (
@@ -225,3 +226,46 @@ def test_childless_never_and_force_refuse_the_other_kind_with_invalid_syntax() -
     run_handshake(client, gateway)
     (failed,) = [e for e in drain(client) if isinstance(e, IkeSaFailed)]
     assert "does not support childless IKE SAs" in failed.reason, failed
+
+
+def _road_warrior(close_action: str = "none") -> tuple[IkeSession, IkeSession]:
+    """Our road warrior (vips) and our gateway with a pool, up: the client has
+    10.99.3.1."""
+    gw = replace(psk_connection(children=(replace(child(remote_ts="dynamic"),
+                                                  close_action=close_action),)),
+                 pools=(AddressPool.parse("rw", "10.99.3.0/24"),))
+    road_warrior = replace(psk_connection(
+        local_id="client.example.test", remote_id="gw.example.test",
+        children=(child(local_ts="dynamic", remote_ts="10.99.2.0/24"),)), vips=(4,))
+    client, gateway = psk_pair(gw, road_warrior)
+    run_handshake(client, gateway)
+    return client, gateway
+
+
+def test_a_gateway_rekeys_the_child_sa_of_our_road_warrior() -> None:
+    """The gateway's CREATE_CHILD_SA names our virtual IP in TSr; our "dynamic" local
+    selector stands for it (it stood for our outer address: TS_UNACCEPTABLE)."""
+    client, gateway = _road_warrior()
+    drain(client)
+    (spi_in,) = gateway.sa.children
+    gateway.rekey_child(spi_in, 1.0)
+    run_handshake(gateway, client)
+    (rekeyed,) = [e for e in drain(client) if isinstance(e, ChildSaEstablished)]
+    assert rekeyed.replaces and [str(ts) for ts in rekeyed.local_ts] == ["10.99.3.1/32"]
+
+
+def test_close_action_start_on_a_road_warrior_gateway_names_the_virtual_ip() -> None:
+    """Our gateway (the IKE responder) gave the client a virtual IP; the client deletes
+    the Child SA, and with close_action = "start" the gateway brings it back itself,
+    its "dynamic" remote selector standing for the client's virtual IP, not its outer
+    address."""
+    client, gateway = _road_warrior("start")
+    assert client.sa.own_vips == ("10.99.3.1",)
+    drain(gateway)
+    (spi_in,) = client.sa.children
+    client.delete_child(spi_in, 1.0)
+    run_handshake(client, gateway)
+    (again,) = [e for e in drain(gateway) if isinstance(e, ChildSaEstablished)]
+    assert [str(ts) for ts in again.remote_ts] == ["10.99.3.1/32"]
+    assert [str(ts) for ts in again.local_ts] == ["10.99.2.0/24"]
+    assert [c.name for c in client.sa.children.values()] == ["net"]

@@ -919,7 +919,8 @@ def test_our_node_initiating_brings_up_every_child_to_start(lab: Lab) -> None:
 def test_our_node_asks_a_strongswan_gateway_for_a_virtual_ip(lab: Lab) -> None:
     """Our node as the road warrior (`vips = ["0.0.0.0"]`) initiating to strongSwan with an
     address pool: it asks in IKE_AUTH, puts the address strongSwan assigns on its TUN,
-    and pings from that address cross; strongSwan sees the Child SA narrowed to it."""
+    and pings from that address cross; strongSwan sees the Child SA narrowed to it, and
+    a Child SA rekey strongSwan starts goes through (its TSr is the virtual IP)."""
     ours, theirs = conn_pair(encap=True)
     theirs = replace(theirs, extra={"pools": "rw"}).with_child(remote_ts=())
     charon = lab.charon("responder")
@@ -934,6 +935,12 @@ def test_our_node_asks_a_strongswan_gateway_for_a_virtual_ip(lab: Lab) -> None:
     sas = established_sas(charon)
     assert sas[0].get("remote-vips") == ["10.99.3.1"], sas[0]
     assert child_sa(sas[0]).get("remote-ts") == ["10.99.3.1/32"], sas[0]
+    sent, received, output = ping(lab.initiator, "10.99.3.1", RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    # strongSwan rekeys the Child SA: its TSr names our virtual IP, which our "dynamic"
+    # local selector stands for
+    charon.rekey(child="net")
+    wait_for_log(node, r"CHILD SA established: net .*ts=10\.99\.3\.1/32===", count=2)
     sent, received, output = ping(lab.initiator, "10.99.3.1", RESPONDER_INNER_V4)
     assert (sent, received) == (PINGS, PINGS), output
     assert node.running(), node.log_text()
