@@ -946,6 +946,33 @@ def test_our_node_asks_a_strongswan_gateway_for_a_virtual_ip(lab: Lab) -> None:
     assert node.running(), node.log_text()
 
 
+@pytest.mark.parametrize("childless", ["allow", "force"])
+def test_our_road_warrior_brings_up_two_children_from_its_virtual_ip(
+        lab: Lab, childless: str) -> None:
+    """Our node as a road warrior (vips) with two children to start, with and without
+    childless = force: the second Child SA (CREATE_CHILD_SA, both with force) names the
+    virtual IP strongSwan assigned in IKE_AUTH as its "dynamic" local selector, and pings
+    from it reach both of strongSwan's subnets."""
+    ours, theirs = with_second_child(lab, *conn_pair(encap=True))
+    theirs = replace(theirs, extra={"pools": "rw"},
+                     children=tuple(replace(c, remote_ts=()) for c in theirs.children))
+    charon = lab.charon("responder")
+    charon.load(theirs, pools={"rw": "10.99.3.0/28"})
+    ours = replace(ours, node_extra={"vips": ["0.0.0.0"], "childless": childless},
+                   children=tuple(replace(c, start_action="start", local_ts=())
+                                  for c in ours.children))
+    node = lab.node([ours], side="initiator", node_id="a", addresses=(INITIATOR_V4,),
+                    extra_toml=worker_toml("ikecA"))
+    wait_for_log(node, r"CHILD SA established: net2? .*ts=10\.99\.3\.1/32===", count=2)
+    (sa,) = established_sas(charon)
+    assert {c["name"]: c.get("remote-ts") for c in sa["child-sas"].values()} == \
+        {"net": ["10.99.3.1/32"], "net2": ["10.99.3.1/32"]}, sa
+    for target in (RESPONDER_INNER_V4, SECOND["responder"]):
+        sent, received, output = ping(lab.initiator, "10.99.3.1", target)
+        assert (sent, received) == (PINGS, PINGS), output
+    assert node.running(), node.log_text()
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_a_trapped_connection_comes_up_when_traffic_needs_it(lab: Lab, family: int) -> None:
     """start_action = "trap" (strongSwan's on-demand policies): our node routes the
