@@ -583,14 +583,16 @@ def test_strongswan_behind_a_nat_and_its_mapping_changing(lab: Lab, initiator: C
     assert node.running(), node.log_text()
 
 
-def road_warrior(lab: Lab, dns: tuple[str, ...] = ()) -> tuple[Charon, Node]:
+def road_warrior(lab: Lab, dns: tuple[str, ...] = (), **child: object
+                 ) -> tuple[Charon, Node]:
     """strongSwan asking for a virtual IP (`vips = 0.0.0.0`, installed on its TUN) and our
-    node leasing from pool rw (10.99.3.0/28) to the child's dynamic remote selector."""
+    node leasing from pool rw (10.99.3.0/28) to the child's dynamic remote selector;
+    `child`: more of our child's settings."""
     charon = lab.charon("initiator", settings={"install_virtual_ip": "yes"})
     initiator_conn, responder_conn = conn_pair()
     initiator_conn = replace(initiator_conn, extra={"vips": "0.0.0.0"}).with_child(local_ts=())
     responder_conn = replace(responder_conn, node_extra={"pools": ["rw"]}).with_child(
-        remote_ts=())
+        remote_ts=(), **child)
     pool = f'[pools.rw]\naddrs = "10.99.3.0/28"\ndns = {json.dumps(list(dns))}\n'
     node = lab.node([responder_conn], extra_toml=worker_toml("ikec0") + pool)
     charon.load(initiator_conn)
@@ -626,6 +628,26 @@ def test_a_road_warrior_gets_a_virtual_ip_from_the_pool_and_traffic_crosses(
         assert "handling INTERNAL_IP4_DNS attribute" in charon.log_text(), charon.log_text()
         charon.terminate_ike()
         wait_for_log(node, r"IKE SA deleted: ", count=attempt + 1)
+    assert node.running(), node.log_text()
+
+
+def test_our_gateway_brings_back_a_road_warriors_child_with_close_action_start(
+        lab: Lab) -> None:
+    """swanctl's close_action = "start" on our gateway's child: strongSwan, a road
+    warrior with a virtual IP, deletes its Child SA; our gateway (the IKE responder)
+    brings it back with a CREATE_CHILD_SA of its own whose TSr is that virtual IP, and
+    pings from it cross again."""
+    charon, node = road_warrior(lab, close_action="start")
+    first = child_sa(assert_initiated(charon.initiate("net"), charon))
+    result = charon.swanctl("--terminate", "--child", "net", "--timeout", "10", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_for_log(node, r"CHILD SA established: net .*ts=10\.99\.2\.0/24===10\.99\.3\.1/32",
+                 count=2)
+    (sa,) = established_sas(charon)
+    again = child_sa(sa)
+    assert again["spi-in"] != first["spi-in"] and again["local-ts"] == ["10.99.3.1/32"], sa
+    sent, received, output = ping(lab.initiator, "10.99.3.1", RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
     assert node.running(), node.log_text()
 
 
