@@ -134,18 +134,12 @@ def render_node_config(
                 out.append(f"remote_ts = {_toml(child.remote_ts)}")
             if child.start_action != "none":
                 out.append(f"start_action = {_toml(child.start_action)}")
-            if child.updown is not None:
-                out.append(f"updown = {_toml(child.updown)}")
-            if child.inactivity is not None:
-                out.append(f"inactivity = {_toml(child.inactivity)}")
-            if child.copy_dscp is not None:
-                out.append(f"copy_dscp = {_toml(child.copy_dscp)}")
-            if child.copy_ecn is not None:
-                out.append(f"copy_ecn = {_toml(child.copy_ecn)}")
-            if child.close_action is not None:
-                out.append(f"close_action = {_toml(child.close_action)}")
-            if child.tfc_padding is not None:
-                out.append(f"tfc_padding = {_toml(child.tfc_padding)}")
+            # our node's own child settings (charon's config leaves them out)
+            for key in ("updown", "inactivity", "copy_dscp", "copy_ecn", "close_action",
+                        "tfc_padding"):
+                value = getattr(child, key)
+                if value is not None:
+                    out.append(f"{key} = {_toml(value)}")
             out += [f"{key} = {value}" for key, value in child.volume]
             for key, value in (("rekey_time", child.rekey_time),
                                ("life_time", child.life_time),
