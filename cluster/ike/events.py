@@ -68,6 +68,7 @@ TERMINATED = "terminated by an operator"  # ike-cluster terminate
 REPLACED = "replaced (unique = replace)"  # a newer SA of the same identities
 KEPT = "refused (unique = keep)"  # the newer SA, an older one of its identities stays
 AUTH_EXPIRED = "not authenticated again in time"  # RFC 4478 AUTH_LIFETIME, Session-Timeout
+REAUTHENTICATED = "reauthenticated"  # a new IKE SA of ours took over (RFC 7296 2.8.3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +153,17 @@ class IkeSaRekeyed:
 
 
 @dataclass(frozen=True, slots=True)
+class IkeSaReauthDue:
+    """An IKE SA we initiated should authenticate again (RFC 7296 2.8.3: our reauth_time,
+    or the peer's AUTH_LIFETIME, RFC 4478): its initiator brings up a new IKE SA, then
+    deletes this one (make-before-break). Ignored, the SA is deleted at its hard limit."""
+
+    spi_i: bytes
+    spi_r: bytes
+    connection: str
+
+
+@dataclass(frozen=True, slots=True)
 class IkeSaRetired:
     """A rekeyed-away IKE SA is gone; its SPIs route nowhere now. Nothing else changes."""
 
@@ -187,4 +199,5 @@ class ExchangeCompleted:
 Event = (
     IkeSaEstablished | IkeSaFailed | IkeSaDeleted | ChildSaEstablished | ChildSaDeleted
     | ChildSaFailed | ExchangeCompleted | IkeSaRekeyed | IkeSaRetired | IkeSaMoved | IkeSaAdopted
+    | IkeSaReauthDue
 )

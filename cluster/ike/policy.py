@@ -181,7 +181,8 @@ class ConnectionConfig:
     lifetime: Lifetime = field(default_factory=lambda: Lifetime(14400.0))  # strongSwan: 4 h
     dpd_delay: float = 0.0  # seconds without traffic before a liveness check; 0: off
     # swanctl's reauth_time: the peer is told to authenticate again within it (RFC 4478
-    # AUTH_LIFETIME) and the IKE SA is deleted a tenth later if it has not; 0: never
+    # AUTH_LIFETIME) and the IKE SA is deleted a tenth later if it has not; an SA we
+    # initiated is replaced make-before-break before then (RFC 7296 2.8.3); 0: never
     reauth_time: float = 0.0
     # on a liveness-check timeout (swanctl's): "restart" initiates an on-demand connection
     # again at once; a "start" connection is initiated again after any end anyway

@@ -114,6 +114,8 @@ class IkeSa:
     rekey_at: float = INFINITY
     expire_at: float = INFINITY
     reauth_at: float = INFINITY  # deleted then unless the peer authenticated anew (RFC 4478)
+    # we initiated it: IkeSaReauthDue then (our reauth_time, the peer's AUTH_LIFETIME)
+    reauth_due: float = INFINITY
     rekeying: bool = False
     rekey_nonce: bytes = b""
     fragmentation: bool = False  # both announced IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383)

@@ -55,6 +55,7 @@ from .events import (
     IkeSaDeleted,
     IkeSaFailed,
     IkeSaMoved,
+    IkeSaReauthDue,
     IkeSaRetired,
 )
 from .fragments import DEFAULT_FRAGMENT_SIZE_V4, Reassembler, ike_message_limit
@@ -238,6 +239,15 @@ class IkeSession:
         return self._sa.state
 
     @property
+    def creating_children(self) -> bool:
+        """Whether a CREATE_CHILD_SA of ours for another child is queued or under way
+        (the children to start after IKE_AUTH, RFC 7296 1.3.1)."""
+        sa = self._sa
+        pending = sa.pending.task if sa.pending is not None else None
+        return isinstance(pending, CreateChild) or \
+            any(isinstance(task, CreateChild) for task in sa.queue)
+
+    @property
     def closed(self) -> bool:
         return self._sa.state is State.CLOSED
 
@@ -286,7 +296,7 @@ class IkeSession:
         due += [drop_by for _, drop_by in self._retiring]
         sa = self._sa
         if sa.state is State.ESTABLISHED:
-            due += [sa.rekey_at, sa.expire_at, sa.reauth_at]
+            due += [sa.rekey_at, sa.expire_at, sa.reauth_at, sa.reauth_due]
             for child in sa.children.values():
                 due += [child.rekey_at, child.expire_at]
             dpd = sa.connection.dpd_delay if sa.connection else 0.0
@@ -320,6 +330,10 @@ class IkeSession:
                 child.rekey_at = child.expire_at = INFINITY
             self.delete_ike(now, reason)
             return
+        if now >= sa.reauth_due:  # RFC 7296 2.8.3: our initiator makes a new SA first
+            sa.reauth_due = INFINITY
+            assert sa.connection is not None
+            sa.events.append(IkeSaReauthDue(sa.spi_i, sa.spi_r, sa.connection.name))
         if now >= sa.rekey_at:
             sa.rekey_at = INFINITY
             if not sa.rekeying:
@@ -643,6 +657,7 @@ class IkeSession:
             elif exchange == ExchangeType.INFORMATIONAL:
                 seen = len(sa.events)
                 response, deleted = respond_informational(sa, payloads)
+                self._auth_lifetime_told(sa, payloads, now)
                 closed = [e.name for e in list(sa.events)[seen:]
                           if isinstance(e, ChildSaDeleted)]
                 if sa.mobike and not deleted:
@@ -809,6 +824,7 @@ class IkeSession:
             process_auth_response(sa, payloads, self._wall_clock)
             sa.transition(Trigger.RECV_AUTH_RESPONSE)
             self._established(sa, now)
+            self._auth_lifetime_told(sa, payloads, now)
             assert sa.connection is not None
             if sa.connection.vips and not sa.own_vips:
                 self.last_error = "the responder assigned no virtual IP"
@@ -919,9 +935,24 @@ class IkeSession:
         _, deadline = auth_lifetime(sa)  # RFC 4478
         if deadline > 0 and sa.reauth_at == INFINITY:  # (a rekeyed SA keeps its deadline)
             sa.reauth_at = now + deadline
-        if not sa.authenticated_at:  # (and when its peer authenticated)
+        if not sa.authenticated_at:  # (a rekeyed SA keeps these)
             sa.authenticated_at = self._wall_clock().timestamp()
+            reauth = sa.connection.reauth_time
+            if sa.original_initiator and reauth > 0:
+                # swanctl's reauth_time less up to its default rand_time, a tenth; the
+                # SA itself is deleted at reauth_at, a tenth after reauth_time (over_time)
+                sa.reauth_due = now + reauth * (1 - 0.1 * fraction(self._rng))
         self._schedule_children(sa, now)
+
+    def _auth_lifetime_told(self, sa: IkeSa, payloads: list[Payload], now: float) -> None:
+        """RFC 4478 3: the responder wants us, its initiator, to authenticate again within
+        the seconds its AUTH_LIFETIME says; we start at nine tenths of them."""
+        if not sa.original_initiator:
+            return
+        for told in notifies(payloads, NotifyType.AUTH_LIFETIME):
+            if len(told.data) == 4:
+                seconds = int.from_bytes(told.data, "big")
+                sa.reauth_due = min(sa.reauth_due, now + 0.9 * seconds)
 
     def _schedule_children(self, sa: IkeSa, now: float) -> None:
         assert sa.connection is not None

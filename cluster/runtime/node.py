@@ -16,6 +16,7 @@ from ..config import Initiation, NodeConfig
 from ..ike.constants import NATT_PORT
 from ..ike.events import (
     PEER_NOT_RESPONDING,
+    REAUTHENTICATED,
     ChildSaDeleted,
     ChildSaEstablished,
     ChildSaFailed,
@@ -24,6 +25,7 @@ from ..ike.events import (
     IkeSaEstablished,
     IkeSaFailed,
     IkeSaMoved,
+    IkeSaReauthDue,
     IkeSaRekeyed,
 )
 from ..ike.ike_init import redirect_data
@@ -31,7 +33,7 @@ from ..ike.policy import ResponderPolicy
 from ..ike.session import Address, IkeSession
 from ..ike.traffic_selectors import TrafficSelector
 from ..key_exchange import ExponentialPool
-from .actor import Session
+from .actor import SaActor, Session
 from .crl_fetch import RevocationStats, fetch_crls
 from .dispatcher import Dispatcher, EspSink
 from .radius_client import RadiusClient, RadiusStats
@@ -301,11 +303,12 @@ class Initiator:
         self._acquired = trio.Event()  # on demand: a packet asked for the SA
         self._stopped = False  # `stop`: no attempt after the current one
         self._idle: trio.CancelScope | None = None  # the wait between attempts, if any
-        self._spi_i = b""  # of the current attempt's IKE SA
+        self._current: _InitiatedSa | None = None  # the IKE SA that carries the connection
         self._next_child_request = 0.0  # (trio time) see `acquire`
         self.attempts = 0  # IKE SAs initiated so far
         self.failures = 0  # attempts that ended before they were established
         self.established = 0  # attempts that came up
+        self.reauthentications = 0  # IKE SAs that replaced an established one of ours
         self.gave_up = False  # keyingtries attempts failed in a row: it initiates no more
 
     @property
@@ -351,7 +354,8 @@ class Initiator:
         """On demand (start_action = "trap"): a packet needs the SA. Idempotent. With
         the IKE SA up (the peer deleted only the Child SA), the child comes back with a
         CREATE_CHILD_SA on it, asked for at most every CHILD_REQUEST_INTERVAL."""
-        actor = self.supervisor.initiated_actor_for(self._spi_i) if self._spi_i else None
+        current = self._current
+        actor = current.actor if current is not None and not current.ended.is_set() else None
         if actor is None or not actor.established:
             self._acquired.set()
             return
@@ -421,6 +425,8 @@ class Initiator:
             backoff = min(backoff * 2, INITIATE_BACKOFF_MAX)
 
     async def _attempt(self, attempt: int) -> InitiatedOutcome:
+        """Bring up an IKE SA and keep it, through make-before-break reauthentications,
+        until it ends: the outcome is the last one's, established if any of them was."""
         try:
             local, natt_port = self.source()
         except OSError as exc:
@@ -430,16 +436,102 @@ class Initiator:
             "connection %s: initiating IKE SA from %s to %s (attempt %d)",
             self.name, _format_address(local), _format_address(self.remote), attempt,
         )
+        async with trio.open_nursery() as nursery:
+            def start(sa: _InitiatedSa) -> None:
+                nursery.start_soon(self._run_sa, sa, local, natt_port, start)
+            sa = _InitiatedSa(initial_contact=True)
+            start(sa)
+            await sa.ended.wait()
+            established = sa.established
+            while sa.successor is not None:  # it is being replaced: the new one carries on
+                sa = sa.successor
+                await sa.ended.wait()
+                established = established or sa.established
+            nursery.cancel_scope.cancel()  # a reauthentication waiting to be tried again
+        assert sa.outcome is not None
+        return InitiatedOutcome(sa.outcome.spi_i, established, sa.outcome.reason)
 
+    async def _run_sa(self, sa: _InitiatedSa, local: Address, natt_port: int,
+                      start: Callable[[_InitiatedSa], None]) -> None:
         def new_session(spi_i: bytes, now: float) -> Session:
-            self._spi_i = spi_i
-            # each attempt replaces whatever the peer still holds from us (RFC 7296 2.4)
+            # the first replaces whatever the peer still holds from us (RFC 7296 2.4); a
+            # reauthentication must not: the SA it replaces is still up
             return IkeSession.initiator(
                 self.initiation.connection, self.policy, spi_i, local, self.remote, now,
-                natt_ports=(natt_port, NATT_PORT), initial_contact=True,
+                natt_ports=(natt_port, NATT_PORT), initial_contact=sa.initial_contact,
             )
 
-        return await self.supervisor.run_initiated(new_session)
+        def watch(actor: SaActor, event: Event) -> None:
+            sa.actor = actor
+            if isinstance(event, IkeSaEstablished):
+                sa.established = True
+                self._current = sa
+            elif isinstance(event, IkeSaReauthDue) and sa.successor is None \
+                    and not self._stopped:
+                self._reauthenticate(sa, start)
+            old = sa.predecessor
+            if old is not None and sa.established and isinstance(actor.session, IkeSession) \
+                    and not actor.session.creating_children:
+                sa.predecessor = None  # its replacement is up with its children: delete it
+                self._delete(old, sa)
+
+        outcome = await self.supervisor.run_initiated(new_session, watch)
+        sa.outcome = outcome
+        sa.ended.set()
+        old = sa.predecessor
+        if old is not None and not sa.established and not old.ended.is_set():
+            # the reauthentication failed; the SA it was for stays until it ends: again later
+            old.successor = None
+            old.reauth_failures += 1
+            logger.info("connection %s: reauthentication of IKE SA %s_i failed (%s)",
+                        self.name, _spi_of(old), outcome.reason)
+            wait = min(INITIATE_BACKOFF_FIRST * 2 ** (old.reauth_failures - 1),
+                       INITIATE_BACKOFF_MAX)
+            await self._pause(functools.partial(trio.sleep, wait))
+            if not old.ended.is_set() and old.successor is None and not self._stopped:
+                self._reauthenticate(old, start)
+
+    def _reauthenticate(self, old: _InitiatedSa, start: Callable[[_InitiatedSa], None]) -> None:
+        """RFC 7296 2.8.3, make-before-break (strongSwan's default): a new IKE SA with
+        its children, then the old one is deleted."""
+        new = _InitiatedSa(initial_contact=False, predecessor=old)
+        old.successor = new
+        self.reauthentications += 1
+        logger.info("connection %s: reauthenticating IKE SA %s_i with a new IKE SA",
+                    self.name, _spi_of(old))
+        start(new)
+
+    def _delete(self, old: _InitiatedSa, new: _InitiatedSa) -> None:
+        actor = old.actor
+        if actor is None or old.ended.is_set():
+            return
+        logger.info("connection %s: IKE SA %s_i replaced by %s_i; deleting it",
+                    self.name, _spi_of(old), _spi_of(new))
+
+        def delete(session: Session, now: float) -> None:
+            if isinstance(session, IkeSession):
+                session.delete_ike(now, REAUTHENTICATED)
+        if not actor.mailbox.put_nowait(delete):  # flooded: it ends at its hard limit
+            logger.warning("connection %s: IKE SA %s_i busy, not deleted", self.name,
+                           _spi_of(old))
+
+
+@dataclass(eq=False)
+class _InitiatedSa:
+    """One IKE SA an Initiator brought up, run in a task of its own."""
+
+    initial_contact: bool
+    predecessor: _InitiatedSa | None = None  # the SA it reauthenticates, until deleted
+    successor: _InitiatedSa | None = None  # its reauthentication, if one is under way
+    actor: SaActor | None = None  # (from its first event on)
+    established: bool = False
+    reauth_failures: int = 0  # reauthentications of it that did not come up
+    outcome: InitiatedOutcome | None = None
+    ended: trio.Event = field(default_factory=trio.Event)
+
+
+def _spi_of(sa: _InitiatedSa) -> str:
+    return sa.actor.session.spi_i.hex() if sa.actor is not None else "?"
 
 
 def _route_source(remote_host: str) -> str:

@@ -498,13 +498,17 @@ class Supervisor:
         else:
             self._half_open_per_host.pop(host, None)
 
-    async def run_initiated(self, new_session: InitiatorFactory) -> InitiatedOutcome:
+    async def run_initiated(
+        self, new_session: InitiatorFactory,
+        watch: Callable[[SaActor, Event], None] | None = None,
+    ) -> InitiatedOutcome:
         """Create an initiator session with a fresh SPI and step it until it ends.
 
         Runs in the caller's task; the peer's messages reach the session by our
         initiator SPI meanwhile. An SA not established within the half-open
         timeout is given up, like a responder's. Failures are logged and
-        counted, never raised; cancellation is.
+        counted, never raised; cancellation is. `watch` sees each of its events
+        after the supervisor (the SA's initiator acts on some).
         """
         if self._nursery is None:
             raise RuntimeError("supervisor is not running")
@@ -532,6 +536,8 @@ class Supervisor:
             if isinstance(event, IkeSaFailed | IkeSaDeleted):
                 reason = event.reason
             self._on_event(actor, event)
+            if watch is not None:
+                watch(actor, event)
 
         try:
             for datagram in session.datagrams_to_send():  # the IKE_SA_INIT request

@@ -413,8 +413,10 @@ class DataPlane:
                 for spi_in in [s for s, i in self._ike_of.items() if i == ike]:
                     self.remove(spi_in)
                 vips = self._vips_of.pop(ike, ())
+                held = {a for addresses in self._vips_of.values() for a in addresses}
                 for address in vips:
-                    self.tun.remove_address(_host_interface(address))
+                    if address not in held:  # (a reauthentication's new SA may hold it too)
+                        self.tun.remove_address(_host_interface(address))
                 if vips:  # a route source may have been one of them
                     self._sources.clear()
         except (ValueError, OSError) as exc:

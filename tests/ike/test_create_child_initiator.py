@@ -269,3 +269,19 @@ def test_close_action_start_on_a_road_warrior_gateway_names_the_virtual_ip() -> 
     assert [str(ts) for ts in again.remote_ts] == ["10.99.3.1/32"]
     assert [str(ts) for ts in again.local_ts] == ["10.99.2.0/24"]
     assert [c.name for c in client.sa.children.values()] == ["net"]
+
+
+def test_creating_children_holds_until_the_last_child_to_start_is_answered() -> None:
+    """What the Initiator waits for before it deletes the SA a reauthentication replaces:
+    every child to start has had its CREATE_CHILD_SA answered (up or refused)."""
+    client, gateway = _pair((NET, NET3), _client_children())
+    assert not client.creating_children
+    for _ in range(4):  # IKE_SA_INIT and IKE_AUTH
+        transfer(client, gateway)
+        transfer(gateway, client)
+        if client.sa.children:
+            break
+    assert client.creating_children  # net2 and net3 to come
+    run_handshake(client, gateway, rounds=12)
+    assert not client.creating_children
+    assert sorted(c.name for c in client.sa.children.values()) == ["net", "net3"]

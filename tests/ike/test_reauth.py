@@ -1,5 +1,7 @@
 """reauth_time as the responder: AUTH_LIFETIME (RFC 4478), and the SA goes if the peer
-does not authenticate again in time."""
+does not authenticate again in time. As the initiator: our reauth_time or the peer's
+AUTH_LIFETIME makes the SA due for a make-before-break reauthentication (RFC 7296 2.8.3),
+which the runtime's Initiator carries out (tests/runtime/test_initiator.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from cluster.ike.constants import NotifyType
-from cluster.ike.events import AUTH_EXPIRED, IkeSaDeleted, IkeSaRekeyed
+from cluster.ike.events import AUTH_EXPIRED, IkeSaDeleted, IkeSaReauthDue, IkeSaRekeyed
 from cluster.ike.message import decode_untrusted
 from cluster.ike.payloads import DeletePayload, NotifyPayload
 from cluster.ike.session import IkeSession
@@ -130,3 +132,57 @@ def test_a_coa_session_timeout_tells_the_peer_in_an_informational_and_ends_the_s
     transfer(client, gateway, 310.0)
     [deleted] = [e for e in drain(gateway) if isinstance(e, IkeSaDeleted)]
     assert deleted.reason == AUTH_EXPIRED
+
+
+# --- as the initiator ------------------------------------------------------------------
+
+def test_our_reauth_time_makes_an_initiated_sa_due_then_deletes_it_if_nothing_came() -> None:
+    """swanctl's reauth_time on a connection we initiate: due at it less up to a tenth
+    (its default rand_time), an IkeSaReauthDue and nothing sent (the Initiator brings up
+    the new SA); if no new SA deletes this one, it goes a tenth after (over_time)."""
+    client, gateway = psk_pair(client_conn=replace(client_for(psk_connection()),
+                                                   reauth_time=REAUTH))
+    run_handshake(client, gateway)
+    drain(client)
+    due = client.sa.reauth_due
+    assert 0.9 * REAUTH <= due <= REAUTH
+    assert gateway.sa.reauth_due == float("inf")  # the responder's own reauth_time is told
+    assert client.get_timer() == due
+    client.handle_timer(due)
+    assert [e for e in drain(client) if isinstance(e, IkeSaReauthDue)] == [
+        IkeSaReauthDue(client.spi_i, client.spi_r, "rw")]
+    assert not client.datagrams_to_send() and client.state is State.ESTABLISHED
+    assert client.get_timer() == pytest.approx(1.1 * REAUTH)  # due once only
+    client.handle_timer(1.1 * REAUTH)
+    transfer(client, gateway, 1.1 * REAUTH)
+    transfer(gateway, client, 1.1 * REAUTH)
+    [deleted] = [e for e in drain(client) if isinstance(e, IkeSaDeleted)]
+    assert deleted.reason == AUTH_EXPIRED
+
+
+def test_the_peers_auth_lifetime_makes_our_sa_due_at_nine_tenths_of_it() -> None:
+    """RFC 4478 3: AUTH_LIFETIME in the IKE_AUTH response, and later in an INFORMATIONAL
+    request (a RADIUS CoA's Session-Timeout); the earlier time wins."""
+    client, gateway, told = _told(REAUTH)
+    assert told == 600
+    assert client.sa.reauth_due == pytest.approx(0.9 * 600)
+    assert gateway.limit_session(300, 10.0)  # AUTH_LIFETIME 270
+    transfer(gateway, client, 10.0)
+    assert client.sa.reauth_due == pytest.approx(10.0 + 0.9 * 270)
+    client.handle_timer(client.sa.reauth_due)
+    assert [type(e) for e in drain(client) if isinstance(e, IkeSaReauthDue)] == [IkeSaReauthDue]
+
+
+def test_the_reauthentication_time_outlives_ike_rekeys_and_snapshots() -> None:
+    client, gateway, _ = _told(REAUTH)
+    due = client.sa.reauth_due
+    client.rekey_ike(100.0)
+    for _ in range(4):
+        transfer(client, gateway, 100.0)
+        transfer(gateway, client, 100.0)
+    assert [e for e in drain(client) if isinstance(e, IkeSaRekeyed)]
+    assert client.sa.reauth_due == due  # a rekey is no new authentication
+    restored = restore(snapshot_of(client, 200.0), client.sa.policy, 200.0)
+    assert restored.sa.reauth_due == pytest.approx(due)
+    restored.handle_timer(due)
+    assert [e for e in drain(restored) if isinstance(e, IkeSaReauthDue)]

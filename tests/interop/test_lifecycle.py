@@ -34,6 +34,7 @@ from tests.interop.certs import TestCa
 from tests.interop.charon import Charon
 from tests.interop.lab import (
     INITIATOR_INNER_V4,
+    INITIATOR_V4,
     RESPONDER_INNER_V4,
     Lab,
     Netns,
@@ -325,6 +326,61 @@ def test_rekeys_initiated_by_our_node_are_accepted_by_strongswan(lab: Lab, pfs: 
     assert count(r"generating CREATE_CHILD_SA request", log) == 0, log
     ours = re.findall(r"IKE SA rekeyed: .* \(initiated by (us|the peer)\)", node.log_text())
     assert ours.count("us") >= IKE_REKEYS and "the peer" not in ours, node.log_text()
+
+
+# --- 1b. reauthentication of an SA our node initiated -----------------------------------
+
+REAUTH_TIME = 8  # our node's reauth_time: a new IKE SA at 7.2-8 s, the old one gone at 8.8 s
+REAUTH_WATCH = 14.0  # seconds of ping across it
+
+
+def test_our_initiator_reauthenticates_make_before_break_and_ping_keeps_every_reply(
+    lab: Lab
+) -> None:
+    """Our node initiates to strongSwan with reauth_time = 8 s (RFC 7296 2.8.3): before
+    the IKE SA's time is up it brings up a second IKE SA with its Child SA, without
+    INITIAL_CONTACT (strongSwan keeps the first), then deletes the first. strongSwan
+    ends with the new IKE SA alone, installed, and a ping across it all loses nothing."""
+    ours, theirs = conn_pair(encap=True)
+    charon = lab.charon("responder")
+    charon.load(theirs)
+    node = lab.node([replace(ours, node_extra={"reauth_time": REAUTH_TIME})
+                     .with_child(start_action="start")],
+                    side="initiator", node_id="a", addresses=(INITIATOR_V4,),
+                    extra_toml='[worker]\ntun = "ikecA"\n')
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    first = re.search(r"IKE SA established: rw spi_i=(\w+)", node.log_text())
+    assert first, node.log_text()
+    wait_for_routes(lab.initiator, present=True)
+
+    watch = SaWatch(charon)
+    pinging = BackgroundPing.start(lab, REAUTH_WATCH)
+    watch_during(watch, pinging)
+    sent, received, summary = pinging.result()
+    watch.poll()
+    text = node.log_text()
+    report("reauthentication by our initiator", f"{len(watch.ike)} IKE SAs and "
+           f"{len(watch.children)} Child SAs seen by strongSwan; ping: {summary}")
+
+    old = first[1]
+    replaced = re.search(rf"IKE SA {old}_i replaced by (\w+)_i; deleting it", text)
+    assert replaced, text
+    new = replaced[1]
+    assert f"reauthenticating IKE SA {old}_i with a new IKE SA" in text, text
+    assert re.search(rf"IKE SA deleted: spi_i={old} .* reason=reauthenticated", text), text
+    assert_make_before_break(our_child_events(node))
+    assert received == sent and sent >= REAUTH_WATCH / 0.2 - 1, summary
+    # strongSwan: the first IKE_AUTH alone said INITIAL_CONTACT, the old SA went by our
+    # Delete, and the new one, with its Child SA, is what is left
+    log = charon.log_text()
+    assert count(r"parsed IKE_AUTH request 1 \[ [^]]*N\(INIT_CONTACT\)", log) == 1, log
+    assert count(r"parsed IKE_AUTH request 1 ", log) == 2, log
+    assert count(r"received DELETE for IKE_SA rw", log) == 1, log
+    (sa,) = established(charon)
+    assert sa["initiator-spi"] == new, sa
+    assert child_sa(sa)["state"] == "INSTALLED", sa
+    assert "initiating again" not in text, text
+    assert node.running(), text
 
 
 # --- 2. dead peer detection ---------------------------------------------------------------

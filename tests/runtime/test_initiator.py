@@ -24,12 +24,15 @@ import trio.testing
 
 from cluster.config import NodeConfig, load_config
 from cluster.ike.events import (
+    AUTH_EXPIRED,
     PEER_NOT_RESPONDING,
+    REAUTHENTICATED,
     ChildSaDeleted,
     ChildSaEstablished,
     Event,
     IkeSaDeleted,
     IkeSaEstablished,
+    IkeSaFailed,
 )
 from cluster.ike.message import Header
 from cluster.ike.policy import Retransmission
@@ -606,3 +609,117 @@ async def test_initiated_sa_gets_its_peers_messages_and_expires_half_open(
         assert supervisor.initiated_count == 0
         assert stats.half_open_expired == 1
         nursery.cancel_scope.cancel()
+
+
+# --- reauthentication, make-before-break (RFC 7296 2.8.3) ------------------------------
+
+def _with_a_connection(pair: Pair, **changes: object) -> None:
+    initiation = pair.a.initiations[0]
+    pair.a = dataclasses.replace(pair.a, initiations=(dataclasses.replace(
+        initiation, connection=dataclasses.replace(initiation.connection, **changes)),))
+
+
+def _with_b_connection(pair: Pair, **changes: object) -> None:
+    (conn,) = pair.b.policy.connections
+    pair.b = dataclasses.replace(pair.b, policy=dataclasses.replace(
+        pair.b.policy, connections=(dataclasses.replace(conn, **changes),)))
+
+
+def _assert_made_before_broken(pair: Pair) -> tuple[IkeSaEstablished, IkeSaEstablished]:
+    """A's events: the new IKE SA and its Child SA came up before A deleted the old one
+    (REAUTHENTICATED); B saw INITIAL_CONTACT only on the first and the old SA deleted by
+    its peer. Returns (old, new) as A saw them."""
+    events = pair.a_events
+    first, second = established(events)[:2]
+    deleted = [(i, e.reason) for i, e in enumerate(events) if isinstance(e, IkeSaDeleted)
+               and e.spi_i == first.spi_i]
+    assert [reason for _, reason in deleted] == [REAUTHENTICATED]
+    new_child = next(i for i, e in enumerate(events) if isinstance(e, ChildSaEstablished)
+                     and e.ike_spi_i == second.spi_i)
+    assert events.index(second) < new_child < deleted[0][0]
+    b_first, b_second = established(pair.b_events)[:2]
+    assert (b_first.spi_i, b_second.spi_i) == (first.spi_i, second.spi_i)
+    assert b_first.initial_contact and not b_second.initial_contact
+    assert [e.reason for e in pair.b_events if isinstance(e, IkeSaDeleted)
+            and e.spi_i == first.spi_i] == ["deleted by peer"]
+    return first, second
+
+
+async def test_our_reauth_time_brings_up_a_new_sa_before_the_old_one_goes(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """reauth_time = 4 s on A's connection: at 3.6-4 s A initiates a second IKE SA
+    without INITIAL_CONTACT, and once it and both its Child SAs are up (the second by
+    CREATE_CHILD_SA) it deletes the first; the Initiator carries on with the new one,
+    nothing initiated again."""
+    caplog.set_level(logging.INFO)
+    (host,) = pair.a.initiations[0].connection.children
+    _with_a_connection(pair, reauth_time=4.0, children=(
+        host, dataclasses.replace(host, name="host2", start_action="start")))
+    async with trio.open_nursery() as nursery:
+        b = await pair.start_b(nursery)
+        a = await pair.start_a(nursery)
+        await wait_for(lambda: any(isinstance(e, IkeSaDeleted) for e in pair.b_events))
+        first, second = _assert_made_before_broken(pair)
+        host2 = [i for i, e in enumerate(pair.a_events) if isinstance(e, ChildSaEstablished)
+                 and e.ike_spi_i == second.spi_i and e.name == "host2"]
+        gone = [i for i, e in enumerate(pair.a_events) if isinstance(e, IkeSaDeleted)]
+        assert host2 and host2[0] < gone[0]
+        (initiator,) = a.initiators
+        assert (initiator.attempts, initiator.reauthentications) == (1, 1)
+        assert a.supervisor.initiated_count == 1
+        assert a.supervisor.initiated_actor_for(second.spi_i) is not None
+        assert b.supervisor.actor_count == 1
+        a.shutdown()
+        b.shutdown()
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"connection link: reauthenticating IKE SA {first.spi_i.hex()}_i with a new " \
+        "IKE SA" in messages
+    assert f"connection link: IKE SA {first.spi_i.hex()}_i replaced by " \
+        f"{second.spi_i.hex()}_i; deleting it" in messages
+
+
+async def test_the_peers_auth_lifetime_makes_us_reauthenticate_before_it_ends(
+    pair: Pair
+) -> None:
+    """B has reauth_time = 5 s and tells A so (AUTH_LIFETIME, RFC 4478); A has none of its
+    own, reauthenticates at 4.5 s, and B never has to delete the SA itself."""
+    _with_b_connection(pair, reauth_time=5.0)
+    async with trio.open_nursery() as nursery:
+        b = await pair.start_b(nursery)
+        a = await pair.start_a(nursery)
+        await wait_for(lambda: any(isinstance(e, IkeSaDeleted) for e in pair.b_events))
+        _assert_made_before_broken(pair)
+        assert not [e for e in pair.b_events
+                    if isinstance(e, IkeSaDeleted) and e.reason == AUTH_EXPIRED]
+        a.shutdown()
+        b.shutdown()
+
+
+async def test_a_refused_reauthentication_is_tried_again_while_the_old_sa_lasts(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """B loses its PSK before A's reauthentication at 18-20 s (reauth_time = 20): the new
+    SA fails, the old one keeps carrying; B gets it back, and the second try, a second
+    later and before the old SA's hard limit (22 s), replaces the old SA."""
+    caplog.set_level(logging.INFO)
+    _with_a_connection(pair, reauth_time=20.0)
+    async with trio.open_nursery() as nursery:
+        b = await pair.start_b(nursery)
+        a = await pair.start_a(nursery)
+        await wait_for(lambda: len(established(pair.b_events)) == 1)
+        b.reconfigure(dataclasses.replace(pair.b, policy=dataclasses.replace(
+            pair.b.policy, secrets=())))
+        await wait_for(lambda: any(isinstance(e, IkeSaFailed) for e in pair.b_events),
+                       timeout=25)
+        b.reconfigure(pair.b)
+        await wait_for(lambda: any(isinstance(e, IkeSaDeleted) for e in pair.b_events),
+                       timeout=10)
+        first, _ = _assert_made_before_broken(pair)
+        (initiator,) = a.initiators
+        assert (initiator.attempts, initiator.reauthentications) == (1, 2)
+        a.shutdown()
+        b.shutdown()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"connection link: reauthentication of IKE SA {first.spi_i.hex()}"
+                            "_i failed") for m in messages)
