@@ -1,5 +1,5 @@
 """Our own virtual IP (assigned by the responder we initiated to) goes on the TUN with its
-IKE SA, follows an IKE rekey, and leaves with the IKE SA."""
+IKE SA, follows an IKE rekey, and leaves with the last IKE SA that holds it."""
 
 from __future__ import annotations
 
@@ -19,14 +19,15 @@ class AddressTun(FakeTun):
     addresses: list[str] = field(default_factory=list)
 
     def add_address(self, interface: str) -> None:
-        self.addresses.append(interface)
+        if interface not in self.addresses:  # as the TUN's: already present is fine
+            self.addresses.append(interface)
 
     def remove_address(self, interface: str) -> None:
         self.addresses.remove(interface)
 
 
-def established(*vips: str) -> IkeSaEstablished:
-    return IkeSaEstablished(*OLD, "rw", "client", "gw", ("10.99.0.1", 500),
+def established(*vips: str, spis: tuple[bytes, bytes] = OLD) -> IkeSaEstablished:
+    return IkeSaEstablished(*spis, "rw", "client", "gw", ("10.99.0.1", 500),
                             ("10.99.0.2", 500), "aes256gcm16", False, own_virtual_ips=vips)
 
 
@@ -42,3 +43,17 @@ def test_the_address_lives_on_the_tun_as_long_as_its_ike_sa(tun_pair: tuple[int,
     assert tun.addresses == ["10.99.3.1/32", "fd99:3::1/128"]
     plane.on_ike_event(IkeSaDeleted(*NEW, "deleted by peer"))
     assert tun.addresses == []
+
+
+def test_a_reauthentication_holding_the_same_address_keeps_it(
+        tun_pair: tuple[int, int]) -> None:
+    """Make-before-break: the new IKE SA was given the same address while the old one
+    was up; deleting the old one leaves the address to the new one."""
+    tun = AddressTun([tun_pair[0]])
+    plane = DataPlane(tun, FakeRoutes(), [], Limits())  # type: ignore[arg-type]
+    plane.on_ike_event(established("10.99.3.1"))
+    plane.on_ike_event(established("10.99.3.1", "10.99.3.9", spis=NEW))
+    plane.on_ike_event(IkeSaDeleted(*OLD, "reauthenticated"))
+    assert "10.99.3.1/32" in tun.addresses and "10.99.3.9/32" in tun.addresses
+    plane.on_ike_event(IkeSaDeleted(*NEW, "deleted by peer"))
+    assert set(tun.addresses) == set()
