@@ -995,6 +995,40 @@ def test_our_road_warrior_brings_up_two_children_from_its_virtual_ip(
     assert node.running(), node.log_text()
 
 
+def test_our_road_warrior_reauthenticates_when_strongswan_sends_auth_lifetime(
+        lab: Lab) -> None:
+    """strongSwan's gateway has reauth_time = 10 s; a road warrior with a virtual IP it
+    cannot reauthenticate itself, so it sends AUTH_LIFETIME (RFC 4478). Our node
+    reauthenticates at nine tenths of it, make-before-break (RFC 7296 2.8.3): strongSwan
+    reassigns the online lease, so the new IKE SA has the same virtual IP, our Delete
+    ends the old one, and pings from the virtual IP across it lose nothing."""
+    ours, theirs = conn_pair(encap=True)
+    theirs = replace(theirs, extra={"pools": "rw", "reauth_time": "10s"},
+                     children=tuple(replace(c, remote_ts=()) for c in theirs.children))
+    charon = lab.charon("responder")
+    charon.load(theirs, pools={"rw": "10.99.3.0/28"})
+    ours = replace(ours, node_extra={"vips": ["0.0.0.0"]},
+                   children=tuple(replace(c, start_action="start", local_ts=())
+                                  for c in ours.children))
+    node = lab.node([ours], side="initiator", node_id="a", addresses=(INITIATOR_V4,),
+                    extra_toml=worker_toml("ikecA"))
+    wait_for_log(node, r"CHILD SA established: net .*ts=10\.99\.3\.1/32===")
+    sent, received, output = ping(lab.initiator, "10.99.3.1", RESPONDER_INNER_V4, 300)
+    text = node.log_text()
+    log = charon.log_text()
+    spis = re.findall(r"IKE SA established: rw spi_i=(\w+) .* own_vip=10\.99\.3\.1 ", text)
+    assert len(spis) == 2, text
+    assert re.search(r"generating IKE_AUTH response 1 \[ [^]]*N\(AUTH_LFT\)", log), log
+    assert "reassigning online lease" in log, log
+    assert f"reauthenticating IKE SA {spis[0]}_i with a new IKE SA" in text, text
+    assert re.search(rf"IKE SA deleted: spi_i={spis[0]} .* reason=reauthenticated", text), text
+    assert (sent, received) == (300, 300), output
+    (sa,) = established_sas(charon)
+    assert sa["initiator-spi"] == spis[1] and sa["remote-vips"] == ["10.99.3.1"], sa
+    assert "10.99.3.1" in lab.initiator.ip("-o", "addr", "show", "dev", "ikecA"), text
+    assert node.running(), text
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_a_trapped_connection_comes_up_when_traffic_needs_it(lab: Lab, family: int) -> None:
     """start_action = "trap" (strongSwan's on-demand policies): our node routes the
