@@ -47,7 +47,7 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -66,6 +66,7 @@ from ..ike.events import (
     IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
+    IkeSaMoved,
     IkeSaRekeyed,
     IkeSaRetired,
 )
@@ -94,6 +95,11 @@ INITIAL_CONTACT = "initial_contact"
 # announced to the other responders: they end their SAs of the identities (the first
 # two), or, for "keep", say whether theirs are older (the new SA is then refused)
 CLUSTER_POLICIES = (INITIAL_CONTACT, "replace", "keep")
+# A new SA without INITIAL_CONTACT from the very address and port of an older SA of its
+# identities is taken for a make-before-break reauthentication (RFC 7296 2.8.3), as
+# strongSwan's uniqueness check does: "keep" lets it stay (the peer deletes the old
+# one), "replace" deletes the old one this many seconds later, not at once.
+REAUTH_GRACE = 10.0
 
 # (our responder SPI, local address, remote address) -> a new responder session
 SessionFactory = Callable[[bytes, Address, Address], Session]
@@ -231,6 +237,7 @@ class Supervisor:
         self._children_of: dict[SaActor, set[bytes]] = {}
         self._identity_of: dict[SaActor, tuple[str, str]] = {}
         self._since: dict[SaActor, float] = {}  # wall-clock time it was identified here
+        self._peer_of: dict[SaActor, Address] = {}  # its peer's address (reauthentication)
         self.wall_clock: Callable[[], float] = time.time  # (compared across responders)
         # actors in spawn order; their half-open deadlines are therefore in order too
         self._expiry_queue: deque[SaActor] = deque()
@@ -681,6 +688,8 @@ class Supervisor:
             self._route_successor(actor, event)
         elif isinstance(event, IkeSaRetired):
             self._unroute(actor, event.spi_i, event.spi_r)
+        elif isinstance(event, IkeSaMoved) and actor in self._peer_of:
+            self._peer_of[actor] = event.remote
         self._deliver(event)
 
     # -- routes that change during an SA's life ----------------------------------------
@@ -717,6 +726,7 @@ class Supervisor:
                 del self._child_owner[spi_in]
         key = self._identity_of.pop(actor, None)
         self._since.pop(actor, None)
+        self._peer_of.pop(actor, None)
         if key is not None:
             actors = self._by_identity.get(key, set())
             actors.discard(actor)
@@ -729,23 +739,36 @@ class Supervisor:
         # RFC 7296 2.4: with INITIAL_CONTACT the peer says it holds no other SA with us
         policy = INITIAL_CONTACT if event.initial_contact and unique != "never" else unique
         others = self._by_identity.get(key, set())
-        if others and policy == "keep":  # the older SA stays, the new one is deleted
-            actor.mailbox.put_nowait(_delete(KEPT))
+        reauthenticated = {other for other in others if not event.initial_contact
+                           and self._peer_of.get(other) == event.remote}
+        if policy == "keep" and others - reauthenticated:
+            actor.mailbox.put_nowait(_delete(KEPT))  # the older SA stays, the new one goes
             return
-        self.replace_identity(key, policy, actor.spi_r)
+        if reauthenticated and policy in ("keep", "replace"):
+            logger.info("IKE SA %s_r of %s === %s: suspected reauthentication (same peer "
+                        "address), %s", actor.spi_r.hex(), key[0], key[1],
+                        "the peer deletes the older" if policy == "keep"
+                        else f"the older deleted in {REAUTH_GRACE:g} s")
+        if policy == "replace":
+            for other in reauthenticated:
+                self._delete_later(other, REPLACED)
+        self.replace_identity(key, policy, actor.spi_r, spare=reauthenticated)
         self._register_identity(actor, key)
+        self._peer_of[actor] = event.remote
         if policy in CLUSTER_POLICIES and self.on_identified is not None:
             self.on_identified(key, policy, actor.spi_r)
 
-    def replace_identity(self, key: tuple[str, str], policy: str, newest: bytes) -> int:
+    def replace_identity(self, key: tuple[str, str], policy: str, newest: bytes,
+                         spare: Collection[SaActor] = ()) -> int:
         """An SA with the identities `key` was established (SPI `newest`, here or on
         another responder) under `policy`: INITIAL_CONTACT drops our other SAs of it
-        quietly, "replace" deletes them with a Delete each. How many it ended."""
+        quietly, "replace" deletes them with a Delete each (but those in `spare`). How
+        many it ended."""
         if policy not in (INITIAL_CONTACT, "replace"):
             return 0
         ended = 0
         for other in list(self._by_identity.get(key, ())):
-            if other.spi_r == newest:
+            if other.spi_r == newest or other in spare:
                 continue
             if policy == INITIAL_CONTACT:
                 put = other.mailbox.put_nowait(lambda session, now: session.abandon(
@@ -754,6 +777,17 @@ class Supervisor:
                 put = other.mailbox.put_nowait(_delete(REPLACED))
             ended += put
         return ended
+
+    def _delete_later(self, actor: SaActor, reason: str) -> None:
+        """Delete `actor`'s SA (with a Delete) REAUTH_GRACE seconds from now, unless it
+        ended by then."""
+        async def later() -> None:
+            await trio.sleep(REAUTH_GRACE)
+            actor.mailbox.put_nowait(_delete(reason))  # (closed once it ended: ignored)
+        if self._nursery is None:
+            actor.mailbox.put_nowait(_delete(reason))
+        else:
+            self._nursery.start_soon(later)
 
     def keep_identity(self, key: tuple[str, str], newest: bytes, since: float) -> bool:
         """Another responder established `newest` with the identities `key` at `since`

@@ -383,6 +383,45 @@ def test_our_initiator_reauthenticates_make_before_break_and_ping_keeps_every_re
     assert node.running(), text
 
 
+@pytest.mark.parametrize("unique", ["keep", "replace"])
+def test_strongswan_reauthenticates_make_before_break_under_unique(
+    lab: Lab, unique: str
+) -> None:
+    """strongSwan (make_before_break = yes, the default from 6.0; reauth_time = 6 s)
+    reauthenticates to our node while a ping runs: the new IKE SA comes from the same
+    address and port without INITIAL_CONTACT, so under unique = keep our node keeps it
+    (it deleted it before, and strongSwan then deleted the old one: nothing was left),
+    and under unique = replace deletes the old one only after a grace period. Either
+    way strongSwan deletes the old SA itself and the ping loses nothing."""
+    initiator_conn, responder_conn = conn_pair()
+    # (over_time: strongSwan's default, a tenth of its rekey_time, would end the old SA
+    # before the new one is up)
+    initiator_conn = replace(initiator_conn, extra={"reauth_time": "6s", "over_time": "10s"})
+    responder_conn = replace(responder_conn, node_extra={"unique": unique})
+    node = lab.node([responder_conn], extra_toml=WORKER_TOML)
+    charon = lab.charon("initiator", settings={"make_before_break": "yes"})
+    charon.load(initiator_conn)
+    first = assert_initiated(charon.initiate("net"), charon)
+    wait_for_log(node, r"CHILD SA established: net")
+    wait_for_routes(lab.responder, present=True)
+
+    pinging = BackgroundPing.start(lab, 10.0)
+    watch = SaWatch(charon)
+    watch_during(watch, pinging)
+    sent, received, summary = pinging.result()
+    text = node.log_text()
+    report(f"strongSwan reauthenticating, unique = {unique}", summary)
+    assert "suspected reauthentication (same peer address)" in text, text
+    assert "reason=refused (unique = keep)" not in text, text
+    assert re.search(rf"IKE SA deleted: spi_i={first['initiator-spi']} .* "
+                     r"reason=deleted by peer", text), text
+    assert received == sent, summary
+    (sa,) = established(charon)
+    assert sa["initiator-spi"] != first["initiator-spi"], sa
+    assert child_sa(sa)["state"] == "INSTALLED", sa
+    assert node.running(), text
+
+
 # --- 2. dead peer detection ---------------------------------------------------------------
 
 DPD_DELAY = 2.0

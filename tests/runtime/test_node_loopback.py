@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +18,8 @@ from cluster.config import NodeConfig, load_config
 from cluster.ike.constants import NON_ESP_MARKER
 from cluster.ike.events import Event, IkeSaDeleted, IkeSaEstablished
 from cluster.ike.session import IkeSession
+from cluster.ike.state import State
+from cluster.runtime import supervisor as supervisor_module
 from cluster.runtime.node import Node, run_node
 
 from .conftest import Setup, write_responder_config
@@ -342,6 +345,50 @@ async def test_unique_replace_or_keep_deletes_one_of_two_sas_of_the_same_identit
         finally:
             first.close()
             second.close()
+        node.shutdown()
+
+
+def _up(node: Node, spi_r: bytes) -> bool:
+    """Whether the node holds the SA with `spi_r`, established (no Delete started)."""
+    actor = node.supervisor.actor_for(spi_r)
+    return actor is not None and isinstance(actor.session, IkeSession) and \
+        actor.session.state is State.ESTABLISHED
+
+
+@pytest.mark.parametrize("policy", ["replace", "keep"])
+async def test_a_second_sa_from_the_same_address_and_port_is_taken_for_a_reauthentication(
+    setup: Setup, policy: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """strongSwan's uniqueness check: a second IKE SA of the same identities from the
+    very address and port of the first, without INITIAL_CONTACT, is a make-before-break
+    reauthentication (RFC 7296 2.8.3), not a second login. "keep" keeps both (the peer
+    deletes the old one); "replace" deletes the old one REAUTH_GRACE later, not at once,
+    so the peer's new Child SAs are up before the old ones go."""
+    monkeypatch.setattr(supervisor_module, "REAUTH_GRACE", 1.0)
+    config = _unique(setup.node_config, policy)
+    server = ("127.0.0.1", config.ike_port)
+    async with trio.open_nursery() as nursery:
+        node = await start_node(nursery, config)
+        first = await open_peer(setup, "127.0.0.1")
+        try:
+            old = await first.establish()
+            session = IkeSession.initiator(setup.connection, setup.initiator_policy,
+                                           secrets.token_bytes(8), first.local, server,
+                                           trio.current_time())
+            new = await InitiatorPeer(first.sock, session, config.natt_port).establish()
+            started = trio.current_time()
+            await trio.sleep(0.3)
+            assert _up(node, old.spi_r) and _up(node, new.spi_r)  # no Delete under way
+            if policy == "replace":
+                await first.run_until(lambda e: isinstance(e, IkeSaDeleted))
+                assert trio.current_time() - started >= 0.9
+                await wait_for(lambda: node.supervisor.actor_for(old.spi_r) is None)
+            else:
+                await trio.sleep(1.5)  # past what "replace" waits
+                assert _up(node, old.spi_r)
+            assert _up(node, new.spi_r)
+        finally:
+            first.close()
         node.shutdown()
 
 
