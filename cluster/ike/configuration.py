@@ -136,11 +136,19 @@ def own_dynamic_addresses(sa: IkeSa) -> tuple[str, ...]:
 _ANY = {4: "0.0.0.0/0", 6: "::/0"}
 
 
-def config_request(families: tuple[int, ...]) -> CpPayload:
-    """CFG_REQUEST for an address (and the DNS servers) of each family (RFC 7296 3.15.1)."""
+def config_request(families: tuple[int, ...], wanted: tuple[str, ...] = ()) -> CpPayload:
+    """CFG_REQUEST for an address (and the DNS servers) of each family (RFC 7296 3.15.1),
+    naming the one of `wanted` of that family if any (a reauthentication asks for the
+    address it has, as strongSwan does; the responder may give another)."""
     attributes: list[tuple[int, bytes]] = []
     for family in families:
-        attributes += [(_ADDRESS_ATTRIBUTES[family], b""), (_DNS_ATTRIBUTES[family], b"")]
+        value = b""
+        for text in wanted:
+            address = ipaddress.ip_address(text)
+            if address.version == family:
+                value = address.packed + (b"\x80" if family == 6 else b"")  # /128
+                break
+        attributes += [(_ADDRESS_ATTRIBUTES[family], value), (_DNS_ATTRIBUTES[family], b"")]
     return CpPayload(CfgType.CFG_REQUEST, encode_attributes(attributes))
 
 

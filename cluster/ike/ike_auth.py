@@ -551,7 +551,7 @@ def build_auth_request(sa: IkeSa, rng: Random) -> list[Payload]:
         payloads.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
     payloads.append(NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))  # RFC 6311 3
     if conn.vips:  # RFC 7296 2.19: CP(CFG_REQUEST) before the Child SA's payloads
-        payloads.append(config_request(conn.vips))
+        payloads.append(config_request(conn.vips, sa.wanted_vips))
     if conn.childless == "force":
         # RFC 6023 3: no SA and no selectors; CREATE_CHILD_SA brings every Child SA
         if not sa.childless:

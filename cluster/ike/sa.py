@@ -100,6 +100,7 @@ class IkeSa:
     authenticated_at: float = 0.0  # wall-clock time the peer authenticated (kept by rekeys)
     pending_child_spi: bytes = b""
     initial_contact: bool = False  # send INITIAL_CONTACT in our IKE_AUTH request
+    wanted_vips: tuple[str, ...] = ()  # the virtual IPs our CFG_REQUEST names (vips)
     children: dict[bytes, ChildSa] = field(default_factory=dict)  # by spi_in
     events: deque[Event] = field(default_factory=deque)
     # message IDs and retransmissions, per IKE SA (RFC 7296 2.1-2.3)

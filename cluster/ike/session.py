@@ -214,11 +214,14 @@ class IkeSession:
     @classmethod
     def initiator(cls, connection: ConnectionConfig, policy: ResponderPolicy, spi_i: bytes,
                   local: Address, remote: Address, now: float, *,
-                  initial_contact: bool = False, **kwargs: object) -> IkeSession:
-        """`initial_contact`: tell the peer we hold no other SA with it (RFC 7296 2.4)."""
+                  initial_contact: bool = False, wanted_vips: tuple[str, ...] = (),
+                  **kwargs: object) -> IkeSession:
+        """`initial_contact`: tell the peer we hold no other SA with it (RFC 7296 2.4);
+        `wanted_vips`: the virtual IPs to ask for by name (those a reauthentication's
+        old SA has)."""
         sa = IkeSa(policy, True, spi_i, bytes(8), local, remote, original_initiator=True,
-                   connection=connection,
-                   initial_contact=initial_contact)
+                   connection=connection, initial_contact=initial_contact,
+                   wanted_vips=wanted_vips)
         session = cls(sa, **kwargs)  # type: ignore[arg-type]
         session._send_init(connection.proposals[0].dh[0], b"", now)
         sa.transition(Trigger.SEND_INIT)

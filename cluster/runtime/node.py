@@ -459,12 +459,14 @@ class Initiator:
             return IkeSession.initiator(
                 self.initiation.connection, self.policy, spi_i, local, self.remote, now,
                 natt_ports=(natt_port, NATT_PORT), initial_contact=sa.initial_contact,
+                wanted_vips=sa.predecessor.own_vips if sa.predecessor is not None else (),
             )
 
         def watch(actor: SaActor, event: Event) -> None:
             sa.actor = actor
             if isinstance(event, IkeSaEstablished):
                 sa.established = True
+                sa.own_vips = event.own_virtual_ips
                 self._current = sa
             elif isinstance(event, IkeSaReauthDue) and sa.successor is None \
                     and not self._stopped:
@@ -525,6 +527,7 @@ class _InitiatedSa:
     successor: _InitiatedSa | None = None  # its reauthentication, if one is under way
     actor: SaActor | None = None  # (from its first event on)
     established: bool = False
+    own_vips: tuple[str, ...] = ()  # the virtual IPs the responder assigned it
     reauth_failures: int = 0  # reauthentications of it that did not come up
     outcome: InitiatedOutcome | None = None
     ended: trio.Event = field(default_factory=trio.Event)

@@ -343,6 +343,35 @@ def test_our_initiator_asks_for_an_address_and_its_selectors_become_it() -> None
     assert [str(ts) for ts in _child(drain(gateway)).remote_ts] == ["10.99.3.1/32"]
 
 
+def test_a_reauthentication_asks_for_the_addresses_it_has_by_name() -> None:
+    """RFC 7296 3.15.1: the CFG_REQUEST may name the address wanted; our initiator names
+    the old SA's (IkeSession.initiator's wanted_vips), one per family, as strongSwan does
+    when it reauthenticates. Our gateway takes it as a hint and answers as ever."""
+    pool = AddressPool.parse("rw", "10.99.3.0/24")
+    client, gateway = _client_pair(pool, vips=(4, 6))
+    client = IkeSession.initiator(client.sa.connection, client.sa.policy, bytes(range(8)),
+                                  client.sa.local, client.sa.remote, 0.0,
+                                  wanted_vips=("fd99:3::7", "10.99.3.1"))
+    transfer(client, gateway)
+    transfer(gateway, client)
+    [request] = client.datagrams_to_send()  # IKE_AUTH
+    sk = gateway.sa.sk
+    assert sk is not None
+    inner = sk.unprotect_untrusted(request.data, decode_untrusted(request.data))
+    assert inner is not None
+    [cp] = [p for p in inner if isinstance(p, CpPayload)]
+    assert parse_attributes_untrusted(cp.attributes) == [
+        (ConfigAttribute.INTERNAL_IP4_ADDRESS, ipaddress.IPv4Address("10.99.3.1").packed),
+        (ConfigAttribute.INTERNAL_IP4_DNS, b""),
+        (ConfigAttribute.INTERNAL_IP6_ADDRESS,
+         ipaddress.IPv6Address("fd99:3::7").packed + b"\x80"),
+        (ConfigAttribute.INTERNAL_IP6_DNS, b""),
+    ]
+    gateway.receive_datagram_untrusted(request.data, request.remote, request.local, 0.0)
+    transfer(gateway, client)
+    assert client.state is State.ESTABLISHED and len(client.sa.own_vips) == 1  # IPv4 only
+
+
 def test_our_initiator_deletes_an_sa_that_came_without_its_address() -> None:
     client, gateway = _client_pair()  # the responder has no pool: no CFG_REPLY
     run_handshake(client, gateway)

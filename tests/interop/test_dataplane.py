@@ -999,9 +999,10 @@ def test_our_road_warrior_reauthenticates_when_strongswan_sends_auth_lifetime(
         lab: Lab) -> None:
     """strongSwan's gateway has reauth_time = 10 s; a road warrior with a virtual IP it
     cannot reauthenticate itself, so it sends AUTH_LIFETIME (RFC 4478). Our node
-    reauthenticates at nine tenths of it, make-before-break (RFC 7296 2.8.3): strongSwan
-    reassigns the online lease, so the new IKE SA has the same virtual IP, our Delete
-    ends the old one, and pings from the virtual IP across it lose nothing."""
+    reauthenticates at nine tenths of it, make-before-break (RFC 7296 2.8.3), asking for
+    the virtual IP it has: strongSwan reassigns the online lease, so the new IKE SA has
+    the same address, our Delete ends the old one, and pings from the virtual IP across
+    it lose nothing."""
     ours, theirs = conn_pair(encap=True)
     theirs = replace(theirs, extra={"pools": "rw", "reauth_time": "10s"},
                      children=tuple(replace(c, remote_ts=()) for c in theirs.children))
@@ -1020,6 +1021,9 @@ def test_our_road_warrior_reauthenticates_when_strongswan_sends_auth_lifetime(
     assert len(spis) == 2, text
     assert re.search(r"generating IKE_AUTH response 1 \[ [^]]*N\(AUTH_LFT\)", log), log
     assert "reassigning online lease" in log, log
+    # the second IKE_AUTH asked for the address the first SA has (RFC 7296 3.15.1)
+    asked = re.findall(r"peer requested virtual IP (\S+)", log)
+    assert asked == ["%any", "10.99.3.1"], log
     assert f"reauthenticating IKE SA {spis[0]}_i with a new IKE SA" in text, text
     assert re.search(rf"IKE SA deleted: spi_i={spis[0]} .* reason=reauthenticated", text), text
     assert (sent, received) == (300, 300), output
