@@ -53,6 +53,7 @@ from .ike.events import (
     KEPT,
     MOBIKE_UPDATE,
     PEER_NOT_RESPONDING,
+    REAUTHENTICATED,
     REPLACED,
     TERMINATED,
     ChildSaDeleted,
@@ -97,6 +98,7 @@ _DELETE_REASONS = {
     KEPT: "refused",
     TERMINATED: "terminated",
     AUTH_EXPIRED: "auth_expired",
+    REAUTHENTICATED: "reauthenticated",  # RFC 7296 2.8.3: a new IKE SA of ours took over
 }
 
 

@@ -20,6 +20,7 @@ from cluster.ike.constants import ExchangeType
 from cluster.ike.events import (
     KEPT,
     MOBIKE_UPDATE,
+    REAUTHENTICATED,
     REPLACED,
     TERMINATED,
     ChildSaDeleted,
@@ -364,8 +365,8 @@ def test_label_values_are_bounded() -> None:
     assert error_label("<script>") == "other"
     assert delete_label("deleted by peer") == "peer"
     assert delete_label("replaced (INITIAL_CONTACT)") == "replaced"
-    assert [delete_label(r) for r in (TERMINATED, REPLACED, KEPT)] == [
-        "terminated", "replaced", "refused"]
+    assert [delete_label(r) for r in (TERMINATED, REPLACED, KEPT, REAUTHENTICATED)] == [
+        "terminated", "replaced", "refused", "reauthenticated"]
     assert delete_label("anything a peer could make us write") == "other"
     assert exchange_label(ExchangeType.IKE_AUTH) == "IKE_AUTH"
     assert exchange_label(240) == "other"
