@@ -631,6 +631,41 @@ def test_a_road_warrior_gets_a_virtual_ip_from_the_pool_and_traffic_crosses(
     assert node.running(), node.log_text()
 
 
+def test_a_road_warrior_reauthenticating_make_before_break_keeps_its_virtual_ip(
+        lab: Lab) -> None:
+    """strongSwan as a road warrior with make_before_break = yes (its default from 6.0),
+    told AUTH_LIFETIME by our gateway (reauth_time = 8 s): its new IKE SA asks for the
+    address it has, our pool gives the same one to the same identity while the old SA
+    still holds it, strongSwan deletes the old SA, and pings from the address across
+    every reauthentication lose nothing; the lease stays with the new SA."""
+    charon = lab.charon("initiator", settings={"install_virtual_ip": "yes",
+                                               "make_before_break": "yes"})
+    initiator_conn, responder_conn = conn_pair()
+    # strongSwan starts over_time before the AUTH_LIFETIME ends: at 5 s
+    initiator_conn = replace(initiator_conn, extra={"vips": "0.0.0.0", "over_time": "3s"}
+                             ).with_child(local_ts=())
+    responder_conn = replace(responder_conn, node_extra={"pools": ["rw"], "reauth_time": 8}
+                             ).with_child(remote_ts=())
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0") +
+                    '[pools.rw]\naddrs = "10.99.3.0/28"\n')
+    charon.load(initiator_conn)
+    first = assert_initiated(charon.initiate("net"), charon)
+    assert first.get("local-vips") == ["10.99.3.1"], first
+    sent, received, output = ping(lab.initiator, "10.99.3.1", RESPONDER_INNER_V4, 250)
+    text = node.log_text()
+    vips = re.findall(r"IKE SA established: rw spi_i=(\w+) .* vip=(\S+)", text)
+    # (a reauthentication every 5 s: two or three during the pings)
+    assert len(vips) >= 2 and {vip for _, vip in vips} == {"10.99.3.1"}, text
+    for spi_i, _ in vips[:-1]:
+        assert re.search(rf"IKE SA deleted: spi_i={spi_i} .* reason=deleted by peer", text)
+    assert (sent, received) == (250, 250), output
+    (sa,) = established_sas(charon)
+    assert sa.get("local-vips") == ["10.99.3.1"], sa
+    sent, received, output = ping(lab.initiator, "10.99.3.1", RESPONDER_INNER_V4)
+    assert (sent, received) == (PINGS, PINGS), output
+    assert node.running(), text
+
+
 def test_our_gateway_brings_back_a_road_warriors_child_with_close_action_start(
         lab: Lab) -> None:
     """swanctl's close_action = "start" on our gateway's child: strongSwan, a road
