@@ -13,7 +13,10 @@ leave the workers and their shared addresses are freed as for any ended SA.
 For `unique = "keep"` the announcement carries when the SA was established; a responder
 that holds an older SA of the identities answers with "refuse" and the new SA's
 responder deletes it (if both came up at once, each side orders the two by time, then
-SPI, and the later one goes).
+SPI, and the later one goes). Without INITIAL_CONTACT, "replace" and "keep" carry the
+peer's address and port too: a new SA from where an older one's peer is reauthenticates
+it (make-before-break, RFC 7296 2.8.3), wherever rendezvous put it, so that one is
+deleted only after a grace ("replace") or left to the peer ("keep").
 
 "redirect": `ike-cluster redirect` with a cluster's configuration: every responder sends
 new initiators to the gateway (RFC 5685) and, if asked, its established SAs too. The
@@ -45,8 +48,9 @@ from typing import Any, Protocol
 import msgpack
 import trio
 
+from ..ike.session import Address
 from ..store.interface import Children, PutChild, StateStore, StoreError
-from .supervisor import CLUSTER_POLICIES
+from .supervisor import CLUSTER_POLICIES, INITIAL_CONTACT
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +62,15 @@ VERSION = 1
 QUEUE = 256  # announcements waiting for the store; more are lost (and counted)
 RETRY = 1.0  # seconds before following the channel again after a store error
 
-# (identities, policy, the new SA's responder SPI) -> how many SAs that ended here
-Replace = Callable[[tuple[str, str], str, bytes], int]
+# (identities, policy, the new SA's responder SPI, its peer without INITIAL_CONTACT) ->
+# how many SAs that ended here
+Replace = Callable[[tuple[str, str], str, bytes, Address | None], int]
 class KeepPolicy(Protocol):
     """What `unique = "keep"` needs of the supervisor."""
 
     def since_of(self, spi_r: bytes) -> float: ...
-    def keep_identity(self, key: tuple[str, str], newest: bytes, since: float) -> bool: ...
+    def keep_identity(self, key: tuple[str, str], newest: bytes, since: float,
+                      peer: Address | None = None) -> bool: ...
     def refuse_identity(self, key: tuple[str, str], spi_r: bytes) -> bool: ...
 
 
@@ -96,10 +102,15 @@ def _encode(kind: str, origin: str, *fields: object) -> bytes:
 
 
 def encode_identity(origin: str, key: tuple[str, str], policy: str, spi_r: bytes,
-                    since: float | None = None) -> bytes:
-    if since is not None:  # unique = "keep": when it was established
-        return _encode("identity", origin, key[0], key[1], policy, spi_r, since)
-    return _encode("identity", origin, key[0], key[1], policy, spi_r)
+                    since: float | None = None, peer: Address | None = None) -> bytes:
+    """`since`: when it was established (unique = "keep"); `peer`: its peer's address
+    and port, for a new SA without INITIAL_CONTACT ("replace", "keep")."""
+    fields: list[object] = [key[0], key[1], policy, spi_r]
+    if since is not None:
+        fields.append(since)
+    if peer is not None:
+        fields.append([peer[0], peer[1]])
+    return _encode("identity", origin, *fields)
 
 
 def encode_refuse(origin: str, key: tuple[str, str], spi_r: bytes) -> bytes:
@@ -138,7 +149,8 @@ class Redirection:
     existing: bool  # the established SAs are asked to move too
 
 
-Identity = tuple[str, tuple[str, str], str, bytes]  # origin, identities, policy, SPI
+# origin, identities, policy, SPI, the peer ("replace" without INITIAL_CONTACT)
+Identity = tuple[str, tuple[str, str], str, bytes, Address | None]
 
 
 @dataclass(frozen=True)
@@ -159,6 +171,7 @@ class Kept:
     key: tuple[str, str]
     spi_r: bytes
     since: float
+    peer: Address | None = None  # its peer's, when it came without INITIAL_CONTACT
 
 
 @dataclass(frozen=True)
@@ -196,18 +209,33 @@ def decode_untrusted(data: bytes) -> (Identity | Termination | Rekeying | Redire
         return Redirection(origin, rest[0], rest[1])
     if kind == "refuse" and len(rest) == 3 and _names(*rest[:2]) and _spis(rest[2]):
         return Refusal(origin, (rest[0], rest[1]), rest[2])
-    if kind != "identity" or len(rest) not in (4, 5):
+    if kind != "identity" or len(rest) not in (4, 5, 6):
         return None
-    local_id, remote_id, policy, spi_r, *since = rest
+    local_id, remote_id, policy, spi_r, *tail = rest
     if not _names(local_id, remote_id) or policy not in CLUSTER_POLICIES or not _spis(spi_r):
         return None
-    if policy == "keep":
-        if len(since) != 1 or not isinstance(since[0], float) or not math.isfinite(since[0]):
+    peer = None
+    if policy != "initial_contact" and tail and isinstance(tail[-1], list):
+        peer = _peer_untrusted(tail.pop())
+        if peer is None:
             return None
-        return Kept(origin, (local_id, remote_id), spi_r, since[0])
-    if since:
+    if policy == "keep":
+        if len(tail) != 1 or not isinstance(tail[0], float) or not math.isfinite(tail[0]):
+            return None
+        return Kept(origin, (local_id, remote_id), spi_r, tail[0], peer)
+    if tail:
         return None
-    return origin, (local_id, remote_id), policy, spi_r
+    return origin, (local_id, remote_id), policy, spi_r, peer
+
+
+def _peer_untrusted(value: list[Any]) -> Address | None:
+    """[host, port] as sent by `encode_identity`; None if it is not that."""
+    if len(value) != 2 or not isinstance(value[0], str) or not 0 < len(value[0]) <= 64:
+        return None
+    port = value[1]
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 0xFFFF:
+        return None
+    return value[0], port
 
 
 def _names(*values: object) -> bool:
@@ -252,14 +280,18 @@ class ResponderChannel:
         self._send, self._receive = trio.open_memory_channel[bytes](QUEUE)
         self._nursery: trio.Nursery | None = None  # where terminations run
 
-    def identified(self, key: tuple[str, str], policy: str, spi_r: bytes) -> None:
+    def identified(self, key: tuple[str, str], policy: str, spi_r: bytes,
+                   peer: Address | None = None) -> None:
         """The supervisor's `on_identified`: queue the announcement (never blocks)."""
         since = None
         if policy == "keep":
             if self._keep is None:
                 return
             since = self._keep.since_of(spi_r)
-        self._queue(encode_identity(self.node_id, key, policy, spi_r, since), spi_r, policy)
+        if policy == INITIAL_CONTACT:
+            peer = None
+        self._queue(encode_identity(self.node_id, key, policy, spi_r, since, peer), spi_r,
+                    policy)
 
     def _queue(self, message: bytes, spi_r: bytes, what: str) -> None:
         try:
@@ -295,11 +327,11 @@ class ResponderChannel:
             if self._nursery is not None and self._rekey is not None:
                 self._nursery.start_soon(self._rekey_one, decoded)
             return
-        origin, key, policy, spi_r = decoded
+        origin, key, policy, spi_r, peer = decoded
         if origin == self.node_id:
             return
         self.stats.received += 1
-        ended = self._replace(key, policy, spi_r)
+        ended = self._replace(key, policy, spi_r, peer)
         if ended:
             self.stats.ended += ended
             logger.info("%d IKE SA(s) of %s === %s ended here: responder %s established "
@@ -315,7 +347,7 @@ class ResponderChannel:
                 logger.info("IKE SA %s of %s === %s refused: responder %s holds an older one "
                             "(unique = keep)", message.spi_r.hex(), key[0], key[1],
                             message.origin)
-        elif self._keep.keep_identity(key, message.spi_r, message.since):
+        elif self._keep.keep_identity(key, message.spi_r, message.since, message.peer):
             self._queue(encode_refuse(self.node_id, key, message.spi_r), message.spi_r,
                         "refuse (unique = keep)")
 

@@ -250,7 +250,8 @@ class Supervisor:
         self.on_actor_retired: Callable[[SaActor], None] | None = None
         # the cluster: tells the other responders of an SA that ends their SAs of its
         # identities (key, policy, its responder SPI); they call `replace_identity`
-        self.on_identified: Callable[[tuple[str, str], str, bytes], None] | None = None
+        self.on_identified: Callable[[tuple[str, str], str, bytes, Address | None], None] \
+            | None = None
 
     def set_uniqueness(self, uniqueness: Mapping[str, str]) -> None:
         """swanctl's `unique` per connection, for SAs established from now on (a reload)."""
@@ -739,36 +740,49 @@ class Supervisor:
         # RFC 7296 2.4: with INITIAL_CONTACT the peer says it holds no other SA with us
         policy = INITIAL_CONTACT if event.initial_contact and unique != "never" else unique
         others = self._by_identity.get(key, set())
-        reauthenticated = {other for other in others if not event.initial_contact
-                           and self._peer_of.get(other) == event.remote}
+        peer = None if event.initial_contact else event.remote
+        reauthenticated = self._same_peer(others, peer)
         if policy == "keep" and others - reauthenticated:
             actor.mailbox.put_nowait(_delete(KEPT))  # the older SA stays, the new one goes
             return
-        if reauthenticated and policy in ("keep", "replace"):
+        if reauthenticated and policy == "keep":  # ("replace": replace_identity says)
             logger.info("IKE SA %s_r of %s === %s: suspected reauthentication (same peer "
-                        "address), %s", actor.spi_r.hex(), key[0], key[1],
-                        "the peer deletes the older" if policy == "keep"
-                        else f"the older deleted in {REAUTH_GRACE:g} s")
-        if policy == "replace":
-            for other in reauthenticated:
-                self._delete_later(other, REPLACED)
-        self.replace_identity(key, policy, actor.spi_r, spare=reauthenticated)
+                        "address), the peer deletes the older", actor.spi_r.hex(), key[0],
+                        key[1])
+        self.replace_identity(key, policy, actor.spi_r, peer)
         self._register_identity(actor, key)
         self._peer_of[actor] = event.remote
         if policy in CLUSTER_POLICIES and self.on_identified is not None:
-            self.on_identified(key, policy, actor.spi_r)
+            self.on_identified(key, policy, actor.spi_r, peer)
+
+    def _same_peer(self, actors: Collection[SaActor], peer: Address | None) -> set[SaActor]:
+        """Those of `actors` whose peer is at `peer` (address and port): an SA from there
+        without INITIAL_CONTACT reauthenticates them (see REAUTH_GRACE)."""
+        if peer is None:
+            return set()
+        return {actor for actor in actors if self._peer_of.get(actor) == peer}
 
     def replace_identity(self, key: tuple[str, str], policy: str, newest: bytes,
-                         spare: Collection[SaActor] = ()) -> int:
+                         peer: Address | None = None) -> int:
         """An SA with the identities `key` was established (SPI `newest`, here or on
-        another responder) under `policy`: INITIAL_CONTACT drops our other SAs of it
-        quietly, "replace" deletes them with a Delete each (but those in `spare`). How
-        many it ended."""
+        another responder, from `peer` when it came without INITIAL_CONTACT) under
+        `policy`: INITIAL_CONTACT drops our other SAs of it quietly, "replace" deletes
+        them with a Delete each, REAUTH_GRACE later those from `peer`. How many it
+        ended."""
         if policy not in (INITIAL_CONTACT, "replace"):
             return 0
         ended = 0
-        for other in list(self._by_identity.get(key, ())):
-            if other.spi_r == newest or other in spare:
+        others = list(self._by_identity.get(key, ()))
+        later = self._same_peer(others, peer)
+        for other in others:
+            if other.spi_r == newest:
+                continue
+            if other in later:
+                logger.info("IKE SA %s_r of %s === %s: suspected reauthentication (same "
+                            "peer address), %s_r deleted in %g s", newest.hex(), key[0],
+                            key[1], other.spi_r.hex(), REAUTH_GRACE)
+                self._delete_later(other, REPLACED)
+                ended += 1
                 continue
             if policy == INITIAL_CONTACT:
                 put = other.mailbox.put_nowait(lambda session, now: session.abandon(
@@ -789,13 +803,21 @@ class Supervisor:
         else:
             self._nursery.start_soon(later)
 
-    def keep_identity(self, key: tuple[str, str], newest: bytes, since: float) -> bool:
+    def keep_identity(self, key: tuple[str, str], newest: bytes, since: float,
+                      peer: Address | None = None) -> bool:
         """Another responder established `newest` with the identities `key` at `since`
-        (its wall clock) under `unique = "keep"`. True when an older SA of them is here:
-        `newest` must go (its responder is told). If ours came up later (both at once,
-        neither knowing the other), ours goes instead; both responders order the two SAs
-        the same way, by time, then SPI."""
-        mine = [a for a in self._by_identity.get(key, ()) if a.spi_r != newest]
+        (its wall clock) under `unique = "keep"`, from `peer` when without INITIAL_CONTACT.
+        True when an older SA of them is here: `newest` must go (its responder is told).
+        If ours came up later (both at once, neither knowing the other), ours goes
+        instead; both responders order the two SAs the same way, by time, then SPI. Ours
+        from `peer` do not count: `newest` reauthenticates them (see REAUTH_GRACE)."""
+        held = self._by_identity.get(key, set())
+        reauthenticated = self._same_peer(held, peer)
+        if reauthenticated:
+            logger.info("IKE SA %s_r of %s === %s on another responder: suspected "
+                        "reauthentication (same peer address), the peer deletes ours",
+                        newest.hex(), key[0], key[1])
+        mine = [a for a in held if a.spi_r != newest and a not in reauthenticated]
         if not mine:
             return False
         oldest = min(mine, key=lambda a: (self._since.get(a, 0.0), a.spi_r))

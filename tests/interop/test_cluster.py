@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -607,19 +608,24 @@ def test_initial_contact_ends_the_old_sa_on_the_other_responder() -> None:
                           f"responder {old_owner} (try {tries}); store holds only the new SA")
 
 
+SECOND_HOST = "10.99.0.11"  # strongSwan's second address: another login, not a reauth
+
+
 def test_unique_keep_refuses_a_second_sa_on_the_other_responder() -> None:
-    """swanctl's `unique = keep` across the cluster: strongSwan (reuse_ikesa = no) sets up
-    a second IKE SA of the same identity (tried until rendezvous puts it on the other
-    responder); that responder announces it, the first SA's responder answers that it
-    holds an older one, and the second SA is deleted; the first stays and carries
-    traffic."""
+    """swanctl's `unique = keep` across the cluster: strongSwan sets up a second IKE SA
+    of the same identity from a second address (a second login; from the first SA's
+    address and port it would be taken for a reauthentication), tried until rendezvous
+    puts it on the other responder; that responder announces it, the first SA's
+    responder answers that it holds an older one, and the second SA is deleted; the
+    first stays and carries traffic."""
     with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
         initiator, responder = conn_pair()
         responder = replace(responder, node_extra={"unique": "keep"})
         cluster.start([responder])
-        charon = lab.charon("initiator", settings={"reuse_ikesa": "no"})
-        charon.load(initiator)
-        first = assert_initiated(charon.initiate("net"), charon)
+        lab.initiator.ip("addr", "add", f"{SECOND_HOST}/24", "dev", VETH)
+        charon = lab.charon("initiator")
+        charon.load(initiator, replace(initiator, name="rw2", local_addrs=(SECOND_HOST,)))
+        first = assert_initiated(charon.initiate("net", ike="rw"), charon)
         first_owner = _owner(cluster, first["responder-spi"])
         other = cluster.responders[2 - first_owner]
         tries = 0
@@ -628,7 +634,7 @@ def test_unique_keep_refuses_a_second_sa_on_the_other_responder() -> None:
             # responder it is refused there
             tries += 1
             assert tries <= 12, f"never on the other responder:\n{cluster.logs()}"
-            result = charon.initiate("net")
+            result = charon.initiate("net", ike="rw2")
             assert result.returncode == 0, result.stdout + result.stderr
             deadline = time.monotonic() + 15
             while True:  # the second SA comes up, then is deleted (here or by the other)
@@ -638,11 +644,50 @@ def test_unique_keep_refuses_a_second_sa_on_the_other_responder() -> None:
                 assert time.monotonic() < deadline, f"{sas}\n{cluster.logs()}"
                 time.sleep(0.2)
         other.logged(r"IKE SA deleted: .*refused \(unique = keep\)")
-        assert "received DELETE for IKE_SA rw" in charon.log_text()
+        assert "received DELETE for IKE_SA rw2" in charon.log_text()
         sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
         assert received == sent, f"{out}\n{cluster.logs()}"
         report("cluster", f"unique = keep: the second SA refused across responders (try "
                           f"{tries}); the first carries traffic")
+
+
+def test_unique_keep_lets_a_reauthentication_on_the_other_responder_stay() -> None:
+    """strongSwan reauthenticates make-before-break every 4 s (its default from 6.0)
+    under `unique = keep`: each new IKE SA comes from the old one's address and port
+    without INITIAL_CONTACT, and rendezvous puts it on either responder. Where it lands
+    on the other one, the announcement names the peer, the old SA's responder does not
+    refuse it, strongSwan deletes the old SA, and a ping across all of it loses
+    nothing. Before, that new SA was refused and the client was left with none."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        initiator = replace(initiator, extra={"reauth_time": "4s", "over_time": "10s",
+                                              "rand_time": "1s"})
+        responder = replace(responder, node_extra={"unique": "keep"})
+        charon, first = _connect(lab, cluster, initiator, responder,
+                                 settings={"make_before_break": "yes"})
+        seen = [first["responder-spi"]]
+        owners = [_owner(cluster, seen[0])]
+        pinging = BackgroundPing.start(lab, 120.0)
+        deadline = time.monotonic() + 60  # a move has even odds at each reauthentication
+
+        def moved_and_replaced() -> bool:  # an SA on the other responder, and one after it
+            return any(owners[i] != owners[i - 1] for i in range(1, len(owners) - 1))
+
+        while not moved_and_replaced():
+            assert time.monotonic() < deadline, f"{owners}\n{cluster.logs()}"
+            time.sleep(0.5)
+            for sa in established(charon):
+                if sa["responder-spi"] not in seen:
+                    seen.append(sa["responder-spi"])
+                    owners.append(_owner(cluster, seen[-1]))
+        pinging.proc.send_signal(signal.SIGINT)  # ping prints its summary and ends
+        sent, received, summary = pinging.result()
+        logs = cluster.logs()
+        assert "refused (unique = keep)" not in logs, logs
+        assert "suspected reauthentication" in logs, logs
+        assert received >= sent - 1, summary  # (the last request may be cut short)
+        report("cluster", f"unique = keep: {len(owners)} IKE SAs on responders {owners}, "
+                          f"none refused; ping: {summary}")
 
 
 def test_terminate_deletes_an_sa_from_its_owner_or_after_the_owner_died() -> None:

@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from cluster.ike.events import IkeSaDeleted
+from cluster.runtime import supervisor as supervisor_module
 from cluster.runtime.channel import (
     RESPONDERS_CHANNEL,
     Kept,
@@ -27,7 +28,7 @@ from cluster.store import MemoryStore
 from cluster.store.interface import StoreError
 
 from .conftest import Setup
-from .test_node_loopback import open_peer, start_node, wait_for
+from .test_node_loopback import _up, open_peer, start_node, wait_for
 
 KEY = ("gw.example.test", "client.example.test")
 
@@ -37,17 +38,25 @@ async def _never(spi_i: bytes, spi_r: bytes, limit: int | None) -> bool:
 
 
 SPI = bytes(range(8))
+PEER = ("10.99.0.1", 4500)
 
 
 def test_an_announcement_round_trips_and_junk_is_refused() -> None:
     assert decode_untrusted(encode_identity("r1", KEY, "replace", SPI)) == (
-        "r1", KEY, "replace", SPI)
+        "r1", KEY, "replace", SPI, None)
+    assert decode_untrusted(encode_identity("r1", KEY, "replace", SPI, peer=PEER)) == (
+        "r1", KEY, "replace", SPI, PEER)
     assert decode_untrusted(encode_terminate("@cli", SPI, SPI[::-1])) == Termination(
         "@cli", SPI, SPI[::-1])
     assert decode_untrusted(encode_terminate("r1", SPI, SPI[::-1], 120)) == Termination(
         "r1", SPI, SPI[::-1], 120)
     good = [1, "identity", "r1", KEY[0], KEY[1], "initial_contact", SPI]
     for bad in ([2, *good[1:]], good[:6], [*good[:5], "keep", SPI], [*good[:6], SPI[:7]],
+                [*good, ["10.99.0.1", 4500]],  # INITIAL_CONTACT: no reauthentication
+                [*good[:5], "replace", SPI, ["10.99.0.1"]],
+                [*good[:5], "replace", SPI, ["10.99.0.1", 65536]],
+                [*good[:5], "replace", SPI, ["10.99.0.1", True]],
+                [*good[:5], "replace", SPI, ["", 500]], [*good[:5], "replace", SPI, "x"],
                 [1, "identity", 7, *good[3:]], [1, "identity", "r1", 7, *good[4:]],
                 [1, "terminate", "@cli", SPI], [1, "terminate", "@cli", SPI, "x" * 8],
                 [1, "terminate", "r1", SPI, SPI, -1], [1, "terminate", "r1", SPI, SPI, 1 << 32],
@@ -61,9 +70,12 @@ def test_an_announcement_round_trips_and_junk_is_refused() -> None:
 def test_keep_announcements_carry_their_time_and_refusals_round_trip() -> None:
     assert decode_untrusted(encode_identity("r1", KEY, "keep", SPI, 1234.5)) == Kept(
         "r1", KEY, SPI, 1234.5)
+    assert decode_untrusted(encode_identity("r1", KEY, "keep", SPI, 1234.5, PEER)) == Kept(
+        "r1", KEY, SPI, 1234.5, PEER)
     assert decode_untrusted(encode_refuse("r2", KEY, SPI)) == Refusal("r2", KEY, SPI)
     keep = [1, "identity", "r1", KEY[0], KEY[1], "keep", SPI, 1234.5]
     for bad in (keep[:7], [*keep[:7], 1234], [*keep[:7], float("inf")],
+                [*keep[:7], ["10.99.0.1", 500]], [*keep, ["10.99.0.1", 500], 1],
                 [*keep[:5], "replace", SPI, 1234.5], [1, "refuse", "r2", KEY[0], KEY[1]],
                 [1, "refuse", "r2", KEY[0], 7, SPI], [1, "refuse", "r2", *KEY, SPI[:7]]):
         assert decode_untrusted(msgpack.packb(bad)) is None, bad
@@ -80,7 +92,8 @@ class _Keeper:
     def since_of(self, spi_r: bytes) -> float:
         return 1000.25
 
-    def keep_identity(self, key: tuple[str, str], newest: bytes, since: float) -> bool:
+    def keep_identity(self, key: tuple[str, str], newest: bytes, since: float,
+                      peer: tuple[str, int] | None = None) -> bool:
         self.asked.append((newest, since))
         return self.older
 
@@ -95,7 +108,7 @@ async def test_a_responder_with_an_older_sa_refuses_the_new_one() -> None:
     store = MemoryStore()
     keepers = {"r1": _Keeper(older=False, held=SPI), "r2": _Keeper(older=True),
                "r3": _Keeper(older=False)}
-    channels = {n: ResponderChannel(store, n, lambda k, p, s: 0, _never, keep=keeper)
+    channels = {n: ResponderChannel(store, n, lambda k, p, s, peer: 0, _never, keep=keeper)
                 for n, keeper in keepers.items()}
     async with trio.open_nursery() as nursery:
         for channel in channels.values():
@@ -113,7 +126,7 @@ async def test_one_responders_announcement_reaches_the_others_not_itself() -> No
     calls: dict[str, list[tuple[tuple[str, str], str, bytes]]] = {"r1": [], "r2": [], "r3": []}
 
     def replacer(node: str):  # type: ignore[no-untyped-def]
-        def replace(key: tuple[str, str], policy: str, spi: bytes) -> int:
+        def replace(key: tuple[str, str], policy: str, spi: bytes, peer: object) -> int:
             calls[node].append((key, policy, spi))
             return 2 if node == "r2" else 0
         return replace
@@ -144,7 +157,7 @@ class _DownStore(MemoryStore):
 
 
 async def test_an_announcement_the_store_refuses_is_counted_lost() -> None:
-    announcer = ResponderChannel(_DownStore(), "r1", lambda key, policy, spi: 0,
+    announcer = ResponderChannel(_DownStore(), "r1", lambda key, policy, spi, peer: 0,
                                  _never)
     async with trio.open_nursery() as nursery:
         await nursery.start(announcer.run)
@@ -193,7 +206,7 @@ async def test_a_terminate_request_reaches_every_responder_and_is_counted_where_
             return node == "r2"
         return terminate
 
-    channels = {n: ResponderChannel(store, n, lambda k, p, s: 0, terminator(n)) for n in asked}
+    channels = {n: ResponderChannel(store, n, lambda k, p, s, peer: 0, terminator(n)) for n in asked}
     async with trio.open_nursery() as nursery:
         for channel in channels.values():
             await nursery.start(channel.run)
@@ -233,7 +246,7 @@ async def test_a_rekey_request_reaches_every_responder_and_is_counted_where_done
     async def never(spi_i: bytes, spi_r: bytes, limit: int | None) -> bool:
         raise AssertionError("not a terminate")
 
-    channels = {n: ResponderChannel(store, n, lambda k, p, s: 0, never, rekey=rekeyer(n))
+    channels = {n: ResponderChannel(store, n, lambda k, p, s, peer: 0, never, rekey=rekeyer(n))
                 for n in asked}
     async with trio.open_nursery() as nursery:
         for channel in channels.values():
@@ -279,7 +292,7 @@ def test_a_redirect_message_reaches_the_responders_callback() -> None:
             raise ValueError("not a gateway")
         calls.append((gateway, existing))
 
-    channel = ResponderChannel(MemoryStore(), "r1", lambda k, p, s: 0, _never, redirect)
+    channel = ResponderChannel(MemoryStore(), "r1", lambda k, p, s, peer: 0, _never, redirect)
     channel.apply(encode_redirect("@cli", "10.99.0.3", True))
     channel.apply(encode_redirect("@cli", "", False))
     channel.apply(encode_redirect("@cli", "bad", False))
@@ -318,6 +331,36 @@ async def test_keep_orders_two_sas_of_an_identity_by_time_and_the_later_one_goes
         finally:
             for peer in peers:
                 peer.close()
+        node.shutdown()
+
+
+async def test_an_announced_sa_from_the_peer_of_ours_reauthenticates_it(
+        setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reauthentication that rendezvous put on another responder: the announced SA came
+    from the address and port of our SA's peer, without INITIAL_CONTACT. "keep" does not
+    refuse it (ours is left to the peer to delete); "replace" deletes ours only after
+    REAUTH_GRACE. The same announcement from another peer is judged as before."""
+    monkeypatch.setattr(supervisor_module, "REAUTH_GRACE", 1.0)
+    async with trio.open_nursery() as nursery:
+        node = await start_node(nursery, setup.node_config)
+        supervisor = node.supervisor
+        peer = await open_peer(setup, "127.0.0.1")
+        try:
+            sa = await peer.establish()
+            key = (sa.remote_id, sa.local_id)
+            since = supervisor.since_of(sa.spi_r)
+            assert supervisor.keep_identity(key, SPI, since + 1.0, peer.local) is False
+            assert supervisor.keep_identity(key, SPI, since + 1.0, ("127.0.0.9", 500))
+            assert supervisor.keep_identity(key, SPI, since + 1.0)
+            started = trio.current_time()
+            assert supervisor.replace_identity(key, "replace", SPI, peer.local) == 1
+            await trio.sleep(0.3)
+            assert _up(node, sa.spi_r)
+            await peer.run_until(lambda e: isinstance(e, IkeSaDeleted))
+            assert trio.current_time() - started >= 0.9
+            await wait_for(lambda: supervisor.actor_for(sa.spi_r) is None)
+        finally:
+            peer.close()
         node.shutdown()
 
 
