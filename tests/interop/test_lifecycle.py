@@ -260,8 +260,15 @@ def run_rekeys(lab: Lab, *, pfs: bool, fast_side: str) -> tuple[Charon, Node, Sa
     assert established(charon), charon.list_sas()
     assert len(established(charon)) == 1, charon.list_sas()
     # one Child SA in use; rekeyed ones linger as DELETED for charon.delete_rekeyed_delay
-    children = established(charon)[0].get("child-sas", {}).values()
-    assert [c["state"] for c in children].count("INSTALLED") == 1, children
+    # (a listing in the middle of a rekey shows the old one REKEYING, the new one not yet)
+    deadline = time.monotonic() + 5
+    while True:
+        sas = established(charon)
+        children = sas[0].get("child-sas", {}).values() if len(sas) == 1 else sas
+        if len(sas) == 1 and [c["state"] for c in children].count("INSTALLED") == 1:
+            break
+        assert time.monotonic() < deadline, children
+        time.sleep(0.2)
     if pfs:
         # the first Child SA came with IKE_AUTH (no KE, RFC 7296 1.2); every rekey ran a DH
         rekeyed = [c for c in watch.children.values() if c.get("dh-group")]

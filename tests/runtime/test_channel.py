@@ -206,7 +206,8 @@ async def test_a_terminate_request_reaches_every_responder_and_is_counted_where_
             return node == "r2"
         return terminate
 
-    channels = {n: ResponderChannel(store, n, lambda k, p, s, peer: 0, terminator(n)) for n in asked}
+    channels = {n: ResponderChannel(store, n, lambda k, p, s, peer: 0, terminator(n))
+                for n in asked}
     async with trio.open_nursery() as nursery:
         for channel in channels.values():
             await nursery.start(channel.run)
