@@ -52,6 +52,8 @@ INITIATE_JITTER = 0.2
 # this many seconds at most, however many packets ask (a refused one is not retried
 # for every packet)
 CHILD_REQUEST_INTERVAL = 2.0
+# how often an initiator checks whether the IKE SA the peer brought up has ended
+PEER_SA_POLL = 1.0
 
 
 @dataclass(eq=False)
@@ -379,6 +381,8 @@ class Initiator:
                 await self._pause(self._acquired.wait)
             if self._stopped:
                 return
+            if await self._peer_holds_it():
+                continue
             attempt += 1
             started = trio.current_time()
             outcome = await self._attempt(attempt)
@@ -423,6 +427,20 @@ class Initiator:
                 )
             await self._pause(functools.partial(trio.sleep, wait))
             backoff = min(backoff * 2, INITIATE_BACKOFF_MAX)
+
+    async def _peer_holds_it(self) -> bool:
+        """Whether the peer brought the connection up itself (an IKE SA it initiated,
+        e.g. its own reauthentication after deleting ours): then we do not initiate
+        another, which with INITIAL_CONTACT would make the peer drop that one
+        (RFC 7296 2.4), but wait until it ends. True once it has."""
+        actor = self.supervisor.established_for(self.name, self.initiation.remote)
+        if actor is None:
+            return False
+        logger.info("connection %s: the peer brought it up (IKE SA %s_i); initiating "
+                    "again when that ends", self.name, actor.session.spi_i.hex())
+        while self.supervisor.holds(actor) and not self._stopped:
+            await self._pause(functools.partial(trio.sleep, PEER_SA_POLL))
+        return True
 
     async def _attempt(self, attempt: int) -> InitiatedOutcome:
         """Bring up an IKE SA and keep it, through make-before-break reauthentications,

@@ -238,6 +238,9 @@ class Supervisor:
         self._identity_of: dict[SaActor, tuple[str, str]] = {}
         self._since: dict[SaActor, float] = {}  # wall-clock time it was identified here
         self._peer_of: dict[SaActor, Address] = {}  # its peer's address (reauthentication)
+        # established SAs by (connection, peer host): is a connection we start already up?
+        self._up: dict[tuple[str, str], set[SaActor]] = {}
+        self._up_key: dict[SaActor, tuple[str, str]] = {}
         self.wall_clock: Callable[[], float] = time.time  # (compared across responders)
         # actors in spawn order; their half-open deadlines are therefore in order too
         self._expiry_queue: deque[SaActor] = deque()
@@ -301,6 +304,15 @@ class Supervisor:
 
     def initiated_actor_for(self, spi_i: bytes) -> SaActor | None:
         return self._initiated.get(spi_i)
+
+    def established_for(self, connection: str, host: str) -> SaActor | None:
+        """An established IKE SA of `connection` with the peer at `host`, whoever
+        initiated it (one the peer brought up, say after its own reauthentication)."""
+        return next(iter(self._up.get((connection, host), ())), None)
+
+    def holds(self, actor: SaActor) -> bool:
+        """Whether `actor`'s IKE SA is still here (established, not yet retired)."""
+        return actor in self._up_key
 
     def is_routed(self, spi_i: bytes, spi_r: bytes) -> bool:
         """Whether any routing table still leads to the SA (spi_i, spi_r)."""
@@ -669,6 +681,9 @@ class Supervisor:
     def _on_event(self, actor: SaActor, event: Event) -> None:
         if isinstance(event, IkeSaEstablished) and not actor.established:
             actor.established = True
+            key = (event.connection, event.remote[0])
+            self._up.setdefault(key, set()).add(actor)
+            self._up_key[actor] = key
             # From now on a retransmitted IKE_SA_INIT is stale; only the SPI routes.
             self._leave_half_open(actor)
             self._identified(actor, event)
@@ -728,6 +743,12 @@ class Supervisor:
         key = self._identity_of.pop(actor, None)
         self._since.pop(actor, None)
         self._peer_of.pop(actor, None)
+        up = self._up_key.pop(actor, None)
+        if up is not None:
+            held = self._up[up]
+            held.discard(actor)
+            if not held:
+                del self._up[up]
         if key is not None:
             actors = self._by_identity.get(key, set())
             actors.discard(actor)

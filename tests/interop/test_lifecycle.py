@@ -390,6 +390,43 @@ def test_our_initiator_reauthenticates_make_before_break_and_ping_keeps_every_re
     assert node.running(), text
 
 
+def test_strongswan_as_responder_reauthenticating_itself_is_not_initiated_over(
+    lab: Lab
+) -> None:
+    """A strongSwan responder with reauth_time (6 s) reauthenticates by itself when it
+    can (no virtual IP, no EAP): it deletes the IKE SA our node initiated and initiates
+    a new one to us. Our node, whose connection is to start, sees the connection up
+    again and does not initiate another over it: before, its INITIAL_CONTACT made
+    strongSwan drop its new SA ("destroying duplicate IKE_SA") while our node kept its
+    copy. One IKE SA on each side at the end, through three such rounds."""
+    ours, theirs = conn_pair(encap=True)
+    theirs = replace(theirs, extra={"reauth_time": "6s", "over_time": "10s",
+                                    "rand_time": "1s"})
+    charon = lab.charon("responder")
+    charon.load(theirs)
+    node = lab.node([ours.with_child(start_action="start")], side="initiator",
+                    node_id="a", addresses=(INITIATOR_V4,),
+                    extra_toml='[worker]\ntun = "ikecA"\n')
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    wait_for_routes(lab.initiator, present=True)
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4, 200)
+    text, log = node.log_text(), charon.log_text()
+    rounds = count(r"reauthenticating IKE_SA rw", log)
+    report("strongSwan responder reauthenticating", f"{rounds} rounds; ping: "
+           f"{output.splitlines()[-2] if output else ''}")
+    assert rounds >= 2, log
+    assert text.count("initiating IKE SA from") == 1, text
+    assert text.count("the peer brought it up") >= rounds - 1, text
+    assert "destroying duplicate IKE_SA" not in log, log
+    assert len(established(charon)) == 1, charon.list_sas()
+    ours_up = count(r"IKE SA established: ", text) - count(r"IKE SA deleted: ", text)
+    assert ours_up == 1, text
+    # strongSwan 5.9.8 deletes before it initiates (break-before-make): a ping may fall
+    # into each gap
+    assert received >= sent - rounds, output
+    assert node.running(), text
+
+
 @pytest.mark.parametrize("unique", ["keep", "replace"])
 def test_strongswan_reauthenticates_make_before_break_under_unique(
     lab: Lab, unique: str

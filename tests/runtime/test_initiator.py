@@ -723,3 +723,31 @@ async def test_a_refused_reauthentication_is_tried_again_while_the_old_sa_lasts(
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(f"connection link: reauthentication of IKE SA {first.spi_i.hex()}"
                             "_i failed") for m in messages)
+
+
+async def test_a_connection_the_peer_brought_up_is_not_initiated_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both nodes start the connection; A's SA is up when B's configuration starts it
+    too (a reload). B, that SA's responder, holds it as the connection's SA and does not
+    initiate another, which with INITIAL_CONTACT would make A drop it."""
+    caplog.set_level(logging.INFO)
+    pair = make_pair(tmp_path)
+    b_start = node_config(tmp_path, "b2", B_HOST, (pair.b.ike_port, pair.b.natt_port),
+                          A_HOST, pair.a.ike_port, start=True)
+    async with trio.open_nursery() as nursery:
+        b = await pair.start_b(nursery)
+        a = await pair.start_a(nursery)
+        await wait_for(lambda: len(established(pair.b_events)) == 1)
+        b.reconfigure(dataclasses.replace(pair.b, policy=b_start.policy,
+                                          initiations=b_start.initiations))
+        (initiator,) = b.initiators
+        await trio.sleep(1.5)
+        assert initiator.attempts == 0
+        assert len(established(pair.a_events)) == len(established(pair.b_events)) == 1
+        assert not [e for e in pair.a_events + pair.b_events if isinstance(e, IkeSaDeleted)]
+        a.shutdown()
+        b.shutdown()
+    (sa,) = established(pair.b_events)
+    assert f"connection link: the peer brought it up (IKE SA {sa.spi_i.hex()}_i); " \
+        "initiating again when that ends" in [r.getMessage() for r in caplog.records]
