@@ -390,19 +390,21 @@ def test_our_initiator_reauthenticates_make_before_break_and_ping_keeps_every_re
     assert node.running(), text
 
 
+@pytest.mark.parametrize("mbb", ["no", "yes"], ids=["break-before-make", "make-before-break"])
 def test_strongswan_as_responder_reauthenticating_itself_is_not_initiated_over(
-    lab: Lab
+    lab: Lab, mbb: str
 ) -> None:
     """A strongSwan responder with reauth_time (6 s) reauthenticates by itself when it
-    can (no virtual IP, no EAP): it deletes the IKE SA our node initiated and initiates
-    a new one to us. Our node, whose connection is to start, sees the connection up
-    again and does not initiate another over it: before, its INITIAL_CONTACT made
-    strongSwan drop its new SA ("destroying duplicate IKE_SA") while our node kept its
-    copy. One IKE SA on each side at the end, through three such rounds."""
+    can (no virtual IP, no EAP): it initiates a new IKE SA to us and deletes the one our
+    node initiated (after it, or with make_before_break before it). Our node, whose
+    connection is to start, sees the connection up and does not initiate another over
+    it: before, its INITIAL_CONTACT made strongSwan drop its new SA ("destroying
+    duplicate IKE_SA") while our node kept its copy. One IKE SA on each side at the end,
+    through three such rounds."""
     ours, theirs = conn_pair(encap=True)
     theirs = replace(theirs, extra={"reauth_time": "6s", "over_time": "10s",
                                     "rand_time": "1s"})
-    charon = lab.charon("responder")
+    charon = lab.charon("responder", settings={"make_before_break": mbb})
     charon.load(theirs)
     node = lab.node([ours.with_child(start_action="start")], side="initiator",
                     node_id="a", addresses=(INITIATOR_V4,),
@@ -412,7 +414,7 @@ def test_strongswan_as_responder_reauthenticating_itself_is_not_initiated_over(
     sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4, 200)
     text, log = node.log_text(), charon.log_text()
     rounds = count(r"reauthenticating IKE_SA rw", log)
-    report("strongSwan responder reauthenticating", f"{rounds} rounds; ping: "
+    report(f"strongSwan responder reauthenticating, mbb={mbb}", f"{rounds} rounds; ping: "
            f"{output.splitlines()[-2] if output else ''}")
     assert rounds >= 2, log
     assert text.count("initiating IKE SA from") == 1, text
