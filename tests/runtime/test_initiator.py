@@ -625,6 +625,13 @@ def _with_b_connection(pair: Pair, **changes: object) -> None:
         pair.b.policy, connections=(dataclasses.replace(conn, **changes),)))
 
 
+async def _both_deleted(pair: Pair) -> None:
+    """Until both nodes have an IKE SA deleted (B's comes first: A's when B's answer to
+    its Delete is in)."""
+    await wait_for(lambda: all(any(isinstance(e, IkeSaDeleted) for e in events)
+                               for events in (pair.a_events, pair.b_events)), timeout=10)
+
+
 def _assert_made_before_broken(pair: Pair) -> tuple[IkeSaEstablished, IkeSaEstablished]:
     """A's events: the new IKE SA and its Child SA came up before A deleted the old one
     (REAUTHENTICATED); B saw INITIAL_CONTACT only on the first and the old SA deleted by
@@ -659,7 +666,7 @@ async def test_our_reauth_time_brings_up_a_new_sa_before_the_old_one_goes(
     async with trio.open_nursery() as nursery:
         b = await pair.start_b(nursery)
         a = await pair.start_a(nursery)
-        await wait_for(lambda: any(isinstance(e, IkeSaDeleted) for e in pair.b_events))
+        await _both_deleted(pair)
         first, second = _assert_made_before_broken(pair)
         host2 = [i for i, e in enumerate(pair.a_events) if isinstance(e, ChildSaEstablished)
                  and e.ike_spi_i == second.spi_i and e.name == "host2"]
@@ -688,7 +695,7 @@ async def test_the_peers_auth_lifetime_makes_us_reauthenticate_before_it_ends(
     async with trio.open_nursery() as nursery:
         b = await pair.start_b(nursery)
         a = await pair.start_a(nursery)
-        await wait_for(lambda: any(isinstance(e, IkeSaDeleted) for e in pair.b_events))
+        await _both_deleted(pair)
         _assert_made_before_broken(pair)
         assert not [e for e in pair.b_events
                     if isinstance(e, IkeSaDeleted) and e.reason == AUTH_EXPIRED]
@@ -713,8 +720,7 @@ async def test_a_refused_reauthentication_is_tried_again_while_the_old_sa_lasts(
         await wait_for(lambda: any(isinstance(e, IkeSaFailed) for e in pair.b_events),
                        timeout=25)
         b.reconfigure(pair.b)
-        await wait_for(lambda: any(isinstance(e, IkeSaDeleted) for e in pair.b_events),
-                       timeout=10)
+        await _both_deleted(pair)
         first, _ = _assert_made_before_broken(pair)
         (initiator,) = a.initiators
         assert (initiator.attempts, initiator.reauthentications) == (1, 2)
