@@ -432,7 +432,8 @@ class Initiator:
         """Whether the peer brought the connection up itself (an IKE SA it initiated,
         e.g. its own reauthentication after deleting ours): then we do not initiate
         another, which with INITIAL_CONTACT would make the peer drop that one
-        (RFC 7296 2.4), but wait until it ends. True once it has."""
+        (RFC 7296 2.4), but wait until it ends, and a back-off more (the peer may be
+        bringing up the next one, as after deleting ours). True once it has."""
         actor = self.supervisor.established_for(self.name, self.initiation.remote)
         if actor is None:
             return False
@@ -440,6 +441,8 @@ class Initiator:
                     "again when that ends", self.name, actor.session.spi_i.hex())
         while self.supervisor.holds(actor) and not self._stopped:
             await self._pause(functools.partial(trio.sleep, PEER_SA_POLL))
+        wait = INITIATE_BACKOFF_FIRST * (1.0 - INITIATE_JITTER * self._jitter())
+        await self._pause(functools.partial(trio.sleep, wait))
         return True
 
     async def _attempt(self, attempt: int) -> InitiatedOutcome:
