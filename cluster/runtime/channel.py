@@ -50,7 +50,7 @@ import trio
 
 from ..ike.session import Address
 from ..store.interface import Children, PutChild, StateStore, StoreError
-from .supervisor import CLUSTER_POLICIES, INITIAL_CONTACT
+from .supervisor import CLUSTER_POLICIES
 
 logger = logging.getLogger(__name__)
 
@@ -288,8 +288,6 @@ class ResponderChannel:
             if self._keep is None:
                 return
             since = self._keep.since_of(spi_r)
-        if policy == INITIAL_CONTACT:
-            peer = None
         self._queue(encode_identity(self.node_id, key, policy, spi_r, since, peer), spi_r,
                     policy)
 

@@ -413,12 +413,13 @@ class DataPlane:
                 for spi_in in [s for s, i in self._ike_of.items() if i == ike]:
                     self.remove(spi_in)
                 vips = self._vips_of.pop(ike, ())
-                held = {a for addresses in self._vips_of.values() for a in addresses}
-                for address in vips:
-                    if address not in held:  # (a reauthentication's new SA may hold it too)
-                        self.tun.remove_address(_host_interface(address))
-                if vips:  # a route source may have been one of them
-                    self._sources.clear()
+                if vips:
+                    # (a reauthentication's new IKE SA may hold the same address)
+                    held = {a for addresses in self._vips_of.values() for a in addresses}
+                    for address in vips:
+                        if address not in held:
+                            self.tun.remove_address(_host_interface(address))
+                    self._sources.clear()  # a route source may have been one of them
         except (ValueError, OSError) as exc:
             # a Child SA the data plane cannot carry must not take the responder down
             logger.error("data plane: %s for %s", exc, type(event).__name__)
