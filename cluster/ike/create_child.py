@@ -94,8 +94,10 @@ def _respond_child(sa: IkeSa, payloads: list[Payload], nonce: NoncePayload,
             raise NoProposalChosen("only ESP Child SAs are supported")
         # the SPI the peer receives with: our outbound SPI of that SA (RFC 7296 1.3.3)
         old = next((c for c in sa.children.values() if c.spi_out == n.spi), None)
-        if old is None or old.deleting:
+        if old is None:
             raise ChildSaNotFound(f"no Child SA with SPI {n.spi.hex()} to rekey")
+        if old.deleting:  # RFC 7296 2.25.1: our Delete is on its way
+            raise TemporaryFailure(f"the Child SA with SPI {n.spi.hex()} is being deleted")
     conn = sa.connection
     if old is not None:  # keep the old SA's configuration: a rekey, not a new policy
         config = _config_of(sa, old.name)
@@ -132,6 +134,8 @@ def _respond_ike_rekey(sa: IkeSa, payloads: list[Payload], sa_p: SaPayload,
     assert sa.connection is not None
     if sa.rekeying:
         raise TemporaryFailure("we are rekeying this IKE SA ourselves")  # RFC 7296 2.25
+    if sa.pending is not None:  # it would die with the old IKE SA (strongSwan waits too)
+        raise TemporaryFailure("a request of ours is outstanding on this IKE SA")
     ke = first_of(payloads, KePayload)
     if ke is None:
         raise InvalidSyntax("IKE SA rekey without KE")

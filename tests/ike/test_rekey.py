@@ -181,6 +181,48 @@ def test_simultaneous_child_rekeys_leave_one_new_sa_on_both_sides() -> None:
     assert client.drops == {} and gateway.drops == {}
 
 
+def test_ike_rekey_by_the_peer_waits_for_our_outstanding_request() -> None:
+    """RFC 7296 2.25: while a request of ours is outstanding, the peer's IKE SA rekey gets
+    TEMPORARY_FAILURE; taken over, the request would die with the old IKE SA. (strongSwan
+    can drop a request whose message ID equals a response it is processing; the Child SA
+    whose Delete was lost that way stayed on our side for good.)"""
+    client, gateway = established()
+    spis = (gateway.spi_i, gateway.spi_r)
+    gateway.delete_child(only_child(gateway), 1.0)
+    assert len(gateway.datagrams_to_send()) == 1  # lost: the gateway must send it again
+    client.rekey_ike(1.0)
+    settle(client, gateway, 1.0)
+    assert (client.spi_i, client.spi_r) == (gateway.spi_i, gateway.spi_r) == spis
+    for _ in range(20):  # the retransmitted Delete, then the client's rekey again
+        now = min(t for t in (client.get_timer(), gateway.get_timer()) if t is not None)
+        client.handle_timer(now)
+        gateway.handle_timer(now)
+        settle(client, gateway, now)
+        if (gateway.spi_i, gateway.spi_r) != spis:
+            break
+    assert (client.spi_i, client.spi_r) == (gateway.spi_i, gateway.spi_r) != spis
+    assert client.sa.children == {} and gateway.sa.children == {}
+    assert client.state is State.ESTABLISHED and gateway.state is State.ESTABLISHED
+
+
+def test_rekey_of_a_child_sa_we_are_deleting_gets_temporary_failure() -> None:
+    """RFC 7296 2.25.1: not CHILD_SA_NOT_FOUND, which tells the peer to create it anew."""
+    client, gateway = established()
+    gateway.delete_child(only_child(gateway), 1.0)
+    held = gateway.datagrams_to_send()
+    client.rekey_child(only_child(client), 1.0)
+    transfer(client, gateway, 1.0)  # the rekey request overtakes the Delete
+    transfer(gateway, client, 1.0)
+    assert client.sa.children  # refused for now, not forgotten
+    for d in held:
+        client.receive_datagram_untrusted(d.data, d.remote, d.local, 1.0)
+    settle(client, gateway, 1.0)
+    [deleted] = of(drain(client), ChildSaDeleted)
+    assert deleted.reason == "deleted by peer"
+    assert client.sa.children == {} and gateway.sa.children == {}
+    assert not of(drain(gateway), ChildSaEstablished)
+
+
 def test_lifetimes_make_the_responder_rekey() -> None:
     short = replace(psk_connection(children=(replace(child(), lifetime=Lifetime(10.0)),)),
                     lifetime=Lifetime(30.0))

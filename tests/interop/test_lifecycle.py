@@ -335,6 +335,86 @@ def test_rekeys_initiated_by_our_node_are_accepted_by_strongswan(lab: Lab, pfs: 
     assert ours.count("us") >= IKE_REKEYS and "the peer" not in ours, node.log_text()
 
 
+# --- 1a. both ends rekeying on the same schedule -----------------------------------------
+
+SAME_CHILD = {"rekey_time": "4s", "life_time": "8s", "rand_time": "0s"}
+SAME_IKE = {"over_time": "5s", "rand_time": "0s"}
+SAME_WATCH = 30.0
+CHILD_LIFE = 8.0
+
+
+def child_ages(node: Node, now: float) -> dict[str, float]:
+    """spi_in -> seconds each of our Child SAs lived, by the node's log (until `now`, a
+    time.time(), for one still there)."""
+    born: dict[str, float] = {}
+    ages: dict[str, float] = {}
+    for stamp, what, spi in re.findall(
+            r"^(\S+ \S+) INFO \S+ CHILD SA (established|deleted): .* spi_in=([0-9a-f]{8})",
+            node.log_text(), re.M):
+        at = time.mktime(time.strptime(stamp.split(",")[0], "%Y-%m-%d %H:%M:%S"))
+        at += int(stamp.split(",")[1]) / 1000
+        if what == "established":
+            born[spi] = at
+        elif spi in born:
+            ages[spi] = at - born.pop(spi)
+    ages.update({spi: now - at for spi, at in born.items()})
+    return ages
+
+
+def test_both_ends_rekeying_at_once_keep_one_child_sa_and_every_ping(lab: Lab) -> None:
+    """Both ends rekey the Child SA every 4 s and the IKE SA every 9 s, with no random
+    part, so their requests often cross (RFC 7296 2.8.1: both complete, the exchange with
+    the lowest nonce made the redundant SA; 2.8.2, 2.25: an IKE rekey meeting ours or an
+    exchange of ours under way gets TEMPORARY_FAILURE). A ping loses nothing, none of our
+    Child SAs outlives its life_time (one whose Delete got lost in such a crossing once
+    stayed for good), and both ends end with the same one Child SA."""
+    esp = PFS_ESP
+    initiator_conn, responder_conn = conn_pair(esp_proposals=esp, responder_esp_proposals=esp)
+    initiator_conn = replace(initiator_conn, rekey_time="9s",
+                             extra=dict(SAME_IKE)).with_child(**SAME_CHILD)
+    responder_conn = replace(responder_conn, rekey_time="9s",
+                             node_extra=dict(SAME_IKE)).with_child(**SAME_CHILD)
+    node = lab.node([responder_conn], extra_toml=WORKER_TOML)
+    charon = lab.charon("initiator", log_levels={"ike": 2, "chd": 2})
+    charon.load(initiator_conn)
+    assert_initiated(charon.initiate("net"), charon)
+    wait_for_log(node, r"CHILD SA established: net")
+    wait_for_routes(lab.responder, present=True)
+
+    watch = SaWatch(charon)
+    pinging = BackgroundPing.start(lab, SAME_WATCH)
+    watch_during(watch, pinging)
+    sent, received, summary = pinging.result()
+    log, text = charon.log_text(), node.log_text()
+    report("both ends rekeying at once", f"{len(watch.children)} Child SAs and "
+           f"{len(watch.ike)} IKE SAs seen; strongSwan saw "
+           f"{count(r'detected CHILD_REKEY collision with CHILD_REKEY', log)} Child SA and "
+           f"{count(r'detected IKE_REKEY collision with IKE_REKEY', log)} IKE SA rekey "
+           f"collisions; ping: {summary}")
+    assert received == sent and sent >= SAME_WATCH / 0.2 - 1, summary
+    assert len(watch.children) >= SAME_WATCH / 4 - 1, watch.children.keys()
+    overdue = {spi: age for spi, age in child_ages(node, time.time()).items()
+               if age > CHILD_LIFE + SLACK}
+    assert not overdue, f"{overdue}\n{text}"
+    assert "IKE SA deleted" not in text and "IKE SA failed" not in text, text
+
+    def ours() -> set[str]:
+        live: set[str] = set()
+        for what, spi in our_child_events(node):
+            (live.add if what == "established" else live.discard)(spi)
+        return live
+
+    def theirs() -> set[str]:
+        return {c["spi-out"] for sa in established(charon)
+                for c in sa.get("child-sas", {}).values() if c["state"] == "INSTALLED"}
+
+    deadline = time.monotonic() + 5  # (a listing may catch a rekey half done)
+    while not (len(ours()) == 1 and ours() == theirs()):
+        assert time.monotonic() < deadline, f"ours {ours()}, strongSwan's {theirs()}"
+        time.sleep(0.1)
+    assert node.running(), text
+
+
 # --- 1b. reauthentication of an SA our node initiated -----------------------------------
 
 REAUTH_TIME = 8  # our node's reauth_time: a new IKE SA at 7.2-8 s, the old one gone at 8.8 s
