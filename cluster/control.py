@@ -137,10 +137,12 @@ async def _send(conn: trio.socket.SocketType, answer: Answer) -> None:
         data = data[sent:]
 
 
-def request(node_id: str, command: str, timeout: float = 30.0, **fields: Any) -> Answer:
-    """Send one request to the node (blocking, for the CLI); its answer, or ControlError."""
+def request(node_id: str, command: str, *, answer_within: float = 30.0,
+            **fields: Any) -> Answer:
+    """Send one request to the node (blocking, for the CLI); its answer, or ControlError
+    when none came within `answer_within` seconds."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
+        sock.settimeout(answer_within)
         try:
             sock.connect(address(node_id))
             sock.sendall(json.dumps({"command": command, **fields}).encode() + b"\n")

@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the store could not be read; terminate: not (all) terminated
 EXIT_CONFIG = 2  # bad configuration, or no shared store named in it
+# seconds a node's control socket gets to answer, beyond the `--timeout` it was given
+ANSWER_WITHIN = 30.0
 
 # the first strongSwan keyword of each group ("x25519", not "curve25519")
 _DH_KEYWORDS: dict[int, str] = {}
@@ -568,9 +570,11 @@ def _redirect_cluster(store: StateStore, gateway: str, existing: bool) -> int:
 
 
 def _ask(node_id: str, command: str, **fields: Any) -> Answer | None:
-    """The node's answer, or None after saying why there is none."""
+    """The node's answer, or None after saying why there is none. A `timeout` field is
+    how long the node may work on it; the answer is waited for a little longer."""
+    answer_within = ANSWER_WITHIN + float(fields.get("timeout", 0.0))
     try:
-        return request(node_id, command, **fields)
+        return request(node_id, command, answer_within=answer_within, **fields)
     except ControlError as exc:
         print(f"node {node_id}: {exc}", file=sys.stderr)
         return None

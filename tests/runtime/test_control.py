@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from cluster import control
+from cluster import control, ops
 from cluster.config import NodeConfig
 from cluster.ike.events import IkeSaDeleted
 from cluster.ops import control_handlers
@@ -24,7 +24,7 @@ from .test_node_loopback import open_peer, wait_for
 
 async def _ask(node_id: str, command: str, **fields: object) -> control.Answer:
     return await trio.to_thread.run_sync(
-        lambda: control.request(node_id, command, timeout=10.0, **fields))
+        lambda: control.request(node_id, command, answer_within=10.0, **fields))
 
 
 async def _start(nursery: trio.Nursery, config: NodeConfig) -> tuple[Node, str]:
@@ -150,3 +150,20 @@ async def test_another_user_is_refused(setup: Setup) -> None:
         assert result.stdout == '{"ok": false, "error": "permission denied"}\n', result
         node.shutdown()
         nursery.cancel_scope.cancel()
+
+
+async def test_the_cli_hands_its_timeout_to_the_node() -> None:
+    """`--timeout` is how long the node may take (terminate, rekey): it must reach the
+    node as a field, not only limit the wait for the answer."""
+    node_id = f"ctl-{os.getpid()}-{secrets.token_hex(3)}"
+    seen: list[object] = []
+
+    async def echo(request: control.Request) -> control.Answer:
+        seen.append(request.get("timeout"))
+        return {}
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.serve_control, node_id, {"echo": echo})
+        answer = await trio.to_thread.run_sync(lambda: ops._ask(node_id, "echo", timeout=2.5))
+        nursery.cancel_scope.cancel()
+    assert answer == {"ok": True} and seen == [2.5]
