@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "how long to wait for the new SAs (10)")
     rekey.add_argument("--child", metavar="NAME",
                        help="rekey the Child SAs of this child instead of the IKE SAs")
+    initiate = commands.add_parser(
+        "initiate", help="bring up a Child SA with its connection's peer (swanctl --initiate)")
+    initiate.add_argument("--config", required=True, metavar="PATH",
+                          help="the single node's TOML file (its id names the node)")
+    initiate.add_argument("--child", required=True, metavar="NAME",
+                          help="the child to bring up (its connection's remote_addrs is "
+                               "the peer)")
+    initiate.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                          help="how long to wait for it (10)")
     return parser
 
 
@@ -123,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return ops.terminate_command(args.config, ike=args.ike, identity=args.id,
                                          timeout=args.timeout)
+        if args.command == "initiate":
+            from . import ops
+
+            return ops.initiate_command(args.config, args.child, args.timeout)
         if args.command == "rekey":
             from . import ops
 

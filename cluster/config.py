@@ -170,6 +170,9 @@ class NodeConfig:
     log_level: str = "info"  # [node] log_level
     control: bool = True  # [node] control: the control socket (cluster/control.py)
     initiations: tuple[Initiation, ...] = ()  # in the order of the connections
+    # `ike-cluster initiate`: each connection's peer (a copy of the connection inside),
+    # or why it has none to initiate to
+    initiable: Mapping[str, Initiation | str] = field(default_factory=dict)
     worker: WorkerConfig | None = None  # None: no data plane in this process
     dos: DosConfig = field(default_factory=DosConfig)  # [ike] cookie and half-open limits
     metrics: MetricsConfig | None = None  # None: no metrics endpoint
@@ -310,8 +313,9 @@ class _Loader:
             self.connection(name, _join("connections", name), value, legacy, addresses, pools)
             for name, value in root.named_tables("connections").items()
         ]
-        connections = tuple(conn for conn, _ in loaded)
-        initiations = tuple(initiation for _, initiation in loaded if initiation is not None)
+        connections = tuple(conn for conn, _, _ in loaded)
+        initiations = tuple(initiation for _, initiation, _ in loaded if initiation is not None)
+        initiable = {conn.name: manual for conn, _, manual in loaded}
         if not connections:
             root.fail("connections", "no connections defined")
         policy = ResponderPolicy(
@@ -346,6 +350,7 @@ class _Loader:
             log_level=log_level,
             control=control,
             initiations=initiations,
+            initiable=initiable,
             worker=worker,
             dos=dos,
             metrics=metrics,
@@ -506,7 +511,7 @@ class _Loader:
     def connection(
         self, name: str, key: str, value: object, legacy: bool, addresses: tuple[str, ...],
         pools: dict[str, AddressPool],
-    ) -> tuple[ConnectionConfig, Initiation | None]:
+    ) -> tuple[ConnectionConfig, Initiation | None, Initiation | str]:
         conn = self.table(
             key,
             value,
@@ -584,7 +589,8 @@ class _Loader:
             fragmentation=conn.choice("fragmentation", FRAGMENTATION, aliases={"force": "yes"}),
             keyingtries=self.keyingtries(conn),
         )
-        return connection, self.initiation(conn, connection, remote_port, addresses)
+        return (connection, self.initiation(conn, connection, remote_port, addresses),
+                self.manual_initiation(conn, connection, remote_port, addresses))
 
     def ppk_id(self, conn: _Table) -> bytes | None:
         text = conn.string("ppk_id", "")
@@ -687,6 +693,36 @@ class _Loader:
                 f'start_action "{other.start_action}"',
             )
         why = f'start_action = "{child.start_action}" in children.{child.name}'
+        local, remote = self.initiation_addresses(conn, addresses, why)
+        others = tuple(c for c in connection.children if c is not child)
+        return Initiation(
+            connection=replace(connection, children=(child, *others)),
+            local=local,
+            remote=remote,
+            remote_port=remote_port,
+            on_demand=child.start_action == "trap",
+        )
+
+    def manual_initiation(
+        self,
+        conn: _Table,
+        connection: ConnectionConfig,
+        remote_port: int,
+        addresses: tuple[str, ...],
+    ) -> Initiation | str:
+        """What `ike-cluster initiate` starts for the connection, or why it cannot (one
+        only responded to may name no single peer address, and that is no mistake)."""
+        try:
+            local, remote = self.initiation_addresses(conn, addresses, "to initiate it")
+        except ConfigError as exc:
+            return str(exc)
+        return Initiation(connection=connection, local=local, remote=remote,
+                          remote_port=remote_port)
+
+    def initiation_addresses(
+        self, conn: _Table, addresses: tuple[str, ...], why: str
+    ) -> tuple[str, str]:
+        """(local, remote) to initiate from and to: the one address of remote_addrs."""
         remote_texts = conn.strings("remote_addrs", ())
         if len(remote_texts) != 1:
             conn.fail(
@@ -703,15 +739,7 @@ class _Loader:
         remote = ipaddress.ip_address(remote_text)  # peer_addrs checked it
         if remote.is_unspecified:
             conn.fail("remote_addrs[0]", f"{why}: {remote_text!r} is not a peer address")
-        local = self.initiation_source(conn, remote, addresses, why)
-        others = tuple(c for c in connection.children if c is not child)
-        return Initiation(
-            connection=replace(connection, children=(child, *others)),
-            local=local,
-            remote=str(remote),
-            remote_port=remote_port,
-            on_demand=child.start_action == "trap",
-        )
+        return self.initiation_source(conn, remote, addresses, why), str(remote)
 
     def initiation_source(
         self,

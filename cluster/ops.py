@@ -45,7 +45,7 @@ from .runtime.channel import (
     encode_terminate,
     store_redirect,
 )
-from .runtime.node import ResponderFactory, redirect_node
+from .runtime.node import Initiated, InitiateError, ResponderFactory, redirect_node
 from .runtime.radius_dae import Disconnect
 from .runtime.reload import ReloadResult
 from .runtime.supervisor import Supervisor
@@ -429,6 +429,30 @@ def rekey_command(config_path: str, *, ike: str | None = None, identity: str | N
     return EXIT_FAILURE if left else EXIT_OK
 
 
+def initiate_command(config_path: str, child: str, timeout: float = 10.0) -> int:
+    """`ike-cluster initiate --config PATH --child NAME [--timeout S]` (swanctl's
+    `--initiate --child`): the single node brings the child up with its connection's
+    peer, on the IKE SA it has with that peer or a new one."""
+    target = _open(config_path)
+    if isinstance(target, int):
+        return target
+    if not isinstance(target, str):
+        print(f"{config_path}: [cluster] store: a cluster's responders only respond; "
+              "initiate from a single node (`ike-cluster run`)", file=sys.stderr)
+        return EXIT_CONFIG
+    answer = _ask(target, "initiate", child=child, timeout=timeout)
+    if answer is None:
+        return EXIT_FAILURE
+    if "error" in answer or "failed" in answer:
+        print(f"initiate failed: {answer.get('error') or answer['failed']}", file=sys.stderr)
+        return EXIT_FAILURE
+    up = answer["initiated"]
+    print(f"{'already up' if up['already'] else 'initiated'}: CHILD SA {_safe(up['child'])} "
+          f"{up['spi_in']} (in) {up['spi_out']} (out) in IKE SA {_safe(up['connection'])} "
+          f"{up['spi_i']}_i/{up['spi_r']}_r with {_safe(str(up['peer'][0]))}")
+    return EXIT_OK
+
+
 async def rekey(rows: Callable[[], Awaitable[list[Row]]],
                 ask: Callable[[Row, bytes], Awaitable[None]], chosen: Callable[[Row], bool],
                 child: str | None, timeout: float, poll: float = 0.2
@@ -679,9 +703,12 @@ def session_rows(sessions: Sequence[Session], owner: str, now: float) -> list[Ro
 
 def control_handlers(node_id: str, supervisor: Supervisor,
                      reload: Callable[[], ReloadResult] | None,
-                     factory: ResponderFactory | None = None) -> dict[str, Handler]:
+                     factory: ResponderFactory | None = None,
+                     initiate: Callable[[str, float], Awaitable[Initiated]] | None = None,
+                     ) -> dict[str, Handler]:
     """What a node's control socket answers: "sas", "terminate" and, given `reload`,
-    "reload", given the supervisor's `factory`, "redirect"."""
+    "reload", given the supervisor's `factory`, "redirect", given `initiate`
+    (`Node.initiate`), "initiate"."""
 
     def rows() -> list[Row]:
         return session_rows(supervisor.established_sessions(), node_id, trio.current_time())
@@ -735,7 +762,23 @@ def control_handlers(node_id: str, supervisor: Supervisor,
             return {"error": str(exc)}
         return {"redirecting": gateway, "asked": moved, "unsupported": unable}
 
+    async def initiate_here(request: Request) -> Answer:
+        child = request.get("child")
+        if not isinstance(child, str):
+            return {"error": "name the child to initiate"}
+        assert initiate is not None
+        try:
+            up = await initiate(child, float(request.get("timeout", 10.0)))
+        except InitiateError as exc:
+            return {"failed": str(exc)}
+        return {"initiated": {
+            "connection": up.connection, "peer": list(up.peer), "spi_i": up.spi_i.hex(),
+            "spi_r": up.spi_r.hex(), "child": up.child, "spi_in": up.spi_in.hex(),
+            "spi_out": up.spi_out.hex(), "already": up.already}}
+
     handlers: dict[str, Handler] = {"sas": sas, "terminate": terminate, "rekey": rekey_here}
+    if initiate is not None:
+        handlers["initiate"] = initiate_here
     if reload is not None:
         handlers["reload"] = reload_handler(reload)
     if factory is not None:

@@ -134,7 +134,7 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
             await nursery.start(serve_control, config.node_id, control_handlers(
                 config.node_id, node.supervisor,
                 lambda: reload_from(config.source, lambda: node.config, node.reconfigure),
-                node.factory))
+                node.factory, node.initiate))
         if plane is not None and config.worker is not None:
             _set_traps(node, plane)
             plane.udp_send = node.dispatcher.send_esp

@@ -8,7 +8,7 @@ import random
 import signal
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -54,6 +54,26 @@ INITIATE_JITTER = 0.2
 CHILD_REQUEST_INTERVAL = 2.0
 # how often an initiator checks whether the IKE SA the peer brought up has ended
 PEER_SA_POLL = 1.0
+# how often `Node.initiate` looks whether the Child SA it asked for is up
+INITIATE_POLL = 0.05
+
+
+class InitiateError(Exception):
+    """`ike-cluster initiate` could not bring the child up; the message says why."""
+
+
+@dataclass(frozen=True)
+class Initiated:
+    """A Child SA `Node.initiate` found up, and its IKE SA."""
+
+    connection: str
+    peer: Address
+    spi_i: bytes
+    spi_r: bytes
+    child: str
+    spi_in: bytes
+    spi_out: bytes
+    already: bool  # it was up before we were asked
 
 
 @dataclass(eq=False)
@@ -70,6 +90,9 @@ class Node:
     nursery: trio.Nursery | None = None  # where initiators run
     revocation: RevocationStats = field(default_factory=RevocationStats)  # CRL/OCSP fetches
     radius: RadiusStats = field(default_factory=RadiusStats)  # eap-radius round trips
+    # `initiate` of a connection no start_action brings up: one IKE SA each, until it ends
+    manual: list[Initiator] = field(default_factory=list)
+    listeners: list[Callable[[Event], None]] = field(default_factory=list)  # see run_node
 
     def reconfigure(self, config: NodeConfig) -> None:
         """Use a reloaded configuration (`reload.carry_over` made it) for what comes next:
@@ -115,6 +138,92 @@ class Node:
         for initiator in self.initiators:
             if initiator.name == connection:
                 initiator.acquire()
+
+    async def initiate(self, child: str, timeout: float) -> Initiated:
+        """`swanctl --initiate --child`: bring up a Child SA of `child` with its
+        connection's peer: on the IKE SA up with that peer if there is one (CREATE_CHILD_SA),
+        else on a new IKE SA, which stays until it ends and is not initiated again
+        (strongSwan's `start_action = none` with `close_action = none`). InitiateError
+        says why not, also when it is not up within `timeout` seconds."""
+        policy = self.config.policy
+        connection = next((c for c in policy.connections if c.child(child) is not None), None)
+        if connection is None:
+            raise InitiateError(f"no connection has a child {child!r}")
+        target = self.config.initiable.get(connection.name)
+        if not isinstance(target, Initiation):
+            raise InitiateError(f"connection {connection.name}: cannot initiate: {target}")
+        config = connection.child(child)
+        assert config is not None
+        others = tuple(c for c in connection.children if c is not config)
+        initiation = replace(target, connection=replace(connection, children=(config, *others)))
+        refused: list[str] = []
+
+        def listen(event: Event) -> None:
+            if isinstance(event, ChildSaFailed) and event.name == child:
+                refused.append(event.reason)
+        self.listeners.append(listen)
+        try:
+            with trio.move_on_after(timeout):
+                return await self._bring_up(initiation, child, refused)
+        finally:
+            self.listeners.remove(listen)
+        raise InitiateError(f"not up within {timeout:g} s")
+
+    async def _bring_up(self, initiation: Initiation, child: str,
+                        refused: list[str]) -> Initiated:
+        name, remote = initiation.connection.name, initiation.remote
+        one: Initiator | None = None
+        if self.supervisor.established_for(name, remote) is None:
+            running = next((i for i in [*self.initiators, *self.manual]
+                            if i.name == name and not i.finished), None)
+            if running is None:
+                one = Initiator(initiation, self.config.policy, self.supervisor,
+                                self.dispatcher, once=True)
+                self.manual.append(one)
+                assert self.nursery is not None
+                self.nursery.start_soon(self._run_once, one, name=f"initiate {name}")
+            elif running.initiation.on_demand:
+                running.acquire()
+        actor: SaActor | None = None
+        requested = False  # of the current IKE SA: by us, or its IKE_AUTH (our new SA)
+        ran: list[bool] = []  # our request ran: whether it sent a CREATE_CHILD_SA
+        while True:
+            if refused:
+                raise InitiateError(f"the Child SA was refused: {refused[0]}")
+            if one is not None and one.outcome is not None and not one.outcome.established:
+                raise InitiateError(one.outcome.reason)
+            current = self.supervisor.established_for(name, remote)
+            if current is not None and current is not actor:  # new, or the last one went
+                actor, ran = current, []
+                requested = one is not None and current.session.spi_i == one.spi_i
+                if requested:
+                    ran.append(True)
+            if actor is not None and current is actor:
+                up = _child_up(actor, child, already=not requested)
+                if up is not None:
+                    return up
+                session = actor.session
+                if isinstance(session, IkeSession) and not session.creating_children:
+                    if not requested:
+                        requested = True
+                        self._ask_for_child(actor, child, ran)
+                    elif ran:  # answered (or never sent), and no Child SA: the log says why
+                        raise InitiateError("the Child SA did not come up"
+                                            + (f": {session.last_error}"
+                                               if session.last_error else ""))
+            await trio.sleep(INITIATE_POLL)
+
+    def _ask_for_child(self, actor: SaActor, child: str, asked: list[bool]) -> None:
+        def start(session: Session, now: float) -> None:
+            asked.append(isinstance(session, IkeSession) and session.start_child(child, now))
+        if not actor.mailbox.put_nowait(start):
+            raise InitiateError("the IKE SA is too busy to take the request")
+
+    async def _run_once(self, initiator: Initiator) -> None:
+        try:
+            await initiator.run()
+        finally:
+            self.manual.remove(initiator)
 
 
 def _format_selectors(local: tuple[TrafficSelector, ...], remote: tuple[TrafficSelector, ...]
@@ -277,6 +386,21 @@ def responder_factory(config: NodeConfig) -> ResponderFactory:
     return ResponderFactory(config)
 
 
+def _child_up(actor: SaActor, child: str, *, already: bool) -> Initiated | None:
+    """The installed Child SA of `child` on the actor's IKE SA, if there is one."""
+    session = actor.session
+    if not isinstance(session, IkeSession):
+        return None
+    sa = session.sa
+    for installed in sa.children.values():
+        if installed.name == child and not installed.deleting:
+            assert sa.connection is not None
+            return Initiated(sa.connection.name, sa.remote, session.spi_i,
+                             session.spi_r, child, installed.spi_in, installed.spi_out,
+                             already)
+    return None
+
+
 class Initiator:
     """Keeps one IKE SA of a `start_action = "start"` connection up, or brings up one of a
     `"trap"` connection each time a packet for it finds no SA (`acquire`).
@@ -296,8 +420,13 @@ class Initiator:
         dispatcher: Dispatcher,
         *,
         jitter: Callable[[], float] = random.random,
+        once: bool = False,
     ) -> None:
         self.initiation = initiation
+        # `ike-cluster initiate`: one attempt, the IKE SA kept (reauthenticated) while it
+        # lasts, nothing initiated after it ends
+        self.once = once
+        self.outcome: InitiatedOutcome | None = None  # (once) how its attempt ended
         self.policy = policy
         self.supervisor = supervisor
         self.dispatcher = dispatcher
@@ -306,6 +435,7 @@ class Initiator:
         self._stopped = False  # `stop`: no attempt after the current one
         self._idle: trio.CancelScope | None = None  # the wait between attempts, if any
         self._current: _InitiatedSa | None = None  # the IKE SA that carries the connection
+        self._first: _InitiatedSa | None = None  # the first IKE SA of the current attempt
         self._next_child_request = 0.0  # (trio time) see `acquire`
         self.attempts = 0  # IKE SAs initiated so far
         self.failures = 0  # attempts that ended before they were established
@@ -316,6 +446,18 @@ class Initiator:
     @property
     def name(self) -> str:
         return self.initiation.connection.name
+
+    @property
+    def finished(self) -> bool:
+        """It will initiate no more (stopped, gave up, or its one attempt ended)."""
+        return self._stopped or self.gave_up or self.outcome is not None
+
+    @property
+    def spi_i(self) -> bytes:
+        """Our SPI of the first IKE SA of its current attempt (zeros before it has one)."""
+        current = self._first
+        actor = current.actor if current is not None else None
+        return actor.session.spi_i if actor is not None else bytes(8)
 
     @property
     def remote(self) -> Address:
@@ -381,11 +523,17 @@ class Initiator:
                 await self._pause(self._acquired.wait)
             if self._stopped:
                 return
-            if await self._peer_holds_it():
+            if not self.once and await self._peer_holds_it():
                 continue
             attempt += 1
             started = trio.current_time()
             outcome = await self._attempt(attempt)
+            if self.once:
+                self.outcome = outcome
+                logger.info("connection %s: IKE SA %s_i %s (%s); not initiated again",
+                            self.name, outcome.spi_i.hex(),
+                            "ended" if outcome.established else "failed", outcome.reason)
+                return
             # on demand, only packets after the SA (or the attempt) ended ask again, unless
             # the SA timed out and dpd_action = "restart" asks at once (swanctl's)
             self._acquired = trio.Event()
@@ -460,7 +608,7 @@ class Initiator:
         async with trio.open_nursery() as nursery:
             def start(sa: _InitiatedSa) -> None:
                 nursery.start_soon(self._run_sa, sa, local, natt_port, start)
-            sa = _InitiatedSa(initial_contact=True)
+            sa = self._first = _InitiatedSa(initial_contact=True)
             start(sa)
             await sa.ended.wait()
             established = sa.established
@@ -594,10 +742,16 @@ async def run_node(
         if socket_mark is not None:
             dispatcher.set_mark(socket_mark)
         factory = responder_factory(config)
+        listeners: list[Callable[[Event], None]] = []  # Node.listeners (`initiate` waits)
+
+        def sink(event: Event) -> None:
+            event_sink(event)
+            for listener in listeners:
+                listener(event)
         supervisor = Supervisor(
             session_factory=factory,
             send=dispatcher.send,
-            event_sink=event_sink,
+            event_sink=sink,
             stats=stats,
             half_open_timeout=config.policy.half_open_timeout,
             mailbox_size=mailbox_size,
@@ -614,7 +768,7 @@ async def run_node(
                     for initiation in config.initiations
                 ]
                 node = Node(config, stats, dispatcher, supervisor, nursery.cancel_scope,
-                            initiators, factory, nursery)
+                            initiators, factory, nursery, listeners=listeners)
                 if handle_signals:
                     await nursery.start(_shutdown_on_signal, nursery.cancel_scope)
                     await nursery.start(reload_on_signal, config.source, lambda: node.config,

@@ -973,6 +973,43 @@ def test_our_node_initiating_brings_up_every_child_to_start(lab: Lab) -> None:
     assert node.running(), node.log_text()
 
 
+def test_initiate_from_the_command_line_brings_up_each_child(lab: Lab) -> None:
+    """`ike-cluster initiate --child` (swanctl's --initiate) on a connection with no
+    start_action: net on a new IKE SA, then net2 on that one (CREATE_CHILD_SA), a third
+    time net again, which is up already. strongSwan, responding, installs both, with the
+    SPIs the command printed, and each child's pings cross its own CHILD_SA."""
+    ours, theirs = with_second_child(lab, *conn_pair(encap=True))
+    charon = lab.charon("responder")
+    charon.load(theirs)
+    node = lab.node([ours], side="initiator", node_id="a", addresses=(INITIATOR_V4,),
+                    extra_toml=worker_toml("ikecA"))
+    time.sleep(1.5)  # (an Initiator would have started by now)
+    assert charon.list_sas() == [], charon.list_sas()
+    assert "initiating" not in node.log_text(), node.log_text()
+
+    def initiate(child: str) -> subprocess.CompletedProcess[str]:
+        return node.ns.run([sys.executable, "-m", "cluster", "initiate", "--config",
+                            str(node.config_path), "--child", child], check=False)
+
+    runs = [initiate("net"), initiate("net2"), initiate("net")]
+    for run in runs:
+        assert run.returncode == 0 and run.stderr == "", run
+    (sa,) = established_sas(charon)
+    spis = f"{sa['initiator-spi']}_i/{sa['responder-spi']}_r"
+    children = {c["name"]: c for c in sa["child-sas"].values()}
+    assert {n: c["state"] for n, c in children.items()} == \
+        {"net": "INSTALLED", "net2": "INSTALLED"}, sa
+    for run, word, name in zip(runs, ("initiated", "initiated", "already up"),
+                               ("net", "net2", "net"), strict=True):
+        child = children[name]
+        assert run.stdout == (f"{word}: CHILD SA {name} {child['spi-out']} (in) "
+                              f"{child['spi-in']} (out) in IKE SA rw {spis} with "
+                              f"{RESPONDER_V4}\n"), run.stdout
+    assert_each_child_carries_its_own_pings(lab, charon)
+    report("initiate from the command line", runs[0].stdout + runs[1].stdout)
+    assert node.running(), node.log_text()
+
+
 def test_our_node_asks_a_strongswan_gateway_for_a_virtual_ip(lab: Lab) -> None:
     """Our node as the road warrior (`vips = ["0.0.0.0"]`) initiating to strongSwan with an
     address pool: it asks in IKE_AUTH, puts the address strongSwan assigns on its TUN,
