@@ -74,9 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--stop", action="store_true", help="answer new IKE SAs again")
     redirect.add_argument("--existing", action="store_true",
                           help="also ask the established IKE SAs to move there")
-    _sa_command(commands, "terminate",
-                "delete IKE SAs of the cluster (with a Delete to the peer)",
-                "how long to wait for the SAs to leave the store (10)")
+    terminate = _sa_command(commands, "terminate",
+                            "delete IKE SAs, or Child SAs of them (with a Delete to the peer)",
+                            "how long to wait for the SAs to go (10)")
+    terminate.add_argument("--child", metavar="NAME",
+                           help="delete the Child SAs of this child instead (their IKE SAs "
+                                "stay)")
     rekey = _sa_command(commands, "rekey",
                         "give IKE SAs, or Child SAs of them, new keys (swanctl --rekey)",
                         "how long to wait for the new SAs (10)")
@@ -131,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import ops
 
             return ops.terminate_command(args.config, ike=args.ike, identity=args.id,
-                                         timeout=args.timeout)
+                                         child=args.child, timeout=args.timeout)
         if args.command == "initiate":
             from . import ops
 

@@ -329,13 +329,17 @@ def nodes_command(config_path: str, as_json: bool = False) -> int:
 
 
 def terminate_command(config_path: str, *, ike: str | None = None,
-                      identity: str | None = None, timeout: float = 10.0) -> int:
-    """`ike-cluster terminate --config PATH (--ike SPI | --id ID) [--timeout S]`: through
-    the store in a cluster, through the node's control socket otherwise."""
+                      identity: str | None = None, child: str | None = None,
+                      timeout: float = 10.0) -> int:
+    """`ike-cluster terminate --config PATH (--ike SPI | --id ID) [--child NAME]
+    [--timeout S]`: through the store in a cluster, through the node's control socket
+    otherwise."""
     picked = _pick(config_path, ike, identity)
     if isinstance(picked, int):
         return picked
     chosen, target = picked
+    if child is not None:
+        return _terminate_children(target, chosen, ike, identity, child, timeout)
     if isinstance(target, str):  # a single node
         answer = _ask(target, "terminate", ike=ike, id=identity, timeout=timeout)
         if answer is None:
@@ -355,6 +359,64 @@ def terminate_command(config_path: str, *, ike: str | None = None,
     for row in left:
         print(f"still there after {timeout:g} s: {_sa_text(row)}", file=sys.stderr)
     return EXIT_FAILURE if left else EXIT_OK
+
+
+def _terminate_children(target: StateStore | str, chosen: Callable[[Row], bool],
+                        ike: str | None, identity: str | None, child: str,
+                        timeout: float) -> int:
+    """`terminate --child NAME`: the chosen IKE SAs' Child SAs of that child go (with a
+    Delete to the peer), the IKE SAs stay, as with `swanctl --terminate --child`."""
+    if isinstance(target, str):  # a single node
+        answer = _ask(target, "terminate", ike=ike, id=identity, child=child, timeout=timeout)
+        if answer is None:
+            return EXIT_FAILURE
+        if "error" in answer:
+            print(f"node {target}: {answer['error']}", file=sys.stderr)
+            return EXIT_FAILURE
+        gone, left = answer["terminated"], answer["left"]
+    else:
+        store = target
+
+        async def ask(row: Row, spi_in: bytes) -> None:
+            await store.publish(RESPONDERS_CHANNEL, encode_terminate(
+                CLI_ORIGIN, bytes.fromhex(row["spi_i"]), bytes.fromhex(row["spi_r"]),
+                child=spi_in))
+
+        outcome = _on_store(store, lambda: terminate_children(
+            lambda: list_sas(store), ask, chosen, child, timeout))
+        if isinstance(outcome, int):
+            return outcome
+        gone, left = outcome
+    if not gone and not left:
+        print(f"no CHILD SA {_safe(child)} in the IKE SAs that match", file=sys.stderr)
+        return EXIT_FAILURE
+    for line in gone:
+        print(f"terminated {line}")
+    for line in left:
+        print(f"still there after {timeout:g} s: {line}", file=sys.stderr)
+    return EXIT_FAILURE if left else EXIT_OK
+
+
+async def terminate_children(rows: Callable[[], Awaitable[list[Row]]],
+                             ask: Callable[[Row, bytes], Awaitable[None]],
+                             chosen: Callable[[Row], bool], child: str, timeout: float,
+                             poll: float = 0.2) -> tuple[list[str], list[str]]:
+    """Ask for the Child SAs of `child` in the IKE SAs `chosen` picks to be deleted
+    (`ask(row, spi_in)`) and watch `rows` until none of them is listed: (those gone,
+    those still there after `timeout` seconds)."""
+    asked = [(row, c) for row in await rows() if chosen(row)
+             for c in row["children"] if c["name"] == child]
+    for row, installed in asked:
+        await ask(row, bytes.fromhex(installed["spi_in"]))
+    left = list(range(len(asked)))
+    with trio.move_on_after(timeout):
+        while left:
+            listed = {c["spi_in"] for row in await rows() for c in row["children"]}
+            left = [n for n in left if asked[n][1]["spi_in"] in listed]
+            if left:
+                await trio.sleep(poll)
+    return ([_child_text(*asked[n]) for n in range(len(asked)) if n not in left],
+            [_child_text(*asked[n]) for n in left])
 
 
 def _on_store(store: StateStore, work: Callable[[], Awaitable[_T]]) -> _T | int:
@@ -718,8 +780,20 @@ def control_handlers(node_id: str, supervisor: Supervisor,
 
     async def terminate(request: Request) -> Answer:
         chosen = _chooser(request.get("ike"), request.get("id"))
-        if chosen is None:
-            return {"error": "name an IKE SA by SPI or identity"}
+        child = request.get("child")
+        if chosen is None or not isinstance(child, str | None):
+            return {"error": "name an IKE SA by SPI or identity (and a child by name)"}
+        if child is not None:
+            async def listing() -> list[Row]:
+                return rows()
+
+            async def ask(row: Row, spi_in: bytes) -> None:
+                supervisor.delete_child_of(bytes.fromhex(row["spi_i"]),
+                                           bytes.fromhex(row["spi_r"]), spi_in)
+
+            done, still = await terminate_children(listing, ask, chosen, child, float(
+                request.get("timeout", 10.0)), poll=0.05)
+            return {"terminated": done, "left": still}
         picked = [row for row in rows() if chosen(row)]
         for row in picked:
             supervisor.delete_ike(bytes.fromhex(row["spi_i"]), bytes.fromhex(row["spi_r"]))

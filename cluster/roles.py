@@ -198,11 +198,17 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
                         await done.wait()
             return False
 
-        async def terminate(spi_i: bytes, spi_r: bytes, limit: int | None) -> bool:
-            # `ike-cluster terminate`: delete it (or limit its service, a RADIUS CoA)
-            return await holder_does(spi_i, spi_r, lambda: supervisor.delete_ike(
-                spi_i, spi_r) if limit is None else supervisor.limit_session(spi_i, spi_r,
-                                                                             limit))
+        async def terminate(spi_i: bytes, spi_r: bytes, limit: int | None,
+                            child: bytes) -> bool:
+            # `ike-cluster terminate`: delete it, or one Child SA of it (or limit its
+            # service, a RADIUS CoA)
+            def act() -> bool:
+                if child:
+                    return supervisor.delete_child_of(spi_i, spi_r, child)
+                if limit is None:
+                    return supervisor.delete_ike(spi_i, spi_r)
+                return supervisor.limit_session(spi_i, spi_r, limit)
+            return await holder_does(spi_i, spi_r, act)
 
         async def rekey(spi_i: bytes, spi_r: bytes, child: bytes) -> bool:
             # `ike-cluster rekey`

@@ -76,8 +76,9 @@ class KeepPolicy(Protocol):
 
 # (spi_i, spi_r) -> whether this responder deleted it (held, or loaded to delete); it
 # may take a while (a dead owner's lease runs out first)
-# (spi_i, spi_r, None: delete it, or the seconds its service has left) -> found it
-Terminate = Callable[[bytes, bytes, int | None], Awaitable[bool]]
+# (spi_i, spi_r, None: delete it, or the seconds its service has left, a Child SA's
+# inbound SPI to delete only that one or b"") -> found it
+Terminate = Callable[[bytes, bytes, int | None, bytes], Awaitable[bool]]
 # (SPIs, a Child SA's inbound SPI or b"" for the IKE SA) -> whether it was asked here
 Rekey = Callable[[bytes, bytes, bytes], Awaitable[bool]]
 
@@ -121,8 +122,12 @@ def encode_redirect(origin: str, gateway: str, existing: bool) -> bytes:
     return _encode("redirect", origin, gateway, existing)
 
 
-def encode_terminate(origin: str, spi_i: bytes, spi_r: bytes, limit: int | None = None
-                     ) -> bytes:
+def encode_terminate(origin: str, spi_i: bytes, spi_r: bytes, limit: int | None = None,
+                     child: bytes = b"") -> bytes:
+    """`child`: only that Child SA (its inbound SPI), for `terminate --child`; a
+    responder of an earlier version drops such a message as malformed."""
+    if child:
+        return _encode("terminate", origin, spi_i, spi_r, None, child)
     if limit is None:
         return _encode("terminate", origin, spi_i, spi_r)
     return _encode("terminate", origin, spi_i, spi_r, limit)
@@ -155,12 +160,14 @@ Identity = tuple[str, tuple[str, str], str, bytes, Address | None]
 
 @dataclass(frozen=True)
 class Termination:
-    """Delete the IKE SA, or with `limit` end its service that many seconds from now."""
+    """Delete the IKE SA, or with `limit` end its service that many seconds from now, or
+    with `child` (an inbound SPI) delete only that Child SA of it."""
 
     origin: str
     spi_i: bytes
     spi_r: bytes
     limit: int | None = None
+    child: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,9 @@ def decode_untrusted(data: bytes) -> (Identity | Termination | Rekeying | Redire
     if kind == "terminate" and len(rest) == 3 and _spis(*rest[:2]) \
             and isinstance(rest[2], int) and 0 <= rest[2] < 1 << 32:
         return Termination(origin, rest[0], rest[1], rest[2])
+    if kind == "terminate" and len(rest) == 4 and _spis(*rest[:2]) and rest[2] is None \
+            and isinstance(rest[3], bytes) and len(rest[3]) == 4:
+        return Termination(origin, rest[0], rest[1], None, rest[3])
     if kind == "rekey" and len(rest) == 3 and _spis(*rest[:2]) \
             and isinstance(rest[2], bytes) and len(rest[2]) in (0, 4):
         return Rekeying(origin, rest[0], rest[1], rest[2])
@@ -358,11 +368,13 @@ class ResponderChannel:
                         asked.spi_i.hex(), asked.spi_r.hex(), asked.origin)
 
     async def _terminate_one(self, asked: Termination) -> None:
-        if await self._terminate(asked.spi_i, asked.spi_r, asked.limit):
+        if await self._terminate(asked.spi_i, asked.spi_r, asked.limit, asked.child):
             self.stats.terminated += 1
+            what = (f"Child SA {asked.child.hex()} (in) terminated" if asked.child else
+                    "terminated" if asked.limit is None else
+                    f"service ends in {asked.limit} s")
             logger.info("IKE SA %s_i/%s_r: %s (asked by %s)", asked.spi_i.hex(),
-                        asked.spi_r.hex(), "terminated" if asked.limit is None else
-                        f"service ends in {asked.limit} s", asked.origin)
+                        asked.spi_r.hex(), what, asked.origin)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:

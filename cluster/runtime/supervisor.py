@@ -898,6 +898,14 @@ class Supervisor:
                     session.rekey_ike(now)
         return self.send_command(spi_i, spi_r, rekey)
 
+    def delete_child_of(self, spi_i: bytes, spi_r: bytes, spi_in: bytes) -> bool:
+        """Delete that Child SA (its inbound SPI) of that IKE SA, which stays (an
+        operator's terminate); False when the IKE SA is not here."""
+        def delete(session: Session, now: float) -> None:
+            if isinstance(session, IkeSession):
+                session.delete_child(spi_in, now)
+        return self.send_command(spi_i, spi_r, delete)
+
     def holder_of(self, spi_i: bytes, spi_r: bytes) -> SaActor | None:
         """The actor of the IKE SA with exactly these SPIs now, if it runs here."""
         for actor in (self._actors.get(spi_r), self._initiated.get(spi_i)):

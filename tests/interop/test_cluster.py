@@ -694,7 +694,8 @@ def test_terminate_deletes_an_sa_from_its_owner_or_after_the_owner_died() -> Non
     """`ike-cluster terminate` (swanctl's --terminate for the cluster): by identity, the
     owner deletes strongSwan's SA with a Delete; by SPI after kill -9 of the owner, the
     survivor loads the SA from the store and deletes it the same way. `ike-cluster rekey`
-    goes the same way first: the Child SA, then the IKE SA, get new SPIs."""
+    goes the same way first: the Child SA, then the IKE SA, get new SPIs; then
+    `terminate --child` deletes the Child SA alone."""
     with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
         initiator, responder = conn_pair()
         charon, sa = _connect(lab, cluster, initiator, responder)
@@ -726,6 +727,22 @@ def test_terminate_deletes_an_sa_from_its_owner_or_after_the_owner_died() -> Non
         assert f"now {now[0]['initiator-spi']}_i/{now[0]['responder-spi']}_r" in result.stdout
         assert sum(metric(r.metrics(), "ike_cluster_operator_rekeys_total")
                    for r in cluster.responders) == 2
+
+        # `terminate --child` too: the owner deletes the Child SA alone, the IKE SA stays
+        child_deletes = charon.log_text().count("received DELETE for ESP CHILD_SA")
+        result = terminate(cluster.responders[0], "--id", "client.example.test",
+                           "--child", "net")
+        assert result.returncode == 0, result.stdout + result.stderr + cluster.logs()
+        spis = f"{now[0]['initiator-spi']}_i/{now[0]['responder-spi']}_r"
+        assert re.fullmatch(rf"terminated CHILD SA net [0-9a-f]{{8}} \(in\) of IKE SA {spis}\n",
+                            result.stdout), result.stdout
+        deadline = time.monotonic() + 10
+        while (now := established(charon)) and any(
+                c["state"] == "INSTALLED" for c in now[0].get("child-sas", {}).values()):
+            assert time.monotonic() < deadline, charon.list_sas()
+            time.sleep(0.1)
+        assert now and f"{now[0]['initiator-spi']}_i/{now[0]['responder-spi']}_r" == spis
+        assert charon.log_text().count("received DELETE for ESP CHILD_SA") == child_deletes + 1
 
         result = terminate(cluster.responders[0], "--id", "client.example.test")
         assert result.returncode == 0, result.stdout + result.stderr + cluster.logs()

@@ -615,7 +615,8 @@ def test_sas_terminate_and_reload_reach_a_single_node(lab: Lab, initiator: Charo
     """The operations commands against `ike-cluster run` (its control socket, in the
     node's network namespace): `sas` lists strongSwan's SA with strongSwan's SPIs,
     `reload` takes a new connection's secret, `rekey` gives the Child SA and then the IKE
-    SA new SPIs, `terminate` deletes the SA with a Delete strongSwan receives."""
+    SA new SPIs, `terminate --child` deletes the Child SA alone, `terminate` the SA, each
+    with a Delete strongSwan receives."""
     initiator_conn, responder_conn = conn_pair()
     node = lab.node([responder_conn])
     initiator.load(initiator_conn)
@@ -665,6 +666,17 @@ def test_sas_terminate_and_reload_reach_a_single_node(lab: Lab, initiator: Charo
         f" owner gw1: now {now['initiator-spi']}_i/{now['responder-spi']}_r\n" in done.stdout
     missing = command("rekey", "--id", "nobody.example.test")
     assert missing.returncode == 1 and "no IKE SA matches" in missing.stderr, missing.stderr
+
+    # `terminate --child` (swanctl's --terminate --child): the Child SA goes, the IKE SA stays
+    deletes = initiator.log_text().count("received DELETE for ESP CHILD_SA")
+    done = command("terminate", "--id", "client.example.test", "--child", "net")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == (
+        f"terminated CHILD SA net {child_sa(now)['spi-out']} (in) of IKE SA "
+        f"{now['initiator-spi']}_i/{now['responder-spi']}_r\n"), done.stdout
+    assert initiator.log_text().count("received DELETE for ESP CHILD_SA") == deletes + 1
+    (left,) = established(initiator)
+    assert left["initiator-spi"] == now["initiator-spi"] and not left.get("child-sas"), left
 
     done = command("terminate", "--id", "client.example.test")
     assert done.returncode == 0, done.stdout + done.stderr

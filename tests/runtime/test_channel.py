@@ -33,7 +33,7 @@ from .test_node_loopback import _up, open_peer, start_node, wait_for
 KEY = ("gw.example.test", "client.example.test")
 
 
-async def _never(spi_i: bytes, spi_r: bytes, limit: int | None) -> bool:
+async def _never(spi_i: bytes, spi_r: bytes, limit: int | None, child: bytes) -> bool:
     return False
 
 
@@ -50,6 +50,8 @@ def test_an_announcement_round_trips_and_junk_is_refused() -> None:
         "@cli", SPI, SPI[::-1])
     assert decode_untrusted(encode_terminate("r1", SPI, SPI[::-1], 120)) == Termination(
         "r1", SPI, SPI[::-1], 120)
+    assert decode_untrusted(encode_terminate("@cli", SPI, SPI[::-1], child=b"\xc1\x01\x02\x03")
+                            ) == Termination("@cli", SPI, SPI[::-1], None, b"\xc1\x01\x02\x03")
     good = [1, "identity", "r1", KEY[0], KEY[1], "initial_contact", SPI]
     for bad in ([2, *good[1:]], good[:6], [*good[:5], "keep", SPI], [*good[:6], SPI[:7]],
                 [*good, ["10.99.0.1", 4500]],  # INITIAL_CONTACT: no reauthentication
@@ -61,6 +63,9 @@ def test_an_announcement_round_trips_and_junk_is_refused() -> None:
                 [1, "terminate", "@cli", SPI], [1, "terminate", "@cli", SPI, "x" * 8],
                 [1, "terminate", "r1", SPI, SPI, -1], [1, "terminate", "r1", SPI, SPI, 1 << 32],
                 [1, "terminate", "r1", SPI, SPI, 1.5], [1, "terminate", "r1", SPI, SPI, 1, 2],
+                [1, "terminate", "r1", SPI, SPI, None, b"abc"],
+                [1, "terminate", "r1", SPI, SPI, 1, b"abcd"],
+                [1, "terminate", "r1", SPI, SPI, None, "abcd"],
                 [1, "other", "r1", SPI, SPI], [1], {"a": 1}, "text"):
         assert decode_untrusted(msgpack.packb(bad)) is None, bad
     assert decode_untrusted(b"\xc1") is None
@@ -198,11 +203,12 @@ async def test_another_responders_announcement_ends_this_nodes_sa_of_the_identit
 
 async def test_a_terminate_request_reaches_every_responder_and_is_counted_where_done() -> None:
     store = MemoryStore()
-    asked: dict[str, list[tuple[bytes, bytes, int | None]]] = {"r1": [], "r2": []}
+    asked: dict[str, list[tuple[bytes, bytes, int | None, bytes]]] = {"r1": [], "r2": []}
 
     def terminator(node: str):  # type: ignore[no-untyped-def]
-        async def terminate(spi_i: bytes, spi_r: bytes, limit: int | None) -> bool:
-            asked[node].append((spi_i, spi_r, limit))
+        async def terminate(spi_i: bytes, spi_r: bytes, limit: int | None,
+                            child: bytes) -> bool:
+            asked[node].append((spi_i, spi_r, limit, child))
             return node == "r2"
         return terminate
 
@@ -217,10 +223,15 @@ async def test_a_terminate_request_reaches_every_responder_and_is_counted_where_
         # a RADIUS CoA's Session-Timeout travels the same way
         await store.publish(RESPONDERS_CHANNEL, encode_terminate("r1", SPI, SPI[::-1], 300))
         await wait_for(lambda: channels["r2"].stats.terminated == 2 and len(asked["r1"]) == 2)
+        # and `terminate --child`
+        await store.publish(RESPONDERS_CHANNEL, encode_terminate("@cli", SPI, SPI[::-1],
+                                                                 child=b"\x0c\xaf\xe0\x01"))
+        await wait_for(lambda: channels["r2"].stats.terminated == 3 and len(asked["r1"]) == 3)
         nursery.cancel_scope.cancel()
-    assert asked == {"r1": [(SPI, SPI[::-1], None), (SPI, SPI[::-1], 300)],
-                     "r2": [(SPI, SPI[::-1], None), (SPI, SPI[::-1], 300)]}
-    assert (channels["r1"].stats.terminated, channels["r2"].stats.terminated) == (0, 2)
+    expected = [(SPI, SPI[::-1], None, b""), (SPI, SPI[::-1], 300, b""),
+                (SPI, SPI[::-1], None, b"\x0c\xaf\xe0\x01")]
+    assert asked == {"r1": expected, "r2": expected}
+    assert (channels["r1"].stats.terminated, channels["r2"].stats.terminated) == (0, 3)
 
 
 def test_a_rekey_request_round_trips_and_junk_is_refused() -> None:
@@ -244,7 +255,7 @@ async def test_a_rekey_request_reaches_every_responder_and_is_counted_where_done
             return node == "r2"
         return rekey
 
-    async def never(spi_i: bytes, spi_r: bytes, limit: int | None) -> bool:
+    async def never(spi_i: bytes, spi_r: bytes, limit: int | None, child: bytes) -> bool:
         raise AssertionError("not a terminate")
 
     channels = {n: ResponderChannel(store, n, lambda k, p, s, peer: 0, never, rekey=rekeyer(n))

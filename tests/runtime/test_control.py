@@ -13,7 +13,7 @@ import trio
 
 from cluster import control, ops
 from cluster.config import NodeConfig
-from cluster.ike.events import IkeSaDeleted
+from cluster.ike.events import ChildSaDeleted, IkeSaDeleted
 from cluster.ops import control_handlers
 from cluster.runtime.node import Node, run_node
 from cluster.runtime.reload import reload_from
@@ -167,3 +167,37 @@ async def test_the_cli_hands_its_timeout_to_the_node() -> None:
         answer = await trio.to_thread.run_sync(lambda: ops._ask(node_id, "echo", timeout=2.5))
         nursery.cancel_scope.cancel()
     assert answer == {"ok": True} and seen == [2.5]
+
+
+async def test_terminate_with_child_deletes_the_child_sas_and_keeps_the_ike_sa(
+    setup: Setup
+) -> None:
+    """`terminate --child net` (swanctl --terminate --child): the peer gets a Delete for
+    the Child SA, the IKE SA stays listed without it."""
+    async with trio.open_nursery() as nursery:
+        node, node_id = await _start(nursery, setup.node_config)
+        peer = await open_peer(setup, "127.0.0.1")
+        try:
+            sa = await peer.establish()
+            (row,) = (await _ask(node_id, "sas"))["sas"]
+            (child,) = row["children"]
+            none = await _ask(node_id, "terminate", id="client.example.test", child="other")
+            assert none == {"ok": True, "terminated": [], "left": []}
+            answers: list[control.Answer] = []
+
+            async def terminate() -> None:
+                answers.append(await _ask(node_id, "terminate", id="client.example.test",
+                                          child="net"))
+
+            nursery.start_soon(terminate)
+            await peer.run_until(lambda e: isinstance(e, ChildSaDeleted))  # answers it
+            await wait_for(lambda: bool(answers))
+            assert answers == [{"ok": True, "left": [], "terminated": [
+                f"CHILD SA net {child['spi_in']} (in) of IKE SA {sa.spi_i.hex()}_i/"
+                f"{sa.spi_r.hex()}_r"]}]
+            (row,) = (await _ask(node_id, "sas"))["sas"]
+            assert (row["spi_r"], row["children"]) == (sa.spi_r.hex(), [])
+        finally:
+            peer.close()
+        node.shutdown()
+        nursery.cancel_scope.cancel()
