@@ -351,13 +351,21 @@ def terminate_command(config_path: str, *, ike: str | None = None,
         if isinstance(outcome, int):
             return outcome
         gone, left = outcome
-    if not gone and not left:
-        print("no IKE SA matches", file=sys.stderr)
+    return _report([f"terminated {_sa_text(row)}" for row in gone],
+                   [_sa_text(row) for row in left], "no IKE SA matches",
+                   f"still there after {timeout:g} s")
+
+
+def _report(done: Sequence[str], left: Sequence[str], nothing: str, late: str) -> int:
+    """Print what an operator's command did, and on stderr what it did not (`late`
+    before each) or `nothing` when it found nothing to act on; the exit status."""
+    if not done and not left:
+        print(nothing, file=sys.stderr)
         return EXIT_FAILURE
-    for row in gone:
-        print(f"terminated {_sa_text(row)}")
-    for row in left:
-        print(f"still there after {timeout:g} s: {_sa_text(row)}", file=sys.stderr)
+    for line in done:
+        print(line)
+    for line in left:
+        print(f"{late}: {line}", file=sys.stderr)
     return EXIT_FAILURE if left else EXIT_OK
 
 
@@ -366,35 +374,47 @@ def _terminate_children(target: StateStore | str, chosen: Callable[[Row], bool],
                         timeout: float) -> int:
     """`terminate --child NAME`: the chosen IKE SAs' Child SAs of that child go (with a
     Delete to the peer), the IKE SAs stay, as with `swanctl --terminate --child`."""
+    outcome = _on_sas(
+        target, "terminate", "terminated", {"ike": ike, "id": identity, "child": child,
+                                            "timeout": timeout},
+        lambda row, spi_in: encode_terminate(CLI_ORIGIN, bytes.fromhex(row["spi_i"]),
+                                             bytes.fromhex(row["spi_r"]), child=spi_in),
+        lambda rows, ask: terminate_children(rows, ask, chosen, child, timeout))
+    if isinstance(outcome, int):
+        return outcome
+    gone, left = outcome
+    return _report([f"terminated {line}" for line in gone], left,
+                   f"no CHILD SA {_safe(child)} in the IKE SAs that match",
+                   f"still there after {timeout:g} s")
+
+
+Listing = Callable[[], Awaitable[list[Row]]]
+Ask = Callable[[Row, bytes], Awaitable[None]]
+
+
+def _on_sas(target: StateStore | str, command: str, done_key: str, fields: dict[str, Any],
+            encode: Callable[[Row, bytes], bytes],
+            watch: Callable[[Listing, Ask], Awaitable[tuple[list[str], list[str]]]]
+            ) -> tuple[list[str], list[str]] | int:
+    """An operator's command on SAs (`rekey`, `terminate --child`): a single node does it
+    as its control socket's `command` and answers what was done (under `done_key`) and
+    what was left; in a cluster the channel asks the owners (`encode`: the message for an
+    IKE SA's row and a Child SA's inbound SPI, b"" for none) while `watch` follows the
+    store's listing. Or the exit status after saying why neither answered."""
     if isinstance(target, str):  # a single node
-        answer = _ask(target, "terminate", ike=ike, id=identity, child=child, timeout=timeout)
+        answer = _ask(target, command, **fields)
         if answer is None:
             return EXIT_FAILURE
         if "error" in answer:
             print(f"node {target}: {answer['error']}", file=sys.stderr)
             return EXIT_FAILURE
-        gone, left = answer["terminated"], answer["left"]
-    else:
-        store = target
+        return answer[done_key], answer["left"]
+    store = target
 
-        async def ask(row: Row, spi_in: bytes) -> None:
-            await store.publish(RESPONDERS_CHANNEL, encode_terminate(
-                CLI_ORIGIN, bytes.fromhex(row["spi_i"]), bytes.fromhex(row["spi_r"]),
-                child=spi_in))
+    async def ask(row: Row, spi_in: bytes) -> None:
+        await store.publish(RESPONDERS_CHANNEL, encode(row, spi_in))
 
-        outcome = _on_store(store, lambda: terminate_children(
-            lambda: list_sas(store), ask, chosen, child, timeout))
-        if isinstance(outcome, int):
-            return outcome
-        gone, left = outcome
-    if not gone and not left:
-        print(f"no CHILD SA {_safe(child)} in the IKE SAs that match", file=sys.stderr)
-        return EXIT_FAILURE
-    for line in gone:
-        print(f"terminated {line}")
-    for line in left:
-        print(f"still there after {timeout:g} s: {line}", file=sys.stderr)
-    return EXIT_FAILURE if left else EXIT_OK
+    return _on_store(store, lambda: watch(lambda: list_sas(store), ask))
 
 
 async def terminate_children(rows: Callable[[], Awaitable[list[Row]]],
@@ -460,35 +480,18 @@ def rekey_command(config_path: str, *, ike: str | None = None, identity: str | N
     if isinstance(picked, int):
         return picked
     chosen, target = picked
-    if isinstance(target, str):  # a single node
-        answer = _ask(target, "rekey", ike=ike, id=identity, child=child, timeout=timeout)
-        if answer is None:
-            return EXIT_FAILURE
-        if "error" in answer:
-            print(f"node {target}: {answer['error']}", file=sys.stderr)
-            return EXIT_FAILURE
-        done, left = answer["rekeyed"], answer["left"]
-    else:
-        store = target
-
-        async def ask(row: Row, spi_in: bytes) -> None:
-            await store.publish(RESPONDERS_CHANNEL, encode_rekey(
-                CLI_ORIGIN, bytes.fromhex(row["spi_i"]), bytes.fromhex(row["spi_r"]), spi_in))
-
-        outcome = _on_store(store, lambda: rekey(lambda: list_sas(store), ask, chosen, child,
-                                                 timeout))
-        if isinstance(outcome, int):
-            return outcome
-        done, left = outcome
-    if not done and not left:
-        print("no IKE SA matches" if child is None else
-              f"no CHILD SA {_safe(child)} in the IKE SAs that match", file=sys.stderr)
-        return EXIT_FAILURE
-    for line in done:
-        print(line)
-    for line in left:
-        print(f"not rekeyed after {timeout:g} s: {line}", file=sys.stderr)
-    return EXIT_FAILURE if left else EXIT_OK
+    outcome = _on_sas(
+        target, "rekey", "rekeyed", {"ike": ike, "id": identity, "child": child,
+                                     "timeout": timeout},
+        lambda row, spi_in: encode_rekey(CLI_ORIGIN, bytes.fromhex(row["spi_i"]),
+                                         bytes.fromhex(row["spi_r"]), spi_in),
+        lambda rows, ask: rekey(rows, ask, chosen, child, timeout))
+    if isinstance(outcome, int):
+        return outcome
+    done, left = outcome
+    return _report(done, left, "no IKE SA matches" if child is None else
+                   f"no CHILD SA {_safe(child)} in the IKE SAs that match",
+                   f"not rekeyed after {timeout:g} s")
 
 
 def initiate_command(config_path: str, child: str, timeout: float = 10.0) -> int:
