@@ -102,6 +102,8 @@ class Node:
             self.factory.policy = config.policy
         self.supervisor.set_uniqueness({c.name: c.unique for c in config.policy.connections})
         starts = {i.connection.name: i for i in config.initiations if not i.on_demand}
+        for initiator in self.manual:  # (`initiate`: each keeps its connection's copy)
+            initiator.policy = config.policy
         for initiator in list(self.initiators):
             initiator.policy = config.policy
             if initiator.initiation.on_demand:
