@@ -1010,6 +1010,32 @@ def test_initiate_from_the_command_line_brings_up_each_child(lab: Lab) -> None:
     assert node.running(), node.log_text()
 
 
+def test_initiate_adds_a_child_to_the_ike_sa_strongswan_brought_up(lab: Lab) -> None:
+    """strongSwan initiates net; `ike-cluster initiate --child net2` on our node, its
+    responder, asks for net2 with a CREATE_CHILD_SA on that IKE SA (RFC 7296 1.3: either
+    end may), which strongSwan installs beside net; each child's pings cross."""
+    initiator_conn, responder_conn = with_second_child(lab, *conn_pair(encap=True))
+    responder_conn = replace(responder_conn, remote_addrs=(INITIATOR_V4,))
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    charon = lab.charon("initiator")
+    charon.load(initiator_conn)
+    sa = assert_initiated(charon.initiate("net"), charon)
+    run = node.ns.run([sys.executable, "-m", "cluster", "initiate", "--config",
+                       str(node.config_path), "--child", "net2"], check=False)
+    assert run.returncode == 0 and run.stderr == "", run
+    (now,) = established_sas(charon)
+    assert now["initiator-spi"] == sa["initiator-spi"], now
+    children = {c["name"]: c for c in now["child-sas"].values()}
+    assert {n: c["state"] for n, c in children.items()} == \
+        {"net": "INSTALLED", "net2": "INSTALLED"}, now
+    assert run.stdout == (f"initiated: CHILD SA net2 {children['net2']['spi-out']} (in) "
+                          f"{children['net2']['spi-in']} (out) in IKE SA rw "
+                          f"{sa['initiator-spi']}_i/{sa['responder-spi']}_r with "
+                          f"{INITIATOR_V4}\n"), run.stdout
+    assert_each_child_carries_its_own_pings(lab, charon)
+    assert node.running(), node.log_text()
+
+
 def test_our_node_asks_a_strongswan_gateway_for_a_virtual_ip(lab: Lab) -> None:
     """Our node as the road warrior (`vips = ["0.0.0.0"]`) initiating to strongSwan with an
     address pool: it asks in IKE_AUTH, puts the address strongSwan assigns on its TUN,
