@@ -18,11 +18,12 @@ Choices worth knowing:
 - CBC uses one long-lived cipher context per direction (see ciphers.py); IVs stay random.
 - Headers built here (`encapsulate_ip`'s tunnel-mode outer header, transport-mode
   headers after decapsulation) use TTL 64, DSCP/ECN 0. The worker's sockets give the
-  outer headers they send each packet's DSCP and, in tunnel mode, its ECN field instead
-  (`OutboundSa.tos_mask`: `copy_dscp`, `copy_ecn`).
-- ECN in tunnel mode (RFC 6040 4.2): `decapsulate_untrusted(esp, outer_ecn)` and
-  `decapsulate_batch(esps, {index: outer_ecn})` give the inner packet the ECN field
-  Figure 4 says (CE in; Not-ECT under CE dropped as `ecn_drops`).
+  outer headers they send each packet's DSCP and ECN field instead
+  (`OutboundSa.tos_mask`: `copy_dscp`, and `copy_ecn` in tunnel mode).
+- The outer TOS on receiving (`decapsulate_untrusted(esp, outer_tos)`,
+  `decapsulate_batch(esps, {index: outer_tos})`): in tunnel mode its ECN field gives
+  the inner packet the one RFC 6040 4.2 Figure 4 says (CE in; Not-ECT under CE dropped
+  as `ecn_drops`); a transport-mode packet's rebuilt header takes it whole.
 - Transport mode behind a NAT (encap=True): after decapsulation the TCP/UDP checksum is
   recomputed for the rebuilt header (RFC 3948 3.1.2 option 2; ESP's ICV covered the
   segment); an IPv4 UDP checksum of zero stays zero. Without encap it is left alone.

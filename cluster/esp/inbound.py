@@ -49,7 +49,7 @@ class InboundSa:
     __slots__ = ("_address_only", "_alarm_bytes", "_alarm_packets", "_esn", "_fix_checksums",
                  "_header", "_local", "_local_ip", "_local_ranges", "_min_len", "_params",
                  "_remote", "_remote_ip", "_remote_ranges", "_spi", "_transport", "child",
-                 "counters", "ecn", "replay", "spi")
+                 "counters", "ecn", "replay", "spi", "transport")
 
     def __init__(self, child: ChildSa, params: ChildSaParams, local_ip: bytes,
                  remote_ip: bytes, local: SelectorSet, remote: SelectorSet,
@@ -60,7 +60,7 @@ class InboundSa:
         self._spi = int.from_bytes(params.spi_in, "big")
         self._params = params
         self._esn = params.esn
-        self._transport = params.mode == "transport"
+        self._transport = self.transport = params.mode == "transport"
         # a CE mark on the outer header goes into the packet (RFC 6040 4.2): tunnel mode
         self.ecn = params.copy_ecn and not self._transport
         self._local = local

@@ -146,15 +146,20 @@ def ecn_decapsulate(inner: bytes, outer: int) -> bytes | None:
         new = ECT_1 if ecn == ECT_0 else ecn
     if new == ecn:
         return inner
-    if version == 6:
-        return inner[:1] + bytes([inner[1] & 0xCF | new << 4]) + inner[2:]
-    tos = inner[1] & 0xFC | new
+    return with_tos(inner, tos_of(inner) & 0xFC | new)
+
+
+def with_tos(packet: bytes, tos: int) -> bytes:
+    """`packet` (IPv4 with a whole header, or IPv6) with `tos` as its TOS / traffic
+    class; an IPv4 header's checksum is updated for the change (RFC 1624)."""
+    if packet[0] >> 4 == 6:
+        return bytes([0x60 | tos >> 4, (tos & 0x0F) << 4 | packet[1] & 0x0F]) + packet[2:]
     # the checksum's word 0 is version/IHL | TOS: HC' = ~(~HC + ~m + m') (RFC 1624 3)
-    word, new_word = inner[0] << 8 | inner[1], inner[0] << 8 | tos
-    total = (~_U16.unpack_from(inner, 10)[0] & 0xFFFF) + (~word & 0xFFFF) + new_word
+    word, new_word = packet[0] << 8 | packet[1], packet[0] << 8 | tos
+    total = (~_U16.unpack_from(packet, 10)[0] & 0xFFFF) + (~word & 0xFFFF) + new_word
     total = (total & 0xFFFF) + (total >> 16)
     total = (total & 0xFFFF) + (total >> 16)
-    return inner[:1] + bytes([tos]) + inner[2:10] + _U16.pack(~total & 0xFFFF) + inner[12:]
+    return packet[:1] + bytes([tos]) + packet[2:10] + _U16.pack(~total & 0xFFFF) + packet[12:]
 
 
 def ones_complement_sum(data: bytes) -> int:

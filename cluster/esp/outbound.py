@@ -76,10 +76,12 @@ class OutboundSa:
         self.remote: Address = params.remote  # where the worker sends (UDP port with encap)
         self.encap = params.encap
         # the bits of a packet's TOS its ESP packet's outer header takes: the DSCP
-        # (RFC 4301 5.1.2.1) and, in tunnel mode, the ECN field (RFC 6040 4.1, normal
-        # mode: copied as it is, CE too)
+        # (RFC 4301 5.1.2.1) and the ECN field: in tunnel mode unless copy_ecn is off
+        # (RFC 6040 4.1, normal mode: copied as it is, CE too); in transport mode the
+        # header is the packet's own (the peer's rebuilt one takes it back, and a
+        # router's CE mark with it)
         self.tos_mask = (0xFC if params.copy_dscp else 0) | \
-            (0x03 if params.copy_ecn and not self._transport else 0)
+            (0x03 if params.copy_ecn or self._transport else 0)
         self._outer = HeaderTemplate(local_ip, remote_ip)
         # RFC 4303 2.7: tunnel mode only, where the inner header says where padding starts
         self._tfc = 0 if self._transport else params.tfc_padding

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from .counters import EspDrop, SaCounters, SadCounters
 from .events import EspEvent
 from .inbound import InboundSa
-from .ip import ecn_decapsulate, flow_of
+from .ip import ecn_decapsulate, flow_of, with_tos
 from .outbound import OutboundSa
 from .params import ChildSaParams
 from .sa import ChildSa
@@ -220,9 +220,12 @@ class Sad:
         self.counters.no_sa_out += 1
         return None
 
-    def decapsulate_untrusted(self, data: bytes, outer_ecn: int = 0) -> bytes:
+    def decapsulate_untrusted(self, data: bytes, outer_tos: int = 0) -> bytes:
         """The inner packet of an ESP packet for any installed SA; EspDrop (counted) if not.
-        `outer_ecn`: the ECN field of the header it arrived in, for RFC 6040 4.2."""
+        `outer_tos`: the TOS / traffic class of the header it arrived in. In tunnel mode
+        its ECN field acts on the packet's as RFC 6040 4.2 says; in transport mode the
+        header we rebuild is the packet's own and takes it whole (DSCP and ECN, as a
+        kernel's transport-mode SA leaves the header it came in)."""
         if len(data) < 8:
             self.counters.malformed_in += 1
             raise EspDrop("malformed_in")
@@ -231,8 +234,12 @@ class Sad:
             self.counters.no_sa_in += 1
             raise EspDrop("no_sa_in")
         inner = sa.decapsulate_untrusted(data)
-        if outer_ecn and sa.ecn:
-            marked = ecn_decapsulate(inner, outer_ecn)
+        if not outer_tos:
+            return inner
+        if sa.transport:
+            return with_tos(inner, outer_tos)
+        if outer_tos & 1 and sa.ecn:  # ECT(1) or CE: what RFC 6040 4.2 acts on
+            marked = ecn_decapsulate(inner, outer_tos)
             if marked is None:
                 sa.counters.ecn_drops += 1
                 raise EspDrop("ecn_drops")
@@ -240,24 +247,33 @@ class Sad:
         return inner
 
     def decapsulate_batch(self, datagrams: list[bytes],
-                          outer_ecn: dict[int, int] | None = None) -> list[bytes]:
+                          outer_tos: dict[int, int] | None = None) -> list[bytes]:
         """`decapsulate_untrusted` of each, in order: the inner packets of those that
-        pass; the others are dropped and counted. `outer_ecn` maps the index of each
-        datagram that arrived with ECT(1) or CE outside to that codepoint (the others
-        carry nothing RFC 6040 4.2 acts on)."""
-        if not outer_ecn:
+        pass; the others are dropped and counted. `outer_tos` maps the index of each
+        datagram that arrived with a TOS other than 0 to that TOS; those whose TOS
+        changes nothing (a DSCP or ECT(0) on a tunnel-mode SA) keep the fast path."""
+        if not outer_tos:
+            return self._decapsulate_plain(datagrams)
+        acting = {i: tos for i, tos in outer_tos.items()
+                  if tos & 1 or self._transport_sa(datagrams[i])}
+        if not acting:
             return self._decapsulate_plain(datagrams)
         out: list[bytes] = []
         start = 0
-        for index in sorted(outer_ecn):
+        for index in sorted(acting):
             if start < index:
                 out += self._decapsulate_plain(datagrams[start:index])
             with contextlib.suppress(EspDrop):  # counted
-                out.append(self.decapsulate_untrusted(datagrams[index], outer_ecn[index]))
+                out.append(self.decapsulate_untrusted(datagrams[index], acting[index]))
             start = index + 1
         if start < len(datagrams):
             out += self._decapsulate_plain(datagrams[start:])
         return out
+
+    def _transport_sa(self, data: bytes) -> bool:
+        """Whether the ESP packet is for an installed transport-mode SA."""
+        sa = self._inbound.get(_U32.unpack_from(data)[0]) if len(data) >= 8 else None
+        return sa is not None and sa.transport
 
     def _decapsulate_plain(self, datagrams: list[bytes]) -> list[bytes]:
         """`decapsulate_batch` of datagrams with no outer ECN to act on: runs of one

@@ -252,12 +252,12 @@ class Dispatcher:
                         [k for k, d in enumerate(datagrams)
                          if d[:4] == NON_ESP_MARKER or len(d) < 8]
                     if esp:
-                        ecn = batch.outer_ecn()
-                        if ecn is not None and others:  # index them among the ESP alone
+                        tos = batch.outer_tos()
+                        if tos is not None and others:  # index them among the ESP alone
                             skipped = set(others)
                             kept = [k for k in range(count) if k not in skipped]
-                            ecn = {j: ecn[k] for j, k in enumerate(kept) if k in ecn}
-                        sink(esp, ecn)
+                            tos = {j: tos[k] for j, k in enumerate(kept) if k in tos}
+                        sink(esp, tos)
                 for k in others:
                     local = _local_from_ancillary(batch.ancillary(k), port, ep_local) \
                         if wildcard else ep_local

@@ -41,10 +41,8 @@ UDP_GRO = 104
 IP_RECVTOS = 13
 IP_TOS = 1
 TOS_SPACE = 24
-# where, counted from the end of the control data, the byte with the ECN field lies
+# where, counted from the end of the control data, the TOS byte lies
 _TOS_BYTE = -8 if sys.byteorder == "little" else -5
-# 1 for a TOS byte whose ECN field is ECT(1) or CE (the low bit set), else 0
-_ECN_ACTS = bytes(b & 1 for b in range(256))
 
 
 class _Iovec(ctypes.Structure):
@@ -114,8 +112,8 @@ class MessageBatch:
     `plain_control` is the ancillary data every datagram brings (a wildcard socket's
     pktinfo, the TOS): a datagram with more may carry a UDP_GRO segment size, and is
     then split into the datagrams it coalesced, as the kernel would have delivered them.
-    With `tos` (the socket asked for IP_RECVTOS or IPV6_RECVTCLASS) `outer_ecn` names
-    the datagrams whose IP header carried ECT(1) or CE.
+    With `tos` (the socket asked for IP_RECVTOS or IPV6_RECVTCLASS) `outer_tos` names
+    the datagrams whose IP header carried a TOS / traffic class other than 0.
     """
 
     def __init__(self, sock: socket.socket, slots: int = 64, plain_control: int = 0,
@@ -155,7 +153,7 @@ class MessageBatch:
         self._fd = sock.fileno()
         self._origin: list[int] | None = None  # message of each datagram, after a split
         self.tos = tos
-        self._ecn: dict[int, int] | None = None  # message -> ECT(1) or CE, last receive
+        self._tos: dict[int, int] | None = None  # message -> its TOS if not 0, last receive
         self.truncated = 0  # datagrams that did not fit a slot (delivered empty)
 
     def _field(self, field: tuple[_Format, int]) -> memoryview:
@@ -184,45 +182,45 @@ class MessageBatch:
                      for at, length in zip(self._offsets[:count], lengths, strict=True)]
         control_lengths = self._control_lengths_view[:count].tolist()
         if self.tos:
-            self._ecn = self._ecn_marks(control_lengths)
+            self._tos = self._tos_marks(control_lengths)
         # more ancillary data than every datagram brings (a GRO segment size), or flags
         if max(control_lengths) > self.plain_control or any(self._flags_view[:count]):
             self._special(datagrams, lengths)
         return datagrams
 
-    def outer_ecn(self) -> dict[int, int] | None:
-        """The datagrams of the last receive whose IP header carried ECT(1) or CE (the
-        codepoints RFC 6040 4.2 acts on), by index, with that codepoint; None if none
-        did (or the batch was not made with `tos`)."""
-        marks = self._ecn
+    def outer_tos(self) -> dict[int, int] | None:
+        """The datagrams of the last receive whose IP header carried a TOS / traffic
+        class other than 0, by index, with it; None if none did (or the batch was not
+        made with `tos`)."""
+        marks = self._tos
         if marks is None or self._origin is None:
             return marks
         return {k: marks[i] for k, i in enumerate(self._origin) if i in marks}
 
-    def _ecn_marks(self, control_lengths: list[int]) -> dict[int, int] | None:
+    def _tos_marks(self, control_lengths: list[int]) -> dict[int, int] | None:
         controls = self._controls
         count = len(control_lengths)
         first = control_lengths[0]
-        if first >= TOS_SPACE and control_lengths.count(first) == count:
-            # the common case, every message with the same control data: one strided
-            # slice holds the byte with each one's ECN field
-            start = first + _TOS_BYTE
-            acts = controls[start:count * CONTROL_SIZE:CONTROL_SIZE].translate(_ECN_ACTS)
-            if 1 not in acts:
+        if first == self.plain_control >= TOS_SPACE and control_lengths.count(first) == count:
+            # the common case, every message with just the control data each brings (the
+            # TOS last): one strided slice holds each one's TOS byte
+            values = controls[first + _TOS_BYTE:count * CONTROL_SIZE:CONTROL_SIZE]
+            if values.count(0) == count:
                 return None
-            candidates = [i for i, act in enumerate(acts) if act]
-        else:
-            candidates = [i for i, length in enumerate(control_lengths) if length >= TOS_SPACE
-                          and controls[i * CONTROL_SIZE + length + _TOS_BYTE] & 1]
+            return {i: tos for i, tos in enumerate(values) if tos}
+        # (the kernel puts the TOS after a UDP_GRO segment size too, so the same byte
+        # finds the candidates; their control data is then read properly)
+        candidates = [i for i, length in enumerate(control_lengths) if length >= TOS_SPACE
+                      and controls[i * CONTROL_SIZE + length + _TOS_BYTE]]
         marks: dict[int, int] = {}
-        for i in candidates:  # rare: read the control data properly
+        for i in candidates:
             for level, kind, payload in self._ancillary(i, control_lengths[i]):
                 if (level, kind) in ((socket.IPPROTO_IP, IP_TOS),
                                      (socket.IPPROTO_IPV6, socket.IPV6_TCLASS)) and payload:
-                    ecn = payload[0 if len(payload) == 1 or sys.byteorder == "little"
-                                  else len(payload) - 1] & 3
-                    if ecn & 1:
-                        marks[i] = ecn
+                    tos = payload[0 if len(payload) == 1 or sys.byteorder == "little"
+                                  else len(payload) - 1]
+                    if tos:
+                        marks[i] = tos
         return marks or None
 
     def _special(self, datagrams: list[bytes], lengths: list[int]) -> None:

@@ -191,7 +191,7 @@ class DataPlane:
         # receiving task calls (the ESP pump here, the dispatcher's NAT-T reader).
         self._incoming: list[bytes] = []
         # index in _incoming -> the ECT(1) or CE its outer header carried (RFC 6040 4.2)
-        self._incoming_ecn: dict[int, int] = {}
+        self._incoming_tos: dict[int, int] = {}
         self.clock: Callable[[], float] = trio.current_time
         # Rekeyed-away SAs still receiving: spi_in -> when they go, by `clock` (`delete`).
         self._lingering: dict[bytes, float] = {}
@@ -427,19 +427,20 @@ class DataPlane:
     # --- packets -----------------------------------------------------------------------
 
     def receive_esp(self, datagrams: list[bytes],
-                    outer_ecn: dict[int, int] | None = None) -> None:
+                    outer_tos: dict[int, int] | None = None) -> None:
         """ESP packets from the network (raw, or UDP-encapsulated as the dispatcher's
-        NAT-T reader classified them) towards the TUN. `outer_ecn`: the index of each
-        that arrived with ECT(1) or CE in its IP header, and that codepoint.
+        NAT-T reader classified them) towards the TUN. `outer_tos`: the index of each
+        that arrived with a TOS / traffic class other than 0 in its IP header, and that
+        TOS (see `EspSad.decapsulate_untrusted`).
 
         They are decapsulated and written when the receiving task's batch ends and it
         calls `flush`, so that the batch is decrypted in one loop and a run of TCP
         segments enters the kernel as one superpacket.
         """
         incoming = self._incoming
-        if outer_ecn:
+        if outer_tos:
             offset = len(incoming)
-            self._incoming_ecn.update((offset + i, ecn) for i, ecn in outer_ecn.items())
+            self._incoming_tos.update((offset + i, tos) for i, tos in outer_tos.items())
         incoming += datagrams
         if len(incoming) >= WRITE_BATCH:
             self.flush()
@@ -451,21 +452,21 @@ class DataPlane:
         if not incoming:
             return
         self._incoming = []
-        outer_ecn = self._incoming_ecn
-        if outer_ecn:
-            self._incoming_ecn = {}
+        outer_tos = self._incoming_tos
+        if outer_tos:
+            self._incoming_tos = {}
         sad = self.sad
         if sad.waiting:  # a rekey in progress: note the peer's first use of the new SA
             packets = []
             for i, esp in enumerate(incoming):
                 try:
-                    packets.append(sad.decapsulate_untrusted(esp, outer_ecn.get(i, 0)))
+                    packets.append(sad.decapsulate_untrusted(esp, outer_tos.get(i, 0)))
                 except EspDrop:
                     continue  # counted by the SAD
                 if sad.waiting:
                     self._peer_switched(esp)
         else:
-            packets = sad.decapsulate_batch(incoming, outer_ecn)
+            packets = sad.decapsulate_batch(incoming, outer_tos)
         if not packets:
             return
         counters = self.counters
@@ -493,8 +494,9 @@ class DataPlane:
         (the last may be shorter) and TOS go to the kernel in one UDP GSO send, which
         puts each on the wire as its own datagram. Order within an SA is kept. The
         outer header carries the packet's DSCP unless the SA's child says copy_dscp =
-        "no" (RFC 4301 5.1.2.1), and in tunnel mode its ECN field unless it says
-        copy_ecn = false (RFC 6040 4.1).
+        "no" (RFC 4301 5.1.2.1), and its ECN field: in tunnel mode unless it says
+        copy_ecn = false (RFC 6040 4.1), in transport mode always (the header is the
+        packet's own).
         """
         outbound_for = self.sad.outbound_for
         udp_send = self.udp_send
@@ -647,9 +649,8 @@ class DataPlane:
     async def _esp_pump(self, sock: EspSocket) -> None:
         while True:
             batch = await sock.recv_batch(BATCH)
-            # ECT(1) and CE, the codepoints RFC 6040 4.2 acts on, have the low bit set
-            self.receive_esp([esp for esp, _peer, _ecn in batch],
-                             {i: ecn for i, (_, _, ecn) in enumerate(batch) if ecn & 1})
+            self.receive_esp([esp for esp, _peer, _tos in batch],
+                             {i: tos for i, (_, _, tos) in enumerate(batch) if tos})
             self.flush()
             self._drain_events()
             if len(batch) == BATCH:

@@ -75,11 +75,11 @@ async def drain_recv(sock: socket.socket, max_n: int = DEFAULT_BATCH) -> list[tu
     return drain_nowait(sock, max_n)
 
 
-def _ecn_of_tclass(ancillary: list[tuple[int, int, bytes]]) -> int:
-    """The ECN codepoint of an IPV6_TCLASS control message (an int), 0 without one."""
+def _tclass_of(ancillary: list[tuple[int, int, bytes]]) -> int:
+    """The traffic class of an IPV6_TCLASS control message (an int), 0 without one."""
     for level, kind, payload in ancillary:
         if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_TCLASS and len(payload) >= 4:
-            return int.from_bytes(payload[:4], sys.byteorder) & 3
+            return int.from_bytes(payload[:4], sys.byteorder) & 0xFF
     return 0
 
 
@@ -96,8 +96,9 @@ def esp_from_ipv4_untrusted(packet: bytes) -> bytes:
 class EspSocket:
     """A raw ESP socket bound to one local address, IPv4 or IPv6.
 
-    `drain` returns bare ESP packets (SPI first) for both families, each with the ECN
-    field of the IP header it came in (RFC 6040 4.2 needs it): an IPv4 raw socket
+    `drain` returns bare ESP packets (SPI first) for both families, each with the TOS /
+    traffic class of the IP header it came in (its ECN field for RFC 6040 4.2, all of it
+    for a transport-mode SA's rebuilt header): an IPv4 raw socket
     hands over the IP header as well, which is cut off here; an IPv6 one does not
     (RFC 3542 3), and its traffic class comes as ancillary data (IPV6_RECVTCLASS).
     """
@@ -157,8 +158,8 @@ class EspSocket:
         return True
 
     def drain(self, max_n: int = DEFAULT_BATCH) -> list[tuple[bytes, str, int]]:
-        """Up to `max_n` (esp, peer address, ECN codepoint) without blocking; empty when
-        none waits."""
+        """Up to `max_n` (esp, peer address, TOS / traffic class) without blocking; empty
+        when none waits."""
         counters = self.counters
         packets: list[tuple[bytes, str, int]] = []
         if self.family == socket.AF_INET6:
@@ -166,13 +167,13 @@ class EspSocket:
             try:
                 while len(packets) < max_n:
                     data, ancillary, _flags, addr = recvmsg(RECV_SIZE, _TCLASS_SPACE)
-                    packets.append((data, addr[0], _ecn_of_tclass(ancillary)))
+                    packets.append((data, addr[0], _tclass_of(ancillary)))
             except BlockingIOError:
                 pass
         else:
             for data, addr in drain_nowait(self.sock, max_n):
                 try:
-                    packets.append((esp_from_ipv4_untrusted(data), addr[0], data[1] & 3))
+                    packets.append((esp_from_ipv4_untrusted(data), addr[0], data[1]))
                 except ParseError:
                     counters.esp_receive_errors += 1
         counters.esp_received_packets += len(packets)

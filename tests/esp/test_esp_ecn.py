@@ -7,7 +7,7 @@ import pytest
 
 from cluster.esp import EspDrop
 from cluster.esp.ip import CE, ECT_0, ECT_1, NOT_ECT, ecn_decapsulate, internet_checksum, tos_of
-from tests.esp.pairs import GW_A, GW_B, packet, pair, params, with_tos
+from tests.esp.pairs import GW6_A, GW6_B, GW_A, GW_B, packet, pair, params, with_tos
 
 CODEPOINTS = (NOT_ECT, ECT_1, ECT_0, CE)
 # RFC 6040 Figure 4: (inner, outer) -> what leaves the tunnel; None: drop
@@ -45,13 +45,14 @@ def test_decapsulation_leaves_what_is_not_an_ip_packet_alone() -> None:
 
 @pytest.mark.parametrize("copy_ecn", [True, False])
 @pytest.mark.parametrize("mode", ["tunnel", "transport"])
-def test_the_outer_header_takes_the_ecn_field_in_tunnel_mode_only(
+def test_the_outer_header_takes_the_ecn_field_unless_copy_ecn_is_off_in_tunnel_mode(
         mode: str, copy_ecn: bool) -> None:
+    """In transport mode the header is the packet's own: its ECN field always goes."""
     ours, _ = pair(params(mode=mode, copy_ecn=copy_ecn))
     src, dst = (GW_A, GW_B) if mode == "transport" else ("10.99.1.5", "10.99.2.7")
     sa = ours.outbound_for(packet(src, dst))
     assert sa is not None
-    copies = copy_ecn and mode == "tunnel"
+    copies = copy_ecn or mode == "transport"
     assert sa.tos_mask == (0xFF if copies else 0xFC)
     ours_plain, _ = pair(params(mode=mode, copy_ecn=copy_ecn, copy_dscp=False))
     plain = ours_plain.outbound_for(packet(src, dst))
@@ -83,13 +84,40 @@ def test_the_sad_marks_what_arrived_with_ce_and_drops_not_ect_under_ce() -> None
     assert ours.totals().ecn_drops == 2
 
 
-@pytest.mark.parametrize("mode", ["tunnel", "transport"])
-def test_outer_ecn_is_ignored_with_copy_ecn_false_and_in_transport_mode(mode: str) -> None:
-    ours, theirs = pair(params(mode=mode, copy_ecn=mode == "transport"))
-    src, dst = (GW_B, GW_A) if mode == "transport" else ("10.99.2.7", "10.99.1.5")
-    plain = packet(src, dst, payload=b"t" * 80)
+def test_outer_ecn_is_ignored_with_copy_ecn_false_and_a_dscp_in_tunnel_mode() -> None:
+    ours, theirs = pair(params(copy_ecn=False))
+    plain = packet("10.99.2.7", "10.99.1.5", payload=b"t" * 80)
     sa = theirs.outbound_for(plain)
     assert sa is not None
-    expected = ours.decapsulate_batch([sa.encapsulate(plain)])
-    assert ours.decapsulate_batch([sa.encapsulate(plain)], {0: CE}) == expected
+    assert ours.decapsulate_batch([sa.encapsulate(plain)], {0: CE}) == [plain]
     assert ours.totals().ecn_drops == 0
+    ours, theirs = pair(params())
+    sa = theirs.outbound_for(plain)
+    assert sa is not None
+    esp = [sa.encapsulate(plain) for _ in range(3)]
+    assert ours.decapsulate_batch(esp, {0: EF, 1: EF | ECT_0}) == [plain] * 3
+    assert ours.decapsulate_untrusted(sa.encapsulate(plain), EF) == plain
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("encap", [False, True])
+def test_a_transport_mode_packet_keeps_the_tos_it_arrived_with(v6: bool, encap: bool) -> None:
+    """The header we rebuild is the packet's own (RFC 4303 3.4.4.1): its DSCP and ECN
+    field are what the one it came in carried, CE and Not-ECT alike, nothing dropped."""
+    a, b = (GW6_A, GW6_B) if v6 else (GW_A, GW_B)
+    ours, theirs = pair(params(mode="transport", v6=v6, encap=encap))
+    sent = [packet(b, a, protocol=6, payload=b"t" * 80) for _ in range(4)]
+    sa = theirs.outbound_for(sent[0])
+    assert sa is not None
+    (plain,) = ours.decapsulate_batch([sa.encapsulate(sent[0])])
+    assert tos_of(plain) == 0
+    esp = [sa.encapsulate(p) for p in sent]
+    marks = {1: EF | CE, 2: 0x20, 3: CE}
+    out = ours.decapsulate_batch(esp, marks)
+    assert out[0] == plain and [tos_of(p) for p in out] == [0, EF | CE, 0x20, CE]
+    assert [with_tos(p, 0) for p in out] == [plain] * 4  # nothing else changed
+    if not v6:
+        assert all(internet_checksum(p[:20]) == 0 for p in out)
+    assert ours.totals().ecn_drops == 0
+    again = sa.encapsulate(sent[0])
+    assert tos_of(ours.decapsulate_untrusted(again, EF)) == EF

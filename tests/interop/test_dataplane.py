@@ -1467,6 +1467,52 @@ def test_transport_mode_between_two_nodes_is_only_esp_on_the_wire(
     assert a.running() and b.running()
 
 
+@pytest.mark.parametrize("encap", [False, True], ids=["raw", "udp"])
+def test_transport_mode_between_two_nodes_keeps_each_packets_dscp_and_ecn(
+        lab: Lab, encap: bool) -> None:
+    """In transport mode the header is the packet's own, as a kernel's SA leaves it:
+    A's pings with EF and ECT(1) leave in ESP with EF and ECT(1) and reach B's TUN with
+    both; then a rule on A's veth plays a congested router and marks A's ESP CE: the
+    ECT(1) pings reach B's TUN as CE, and Not-ECT ones too (RFC 6040's drop is a
+    tunnel's), all answered."""
+    a_conn, b_conn = transport_pair(encap=encap)
+    b = lab.node([b_conn], node_id="b", extra_toml=worker_toml("ikecB"))
+    carrier = ESP_IN_UDP_OUT if encap else "ip protocol esp"
+    wire = lab.wire_counters("initiator", {
+        "esp_out": ("out", carrier),
+        "esp_out_ef_ect1": ("out", f"{carrier} ip dscp ef ip ecn ect1"),
+    })
+    a = lab.node([a_conn], side="initiator", node_id="a", addresses=(INITIATOR_V4,),
+                 extra_toml=worker_toml("ikecA"))
+    for node in (a, b):
+        wait_for_log(node, r"CHILD SA established: host .* mode=transport")
+    tun = WireCounters(lab.responder, {
+        "echo": ("in", "icmp type echo-request"),
+        "echo_ef_ect1": ("in", "icmp type echo-request ip dscp ef ip ecn ect1"),
+        "echo_ef_ce": ("in", "icmp type echo-request ip dscp ef ip ecn ce"),
+        "echo_ce": ("in", "icmp type echo-request ip dscp cs0 ip ecn ce"),
+    }, device="ikecB")
+    tun.install()
+    before = wire.read()
+    sent, received, output = ping(lab.initiator, INITIATOR_V4, RESPONDER_V4, tos=0xB8 | 1)
+    assert (sent, received) == (PINGS, PINGS), output
+    out, inside = wire.since(before), tun.read()
+    report(f"transport dscp/ecn ({'udp' if encap else 'raw'})", f"wire {out}, B's TUN {inside}")
+    assert out["esp_out_ef_ect1"] >= PINGS, out
+    assert inside == {"echo": PINGS, "echo_ef_ect1": PINGS, "echo_ef_ce": 0, "echo_ce": 0}, \
+        inside
+    congested = WireCounters(lab.initiator, {"marked": ("out", f"{carrier} ip ecn set ce")})
+    congested.install()
+    for tos in (0xB8 | 1, 0):
+        sent, received, output = ping(lab.initiator, INITIATOR_V4, RESPONDER_V4, tos=tos)
+        assert (sent, received) == (PINGS, PINGS), output
+    inside = tun.read()
+    assert congested.read()["marked"] >= 2 * PINGS
+    assert inside == {"echo": 3 * PINGS, "echo_ef_ect1": PINGS, "echo_ef_ce": PINGS,
+                      "echo_ce": PINGS}, inside
+    assert a.running() and b.running()
+
+
 # --- no SA: nothing leaves ----------------------------------------------------------------
 
 TEST_NET = "10.77.0.0/24"

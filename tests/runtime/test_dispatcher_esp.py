@@ -117,12 +117,12 @@ async def test_coalesced_datagrams_are_classified_one_by_one() -> None:
 # (the peer's TOS for each datagram; the ECN codepoints: 1 ECT(1), 2 ECT(0), 3 CE)
 @pytest.mark.parametrize(("host", "wildcard"), [("127.0.0.1", "127.0.0.1"), ("::1", "::1"),
                                                ("0.0.0.0", "127.0.0.1"), ("::", "::1")])
-async def test_the_natt_reader_names_the_esp_that_arrived_with_ect1_or_ce(
+async def test_the_natt_reader_names_the_esp_that_arrived_with_a_tos(
         host: str, wildcard: str) -> None:
-    """RFC 6040 4.2 needs the outer ECN field: ECT(1) and CE reach the sink by the
-    datagram's index among the ESP (an IKE message between them does not count), for
-    single datagrams and for a coalesced (GRO) one alike; ECT(0) and Not-ECT are not
-    named, and a batch without marks gives None."""
+    """RFC 6040 4.2 needs the outer ECN field, a transport-mode SA the whole TOS: each
+    datagram whose TOS is not 0 reaches the sink by its index among the ESP (an IKE
+    message between them does not count) with that TOS, for single datagrams and for a
+    coalesced (GRO) one alike; a batch without any gives None."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     router = Router()
     sunk: list[tuple[list[bytes], dict[int, int] | None]] = []
@@ -146,11 +146,11 @@ async def test_the_natt_reader_names_the_esp_that_arrived_with_ect1_or_ce(
                          [tos_ancillary(family, 0x03),
                           (SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, local)
             await _until(lambda: sum(len(batch) for batch, _ in sunk) == 7)
-            peer.sendmsg([esp(0x5000, 8, size)], [tos_ancillary(family, 0x02)], 0, local)
+            peer.sendmsg([esp(0x5000, 8, size)], [tos_ancillary(family, 0x00)], 0, local)
             await _until(lambda: sum(len(batch) for batch, _ in sunk) == 8)
             nursery.cancel_scope.cancel()
     assert [len(batch) for batch, _ in sunk] == [4, 3, 1]
-    assert sunk[0][1] == {1: 3, 3: 1}
+    assert sunk[0][1] == {1: 0xB8 | 3, 2: 2, 3: 1}
     assert sunk[1][1] == {0: 3, 1: 3, 2: 3}
     assert sunk[2][1] is None
     assert router.routed == [ike_message(100)]

@@ -237,9 +237,9 @@ def test_raw_esp_leaves_with_the_tos_it_is_given(pair: Pair, version: int) -> No
 
 
 @FAMILIES
-def test_raw_esp_arrives_with_the_ecn_field_of_its_ip_header(pair: Pair, version: int) -> None:
-    """RFC 6040 4.2 needs the outer ECN field: the IPv4 header's, the IPv6 traffic
-    class's (ancillary data), whatever the DSCP."""
+def test_raw_esp_arrives_with_the_tos_of_its_ip_header(pair: Pair, version: int) -> None:
+    """RFC 6040 4.2 needs the outer ECN field, a transport-mode SA the whole TOS: the
+    IPv4 header's, the IPv6 traffic class (ancillary data)."""
     local, peer = _addresses(pair, version)
     sent = [(0xB8 | 3, _esp(8, 1, b"ce")), (0x01, _esp(8, 2, b"ect1")), (0x02, _esp(8, 3, b"ect0")),
             (0xB8, _esp(8, 4, b"not-ect"))]
@@ -260,4 +260,4 @@ def test_raw_esp_arrives_with_the_ecn_field_of_its_ip_header(pair: Pair, version
         finally:
             capture.close()
 
-    assert run_in_netns(pair.a, body) == [(esp, local, tos & 3) for tos, esp in sent]
+    assert run_in_netns(pair.a, body) == [(esp, local, tos) for tos, esp in sent]
