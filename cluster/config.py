@@ -1078,7 +1078,8 @@ class _Loader:
                          "rekey_time", "life_time", "rand_time", "dpd_action", "updown",
                          "inactivity", "copy_dscp", "copy_ecn", "rekey_bytes", "life_bytes",
                          "rekey_packets", "life_packets", "rand_bytes", "rand_packets",
-                         "close_action", "replay_window", "hostaccess", "tfc_padding")
+                         "close_action", "replay_window", "hostaccess", "tfc_padding",
+                         "sha256_96")
         )
         mode = child.string("mode", "tunnel")
         if mode not in ("tunnel", "transport"):
@@ -1105,6 +1106,7 @@ class _Loader:
             inactivity=self.inactivity(child),
             copy_dscp=self.copy_dscp(child),
             copy_ecn=child.boolean("copy_ecn", True),
+            sha256_96=child.boolean("sha256_96", False),
             replay_window=self.replay_window(child),
             tfc_padding=self.tfc_padding(child),
             volume=self.volume_limits(child),

@@ -7,6 +7,7 @@ accepted when the operator asks for them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -227,6 +228,9 @@ INTEG_ALGORITHMS: dict[str, IntegAlgorithm] = {
 }
 INTEG_ALIASES = {"sha": "sha1", "sha2_256": "sha256", "sha2_384": "sha384",
                  "sha2_512": "sha512"}
+# swanctl's sha256_96 on a child: HMAC-SHA-256 negotiated as usual (transform 12) but
+# its ICV cut to 96 bits in ESP, as some old implementations do (never proposed by name)
+SHA256_96 = dataclasses.replace(INTEG_ALGORITHMS["sha256"], name="sha256_96", icv_size=12)
 
 
 def find_prf(transform_id: int) -> PrfAlgorithm | None:

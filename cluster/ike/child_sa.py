@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import NoProposalChosen, TsUnacceptable
+from ..transforms import SHA256_96
 from .configuration import dynamic_addresses, own_dynamic_addresses
 from .constants import NotifyType, ProtocolId
 from .events import ChildSaEstablished
@@ -119,9 +120,13 @@ def child_established(sa: IkeSa, child: ChildSa, replaces: bytes = b"") -> Child
         key_in, int_in, key_out, int_out = keys.encr_r, keys.integ_r, keys.encr_i, keys.integ_i
     else:
         key_in, int_in, key_out, int_out = keys.encr_i, keys.integ_i, keys.encr_r, keys.integ_r
+    integ = chosen.integ
+    if integ is not None and config is not None and config.sha256_96 \
+            and integ.transform_id == SHA256_96.transform_id:
+        integ = SHA256_96  # (only the data plane's ICV changes; the negotiation did not)
     return ChildSaEstablished(
         sa.spi_i, sa.spi_r, child.name, child.mode, child.spi_in, child.spi_out, chosen.encr,
-        chosen.integ, chosen.esn == 1, key_in, int_in, key_out, int_out, child.local_ts,
+        integ, chosen.esn == 1, key_in, int_in, key_out, int_out, child.local_ts,
         child.remote_ts, sa.local, sa.remote, encap=sa.nat, replaces=replaces,
         we_initiated=child.we_initiated,
         inactivity=config.inactivity if config is not None else 0.0,

@@ -156,6 +156,9 @@ class ChildConfig:
     # swanctl's copy_ecn (default yes): in tunnel mode the ECN field goes on the outer
     # header and a CE mark on a received one into the packet (RFC 6040 normal mode)
     copy_ecn: bool = True
+    # swanctl's sha256_96: HMAC-SHA-256 in ESP with a 96-bit ICV instead of RFC 4868's
+    # 128 bits, for peers that get it wrong
+    sha256_96: bool = False
     # swanctl's tfc_padding (RFC 4303 2.7, tunnel mode): each packet padded to at least
     # this many bytes before encryption; TFC_MTU: to the data plane's MTU; 0: none
     tfc_padding: int = 0

@@ -14,7 +14,14 @@ from typing import Any
 
 from ..errors import ParseError
 from ..key_exchange import DhGroup, KeyExchange, new_key_exchange
-from ..transforms import ENCR_ALGORITHMS, INTEG_ALGORITHMS, PRF_ALGORITHMS, Esn
+from ..transforms import (
+    ENCR_ALGORITHMS,
+    INTEG_ALGORITHMS,
+    PRF_ALGORITHMS,
+    SHA256_96,
+    Esn,
+    IntegAlgorithm,
+)
 from .constants import IdType, TsType
 from .create_child import CreateChild, RekeyChild, RekeyIke
 from .events import ChildSaEstablished
@@ -341,6 +348,12 @@ def child_record(event: ChildSaEstablished) -> Record:
     }
 
 
+def _integ(name: str | None) -> IntegAlgorithm | None:
+    if not name:
+        return None
+    return SHA256_96 if name == SHA256_96.name else INTEG_ALGORITHMS[name]
+
+
 def _volume(value: Any) -> tuple[int, int, int, int]:
     rekey_bytes, life_bytes, rekey_packets, life_packets = (int(v) for v in value)
     return rekey_bytes, life_bytes, rekey_packets, life_packets
@@ -357,7 +370,7 @@ def child_event(record: Record) -> ChildSaEstablished:
         return ChildSaEstablished(
             record["ike"][0], record["ike"][1], record["name"], record["mode"],
             record["spi_in"], record["spi_out"], ENCR_ALGORITHMS[record["encr"]],
-            INTEG_ALGORITHMS[record["integ"]] if record["integ"] else None, bool(record["esn"]),
+            _integ(record["integ"]), bool(record["esn"]),
             encr_in, integ_in, encr_out, integ_out,
             local_ts=tuple(_ts_from(t) for t in record["local_ts"]),
             remote_ts=tuple(_ts_from(t) for t in record["remote_ts"]),

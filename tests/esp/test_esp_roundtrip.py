@@ -3,6 +3,8 @@ IP versions, TCP/UDP/ICMP, with and without ESN; padding, TFC trimming, header r
 
 from __future__ import annotations
 
+import dataclasses
+import hmac
 import ipaddress
 import struct
 
@@ -10,6 +12,7 @@ import pytest
 
 from cluster.esp import EspDrop
 from cluster.esp.ip import flow_of, internet_checksum
+from cluster.transforms import INTEG_ALGORITHMS, SHA256_96
 from tests.esp.pairs import (
     ALGORITHMS,
     GW6_A,
@@ -237,3 +240,25 @@ def test_flow_of_round_trip_sanity() -> None:
     """The packets these tests build parse as what they claim to be."""
     flow = flow_of(packet("10.99.1.5", "10.99.2.7", 6, b"", 1234, 443))
     assert flow == (4, bytes([10, 99, 1, 5]), bytes([10, 99, 2, 7]), 6, 1234, 443)
+
+
+def test_sha256_96_carries_a_12_byte_icv_that_a_16_byte_peer_refuses() -> None:
+    """swanctl's sha256_96: HMAC-SHA-256 cut to 96 bits; both ends must agree."""
+    short = dataclasses.replace(params("aes128", "sha256"), integ=SHA256_96)
+    ours, theirs = pair(short)
+    plain = packet(*TUNNEL_HOSTS[4], payload=b"s" * 100)
+    sa = ours.outbound_for(plain)
+    assert sa is not None
+    esp = sa.encapsulate(plain)
+    long = params("aes128", "sha256")
+    full = pair(long)[0].outbound_for(plain)
+    assert full is not None
+    assert len(esp) == len(full.encapsulate(plain)) - 4  # the same padding, 4 bytes less
+    # RFC 4868's HMAC-SHA-256 over the ESP header and ciphertext, its first 96 bits
+    assert esp[-12:] == hmac.digest(short.integ_key_out, esp[:-12], "sha256")[:12]
+    assert theirs.decapsulate_untrusted(esp) == plain
+    _, refusing = pair(dataclasses.replace(short, integ=INTEG_ALGORITHMS["sha256"]))
+    with pytest.raises(EspDrop):
+        refusing.decapsulate_untrusted(esp)
+    # (its ciphertext, cut 16 bytes from the end, is no whole number of blocks)
+    assert refusing.totals().malformed_drops == 1

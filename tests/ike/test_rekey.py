@@ -19,6 +19,7 @@ from cluster.ike.events import (
 from cluster.ike.policy import ConnectionConfig, Lifetime
 from cluster.ike.session import IkeSession
 from cluster.ike.state import State
+from cluster.transforms import SHA256_96
 from tests.ike.sessions import (
     child,
     client_for,
@@ -407,3 +408,31 @@ def test_an_ike_rekey_keeps_the_roles_and_what_both_announced(who: str) -> None:
     assert not client.redirect("gw2.example.test", 2.0)  # the client never redirects
     assert taken_over.limit_session(60, 2.0)
     assert gateway.redirect("gw2.example.test", 2.0)
+
+
+def test_sha256_96_cuts_only_the_data_planes_icv() -> None:
+    """swanctl's sha256_96: HMAC-SHA-256 is negotiated as ever (transform 12, the peer
+    sees nothing); our Child SAs, the rekeyed one too, go to the data plane with a 96-bit
+    ICV. Without HMAC-SHA-256 it changes nothing."""
+    cbc = replace(child(proposals=("aes128-sha256",)), sha256_96=True)
+    gw = psk_connection(children=(cbc,))
+    plain = client_for(gw)
+    plain = replace(plain, children=tuple(replace(c, sha256_96=False) for c in plain.children))
+    client, gateway = psk_pair(gw, plain)
+    settle(client, gateway, 0.0)
+    [theirs] = of(drain(client), ChildSaEstablished)
+    [ours] = of(drain(gateway), ChildSaEstablished)
+    assert theirs.integ is not None and (theirs.integ.name, theirs.integ.icv_size) == \
+        ("sha256", 16)
+    assert ours.integ is SHA256_96 and ours.integ.icv_size == 12
+    assert ours.integ.transform_id == theirs.integ.transform_id
+    assert ours.integ_key_in == theirs.integ_key_out
+    client.rekey_child(only_child(client), 1.0)
+    settle(client, gateway, 1.0)
+    [rekeyed] = of(drain(gateway), ChildSaEstablished)
+    assert rekeyed.integ is SHA256_96
+    gcm = replace(child(), sha256_96=True)
+    client, gateway = psk_pair(psk_connection(children=(gcm,)))
+    settle(client, gateway, 0.0)
+    [aead] = of(drain(gateway), ChildSaEstablished)
+    assert aead.integ is None

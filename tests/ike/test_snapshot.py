@@ -20,6 +20,7 @@ from cluster.ike.policy import ConnectionConfig
 from cluster.ike.session import IkeSession
 from cluster.ike.snapshot import SECRET_FIELDS, restore, snapshot_of
 from cluster.ike.state import State
+from cluster.transforms import SHA256_96
 from tests.ike.sessions import child, drain, psk_connection, psk_pair, transfer
 
 
@@ -131,6 +132,8 @@ def test_a_child_sa_record_gives_back_the_same_event_through_msgpack() -> None:
         older = child_record(changed)
         del older[name]
         assert child_event(older) == child, name
+    short = replace(child, integ=SHA256_96)  # (a child with sha256_96 = true)
+    assert child_event(child_record(short)).integ is SHA256_96
     limited = replace(child, volume=(1000, 1100, 0, 60))
     with pytest.raises(ParseError):
         child_event(child_record(limited) | {"volume": [1, 2]})

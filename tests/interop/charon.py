@@ -212,6 +212,8 @@ class Charon:
                 c.append(f"life_time = {child.life_time}")
             if child.rand_time is not None:
                 c.append(f"rand_time = {child.rand_time}")
+            if child.sha256_96 is not None:
+                c.append(f"sha256_96 = {'yes' if child.sha256_96 else 'no'}")
             body = "".join(f"                {line}\n" for line in c)
             children.append(f"            {child.name} {{\n{body}            }}\n")
         head = "".join(f"        {line}\n" for line in lines)

@@ -136,7 +136,7 @@ def render_node_config(
                 out.append(f"start_action = {_toml(child.start_action)}")
             # our node's own child settings (charon's config leaves them out)
             for key in ("updown", "inactivity", "copy_dscp", "copy_ecn", "close_action",
-                        "tfc_padding"):
+                        "tfc_padding", "sha256_96"):
                 value = getattr(child, key)
                 if value is not None:
                     out.append(f"{key} = {_toml(value)}")

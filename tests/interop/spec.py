@@ -61,6 +61,7 @@ class Child:
     close_action: str | None = None  # our node's close_action (likewise)
     tfc_padding: int | str | None = None  # our node's tfc_padding (likewise)
     volume: tuple[tuple[str, int], ...] = ()  # our node's rekey_bytes, life_bytes, ...
+    sha256_96: bool | None = None  # both sides' (swanctl's sha256_96)
 
 
 @dataclass(frozen=True)

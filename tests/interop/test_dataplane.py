@@ -273,6 +273,33 @@ def test_every_esp_cipher_carries_traffic_with_strongswan_libipsec(
         assert counters.get(bad, 0) == 0, counters
 
 
+def test_sha256_96_changes_only_our_icv_and_a_128_bit_peer_drops_it(
+        lab: Lab, initiator: Charon) -> None:
+    """swanctl's sha256_96 (HMAC-SHA-256 with a 96-bit ICV, for old peers) on our child
+    alone: the negotiation is the same (strongSwan lists HMAC_SHA2_256_128), our log
+    names sha256_96, and no ESP packet passes either end's check, so the ICV on the
+    wire did change. (strongSwan's libipsec has no HMAC_SHA2_256_96 to set on its side:
+    "unsupported integrity algorithm"; a kernel's SA would.)"""
+    initiator_conn, responder_conn = conn_pair(
+        esp_proposals=("aes128-sha256",), responder_esp_proposals=("aes128-sha256",))
+    node = lab.node([responder_conn.with_child(sha256_96=True)],
+                    extra_toml=worker_toml("ikec0"))
+    initiator.load(initiator_conn)
+    child = child_sa(assert_initiated(initiator.initiate("net"), initiator))
+    assert child.get("integ-alg") == "HMAC_SHA2_256_128", child
+    line = wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")[0]
+    assert " esp=aes128-sha256_96 " in line, line
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4,
+                                  count=10)
+    assert (sent, received) == (10, 0), output
+    node.stop()
+    counters = data_plane_counters(node)
+    report("sha256_96 (ours only)", str(counters))
+    # 16-byte ICVs cut as 12: what is left is no whole number of cipher blocks
+    assert counters.get("sa_packets_in", 0) == 0, counters
+    assert counters.get("sa_malformed_drops", 0) >= 10, counters
+
+
 def test_the_windows_client_default_proposals_with_legacy_algorithms(
         lab: Lab, initiator: Charon) -> None:
     """Windows' built-in IKEv2 client proposes AES-CBC-256, SHA-1 and MODP-1024 unless its

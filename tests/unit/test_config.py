@@ -456,6 +456,14 @@ def test_copy_dscp_is_out_by_default_or_no(tmp_path: Path) -> None:
         assert conn.children[0].copy_dscp is copies
 
 
+def test_sha256_96_is_off_by_default_as_in_swanctl(tmp_path: Path) -> None:
+    (conn,) = load_config(write(tmp_path, BASE)).policy.connections
+    assert conn.children[0].sha256_96 is False
+    text = edit(('mode = "tunnel"\n', 'mode = "tunnel"\nsha256_96 = true\n'))
+    (conn,) = load_config(write(tmp_path, text)).policy.connections
+    assert conn.children[0].sha256_96 is True
+
+
 def test_hostaccess_is_off_by_default_as_in_swanctl(tmp_path: Path) -> None:
     (conn,) = load_config(write(tmp_path, BASE)).policy.connections
     assert conn.children[0].hostaccess is False
