@@ -186,6 +186,8 @@ class Node:
                 self.nursery.start_soon(self._run_once, one, name=f"initiate {name}")
             elif running.initiation.on_demand:
                 running.acquire()
+            else:
+                running.hurry()
         actor: SaActor | None = None
         requested = False  # of the current IKE SA: by us, or its IKE_AUTH (our new SA)
         ran: list[bool] = []  # our request ran: whether it sent a CREATE_CHILD_SA
@@ -469,6 +471,12 @@ class Initiator:
         """Initiate no more (a reload removed the connection). An SA it brought up stays
         until it ends, as in strongSwan; it is not initiated again."""
         self._stopped = True
+        if self._idle is not None:
+            self._idle.cancel()
+
+    def hurry(self) -> None:
+        """Cut short the wait it is in (`ike-cluster initiate` of a start connection
+        in its back-off after a failed attempt: the operator wants it now)."""
         if self._idle is not None:
             self._idle.cancel()
 

@@ -28,6 +28,7 @@ from .test_initiator import (
     Pair,
     established,
     free_ports,
+    make_pair,
     node_config,
     wait_for,
 )
@@ -220,3 +221,23 @@ async def test_the_initiate_command_asks_the_node_through_its_control_socket(
         b.shutdown()
         nursery.cancel_scope.cancel()
     assert isinstance(established(pair.b_events)[0], IkeSaEstablished)
+
+
+async def test_initiate_cuts_short_the_back_off_of_a_start_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start connection whose attempt failed waits out its back-off (made 30 s here);
+    `initiate` of its child tries again at once, as an operator expects."""
+    monkeypatch.setattr("cluster.runtime.node.INITIATE_BACKOFF_FIRST", 30.0)
+    pair = make_pair(tmp_path, a_half_open_timeout=0.5)
+    async with trio.open_nursery() as nursery:
+        a = await pair.start_a(nursery)
+        (initiator,) = a.initiators
+        await wait_for(lambda: initiator.failures == 1)  # B is not running
+        b = await pair.start_b(nursery)
+        up = await a.initiate("host", 5.0)
+        assert (initiator.attempts, initiator.failures) == (2, 1)
+        (sa,) = established(pair.a_events)
+        assert (up.spi_i, a.manual) == (sa.spi_i, [])
+        a.shutdown()
+        b.shutdown()
