@@ -456,20 +456,14 @@ def test_copy_dscp_is_out_by_default_or_no(tmp_path: Path) -> None:
         assert conn.children[0].copy_dscp is copies
 
 
-def test_sha256_96_is_off_by_default_as_in_swanctl(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["hostaccess", "sha256_96"])
+def test_these_child_switches_are_off_by_default_as_in_swanctl(tmp_path: Path,
+                                                              key: str) -> None:
     (conn,) = load_config(write(tmp_path, BASE)).policy.connections
-    assert conn.children[0].sha256_96 is False
-    text = edit(('mode = "tunnel"\n', 'mode = "tunnel"\nsha256_96 = true\n'))
+    assert getattr(conn.children[0], key) is False
+    text = edit(('mode = "tunnel"\n', f'mode = "tunnel"\n{key} = true\n'))
     (conn,) = load_config(write(tmp_path, text)).policy.connections
-    assert conn.children[0].sha256_96 is True
-
-
-def test_hostaccess_is_off_by_default_as_in_swanctl(tmp_path: Path) -> None:
-    (conn,) = load_config(write(tmp_path, BASE)).policy.connections
-    assert conn.children[0].hostaccess is False
-    text = edit(('mode = "tunnel"\n', 'mode = "tunnel"\nhostaccess = true\n'))
-    (conn,) = load_config(write(tmp_path, text)).policy.connections
-    assert conn.children[0].hostaccess is True
+    assert getattr(conn.children[0], key) is True
 
 
 def test_a_childs_replay_window_overrides_the_workers(tmp_path: Path) -> None:
