@@ -53,6 +53,10 @@ from .store import StateStore, StoredSa, StoreError, open_store, peek_snapshot
 from .transforms import Esn
 
 Row = dict[str, Any]
+# the listing of the SAs an operator's command watches, and its request for one of them
+# (an IKE SA's row, a Child SA's inbound SPI or b"")
+Listing = Callable[[], Awaitable[list[Row]]]
+Ask = Callable[[Row, bytes], Awaitable[None]]
 _T = TypeVar("_T")
 logger = logging.getLogger(__name__)
 
@@ -388,10 +392,6 @@ def _terminate_children(target: StateStore | str, chosen: Callable[[Row], bool],
                    f"still there after {timeout:g} s")
 
 
-Listing = Callable[[], Awaitable[list[Row]]]
-Ask = Callable[[Row, bytes], Awaitable[None]]
-
-
 def _on_sas(target: StateStore | str, command: str, done_key: str, fields: dict[str, Any],
             encode: Callable[[Row, bytes], bytes],
             watch: Callable[[Listing, Ask], Awaitable[tuple[list[str], list[str]]]]
@@ -417,9 +417,8 @@ def _on_sas(target: StateStore | str, command: str, done_key: str, fields: dict[
     return _on_store(store, lambda: watch(lambda: list_sas(store), ask))
 
 
-async def terminate_children(rows: Callable[[], Awaitable[list[Row]]],
-                             ask: Callable[[Row, bytes], Awaitable[None]],
-                             chosen: Callable[[Row], bool], child: str, timeout: float,
+async def terminate_children(rows: Listing, ask: Ask, chosen: Callable[[Row], bool],
+                             child: str, timeout: float,
                              poll: float = 0.2) -> tuple[list[str], list[str]]:
     """Ask for the Child SAs of `child` in the IKE SAs `chosen` picks to be deleted
     (`ask(row, spi_in)`) and watch `rows` until none of them is listed: (those gone,
