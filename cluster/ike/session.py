@@ -348,6 +348,12 @@ class IkeSession:
                 if not child.deleting:
                     child.deleting = True
                     sa.queue.append(DeleteChild(child.spi_in))
+                elif not _delete_under_way(sa, child.spi_in):
+                    # its Delete went missing: past its life its keys go all the same
+                    del sa.children[child.spi_in]
+                    sa.events.append(ChildSaDeleted(sa.spi_i, sa.spi_r, child.name,
+                                                    child.spi_in, child.spi_out,
+                                                    "expired, its Delete lost"))
             elif now >= child.rekey_at:
                 child.rekey_at = INFINITY
                 if not (child.rekeying or child.deleting or child.replaced_by):
@@ -1043,12 +1049,21 @@ class IkeSession:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
 
+def _tasks(sa: IkeSa) -> list[object]:
+    """Our requests on `sa`: those queued and the one sent and not yet answered."""
+    return [*sa.queue, *([sa.pending.task] if sa.pending is not None else [])]
+
+
 def _has_child(sa: IkeSa, name: str) -> bool:
     """A Child SA of `name` is up (and not going) or requested."""
     if any(c.name == name and not c.deleting for c in sa.children.values()):
         return True
-    tasks = [*sa.queue, *([sa.pending.task] if sa.pending is not None else [])]
-    return any(isinstance(t, CreateChild) and t.name == name for t in tasks)
+    return any(isinstance(t, CreateChild) and t.name == name for t in _tasks(sa))
+
+
+def _delete_under_way(sa: IkeSa, spi_in: bytes) -> bool:
+    """A Delete of that Child SA is queued or sent and not yet answered."""
+    return any(isinstance(t, DeleteChild) and t.spi_in == spi_in for t in _tasks(sa))
 
 
 def _next_keepalive(sa: IkeSa, now: float) -> float:

@@ -436,3 +436,22 @@ def test_sha256_96_cuts_only_the_data_planes_icv() -> None:
     settle(client, gateway, 0.0)
     [aead] = of(drain(gateway), ChildSaEstablished)
     assert aead.integ is None
+
+
+def test_a_child_sa_whose_delete_went_missing_goes_at_its_hard_lifetime() -> None:
+    """A Child SA marked for deletion whose Delete is no longer queued or under way (a
+    request dies with an IKE SA rekeyed under it) is not kept past its life_time: its
+    keys go, and nothing is sent for it."""
+    no_rekey = psk_connection(children=(replace(child(), lifetime=Lifetime(0.0, 5.0)),))
+    _, gateway = established(no_rekey)
+    spi = only_child(gateway)
+    gateway.delete_child(spi, 1.0)
+    assert gateway.datagrams_to_send()
+    gateway.sa.pending = None  # lost, and forgotten
+    gateway.handle_timer(4.9)
+    assert spi in gateway.sa.children
+    gateway.handle_timer(5.0)
+    [gone] = of(drain(gateway), ChildSaDeleted)
+    assert (gone.spi_in, gone.reason) == (spi, "expired, its Delete lost")
+    assert gateway.sa.children == {} and not gateway.datagrams_to_send()
+    assert gateway.state is State.ESTABLISHED
