@@ -517,8 +517,7 @@ def initiate_command(config_path: str, child: str, timeout: float = 10.0) -> int
     return EXIT_OK
 
 
-async def rekey(rows: Callable[[], Awaitable[list[Row]]],
-                ask: Callable[[Row, bytes], Awaitable[None]], chosen: Callable[[Row], bool],
+async def rekey(rows: Listing, ask: Ask, chosen: Callable[[Row], bool],
                 child: str | None, timeout: float, poll: float = 0.2
                 ) -> tuple[list[str], list[str]]:
     """Ask for the rekeys (`ask(row, b"")` for an IKE SA, `ask(row, spi_in)` for a Child
@@ -777,6 +776,9 @@ def control_handlers(node_id: str, supervisor: Supervisor,
     def rows() -> list[Row]:
         return session_rows(supervisor.established_sessions(), node_id, trio.current_time())
 
+    async def listing() -> list[Row]:
+        return rows()
+
     async def sas(request: Request) -> Answer:
         return {"sas": rows()}
 
@@ -786,9 +788,6 @@ def control_handlers(node_id: str, supervisor: Supervisor,
         if chosen is None or not isinstance(child, str | None):
             return {"error": "name an IKE SA by SPI or identity (and a child by name)"}
         if child is not None:
-            async def listing() -> list[Row]:
-                return rows()
-
             async def ask(row: Row, spi_in: bytes) -> None:
                 supervisor.delete_child_of(bytes.fromhex(row["spi_i"]),
                                            bytes.fromhex(row["spi_r"]), spi_in)
@@ -815,9 +814,6 @@ def control_handlers(node_id: str, supervisor: Supervisor,
         child = request.get("child")
         if chosen is None or not isinstance(child, str | None):
             return {"error": "name an IKE SA by SPI or identity (and a child by name)"}
-
-        async def listing() -> list[Row]:
-            return rows()
 
         async def ask(row: Row, spi_in: bytes) -> None:
             supervisor.rekey(bytes.fromhex(row["spi_i"]), bytes.fromhex(row["spi_r"]), spi_in)

@@ -48,7 +48,7 @@ class InboundSa:
 
     __slots__ = ("_address_only", "_alarm_bytes", "_alarm_packets", "_esn", "_fix_checksums",
                  "_header", "_local", "_local_ip", "_local_ranges", "_min_len", "_params",
-                 "_remote", "_remote_ip", "_remote_ranges", "_spi", "_transport", "child",
+                 "_remote", "_remote_ip", "_remote_ranges", "_spi", "child",
                  "counters", "ecn", "replay", "spi", "transport")
 
     def __init__(self, child: ChildSa, params: ChildSaParams, local_ip: bytes,
@@ -60,9 +60,9 @@ class InboundSa:
         self._spi = int.from_bytes(params.spi_in, "big")
         self._params = params
         self._esn = params.esn
-        self._transport = self.transport = params.mode == "transport"
+        self.transport = params.mode == "transport"
         # a CE mark on the outer header goes into the packet (RFC 6040 4.2): tunnel mode
-        self.ecn = params.copy_ecn and not self._transport
+        self.ecn = params.copy_ecn and not self.transport
         self._local = local
         self._remote = remote
         self._address_only = local.address_only and remote.address_only
@@ -72,7 +72,7 @@ class InboundSa:
         self._remote_ip = remote_ip
         # transport mode: the header we rebuild says "from the peer to us"
         self._header = HeaderTemplate(remote_ip, local_ip)
-        self._fix_checksums = self._transport and params.encap
+        self._fix_checksums = self.transport and params.encap
         self._min_len = min_len
         self.replay = ReplayWindow(params.replay_window, params.esn)
         self._alarm_bytes = NEVER
@@ -101,7 +101,7 @@ class InboundSa:
         if not plain.endswith(_PADDING_AND_LENGTH[pad], 0, size - 1):
             self._drop("pad_errors")
         next_header = plain[-1]
-        if self._transport:
+        if self.transport:
             inner = self._transport_packet(plain, end, next_header)
         else:
             if next_header == IPPROTO_IPIP:
@@ -242,7 +242,7 @@ class AeadInbound(InboundSa):
             replay.top = seq
         else:
             replay.update(seq)
-        if self._transport or plain[-1] != IPPROTO_IPIP or not self._address_only:
+        if self.transport or plain[-1] != IPPROTO_IPIP or not self._address_only:
             return self._deliver(plain)
         # the hot path, `_deliver` inline: tunnel mode, IPv4 inside, addresses only
         size = len(plain)
@@ -282,7 +282,7 @@ class AeadInbound(InboundSa):
         # selectors, no ESN, every packet new and in order; anything else (drops
         # included) goes back to the caller, which decapsulates that one with
         # `decapsulate_untrusted` and counts it
-        if self._esn or self._transport or not self._address_only:
+        if self._esn or self.transport or not self._address_only:
             return at
         spi = self._spi
         min_len = self._min_len

@@ -276,7 +276,7 @@ class Sad:
         return sa is not None and sa.transport
 
     def _decapsulate_plain(self, datagrams: list[bytes]) -> list[bytes]:
-        """`decapsulate_batch` of datagrams with no outer ECN to act on: runs of one
+        """`decapsulate_batch` of datagrams with no outer TOS to act on: runs of one
         SA's ordinary packets go through `InboundSa.decapsulate_run`."""
         out: list[bytes] = []
         append = out.append

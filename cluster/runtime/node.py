@@ -471,8 +471,7 @@ class Initiator:
         """Initiate no more (a reload removed the connection). An SA it brought up stays
         until it ends, as in strongSwan; it is not initiated again."""
         self._stopped = True
-        if self._idle is not None:
-            self._idle.cancel()
+        self.hurry()  # (out of the wait it is in, to see that it stopped)
 
     def hurry(self) -> None:
         """Cut short the wait it is in (`ike-cluster initiate` of a start connection

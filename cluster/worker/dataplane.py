@@ -190,7 +190,7 @@ class DataPlane:
         # are decapsulated and go into the TUN coalesced (gro.py): `flush`, which the
         # receiving task calls (the ESP pump here, the dispatcher's NAT-T reader).
         self._incoming: list[bytes] = []
-        # index in _incoming -> the ECT(1) or CE its outer header carried (RFC 6040 4.2)
+        # index in _incoming -> the TOS its outer header carried, where not 0 (`receive_esp`)
         self._incoming_tos: dict[int, int] = {}
         self.clock: Callable[[], float] = trio.current_time
         # Rekeyed-away SAs still receiving: spi_in -> when they go, by `clock` (`delete`).
