@@ -405,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not set(directions) <= {"up", "down"} or not set(args.cases) <= set(CASES):
         parser.error("bad --directions or --cases")
     if args.py_spy is not None:
+        if not PY_SPY.exists():
+            parser.error(f"--py-spy needs {PY_SPY}: {PY_SPY.with_name('pip')} install py-spy")
         args.py_spy.mkdir(parents=True, exist_ok=True)
 
     results: dict[str, dict[str, Run]] = {}
