@@ -223,6 +223,10 @@ class CreateChild:
     nonce: bytes = b""
     ke: KeyExchange | None = None
     group: int | None = None  # PFS group to offer; set from INVALID_KE_PAYLOAD on retry
+    # the selectors of a Child SA the peer lost, created again (RFC 7296 2.25); none:
+    # the child's configured ones
+    tsi: tuple[TrafficSelector, ...] = ()
+    tsr: tuple[TrafficSelector, ...] = ()
 
 
 @dataclass
@@ -323,7 +327,10 @@ def build_create_child(sa: IkeSa, task: CreateChild, rng: Random) -> list[Payloa
     config = _config_of(sa, task.name)
     if config is None:
         raise NoProposalChosen(f"child config {task.name} is gone")
-    tsi, tsr = initiator_selectors(sa, config, own_dynamic_addresses(sa))
+    if task.tsi and task.tsr:
+        tsi, tsr = task.tsi, task.tsr
+    else:
+        tsi, tsr = initiator_selectors(sa, config, own_dynamic_addresses(sa))
     return _child_request(sa, task, config, config.mode == "transport", tsi, tsr, rng)
 
 

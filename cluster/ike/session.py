@@ -87,7 +87,7 @@ from .mobike import MobikeAnswer, answer_mobike
 from .payloads import DeletePayload, NotifyPayload, Payload
 from .pending import Pending
 from .policy import ConnectionConfig, ResponderPolicy
-from .sa import IkeSa, Outstanding
+from .sa import ChildSa, IkeSa, Outstanding
 from .state import TRANSITIONS, State, Trigger
 
 logger = logging.getLogger(__name__)
@@ -912,10 +912,15 @@ class IkeSession:
             if child is None:
                 return
             child.rekeying = False
-            if isinstance(exc, ChildSaNotFound):  # RFC 7296 2.25: the peer has none
+            if isinstance(exc, ChildSaNotFound):
+                # RFC 7296 2.25: delete ours silently and create it again from scratch,
+                # unless we are deleting it anyway or it exists still
                 del sa.children[task.spi_in]
                 sa.events.append(ChildSaDeleted(sa.spi_i, sa.spi_r, child.name, child.spi_in,
                                                 child.spi_out, "unknown to the peer"))
+                if not child.deleting and not _has_selectors(sa, child):
+                    sa.queue.append(CreateChild(child.name, tsi=child.local_ts,
+                                                tsr=child.remote_ts))
             elif isinstance(exc, InvalidKePayload):
                 child.rekeying = True
                 sa.queue.append(RekeyChild(task.spi_in, group=exc.group))
@@ -1059,6 +1064,16 @@ def _has_child(sa: IkeSa, name: str) -> bool:
     if any(c.name == name and not c.deleting for c in sa.children.values()):
         return True
     return any(isinstance(t, CreateChild) and t.name == name for t in _tasks(sa))
+
+
+def _has_selectors(sa: IkeSa, child: ChildSa) -> bool:
+    """Another Child SA of that child with the same selectors is up or requested."""
+    selectors = (child.local_ts, child.remote_ts)
+    if any(c.name == child.name and (c.local_ts, c.remote_ts) == selectors and not c.deleting
+           for c in sa.children.values()):
+        return True
+    return any(isinstance(t, CreateChild) and t.name == child.name
+               and (t.tsi, t.tsr) in (selectors, ((), ())) for t in _tasks(sa))
 
 
 def _delete_under_way(sa: IkeSa, spi_in: bytes) -> bool:

@@ -455,3 +455,41 @@ def test_a_child_sa_whose_delete_went_missing_goes_at_its_hard_lifetime() -> Non
     assert (gone.spi_in, gone.reason) == (spi, "expired, its Delete lost")
     assert gateway.sa.children == {} and not gateway.datagrams_to_send()
     assert gateway.state is State.ESTABLISHED
+
+
+@pytest.mark.parametrize("who", ["client", "gateway"])
+def test_a_child_sa_the_peer_lost_is_created_again_with_its_selectors(who: str) -> None:
+    """RFC 7296 2.25: our rekey answered with CHILD_SA_NOT_FOUND (the peer's rekey of it
+    died with its IKE SA, say): we delete ours silently and create it again from scratch,
+    with the selectors it had, so the tunnel does not stay without a Child SA."""
+    client, gateway = established()
+    ours, theirs = (client, gateway) if who == "client" else (gateway, client)
+    old = ours.sa.children[only_child(ours)]
+    del theirs.sa.children[only_child(theirs)]  # the peer has lost it
+    ours.rekey_child(old.spi_in, 1.0)
+    settle(client, gateway, 1.0)
+    our_events, their_events = drain(ours), drain(theirs)
+    [gone] = of(our_events, ChildSaDeleted)
+    assert (gone.spi_in, gone.reason) == (old.spi_in, "unknown to the peer")
+    [new] = of(our_events, ChildSaEstablished)
+    assert new.replaces == b"" and new.spi_in != old.spi_in
+    [mirror] = of(their_events, ChildSaEstablished)
+    assert (mirror.spi_in, mirror.spi_out) == (new.spi_out, new.spi_in)
+    again = ours.sa.children[only_child(ours)]
+    assert (again.name, again.local_ts, again.remote_ts) == (old.name, old.local_ts,
+                                                             old.remote_ts)
+    assert ours.drops == {} and theirs.drops == {}
+
+
+def test_a_child_sa_the_peer_lost_while_we_delete_it_is_not_created_again() -> None:
+    client, gateway = established()
+    spi = only_child(gateway)
+    del client.sa.children[only_child(client)]
+    gateway.rekey_child(spi, 1.0)
+    gateway.delete_child(spi, 1.0)  # queued behind the rekey
+    settle(client, gateway, 1.0)
+    [gone] = of(drain(gateway), ChildSaDeleted)
+    assert gone.reason == "unknown to the peer"
+    assert gateway.sa.children == {} and client.sa.children == {}
+    assert not of(drain(client), ChildSaEstablished)
+    assert gateway.state is State.ESTABLISHED
