@@ -179,7 +179,9 @@ def _pack(value: Any) -> bytes:
 def _unpack(data: bytes) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+    # (TypeError: a map key that is not hashable, with strict_map_key off)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError) as exc:
         raise SealError(f"sealed value does not decode: {exc}") from None
 
 

@@ -34,7 +34,9 @@ def _pack(value: Any) -> bytes:
 def _unpack(data: bytes, what: str) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+    # (TypeError: a map key that is not hashable, with strict_map_key off)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError) as exc:
         raise SealError(f"{what} does not decode: {exc}") from None
 
 
