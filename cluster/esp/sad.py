@@ -36,6 +36,10 @@ class Sad:
         self._events: deque[EspEvent] = deque()
         self._removed_totals = SaCounters()  # counters of SAs no longer here
         self._waiting: dict[bytes, bytes] = {}  # receive-only SAs: new spi_in -> old spi_in
+        # SAs a rekey of ours made send (`replace`): new spi_in -> the old one, still here
+        # and not deleted, which sends again if the new one goes first (a collision's
+        # redundant SA, RFC 7296 2.8.1)
+        self._replaced: dict[bytes, bytes] = {}
         # called with each SA as it leaves (`remove`, its hard lifetime), counters final
         self.on_removed: Callable[[ChildSa], None] | None = None
 
@@ -105,17 +109,26 @@ class Sad:
         if old is not None and old is not new:
             old.retiring = True
             self._unindex_outbound(old)
+            self._replaced[params.spi_in] = old_spi_in
         return new
+
+    def deleted(self, spi_in: bytes) -> None:
+        """The SA was deleted with the peer: it never sends again, also when the SA that
+        took its traffic goes."""
+        for new in [n for n, old in self._replaced.items() if old == spi_in]:
+            del self._replaced[new]
 
     def remove(self, spi_in: bytes) -> ChildSa | None:
         """Delete a Child SA (no event: the caller asked). Returns it, or None if unknown.
 
-        An SA waiting to succeed it starts sending now."""
+        An SA waiting to succeed it starts sending now, unless a rekey of ours took its
+        traffic already (the waiting SA is then the peer's redundant one of a collision,
+        RFC 7296 2.8.1: the peer deletes it, and may never have installed it)."""
+        child = self._children.get(spi_in)
         successor = self.successor_of(spi_in)
-        if successor is not None:
+        if successor is not None and not (child is not None and child.retiring):
             self.activate(successor)
         self._waiting.pop(spi_in, None)
-        child = self._children.get(spi_in)
         if child is not None:
             child.close()
             self._forget(child)
@@ -128,6 +141,11 @@ class Sad:
         del self._inbound[_U32.unpack(child.spi_in)[0]]
         self._waiting.pop(child.spi_in, None)
         self._unindex_outbound(child)
+        self.deleted(child.spi_in)
+        old = self._children.get(self._replaced.pop(child.spi_in, b""))
+        if old is not None and old.retiring:  # it replaced one still up: that one sends
+            old.retiring = False
+            self._index_outbound(old)
         self._removed_totals.add(child.counters)
         if self.on_removed is not None:
             self.on_removed(child)

@@ -50,3 +50,56 @@ def test_removing_the_old_sa_activates_its_successor() -> None:
     sa = ours.outbound_for(packet(host(NET_A), host(NET_B)))
     assert sa is not None and sa.spi == NEW_OUT
     assert ours.waiting == {} and len(ours) == 1
+
+
+PEER_IN, PEER_OUT = b"\xc0\x00\x00\x03", b"\xc1\x00\x00\x03"
+
+
+def collided() -> Sad:
+    """Both ends rekeyed OLD at once (RFC 7296 2.8.1): the peer's request made PEER (it
+    waits to send), ours made NEW (it sends)."""
+    ours = Sad()
+    ours.install(params(spi_in=OLD_IN, spi_out=OLD_OUT))
+    ours.succeed(OLD_IN, params(spi_in=PEER_IN, spi_out=PEER_OUT))
+    ours.replace(OLD_IN, params(spi_in=NEW_IN, spi_out=NEW_OUT))
+    return ours
+
+
+def sending(sad: Sad) -> bytes | None:
+    sa = sad.outbound_for(packet(host(NET_A), host(NET_B)))
+    return None if sa is None else sa.spi
+
+
+def test_a_collision_we_won_keeps_sending_on_ours_when_the_old_sa_goes() -> None:
+    """The peer's SA is the redundant one: the peer deletes it, and may never have
+    installed it (our answer to its request can be lost), so it never sends."""
+    ours = collided()
+    assert sending(ours) == NEW_OUT
+    ours.deleted(OLD_IN)
+    ours.remove(OLD_IN)
+    assert sending(ours) == NEW_OUT
+    assert ours.waiting == {PEER_IN: OLD_IN}
+    ours.remove(PEER_IN)
+    assert sending(ours) == NEW_OUT and len(ours) == 1
+
+
+def test_a_collision_we_lost_sends_on_the_old_sa_until_the_peer_deletes_it() -> None:
+    """Ours is the redundant one and goes first: the old SA, which the peer still has,
+    sends again; once the peer deletes it, the peer's SA takes over."""
+    ours = collided()
+    ours.remove(NEW_IN)
+    assert sending(ours) == OLD_OUT
+    ours.deleted(OLD_IN)
+    ours.remove(OLD_IN)
+    assert sending(ours) == PEER_OUT
+    assert ours.waiting == {} and len(ours) == 1
+
+
+def test_an_old_sa_deleted_does_not_send_again_when_its_replacement_goes() -> None:
+    ours = Sad()
+    ours.install(params(spi_in=OLD_IN, spi_out=OLD_OUT))
+    ours.replace(OLD_IN, params(spi_in=NEW_IN, spi_out=NEW_OUT))
+    ours.deleted(OLD_IN)  # lingering: it decrypts late packets, never sends
+    ours.remove(NEW_IN)
+    assert sending(ours) is None
+    assert ours.get(OLD_IN) is not None
