@@ -4,7 +4,9 @@ Inbound lookup is one dict access by SPI. Outbound lookup matches the packet's f
 against each SA's selectors: SAs whose remote side is single hosts (road warriors,
 transport mode) sit in a dict keyed by address, the rest in a short list, newest
 first. Key install is explicit: `install`, `replace` on rekey (the new SA takes the
-outbound traffic at once, the old one keeps receiving until `remove`), `remove`.
+outbound traffic at once, the old one keeps receiving until `remove`), `succeed` on the
+peer's rekey (the new SA sends once the peer can receive on it), `remove`. After a rekey
+collision (RFC 7296 2.8.1) only an SA both ends have installed sends.
 """
 
 from __future__ import annotations
@@ -36,10 +38,9 @@ class Sad:
         self._events: deque[EspEvent] = deque()
         self._removed_totals = SaCounters()  # counters of SAs no longer here
         self._waiting: dict[bytes, bytes] = {}  # receive-only SAs: new spi_in -> old spi_in
-        # SAs a rekey of ours made send (`replace`): new spi_in -> the old one, still here
-        # and not deleted, which sends again if the new one goes first (a collision's
-        # redundant SA, RFC 7296 2.8.1)
+        # SAs a rekey of ours made send (`replace`): new spi_in -> old spi_in (see `_fall_back`)
         self._replaced: dict[bytes, bytes] = {}
+        self._deleted: set[bytes] = set()  # deleted with the peer, still decrypting
         # called with each SA as it leaves (`remove`, its hard lifetime), counters final
         self.on_removed: Callable[[ChildSa], None] | None = None
 
@@ -113,10 +114,10 @@ class Sad:
         return new
 
     def deleted(self, spi_in: bytes) -> None:
-        """The SA was deleted with the peer: it never sends again, also when the SA that
-        took its traffic goes."""
-        for new in [n for n, old in self._replaced.items() if old == spi_in]:
-            del self._replaced[new]
+        """The SA was deleted with the peer (it may still decrypt a while): it never sends
+        again, also when the SA that took its traffic goes."""
+        if spi_in in self._children:
+            self._deleted.add(spi_in)
 
     def remove(self, spi_in: bytes) -> ChildSa | None:
         """Delete a Child SA (no event: the caller asked). Returns it, or None if unknown.
@@ -128,27 +129,41 @@ class Sad:
         successor = self.successor_of(spi_in)
         if successor is not None and not (child is not None and child.retiring):
             self.activate(successor)
-        self._waiting.pop(spi_in, None)
-        if child is not None:
-            child.close()
-            self._forget(child)
+        if child is None:
+            self._waiting.pop(spi_in, None)
+            return None
+        child.close()
+        self._forget(child)
         return child
 
     def _forget(self, child: ChildSa) -> None:
         if self._children.get(child.spi_in) is not child:
             return
+        sending = not child.retiring and child.spi_in not in self._waiting
         del self._children[child.spi_in]
         del self._inbound[_U32.unpack(child.spi_in)[0]]
         self._waiting.pop(child.spi_in, None)
+        self._deleted.discard(child.spi_in)
         self._unindex_outbound(child)
-        self.deleted(child.spi_in)
-        old = self._children.get(self._replaced.pop(child.spi_in, b""))
-        if old is not None and old.retiring:  # it replaced one still up: that one sends
-            old.retiring = False
-            self._index_outbound(old)
+        old_spi_in = self._replaced.pop(child.spi_in, None)
+        if sending and old_spi_in is not None:
+            self._fall_back(old_spi_in)
         self._removed_totals.add(child.counters)
         if self.on_removed is not None:
             self.on_removed(child)
+
+    def _fall_back(self, old_spi_in: bytes) -> None:
+        """A rekey of ours that took `old_spi_in`'s traffic went while it sent: the
+        redundant SA of a rekey collision we lost (RFC 7296 2.8.1). The old SA sends again
+        while the peer has it; once the peer deleted it, the SA the peer's rekey made."""
+        old = self._children.get(old_spi_in)
+        if old is not None and old.retiring and old_spi_in not in self._deleted:
+            old.retiring = False
+            self._index_outbound(old)
+            return
+        successor = self.successor_of(old_spi_in)
+        if successor is not None:
+            self.activate(successor)
 
     def _index_outbound(self, child: ChildSa) -> None:
         if not child.address_only:

@@ -103,3 +103,26 @@ def test_an_old_sa_deleted_does_not_send_again_when_its_replacement_goes() -> No
     ours.remove(NEW_IN)
     assert sending(ours) is None
     assert ours.get(OLD_IN) is not None
+
+
+def test_a_collision_we_lost_whose_old_sa_the_peer_deleted_first_moves_to_the_peers() -> None:
+    """The peer's Delete of the old SA came before ours of our redundant SA: we go on
+    sending on ours (the peer keeps it until our Delete), then on the peer's SA."""
+    ours = collided()
+    ours.deleted(OLD_IN)  # lingering
+    assert sending(ours) == NEW_OUT
+    ours.remove(NEW_IN)
+    assert sending(ours) == PEER_OUT
+    ours.remove(OLD_IN)  # its linger over
+    assert sending(ours) == PEER_OUT and len(ours) == 1 and ours.waiting == {}
+
+
+def test_an_sa_of_ours_rekeyed_again_does_not_bring_back_what_it_replaced() -> None:
+    ours = collided()
+    ours.deleted(OLD_IN)
+    ours.remove(OLD_IN)
+    ours.replace(NEW_IN, params(spi_in=b"\xc0\x00\x00\x04", spi_out=b"\xc1\x00\x00\x04"))
+    ours.deleted(NEW_IN)
+    ours.remove(NEW_IN)  # it no longer sent: nothing falls back to the peer's old SA
+    assert sending(ours) == b"\xc1\x00\x00\x04"
+    assert ours.waiting == {PEER_IN: OLD_IN}

@@ -224,3 +224,18 @@ def test_after_a_rekey_collision_we_lost_the_old_sa_sends_until_the_peer_deletes
     rig.plane.on_ike_event(ChildSaDeleted(*IKE, "net", OLD, rig.old.spi_out, "deleted by peer"))
     assert rig.sent_on() == winner.spi_out
     assert set(rig.plane.lingering) == {OLD}
+
+
+def test_after_a_rekey_collision_we_lost_the_peers_delete_may_come_first(
+        tun_pair: tuple[int, int]) -> None:
+    """The peer deleted the old SA before our Delete of our redundant one was answered:
+    we send on ours until it goes (the peer has it until then), then on the peer's."""
+    rig = Rig(*tun_pair)
+    rig.plane.clock = lambda: 0.0
+    winner = ours(b"\xc0\x00\x00\x03")
+    rig.plane.succeed(OLD, winner, IKE)
+    rig.plane.replace(OLD, rig.new, IKE)
+    rig.plane.on_ike_event(ChildSaDeleted(*IKE, "net", OLD, rig.old.spi_out, "deleted by peer"))
+    assert rig.sent_on() == rig.new.spi_out
+    rig.plane.on_ike_event(ChildSaDeleted(*IKE, "net", NEW, rig.new.spi_out, "deleted by us"))
+    assert rig.sent_on() == winner.spi_out
