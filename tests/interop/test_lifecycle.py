@@ -415,6 +415,84 @@ def test_both_ends_rekeying_at_once_keep_one_child_sa_and_every_ping(lab: Lab) -
     assert node.running(), text
 
 
+LOSS_TABLE = "ikc_loss"
+LOSS_PERCENT = 15
+LOSS_WATCH = 40.0
+# strongSwan's and our retransmissions: 0.5 s, then 1.4 times longer each, 6 times
+FAST_RETRANSMITS = {"retransmit_timeout": 0.5, "retransmit_base": 1.4, "retransmit_tries": 6}
+
+
+def _lose_ike(ns: Netns, percent: int) -> None:
+    """Drop `percent` % of the IKE datagrams (UDP 4500, zero non-ESP marker) either way,
+    at random; ESP passes."""
+    ike = "udp dport 4500 @th,64,32 == 0", "udp sport 4500 @th,64,32 == 0"
+    ns.run(["nft", "add", "table", "inet", LOSS_TABLE])
+    for chain, hook, match in (("out", "output", ike[0]), ("in", "input", ike[1])):
+        ns.run(["nft", "add", "chain", "inet", LOSS_TABLE, chain,
+                f"{{ type filter hook {hook} priority 0; }}"])
+        ns.run(["nft", "add", "rule", "inet", LOSS_TABLE, chain, *match.split(),
+                "numgen", "random", "mod", "100", "<", str(percent), "drop"])
+
+
+def test_ike_packet_loss_with_both_ends_rekeying_ends_with_one_child_sa_on_both(
+    lab: Lab
+) -> None:
+    """15 % of the IKE datagrams lost either way while both ends rekey the Child SA
+    every 4 s and the IKE SA every 9 s: retransmissions, rekey collisions and answers
+    lost mid-collision. Found this way with strongSwan: a Child SA strongSwan lost
+    (CHILD_SA_NOT_FOUND to our rekey) left both ends without one for good, and after a
+    collision our data plane sent on the peer's redundant SA. Here the IKE SA lives on,
+    nearly every ping is answered (strongSwan itself can lose its outbound SA for a few
+    seconds when a rekey it was the responder of gets TEMPORARY_FAILURE), and both ends
+    end with the same one Child SA."""
+    esp = PFS_ESP
+    initiator_conn, responder_conn = conn_pair(esp_proposals=esp, responder_esp_proposals=esp)
+    ike = {"over_time": "20s", "rand_time": "0s"}
+    initiator_conn = replace(initiator_conn, rekey_time="9s", extra=ike).with_child(**SAME_CHILD)
+    responder_conn = replace(responder_conn, rekey_time="9s",
+                             node_extra=ike).with_child(**SAME_CHILD)
+    node = lab.node([responder_conn], extra_toml=WORKER_TOML, settings={"ike": FAST_RETRANSMITS})
+    charon = lab.charon("initiator", log_levels={"ike": 2, "chd": 2},
+                        settings={k: str(v) for k, v in FAST_RETRANSMITS.items()})
+    charon.load(initiator_conn)
+    assert_initiated(charon.initiate("net"), charon)
+    wait_for_log(node, r"CHILD SA established: net")
+    wait_for_routes(lab.responder, present=True)
+    _lose_ike(lab.initiator, LOSS_PERCENT)
+
+    watch = SaWatch(charon)
+    pinging = BackgroundPing.start(lab, LOSS_WATCH)
+    watch_during(watch, pinging)
+    sent, received, summary = pinging.result()
+    lab.initiator.run(["nft", "delete", "table", "inet", LOSS_TABLE])
+    log, text = charon.log_text(), node.log_text()
+    retransmits = count(r"retransmit \d+ of request", log)
+    report("IKE packet loss", f"{len(watch.children)} Child SAs and {len(watch.ike)} IKE SAs "
+           f"seen; strongSwan: {retransmits} retransmits, "
+           f"{count(r'detected CHILD_REKEY collision', log)} Child SA rekey collisions; "
+           f"ours: {count(r'reason=unknown to the peer', text)} Child SAs created again; "
+           f"ping: {summary}")
+    assert "IKE SA deleted" not in text and "IKE SA failed" not in text, text
+    assert len(watch.children) >= LOSS_WATCH / 4 - 1, watch.children.keys()
+    assert received >= 0.85 * sent, summary
+
+    def ours() -> set[str]:
+        live: set[str] = set()
+        for what, spi in our_child_events(node):
+            (live.add if what == "established" else live.discard)(spi)
+        return live
+
+    def theirs() -> set[str]:
+        return {c["spi-out"] for sa in established(charon)
+                for c in sa.get("child-sas", {}).values() if c["state"] == "INSTALLED"}
+
+    deadline = time.monotonic() + 10  # (a Delete may still be under way)
+    while not (len(ours()) == 1 and ours() == theirs()):
+        assert time.monotonic() < deadline, f"ours {ours()}, strongSwan's {theirs()}"
+        time.sleep(0.1)
+    assert node.running(), text
+
+
 # --- 1b. reauthentication of an SA our node initiated -----------------------------------
 
 REAUTH_TIME = 8  # our node's reauth_time: a new IKE SA at 7.2-8 s, the old one gone at 8.8 s
