@@ -139,6 +139,7 @@ async def _run(config: NodeConfig, plane: DataPlane | None) -> None:
             _set_traps(node, plane)
             plane.udp_send = node.dispatcher.send_esp
             plane.on_esp_event = _lifetime_handler(node, plane.on_esp_event)
+            plane.on_activity = node.supervisor.traffic_seen  # ESP puts DPD off
             w = config.worker
             logger.info("data plane on %s (mtu %d, table %d, mark %#x)",
                         w.tun, w.mtu, w.table, w.mark)

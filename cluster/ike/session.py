@@ -406,6 +406,15 @@ class IkeSession:
         sa.queue.append(DeleteIke(reason))
         self._kick(sa, now)
 
+    def traffic_seen(self, now: float) -> None:
+        """ESP from the peer arrived on a Child SA of this IKE SA (the data plane saw it):
+        the peer is alive, so no liveness check is due before dpd_delay from now (RFC
+        7296 2.4: only when nothing protected came back recently). A plain update: the
+        owner finds the later timer when it next looks."""
+        sa = self._sa
+        if sa.state is State.ESTABLISHED and now > sa.last_heard:
+            sa.last_heard = now
+
     def delete_child(self, spi_in: bytes, now: float) -> None:
         child = self._sa.children.get(spi_in)
         if child is not None and not child.deleting:

@@ -921,6 +921,16 @@ class Supervisor:
             return False
         return actor.mailbox.put_nowait(lambda session, now: session.rekey_child(spi_in, now))
 
+    def traffic_seen(self, spis_in: Collection[bytes]) -> int:
+        """ESP arrived on these Child SAs (the data plane's activity sweep): their IKE SAs
+        put off their liveness checks (IkeSession.traffic_seen). How many IKE SAs."""
+        now = trio.current_time()
+        owners = {self._child_owner[s] for s in spis_in if s in self._child_owner}
+        for actor in owners:
+            if isinstance(actor.session, IkeSession):
+                actor.session.traffic_seen(now)
+        return len(owners)
+
     def delete_child(self, spi_in: bytes) -> bool:
         """Ask the IKE SA owning this Child SA to delete it (the data plane's hard limit)."""
         actor = self._child_owner.get(spi_in)

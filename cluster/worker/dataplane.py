@@ -77,6 +77,9 @@ REKEYED_LINGER = 5.0
 # How often Child SAs with an inactivity timeout are looked at (their counters): an idle
 # SA is deleted at most this much after its timeout.
 IDLE_CHECK = 1.0
+# How often the Child SAs that received ESP are told to `on_activity` (the IKE side puts
+# off its liveness checks for them); a peer silent since is checked this much sooner.
+ACTIVITY_CHECK = 5.0
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,10 @@ class DataPlane:
         # they last changed (by `clock`)]; an idle one leaves (SaIdle is emitted once)
         self._idle: dict[bytes, list[float]] = {}
         self._idle_added = trio.Event()
+        # ESP received: told every ACTIVITY_CHECK seconds, with the spi_in of each Child SA
+        # whose inbound packet count changed (`inbound_activity`)
+        self.on_activity: Callable[[list[bytes]], object] | None = None
+        self._packets_in: dict[bytes, int] = {}
 
     @classmethod
     @contextlib.contextmanager
@@ -594,6 +601,7 @@ class DataPlane:
                 nursery.start_soon(self._esp_pump, sock)
             nursery.start_soon(self._linger_timer)
             nursery.start_soon(self._idle_watch)
+            nursery.start_soon(self._activity_watch)
             task_status.started()
 
     async def _linger_timer(self) -> None:
@@ -613,6 +621,28 @@ class DataPlane:
                 continue
             await trio.sleep(IDLE_CHECK)
             self.check_idle()
+
+    async def _activity_watch(self) -> None:
+        while True:
+            await trio.sleep(ACTIVITY_CHECK)
+            if self.on_activity is not None:
+                active = self.inbound_activity()
+                if active:
+                    self.on_activity(active)
+
+    def inbound_activity(self) -> list[bytes]:
+        """The Child SAs (spi_in) that received ESP since the last call: one look at each
+        SA's counters."""
+        last = self._packets_in
+        now: dict[bytes, int] = {}
+        active = []
+        for child in self.sad:
+            spi_in, packets = child.params.spi_in, child.counters.packets_in
+            if packets != last.get(spi_in, 0):
+                active.append(spi_in)
+            now[spi_in] = packets
+        self._packets_in = now
+        return active
 
     def watch_idle(self, spi_in: bytes, timeout: float) -> None:
         """Have the Child SA deleted (SaIdle) after `timeout` seconds without a packet

@@ -271,6 +271,21 @@ def test_dpd_checks_liveness_after_silence() -> None:
     assert gateway.get_timer() == 4.0
 
 
+def test_esp_from_the_peer_puts_the_liveness_check_off() -> None:
+    """RFC 7296 2.4: a liveness check only when nothing protected came back recently;
+    ESP on a Child SA counts (the data plane tells, `traffic_seen`)."""
+    watched = replace(psk_connection(), dpd_delay=2.0)
+    _, gateway = established(watched)
+    gateway.traffic_seen(1.5)
+    assert gateway.get_timer() == 3.5
+    gateway.handle_timer(2.0)  # the old deadline: nothing to do
+    assert not gateway.datagrams_to_send() and gateway.sa.pending is None
+    gateway.traffic_seen(1.0)  # (an older sighting changes nothing)
+    assert gateway.get_timer() == 3.5
+    gateway.handle_timer(3.5)
+    assert len(gateway.datagrams_to_send()) == 1 and gateway.sa.pending is not None
+
+
 def test_dead_peer_is_cleared_after_the_retransmissions() -> None:
     watched = replace(psk_connection(), dpd_delay=2.0)
     _, gateway = established(watched)

@@ -672,6 +672,43 @@ def assert_worker_holds_no_sa(lab: Lab, node: Node, pings: int = 5) -> None:
     assert node.running(), node.log_text()
 
 
+QUIET_DPD_DELAY = 6.0  # above the data plane's ACTIVITY_CHECK (5 s)
+QUIET_WATCH = 20.0  # of ping, then as long again and ACTIVITY_CHECK more without
+OUR_DPD = r"parsed INFORMATIONAL request \d+ \[ \]"  # as strongSwan logs our checks
+
+
+def test_our_node_checks_liveness_only_while_no_esp_comes_from_the_peer(lab: Lab) -> None:
+    """RFC 7296 2.4: a liveness check only when nothing protected came back recently.
+    With dpd_delay = 6 s on our side alone, our node sends strongSwan no check during
+    20 s of ping (the ESP it receives puts them off, as the kernel's SA use time does
+    for strongSwan), and checks again every 6 s once the ping stops."""
+    initiator_conn, responder_conn = conn_pair()
+    responder_conn = replace(responder_conn, dpd_delay=f"{QUIET_DPD_DELAY:g}s",
+                             node_extra={"mobike": False})
+    node = lab.node([responder_conn], extra_toml=WORKER_TOML)
+    charon = lab.charon("initiator")
+    charon.load(initiator_conn)
+    assert_initiated(charon.initiate("net"), charon)
+    wait_for_log(node, r"CHILD SA established: net")
+    wait_for_routes(lab.responder, present=True)
+
+    pinging = BackgroundPing.start(lab, QUIET_WATCH)
+    before = count(OUR_DPD, charon.log_text())
+    while pinging.running():
+        time.sleep(0.25)
+    sent, received, summary = pinging.result()
+    during = count(OUR_DPD, charon.log_text()) - before
+    time.sleep(QUIET_WATCH + 5)
+    after = count(OUR_DPD, charon.log_text()) - before - during
+    report("liveness checks", f"ours during {QUIET_WATCH:g} s of ping: {during}; in "
+           f"{QUIET_WATCH + 5:g} s without traffic: {after}; ping: {summary}")
+    assert received == sent, summary
+    assert during <= 1, charon.log_text()  # (one may be due as the ping starts)
+    # the last sweep with traffic comes up to 5 s after the ping: then one every 6 s
+    assert after >= QUIET_WATCH // QUIET_DPD_DELAY, charon.log_text()
+    assert len(established(charon)) == 1
+
+
 def test_dpd_both_ways_then_a_killed_initiator_is_cleared(lab: Lab) -> None:
     initiator_conn, responder_conn = conn_pair()
     initiator_conn = replace(initiator_conn, dpd_delay=f"{DPD_DELAY:g}s")

@@ -8,7 +8,7 @@ import trio
 import trio.testing
 
 from cluster.esp import SaIdle
-from cluster.worker.dataplane import IDLE_CHECK
+from cluster.worker.dataplane import ACTIVITY_CHECK, IDLE_CHECK
 
 from .test_dataplane_linger import IKE, NEW, OLD, Rig
 
@@ -93,3 +93,29 @@ async def test_a_restarted_worker_watches_and_reports_the_child_sas_it_restores(
     await keys.resync(restoring=True)
     assert rig.plane.sad.get(event.spi_in) is not None and told == [event]
     assert rig.plane._idle[event.spi_in][0] == 30.0
+
+
+async def test_the_child_sas_that_received_esp_are_told_every_activity_check(
+        tun_pair: tuple[int, int], mock_clock: trio.testing.MockClock) -> None:
+    """What puts the IKE side's liveness checks off (RFC 7296 2.4): each sweep names the
+    Child SAs whose inbound packet count changed since the last one, and only those
+    (our own sending is no sign of the peer)."""
+    rig = Rig(*tun_pair)
+    told: list[list[bytes]] = []
+    rig.plane.on_activity = told.append
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rig.plane._activity_watch)
+        await trio.testing.wait_all_tasks_blocked()
+        assert rig.deliver(rig.esp_on(rig.old))
+        mock_clock.jump(ACTIVITY_CHECK)
+        await trio.testing.wait_all_tasks_blocked()
+        assert told == [[OLD]]
+        rig.sent_on()  # outbound only
+        mock_clock.jump(ACTIVITY_CHECK)
+        await trio.testing.wait_all_tasks_blocked()
+        assert told == [[OLD]]
+        assert rig.deliver(rig.esp_on(rig.old))
+        mock_clock.jump(ACTIVITY_CHECK)
+        await trio.testing.wait_all_tasks_blocked()
+        assert told == [[OLD], [OLD]]
+        nursery.cancel_scope.cancel()
