@@ -187,6 +187,25 @@ def our_child_events(node: Node) -> list[tuple[str, str]]:
                       node.log_text())
 
 
+def wait_for_one_child_sa_on_both(node: Node, charon: Charon, timeout: float) -> None:
+    """Until our node (by its log) and strongSwan (INSTALLED) hold the same one Child SA."""
+
+    def ours() -> set[str]:
+        live: set[str] = set()
+        for what, spi in our_child_events(node):
+            (live.add if what == "established" else live.discard)(spi)
+        return live
+
+    def theirs() -> set[str]:
+        return {c["spi-out"] for sa in established(charon)
+                for c in sa.get("child-sas", {}).values() if c["state"] == "INSTALLED"}
+
+    deadline = time.monotonic() + timeout
+    while not (len(ours()) == 1 and ours() == theirs()):
+        assert time.monotonic() < deadline, f"ours {ours()}, strongSwan's {theirs()}"
+        time.sleep(0.1)
+
+
 def assert_make_before_break(events: list[tuple[str, str]]) -> None:
     """After the first Child SA, one was always installed: each rekey's successor came up
     before its predecessor was deleted."""
@@ -397,21 +416,7 @@ def test_both_ends_rekeying_at_once_keep_one_child_sa_and_every_ping(lab: Lab) -
                if age > CHILD_LIFE + SLACK}
     assert not overdue, f"{overdue}\n{text}"
     assert "IKE SA deleted" not in text and "IKE SA failed" not in text, text
-
-    def ours() -> set[str]:
-        live: set[str] = set()
-        for what, spi in our_child_events(node):
-            (live.add if what == "established" else live.discard)(spi)
-        return live
-
-    def theirs() -> set[str]:
-        return {c["spi-out"] for sa in established(charon)
-                for c in sa.get("child-sas", {}).values() if c["state"] == "INSTALLED"}
-
-    deadline = time.monotonic() + 5  # (a listing may catch a rekey half done)
-    while not (len(ours()) == 1 and ours() == theirs()):
-        assert time.monotonic() < deadline, f"ours {ours()}, strongSwan's {theirs()}"
-        time.sleep(0.1)
+    wait_for_one_child_sa_on_both(node, charon, 5)  # (a listing may catch a rekey half done)
     assert node.running(), text
 
 
@@ -475,21 +480,7 @@ def test_ike_packet_loss_with_both_ends_rekeying_ends_with_one_child_sa_on_both(
     assert "IKE SA deleted" not in text and "IKE SA failed" not in text, text
     assert len(watch.children) >= LOSS_WATCH / 4 - 1, watch.children.keys()
     assert received >= 0.85 * sent, summary
-
-    def ours() -> set[str]:
-        live: set[str] = set()
-        for what, spi in our_child_events(node):
-            (live.add if what == "established" else live.discard)(spi)
-        return live
-
-    def theirs() -> set[str]:
-        return {c["spi-out"] for sa in established(charon)
-                for c in sa.get("child-sas", {}).values() if c["state"] == "INSTALLED"}
-
-    deadline = time.monotonic() + 10  # (a Delete may still be under way)
-    while not (len(ours()) == 1 and ours() == theirs()):
-        assert time.monotonic() < deadline, f"ours {ours()}, strongSwan's {theirs()}"
-        time.sleep(0.1)
+    wait_for_one_child_sa_on_both(node, charon, 10)  # (a Delete may still be under way)
     assert node.running(), text
 
 
