@@ -564,8 +564,10 @@ class SaPersistence:
             if choose(session.spi_i, responders) == self.node:
                 continue
             assert isinstance(session, IkeSession)
-            if session.sa.pending is not None or session.sa.queue:
-                continue  # our own request is in flight: finish it first
+            if session.sa.pending is None and session.sa.queue:
+                continue  # a request of ours about to leave: it goes with the snapshot
+            # (a request in flight goes too: its answer is routed to the new owner, which
+            # sends it again from the snapshot; waiting for it here would wait for good)
             held.handing_over = True
             self._supervisor.relinquish(actor)
 

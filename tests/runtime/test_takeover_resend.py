@@ -21,6 +21,7 @@ from cluster.ike.events import TERMINATED
 from cluster.ike.message import decode_untrusted
 from cluster.ike.session import IkeSession
 from cluster.ike.snapshot import SECRET_FIELDS, snapshot_of
+from cluster.rendezvous import choose
 from cluster.runtime.persistence import SaPersistence, sa_key
 from cluster.runtime.stats import RuntimeStats
 from cluster.runtime.supervisor import Supervisor
@@ -127,3 +128,30 @@ async def test_the_command_an_sa_was_loaded_for_waits_only_where_a_view_may_be_s
         mock_clock.jump(TTL / 2)
         await trio.testing.wait_all_tasks_blocked()
         assert ran == [now + TTL / 2 if waits else now]
+
+
+async def test_an_sa_whose_spi_leads_elsewhere_is_handed_over_with_our_request_in_flight(
+        mock_clock: trio.testing.MockClock) -> None:
+    """Rendezvous hashing gives the SA to another live responder (after an IKE rekey of
+    ours, its SPI is new): the peer's answer to our request in flight is routed there, so
+    the SA goes at once, request and all (the new owner sends it again), instead of
+    waiting here for an answer that cannot come until the retransmissions run out."""
+    client, gateway = psk_pair()
+    run_handshake(client, gateway)
+    drain(gateway)
+    async with node_b_after_a_died(gateway, a_alive=True) as b:
+        b.persistence.load_then(sa_key(gateway.spi_i, gateway.spi_r), lambda: None)
+        await trio.testing.wait_all_tasks_blocked()
+        actor = b.supervisor.actor_for(gateway.spi_r)
+        assert actor is not None
+        actor.mailbox.put_nowait(lambda session, now: session.check_liveness(now))
+        await trio.testing.wait_all_tasks_blocked()
+        assert actor.session.sa.pending is not None  # (our liveness check is out)
+        other = next(n for n in (f"C{i}" for i in range(100))
+                     if choose(gateway.spi_i, ("B", n)) == n)
+        b.persistence.responders = ("B", other)
+        mock_clock.jump(TTL)  # (a node keeps an SA it took over for a lease TTL)
+        b.persistence.hand_over()
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.supervisor.actor_for(gateway.spi_r) is None
+        assert b.persistence.stats.handovers == 1
