@@ -182,6 +182,20 @@ def test_deleting_an_unknown_or_removed_sa_is_harmless(tun_pair: tuple[int, int]
     assert len(rig.plane.sad) == 0 and not rig.plane.lingering
 
 
+def collided(rig: Rig) -> ChildSaParams:
+    """Both ends rekeyed OLD at once (RFC 7296 2.8.1): the peer's request made the SA
+    returned (it waits to send), then the answer to ours made NEW (it sends)."""
+    theirs = ours(b"\xc0\x00\x00\x03")
+    rig.plane.succeed(OLD, theirs, IKE)
+    rig.plane.replace(OLD, rig.new, IKE)
+    return theirs
+
+
+def deleted(rig: Rig, child: ChildSaParams, by: str) -> None:
+    rig.plane.on_ike_event(ChildSaDeleted(*IKE, "net", child.spi_in, child.spi_out,
+                                          f"deleted by {by}"))
+
+
 async def test_after_a_rekey_collision_we_won_we_never_send_on_the_peers_redundant_sa(
         tun_pair: tuple[int, int], mock_clock: trio.testing.MockClock) -> None:
     """Both ends rekeyed at once and ours won (RFC 7296 2.8.1): we delete the old SA, the
@@ -190,21 +204,18 @@ async def test_after_a_rekey_collision_we_won_we_never_send_on_the_peers_redunda
     of its linger makes it send: we go on sending on ours. (Before, a lost answer cost
     every packet until the peer deleted its SA.)"""
     rig = Rig(*tun_pair)
-    redundant = ours(b"\xc0\x00\x00\x03")
-    rig.plane.succeed(OLD, redundant, IKE)  # the peer's request came first
-    rig.plane.replace(OLD, rig.new, IKE)  # then the answer to ours
+    redundant = collided(rig)
     rig.peer.install(mirror(rig.new))
     async with trio.open_nursery() as nursery:
         await run_timer(rig.plane, nursery)
-        rig.plane.on_ike_event(ChildSaDeleted(*IKE, "net", OLD, rig.old.spi_out, "deleted by us"))
+        deleted(rig, rig.old, "us")
         assert rig.sent_on() == rig.new.spi_out
         mock_clock.jump(REKEYED_LINGER + 0.1)
         await trio.testing.wait_all_tasks_blocked()
         assert rig.plane.sad.get(OLD) is None
         assert rig.sent_on() == rig.new.spi_out
         assert rig.plane.sad.waiting == {redundant.spi_in: OLD}  # it still receives
-        rig.plane.on_ike_event(ChildSaDeleted(*IKE, "net", redundant.spi_in,
-                                              redundant.spi_out, "deleted by peer"))
+        deleted(rig, redundant, "peer")
         assert rig.sent_on() == rig.new.spi_out
         assert rig.deliver(rig.esp_on(rig.new))
         nursery.cancel_scope.cancel()
@@ -216,12 +227,10 @@ def test_after_a_rekey_collision_we_lost_the_old_sa_sends_until_the_peer_deletes
     has, sends again (not nothing at all); the peer's Delete of it moves us to its SA."""
     rig = Rig(*tun_pair)
     rig.plane.clock = lambda: 0.0
-    winner = ours(b"\xc0\x00\x00\x03")
-    rig.plane.succeed(OLD, winner, IKE)
-    rig.plane.replace(OLD, rig.new, IKE)
-    rig.plane.on_ike_event(ChildSaDeleted(*IKE, "net", NEW, rig.new.spi_out, "deleted by us"))
+    winner = collided(rig)
+    deleted(rig, rig.new, "us")
     assert rig.sent_on() == rig.old.spi_out
-    rig.plane.on_ike_event(ChildSaDeleted(*IKE, "net", OLD, rig.old.spi_out, "deleted by peer"))
+    deleted(rig, rig.old, "peer")
     assert rig.sent_on() == winner.spi_out
     assert set(rig.plane.lingering) == {OLD}
 
@@ -232,10 +241,8 @@ def test_after_a_rekey_collision_we_lost_the_peers_delete_may_come_first(
     we send on ours until it goes (the peer has it until then), then on the peer's."""
     rig = Rig(*tun_pair)
     rig.plane.clock = lambda: 0.0
-    winner = ours(b"\xc0\x00\x00\x03")
-    rig.plane.succeed(OLD, winner, IKE)
-    rig.plane.replace(OLD, rig.new, IKE)
-    rig.plane.on_ike_event(ChildSaDeleted(*IKE, "net", OLD, rig.old.spi_out, "deleted by peer"))
+    winner = collided(rig)
+    deleted(rig, rig.old, "peer")
     assert rig.sent_on() == rig.new.spi_out
-    rig.plane.on_ike_event(ChildSaDeleted(*IKE, "net", NEW, rig.new.spi_out, "deleted by us"))
+    deleted(rig, rig.new, "us")
     assert rig.sent_on() == winner.spi_out
