@@ -430,9 +430,9 @@ FAST_RETRANSMITS = {"retransmit_timeout": 0.5, "retransmit_base": 1.4, "retransm
 def _lose_ike(ns: Netns, percent: int) -> None:
     """Drop `percent` % of the IKE datagrams (UDP 4500, zero non-ESP marker) either way,
     at random; ESP passes."""
-    ike = "udp dport 4500 @th,64,32 == 0", "udp sport 4500 @th,64,32 == 0"
     ns.run(["nft", "add", "table", "inet", LOSS_TABLE])
-    for chain, hook, match in (("out", "output", ike[0]), ("in", "input", ike[1])):
+    for chain, hook, match in (("out", "output", IKE_ON_4500_OUT),
+                               ("in", "input", IKE_ON_4500_IN)):
         ns.run(["nft", "add", "chain", "inet", LOSS_TABLE, chain,
                 f"{{ type filter hook {hook} priority 0; }}"])
         ns.run(["nft", "add", "rule", "inet", LOSS_TABLE, chain, *match.split(),
