@@ -89,7 +89,8 @@ IkeKey = tuple[bytes, bytes]  # (spi_i, spi_r)
 # Free-text deletion reasons of the session and the supervisor -> label values.
 _DELETE_REASONS = {
     "deleted by peer": "peer",
-    "deleted by us": "local",  # expiry, rekeyed-away Child SAs, the data plane's limits
+    "deleted by us": "local",  # rekeyed-away SAs, the data plane's limits, IKE life_time
+    "expired": "expired",  # a Child SA at its life_time (RFC 4301 4.4.2.1)
     PEER_NOT_RESPONDING: "timeout",  # RFC 7296 2.4: retransmissions ran out
     "actor failed": "actor_failure",
     "unknown to the peer": "unknown_to_peer",  # RFC 7296 2.25

@@ -210,6 +210,9 @@ class RekeyChild:
     nonce: bytes = b""
     ke: KeyExchange | None = None
     group: int | None = None  # PFS group to offer; set from INVALID_KE_PAYLOAD on retry
+    # set when the SA reached its hard lifetime with this request in flight: the child
+    # whose new Child SA the answer brings, taking over from nothing
+    name: str = ""
 
 
 @dataclass
@@ -313,6 +316,8 @@ def build_rekey_child(sa: IkeSa, task: RekeyChild, rng: Random) -> list[Payload]
 def process_rekey_child(sa: IkeSa, task: RekeyChild, payloads: list[Payload]) -> ChildSa:
     """The new Child SA; raises IkeError when the peer refused."""
     old = sa.children.get(task.spi_in)
+    if old is None and task.name:  # it expired meanwhile: the new SA stands alone
+        return _child_response(sa, task, task.name, payloads)[0]
     if old is None:
         _raise_refusal(payloads, set(), task.group)
         raise ChildSaNotFound("the Child SA went away during its rekey")

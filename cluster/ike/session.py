@@ -142,6 +142,8 @@ class DeleteIke:
 @dataclass
 class DeleteChild:
     spi_in: bytes
+    # its hard lifetime passed: gone here already (keys and all), the Delete tells the peer
+    expired: bool = False
 
 
 @dataclass
@@ -344,16 +346,7 @@ class IkeSession:
         for child in list(sa.children.values()):
             if now >= child.expire_at:
                 # also when a delete is already under way, or its rekey was due too
-                child.expire_at = child.rekey_at = INFINITY
-                if not child.deleting:
-                    child.deleting = True
-                    sa.queue.append(DeleteChild(child.spi_in))
-                elif not _delete_under_way(sa, child.spi_in):
-                    # its Delete went missing: past its life its keys go all the same
-                    del sa.children[child.spi_in]
-                    sa.events.append(ChildSaDeleted(sa.spi_i, sa.spi_r, child.name,
-                                                    child.spi_in, child.spi_out,
-                                                    "expired, its Delete lost"))
+                self._expire_child(sa, child)
             elif now >= child.rekey_at:
                 child.rekey_at = INFINITY
                 if not (child.rekeying or child.deleting or child.replaced_by):
@@ -363,6 +356,28 @@ class IkeSession:
         if dpd > 0 and sa.pending is None and not sa.queue and now >= sa.last_heard + dpd:
             sa.queue.append(Liveness())  # RFC 7296 2.4: are you there?
         self._kick(sa, now)
+
+    @staticmethod
+    def _expire_child(sa: IkeSa, child: ChildSa) -> None:
+        """Its hard lifetime (life_time) passed: the SA ends now, keys and all (RFC 4301
+        4.4.2.1), not once the peer answers the Delete that tells it. As strongSwan does,
+        one that was not rekeyed is created again with the selectors it had; one being
+        rekeyed is followed by that rekey's SA."""
+        child.expire_at = child.rekey_at = INFINITY
+        del sa.children[child.spi_in]
+        sa.events.append(ChildSaDeleted(sa.spi_i, sa.spi_r, child.name, child.spi_in,
+                                        child.spi_out, "expired"))
+        deletes = [t for t in _tasks(sa) if isinstance(t, DeleteChild) and t.spi_in == child.spi_in]
+        for delete in deletes:
+            delete.expired = True
+        if not deletes:
+            sa.queue.append(DeleteChild(child.spi_in, expired=True))
+        in_flight = sa.pending.task if sa.pending is not None else None
+        rekeying = isinstance(in_flight, RekeyChild) and in_flight.spi_in == child.spi_in
+        if isinstance(in_flight, RekeyChild) and rekeying:
+            in_flight.name = child.name  # its answer brings a Child SA of its own
+        if not (child.deleting or child.replaced_by or rekeying or _has_selectors(sa, child)):
+            sa.queue.append(CreateChild(child.name, tsi=child.local_ts, tsr=child.remote_ts))
 
     def receive_datagram_untrusted(self, data: bytes, local: Address, remote: Address,
                                    now: float) -> None:
@@ -530,7 +545,7 @@ class IkeSession:
             sa.transition(Trigger.SEND_DELETE_IKE)
             return [DeletePayload(ProtocolId.IKE)]
         if isinstance(task, DeleteChild):
-            if task.spi_in not in sa.children:
+            if task.spi_in not in sa.children and not task.expired:
                 return None
             return [DeletePayload(ProtocolId.ESP, (task.spi_in,))]
         if isinstance(task, RekeyChild):
@@ -898,9 +913,11 @@ class IkeSession:
     def _child_rekeyed(self, sa: IkeSa, task: RekeyChild, payloads: list[Payload],
                        now: float) -> None:
         new = process_rekey_child(sa, task, payloads)
-        old = sa.children[task.spi_in]
-        old.rekeying = False
         self._schedule_children(sa, now)
+        old = sa.children.get(task.spi_in)
+        if old is None:  # it reached its hard lifetime during the rekey
+            return
+        old.rekeying = False
         # both ends rekeyed it (RFC 7296 2.8.1): the exchange with the lowest nonce made
         # the redundant SA, and its initiator deletes it; the other end deletes the old one
         if old.replaced_by in sa.children and old.rekey_nonce < old.replaced_nonce:
@@ -919,6 +936,9 @@ class IkeSession:
         if isinstance(task, RekeyChild):
             child = sa.children.get(task.spi_in)
             if child is None:
+                if task.name and not _has_child(sa, task.name):
+                    # it expired during this rekey, which brings no successor now
+                    sa.queue.append(CreateChild(task.name))
                 return
             child.rekeying = False
             if isinstance(exc, ChildSaNotFound):

@@ -136,6 +136,8 @@ def snapshot_of(session: IkeSession, now: float) -> Record:
         # a request of ours may not have reached the peer: our next ID may be ahead of its
         "in_flight": sa.pending is not None or sa.ids_unsure,
         "request": _request(sa),
+        # Child SAs past their hard lifetime (gone above) whose Delete waits its turn
+        "expired": [t.spi_in for t in sa.queue if isinstance(t, DeleteChild) and t.expired],
         "peer_hashes": sorted(sa.peer_hashes),
         "local_id": _ident(sa.local_id),
         "remote_id": _ident(sa.remote_id),
@@ -223,6 +225,7 @@ def _restore(record: Record, policy: ResponderPolicy, now: float, wall_clock: Wa
     request = record.get("request")
     if request:
         _resume_request(sa, *_request_from(request), now)
+    sa.queue.extend(DeleteChild(bytes(spi), expired=True) for spi in record.get("expired", ()))
     return IkeSession(sa, wall_clock=wall_clock, **kwargs)
 
 
@@ -230,12 +233,16 @@ def _resume_request(sa: IkeSa, exchange: int, message_id: int, data: list[bytes]
                     task: Task, now: float) -> None:
     """Our request in flight goes again at once: a retransmission the peer answers
     whether or not it had the old owner's (RFC 7296 2.1), so our message IDs stay in
-    step. Not if it was about a Child SA that is gone since."""
+    step. Not if it was about a Child SA that is gone since (but for one that expired).
+    """
     if isinstance(task, (DeleteChild, RekeyChild)):
         child = sa.children.get(task.spi_in)
         if child is None:
-            return
-        if isinstance(task, DeleteChild):
+            # gone since, unless it reached its hard lifetime with the request in flight:
+            # the Delete still tells the peer, the rekey's answer brings an SA of its own
+            if not (task.expired if isinstance(task, DeleteChild) else task.name):
+                return
+        elif isinstance(task, DeleteChild):
             child.deleting = True
         else:
             child.rekeying = True
@@ -264,14 +271,14 @@ def _request(sa: IkeSa) -> list[Any] | None:
     if isinstance(task, Liveness):
         what: list[Any] = ["liveness"]
     elif isinstance(task, DeleteChild):
-        what = ["delete_child", task.spi_in]
+        what = ["delete_child", task.spi_in, task.expired]
     elif isinstance(task, AuthLifetime):
         what = ["auth_lifetime", task.seconds]
     elif isinstance(task, Redirect):
         what = ["redirect", task.data]
     elif isinstance(task, RekeyChild):
         what = ["rekey_child", task.spi_in, task.new_spi, task.nonce, task.group,
-                _private(task.ke)]
+                _private(task.ke), task.name]
     elif isinstance(task, CreateChild):
         what = ["create_child", task.name, task.new_spi, task.nonce, task.group,
                 _private(task.ke)]
@@ -298,15 +305,15 @@ def _request_from(stored: list[Any]) -> tuple[int, int, list[bytes], Task]:
     if kind == "liveness":
         task = Liveness()
     elif kind == "delete_child":
-        task = DeleteChild(bytes(args[0]))
+        task = DeleteChild(bytes(args[0]), len(args) > 1 and bool(args[1]))
     elif kind == "auth_lifetime":
         task = AuthLifetime(float(args[0]))
     elif kind == "redirect":
         task = Redirect(bytes(args[0]))
     elif kind == "rekey_child":
-        spi_in, new_spi, nonce, group, ke = args
+        spi_in, new_spi, nonce, group, ke, *name = args  # (no name: an older snapshot)
         task = RekeyChild(bytes(spi_in), bytes(new_spi), bytes(nonce), _exchange(ke),
-                          None if group is None else int(group))
+                          None if group is None else int(group), str(name[0]) if name else "")
     elif kind == "create_child":
         name, new_spi, nonce, group, ke = args
         task = CreateChild(str(name), bytes(new_spi), bytes(nonce), _exchange(ke),

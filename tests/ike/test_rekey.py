@@ -250,13 +250,93 @@ def test_lifetimes_make_the_responder_rekey() -> None:
     assert gateway.state is State.ESTABLISHED and client.state is State.ESTABLISHED
 
 
-def test_expired_child_is_deleted_when_nobody_rekeys_it() -> None:
-    no_rekey = psk_connection(children=(replace(child(), lifetime=Lifetime(0.0, 5.0)),))
+NO_REKEY = Lifetime(0.0, 5.0)  # no rekey; the hard lifetime at 5 s
+
+
+def test_a_child_sa_past_its_hard_lifetime_goes_at_once_and_is_created_again() -> None:
+    """RFC 4301 4.4.2.1: at its hard lifetime (life_time) a Child SA ends, keys and all,
+    before the peer answers the Delete that tells it. As strongSwan does, one nobody
+    rekeyed is created again, with the selectors it had."""
+    no_rekey = psk_connection(children=(replace(child(), lifetime=NO_REKEY),))
     client, gateway = established(no_rekey)
+    old = only_child(gateway)
+    [selectors] = [(c.local_ts, c.remote_ts) for c in gateway.sa.children.values()]
+    gateway.handle_timer(4.9)
+    assert not drain(gateway) and old in gateway.sa.children
     gateway.handle_timer(5.0)
+    [gone] = of(drain(gateway), ChildSaDeleted)  # before any answer
+    assert (gone.spi_in, gone.reason) == (old, "expired")
+    assert gateway.sa.children == {}
     settle(client, gateway, 5.0)
-    assert gateway.sa.children == {} and client.sa.children == {}
+    [told] = of(drain(client), ChildSaDeleted)
+    assert told.spi_out == old
+    events = drain(gateway)
+    assert not of(events, ChildSaDeleted)  # the Delete's answer adds nothing
+    [again] = of(events, ChildSaEstablished)
+    assert again.spi_in != old and again.replaces == b"" and again.we_initiated
+    assert (again.local_ts, again.remote_ts) == selectors
+    assert only_child(client) == again.spi_out and only_child(gateway) == again.spi_in
     assert gateway.state is State.ESTABLISHED
+
+
+def test_a_child_sa_whose_delete_is_unanswered_goes_at_its_hard_lifetime() -> None:
+    """A Child SA we are deleting still has its keys while the Delete waits for an
+    answer, but not past its life_time: then it goes, the Delete goes on, and nothing is
+    created again (we wanted it gone)."""
+    no_rekey = psk_connection(children=(replace(child(), lifetime=NO_REKEY),))
+    client, gateway = established(no_rekey)
+    spi = only_child(gateway)
+    gateway.delete_child(spi, 1.0)
+    [delete] = gateway.datagrams_to_send()  # lost
+    gateway.handle_timer(4.9)
+    assert spi in gateway.sa.children and not drain(gateway)
+    gateway.handle_timer(5.0)
+    [gone] = of(drain(gateway), ChildSaDeleted)
+    assert (gone.spi_in, gone.reason) == (spi, "expired")
+    assert gateway.sa.children == {} and gateway.sa.pending is not None
+    client.receive_datagram_untrusted(delete.data, delete.remote, delete.local, 5.0)
+    settle(client, gateway, 5.0)
+    assert gateway.sa.pending is None and not gateway.sa.queue
+    assert gateway.sa.children == {} and client.sa.children == {}
+    events = drain(gateway)
+    assert not of(events, ChildSaDeleted) and not of(events, ChildSaEstablished)
+
+
+def test_a_child_sa_that_expires_during_its_rekey_is_followed_by_the_rekeys_sa() -> None:
+    """Our rekey in flight at the hard lifetime: the old SA goes at once, and the
+    answer's SA stands alone (no successor of a gone SA, nothing created besides)."""
+    short = psk_connection(children=(replace(child(), lifetime=NO_REKEY),))
+    client, gateway = established(short)
+    old = only_child(gateway)
+    gateway.rekey_child(old, 2.0)  # (its retransmission is due at 6 s)
+    [rekey] = gateway.datagrams_to_send()  # delayed
+    gateway.handle_timer(5.0)
+    [gone] = of(drain(gateway), ChildSaDeleted)
+    assert (gone.spi_in, gone.reason) == (old, "expired")
+    client.receive_datagram_untrusted(rekey.data, rekey.remote, rekey.local, 5.0)
+    settle(client, gateway, 5.0)
+    [new] = of(drain(gateway), ChildSaEstablished)
+    assert new.replaces == b"" and new.spi_in != old
+    assert list(gateway.sa.children) == [new.spi_in]
+    assert list(client.sa.children) == [new.spi_out]  # the Delete of the old came too
+
+
+def test_a_child_sa_expired_during_a_rekey_the_peer_refuses_is_created_again() -> None:
+    short = psk_connection(children=(replace(child(), lifetime=NO_REKEY),))
+    client, gateway = established(short)
+    old = only_child(gateway)
+    gateway.rekey_child(old, 2.0)  # (its retransmission is due at 6 s)
+    [rekey] = gateway.datagrams_to_send()
+    gateway.handle_timer(5.0)
+    client.delete_child(only_child(client), 5.0)  # so the peer answers CHILD_SA_NOT_FOUND
+    settle(client, gateway, 5.0)
+    assert client.sa.children == {} and gateway.sa.children == {}
+    client.receive_datagram_untrusted(rekey.data, rekey.remote, rekey.local, 5.0)
+    settle(client, gateway, 5.0)
+    [again] = of(drain(gateway), ChildSaEstablished)
+    assert again.replaces == b""
+    assert list(gateway.sa.children) == [again.spi_in]
+    assert list(client.sa.children) == [again.spi_out]
 
 
 def test_dpd_checks_liveness_after_silence() -> None:
@@ -451,25 +531,6 @@ def test_sha256_96_cuts_only_the_data_planes_icv() -> None:
     settle(client, gateway, 0.0)
     [aead] = of(drain(gateway), ChildSaEstablished)
     assert aead.integ is None
-
-
-def test_a_child_sa_whose_delete_went_missing_goes_at_its_hard_lifetime() -> None:
-    """A Child SA marked for deletion whose Delete is no longer queued or under way (a
-    request dies with an IKE SA rekeyed under it) is not kept past its life_time: its
-    keys go, and nothing is sent for it."""
-    no_rekey = psk_connection(children=(replace(child(), lifetime=Lifetime(0.0, 5.0)),))
-    _, gateway = established(no_rekey)
-    spi = only_child(gateway)
-    gateway.delete_child(spi, 1.0)
-    assert gateway.datagrams_to_send()
-    gateway.sa.pending = None  # lost, and forgotten
-    gateway.handle_timer(4.9)
-    assert spi in gateway.sa.children
-    gateway.handle_timer(5.0)
-    [gone] = of(drain(gateway), ChildSaDeleted)
-    assert (gone.spi_in, gone.reason) == (spi, "expired, its Delete lost")
-    assert gateway.sa.children == {} and not gateway.datagrams_to_send()
-    assert gateway.state is State.ESTABLISHED
 
 
 @pytest.mark.parametrize("who", ["client", "gateway"])

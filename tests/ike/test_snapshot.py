@@ -16,7 +16,7 @@ from cluster.ike.events import (
     IkeSaDeleted,
     IkeSaRekeyed,
 )
-from cluster.ike.policy import ConnectionConfig
+from cluster.ike.policy import ConnectionConfig, Lifetime
 from cluster.ike.session import IkeSession
 from cluster.ike.snapshot import SECRET_FIELDS, restore, snapshot_of
 from cluster.ike.state import State
@@ -336,6 +336,43 @@ def test_the_new_owner_completes_a_child_sa_deletion_in_flight() -> None:
     deleted = [e for e in drain(resumed) if isinstance(e, ChildSaDeleted)]
     assert [e.spi_in for e in deleted] == [spi_in] and not resumed.sa.children
     assert not client.sa.children
+
+
+@pytest.mark.parametrize("request_", ["delete", "rekey"])
+def test_the_new_owner_finishes_a_request_about_a_child_sa_that_expired(request_: str
+                                                                     ) -> None:
+    """A Child SA that reached its hard lifetime is gone from the snapshot, but our Delete
+    or rekey of it in flight is not: the new owner sends it again, the Delete still tells
+    the peer, and the rekey's answer brings a Child SA of its own."""
+    lifetime = Lifetime(0.0, 5.0)
+    client, gateway = established(
+        psk_connection(children=(replace(child(), lifetime=lifetime),)))
+    (spi_in,) = gateway.sa.children
+    if request_ == "delete":
+        gateway.delete_child(spi_in, 2.0)
+    else:
+        gateway.rekey_child(spi_in, 2.0)
+    (sent,) = gateway.datagrams_to_send()  # lost with the node
+    gateway.handle_timer(5.0)
+    assert not gateway.sa.children
+    drain(gateway)
+    resumed = taken_over(gateway, 5.5)
+    resumed.handle_timer(5.5)
+    (again,) = resumed.datagrams_to_send()
+    assert again.data == sent.data
+    client.receive_datagram_untrusted(again.data, again.remote, again.local, 5.5)
+    for _ in range(3):
+        transfer(client, resumed, 5.5)
+        transfer(resumed, client, 5.5)
+    events = drain(resumed)
+    if request_ == "delete":
+        assert not [e for e in events if isinstance(e, (ChildSaEstablished, ChildSaDeleted))]
+        assert not resumed.sa.children and not client.sa.children
+    else:
+        [new] = [e for e in events if isinstance(e, ChildSaEstablished)]
+        assert new.replaces == b"" and list(resumed.sa.children) == [new.spi_in]
+        assert [c.spi_out for c in client.sa.children.values()] == [new.spi_in]
+    assert resumed.sa.pending is None and not client.drops
 
 
 def test_what_radius_accounting_needs_survives_the_takeover() -> None:

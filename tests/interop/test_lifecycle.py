@@ -429,14 +429,15 @@ FAST_RETRANSMITS = {"retransmit_timeout": 0.5, "retransmit_base": 1.4, "retransm
 
 def _lose_ike(ns: Netns, percent: int) -> None:
     """Drop `percent` % of the IKE datagrams (UDP 4500, zero non-ESP marker) either way,
-    at random; ESP passes."""
+    at random (100: all); ESP passes."""
     ns.run(["nft", "add", "table", "inet", LOSS_TABLE])
     for chain, hook, match in (("out", "output", IKE_ON_4500_OUT),
                                ("in", "input", IKE_ON_4500_IN)):
         ns.run(["nft", "add", "chain", "inet", LOSS_TABLE, chain,
                 f"{{ type filter hook {hook} priority 0; }}"])
-        ns.run(["nft", "add", "rule", "inet", LOSS_TABLE, chain, *match.split(),
-                "numgen", "random", "mod", "100", "<", str(percent), "drop"])
+        chance = ["numgen", "random", "mod", "100", "<", str(percent)] if percent < 100 else []
+        ns.run(["nft", "add", "rule", "inet", LOSS_TABLE, chain, *match.split(), *chance,
+                "drop"])
 
 
 def test_ike_packet_loss_with_both_ends_rekeying_ends_with_one_child_sa_on_both(
@@ -482,6 +483,60 @@ def test_ike_packet_loss_with_both_ends_rekeying_ends_with_one_child_sa_on_both(
     assert received >= 0.85 * sent, summary
     wait_for_one_child_sa_on_both(node, charon, 10)  # (a Delete may still be under way)
     assert node.running(), text
+
+
+HARD_LIFE = 8.0  # our node's Child SA: no rekey, gone at 8 s
+
+
+def test_a_child_sa_at_its_hard_lifetime_loses_its_keys_at_once_then_comes_again(
+    lab: Lab
+) -> None:
+    """RFC 4301 4.4.2.1: our node's Child SA, never rekeyed, ends at its life_time, keys
+    and all, while the Delete that tells strongSwan is still unanswered (IKE blocked
+    here): strongSwan's pings then get no answer although it still holds the SA. Once
+    IKE passes again, strongSwan takes the Delete and our node creates the child again
+    (as strongSwan does after a hard expiry), with new SPIs that carry every ping."""
+    initiator_conn, responder_conn = conn_pair()
+    # (without MOBIKE: strongSwan's address update while IKE is blocked would end the SA)
+    responder_conn = replace(responder_conn, node_extra={"mobike": False}).with_child(
+        rekey_time="0s", life_time=f"{HARD_LIFE:g}s")
+    node = lab.node([responder_conn], extra_toml=WORKER_TOML)
+    charon = lab.charon("initiator", log_levels={"ike": 2, "chd": 2})
+    charon.load(initiator_conn)
+    first = child_sa(assert_initiated(charon.initiate("net"), charon))
+    wait_for_log(node, r"CHILD SA established: net")
+    wait_for_routes(lab.responder, present=True)
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    assert (sent, received) == (5, 5), output
+
+    _lose_ike(lab.initiator, 100)
+    expired = wait_for_log(node, r"CHILD SA deleted: net .* reason=expired", timeout=HARD_LIFE + 5)
+    assert f"spi_in={first['spi-out']}" in expired, expired
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    still = [c for sa in established(charon) for c in sa.get("child-sas", {}).values()]
+    report("hard lifetime", f"after it, IKE blocked: ping {received}/{sent}; strongSwan "
+           f"lists {[(c['spi-in'], c['state']) for c in still]}")
+    assert received == 0, output
+    assert [c["spi-in"] for c in still] == [first["spi-in"]], still  # it never heard
+
+    lab.initiator.run(["nft", "delete", "table", "inet", LOSS_TABLE])
+    wait_for_log(node, r"CHILD SA established: net .* spi_in=(?!" + first["spi-out"] + ")",
+                 timeout=SETTLE)
+    wait_for_one_child_sa_on_both(node, charon, 10)
+    [again] = [c for sa in established(charon) for c in sa.get("child-sas", {}).values()]
+    assert again["spi-in"] != first["spi-in"], again
+    wait_for_routes(lab.responder, present=True)
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    log = charon.log_text()
+    report("hard lifetime", f"created again: {again['spi-in']}/{again['spi-out']}; ping "
+           f"{received}/{sent}")
+    assert (sent, received) == (5, 5), output
+    # (a Delete names its sender's inbound SPI: strongSwan's outbound one)
+    assert re.search(r"received DELETE for ESP CHILD_SA with SPI " + first["spi-out"], log), log
+    # a new Child SA, not a rekey: a CREATE_CHILD_SA from our node without N(REKEY_SA)
+    created = re.findall(r"parsed CREATE_CHILD_SA request \d+ \[ (.*) \]", log)
+    assert created and not any("REKEY_SA" in c for c in created), created
+    assert "IKE SA deleted" not in node.log_text() and node.running()
 
 
 # --- 1b. reauthentication of an SA our node initiated -----------------------------------

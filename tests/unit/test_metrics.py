@@ -365,6 +365,7 @@ def test_label_values_are_bounded() -> None:
     assert error_label("<script>") == "other"
     assert delete_label("deleted by peer") == "peer"
     assert delete_label("replaced (INITIAL_CONTACT)") == "replaced"
+    assert delete_label("expired") == "expired"
     assert [delete_label(r) for r in (TERMINATED, REPLACED, KEPT, REAUTHENTICATED)] == [
         "terminated", "replaced", "refused", "reauthenticated"]
     assert delete_label("anything a peer could make us write") == "other"
