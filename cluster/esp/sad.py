@@ -115,26 +115,33 @@ class Sad:
 
     def deleted(self, spi_in: bytes) -> None:
         """The SA was deleted with the peer (it may still decrypt a while): it never sends
-        again, also when the SA that took its traffic goes."""
-        if spi_in in self._children:
+        again, also when the SA that took its traffic goes. Its successor, as in
+        `remove`."""
+        child = self._children.get(spi_in)
+        if child is not None:
             self._deleted.add(spi_in)
+            self._succeed_now(spi_in, child)
 
     def remove(self, spi_in: bytes) -> ChildSa | None:
         """Delete a Child SA (no event: the caller asked). Returns it, or None if unknown.
-
-        An SA waiting to succeed it starts sending now, unless a rekey of ours took its
-        traffic already (the waiting SA is then the peer's redundant one of a collision,
-        RFC 7296 2.8.1: the peer deletes it, and may never have installed it)."""
+        An SA waiting to succeed it starts sending now (`_succeed_now`)."""
         child = self._children.get(spi_in)
-        successor = self.successor_of(spi_in)
-        if successor is not None and not (child is not None and child.retiring):
-            self.activate(successor)
+        self._succeed_now(spi_in, child)
         if child is None:
             self._waiting.pop(spi_in, None)
             return None
         child.close()
         self._forget(child)
         return child
+
+    def _succeed_now(self, spi_in: bytes, child: ChildSa | None) -> None:
+        """The SA of the peer's rekey waiting to succeed `spi_in` sends now, unless a
+        rekey of ours took the traffic already (the waiting SA is then the peer's
+        redundant one of a collision, RFC 7296 2.8.1: the peer deletes it, and may never
+        have installed it)."""
+        successor = self.successor_of(spi_in)
+        if successor is not None and not (child is not None and child.retiring):
+            self.activate(successor)
 
     def _forget(self, child: ChildSa) -> None:
         if self._children.get(child.spi_in) is not child:

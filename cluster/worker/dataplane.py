@@ -308,13 +308,8 @@ class DataPlane:
         other SA goes at once. Deleting a lingering SA again changes nothing."""
         if spi_in in self._lingering:
             return
-        self.sad.deleted(spi_in)
+        self.sad.deleted(spi_in)  # (the SA of the peer's rekey of it sends now)
         child = self.sad.get(spi_in)
-        successor = self.sad.successor_of(spi_in)
-        if successor is not None and child is not None and not child.retiring:
-            # the peer's rekey: its SA sends now (not when a rekey of ours took the
-            # traffic already: that SA is the redundant one of a collision)
-            self.sad.activate(successor)
         if child is None or not child.retiring:
             self.remove(spi_in)
             return
