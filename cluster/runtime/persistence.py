@@ -74,6 +74,11 @@ MAX_LOADS = 256  # takeovers in flight
 QUEUED_PER_LOAD = 4  # datagrams kept while their SA loads (the peer retransmits anyway)
 MISSING_FOR = 2.0  # seconds an SPI the store does not know is not looked up again
 MISSING_MAX = 8192
+# After the live responders change, the stored SAs rendezvous hashing now gives to this
+# node are looked for this many lease TTLs long (a dead owner's leases run out within
+# one; an owner handing over lets go within one round), once each renewal round.
+ADOPT_FOR = 2.0
+ADOPT_PAUSE = 0.01  # seconds between looks for room among the loads in flight
 RECORD_GRACE = 60.0  # a stored SA outlives its hard lifetime by this much
 ADDRESS_HOLD_WITHOUT_EXPIRY = 86400.0  # an SA that never expires holds its address this long
 
@@ -165,7 +170,10 @@ class SaPersistence:
         self._routed: set[bytes] = set()
         self._missing: dict[bytes, float] = {}
         self._nursery: trio.Nursery | None = None
-        self.responders: Sequence[str] = ()  # the live responders, from membership
+        self._responders: Sequence[str] = ()
+        self._responders_changed = False
+        self._adopt_until = 0.0
+        self._adopting = False
         supervisor.persist = self.persist
         supervisor.on_unknown_sa = self.on_unknown_sa
         supervisor.on_actor_retired = self._retired
@@ -173,6 +181,17 @@ class SaPersistence:
     @property
     def held_count(self) -> int:
         return len(self._held)
+
+    @property
+    def responders(self) -> Sequence[str]:
+        """The live responders, from membership."""
+        return self._responders
+
+    @responders.setter
+    def responders(self, responders: Sequence[str]) -> None:
+        if set(responders) != set(self._responders):
+            self._responders_changed = True
+        self._responders = responders
 
     # -- persisting ------------------------------------------------------------------
 
@@ -479,6 +498,12 @@ class SaPersistence:
                     await trio.sleep(self.lease_ttl / 3)
                     await self.renew()
                     self.hand_over()
+                    now = trio.current_time()
+                    if self._responders_changed:
+                        self._responders_changed = False
+                        self._adopt_until = now + ADOPT_FOR * self.lease_ttl
+                    if now < self._adopt_until and not self._adopting:
+                        nursery.start_soon(self.adopt)
             finally:
                 self._nursery = None
 
@@ -547,6 +572,35 @@ class SaPersistence:
                        actor.label, fence)
         return True
 
+    async def adopt(self) -> int:
+        """Load the stored SAs that rendezvous hashing gives to this node and no actor
+        here holds: a dead responder's, or those another handed over. Loaded now, not at
+        the peer's next datagram, their timers run on (rekeys, lifetimes, liveness
+        checks) however quiet the peer is. One whose lease is still held is tried again
+        next round. At most half of MAX_LOADS at a time, so that datagrams still find
+        room. How many loads were started."""
+        responders = self._responders
+        if self.node not in responders or self._nursery is None:
+            return 0
+        self._adopting = True
+        try:
+            held = {h.key for h in self._held.values()}
+            keys = []
+            async for key, _owner in self._writer.store.scan_owners():
+                if key not in held and choose(key[:8], responders) == self.node:
+                    keys.append(key)
+            for key in keys:
+                while len(self._loading) >= MAX_LOADS // 2:
+                    await trio.sleep(ADOPT_PAUSE)
+                if key not in self._loading:
+                    self.load_then(key, _nothing)
+            return len(keys)
+        except StoreError as exc:
+            logger.warning("looking for the SAs this node should hold failed: %s", exc)
+            return 0
+        finally:
+            self._adopting = False
+
     def ours_by_rendezvous(self, spi_i: bytes) -> bool:
         """Whether rendezvous hashing gives an SA with this initiator SPI to this node."""
         return self.node in self.responders and choose(spi_i, self.responders) == self.node
@@ -570,6 +624,10 @@ class SaPersistence:
             # sends it again from the snapshot; waiting for it here would wait for good)
             held.handing_over = True
             self._supervisor.relinquish(actor)
+
+
+def _nothing() -> None:
+    pass
 
 
 async def _call_later(delay: float, calls: list[Callable[[], object]]) -> None:

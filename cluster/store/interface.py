@@ -260,6 +260,12 @@ class StateStore(abc.ABC):
     def scan_sas(self) -> AsyncIterator[tuple[bytes, StoredSa]]:
         """Every stored SA, in no particular order (pages, not one big read)."""
 
+    async def scan_owners(self) -> AsyncIterator[tuple[bytes, str]]:
+        """Every stored SA's key and the node that last stored it, as `scan_sas` finds
+        them; a store may read less for it (no snapshots)."""
+        async for key, stored in self.scan_sas():
+            yield key, stored.owner
+
     # membership
     @abc.abstractmethod
     async def heartbeat(self, node: str, role: str, ttl: float,

@@ -416,18 +416,31 @@ class RedisStore(StateStore):
             if cursor == 0:
                 return
 
-    def _scan_page(self, cursor: int) -> tuple[int, list[tuple[bytes, StoredSa]]]:
+    async def scan_owners(self) -> AsyncIterator[tuple[bytes, str]]:
+        cursor = 0
+        while True:
+            cursor, page = await self._call(self._scan_page, cursor, ["owner"])
+            for key, (owner,) in page:
+                if owner is not None:
+                    yield key, owner.decode(errors="replace")
+            if cursor == 0:
+                return
+
+    def _scan_page(self, cursor: int, fields: list[str] | None = None
+                   ) -> tuple[int, list[tuple[bytes, Any]]]:
+        """A page of SA records: their keys and `fields` as Redis has them, or (no
+        `fields`) the records decoded."""
         start = self.prefix + "sa:{"
         names: list[bytes]
         cursor, names = self.client.scan(  # type: ignore[assignment]
             cursor, match=_glob_escape(start) + "*", count=1000)
         with self.client.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.hmget(name, ["v", "owner", "fence", "snap"])
+                pipe.hmget(name, fields or ["v", "owner", "fence", "snap"])
             replies = pipe.execute()
         page = []
         for name, reply in zip(names, replies, strict=True):
-            record = _decode_record(reply)
+            record = reply if fields else _decode_record(reply)
             if record is not None:
                 page.append((bytes.fromhex(name[len(start.encode()) : -1].decode()), record))
         return int(cursor), page

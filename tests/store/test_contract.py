@@ -19,6 +19,7 @@ from cluster.store import (
     LeaseLost,
     MemoryStore,
     PutSa,
+    Release,
     Renew,
     StateStore,
     StoredSa,
@@ -243,6 +244,19 @@ async def test_scan_lists_every_stored_sa(store: StateStore) -> None:
                                                                           strict=True)])
     seen = {key: sa async for key, sa in store.scan_sas()}
     assert seen == {k: StoredSa(k[::-1], "node-a", 1) for k in keys}
+
+
+async def test_scan_of_owners_lists_every_stored_sa_with_its_last_writer(
+        store: StateStore) -> None:
+    keys = [spi() for _ in range(1100)]
+    fences = await store.execute([Acquire(k, "node-a", 30.0) for k in keys])
+    await store.execute([PutSa(k, b"snap", "node-a", f) for k, f in zip(keys, fences,
+                                                                         strict=True)])
+    await store.execute([Release(keys[0], "node-a", fences[0])])
+    [fence] = await store.execute([Acquire(keys[0], "node-b", 30.0)])
+    await store.execute([PutSa(keys[0], b"snap", "node-b", fence)])
+    seen = {key: owner async for key, owner in store.scan_owners()}
+    assert seen == {k: "node-b" if k == keys[0] else "node-a" for k in keys}
 
 
 # -- membership ----------------------------------------------------------------------------
