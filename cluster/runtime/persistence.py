@@ -174,6 +174,7 @@ class SaPersistence:
         self._responders_changed = False
         self._adopt_until = 0.0
         self._adopting = False
+        self._adoptions: set[bytes] = set()  # loads `adopt` started
         supervisor.persist = self.persist
         supervisor.on_unknown_sa = self.on_unknown_sa
         supervisor.on_actor_retired = self._retired
@@ -391,19 +392,24 @@ class SaPersistence:
         finally:
             self._loading.pop(key, None)
             self._routed.discard(key)
+            self._adoptions.discard(key)
 
     async def _take_over(self, key: bytes) -> None:
         fence: int | None = None
         try:
+            # (a load `adopt` started alone drops nothing when it finds nothing to take)
+            counted = key not in self._adoptions or len(self._loading.get(key, ())) > 1
             stored = await self._writer.get_sa(key)
             if stored is None:
-                self.stats.not_found += 1
-                self._supervisor.stats.dropped_no_sa += 1
-                self._remember_missing(key)
+                if counted:
+                    self.stats.not_found += 1
+                    self._supervisor.stats.dropped_no_sa += 1
+                    self._remember_missing(key)
                 return
             fence = await self._writer.acquire(key, self.node, self.lease_ttl)
             if fence is None:
-                self.stats.lease_held += 1
+                if counted:
+                    self.stats.lease_held += 1
                 return
             record = unpack_snapshot(stored.snapshot, self._key, key)
             now = trio.current_time()
@@ -594,6 +600,8 @@ class SaPersistence:
                     await trio.sleep(ADOPT_PAUSE)
                 if key not in self._loading:
                     self.load_then(key, _nothing)
+                    if key in self._loading:
+                        self._adoptions.add(key)
             return len(keys)
         except StoreError as exc:
             logger.warning("looking for the SAs this node should hold failed: %s", exc)

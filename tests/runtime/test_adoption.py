@@ -66,3 +66,21 @@ async def test_an_sa_rendezvous_gives_to_a_live_responder_is_left_to_it(
             await trio.testing.wait_all_tasks_blocked()
         assert b.supervisor.actor_for(gateway.spi_r) is None
         assert b.persistence.stats.takeovers == 0 and not b.sent
+
+
+async def test_an_sa_still_leased_elsewhere_is_taken_once_the_lease_ends_dropping_nothing(
+        mock_clock: trio.testing.MockClock) -> None:
+    """The old owner holds the lease a TTL more (it hands over at its next round): B's
+    looks find it taken, which drops nothing (no datagram waited) and counts no
+    lease_held, and B takes it once the lease is free."""
+    gateway = gateway_for("B")
+    async with node_b_after_a_died(gateway, a_alive=True, a_holds=True) as b:
+        mock_clock.jump(TTL / 3)
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.supervisor.actor_for(gateway.spi_r) is None
+        for _ in range(3):
+            mock_clock.jump(TTL / 3)
+            await trio.testing.wait_all_tasks_blocked()
+        assert b.supervisor.actor_for(gateway.spi_r) is not None
+        assert b.persistence.stats.lease_held == 0
+        assert b.supervisor.stats.dropped_no_sa == 0

@@ -43,10 +43,11 @@ class NodeB:
 
 
 @asynccontextmanager
-async def node_b_after_a_died(gateway: IkeSession, *, a_alive: bool = False
-                              ) -> AsyncIterator[NodeB]:
+async def node_b_after_a_died(gateway: IkeSession, *, a_alive: bool = False,
+                              a_holds: bool = False) -> AsyncIterator[NodeB]:
     """Node A stored `gateway` and died (its lease ran out); node B runs on the store.
-    `a_alive`: A let the SA go instead (a hand-over) and B sees it among the responders."""
+    `a_alive`: A let the SA go instead (a hand-over) and B sees it among the responders.
+    `a_holds`: A's lease on it runs a lease TTL more."""
     store, key = MemoryStore(), ClusterKey(os.urandom(32))
     sa = sa_key(gateway.spi_i, gateway.spi_r)
     fence = await store.run(Acquire(sa, "A", TTL))
@@ -54,7 +55,8 @@ async def node_b_after_a_died(gateway: IkeSession, *, a_alive: bool = False
     record = snapshot_of(gateway, 0.0)
     record["worker"] = ""
     await store.run(PutSa(sa, pack_snapshot(record, SECRET_FIELDS, key, sa), "A", fence))
-    await store.run(Release(sa, "A", fence))
+    if not a_holds:
+        await store.run(Release(sa, "A", fence))
     writer = StoreWriter(store)
     sent: list[tuple[float, bytes]] = []
     supervisor = Supervisor(session_factory=lambda *a: None,  # type: ignore[arg-type,return-value]
