@@ -30,6 +30,8 @@ Wire format, version 1 (integers big-endian)::
             it: for RADIUS accounting)
       CHILD_USAGE: as CHILD_TRAFFIC, what a Child SA still up carried so far (every
             half minute while its counts change: for RADIUS Interim-Updates)
+      CHILD_ACTIVE: 4 x N  Child SA inbound SPIs (1 <= N <= ACTIVE_MAX) that received
+            ESP since the worker last told (so their IKE SAs put liveness checks off)
     last    16    tag: HMAC-SHA256 over every byte before it, truncated to 128 bits
 
 Overhead on an IKE message: 13 + S + R + 14 (IPv4) or 38 (IPv6) + 16 bytes; with
@@ -68,7 +70,7 @@ import hmac
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Protocol
@@ -100,6 +102,7 @@ CHILD_TRAFFIC_SIZE = 52
 _TRAFFIC = struct.Struct("!8s8s4sQQQQ")
 LIMIT_SOFT = 1
 LIMIT_HARD = 2
+ACTIVE_MAX = 256  # Child SAs per CHILD_ACTIVE envelope
 
 _HEADER = struct.Struct("!BBBBBQ")
 _ADDR4 = struct.Struct("!B4sH")
@@ -116,6 +119,7 @@ class Kind(IntEnum):
     CHILD_LIMIT = 5  # worker -> responder: a Child SA reached a byte/packet/sequence limit
     CHILD_TRAFFIC = 6  # worker -> responder: what a Child SA carried, as it is removed
     CHILD_USAGE = 7  # worker -> responder: what a Child SA still up carried so far
+    CHILD_ACTIVE = 8  # worker -> responder: Child SAs that received ESP lately
 
 
 class KeyRing(Protocol):
@@ -272,6 +276,10 @@ class RelayCodec:
             if len(data) != size or local is not None or remote is not None:
                 raise ValueError(f"{kind.name} carries {size} bytes, no addresses")
             buf.push_bytes(data)
+        elif kind is Kind.CHILD_ACTIVE:
+            if not _active_size_ok(len(data)) or local is not None or remote is not None:
+                raise ValueError(f"CHILD_ACTIVE carries 1 to {ACTIVE_MAX} SPIs, no addresses")
+            buf.push_bytes(data)
         elif data or local is not None or remote is not None:
             raise ValueError(f"{kind.name} carries no datagram")
         elif kind is Kind.PONG:
@@ -382,6 +390,20 @@ def parse_child_traffic(data: bytes) -> tuple[bytes, bytes, bytes, Traffic]:
     return spi_i, spi_r, spi_in, (counts[0], counts[1], counts[2], counts[3])
 
 
+def child_active(spis_in: Sequence[bytes]) -> bytes:
+    """The body of a CHILD_ACTIVE envelope (at most ACTIVE_MAX SPIs)."""
+    return b"".join(spis_in)
+
+
+def parse_child_active(data: bytes) -> list[bytes]:
+    """The inbound SPIs of a CHILD_ACTIVE envelope's data."""
+    return [data[at:at + 4] for at in range(0, len(data), 4)]
+
+
+def _active_size_ok(size: int) -> bool:
+    return 0 < size <= 4 * ACTIVE_MAX and size % 4 == 0
+
+
 def overhead(sender: str, recipient: str, ipv6: bool = False) -> int:
     """Bytes an IKE_* envelope adds to the IKE message it carries."""
     address = _ADDR6.size if ipv6 else _ADDR4.size
@@ -446,6 +468,11 @@ def _pull_body(
         if not buf.eof() or (kind is Kind.CHILD_LIMIT and data[-1] not in (LIMIT_SOFT,
                                                                             LIMIT_HARD)):
             raise ParseError(f"malformed {kind.name}")
+        return Envelope(kind, sender, recipient, seq, data)
+    if kind is Kind.CHILD_ACTIVE:
+        data = buf.pull_rest()
+        if not _active_size_ok(len(data)):
+            raise ParseError("malformed CHILD_ACTIVE")
         return Envelope(kind, sender, recipient, seq, data)
     echo = buf.pull_uint64() if kind is Kind.PONG else 0
     if not buf.eof():

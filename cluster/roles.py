@@ -247,6 +247,7 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
         endpoint.on_child_limit = child_limit
         endpoint.on_child_traffic = accounting.child_traffic
         endpoint.on_child_usage = accounting.child_usage
+        endpoint.on_child_active = supervisor.traffic_seen  # (SAs held here only)
 
         membership.on_change = members_changed
         try:
@@ -366,7 +367,13 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
     from .runtime.stats import RuntimeStats
     from .runtime.updown import Updown
     from .worker.dataplane import DataPlane, DataPlaneSettings
-    from .worker.edge import ChildLimits, KeySubscriber, TrafficReports, WorkerRelay
+    from .worker.edge import (
+        ActivityReports,
+        ChildLimits,
+        KeySubscriber,
+        TrafficReports,
+        WorkerRelay,
+    )
     from .worker.keys import Limits
 
     cluster, key = cluster_settings(config)
@@ -397,6 +404,7 @@ async def run_worker(config: NodeConfig, *, handle_signals: bool = True,
         edge = WorkerRelay(relay, membership, dispatcher.send)
         limits_out = ChildLimits(edge, plane)
         plane.on_esp_event = limits_out.on_esp_event
+        plane.on_activity = ActivityReports(edge, plane).active  # ESP puts DPD off
         membership.on_change = lambda members: edge.refresh()
         keys = KeySubscriber(store, config.node_id, key, plane, limits)
         radius = config.policy.radius

@@ -16,7 +16,14 @@ import trio
 from ..errors import ParseError
 from ..ike.message import peek_header_untrusted
 from ..ike.session import Address, Datagram
-from ..relay import Envelope, Kind, Traffic, parse_child_limit, parse_child_traffic
+from ..relay import (
+    Envelope,
+    Kind,
+    Traffic,
+    parse_child_active,
+    parse_child_limit,
+    parse_child_traffic,
+)
 from ..relay_socket import RelaySocket, parse_address
 from ..store.membership import Membership
 from .dispatcher import Router
@@ -37,6 +44,8 @@ class ResponderRelay:
         self.on_child_traffic: Callable[[bytes, bytes, bytes, Traffic], None] | None = None
         # the same of a Child SA still up: what it carried so far
         self.on_child_usage: Callable[[bytes, bytes, bytes, Traffic], None] | None = None
+        # Child SAs (inbound SPIs) that received ESP lately
+        self.on_child_active: Callable[[list[bytes]], object] | None = None
 
     def worker_of(self, remote: Address) -> str | None:
         return self._worker_of.get(remote)
@@ -59,6 +68,9 @@ class ResponderRelay:
                 return
             if envelope.kind is Kind.CHILD_USAGE and self.on_child_usage is not None:
                 self.on_child_usage(*parse_child_traffic(envelope.data))
+                return
+            if envelope.kind is Kind.CHILD_ACTIVE and self.on_child_active is not None:
+                self.on_child_active(parse_child_active(envelope.data))
                 return
             if envelope.kind is not Kind.IKE_FROM_PEER:
                 self.relay.drop("unexpected_kind")

@@ -36,7 +36,7 @@ from ..ike.events import ChildSaEstablished
 from ..ike.message import Header
 from ..ike.session import Address, Datagram
 from ..ike.snapshot import child_event
-from ..relay import Envelope, Kind, child_limit, child_traffic
+from ..relay import ACTIVE_MAX, Envelope, Kind, child_active, child_limit, child_traffic
 from ..relay_socket import RelaySocket, parse_address
 from ..rendezvous import choose
 from ..store import ClusterKey, PutChild, StateStore, StoreError, open_sealed
@@ -92,10 +92,19 @@ class WorkerRelay:
 
     def request(self, spi_i: bytes, kind: Kind, data: bytes) -> None:
         """A message about an IKE SA to the responder that owns it (by rendezvous)."""
+        responder = self.responder_for(spi_i)
+        if responder is not None:
+            self.send_to(responder, kind, data)
+
+    def responder_for(self, spi_i: bytes) -> str | None:
+        """The responder that owns IKE SAs with this initiator SPI (None, counted, when
+        no responder is live)."""
         if not self._responders:
             self.relay.drop("no_responder")
-            return
-        responder = choose(spi_i, self._responders)
+            return None
+        return choose(spi_i, self._responders)
+
+    def send_to(self, responder: str, kind: Kind, data: bytes) -> None:
         self.relay.send(self.relay.codec.encode(kind, responder, data=data),
                         self._addresses[responder])
 
@@ -155,6 +164,31 @@ class ChildLimits:
             await trio.sleep(self.RESEND_INTERVAL)
             for spi_in in list(self._pending):
                 self._send(spi_in)
+
+
+class ActivityReports:
+    """The Child SAs that received ESP lately (the data plane's `on_activity`, every
+    ACTIVITY_CHECK seconds), told to the responders of their IKE SAs, which put their
+    liveness checks off while ESP shows the peer alive (RFC 7296 2.4), as a single node
+    does: one CHILD_ACTIVE envelope per responder and ACTIVE_MAX Child SAs."""
+
+    def __init__(self, relay: WorkerRelay, plane: DataPlane) -> None:
+        self.relay = relay
+        self.plane = plane
+        self.sent = 0
+
+    def active(self, spis_in: list[bytes]) -> None:
+        by_responder: dict[str, list[bytes]] = {}
+        for spi_in in spis_in:
+            ike = self.plane.ike_sa_of(spi_in)
+            responder = self.relay.responder_for(ike[0]) if ike is not None else None
+            if responder is not None:
+                by_responder.setdefault(responder, []).append(spi_in)
+        for responder, spis in by_responder.items():
+            for at in range(0, len(spis), ACTIVE_MAX):
+                self.relay.send_to(responder, Kind.CHILD_ACTIVE,
+                                   child_active(spis[at:at + ACTIVE_MAX]))
+                self.sent += 1
 
 
 def _message_untrusted(data: bytes) -> list[Any]:

@@ -41,7 +41,14 @@ from tests.interop.test_dataplane import (
     wait_for_charon_log,
     wait_for_log,
 )
-from tests.interop.test_lifecycle import BackgroundPing, ping, report
+from tests.interop.test_lifecycle import (
+    OUR_DPD,
+    QUIET_DPD_DELAY,
+    QUIET_WATCH,
+    BackgroundPing,
+    ping,
+    report,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -151,6 +158,67 @@ def test_strongswan_sa_survives_the_death_of_its_responder(tmp_path: object) -> 
         assert takeovers >= 1
         report("cluster", f"after kill -9: {summary}; DPD answered {dpd_answered} times; "
                           f"Child SA rekeyed to {rekeyed['spi-in']}; takeovers {takeovers}")
+
+
+QUIET_CHILD_REKEY = 12.0  # our side's rekey_time; strongSwan's is an hour, no DPD
+
+
+def test_a_quiet_peers_child_sa_is_rekeyed_by_the_survivor_after_its_owner_died() -> None:
+    """strongSwan sends nothing after IKE_AUTH (no DPD, no rekey of its own for an hour),
+    and the responder owning its SA is killed at once. The survivor rendezvous gives the
+    SA to loads it without waiting for a datagram, so our side's Child SA rekey comes on
+    time from there: strongSwan installs the new Child SA, and a ping crosses the
+    worker on it. (Before, nothing loaded the SA until strongSwan spoke.)"""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        initiator = replace(initiator, extra={"mobike": "no"}).with_child(rekey_time="1h")
+        responder = responder.with_child(rekey_time=f"{QUIET_CHILD_REKEY:g}s")
+        charon, sa = _connect(lab, cluster, initiator, responder)
+        first = child_sa(sa)["spi-in"]
+        started = time.monotonic()
+        owner = _owner(cluster, sa["responder-spi"])
+        log_before = len(charon.log_text())
+        cluster.responders[owner - 1].kill()
+        survivor = cluster.responders[2 - owner]
+        rekeyed = _installed_child(charon, other_than=first, timeout=QUIET_CHILD_REKEY + 15)
+        took = time.monotonic() - started
+        log = charon.log_text()[log_before:]
+        sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+        report("cluster", f"quiet peer, owner killed: Child SA rekeyed by the survivor "
+                          f"after {took:.1f} s ({first} -> {rekeyed}); ping {received}/{sent}")
+        assert "took over IKE SA" in survivor.log_text(), cluster.logs()
+        # strongSwan sent no request of its own: only answers to the survivor's
+        assert not re.search(r"generating \S+ request", log), log
+        assert re.search(r"parsed CREATE_CHILD_SA request \d+ \[ N\(REKEY_SA\)", log), log
+        assert received == sent, f"{out}\n{cluster.logs()}"
+        now = established(charon)
+        assert now and now[0]["responder-spi"] == sa["responder-spi"], charon.list_sas()
+
+
+def test_the_responder_checks_liveness_only_while_the_worker_sees_no_esp() -> None:
+    """RFC 7296 2.4, as a single node does it: with dpd_delay = 6 s on our side alone,
+    the responder sends strongSwan no liveness check during 20 s of ping through the
+    worker (the worker tells it which Child SAs receive ESP), and checks again every
+    6 s once the ping stops."""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        responder = replace(responder, dpd_delay=f"{QUIET_DPD_DELAY:g}s",
+                            node_extra={"mobike": False})
+        charon, _ = _connect(lab, cluster, initiator, responder)
+        pinging = BackgroundPing.start(lab, QUIET_WATCH)
+        before = len(re.findall(OUR_DPD, charon.log_text()))
+        while pinging.running():
+            time.sleep(0.25)
+        sent, received, summary = pinging.result()
+        during = len(re.findall(OUR_DPD, charon.log_text())) - before
+        time.sleep(QUIET_WATCH + 5)
+        after = len(re.findall(OUR_DPD, charon.log_text())) - before - during
+        report("cluster", f"liveness checks during {QUIET_WATCH:g} s of ping: {during}; in "
+                          f"{QUIET_WATCH + 5:g} s without traffic: {after}; ping: {summary}")
+        assert received == sent, f"{summary}\n{cluster.logs()}"
+        assert during <= 1, charon.log_text()  # (one may be due as the ping starts)
+        assert after >= QUIET_WATCH // QUIET_DPD_DELAY, charon.log_text()
+        assert len(established(charon)) == 1
 
 
 def test_a_nat_rebinding_reaches_the_worker_and_survives_the_owners_death() -> None:

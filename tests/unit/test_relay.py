@@ -477,3 +477,21 @@ def test_child_traffic_round_trips_and_refuses_bad_bodies(kind: Kind) -> None:
         worker.encode(kind, "responder-2", data=body[:-1])
     with pytest.raises(ValueError):
         worker.encode(kind, "responder-2", data=body, local=WORKER_LOCAL, remote=PEER)
+
+
+def test_child_active_round_trips_and_refuses_bad_bodies() -> None:
+    from cluster.relay import ACTIVE_MAX, child_active, parse_child_active
+
+    worker, responder, _ = _pair()
+    spis = [n.to_bytes(4, "big") for n in range(1, ACTIVE_MAX + 1)]
+    for some in (spis[:1], spis):
+        envelope = responder.decode_untrusted(
+            worker.encode(Kind.CHILD_ACTIVE, "responder-2", data=child_active(some)))
+        assert envelope.kind is Kind.CHILD_ACTIVE and parse_child_active(envelope.data) == some
+    for bad in (b"", b"\x00" * 5, b"\x00" * 4 * (ACTIVE_MAX + 1)):
+        with pytest.raises(ValueError):
+            worker.encode(Kind.CHILD_ACTIVE, "responder-2", data=bad)
+        # one a member forged (authentic, with a sequence number of its own)
+        with pytest.raises(ParseError):
+            responder.decode_untrusted(_seal(_header(8, 0, b"w", b"responder-2", T0) + bad))
+    assert responder.drops.malformed == 3
