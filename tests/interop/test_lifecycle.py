@@ -539,6 +539,50 @@ def test_a_child_sa_at_its_hard_lifetime_loses_its_keys_at_once_then_comes_again
     assert "IKE SA deleted" not in node.log_text() and node.running()
 
 
+SLOW_RETRANSMITS = {"retransmit_timeout": 1.0, "retransmit_base": 1.4, "retransmit_tries": 6}
+
+
+def test_a_child_sa_that_expires_during_our_rekey_is_followed_by_the_rekeys_sa(
+    lab: Lab
+) -> None:
+    """Our node's rekey of its Child SA (at 4 s) is not answered before the SA's
+    life_time (8 s): IKE is blocked from 2 s to 9.5 s. The SA goes at 8 s; when a
+    retransmission of the rekey gets through, strongSwan rekeys its SA, the answer's
+    SA stands alone on our side (nothing created besides), our Delete of the expired
+    one follows, and both ends hold that one Child SA, which carries every ping."""
+    initiator_conn, responder_conn = conn_pair()
+    responder_conn = replace(responder_conn, node_extra={"mobike": False}).with_child(
+        rekey_time="4s", life_time="8s", rand_time="0s")
+    node = lab.node([responder_conn], extra_toml=WORKER_TOML,
+                    settings={"ike": SLOW_RETRANSMITS})
+    charon = lab.charon("initiator", log_levels={"ike": 2, "chd": 2})
+    charon.load(initiator_conn)
+    first = child_sa(assert_initiated(charon.initiate("net"), charon))
+    up = time.monotonic()
+    wait_for_log(node, r"CHILD SA established: net")
+    wait_for_routes(lab.responder, present=True)
+    time.sleep(max(0.0, up + 2.0 - time.monotonic()))
+    _lose_ike(lab.initiator, 100)
+    wait_for_log(node, r"CHILD SA deleted: net .* reason=expired", timeout=10)
+    time.sleep(max(0.0, up + 9.5 - time.monotonic()))
+    lab.initiator.run(["nft", "delete", "table", "inet", LOSS_TABLE])
+    wait_for_one_child_sa_on_both(node, charon, 20)
+    [now] = [c for sa in established(charon) for c in sa.get("child-sas", {}).values()
+             if c["state"] == "INSTALLED"]
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+    log, text = charon.log_text(), node.log_text()
+    report("expired during rekey", f"{first['spi-in']} -> {now['spi-in']}; ping "
+           f"{received}/{sent}; ours: {our_child_events(node)}")
+    assert (sent, received) == (5, 5), output
+    assert now["spi-in"] != first["spi-in"]
+    created = re.findall(r"parsed CREATE_CHILD_SA request \d+ \[ (.*) \]", log)
+    assert created and all("REKEY_SA" in c for c in created), created  # a rekey, no more
+    assert re.search(r"received DELETE for ESP CHILD_SA with SPI " + first["spi-out"], log), log
+    assert [what for what, _ in our_child_events(node)] == \
+        ["established", "deleted", "established"], text
+    assert "IKE SA deleted" not in text and node.running()
+
+
 # --- 1b. reauthentication of an SA our node initiated -----------------------------------
 
 REAUTH_TIME = 8  # our node's reauth_time: a new IKE SA at 7.2-8 s, the old one gone at 8.8 s
