@@ -286,6 +286,13 @@ class IkeSession:
     def _all(self) -> list[IkeSa]:
         return [self._sa, *(s for s, _ in self._retiring)]
 
+    @property
+    def retiring(self) -> bool:
+        """An IKE SA this one replaced by a rekey waits for its Delete (at most
+        RETIRE_AFTER): the peer may still send on its SPIs, a retransmission that only
+        its cached response answers, or the Delete."""
+        return bool(self._retiring)
+
     def datagrams_to_send(self) -> list[Datagram]:
         out, self._outbox = self._outbox, []
         return out

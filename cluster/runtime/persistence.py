@@ -628,6 +628,11 @@ class SaPersistence:
             assert isinstance(session, IkeSession)
             if session.sa.pending is None and session.sa.queue:
                 continue  # a request of ours about to leave: it goes with the snapshot
+            if session.retiring:
+                # the SA it replaced by a rekey is only here (snapshots hold the current
+                # one), and the old SPIs lead here: the peer's retransmission of its
+                # rekey request when our answer was lost, or its Delete, must find it
+                continue
             # (a request in flight goes too: its answer is routed to the new owner, which
             # sends it again from the snapshot; waiting for it here would wait for good)
             held.handing_over = True

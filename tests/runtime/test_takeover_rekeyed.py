@@ -14,7 +14,7 @@ from cluster.ike.session import IkeSession
 from cluster.ike.state import State
 from cluster.runtime.persistence import sa_key
 from tests.ike.sessions import drain, psk_pair, run_handshake
-from tests.runtime.test_takeover_resend import NodeB, node_b_after_a_died
+from tests.runtime.test_takeover_resend import TTL, NodeB, node_b_after_a_died
 
 
 def _rekeyed_by_the_gateway() -> tuple[IkeSession, IkeSession]:
@@ -64,3 +64,53 @@ async def test_a_terminate_of_an_sa_we_rekeyed_gets_the_peers_answer() -> None:
         assert _deliver(b, client) == 1  # its answer, relayed to B
         await trio.testing.wait_all_tasks_blocked()
         assert b.supervisor.holder_of(gateway.spi_i, gateway.spi_r) is None  # deleted
+
+
+async def test_an_sa_the_peer_rekeyed_stays_until_the_old_sa_is_deleted(
+        mock_clock: trio.testing.MockClock) -> None:
+    """Found with strongSwan under IKE loss: the peer rekeys the IKE SA, our answer is
+    lost, and the new SPIs hash to another responder. The old SA, which snapshots do not
+    hold, and whose SPIs still lead here, must answer the peer's retransmission from its
+    cache, and then its Delete: the SA is handed over only after that."""
+    from cluster.rendezvous import choose
+
+    client, gateway = psk_pair()
+    run_handshake(client, gateway)
+    drain(gateway)
+    old = gateway.spi_i, gateway.spi_r
+    async with node_b_after_a_died(gateway) as b:
+        b.persistence.load_then(sa_key(*old), lambda: None)
+        await trio.testing.wait_all_tasks_blocked()
+        client.rekey_ike(2.0)
+        (request,) = client.datagrams_to_send()
+        header = decode_untrusted(request.data).header
+        b.supervisor.route(header, request.data, request.remote, request.local,
+                           trio.current_time())
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(b.sent) == 1  # the answer, lost
+        actor = b.supervisor.actor_for(old[1])  # (the old SA's SPIs still lead to it)
+        assert actor is not None and actor.session.spi_i != old[0]
+        new_spi_i = actor.session.spi_i
+        other = next(n for n in (f"C{i}" for i in range(1000))
+                     if choose(new_spi_i, ("B", n)) == n and choose(old[0], ("B", n)) == "B")
+        b.persistence.responders = ("B", other)
+        mock_clock.jump(TTL)
+        await trio.testing.wait_all_tasks_blocked()
+        b.persistence.hand_over()
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.persistence.stats.handovers == 0 and actor.session.retiring
+        # the peer's retransmission, answered from the old SA's cache
+        client.handle_timer(client.get_timer() or 0.0)
+        (again,) = client.datagrams_to_send()
+        assert again.data == request.data
+        b.supervisor.route(header, again.data, again.remote, again.local, trio.current_time())
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(b.sent) == 2 and b.sent[1][1] == b.sent[0][1]
+        client.receive_datagram_untrusted(b.sent[1][1], request.remote, request.local, 10.0)
+        assert (client.spi_i, client.spi_r) == (actor.session.spi_i, actor.session.spi_r)
+        assert _deliver(b, client) == 1  # its Delete of the old SA
+        await trio.testing.wait_all_tasks_blocked()
+        assert not actor.session.retiring
+        b.persistence.hand_over()
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.persistence.stats.handovers == 1
