@@ -287,11 +287,12 @@ class IkeSession:
         return [self._sa, *(s for s, _ in self._retiring)]
 
     @property
-    def retiring(self) -> bool:
-        """An IKE SA this one replaced by a rekey waits for its Delete (at most
-        RETIRE_AFTER): the peer may still send on its SPIs, a retransmission that only
-        its cached response answers, or the Delete."""
-        return bool(self._retiring)
+    def awaiting_peer_delete(self) -> bool:
+        """An IKE SA the peer's rekey replaced waits for the peer's Delete (at most
+        RETIRE_AFTER; one we rekeyed we delete ourselves): until then the peer may send
+        on its SPIs, a retransmission of its rekey request that only the old SA's
+        cached response answers (ours was lost), then the Delete."""
+        return any(sa.pending is None for sa, _ in self._retiring)
 
     def datagrams_to_send(self) -> list[Datagram]:
         out, self._outbox = self._outbox, []

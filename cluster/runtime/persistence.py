@@ -628,10 +628,12 @@ class SaPersistence:
             assert isinstance(session, IkeSession)
             if session.sa.pending is None and session.sa.queue:
                 continue  # a request of ours about to leave: it goes with the snapshot
-            if session.retiring:
-                # the SA it replaced by a rekey is only here (snapshots hold the current
-                # one), and the old SPIs lead here: the peer's retransmission of its
-                # rekey request when our answer was lost, or its Delete, must find it
+            if session.awaiting_peer_delete:
+                # the SA the peer's rekey replaced is only here (snapshots hold the
+                # current one), and its SPIs lead here: the peer's retransmission of its
+                # rekey request when our answer was lost must find it. (One we rekeyed
+                # goes at once: the peer's answer to our Delete of the old SA is all
+                # that is lost.)
                 continue
             # (a request in flight goes too: its answer is routed to the new owner, which
             # sends it again from the snapshot; waiting for it here would wait for good)
