@@ -24,7 +24,8 @@ Wire format, version 1 (integers big-endian)::
       PING: nothing
       PONG: 8     the sequence number of the PING answered
       CHILD_LIMIT: 8 IKE initiator SPI, 8 IKE responder SPI, 4 Child SA inbound SPI,
-            1 limit (1 soft: rekey it, 2 hard: delete it)
+            1 limit (1 soft: rekey it; 2 delete it (inactivity); 3 its hard lifetime or
+            sequence numbers ended it here: expire it)
       CHILD_TRAFFIC: 8 IKE initiator SPI, 8 IKE responder SPI, 4 Child SA inbound SPI,
             4 x 8 bytes in, bytes out, packets in, packets out (when the worker removes
             it: for RADIUS accounting)
@@ -100,8 +101,10 @@ FLAG_KEEPALIVE = 0x01
 CHILD_LIMIT_SIZE = 21
 CHILD_TRAFFIC_SIZE = 52
 _TRAFFIC = struct.Struct("!8s8s4sQQQQ")
-LIMIT_SOFT = 1
-LIMIT_HARD = 2
+LIMIT_SOFT = 1  # rekey the Child SA
+LIMIT_HARD = 2  # delete it
+LIMIT_EXPIRED = 3  # the worker removed it (hard lifetime, sequence numbers): expire it
+_LIMITS = (LIMIT_SOFT, LIMIT_HARD, LIMIT_EXPIRED)
 ACTIVE_MAX = 256  # Child SAs per CHILD_ACTIVE envelope
 
 _HEADER = struct.Struct("!BBBBBQ")
@@ -365,14 +368,16 @@ class RelayCodec:
         return len(self._senders)
 
 
-def child_limit(spi_i: bytes, spi_r: bytes, spi_in: bytes, hard: bool) -> bytes:
-    """The body of a CHILD_LIMIT envelope."""
-    return spi_i + spi_r + spi_in + bytes([LIMIT_HARD if hard else LIMIT_SOFT])
+def child_limit(spi_i: bytes, spi_r: bytes, spi_in: bytes, limit: int) -> bytes:
+    """The body of a CHILD_LIMIT envelope (`limit`: LIMIT_SOFT, _HARD or _EXPIRED)."""
+    if limit not in _LIMITS:
+        raise ValueError(f"no such Child SA limit: {limit}")
+    return spi_i + spi_r + spi_in + bytes([limit])
 
 
-def parse_child_limit(data: bytes) -> tuple[bytes, bytes, bytes, bool]:
-    """(spi_i, spi_r, spi_in, hard) of a CHILD_LIMIT envelope's data."""
-    return data[:8], data[8:16], data[16:20], data[20] == LIMIT_HARD
+def parse_child_limit(data: bytes) -> tuple[bytes, bytes, bytes, int]:
+    """(spi_i, spi_r, spi_in, limit) of a CHILD_LIMIT envelope's data."""
+    return data[:8], data[8:16], data[16:20], data[20]
 
 
 Traffic = tuple[int, int, int, int]  # bytes in, bytes out, packets in, packets out
@@ -465,8 +470,7 @@ def _pull_body(
                         keepalive=bool(flags & FLAG_KEEPALIVE))
     if kind in _FIXED_SIZES:
         data = buf.pull_bytes(_FIXED_SIZES[kind])
-        if not buf.eof() or (kind is Kind.CHILD_LIMIT and data[-1] not in (LIMIT_SOFT,
-                                                                            LIMIT_HARD)):
+        if not buf.eof() or (kind is Kind.CHILD_LIMIT and data[-1] not in _LIMITS):
             raise ParseError(f"malformed {kind.name}")
         return Envelope(kind, sender, recipient, seq, data)
     if kind is Kind.CHILD_ACTIVE:

@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .ike.events import Event
 from .ike.pools import AddressPool, FramedPool, SharedPool
 from .metrics import Metrics, serve_metrics
-from .relay import RelayCodec
+from .relay import LIMIT_EXPIRED, LIMIT_HARD, LIMIT_SOFT, RelayCodec
 from .relay_socket import RelaySocket, format_address
 from .store import (
     ClaimAddress,
@@ -232,9 +232,11 @@ async def run_responder(config: NodeConfig, *, handle_signals: bool = True,
         def members_changed(members: Sequence[Member]) -> None:
             persistence.responders = _responders(members)
 
-        def child_limit(spi_i: bytes, spi_r: bytes, spi_in: bytes, hard: bool) -> None:
-            # the worker's byte/packet/sequence limits: rekey (soft) or delete (hard)
-            command = supervisor.delete_child if hard else supervisor.rekey_child
+        def child_limit(spi_i: bytes, spi_r: bytes, spi_in: bytes, limit: int) -> None:
+            # the worker's limits: rekey (soft), delete (inactivity), or expire (a hard
+            # byte/packet limit or exhausted sequence numbers removed it there)
+            command = {LIMIT_SOFT: supervisor.rekey_child, LIMIT_HARD: supervisor.delete_child,
+                       LIMIT_EXPIRED: supervisor.expire_child}[limit]
 
             def after_load() -> None:
                 if not command(spi_in):

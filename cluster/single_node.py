@@ -32,15 +32,17 @@ logger = logging.getLogger("cluster")
 
 def _lifetime_handler(node: Node, log: Callable[[object], None]) -> Callable[[object], None]:
     """The data plane's byte/packet lifetimes drive the responder: soft -> rekey, hard or
-    exhausted sequence numbers -> delete (the lifecycle of RFC 4301 4.4.2.1); so does
-    an inactivity timeout (delete)."""
+    exhausted sequence numbers -> expire (gone at once, created again; the lifecycle of
+    RFC 4301 4.4.2.1); so does an inactivity timeout (delete)."""
     from .esp import SaHardExpired, SaIdle, SaSequenceExhausted, SaSoftExpired
 
     def handle(event: object) -> None:
         log(event)
         if isinstance(event, SaSoftExpired):
             node.supervisor.rekey_child(event.spi_in)
-        elif isinstance(event, SaHardExpired | SaSequenceExhausted | SaIdle):
+        elif isinstance(event, SaHardExpired | SaSequenceExhausted):
+            node.supervisor.expire_child(event.spi_in)
+        elif isinstance(event, SaIdle):
             node.supervisor.delete_child(event.spi_in)
 
     return handle

@@ -445,6 +445,14 @@ class IkeSession:
             self._sa.queue.append(DeleteChild(spi_in))
             self._kick(self._sa, now)
 
+    def expire_child(self, spi_in: bytes, now: float) -> None:
+        """The data plane's hard limit or exhausted sequence numbers ended the Child SA:
+        as at its life_time (`_expire_child`)."""
+        child = self._sa.children.get(spi_in)
+        if child is not None:
+            self._expire_child(self._sa, child)
+            self._kick(self._sa, now)
+
     def rekey_child(self, spi_in: bytes, now: float) -> None:
         child = self._sa.children.get(spi_in)
         if child is not None and not (child.rekeying or child.deleting or child.replaced_by):

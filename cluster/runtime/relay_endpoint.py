@@ -38,8 +38,8 @@ class ResponderRelay:
         self.relay = relay
         self.membership = membership
         self._worker_of: dict[Address, str] = {}
-        # (spi_i, spi_r, spi_in, hard): a worker's Child SA reached a lifetime limit
-        self.on_child_limit: Callable[[bytes, bytes, bytes, bool], None] | None = None
+        # (spi_i, spi_r, spi_in, limit): a worker's Child SA reached a lifetime limit
+        self.on_child_limit: Callable[[bytes, bytes, bytes, int], None] | None = None
         # (spi_i, spi_r, spi_in, traffic) of a Child SA a worker removed
         self.on_child_traffic: Callable[[bytes, bytes, bytes, Traffic], None] | None = None
         # the same of a Child SA still up: what it carried so far

@@ -932,11 +932,20 @@ class Supervisor:
         return len(owners)
 
     def delete_child(self, spi_in: bytes) -> bool:
-        """Ask the IKE SA owning this Child SA to delete it (the data plane's hard limit)."""
+        """Ask the IKE SA owning this Child SA to delete it (the data plane's inactivity
+        timeout)."""
         actor = self._child_owner.get(spi_in)
         if actor is None:
             return False
         return actor.mailbox.put_nowait(lambda session, now: session.delete_child(spi_in, now))
+
+    def expire_child(self, spi_in: bytes) -> bool:
+        """Tell the IKE SA owning this Child SA that it expired (the data plane's hard
+        byte/packet limit or exhausted sequence numbers removed it)."""
+        actor = self._child_owner.get(spi_in)
+        if actor is None:
+            return False
+        return actor.mailbox.put_nowait(lambda session, now: session.expire_child(spi_in, now))
 
     def _deliver(self, event: Event) -> None:
         if isinstance(event, IkeSaEstablished):

@@ -36,7 +36,17 @@ from ..ike.events import ChildSaEstablished
 from ..ike.message import Header
 from ..ike.session import Address, Datagram
 from ..ike.snapshot import child_event
-from ..relay import ACTIVE_MAX, Envelope, Kind, child_active, child_limit, child_traffic
+from ..relay import (
+    ACTIVE_MAX,
+    LIMIT_EXPIRED,
+    LIMIT_HARD,
+    LIMIT_SOFT,
+    Envelope,
+    Kind,
+    child_active,
+    child_limit,
+    child_traffic,
+)
 from ..relay_socket import RelaySocket, parse_address
 from ..rendezvous import choose
 from ..store import ClusterKey, PutChild, StateStore, StoreError, open_sealed
@@ -118,11 +128,12 @@ class WorkerRelay:
 
 class ChildLimits:
     """The data plane's lifetimes drive the responders, as in a single node (RFC 4301
-    4.4.2.1): a soft limit asks the responder of the Child SA's IKE SA to rekey it, a hard
-    limit or exhausted sequence numbers to delete it. The responder is the one rendezvous
-    hashing picks for the IKE initiator SPI; the request is repeated a few times while the
-    SA is still here, since that responder may be loading the SA just then (a rekey or a
-    delete already under way makes a repeat a no-op there)."""
+    4.4.2.1): a soft limit asks the responder of the Child SA's IKE SA to rekey it,
+    inactivity to delete it, a hard limit or exhausted sequence numbers (the SA is gone
+    here already) to expire it. The responder is the one rendezvous hashing picks for the
+    IKE initiator SPI; the request is repeated a few times while the SA is still here
+    (an expired one: while its IKE SA is known here), since that responder may be
+    loading the SA just then (a repeat is a no-op there)."""
 
     RESEND_INTERVAL = 3.0
     TRIES = 4
@@ -131,32 +142,36 @@ class ChildLimits:
         self.relay = relay
         self.plane = plane
         self.sent = 0
-        self._pending: dict[bytes, tuple[bool, int]] = {}  # spi_in -> (hard, tries left)
+        self._pending: dict[bytes, tuple[int, int]] = {}  # spi_in -> (limit, tries left)
 
     def on_esp_event(self, event: object) -> None:
         if isinstance(event, SaSoftExpired):
-            hard = False
-        elif isinstance(event, SaHardExpired | SaSequenceExhausted | SaIdle):
-            hard = True  # (idle: a delete, as a hard limit asks)
+            limit, kind, action = LIMIT_SOFT, "soft", "rekey"
+        elif isinstance(event, SaHardExpired | SaSequenceExhausted):
+            # gone from the SAD already: its responder ends it too and creates it again
+            limit, kind, action = LIMIT_EXPIRED, "hard", "expire"
+        elif isinstance(event, SaIdle):
+            limit, kind, action = LIMIT_HARD, "hard", "delete"
         else:
             return
         spi_in = event.spi_in
         reason = f"inactivity, {event.seconds:.0f} s" if isinstance(event, SaIdle) else \
             getattr(event, "reason", "sequence")
         logger.info("Child SA %s reached its %s limit (%s); asking its responder to %s it",
-                    spi_in.hex(), "hard" if hard else "soft", reason,
-                    "delete" if hard else "rekey")
-        self._pending[spi_in] = (hard, self.TRIES)
+                    spi_in.hex(), kind, reason, action)
+        self._pending[spi_in] = (limit, self.TRIES)
         self._send(spi_in)
 
     def _send(self, spi_in: bytes) -> None:
-        hard, tries = self._pending[spi_in]
+        limit, tries = self._pending[spi_in]
         ike = self.plane.ike_sa_of(spi_in)
-        if ike is None or tries <= 0 or self.plane.sad.get(spi_in) is None:
+        # (an expired SA is gone here already; the others go when their responder acts)
+        gone = limit != LIMIT_EXPIRED and self.plane.sad.get(spi_in) is None
+        if ike is None or tries <= 0 or gone:
             del self._pending[spi_in]
             return
-        self._pending[spi_in] = (hard, tries - 1)
-        self.relay.request(ike[0], Kind.CHILD_LIMIT, child_limit(ike[0], ike[1], spi_in, hard))
+        self._pending[spi_in] = (limit, tries - 1)
+        self.relay.request(ike[0], Kind.CHILD_LIMIT, child_limit(ike[0], ike[1], spi_in, limit))
         self.sent += 1
 
     async def run(self) -> None:

@@ -279,6 +279,23 @@ def test_a_child_sa_past_its_hard_lifetime_goes_at_once_and_is_created_again() -
     assert gateway.state is State.ESTABLISHED
 
 
+def test_a_child_sa_the_data_plane_ended_is_expired_and_created_again() -> None:
+    """The data plane's hard byte/packet limit (or exhausted sequence numbers) removed
+    the Child SA: as at its life_time, it goes here at once, the peer is told, and it is
+    created again with its selectors (strongSwan does the same after a hard expire)."""
+    client, gateway = established()
+    old = only_child(gateway)
+    gateway.expire_child(old, 1.0)
+    [gone] = of(drain(gateway), ChildSaDeleted)
+    assert (gone.spi_in, gone.reason) == (old, "expired") and gateway.sa.children == {}
+    settle(client, gateway, 1.0)
+    [again] = of(drain(gateway), ChildSaEstablished)
+    assert again.replaces == b"" and list(gateway.sa.children) == [again.spi_in]
+    assert list(client.sa.children) == [again.spi_out]
+    gateway.expire_child(old, 2.0)  # (again: it is gone, nothing happens)
+    assert not gateway.datagrams_to_send() and not drain(gateway)
+
+
 def test_a_child_sa_whose_delete_is_unanswered_goes_at_its_hard_lifetime() -> None:
     """A Child SA we are deleting still has its keys while the Delete waits for an
     answer, but not past its life_time: then it goes, the Delete goes on, and nothing is

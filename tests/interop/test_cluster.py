@@ -951,6 +951,39 @@ def test_a_workers_packet_limit_makes_the_responder_rekey_the_child_sa() -> None
                           f"{first_spi} -> {installed[0]['spi-in']}")
 
 
+def test_a_child_sa_at_its_hard_packet_limit_at_the_worker_is_created_again() -> None:
+    """The child's life_packets alone (no rekey first): the worker's data plane drops
+    the SA at the limit and asks the responder owning its IKE SA to expire it, which
+    tells strongSwan and creates the child again. (Before, the worker asked nothing once
+    the SA was gone, and the tunnel stayed without one until the time-based rekey.)"""
+    with Lab() as lab, ClusterLab(lab, responders=2) as cluster:
+        initiator, responder = conn_pair()
+        responder = responder.with_child(volume=(("life_packets", 100),))
+        charon, sa = _connect(lab, cluster, initiator, responder)
+        first_spi = child_sa(sa)["spi-in"]
+        sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4, 60)
+        assert received == sent, f"{out}\n{cluster.logs()}"  # 60 each way: within the limit
+        proc = lab.initiator.run(["ping", "-n", "-c", "80", "-i", "0.05", "-W", "2", "-I",
+                                  INITIATOR_INNER_V4, RESPONDER_INNER_V4], check=False,
+                                 timeout=60)
+        match = re.search(r"(\d+) packets transmitted, (\d+) received", proc.stdout)
+        assert match, proc.stdout
+        worker = cluster.workers[0].log_text()
+        assert re.search(r"reached its hard limit \(packets_\w+\); asking its responder "
+                         r"to expire it", worker), cluster.logs()
+        new_spi = _installed_child(charon, other_than=first_spi)
+        created = re.findall(r"parsed CREATE_CHILD_SA request \d+ \[ (.*) \]",
+                             charon.log_text())
+        assert created and not any("REKEY_SA" in c for c in created), created
+        assert any(re.search(r"CHILD SA deleted: net .* reason=expired", n.log_text())
+                   for n in cluster.responders), cluster.logs()
+        sent, received, out = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4)
+        report("cluster", f"hard packet limit at the worker: {match[0]} across it; Child SA "
+                          f"{first_spi} -> {new_spi}; ping after {received}/{sent}")
+        assert received == sent, f"{out}\n{cluster.logs()}"
+        assert int(match[2]) >= int(match[1]) - 5, proc.stdout
+
+
 def test_a_child_sa_idle_at_the_worker_is_deleted_by_its_responder() -> None:
     """swanctl's `inactivity` in a cluster: the worker, which carries the traffic, sees the
     Child SA idle for the timeout and asks the responder owning its IKE SA to delete it,

@@ -1373,6 +1373,36 @@ def test_byte_lifetime_makes_our_node_rekey_with_strongswan_and_no_ping_is_lost(
     assert node.running(), node.log_text()
 
 
+def test_a_child_sa_at_its_hard_byte_limit_is_created_again_with_strongswan(
+    lab: Lab, initiator: Charon
+) -> None:
+    """The child's life_bytes alone (no rekey_bytes, so no rekey first): at the hard
+    limit the data plane drops the SA, our node tells strongSwan (Delete) and creates
+    the child again, as strongSwan does after a hard expire. The pings go on over each
+    new SA; only those around a switch may be lost."""
+    initiator_conn, responder_conn = conn_pair()
+    responder_conn = responder_conn.with_child(volume=(("life_bytes", LIFETIME_BYTES),))
+    node = lab.node([responder_conn], extra_toml=worker_toml("ikec0"))
+    initiator.load(initiator_conn)
+    first = child_sa(assert_initiated(initiator.initiate("net"), initiator))
+    wait_for_log(node, r"CHILD SA established: net .* mode=tunnel")
+    sent, received, output = ping(lab.initiator, INITIATOR_INNER_V4, RESPONDER_INNER_V4, 60,
+                                  size=1000)
+    text = node.log_text()
+    hard = [line for line in text.splitlines() if "hard lifetime reached" in line]
+    expired = re.findall(r"CHILD SA deleted: net .* reason=expired", text)
+    (sa,) = [sa for sa in initiator.list_sas() if sa.get("state") == "ESTABLISHED"]
+    (last,) = [c for c in sa["child-sas"].values() if c["state"] == "INSTALLED"]
+    created = re.findall(r"parsed CREATE_CHILD_SA request \d+ \[ (.*) \]", initiator.log_text())
+    report("hard byte lifetime", f"{len(hard)} hard limits, {len(created)} Child SAs created "
+           f"again; ping {received}/{sent}")
+    assert len(hard) >= 2 and len(expired) == len(hard), text  # 60 x 1028 bytes each way
+    assert len(created) == len(hard) and not any("REKEY_SA" in c for c in created), created
+    assert last["spi-in"] != first["spi-in"], (first, sa)
+    assert received >= sent - 3 * len(hard), output
+    assert "soft lifetime reached" not in text and node.running(), text
+
+
 # --- transport mode between two of our nodes ---------------------------------------------
 
 

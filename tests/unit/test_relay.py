@@ -445,21 +445,27 @@ def test_mutated_envelopes_raise_only_parse_error(data: st.DataObject) -> None:
 
 
 def test_child_limit_round_trips_and_refuses_bad_bodies() -> None:
-    from cluster.relay import child_limit, parse_child_limit
+    from cluster.relay import LIMIT_EXPIRED, LIMIT_HARD, LIMIT_SOFT, child_limit, parse_child_limit
 
     worker, responder, _ = _pair()
-    body = child_limit(b"i" * 8, b"r" * 8, b"\x01\x02\x03\x04", hard=False)
-    envelope = responder.decode_untrusted(worker.encode(Kind.CHILD_LIMIT, "responder-2",
-                                                        data=body))
-    assert envelope.kind is Kind.CHILD_LIMIT and envelope.sender == "worker-1"
-    assert parse_child_limit(envelope.data) == (b"i" * 8, b"r" * 8, b"\x01\x02\x03\x04", False)
-    hard = child_limit(b"i" * 8, b"r" * 8, b"\x01\x02\x03\x04", hard=True)
-    assert parse_child_limit(hard)[3] is True
+    for limit in (LIMIT_SOFT, LIMIT_HARD, LIMIT_EXPIRED):
+        body = child_limit(b"i" * 8, b"r" * 8, b"\x01\x02\x03\x04", limit)
+        envelope = responder.decode_untrusted(worker.encode(Kind.CHILD_LIMIT, "responder-2",
+                                                            data=body))
+        assert envelope.kind is Kind.CHILD_LIMIT and envelope.sender == "worker-1"
+        assert parse_child_limit(envelope.data) == (b"i" * 8, b"r" * 8, b"\x01\x02\x03\x04",
+                                                    limit)
+    with pytest.raises(ValueError):
+        child_limit(b"i" * 8, b"r" * 8, b"\x01\x02\x03\x04", 4)
     with pytest.raises(ValueError):
         worker.encode(Kind.CHILD_LIMIT, "responder-2", data=body[:-1])
     with pytest.raises(ValueError):
         worker.encode(Kind.CHILD_LIMIT, "responder-2", data=body, local=WORKER_LOCAL,
                       remote=PEER)
+    with pytest.raises(ParseError):  # a limit no version defines, from an authentic member
+        responder.decode_untrusted(_seal(_header(5, 0, b"w", b"responder-2", T0) + body[:-1]
+                                         + b"\x04"))
+    assert responder.drops.malformed == 1
 
 
 @pytest.mark.parametrize("kind", [Kind.CHILD_TRAFFIC, Kind.CHILD_USAGE])
