@@ -6,12 +6,16 @@ as it does for SAs the peer initiated."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import trio
 import trio.testing
 
 from cluster.ike.message import decode_untrusted
 from cluster.ike.session import IkeSession
 from cluster.ike.state import State
+from cluster.rendezvous import choose
 from cluster.runtime.persistence import sa_key
 from tests.ike.sessions import drain, psk_pair, run_handshake
 from tests.runtime.test_takeover_resend import TTL, NodeB, node_b_after_a_died
@@ -66,21 +70,39 @@ async def test_a_terminate_of_an_sa_we_rekeyed_gets_the_peers_answer() -> None:
         assert b.supervisor.holder_of(gateway.spi_i, gateway.spi_r) is None  # deleted
 
 
+@asynccontextmanager
+async def _held_by_b() -> AsyncIterator[tuple[IkeSession, IkeSession, NodeB]]:
+    """(client, gateway, node B): an established SA, which node B loaded and holds."""
+    client, gateway = psk_pair()
+    run_handshake(client, gateway)
+    drain(gateway)
+    async with node_b_after_a_died(gateway) as b:
+        b.persistence.load_then(sa_key(gateway.spi_i, gateway.spi_r), lambda: None)
+        await trio.testing.wait_all_tasks_blocked()
+        yield client, gateway, b
+
+
+async def _hand_over_round(b: NodeB, clock: trio.testing.MockClock, new_spi_i: bytes,
+                           old_spi_i: bytes) -> None:
+    """Another responder joins to which the new SPIs hash (the old ones still to B);
+    B's next hand-over round, once a TTL has passed."""
+    other = next(n for n in (f"C{i}" for i in range(1000))
+                 if choose(new_spi_i, ("B", n)) == n and choose(old_spi_i, ("B", n)) == "B")
+    b.persistence.responders = ("B", other)
+    clock.jump(TTL)
+    await trio.testing.wait_all_tasks_blocked()
+    b.persistence.hand_over()
+    await trio.testing.wait_all_tasks_blocked()
+
+
 async def test_an_sa_the_peer_rekeyed_stays_until_the_old_sa_is_deleted(
         mock_clock: trio.testing.MockClock) -> None:
     """Found with strongSwan under IKE loss: the peer rekeys the IKE SA, our answer is
     lost, and the new SPIs hash to another responder. The old SA, which snapshots do not
     hold, and whose SPIs still lead here, must answer the peer's retransmission from its
     cache, and then its Delete: the SA is handed over only after that."""
-    from cluster.rendezvous import choose
-
-    client, gateway = psk_pair()
-    run_handshake(client, gateway)
-    drain(gateway)
-    old = gateway.spi_i, gateway.spi_r
-    async with node_b_after_a_died(gateway) as b:
-        b.persistence.load_then(sa_key(*old), lambda: None)
-        await trio.testing.wait_all_tasks_blocked()
+    async with _held_by_b() as (client, gateway, b):
+        old = gateway.spi_i, gateway.spi_r
         client.rekey_ike(2.0)
         (request,) = client.datagrams_to_send()
         header = decode_untrusted(request.data).header
@@ -90,14 +112,7 @@ async def test_an_sa_the_peer_rekeyed_stays_until_the_old_sa_is_deleted(
         assert len(b.sent) == 1  # the answer, lost
         actor = b.supervisor.actor_for(old[1])  # (the old SA's SPIs still lead to it)
         assert actor is not None and actor.session.spi_i != old[0]
-        new_spi_i = actor.session.spi_i
-        other = next(n for n in (f"C{i}" for i in range(1000))
-                     if choose(new_spi_i, ("B", n)) == n and choose(old[0], ("B", n)) == "B")
-        b.persistence.responders = ("B", other)
-        mock_clock.jump(TTL)
-        await trio.testing.wait_all_tasks_blocked()
-        b.persistence.hand_over()
-        await trio.testing.wait_all_tasks_blocked()
+        await _hand_over_round(b, mock_clock, actor.session.spi_i, old[0])
         assert b.persistence.stats.handovers == 0 and actor.session.awaiting_peer_delete
         # the peer's retransmission, answered from the old SA's cache
         client.handle_timer(client.get_timer() or 0.0)
@@ -122,15 +137,8 @@ async def test_an_sa_we_rekeyed_goes_at_once_with_our_delete_of_the_old_sa_in_fl
     that Delete would come on the old SPIs. Waiting for it would keep the new SA's
     messages, which the workers route to its new owner, unanswered meanwhile (seen
     with strongSwan under IKE loss: 12 s, and a Child SA reached its life_time)."""
-    from cluster.rendezvous import choose
-
-    client, gateway = psk_pair()
-    run_handshake(client, gateway)
-    drain(gateway)
-    old = gateway.spi_i, gateway.spi_r
-    async with node_b_after_a_died(gateway) as b:
-        b.persistence.load_then(sa_key(*old), lambda: None)
-        await trio.testing.wait_all_tasks_blocked()
+    async with _held_by_b() as (client, gateway, b):
+        old = gateway.spi_i, gateway.spi_r
         actor = b.supervisor.holder_of(*old)
         assert actor is not None
         actor.mailbox.put_nowait(lambda session, now: session.rekey_ike(now))
@@ -140,11 +148,5 @@ async def test_an_sa_we_rekeyed_goes_at_once_with_our_delete_of_the_old_sa_in_fl
         assert _deliver(b, client) == 1  # the answer: rekeyed; our Delete of the old SA
         await trio.testing.wait_all_tasks_blocked()
         assert actor.session.spi_i != old[0] and actor.session.sa.is_initiator
-        other = next(n for n in (f"C{i}" for i in range(1000))
-                     if choose(actor.session.spi_i, ("B", n)) == n)
-        b.persistence.responders = ("B", other)
-        mock_clock.jump(TTL)
-        await trio.testing.wait_all_tasks_blocked()
-        b.persistence.hand_over()
-        await trio.testing.wait_all_tasks_blocked()
+        await _hand_over_round(b, mock_clock, actor.session.spi_i, old[0])
         assert b.persistence.stats.handovers == 1
