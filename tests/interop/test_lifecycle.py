@@ -155,6 +155,16 @@ class BackgroundPing:
         return int(match[1]), int(match[2]), summary
 
 
+def longest_gap(summary: str) -> int:
+    """The most consecutive requests a BackgroundPing summary lists as unanswered."""
+    lost = [int(n) for n in re.findall(r"no answer yet for icmp_seq=(\d+)", summary)]
+    longest = run = 0
+    for at, seq in enumerate(lost):
+        run = run + 1 if at and seq == lost[at - 1] + 1 else 1
+        longest = max(longest, run)
+    return longest
+
+
 @dataclass
 class SaWatch:
     """Every IKE SA and Child SA strongSwan lists while it is polled, by SPIs."""
@@ -448,9 +458,9 @@ def test_ike_packet_loss_with_both_ends_rekeying_ends_with_one_child_sa_on_both(
     lost mid-collision. Found this way with strongSwan: a Child SA strongSwan lost
     (CHILD_SA_NOT_FOUND to our rekey) left both ends without one for good, and after a
     collision our data plane sent on the peer's redundant SA. Here the IKE SA lives on,
-    nearly every ping is answered (strongSwan itself can lose its outbound SA for a few
-    seconds when a rekey it was the responder of gets TEMPORARY_FAILURE), and both ends
-    end with the same one Child SA."""
+    most pings are answered and no outage outlasts a Child SA (strongSwan itself can
+    lose its outbound SA for a few seconds when its rekey collided with ours and got
+    TEMPORARY_FAILURE), and both ends end with the same one Child SA."""
     esp = PFS_ESP
     initiator_conn, responder_conn = conn_pair(esp_proposals=esp, responder_esp_proposals=esp)
     ike = {"over_time": "20s", "rand_time": "0s"}
@@ -480,7 +490,11 @@ def test_ike_packet_loss_with_both_ends_rekeying_ends_with_one_child_sa_on_both(
            f"ping: {summary}")
     assert "IKE SA deleted" not in text and "IKE SA failed" not in text, text
     assert len(watch.children) >= LOSS_WATCH / 4 - 1, watch.children.keys()
-    assert received >= 0.85 * sent, summary
+    # strongSwan 5.9.8, when its rekey of an SA we rekeyed got TEMPORARY_FAILURE (RFC 7296
+    # 2.25.1), is left without an outbound SA from our Delete of the old SA to the next
+    # rekey (one CI run had two gaps of 3 s in that pattern): no gap outlasts a Child SA
+    assert longest_gap(summary) * 0.2 <= CHILD_LIFE, summary
+    assert received >= 0.7 * sent, summary
     wait_for_one_child_sa_on_both(node, charon, 10)  # (a Delete may still be under way)
     assert node.running(), text
 
