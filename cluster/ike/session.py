@@ -381,9 +381,10 @@ class IkeSession:
         if not deletes:
             sa.queue.append(DeleteChild(child.spi_in, expired=True))
         in_flight = sa.pending.task if sa.pending is not None else None
-        rekeying = isinstance(in_flight, RekeyChild) and in_flight.spi_in == child.spi_in
-        if isinstance(in_flight, RekeyChild) and rekeying:
+        rekeying = False
+        if isinstance(in_flight, RekeyChild) and in_flight.spi_in == child.spi_in:
             in_flight.name = child.name  # its answer brings a Child SA of its own
+            rekeying = True
         if not (child.deleting or child.replaced_by or rekeying or _has_selectors(sa, child)):
             sa.queue.append(CreateChild(child.name, tsi=child.local_ts, tsr=child.remote_ts))
 

@@ -916,10 +916,8 @@ class Supervisor:
 
     def rekey_child(self, spi_in: bytes) -> bool:
         """Ask the IKE SA owning this Child SA to rekey it (the data plane's soft limit)."""
-        actor = self._child_owner.get(spi_in)
-        if actor is None:
-            return False
-        return actor.mailbox.put_nowait(lambda session, now: session.rekey_child(spi_in, now))
+        return self._tell_child_owner(spi_in, lambda session, now: session.rekey_child(spi_in,
+                                                                                      now))
 
     def traffic_seen(self, spis_in: Collection[bytes]) -> int:
         """ESP arrived on these Child SAs (the data plane's activity sweep): their IKE SAs
@@ -934,18 +932,20 @@ class Supervisor:
     def delete_child(self, spi_in: bytes) -> bool:
         """Ask the IKE SA owning this Child SA to delete it (the data plane's inactivity
         timeout)."""
-        actor = self._child_owner.get(spi_in)
-        if actor is None:
-            return False
-        return actor.mailbox.put_nowait(lambda session, now: session.delete_child(spi_in, now))
+        return self._tell_child_owner(spi_in, lambda session, now: session.delete_child(spi_in,
+                                                                                       now))
 
     def expire_child(self, spi_in: bytes) -> bool:
         """Tell the IKE SA owning this Child SA that it expired (the data plane's hard
         byte/packet limit or exhausted sequence numbers removed it)."""
+        return self._tell_child_owner(spi_in, lambda session, now: session.expire_child(spi_in,
+                                                                                       now))
+
+    def _tell_child_owner(self, spi_in: bytes, command: Command) -> bool:
+        """Queue `command` for the actor of the IKE SA that owns this Child SA; whether
+        one runs here and took it."""
         actor = self._child_owner.get(spi_in)
-        if actor is None:
-            return False
-        return actor.mailbox.put_nowait(lambda session, now: session.expire_child(spi_in, now))
+        return actor is not None and actor.mailbox.put_nowait(command)
 
     def _deliver(self, event: Event) -> None:
         if isinstance(event, IkeSaEstablished):
